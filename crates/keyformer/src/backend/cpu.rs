@@ -1,0 +1,246 @@
+//! The CPU implementation of the backend op set: quantised matrix products, RMSNorm, RoPE,
+//! SwiGLU and attention over the slot cache. Work is split across rayon's pool (one pool for
+//! the process; `--threads` sizes it).
+
+use rayon::prelude::*;
+
+use crate::kv::HeadKv;
+use crate::quant::dot::{dot_row, quantize_q8, PreparedActivations, Q8Block};
+use crate::quant::{dequantize_row, GgmlType};
+
+/// A weight matrix as stored in the file: `rows` output features of `cols` inputs each,
+/// row-major, in its ggml type (usually quantised). The bytes stay in the memory map.
+#[derive(Clone, Copy)]
+pub struct WeightView<'a> {
+    pub ggml_type: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
+}
+
+impl WeightView<'_> {
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.ggml_type.row_bytes(self.cols);
+        &self.bytes[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Token counts at or above this use dequantise-then-GEMM; below, row dots per token.
+const GEMM_MIN_TOKENS: usize = 8;
+/// Output rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// A raw pointer that may cross threads: every task writes a disjoint part of the output.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `y[n x rows] = x[n x cols] * W^T`.
+pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), n * w.cols, "matmul input shape");
+    assert_eq!(y.len(), n * w.rows, "matmul output shape");
+    if n >= GEMM_MIN_TOKENS {
+        return matmul_gemm(w, x, n, y);
+    }
+    let mut q8: Vec<Q8Block> = Vec::new();
+    for t in 0..n {
+        let xt = &x[t * w.cols..(t + 1) * w.cols];
+        let act = if w.ggml_type.uses_q8_activations() {
+            quantize_q8(xt, &mut q8);
+            PreparedActivations::Q8(&q8)
+        } else {
+            PreparedActivations::F32(xt)
+        };
+        let yt = &mut y[t * w.rows..(t + 1) * w.rows];
+        yt.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(ci, ys)| {
+            for (k, out) in ys.iter_mut().enumerate() {
+                *out = dot_row(w.ggml_type, w.row(ci * ROWS_PER_TASK + k), &act);
+            }
+        });
+    }
+}
+
+/// Many tokens: dequantise a block of weight rows to f32 once, then an f32 GEMM against all
+/// tokens; each task owns a disjoint column block of `y`.
+fn matmul_gemm(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
+    let out = SharedOut(y.as_mut_ptr());
+    let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
+    (0..n_tasks).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, task| {
+        let r0 = task * ROWS_PER_TASK;
+        let rows = ROWS_PER_TASK.min(w.rows - r0);
+        buf.resize(rows * w.cols, 0.0);
+        let rb = w.ggml_type.row_bytes(w.cols);
+        dequantize_row(w.ggml_type, &w.bytes[r0 * rb..(r0 + rows) * rb], buf);
+        let out = out;
+        // SAFETY: a (n x w.cols) row-major, b = buf^T viewed with strides (1, cols), c is the
+        // column block r0..r0+rows of y (row stride w.rows); blocks of different tasks are
+        // disjoint and y outlives the parallel loop.
+        unsafe {
+            matrixmultiply::sgemm(
+                n,
+                w.cols,
+                rows,
+                1.0,
+                x.as_ptr(),
+                w.cols as isize,
+                1,
+                buf.as_ptr(),
+                1,
+                w.cols as isize,
+                0.0,
+                out.0.add(r0),
+                w.rows as isize,
+                1,
+            );
+        }
+    });
+}
+
+/// `out = x / rms(x) * weight` for each row of `x`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+/// Rotary embedding, pairs of adjacent dimensions (ggml's "normal" mode, which GGUF Llama
+/// files expect: the converter permutes Q and K rows so this layout equals Hugging Face's
+/// rotate-half layout). `inv_freq[i]` rotates dimensions (2i, 2i+1); dimensions past
+/// `2 * inv_freq.len()` are left as they are (partial rotary).
+pub fn rope_adjacent_pairs(x: &mut [f32], n_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) {
+    let stride = n_heads * head_dim;
+    for (row, &pos) in x.chunks_exact_mut(stride).zip(positions) {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (pos as f32 * f).sin_cos();
+            for h in 0..n_heads {
+                let base = h * head_dim + 2 * i;
+                let (a, b) = (row[base], row[base + 1]);
+                row[base] = a * cos - b * sin;
+                row[base + 1] = a * sin + b * cos;
+            }
+        }
+    }
+}
+
+/// SwiGLU: `gate = silu(gate) * up`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Attention of `n` query rows over one layer's slot cache, grouped-query: query head `h`
+/// reads KV head `h / (n_heads / n_kv_heads)`; the cache is never expanded to query heads.
+/// A query at position p sees the cached tokens with original position <= p.
+///
+/// `q`: n x (n_heads * head_dim); `out`: same shape.
+pub fn attention(q: &[f32], positions: &[u32], heads: &[HeadKv], n_heads: usize, head_dim: usize, out: &mut [f32]) {
+    let n = positions.len();
+    let group = n_heads / heads.len();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let stride = n_heads * head_dim;
+    let outp = SharedOut(out.as_mut_ptr());
+    (0..n * n_heads).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        let (i, h) = (task / n_heads, task % n_heads);
+        let kv = &heads[h / group];
+        let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
+        let p = positions[i];
+        let slots = kv.table.positions();
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for (slot, sp) in slots.iter().enumerate() {
+            let s = match sp {
+                Some(sp) if *sp <= p => dot(qi, kv.key(slot)) * scale,
+                _ => f32::NEG_INFINITY,
+            };
+            max = max.max(s);
+            scores.push(s);
+        }
+        let outp = outp;
+        // SAFETY: each task writes its own head_dim-long segment of `out`.
+        let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim) };
+        o.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            return; // nothing visible (cannot happen once the query's own token is cached)
+        }
+        let mut denom = 0.0;
+        for (slot, s) in scores.iter().enumerate() {
+            if *s == f32::NEG_INFINITY {
+                continue;
+            }
+            let e = (s - max).exp();
+            denom += e;
+            axpy(e, kv.value(slot), o);
+        }
+        let inv = 1.0 / denom;
+        o.iter_mut().for_each(|v| *v *= inv);
+    });
+}
+
+/// f32 dot product written so the compiler vectorises it (eight independent sums).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv += alpha * xv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dot::tests::{random_row, Lcg};
+
+    #[test]
+    fn gemm_and_rowdot_paths_match_the_reference_product() {
+        let mut rng = Lcg(11);
+        for t in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q6K, GgmlType::F16] {
+            let (rows, cols) = (70, 256);
+            let bytes = random_row(t, rows * cols, &mut rng);
+            let w = WeightView { ggml_type: t, rows, cols, bytes: &bytes };
+            let mut wf = vec![0f32; rows * cols];
+            dequantize_row(t, &bytes, &mut wf);
+            for n in [1usize, 3, 9] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+                let mut y = vec![0f32; n * rows];
+                matmul(&w, &x, n, &mut y);
+                for i in 0..n {
+                    for r in 0..rows {
+                        let xr = &x[i * cols..(i + 1) * cols];
+                        let wr = &wf[r * cols..(r + 1) * cols];
+                        let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                        assert!((y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5, "{t} n={n} r={r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_preserves_norm() {
+        let mut x = vec![1.0f32, 0.0, 0.0, 1.0];
+        rope_adjacent_pairs(&mut x, 1, 4, &[1], &[std::f32::consts::FRAC_PI_2, 0.0]);
+        // First pair rotated by 90 degrees; second pair (frequency 0) unchanged.
+        assert!((x[0] - 0.0).abs() < 1e-6 && (x[1] - 1.0).abs() < 1e-6);
+        assert_eq!(&x[2..], &[0.0, 1.0]);
+    }
+}

@@ -1,0 +1,347 @@
+//! The library's front door: load a model, generate text, score perplexity. The CLI, and later
+//! the server and the evaluation suite, are thin layers over [`Engine`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::chat::{self, ChatMessage};
+use crate::gguf::GgufFile;
+use crate::kv::KvCache;
+use crate::models::llama::{Llama, Logits};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+use crate::{models, ModelError};
+
+/// Prompt tokens per forward pass: bounds the activation memory of long prompts.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// A loaded model with its tokenizer.
+pub struct Engine {
+    pub file: Arc<GgufFile>,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An end-of-generation token (EOS, EOT, end of turn).
+    EndOfGeneration,
+    StopString,
+    MaxTokens,
+    /// The model's context length was reached.
+    ContextFull,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerationOutput {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub stop_reason: StopReason,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl GenerationOutput {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_seconds)
+    }
+    /// Tokens per second of the decode steps (the first token comes from the prefill).
+    pub fn decode_tok_s(&self) -> f64 {
+        rate(self.generated_tokens.saturating_sub(1), self.decode_seconds)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PerplexityReport {
+    pub tokens_scored: usize,
+    pub mean_nll: f64,
+    pub ppl: f64,
+    pub windows: usize,
+    pub ctx: usize,
+    pub seconds: f64,
+}
+
+impl Engine {
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let (file, model) = models::load(path)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.vocab_size() != model.config.vocab_size {
+            return Err(ModelError::Invalid(format!(
+                "tokenizer has {} tokens, the model {}",
+                tokenizer.vocab_size(),
+                model.config.vocab_size
+            )));
+        }
+        Ok(Self { file, model, tokenizer })
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.model.config.context_length
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.file.get("tokenizer.chat_template").and_then(|v| v.as_str())
+    }
+
+    /// Wrap a user message in the model's chat template.
+    pub fn chat_prompt(&self, user: &str) -> Result<String, ModelError> {
+        let template = self.chat_template().ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
+        let tok = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
+        chat::render(
+            template,
+            &[ChatMessage { role: "user".into(), content: user.into() }],
+            &tok(self.tokenizer.bos),
+            &tok(self.tokenizer.eos),
+        )
+    }
+
+    /// Tokenise a prompt (BOS added when the model asks for it).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        Ok(self.tokenizer.encode(text, true)?)
+    }
+
+    /// Run `tokens` into `cache` in chunks; returns the last token's logits.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            logits = self.model.forward(chunk, cache, Logits::Last)?;
+        }
+        Ok(logits)
+    }
+
+    /// Generate after `prompt`, calling `on_text` with each new piece of text as soon as it is
+    /// final (text that could still become a stop string, or half a UTF-8 character, waits).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<GenerationOutput, ModelError> {
+        req.sampling.validate().map_err(ModelError::Input)?;
+        if prompt.is_empty() {
+            return Err(ModelError::Input("the prompt is empty".into()));
+        }
+        let ctx = self.context_length();
+        if prompt.len() > ctx {
+            return Err(ModelError::PromptTooLong { prompt: prompt.len(), context: ctx });
+        }
+        let mut cache = self.model.new_cache(ctx);
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut history = prompt.to_vec();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut stream = StopStream::new(&req.stop);
+
+        let t0 = Instant::now();
+        let mut logits = self.prefill(prompt, &mut cache)?;
+        let prefill_seconds = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut stop_reason = StopReason::MaxTokens;
+        while generated.len() < req.max_tokens {
+            let next = sampler.sample(&logits, &history);
+            if self.tokenizer.is_end_of_generation(next) {
+                stop_reason = StopReason::EndOfGeneration;
+                break;
+            }
+            generated.push(next);
+            history.push(next);
+            let text = self.tokenizer.decode(&generated)?;
+            if stream.push(&text, on_text) {
+                stop_reason = StopReason::StopString;
+                break;
+            }
+            if generated.len() == req.max_tokens {
+                break;
+            }
+            if cache.len() >= ctx {
+                stop_reason = StopReason::ContextFull;
+                break;
+            }
+            logits = self.model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        let decode_seconds = t1.elapsed().as_secs_f64();
+        let text = stream.finish(&self.tokenizer.decode(&generated)?, on_text);
+        Ok(GenerationOutput {
+            text,
+            prompt_tokens: prompt.len(),
+            generated_tokens: generated.len(),
+            token_ids: generated,
+            stop_reason,
+            prefill_seconds,
+            decode_seconds,
+        })
+    }
+
+    /// Mean negative log-likelihood over consecutive windows of `ctx` tokens: every token of a
+    /// window but the first is predicted from the ones before it in that window (the loss
+    /// transformers computes over a window). `on_window(done, total)` reports progress.
+    pub fn perplexity(
+        &self,
+        tokens: &[u32],
+        ctx: usize,
+        max_windows: Option<usize>,
+        on_window: &mut dyn FnMut(usize, usize),
+    ) -> Result<PerplexityReport, ModelError> {
+        if ctx < 2 {
+            return Err(ModelError::Input(format!("--ctx must be at least 2, got {ctx}")));
+        }
+        if ctx > self.context_length() {
+            return Err(ModelError::PromptTooLong { prompt: ctx, context: self.context_length() });
+        }
+        let available = tokens.len() / ctx;
+        if available == 0 {
+            return Err(ModelError::Input(format!(
+                "the text has {} tokens, fewer than one window of {ctx}",
+                tokens.len()
+            )));
+        }
+        let windows = max_windows.map_or(available, |w| w.min(available));
+        let t0 = Instant::now();
+        let vocab = self.model.config.vocab_size;
+        let mut cache = self.model.new_cache(ctx);
+        let (mut nll, mut scored) = (0f64, 0usize);
+        for w in 0..windows {
+            on_window(w, windows);
+            cache.clear();
+            let window = &tokens[w * ctx..(w + 1) * ctx];
+            for (ci, chunk) in window.chunks(PREFILL_CHUNK).enumerate() {
+                let logits = self.model.forward(chunk, &mut cache, Logits::All)?;
+                for (j, row) in logits.chunks_exact(vocab).enumerate() {
+                    let i = ci * PREFILL_CHUNK + j;
+                    if let Some(&target) = window.get(i + 1) {
+                        nll += negative_log_likelihood(row, target);
+                        scored += 1;
+                    }
+                }
+            }
+        }
+        on_window(windows, windows);
+        let mean_nll = nll / scored as f64;
+        Ok(PerplexityReport { tokens_scored: scored, mean_nll, ppl: mean_nll.exp(), windows, ctx, seconds: t0.elapsed().as_secs_f64() })
+    }
+}
+
+/// `-log softmax(logits)[target]`, computed stably in f64.
+pub fn negative_log_likelihood(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    lse - logits[target as usize] as f64
+}
+
+/// Streams generated text while holding back what could still turn into a stop string.
+struct StopStream<'a> {
+    stops: &'a [String],
+    emitted: usize,
+}
+
+impl<'a> StopStream<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self { stops, emitted: 0 }
+    }
+
+    /// Offer the full text so far; returns true when a stop string has appeared.
+    fn push(&mut self, text: &str, out: &mut dyn FnMut(&str)) -> bool {
+        if let Some(cut) = self.first_stop(text) {
+            self.emit_to(text, cut, out);
+            return true;
+        }
+        // Hold back a trailing partial UTF-8 character (decoded as U+FFFD) ...
+        let base = text.trim_end_matches('\u{FFFD}').len();
+        // ... and the longest suffix that is the start of a stop string.
+        let hold = self
+            .stops
+            .iter()
+            .filter_map(|s| (1..s.len()).rev().find(|&k| s.is_char_boundary(k) && text[..base].ends_with(&s[..k])))
+            .max()
+            .unwrap_or(0);
+        self.emit_to(text, base - hold, out);
+        false
+    }
+
+    /// The final text (cut at a stop string) with everything not yet streamed sent.
+    fn finish(&mut self, text: &str, out: &mut dyn FnMut(&str)) -> String {
+        let end = self.first_stop(text).unwrap_or(text.len());
+        self.emit_to(text, end, out);
+        text[..end].to_string()
+    }
+
+    fn first_stop(&self, text: &str) -> Option<usize> {
+        self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    }
+
+    fn emit_to(&mut self, text: &str, end: usize, out: &mut dyn FnMut(&str)) {
+        let mut end = end.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end > self.emitted {
+            out(&text[self.emitted..end]);
+            self.emitted = end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(pieces: &[&str], stops: &[&str]) -> (String, Vec<String>, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut s = StopStream::new(&stops);
+        let mut chunks = Vec::new();
+        let mut text = String::new();
+        let mut stopped = false;
+        for p in pieces {
+            text.push_str(p);
+            if s.push(&text, &mut |c| chunks.push(c.to_string())) {
+                stopped = true;
+                break;
+            }
+        }
+        let fin = s.finish(&text, &mut |c| chunks.push(c.to_string()));
+        (fin, chunks, stopped)
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_and_are_never_streamed() {
+        let (text, chunks, stopped) = stream(&["Hello", " wor", "ld\n\nUser:", " more"], &["\n\nUser:"]);
+        assert!(stopped);
+        assert_eq!(text, "Hello world");
+        assert_eq!(chunks.concat(), "Hello world");
+        assert!(chunks.iter().all(|c| !c.contains('\n')));
+    }
+
+    #[test]
+    fn a_partial_stop_prefix_is_released_when_it_does_not_complete() {
+        let (text, chunks, stopped) = stream(&["a\n", "b"], &["\nUser"]);
+        assert!(!stopped);
+        assert_eq!(text, "a\nb");
+        assert_eq!(chunks, vec!["a", "\nb"]);
+    }
+
+    #[test]
+    fn nll_of_a_uniform_distribution_is_log_vocab() {
+        let v = negative_log_likelihood(&[0.0; 8], 3);
+        assert!((v - (8f64).ln()).abs() < 1e-12);
+    }
+}

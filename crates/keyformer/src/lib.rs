@@ -1,0 +1,49 @@
+//! keyformer: an LLM inference engine whose core is KV-cache compression by key-token
+//! selection (Adnan et al., "Keyformer", MLSys 2024).
+//!
+//! Layers, bottom up:
+//! - [`gguf`] reads model files; [`quant`] holds the tensor types and their kernels;
+//! - [`kv`] stores keys and values in slots (bookkeeping in the `keyformer-kv` crate);
+//! - [`backend`] implements the op set; [`models`] writes each architecture once against it;
+//! - [`tokenizer`], [`chat`], [`sampling`] and [`engine`] make a model usable;
+//! - [`registry`] resolves model aliases such as `smollm2-135m` to cached files.
+//!
+//! The CLI (crate `keyformer-cli`) is a thin layer over [`engine::Engine`].
+
+pub mod backend;
+pub mod chat;
+pub mod engine;
+pub mod gguf;
+pub mod kv;
+pub mod models;
+pub mod quant;
+pub mod registry;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::{Engine, GenerationOutput, PerplexityReport};
+
+/// Errors from loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error("unsupported architecture '{0}' (supported: {supported})", supported = models::SUPPORTED_ARCHITECTURES.join(", "))]
+    UnsupportedArchitecture(String),
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    #[error("token id {token} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("the context is full: {needed} tokens needed, the cache holds {capacity}")]
+    ContextFull { needed: usize, capacity: usize },
+    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("KV cache: {0}")]
+    Slots(#[from] keyformer_kv::SlotError),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Input(String),
+}

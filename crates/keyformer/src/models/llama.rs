@@ -1,0 +1,248 @@
+//! The Llama family (Llama 1-3, SmolLM, Mistral-style GQA): pre-norm decoder blocks.
+//!
+//! For each token x at position p:
+//!   h = x + Wo · Attn(RoPE_p(Wq·n), RoPE_p(Wk·n), Wv·n),   n = RMSNorm(x) * g_attn
+//!   y = h + Wd · (silu(Wg·m) ⊙ Wu·m),                      m = RMSNorm(h) * g_ffn
+//! and logits = W_out · RMSNorm(y_last_layer) * g_out, with W_out tied to the token embedding
+//! when the file has no `output.weight`. Keys are cached after RoPE with the token's original
+//! position, so a later eviction never needs to re-rotate anything.
+
+use std::sync::Arc;
+
+use crate::backend::cpu::{self, WeightView};
+use crate::gguf::{GgufError, GgufFile, TensorInfo};
+use crate::kv::KvCache;
+use crate::quant::dequantize_row;
+use crate::ModelError;
+
+/// Hyper-parameters read from the GGUF metadata (`<arch>.*` keys).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LlamaConfig {
+    pub architecture: String,
+    pub n_layers: usize,
+    pub n_embd: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rope_dim: usize,
+    pub rms_eps: f32,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(f: &GgufFile, arch: &str) -> Result<Self, GgufError> {
+        let k = |s: &str| format!("{arch}.{s}");
+        let n_embd = f.get_usize(&k("embedding_length"))?;
+        let n_heads = f.get_usize(&k("attention.head_count"))?;
+        let n_kv_heads = f.get_usize(&k("attention.head_count_kv")).unwrap_or(n_heads);
+        let head_dim = f.get_usize(&k("attention.key_length")).unwrap_or(n_embd / n_heads.max(1));
+        let vocab_size = match f.get_usize(&k("vocab_size")) {
+            Ok(v) => v,
+            Err(_) => f.get_array("tokenizer.ggml.tokens")?.len(),
+        };
+        Ok(Self {
+            architecture: arch.to_string(),
+            n_layers: f.get_usize(&k("block_count"))?,
+            n_embd,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_ff: f.get_usize(&k("feed_forward_length"))?,
+            vocab_size,
+            context_length: f.get_usize(&k("context_length"))?,
+            // Defaults where files vary: Llama's original base and epsilon.
+            rope_theta: f.get_f32(&k("rope.freq_base")).unwrap_or(10_000.0),
+            rope_dim: f.get_usize(&k("rope.dimension_count")).unwrap_or(head_dim),
+            rms_eps: f.get_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        })
+    }
+}
+
+/// A weight's location in the file (the bytes stay in the memory map).
+#[derive(Debug, Clone)]
+struct Weight {
+    info: TensorInfo,
+    rows: usize,
+    cols: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
+    ffn_norm: Vec<f32>,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down: Weight,
+}
+
+/// Which rows of logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity, teacher forcing).
+    All,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    file: Arc<GgufFile>,
+    token_embd: Weight,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    output: Weight,
+    inv_freq: Vec<f32>,
+}
+
+impl Llama {
+    pub fn load(file: Arc<GgufFile>, arch: &str) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(&file, arch)?;
+        let c = &config;
+        if c.n_heads == 0 || c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+            return Err(ModelError::Invalid(format!(
+                "{} query heads cannot be grouped over {} KV heads",
+                c.n_heads, c.n_kv_heads
+            )));
+        }
+        if c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim {
+            return Err(ModelError::Invalid(format!("rope dimension {} for head size {}", c.rope_dim, c.head_dim)));
+        }
+        let weight = |name: &str, rows: usize, cols: usize| -> Result<Weight, ModelError> {
+            let info = file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+            if info.dims.len() != 2 || info.dims[0] != cols || info.dims[1] != rows {
+                return Err(ModelError::Invalid(format!(
+                    "tensor {name} has shape {:?}, expected [{cols}, {rows}]",
+                    info.dims
+                )));
+            }
+            Ok(Weight { info: info.clone(), rows, cols })
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+            let info = file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+            if info.n_elements() != len {
+                return Err(ModelError::Invalid(format!("tensor {name} has {} elements, expected {len}", info.n_elements())));
+            }
+            let mut v = vec![0f32; len];
+            dequantize_row(info.ggml_type, file.tensor_bytes(info), &mut v);
+            Ok(v)
+        };
+        let (d, hd) = (c.n_embd, c.head_dim);
+        let token_embd = weight("token_embd.weight", c.vocab_size, d)?;
+        let output = match file.tensor_info("output.weight") {
+            Some(_) => weight("output.weight", c.vocab_size, d)?,
+            None => token_embd.clone(), // tied embeddings
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            layers.push(Layer {
+                attn_norm: vector(&p("attn_norm.weight"), d)?,
+                wq: weight(&p("attn_q.weight"), c.n_heads * hd, d)?,
+                wk: weight(&p("attn_k.weight"), c.n_kv_heads * hd, d)?,
+                wv: weight(&p("attn_v.weight"), c.n_kv_heads * hd, d)?,
+                wo: weight(&p("attn_output.weight"), d, c.n_heads * hd)?,
+                ffn_norm: vector(&p("ffn_norm.weight"), d)?,
+                w_gate: weight(&p("ffn_gate.weight"), c.n_ff, d)?,
+                w_up: weight(&p("ffn_up.weight"), c.n_ff, d)?,
+                w_down: weight(&p("ffn_down.weight"), d, c.n_ff)?,
+            });
+        }
+        let output_norm = vector("output_norm.weight", d)?;
+        // theta_i = base^(-2i/d_rope); Llama 3.1 files may carry per-frequency divisors.
+        let mut inv_freq: Vec<f32> =
+            (0..c.rope_dim / 2).map(|i| c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32)).collect();
+        if file.tensor_info("rope_freqs.weight").is_some() {
+            let factors = vector("rope_freqs.weight", c.rope_dim / 2)?;
+            inv_freq.iter_mut().zip(factors).for_each(|(f, k)| *f /= k);
+        }
+        Ok(Self { config, file, token_embd, layers, output_norm, output, inv_freq })
+    }
+
+    fn view(&self, w: &Weight) -> WeightView<'_> {
+        WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes: self.file.tensor_bytes(&w.info) }
+    }
+
+    /// A new, empty KV cache sized for this model (`capacity` tokens per layer and KV head).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, capacity)
+    }
+
+    /// Run `tokens` through the model at the cache's next positions, appending their keys and
+    /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let start = cache.next_position();
+        if cache.len() + n > cache.capacity() {
+            return Err(ModelError::ContextFull { needed: cache.len() + n, capacity: cache.capacity() });
+        }
+        let positions: Vec<u32> = (start..start + n as u32).collect();
+        let (d, hd) = (c.n_embd, c.head_dim);
+        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+
+        let mut x = vec![0f32; n * d];
+        let embd = self.view(&self.token_embd);
+        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+            if t as usize >= c.vocab_size {
+                return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
+            }
+            dequantize_row(embd.ggml_type, embd.row(t as usize), row);
+        }
+
+        let mut normed = vec![0f32; n * d];
+        let mut q = vec![0f32; n * q_dim];
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        let mut attn = vec![0f32; n * q_dim];
+        let mut proj = vec![0f32; n * d];
+        let mut gate = vec![0f32; n * c.n_ff];
+        let mut up = vec![0f32; n * c.n_ff];
+
+        for (layer, kv_layer) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            // Attention block.
+            cpu::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
+            cpu::matmul(&self.view(&layer.wq), &normed, n, &mut q);
+            cpu::matmul(&self.view(&layer.wk), &normed, n, &mut k);
+            cpu::matmul(&self.view(&layer.wv), &normed, n, &mut v);
+            cpu::rope_adjacent_pairs(&mut q, c.n_heads, hd, &positions, &self.inv_freq);
+            cpu::rope_adjacent_pairs(&mut k, c.n_kv_heads, hd, &positions, &self.inv_freq);
+            for (i, &pos) in positions.iter().enumerate() {
+                for (h, head) in kv_layer.iter_mut().enumerate() {
+                    let at = i * kv_dim + h * hd;
+                    head.insert(pos, &k[at..at + hd], &v[at..at + hd])?;
+                }
+            }
+            cpu::attention(&q, &positions, kv_layer, c.n_heads, hd, &mut attn);
+            cpu::matmul(&self.view(&layer.wo), &attn, n, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+
+            // Feed-forward block (SwiGLU).
+            cpu::rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
+            cpu::matmul(&self.view(&layer.w_gate), &normed, n, &mut gate);
+            cpu::matmul(&self.view(&layer.w_up), &normed, n, &mut up);
+            cpu::silu_mul(&mut gate, &up);
+            cpu::matmul(&self.view(&layer.w_down), &gate, n, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+        }
+
+        let rows: &[f32] = match which {
+            Logits::Last => &x[(n - 1) * d..],
+            Logits::All => &x,
+        };
+        let m = rows.len() / d;
+        let mut final_norm = vec![0f32; m * d];
+        cpu::rms_norm(rows, &self.output_norm, c.rms_eps, &mut final_norm);
+        let mut logits = vec![0f32; m * c.vocab_size];
+        cpu::matmul(&self.view(&self.output), &final_norm, m, &mut logits);
+        Ok(logits)
+    }
+}

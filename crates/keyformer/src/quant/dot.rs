@@ -1,0 +1,363 @@
+//! Row-dot kernels: one weight row (any [`GgmlType`]) against one activation vector.
+//!
+//! For the 32-element legacy types the activation is first quantised to [`Q8Block`]s (8-bit
+//! values, one f32 scale per 32, as llama.cpp's Q8_1) and the dot is done in integers; the AVX2
+//! kernels and their scalar twins compute the same sums. K-quants and float types are dotted
+//! against f32 activations after dequantising the row one super-block at a time.
+
+use super::{dequantize_row, f16_at, scalar, GgmlType, QK};
+
+/// 32 activations quantised to i8 with one scale; `sum` = `d * sum(qs)` (used by types with
+/// an offset, Q4_1 and Q5_1, and by Q4_0's implicit -8).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct Q8Block {
+    pub d: f32,
+    pub sum: f32,
+    pub qs: [i8; 32],
+}
+
+/// Quantise activations (length a multiple of 32) into `out`.
+pub fn quantize_q8(x: &[f32], out: &mut Vec<Q8Block>) {
+    out.clear();
+    for chunk in x.chunks_exact(QK) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut b = Q8Block { d, sum: 0.0, qs: [0; 32] };
+        let mut s = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(chunk) {
+            *q = (v * id).round() as i8;
+            s += *q as i32;
+        }
+        b.sum = d * s as f32;
+        out.push(b);
+    }
+}
+
+/// Activations prepared for dotting against rows of one weight type.
+pub enum PreparedActivations<'a> {
+    F32(&'a [f32]),
+    Q8(&'a [Q8Block]),
+}
+
+/// Reference: dequantise the whole row, then an f32 dot.
+pub fn dot_reference(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    let mut w = vec![0f32; x.len()];
+    dequantize_row(t, row, &mut w);
+    w.iter().zip(x).map(|(a, b)| a * b).sum()
+}
+
+/// Fast dot of one row of type `t` with prepared activations.
+#[inline]
+pub fn dot_row(t: GgmlType, row: &[u8], act: &PreparedActivations) -> f32 {
+    match act {
+        PreparedActivations::Q8(a) => dot_q8(t, row, a),
+        PreparedActivations::F32(x) => dot_f32(t, row, x),
+    }
+}
+
+/// Dot of a row of a float type or K-quant with f32 activations.
+pub fn dot_f32(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    match t {
+        GgmlType::F32 => {
+            // The mapped bytes need not be 4-aligned: read little-endian words.
+            let mut acc = [0f32; 8];
+            let mut i = 0;
+            for (c, xs) in row.chunks_exact(32).zip(x.chunks_exact(8)) {
+                for k in 0..8 {
+                    acc[k] += f32::from_le_bytes([c[4 * k], c[4 * k + 1], c[4 * k + 2], c[4 * k + 3]]) * xs[k];
+                }
+                i += 8;
+            }
+            let mut s: f32 = acc.iter().sum();
+            for j in i..x.len() {
+                let c = &row[4 * j..4 * j + 4];
+                s += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * x[j];
+            }
+            s
+        }
+        _ => {
+            // Dequantise one block (or 256 floats) at a time into a stack buffer.
+            let bs = if t.block_size() == 1 { 256 } else { t.block_size() };
+            let row_bytes_per = t.row_bytes(bs);
+            let mut buf = [0f32; 256];
+            let mut acc = [0f32; 8];
+            for (blk, xs) in row.chunks(row_bytes_per).zip(x.chunks(bs)) {
+                let w = &mut buf[..xs.len()];
+                dequantize_row(t, blk, w);
+                let mut wc = w.chunks_exact(8);
+                let mut xc = xs.chunks_exact(8);
+                for (a, b) in (&mut wc).zip(&mut xc) {
+                    for k in 0..8 {
+                        acc[k] += a[k] * b[k];
+                    }
+                }
+                for (a, b) in wc.remainder().iter().zip(xc.remainder()) {
+                    acc[0] += a * b;
+                }
+            }
+            acc.iter().sum()
+        }
+    }
+}
+
+/// Dot of a legacy-quant row with Q8 activations: dispatches to AVX2 where available.
+pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd_available() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked once at run time).
+            unsafe {
+                match t {
+                    GgmlType::Q4_0 => return x86::dot_q4_0(row, a),
+                    GgmlType::Q4_1 => return x86::dot_q4_1(row, a),
+                    GgmlType::Q8_0 => return x86::dot_q8_0(row, a),
+                    _ => {}
+                }
+            }
+        }
+    }
+    dot_q8_scalar(t, row, a)
+}
+
+/// Whether the AVX2 kernels run on this CPU.
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("KEYFORMER_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Scalar twin of the integer kernels: the same integer sums, one block at a time.
+pub fn dot_q8_scalar(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+    let bb = t.block_bytes();
+    let mut total = 0f32;
+    for (b, ab) in row.chunks_exact(bb).zip(a) {
+        total += match t {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let d = f16_at(b, 0);
+                let (m, qs) = if t == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
+                let mut sumi = 0i32;
+                for j in 0..16 {
+                    sumi += (qs[j] & 0x0F) as i32 * ab.qs[j] as i32 + (qs[j] >> 4) as i32 * ab.qs[j + 16] as i32;
+                }
+                d * ab.d * sumi as f32 + m * ab.sum
+            }
+            GgmlType::Q8_0 => {
+                let d = f16_at(b, 0);
+                let sumi: i32 = (0..32).map(|j| b[2 + j] as i8 as i32 * ab.qs[j] as i32).sum();
+                d * ab.d * sumi as f32
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                // Reuse the reference dequantiser for the 5-bit unpacking, then integerise.
+                let mut w = [0f32; 32];
+                if t == GgmlType::Q5_0 {
+                    scalar::dequant_q5_0(b, &mut w);
+                } else {
+                    scalar::dequant_q5_1(b, &mut w);
+                }
+                w.iter().zip(&ab.qs).map(|(w, &q)| w * q as f32).sum::<f32>() * ab.d
+            }
+            _ => unreachable!("{t} does not use Q8 activations"),
+        };
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Q8Block;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Two f16 values at `p` as f32 (F16C).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    }
+
+    /// 16 bytes of nibbles -> 32 unsigned bytes (low nibbles first, as ggml orders them).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m))
+    }
+
+    /// Sum of unsigned x signed byte products as 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(u, s);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() >= a.len() * 20);
+        let mut acc = _mm256_setzero_ps();
+        let mut offs = 0f32;
+        let p = row.as_ptr();
+        for (i, ab) in a.iter().enumerate() {
+            let b = p.add(i * 20);
+            let (d, m) = f16x2(b);
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), mul_sum_us8(nibbles(b.add(4)), y), acc);
+            offs += m * ab.sum;
+        }
+        hsum(acc) + offs
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_0(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() >= a.len() * 18);
+        let mut acc = _mm256_setzero_ps();
+        let mut offs = 0f32;
+        let p = row.as_ptr();
+        for (i, ab) in a.iter().enumerate() {
+            let b = p.add(i * 18);
+            let (d, _) = f16x2(b);
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), mul_sum_us8(nibbles(b.add(2)), y), acc);
+            // The stored nibble is q+8: subtract 8 * d * sum(activations).
+            offs -= 8.0 * d * ab.sum;
+        }
+        hsum(acc) + offs
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() >= a.len() * 34);
+        let mut acc = _mm256_setzero_ps();
+        let p = row.as_ptr();
+        for (i, ab) in a.iter().enumerate() {
+            let b = p.add(i * 34);
+            let (d, _) = f16x2(b);
+            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            // maddubs needs an unsigned operand: move the weight's sign onto the activation.
+            let prod = mul_sum_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), prod, acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes and floats (no external RNG needed).
+    pub(crate) struct Lcg(u64);
+    impl Lcg {
+        pub(crate) fn next_u32(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        pub(crate) fn f32(&mut self) -> f32 {
+            self.next_u32() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// A random but valid row: scale fields are set to small finite f16 values.
+    pub(crate) fn random_row(t: GgmlType, n: usize, rng: &mut Lcg) -> Vec<u8> {
+        let mut row: Vec<u8> = (0..t.row_bytes(n)).map(|_| rng.next_u32() as u8).collect();
+        let scale = |rng: &mut Lcg| half::f16::from_f32(rng.f32() * 0.05).to_bits().to_le_bytes();
+        let bb = t.block_bytes();
+        for b in row.chunks_exact_mut(bb) {
+            let offsets: &[usize] = match t {
+                GgmlType::F32 => {
+                    b.copy_from_slice(&rng.f32().to_le_bytes());
+                    &[]
+                }
+                GgmlType::F16 | GgmlType::BF16 => &[0],
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+                GgmlType::Q2K => &[80, 82],
+                GgmlType::Q3K => &[108],
+                GgmlType::Q6K => &[208],
+            };
+            for &o in offsets {
+                let s = if t == GgmlType::BF16 {
+                    half::bf16::from_f32(rng.f32()).to_bits().to_le_bytes()
+                } else {
+                    scale(rng)
+                };
+                b[o..o + 2].copy_from_slice(&s);
+            }
+        }
+        row
+    }
+
+    #[test]
+    fn fast_dots_match_reference_on_awkward_sizes() {
+        let mut rng = Lcg(7);
+        for t in GgmlType::ALL {
+            for blocks in [1usize, 3, 7, 18] {
+                let n = blocks * t.block_size().max(32);
+                let row = random_row(t, n, &mut rng);
+                let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                let reference = dot_reference(t, &row, &x);
+                let mut w = vec![0f32; n];
+                dequantize_row(t, &row, &mut w);
+                let magnitude: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum::<f32>() + 1e-6;
+                let (fast, tol) = if t.uses_q8_activations() {
+                    let mut q = Vec::new();
+                    quantize_q8(&x, &mut q);
+                    let scalar = dot_q8_scalar(t, &row, &q);
+                    let fast = dot_q8(t, &row, &q);
+                    // SIMD and scalar integer kernels differ only in float summation order.
+                    assert!((fast - scalar).abs() <= 1e-4 * magnitude, "{t}: simd {fast} vs scalar {scalar}");
+                    // 8-bit activations: error bounded by ~1/127 of the magnitude.
+                    (fast, 1.0 / 100.0)
+                } else {
+                    (dot_f32(t, &row, &x), 1e-5)
+                };
+                assert!(
+                    (fast - reference).abs() <= tol * magnitude,
+                    "{t} n={n}: fast {fast} vs reference {reference} (magnitude {magnitude})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q8_quantisation_round_trips_within_half_a_step() {
+        let mut rng = Lcg(3);
+        let x: Vec<f32> = (0..96).map(|_| rng.f32() * 3.0).collect();
+        let mut q = Vec::new();
+        quantize_q8(&x, &mut q);
+        for (b, chunk) in q.iter().zip(x.chunks(32)) {
+            for (&qi, &v) in b.qs.iter().zip(chunk) {
+                assert!((qi as f32 * b.d - v).abs() <= b.d * 0.5 + 1e-6);
+            }
+            let s: i32 = b.qs.iter().map(|&v| v as i32).sum();
+            assert!((b.sum - b.d * s as f32).abs() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! ggml tensor types: block layouts, dequantisation and dot products.
+//!
+//! Block layouts follow ggml (`ggml-common.h`): 32-element blocks for the legacy types (Q4_0,
+//! Q4_1, Q5_0, Q5_1, Q8_0) and 256-element super-blocks for the K-quants (Q2_K..Q6_K).
+//! [`scalar`] holds the plain reference dequantisers; [`dot`] holds the fast row-dot kernels
+//! that the matrix products use, each with a scalar twin that tests compare against.
+
+pub mod dot;
+pub mod scalar;
+
+use std::fmt;
+
+/// The tensor element types this engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Elements per legacy block.
+pub const QK: usize = 32;
+
+impl GgmlType {
+    pub const ALL: [GgmlType; 13] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    /// The ggml type id used in GGUF tensor infos.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
+            8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2K,
+            11 => GgmlType::Q3K,
+            12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
+            14 => GgmlType::Q6K,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => QK,
+            _ => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 2 + 16,
+            GgmlType::Q4_1 => 2 + 2 + 16,
+            GgmlType::Q5_0 => 2 + 4 + 16,
+            GgmlType::Q5_1 => 2 + 2 + 4 + 16,
+            GgmlType::Q8_0 => 2 + 32,
+            GgmlType::Q2K => 16 + 64 + 2 + 2,
+            GgmlType::Q3K => 32 + 64 + 12 + 2,
+            GgmlType::Q4K => 2 + 2 + 12 + 128,
+            GgmlType::Q5K => 2 + 2 + 12 + 32 + 128,
+            GgmlType::Q6K => 128 + 64 + 16 + 2,
+        }
+    }
+
+    /// Bytes of one row of `n` elements (`n` must be a multiple of the block size).
+    pub fn row_bytes(self, n: usize) -> usize {
+        n / self.block_size() * self.block_bytes()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q2K => "Q2_K",
+            GgmlType::Q3K => "Q3_K",
+            GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
+            GgmlType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Whether rows are dotted against activations quantised to 8-bit blocks of 32 (as
+    /// llama.cpp does for these types) rather than against f32 activations.
+    pub fn uses_q8_activations(self) -> bool {
+        matches!(self, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+    }
+}
+
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Dequantise `out.len()` elements of type `t` from `bytes` (the plain reference path).
+pub fn dequantize_row(t: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let bs = t.block_size();
+    let bb = t.block_bytes();
+    debug_assert_eq!(out.len() % bs, 0);
+    debug_assert!(bytes.len() >= out.len() / bs * bb);
+    match t {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        _ => {
+            let f = match t {
+                GgmlType::Q4_0 => scalar::dequant_q4_0,
+                GgmlType::Q4_1 => scalar::dequant_q4_1,
+                GgmlType::Q5_0 => scalar::dequant_q5_0,
+                GgmlType::Q5_1 => scalar::dequant_q5_1,
+                GgmlType::Q8_0 => scalar::dequant_q8_0,
+                GgmlType::Q2K => scalar::dequant_q2_k,
+                GgmlType::Q3K => scalar::dequant_q3_k,
+                GgmlType::Q4K => scalar::dequant_q4_k,
+                GgmlType::Q5K => scalar::dequant_q5_k,
+                GgmlType::Q6K => scalar::dequant_q6_k,
+                _ => unreachable!("float types handled above"),
+            };
+            for (o, b) in out.chunks_exact_mut(bs).zip(bytes.chunks_exact(bb)) {
+                f(b, o);
+            }
+        }
+    }
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}

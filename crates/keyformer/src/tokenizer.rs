@@ -1,0 +1,183 @@
+//! Tokenizer built from GGUF metadata with the `tokenizers` crate.
+//!
+//! Byte-level BPE (`tokenizer.ggml.model = gpt2`): vocabulary and merges from the file, the
+//! pre-tokenizer's split regexes chosen by `tokenizer.ggml.pre` (the same table llama.cpp
+//! uses, since llama.cpp is our reference for token ids), control and user-defined tokens
+//! matched whole before BPE, BOS/EOS ids and `add_bos_token` from the metadata. An unknown
+//! `pre` is an error rather than a guess: a wrong split silently changes every token id.
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
+
+use crate::gguf::{GgufFile, MetaValue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("unsupported tokenizer model '{0}' (supported: gpt2 byte-level BPE)")]
+    UnsupportedModel(String),
+    #[error("unknown pre-tokenizer '{0}' (supported: {1})")]
+    UnknownPre(String, String),
+    #[error("tokenizer metadata: {0}")]
+    Metadata(String),
+    #[error("tokenizer: {0}")]
+    Library(String),
+}
+
+/// GPT-2's split regex (also the second stage of the digit-splitting variants).
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Pre-tokenizer behaviour for one `tokenizer.ggml.pre` value.
+struct PreSpec {
+    /// Applied in order; each splits the pieces the previous produced.
+    regexes: &'static [&'static str],
+    /// Llama-3 style: a pre-token that is itself in the vocabulary is not merged further.
+    ignore_merges: bool,
+    /// Default for `add_bos_token` when the file does not say.
+    add_bos: bool,
+}
+
+fn pre_spec(pre: &str) -> Option<PreSpec> {
+    Some(match pre {
+        "gpt2" | "default" | "mpt" | "olmo" => PreSpec { regexes: &[GPT2], ignore_merges: false, add_bos: false },
+        // SmolLM, StarCoder and friends split every digit on its own first.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
+            PreSpec { regexes: &[r"\p{N}", GPT2], ignore_merges: false, add_bos: false }
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => PreSpec { regexes: &[LLAMA3], ignore_merges: true, add_bos: true },
+        "qwen2" | "stablelm2" => PreSpec { regexes: &[QWEN2], ignore_merges: false, add_bos: false },
+        _ => return None,
+    })
+}
+
+const SUPPORTED_PRE: &str = "gpt2, default, mpt, olmo, smollm, starcoder, refact, command-r, codeshell, llama3, llama-v3, llama-bpe, falcon3, qwen2, stablelm2";
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// A model's tokenizer with its special-token ids.
+pub struct Tokenizer {
+    inner: HfTokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Tokens that end generation: EOS, EOT and end-of-turn control tokens.
+    pub end_of_generation: Vec<u32>,
+    pub add_bos: bool,
+    tokens: Vec<String>,
+}
+
+impl Tokenizer {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, TokenizerError> {
+        let meta = |e: crate::gguf::GgufError| TokenizerError::Metadata(e.to_string());
+        let model = f.get_str("tokenizer.ggml.model").map_err(meta)?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel(model.to_string()));
+        }
+        let pre_name = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let spec = pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
+
+        let tokens: Vec<String> = f
+            .get_array("tokenizer.ggml.tokens")
+            .map_err(meta)?
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| TokenizerError::Metadata("tokenizer.ggml.tokens holds a non-string".into()))?;
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges: Vec<(String, String)> = f
+            .get_array("tokenizer.ggml.merges")
+            .map_err(meta)?
+            .iter()
+            .map(|m| {
+                let s = m.as_str()?;
+                let (a, b) = s.split_once(' ')?;
+                Some((a.to_string(), b.to_string()))
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| TokenizerError::Metadata("a merge is not 'left right'".into()))?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(spec.ignore_merges)
+            .build()
+            .map_err(|e| TokenizerError::Library(e.to_string()))?;
+
+        let mut pre: Vec<PreTokenizerWrapper> = Vec::new();
+        for re in spec.regexes {
+            let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| TokenizerError::Library(e.to_string()))?;
+            pre.push(split.into());
+        }
+        pre.push(ByteLevel::new(false, false, false).into());
+
+        let mut inner = HfTokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(Sequence::new(pre)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control and user-defined tokens are matched whole in the text, before BPE.
+        let types: Vec<i64> = match f.get("tokenizer.ggml.token_type") {
+            Some(MetaValue::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(s, &t)| AddedToken::from(s.clone(), t == TOKEN_TYPE_CONTROL))
+            .collect();
+        inner.add_special_tokens(&specials);
+
+        let id = |k: &str| f.get(k).and_then(MetaValue::as_i64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < tokens.len());
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        // Chat models end turns with control tokens that are not always declared as EOT.
+        for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"] {
+            if let Some(i) = tokens.iter().position(|t| t == name) {
+                if types.get(i) == Some(&TOKEN_TYPE_CONTROL) {
+                    end_of_generation.push(i as u32);
+                }
+            }
+        }
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+        let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(spec.add_bos);
+        Ok(Self { inner, bos, eos, end_of_generation, add_bos, tokens })
+    }
+
+    /// Token ids of `text`; special tokens written in the text are recognised. `add_bos`
+    /// prepends BOS when the model asks for it.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.inner.encode_fast(text, false).map_err(|e| TokenizerError::Library(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos && self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids` (special tokens included, as they were generated).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, false).map_err(|e| TokenizerError::Library(e.to_string()))
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.binary_search(&id).is_ok()
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Golden values from llama.cpp (through llama-cpp-python) on the Q4_1 file.
+
+- token ids of every text in tests/data/tokenizer_texts.json (special tokens parsed, no BOS:
+  the model's add_bos_token is false) and of the parity prompts;
+- top-5 next tokens and their logits after each parity prompt;
+- mean NLL / perplexity of the first 1024-token window of tests/data/prose.txt, over every
+  predicted token (1023 of them), the same definition `keyformer perplexity` uses.
+Needs LLAMA_CPP_LIB_PATH pointing at a llama.cpp build and llama_cpp on PYTHONPATH
+(scripts/reference-setup.sh does both). Usage: golden_llamacpp.py MODEL.gguf OUT.json
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from llama_cpp import Llama
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = json.load(open(ROOT / "tests/data/parity_prompts.json"))
+
+
+def main(model, out):
+    texts = json.load(open(ROOT / "tests/data/tokenizer_texts.json"))
+    llm = Llama(model_path=model, n_ctx=2048, n_batch=512, n_threads=2, logits_all=True, verbose=False, seed=0)
+    tok = lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+    tokenizer = [{"text": s, "ids": tok(s)} for s in texts]
+
+    top5 = []
+    for p in PROMPTS:
+        ids = tok(p)
+        llm.reset()
+        llm.eval(ids)
+        logits = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+        order = np.argsort(-logits)[:5]
+        top5.append({"prompt": p, "ids": ids, "top5": [int(i) for i in order],
+                     "top5_logits": [float(logits[i]) for i in order]})
+
+    prose = (ROOT / "tests/data/prose.txt").read_text()
+    ids = tok(prose)[:1024]
+    assert len(ids) == 1024, len(ids)
+    llm.reset()
+    llm.eval(ids)
+    scores = np.array(llm.scores[:1024], dtype=np.float64)
+    nll = 0.0
+    for i in range(1023):
+        row = scores[i]
+        m = row.max()
+        lse = m + math.log(np.exp(row - m).sum())
+        nll += lse - row[ids[i + 1]]
+    mean_nll = nll / 1023
+    ppl = {"window_tokens": 1024, "tokens_scored": 1023, "mean_nll": mean_nll, "ppl": math.exp(mean_nll)}
+    json.dump({"tokenizer": tokenizer, "top5": top5, "perplexity": ppl}, open(out, "w"), indent=1)
+    print(json.dumps(ppl))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
