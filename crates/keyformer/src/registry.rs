@@ -121,7 +121,7 @@ fn pip_download(package: &str, dir: &Path) -> Result<(), RegistryError> {
             .arg(dir)
             .arg(package)
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
+            .stdout(std::io::stderr()) // keep stdout clean for --json
             .stderr(Stdio::inherit())
             .status();
         match status {
