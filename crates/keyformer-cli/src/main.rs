@@ -42,6 +42,26 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Describe a model: architecture, sizes, tensor types, context length, chat template.
     Info(ModelArg),
+    /// Time prompt processing (-p) and generation (-n) like llama-bench (synthetic tokens).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt tokens to process (0 = skip).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens to generate (0 = skip).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions of each test (after one warm-up run).
+    #[arg(short = 'r', long, default_value_t = 3)]
+    repetitions: usize,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -161,6 +181,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Info(a) => info(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -286,6 +307,39 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     } else {
         for id in ids {
             println!("{id:>6} {:?}", engine.tokenizer.decode(&[id]).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    let engine = load(&a.model.model)?;
+    let ctx = engine.context_length();
+    if a.n_prompt > ctx || a.n_gen > ctx {
+        bail!("-p {} / -n {} exceed the model's context of {ctx} tokens", a.n_prompt, a.n_gen);
+    }
+    let mut results = Vec::new();
+    if a.n_prompt > 0 {
+        results.push(keyformer::bench::prompt_processing(&engine, a.n_prompt, a.repetitions)?);
+    }
+    if a.n_gen > 0 {
+        results.push(keyformer::bench::generation(&engine, a.n_gen, a.repetitions)?);
+    }
+    let threads = rayon::current_num_threads();
+    if a.json {
+        println!("{}", json!({ "model": engine.file.path, "threads": threads, "results": results }));
+    } else {
+        println!("| model | threads | test | t/s (median) | min | max |");
+        println!("|---|---:|---|---:|---:|---:|");
+        let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        for r in &results {
+            println!(
+                "| {name} | {threads} | {} | {:.2} | {:.2} | {:.2} |",
+                r.test, r.median_tok_s, r.min_tok_s, r.max_tok_s
+            );
         }
     }
     Ok(())

@@ -11,6 +11,7 @@
 //! The CLI (crate `keyformer-cli`) is a thin layer over [`engine::Engine`].
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod gguf;
