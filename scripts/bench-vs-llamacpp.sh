@@ -3,10 +3,9 @@
 #
 #   scripts/bench-vs-llamacpp.sh [-m MODEL] [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS]
 #
-# llama-bench is built once from the llama-cpp-python source package (fetched with pip,
-# vendored llama.cpp, native CPU flags, ~20 minutes on 2 cores) and cached in
-# $KEYFORMER_CACHE/llama.cpp (default ~/.cache/keyformer/llama.cpp). Prints a Markdown table
-# with tokens/s of both engines and the ratio ours/theirs per test.
+# llama-bench comes from scripts/build-llamacpp.sh (built once from the llama-cpp-python source
+# package, native CPU flags, cached). Prints a Markdown table with tokens/s of both engines and
+# the ratio ours/theirs per test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,23 +17,7 @@ while getopts "m:t:p:n:r:" opt; do
   esac
 done
 
-cache=${KEYFORMER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keyformer}
-llama_version=0.3.36
-llama_dir="$cache/llama.cpp/$llama_version"
-llama_bench="$llama_dir/build/bin/llama-bench"
-if [ ! -x "$llama_bench" ]; then
-  echo "building llama-bench from llama-cpp-python $llama_version (once) ..." >&2
-  mkdir -p "$llama_dir"
-  command -v cmake >/dev/null || python3 -m pip install --quiet cmake ninja
-  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
-    "llama-cpp-python==$llama_version" -d "$llama_dir"
-  tar -xzf "$llama_dir"/llama_cpp_python-*.tar.gz -C "$llama_dir"
-  src=$(echo "$llama_dir"/llama_cpp_python-*/vendor/llama.cpp)
-  gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
-  cmake -S "$src" -B "$llama_dir/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-  cmake --build "$llama_dir/build" -j"$(nproc)" --target llama-bench llama-perplexity llama-tokenize >&2
-fi
+llama_bench="$(scripts/build-llamacpp.sh)/build/bin/llama-bench"
 
 cargo build --release -q -p keyformer-cli
 kf=target/release/keyformer
