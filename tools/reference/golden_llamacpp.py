@@ -3,6 +3,8 @@
 
 - token ids of every text in tests/data/tokenizer_texts.json (special tokens parsed, no BOS:
   the model's add_bos_token is false) and of the parity prompts;
+- the same texts through SmolLM2's vocabulary with `tokenizer.ggml.pre` set to other
+  pre-tokenizers (a vocab-only GGUF copy), to check each regex table we implement;
 - top-5 next tokens and their logits after each parity prompt;
 - mean NLL / perplexity of the first 1024-token window of tests/data/prose.txt, over every
   predicted token (1023 of them), the same definition `keyformer perplexity` uses.
@@ -12,10 +14,15 @@ Needs LLAMA_CPP_LIB_PATH pointing at a llama.cpp build and llama_cpp on PYTHONPA
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFReader, GGUFWriter
 from llama_cpp import Llama
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_f32_gguf import copy_metadata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = json.load(open(ROOT / "tests/data/parity_prompts.json"))
@@ -28,6 +35,21 @@ def main(model, out):
                 type_k=0, type_v=0)
     tok = lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
     tokenizer = [{"text": s, "ids": tok(s)} for s in texts]
+
+    variants = {}
+    reader = GGUFReader(model)
+    for pre in ["gpt-2", "llama-bpe", "qwen2", "starcoder", "default"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/vocab-{pre}.gguf"
+            writer = GGUFWriter(path, reader.fields["general.architecture"].contents())
+            copy_metadata(reader, writer, {"tokenizer.ggml.pre": pre})
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+            variants[pre] = [vocab.tokenize(s.encode("utf-8"), add_bos=False, special=True) for s in texts]
+            del vocab
 
     top5 = []
     for p in PROMPTS:
@@ -53,7 +75,7 @@ def main(model, out):
         nll += lse - row[ids[i + 1]]
     mean_nll = nll / 1023
     ppl = {"window_tokens": 1024, "tokens_scored": 1023, "mean_nll": mean_nll, "ppl": math.exp(mean_nll)}
-    json.dump({"tokenizer": tokenizer, "top5": top5, "perplexity": ppl}, open(out, "w"), indent=1)
+    json.dump({"tokenizer": tokenizer, "pre_variants": variants, "top5": top5, "perplexity": ppl}, open(out, "w"), indent=1)
     print(json.dumps(ppl))
 
 

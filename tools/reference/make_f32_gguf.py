@@ -12,19 +12,22 @@ from gguf import GGUFReader, GGUFWriter, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
 
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, overrides: dict) -> None:
+    """Copy every key/value of `reader` into `writer`, replacing the values in `overrides`."""
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = overrides.get(key, field.contents())
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+
+
 def main(src: str, dst: str) -> None:
     reader = GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     writer = GGUFWriter(dst, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = field.contents()
-        if key == "general.file_type":
-            value = int(LlamaFileType.ALL_F32)
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, vtype, sub_type=sub)
+    copy_metadata(reader, writer, {"general.file_type": int(LlamaFileType.ALL_F32)})
     for t in reader.tensors:
         data = dequantize(t.data, t.tensor_type).astype(np.float32)
         shape = [int(d) for d in reversed(t.shape)]  # numpy order: outermost first

@@ -420,6 +420,70 @@ mod tests {
     }
 
     #[test]
+    fn reads_every_value_type_in_v2_and_v3() {
+        for version in [2u32, 3] {
+            let mut b = b"GGUF".to_vec();
+            b.extend_from_slice(&version.to_le_bytes());
+            b.extend_from_slice(&0u64.to_le_bytes());
+            b.extend_from_slice(&13u64.to_le_bytes());
+            let key = |b: &mut Vec<u8>, k: &str, t: u32| {
+                b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+                b.extend_from_slice(k.as_bytes());
+                b.extend_from_slice(&t.to_le_bytes());
+            };
+            key(&mut b, "u8", 0);
+            b.push(200);
+            key(&mut b, "i8", 1);
+            b.push(-5i8 as u8);
+            key(&mut b, "u16", 2);
+            b.extend_from_slice(&60000u16.to_le_bytes());
+            key(&mut b, "i16", 3);
+            b.extend_from_slice(&(-300i16).to_le_bytes());
+            key(&mut b, "u32", 4);
+            b.extend_from_slice(&4_000_000_000u32.to_le_bytes());
+            key(&mut b, "i32", 5);
+            b.extend_from_slice(&(-70000i32).to_le_bytes());
+            key(&mut b, "f32", 6);
+            b.extend_from_slice(&1.5f32.to_le_bytes());
+            key(&mut b, "bool", 7);
+            b.push(1);
+            key(&mut b, "str", 8);
+            b.extend_from_slice(&5u64.to_le_bytes());
+            b.extend_from_slice("héé".as_bytes());
+            key(&mut b, "arr", 9);
+            b.extend_from_slice(&8u32.to_le_bytes());
+            b.extend_from_slice(&2u64.to_le_bytes());
+            for s in ["a", "bc"] {
+                b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                b.extend_from_slice(s.as_bytes());
+            }
+            key(&mut b, "u64", 10);
+            b.extend_from_slice(&u64::MAX.to_le_bytes());
+            key(&mut b, "i64", 11);
+            b.extend_from_slice(&i64::MIN.to_le_bytes());
+            key(&mut b, "f64", 12);
+            b.extend_from_slice(&(-2.25f64).to_le_bytes());
+            let (v, _, md, t) = parse(&b).unwrap();
+            assert_eq!(v, version);
+            assert!(t.is_empty());
+            assert_eq!(md["u8"], MetaValue::U8(200));
+            assert_eq!(md["i8"], MetaValue::I8(-5));
+            assert_eq!(md["u16"], MetaValue::U16(60000));
+            assert_eq!(md["i16"], MetaValue::I16(-300));
+            assert_eq!(md["u32"], MetaValue::U32(4_000_000_000));
+            assert_eq!(md["i32"], MetaValue::I32(-70000));
+            assert_eq!(md["f32"], MetaValue::F32(1.5));
+            assert_eq!(md["bool"], MetaValue::Bool(true));
+            assert_eq!(md["str"].as_str(), Some("héé"));
+            assert_eq!(md["arr"], MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("bc".into())]));
+            assert_eq!(md["u64"], MetaValue::U64(u64::MAX));
+            assert_eq!(md["u64"].as_i64(), None, "u64 above i64::MAX is not silently wrapped");
+            assert_eq!(md["i64"], MetaValue::I64(i64::MIN));
+            assert_eq!(md["f64"], MetaValue::F64(-2.25));
+        }
+    }
+
+    #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let b = tiny_gguf(0, 256);
         for cut in 0..b.len() {

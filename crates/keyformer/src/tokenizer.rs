@@ -14,6 +14,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
 
+use std::collections::BTreeMap;
+
 use crate::gguf::{GgufFile, MetaValue};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +45,13 @@ struct PreSpec {
     add_bos: bool,
 }
 
+/// llama.cpp's fallback for BPE files that name no pre-tokenizer.
+const DEFAULT_REGEXES: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
+
 fn pre_spec(pre: &str) -> Option<PreSpec> {
     Some(match pre {
-        "gpt2" | "default" | "mpt" | "olmo" => PreSpec { regexes: &[GPT2], ignore_merges: false, add_bos: false },
+        "default" => PreSpec { regexes: DEFAULT_REGEXES, ignore_merges: false, add_bos: false },
+        "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" => PreSpec { regexes: &[GPT2], ignore_merges: false, add_bos: false },
         // SmolLM, StarCoder and friends split every digit on its own first.
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
             PreSpec { regexes: &[r"\p{N}", GPT2], ignore_merges: false, add_bos: false }
@@ -56,7 +62,8 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
     })
 }
 
-const SUPPORTED_PRE: &str = "gpt2, default, mpt, olmo, smollm, starcoder, refact, command-r, codeshell, llama3, llama-v3, llama-bpe, falcon3, qwen2, stablelm2";
+const SUPPORTED_PRE: &str = "default, gpt-2, phi-2, mpt, olmo, smollm, starcoder, refact, command-r, codeshell, \
+    llama3, llama-v3, llama-bpe, falcon3, qwen2, stablelm2";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -75,25 +82,28 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, TokenizerError> {
-        let meta = |e: crate::gguf::GgufError| TokenizerError::Metadata(e.to_string());
-        let model = f.get_str("tokenizer.ggml.model").map_err(meta)?;
+        Self::from_metadata(&f.metadata)
+    }
+
+    /// Build from GGUF metadata key/values (tests vary `tokenizer.ggml.pre` this way).
+    pub fn from_metadata(md: &BTreeMap<String, MetaValue>) -> Result<Self, TokenizerError> {
+        let missing = |k: &str| TokenizerError::Metadata(format!("missing or mistyped key '{k}'"));
+        let get_str = |k: &str| md.get(k).and_then(MetaValue::as_str).ok_or_else(|| missing(k));
+        let get_array = |k: &str| md.get(k).and_then(MetaValue::as_array).ok_or_else(|| missing(k));
+        let model = get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
-        let pre_name = f.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let pre_name = get_str("tokenizer.ggml.pre").unwrap_or("default");
         let spec = pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
 
-        let tokens: Vec<String> = f
-            .get_array("tokenizer.ggml.tokens")
-            .map_err(meta)?
+        let tokens: Vec<String> = get_array("tokenizer.ggml.tokens")?
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<_>>()
             .ok_or_else(|| TokenizerError::Metadata("tokenizer.ggml.tokens holds a non-string".into()))?;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let merges: Vec<(String, String)> = f
-            .get_array("tokenizer.ggml.merges")
-            .map_err(meta)?
+        let merges: Vec<(String, String)> = get_array("tokenizer.ggml.merges")?
             .iter()
             .map(|m| {
                 let s = m.as_str()?;
@@ -121,7 +131,7 @@ impl Tokenizer {
         inner.with_decoder(Some(ByteLevelDecoder::default()));
 
         // Control and user-defined tokens are matched whole in the text, before BPE.
-        let types: Vec<i64> = match f.get("tokenizer.ggml.token_type") {
+        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
             Some(MetaValue::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
@@ -133,7 +143,7 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(&specials);
 
-        let id = |k: &str| f.get(k).and_then(MetaValue::as_i64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < tokens.len());
+        let id = |k: &str| md.get(k).and_then(MetaValue::as_i64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < tokens.len());
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
         let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")]
@@ -150,7 +160,7 @@ impl Tokenizer {
         }
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(spec.add_bos);
+        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(spec.add_bos);
         Ok(Self { inner, bos, eos, end_of_generation, add_bos, tokens })
     }
 

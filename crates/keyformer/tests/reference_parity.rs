@@ -5,10 +5,11 @@
 mod common;
 
 use common::*;
-use keyformer::gguf::GgufFile;
+use keyformer::gguf::{GgufFile, MetaValue};
 use keyformer::models::llama::Logits;
 use keyformer::quant::{dequantize_row, GgmlType};
 use keyformer::sampling::argmax;
+use keyformer::tokenizer::Tokenizer;
 use keyformer::Engine;
 
 fn type_named(name: &str) -> GgmlType {
@@ -64,6 +65,29 @@ fn token_ids_equal_llama_cpp() {
         // And decoding gives the text back (byte-level BPE is lossless).
         assert_eq!(engine.tokenizer.decode(&ids(&case["ids"])).unwrap(), text);
     }
+}
+
+#[test]
+fn every_pre_tokenizer_table_equals_llama_cpp() {
+    // SmolLM2's vocabulary under other `tokenizer.ggml.pre` values (llama.cpp tokenised the
+    // same texts with a vocab-only copy of the file carrying each value).
+    let f = GgufFile::open(q4_model()).unwrap();
+    let g = golden_json("golden/llamacpp.json");
+    let texts: Vec<&str> = g["tokenizer"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let variants = g["pre_variants"].as_object().unwrap();
+    assert!(variants.len() >= 5);
+    for (pre, cases) in variants {
+        let mut md = f.metadata.clone();
+        md.insert("tokenizer.ggml.pre".into(), MetaValue::String(pre.clone()));
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        for (text, want) in texts.iter().zip(cases.as_array().unwrap()) {
+            assert_eq!(tok.encode(text, false).unwrap(), ids(want), "pre {pre}, text {text:?}");
+        }
+    }
+    let mut md = f.metadata.clone();
+    md.insert("tokenizer.ggml.pre".into(), MetaValue::String("no-such-pre".into()));
+    let err = Tokenizer::from_metadata(&md).err().expect("an unknown pre-tokenizer is refused");
+    assert!(err.to_string().contains("unknown pre-tokenizer 'no-such-pre'"), "{err}");
 }
 
 #[test]
