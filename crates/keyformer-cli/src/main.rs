@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use keyformer::engine::GenerateRequest;
 use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
 use keyformer::sampling::SamplingParams;
+use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
 use keyformer::Engine;
 use serde_json::json;
 
@@ -92,10 +93,64 @@ impl TextInput {
     }
 }
 
+/// KV-cache compression settings (shared by `run` and `perplexity`).
+#[derive(Args, Clone)]
+struct KvArgs {
+    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer.
+    #[arg(long, default_value = "full", value_parser = clap::value_parser!(PolicyKind))]
+    kv_policy: PolicyKind,
+    /// KV budget per layer and KV head: tokens (256) or a percentage of the prompt (50%;
+    /// of the window for `perplexity`). Required by every policy but `full`.
+    #[arg(long)]
+    kv_budget: Option<Amount>,
+    /// Most recent tokens always kept: tokens or a percentage of the budget [default: 30%].
+    #[arg(long)]
+    kv_recent: Option<Amount>,
+    /// Attention sinks kept by `sink` (StreamingLLM).
+    #[arg(long, default_value_t = 4)]
+    kv_sinks: usize,
+    /// SnapKV's observation window: the last prompt queries whose attention scores the prompt.
+    #[arg(long, default_value_t = 32)]
+    snapkv_window: usize,
+    /// Keyformer: score temperature at the first generated token.
+    #[arg(long, default_value_t = 1.0)]
+    keyformer_tau_init: f32,
+    /// Keyformer: score temperature at the last generated token (rises linearly).
+    #[arg(long, default_value_t = 2.0)]
+    keyformer_tau_end: f32,
+    /// Keyformer: noise added to the logits of the score: gumbel, gaussian, constant, none.
+    #[arg(long, default_value = "gumbel", value_parser = clap::value_parser!(NoiseKind))]
+    keyformer_noise: NoiseKind,
+    /// Keyformer: fix the key tokens after the prompt (the reference code's behaviour).
+    #[arg(long)]
+    keyformer_frozen: bool,
+}
+
+impl KvArgs {
+    fn config(&self, seed: u64) -> PolicyConfig {
+        PolicyConfig {
+            kind: self.kv_policy,
+            budget: self.kv_budget,
+            recent: self.kv_recent,
+            sinks: self.kv_sinks,
+            snapkv_window: self.snapkv_window,
+            keyformer: KeyformerOptions {
+                tau_init: self.keyformer_tau_init,
+                tau_end: self.keyformer_tau_end,
+                noise: self.keyformer_noise,
+                frozen: self.keyformer_frozen,
+            },
+            seed,
+        }
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    kv: KvArgs,
     #[command(flatten)]
     input: TextInput,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -143,6 +198,11 @@ struct PerplexityArgs {
     /// Score at most this many windows.
     #[arg(long)]
     max_windows: Option<usize>,
+    #[command(flatten)]
+    kv: KvArgs,
+    /// Seed of Keyformer's noise and of `random`.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -233,7 +293,9 @@ fn run(a: RunArgs) -> Result<()> {
             seed: a.seed,
         },
         stop: a.stop.clone(),
+        kv: a.kv.config(a.seed),
     };
+    req.kv.validate()?;
     let mut stdout = std::io::stdout().lock();
     let out = if a.json {
         engine.generate(&ids, &req, &mut |_| {})?
@@ -253,16 +315,20 @@ fn run(a: RunArgs) -> Result<()> {
             "generated_tokens": out.generated_tokens,
             "stop_reason": out.stop_reason,
             "timings": { "prefill_tok_s": out.prefill_tok_s(), "decode_tok_s": out.decode_tok_s() },
+            "kv_cache": out.kv_cache,
         });
         writeln!(stdout, "{v}")?;
     } else {
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}; KV {}: {:.2} MB held at most, full cache {:.2} MB]",
             out.prompt_tokens,
             out.prefill_tok_s(),
             out.generated_tokens,
             out.decode_tok_s(),
-            out.stop_reason
+            out.stop_reason,
+            out.kv_cache.policy,
+            out.kv_cache.bytes_held_max as f64 / 1e6,
+            out.kv_cache.bytes_full_equivalent as f64 / 1e6
         );
     }
     Ok(())
@@ -275,7 +341,9 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(ProgressStyle::with_template("scoring {bar:40} {pos}/{len} windows ({eta})").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(200));
-    let r = engine.perplexity(&ids, a.ctx, a.max_windows, &mut |done, total| {
+    let kv = a.kv.config(a.seed);
+    kv.validate()?;
+    let r = engine.perplexity(&ids, a.ctx, a.max_windows, &kv, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -283,17 +351,21 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"tokens_scored": r.tokens_scored, "mean_nll": r.mean_nll, "ppl": r.ppl, "windows": r.windows, "ctx": r.ctx})
+            json!({"tokens_scored": r.tokens_scored, "mean_nll": r.mean_nll, "ppl": r.ppl, "windows": r.windows, "ctx": r.ctx,
+                   "kv_cache": r.kv_cache})
         );
     } else {
         println!(
-            "perplexity {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {} ({:.1} tok/s)",
+            "perplexity {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {} ({:.1} tok/s; KV {} budget {:?}, {} evictions)",
             r.ppl,
             r.mean_nll,
             r.tokens_scored,
             r.windows,
             r.ctx,
-            (r.windows * r.ctx) as f64 / r.seconds
+            (r.windows * r.ctx) as f64 / r.seconds,
+            r.kv_cache.policy,
+            r.kv_cache.budget_tokens,
+            r.kv_cache.evictions
         );
     }
     Ok(())

@@ -4,8 +4,15 @@
 //! [`SlotTable`] says, for one (sequence, layer, KV head), which storage slots hold a token and
 //! at which ORIGINAL position (Keyformer keeps original positions: the spec, "Details that
 //! matter", and the paper's Table 3). Evicting a token frees its slot and the next token reuses
-//! it, so a backend never copies the cache to drop an entry. Eviction policies (next issue) are
-//! written against this table only.
+//! it, so a backend never copies the cache to drop an entry. Eviction policies ([`policy`]) are
+//! written against this table and per-slot scores only; [`noise`] is Keyformer's reproducible
+//! noise.
+
+pub mod noise;
+pub mod policy;
+
+pub use noise::NoiseKind;
+pub use policy::{Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal};
 
 /// Errors from slot bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

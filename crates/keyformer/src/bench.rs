@@ -43,10 +43,9 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
 /// Time prefilling `p` tokens into an empty cache, `reps` times (after one warm-up).
 pub fn prompt_processing(engine: &Engine, p: usize, reps: usize) -> Result<BenchResult, ModelError> {
     let tokens = synthetic_tokens(p, engine.model.config.vocab_size);
-    let mut cache = engine.model.new_cache(p);
     let mut samples = Vec::with_capacity(reps);
     for rep in 0..=reps {
-        cache.clear();
+        let mut cache = engine.model.new_cache(p);
         let t = Instant::now();
         engine.prefill(&tokens, &mut cache)?;
         if rep > 0 {
@@ -59,10 +58,9 @@ pub fn prompt_processing(engine: &Engine, p: usize, reps: usize) -> Result<Bench
 /// Time generating `n` tokens one at a time from an empty cache (greedy on the model's own
 /// output, so each step is a real decode step), `reps` times after one warm-up.
 pub fn generation(engine: &Engine, n: usize, reps: usize) -> Result<BenchResult, ModelError> {
-    let mut cache = engine.model.new_cache(n);
     let mut samples = Vec::with_capacity(reps);
     for rep in 0..=reps {
-        cache.clear();
+        let mut cache = engine.model.new_cache(n);
         let mut next = 1u32;
         let t = Instant::now();
         for _ in 0..n {

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use crate::chat::{self, ChatMessage};
 use crate::gguf::GgufFile;
+use keyformer_kv::{Amount, PolicyConfig};
+
 use crate::kv::KvCache;
 use crate::models::llama::{Llama, Logits};
 use crate::sampling::{Sampler, SamplingParams};
@@ -30,6 +32,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation stops before the first occurrence of any of these strings.
     pub stop: Vec<String>,
+    /// How the KV cache is compressed.
+    pub kv: PolicyConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -52,6 +56,45 @@ pub struct GenerationOutput {
     pub stop_reason: StopReason,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    pub kv_cache: KvReport,
+}
+
+/// What the KV cache held: the `kv_cache` object of `run --json` and `perplexity --json`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KvReport {
+    pub policy: String,
+    /// Tokens kept per (layer, KV head); null for the full cache.
+    pub budget_tokens: Option<usize>,
+    pub recent_tokens: usize,
+    pub tokens_held_max: usize,
+    pub bytes_held_max: usize,
+    pub bytes_full_equivalent: usize,
+    pub evictions: usize,
+}
+
+impl KvReport {
+    fn of(cache: &KvCache) -> Self {
+        let p = &cache.policy;
+        Self {
+            policy: p.kind().name().to_string(),
+            budget_tokens: (p.budget != usize::MAX).then_some(p.budget),
+            recent_tokens: p.recent,
+            tokens_held_max: cache.stats.tokens_held_max,
+            bytes_held_max: cache.stats.bytes_held_max,
+            bytes_full_equivalent: cache.stats.bytes_full_equivalent,
+            evictions: cache.stats.evictions,
+        }
+    }
+    /// Combine the reports of several sequences (maxima of maxima, sums of evictions).
+    fn merge(&mut self, other: KvReport) {
+        self.policy = other.policy;
+        self.budget_tokens = other.budget_tokens;
+        self.recent_tokens = other.recent_tokens;
+        self.tokens_held_max = self.tokens_held_max.max(other.tokens_held_max);
+        self.bytes_held_max = self.bytes_held_max.max(other.bytes_held_max);
+        self.bytes_full_equivalent = self.bytes_full_equivalent.max(other.bytes_full_equivalent);
+        self.evictions += other.evictions;
+    }
 }
 
 impl GenerationOutput {
@@ -80,6 +123,7 @@ pub struct PerplexityReport {
     pub windows: usize,
     pub ctx: usize,
     pub seconds: f64,
+    pub kv_cache: KvReport,
 }
 
 impl Engine {
@@ -121,12 +165,39 @@ impl Engine {
         Ok(self.tokenizer.encode(text, true)?)
     }
 
-    /// Run `tokens` into `cache` in chunks; returns the last token's logits.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+    /// A cache for a prompt of `prompt_len` tokens followed by `steps` decode steps.
+    pub fn new_cache(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<KvCache, ModelError> {
+        let c = &self.model.config;
+        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        Ok(self.model.new_cache_with(policy, c.context_length))
+    }
+
+    /// Run the prompt into `cache` in chunks (full causal attention, scores accumulated), then
+    /// compress it to the policy's budget. Returns the logits of every prompt token if `all`,
+    /// else of the last.
+    pub fn prefill_with(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
         let mut logits = Vec::new();
         for chunk in tokens.chunks(PREFILL_CHUNK) {
-            logits = self.model.forward(chunk, cache, Logits::Last)?;
+            let l = self.model.forward(chunk, cache, which)?;
+            match which {
+                Logits::All => logits.extend_from_slice(&l),
+                Logits::Last => logits = l,
+            }
         }
+        cache.finish_prompt()?;
+        Ok(logits)
+    }
+
+    /// [`prefill_with`](Self::prefill_with) returning the last token's logits.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        self.prefill_with(tokens, cache, Logits::Last)
+    }
+
+    /// One decode step: `token` joins the cache (which then evicts down to its budget).
+    pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        let logits = self.model.forward(&[token], cache, Logits::Last)?;
+        cache.policy.next_step();
+        cache.end_step();
         Ok(logits)
     }
 
@@ -146,7 +217,7 @@ impl Engine {
         if prompt.len() > ctx {
             return Err(ModelError::PromptTooLong { prompt: prompt.len(), context: ctx });
         }
-        let mut cache = self.model.new_cache(ctx);
+        let mut cache = self.new_cache(&req.kv, prompt.len(), req.max_tokens)?;
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut history = prompt.to_vec();
         let mut generated: Vec<u32> = Vec::new();
@@ -173,11 +244,11 @@ impl Engine {
             if generated.len() == req.max_tokens {
                 break;
             }
-            if cache.len() >= ctx {
+            if cache.next_position() as usize >= ctx {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            logits = self.model.forward(&[next], &mut cache, Logits::Last)?;
+            logits = self.decode_step(next, &mut cache)?;
         }
         let decode_seconds = t1.elapsed().as_secs_f64();
         let text = stream.finish(&self.tokenizer.decode(&generated)?, on_text);
@@ -189,17 +260,23 @@ impl Engine {
             stop_reason,
             prefill_seconds,
             decode_seconds,
+            kv_cache: KvReport::of(&cache),
         })
     }
 
     /// Mean negative log-likelihood over consecutive windows of `ctx` tokens: every token of a
     /// window but the first is predicted from the ones before it in that window (the loss
     /// transformers computes over a window). `on_window(done, total)` reports progress.
+    ///
+    /// With a KV budget the evaluation streams, as StreamingLLM's does: the first `budget`
+    /// tokens of a window are a prompt (a percentage is of the window), every later token is
+    /// one decode step with eviction. For `full`, a budget only sets that split.
     pub fn perplexity(
         &self,
         tokens: &[u32],
         ctx: usize,
         max_windows: Option<usize>,
+        kv: &PolicyConfig,
         on_window: &mut dyn FnMut(usize, usize),
     ) -> Result<PerplexityReport, ModelError> {
         if ctx < 2 {
@@ -208,6 +285,7 @@ impl Engine {
         if ctx > self.context_length() {
             return Err(ModelError::PromptTooLong { prompt: ctx, context: self.context_length() });
         }
+        kv.validate().map_err(ModelError::Policy)?;
         let available = tokens.len() / ctx;
         if available == 0 {
             return Err(ModelError::Input(format!(
@@ -216,28 +294,45 @@ impl Engine {
             )));
         }
         let windows = max_windows.map_or(available, |w| w.min(available));
+        // The streaming split: the budget, resolved against the window.
+        let split = kv.budget.map_or(ctx, |b| b.resolve(ctx).clamp(1, ctx));
+        let mut window_kv = kv.clone();
+        if let Some(b) = kv.budget {
+            window_kv.budget = Some(Amount::Tokens(b.resolve(ctx)));
+        }
         let t0 = Instant::now();
         let vocab = self.model.config.vocab_size;
-        let mut cache = self.model.new_cache(ctx);
         let (mut nll, mut scored) = (0f64, 0usize);
+        let mut report = KvReport::default();
         for w in 0..windows {
             on_window(w, windows);
-            cache.clear();
             let window = &tokens[w * ctx..(w + 1) * ctx];
-            for (ci, chunk) in window.chunks(PREFILL_CHUNK).enumerate() {
-                let logits = self.model.forward(chunk, &mut cache, Logits::All)?;
-                for (j, row) in logits.chunks_exact(vocab).enumerate() {
-                    let i = ci * PREFILL_CHUNK + j;
-                    if let Some(&target) = window.get(i + 1) {
-                        nll += negative_log_likelihood(row, target);
-                        scored += 1;
-                    }
+            let mut cache = self.new_cache(&window_kv, split, ctx - split)?;
+            let logits = self.prefill_with(&window[..split], &mut cache, Logits::All)?;
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                if let Some(&target) = window.get(i + 1) {
+                    nll += negative_log_likelihood(row, target);
+                    scored += 1;
                 }
             }
+            for i in split..ctx - 1 {
+                let row = self.decode_step(window[i], &mut cache)?;
+                nll += negative_log_likelihood(&row, window[i + 1]);
+                scored += 1;
+            }
+            report.merge(KvReport::of(&cache));
         }
         on_window(windows, windows);
         let mean_nll = nll / scored as f64;
-        Ok(PerplexityReport { tokens_scored: scored, mean_nll, ppl: mean_nll.exp(), windows, ctx, seconds: t0.elapsed().as_secs_f64() })
+        Ok(PerplexityReport {
+            tokens_scored: scored,
+            mean_nll,
+            ppl: mean_nll.exp(),
+            windows,
+            ctx,
+            seconds: t0.elapsed().as_secs_f64(),
+            kv_cache: report,
+        })
     }
 }
 

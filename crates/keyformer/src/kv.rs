@@ -1,10 +1,15 @@
 //! The KV cache's storage on the CPU: for each layer and KV head, a [`SlotTable`] (which slot
-//! holds which original position) and the post-RoPE keys and values in slot order.
+//! holds which original position) and the post-RoPE keys and values in slot order, driven by
+//! the sequence's eviction policy ([`SequencePolicy`]).
 //!
-//! In this version the cache only grows; the slot layout is what lets the eviction policies
-//! free a token in place (its slot is reused by the next token, nothing is copied).
+//! Capacity per (layer, KV head) is the prompt while it is processed, then budget + 1: each
+//! decode step the new token joins, attention runs over budget + 1 entries, and the policy
+//! evicts one (its slot is reused by the next token; nothing is copied). After the prompt is
+//! compressed, the storage is compacted once so the memory held is the budget's.
 
-use keyformer_kv::{SlotError, SlotTable};
+use keyformer_kv::{SequencePolicy, SlotError, SlotTable};
+
+const F32_BYTES: usize = std::mem::size_of::<f32>();
 
 /// Keys and values of one (layer, KV head): `head_dim` floats per slot.
 #[derive(Debug, Clone)]
@@ -39,44 +44,130 @@ impl HeadKv {
     pub fn value(&self, slot: usize) -> &[f32] {
         &self.values[slot * self.head_dim..(slot + 1) * self.head_dim]
     }
+    /// Bytes of keys and values held by occupied slots.
+    pub fn bytes_held(&self) -> usize {
+        self.table.len() * 2 * self.head_dim * F32_BYTES
+    }
     /// Bytes of key and value storage allocated.
     pub fn bytes_allocated(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity()) * std::mem::size_of::<f32>()
+        (self.keys.capacity() + self.values.capacity()) * F32_BYTES
     }
-    pub fn clear(&mut self) {
-        self.table.clear();
+
+    /// Rebuild with only the occupied slots, in position order, and room for `capacity`.
+    /// Returns `(old_slot, new_slot)` pairs.
+    fn compact(&mut self, capacity: usize) -> Vec<(usize, usize)> {
+        let mut kept: Vec<(usize, u32)> = self.table.occupied().collect();
+        kept.sort_unstable_by_key(|&(_, p)| p);
+        let mut fresh = HeadKv::new(capacity.max(kept.len()), self.head_dim);
+        fresh.keys.reserve_exact(capacity * self.head_dim);
+        fresh.values.reserve_exact(capacity * self.head_dim);
+        let mut mapping = Vec::with_capacity(kept.len());
+        for (old, pos) in kept {
+            let new = fresh.insert(pos, self.key(old), self.value(old)).expect("compaction fits");
+            mapping.push((old, new));
+        }
+        *self = fresh;
+        mapping
     }
 }
 
-/// The KV cache of one sequence: `layers[layer][kv_head]`.
+/// What the cache held over a sequence's life (for `run --json` and the server).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KvStats {
+    /// The most entries any (layer, KV head) held after any step.
+    pub tokens_held_max: usize,
+    /// The most key + value bytes held (all layers and heads) after any step.
+    pub bytes_held_max: usize,
+    /// What the full cache would hold for every token seen.
+    pub bytes_full_equivalent: usize,
+    /// Entries evicted, over all layers and KV heads.
+    pub evictions: usize,
+}
+
+/// The KV cache of one sequence: `layers[layer][kv_head]` and the policy that trims it.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<Vec<HeadKv>>,
+    pub policy: SequencePolicy,
+    pub stats: KvStats,
+    head_dim: usize,
+    tokens_seen: usize,
 }
 
 impl KvCache {
-    /// An empty cache able to hold `capacity` tokens per (layer, KV head).
-    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
-        Self { layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim)).collect()).collect() }
+    /// An empty cache; `context` bounds the slots when the policy keeps everything.
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, policy: SequencePolicy, context: usize) -> Self {
+        let capacity = policy.capacity(context);
+        Self {
+            layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim)).collect()).collect(),
+            policy,
+            stats: KvStats::default(),
+            head_dim,
+            tokens_seen: 0,
+        }
     }
     /// Position the next token takes: one past the last cached position.
     pub fn next_position(&self) -> u32 {
         self.layers[0][0].table.last_position().map_or(0, |p| p + 1)
     }
-    /// Tokens held (in layer 0, head 0; equal everywhere while the cache only grows).
+    /// Tokens held by (layer 0, head 0).
     pub fn len(&self) -> usize {
         self.layers[0][0].table.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Slots per (layer, KV head).
     pub fn capacity(&self) -> usize {
         self.layers[0][0].table.capacity()
+    }
+    /// Key and value bytes held now, over all layers and heads.
+    pub fn bytes_held(&self) -> usize {
+        self.layers.iter().flatten().map(HeadKv::bytes_held).sum()
     }
     pub fn bytes_allocated(&self) -> usize {
         self.layers.iter().flatten().map(HeadKv::bytes_allocated).sum()
     }
-    pub fn clear(&mut self) {
-        self.layers.iter_mut().flatten().for_each(HeadKv::clear);
+
+    /// Evict from every KV head of `layer` down to the budget (a decode step's trim).
+    pub fn evict_to_budget(&mut self, layer: usize) -> Result<(), SlotError> {
+        let budget = self.policy.budget;
+        for (h, head) in self.layers[layer].iter_mut().enumerate() {
+            for slot in self.policy.victims(layer, h, &head.table, budget) {
+                head.table.evict(slot)?;
+                self.policy.on_evict(layer, h, slot);
+                self.stats.evictions += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt has been processed: trim every head to the budget, compact the storage to
+    /// budget + 1 slots, and start decoding.
+    pub fn finish_prompt(&mut self) -> Result<(), SlotError> {
+        let capacity = self.policy.budget.saturating_add(1).min(self.capacity());
+        for layer in 0..self.layers.len() {
+            self.evict_to_budget(layer)?;
+            if self.policy.budget != usize::MAX {
+                for h in 0..self.layers[layer].len() {
+                    let mapping = self.layers[layer][h].compact(capacity);
+                    self.policy.remap(layer, h, &mapping);
+                }
+            }
+        }
+        let tables: Vec<&SlotTable> = self.layers.iter().flatten().map(|h| &h.table).collect();
+        self.policy.finish_prompt(&tables);
+        self.end_step();
+        Ok(())
+    }
+
+    /// Book-keeping after a step (the prompt's compression or one decode step).
+    pub fn end_step(&mut self) {
+        self.tokens_seen = self.tokens_seen.max(self.next_position() as usize);
+        let held = self.layers.iter().flatten().map(|h| h.table.len()).max().unwrap_or(0);
+        self.stats.tokens_held_max = self.stats.tokens_held_max.max(held);
+        self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
+        let per_token = self.layers.len() * self.layers[0].len() * 2 * self.head_dim * F32_BYTES;
+        self.stats.bytes_full_equivalent = self.tokens_seen * per_token;
     }
 }

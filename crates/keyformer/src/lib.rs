@@ -22,7 +22,8 @@ pub mod registry;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use engine::{Engine, GenerationOutput, PerplexityReport};
+pub use engine::{Engine, GenerationOutput, KvReport, PerplexityReport};
+pub use keyformer_kv;
 
 /// Errors from loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub enum ModelError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("KV cache: {0}")]
     Slots(#[from] keyformer_kv::SlotError),
+    #[error("KV policy: {0}")]
+    Policy(keyformer_kv::PolicyError),
     #[error("chat template: {0}")]
     Template(String),
     #[error("{0}")]

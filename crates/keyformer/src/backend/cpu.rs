@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use keyformer_kv::{noise, Signal};
+
 use crate::kv::HeadKv;
 use crate::quant::dot::{dot_row, quantize_q8, PreparedActivations, Q8Block};
 use crate::quant::{dequantize_row, GgmlType};
@@ -138,52 +140,124 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Query rows per attention task.
+const QUERIES_PER_TASK: usize = 32;
+
 /// Attention of `n` query rows over one layer's slot cache, grouped-query: query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`; the cache is never expanded to query heads.
 /// A query at position p sees the cached tokens with original position <= p.
 ///
+/// The same pass produces the eviction policy's scores ([`Signal`]): for each query row at or
+/// after `from_position`, that row's probabilities (plain, or Keyformer's noisy softmax at
+/// temperature tau) are added per slot into the row sums of its KV head, returned as
+/// `sums[kv_head][slot]`. Only a row of logits per query is ever held, never an n x n matrix.
+///
 /// `q`: n x (n_heads * head_dim); `out`: same shape.
-pub fn attention(q: &[f32], positions: &[u32], heads: &[HeadKv], n_heads: usize, head_dim: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    positions: &[u32],
+    heads: &[HeadKv],
+    n_heads: usize,
+    head_dim: usize,
+    layer: usize,
+    signal: Signal,
+    out: &mut [f32],
+) -> Option<Vec<Vec<f32>>> {
     let n = positions.len();
     let group = n_heads / heads.len();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let stride = n_heads * head_dim;
     let outp = SharedOut(out.as_mut_ptr());
-    (0..n * n_heads).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
-        let (i, h) = (task / n_heads, task % n_heads);
-        let kv = &heads[h / group];
-        let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
-        let p = positions[i];
-        let slots = kv.table.positions();
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for (slot, sp) in slots.iter().enumerate() {
-            let s = match sp {
-                Some(sp) if *sp <= p => dot(qi, kv.key(slot)) * scale,
-                _ => f32::NEG_INFINITY,
-            };
-            max = max.max(s);
-            scores.push(s);
-        }
-        let outp = outp;
-        // SAFETY: each task writes its own head_dim-long segment of `out`.
-        let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim) };
-        o.fill(0.0);
-        if max == f32::NEG_INFINITY {
-            return; // nothing visible (cannot happen once the query's own token is cached)
-        }
-        let mut denom = 0.0;
-        for (slot, s) in scores.iter().enumerate() {
-            if *s == f32::NEG_INFINITY {
-                continue;
+    let from_position = match signal {
+        Signal::None => None,
+        Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => Some(from_position),
+    };
+    let blocks = n.div_ceil(QUERIES_PER_TASK);
+    let partial: Vec<(usize, Vec<f32>)> = (0..n_heads * blocks)
+        .into_par_iter()
+        .filter_map(|task| {
+            let (h, b) = (task / blocks, task % blocks);
+            let kv = &heads[h / group];
+            let slots = kv.table.positions();
+            let mut logits = Vec::with_capacity(slots.len());
+            let mut noisy = Vec::new();
+            let mut sums: Option<Vec<f32>> = None;
+            for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
+                let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
+                let p = positions[i];
+                logits.clear();
+                let mut max = f32::NEG_INFINITY;
+                for (slot, sp) in slots.iter().enumerate() {
+                    let x = match sp {
+                        Some(sp) if *sp <= p => dot(qi, kv.key(slot)) * scale,
+                        _ => f32::NEG_INFINITY,
+                    };
+                    max = max.max(x);
+                    logits.push(x);
+                }
+                let outp = outp;
+                // SAFETY: each (query, head) pair is written by exactly one task.
+                let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim) };
+                o.fill(0.0);
+                if max == f32::NEG_INFINITY {
+                    continue; // nothing visible (cannot happen once the query's own token is cached)
+                }
+                let mut denom = 0.0;
+                for (slot, &x) in logits.iter().enumerate() {
+                    if x != f32::NEG_INFINITY {
+                        let e = (x - max).exp();
+                        denom += e;
+                        axpy(e, kv.value(slot), o);
+                    }
+                }
+                let inv = 1.0 / denom;
+                o.iter_mut().for_each(|v| *v *= inv);
+
+                if from_position.is_some_and(|f| p >= f) {
+                    let acc = sums.get_or_insert_with(|| vec![0.0; slots.len()]);
+                    match signal {
+                        Signal::Noisy { tau, noise: kind, seed, .. } => {
+                            // softmax((x + g) / tau) over the visible slots: a second pass over
+                            // this row of logits, not over the cache.
+                            noisy.clear();
+                            let mut nmax = f32::NEG_INFINITY;
+                            for (&x, sp) in logits.iter().zip(slots) {
+                                let y = match sp {
+                                    Some(pos) if x != f32::NEG_INFINITY => {
+                                        (x + noise::sample(kind, seed, layer as u32, h as u32, p, *pos)) / tau
+                                    }
+                                    _ => f32::NEG_INFINITY,
+                                };
+                                nmax = nmax.max(y);
+                                noisy.push(y);
+                            }
+                            let nsum: f32 = noisy.iter().map(|&y| if y == f32::NEG_INFINITY { 0.0 } else { (y - nmax).exp() }).sum();
+                            for (a, &y) in acc.iter_mut().zip(&noisy) {
+                                if y != f32::NEG_INFINITY {
+                                    *a += (y - nmax).exp() / nsum;
+                                }
+                            }
+                        }
+                        _ => {
+                            for (a, &x) in acc.iter_mut().zip(&logits) {
+                                if x != f32::NEG_INFINITY {
+                                    *a += (x - max).exp() * inv;
+                                }
+                            }
+                        }
+                    }
+                }
             }
-            let e = (s - max).exp();
-            denom += e;
-            axpy(e, kv.value(slot), o);
-        }
-        let inv = 1.0 / denom;
-        o.iter_mut().for_each(|v| *v *= inv);
-    });
+            sums.map(|s| (h, s))
+        })
+        .collect();
+    from_position?;
+    let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
+    for (h, s) in partial {
+        per_kv[h / group].iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+    }
+    Some(per_kv)
 }
 
 /// f32 dot product written so the compiler vectorises it (eight independent sums).

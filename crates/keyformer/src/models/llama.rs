@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use crate::backend::cpu::{self, WeightView};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
+use keyformer_kv::{PolicyConfig, PolicyKind, SequencePolicy};
+
 use crate::kv::KvCache;
 use crate::quant::dequantize_row;
 use crate::ModelError;
@@ -168,9 +170,15 @@ impl Llama {
         WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes: self.file.tensor_bytes(&w.info) }
     }
 
-    /// A new, empty KV cache sized for this model (`capacity` tokens per layer and KV head).
+    /// A new, empty KV cache that keeps everything, for at most `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, capacity)
+        let full = PolicyConfig::default().resolve(0, 0, self.config.n_layers, self.config.n_kv_heads).expect("full cache");
+        self.new_cache_with(full, capacity)
+    }
+
+    /// A new, empty KV cache trimmed by `policy`; `context` bounds it when the policy keeps all.
+    pub fn new_cache_with(&self, policy: SequencePolicy, context: usize) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, policy, context)
     }
 
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
@@ -207,7 +215,7 @@ impl Llama {
         let mut gate = vec![0f32; n * c.n_ff];
         let mut up = vec![0f32; n * c.n_ff];
 
-        for (layer, kv_layer) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
             cpu::matmul(&self.view(&layer.wq), &normed, n, &mut q);
@@ -215,13 +223,32 @@ impl Llama {
             cpu::matmul(&self.view(&layer.wv), &normed, n, &mut v);
             cpu::rope_adjacent_pairs(&mut q, c.n_heads, hd, &positions, &self.inv_freq);
             cpu::rope_adjacent_pairs(&mut k, c.n_kv_heads, hd, &positions, &self.inv_freq);
+            let signal = cache.policy.signal();
             for (i, &pos) in positions.iter().enumerate() {
-                for (h, head) in kv_layer.iter_mut().enumerate() {
+                for h in 0..c.n_kv_heads {
                     let at = i * kv_dim + h * hd;
-                    head.insert(pos, &k[at..at + hd], &v[at..at + hd])?;
+                    let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
+                    cache.policy.on_insert(li, h, slot, &k[at..at + hd]);
                 }
             }
-            cpu::attention(&q, &positions, kv_layer, c.n_heads, hd, &mut attn);
+            let sums = cpu::attention(&q, &positions, &cache.layers[li], c.n_heads, hd, li, signal, &mut attn);
+            if let Some(mut sums) = sums {
+                if cache.policy.kind() == PolicyKind::Tova {
+                    // TOVA scores by the attention averaged over all the layer's heads: every KV
+                    // head gets the layer's sum (their slot tables evolve identically).
+                    let total = sums.iter().skip(1).fold(sums[0].clone(), |mut a, s| {
+                        a.iter_mut().zip(s).for_each(|(x, y)| *x += y);
+                        a
+                    });
+                    sums.iter_mut().for_each(|s| s.copy_from_slice(&total));
+                }
+                for (h, s) in sums.iter().enumerate() {
+                    cache.policy.observe(li, h, s);
+                }
+            }
+            if cache.policy.prompt_done() {
+                cache.evict_to_budget(li)?;
+            }
             cpu::matmul(&self.view(&layer.wo), &attn, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 

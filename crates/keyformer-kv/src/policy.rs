@@ -1,0 +1,437 @@
+//! Eviction policies: which cached tokens a (sequence, layer, KV head) keeps within its budget.
+//!
+//! Plain Rust over [`SlotTable`]s and per-slot scores; the attention kernel feeds the scores
+//! ([`Signal`] says what it must compute) and the backend frees the slots chosen here.
+//!
+//! Keyformer is the spec's Algorithm 1: the score of a cached token accumulates
+//! `softmax((x + g) / tau)` over steps, `x` the scaled attention logits of the KV head's query
+//! heads, `g` reproducible noise ([`crate::noise`]), `tau` rising linearly from `tau_init` to
+//! `tau_end` over the tokens to generate. Each step the `recent` most recent tokens stay and
+//! the lowest-scored candidate goes, re-selected every step. The baselines (H2O, TOVA, SnapKV,
+//! StreamingLLM sinks, window, random, key norm) share the same machinery.
+//!
+//! Ties: among equal scores the OLDEST token (lowest position) is evicted first.
+
+use std::cmp::Ordering;
+
+use crate::noise::{self, NoiseKind};
+use crate::SlotTable;
+
+/// Errors in policy settings.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, keyformer)")]
+    UnknownPolicy(String),
+    #[error("invalid amount '{0}': give a token count (64) or a percentage (50%)")]
+    BadAmount(String),
+    #[error("the KV budget must be at least 1 token (got {0})")]
+    ZeroBudget(String),
+    #[error("the recent window ({recent} tokens) is larger than the KV budget ({budget} tokens)")]
+    RecentOverBudget { recent: usize, budget: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    Full,
+    Window,
+    Sink,
+    H2o,
+    Tova,
+    SnapKv,
+    Random,
+    KNorm,
+    Keyformer,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 9] = [
+        PolicyKind::Full,
+        PolicyKind::Window,
+        PolicyKind::Sink,
+        PolicyKind::H2o,
+        PolicyKind::Tova,
+        PolicyKind::SnapKv,
+        PolicyKind::Random,
+        PolicyKind::KNorm,
+        PolicyKind::Keyformer,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Full => "full",
+            PolicyKind::Window => "window",
+            PolicyKind::Sink => "sink",
+            PolicyKind::H2o => "h2o",
+            PolicyKind::Tova => "tova",
+            PolicyKind::SnapKv => "snapkv",
+            PolicyKind::Random => "random",
+            PolicyKind::KNorm => "knorm",
+            PolicyKind::Keyformer => "keyformer",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = PolicyError;
+    fn from_str(s: &str) -> Result<Self, PolicyError> {
+        PolicyKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| PolicyError::UnknownPolicy(s.into()))
+    }
+}
+
+/// A token count or a percentage of something (the prompt for budgets, the budget for the
+/// recent window).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    Tokens(usize),
+    Percent(f64),
+}
+
+impl std::str::FromStr for Amount {
+    type Err = PolicyError;
+    fn from_str(s: &str) -> Result<Self, PolicyError> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            match p.trim().parse::<f64>() {
+                Ok(v) if v.is_finite() && (0.0..=100.0).contains(&v) => Ok(Amount::Percent(v)),
+                _ => Err(PolicyError::BadAmount(s.into())),
+            }
+        } else {
+            t.parse::<usize>().map(Amount::Tokens).map_err(|_| PolicyError::BadAmount(s.into()))
+        }
+    }
+}
+
+impl Amount {
+    /// Tokens this amount means out of `of` (percentages round to the nearest token).
+    pub fn resolve(self, of: usize) -> usize {
+        match self {
+            Amount::Tokens(n) => n,
+            Amount::Percent(p) => (of as f64 * p / 100.0).round() as usize,
+        }
+    }
+}
+
+/// Keyformer's own settings (spec defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyformerOptions {
+    pub tau_init: f32,
+    pub tau_end: f32,
+    pub noise: NoiseKind,
+    /// Reproduce the reference code: key tokens fixed after the prompt, only the window slides.
+    pub frozen: bool,
+}
+
+impl Default for KeyformerOptions {
+    fn default() -> Self {
+        Self { tau_init: 1.0, tau_end: 2.0, noise: NoiseKind::Gumbel, frozen: false }
+    }
+}
+
+/// Everything a user sets about KV compression.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+    /// Tokens per (sequence, layer, KV head); a percentage is of the prompt. `None`: no limit.
+    pub budget: Option<Amount>,
+    /// Recent window; a percentage is of the budget. `None`: 30% of the budget.
+    pub recent: Option<Amount>,
+    /// StreamingLLM's attention sinks.
+    pub sinks: usize,
+    /// SnapKV's observation window (last queries of the prompt).
+    pub snapkv_window: usize,
+    pub keyformer: KeyformerOptions,
+    pub seed: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            kind: PolicyKind::Full,
+            budget: None,
+            recent: None,
+            sinks: 4,
+            snapkv_window: 32,
+            keyformer: KeyformerOptions::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// SnapKV's pooling kernel over the observation scores (kvpress and SnapKV use 5-7).
+pub const SNAPKV_KERNEL: usize = 7;
+/// The default recent window, as a fraction of the budget (the reference code's 30%).
+pub const DEFAULT_RECENT_PERCENT: f64 = 30.0;
+
+impl PolicyConfig {
+    /// Check the settings that do not depend on the prompt.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        match self.budget {
+            None if self.kind != PolicyKind::Full => {
+                return Err(PolicyError::Invalid(format!("policy '{}' needs a --kv-budget", self.kind.name())))
+            }
+            Some(Amount::Tokens(0)) => return Err(PolicyError::ZeroBudget("0".into())),
+            Some(Amount::Percent(p)) if p <= 0.0 => return Err(PolicyError::ZeroBudget(format!("{p}%"))),
+            _ => {}
+        }
+        if let (Some(Amount::Tokens(b)), Some(Amount::Tokens(r))) = (self.budget, self.recent) {
+            if r > b {
+                return Err(PolicyError::RecentOverBudget { recent: r, budget: b });
+            }
+        }
+        let k = &self.keyformer;
+        if !(k.tau_init > 0.0 && k.tau_end > 0.0 && k.tau_init.is_finite() && k.tau_end.is_finite()) {
+            return Err(PolicyError::Invalid(format!("temperatures must be > 0 (got {} and {})", k.tau_init, k.tau_end)));
+        }
+        if self.kind == PolicyKind::SnapKv && self.snapkv_window == 0 {
+            return Err(PolicyError::Invalid("--snapkv-window must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Fix the budget for a sequence whose prompt has `prompt_len` tokens and which will take
+    /// `steps` decode steps, over `n_layers` x `n_kv_heads` caches.
+    pub fn resolve(&self, prompt_len: usize, steps: usize, n_layers: usize, n_kv_heads: usize) -> Result<SequencePolicy, PolicyError> {
+        self.validate()?;
+        let budget = match (self.kind, self.budget) {
+            (PolicyKind::Full, _) | (_, None) => usize::MAX,
+            (_, Some(b)) => {
+                let k = b.resolve(prompt_len);
+                if k == 0 {
+                    return Err(PolicyError::ZeroBudget(format!("{b:?} of a {prompt_len}-token prompt")));
+                }
+                k
+            }
+        };
+        let recent = match self.kind {
+            PolicyKind::Full => 0,
+            PolicyKind::Window => budget,
+            PolicyKind::Sink => {
+                if self.sinks > budget {
+                    return Err(PolicyError::Invalid(format!("{} sinks do not fit a budget of {budget}", self.sinks)));
+                }
+                budget - self.sinks
+            }
+            PolicyKind::SnapKv => self.snapkv_window.min(budget),
+            _ => {
+                let r = self.recent.unwrap_or(Amount::Percent(DEFAULT_RECENT_PERCENT)).resolve(budget);
+                if r > budget {
+                    return Err(PolicyError::RecentOverBudget { recent: r, budget });
+                }
+                r
+            }
+        };
+        Ok(SequencePolicy {
+            config: self.clone(),
+            budget,
+            recent,
+            prompt_len,
+            steps,
+            n_kv_heads,
+            scores: vec![Vec::new(); n_layers * n_kv_heads],
+            step: 0,
+            prompt_done: false,
+        })
+    }
+}
+
+/// What the attention kernel must report for one layer at this step: for every query row at
+/// position >= `from_position`, a per-slot row of probabilities summed over each KV head's
+/// query heads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    /// No attention-derived score.
+    None,
+    /// Plain softmax probabilities (the ones the output uses).
+    Attention { from_position: u32 },
+    /// Keyformer: `softmax((x + g) / tau)`, g drawn per (seed, layer, query head, query
+    /// position, key position).
+    Noisy { from_position: u32, tau: f32, noise: NoiseKind, seed: u64 },
+}
+
+/// The policy state of one sequence: its resolved budget and a score per slot of every
+/// (layer, KV head).
+#[derive(Debug, Clone)]
+pub struct SequencePolicy {
+    pub config: PolicyConfig,
+    /// Tokens kept per (layer, KV head); `usize::MAX` for the full cache.
+    pub budget: usize,
+    /// Most recent tokens always kept.
+    pub recent: usize,
+    pub prompt_len: usize,
+    /// Decode steps planned (the temperature schedule's T).
+    pub steps: usize,
+    n_kv_heads: usize,
+    scores: Vec<Vec<f32>>,
+    step: usize,
+    prompt_done: bool,
+}
+
+impl SequencePolicy {
+    pub fn kind(&self) -> PolicyKind {
+        self.config.kind
+    }
+    /// Whether the prompt has been compressed (later eviction happens at every step).
+    pub fn prompt_done(&self) -> bool {
+        self.prompt_done
+    }
+    /// Slots each (layer, KV head) needs: the prompt while it is processed, then budget + 1
+    /// (the new token joins before one is evicted).
+    pub fn capacity(&self, context: usize) -> usize {
+        self.budget.saturating_add(1).max(self.prompt_len).min(context.max(self.prompt_len))
+    }
+
+    fn slot_scores(&mut self, layer: usize, head: usize) -> &mut Vec<f32> {
+        &mut self.scores[layer * self.n_kv_heads + head]
+    }
+    /// The score of every slot of (layer, head), for inspection and tests.
+    pub fn scores(&self, layer: usize, head: usize) -> &[f32] {
+        &self.scores[layer * self.n_kv_heads + head]
+    }
+
+    /// Keyformer's temperature at the current step (tau_init during the prompt).
+    pub fn tau(&self) -> f32 {
+        let k = &self.config.keyformer;
+        if !self.prompt_done || self.steps == 0 {
+            return k.tau_init;
+        }
+        k.tau_init + self.step as f32 * (k.tau_end - k.tau_init) / self.steps as f32
+    }
+
+    /// What the attention kernel computes for the scores at this step.
+    pub fn signal(&self) -> Signal {
+        let last_prompt = self.prompt_len.saturating_sub(1) as u32;
+        match self.config.kind {
+            PolicyKind::H2o => Signal::Attention { from_position: 0 },
+            PolicyKind::Tova => Signal::Attention { from_position: last_prompt },
+            PolicyKind::SnapKv if !self.prompt_done => {
+                Signal::Attention { from_position: self.prompt_len.saturating_sub(self.config.snapkv_window) as u32 }
+            }
+            PolicyKind::Keyformer if !(self.prompt_done && self.config.keyformer.frozen) => Signal::Noisy {
+                from_position: 0,
+                tau: self.tau(),
+                noise: self.config.keyformer.noise,
+                seed: self.config.seed,
+            },
+            _ => Signal::None,
+        }
+    }
+
+    /// Record that `slot` of (layer, head) now holds a new token with this key.
+    pub fn on_insert(&mut self, layer: usize, head: usize, slot: usize, key: &[f32]) {
+        let kind = self.config.kind;
+        // After a frozen prompt selection new tokens are never key tokens: they go first once
+        // they leave the recent window.
+        let frozen_after_prompt =
+            self.prompt_done && (kind == PolicyKind::SnapKv || (kind == PolicyKind::Keyformer && self.config.keyformer.frozen));
+        let s = self.slot_scores(layer, head);
+        if s.len() <= slot {
+            s.resize(slot + 1, 0.0);
+        }
+        s[slot] = match kind {
+            // Larger norms are evicted first: the score is the negated norm.
+            PolicyKind::KNorm => -key.iter().map(|v| v * v).sum::<f32>().sqrt(),
+            _ if frozen_after_prompt => f32::NEG_INFINITY,
+            _ => 0.0,
+        };
+    }
+
+    /// Fold the kernel's per-slot row sums (`per_slot[slot]`, slot order) into the scores.
+    pub fn observe(&mut self, layer: usize, head: usize, per_slot: &[f32]) {
+        let kind = self.config.kind;
+        let s = self.slot_scores(layer, head);
+        if s.len() < per_slot.len() {
+            s.resize(per_slot.len(), 0.0);
+        }
+        match kind {
+            PolicyKind::Tova => s[..per_slot.len()].copy_from_slice(per_slot),
+            PolicyKind::SnapKv => {
+                // Average pooling with kernel 7 over neighbouring slots (slot order is position
+                // order during the prompt, the only time SnapKV scores).
+                let n = per_slot.len();
+                let half = SNAPKV_KERNEL / 2;
+                for (i, out) in s[..n].iter_mut().enumerate() {
+                    let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(n));
+                    *out += per_slot[lo..hi].iter().sum::<f32>() / SNAPKV_KERNEL as f32;
+                }
+            }
+            _ => s.iter_mut().zip(per_slot).for_each(|(a, b)| *a += b),
+        }
+    }
+
+    /// Slots of (layer, head) to evict so that it holds at most `target` tokens, in eviction
+    /// order. The `recent` most recent tokens (and, for `sink`, the first `sinks`) are kept.
+    pub fn victims(&self, layer: usize, head: usize, table: &SlotTable, target: usize) -> Vec<usize> {
+        let excess = table.len().saturating_sub(target);
+        if excess == 0 {
+            return Vec::new();
+        }
+        let mut occupied: Vec<(usize, u32)> = table.occupied().collect();
+        occupied.sort_unstable_by_key(|&(_, p)| p);
+        let keep_recent = self.recent.min(occupied.len());
+        let mut candidates: Vec<(usize, u32)> = occupied[..occupied.len() - keep_recent].to_vec();
+        let kind = self.config.kind;
+        if kind == PolicyKind::Sink {
+            let sinks = self.config.sinks as u32;
+            candidates.retain(|&(_, p)| p >= sinks);
+        }
+        let scores = self.scores(layer, head);
+        let key = |&(slot, pos): &(usize, u32)| -> f32 {
+            match kind {
+                PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => 0.0, // oldest first
+                PolicyKind::Random => {
+                    noise::uniform_open(self.config.seed, layer as u32, head as u32, self.step as u32, pos, 7) as f32
+                }
+                _ => scores.get(slot).copied().unwrap_or(0.0),
+            }
+        };
+        candidates.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1)));
+        candidates.truncate(excess);
+        candidates.into_iter().map(|(slot, _)| slot).collect()
+    }
+
+    /// The prompt has been compressed to the budget: decoding starts.
+    pub fn finish_prompt(&mut self, layer_head_tables: &[&SlotTable]) {
+        let kind = self.config.kind;
+        if kind == PolicyKind::SnapKv || (kind == PolicyKind::Keyformer && self.config.keyformer.frozen) {
+            // The prompt's recent window is a sliding window, not key tokens.
+            for (i, table) in layer_head_tables.iter().enumerate() {
+                let mut occ: Vec<(usize, u32)> = table.occupied().collect();
+                occ.sort_unstable_by_key(|&(_, p)| std::cmp::Reverse(p));
+                let s = &mut self.scores[i];
+                for &(slot, _) in occ.iter().take(self.recent) {
+                    s[slot] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        self.prompt_done = true;
+        self.step = 0;
+    }
+
+    /// Advance to the next decode step (after step `t`'s eviction).
+    pub fn next_step(&mut self) {
+        self.step += 1;
+    }
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The storage was compacted: `mapping[i] = (old_slot, new_slot)` for (layer, head).
+    pub fn remap(&mut self, layer: usize, head: usize, mapping: &[(usize, usize)]) {
+        let old = std::mem::take(self.slot_scores(layer, head));
+        let new_len = mapping.iter().map(|&(_, n)| n + 1).max().unwrap_or(0);
+        let mut new = vec![0.0; new_len];
+        for &(o, n) in mapping {
+            new[n] = old.get(o).copied().unwrap_or(0.0);
+        }
+        *self.slot_scores(layer, head) = new;
+    }
+
+    /// Forget the score of an evicted slot.
+    pub fn on_evict(&mut self, layer: usize, head: usize, slot: usize) {
+        if let Some(v) = self.slot_scores(layer, head).get_mut(slot) {
+            *v = 0.0;
+        }
+    }
+}
