@@ -122,6 +122,43 @@ fn bad_run_arguments_give_one_line_errors() {
 }
 
 #[test]
+fn bad_kv_settings_give_clear_errors() {
+    assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "h2o", "--kv-budget", "0"]), "at least 1 token");
+    assert_clean_error(
+        &keyformer(&["run", "-p", "hi", "--kv-policy", "keyformer", "--kv-budget", "8", "--kv-recent", "9"]),
+        "recent window (9 tokens) is larger than the KV budget (8 tokens)",
+    );
+    assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "tova"]), "needs a --kv-budget");
+    // Values clap cannot parse: its own error (usage follows), exit 2, no panic.
+    for (flag, value, needle) in [("--kv-policy", "lru", "unknown KV policy 'lru'"), ("--kv-budget", "12x", "invalid amount"), ("--keyformer-noise", "pink", "unknown noise")] {
+        let out = keyformer(&["run", "-p", "hi", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.lines().next().unwrap().starts_with("error:") && stderr.contains(needle), "{stderr}");
+    }
+}
+
+#[test]
+fn run_json_reports_the_kv_cache() {
+    let prose = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt");
+    let out = keyformer(&["run", "-f", prose.to_str().unwrap(), "-n", "8", "--json", "--kv-policy", "keyformer", "--kv-budget", "50%"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kv = &v["kv_cache"];
+    let prompt = v["prompt_tokens"].as_u64().unwrap();
+    let budget = kv["budget_tokens"].as_u64().unwrap();
+    assert_eq!(kv["policy"], "keyformer");
+    assert_eq!(budget, (prompt as f64 / 2.0).round() as u64);
+    assert_eq!(kv["tokens_held_max"].as_u64().unwrap(), budget);
+    // K and V, f32, 30 layers x 3 KV heads x 64 dims.
+    let per_token = 2 * 4 * 30 * 3 * 64;
+    assert_eq!(kv["bytes_held_max"].as_u64().unwrap(), budget * per_token);
+    let seen = prompt + v["generated_tokens"].as_u64().unwrap() - 1;
+    assert_eq!(kv["bytes_full_equivalent"].as_u64().unwrap(), seen * per_token);
+    assert!(kv["evictions"].as_u64().unwrap() > 0);
+}
+
+#[test]
 fn run_json_has_the_contract_fields_and_is_deterministic() {
     let args = ["run", "-p", "The capital of France is", "-n", "8", "--json", "--temperature", "0.8", "--seed", "3"];
     let out = keyformer(&args);

@@ -435,3 +435,187 @@ impl SequencePolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy(kind: PolicyKind, budget: usize, recent: Option<usize>, prompt_len: usize) -> SequencePolicy {
+        PolicyConfig {
+            kind,
+            budget: Some(Amount::Tokens(budget)),
+            recent: recent.map(Amount::Tokens),
+            sinks: 2,
+            snapkv_window: 2,
+            ..Default::default()
+        }
+        .resolve(prompt_len, 10, 1, 1)
+        .unwrap()
+    }
+
+    /// A table holding positions 0..n in slots 0..n.
+    fn table(n: usize) -> SlotTable {
+        let mut t = SlotTable::new(n + 1);
+        for p in 0..n as u32 {
+            t.insert(p).unwrap();
+        }
+        t
+    }
+
+    fn positions_of(t: &SlotTable, slots: &[usize]) -> Vec<u32> {
+        slots.iter().map(|&s| t.position(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn window_and_sink_evict_the_oldest_outside_what_they_keep() {
+        let t = table(6);
+        let p = policy(PolicyKind::Window, 4, None, 6);
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 4)), vec![0, 1]);
+        // Sinks 0 and 1 stay, so 2 and 3 go.
+        let p = policy(PolicyKind::Sink, 4, None, 6);
+        assert_eq!(p.recent, 2);
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 4)), vec![2, 3]);
+    }
+
+    #[test]
+    fn h2o_accumulates_and_keeps_heavy_hitters_and_the_recent_window() {
+        // 6 tokens, budget 3, recent 1: position 5 stays; of 0..5 keep the two heaviest.
+        let t = table(6);
+        let mut p = policy(PolicyKind::H2o, 3, Some(1), 6);
+        for s in 0..6 {
+            p.on_insert(0, 0, s, &[0.0]);
+        }
+        p.observe(0, 0, &[0.10, 0.40, 0.05, 0.20, 0.05, 0.20]);
+        p.observe(0, 0, &[0.10, 0.10, 0.10, 0.30, 0.10, 0.30]);
+        // Totals: 0.2, 0.5, 0.15, 0.5, 0.15, 0.5. Evict the three lowest of 0..5: 2 and 4
+        // tie at 0.15 (older first), then 0 at 0.2.
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![2, 4, 0]);
+    }
+
+    #[test]
+    fn tova_replaces_scores_instead_of_accumulating() {
+        let t = table(4);
+        let mut p = policy(PolicyKind::Tova, 3, Some(0), 4);
+        p.observe(0, 0, &[0.9, 0.0, 0.05, 0.05]);
+        p.observe(0, 0, &[0.1, 0.5, 0.2, 0.2]);
+        // Only the last row counts: token 0 (0.1) goes, although it was heaviest before.
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![0]);
+    }
+
+    #[test]
+    fn knorm_evicts_the_largest_key_norm() {
+        let t = table(4);
+        let mut p = policy(PolicyKind::KNorm, 3, Some(1), 4);
+        for (s, k) in [[1.0, 0.0], [3.0, 4.0], [0.0, 2.0], [9.0, 9.0]].iter().enumerate() {
+            p.on_insert(0, 0, s, k);
+        }
+        // Norms 1, 5, 2, 12.7; position 3 is in the recent window, so position 1 (norm 5) goes.
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![1]);
+    }
+
+    #[test]
+    fn snapkv_pools_prompt_scores_then_slides_its_window() {
+        let t = table(8);
+        let mut p = policy(PolicyKind::SnapKv, 4, None, 8);
+        assert_eq!(p.recent, 2, "the observation window is the recent window");
+        assert_eq!(p.signal(), Signal::Attention { from_position: 6 });
+        for s in 0..8 {
+            p.on_insert(0, 0, s, &[0.0]);
+        }
+        // One spike at position 1: pooling (kernel 7, /7) spreads it over positions 0..=4.
+        p.observe(0, 0, &[0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(&p.scores(0, 0)[..6], &[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
+        // Keep 2 of positions 0..6 (the two oldest among equals go first): 0,1,2,5 evicted.
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 4)), vec![5, 0, 1, 2]);
+        assert_eq!(p.signal(), Signal::Attention { from_position: 6 });
+    }
+
+    #[test]
+    fn keyformer_temperature_rises_linearly_and_frozen_stops_scoring() {
+        let mut p = PolicyConfig {
+            kind: PolicyKind::Keyformer,
+            budget: Some(Amount::Tokens(4)),
+            ..Default::default()
+        }
+        .resolve(8, 10, 1, 1)
+        .unwrap();
+        assert_eq!(p.tau(), 1.0);
+        p.finish_prompt(&[]);
+        for _ in 0..5 {
+            p.next_step();
+        }
+        assert!((p.tau() - 1.5).abs() < 1e-6);
+        let mut frozen = p.config.clone();
+        frozen.keyformer.frozen = true;
+        let mut f = frozen.resolve(8, 10, 1, 1).unwrap();
+        assert!(matches!(f.signal(), Signal::Noisy { .. }), "the prompt is scored");
+        f.finish_prompt(&[]);
+        assert_eq!(f.signal(), Signal::None, "after the prompt the selection is fixed");
+    }
+
+    #[test]
+    fn budgets_resolve_and_bad_ones_are_refused() {
+        let p = PolicyConfig { kind: PolicyKind::H2o, budget: Some("50%".parse().unwrap()), ..Default::default() };
+        let s = p.resolve(101, 0, 1, 1).unwrap();
+        assert_eq!((s.budget, s.recent), (51, 15), "50% of 101 rounds to 51; recent 30% of 51");
+        assert!(matches!("0".parse::<Amount>().map(|b| PolicyConfig { budget: Some(b), ..p.clone() }.validate()), Ok(Err(PolicyError::ZeroBudget(_)))));
+        let bad = PolicyConfig { budget: Some(Amount::Tokens(8)), recent: Some(Amount::Tokens(9)), ..p.clone() };
+        assert_eq!(bad.validate(), Err(PolicyError::RecentOverBudget { recent: 9, budget: 8 }));
+        assert!("lru".parse::<PolicyKind>().is_err());
+        assert!("12x".parse::<Amount>().is_err() && "150%".parse::<Amount>().is_err());
+        let none = PolicyConfig { budget: None, ..p };
+        assert!(none.validate().is_err(), "a policy without a budget");
+    }
+
+    proptest! {
+        /// Decode-style steps with random scores (every policy but `full`, which never evicts):
+        /// after every step no table holds more than the
+        /// budget, the recent window is intact, evicted positions never return, and positions
+        /// stay attached to their slots.
+        #[test]
+        fn invariants_hold_for_every_policy(
+            kind_i in 1usize..9, budget in 1usize..12, recent_frac in 0usize..=100,
+            steps in 1usize..40, seed in any::<u64>(),
+        ) {
+            let kind = PolicyKind::ALL[kind_i];
+            let recent = budget * recent_frac / 100;
+            let cfg = PolicyConfig {
+                kind, budget: Some(Amount::Tokens(budget)), recent: Some(Amount::Tokens(recent)),
+                sinks: budget.min(2), snapkv_window: recent.max(1), seed, ..Default::default()
+            };
+            let mut p = cfg.resolve(budget, steps, 1, 1).unwrap();
+            let mut t = SlotTable::new(budget + 1);
+            let mut evicted = std::collections::HashSet::new();
+            let mut rng = seed | 1;
+            for pos in 0..(budget + steps) as u32 {
+                let slot = t.insert(pos).unwrap();
+                p.on_insert(0, 0, slot, &[pos as f32 % 3.0]);
+                let row: Vec<f32> = (0..t.high_water()).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 100) as f32 / 100.0 }).collect();
+                p.observe(0, 0, &row);
+                if pos as usize + 1 == budget { p.finish_prompt(&[&t]); continue; }
+                if !p.prompt_done() { continue; }
+                let before: Vec<(usize, u32)> = t.occupied().collect();
+                for v in p.victims(0, 0, &t, p.budget) {
+                    let gone = t.evict(v).unwrap();
+                    p.on_evict(0, 0, v);
+                    prop_assert!(evicted.insert(gone));
+                }
+                p.next_step();
+                let held: Vec<u32> = t.occupied().map(|(_, q)| q).collect();
+                prop_assert!(held.len() <= budget);
+                let newest = pos;
+                for r in 0..p.recent.min(held.len()) as u32 {
+                    prop_assert!(held.contains(&(newest - r)), "recent token {} evicted", newest - r);
+                }
+                for (s, q) in t.occupied() {
+                    prop_assert!(!evicted.contains(&q));
+                    prop_assert!(before.contains(&(s, q)) || q == pos);
+                }
+                if kind == PolicyKind::Sink {
+                    for sink in 0..cfg.sinks.min(held.len()) as u32 { prop_assert!(held.contains(&sink)); }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! KV policies on the real model (SmolLM2-135M): equivalences that must hold exactly, and the
+//! memory bound.
+
+mod common;
+
+use common::*;
+use keyformer::keyformer_kv::{Amount, NoiseKind, PolicyConfig, PolicyKind};
+use keyformer::kv::KvCache;
+use keyformer::sampling::argmax;
+use keyformer::Engine;
+
+fn engine() -> Engine {
+    Engine::load(&q4_model()).unwrap()
+}
+
+fn prompt(engine: &Engine, n: usize) -> Vec<u32> {
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    engine.encode(&text).unwrap()[..n].to_vec()
+}
+
+fn config(kind: PolicyKind, budget: Amount) -> PolicyConfig {
+    PolicyConfig { kind, budget: Some(budget), seed: 1, ..Default::default() }
+}
+
+/// Greedy decoding for `steps` tokens; returns every step's logits and the cache.
+fn decode(engine: &Engine, kv: &PolicyConfig, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, KvCache) {
+    let mut cache = engine.new_cache(kv, prompt.len(), steps).unwrap();
+    let mut logits = vec![engine.prefill(prompt, &mut cache).unwrap()];
+    for _ in 0..steps {
+        let next = argmax(logits.last().unwrap());
+        logits.push(engine.decode_step(next, &mut cache).unwrap());
+    }
+    (logits, cache)
+}
+
+/// Positions held by every (layer, KV head), sorted.
+fn held(cache: &KvCache) -> Vec<Vec<u32>> {
+    cache
+        .layers
+        .iter()
+        .flatten()
+        .map(|h| {
+            let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
+            p.sort();
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn a_budget_covering_the_sequence_is_bit_identical_to_full() {
+    let e = engine();
+    let p = prompt(&e, 48);
+    let steps = 8;
+    let (full, _) = decode(&e, &PolicyConfig::default(), &p, steps);
+    for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
+        let (got, cache) = decode(&e, &config(kind, Amount::Tokens(p.len() + steps)), &p, steps);
+        assert_eq!(cache.stats.evictions, 0, "{kind:?}");
+        assert!(got == full, "{kind:?}: logits differ from the full cache");
+    }
+}
+
+#[test]
+fn keyformer_without_noise_at_temperature_one_selects_like_h2o() {
+    let e = engine();
+    let p = prompt(&e, 96);
+    let mut kf = config(PolicyKind::Keyformer, Amount::Percent(50.0));
+    kf.keyformer.noise = NoiseKind::None;
+    kf.keyformer.tau_init = 1.0;
+    kf.keyformer.tau_end = 1.0;
+    let h2o = config(PolicyKind::H2o, Amount::Percent(50.0));
+    let (lk, ck) = decode(&e, &kf, &p, 12);
+    let (lh, ch) = decode(&e, &h2o, &p, 12);
+    assert_eq!(held(&ck), held(&ch));
+    assert!(lk == lh);
+    assert!(ck.stats.evictions > 0);
+}
+
+#[test]
+fn the_same_seed_repeats_and_another_seed_selects_differently() {
+    let e = engine();
+    let p = prompt(&e, 96);
+    let kf = config(PolicyKind::Keyformer, Amount::Percent(50.0));
+    let (a, ca) = decode(&e, &kf, &p, 10);
+    let (b, cb) = decode(&e, &kf, &p, 10);
+    assert!(a == b);
+    assert_eq!(held(&ca), held(&cb));
+    let other = PolicyConfig { seed: 2, ..kf };
+    let (_, cc) = decode(&e, &other, &p, 10);
+    assert_ne!(held(&ca), held(&cc), "Gumbel noise should change some selection");
+}
+
+#[test]
+fn memory_is_bounded_by_the_budget_after_every_step() {
+    let e = engine();
+    let p = prompt(&e, 120);
+    for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
+        let kv = config(kind, Amount::Tokens(40));
+        let mut cache = e.new_cache(&kv, p.len(), 16).unwrap();
+        let mut logits = e.prefill(&p, &mut cache).unwrap();
+        let per_slot = 2 * e.model.config.head_dim * 4;
+        for step in 0..16 {
+            for heads in &cache.layers {
+                for h in heads {
+                    assert!(h.table.len() <= 40, "{kind:?} step {step}: {} held", h.table.len());
+                    assert_eq!(h.bytes_held(), h.table.len() * per_slot);
+                    // Storage was compacted after the prompt: budget + 1 slots at most.
+                    assert!(h.table.high_water() <= 41, "{kind:?}: {} slots", h.table.high_water());
+                }
+            }
+            let newest = cache.next_position() - 1;
+            for heads in &cache.layers {
+                for h in heads {
+                    let recent = cache.policy.recent.min(h.table.len()) as u32;
+                    for r in 0..recent {
+                        assert!(h.table.occupied().any(|(_, q)| q == newest - r), "{kind:?}: recent {} gone", newest - r);
+                    }
+                }
+            }
+            logits = e.decode_step(argmax(&logits), &mut cache).unwrap();
+        }
+        let s = &cache.stats;
+        assert_eq!(s.tokens_held_max, 40, "{kind:?}");
+        assert_eq!(s.bytes_full_equivalent, (p.len() + 16) * 30 * 3 * per_slot);
+        assert_eq!(s.bytes_held_max, 40 * 30 * 3 * per_slot);
+        assert_eq!(s.evictions, (p.len() + 16 - 40) * 30 * 3);
+    }
+}
+
+#[test]
+fn streaming_perplexity_is_bounded_and_full_budget_matches_full() {
+    let e = engine();
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    let tokens = e.encode(&text).unwrap();
+    let full = e.perplexity(&tokens, 256, Some(1), &PolicyConfig::default(), &mut |_, _| {}).unwrap();
+    let covering = e.perplexity(&tokens, 256, Some(1), &config(PolicyKind::H2o, Amount::Percent(100.0)), &mut |_, _| {}).unwrap();
+    assert_eq!(full.mean_nll, covering.mean_nll, "a budget of the whole window is the full cache");
+    let kf = e.perplexity(&tokens, 256, Some(1), &config(PolicyKind::Keyformer, Amount::Tokens(64)), &mut |_, _| {}).unwrap();
+    assert_eq!(kf.tokens_scored, 255);
+    assert_eq!(kf.kv_cache.tokens_held_max, 64);
+    assert!(kf.ppl > full.ppl * 0.9 && kf.ppl.is_finite(), "{} vs {}", kf.ppl, full.ppl);
+}
