@@ -504,6 +504,52 @@ mod tests {
     }
 
     #[test]
+    fn random_is_seeded_and_spares_the_recent_window() {
+        let t = table(10);
+        let pick = |seed| {
+            let mut cfg = policy(PolicyKind::Random, 5, Some(3), 10).config;
+            cfg.seed = seed;
+            let p = cfg.resolve(10, 10, 1, 1).unwrap();
+            positions_of(&t, &p.victims(0, 0, &t, 5))
+        };
+        assert_eq!(pick(1), pick(1));
+        assert!((0..8).map(pick).collect::<std::collections::HashSet<_>>().len() > 1, "seeds differ");
+        for seed in 0..8 {
+            let v = pick(seed);
+            assert_eq!(v.len(), 5);
+            assert!(v.iter().all(|&p| p < 7), "{v:?} touches the recent window 7..10");
+        }
+    }
+
+    #[test]
+    fn keyformer_accumulates_like_h2o_and_reselects_every_step() {
+        // Budget 3, recent 1. Scores after the prompt favour 0 and 1; then decode rows move
+        // the weight to 2, and the selection follows (the reference code's frozen set would not).
+        let mut t = table(4);
+        let mut p = policy(PolicyKind::Keyformer, 3, Some(1), 4);
+        p.observe(0, 0, &[0.5, 0.4, 0.1, 0.0]);
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![2]);
+        p.finish_prompt(&[&t]);
+        // Step 0: token 4 joins; its row gives 2 a lot of weight. Candidates 0..4 (4 is recent).
+        let slot = t.insert(4).unwrap();
+        p.on_insert(0, 0, slot, &[0.0]);
+        p.observe(0, 0, &[0.0, 0.0, 0.9, 0.0, 0.1]);
+        // Totals 0.5, 0.4, 1.0, 0.0: evict 3 (0.0) and then 1 (0.4) to get from 5 to 3.
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![3, 1]);
+        let mut frozen = p.config.clone();
+        frozen.keyformer.frozen = true;
+        let mut f = frozen.resolve(4, 10, 1, 1).unwrap();
+        t = table(4);
+        f.observe(0, 0, &[0.5, 0.4, 0.1, 0.0]);
+        f.finish_prompt(&[&t]);
+        let slot = t.insert(4).unwrap();
+        f.on_insert(0, 0, slot, &[0.0]);
+        // Frozen: the prompt's window token (3) and newcomers are never key tokens, so the
+        // oldest of them goes first whatever the new attention says.
+        assert_eq!(positions_of(&t, &f.victims(0, 0, &t, 4)), vec![3]);
+    }
+
+    #[test]
     fn knorm_evicts_the_largest_key_norm() {
         let t = table(4);
         let mut p = policy(PolicyKind::KNorm, 3, Some(1), 4);

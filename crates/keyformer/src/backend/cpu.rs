@@ -260,9 +260,19 @@ pub fn attention(
     Some(per_kv)
 }
 
-/// f32 dot product written so the compiler vectorises it (eight independent sums).
+/// f32 dot product: AVX2/FMA where the CPU has it, else [`dot_scalar`].
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        return unsafe { x86::dot(a, b) };
+    }
+    dot_scalar(a, b)
+}
+
+/// The scalar twin of [`dot`], written so the compiler vectorises it (eight running sums).
+pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
@@ -274,10 +284,69 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `y += alpha * x`.
 #[inline]
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        return unsafe { x86::axpy(alpha, x, y) };
+    }
+    axpy_scalar(alpha, x, y)
+}
+
+fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yv, &xv) in y.iter_mut().zip(x) {
         *yv += alpha * xv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let v = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        let mut total = _mm_cvtss_f32(s);
+        while i < n {
+            total += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        total
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let va = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            *py.add(i) += alpha * *px.add(i);
+            i += 1;
+        }
     }
 }
 
@@ -285,6 +354,7 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::quant::dot::tests::{random_row, Lcg};
+    use keyformer_kv::NoiseKind;
 
     #[test]
     fn gemm_and_rowdot_paths_match_the_reference_product() {
@@ -308,6 +378,75 @@ mod tests {
                         assert!((y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5, "{t} n={n} r={r}");
                     }
                 }
+            }
+        }
+    }
+
+    /// One KV head with keys at positions 0..3, two query heads sharing it, one query at
+    /// position 2: outputs and score rows worked out by hand.
+    #[test]
+    fn attention_outputs_and_scores_match_a_hand_computation() {
+        let mut kv = HeadKv::new(8, 2);
+        let keys = [[0.0f32, 0.0], [2.0, 0.0], [0.0, 2.0], [9.0, 9.0]];
+        for (p, k) in keys.iter().enumerate() {
+            kv.insert(p as u32, k, &[p as f32, 1.0]).unwrap();
+        }
+        // Query head 0 = (1, 0), head 1 = (0, 1); scale 1/sqrt(2). Position 3 is in the future.
+        let q = [1.0f32, 0.0, 0.0, 1.0];
+        let heads = [kv];
+        let softmax = |x: &[f32]| {
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.into_iter().map(|v| v / s).collect::<Vec<f32>>()
+        };
+        let c = 2.0 / 2f32.sqrt();
+        let logits = [[0.0, c, 0.0], [0.0, 0.0, c]];
+        let probs: Vec<Vec<f32>> = logits.iter().map(|l| softmax(l)).collect();
+
+        let mut out = vec![0f32; 4];
+        let sums = attention(&q, &[2], &heads, 2, 2, 0, Signal::Attention { from_position: 0 }, &mut out).unwrap();
+        for h in 0..2 {
+            let want: f32 = (0..3).map(|j| probs[h][j] * j as f32).sum();
+            assert!((out[2 * h] - want).abs() < 1e-6 && (out[2 * h + 1] - 1.0).abs() < 1e-6);
+        }
+        for j in 0..3 {
+            assert!((sums[0][j] - (probs[0][j] + probs[1][j])).abs() < 1e-6, "slot {j}");
+        }
+        assert_eq!(sums[0][3], 0.0, "a future token gets no score");
+
+        // Keyformer: softmax((x + g) / tau) with the counter-based Gumbel noise.
+        let (tau, seed) = (1.5, 9);
+        let signal = Signal::Noisy { from_position: 0, tau, noise: NoiseKind::Gumbel, seed };
+        let sums = attention(&q, &[2], &heads, 2, 2, 4, signal, &mut out).unwrap();
+        let mut want = [0f32; 3];
+        for h in 0..2 {
+            let y: Vec<f32> =
+                (0..3).map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32)) / tau).collect();
+            softmax(&y).iter().zip(want.iter_mut()).for_each(|(p, w)| *w += p);
+        }
+        for j in 0..3 {
+            assert!((sums[0][j] - want[j]).abs() < 1e-5, "slot {j}: {} vs {}", sums[0][j], want[j]);
+        }
+        // Rows before from_position do not count.
+        assert!(attention(&q, &[2], &heads, 2, 2, 0, Signal::Attention { from_position: 3 }, &mut out).unwrap()[0]
+            .iter()
+            .all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn simd_dot_and_axpy_match_their_scalar_twins() {
+        let mut rng = Lcg(5);
+        for n in [1usize, 7, 8, 15, 16, 17, 64, 100] {
+            let a: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+            let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+            assert!((dot(&a, &b) - dot_scalar(&a, &b)).abs() <= 1e-5 * mag.max(1.0), "n={n}");
+            let (mut y1, mut y2) = (b.clone(), b.clone());
+            axpy(0.37, &a, &mut y1);
+            axpy_scalar(0.37, &a, &mut y2);
+            for (u, v) in y1.iter().zip(&y2) {
+                assert!((u - v).abs() <= 1e-6, "n={n}");
             }
         }
     }
