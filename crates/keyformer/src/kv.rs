@@ -22,7 +22,14 @@ pub struct HeadKv {
 
 impl HeadKv {
     pub fn new(capacity: usize, head_dim: usize) -> Self {
-        Self { table: SlotTable::new(capacity), head_dim, keys: Vec::new(), values: Vec::new() }
+        // Reserved, not touched: pages become resident only as slots are written, and the
+        // storage never reallocates (no doubling copies, no 2x over-allocation).
+        Self {
+            table: SlotTable::new(capacity),
+            head_dim,
+            keys: Vec::with_capacity(capacity * head_dim),
+            values: Vec::with_capacity(capacity * head_dim),
+        }
     }
 
     /// Store a token's key and value at a free slot; returns the slot.
@@ -59,8 +66,6 @@ impl HeadKv {
         let mut kept: Vec<(usize, u32)> = self.table.occupied().collect();
         kept.sort_unstable_by_key(|&(_, p)| p);
         let mut fresh = HeadKv::new(capacity.max(kept.len()), self.head_dim);
-        fresh.keys.reserve_exact(capacity * self.head_dim);
-        fresh.values.reserve_exact(capacity * self.head_dim);
         let mut mapping = Vec::with_capacity(kept.len());
         for (old, pos) in kept {
             let new = fresh.insert(pos, self.key(old), self.value(old)).expect("compaction fits");

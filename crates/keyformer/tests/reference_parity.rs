@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use keyformer::gguf::{GgufFile, MetaValue};
+use keyformer::keyformer_kv::PolicyConfig;
 use keyformer::models::llama::Logits;
 use keyformer::quant::{dequantize_row, GgmlType};
 use keyformer::sampling::argmax;
@@ -116,7 +117,7 @@ fn q4_1_perplexity_within_half_a_percent_of_llama_cpp() {
     let g = golden_json("golden/llamacpp.json");
     let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
     let tokens = engine.encode(&text).unwrap();
-    let r = engine.perplexity(&tokens, 1024, Some(1), &mut |_, _| {}).unwrap();
+    let r = engine.perplexity(&tokens, 1024, Some(1), &PolicyConfig::default(), &mut |_, _| {}).unwrap();
     let want = g["perplexity"]["ppl"].as_f64().unwrap();
     assert_eq!(r.tokens_scored, 1023);
     let rel = (r.ppl - want).abs() / want;
