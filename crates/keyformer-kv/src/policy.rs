@@ -103,6 +103,15 @@ impl std::str::FromStr for Amount {
     }
 }
 
+impl std::fmt::Display for Amount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Amount::Tokens(n) => write!(f, "{n} tokens"),
+            Amount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
 impl Amount {
     /// Tokens this amount means out of `of` (percentages round to the nearest token).
     pub fn resolve(self, of: usize) -> usize {
@@ -199,7 +208,7 @@ impl PolicyConfig {
             (_, Some(b)) => {
                 let k = b.resolve(prompt_len);
                 if k == 0 {
-                    return Err(PolicyError::ZeroBudget(format!("{b:?} of a {prompt_len}-token prompt")));
+                    return Err(PolicyError::ZeroBudget(format!("{b} of a {prompt_len}-token prompt")));
                 }
                 k
             }

@@ -173,24 +173,29 @@ impl Engine {
     }
 
     /// Run the prompt into `cache` in chunks (full causal attention, scores accumulated), then
-    /// compress it to the policy's budget. Returns the logits of every prompt token if `all`,
-    /// else of the last.
-    pub fn prefill_with(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
-        let mut logits = Vec::new();
-        for chunk in tokens.chunks(PREFILL_CHUNK) {
-            let l = self.model.forward(chunk, cache, which)?;
-            match which {
-                Logits::All => logits.extend_from_slice(&l),
-                Logits::Last => logits = l,
-            }
+    /// compress it to the policy's budget. `on_rows(first, logits)` receives each chunk's
+    /// logits (every row if `which` is `All`, else the chunk's last row), so scoring a long
+    /// prompt never holds more than one chunk of logits.
+    pub fn prefill_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        on_rows: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), ModelError> {
+        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let logits = self.model.forward(chunk, cache, which)?;
+            on_rows(ci * PREFILL_CHUNK, &logits);
         }
         cache.finish_prompt()?;
-        Ok(logits)
+        Ok(())
     }
 
-    /// [`prefill_with`](Self::prefill_with) returning the last token's logits.
+    /// Prefill `tokens` and return the last token's logits.
     pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
-        self.prefill_with(tokens, cache, Logits::Last)
+        let mut last = Vec::new();
+        self.prefill_with(tokens, cache, Logits::Last, &mut |_, l| last = l.to_vec())?;
+        Ok(last)
     }
 
     /// One decode step: `token` joins the cache (which then evicts down to its budget).
@@ -308,13 +313,14 @@ impl Engine {
             on_window(w, windows);
             let window = &tokens[w * ctx..(w + 1) * ctx];
             let mut cache = self.new_cache(&window_kv, split, ctx - split)?;
-            let logits = self.prefill_with(&window[..split], &mut cache, Logits::All)?;
-            for (i, row) in logits.chunks_exact(vocab).enumerate() {
-                if let Some(&target) = window.get(i + 1) {
-                    nll += negative_log_likelihood(row, target);
-                    scored += 1;
+            self.prefill_with(&window[..split], &mut cache, Logits::All, &mut |first, logits| {
+                for (j, row) in logits.chunks_exact(vocab).enumerate() {
+                    if let Some(&target) = window.get(first + j + 1) {
+                        nll += negative_log_likelihood(row, target);
+                        scored += 1;
+                    }
                 }
-            }
+            })?;
             for i in split..ctx - 1 {
                 let row = self.decode_step(window[i], &mut cache)?;
                 nll += negative_log_likelihood(&row, window[i + 1]);
