@@ -422,9 +422,6 @@ impl SequencePolicy {
     pub fn next_step(&mut self) {
         self.step += 1;
     }
-    pub fn step(&self) -> usize {
-        self.step
-    }
 
     /// The storage was compacted: `mapping[i] = (old_slot, new_slot)` for (layer, head).
     pub fn remap(&mut self, layer: usize, head: usize, mapping: &[(usize, usize)]) {

@@ -55,10 +55,6 @@ impl HeadKv {
     pub fn bytes_held(&self) -> usize {
         self.table.len() * 2 * self.head_dim * F32_BYTES
     }
-    /// Bytes of key and value storage allocated.
-    pub fn bytes_allocated(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity()) * F32_BYTES
-    }
 
     /// Rebuild with only the occupied slots, in position order, and room for `capacity`.
     /// Returns `(old_slot, new_slot)` pairs.
@@ -129,9 +125,6 @@ impl KvCache {
     /// Key and value bytes held now, over all layers and heads.
     pub fn bytes_held(&self) -> usize {
         self.layers.iter().flatten().map(HeadKv::bytes_held).sum()
-    }
-    pub fn bytes_allocated(&self) -> usize {
-        self.layers.iter().flatten().map(HeadKv::bytes_allocated).sum()
     }
 
     /// Evict from every KV head of `layer` down to the budget (a decode step's trim).
