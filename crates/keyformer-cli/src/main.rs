@@ -174,7 +174,7 @@ struct RunArgs {
     /// Penalise tokens seen in the last 64 (1.0 = off).
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
-    /// Random seed for sampling.
+    /// Random seed for sampling, Keyformer's noise and `random` eviction.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop before this string (repeatable).
