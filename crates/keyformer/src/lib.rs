@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod engine;
+pub mod eval;
 pub mod gguf;
 pub mod kv;
 pub mod models;
