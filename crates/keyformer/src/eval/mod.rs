@@ -1,4 +1,6 @@
 //! Evaluation: quality measures for comparing a compressed cache with the full one. Today the
-//! ROUGE scores; the `keyformer eval` tasks build on them.
+//! ROUGE scores and the KL-divergence fidelity of a compressed cache; the `keyformer eval`
+//! tasks build on them.
 
+pub mod fidelity;
 pub mod rouge;
