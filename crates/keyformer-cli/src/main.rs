@@ -12,6 +12,7 @@ use keyformer::engine::GenerateRequest;
 use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
 use keyformer::sampling::SamplingParams;
 use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
+use keyformer::eval::suite::{EvalPlan, Task};
 use keyformer::Engine;
 use serde_json::json;
 
@@ -45,6 +46,44 @@ enum Command {
     Info(ModelArg),
     /// Time prompt processing (-p) and generation (-n) like llama-bench (synthetic tokens).
     Bench(BenchArgs),
+    /// Quality against KV budget: tasks x policies x budgets x seeds over documents.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Documents: a JSONL file of {id, context, question?, reference?}, or a text file (one document).
+    #[arg(long)]
+    data: PathBuf,
+    /// Tasks, comma-separated: fidelity (KL against the full cache), ppl (streaming perplexity).
+    #[arg(long, value_delimiter = ',', default_value = "fidelity,ppl")]
+    tasks: Vec<Task>,
+    /// Policies, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "window,sink,h2o,tova,snapkv,knorm,keyformer")]
+    policies: Vec<PolicyKind>,
+    /// Budgets, comma-separated: tokens or percentages (of the prompt; of the window for ppl).
+    #[arg(long, value_delimiter = ',', default_value = "10%,20%,30%,50%,70%,90%")]
+    budgets: Vec<Amount>,
+    /// Seeds for keyformer and random, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// Use at most N documents.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Fidelity: prompt tokens compressed to the budget.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Fidelity: tokens teacher-forced after the prompt.
+    #[arg(long, default_value_t = 128)]
+    continuation_tokens: usize,
+    /// Perplexity: window length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    ppl_ctx: usize,
+    /// Output folder: results.jsonl (resumable), summary.json, summary.md.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -242,6 +281,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
+        Command::Eval(a) => eval(a),
     }
 }
 
@@ -381,6 +421,40 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
             println!("{id:>6} {:?}", engine.tokenizer.decode(&[id]).unwrap_or_default());
         }
     }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let engine = load(&a.model.model)?;
+    let docs = keyformer::eval::suite::load_documents(&a.data)?;
+    if docs.is_empty() {
+        bail!("{} holds no documents", a.data.display());
+    }
+    let plan = EvalPlan {
+        tasks: a.tasks,
+        policies: a.policies,
+        budgets: a.budgets,
+        seeds: a.seeds,
+        limit: a.limit,
+        prompt_tokens: a.prompt_tokens,
+        continuation_tokens: a.continuation_tokens,
+        ppl_ctx: a.ppl_ctx,
+        base: PolicyConfig::default(),
+    };
+    for &kind in &plan.policies {
+        for &budget in &plan.budgets {
+            PolicyConfig { kind, budget: Some(budget), ..PolicyConfig::default() }.validate()?;
+        }
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("eval {bar:40} {pos}/{len} cases ({elapsed} elapsed, ETA {eta})").expect("valid template"));
+    let results = keyformer::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
+    eprintln!("rows: {}; summary: {}", results.display(), a.out.join("summary.json").display());
     Ok(())
 }
 

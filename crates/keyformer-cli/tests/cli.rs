@@ -205,3 +205,37 @@ fn tokenize_and_perplexity_json() {
     let (nll, ppl) = (v["mean_nll"].as_f64().unwrap(), v["ppl"].as_f64().unwrap());
     assert!((nll.exp() - ppl).abs() < 1e-6 * ppl && ppl > 1.0 && ppl < 200.0, "{v}");
 }
+
+#[test]
+fn eval_writes_rows_and_a_summary_and_resumes() {
+    let prose = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt")).unwrap();
+    let (a, b) = prose.split_at(prose.len() / 2);
+    let data = scratch("docs.jsonl");
+    let line = |id: &str, text: &str| serde_json::json!({"id": id, "context": text}).to_string();
+    std::fs::write(&data, format!("{}\n{}\n", line("first", a), line("second", b))).unwrap();
+    let out = scratch("eval-out");
+    let _ = std::fs::remove_dir_all(&out);
+    let args = [
+        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,ppl", "--policies", "window,keyformer",
+        "--budgets", "50%", "--seeds", "0,1", "--prompt-tokens", "64", "--continuation-tokens", "8",
+        "--ppl-ctx", "64", "--out", out.to_str().unwrap(),
+    ];
+    let run = keyformer(&args);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    // 2 tasks x 2 documents x (window + keyformer with 2 seeds) = 12 cases.
+    assert_eq!(rows.lines().count(), 12);
+    let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    assert!(first["metrics"]["mean_kl"].as_f64().unwrap() >= 0.0);
+    assert!(out.join("summary.json").exists());
+    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| keyformer |"));
+    // Interrupted: the last row is cut in half; the rerun redoes only that case.
+    let cut = &rows[..rows.len() - 20];
+    std::fs::write(out.join("results.jsonl"), cut).unwrap();
+    let rerun = keyformer(&args);
+    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
+    let again = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let parsed = again.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
+    assert_eq!(parsed, 12, "{again}");
+    assert_clean_error(&keyformer(&["eval", "--data", "/nonexistent.jsonl", "--out", out.to_str().unwrap()]), "reading /nonexistent.jsonl");
+}

@@ -4,3 +4,4 @@
 
 pub mod fidelity;
 pub mod rouge;
+pub mod suite;

@@ -1,0 +1,260 @@
+//! The evaluation matrix behind `keyformer eval`: tasks x policies x budgets x seeds over a set
+//! of documents, one JSON row per case in `results.jsonl` (appended as each case finishes, so
+//! an interrupted run resumes where it stopped), then `summary.json` and `summary.md`.
+//!
+//! Tasks so far: `fidelity` (KL divergence against the full cache on a teacher-forced
+//! continuation) and `ppl` (streaming perplexity). Generation, summary and needle tasks, plots
+//! and the shared prefill are the rest of the evaluation-suite issue.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::fidelity::fidelity;
+use crate::{Engine, ModelError};
+
+/// One document: any JSONL of `{id, context, question?, reference?}` is accepted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Document {
+    pub id: String,
+    pub context: String,
+    #[serde(default)]
+    pub question: Option<String>,
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// Load documents: a `.jsonl` file holds one per line; any other file is one document.
+pub fn load_documents(path: &Path) -> Result<Vec<Document>, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Input(format!("reading {}: {e}", path.display())))?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| ModelError::Input(format!("{} line {}: {e}", path.display(), i + 1)))
+            })
+            .collect()
+    } else {
+        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(vec![Document { id, context: text, question: None, reference: None }])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    Fidelity,
+    Ppl,
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fidelity" => Ok(Task::Fidelity),
+            "ppl" => Ok(Task::Ppl),
+            other => Err(format!("unknown or not yet available task '{other}' (available: fidelity, ppl)")),
+        }
+    }
+}
+
+impl Task {
+    fn name(self) -> &'static str {
+        match self {
+            Task::Fidelity => "fidelity",
+            Task::Ppl => "ppl",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct EvalPlan {
+    pub tasks: Vec<Task>,
+    pub policies: Vec<PolicyKind>,
+    pub budgets: Vec<Amount>,
+    pub seeds: Vec<u64>,
+    /// Documents used at most.
+    pub limit: Option<usize>,
+    /// Fidelity: prompt tokens (compressed to the budget) and teacher-forced tokens after it.
+    pub prompt_tokens: usize,
+    pub continuation_tokens: usize,
+    /// Perplexity: window length (a percentage budget is of the window).
+    pub ppl_ctx: usize,
+    /// Settings other than policy, budget and seed (sinks, recent window, keyformer options).
+    pub base: PolicyConfig,
+}
+
+/// One finished case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseRow {
+    pub task: String,
+    pub doc: String,
+    pub policy: String,
+    pub budget: String,
+    pub seed: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl CaseRow {
+    fn key(&self) -> (String, String, String, String, u64) {
+        (self.task.clone(), self.doc.clone(), self.policy.clone(), self.budget.clone(), self.seed)
+    }
+}
+
+/// Policies whose result depends on the seed.
+fn seeded(kind: PolicyKind) -> bool {
+    matches!(kind, PolicyKind::Keyformer | PolicyKind::Random)
+}
+
+fn budget_label(b: Amount) -> String {
+    match b {
+        Amount::Tokens(n) => n.to_string(),
+        Amount::Percent(p) => format!("{p}%"),
+    }
+}
+
+/// Run `plan` over `docs`, appending to `out/results.jsonl` (cases already there are skipped),
+/// then writing `summary.json` and `summary.md`. `progress(done, total)` after each case.
+pub fn run_eval(
+    engine: &Engine,
+    plan: &EvalPlan,
+    docs: &[Document],
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PathBuf, ModelError> {
+    let io = |e: std::io::Error| ModelError::Input(format!("writing to {}: {e}", out.display()));
+    std::fs::create_dir_all(out).map_err(io)?;
+    let results = out.join("results.jsonl");
+    // Keep the complete rows of an earlier run (a line cut by an interruption is dropped and
+    // its case runs again), rewritten so that new rows start on a fresh line.
+    let previous = read_rows(&results)?;
+    if results.exists() {
+        let text: String = previous.iter().map(|r| serde_json::to_string(r).expect("rows serialise") + "\n").collect();
+        std::fs::write(&results, text).map_err(io)?;
+    }
+    let mut done: HashSet<_> = previous.iter().map(CaseRow::key).collect();
+    let docs = &docs[..plan.limit.map_or(docs.len(), |l| l.min(docs.len()))];
+
+    let mut cases = Vec::new();
+    for &task in &plan.tasks {
+        for doc in docs {
+            for &kind in &plan.policies {
+                for &budget in &plan.budgets {
+                    let seeds: &[u64] = if seeded(kind) { &plan.seeds } else { &[0] };
+                    for &seed in seeds {
+                        cases.push((task, doc, kind, budget, seed));
+                    }
+                }
+            }
+        }
+    }
+    let total = cases.len();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
+    for (i, (task, doc, kind, budget, seed)) in cases.into_iter().enumerate() {
+        let key = (task.name().to_string(), doc.id.clone(), kind.name().to_string(), budget_label(budget), seed);
+        if done.contains(&key) {
+            progress(i + 1, total);
+            continue;
+        }
+        let kv = PolicyConfig { kind, budget: Some(budget), seed, ..plan.base.clone() };
+        let tokens = engine.encode(&doc.context)?;
+        let mut metrics = BTreeMap::new();
+        match task {
+            Task::Fidelity => {
+                let (p, c) = (plan.prompt_tokens, plan.continuation_tokens);
+                if tokens.len() < p + c {
+                    return Err(ModelError::Input(format!(
+                        "document '{}' has {} tokens; fidelity needs {} (prompt {p} + continuation {c})",
+                        doc.id,
+                        tokens.len(),
+                        p + c
+                    )));
+                }
+                let r = fidelity(engine, &tokens[..p], &tokens[p..p + c], &kv)?;
+                metrics.insert("mean_kl".into(), r.mean_kl);
+                metrics.insert("p90_kl".into(), r.p90_kl);
+                metrics.insert("top1_agreement".into(), r.top1_agreement);
+            }
+            Task::Ppl => {
+                let r = engine.perplexity(&tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
+                metrics.insert("ppl".into(), r.ppl);
+                metrics.insert("mean_nll".into(), r.mean_nll);
+            }
+        }
+        let row = CaseRow { task: key.0.clone(), doc: key.1.clone(), policy: key.2.clone(), budget: key.3.clone(), seed, metrics };
+        writeln!(file, "{}", serde_json::to_string(&row).expect("rows serialise")).map_err(io)?;
+        file.flush().map_err(io)?;
+        done.insert(key);
+        progress(i + 1, total);
+    }
+    write_summary(out, &read_rows(&results)?).map_err(io)?;
+    Ok(results)
+}
+
+/// Token budgets first, then percentages, each ascending.
+fn budget_order(label: &str) -> (bool, f64) {
+    (label.ends_with('%'), label.trim_end_matches('%').parse().unwrap_or(f64::MAX))
+}
+
+fn read_rows(path: &Path) -> Result<Vec<CaseRow>, ModelError> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Input(format!("reading {}: {e}", path.display())))?;
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
+/// Mean of each metric per (task, policy, budget), over documents and seeds.
+fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
+    type Key = (String, String, String);
+    let mut acc: BTreeMap<Key, BTreeMap<String, (f64, usize)>> = BTreeMap::new();
+    for r in rows {
+        let m = acc.entry((r.task.clone(), r.policy.clone(), r.budget.clone())).or_default();
+        for (k, v) in &r.metrics {
+            let e = m.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+    let summary: Vec<serde_json::Value> = acc
+        .iter()
+        .map(|((task, policy, budget), m)| {
+            let means: BTreeMap<&String, f64> = m.iter().map(|(k, (s, n))| (k, s / *n as f64)).collect();
+            serde_json::json!({"task": task, "policy": policy, "budget": budget, "cases": m.values().next().map_or(0, |v| v.1), "mean": means})
+        })
+        .collect();
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+
+    let mut md = String::from("# Evaluation summary\n");
+    let tasks: Vec<&String> = acc.keys().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    for task in tasks {
+        let metric = if task == "ppl" { "ppl" } else { "mean_kl" };
+        let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
+        budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
+        budgets.dedup();
+        md.push_str(&format!("\n## {task} (mean {metric}; lower is better)\n\n| policy | "));
+        md.push_str(&budgets.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(" | "));
+        md.push_str(" |\n|---|");
+        md.push_str(&"---:|".repeat(budgets.len()));
+        md.push('\n');
+        let policies: Vec<&String> =
+            acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for p in policies {
+            let cells: Vec<String> = budgets
+                .iter()
+                .map(|b| {
+                    acc.get(&(task.clone(), p.clone(), (*b).clone()))
+                        .and_then(|m| m.get(metric))
+                        .map_or(String::new(), |(s, n)| format!("{:.4}", s / *n as f64))
+                })
+                .collect();
+            md.push_str(&format!("| {p} | {} |\n", cells.join(" | ")));
+        }
+    }
+    std::fs::write(out.join("summary.md"), md)
+}
