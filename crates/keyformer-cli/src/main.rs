@@ -57,8 +57,9 @@ struct EvalArgs {
     /// Documents: a JSONL file of {id, context, question?, reference?}, or a text file (one document).
     #[arg(long)]
     data: PathBuf,
-    /// Tasks, comma-separated: fidelity (KL against the full cache), ppl (streaming perplexity).
-    #[arg(long, value_delimiter = ',', default_value = "fidelity,ppl")]
+    /// Tasks, comma-separated: fidelity (KL against the full cache), generation (greedy output
+    /// against the full cache's: ROUGE, identical prefix), ppl (streaming perplexity).
+    #[arg(long, value_delimiter = ',', default_value = "fidelity,generation,ppl")]
     tasks: Vec<Task>,
     /// Policies, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "window,sink,h2o,tova,snapkv,knorm,keyformer")]

@@ -216,15 +216,15 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let out = scratch("eval-out");
     let _ = std::fs::remove_dir_all(&out);
     let args = [
-        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,ppl", "--policies", "window,keyformer",
+        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,generation,ppl", "--policies", "window,keyformer",
         "--budgets", "50%", "--seeds", "0,1", "--prompt-tokens", "64", "--continuation-tokens", "8",
         "--ppl-ctx", "64", "--out", out.to_str().unwrap(),
     ];
     let run = keyformer(&args);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let rows = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    // 2 tasks x 2 documents x (window + keyformer with 2 seeds) = 12 cases.
-    assert_eq!(rows.lines().count(), 12);
+    // 3 tasks x 2 documents x (window + keyformer with 2 seeds) = 18 cases.
+    assert_eq!(rows.lines().count(), 18);
     let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
     assert!(first["metrics"]["mean_kl"].as_f64().unwrap() >= 0.0);
     assert!(out.join("summary.json").exists());
@@ -236,6 +236,10 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     let again = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     let parsed = again.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
-    assert_eq!(parsed, 12, "{again}");
+    assert_eq!(parsed, 18, "{again}");
+    let generation = again.lines().find(|l| l.contains("\"generation\"")).unwrap();
+    let g: serde_json::Value = serde_json::from_str(generation).unwrap();
+    let r1 = g["metrics"]["rouge1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&r1) && g["metrics"]["identical_prefix"].as_f64().unwrap() <= 8.0);
     assert_clean_error(&keyformer(&["eval", "--data", "/nonexistent.jsonl", "--out", out.to_str().unwrap()]), "reading /nonexistent.jsonl");
 }

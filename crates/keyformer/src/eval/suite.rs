@@ -3,8 +3,9 @@
 //! an interrupted run resumes where it stopped), then `summary.json` and `summary.md`.
 //!
 //! Tasks so far: `fidelity` (KL divergence against the full cache on a teacher-forced
-//! continuation) and `ppl` (streaming perplexity). Generation, summary and needle tasks, plots
-//! and the shared prefill are the rest of the evaluation-suite issue.
+//! continuation), `generation` (greedy continuation of the compressed cache against the full
+//! cache's: ROUGE and identical prefix) and `ppl` (streaming perplexity). Summary and needle
+//! tasks, plots and the shared prefill are the rest of the evaluation-suite issue.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -13,7 +14,10 @@ use std::path::{Path, PathBuf};
 use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::GenerateRequest;
 use crate::eval::fidelity::fidelity;
+use crate::eval::rouge;
+use crate::sampling::SamplingParams;
 use crate::{Engine, ModelError};
 
 /// One document: any JSONL of `{id, context, question?, reference?}` is accepted.
@@ -48,6 +52,7 @@ pub fn load_documents(path: &Path) -> Result<Vec<Document>, ModelError> {
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     Fidelity,
+    Generation,
     Ppl,
 }
 
@@ -56,8 +61,9 @@ impl std::str::FromStr for Task {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "fidelity" => Ok(Task::Fidelity),
+            "generation" => Ok(Task::Generation),
             "ppl" => Ok(Task::Ppl),
-            other => Err(format!("unknown or not yet available task '{other}' (available: fidelity, ppl)")),
+            other => Err(format!("unknown or not yet available task '{other}' (available: fidelity, generation, ppl)")),
         }
     }
 }
@@ -66,6 +72,7 @@ impl Task {
     fn name(self) -> &'static str {
         match self {
             Task::Fidelity => "fidelity",
+            Task::Generation => "generation",
             Task::Ppl => "ppl",
         }
     }
@@ -154,6 +161,8 @@ pub fn run_eval(
         }
     }
     let total = cases.len();
+    // The full cache's greedy continuation per document, computed once.
+    let mut full_generation: BTreeMap<String, (Vec<u32>, String)> = BTreeMap::new();
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
     for (i, (task, doc, kind, budget, seed)) in cases.into_iter().enumerate() {
         let key = (task.name().to_string(), doc.id.clone(), kind.name().to_string(), budget_label(budget), seed);
@@ -179,6 +188,31 @@ pub fn run_eval(
                 metrics.insert("mean_kl".into(), r.mean_kl);
                 metrics.insert("p90_kl".into(), r.p90_kl);
                 metrics.insert("top1_agreement".into(), r.top1_agreement);
+            }
+            Task::Generation => {
+                let p = plan.prompt_tokens.min(tokens.len());
+                let prompt = &tokens[..p];
+                let greedy = |kv: PolicyConfig| -> Result<(Vec<u32>, String), ModelError> {
+                    let req = GenerateRequest {
+                        max_tokens: plan.continuation_tokens,
+                        sampling: SamplingParams::default(),
+                        stop: Vec::new(),
+                        kv,
+                    };
+                    let out = engine.generate(prompt, &req, &mut |_| {})?;
+                    Ok((out.token_ids, out.text))
+                };
+                if !full_generation.contains_key(&doc.id) {
+                    full_generation.insert(doc.id.clone(), greedy(PolicyConfig::default())?);
+                }
+                let (full_ids, full_text) = &full_generation[&doc.id];
+                let (ids, text) = greedy(kv)?;
+                let r = rouge::score(full_text, &text);
+                metrics.insert("rouge1".into(), r.rouge1.f1);
+                metrics.insert("rouge2".into(), r.rouge2.f1);
+                metrics.insert("rougeL".into(), r.rouge_l.f1);
+                let same = ids.iter().zip(full_ids).take_while(|(a, b)| a == b).count();
+                metrics.insert("identical_prefix".into(), same as f64);
             }
             Task::Ppl => {
                 let r = engine.perplexity(&tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
@@ -233,11 +267,16 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
     let mut md = String::from("# Evaluation summary\n");
     let tasks: Vec<&String> = acc.keys().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     for task in tasks {
-        let metric = if task == "ppl" { "ppl" } else { "mean_kl" };
+        let metric = match task.as_str() {
+            "ppl" => "ppl",
+            "generation" => "rougeL",
+            _ => "mean_kl",
+        };
+        let direction = if metric == "rougeL" { "higher" } else { "lower" };
         let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
         budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
         budgets.dedup();
-        md.push_str(&format!("\n## {task} (mean {metric}; lower is better)\n\n| policy | "));
+        md.push_str(&format!("\n## {task} (mean {metric}; {direction} is better)\n\n| policy | "));
         md.push_str(&budgets.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(" | "));
         md.push_str(" |\n|---|");
         md.push_str(&"---:|".repeat(budgets.len()));
