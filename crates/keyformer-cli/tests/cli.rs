@@ -228,6 +228,8 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
     assert!(first["metrics"]["mean_kl"].as_f64().unwrap() >= 0.0);
     assert!(out.join("summary.json").exists());
+    let svg = std::fs::read_to_string(out.join("fidelity-mean_kl.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count() + svg.matches("<circle").count(), 2, "one point per policy at one budget");
     assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| keyformer |"));
     // Interrupted: the last row is cut in half; the rerun redoes only that case.
     let cut = &rows[..rows.len() - 20];

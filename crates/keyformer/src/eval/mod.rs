@@ -3,5 +3,6 @@
 //! tasks build on them.
 
 pub mod fidelity;
+pub mod plot;
 pub mod rouge;
 pub mod suite;

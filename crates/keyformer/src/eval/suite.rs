@@ -1,6 +1,7 @@
 //! The evaluation matrix behind `keyformer eval`: tasks x policies x budgets x seeds over a set
 //! of documents, one JSON row per case in `results.jsonl` (appended as each case finishes, so
-//! an interrupted run resumes where it stopped), then `summary.json` and `summary.md`.
+//! an interrupted run resumes where it stopped), then `summary.json`, `summary.md` and one SVG
+//! plot per task and metric (quality against budget, a line per policy).
 //!
 //! Tasks so far: `fidelity` (KL divergence against the full cache on a teacher-forced
 //! continuation), `generation` (greedy continuation of the compressed cache against the full
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::GenerateRequest;
 use crate::eval::fidelity::fidelity;
+use crate::eval::plot::{line_chart_svg, Series};
 use crate::eval::rouge;
 use crate::sampling::SamplingParams;
 use crate::{Engine, ModelError};
@@ -295,5 +297,46 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
             md.push_str(&format!("| {p} | {} |\n", cells.join(" | ")));
         }
     }
-    std::fs::write(out.join("summary.md"), md)
+    std::fs::write(out.join("summary.md"), md)?;
+    write_plots(out, &acc)
+}
+
+/// One SVG per (task, metric): the metric's mean against budget, a line per policy.
+fn write_plots(out: &Path, acc: &BTreeMap<(String, String, String), BTreeMap<String, (f64, usize)>>) -> std::io::Result<()> {
+    let tasks: std::collections::BTreeSet<&String> = acc.keys().map(|k| &k.0).collect();
+    for task in tasks {
+        let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
+        budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
+        budgets.dedup();
+        let policies: std::collections::BTreeSet<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect();
+        let metrics: std::collections::BTreeSet<&String> =
+            acc.iter().filter(|(k, _)| &k.0 == task).flat_map(|(_, m)| m.keys()).collect();
+        for metric in metrics {
+            let series: Vec<Series> = policies
+                .iter()
+                .map(|p| Series {
+                    label: (*p).clone(),
+                    values: budgets
+                        .iter()
+                        .map(|b| {
+                            acc.get(&(task.clone(), (*p).clone(), (*b).clone())).and_then(|m| m.get(metric)).map(|(s, n)| s / *n as f64)
+                        })
+                        .collect(),
+                })
+                .collect();
+            let labels: Vec<String> = budgets.iter().map(|b| (*b).clone()).collect();
+            let svg = line_chart_svg(&format!("{task}: {metric} against KV budget"), &labels, metric, &series);
+            let svg_path = out.join(format!("{task}-{metric}.svg"));
+            std::fs::write(&svg_path, svg)?;
+            // PNG copies where librsvg's converter is installed (Debian: librsvg2-bin); the SVG
+            // is the plot of record.
+            let _ = std::process::Command::new("rsvg-convert")
+                .arg(&svg_path)
+                .arg("-o")
+                .arg(svg_path.with_extension("png"))
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    Ok(())
 }
