@@ -58,7 +58,8 @@ struct EvalArgs {
     #[arg(long)]
     data: PathBuf,
     /// Tasks, comma-separated: fidelity (KL against the full cache), generation (greedy output
-    /// against the full cache's: ROUGE, identical prefix), ppl (streaming perplexity).
+    /// against the full cache's: ROUGE, identical prefix), needle (passkey retrieval from a
+    /// haystack), ppl (streaming perplexity).
     #[arg(long, value_delimiter = ',', default_value = "fidelity,generation,ppl")]
     tasks: Vec<Task>,
     /// Policies, comma-separated.
@@ -82,6 +83,12 @@ struct EvalArgs {
     /// Perplexity: window length in tokens.
     #[arg(long, default_value_t = 1024)]
     ppl_ctx: usize,
+    /// Needle: haystack lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    needle_lengths: Vec<usize>,
+    /// Needle: depths of the passkey in percent of the haystack, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100")]
+    needle_depths: Vec<u32>,
     /// Output folder: results.jsonl (resumable), summary.json, summary.md.
     #[arg(long)]
     out: PathBuf,
@@ -440,6 +447,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         prompt_tokens: a.prompt_tokens,
         continuation_tokens: a.continuation_tokens,
         ppl_ctx: a.ppl_ctx,
+        needle_lengths: a.needle_lengths,
+        needle_depths: a.needle_depths,
         base: PolicyConfig::default(),
     };
     for &kind in &plan.policies {

@@ -216,15 +216,15 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let out = scratch("eval-out");
     let _ = std::fs::remove_dir_all(&out);
     let args = [
-        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,generation,ppl", "--policies", "window,keyformer",
+        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,generation,needle,ppl", "--policies", "window,keyformer",
         "--budgets", "50%", "--seeds", "0,1", "--prompt-tokens", "64", "--continuation-tokens", "8",
-        "--ppl-ctx", "64", "--out", out.to_str().unwrap(),
+        "--ppl-ctx", "64", "--needle-lengths", "256", "--needle-depths", "50", "--out", out.to_str().unwrap(),
     ];
     let run = keyformer(&args);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let rows = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    // 3 tasks x 2 documents x (window + keyformer with 2 seeds) = 18 cases.
-    assert_eq!(rows.lines().count(), 18);
+    // 4 tasks x 2 documents (x 1 haystack for the needle) x (window + keyformer x 2 seeds) = 24.
+    assert_eq!(rows.lines().count(), 24);
     let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
     assert!(first["metrics"]["mean_kl"].as_f64().unwrap() >= 0.0);
     assert!(out.join("summary.json").exists());
@@ -238,7 +238,13 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     let again = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     let parsed = again.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
-    assert_eq!(parsed, 18, "{again}");
+    assert_eq!(parsed, 24, "{again}");
+    let needle: serde_json::Value = serde_json::from_str(again.lines().find(|l| l.contains("\"needle\"")).unwrap()).unwrap();
+    assert!(needle["doc"].as_str().unwrap().ends_with("@256@50%"), "{needle}");
+    for m in ["correct", "full_correct"] {
+        let v = needle["metrics"][m].as_f64().unwrap();
+        assert!(v == 0.0 || v == 1.0, "{needle}");
+    }
     let generation = again.lines().find(|l| l.contains("\"generation\"")).unwrap();
     let g: serde_json::Value = serde_json::from_str(generation).unwrap();
     let r1 = g["metrics"]["rouge1"].as_f64().unwrap();

@@ -5,8 +5,9 @@
 //!
 //! Tasks so far: `fidelity` (KL divergence against the full cache on a teacher-forced
 //! continuation), `generation` (greedy continuation of the compressed cache against the full
-//! cache's: ROUGE and identical prefix) and `ppl` (streaming perplexity). Summary and needle
-//! tasks, plots and the shared prefill are the rest of the evaluation-suite issue.
+//! cache's: ROUGE and identical prefix), `needle` (a passkey hidden at a depth of a haystack of
+//! real text, asked for after it; the full cache's answer is recorded beside) and `ppl`
+//! (streaming perplexity). The summary task and the shared prefill are still to come.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -55,6 +56,7 @@ pub fn load_documents(path: &Path) -> Result<Vec<Document>, ModelError> {
 pub enum Task {
     Fidelity,
     Generation,
+    Needle,
     Ppl,
 }
 
@@ -64,8 +66,9 @@ impl std::str::FromStr for Task {
         match s {
             "fidelity" => Ok(Task::Fidelity),
             "generation" => Ok(Task::Generation),
+            "needle" => Ok(Task::Needle),
             "ppl" => Ok(Task::Ppl),
-            other => Err(format!("unknown or not yet available task '{other}' (available: fidelity, generation, ppl)")),
+            other => Err(format!("unknown or not yet available task '{other}' (available: fidelity, generation, needle, ppl)")),
         }
     }
 }
@@ -75,6 +78,7 @@ impl Task {
         match self {
             Task::Fidelity => "fidelity",
             Task::Generation => "generation",
+            Task::Needle => "needle",
             Task::Ppl => "ppl",
         }
     }
@@ -94,6 +98,9 @@ pub struct EvalPlan {
     pub continuation_tokens: usize,
     /// Perplexity: window length (a percentage budget is of the window).
     pub ppl_ctx: usize,
+    /// Needle: haystack lengths in tokens, and depths (percent of the haystack) of the passkey.
+    pub needle_lengths: Vec<usize>,
+    pub needle_depths: Vec<u32>,
     /// Settings other than policy, budget and seed (sinks, recent window, keyformer options).
     pub base: PolicyConfig,
 }
@@ -152,11 +159,19 @@ pub fn run_eval(
     let mut cases = Vec::new();
     for &task in &plan.tasks {
         for doc in docs {
-            for &kind in &plan.policies {
-                for &budget in &plan.budgets {
-                    let seeds: &[u64] = if seeded(kind) { &plan.seeds } else { &[0] };
-                    for &seed in seeds {
-                        cases.push((task, doc, kind, budget, seed));
+            // The needle task makes one haystack per (length, depth) from each document.
+            let units: Vec<Option<(usize, u32)>> = if task == Task::Needle {
+                plan.needle_lengths.iter().flat_map(|&l| plan.needle_depths.iter().map(move |&d| Some((l, d)))).collect()
+            } else {
+                vec![None]
+            };
+            for unit in units {
+                for &kind in &plan.policies {
+                    for &budget in &plan.budgets {
+                        let seeds: &[u64] = if seeded(kind) { &plan.seeds } else { &[0] };
+                        for &seed in seeds {
+                            cases.push((task, doc, unit, kind, budget, seed));
+                        }
                     }
                 }
             }
@@ -165,9 +180,14 @@ pub fn run_eval(
     let total = cases.len();
     // The full cache's greedy continuation per document, computed once.
     let mut full_generation: BTreeMap<String, (Vec<u32>, String)> = BTreeMap::new();
+    let mut full_needle: BTreeMap<String, bool> = BTreeMap::new();
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
-    for (i, (task, doc, kind, budget, seed)) in cases.into_iter().enumerate() {
-        let key = (task.name().to_string(), doc.id.clone(), kind.name().to_string(), budget_label(budget), seed);
+    for (i, (task, doc, unit, kind, budget, seed)) in cases.into_iter().enumerate() {
+        let doc_label = match unit {
+            Some((length, depth)) => format!("{}@{length}@{depth}%", doc.id),
+            None => doc.id.clone(),
+        };
+        let key = (task.name().to_string(), doc_label.clone(), kind.name().to_string(), budget_label(budget), seed);
         if done.contains(&key) {
             progress(i + 1, total);
             continue;
@@ -216,6 +236,21 @@ pub fn run_eval(
                 let same = ids.iter().zip(full_ids).take_while(|(a, b)| a == b).count();
                 metrics.insert("identical_prefix".into(), same as f64);
             }
+            Task::Needle => {
+                let (length, depth) = unit.expect("needle cases carry a haystack");
+                let (prompt, code) = needle_prompt(engine, &tokens, &doc.id, length, depth)?;
+                let answer = |kv: PolicyConfig| -> Result<bool, ModelError> {
+                    let req = GenerateRequest { max_tokens: 12, sampling: SamplingParams::default(), stop: Vec::new(), kv };
+                    let out = engine.generate(&prompt, &req, &mut |_| {})?;
+                    let digits: String = out.text.chars().filter(char::is_ascii_digit).collect();
+                    Ok(digits.contains(&code))
+                };
+                if !full_needle.contains_key(&doc_label) {
+                    full_needle.insert(doc_label.clone(), answer(PolicyConfig::default())?);
+                }
+                metrics.insert("correct".into(), f64::from(u8::from(answer(kv)?)));
+                metrics.insert("full_correct".into(), f64::from(u8::from(full_needle[&doc_label])));
+            }
             Task::Ppl => {
                 let r = engine.perplexity(&tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
                 metrics.insert("ppl".into(), r.ppl);
@@ -230,6 +265,26 @@ pub fn run_eval(
     }
     write_summary(out, &read_rows(&results)?).map_err(io)?;
     Ok(results)
+}
+
+/// A haystack of `length` tokens of the document with a passkey sentence at `depth` percent,
+/// followed by the question. Returns the prompt's tokens and the passkey's digits.
+fn needle_prompt(engine: &Engine, doc: &[u32], id: &str, length: usize, depth: u32) -> Result<(Vec<u32>, String), ModelError> {
+    if doc.len() < length {
+        return Err(ModelError::Input(format!("document '{id}' has {} tokens, fewer than a {length}-token haystack", doc.len())));
+    }
+    // A 5-digit code that differs per haystack but repeats from run to run.
+    let h = keyformer_kv::noise::counter_hash(id.bytes().map(u64::from).sum(), length as u32, depth, 0, 0);
+    let code = format!("{}", 10_000 + h % 90_000);
+    let needle = engine.encode(&format!(" The secret passkey is {code}. Remember it: the passkey is {code}. "))?;
+    let question = engine.encode(&format!("\n\nWhat is the secret passkey? The secret passkey is"))?;
+    let at = (length as u64 * depth.min(100) as u64 / 100) as usize;
+    let mut prompt = Vec::with_capacity(length + needle.len() + question.len());
+    prompt.extend_from_slice(&doc[..at]);
+    prompt.extend_from_slice(&needle);
+    prompt.extend_from_slice(&doc[at..length]);
+    prompt.extend_from_slice(&question);
+    Ok((prompt, code))
 }
 
 /// Token budgets first, then percentages, each ascending.
@@ -272,9 +327,10 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
         let metric = match task.as_str() {
             "ppl" => "ppl",
             "generation" => "rougeL",
+            "needle" => "correct",
             _ => "mean_kl",
         };
-        let direction = if metric == "rougeL" { "higher" } else { "lower" };
+        let direction = if matches!(metric, "rougeL" | "correct") { "higher" } else { "lower" };
         let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
         budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
         budgets.dedup();
