@@ -181,6 +181,7 @@ pub fn run_eval(
     // The full cache's greedy continuation per document, computed once.
     let mut full_generation: BTreeMap<String, (Vec<u32>, String)> = BTreeMap::new();
     let mut full_needle: BTreeMap<String, bool> = BTreeMap::new();
+    let mut token_cache: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
     for (i, (task, doc, unit, kind, budget, seed)) in cases.into_iter().enumerate() {
         let doc_label = match unit {
@@ -193,7 +194,10 @@ pub fn run_eval(
             continue;
         }
         let kv = PolicyConfig { kind, budget: Some(budget), seed, ..plan.base.clone() };
-        let tokens = engine.encode(&doc.context)?;
+        if !token_cache.contains_key(&doc.id) {
+            token_cache.insert(doc.id.clone(), engine.encode(&doc.context)?);
+        }
+        let tokens = &token_cache[&doc.id];
         let mut metrics = BTreeMap::new();
         match task {
             Task::Fidelity => {
@@ -238,7 +242,7 @@ pub fn run_eval(
             }
             Task::Needle => {
                 let (length, depth) = unit.expect("needle cases carry a haystack");
-                let (prompt, code) = needle_prompt(engine, &tokens, &doc.id, length, depth)?;
+                let (prompt, code) = needle_prompt(engine, tokens, &doc.id, length, depth)?;
                 let answer = |kv: PolicyConfig| -> Result<bool, ModelError> {
                     let req = GenerateRequest { max_tokens: 12, sampling: SamplingParams::default(), stop: Vec::new(), kv };
                     let out = engine.generate(&prompt, &req, &mut |_| {})?;
@@ -252,7 +256,7 @@ pub fn run_eval(
                 metrics.insert("full_correct".into(), f64::from(u8::from(full_needle[&doc_label])));
             }
             Task::Ppl => {
-                let r = engine.perplexity(&tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
+                let r = engine.perplexity(tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
                 metrics.insert("ppl".into(), r.ppl);
                 metrics.insert("mean_nll".into(), r.mean_nll);
             }
