@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use crate::chat::{self, ChatMessage};
 use crate::gguf::GgufFile;
-use keyformer_kv::{Amount, PolicyConfig};
+use keyformer_kv::{Amount, PolicyConfig, Signal};
 
-use crate::kv::KvCache;
+use crate::kv::{KvCache, PromptScores};
 use crate::models::llama::{Llama, Logits};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -115,6 +115,15 @@ fn rate(n: usize, s: f64) -> f64 {
     }
 }
 
+/// A prompt prefilled once with the full cache, with every requested policy's prompt scores.
+#[derive(Debug, Clone)]
+pub struct SharedPrefill {
+    cache: KvCache,
+    scores: PromptScores,
+    logits: Vec<f32>,
+    prompt_len: usize,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PerplexityReport {
     pub tokens_scored: usize,
@@ -196,6 +205,67 @@ impl Engine {
         let mut last = Vec::new();
         self.prefill_with(tokens, cache, Logits::Last, &mut |_, l| last = l.to_vec())?;
         Ok(last)
+    }
+
+    /// Prefill `prompt` once with the full cache while recording the prompt scores that every
+    /// policy in `configs` needs; [`cache_from_shared`](Self::cache_from_shared) then gives each
+    /// policy its own compressed copy, equal to what its own prefill would have made.
+    pub fn shared_prefill(&self, prompt: &[u32], configs: &[PolicyConfig], steps: usize) -> Result<SharedPrefill, ModelError> {
+        let c = &self.model.config;
+        let mut signals: Vec<Signal> = Vec::new();
+        for kv in configs {
+            let policy = kv.resolve(prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+            let sig = policy.signal();
+            if sig != Signal::None && !signals.contains(&sig) {
+                signals.push(sig);
+            }
+        }
+        let mut cache = self.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
+        cache.recorder = Some(PromptScores::new(signals, c.n_layers, c.n_kv_heads));
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
+        }
+        let scores = cache.recorder.take().expect("recorder set above");
+        Ok(SharedPrefill { cache, scores, logits, prompt_len: prompt.len() })
+    }
+
+    /// A copy of a shared prefill compressed by `kv`, and the prompt's last logits.
+    pub fn cache_from_shared(&self, shared: &SharedPrefill, kv: &PolicyConfig, steps: usize) -> Result<(KvCache, Vec<f32>), ModelError> {
+        let c = &self.model.config;
+        let policy = kv.resolve(shared.prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let signal = policy.signal();
+        let mut cache = self.model.new_cache_with(policy, c.context_length);
+        cache.layers = shared.cache.layers.clone();
+        let tova = cache.policy.kind() == keyformer_kv::PolicyKind::Tova;
+        for (li, heads) in cache.layers.iter().enumerate() {
+            for (h, head) in heads.iter().enumerate() {
+                for (slot, _) in head.table.occupied() {
+                    cache.policy.on_insert(li, h, slot, head.key(slot));
+                }
+            }
+            if signal == Signal::None {
+                continue;
+            }
+            let k = shared.scores.signals.iter().position(|s| *s == signal).ok_or_else(|| {
+                ModelError::Input(format!("the shared prefill did not record {signal:?}: pass this policy to shared_prefill"))
+            })?;
+            let sums = &shared.scores.sums[k][li * c.n_kv_heads..(li + 1) * c.n_kv_heads];
+            if tova {
+                // TOVA scores with the layer's sum over all heads (as in the forward pass).
+                let mut total = sums[0].clone();
+                for s in &sums[1..] {
+                    total.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                }
+                (0..c.n_kv_heads).for_each(|h| cache.policy.observe(li, h, &total));
+            } else {
+                for (h, s) in sums.iter().enumerate() {
+                    cache.policy.observe(li, h, s);
+                }
+            }
+        }
+        cache.finish_prompt()?;
+        Ok((cache, shared.logits.clone()))
     }
 
     /// One decode step: `token` joins the cache (which then evicts down to its budget).

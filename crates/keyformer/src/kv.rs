@@ -7,7 +7,7 @@
 //! evicts one (its slot is reused by the next token; nothing is copied). After the prompt is
 //! compressed, the storage is compacted once so the memory held is the budget's.
 
-use keyformer_kv::{SequencePolicy, SlotError, SlotTable};
+use keyformer_kv::{SequencePolicy, Signal, SlotError, SlotTable};
 
 const F32_BYTES: usize = std::mem::size_of::<f32>();
 
@@ -85,12 +85,37 @@ pub struct KvStats {
     pub evictions: usize,
 }
 
+/// Prompt scores recorded for other policies during a shared prefill: for each extra signal,
+/// the per-slot row sums of every (layer, KV head), indexed `[signal][layer * n_kv + head]`.
+#[derive(Debug, Clone, Default)]
+pub struct PromptScores {
+    pub signals: Vec<Signal>,
+    pub sums: Vec<Vec<Vec<f32>>>,
+}
+
+impl PromptScores {
+    pub fn new(signals: Vec<Signal>, n_layers: usize, n_kv_heads: usize) -> Self {
+        let sums = signals.iter().map(|_| vec![Vec::new(); n_layers * n_kv_heads]).collect();
+        Self { signals, sums }
+    }
+    /// Add one step's sums of signal `k` for (layer, head).
+    pub fn add(&mut self, k: usize, index: usize, per_slot: &[f32]) {
+        let acc = &mut self.sums[k][index];
+        if acc.len() < per_slot.len() {
+            acc.resize(per_slot.len(), 0.0);
+        }
+        acc.iter_mut().zip(per_slot).for_each(|(a, b)| *a += b);
+    }
+}
+
 /// The KV cache of one sequence: `layers[layer][kv_head]` and the policy that trims it.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<Vec<HeadKv>>,
     pub policy: SequencePolicy,
     pub stats: KvStats,
+    /// Extra prompt signals to record (shared prefill); `None` in ordinary use.
+    pub recorder: Option<PromptScores>,
     head_dim: usize,
     tokens_seen: usize,
 }
@@ -103,6 +128,7 @@ impl KvCache {
             layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim)).collect()).collect(),
             policy,
             stats: KvStats::default(),
+            recorder: None,
             head_dim,
             tokens_seen: 0,
         }

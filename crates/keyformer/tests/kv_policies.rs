@@ -155,3 +155,25 @@ fn fidelity_is_exact_for_a_covering_budget_and_degrades_below_it() {
     assert!(tight.mean_kl > kf.mean_kl && kf.mean_kl > 0.0, "window@16 {tight:?} vs keyformer@48 {kf:?}");
     assert!(tight.p90_kl >= tight.mean_kl * 0.5 && tight.top1_agreement < 1.0);
 }
+
+#[test]
+fn a_shared_prefill_gives_every_policy_what_its_own_prefill_gives() {
+    let e = engine();
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    let p = e.encode(&text).unwrap()[..600].to_vec(); // two prefill chunks
+    let steps = 6;
+    let mut configs: Vec<PolicyConfig> = PolicyKind::ALL.iter().map(|&k| config(k, Amount::Percent(30.0))).collect();
+    configs.push(PolicyConfig { seed: 7, ..config(PolicyKind::Keyformer, Amount::Tokens(100)) });
+    let shared = e.shared_prefill(&p, &configs, steps).unwrap();
+    for kv in &configs {
+        let (separate, cs) = decode(&e, kv, &p, steps);
+        let (mut cache, mut logits) = e.cache_from_shared(&shared, kv, steps).unwrap();
+        let mut got = vec![logits.clone()];
+        for _ in 0..steps {
+            logits = e.decode_step(argmax(&logits), &mut cache).unwrap();
+            got.push(logits.clone());
+        }
+        assert_eq!(held(&cache), held(&cs), "{:?}", kv.kind);
+        assert!(got == separate, "{:?} seed {}: logits differ", kv.kind, kv.seed);
+    }
+}

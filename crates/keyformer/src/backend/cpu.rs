@@ -164,17 +164,36 @@ pub fn attention(
     signal: Signal,
     out: &mut [f32],
 ) -> Option<Vec<Vec<f32>>> {
+    attention_multi(q, positions, heads, n_heads, head_dim, layer, &[signal], out).pop().flatten()
+}
+
+/// [`attention`] producing the row sums of several signals in the one pass (a shared prefill
+/// records every policy's prompt scores at once); `result[i]` belongs to `signals[i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_multi(
+    q: &[f32],
+    positions: &[u32],
+    heads: &[HeadKv],
+    n_heads: usize,
+    head_dim: usize,
+    layer: usize,
+    signals: &[Signal],
+    out: &mut [f32],
+) -> Vec<Option<Vec<Vec<f32>>>> {
     let n = positions.len();
     let group = n_heads / heads.len();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let stride = n_heads * head_dim;
     let outp = SharedOut(out.as_mut_ptr());
-    let from_position = match signal {
-        Signal::None => None,
-        Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => Some(from_position),
-    };
+    let from_positions: Vec<Option<u32>> = signals
+        .iter()
+        .map(|signal| match *signal {
+            Signal::None => None,
+            Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => Some(from_position),
+        })
+        .collect();
     let blocks = n.div_ceil(QUERIES_PER_TASK);
-    let partial: Vec<(usize, Vec<f32>)> = (0..n_heads * blocks)
+    let partial: Vec<(usize, Vec<Option<Vec<f32>>>)> = (0..n_heads * blocks)
         .into_par_iter()
         .filter_map(|task| {
             let (h, b) = (task / blocks, task % blocks);
@@ -182,7 +201,7 @@ pub fn attention(
             let slots = kv.table.positions();
             let mut logits = Vec::with_capacity(slots.len());
             let mut noisy = Vec::new();
-            let mut sums: Option<Vec<f32>> = None;
+            let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
             for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
                 let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
                 let p = positions[i];
@@ -214,9 +233,12 @@ pub fn attention(
                 let inv = 1.0 / denom;
                 o.iter_mut().for_each(|v| *v *= inv);
 
-                if from_position.is_some_and(|f| p >= f) {
+                for ((signal, from), sums) in signals.iter().zip(&from_positions).zip(sums.iter_mut()) {
+                    if !from.is_some_and(|f| p >= f) {
+                        continue;
+                    }
                     let acc = sums.get_or_insert_with(|| vec![0.0; slots.len()]);
-                    match signal {
+                    match *signal {
                         Signal::Noisy { tau, noise: kind, seed, .. } => {
                             // softmax((x + g) / tau) over the visible slots: a second pass over
                             // this row of logits, not over the cache.
@@ -249,15 +271,24 @@ pub fn attention(
                     }
                 }
             }
-            sums.map(|s| (h, s))
+            sums.iter().any(Option::is_some).then_some((h, sums))
         })
         .collect();
-    from_position?;
-    let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
-    for (h, s) in partial {
-        per_kv[h / group].iter_mut().zip(&s).for_each(|(a, b)| *a += b);
-    }
-    Some(per_kv)
+    from_positions
+        .iter()
+        .enumerate()
+        .map(|(k, from)| {
+            from.map(|_| {
+                let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
+                for (h, sums) in &partial {
+                    if let Some(s) = &sums[k] {
+                        per_kv[h / group].iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                    }
+                }
+                per_kv
+            })
+        })
+        .collect()
 }
 
 /// f32 dot product: AVX2/FMA where the CPU has it, else [`dot_scalar`].

@@ -231,8 +231,19 @@ impl Llama {
                     cache.policy.on_insert(li, h, slot, &k[at..at + hd]);
                 }
             }
-            let sums = cpu::attention(&q, &positions, &cache.layers[li], c.n_heads, hd, li, signal, &mut attn);
-            if let Some(mut sums) = sums {
+            let mut signals = vec![signal];
+            if let Some(r) = &cache.recorder {
+                signals.extend_from_slice(&r.signals);
+            }
+            let mut all = cpu::attention_multi(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn);
+            if let Some(r) = &mut cache.recorder {
+                for (k, sums) in all.drain(1..).enumerate() {
+                    for (h, s) in sums.iter().flatten().enumerate() {
+                        r.add(k, li * c.n_kv_heads + h, s);
+                    }
+                }
+            }
+            if let Some(mut sums) = all.pop().flatten() {
                 if cache.policy.kind() == PolicyKind::Tova {
                     // TOVA scores by the attention averaged over all the layer's heads: every KV
                     // head gets the layer's sum (their slot tables evolve identically).
