@@ -4,6 +4,7 @@
 
 use keyformer_kv::PolicyConfig;
 
+use crate::kv::KvCache;
 use crate::sampling::argmax;
 use crate::{Engine, ModelError};
 
@@ -52,8 +53,24 @@ pub fn fidelity(engine: &Engine, prompt: &[u32], continuation: &[u32], kv: &Poli
     let steps = continuation.len();
     let mut full = engine.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
     let mut compressed = engine.new_cache(kv, prompt.len(), steps)?;
-    let mut lf = engine.prefill(prompt, &mut full)?;
-    let mut lc = engine.prefill(prompt, &mut compressed)?;
+    let lf = engine.prefill(prompt, &mut full)?;
+    let lc = engine.prefill(prompt, &mut compressed)?;
+    fidelity_from(engine, (full, lf), (compressed, lc), continuation)
+}
+
+/// [`fidelity`] from caches that already hold the prompt (with the prompt's last logits), as a
+/// shared prefill hands them out.
+pub fn fidelity_from(
+    engine: &Engine,
+    full: (KvCache, Vec<f32>),
+    compressed: (KvCache, Vec<f32>),
+    continuation: &[u32],
+) -> Result<FidelityReport, ModelError> {
+    let steps = continuation.len();
+    if steps == 0 {
+        return Err(ModelError::Input("fidelity needs a continuation".into()));
+    }
+    let ((mut full, mut lf), (mut compressed, mut lc)) = (full, compressed);
     let (mut kls, mut agree) = (Vec::with_capacity(steps), 0usize);
     for (i, &token) in continuation.iter().enumerate() {
         kls.push(kl_divergence(&lf, &lc));

@@ -7,7 +7,8 @@
 //! continuation), `generation` (greedy continuation of the compressed cache against the full
 //! cache's: ROUGE and identical prefix), `needle` (a passkey hidden at a depth of a haystack of
 //! real text, asked for after it; the full cache's answer is recorded beside) and `ppl`
-//! (streaming perplexity). The summary task and the shared prefill are still to come.
+//! (streaming perplexity). For `fidelity` each document's prompt is prefilled once and every
+//! policy, budget and seed compresses its own copy. The summary task is still to come.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -17,7 +18,8 @@ use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::GenerateRequest;
-use crate::eval::fidelity::fidelity;
+use crate::engine::SharedPrefill;
+use crate::eval::fidelity::fidelity_from;
 use crate::eval::plot::{line_chart_svg, Series};
 use crate::eval::rouge;
 use crate::sampling::SamplingParams;
@@ -182,6 +184,7 @@ pub fn run_eval(
     let mut full_generation: BTreeMap<String, (Vec<u32>, String)> = BTreeMap::new();
     let mut full_needle: BTreeMap<String, bool> = BTreeMap::new();
     let mut token_cache: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut shared: Option<(String, SharedPrefill)> = None;
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
     for (i, (task, doc, unit, kind, budget, seed)) in cases.into_iter().enumerate() {
         let doc_label = match unit {
@@ -210,7 +213,23 @@ pub fn run_eval(
                         p + c
                     )));
                 }
-                let r = fidelity(engine, &tokens[..p], &tokens[p..p + c], &kv)?;
+                // One prefill per document, shared by every policy, budget and seed.
+                if shared.as_ref().is_none_or(|(id, _)| id != &doc.id) {
+                    let configs: Vec<PolicyConfig> = plan
+                        .policies
+                        .iter()
+                        .flat_map(|&kind| plan.budgets.iter().map(move |&b| (kind, b)))
+                        .flat_map(|(kind, budget)| {
+                            let seeds: &[u64] = if seeded(kind) { &plan.seeds } else { &[0] };
+                            seeds.iter().map(move |&seed| PolicyConfig { kind, budget: Some(budget), seed, ..plan.base.clone() })
+                        })
+                        .collect();
+                    shared = Some((doc.id.clone(), engine.shared_prefill(&tokens[..p], &configs, c)?));
+                }
+                let prefill = &shared.as_ref().expect("set above").1;
+                let full = engine.cache_from_shared(prefill, &PolicyConfig::default(), c)?;
+                let compressed = engine.cache_from_shared(prefill, &kv, c)?;
+                let r = fidelity_from(engine, full, compressed, &tokens[p..p + c])?;
                 metrics.insert("mean_kl".into(), r.mean_kl);
                 metrics.insert("p90_kl".into(), r.p90_kl);
                 metrics.insert("top1_agreement".into(), r.top1_agreement);
