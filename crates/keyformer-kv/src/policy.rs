@@ -103,10 +103,11 @@ impl std::str::FromStr for Amount {
     }
 }
 
+/// As written on the command line: `64` or `50%`.
 impl std::fmt::Display for Amount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Amount::Tokens(n) => write!(f, "{n} tokens"),
+            Amount::Tokens(n) => write!(f, "{n}"),
             Amount::Percent(p) => write!(f, "{p}%"),
         }
     }

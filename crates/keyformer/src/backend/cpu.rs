@@ -150,27 +150,14 @@ const QUERIES_PER_TASK: usize = 32;
 /// The same pass produces the eviction policy's scores ([`Signal`]): for each query row at or
 /// after `from_position`, that row's probabilities (plain, or Keyformer's noisy softmax at
 /// temperature tau) are added per slot into the row sums of its KV head, returned as
-/// `sums[kv_head][slot]`. Only a row of logits per query is ever held, never an n x n matrix.
+/// `sums[signal][kv_head][slot]`. Only a row of logits per query is ever held, never an n x n matrix.
+///
+/// Several signals are served by the one pass (a shared prefill records every policy's prompt
+/// scores at once): `result[i]` belongs to `signals[i]`, `None` for [`Signal::None`].
 ///
 /// `q`: n x (n_heads * head_dim); `out`: same shape.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
-    q: &[f32],
-    positions: &[u32],
-    heads: &[HeadKv],
-    n_heads: usize,
-    head_dim: usize,
-    layer: usize,
-    signal: Signal,
-    out: &mut [f32],
-) -> Option<Vec<Vec<f32>>> {
-    attention_multi(q, positions, heads, n_heads, head_dim, layer, &[signal], out).pop().flatten()
-}
-
-/// [`attention`] producing the row sums of several signals in the one pass (a shared prefill
-/// records every policy's prompt scores at once); `result[i]` belongs to `signals[i]`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_multi(
     q: &[f32],
     positions: &[u32],
     heads: &[HeadKv],
@@ -436,7 +423,7 @@ mod tests {
         let probs: Vec<Vec<f32>> = logits.iter().map(|l| softmax(l)).collect();
 
         let mut out = vec![0f32; 4];
-        let sums = attention(&q, &[2], &heads, 2, 2, 0, Signal::Attention { from_position: 0 }, &mut out).unwrap();
+        let sums = attention(&q, &[2], &heads, 2, 2, 0, &[Signal::Attention { from_position: 0 }], &mut out)[0].clone().unwrap();
         for h in 0..2 {
             let want: f32 = (0..3).map(|j| probs[h][j] * j as f32).sum();
             assert!((out[2 * h] - want).abs() < 1e-6 && (out[2 * h + 1] - 1.0).abs() < 1e-6);
@@ -449,7 +436,7 @@ mod tests {
         // Keyformer: softmax((x + g) / tau) with the counter-based Gumbel noise.
         let (tau, seed) = (1.5, 9);
         let signal = Signal::Noisy { from_position: 0, tau, noise: NoiseKind::Gumbel, seed };
-        let sums = attention(&q, &[2], &heads, 2, 2, 4, signal, &mut out).unwrap();
+        let sums = attention(&q, &[2], &heads, 2, 2, 4, &[signal], &mut out)[0].clone().unwrap();
         let mut want = [0f32; 3];
         for h in 0..2 {
             let y: Vec<f32> =
@@ -460,7 +447,7 @@ mod tests {
             assert!((sums[0][j] - want[j]).abs() < 1e-5, "slot {j}: {} vs {}", sums[0][j], want[j]);
         }
         // Rows before from_position do not count.
-        assert!(attention(&q, &[2], &heads, 2, 2, 0, Signal::Attention { from_position: 3 }, &mut out).unwrap()[0]
+        assert!(attention(&q, &[2], &heads, 2, 2, 0, &[Signal::Attention { from_position: 3 }], &mut out)[0].clone().unwrap()[0]
             .iter()
             .all(|&v| v == 0.0));
     }

@@ -129,13 +129,6 @@ fn seeded(kind: PolicyKind) -> bool {
     matches!(kind, PolicyKind::Keyformer | PolicyKind::Random)
 }
 
-fn budget_label(b: Amount) -> String {
-    match b {
-        Amount::Tokens(n) => n.to_string(),
-        Amount::Percent(p) => format!("{p}%"),
-    }
-}
-
 /// Run `plan` over `docs`, appending to `out/results.jsonl` (cases already there are skipped),
 /// then writing `summary.json` and `summary.md`. `progress(done, total)` after each case.
 pub fn run_eval(
@@ -191,7 +184,7 @@ pub fn run_eval(
             Some((length, depth)) => format!("{}@{length}@{depth}%", doc.id),
             None => doc.id.clone(),
         };
-        let key = (task.name().to_string(), doc_label.clone(), kind.name().to_string(), budget_label(budget), seed);
+        let key = (task.name().to_string(), doc_label.clone(), kind.name().to_string(), budget.to_string(), seed);
         if done.contains(&key) {
             progress(i + 1, total);
             continue;

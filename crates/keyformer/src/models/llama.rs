@@ -235,7 +235,7 @@ impl Llama {
             if let Some(r) = &cache.recorder {
                 signals.extend_from_slice(&r.signals);
             }
-            let mut all = cpu::attention_multi(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn);
+            let mut all = cpu::attention(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn);
             if let Some(r) = &mut cache.recorder {
                 for (k, sums) in all.drain(1..).enumerate() {
                     for (h, s) in sums.iter().flatten().enumerate() {
