@@ -12,7 +12,7 @@ use keyformer::engine::GenerateRequest;
 use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
 use keyformer::sampling::SamplingParams;
 use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
-use keyformer::eval::suite::{EvalPlan, Task};
+use keyformer::eval::suite::{EvalPlan, PolicyVariant, Task};
 use keyformer::Engine;
 use serde_json::json;
 
@@ -54,32 +54,42 @@ enum Command {
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Documents: a JSONL file of {id, context, question?, reference?}, or a text file (one document).
+    /// Documents: a JSONL file of {id, context, question?, reference?}, or a text file (one
+    /// document). `scripts/fetch-texts.sh` fetches real ones (Brown corpus, Genesis, Python
+    /// HOWTO abstracts and What's New highlights).
     #[arg(long)]
     data: PathBuf,
-    /// Tasks, comma-separated: fidelity (KL against the full cache), generation (greedy output
-    /// against the full cache's: ROUGE, identical prefix), needle (passkey retrieval from a
-    /// haystack), ppl (streaming perplexity).
+    /// Tasks, comma-separated: fidelity (KL against the full cache on a teacher-forced
+    /// continuation), generation (greedy output against the full cache's: ROUGE, identical
+    /// prefix), summary (chat-template summary: ROUGE against the document's reference and the
+    /// full cache's summary), needle (passkey retrieval from a haystack), ppl (streaming
+    /// perplexity).
     #[arg(long, value_delimiter = ',', default_value = "fidelity,generation,ppl")]
     tasks: Vec<Task>,
-    /// Policies, comma-separated.
+    /// Policies, comma-separated. A policy may carry its own settings after colons, which makes
+    /// ablations one run: keyformer:noise=none, keyformer:recent=10%, keyformer:frozen,
+    /// keyformer:tau=1-1, sink:sinks=8, snapkv:window=16 (the rows are labelled as written).
     #[arg(long, value_delimiter = ',', default_value = "window,sink,h2o,tova,snapkv,knorm,keyformer")]
-    policies: Vec<PolicyKind>,
+    policies: Vec<String>,
     /// Budgets, comma-separated: tokens or percentages (of the prompt; of the window for ppl).
     #[arg(long, value_delimiter = ',', default_value = "10%,20%,30%,50%,70%,90%")]
     budgets: Vec<Amount>,
-    /// Seeds for keyformer and random, comma-separated.
+    /// Seeds for keyformer (with random noise) and random, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     seeds: Vec<u64>,
     /// Use at most N documents.
     #[arg(long)]
     limit: Option<usize>,
-    /// Fidelity: prompt tokens compressed to the budget.
+    /// Fidelity and generation: prompt tokens compressed to the budget. Summary: document
+    /// tokens kept at most (the rest is cut).
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
-    /// Fidelity: tokens teacher-forced after the prompt.
+    /// Fidelity: tokens teacher-forced after the prompt; generation: tokens generated.
     #[arg(long, default_value_t = 128)]
     continuation_tokens: usize,
+    /// Summary: tokens generated at most.
+    #[arg(long, default_value_t = 128)]
+    summary_tokens: usize,
     /// Perplexity: window length in tokens.
     #[arg(long, default_value_t = 1024)]
     ppl_ctx: usize,
@@ -89,7 +99,11 @@ struct EvalArgs {
     /// Needle: depths of the passkey in percent of the haystack, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100")]
     needle_depths: Vec<u32>,
-    /// Output folder: results.jsonl (resumable), summary.json, summary.md.
+    /// Defaults of every policy's settings (a policy's own `:option=` wins).
+    #[command(flatten)]
+    tuning: KvTuning,
+    /// Output folder: results.jsonl (resumable), summary.json, summary.md, plots (SVG; PNG
+    /// too where rsvg-convert is installed).
     #[arg(long)]
     out: PathBuf,
 }
@@ -150,6 +164,13 @@ struct KvArgs {
     /// of the window for `perplexity`). Required by every policy but `full`.
     #[arg(long)]
     kv_budget: Option<Amount>,
+    #[command(flatten)]
+    tuning: KvTuning,
+}
+
+/// Policy settings other than the policy and its budget (shared by `run`, `perplexity`, `eval`).
+#[derive(Args, Clone)]
+struct KvTuning {
     /// Most recent tokens always kept: tokens or a percentage of the budget [default: 30%].
     #[arg(long)]
     kv_recent: Option<Amount>,
@@ -173,11 +194,11 @@ struct KvArgs {
     keyformer_frozen: bool,
 }
 
-impl KvArgs {
-    fn config(&self, seed: u64) -> PolicyConfig {
+impl KvTuning {
+    fn config(&self, kind: PolicyKind, budget: Option<Amount>, seed: u64) -> PolicyConfig {
         PolicyConfig {
-            kind: self.kv_policy,
-            budget: self.kv_budget,
+            kind,
+            budget,
             recent: self.kv_recent,
             sinks: self.kv_sinks,
             snapkv_window: self.snapkv_window,
@@ -189,6 +210,12 @@ impl KvArgs {
             },
             seed,
         }
+    }
+}
+
+impl KvArgs {
+    fn config(&self, seed: u64) -> PolicyConfig {
+        self.tuning.config(self.kv_policy, self.kv_budget, seed)
     }
 }
 
@@ -433,29 +460,35 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let engine = load(&a.model.model)?;
     let docs = keyformer::eval::suite::load_documents(&a.data)?;
     if docs.is_empty() {
         bail!("{} holds no documents", a.data.display());
     }
+    let defaults = a.tuning.config(PolicyKind::Full, None, 0);
+    let policies = a
+        .policies
+        .iter()
+        .map(|p| PolicyVariant::parse(p, &defaults).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    for variant in &policies {
+        for &budget in &a.budgets {
+            variant.case(budget, 0).validate().with_context(|| format!("policy '{}' at budget {budget}", variant.label))?;
+        }
+    }
     let plan = EvalPlan {
         tasks: a.tasks,
-        policies: a.policies,
+        policies,
         budgets: a.budgets,
         seeds: a.seeds,
         limit: a.limit,
         prompt_tokens: a.prompt_tokens,
         continuation_tokens: a.continuation_tokens,
+        summary_tokens: a.summary_tokens,
         ppl_ctx: a.ppl_ctx,
         needle_lengths: a.needle_lengths,
         needle_depths: a.needle_depths,
-        base: PolicyConfig::default(),
     };
-    for &kind in &plan.policies {
-        for &budget in &plan.budgets {
-            PolicyConfig { kind, budget: Some(budget), ..PolicyConfig::default() }.validate()?;
-        }
-    }
+    let engine = load(&a.model.model)?;
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("eval {bar:40} {pos}/{len} cases ({elapsed} elapsed, ETA {eta})").expect("valid template"));
     let results = keyformer::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {

@@ -211,26 +211,29 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let prose = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt")).unwrap();
     let (a, b) = prose.split_at(prose.len() / 2);
     let data = scratch("docs.jsonl");
-    let line = |id: &str, text: &str| serde_json::json!({"id": id, "context": text}).to_string();
+    let line = |id: &str, text: &str| serde_json::json!({"id": id, "context": text, "reference": "A summary."}).to_string();
     std::fs::write(&data, format!("{}\n{}\n", line("first", a), line("second", b))).unwrap();
     let out = scratch("eval-out");
     let _ = std::fs::remove_dir_all(&out);
     let args = [
-        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,generation,needle,ppl", "--policies", "window,keyformer",
-        "--budgets", "50%", "--seeds", "0,1", "--prompt-tokens", "64", "--continuation-tokens", "8",
-        "--ppl-ctx", "64", "--needle-lengths", "256", "--needle-depths", "50", "--out", out.to_str().unwrap(),
+        "eval", "--data", data.to_str().unwrap(), "--tasks", "fidelity,generation,summary,needle,ppl", "--policies",
+        "window,keyformer,keyformer:noise=none", "--budgets", "50%", "--seeds", "0,1", "--prompt-tokens", "64",
+        "--continuation-tokens", "8", "--summary-tokens", "8", "--ppl-ctx", "64", "--needle-lengths", "256",
+        "--needle-depths", "50", "--out", out.to_str().unwrap(),
     ];
     let run = keyformer(&args);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let rows = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    // 4 tasks x 2 documents (x 1 haystack for the needle) x (window + keyformer x 2 seeds) = 24.
-    assert_eq!(rows.lines().count(), 24);
+    // 5 tasks x 2 documents (x 1 haystack for the needle) x (window + keyformer x 2 seeds +
+    // keyformer without noise, which needs no seeds) = 40.
+    assert_eq!(rows.lines().count(), 40);
     let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
     assert!(first["metrics"]["mean_kl"].as_f64().unwrap() >= 0.0);
     assert!(out.join("summary.json").exists());
     let svg = std::fs::read_to_string(out.join("fidelity-mean_kl.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count() + svg.matches("<circle").count(), 2, "one point per policy at one budget");
-    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| keyformer |"));
+    assert_eq!(svg.matches("<polyline").count() + svg.matches("<circle").count(), 3, "one point per policy at one budget");
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| keyformer |") && md.contains("| keyformer:noise=none |") && md.contains("## summary"), "{md}");
     // Interrupted: the last row is cut in half; the rerun redoes only that case.
     let cut = &rows[..rows.len() - 20];
     std::fs::write(out.join("results.jsonl"), cut).unwrap();
@@ -238,7 +241,7 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     let again = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     let parsed = again.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
-    assert_eq!(parsed, 24, "{again}");
+    assert_eq!(parsed, 40, "{again}");
     let needle: serde_json::Value = serde_json::from_str(again.lines().find(|l| l.contains("\"needle\"")).unwrap()).unwrap();
     assert!(needle["doc"].as_str().unwrap().ends_with("@256@50%"), "{needle}");
     for m in ["correct", "full_correct"] {
@@ -250,4 +253,6 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let r1 = g["metrics"]["rouge1"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&r1) && g["metrics"]["identical_prefix"].as_f64().unwrap() <= 8.0);
     assert_clean_error(&keyformer(&["eval", "--data", "/nonexistent.jsonl", "--out", out.to_str().unwrap()]), "reading /nonexistent.jsonl");
+    let bad_variant = ["eval", "--data", data.to_str().unwrap(), "--policies", "keyformer:noise=pink", "--out", out.to_str().unwrap()];
+    assert_clean_error(&keyformer(&bad_variant), "unknown noise");
 }

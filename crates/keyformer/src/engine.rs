@@ -293,14 +293,30 @@ impl Engine {
             return Err(ModelError::PromptTooLong { prompt: prompt.len(), context: ctx });
         }
         let mut cache = self.new_cache(&req.kv, prompt.len(), req.max_tokens)?;
+        let t0 = Instant::now();
+        let logits = self.prefill(prompt, &mut cache)?;
+        let prefill_seconds = t0.elapsed().as_secs_f64();
+        let mut out = self.generate_from(prompt, (cache, logits), req, on_text)?;
+        out.prefill_seconds = prefill_seconds;
+        Ok(out)
+    }
+
+    /// [`Engine::generate`] from a cache that already holds `prompt` (with the prompt's last
+    /// logits), as [`Engine::cache_from_shared`] hands it out; `req.kv` is not used, the cache's
+    /// own policy is. The output's `prefill_seconds` is 0.
+    pub fn generate_from(
+        &self,
+        prompt: &[u32],
+        (mut cache, mut logits): (KvCache, Vec<f32>),
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<GenerationOutput, ModelError> {
+        req.sampling.validate().map_err(ModelError::Input)?;
+        let ctx = self.context_length();
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut history = prompt.to_vec();
         let mut generated: Vec<u32> = Vec::new();
         let mut stream = StopStream::new(&req.stop);
-
-        let t0 = Instant::now();
-        let mut logits = self.prefill(prompt, &mut cache)?;
-        let prefill_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut stop_reason = StopReason::MaxTokens;
         while generated.len() < req.max_tokens {
@@ -333,7 +349,7 @@ impl Engine {
             generated_tokens: generated.len(),
             token_ids: generated,
             stop_reason,
-            prefill_seconds,
+            prefill_seconds: 0.0,
             decode_seconds,
             kv_cache: KvReport::of(&cache),
         })

@@ -55,29 +55,48 @@ pub fn fidelity(engine: &Engine, prompt: &[u32], continuation: &[u32], kv: &Poli
     let mut compressed = engine.new_cache(kv, prompt.len(), steps)?;
     let lf = engine.prefill(prompt, &mut full)?;
     let lc = engine.prefill(prompt, &mut compressed)?;
-    fidelity_from(engine, (full, lf), (compressed, lc), continuation)
+    let reference = teacher_forced_logits(engine, (full, lf), continuation)?;
+    fidelity_against(engine, &reference, (compressed, lc), continuation)
 }
 
-/// [`fidelity`] from caches that already hold the prompt (with the prompt's last logits), as a
-/// shared prefill hands them out.
-pub fn fidelity_from(
+/// The next-token logits along a teacher-forced `continuation`, from a cache that holds the
+/// prompt (with the prompt's last logits): one row per forced token, each predicting it.
+pub fn teacher_forced_logits(
     engine: &Engine,
-    full: (KvCache, Vec<f32>),
-    compressed: (KvCache, Vec<f32>),
+    (mut cache, mut logits): (KvCache, Vec<f32>),
+    continuation: &[u32],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let mut rows = Vec::with_capacity(continuation.len());
+    for (i, &token) in continuation.iter().enumerate() {
+        if i + 1 < continuation.len() {
+            let next = engine.decode_step(token, &mut cache)?;
+            rows.push(std::mem::replace(&mut logits, next));
+        } else {
+            rows.push(std::mem::take(&mut logits));
+        }
+    }
+    Ok(rows)
+}
+
+/// Teacher-force `continuation` through a compressed cache that holds the prompt and compare
+/// each next-token distribution with the full cache's (`reference`, from
+/// [`teacher_forced_logits`]).
+pub fn fidelity_against(
+    engine: &Engine,
+    reference: &[Vec<f32>],
+    (mut cache, mut logits): (KvCache, Vec<f32>),
     continuation: &[u32],
 ) -> Result<FidelityReport, ModelError> {
     let steps = continuation.len();
-    if steps == 0 {
-        return Err(ModelError::Input("fidelity needs a continuation".into()));
+    if steps == 0 || reference.len() != steps {
+        return Err(ModelError::Input(format!("fidelity needs a continuation and its {steps} reference rows")));
     }
-    let ((mut full, mut lf), (mut compressed, mut lc)) = (full, compressed);
     let (mut kls, mut agree) = (Vec::with_capacity(steps), 0usize);
-    for (i, &token) in continuation.iter().enumerate() {
-        kls.push(kl_divergence(&lf, &lc));
-        agree += usize::from(argmax(&lf) == argmax(&lc));
+    for (i, (&token, full)) in continuation.iter().zip(reference).enumerate() {
+        kls.push(kl_divergence(full, &logits));
+        agree += usize::from(argmax(full) == argmax(&logits));
         if i + 1 < steps {
-            lf = engine.decode_step(token, &mut full)?;
-            lc = engine.decode_step(token, &mut compressed)?;
+            logits = engine.decode_step(token, &mut cache)?;
         }
     }
     Ok(FidelityReport {

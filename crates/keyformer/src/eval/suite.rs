@@ -3,23 +3,26 @@
 //! an interrupted run resumes where it stopped), then `summary.json`, `summary.md` and one SVG
 //! plot per task and metric (quality against budget, a line per policy).
 //!
-//! Tasks so far: `fidelity` (KL divergence against the full cache on a teacher-forced
-//! continuation), `generation` (greedy continuation of the compressed cache against the full
-//! cache's: ROUGE and identical prefix), `needle` (a passkey hidden at a depth of a haystack of
-//! real text, asked for after it; the full cache's answer is recorded beside) and `ppl`
-//! (streaming perplexity). For `fidelity` each document's prompt is prefilled once and every
-//! policy, budget and seed compresses its own copy. The summary task is still to come.
+//! Tasks: `fidelity` (KL divergence against the full cache on a teacher-forced continuation),
+//! `generation` (greedy continuation of the compressed cache against the full cache's: ROUGE
+//! and identical prefix), `summary` (a chat-template summary of the document: ROUGE against the
+//! human reference and against the full cache's summary), `needle` (a passkey hidden at a depth
+//! of a haystack of real text, asked for after it) and `ppl` (streaming perplexity).
+//!
+//! Every prompt but perplexity's (which streams, so eviction starts inside it) is prefilled
+//! once with the full cache; that prefill records every policy's prompt scores, and each
+//! policy, budget and seed compresses its own copy ([`Engine::shared_prefill`]). The full
+//! cache's own answer for the prompt is computed once and compared against.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+use keyformer_kv::{Amount, NoiseKind, PolicyConfig, PolicyKind};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::GenerateRequest;
-use crate::engine::SharedPrefill;
-use crate::eval::fidelity::fidelity_from;
+use crate::eval::fidelity::{fidelity_against, teacher_forced_logits};
 use crate::eval::plot::{line_chart_svg, Series};
 use crate::eval::rouge;
 use crate::sampling::SamplingParams;
@@ -30,8 +33,10 @@ use crate::{Engine, ModelError};
 pub struct Document {
     pub id: String,
     pub context: String,
+    /// Summary task: the instruction after the document (default: a request for a summary).
     #[serde(default)]
     pub question: Option<String>,
+    /// Summary task: the human-written summary.
     #[serde(default)]
     pub reference: Option<String>,
 }
@@ -58,31 +63,81 @@ pub fn load_documents(path: &Path) -> Result<Vec<Document>, ModelError> {
 pub enum Task {
     Fidelity,
     Generation,
+    Summary,
     Needle,
     Ppl,
+}
+
+impl Task {
+    pub const ALL: [Task; 5] = [Task::Fidelity, Task::Generation, Task::Summary, Task::Needle, Task::Ppl];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Fidelity => "fidelity",
+            Task::Generation => "generation",
+            Task::Summary => "summary",
+            Task::Needle => "needle",
+            Task::Ppl => "ppl",
+        }
+    }
 }
 
 impl std::str::FromStr for Task {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fidelity" => Ok(Task::Fidelity),
-            "generation" => Ok(Task::Generation),
-            "needle" => Ok(Task::Needle),
-            "ppl" => Ok(Task::Ppl),
-            other => Err(format!("unknown or not yet available task '{other}' (available: fidelity, generation, needle, ppl)")),
-        }
+        Task::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
+            format!("unknown task '{s}' (available: {})", names.join(", "))
+        })
     }
 }
 
-impl Task {
-    fn name(self) -> &'static str {
-        match self {
-            Task::Fidelity => "fidelity",
-            Task::Generation => "generation",
-            Task::Needle => "needle",
-            Task::Ppl => "ppl",
+/// A policy with its own settings, named as written: `keyformer`, `keyformer:noise=none`,
+/// `keyformer:recent=10%:frozen`, `sink:sinks=8`. Options: `recent=AMOUNT`, `sinks=N`,
+/// `window=N` (SnapKV's observation window), `noise=gumbel|gaussian|constant|none`,
+/// `tau=INIT-END`, `frozen`. Unset options come from the run's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyVariant {
+    pub label: String,
+    pub config: PolicyConfig,
+}
+
+impl PolicyVariant {
+    pub fn parse(spec: &str, defaults: &PolicyConfig) -> Result<Self, String> {
+        let mut parts = spec.trim().split(':');
+        let kind: PolicyKind = parts.next().unwrap_or_default().parse().map_err(|e: keyformer_kv::PolicyError| e.to_string())?;
+        let mut config = PolicyConfig { kind, ..defaults.clone() };
+        for option in parts {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            let bad = |what: &str| format!("policy '{spec}': {what}");
+            match key {
+                "recent" => config.recent = Some(value.parse().map_err(|e: keyformer_kv::PolicyError| bad(&e.to_string()))?),
+                "sinks" => config.sinks = value.parse().map_err(|_| bad(&format!("sinks must be a count, not '{value}'")))?,
+                "window" => config.snapkv_window = value.parse().map_err(|_| bad(&format!("window must be a count, not '{value}'")))?,
+                "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(|e| bad(&e))?,
+                "tau" => {
+                    let (a, b) = value.split_once('-').ok_or_else(|| bad("tau is INIT-END, e.g. tau=1-2"))?;
+                    let t = |v: &str| v.parse::<f32>().map_err(|_| bad(&format!("'{v}' is not a temperature")));
+                    (config.keyformer.tau_init, config.keyformer.tau_end) = (t(a)?, t(b)?);
+                }
+                "frozen" if value.is_empty() => config.keyformer.frozen = true,
+                _ => return Err(bad(&format!("unknown option '{option}' (recent=, sinks=, window=, noise=, tau=, frozen)"))),
+            }
         }
+        Ok(Self { label: spec.trim().to_string(), config })
+    }
+
+    fn seeded(&self) -> bool {
+        match self.config.kind {
+            PolicyKind::Random => true,
+            PolicyKind::Keyformer => !matches!(self.config.keyformer.noise, NoiseKind::None | NoiseKind::Constant),
+            _ => false,
+        }
+    }
+
+    /// The configuration of one case.
+    pub fn case(&self, budget: Amount, seed: u64) -> PolicyConfig {
+        PolicyConfig { budget: Some(budget), seed, ..self.config.clone() }
     }
 }
 
@@ -90,21 +145,22 @@ impl Task {
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
     pub tasks: Vec<Task>,
-    pub policies: Vec<PolicyKind>,
+    pub policies: Vec<PolicyVariant>,
     pub budgets: Vec<Amount>,
     pub seeds: Vec<u64>,
     /// Documents used at most.
     pub limit: Option<usize>,
-    /// Fidelity: prompt tokens (compressed to the budget) and teacher-forced tokens after it.
+    /// Fidelity and generation: prompt tokens (compressed to the budget) and tokens after it
+    /// (teacher-forced, or generated). Summary: document tokens kept at most.
     pub prompt_tokens: usize,
     pub continuation_tokens: usize,
+    /// Summary: tokens generated at most.
+    pub summary_tokens: usize,
     /// Perplexity: window length (a percentage budget is of the window).
     pub ppl_ctx: usize,
     /// Needle: haystack lengths in tokens, and depths (percent of the haystack) of the passkey.
     pub needle_lengths: Vec<usize>,
     pub needle_depths: Vec<u32>,
-    /// Settings other than policy, budget and seed (sinks, recent window, keyformer options).
-    pub base: PolicyConfig,
 }
 
 /// One finished case.
@@ -116,21 +172,43 @@ pub struct CaseRow {
     pub budget: String,
     pub seed: u64,
     pub metrics: BTreeMap<String, f64>,
+    /// The text generated (generation, summary and needle), to read beside the scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// The full cache's text for the same prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_output: Option<String>,
 }
 
+type CaseKey = (String, String, String, String, u64);
+
 impl CaseRow {
-    fn key(&self) -> (String, String, String, String, u64) {
+    fn key(&self) -> CaseKey {
         (self.task.clone(), self.doc.clone(), self.policy.clone(), self.budget.clone(), self.seed)
     }
 }
 
-/// Policies whose result depends on the seed.
-fn seeded(kind: PolicyKind) -> bool {
-    matches!(kind, PolicyKind::Keyformer | PolicyKind::Random)
+/// One prompt of one task: every policy, budget and seed runs on it.
+struct Unit<'a> {
+    task: Task,
+    doc: &'a Document,
+    /// Needle: haystack length and depth.
+    needle: Option<(usize, u32)>,
+    label: String,
 }
 
+/// The full cache's answer for a unit, computed once.
+enum FullAnswer {
+    Logits(Vec<Vec<f32>>),
+    Text { ids: Vec<u32>, text: String },
+    Needle(bool),
+    None,
+}
+
+const NEEDLE_ANSWER_TOKENS: usize = 12;
+
 /// Run `plan` over `docs`, appending to `out/results.jsonl` (cases already there are skipped),
-/// then writing `summary.json` and `summary.md`. `progress(done, total)` after each case.
+/// then writing `summary.json`, `summary.md` and the plots. `progress(done, total)` after each case.
 pub fn run_eval(
     engine: &Engine,
     plan: &EvalPlan,
@@ -148,139 +226,195 @@ pub fn run_eval(
         let text: String = previous.iter().map(|r| serde_json::to_string(r).expect("rows serialise") + "\n").collect();
         std::fs::write(&results, text).map_err(io)?;
     }
-    let mut done: HashSet<_> = previous.iter().map(CaseRow::key).collect();
+    let done: HashSet<CaseKey> = previous.iter().map(CaseRow::key).collect();
     let docs = &docs[..plan.limit.map_or(docs.len(), |l| l.min(docs.len()))];
+    if plan.tasks.contains(&Task::Summary) {
+        if let Some(d) = docs.iter().find(|d| d.reference.is_none()) {
+            return Err(ModelError::Input(format!("the summary task needs a reference summary; document '{}' has none", d.id)));
+        }
+    }
 
-    let mut cases = Vec::new();
+    let mut units = Vec::new();
     for &task in &plan.tasks {
         for doc in docs {
-            // The needle task makes one haystack per (length, depth) from each document.
-            let units: Vec<Option<(usize, u32)>> = if task == Task::Needle {
-                plan.needle_lengths.iter().flat_map(|&l| plan.needle_depths.iter().map(move |&d| Some((l, d)))).collect()
-            } else {
-                vec![None]
-            };
-            for unit in units {
-                for &kind in &plan.policies {
-                    for &budget in &plan.budgets {
-                        let seeds: &[u64] = if seeded(kind) { &plan.seeds } else { &[0] };
-                        for &seed in seeds {
-                            cases.push((task, doc, unit, kind, budget, seed));
-                        }
+            if task == Task::Needle {
+                for &length in &plan.needle_lengths {
+                    for &depth in &plan.needle_depths {
+                        units.push(Unit { task, doc, needle: Some((length, depth)), label: format!("{}@{length}@{depth}%", doc.id) });
                     }
                 }
+            } else {
+                units.push(Unit { task, doc, needle: None, label: doc.id.clone() });
             }
         }
     }
-    let total = cases.len();
-    // The full cache's greedy continuation per document, computed once.
-    let mut full_generation: BTreeMap<String, (Vec<u32>, String)> = BTreeMap::new();
-    let mut full_needle: BTreeMap<String, bool> = BTreeMap::new();
-    let mut token_cache: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    let mut shared: Option<(String, SharedPrefill)> = None;
+    let cases: Vec<(&PolicyVariant, Amount, u64)> = plan
+        .policies
+        .iter()
+        .flat_map(|v| plan.budgets.iter().map(move |&b| (v, b)))
+        .flat_map(|(v, b)| {
+            let seeds: &[u64] = if v.seeded() { &plan.seeds } else { &[0] };
+            seeds.iter().map(move |&s| (v, b, s))
+        })
+        .collect();
+    let total = units.len() * cases.len();
+    let key = |unit: &Unit, v: &PolicyVariant, b: Amount, seed: u64| -> CaseKey {
+        (unit.task.name().to_string(), unit.label.clone(), v.label.clone(), b.to_string(), seed)
+    };
+
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
-    for (i, (task, doc, unit, kind, budget, seed)) in cases.into_iter().enumerate() {
-        let doc_label = match unit {
-            Some((length, depth)) => format!("{}@{length}@{depth}%", doc.id),
-            None => doc.id.clone(),
-        };
-        let key = (task.name().to_string(), doc_label.clone(), kind.name().to_string(), budget.to_string(), seed);
-        if done.contains(&key) {
-            progress(i + 1, total);
+    let mut tokens_of: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut finished = 0;
+    for unit in &units {
+        let pending: Vec<_> = cases.iter().filter(|(v, b, s)| !done.contains(&key(unit, v, *b, *s))).collect();
+        finished += cases.len() - pending.len();
+        progress(finished, total);
+        if pending.is_empty() {
             continue;
         }
-        let kv = PolicyConfig { kind, budget: Some(budget), seed, ..plan.base.clone() };
-        if !token_cache.contains_key(&doc.id) {
-            token_cache.insert(doc.id.clone(), engine.encode(&doc.context)?);
+        if !tokens_of.contains_key(&unit.doc.id) {
+            tokens_of.insert(unit.doc.id.clone(), engine.encode(&unit.doc.context)?);
         }
-        let tokens = &token_cache[&doc.id];
-        let mut metrics = BTreeMap::new();
-        match task {
-            Task::Fidelity => {
-                let (p, c) = (plan.prompt_tokens, plan.continuation_tokens);
-                if tokens.len() < p + c {
-                    return Err(ModelError::Input(format!(
-                        "document '{}' has {} tokens; fidelity needs {} (prompt {p} + continuation {c})",
-                        doc.id,
-                        tokens.len(),
-                        p + c
-                    )));
-                }
-                // One prefill per document, shared by every policy, budget and seed.
-                if shared.as_ref().is_none_or(|(id, _)| id != &doc.id) {
-                    let configs: Vec<PolicyConfig> = plan
-                        .policies
-                        .iter()
-                        .flat_map(|&kind| plan.budgets.iter().map(move |&b| (kind, b)))
-                        .flat_map(|(kind, budget)| {
-                            let seeds: &[u64] = if seeded(kind) { &plan.seeds } else { &[0] };
-                            seeds.iter().map(move |&seed| PolicyConfig { kind, budget: Some(budget), seed, ..plan.base.clone() })
-                        })
-                        .collect();
-                    shared = Some((doc.id.clone(), engine.shared_prefill(&tokens[..p], &configs, c)?));
-                }
-                let prefill = &shared.as_ref().expect("set above").1;
-                let full = engine.cache_from_shared(prefill, &PolicyConfig::default(), c)?;
-                let compressed = engine.cache_from_shared(prefill, &kv, c)?;
-                let r = fidelity_from(engine, full, compressed, &tokens[p..p + c])?;
-                metrics.insert("mean_kl".into(), r.mean_kl);
-                metrics.insert("p90_kl".into(), r.p90_kl);
-                metrics.insert("top1_agreement".into(), r.top1_agreement);
-            }
-            Task::Generation => {
-                let p = plan.prompt_tokens.min(tokens.len());
-                let prompt = &tokens[..p];
-                let greedy = |kv: PolicyConfig| -> Result<(Vec<u32>, String), ModelError> {
-                    let req = GenerateRequest {
-                        max_tokens: plan.continuation_tokens,
-                        sampling: SamplingParams::default(),
-                        stop: Vec::new(),
-                        kv,
-                    };
-                    let out = engine.generate(prompt, &req, &mut |_| {})?;
-                    Ok((out.token_ids, out.text))
-                };
-                if !full_generation.contains_key(&doc.id) {
-                    full_generation.insert(doc.id.clone(), greedy(PolicyConfig::default())?);
-                }
-                let (full_ids, full_text) = &full_generation[&doc.id];
-                let (ids, text) = greedy(kv)?;
-                let r = rouge::score(full_text, &text);
-                metrics.insert("rouge1".into(), r.rouge1.f1);
-                metrics.insert("rouge2".into(), r.rouge2.f1);
-                metrics.insert("rougeL".into(), r.rouge_l.f1);
-                let same = ids.iter().zip(full_ids).take_while(|(a, b)| a == b).count();
-                metrics.insert("identical_prefix".into(), same as f64);
+        let tokens = &tokens_of[&unit.doc.id];
+        let (prompt, steps, passkey) = unit_prompt(engine, plan, unit, tokens)?;
+        let configs: Vec<PolicyConfig> = pending.iter().map(|(v, b, s)| v.case(*b, *s)).collect();
+        let shared = match unit.task {
+            Task::Ppl => None,
+            _ => Some(engine.shared_prefill(&prompt, &configs, steps)?),
+        };
+        let from_shared = |kv: &PolicyConfig| engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps);
+        let greedy = |start| -> Result<(Vec<u32>, String), ModelError> {
+            let req = GenerateRequest {
+                max_tokens: steps,
+                sampling: SamplingParams::default(),
+                stop: Vec::new(),
+                kv: PolicyConfig::default(),
+            };
+            let out = engine.generate_from(&prompt, start, &req, &mut |_| {})?;
+            Ok((out.token_ids, out.text))
+        };
+        let forced = || &tokens[plan.prompt_tokens..plan.prompt_tokens + plan.continuation_tokens];
+        let full = match unit.task {
+            Task::Fidelity => FullAnswer::Logits(teacher_forced_logits(engine, from_shared(&PolicyConfig::default())?, forced())?),
+            Task::Generation | Task::Summary => {
+                let (ids, text) = greedy(from_shared(&PolicyConfig::default())?)?;
+                FullAnswer::Text { ids, text }
             }
             Task::Needle => {
-                let (length, depth) = unit.expect("needle cases carry a haystack");
-                let (prompt, code) = needle_prompt(engine, tokens, &doc.id, length, depth)?;
-                let answer = |kv: PolicyConfig| -> Result<bool, ModelError> {
-                    let req = GenerateRequest { max_tokens: 12, sampling: SamplingParams::default(), stop: Vec::new(), kv };
-                    let out = engine.generate(&prompt, &req, &mut |_| {})?;
-                    let digits: String = out.text.chars().filter(char::is_ascii_digit).collect();
-                    Ok(digits.contains(&code))
-                };
-                if !full_needle.contains_key(&doc_label) {
-                    full_needle.insert(doc_label.clone(), answer(PolicyConfig::default())?);
+                let (_, text) = greedy(from_shared(&PolicyConfig::default())?)?;
+                FullAnswer::Needle(answer_has(&text, &passkey))
+            }
+            Task::Ppl => FullAnswer::None,
+        };
+        for ((variant, budget, seed), kv) in pending.into_iter().zip(configs) {
+            let mut metrics = BTreeMap::new();
+            let mut output = None;
+            let full_output = match &full {
+                FullAnswer::Text { text, .. } => Some(text.clone()),
+                _ => None,
+            };
+            match (&full, unit.task) {
+                (FullAnswer::Logits(reference), _) => {
+                    let r = fidelity_against(engine, reference, from_shared(&kv)?, forced())?;
+                    metrics.insert("mean_kl".into(), r.mean_kl);
+                    metrics.insert("p90_kl".into(), r.p90_kl);
+                    metrics.insert("top1_agreement".into(), r.top1_agreement);
                 }
-                metrics.insert("correct".into(), f64::from(u8::from(answer(kv)?)));
-                metrics.insert("full_correct".into(), f64::from(u8::from(full_needle[&doc_label])));
+                (FullAnswer::Text { ids: full_ids, text: full_text }, Task::Generation) => {
+                    let (ids, text) = greedy(from_shared(&kv)?)?;
+                    let r = rouge::score(full_text, &text);
+                    metrics.insert("rouge1".into(), r.rouge1.f1);
+                    metrics.insert("rouge2".into(), r.rouge2.f1);
+                    metrics.insert("rougeL".into(), r.rouge_l.f1);
+                    let same = ids.iter().zip(full_ids).take_while(|(a, b)| a == b).count();
+                    metrics.insert("identical_prefix".into(), same as f64);
+                    output = Some(text);
+                }
+                (FullAnswer::Text { text: full_text, .. }, _) => {
+                    let reference = unit.doc.reference.as_deref().unwrap_or_default();
+                    let (_, text) = greedy(from_shared(&kv)?)?;
+                    let (ours, theirs) = (rouge::score(reference, &text), rouge::score(reference, full_text));
+                    metrics.insert("rouge1".into(), ours.rouge1.f1);
+                    metrics.insert("rouge2".into(), ours.rouge2.f1);
+                    metrics.insert("rougeL".into(), ours.rouge_l.f1);
+                    metrics.insert("full_rouge1".into(), theirs.rouge1.f1);
+                    metrics.insert("full_rouge2".into(), theirs.rouge2.f1);
+                    metrics.insert("full_rougeL".into(), theirs.rouge_l.f1);
+                    metrics.insert("rougeL_vs_full".into(), rouge::score(full_text, &text).rouge_l.f1);
+                    output = Some(text);
+                }
+                (FullAnswer::Needle(full_correct), _) => {
+                    let (_, text) = greedy(from_shared(&kv)?)?;
+                    metrics.insert("correct".into(), f64::from(u8::from(answer_has(&text, &passkey))));
+                    metrics.insert("full_correct".into(), f64::from(u8::from(*full_correct)));
+                    output = Some(text);
+                }
+                (FullAnswer::None, _) => {
+                    let r = engine.perplexity(tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
+                    metrics.insert("ppl".into(), r.ppl);
+                    metrics.insert("mean_nll".into(), r.mean_nll);
+                }
             }
-            Task::Ppl => {
-                let r = engine.perplexity(tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
-                metrics.insert("ppl".into(), r.ppl);
-                metrics.insert("mean_nll".into(), r.mean_nll);
-            }
+            let (task, doc, policy, budget, seed) = key(unit, variant, *budget, *seed);
+            let row = CaseRow { task, doc, policy, budget, seed, metrics, output, full_output };
+            writeln!(file, "{}", serde_json::to_string(&row).expect("rows serialise")).map_err(io)?;
+            file.flush().map_err(io)?;
+            finished += 1;
+            progress(finished, total);
         }
-        let row = CaseRow { task: key.0.clone(), doc: key.1.clone(), policy: key.2.clone(), budget: key.3.clone(), seed, metrics };
-        writeln!(file, "{}", serde_json::to_string(&row).expect("rows serialise")).map_err(io)?;
-        file.flush().map_err(io)?;
-        done.insert(key);
-        progress(i + 1, total);
     }
     write_summary(out, &read_rows(&results)?).map_err(io)?;
     Ok(results)
+}
+
+/// The prompt of a unit, the tokens to generate or force after it, and the needle's passkey.
+fn unit_prompt(engine: &Engine, plan: &EvalPlan, unit: &Unit, tokens: &[u32]) -> Result<(Vec<u32>, usize, String), ModelError> {
+    let id = &unit.doc.id;
+    Ok(match unit.task {
+        Task::Fidelity => {
+            let (p, c) = (plan.prompt_tokens, plan.continuation_tokens);
+            if tokens.len() < p + c {
+                return Err(ModelError::Input(format!(
+                    "document '{id}' has {} tokens; fidelity needs {} (prompt {p} + continuation {c})",
+                    tokens.len(),
+                    p + c
+                )));
+            }
+            (tokens[..p].to_vec(), c, String::new())
+        }
+        Task::Generation => (tokens[..plan.prompt_tokens.min(tokens.len())].to_vec(), plan.continuation_tokens, String::new()),
+        Task::Summary => (summary_prompt(engine, unit.doc, tokens, plan.prompt_tokens)?, plan.summary_tokens, String::new()),
+        Task::Needle => {
+            let (length, depth) = unit.needle.expect("needle units carry a haystack");
+            let (prompt, code) = needle_prompt(engine, tokens, id, length, depth)?;
+            (prompt, NEEDLE_ANSWER_TOKENS, code)
+        }
+        Task::Ppl => (tokens.to_vec(), 0, String::new()),
+    })
+}
+
+fn answer_has(text: &str, passkey: &str) -> bool {
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    digits.contains(passkey)
+}
+
+/// The document's first `max_tokens` tokens as a user message in the chat template, followed
+/// by the instruction (the document's `question`, else a request for a short summary), so the
+/// instruction is in the recent window of every policy.
+fn summary_prompt(engine: &Engine, doc: &Document, tokens: &[u32], max_tokens: usize) -> Result<Vec<u32>, ModelError> {
+    const MARK: &str = "\u{1}DOCUMENT\u{1}";
+    let instruction = doc.question.as_deref().unwrap_or("Summarize the text above in two or three sentences.");
+    let chat = engine.chat_prompt(&format!("{MARK}\n\n{instruction}"))?;
+    let (before, after) = chat.split_once(MARK).expect("the template keeps the message");
+    // `tokens` starts with BOS when the model asks for one; the template's text comes first.
+    let body = match engine.tokenizer.bos {
+        Some(b) if tokens.first() == Some(&b) => &tokens[1..],
+        _ => tokens,
+    };
+    let mut prompt = engine.encode(before)?;
+    prompt.extend_from_slice(&body[..max_tokens.min(body.len())]);
+    prompt.extend(engine.tokenizer.encode(after, false)?);
+    Ok(prompt)
 }
 
 /// A haystack of `length` tokens of the document with a passkey sentence at `depth` percent,
@@ -292,9 +426,11 @@ fn needle_prompt(engine: &Engine, doc: &[u32], id: &str, length: usize, depth: u
     // A 5-digit code that differs per haystack but repeats from run to run.
     let h = keyformer_kv::noise::counter_hash(id.bytes().map(u64::from).sum(), length as u32, depth, 0, 0);
     let code = format!("{}", 10_000 + h % 90_000);
-    let needle = engine.encode(&format!(" The secret passkey is {code}. Remember it: the passkey is {code}. "))?;
-    let question = engine.encode(&format!("\n\nWhat is the secret passkey? The secret passkey is"))?;
-    let at = (length as u64 * depth.min(100) as u64 / 100) as usize;
+    let needle = engine.tokenizer.encode(&format!(" The secret passkey is {code}. Remember it: the passkey is {code}. "), false)?;
+    let question = engine.tokenizer.encode("\n\nWhat is the secret passkey? The secret passkey is", false)?;
+    // A BOS stays first, also when the needle is at depth 0.
+    let lead = usize::from(engine.tokenizer.bos.is_some() && doc.first() == engine.tokenizer.bos.as_ref());
+    let at = lead + ((length - lead) as u64 * depth.min(100) as u64 / 100) as usize;
     let mut prompt = Vec::with_capacity(length + needle.len() + question.len());
     prompt.extend_from_slice(&doc[..at]);
     prompt.extend_from_slice(&needle);
@@ -338,11 +474,11 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
 
     let mut md = String::from("# Evaluation summary\n");
-    let tasks: Vec<&String> = acc.keys().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let tasks: BTreeSet<&String> = acc.keys().map(|k| &k.0).collect();
     for task in tasks {
         let metric = match task.as_str() {
             "ppl" => "ppl",
-            "generation" => "rougeL",
+            "generation" | "summary" => "rougeL",
             "needle" => "correct",
             _ => "mean_kl",
         };
@@ -350,23 +486,40 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
         let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
         budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
         budgets.dedup();
-        md.push_str(&format!("\n## {task} (mean {metric}; {direction} is better)\n\n| policy | "));
-        md.push_str(&budgets.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(" | "));
-        md.push_str(" |\n|---|");
-        md.push_str(&"---:|".repeat(budgets.len()));
-        md.push('\n');
-        let policies: Vec<&String> =
-            acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        for p in policies {
-            let cells: Vec<String> = budgets
-                .iter()
-                .map(|b| {
-                    acc.get(&(task.clone(), p.clone(), (*b).clone()))
-                        .and_then(|m| m.get(metric))
-                        .map_or(String::new(), |(s, n)| format!("{:.4}", s / *n as f64))
-                })
-                .collect();
+        let policies: BTreeSet<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect();
+        let mean = |p: &String, b: &String, m: &str| {
+            acc.get(&(task.clone(), p.clone(), b.clone())).and_then(|ms| ms.get(m)).map(|(s, n)| s / *n as f64)
+        };
+        // Tasks that record the full cache's own score beside each case (`full_<metric>`) get a
+        // row for it, and a second table relative to it.
+        let full_metric = format!("full_{metric}");
+        let full: Vec<Option<f64>> = budgets.iter().map(|b| policies.iter().find_map(|p| mean(p, b, &full_metric))).collect();
+        let header = |title: String| {
+            let mut h = format!("\n## {title}\n\n| policy | ");
+            h.push_str(&budgets.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(" | "));
+            h.push_str(&format!(" |\n|---|{}\n", "---:|".repeat(budgets.len())));
+            h
+        };
+        let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+        md.push_str(&header(format!("{task} (mean {metric}; {direction} is better)")));
+        for p in &policies {
+            let cells: Vec<String> = budgets.iter().map(|b| cell(mean(p, b, metric))).collect();
             md.push_str(&format!("| {p} | {} |\n", cells.join(" | ")));
+        }
+        if full.iter().any(Option::is_some) {
+            md.push_str(&format!("| *full cache* | {} |\n", full.iter().map(|v| cell(*v)).collect::<Vec<_>>().join(" | ")));
+            md.push_str(&header(format!("{task}: {metric} as a percentage of the full cache's")));
+            for p in &policies {
+                let cells: Vec<String> = budgets
+                    .iter()
+                    .zip(&full)
+                    .map(|(b, f)| match (mean(p, b, metric), f) {
+                        (Some(v), Some(f)) if *f > 0.0 => format!("{:.1}%", 100.0 * v / f),
+                        _ => String::new(),
+                    })
+                    .collect();
+                md.push_str(&format!("| {p} | {} |\n", cells.join(" | ")));
+            }
         }
     }
     std::fs::write(out.join("summary.md"), md)?;
@@ -375,27 +528,31 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
 
 /// One SVG per (task, metric): the metric's mean against budget, a line per policy.
 fn write_plots(out: &Path, acc: &BTreeMap<(String, String, String), BTreeMap<String, (f64, usize)>>) -> std::io::Result<()> {
-    let tasks: std::collections::BTreeSet<&String> = acc.keys().map(|k| &k.0).collect();
+    let tasks: BTreeSet<&String> = acc.keys().map(|k| &k.0).collect();
     for task in tasks {
         let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
         budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
         budgets.dedup();
-        let policies: std::collections::BTreeSet<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect();
-        let metrics: std::collections::BTreeSet<&String> =
+        let policies: BTreeSet<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect();
+        let metrics: BTreeSet<&String> =
             acc.iter().filter(|(k, _)| &k.0 == task).flat_map(|(_, m)| m.keys()).collect();
-        for metric in metrics {
-            let series: Vec<Series> = policies
+        for metric in metrics.iter().filter(|m| !m.starts_with("full_")) {
+            let mean = |p: &String, b: &String, m: &str| {
+                acc.get(&(task.clone(), p.clone(), b.clone())).and_then(|ms| ms.get(m)).map(|(s, n)| s / *n as f64)
+            };
+            let mut series: Vec<Series> = policies
                 .iter()
                 .map(|p| Series {
                     label: (*p).clone(),
-                    values: budgets
-                        .iter()
-                        .map(|b| {
-                            acc.get(&(task.clone(), (*p).clone(), (*b).clone())).and_then(|m| m.get(metric)).map(|(s, n)| s / *n as f64)
-                        })
-                        .collect(),
+                    values: budgets.iter().map(|b| mean(p, b, metric)).collect(),
                 })
                 .collect();
+            // The full cache's own score, where the task records it, as a reference line.
+            let full_metric = format!("full_{metric}");
+            if metrics.contains(&full_metric) {
+                let values = budgets.iter().map(|b| policies.iter().find_map(|p| mean(p, b, &full_metric))).collect();
+                series.push(Series { label: "full cache".into(), values });
+            }
             let labels: Vec<String> = budgets.iter().map(|b| (*b).clone()).collect();
             let svg = line_chart_svg(&format!("{task}: {metric} against KV budget"), &labels, metric, &series);
             let svg_path = out.join(format!("{task}-{metric}.svg"));

@@ -1,0 +1,131 @@
+//! The evaluation matrix on the real model: its shared prefill must give every case the numbers
+//! a separate run of that case gives, and its variants and summary task must do what they say.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use keyformer::engine::GenerateRequest;
+use keyformer::eval::fidelity::fidelity;
+use keyformer::eval::rouge;
+use keyformer::eval::suite::{run_eval, CaseRow, Document, EvalPlan, PolicyVariant, Task};
+use keyformer::keyformer_kv::{Amount, NoiseKind, PolicyConfig, PolicyKind};
+use keyformer::sampling::SamplingParams;
+use keyformer::Engine;
+
+fn plan(tasks: Vec<Task>, policies: &[&str]) -> EvalPlan {
+    let defaults = PolicyConfig::default();
+    EvalPlan {
+        tasks,
+        policies: policies.iter().map(|p| PolicyVariant::parse(p, &defaults).unwrap()).collect(),
+        budgets: vec![Amount::Percent(40.0)],
+        seeds: vec![3],
+        limit: None,
+        prompt_tokens: 96,
+        continuation_tokens: 10,
+        summary_tokens: 12,
+        ppl_ctx: 64,
+        needle_lengths: vec![128],
+        needle_depths: vec![50],
+    }
+}
+
+fn prose_doc() -> Document {
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    Document { id: "prose".into(), context: text, question: None, reference: Some("A story about a house.".into()) }
+}
+
+fn rows(dir: &std::path::Path) -> Vec<CaseRow> {
+    let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn greedy(engine: &Engine, prompt: &[u32], kv: PolicyConfig, n: usize) -> (Vec<u32>, String) {
+    let req = GenerateRequest { max_tokens: n, sampling: SamplingParams::default(), stop: Vec::new(), kv };
+    let out = engine.generate(prompt, &req, &mut |_| {}).unwrap();
+    (out.token_ids, out.text)
+}
+
+#[test]
+fn shared_prefill_rows_equal_separate_runs() {
+    let engine = Engine::load(&q4_model()).unwrap();
+    let out = std::env::temp_dir().join(format!("keyformer-eval-shared-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let p = plan(vec![Task::Fidelity, Task::Generation], &["window", "h2o", "keyformer", "keyformer:noise=none:recent=10%"]);
+    let doc = prose_doc();
+    run_eval(&engine, &p, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
+    let got: BTreeMap<(String, String), CaseRow> = rows(&out).into_iter().map(|r| ((r.task.clone(), r.policy.clone()), r)).collect();
+    assert_eq!(got.len(), 8);
+
+    let tokens = engine.encode(&doc.context).unwrap();
+    let (prompt, forced) = (&tokens[..96], &tokens[96..106]);
+    let (full_ids, full_text) = greedy(&engine, prompt, PolicyConfig::default(), 10);
+    for variant in &p.policies {
+        let kv = variant.case(Amount::Percent(40.0), if variant.config.keyformer.noise == NoiseKind::Gumbel { 3 } else { 0 });
+        let f = fidelity(&engine, prompt, forced, &kv).unwrap();
+        let row = &got[&("fidelity".to_string(), variant.label.clone())];
+        assert_eq!(row.metrics["mean_kl"], f.mean_kl, "{}", variant.label);
+        assert_eq!(row.metrics["top1_agreement"], f.top1_agreement, "{}", variant.label);
+
+        let (ids, text) = greedy(&engine, prompt, kv, 10);
+        let row = &got[&("generation".to_string(), variant.label.clone())];
+        assert_eq!(row.output.as_deref(), Some(text.as_str()), "{}", variant.label);
+        assert_eq!(row.full_output.as_deref(), Some(full_text.as_str()));
+        assert_eq!(row.metrics["rougeL"], rouge::score(&full_text, &text).rouge_l.f1, "{}", variant.label);
+        let same = ids.iter().zip(&full_ids).take_while(|(a, b)| a == b).count();
+        assert_eq!(row.metrics["identical_prefix"], same as f64, "{}", variant.label);
+    }
+    // A tight window must lose something against the full cache, or the comparison is vacuous.
+    assert!(got[&("fidelity".to_string(), "window".to_string())].metrics["mean_kl"] > 0.0);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn summary_task_scores_against_the_reference_and_the_full_cache() {
+    let engine = Engine::load(&q4_model()).unwrap();
+    let out = std::env::temp_dir().join(format!("keyformer-eval-summary-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let p = plan(vec![Task::Summary], &["window", "keyformer:noise=none"]);
+    let mut doc = prose_doc();
+    // A budget that keeps everything must reproduce the full cache's summary exactly.
+    let mut covering = plan(vec![Task::Summary], &["h2o"]);
+    covering.budgets = vec![Amount::Tokens(4096)];
+    run_eval(&engine, &covering, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
+    let full = &rows(&out)[0];
+    assert_eq!(full.output, full.full_output);
+    assert_eq!(full.metrics["rougeL_vs_full"], 1.0);
+    assert_eq!(full.metrics["rougeL"], full.metrics["full_rougeL"]);
+    let reference = doc.reference.clone().unwrap();
+    let want = rouge::score(&reference, full.output.as_deref().unwrap()).rouge1.f1;
+    assert_eq!(full.metrics["rouge1"], want);
+
+    run_eval(&engine, &p, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
+    assert_eq!(rows(&out).len(), 3);
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| *full cache* |") && md.contains("as a percentage of the full cache"), "{md}");
+    assert!(out.join("summary-rougeL.svg").exists() && !out.join("summary-full_rougeL.svg").exists());
+
+    // A document without a reference is refused before any work.
+    doc.reference = None;
+    let err = run_eval(&engine, &p, &[doc], &out.join("refused"), &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("needs a reference summary"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn policy_variants_parse_their_options_and_refuse_unknown_ones() {
+    let d = PolicyConfig::default();
+    let v = PolicyVariant::parse("keyformer:noise=constant:recent=10%:tau=1-1:frozen", &d).unwrap();
+    assert_eq!(v.label, "keyformer:noise=constant:recent=10%:tau=1-1:frozen");
+    assert_eq!(v.config.kind, PolicyKind::Keyformer);
+    assert_eq!(v.config.keyformer.noise, NoiseKind::Constant);
+    assert_eq!(v.config.recent, Some(Amount::Percent(10.0)));
+    assert_eq!((v.config.keyformer.tau_init, v.config.keyformer.tau_end), (1.0, 1.0));
+    assert!(v.config.keyformer.frozen);
+    assert_eq!(PolicyVariant::parse("sink:sinks=8", &d).unwrap().config.sinks, 8);
+    assert_eq!(PolicyVariant::parse("snapkv:window=16", &d).unwrap().config.snapkv_window, 16);
+    for bad in ["keyformer:noise=pink", "keyformer:colour=red", "nope", "h2o:sinks=x", "keyformer:tau=2"] {
+        assert!(PolicyVariant::parse(bad, &d).is_err(), "{bad}");
+    }
+}
