@@ -112,12 +112,28 @@ struct EvalArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Prompt tokens to process (0 = skip).
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
-    n_prompt: usize,
-    /// Tokens to generate (0 = skip).
-    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
-    n_gen: usize,
+    /// Prompt tokens to process, comma-separated (0 = skip).
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    n_prompt: Vec<usize>,
+    /// Tokens to generate, comma-separated (0 = skip).
+    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    n_gen: Vec<usize>,
+    /// Context depths, comma-separated: tokens already in the cache before the timed ones
+    /// (prefilled untimed; for generation with a budget, the prompt the budget is a share of).
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_value = "0")]
+    n_depth: Vec<usize>,
+    /// KV policies, comma-separated (a policy may carry settings, as in `eval`:
+    /// keyformer:noise=none); each test runs under each, and the table gives the speed-up
+    /// against `full` at the same test.
+    #[arg(long, value_delimiter = ',', default_value = "full")]
+    kv_policy: Vec<String>,
+    /// KV budget of every policy but `full`: tokens or a percentage of the depth (pp: of
+    /// depth + prompt).
+    #[arg(long)]
+    kv_budget: Option<Amount>,
+    /// Defaults of the policies' settings.
+    #[command(flatten)]
+    tuning: KvTuning,
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
@@ -505,29 +521,79 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
+    let defaults = a.tuning.config(PolicyKind::Full, None, 0);
+    let mut policies = Vec::new();
+    for spec in &a.kv_policy {
+        let v = PolicyVariant::parse(spec, &defaults).map_err(anyhow::Error::msg)?;
+        let kv = if v.config.kind == PolicyKind::Full { v.config.clone() } else { v.case(a.kv_budget.context("--kv-budget is needed by every policy but full")?, 0) };
+        kv.validate().with_context(|| format!("policy '{spec}'"))?;
+        policies.push((v.label, kv));
+    }
     let engine = load(&a.model.model)?;
     let ctx = engine.context_length();
-    if a.n_prompt > ctx || a.n_gen > ctx {
-        bail!("-p {} / -n {} exceed the model's context of {ctx} tokens", a.n_prompt, a.n_gen);
+    let mut tests = Vec::new();
+    for &d in &a.n_depth {
+        tests.extend(a.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (true, p, d)));
+        tests.extend(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| (false, n, d)));
     }
+    for &(_, t, d) in &tests {
+        if t + d > ctx {
+            bail!("{t} tokens at depth {d} exceed the model's context of {ctx} tokens");
+        }
+    }
+    let bar = ProgressBar::new((tests.len() * policies.len()) as u64);
+    bar.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let mut results = Vec::new();
-    if a.n_prompt > 0 {
-        results.push(keyformer::bench::prompt_processing(&engine, a.n_prompt, a.repetitions)?);
+    for &(prompt, t, d) in &tests {
+        for (label, kv) in &policies {
+            if !prompt && d == 0 && matches!(kv.budget, Some(Amount::Percent(_))) && kv.kind != PolicyKind::Full {
+                bar.println(format!("note: tg{t} at depth 0 skipped for {label}: a percentage budget is of the depth"));
+                bar.inc(1);
+                continue;
+            }
+            bar.set_message(format!("{}{t} @ d{d} {label}", if prompt { "pp" } else { "tg" }));
+            let mut r = if prompt {
+                keyformer::bench::prompt_processing(&engine, t, d, kv, a.repetitions)
+            } else {
+                keyformer::bench::generation(&engine, t, d, kv, a.repetitions)
+            }
+            .with_context(|| format!("{label} at depth {d}"))?;
+            if kv.kind != PolicyKind::Full {
+                r.kv = format!("{label}@{}", a.kv_budget.expect("checked above"));
+            }
+            results.push(r);
+            bar.inc(1);
+        }
     }
-    if a.n_gen > 0 {
-        results.push(keyformer::bench::generation(&engine, a.n_gen, a.repetitions)?);
-    }
+    bar.finish_and_clear();
     let threads = rayon::current_num_threads();
+    let speedup = |r: &keyformer::bench::BenchResult| {
+        results.iter().find(|f| f.test == r.test && f.kv == "full").map(|f| r.median_tok_s / f.median_tok_s)
+    };
     if a.json {
-        println!("{}", json!({ "model": engine.file.path, "threads": threads, "results": results }));
+        let rows: Vec<_> = results
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).expect("results serialise");
+                v["speedup_vs_full"] = json!(speedup(r));
+                v
+            })
+            .collect();
+        println!("{}", json!({ "model": engine.file.path, "threads": threads, "results": rows }));
     } else {
-        println!("| model | threads | test | t/s (median) | min | max |");
-        println!("|---|---:|---|---:|---:|---:|");
+        println!("| model | threads | kv | test | t/s (median) | min | max | KV MiB | vs full |");
+        println!("|---|---:|---|---|---:|---:|---:|---:|---:|");
         let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for r in &results {
             println!(
-                "| {name} | {threads} | {} | {:.2} | {:.2} | {:.2} |",
-                r.test, r.median_tok_s, r.min_tok_s, r.max_tok_s
+                "| {name} | {threads} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                r.kv,
+                r.test,
+                r.median_tok_s,
+                r.min_tok_s,
+                r.max_tok_s,
+                r.kv_bytes as f64 / (1u64 << 20) as f64,
+                speedup(r).map_or(String::new(), |x| format!("{x:.2}x"))
             );
         }
     }

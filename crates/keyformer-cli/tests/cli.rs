@@ -256,3 +256,25 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let bad_variant = ["eval", "--data", data.to_str().unwrap(), "--policies", "keyformer:noise=pink", "--out", out.to_str().unwrap()];
     assert_clean_error(&keyformer(&bad_variant), "unknown noise");
 }
+
+#[test]
+fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
+    let out = keyformer(&["bench", "-p", "16", "-n", "4", "-d", "0,32", "--kv-policy", "full,h2o", "--kv-budget", "50%", "-r", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    let names: Vec<String> = rows.iter().map(|r| format!("{} {}", r["kv"].as_str().unwrap(), r["test"].as_str().unwrap())).collect();
+    // tg at depth 0 has no prompt for a percentage budget to be a share of: only full runs it.
+    assert_eq!(
+        names,
+        ["full pp16", "h2o@50% pp16", "full tg4", "full pp16 @ d32", "h2o@50% pp16 @ d32", "full tg4 @ d32", "h2o@50% tg4 @ d32"],
+    );
+    let row = |name: &str| &rows[names.iter().position(|n| n == name).unwrap()];
+    assert_eq!(row("full tg4 @ d32")["speedup_vs_full"], 1.0);
+    let (full, h2o) = (row("full tg4 @ d32")["kv_bytes"].as_u64().unwrap(), row("h2o@50% tg4 @ d32")["kv_bytes"].as_u64().unwrap());
+    // 36 tokens in the full cache; 16 kept of the 32-token prompt (+1 slot while a step runs).
+    assert!(h2o * 2 <= full, "h2o {h2o} vs full {full}");
+    assert!(rows.iter().all(|r| r["median_tok_s"].as_f64().unwrap() > 0.0));
+    assert_clean_error(&keyformer(&["bench", "--kv-policy", "h2o"]), "--kv-budget");
+    assert_clean_error(&keyformer(&["bench", "-p", "9000"]), "exceed the model's context");
+}

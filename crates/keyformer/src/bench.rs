@@ -3,7 +3,10 @@
 
 use std::time::Instant;
 
-use crate::engine::Engine;
+use keyformer_kv::{PolicyConfig, PolicyKind};
+
+use crate::engine::{Engine, PREFILL_CHUNK};
+use crate::kv::KvCache;
 use crate::models::llama::Logits;
 use crate::sampling::argmax;
 use crate::ModelError;
@@ -11,26 +14,42 @@ use crate::ModelError;
 /// One timed test, repeated.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
-    /// `pp512`, `tg128`, as llama-bench names them.
+    /// `pp512`, `tg128`, with `@d8192` at a context depth, as llama-bench names them.
     pub test: String,
     pub tokens: usize,
+    /// Tokens already in the cache when the timed tokens start.
+    pub depth: usize,
+    /// The KV policy (`full`, or e.g. `keyformer@50%`).
+    pub kv: String,
     pub samples_s: Vec<f64>,
     pub median_tok_s: f64,
     pub min_tok_s: f64,
     pub max_tok_s: f64,
+    /// KV bytes held at the end of the timed tokens, and what the full cache would hold.
+    pub kv_bytes: usize,
+    pub kv_bytes_full: usize,
 }
 
 impl BenchResult {
-    fn new(test: String, tokens: usize, samples_s: Vec<f64>) -> Self {
+    fn new(name: &str, tokens: usize, depth: usize, kv: &PolicyConfig, samples_s: Vec<f64>, cache: &KvCache) -> Self {
         let mut rates: Vec<f64> = samples_s.iter().map(|s| tokens as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
+        let test = if depth > 0 { format!("{name}{tokens} @ d{depth}") } else { format!("{name}{tokens}") };
+        let kv = match kv.budget {
+            Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
+            _ => kv.kind.name().to_string(),
+        };
         Self {
             test,
             tokens,
+            depth,
+            kv,
             median_tok_s: rates[rates.len() / 2],
             min_tok_s: rates[0],
             max_tok_s: rates[rates.len() - 1],
             samples_s,
+            kv_bytes: cache.bytes_held(),
+            kv_bytes_full: cache.stats.bytes_full_equivalent,
         }
     }
 }
@@ -40,36 +59,53 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-/// Time prefilling `p` tokens into an empty cache, `reps` times (after one warm-up).
-pub fn prompt_processing(engine: &Engine, p: usize, reps: usize) -> Result<BenchResult, ModelError> {
-    let tokens = synthetic_tokens(p, engine.model.config.vocab_size);
+/// Time prefilling `p` tokens after `depth` tokens already in the cache, `reps` times (after
+/// one warm-up). The prompt runs under `kv` (its scoring and the trim to the budget are timed;
+/// a percentage budget is of `depth + p`).
+pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyConfig, reps: usize) -> Result<BenchResult, ModelError> {
+    let tokens = synthetic_tokens(depth + p, engine.model.config.vocab_size);
     let mut samples = Vec::with_capacity(reps);
+    let mut last = None;
     for rep in 0..=reps {
-        let mut cache = engine.model.new_cache(p);
+        let mut cache = engine.new_cache(kv, depth + p, 0)?;
+        // The context before the timed tokens, with the full attention a prompt gets.
+        for chunk in tokens[..depth].chunks(PREFILL_CHUNK) {
+            engine.model.forward(chunk, &mut cache, Logits::Last)?;
+        }
         let t = Instant::now();
-        engine.prefill(&tokens, &mut cache)?;
+        engine.prefill(&tokens[depth..], &mut cache)?;
         if rep > 0 {
             samples.push(t.elapsed().as_secs_f64());
         }
+        last = Some(cache);
     }
-    Ok(BenchResult::new(format!("pp{p}"), p, samples))
+    Ok(BenchResult::new("pp", p, depth, kv, samples, &last.expect("at least one run")))
 }
 
-/// Time generating `n` tokens one at a time from an empty cache (greedy on the model's own
-/// output, so each step is a real decode step), `reps` times after one warm-up.
-pub fn generation(engine: &Engine, n: usize, reps: usize) -> Result<BenchResult, ModelError> {
+/// Time generating `n` tokens one at a time after a prompt of `depth` tokens (greedy on the
+/// model's own output, so each step is a real decode step), `reps` times after one warm-up.
+/// The prompt is prefilled once, untimed, under `kv` (a percentage budget is of `depth`), and
+/// every repetition starts from a copy of that cache.
+pub fn generation(engine: &Engine, n: usize, depth: usize, kv: &PolicyConfig, reps: usize) -> Result<BenchResult, ModelError> {
+    let mut prompt_cache = engine.new_cache(kv, depth, n)?;
+    let mut first = 1u32;
+    if depth > 0 {
+        let logits = engine.prefill(&synthetic_tokens(depth, engine.model.config.vocab_size), &mut prompt_cache)?;
+        first = argmax(&logits);
+    }
     let mut samples = Vec::with_capacity(reps);
+    let mut last = None;
     for rep in 0..=reps {
-        let mut cache = engine.model.new_cache(n);
-        let mut next = 1u32;
+        let mut cache = prompt_cache.clone();
+        let mut next = first;
         let t = Instant::now();
         for _ in 0..n {
-            let logits = engine.model.forward(&[next], &mut cache, Logits::Last)?;
-            next = argmax(&logits);
+            next = argmax(&engine.decode_step(next, &mut cache)?);
         }
         if rep > 0 {
             samples.push(t.elapsed().as_secs_f64());
         }
+        last = Some(cache);
     }
-    Ok(BenchResult::new(format!("tg{n}"), n, samples))
+    Ok(BenchResult::new("tg", n, depth, kv, samples, &last.expect("at least one run")))
 }
