@@ -1,8 +1,11 @@
 //! Reproducible noise for Keyformer's score (spec, Algorithm 1; the paper's Table 4 ablation).
 //!
 //! Every sample is a pure function of (seed, layer, head, step, position) through a
-//! counter-based hash (splitmix64 finaliser over the packed counter), so runs repeat exactly
-//! and a GPU kernel computing the same hash selects the same tokens.
+//! counter-based hash, so runs repeat exactly and a GPU kernel computing the same hash selects
+//! the same tokens. The hash is split to be cheap where it is hot: a 64-bit key per attention
+//! row (seed, layer, head, step; splitmix64's finaliser), then one 32-bit mix per position
+//! (murmur3's finaliser over the position and the key), which vectorises. The logarithms are
+//! [`ln_approx`], plain f32 arithmetic that SIMD and GPU code reproduce to the bit.
 
 /// Which regulariser is added to the attention logits before the score's softmax.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,23 +58,107 @@ pub fn uniform_open(seed: u64, layer: u32, head: u32, step: u32, position: u32, 
     ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
-/// The noise added to logit (query `step`, key `position`) of `head` in `layer`.
-pub fn sample(kind: NoiseKind, seed: u64, layer: u32, head: u32, step: u32, position: u32) -> f32 {
-    match kind {
-        NoiseKind::None => 0.0,
-        NoiseKind::Constant => GUMBEL_MEAN,
-        NoiseKind::Gumbel => {
-            let u = uniform_open(seed, layer, head, step, position, 0);
-            -(-u.ln()).ln() as f32
-        }
-        NoiseKind::Gaussian => {
-            // Box-Muller from two independent uniforms.
-            let u1 = uniform_open(seed, layer, head, step, position, 1);
-            let u2 = uniform_open(seed, layer, head, step, position, 2);
-            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            GUMBEL_MEAN + GUMBEL_STD * z as f32
+/// murmur3's 32-bit finaliser (a bijection with full avalanche).
+pub fn fmix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85EB_CA6B);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xC2B2_AE35);
+    x ^ (x >> 16)
+}
+
+/// The per-position hash under a row key: `fmix32(position * golden ^ key)`.
+pub fn position_hash(key: u32, position: u32) -> u32 {
+    fmix32(position.wrapping_mul(0x9E37_79B9) ^ key)
+}
+
+/// 23 bits of a hash as a uniform in (0, 1), exact in f32 (so never 0 or 1).
+pub fn unit_open(h: u32) -> f32 {
+    ((h >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0)
+}
+
+/// Natural logarithm of a positive, finite, normal `x` to about 1 ulp, in plain f32 operations
+/// (no fused multiply-add) so that vector and GPU code give the same bits: x = 2^e m with m in
+/// [sqrt(1/2), sqrt(2)), ln x = e ln 2 + ln m, ln m = f - f^2/2 + f^3 P(f) for f = m - 1
+/// (the minimax polynomial of Cephes' logf), and ln 2 split in two for the e term.
+pub fn ln_approx(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 126;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000); // in [0.5, 1)
+    if m < std::f32::consts::FRAC_1_SQRT_2 {
+        e -= 1;
+        m = m + m - 1.0;
+    } else {
+        m -= 1.0;
+    }
+    let e = e as f32;
+    let z = m * m;
+    let mut y = LN_POLY[0];
+    for c in &LN_POLY[1..] {
+        y = y * m + c;
+    }
+    y = y * m * z;
+    y += e * LN2_LO;
+    y += -0.5 * z;
+    let r = m + y;
+    r + e * LN2_HI
+}
+
+/// Cephes logf's polynomial, highest degree first.
+pub const LN_POLY: [f32; 9] = [
+    7.037_683_6e-2,
+    -1.151_461e-1,
+    1.167_699_9e-1,
+    -1.242_014_1e-1,
+    1.424_932_3e-1,
+    -1.666_805_8e-1,
+    2.000_071_4e-1,
+    -2.499_999_4e-1,
+    3.333_333e-1,
+];
+/// ln 2 = LN2_HI + LN2_LO, with LN2_HI exact in few bits so that e * LN2_HI is exact.
+pub const LN2_HI: f32 = 0.693_359_4;
+pub const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// Gumbel(0, 1) from a uniform: `-ln(-ln u)`.
+pub fn gumbel(u: f32) -> f32 {
+    -ln_approx(-ln_approx(u))
+}
+
+/// The noise of one attention row, (seed, layer, head, step) fixed, for any key position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoiseRow {
+    pub kind: NoiseKind,
+    /// Two 32-bit keys from the row's 64-bit counter hash (the second feeds Box-Muller's angle).
+    pub key: [u32; 2],
+}
+
+impl NoiseRow {
+    pub fn new(kind: NoiseKind, seed: u64, layer: u32, head: u32, step: u32) -> Self {
+        let h = counter_hash(seed, layer, head, step, u32::MAX);
+        Self { kind, key: [h as u32, (h >> 32) as u32] }
+    }
+
+    /// The noise added to the logit of the key at `position`.
+    pub fn sample(&self, position: u32) -> f32 {
+        match self.kind {
+            NoiseKind::None => 0.0,
+            NoiseKind::Constant => GUMBEL_MEAN,
+            NoiseKind::Gumbel => gumbel(unit_open(position_hash(self.key[0], position))),
+            NoiseKind::Gaussian => {
+                // Box-Muller from two independent uniforms.
+                let u1 = unit_open(position_hash(self.key[0], position));
+                let u2 = unit_open(position_hash(self.key[1], position));
+                let z = (-2.0 * ln_approx(u1)).sqrt() * (std::f32::consts::TAU * u2).cos();
+                GUMBEL_MEAN + GUMBEL_STD * z
+            }
         }
     }
+}
+
+/// The noise added to logit (query `step`, key `position`) of `head` in `layer`.
+pub fn sample(kind: NoiseKind, seed: u64, layer: u32, head: u32, step: u32, position: u32) -> f32 {
+    NoiseRow::new(kind, seed, layer, head, step).sample(position)
 }
 
 #[cfg(test)]
@@ -104,5 +191,32 @@ mod tests {
         }
         assert_eq!(sample(NoiseKind::Constant, 1, 2, 3, 4, 5), GUMBEL_MEAN);
         assert_eq!(sample(NoiseKind::None, 1, 2, 3, 4, 5), 0.0);
+    }
+
+    #[test]
+    fn ln_approx_is_within_two_ulp_of_the_true_logarithm() {
+        let mut worst = 0.0f64;
+        let mut x = f32::MIN_POSITIVE;
+        while x < 1e30 {
+            for m in [1.0f32, 1.1, 1.3, 1.414, 1.415, 1.5, 1.7, 1.99] {
+                let v = x * m;
+                let exact = (v as f64).ln();
+                let got = ln_approx(v) as f64;
+                let ulp = (exact.abs() as f32 * f32::EPSILON).max(f32::MIN_POSITIVE) as f64;
+                worst = worst.max((got - exact).abs() / ulp);
+            }
+            x *= 1.37;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(ln_approx(1.0), 0.0);
+    }
+
+    #[test]
+    fn uniforms_are_open_and_rows_differ() {
+        assert!(unit_open(0) > 0.0 && unit_open(u32::MAX) < 1.0);
+        let a = NoiseRow::new(NoiseKind::Gumbel, 1, 2, 3, 4);
+        assert_ne!(a.key, NoiseRow::new(NoiseKind::Gumbel, 1, 2, 3, 5).key);
+        let xs: std::collections::HashSet<u32> = (0..10_000).map(|p| a.sample(p).to_bits()).collect();
+        assert!(xs.len() > 9_990, "positions of a row get distinct noise");
     }
 }

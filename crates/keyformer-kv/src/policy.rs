@@ -12,7 +12,6 @@
 //!
 //! Ties: among equal scores the OLDEST token (lowest position) is evicted first.
 
-use std::cmp::Ordering;
 
 use crate::noise::{self, NoiseKind};
 use crate::SlotTable;
@@ -377,17 +376,22 @@ impl SequencePolicy {
         if excess == 0 {
             return Vec::new();
         }
+        // Linear-time selection, not sorting: this runs for every (layer, head) at every step.
         let mut occupied: Vec<(usize, u32)> = table.occupied().collect();
-        occupied.sort_unstable_by_key(|&(_, p)| p);
         let keep_recent = self.recent.min(occupied.len());
-        let mut candidates: Vec<(usize, u32)> = occupied[..occupied.len() - keep_recent].to_vec();
+        let n_old = occupied.len() - keep_recent;
+        if keep_recent > 0 && n_old > 0 {
+            // The n_old oldest before index n_old (positions are distinct).
+            occupied.select_nth_unstable_by_key(n_old, |&(_, p)| p);
+        }
+        occupied.truncate(n_old);
         let kind = self.config.kind;
         if kind == PolicyKind::Sink {
             let sinks = self.config.sinks as u32;
-            candidates.retain(|&(_, p)| p >= sinks);
+            occupied.retain(|&(_, p)| p >= sinks);
         }
         let scores = self.scores(layer, head);
-        let key = |&(slot, pos): &(usize, u32)| -> f32 {
+        let key = |slot: usize, pos: u32| -> f32 {
             match kind {
                 PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => 0.0, // oldest first
                 PolicyKind::Random => {
@@ -396,9 +400,15 @@ impl SequencePolicy {
                 _ => scores.get(slot).copied().unwrap_or(0.0),
             }
         };
-        candidates.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1)));
-        candidates.truncate(excess);
-        candidates.into_iter().map(|(slot, _)| slot).collect()
+        // Lowest score first; ties evict the oldest.
+        let mut candidates: Vec<(f32, u32, usize)> = occupied.iter().map(|&(slot, pos)| (key(slot, pos), pos, slot)).collect();
+        let order = |a: &(f32, u32, usize), b: &(f32, u32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if excess < candidates.len() {
+            candidates.select_nth_unstable_by(excess - 1, order);
+            candidates.truncate(excess);
+        }
+        candidates.sort_by(order);
+        candidates.into_iter().map(|(_, _, slot)| slot).collect()
     }
 
     /// The prompt has been compressed to the budget: decoding starts.

@@ -51,6 +51,13 @@ impl HeadKv {
     pub fn value(&self, slot: usize) -> &[f32] {
         &self.values[slot * self.head_dim..(slot + 1) * self.head_dim]
     }
+    /// Every slot's key, slot after slot (`head_dim` floats each; free slots hold stale data).
+    pub fn keys(&self) -> &[f32] {
+        &self.keys
+    }
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
     /// Bytes of keys and values held by occupied slots.
     pub fn bytes_held(&self) -> usize {
         self.table.len() * 2 * self.head_dim * F32_BYTES

@@ -4,7 +4,9 @@
 
 use rayon::prelude::*;
 
-use keyformer_kv::{noise, Signal};
+use keyformer_kv::{noise, NoiseKind, Signal};
+
+use super::vmath;
 
 use crate::kv::HeadKv;
 use crate::quant::dot::{dot_row, quantize_q8, PreparedActivations, Q8Block};
@@ -186,21 +188,25 @@ pub fn attention(
             let (h, b) = (task / blocks, task % blocks);
             let kv = &heads[h / group];
             let slots = kv.table.positions();
-            let mut logits = Vec::with_capacity(slots.len());
+            // Row buffers: attention weights, the noisy score's logits, Gumbel noise, and the
+            // slots' positions as plain integers for the vectorised noise.
+            let mut weights = Vec::with_capacity(slots.len());
+            let mut raw_logits = Vec::new();
             let mut noisy = Vec::new();
+            let mut gumbel = Vec::new();
+            let mut raw_positions = Vec::new();
             let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
             for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
                 let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
                 let p = positions[i];
-                logits.clear();
+                weights.resize(slots.len(), 0.0);
+                key_scores(qi, kv.keys(), scale, &mut weights);
                 let mut max = f32::NEG_INFINITY;
-                for (slot, sp) in slots.iter().enumerate() {
-                    let x = match sp {
-                        Some(sp) if *sp <= p => dot(qi, kv.key(slot)) * scale,
-                        _ => f32::NEG_INFINITY,
-                    };
-                    max = max.max(x);
-                    logits.push(x);
+                for (x, sp) in weights.iter_mut().zip(slots) {
+                    if !sp.is_some_and(|sp| sp <= p) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                    max = max.max(*x);
                 }
                 let outp = outp;
                 // SAFETY: each (query, head) pair is written by exactly one task.
@@ -209,14 +215,16 @@ pub fn attention(
                 if max == f32::NEG_INFINITY {
                     continue; // nothing visible (cannot happen once the query's own token is cached)
                 }
-                let mut denom = 0.0;
-                for (slot, &x) in logits.iter().enumerate() {
-                    if x != f32::NEG_INFINITY {
-                        let e = (x - max).exp();
-                        denom += e;
-                        axpy(e, kv.value(slot), o);
-                    }
+                // The logits keep their -inf where a slot is masked, which exp maps to 0.
+                let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
+                if logits_noisy {
+                    raw_logits.clear();
+                    raw_logits.extend_from_slice(&weights);
                 }
+                weights.iter_mut().for_each(|x| *x -= max);
+                vmath::exp_in_place(&mut weights);
+                let denom: f32 = weights.iter().sum();
+                weighted_sum(&weights, kv.values(), o);
                 let inv = 1.0 / denom;
                 o.iter_mut().for_each(|v| *v *= inv);
 
@@ -229,32 +237,30 @@ pub fn attention(
                         Signal::Noisy { tau, noise: kind, seed, .. } => {
                             // softmax((x + g) / tau) over the visible slots: a second pass over
                             // this row of logits, not over the cache.
+                            let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
                             noisy.clear();
+                            noisy.extend_from_slice(&raw_logits);
+                            if kind == NoiseKind::Gumbel {
+                                raw_positions.clear();
+                                raw_positions.extend(slots.iter().map(|s| s.unwrap_or(0)));
+                                gumbel.resize(slots.len(), 0.0);
+                                vmath::gumbel_row(row.key[0], &raw_positions, &mut gumbel);
+                            } else {
+                                gumbel.clear();
+                                gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
+                            }
+                            let inv_tau = 1.0 / tau;
                             let mut nmax = f32::NEG_INFINITY;
-                            for (&x, sp) in logits.iter().zip(slots) {
-                                let y = match sp {
-                                    Some(pos) if x != f32::NEG_INFINITY => {
-                                        (x + noise::sample(kind, seed, layer as u32, h as u32, p, *pos)) / tau
-                                    }
-                                    _ => f32::NEG_INFINITY,
-                                };
-                                nmax = nmax.max(y);
-                                noisy.push(y);
+                            for (v, &g) in noisy.iter_mut().zip(&gumbel) {
+                                *v = (*v + g) * inv_tau; // -inf stays -inf
+                                nmax = nmax.max(*v);
                             }
-                            let nsum: f32 = noisy.iter().map(|&y| if y == f32::NEG_INFINITY { 0.0 } else { (y - nmax).exp() }).sum();
-                            for (a, &y) in acc.iter_mut().zip(&noisy) {
-                                if y != f32::NEG_INFINITY {
-                                    *a += (y - nmax).exp() / nsum;
-                                }
-                            }
+                            noisy.iter_mut().for_each(|v| *v -= nmax);
+                            vmath::exp_in_place(&mut noisy);
+                            let inv_nsum = 1.0 / noisy.iter().sum::<f32>();
+                            acc.iter_mut().zip(&noisy).for_each(|(a, &e)| *a += e * inv_nsum);
                         }
-                        _ => {
-                            for (a, &x) in acc.iter_mut().zip(&logits) {
-                                if x != f32::NEG_INFINITY {
-                                    *a += (x - max).exp() * inv;
-                                }
-                            }
-                        }
+                        _ => acc.iter_mut().zip(&weights).for_each(|(a, &e)| *a += e * inv),
                     }
                 }
             }
@@ -302,26 +308,90 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y += alpha * x`.
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::dot::simd_available() {
-        // SAFETY: AVX2 and FMA are present (checked at run time).
-        return unsafe { x86::axpy(alpha, x, y) };
-    }
-    axpy_scalar(alpha, x, y)
-}
-
+/// `y += alpha * x` (the vector twin is `x86::axpy`, used by [`weighted_sum`]).
 fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yv, &xv) in y.iter_mut().zip(x) {
         *yv += alpha * xv;
     }
 }
 
+/// `out[s] = scale * q . keys[s]` for every slot `s` of a head's key storage (`q.len()` floats
+/// per slot; `out.len()` slots).
+pub fn key_scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    assert!(keys.len() >= out.len() * q.len(), "key storage shorter than the slots scored");
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 and FMA are present (checked at run time); lengths checked above.
+        return unsafe { x86::key_scores(q, keys, scale, out) };
+    }
+    key_scores_scalar(q, keys, scale, out)
+}
+
+pub fn key_scores_scalar(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    for (s, o) in out.iter_mut().enumerate() {
+        *o = dot_scalar(q, &keys[s * q.len()..(s + 1) * q.len()]) * scale;
+    }
+}
+
+/// `out += sum_s weights[s] * values[s]` (`out.len()` floats per slot); zero weights are
+/// skipped, so masked slots cost nothing and their storage may hold anything.
+pub fn weighted_sum(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    assert!(values.len() >= weights.len() * out.len(), "value storage shorter than the weights");
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 and FMA are present (checked at run time); lengths checked above.
+        return unsafe { x86::weighted_sum(weights, values, out) };
+    }
+    weighted_sum_scalar(weights, values, out)
+}
+
+pub fn weighted_sum_scalar(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    for (s, &w) in weights.iter().enumerate() {
+        if w != 0.0 {
+            axpy_scalar(w, &values[s * d..(s + 1) * d], out);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn key_scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        for (s, o) in out.iter_mut().enumerate() {
+            *o = dot(q, keys.get_unchecked(s * d..(s + 1) * d)) * scale;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        if d == 64 {
+            // The common head size: the output row lives in eight registers across all slots.
+            let po = out.as_mut_ptr();
+            let mut acc: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(po.add(8 * k)));
+            for (s, &w) in weights.iter().enumerate() {
+                if w != 0.0 {
+                    let (vw, pv) = (_mm256_set1_ps(w), values.as_ptr().add(s * 64));
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(vw, _mm256_loadu_ps(pv.add(8 * k)), *a);
+                    }
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(po.add(8 * k), *a);
+            }
+            return;
+        }
+        for (s, &w) in weights.iter().enumerate() {
+            if w != 0.0 {
+                axpy(w, values.get_unchecked(s * d..(s + 1) * d), out);
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -453,19 +523,41 @@ mod tests {
     }
 
     #[test]
-    fn simd_dot_and_axpy_match_their_scalar_twins() {
+    fn batched_key_scores_and_weighted_sums_match_their_scalar_twins() {
+        let mut rng = Lcg(8);
+        for d in [7usize, 40, 64, 128] {
+            for n in [0usize, 1, 13, 100] {
+                let q: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
+                let kv: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                key_scores(&q, &kv, 0.125, &mut a);
+                key_scores_scalar(&q, &kv, 0.125, &mut b);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "scores d={d} n={n}");
+                }
+                let mut w: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                if n > 2 {
+                    w[1] = 0.0;
+                }
+                let start: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
+                let (mut o1, mut o2) = (start.clone(), start.clone());
+                weighted_sum(&w, &kv, &mut o1);
+                weighted_sum_scalar(&w, &kv, &mut o2);
+                for (x, y) in o1.iter().zip(&o2) {
+                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum d={d} n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_its_scalar_twin() {
         let mut rng = Lcg(5);
         for n in [1usize, 7, 8, 15, 16, 17, 64, 100] {
             let a: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
             assert!((dot(&a, &b) - dot_scalar(&a, &b)).abs() <= 1e-5 * mag.max(1.0), "n={n}");
-            let (mut y1, mut y2) = (b.clone(), b.clone());
-            axpy(0.37, &a, &mut y1);
-            axpy_scalar(0.37, &a, &mut y2);
-            for (u, v) in y1.iter().zip(&y2) {
-                assert!((u - v).abs() <= 1e-6, "n={n}");
-            }
         }
     }
 

@@ -3,3 +3,4 @@
 //! extracted then, when there are two implementations to shape it.)
 
 pub mod cpu;
+pub mod vmath;

@@ -1,0 +1,191 @@
+//! Vector math for attention rows: `exp` over a row of logits and Keyformer's Gumbel noise for
+//! a row of key positions, eight lanes at a time with AVX2, each with a scalar twin that gives
+//! the same bits (the same f32 operations in the same order, no fused multiply-add).
+//!
+//! `exp` follows Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-5 polynomial for
+//! e^r, then scaling by 2^n through the exponent bits); the noise is
+//! [`keyformer_kv::noise`]'s definition, whose logarithm is written for exactly this.
+
+use keyformer_kv::noise::{self, LN2_HI, LN2_LO, LN_POLY};
+
+/// Below this, `exp` is 0 (e^-87.3 is the smallest normal f32); above [`EXP_MAX`] it saturates (at e^88, not infinity).
+const EXP_MIN: f32 = -87.336_55;
+const EXP_MAX: f32 = 88.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// Cephes expf's polynomial for e^r - 1 - r, over r^2, highest degree first.
+const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+
+/// `e^x` to about 1 ulp; exactly 0 below [`EXP_MIN`] (so masked logits at -inf give 0).
+pub fn exp_scalar(x: f32) -> f32 {
+    if x < EXP_MIN {
+        return 0.0;
+    }
+    let x = x.min(EXP_MAX);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI;
+    let r = r - n * LN2_LO;
+    let z = r * r;
+    let mut y = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        y = y * r + c;
+    }
+    let y = y * z + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `x[i] = e^x[i]` for the whole row.
+pub fn exp_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 is present (checked at run time).
+        return unsafe { x86::exp_in_place(x) };
+    }
+    x.iter_mut().for_each(|v| *v = exp_scalar(*v));
+}
+
+/// Gumbel(0, 1) noise of a row whose key is `key` (see [`noise::NoiseRow`]) for each position.
+pub fn gumbel_row(key: u32, positions: &[u32], out: &mut [f32]) {
+    assert_eq!(positions.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 is present (checked at run time).
+        return unsafe { x86::gumbel_row(key, positions, out) };
+    }
+    gumbel_row_scalar(key, positions, out)
+}
+
+pub fn gumbel_row_scalar(key: u32, positions: &[u32], out: &mut [f32]) {
+    for (o, &p) in out.iter_mut().zip(positions) {
+        *o = noise::gumbel(noise::unit_open(noise::position_hash(key, p)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let zero_mask = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_LT_OQ);
+        let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
+        let n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(0.5)));
+        let r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
+        let z = _mm256_mul_ps(r, r);
+        let mut y = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(*c));
+        }
+        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0));
+        // n is within [-126, 128] here; below the clamp the lane is zeroed anyway.
+        let ni = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-126));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+        _mm256_andnot_ps(zero_mask, _mm256_mul_ps(y, scale))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn exp_in_place(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr())));
+        }
+        chunks.into_remainder().iter_mut().for_each(|v| *v = exp_scalar(*v));
+    }
+
+    /// [`noise::ln_approx`] on eight positive normal lanes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn ln8(x: __m256) -> __m256 {
+        let bits = _mm256_castps_si256(x);
+        let e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)), _mm256_set1_epi32(126));
+        let m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x3f00_0000)));
+        let small = _mm256_cmp_ps(m, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2), _CMP_LT_OQ);
+        // e -= 1 where small (the mask is all ones, i.e. -1, there).
+        let e = _mm256_cvtepi32_ps(_mm256_add_epi32(e, _mm256_castps_si256(small)));
+        let m = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), small), _mm256_set1_ps(1.0));
+        let z = _mm256_mul_ps(m, m);
+        let mut y = _mm256_set1_ps(LN_POLY[0]);
+        for c in &LN_POLY[1..] {
+            y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(*c));
+        }
+        let y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+        let y = _mm256_add_ps(y, _mm256_mul_ps(e, _mm256_set1_ps(LN2_LO)));
+        let y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_set1_ps(-0.5), z));
+        let r = _mm256_add_ps(m, y);
+        _mm256_add_ps(r, _mm256_mul_ps(e, _mm256_set1_ps(LN2_HI)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gumbel_row(key: u32, positions: &[u32], out: &mut [f32]) {
+        let n = positions.len() / 8 * 8;
+        let k = _mm256_set1_epi32(key as i32);
+        for i in (0..n).step_by(8) {
+            let p = _mm256_loadu_si256(positions.as_ptr().add(i) as *const __m256i);
+            let mut h = _mm256_xor_si256(_mm256_mullo_epi32(p, _mm256_set1_epi32(0x9E37_79B9u32 as i32)), k);
+            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x85EB_CA6Bu32 as i32));
+            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0xC2B2_AE35u32 as i32));
+            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+            // unit_open: ((h >> 9) + 0.5) / 2^23; h >> 9 < 2^23 converts exactly.
+            let u = _mm256_mul_ps(
+                _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 9)), _mm256_set1_ps(0.5)),
+                _mm256_set1_ps(1.0 / 8_388_608.0),
+            );
+            let minus_ln_u = _mm256_sub_ps(_mm256_setzero_ps(), ln8(u));
+            let g = _mm256_sub_ps(_mm256_setzero_ps(), ln8(minus_ln_u));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), g);
+        }
+        gumbel_row_scalar(key, &positions[n..], &mut out[n..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dot::tests::Lcg;
+
+    #[test]
+    fn exp_is_within_two_ulp_and_zero_below_the_normal_range() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let exact = (x as f64).exp();
+            worst = worst.max((exp_scalar(x) as f64 - exact).abs() / (exact * f32::EPSILON as f64));
+            x += 0.013;
+        }
+        assert!(worst <= 2.0, "worst {worst} ulp");
+        assert_eq!(exp_scalar(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_scalar(-100.0), 0.0);
+        assert_eq!(exp_scalar(0.0), 1.0);
+    }
+
+    #[test]
+    fn vector_exp_and_noise_equal_their_scalar_twins_bit_for_bit() {
+        let mut rng = Lcg(3);
+        for n in [0usize, 1, 7, 8, 9, 31, 100, 1027] {
+            let mut x: Vec<f32> = (0..n).map(|_| (rng.f32() - 0.5) * 200.0).collect();
+            if n > 3 {
+                x[1] = f32::NEG_INFINITY;
+                x[2] = -87.0;
+                x[3] = 0.0;
+            }
+            let want: Vec<u32> = x.iter().map(|&v| exp_scalar(v).to_bits()).collect();
+            let mut got = x.clone();
+            exp_in_place(&mut got);
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "exp n={n}");
+
+            let positions: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761) ^ 77).collect();
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            gumbel_row(0xDEAD_BEEF, &positions, &mut a);
+            gumbel_row_scalar(0xDEAD_BEEF, &positions, &mut b);
+            assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "gumbel n={n}");
+        }
+        // The row helper is the noise module's definition.
+        let row = noise::NoiseRow::new(keyformer_kv::NoiseKind::Gumbel, 5, 1, 2, 3);
+        let mut g = [0f32; 3];
+        gumbel_row(row.key[0], &[0, 10, 4000], &mut g);
+        assert_eq!(g, [row.sample(0), row.sample(10), row.sample(4000)]);
+    }
+}
