@@ -1,5 +1,7 @@
 //! Line charts as SVG (quality against budget, one line per policy), written by hand: a plot
-//! is a few dozen elements and needs no plotting library or system fonts.
+//! is a few dozen elements and needs no plotting library or system fonts. The y axis turns
+//! logarithmic when the values are positive and span more than a factor of 20 (KL divergence
+//! from 0.005 to 1 is unreadable on a linear axis), with ticks at round numbers either way.
 
 use std::fmt::Write;
 
@@ -7,6 +9,61 @@ use std::fmt::Write;
 pub struct Series {
     pub label: String,
     pub values: Vec<Option<f64>>,
+    /// Drawn dashed and grey: a reference line (the full cache), not a policy.
+    pub reference: bool,
+}
+
+/// The y axis: value range and mapping to [0, 1].
+enum Axis {
+    Linear { lo: f64, hi: f64, step: f64 },
+    Log { lo10: f64, hi10: f64 },
+}
+
+impl Axis {
+    fn fit(ys: &[f64]) -> Self {
+        let (lo, hi) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        if ys.is_empty() {
+            return Axis::Linear { lo: 0.0, hi: 1.0, step: 0.25 };
+        }
+        if lo > 0.0 && hi / lo > 20.0 {
+            return Axis::Log { lo10: lo.log10().floor(), hi10: hi.log10().ceil() };
+        }
+        let (lo, hi) = if hi - lo < 1e-12 { (lo - 0.5, hi + 0.5) } else { (lo, hi) };
+        // A round step (1, 2 or 5 times a power of ten) giving about four intervals.
+        let raw = (hi - lo) / 4.0;
+        let mag = 10f64.powf(raw.log10().floor());
+        let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|&s| s >= raw).unwrap_or(10.0 * mag);
+        Axis::Linear { lo: (lo / step).floor() * step, hi: (hi / step).ceil() * step, step }
+    }
+
+    fn unit(&self, v: f64) -> f64 {
+        match *self {
+            Axis::Linear { lo, hi, .. } => (v - lo) / (hi - lo),
+            Axis::Log { lo10, hi10 } => (v.log10() - lo10) / (hi10 - lo10),
+        }
+    }
+
+    fn ticks(&self) -> Vec<f64> {
+        match *self {
+            Axis::Linear { lo, hi, step } => {
+                let n = ((hi - lo) / step).round() as usize;
+                (0..=n).map(|k| lo + step * k as f64).collect()
+            }
+            Axis::Log { lo10, hi10 } => {
+                let mults: &[f64] = if hi10 - lo10 <= 2.0 { &[1.0, 2.0, 5.0] } else { &[1.0] };
+                let mut t = Vec::new();
+                for e in lo10 as i32..=hi10 as i32 {
+                    for m in mults {
+                        let v = m * 10f64.powi(e);
+                        if v <= 10f64.powf(hi10) * 1.000_001 {
+                            t.push(v);
+                        }
+                    }
+                }
+                t
+            }
+        }
+    }
 }
 
 const COLORS: [&str; 10] =
@@ -22,18 +79,11 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
     let (left, right, top, bottom) = (70.0, 170.0, 40.0, 50.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let ys: Vec<f64> = series.iter().flat_map(|s| s.values.iter().flatten().copied()).filter(|v| v.is_finite()).collect();
-    let (mut lo, mut hi) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    if ys.is_empty() {
-        (lo, hi) = (0.0, 1.0);
-    }
-    if hi - lo < 1e-12 {
-        (lo, hi) = (lo - 0.5, hi + 0.5);
-    }
-    let pad = (hi - lo) * 0.05;
-    let (lo, hi) = (lo - pad, hi + pad);
+    let axis = Axis::fit(&ys);
     let n = x_labels.len().max(1);
     let x = |i: usize| left + if n == 1 { pw / 2.0 } else { pw * i as f64 / (n - 1) as f64 };
-    let y = |v: f64| top + ph * (1.0 - (v - lo) / (hi - lo));
+    let y = |v: f64| top + ph * (1.0 - axis.unit(v));
+    let y_label = if matches!(axis, Axis::Log { .. }) { format!("{y_label} (log scale)") } else { y_label.to_string() };
 
     let mut s = String::new();
     let _ = write!(
@@ -42,8 +92,7 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
     );
     let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = write!(s, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, left + pw / 2.0, escape(title));
-    for k in 0..=4 {
-        let v = lo + (hi - lo) * k as f64 / 4.0;
+    for v in axis.ticks() {
         let yy = y(v);
         let _ = write!(s, r##"<line x1="{left}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="#ddd"/>"##, left + pw);
         let _ = write!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, left - 6.0, yy + 4.0, fmt_tick(v));
@@ -57,21 +106,22 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
         s,
         r#"<text transform="translate(16,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
         top + ph / 2.0,
-        escape(y_label)
+        escape(&y_label)
     );
     for (k, se) in series.iter().enumerate() {
-        let color = COLORS[k % COLORS.len()];
+        let color = if se.reference { "#555" } else { COLORS[k % COLORS.len()] };
+        let dash = if se.reference { r#" stroke-dasharray="6 4""# } else { "" };
         let points: Vec<String> =
             se.values.iter().enumerate().filter_map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| format!("{:.1},{:.1}", x(i), y(v)))).collect();
         if points.len() > 1 {
-            let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, points.join(" "));
+            let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#, points.join(" "));
         }
         for p in &points {
             let (px, py) = p.split_once(',').expect("x,y");
             let _ = write!(s, r#"<circle cx="{px}" cy="{py}" r="3" fill="{color}"/>"#);
         }
         let ly = top + 10.0 + 18.0 * k as f64;
-        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#, w - right + 12.0, w - right + 32.0);
+        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#, w - right + 12.0, w - right + 32.0);
         let _ = write!(s, r#"<text x="{}" y="{}">{}</text>"#, w - right + 38.0, ly + 4.0, escape(&se.label));
     }
     s.push_str("</svg>\n");
@@ -79,13 +129,10 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    }
+    // Enough decimals for round ticks, no trailing zeros.
+    let t = format!("{v:.4}");
+    let t = if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
+    if t == "-0" { "0".into() } else { t }
 }
 
 #[cfg(test)]
@@ -99,8 +146,8 @@ mod tests {
             &["10%".into(), "50%".into(), "90%".into()],
             "perplexity",
             &[
-                Series { label: "h2o".into(), values: vec![Some(30.0), Some(20.0), Some(18.0)] },
-                Series { label: "a&b".into(), values: vec![Some(40.0), None, Some(19.0)] },
+                Series { label: "h2o".into(), values: vec![Some(30.0), Some(20.0), Some(18.0)], reference: false },
+                Series { label: "a&b".into(), values: vec![Some(40.0), None, Some(19.0)], reference: true },
             ],
         );
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
@@ -114,5 +161,24 @@ mod tests {
             .map(|c| c.split("cy=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap())
             .collect();
         assert!(ys[2] > ys[0], "18 is below 30: {ys:?}");
+    }
+
+    #[test]
+    fn wide_positive_ranges_get_a_log_axis_with_round_ticks() {
+        let same = |ys: &[f64], want: &[f64]| {
+            let got = Axis::fit(ys).ticks();
+            assert!(got.len() == want.len() && got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9 * b.abs().max(1.0)), "{got:?}");
+        };
+        same(&[0.004, 1.2], &[0.001, 0.01, 0.1, 1.0, 10.0]);
+        assert!(matches!(Axis::fit(&[0.004, 1.2]), Axis::Log { .. }));
+        same(&[0.13, 0.31], &[0.1, 0.15, 0.2, 0.25, 0.3, 0.35]);
+        same(&[-0.5, 1.0], &[-0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(fmt_tick(0.15000000000000002), "0.15");
+        let svg = line_chart_svg("kl", &["10%".into(), "90%".into()], "mean_kl", &[Series {
+            label: "window".into(),
+            values: vec![Some(1.0), Some(0.01)],
+            reference: false,
+        }]);
+        assert!(svg.contains("mean_kl (log scale)"));
     }
 }

@@ -545,13 +545,14 @@ fn write_plots(out: &Path, acc: &BTreeMap<(String, String, String), BTreeMap<Str
                 .map(|p| Series {
                     label: (*p).clone(),
                     values: budgets.iter().map(|b| mean(p, b, metric)).collect(),
+                    reference: false,
                 })
                 .collect();
             // The full cache's own score, where the task records it, as a reference line.
             let full_metric = format!("full_{metric}");
             if metrics.contains(&full_metric) {
                 let values = budgets.iter().map(|b| policies.iter().find_map(|p| mean(p, b, &full_metric))).collect();
-                series.push(Series { label: "full cache".into(), values });
+                series.push(Series { label: "full cache".into(), values, reference: true });
             }
             let labels: Vec<String> = budgets.iter().map(|b| (*b).clone()).collect();
             let svg = line_chart_svg(&format!("{task}: {metric} against KV budget"), &labels, metric, &series);
