@@ -137,6 +137,10 @@ struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// Also measure the read bandwidth (a parallel streaming sum over this many MiB; 0 = skip)
+    /// and give each generation row its fraction of it (bytes read per token x tokens/s).
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
@@ -517,6 +521,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+const MIB: f64 = (1u64 << 20) as f64;
+
 fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
@@ -566,7 +572,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    let bandwidth = (a.bandwidth_mib > 0).then(|| keyformer::bench::read_bandwidth_gb_s(a.bandwidth_mib << 20));
     let threads = rayon::current_num_threads();
+    let of_bandwidth = |r: &keyformer::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
     let speedup = |r: &keyformer::bench::BenchResult| {
         results.iter().find(|f| f.test == r.test && f.kv == "full").map(|f| r.median_tok_s / f.median_tok_s)
     };
@@ -576,23 +584,30 @@ fn bench(a: BenchArgs) -> Result<()> {
             .map(|r| {
                 let mut v = serde_json::to_value(r).expect("results serialise");
                 v["speedup_vs_full"] = json!(speedup(r));
+                v["fraction_of_bandwidth"] = json!(of_bandwidth(r));
                 v
             })
             .collect();
-        println!("{}", json!({ "model": engine.file.path, "threads": threads, "results": rows }));
+        println!("{}", json!({ "model": engine.file.path, "threads": threads, "read_bandwidth_gb_s": bandwidth, "results": rows }));
     } else {
-        println!("| model | threads | kv | test | t/s (median) | min | max | KV MiB | vs full |");
-        println!("|---|---:|---|---|---:|---:|---:|---:|---:|");
+        if let Some(b) = bandwidth {
+            println!("read bandwidth (streaming sum, {threads} threads): {b:.1} GB/s\n");
+        }
+        println!("| model | threads | kv | test | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
+        println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for r in &results {
             println!(
-                "| {name} | {threads} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                "| {name} | {threads} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
                 r.kv,
                 r.test,
                 r.median_tok_s,
                 r.min_tok_s,
                 r.max_tok_s,
-                r.kv_bytes as f64 / (1u64 << 20) as f64,
+                r.kv_bytes as f64 / MIB,
+                r.peak_rss_bytes.map_or(String::new(), |b| format!("{:.0}", b as f64 / MIB)),
+                r.read_gb_s.map_or(String::new(), |g| format!("{g:.1}")),
+                of_bandwidth(r).map_or(String::new(), |f| format!("{:.0}%", 100.0 * f)),
                 speedup(r).map_or(String::new(), |x| format!("{x:.2}x"))
             );
         }

@@ -259,7 +259,8 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
 
 #[test]
 fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
-    let out = keyformer(&["bench", "-p", "16", "-n", "4", "-d", "0,32", "--kv-policy", "full,h2o", "--kv-budget", "50%", "-r", "1", "--json"]);
+    let args = ["bench", "-p", "16", "-n", "4", "-d", "0,32", "--kv-policy", "full,h2o", "--kv-budget", "50%", "-r", "1", "--bandwidth-mib", "64"];
+    let out = keyformer(&[&args[..], &["--json"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["results"].as_array().unwrap();
@@ -275,6 +276,16 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
     // 36 tokens in the full cache; 16 kept of the 32-token prompt (+1 slot while a step runs).
     assert!(h2o * 2 <= full, "h2o {h2o} vs full {full}");
     assert!(rows.iter().all(|r| r["median_tok_s"].as_f64().unwrap() > 0.0));
+    assert!(v["read_bandwidth_gb_s"].as_f64().unwrap() > 0.1);
+    // A decode step reads at least the weights (the Q4_1 file is ~98 MB) plus its cache.
+    let tg = row("h2o@50% tg4 @ d32");
+    assert!(tg["bytes_per_token"].as_u64().unwrap() > 90_000_000, "{tg}");
+    assert!(tg["fraction_of_bandwidth"].as_f64().unwrap() > 0.0);
+    assert!(tg["peak_rss_bytes"].as_u64().unwrap() > 50_000_000, "{tg}");
+    assert!(row("full pp16")["bytes_per_token"].is_null());
+    let table = keyformer(&args);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("read bandwidth") && text.contains("| of bandwidth |"), "{text}");
     assert_clean_error(&keyformer(&["bench", "--kv-policy", "h2o"]), "--kv-budget");
     assert_clean_error(&keyformer(&["bench", "-p", "9000"]), "exceed the model's context");
 }

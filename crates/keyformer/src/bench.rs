@@ -1,5 +1,7 @@
 //! llama-bench-style timing: prompt processing of `p` tokens and generation of `n` tokens,
-//! on synthetic token ids, with no tokenizer or sampling inside the timed region.
+//! on synthetic token ids, with no tokenizer or sampling inside the timed region; plus what a
+//! decode step costs in memory traffic (weights + the KV cache held), the machine's read
+//! bandwidth (a streaming sum, the ceiling for decoding) and the process's peak memory.
 
 use std::time::Instant;
 
@@ -28,6 +30,13 @@ pub struct BenchResult {
     /// KV bytes held at the end of the timed tokens, and what the full cache would hold.
     pub kv_bytes: usize,
     pub kv_bytes_full: usize,
+    /// Generation: bytes a decode step reads (every weight once, plus the KV cache held on
+    /// average over the timed steps), and that times the median tokens/s.
+    pub bytes_per_token: Option<usize>,
+    pub read_gb_s: Option<f64>,
+    /// The process's peak resident memory during the test (Linux; weights are mapped, so
+    /// the pages of the model file that were touched count too).
+    pub peak_rss_bytes: Option<usize>,
 }
 
 impl BenchResult {
@@ -40,6 +49,9 @@ impl BenchResult {
             _ => kv.kind.name().to_string(),
         };
         Self {
+            bytes_per_token: None,
+            read_gb_s: None,
+            peak_rss_bytes: None,
             test,
             tokens,
             depth,
@@ -64,6 +76,7 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
 /// a percentage budget is of `depth + p`).
 pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyConfig, reps: usize) -> Result<BenchResult, ModelError> {
     let tokens = synthetic_tokens(depth + p, engine.model.config.vocab_size);
+    reset_peak_rss();
     let mut samples = Vec::with_capacity(reps);
     let mut last = None;
     for rep in 0..=reps {
@@ -79,7 +92,9 @@ pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyCon
         }
         last = Some(cache);
     }
-    Ok(BenchResult::new("pp", p, depth, kv, samples, &last.expect("at least one run")))
+    let mut r = BenchResult::new("pp", p, depth, kv, samples, &last.expect("at least one run"));
+    r.peak_rss_bytes = peak_rss_bytes();
+    Ok(r)
 }
 
 /// Time generating `n` tokens one at a time after a prompt of `depth` tokens (greedy on the
@@ -87,6 +102,7 @@ pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyCon
 /// The prompt is prefilled once, untimed, under `kv` (a percentage budget is of `depth`), and
 /// every repetition starts from a copy of that cache.
 pub fn generation(engine: &Engine, n: usize, depth: usize, kv: &PolicyConfig, reps: usize) -> Result<BenchResult, ModelError> {
+    reset_peak_rss();
     let mut prompt_cache = engine.new_cache(kv, depth, n)?;
     let mut first = 1u32;
     if depth > 0 {
@@ -107,5 +123,49 @@ pub fn generation(engine: &Engine, n: usize, depth: usize, kv: &PolicyConfig, re
         }
         last = Some(cache);
     }
-    Ok(BenchResult::new("tg", n, depth, kv, samples, &last.expect("at least one run")))
+    let last = last.expect("at least one run");
+    let mut r = BenchResult::new("tg", n, depth, kv, samples, &last);
+    // The cache grows (full) or stays at its budget over the steps: read its mean size.
+    let kv_mean = (prompt_cache.bytes_held() + last.bytes_held()) / 2;
+    let bytes = weight_bytes(engine) + kv_mean;
+    r.bytes_per_token = Some(bytes);
+    r.read_gb_s = Some(bytes as f64 * r.median_tok_s / 1e9);
+    r.peak_rss_bytes = peak_rss_bytes();
+    Ok(r)
+}
+
+/// Bytes of all weight tensors (each is read once per decode step; the tied output matrix is
+/// the embedding table, read once as well).
+pub fn weight_bytes(engine: &Engine) -> usize {
+    engine.file.tensors.iter().map(|t| t.size_bytes).sum()
+}
+
+/// Read bandwidth in GB/s: the best of a few parallel streaming sums over `bytes` of memory
+/// (touched first, so the pages are resident), on rayon's pool.
+pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = vec![1u64; bytes / 8];
+    let chunk = (words.len() / (4 * rayon::current_num_threads())).max(1 << 16);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: u64 = words.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w))).sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(words.len() as f64 * 8.0 / secs / 1e9);
+    }
+    best
+}
+
+/// Start a new peak-RSS measurement (Linux: `5` to /proc/self/clear_refs resets VmHWM).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// VmHWM from /proc/self/status, in bytes.
+fn peak_rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
