@@ -129,3 +129,20 @@ fn policy_variants_parse_their_options_and_refuse_unknown_ones() {
         assert!(PolicyVariant::parse(bad, &d).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn ppl_rows_carry_the_full_cache_at_the_same_split() {
+    let engine = Engine::load(&q4_model()).unwrap();
+    let out = std::env::temp_dir().join(format!("keyformer-eval-ppl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let p = plan(vec![Task::Ppl], &["full", "window"]);
+    run_eval(&engine, &p, &[prose_doc()], &out, &mut |_, _| {}).unwrap();
+    let r = rows(&out);
+    let (full, window) = (&r[0].metrics, &r[1].metrics);
+    // `full` with a budget is the full cache with that budget's split: its own reference.
+    assert_eq!(full["ppl"], full["full_ppl"]);
+    assert_eq!(window["full_ppl"], full["ppl"]);
+    assert!(window["ppl"] > full["ppl"], "a 40% window must lose something: {window:?}");
+    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| *full cache* |"));
+    std::fs::remove_dir_all(&out).unwrap();
+}

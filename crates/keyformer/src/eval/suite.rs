@@ -306,6 +306,7 @@ pub fn run_eval(
             }
             Task::Ppl => FullAnswer::None,
         };
+        let mut full_ppl: BTreeMap<String, f64> = BTreeMap::new();
         for ((variant, budget, seed), kv) in pending.into_iter().zip(configs) {
             let mut metrics = BTreeMap::new();
             let mut output = None;
@@ -353,6 +354,14 @@ pub fn run_eval(
                     let r = engine.perplexity(tokens, plan.ppl_ctx, Some(1), &kv, &mut |_, _| {})?;
                     metrics.insert("ppl".into(), r.ppl);
                     metrics.insert("mean_nll".into(), r.mean_nll);
+                    // The full cache with the same prompt/decode split (decode steps and
+                    // prompts round differently), once per budget.
+                    let label = budget.to_string();
+                    if !full_ppl.contains_key(&label) {
+                        let full = PolicyConfig { budget: Some(*budget), ..PolicyConfig::default() };
+                        full_ppl.insert(label.clone(), engine.perplexity(tokens, plan.ppl_ctx, Some(1), &full, &mut |_, _| {})?.ppl);
+                    }
+                    metrics.insert("full_ppl".into(), full_ppl[&label]);
                 }
             }
             let (task, doc, policy, budget, seed) = key(unit, variant, *budget, *seed);
