@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/results/: the evaluation matrix of `keyformer eval` on SmolLM2-135M-Instruct
-# (Q4_1), every policy x budget, and Keyformer's ablations. About 70 minutes on 2 cores.
+# (Q4_1), every policy x budget, and Keyformer's ablations. About 50 minutes on 2 cores.
 #   scripts/eval-smollm2.sh [RAW_DIR]
 # Raw rows go to RAW_DIR (default target/eval-smollm2; an interrupted run resumes there); the
 # tables and plots are copied to docs/results/<part>/. Data: scripts/fetch-texts.sh.
