@@ -13,6 +13,7 @@ use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
 use keyformer::sampling::SamplingParams;
 use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
 use keyformer::eval::suite::{EvalPlan, PolicyVariant, Task};
+use keyformer::kv::KvType;
 use keyformer::Engine;
 use serde_json::json;
 
@@ -30,6 +31,10 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', global = true)]
     threads: Option<usize>,
+    /// How the KV cache stores keys and values: f32 (exact) or f16 (half the bytes every decode
+    /// step reads).
+    #[arg(long, global = true, default_value = "f32", value_parser = clap::value_parser!(KvType))]
+    kv_type: KvType,
     #[command(subcommand)]
     command: Command,
 }
@@ -324,6 +329,7 @@ fn main() {
 }
 
 fn real_main(cli: Cli) -> Result<()> {
+    KV_TYPE.set(cli.kv_type).expect("set once");
     if let Some(n) = cli.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -363,8 +369,13 @@ fn load(spec: &str) -> Result<Engine> {
             eprintln!("model verified and cached at {}", path.display());
         }
     })?;
-    Engine::load(&path).with_context(|| format!("loading {}", path.display()))
+    let mut engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    engine.model.kv_type = *KV_TYPE.get().unwrap_or(&KvType::F32);
+    Ok(engine)
 }
+
+/// `--kv-type`, set once from the command line before any model loads.
+static KV_TYPE: std::sync::OnceLock<KvType> = std::sync::OnceLock::new();
 
 fn run(a: RunArgs) -> Result<()> {
     if a.max_tokens == 0 {
@@ -588,11 +599,15 @@ fn bench(a: BenchArgs) -> Result<()> {
                 v
             })
             .collect();
-        println!("{}", json!({ "model": engine.file.path, "threads": threads, "read_bandwidth_gb_s": bandwidth, "results": rows }));
+        println!(
+            "{}",
+            json!({ "model": engine.file.path, "threads": threads, "kv_type": engine.model.kv_type.name(), "read_bandwidth_gb_s": bandwidth, "results": rows })
+        );
     } else {
         if let Some(b) = bandwidth {
-            println!("read bandwidth (streaming sum, {threads} threads): {b:.1} GB/s\n");
+            println!("read bandwidth (streaming sum, {threads} threads): {b:.1} GB/s");
         }
+        println!("KV cache: {}\n", engine.model.kv_type.name());
         println!("| model | threads | kv | test | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
         println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

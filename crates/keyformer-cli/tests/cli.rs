@@ -289,3 +289,17 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
     assert_clean_error(&keyformer(&["bench", "--kv-policy", "h2o"]), "--kv-budget");
     assert_clean_error(&keyformer(&["bench", "-p", "9000"]), "exceed the model's context");
 }
+
+#[test]
+fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
+    let held = |t: &str| {
+        let out = keyformer(&["--kv-type", t, "bench", "-p", "0", "-n", "2", "-d", "64", "-r", "1", "--bandwidth-mib", "0", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["kv_type"], t);
+        v["results"][0]["kv_bytes"].as_u64().unwrap()
+    };
+    assert_eq!(held("f16") * 2, held("f32"));
+    let bad = keyformer(&["--kv-type", "f8", "info"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("unknown KV cache type"));
+}

@@ -241,7 +241,7 @@ impl Engine {
         for (li, heads) in cache.layers.iter().enumerate() {
             for (h, head) in heads.iter().enumerate() {
                 for (slot, _) in head.table.occupied() {
-                    cache.policy.on_insert(li, h, slot, head.key(slot));
+                    cache.policy.on_insert(li, h, slot, &head.key(slot));
                 }
             }
             if signal == Signal::None {

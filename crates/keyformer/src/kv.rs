@@ -9,26 +9,106 @@
 
 use keyformer_kv::{SequencePolicy, Signal, SlotError, SlotTable};
 
-const F32_BYTES: usize = std::mem::size_of::<f32>();
+use half::f16;
 
-/// Keys and values of one (layer, KV head): `head_dim` floats per slot.
+/// How keys and values are stored. f16 halves the bytes every decode step reads (attention
+/// converts to f32 on the fly); f32 is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            other => Err(format!("unknown KV cache type '{other}' (f32, f16)")),
+        }
+    }
+}
+
+/// One head's keys (or values), slot after slot, `head_dim` values per slot.
+#[derive(Debug, Clone)]
+pub enum KvRows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvRows {
+    fn with_capacity(kv_type: KvType, n: usize) -> Self {
+        match kv_type {
+            KvType::F32 => KvRows::F32(Vec::with_capacity(n)),
+            KvType::F16 => KvRows::F16(Vec::with_capacity(n)),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.len(),
+            KvRows::F16(v) => v.len(),
+        }
+    }
+    fn grow_to(&mut self, n: usize) {
+        match self {
+            KvRows::F32(v) => v.resize(n, 0.0),
+            KvRows::F16(v) => v.resize(n, f16::ZERO),
+        }
+    }
+    fn write(&mut self, at: usize, row: &[f32]) {
+        match self {
+            KvRows::F32(v) => v[at..at + row.len()].copy_from_slice(row),
+            KvRows::F16(v) => v[at..at + row.len()].iter_mut().zip(row).for_each(|(d, &x)| *d = f16::from_f32(x)),
+        }
+    }
+    /// The `n` values at `at`, as f32.
+    pub fn read(&self, at: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            KvRows::F32(v) => out.copy_from_slice(&v[at..at + n]),
+            KvRows::F16(v) => out.iter_mut().zip(&v[at..at + n]).for_each(|(d, x)| *d = x.to_f32()),
+        }
+    }
+}
+
+/// Keys and values of one (layer, KV head): `head_dim` values per slot.
 #[derive(Debug, Clone)]
 pub struct HeadKv {
     pub table: SlotTable,
     head_dim: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    kv_type: KvType,
+    keys: KvRows,
+    values: KvRows,
 }
 
 impl HeadKv {
-    pub fn new(capacity: usize, head_dim: usize) -> Self {
+    pub fn new(capacity: usize, head_dim: usize, kv_type: KvType) -> Self {
         // Reserved, not touched: pages become resident only as slots are written, and the
         // storage never reallocates (no doubling copies, no 2x over-allocation).
         Self {
             table: SlotTable::new(capacity),
             head_dim,
-            keys: Vec::with_capacity(capacity * head_dim),
-            values: Vec::with_capacity(capacity * head_dim),
+            kv_type,
+            keys: KvRows::with_capacity(kv_type, capacity * head_dim),
+            values: KvRows::with_capacity(kv_type, capacity * head_dim),
         }
     }
 
@@ -37,41 +117,50 @@ impl HeadKv {
         let slot = self.table.insert(position)?;
         let end = (slot + 1) * self.head_dim;
         if self.keys.len() < end {
-            self.keys.resize(end, 0.0);
-            self.values.resize(end, 0.0);
+            self.keys.grow_to(end);
+            self.values.grow_to(end);
         }
-        self.keys[slot * self.head_dim..end].copy_from_slice(key);
-        self.values[slot * self.head_dim..end].copy_from_slice(value);
+        self.keys.write(slot * self.head_dim, key);
+        self.values.write(slot * self.head_dim, value);
         Ok(slot)
     }
 
-    pub fn key(&self, slot: usize) -> &[f32] {
-        &self.keys[slot * self.head_dim..(slot + 1) * self.head_dim]
+    /// A slot's key (or value) as f32.
+    pub fn key(&self, slot: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.head_dim];
+        self.keys.read(slot * self.head_dim, &mut out);
+        out
     }
-    pub fn value(&self, slot: usize) -> &[f32] {
-        &self.values[slot * self.head_dim..(slot + 1) * self.head_dim]
+    pub fn value(&self, slot: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.head_dim];
+        self.values.read(slot * self.head_dim, &mut out);
+        out
     }
-    /// Every slot's key, slot after slot (`head_dim` floats each; free slots hold stale data).
-    pub fn keys(&self) -> &[f32] {
+    /// Every slot's key, slot after slot (`head_dim` values each; free slots hold stale data).
+    pub fn keys(&self) -> &KvRows {
         &self.keys
     }
-    pub fn values(&self) -> &[f32] {
+    pub fn values(&self) -> &KvRows {
         &self.values
+    }
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
     }
     /// Bytes of keys and values held by occupied slots.
     pub fn bytes_held(&self) -> usize {
-        self.table.len() * 2 * self.head_dim * F32_BYTES
+        self.table.len() * 2 * self.head_dim * self.kv_type.bytes()
     }
 
     /// Rebuild with only the occupied slots, in position order, and room for `capacity`.
-    /// Returns `(old_slot, new_slot)` pairs.
+    /// Returns `(old_slot, new_slot)` pairs. (Stored values are re-encoded exactly: an f16
+    /// value round-trips through f32.)
     fn compact(&mut self, capacity: usize) -> Vec<(usize, usize)> {
         let mut kept: Vec<(usize, u32)> = self.table.occupied().collect();
         kept.sort_unstable_by_key(|&(_, p)| p);
-        let mut fresh = HeadKv::new(capacity.max(kept.len()), self.head_dim);
+        let mut fresh = HeadKv::new(capacity.max(kept.len()), self.head_dim, self.kv_type);
         let mut mapping = Vec::with_capacity(kept.len());
         for (old, pos) in kept {
-            let new = fresh.insert(pos, self.key(old), self.value(old)).expect("compaction fits");
+            let new = fresh.insert(pos, &self.key(old), &self.value(old)).expect("compaction fits");
             mapping.push((old, new));
         }
         *self = fresh;
@@ -129,10 +218,10 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache; `context` bounds the slots when the policy keeps everything.
-    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, policy: SequencePolicy, context: usize) -> Self {
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, kv_type: KvType, policy: SequencePolicy, context: usize) -> Self {
         let capacity = policy.capacity(context);
         Self {
-            layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim)).collect()).collect(),
+            layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim, kv_type)).collect()).collect(),
             policy,
             stats: KvStats::default(),
             recorder: None,
@@ -198,7 +287,7 @@ impl KvCache {
         let held = self.layers.iter().flatten().map(|h| h.table.len()).max().unwrap_or(0);
         self.stats.tokens_held_max = self.stats.tokens_held_max.max(held);
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
-        let per_token = self.layers.len() * self.layers[0].len() * 2 * self.head_dim * F32_BYTES;
+        let per_token = self.layers.len() * self.layers[0].len() * 2 * self.head_dim * self.layers[0][0].kv_type().bytes();
         self.stats.bytes_full_equivalent = self.tokens_seen * per_token;
     }
 }

@@ -8,7 +8,7 @@ use keyformer_kv::{noise, NoiseKind, Signal};
 
 use super::vmath;
 
-use crate::kv::HeadKv;
+use crate::kv::{HeadKv, KvRows};
 use crate::quant::dot::{dot_row, quantize_q8, PreparedActivations, Q8Block};
 use crate::quant::{dequantize_row, GgmlType};
 
@@ -315,47 +315,64 @@ fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `out[s] = scale * q . keys[s]` for every slot `s` of a head's key storage (`q.len()` floats
-/// per slot; `out.len()` slots).
-pub fn key_scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-    assert!(keys.len() >= out.len() * q.len(), "key storage shorter than the slots scored");
+/// `out[s] = scale * q . keys[s]` for every slot `s` of a head's key storage (`q.len()` values
+/// per slot; `out.len()` slots), f16 keys converted on the fly.
+pub fn key_scores(q: &[f32], keys: &KvRows, scale: f32, out: &mut [f32]) {
+    let n = out.len() * q.len();
     #[cfg(target_arch = "x86_64")]
     if crate::quant::dot::simd_available() {
-        // SAFETY: AVX2 and FMA are present (checked at run time); lengths checked above.
-        return unsafe { x86::key_scores(q, keys, scale, out) };
+        // SAFETY: AVX2, FMA and F16C are present (checked at run time); slices checked by the
+        // indexing below.
+        unsafe {
+            return match keys {
+                KvRows::F32(k) => x86::key_scores(q, &k[..n], scale, out),
+                KvRows::F16(k) => x86::key_scores_f16(q, &k[..n], scale, out),
+            };
+        }
     }
     key_scores_scalar(q, keys, scale, out)
 }
 
-pub fn key_scores_scalar(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+/// The scalar twin of [`key_scores`]: decode each key to f32, then [`dot_scalar`].
+pub fn key_scores_scalar(q: &[f32], keys: &KvRows, scale: f32, out: &mut [f32]) {
+    let mut k = vec![0f32; q.len()];
     for (s, o) in out.iter_mut().enumerate() {
-        *o = dot_scalar(q, &keys[s * q.len()..(s + 1) * q.len()]) * scale;
+        keys.read(s * q.len(), &mut k);
+        *o = dot_scalar(q, &k) * scale;
     }
 }
 
-/// `out += sum_s weights[s] * values[s]` (`out.len()` floats per slot); zero weights are
+/// `out += sum_s weights[s] * values[s]` (`out.len()` values per slot); zero weights are
 /// skipped, so masked slots cost nothing and their storage may hold anything.
-pub fn weighted_sum(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    assert!(values.len() >= weights.len() * out.len(), "value storage shorter than the weights");
+pub fn weighted_sum(weights: &[f32], values: &KvRows, out: &mut [f32]) {
+    let n = weights.len() * out.len();
     #[cfg(target_arch = "x86_64")]
     if crate::quant::dot::simd_available() {
-        // SAFETY: AVX2 and FMA are present (checked at run time); lengths checked above.
-        return unsafe { x86::weighted_sum(weights, values, out) };
+        // SAFETY: AVX2, FMA and F16C are present (checked at run time); slices checked by the
+        // indexing below.
+        unsafe {
+            return match values {
+                KvRows::F32(v) => x86::weighted_sum(weights, &v[..n], out),
+                KvRows::F16(v) => x86::weighted_sum_f16(weights, &v[..n], out),
+            };
+        }
     }
     weighted_sum_scalar(weights, values, out)
 }
 
-pub fn weighted_sum_scalar(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    let d = out.len();
+pub fn weighted_sum_scalar(weights: &[f32], values: &KvRows, out: &mut [f32]) {
+    let mut v = vec![0f32; out.len()];
     for (s, &w) in weights.iter().enumerate() {
         if w != 0.0 {
-            axpy_scalar(w, &values[s * d..(s + 1) * d], out);
+            values.read(s * out.len(), &mut v);
+            axpy_scalar(w, &v, out);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use half::f16;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -363,6 +380,58 @@ mod x86 {
         let d = q.len();
         for (s, o) in out.iter_mut().enumerate() {
             *o = dot(q, keys.get_unchecked(s * d..(s + 1) * d)) * scale;
+        }
+    }
+
+    /// Eight f16 values at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16x8(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn key_scores_f16(q: &[f32], keys: &[f16], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        if d % 8 != 0 {
+            return super::key_scores_scalar(q, &super::KvRows::F16(keys.to_vec()), scale, out);
+        }
+        for (s, o) in out.iter_mut().enumerate() {
+            let pk = keys.as_ptr().add(s * d);
+            let mut acc = _mm256_setzero_ps();
+            for c in (0..d).step_by(8) {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), load_f16x8(pk.add(c)), acc);
+            }
+            let v = acc;
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            *o = _mm_cvtss_f32(h) * scale;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
+        let d = out.len();
+        if d % 8 != 0 || d > 128 {
+            return super::weighted_sum_scalar(weights, &super::KvRows::F16(values.to_vec()), out);
+        }
+        // The output row (at most 128 values) lives in registers across all slots.
+        let po = out.as_mut_ptr();
+        let mut acc = [_mm256_setzero_ps(); 16];
+        for (k, a) in acc.iter_mut().enumerate().take(d / 8) {
+            *a = _mm256_loadu_ps(po.add(8 * k));
+        }
+        for (s, &w) in weights.iter().enumerate() {
+            if w != 0.0 {
+                let (vw, pv) = (_mm256_set1_ps(w), values.as_ptr().add(s * d));
+                for (k, a) in acc.iter_mut().enumerate().take(d / 8) {
+                    *a = _mm256_fmadd_ps(vw, load_f16x8(pv.add(8 * k)), *a);
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate().take(d / 8) {
+            _mm256_storeu_ps(po.add(8 * k), *a);
         }
     }
 
@@ -474,7 +543,7 @@ mod tests {
     /// position 2: outputs and score rows worked out by hand.
     #[test]
     fn attention_outputs_and_scores_match_a_hand_computation() {
-        let mut kv = HeadKv::new(8, 2);
+        let mut kv = HeadKv::new(8, 2, crate::kv::KvType::F32);
         let keys = [[0.0f32, 0.0], [2.0, 0.0], [0.0, 2.0], [9.0, 9.0]];
         for (p, k) in keys.iter().enumerate() {
             kv.insert(p as u32, k, &[p as f32, 1.0]).unwrap();
@@ -528,23 +597,26 @@ mod tests {
         for d in [7usize, 40, 64, 128] {
             for n in [0usize, 1, 13, 100] {
                 let q: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
-                let kv: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
-                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-                key_scores(&q, &kv, 0.125, &mut a);
-                key_scores_scalar(&q, &kv, 0.125, &mut b);
-                for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "scores d={d} n={n}");
-                }
-                let mut w: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
-                if n > 2 {
-                    w[1] = 0.0;
-                }
-                let start: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
-                let (mut o1, mut o2) = (start.clone(), start.clone());
-                weighted_sum(&w, &kv, &mut o1);
-                weighted_sum_scalar(&w, &kv, &mut o2);
-                for (x, y) in o1.iter().zip(&o2) {
-                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum d={d} n={n}");
+                let raw: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
+                let f16s: Vec<half::f16> = raw.iter().map(|&x| half::f16::from_f32(x)).collect();
+                for kv in [KvRows::F32(raw.clone()), KvRows::F16(f16s)] {
+                    let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                    key_scores(&q, &kv, 0.125, &mut a);
+                    key_scores_scalar(&q, &kv, 0.125, &mut b);
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "scores d={d} n={n} {kv:.8?}");
+                    }
+                    let mut w: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                    if n > 2 {
+                        w[1] = 0.0;
+                    }
+                    let start: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
+                    let (mut o1, mut o2) = (start.clone(), start.clone());
+                    weighted_sum(&w, &kv, &mut o1);
+                    weighted_sum_scalar(&w, &kv, &mut o2);
+                    for (x, y) in o1.iter().zip(&o2) {
+                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum d={d} n={n}");
+                    }
                 }
             }
         }

@@ -13,7 +13,7 @@ use crate::backend::cpu::{self, WeightView};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use keyformer_kv::{PolicyConfig, PolicyKind, SequencePolicy};
 
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvType};
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
@@ -100,6 +100,8 @@ pub struct Llama {
     output_norm: Vec<f32>,
     output: Weight,
     inv_freq: Vec<f32>,
+    /// How new caches store keys and values.
+    pub kv_type: KvType,
 }
 
 impl Llama {
@@ -163,7 +165,7 @@ impl Llama {
             let factors = vector("rope_freqs.weight", c.rope_dim / 2)?;
             inv_freq.iter_mut().zip(factors).for_each(|(f, k)| *f /= k);
         }
-        Ok(Self { config, file, token_embd, layers, output_norm, output, inv_freq })
+        Ok(Self { config, file, token_embd, layers, output_norm, output, inv_freq, kv_type: KvType::default() })
     }
 
     fn view(&self, w: &Weight) -> WeightView<'_> {
@@ -178,7 +180,7 @@ impl Llama {
 
     /// A new, empty KV cache trimmed by `policy`; `context` bounds it when the policy keeps all.
     pub fn new_cache_with(&self, policy: SequencePolicy, context: usize) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, policy, context)
+        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, self.kv_type, policy, context)
     }
 
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
