@@ -2,18 +2,23 @@
 # Side-by-side speed: keyformer vs llama.cpp's llama-bench on the same GGUF file and threads.
 #
 #   scripts/bench-vs-llamacpp.sh [-m MODEL] [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS]
+#                                [-d DEPTHS] [-k f32|f16]
 #
 # llama-bench comes from scripts/build-llamacpp.sh (built once from the llama-cpp-python source
-# package, native CPU flags, cached). Prints a Markdown table with tokens/s of both engines and
-# the ratio ours/theirs per test.
+# package, native CPU flags, cached). Both engines run the same file, threads, context depths
+# (-d, comma-separated: tokens already in the cache) and KV cache type (-k, default f16, which
+# is llama.cpp's default). Prints a Markdown table with tokens/s of both engines, the ratio
+# ours/theirs per test, and for generation the fraction of the measured read bandwidth each
+# reaches (bytes a decode step reads, weights + KV cache, times tokens/s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-model=smollm2-135m threads=2 n_prompt=512 n_gen=128 reps=3
-while getopts "m:t:p:n:r:" opt; do
+model=smollm2-135m threads=2 n_prompt=512 n_gen=128 reps=3 depths=0 kv=f16
+while getopts "m:t:p:n:r:d:k:" opt; do
   case $opt in
     m) model=$OPTARG ;; t) threads=$OPTARG ;; p) n_prompt=$OPTARG ;; n) n_gen=$OPTARG ;; r) reps=$OPTARG ;;
-    *) sed -n '2,10p' "$0"; exit 2 ;;
+    d) depths=$OPTARG ;; k) kv=$OPTARG ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
   esac
 done
 
@@ -23,23 +28,30 @@ cargo build --release -q -p keyformer-cli
 kf=target/release/keyformer
 path=$("$kf" info --model "$model" | sed -n 's/^file: *\(.*\) ([0-9]* bytes.*/\1/p')
 
-ours=$("$kf" bench --model "$path" -t "$threads" -p "$n_prompt" -n "$n_gen" -r "$reps" --json)
-theirs=$("$llama_bench" -m "$path" -t "$threads" -p "$n_prompt" -n "$n_gen" -r "$reps" -o json 2>/dev/null)
+ours=$("$kf" --kv-type "$kv" bench --model "$path" -t "$threads" -p "$n_prompt" -n "$n_gen" -d "$depths" -r "$reps" --json)
+theirs=$("$llama_bench" -m "$path" -t "$threads" -p "$n_prompt" -n "$n_gen" -d "$depths" -r "$reps" \
+  -ctk "$kv" -ctv "$kv" -o json 2>/dev/null)
 
-python3 - "$ours" "$theirs" "$threads" "$path" <<'PY'
+python3 - "$ours" "$theirs" "$threads" "$path" "$kv" <<'PY'
 import json, sys, platform
-ours, theirs, threads, path = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+ours, theirs, threads, path, kv = json.loads(sys.argv[1]), json.loads(sys.argv[2]), *sys.argv[3:]
 def test_name(r):
-    return f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
+    base = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
+    return base + (f" @ d{r['n_depth']}" if r.get("n_depth") else "")
 llama = {test_name(r): r for r in theirs}
+bw = ours.get("read_bandwidth_gb_s")
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-print(f"model: {path.split('/')[-1]}, threads: {threads}, CPU: {cpu}\n")
-print("| test | keyformer t/s (median, min-max) | llama.cpp t/s (mean ± sd) | ours / theirs |")
-print("|---|---:|---:|---:|")
+print(f"model: {path.split('/')[-1]}, threads: {threads}, KV cache: {kv}, CPU: {cpu}, "
+      f"read bandwidth: {bw:.1f} GB/s\n" if bw else f"model: {path.split('/')[-1]}, threads: {threads}\n")
+print("| test | keyformer t/s (median, min-max) | llama.cpp t/s (mean ± sd) | ours / theirs | keyformer of bandwidth | llama.cpp of bandwidth | keyformer peak RSS MiB |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 for r in ours["results"]:
     l = llama.get(r["test"])
     if l is None:
         continue
+    frac = lambda ts: f"{r['bytes_per_token'] * ts / 1e9 / bw:.0%}" if bw and r.get("bytes_per_token") else ""
+    rss = f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else ""
     print(f"| {r['test']} | {r['median_tok_s']:.1f} ({r['min_tok_s']:.1f}-{r['max_tok_s']:.1f}) | "
-          f"{l['avg_ts']:.1f} ± {l['stddev_ts']:.1f} | {r['median_tok_s'] / l['avg_ts']:.2f}x |")
+          f"{l['avg_ts']:.1f} ± {l['stddev_ts']:.1f} | {r['median_tok_s'] / l['avg_ts']:.2f}x | "
+          f"{frac(r['median_tok_s'])} | {frac(l['avg_ts'])} | {rss} |")
 PY
