@@ -36,6 +36,13 @@ fn prose_doc() -> Document {
     Document { id: "prose".into(), context: text, question: None, reference: Some("A story about a house.".into()) }
 }
 
+/// An empty folder for one test's output.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let out = std::env::temp_dir().join(format!("keyformer-eval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    out
+}
+
 fn rows(dir: &std::path::Path) -> Vec<CaseRow> {
     let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -50,8 +57,7 @@ fn greedy(engine: &Engine, prompt: &[u32], kv: PolicyConfig, n: usize) -> (Vec<u
 #[test]
 fn shared_prefill_rows_equal_separate_runs() {
     let engine = Engine::load(&q4_model()).unwrap();
-    let out = std::env::temp_dir().join(format!("keyformer-eval-shared-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = scratch_dir("shared");
     let p = plan(vec![Task::Fidelity, Task::Generation], &["window", "h2o", "keyformer", "keyformer:noise=none:recent=10%"]);
     let doc = prose_doc();
     run_eval(&engine, &p, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
@@ -84,8 +90,7 @@ fn shared_prefill_rows_equal_separate_runs() {
 #[test]
 fn summary_task_scores_against_the_reference_and_the_full_cache() {
     let engine = Engine::load(&q4_model()).unwrap();
-    let out = std::env::temp_dir().join(format!("keyformer-eval-summary-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = scratch_dir("summary");
     let p = plan(vec![Task::Summary], &["window", "keyformer:noise=none"]);
     let mut doc = prose_doc();
     // A budget that keeps everything must reproduce the full cache's summary exactly.
@@ -133,8 +138,7 @@ fn policy_variants_parse_their_options_and_refuse_unknown_ones() {
 #[test]
 fn ppl_rows_carry_the_full_cache_at_the_same_split() {
     let engine = Engine::load(&q4_model()).unwrap();
-    let out = std::env::temp_dir().join(format!("keyformer-eval-ppl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = scratch_dir("ppl");
     let p = plan(vec![Task::Ppl], &["full", "window"]);
     run_eval(&engine, &p, &[prose_doc()], &out, &mut |_, _| {}).unwrap();
     let r = rows(&out);

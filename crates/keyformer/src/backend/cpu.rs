@@ -194,7 +194,12 @@ pub fn attention(
             let mut raw_logits = Vec::new();
             let mut noisy = Vec::new();
             let mut gumbel = Vec::new();
-            let mut raw_positions = Vec::new();
+            // Per task (one KV head): whether any signal needs the raw logits, and the slots'
+            // positions as integers for the vectorised noise (free slots read as 0; their
+            // logits are -inf, so their noise is never used).
+            let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
+            let raw_positions: Vec<u32> =
+                if logits_noisy { slots.iter().map(|s| s.unwrap_or(0)).collect() } else { Vec::new() };
             let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
             for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
                 let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
@@ -216,7 +221,6 @@ pub fn attention(
                     continue; // nothing visible (cannot happen once the query's own token is cached)
                 }
                 // The logits keep their -inf where a slot is masked, which exp maps to 0.
-                let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
                 if logits_noisy {
                     raw_logits.clear();
                     raw_logits.extend_from_slice(&weights);
@@ -241,8 +245,6 @@ pub fn attention(
                             noisy.clear();
                             noisy.extend_from_slice(&raw_logits);
                             if kind == NoiseKind::Gumbel {
-                                raw_positions.clear();
-                                raw_positions.extend(slots.iter().map(|s| s.unwrap_or(0)));
                                 gumbel.resize(slots.len(), 0.0);
                                 vmath::gumbel_row(row.key[0], &raw_positions, &mut gumbel);
                             } else {
@@ -326,7 +328,8 @@ pub fn key_scores(q: &[f32], keys: &KvRows, scale: f32, out: &mut [f32]) {
         unsafe {
             return match keys {
                 KvRows::F32(k) => x86::key_scores(q, &k[..n], scale, out),
-                KvRows::F16(k) => x86::key_scores_f16(q, &k[..n], scale, out),
+                KvRows::F16(k) if q.len() % 8 == 0 => x86::key_scores_f16(q, &k[..n], scale, out),
+                KvRows::F16(_) => key_scores_scalar(q, keys, scale, out),
             };
         }
     }
@@ -353,7 +356,8 @@ pub fn weighted_sum(weights: &[f32], values: &KvRows, out: &mut [f32]) {
         unsafe {
             return match values {
                 KvRows::F32(v) => x86::weighted_sum(weights, &v[..n], out),
-                KvRows::F16(v) => x86::weighted_sum_f16(weights, &v[..n], out),
+                KvRows::F16(v) if out.len() % 8 == 0 && out.len() <= 128 => x86::weighted_sum_f16(weights, &v[..n], out),
+                KvRows::F16(_) => weighted_sum_scalar(weights, values, out),
             };
         }
     }
@@ -392,10 +396,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn key_scores_f16(q: &[f32], keys: &[f16], scale: f32, out: &mut [f32]) {
-        let d = q.len();
-        if d % 8 != 0 {
-            return super::key_scores_scalar(q, &super::KvRows::F16(keys.to_vec()), scale, out);
-        }
+        let d = q.len(); // a multiple of 8 (the caller checks)
         for (s, o) in out.iter_mut().enumerate() {
             let pk = keys.as_ptr().add(s * d);
             let mut acc = _mm256_setzero_ps();
@@ -412,10 +413,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
-        let d = out.len();
-        if d % 8 != 0 || d > 128 {
-            return super::weighted_sum_scalar(weights, &super::KvRows::F16(values.to_vec()), out);
-        }
+        let d = out.len(); // a multiple of 8, at most 128 (the caller checks)
         // The output row (at most 128 values) lives in registers across all slots.
         let po = out.as_mut_ptr();
         let mut acc = [_mm256_setzero_ps(); 16];

@@ -398,7 +398,7 @@ fn unit_prompt(engine: &Engine, plan: &EvalPlan, unit: &Unit, tokens: &[u32]) ->
             let (prompt, code) = needle_prompt(engine, tokens, id, length, depth)?;
             (prompt, NEEDLE_ANSWER_TOKENS, code)
         }
-        Task::Ppl => (tokens.to_vec(), 0, String::new()),
+        Task::Ppl => (Vec::new(), 0, String::new()), // streams the whole document itself
     })
 }
 
@@ -461,10 +461,25 @@ fn read_rows(path: &Path) -> Result<Vec<CaseRow>, ModelError> {
     Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
+/// Sums and counts of each metric per (task, policy, budget).
+type Accumulated = BTreeMap<(String, String, String), BTreeMap<String, (f64, usize)>>;
+
+/// A task's budgets (token budgets first, then percentages, each ascending) and policies.
+fn budgets_and_policies<'a>(acc: &'a Accumulated, task: &String) -> (Vec<&'a String>, BTreeSet<&'a String>) {
+    let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
+    budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
+    budgets.dedup();
+    (budgets, acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect())
+}
+
+/// The mean of `metric` for (task, policy, budget), if any case recorded it.
+fn mean_of(acc: &Accumulated, task: &str, policy: &str, budget: &str, metric: &str) -> Option<f64> {
+    acc.get(&(task.to_string(), policy.to_string(), budget.to_string())).and_then(|ms| ms.get(metric)).map(|(s, n)| s / *n as f64)
+}
+
 /// Mean of each metric per (task, policy, budget), over documents and seeds.
 fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
-    type Key = (String, String, String);
-    let mut acc: BTreeMap<Key, BTreeMap<String, (f64, usize)>> = BTreeMap::new();
+    let mut acc = Accumulated::new();
     for r in rows {
         let m = acc.entry((r.task.clone(), r.policy.clone(), r.budget.clone())).or_default();
         for (k, v) in &r.metrics {
@@ -492,13 +507,8 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
             _ => "mean_kl",
         };
         let direction = if matches!(metric, "rougeL" | "correct") { "higher" } else { "lower" };
-        let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
-        budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
-        budgets.dedup();
-        let policies: BTreeSet<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect();
-        let mean = |p: &String, b: &String, m: &str| {
-            acc.get(&(task.clone(), p.clone(), b.clone())).and_then(|ms| ms.get(m)).map(|(s, n)| s / *n as f64)
-        };
+        let (budgets, policies) = budgets_and_policies(&acc, task);
+        let mean = |p: &String, b: &String, m: &str| mean_of(&acc, task, p, b, m);
         // Tasks that record the full cache's own score beside each case (`full_<metric>`) get a
         // row for it, and a second table relative to it.
         let full_metric = format!("full_{metric}");
@@ -536,19 +546,14 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
 }
 
 /// One SVG per (task, metric): the metric's mean against budget, a line per policy.
-fn write_plots(out: &Path, acc: &BTreeMap<(String, String, String), BTreeMap<String, (f64, usize)>>) -> std::io::Result<()> {
+fn write_plots(out: &Path, acc: &Accumulated) -> std::io::Result<()> {
     let tasks: BTreeSet<&String> = acc.keys().map(|k| &k.0).collect();
     for task in tasks {
-        let mut budgets: Vec<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.2).collect();
-        budgets.sort_by(|a, b| budget_order(a).partial_cmp(&budget_order(b)).unwrap_or(std::cmp::Ordering::Equal));
-        budgets.dedup();
-        let policies: BTreeSet<&String> = acc.keys().filter(|k| &k.0 == task).map(|k| &k.1).collect();
+        let (budgets, policies) = budgets_and_policies(acc, task);
         let metrics: BTreeSet<&String> =
             acc.iter().filter(|(k, _)| &k.0 == task).flat_map(|(_, m)| m.keys()).collect();
+        let mean = |p: &String, b: &String, m: &str| mean_of(acc, task, p, b, m);
         for metric in metrics.iter().filter(|m| !m.starts_with("full_")) {
-            let mean = |p: &String, b: &String, m: &str| {
-                acc.get(&(task.clone(), p.clone(), b.clone())).and_then(|ms| ms.get(m)).map(|(s, n)| s / *n as f64)
-            };
             let mut series: Vec<Series> = policies
                 .iter()
                 .map(|p| Series {
