@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use keyformer_kv::{PolicyConfig, PolicyKind};
 
+use crate::backend::pool;
 use crate::engine::{Engine, PREFILL_CHUNK};
 use crate::kv::KvCache;
 use crate::models::llama::Logits;
@@ -40,10 +41,21 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
-    fn new(name: &str, tokens: usize, depth: usize, kv: &PolicyConfig, samples_s: Vec<f64>, cache: &KvCache) -> Self {
+    fn new(
+        name: &str,
+        tokens: usize,
+        depth: usize,
+        kv: &PolicyConfig,
+        samples_s: Vec<f64>,
+        cache: &KvCache,
+    ) -> Self {
         let mut rates: Vec<f64> = samples_s.iter().map(|s| tokens as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
-        let test = if depth > 0 { format!("{name}{tokens} @ d{depth}") } else { format!("{name}{tokens}") };
+        let test = if depth > 0 {
+            format!("{name}{tokens} @ d{depth}")
+        } else {
+            format!("{name}{tokens}")
+        };
         let kv = match kv.budget {
             Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
             _ => kv.kind.name().to_string(),
@@ -74,7 +86,13 @@ fn synthetic_tokens(n: usize, vocab: usize) -> Vec<u32> {
 /// Time prefilling `p` tokens after `depth` tokens already in the cache, `reps` times (after
 /// one warm-up). The prompt runs under `kv` (its scoring and the trim to the budget are timed;
 /// a percentage budget is of `depth + p`).
-pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyConfig, reps: usize) -> Result<BenchResult, ModelError> {
+pub fn prompt_processing(
+    engine: &Engine,
+    p: usize,
+    depth: usize,
+    kv: &PolicyConfig,
+    reps: usize,
+) -> Result<BenchResult, ModelError> {
     let tokens = synthetic_tokens(depth + p, engine.model.config.vocab_size);
     reset_peak_rss();
     let mut samples = Vec::with_capacity(reps);
@@ -92,7 +110,14 @@ pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyCon
         }
         last = Some(cache);
     }
-    let mut r = BenchResult::new("pp", p, depth, kv, samples, &last.expect("at least one run"));
+    let mut r = BenchResult::new(
+        "pp",
+        p,
+        depth,
+        kv,
+        samples,
+        &last.expect("at least one run"),
+    );
     r.peak_rss_bytes = peak_rss_bytes();
     Ok(r)
 }
@@ -101,12 +126,21 @@ pub fn prompt_processing(engine: &Engine, p: usize, depth: usize, kv: &PolicyCon
 /// model's own output, so each step is a real decode step), `reps` times after one warm-up.
 /// The prompt is prefilled once, untimed, under `kv` (a percentage budget is of `depth`), and
 /// every repetition starts from a copy of that cache.
-pub fn generation(engine: &Engine, n: usize, depth: usize, kv: &PolicyConfig, reps: usize) -> Result<BenchResult, ModelError> {
+pub fn generation(
+    engine: &Engine,
+    n: usize,
+    depth: usize,
+    kv: &PolicyConfig,
+    reps: usize,
+) -> Result<BenchResult, ModelError> {
     reset_peak_rss();
     let mut prompt_cache = engine.new_cache(kv, depth, n)?;
     let mut first = 1u32;
     if depth > 0 {
-        let logits = engine.prefill(&synthetic_tokens(depth, engine.model.config.vocab_size), &mut prompt_cache)?;
+        let logits = engine.prefill(
+            &synthetic_tokens(depth, engine.model.config.vocab_size),
+            &mut prompt_cache,
+        )?;
         first = argmax(&logits);
     }
     let mut samples = Vec::with_capacity(reps);
@@ -141,15 +175,18 @@ pub fn weight_bytes(engine: &Engine) -> usize {
 }
 
 /// Read bandwidth in GB/s: the best of a few parallel streaming sums over `bytes` of memory
-/// (touched first, so the pages are resident), on rayon's pool.
+/// (touched first, so the pages are resident), on the engine's thread pool.
 pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
-    use rayon::prelude::*;
     let words = vec![1u64; bytes / 8];
-    let chunk = (words.len() / (4 * rayon::current_num_threads())).max(1 << 16);
+    let chunk = (words.len() / (4 * pool::threads())).max(1 << 16);
+    let chunks: Vec<&[u64]> = words.chunks(chunk).collect();
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        let sum: u64 = words.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w))).sum();
+        let sums = pool::map(chunks.len(), |i| {
+            chunks[i].iter().fold(0u64, |a, &w| a.wrapping_add(w))
+        });
+        let sum = sums.iter().fold(0u64, |a, &s| a.wrapping_add(s));
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(sum);
         best = best.max(words.len() as f64 * 8.0 / secs / 1e9);

@@ -1,12 +1,10 @@
 //! The CPU implementation of the backend op set: quantised matrix products, RMSNorm, RoPE,
-//! SwiGLU and attention over the slot cache. Work is split across rayon's pool (one pool for
-//! the process; `--threads` sizes it).
-
-use rayon::prelude::*;
+//! SwiGLU and attention over the slot cache. Work is split across [`pool`], the process's one
+//! worker team (`--threads` sizes it).
 
 use keyformer_kv::{noise, NoiseKind, Signal};
 
-use super::vmath;
+use super::{pool, vmath};
 
 use crate::kv::{HeadKv, KvRows};
 use crate::quant::dot::{dot_row, quantize_q8, PreparedActivations, Q8Block};
@@ -34,6 +32,8 @@ impl WeightView<'_> {
 /// activation bytes but add rounding: on SmolLM2's first parity prompt the 8-bit path moved
 /// the top logit by 0.09 where the GEMM path equals transformers on the F32 copy to 1e-4.
 const GEMM_MIN_TOKENS: usize = 2;
+/// Weights one [`matmul_many`] call takes (Q, K, V is the most the models use).
+const MAX_FUSED: usize = 4;
 /// Output rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
@@ -45,27 +45,67 @@ unsafe impl Sync for SharedOut {}
 
 /// `y[n x rows] = x[n x cols] * W^T`.
 pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), n * w.cols, "matmul input shape");
-    assert_eq!(y.len(), n * w.rows, "matmul output shape");
-    if n >= GEMM_MIN_TOKENS {
-        return matmul_gemm(w, x, n, y);
+    matmul_many(&[*w], x, n, &mut [y]);
+}
+
+/// `ys[i] = x * ws[i]^T` for weights that share their input (Q, K and V; gate and up): one
+/// parallel loop over all their rows, and for a single token the activations are quantised
+/// once.
+pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), ys.len(), "one output per weight");
+    assert!(
+        ws.len() <= MAX_FUSED,
+        "at most {MAX_FUSED} weights per call"
+    );
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(x.len(), n * w.cols, "matmul input shape");
+        assert_eq!(y.len(), n * w.rows, "matmul output shape");
     }
-    let mut q8: Vec<Q8Block> = Vec::new();
-    for t in 0..n {
-        let xt = &x[t * w.cols..(t + 1) * w.cols];
-        let act = if w.ggml_type.uses_q8_activations() {
-            quantize_q8(xt, &mut q8);
-            PreparedActivations::Q8(&q8)
-        } else {
-            PreparedActivations::F32(xt)
-        };
-        let yt = &mut y[t * w.rows..(t + 1) * w.rows];
-        yt.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(ci, ys)| {
+    if n >= GEMM_MIN_TOKENS {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            matmul_gemm(w, x, n, y);
+        }
+        return;
+    }
+    SCRATCH_Q8.with(|q8| {
+        let mut q8 = q8.borrow_mut();
+        if ws.iter().any(|w| w.ggml_type.uses_q8_activations()) {
+            quantize_q8(x, &mut q8);
+        }
+        // Tasks: ROWS_PER_TASK rows of one weight, numbered across the weights in turn.
+        let mut outs = [SharedOut(std::ptr::null_mut()); MAX_FUSED];
+        let mut first_task = [usize::MAX; MAX_FUSED + 1];
+        first_task[0] = 0;
+        for (i, (w, y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            outs[i] = SharedOut(y.as_mut_ptr());
+            first_task[i + 1] = first_task[i] + w.rows.div_ceil(ROWS_PER_TASK);
+        }
+        let q8: &[Q8Block] = &q8;
+        pool::for_each(first_task[ws.len()], |task| {
+            let wi = first_task.partition_point(|&f| f <= task) - 1;
+            let w = &ws[wi];
+            let act = if w.ggml_type.uses_q8_activations() {
+                PreparedActivations::Q8(q8)
+            } else {
+                PreparedActivations::F32(x)
+            };
+            let r0 = (task - first_task[wi]) * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(w.rows - r0);
+            // SAFETY: rows r0..r0+rows of output wi are written by this task only; the outputs
+            // outlive the loop.
+            let ys = unsafe { std::slice::from_raw_parts_mut(outs[wi].0.add(r0), rows) };
             for (k, out) in ys.iter_mut().enumerate() {
-                *out = dot_row(w.ggml_type, w.row(ci * ROWS_PER_TASK + k), &act);
+                *out = dot_row(w.ggml_type, w.row(r0 + k), &act);
             }
         });
-    }
+    });
+}
+
+thread_local! {
+    /// Per-thread scratch reused across calls: quantised activations (the dispatching thread)
+    /// and dequantised weight blocks (every thread), so the hot path does not allocate.
+    static SCRATCH_Q8: std::cell::RefCell<Vec<Q8Block>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Many tokens: dequantise a block of weight rows to f32 once, then an f32 GEMM against all
@@ -73,34 +113,37 @@ pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
 fn matmul_gemm(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
     let out = SharedOut(y.as_mut_ptr());
     let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
-    (0..n_tasks).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, task| {
-        let r0 = task * ROWS_PER_TASK;
-        let rows = ROWS_PER_TASK.min(w.rows - r0);
-        buf.resize(rows * w.cols, 0.0);
-        let rb = w.ggml_type.row_bytes(w.cols);
-        dequantize_row(w.ggml_type, &w.bytes[r0 * rb..(r0 + rows) * rb], buf);
-        let out = out;
-        // SAFETY: a (n x w.cols) row-major, b = buf^T viewed with strides (1, cols), c is the
-        // column block r0..r0+rows of y (row stride w.rows); blocks of different tasks are
-        // disjoint and y outlives the parallel loop.
-        unsafe {
-            matrixmultiply::sgemm(
-                n,
-                w.cols,
-                rows,
-                1.0,
-                x.as_ptr(),
-                w.cols as isize,
-                1,
-                buf.as_ptr(),
-                1,
-                w.cols as isize,
-                0.0,
-                out.0.add(r0),
-                w.rows as isize,
-                1,
-            );
-        }
+    pool::for_each(n_tasks, |task| {
+        SCRATCH_F32.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let r0 = task * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(w.rows - r0);
+            buf.resize(rows * w.cols, 0.0);
+            let rb = w.ggml_type.row_bytes(w.cols);
+            dequantize_row(w.ggml_type, &w.bytes[r0 * rb..(r0 + rows) * rb], &mut buf);
+            let out = &out;
+            // SAFETY: a (n x w.cols) row-major, b = buf^T viewed with strides (1, cols), c is the
+            // column block r0..r0+rows of y (row stride w.rows); blocks of different tasks are
+            // disjoint and y outlives the parallel loop.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n,
+                    w.cols,
+                    rows,
+                    1.0,
+                    x.as_ptr(),
+                    w.cols as isize,
+                    1,
+                    buf.as_ptr(),
+                    1,
+                    w.cols as isize,
+                    0.0,
+                    out.0.add(r0),
+                    w.rows as isize,
+                    1,
+                );
+            }
+        })
     });
 }
 
@@ -120,7 +163,13 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// files expect: the converter permutes Q and K rows so this layout equals Hugging Face's
 /// rotate-half layout). `inv_freq[i]` rotates dimensions (2i, 2i+1); dimensions past
 /// `2 * inv_freq.len()` are left as they are (partial rotary).
-pub fn rope_adjacent_pairs(x: &mut [f32], n_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) {
+pub fn rope_adjacent_pairs(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    inv_freq: &[f32],
+) {
     let stride = n_heads * head_dim;
     for (row, &pos) in x.chunks_exact_mut(stride).zip(positions) {
         for (i, &f) in inv_freq.iter().enumerate() {
@@ -178,106 +227,130 @@ pub fn attention(
         .iter()
         .map(|signal| match *signal {
             Signal::None => None,
-            Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => Some(from_position),
+            Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => {
+                Some(from_position)
+            }
         })
         .collect();
     let blocks = n.div_ceil(QUERIES_PER_TASK);
-    let partial: Vec<(usize, Vec<Option<Vec<f32>>>)> = (0..n_heads * blocks)
-        .into_par_iter()
-        .filter_map(|task| {
-            let (h, b) = (task / blocks, task % blocks);
-            let kv = &heads[h / group];
-            let slots = kv.table.positions();
-            // Row buffers: attention weights, the noisy score's logits, Gumbel noise, and the
-            // slots' positions as plain integers for the vectorised noise.
-            let mut weights = Vec::with_capacity(slots.len());
-            let mut raw_logits = Vec::new();
-            let mut noisy = Vec::new();
-            let mut gumbel = Vec::new();
-            // Per task (one KV head): whether any signal needs the raw logits, and the slots'
-            // positions as integers for the vectorised noise (free slots read as 0; their
-            // logits are -inf, so their noise is never used).
-            let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
-            let raw_positions: Vec<u32> =
-                if logits_noisy { slots.iter().map(|s| s.unwrap_or(0)).collect() } else { Vec::new() };
-            let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
-            for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
-                let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
-                let p = positions[i];
-                weights.resize(slots.len(), 0.0);
-                key_scores(qi, kv.keys(), scale, &mut weights);
-                let mut max = f32::NEG_INFINITY;
-                for (x, sp) in weights.iter_mut().zip(slots) {
-                    if !sp.is_some_and(|sp| sp <= p) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                    max = max.max(*x);
+    let partial: Vec<(usize, Vec<Option<Vec<f32>>>)> = pool::map(n_heads * blocks, |task| {
+        let (h, b) = (task / blocks, task % blocks);
+        let kv = &heads[h / group];
+        let slots = kv.table.positions();
+        // Row buffers: attention weights, the noisy score's logits, Gumbel noise, and the
+        // slots' positions as plain integers for the vectorised noise.
+        let mut weights = Vec::with_capacity(slots.len());
+        let mut raw_logits = Vec::new();
+        let mut noisy = Vec::new();
+        let mut gumbel = Vec::new();
+        // Per task (one KV head): whether any signal needs the raw logits, and the slots'
+        // positions as integers for the vectorised noise (free slots read as 0; their
+        // logits are -inf, so their noise is never used).
+        let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
+        let raw_positions: Vec<u32> = if logits_noisy {
+            slots.iter().map(|s| s.unwrap_or(0)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
+        for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
+            let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
+            let p = positions[i];
+            weights.resize(slots.len(), 0.0);
+            key_scores(qi, kv.keys(), scale, &mut weights);
+            let mut max = f32::NEG_INFINITY;
+            for (x, sp) in weights.iter_mut().zip(slots) {
+                if !sp.is_some_and(|sp| sp <= p) {
+                    *x = f32::NEG_INFINITY;
                 }
-                let outp = outp;
-                // SAFETY: each (query, head) pair is written by exactly one task.
-                let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim) };
-                o.fill(0.0);
-                if max == f32::NEG_INFINITY {
-                    continue; // nothing visible (cannot happen once the query's own token is cached)
-                }
-                // The logits keep their -inf where a slot is masked, which exp maps to 0.
-                if logits_noisy {
-                    raw_logits.clear();
-                    raw_logits.extend_from_slice(&weights);
-                }
-                weights.iter_mut().for_each(|x| *x -= max);
-                vmath::exp_in_place(&mut weights);
-                let denom: f32 = weights.iter().sum();
-                weighted_sum(&weights, kv.values(), o);
-                let inv = 1.0 / denom;
-                o.iter_mut().for_each(|v| *v *= inv);
+                max = max.max(*x);
+            }
+            let outp = outp;
+            // SAFETY: each (query, head) pair is written by exactly one task.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim)
+            };
+            o.fill(0.0);
+            if max == f32::NEG_INFINITY {
+                continue; // nothing visible (cannot happen once the query's own token is cached)
+            }
+            // The logits keep their -inf where a slot is masked, which exp maps to 0.
+            if logits_noisy {
+                raw_logits.clear();
+                raw_logits.extend_from_slice(&weights);
+            }
+            weights.iter_mut().for_each(|x| *x -= max);
+            vmath::exp_in_place(&mut weights);
+            let denom: f32 = weights.iter().sum();
+            weighted_sum(&weights, kv.values(), o);
+            let inv = 1.0 / denom;
+            o.iter_mut().for_each(|v| *v *= inv);
 
-                for ((signal, from), sums) in signals.iter().zip(&from_positions).zip(sums.iter_mut()) {
-                    if !from.is_some_and(|f| p >= f) {
-                        continue;
-                    }
-                    let acc = sums.get_or_insert_with(|| vec![0.0; slots.len()]);
-                    match *signal {
-                        Signal::Noisy { tau, noise: kind, seed, .. } => {
-                            // softmax((x + g) / tau) over the visible slots: a second pass over
-                            // this row of logits, not over the cache.
-                            let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
-                            noisy.clear();
-                            noisy.extend_from_slice(&raw_logits);
-                            if kind == NoiseKind::Gumbel {
-                                gumbel.resize(slots.len(), 0.0);
-                                vmath::gumbel_row(row.key[0], &raw_positions, &mut gumbel);
-                            } else {
-                                gumbel.clear();
-                                gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
-                            }
-                            let inv_tau = 1.0 / tau;
-                            let mut nmax = f32::NEG_INFINITY;
-                            for (v, &g) in noisy.iter_mut().zip(&gumbel) {
-                                *v = (*v + g) * inv_tau; // -inf stays -inf
-                                nmax = nmax.max(*v);
-                            }
-                            noisy.iter_mut().for_each(|v| *v -= nmax);
-                            vmath::exp_in_place(&mut noisy);
-                            let inv_nsum = 1.0 / noisy.iter().sum::<f32>();
-                            acc.iter_mut().zip(&noisy).for_each(|(a, &e)| *a += e * inv_nsum);
+            for ((signal, from), sums) in signals.iter().zip(&from_positions).zip(sums.iter_mut()) {
+                if !from.is_some_and(|f| p >= f) {
+                    continue;
+                }
+                let acc = sums.get_or_insert_with(|| vec![0.0; slots.len()]);
+                match *signal {
+                    Signal::Noisy {
+                        tau,
+                        noise: kind,
+                        seed,
+                        ..
+                    } => {
+                        // softmax((x + g) / tau) over the visible slots: a second pass over
+                        // this row of logits, not over the cache.
+                        let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
+                        noisy.clear();
+                        noisy.extend_from_slice(&raw_logits);
+                        if kind == NoiseKind::Gumbel {
+                            gumbel.resize(slots.len(), 0.0);
+                            vmath::gumbel_row(row.key[0], &raw_positions, &mut gumbel);
+                        } else {
+                            gumbel.clear();
+                            gumbel
+                                .extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
                         }
-                        _ => acc.iter_mut().zip(&weights).for_each(|(a, &e)| *a += e * inv),
+                        let inv_tau = 1.0 / tau;
+                        let mut nmax = f32::NEG_INFINITY;
+                        for (v, &g) in noisy.iter_mut().zip(&gumbel) {
+                            *v = (*v + g) * inv_tau; // -inf stays -inf
+                            nmax = nmax.max(*v);
+                        }
+                        noisy.iter_mut().for_each(|v| *v -= nmax);
+                        vmath::exp_in_place(&mut noisy);
+                        let inv_nsum = 1.0 / noisy.iter().sum::<f32>();
+                        acc.iter_mut()
+                            .zip(&noisy)
+                            .for_each(|(a, &e)| *a += e * inv_nsum);
                     }
+                    _ => acc
+                        .iter_mut()
+                        .zip(&weights)
+                        .for_each(|(a, &e)| *a += e * inv),
                 }
             }
-            sums.iter().any(Option::is_some).then_some((h, sums))
-        })
-        .collect();
+        }
+        sums.iter().any(Option::is_some).then_some((h, sums))
+    })
+    .into_iter()
+    .flatten()
+    .collect();
     from_positions
         .iter()
         .enumerate()
         .map(|(k, from)| {
             from.map(|_| {
-                let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
+                let mut per_kv: Vec<Vec<f32>> = heads
+                    .iter()
+                    .map(|kv| vec![0.0; kv.table.positions().len()])
+                    .collect();
                 for (h, sums) in &partial {
                     if let Some(s) = &sums[k] {
-                        per_kv[h / group].iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                        per_kv[h / group]
+                            .iter_mut()
+                            .zip(s)
+                            .for_each(|(a, b)| *a += b);
                     }
                 }
                 per_kv
@@ -301,7 +374,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];
@@ -356,7 +434,9 @@ pub fn weighted_sum(weights: &[f32], values: &KvRows, out: &mut [f32]) {
         unsafe {
             return match values {
                 KvRows::F32(v) => x86::weighted_sum(weights, &v[..n], out),
-                KvRows::F16(v) if out.len() % 8 == 0 && out.len() <= 128 => x86::weighted_sum_f16(weights, &v[..n], out),
+                KvRows::F16(v) if out.len() % 8 == 0 && out.len() <= 128 => {
+                    x86::weighted_sum_f16(weights, &v[..n], out)
+                }
                 KvRows::F16(_) => weighted_sum_scalar(weights, values, out),
             };
         }
@@ -401,7 +481,11 @@ mod x86 {
             let pk = keys.as_ptr().add(s * d);
             let mut acc = _mm256_setzero_ps();
             for c in (0..d).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), load_f16x8(pk.add(c)), acc);
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(q.as_ptr().add(c)),
+                    load_f16x8(pk.add(c)),
+                    acc,
+                );
             }
             let v = acc;
             let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -414,7 +498,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
         let d = out.len(); // a multiple of 8, at most 128 (the caller checks)
-        // The output row (at most 128 values) lives in registers across all slots.
+                           // The output row (at most 128 values) lives in registers across all slots.
         let po = out.as_mut_ptr();
         let mut acc = [_mm256_setzero_ps(); 16];
         for (k, a) in acc.iter_mut().enumerate().take(d / 8) {
@@ -469,7 +553,11 @@ mod x86 {
         let mut i = 0;
         while i + 16 <= n {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
             i += 16;
         }
         if i + 8 <= n {
@@ -495,7 +583,10 @@ mod x86 {
         let va = _mm256_set1_ps(alpha);
         let mut i = 0;
         while i + 8 <= n {
-            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+            _mm256_storeu_ps(
+                py.add(i),
+                _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+            );
             i += 8;
         }
         while i < n {
@@ -514,10 +605,21 @@ mod tests {
     #[test]
     fn gemm_and_rowdot_paths_match_the_reference_product() {
         let mut rng = Lcg(11);
-        for t in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q6K, GgmlType::F16] {
+        for t in [
+            GgmlType::F32,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q6K,
+            GgmlType::F16,
+        ] {
             let (rows, cols) = (70, 256);
             let bytes = random_row(t, rows * cols, &mut rng);
-            let w = WeightView { ggml_type: t, rows, cols, bytes: &bytes };
+            let w = WeightView {
+                ggml_type: t,
+                rows,
+                cols,
+                bytes: &bytes,
+            };
             let mut wf = vec![0f32; rows * cols];
             dequantize_row(t, &bytes, &mut wf);
             for n in [1usize, 3, 9] {
@@ -530,7 +632,10 @@ mod tests {
                         let wr = &wf[r * cols..(r + 1) * cols];
                         let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
                         let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
-                        assert!((y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5, "{t} n={n} r={r}");
+                        assert!(
+                            (y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5,
+                            "{t} n={n} r={r}"
+                        );
                     }
                 }
             }
@@ -560,31 +665,76 @@ mod tests {
         let probs: Vec<Vec<f32>> = logits.iter().map(|l| softmax(l)).collect();
 
         let mut out = vec![0f32; 4];
-        let sums = attention(&q, &[2], &heads, 2, 2, 0, &[Signal::Attention { from_position: 0 }], &mut out)[0].clone().unwrap();
+        let sums = attention(
+            &q,
+            &[2],
+            &heads,
+            2,
+            2,
+            0,
+            &[Signal::Attention { from_position: 0 }],
+            &mut out,
+        )[0]
+        .clone()
+        .unwrap();
         for h in 0..2 {
             let want: f32 = (0..3).map(|j| probs[h][j] * j as f32).sum();
             assert!((out[2 * h] - want).abs() < 1e-6 && (out[2 * h + 1] - 1.0).abs() < 1e-6);
         }
         for j in 0..3 {
-            assert!((sums[0][j] - (probs[0][j] + probs[1][j])).abs() < 1e-6, "slot {j}");
+            assert!(
+                (sums[0][j] - (probs[0][j] + probs[1][j])).abs() < 1e-6,
+                "slot {j}"
+            );
         }
         assert_eq!(sums[0][3], 0.0, "a future token gets no score");
 
         // Keyformer: softmax((x + g) / tau) with the counter-based Gumbel noise.
         let (tau, seed) = (1.5, 9);
-        let signal = Signal::Noisy { from_position: 0, tau, noise: NoiseKind::Gumbel, seed };
-        let sums = attention(&q, &[2], &heads, 2, 2, 4, &[signal], &mut out)[0].clone().unwrap();
+        let signal = Signal::Noisy {
+            from_position: 0,
+            tau,
+            noise: NoiseKind::Gumbel,
+            seed,
+        };
+        let sums = attention(&q, &[2], &heads, 2, 2, 4, &[signal], &mut out)[0]
+            .clone()
+            .unwrap();
         let mut want = [0f32; 3];
         for h in 0..2 {
-            let y: Vec<f32> =
-                (0..3).map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32)) / tau).collect();
-            softmax(&y).iter().zip(want.iter_mut()).for_each(|(p, w)| *w += p);
+            let y: Vec<f32> = (0..3)
+                .map(|j| {
+                    (logits[h][j]
+                        + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32))
+                        / tau
+                })
+                .collect();
+            softmax(&y)
+                .iter()
+                .zip(want.iter_mut())
+                .for_each(|(p, w)| *w += p);
         }
         for j in 0..3 {
-            assert!((sums[0][j] - want[j]).abs() < 1e-5, "slot {j}: {} vs {}", sums[0][j], want[j]);
+            assert!(
+                (sums[0][j] - want[j]).abs() < 1e-5,
+                "slot {j}: {} vs {}",
+                sums[0][j],
+                want[j]
+            );
         }
         // Rows before from_position do not count.
-        assert!(attention(&q, &[2], &heads, 2, 2, 0, &[Signal::Attention { from_position: 3 }], &mut out)[0].clone().unwrap()[0]
+        assert!(attention(
+            &q,
+            &[2],
+            &heads,
+            2,
+            2,
+            0,
+            &[Signal::Attention { from_position: 3 }],
+            &mut out
+        )[0]
+        .clone()
+        .unwrap()[0]
             .iter()
             .all(|&v| v == 0.0));
     }
@@ -602,7 +752,10 @@ mod tests {
                     key_scores(&q, &kv, 0.125, &mut a);
                     key_scores_scalar(&q, &kv, 0.125, &mut b);
                     for (x, y) in a.iter().zip(&b) {
-                        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "scores d={d} n={n} {kv:.8?}");
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                            "scores d={d} n={n} {kv:.8?}"
+                        );
                     }
                     let mut w: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
                     if n > 2 {
@@ -613,7 +766,10 @@ mod tests {
                     weighted_sum(&w, &kv, &mut o1);
                     weighted_sum_scalar(&w, &kv, &mut o2);
                     for (x, y) in o1.iter().zip(&o2) {
-                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum d={d} n={n}");
+                        assert!(
+                            (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                            "weighted sum d={d} n={n}"
+                        );
                     }
                 }
             }
@@ -627,7 +783,10 @@ mod tests {
             let a: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
-            assert!((dot(&a, &b) - dot_scalar(&a, &b)).abs() <= 1e-5 * mag.max(1.0), "n={n}");
+            assert!(
+                (dot(&a, &b) - dot_scalar(&a, &b)).abs() <= 1e-5 * mag.max(1.0),
+                "n={n}"
+            );
         }
     }
 

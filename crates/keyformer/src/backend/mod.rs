@@ -3,4 +3,5 @@
 //! extracted then, when there are two implementations to shape it.)
 
 pub mod cpu;
+pub mod pool;
 pub mod vmath;
