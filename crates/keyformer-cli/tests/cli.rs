@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn keyformer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keyformer"))
-        .args(args)
-        .output()
-        .expect("running keyformer")
+    Command::new(env!("CARGO_BIN_EXE_keyformer")).args(args).output().expect("running keyformer")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -20,11 +17,7 @@ fn scratch(name: &str) -> PathBuf {
 /// The default model's path, as the CLI resolves it (fetching it on first use).
 fn default_model() -> PathBuf {
     let out = keyformer(&["info"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let line = stdout.lines().find(|l| l.starts_with("file:")).unwrap();
     let path = line.trim_start_matches("file:").trim();
@@ -34,20 +27,13 @@ fn default_model() -> PathBuf {
 /// Asserts a clean failure: non-zero exit, one `error:` line naming `needle`, no panic.
 fn assert_clean_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(
-        lines[0].to_lowercase().contains(&needle.to_lowercase()),
-        "{:?} lacks {needle:?}",
-        lines[0]
-    );
+    assert!(lines[0].to_lowercase().contains(&needle.to_lowercase()), "{:?} lacks {needle:?}", lines[0]);
 }
 
 /// A minimal GGUF v3 writer for corrupt-input cases (independent of the reader under test).
@@ -96,26 +82,14 @@ fn info_of(p: &Path) -> Output {
 
 #[test]
 fn corrupt_files_give_one_line_errors() {
-    let good = TinyGguf {
-        arch: "llama",
-        tensor_type: 0,
-        tensor_offset: 0,
-        data_len: 512,
-    };
+    let good = TinyGguf { arch: "llama", tensor_type: 0, tensor_offset: 0, data_len: 512 };
     // Truncated: a real model cut in its metadata and in its tensor data.
     let real = std::fs::read(default_model()).unwrap();
     for (name, cut) in [("cut-meta.gguf", 4_000usize), ("cut-data.gguf", 5_000_000)] {
         let p = scratch(name);
         std::fs::write(&p, &real[..cut]).unwrap();
         let out = info_of(&p);
-        assert_clean_error(
-            &out,
-            if cut < 100_000 {
-                "truncated"
-            } else {
-                "past the end"
-            },
-        );
+        assert_clean_error(&out, if cut < 100_000 { "truncated" } else { "past the end" });
     }
     let mut bad_magic = good.bytes();
     bad_magic[..4].copy_from_slice(b"GGML");
@@ -123,30 +97,15 @@ fn corrupt_files_give_one_line_errors() {
     std::fs::write(&p, bad_magic).unwrap();
     assert_clean_error(&info_of(&p), "not a GGUF file");
 
-    let p = TinyGguf {
-        tensor_offset: 1 << 20,
-        ..good
-    }
-    .write("offset.gguf");
+    let p = TinyGguf { tensor_offset: 1 << 20, ..good }.write("offset.gguf");
     assert_clean_error(&info_of(&p), "past the end");
-    let p = TinyGguf {
-        tensor_type: 99,
-        ..good
-    }
-    .write("type.gguf");
+    let p = TinyGguf { tensor_type: 99, ..good }.write("type.gguf");
     assert_clean_error(&info_of(&p), "unknown type id 99");
-    let p = TinyGguf {
-        arch: "mamba",
-        ..good
-    }
-    .write("arch.gguf");
+    let p = TinyGguf { arch: "mamba", ..good }.write("arch.gguf");
     assert_clean_error(&info_of(&p), "unsupported architecture 'mamba'");
     let p = good.write("missing.gguf");
     assert_clean_error(&info_of(&p), "missing metadata key");
-    assert_clean_error(
-        &keyformer(&["info", "--model", "/nonexistent/model.gguf"]),
-        "does not exist",
-    );
+    assert_clean_error(&keyformer(&["info", "--model", "/nonexistent/model.gguf"]), "does not exist");
 }
 
 #[test]
@@ -154,50 +113,22 @@ fn bad_run_arguments_give_one_line_errors() {
     let long = "word ".repeat(9000); // > 8192 tokens
     let p = scratch("long.txt");
     std::fs::write(&p, long).unwrap();
-    assert_clean_error(
-        &keyformer(&["run", "--file", p.to_str().unwrap(), "-n", "1"]),
-        "does not fit the context",
-    );
-    assert_clean_error(
-        &keyformer(&["run", "-p", "hi", "--max-tokens", "0"]),
-        "--max-tokens",
-    );
+    assert_clean_error(&keyformer(&["run", "--file", p.to_str().unwrap(), "-n", "1"]), "does not fit the context");
+    assert_clean_error(&keyformer(&["run", "-p", "hi", "--max-tokens", "0"]), "--max-tokens");
     assert_clean_error(&keyformer(&["run", "-p", "hi", "--top-p", "0"]), "top-p");
     assert_clean_error(&keyformer(&["run", "-p", "", "-n", "4"]), "empty");
-    assert_clean_error(
-        &keyformer(&["run", "--file", "/nonexistent.txt"]),
-        "reading /nonexistent.txt",
-    );
-    assert_clean_error(
-        &keyformer(&["perplexity", "-f", p.to_str().unwrap(), "--ctx", "100000"]),
-        "does not fit",
-    );
+    assert_clean_error(&keyformer(&["run", "--file", "/nonexistent.txt"]), "reading /nonexistent.txt");
+    assert_clean_error(&keyformer(&["perplexity", "-f", p.to_str().unwrap(), "--ctx", "100000"]), "does not fit");
 }
 
 #[test]
 fn bad_kv_settings_give_clear_errors() {
+    assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "h2o", "--kv-budget", "0"]), "at least 1 token");
     assert_clean_error(
-        &keyformer(&["run", "-p", "hi", "--kv-policy", "h2o", "--kv-budget", "0"]),
-        "at least 1 token",
-    );
-    assert_clean_error(
-        &keyformer(&[
-            "run",
-            "-p",
-            "hi",
-            "--kv-policy",
-            "keyformer",
-            "--kv-budget",
-            "8",
-            "--kv-recent",
-            "9",
-        ]),
+        &keyformer(&["run", "-p", "hi", "--kv-policy", "keyformer", "--kv-budget", "8", "--kv-recent", "9"]),
         "recent window (9 tokens) is larger than the KV budget (8 tokens)",
     );
-    assert_clean_error(
-        &keyformer(&["run", "-p", "hi", "--kv-policy", "tova"]),
-        "needs a --kv-budget",
-    );
+    assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "tova"]), "needs a --kv-budget");
     // Values clap cannot parse: its own error (usage follows), exit 2, no panic.
     for (flag, value, needle) in [
         ("--kv-policy", "lru", "unknown KV policy 'lru'"),
@@ -207,10 +138,7 @@ fn bad_kv_settings_give_clear_errors() {
         let out = keyformer(&["run", "-p", "hi", flag, value]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(
-            stderr.lines().next().unwrap().starts_with("error:") && stderr.contains(needle),
-            "{stderr}"
-        );
+        assert!(stderr.lines().next().unwrap().starts_with("error:") && stderr.contains(needle), "{stderr}");
     }
 }
 
@@ -229,11 +157,7 @@ fn run_json_reports_the_kv_cache() {
         "--kv-budget",
         "50%",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let kv = &v["kv_cache"];
     let prompt = v["prompt_tokens"].as_u64().unwrap();
@@ -245,45 +169,23 @@ fn run_json_reports_the_kv_cache() {
     let per_token = 2 * 4 * 30 * 3 * 64;
     assert_eq!(kv["bytes_held_max"].as_u64().unwrap(), budget * per_token);
     let seen = prompt + v["generated_tokens"].as_u64().unwrap() - 1;
-    assert_eq!(
-        kv["bytes_full_equivalent"].as_u64().unwrap(),
-        seen * per_token
-    );
+    assert_eq!(kv["bytes_full_equivalent"].as_u64().unwrap(), seen * per_token);
     assert!(kv["evictions"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn run_json_has_the_contract_fields_and_is_deterministic() {
-    let args = [
-        "run",
-        "-p",
-        "The capital of France is",
-        "-n",
-        "8",
-        "--json",
-        "--temperature",
-        "0.8",
-        "--seed",
-        "3",
-    ];
+    let args = ["run", "-p", "The capital of France is", "-n", "8", "--json", "--temperature", "0.8", "--seed", "3"];
     let out = keyformer(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
     for k in ["text", "token_ids", "prompt_tokens", "generated_tokens"] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
     assert!(v["timings"]["prefill_tok_s"].as_f64().unwrap() > 0.0);
     assert!(v["timings"]["decode_tok_s"].as_f64().is_some());
     assert_eq!(v["prompt_tokens"], 5);
-    assert_eq!(
-        v["generated_tokens"].as_u64().unwrap() as usize,
-        v["token_ids"].as_array().unwrap().len()
-    );
+    assert_eq!(v["generated_tokens"].as_u64().unwrap() as usize, v["token_ids"].as_array().unwrap().len());
     // The same seed gives the same sample.
     let again: serde_json::Value = serde_json::from_slice(&keyformer(&args).stdout).unwrap();
     assert_eq!(v["token_ids"], again["token_ids"]);
@@ -291,29 +193,12 @@ fn run_json_has_the_contract_fields_and_is_deterministic() {
 
 #[test]
 fn stop_strings_and_chat_mode() {
-    let out = keyformer(&[
-        "run",
-        "-p",
-        "1, 2, 3, 4, 5,",
-        "-n",
-        "40",
-        "--json",
-        "--stop",
-        "8",
-    ]);
+    let out = keyformer(&["run", "-p", "1, 2, 3, 4, 5,", "-n", "40", "--json", "--stop", "8"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = v["text"].as_str().unwrap();
     assert!(!text.contains('8'), "{text:?}");
     assert_eq!(v["stop_reason"], "stop_string", "{v}");
-    let out = keyformer(&[
-        "run",
-        "--chat",
-        "-p",
-        "What is the capital of France?",
-        "-n",
-        "24",
-        "--json",
-    ]);
+    let out = keyformer(&["run", "--chat", "-p", "What is the capital of France?", "-n", "24", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // SmolLM2's template adds its default system turn: 37 tokens, as llama.cpp counts the
     // same rendered text.
@@ -328,46 +213,23 @@ fn tokenize_and_perplexity_json() {
     // SmolLM2 splits digits one by one: "In", " ", "1", "9", "6", "9".
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 6, "{v}");
     let prose = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt");
-    let out = keyformer(&[
-        "perplexity",
-        "-f",
-        prose.to_str().unwrap(),
-        "--ctx",
-        "128",
-        "--max-windows",
-        "2",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = keyformer(&["perplexity", "-f", prose.to_str().unwrap(), "--ctx", "128", "--max-windows", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens_scored"], 2 * 127);
     let (nll, ppl) = (v["mean_nll"].as_f64().unwrap(), v["ppl"].as_f64().unwrap());
-    assert!(
-        (nll.exp() - ppl).abs() < 1e-6 * ppl && ppl > 1.0 && ppl < 200.0,
-        "{v}"
-    );
+    assert!((nll.exp() - ppl).abs() < 1e-6 * ppl && ppl > 1.0 && ppl < 200.0, "{v}");
 }
 
 #[test]
 fn eval_writes_rows_and_a_summary_and_resumes() {
-    let prose = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt"),
-    )
-    .unwrap();
+    let prose =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt")).unwrap();
     let (a, b) = prose.split_at(prose.len() / 2);
     let data = scratch("docs.jsonl");
-    let line = |id: &str, text: &str| {
-        serde_json::json!({"id": id, "context": text, "reference": "A summary."}).to_string()
-    };
-    std::fs::write(
-        &data,
-        format!("{}\n{}\n", line("first", a), line("second", b)),
-    )
-    .unwrap();
+    let line =
+        |id: &str, text: &str| serde_json::json!({"id": id, "context": text, "reference": "A summary."}).to_string();
+    std::fs::write(&data, format!("{}\n{}\n", line("first", a), line("second", b))).unwrap();
     let out = scratch("eval-out");
     let _ = std::fs::remove_dir_all(&out);
     let args = [
@@ -398,11 +260,7 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
         out.to_str().unwrap(),
     ];
     let run = keyformer(&args);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let rows = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     // 5 tasks x 2 documents (x 1 haystack for the needle) x (window + keyformer x 2 seeds +
     // keyformer without noise, which needs no seeds) = 40.
@@ -418,51 +276,30 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     );
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(
-        md.contains("| keyformer |")
-            && md.contains("| keyformer:noise=none |")
-            && md.contains("## summary"),
+        md.contains("| keyformer |") && md.contains("| keyformer:noise=none |") && md.contains("## summary"),
         "{md}"
     );
     // Interrupted: the last row is cut in half; the rerun redoes only that case.
     let cut = &rows[..rows.len() - 20];
     std::fs::write(out.join("results.jsonl"), cut).unwrap();
     let rerun = keyformer(&args);
-    assert!(
-        rerun.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rerun.stderr)
-    );
+    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     let again = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    let parsed = again
-        .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
-        .count();
+    let parsed = again.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
     assert_eq!(parsed, 40, "{again}");
     let needle: serde_json::Value =
         serde_json::from_str(again.lines().find(|l| l.contains("\"needle\"")).unwrap()).unwrap();
-    assert!(
-        needle["doc"].as_str().unwrap().ends_with("@256@50%"),
-        "{needle}"
-    );
+    assert!(needle["doc"].as_str().unwrap().ends_with("@256@50%"), "{needle}");
     for m in ["correct", "full_correct"] {
         let v = needle["metrics"][m].as_f64().unwrap();
         assert!(v == 0.0 || v == 1.0, "{needle}");
     }
-    let generation = again
-        .lines()
-        .find(|l| l.contains("\"generation\""))
-        .unwrap();
+    let generation = again.lines().find(|l| l.contains("\"generation\"")).unwrap();
     let g: serde_json::Value = serde_json::from_str(generation).unwrap();
     let r1 = g["metrics"]["rouge1"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&r1) && g["metrics"]["identical_prefix"].as_f64().unwrap() <= 8.0);
     assert_clean_error(
-        &keyformer(&[
-            "eval",
-            "--data",
-            "/nonexistent.jsonl",
-            "--out",
-            out.to_str().unwrap(),
-        ]),
+        &keyformer(&["eval", "--data", "/nonexistent.jsonl", "--out", out.to_str().unwrap()]),
         "reading /nonexistent.jsonl",
     );
     let bad_variant = [
@@ -497,23 +334,11 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
         "64",
     ];
     let out = keyformer(&[&args[..], &["--json"]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["results"].as_array().unwrap();
-    let names: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{} {}",
-                r["kv"].as_str().unwrap(),
-                r["test"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let names: Vec<String> =
+        rows.iter().map(|r| format!("{} {}", r["kv"].as_str().unwrap(), r["test"].as_str().unwrap())).collect();
     // tg at depth 0 has no prompt for a percentage budget to be a share of: only full runs it.
     assert_eq!(
         names,
@@ -529,15 +354,11 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
     );
     let row = |name: &str| &rows[names.iter().position(|n| n == name).unwrap()];
     assert_eq!(row("full tg4 @ d32")["speedup_vs_full"], 1.0);
-    let (full, h2o) = (
-        row("full tg4 @ d32")["kv_bytes"].as_u64().unwrap(),
-        row("h2o@50% tg4 @ d32")["kv_bytes"].as_u64().unwrap(),
-    );
+    let (full, h2o) =
+        (row("full tg4 @ d32")["kv_bytes"].as_u64().unwrap(), row("h2o@50% tg4 @ d32")["kv_bytes"].as_u64().unwrap());
     // 36 tokens in the full cache; 16 kept of the 32-token prompt (+1 slot while a step runs).
     assert!(h2o * 2 <= full, "h2o {h2o} vs full {full}");
-    assert!(rows
-        .iter()
-        .all(|r| r["median_tok_s"].as_f64().unwrap() > 0.0));
+    assert!(rows.iter().all(|r| r["median_tok_s"].as_f64().unwrap() > 0.0));
     assert!(v["read_bandwidth_gb_s"].as_f64().unwrap() > 0.1);
     // A decode step reads at least the weights (the Q4_1 file is ~98 MB) plus its cache.
     let tg = row("h2o@50% tg4 @ d32");
@@ -547,15 +368,9 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
     assert!(row("full pp16")["bytes_per_token"].is_null());
     let table = keyformer(&args);
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        text.contains("read bandwidth") && text.contains("| of bandwidth |"),
-        "{text}"
-    );
+    assert!(text.contains("read bandwidth") && text.contains("| of bandwidth |"), "{text}");
     assert_clean_error(&keyformer(&["bench", "--kv-policy", "h2o"]), "--kv-budget");
-    assert_clean_error(
-        &keyformer(&["bench", "-p", "9000"]),
-        "exceed the model's context",
-    );
+    assert_clean_error(&keyformer(&["bench", "-p", "9000"]), "exceed the model's context");
 }
 
 #[test]
@@ -577,19 +392,12 @@ fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
             "0",
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["kv_type"], t);
         v["results"][0]["kv_bytes"].as_u64().unwrap()
     };
     assert_eq!(held("f16") * 2, held("f32"));
     let bad = keyformer(&["--kv-type", "f8", "info"]);
-    assert!(
-        !bad.status.success()
-            && String::from_utf8_lossy(&bad.stderr).contains("unknown KV cache type")
-    );
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("unknown KV cache type"));
 }

@@ -182,7 +182,9 @@ mod tests {
 
     #[test]
     fn moments_match_the_distributions() {
-        for (kind, mean, std) in [(NoiseKind::Gumbel, GUMBEL_MEAN, GUMBEL_STD), (NoiseKind::Gaussian, GUMBEL_MEAN, GUMBEL_STD)] {
+        for (kind, mean, std) in
+            [(NoiseKind::Gumbel, GUMBEL_MEAN, GUMBEL_STD), (NoiseKind::Gaussian, GUMBEL_MEAN, GUMBEL_STD)]
+        {
             let xs: Vec<f64> = (0..200_000u32).map(|i| sample(kind, 1, 0, 0, i / 1000, i % 1000) as f64).collect();
             let m = xs.iter().sum::<f64>() / xs.len() as f64;
             let sd = (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64).sqrt();

@@ -12,7 +12,6 @@
 //!
 //! Ties: among equal scores the OLDEST token (lowest position) is evicted first.
 
-
 use crate::noise::{self, NoiseKind};
 use crate::SlotTable;
 
@@ -191,7 +190,10 @@ impl PolicyConfig {
         }
         let k = &self.keyformer;
         if !(k.tau_init > 0.0 && k.tau_end > 0.0 && k.tau_init.is_finite() && k.tau_end.is_finite()) {
-            return Err(PolicyError::Invalid(format!("temperatures must be > 0 (got {} and {})", k.tau_init, k.tau_end)));
+            return Err(PolicyError::Invalid(format!(
+                "temperatures must be > 0 (got {} and {})",
+                k.tau_init, k.tau_end
+            )));
         }
         if self.kind == PolicyKind::SnapKv && self.snapkv_window == 0 {
             return Err(PolicyError::Invalid("--snapkv-window must be at least 1".into()));
@@ -201,7 +203,13 @@ impl PolicyConfig {
 
     /// Fix the budget for a sequence whose prompt has `prompt_len` tokens and which will take
     /// `steps` decode steps, over `n_layers` x `n_kv_heads` caches.
-    pub fn resolve(&self, prompt_len: usize, steps: usize, n_layers: usize, n_kv_heads: usize) -> Result<SequencePolicy, PolicyError> {
+    pub fn resolve(
+        &self,
+        prompt_len: usize,
+        steps: usize,
+        n_layers: usize,
+        n_kv_heads: usize,
+    ) -> Result<SequencePolicy, PolicyError> {
         self.validate()?;
         let budget = match (self.kind, self.budget) {
             (PolicyKind::Full, _) | (_, None) => usize::MAX,
@@ -332,8 +340,8 @@ impl SequencePolicy {
         let kind = self.config.kind;
         // After a frozen prompt selection new tokens are never key tokens: they go first once
         // they leave the recent window.
-        let frozen_after_prompt =
-            self.prompt_done && (kind == PolicyKind::SnapKv || (kind == PolicyKind::Keyformer && self.config.keyformer.frozen));
+        let frozen_after_prompt = self.prompt_done
+            && (kind == PolicyKind::SnapKv || (kind == PolicyKind::Keyformer && self.config.keyformer.frozen));
         let s = self.slot_scores(layer, head);
         if s.len() <= slot {
             s.resize(slot + 1, 0.0);
@@ -401,7 +409,8 @@ impl SequencePolicy {
             }
         };
         // Lowest score first; ties evict the oldest.
-        let mut candidates: Vec<(f32, u32, usize)> = occupied.iter().map(|&(slot, pos)| (key(slot, pos), pos, slot)).collect();
+        let mut candidates: Vec<(f32, u32, usize)> =
+            occupied.iter().map(|&(slot, pos)| (key(slot, pos), pos, slot)).collect();
         let order = |a: &(f32, u32, usize), b: &(f32, u32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if excess < candidates.len() {
             candidates.select_nth_unstable_by(excess - 1, order);
@@ -596,13 +605,9 @@ mod tests {
 
     #[test]
     fn keyformer_temperature_rises_linearly_and_frozen_stops_scoring() {
-        let mut p = PolicyConfig {
-            kind: PolicyKind::Keyformer,
-            budget: Some(Amount::Tokens(4)),
-            ..Default::default()
-        }
-        .resolve(8, 10, 1, 1)
-        .unwrap();
+        let mut p = PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Tokens(4)), ..Default::default() }
+            .resolve(8, 10, 1, 1)
+            .unwrap();
         assert_eq!(p.tau(), 1.0);
         p.finish_prompt(&[]);
         for _ in 0..5 {
@@ -622,7 +627,10 @@ mod tests {
         let p = PolicyConfig { kind: PolicyKind::H2o, budget: Some("50%".parse().unwrap()), ..Default::default() };
         let s = p.resolve(101, 0, 1, 1).unwrap();
         assert_eq!((s.budget, s.recent), (51, 15), "50% of 101 rounds to 51; recent 30% of 51");
-        assert!(matches!("0".parse::<Amount>().map(|b| PolicyConfig { budget: Some(b), ..p.clone() }.validate()), Ok(Err(PolicyError::ZeroBudget(_)))));
+        assert!(matches!(
+            "0".parse::<Amount>().map(|b| PolicyConfig { budget: Some(b), ..p.clone() }.validate()),
+            Ok(Err(PolicyError::ZeroBudget(_)))
+        ));
         let bad = PolicyConfig { budget: Some(Amount::Tokens(8)), recent: Some(Amount::Tokens(9)), ..p.clone() };
         assert_eq!(bad.validate(), Err(PolicyError::RecentOverBudget { recent: 9, budget: 8 }));
         assert!("lru".parse::<PolicyKind>().is_err());

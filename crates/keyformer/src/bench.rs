@@ -41,21 +41,10 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
-    fn new(
-        name: &str,
-        tokens: usize,
-        depth: usize,
-        kv: &PolicyConfig,
-        samples_s: Vec<f64>,
-        cache: &KvCache,
-    ) -> Self {
+    fn new(name: &str, tokens: usize, depth: usize, kv: &PolicyConfig, samples_s: Vec<f64>, cache: &KvCache) -> Self {
         let mut rates: Vec<f64> = samples_s.iter().map(|s| tokens as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
-        let test = if depth > 0 {
-            format!("{name}{tokens} @ d{depth}")
-        } else {
-            format!("{name}{tokens}")
-        };
+        let test = if depth > 0 { format!("{name}{tokens} @ d{depth}") } else { format!("{name}{tokens}") };
         let kv = match kv.budget {
             Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
             _ => kv.kind.name().to_string(),
@@ -110,14 +99,7 @@ pub fn prompt_processing(
         }
         last = Some(cache);
     }
-    let mut r = BenchResult::new(
-        "pp",
-        p,
-        depth,
-        kv,
-        samples,
-        &last.expect("at least one run"),
-    );
+    let mut r = BenchResult::new("pp", p, depth, kv, samples, &last.expect("at least one run"));
     r.peak_rss_bytes = peak_rss_bytes();
     Ok(r)
 }
@@ -137,10 +119,7 @@ pub fn generation(
     let mut prompt_cache = engine.new_cache(kv, depth, n)?;
     let mut first = 1u32;
     if depth > 0 {
-        let logits = engine.prefill(
-            &synthetic_tokens(depth, engine.model.config.vocab_size),
-            &mut prompt_cache,
-        )?;
+        let logits = engine.prefill(&synthetic_tokens(depth, engine.model.config.vocab_size), &mut prompt_cache)?;
         first = argmax(&logits);
     }
     let mut samples = Vec::with_capacity(reps);
@@ -183,9 +162,7 @@ pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        let sums = pool::map(chunks.len(), |i| {
-            chunks[i].iter().fold(0u64, |a, &w| a.wrapping_add(w))
-        });
+        let sums = pool::map(chunks.len(), |i| chunks[i].iter().fold(0u64, |a, &w| a.wrapping_add(w)));
         let sum = sums.iter().fold(0u64, |a, &s| a.wrapping_add(s));
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(sum);

@@ -24,7 +24,9 @@ pub fn render(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) ->
     env.add_template("chat", template).map_err(|e| ModelError::Template(e.to_string()))?;
     env.get_template("chat")
         .and_then(|t| {
-            t.render(context! { messages => messages, add_generation_prompt => true, bos_token => bos, eos_token => eos })
+            t.render(
+                context! { messages => messages, add_generation_prompt => true, bos_token => bos, eos_token => eos },
+            )
         })
         .map_err(|e| ModelError::Template(e.to_string()))
 }

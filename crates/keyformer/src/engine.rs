@@ -159,7 +159,8 @@ impl Engine {
 
     /// Wrap a user message in the model's chat template.
     pub fn chat_prompt(&self, user: &str) -> Result<String, ModelError> {
-        let template = self.chat_template().ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
+        let template =
+            self.chat_template().ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
         let tok = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
         chat::render(
             template,
@@ -210,7 +211,12 @@ impl Engine {
     /// Prefill `prompt` once with the full cache while recording the prompt scores that every
     /// policy in `configs` needs; [`cache_from_shared`](Self::cache_from_shared) then gives each
     /// policy its own compressed copy, equal to what its own prefill would have made.
-    pub fn shared_prefill(&self, prompt: &[u32], configs: &[PolicyConfig], steps: usize) -> Result<SharedPrefill, ModelError> {
+    pub fn shared_prefill(
+        &self,
+        prompt: &[u32],
+        configs: &[PolicyConfig],
+        steps: usize,
+    ) -> Result<SharedPrefill, ModelError> {
         let c = &self.model.config;
         let mut signals: Vec<Signal> = Vec::new();
         for kv in configs {
@@ -231,7 +237,12 @@ impl Engine {
     }
 
     /// A copy of a shared prefill compressed by `kv`, and the prompt's last logits.
-    pub fn cache_from_shared(&self, shared: &SharedPrefill, kv: &PolicyConfig, steps: usize) -> Result<(KvCache, Vec<f32>), ModelError> {
+    pub fn cache_from_shared(
+        &self,
+        shared: &SharedPrefill,
+        kv: &PolicyConfig,
+        steps: usize,
+    ) -> Result<(KvCache, Vec<f32>), ModelError> {
         let c = &self.model.config;
         let policy = kv.resolve(shared.prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
         let signal = policy.signal();
@@ -248,7 +259,9 @@ impl Engine {
                 continue;
             }
             let k = shared.scores.signals.iter().position(|s| *s == signal).ok_or_else(|| {
-                ModelError::Input(format!("the shared prefill did not record {signal:?}: pass this policy to shared_prefill"))
+                ModelError::Input(format!(
+                    "the shared prefill did not record {signal:?}: pass this policy to shared_prefill"
+                ))
             })?;
             let sums = &shared.scores.sums[k][li * c.n_kv_heads..(li + 1) * c.n_kv_heads];
             if tova {

@@ -182,7 +182,9 @@ impl<'a> Cursor<'a> {
         let remaining = self.buf.len() - self.pos;
         match usize::try_from(n) {
             Ok(n) if n.saturating_mul(min_bytes_each.max(1)) <= remaining => Ok(n),
-            _ => Err(GgufError::Truncated { offset: at, needed: n.min(usize::MAX as u64) as usize, len: self.buf.len() }),
+            _ => {
+                Err(GgufError::Truncated { offset: at, needed: n.min(usize::MAX as u64) as usize, len: self.buf.len() })
+            }
         }
     }
     fn string(&mut self) -> Result<String, GgufError> {
@@ -310,7 +312,10 @@ impl GgufFile {
             let size_bytes = size_bytes
                 .ok_or_else(|| GgufError::BadTensor { name: name.clone(), reason: "size overflows".into() })?;
             if offset % alignment as u64 != 0 {
-                return Err(GgufError::BadTensor { name, reason: format!("offset {offset} is not aligned to {alignment}") });
+                return Err(GgufError::BadTensor {
+                    name,
+                    reason: format!("offset {offset} is not aligned to {alignment}"),
+                });
             }
             let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
             let end = start.and_then(|s| s.checked_add(size_bytes));
@@ -347,7 +352,10 @@ impl GgufFile {
             .ok_or(GgufError::WrongType { key: key.into(), expected: "non-negative integer" })
     }
     pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
-        self.require(key)?.as_f64().map(|v| v as f32).ok_or(GgufError::WrongType { key: key.into(), expected: "number" })
+        self.require(key)?
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or(GgufError::WrongType { key: key.into(), expected: "number" })
     }
     pub fn get_array(&self, key: &str) -> Result<&[MetaValue], GgufError> {
         self.require(key)?.as_array().ok_or(GgufError::WrongType { key: key.into(), expected: "array" })
@@ -475,7 +483,10 @@ mod tests {
             assert_eq!(md["f32"], MetaValue::F32(1.5));
             assert_eq!(md["bool"], MetaValue::Bool(true));
             assert_eq!(md["str"].as_str(), Some("héé"));
-            assert_eq!(md["arr"], MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("bc".into())]));
+            assert_eq!(
+                md["arr"],
+                MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("bc".into())])
+            );
             assert_eq!(md["u64"], MetaValue::U64(u64::MAX));
             assert_eq!(md["u64"].as_i64(), None, "u64 above i64::MAX is not silently wrapped");
             assert_eq!(md["i64"], MetaValue::I64(i64::MIN));

@@ -218,10 +218,19 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache; `context` bounds the slots when the policy keeps everything.
-    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, kv_type: KvType, policy: SequencePolicy, context: usize) -> Self {
+    pub fn new(
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv_type: KvType,
+        policy: SequencePolicy,
+        context: usize,
+    ) -> Self {
         let capacity = policy.capacity(context);
         Self {
-            layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim, kv_type)).collect()).collect(),
+            layers: (0..n_layers)
+                .map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim, kv_type)).collect())
+                .collect(),
             policy,
             stats: KvStats::default(),
             recorder: None,
@@ -287,7 +296,8 @@ impl KvCache {
         let held = self.layers.iter().flatten().map(|h| h.table.len()).max().unwrap_or(0);
         self.stats.tokens_held_max = self.stats.tokens_held_max.max(held);
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
-        let per_token = self.layers.len() * self.layers[0].len() * 2 * self.head_dim * self.layers[0][0].kv_type().bytes();
+        let per_token =
+            self.layers.len() * self.layers[0].len() * 2 * self.head_dim * self.layers[0][0].kv_type().bytes();
         self.stats.bytes_full_equivalent = self.tokens_seen * per_token;
     }
 }

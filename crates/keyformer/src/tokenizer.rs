@@ -51,12 +51,16 @@ const DEFAULT_REGEXES: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[
 fn pre_spec(pre: &str) -> Option<PreSpec> {
     Some(match pre {
         "default" => PreSpec { regexes: DEFAULT_REGEXES, ignore_merges: false, add_bos: false },
-        "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" => PreSpec { regexes: &[GPT2], ignore_merges: false, add_bos: false },
+        "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" => {
+            PreSpec { regexes: &[GPT2], ignore_merges: false, add_bos: false }
+        }
         // SmolLM, StarCoder and friends split every digit on its own first.
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
             PreSpec { regexes: &[r"\p{N}", GPT2], ignore_merges: false, add_bos: false }
         }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => PreSpec { regexes: &[LLAMA3], ignore_merges: true, add_bos: true },
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => {
+            PreSpec { regexes: &[LLAMA3], ignore_merges: true, add_bos: true }
+        }
         "qwen2" | "stablelm2" => PreSpec { regexes: &[QWEN2], ignore_merges: false, add_bos: false },
         _ => return None,
     })
@@ -95,7 +99,8 @@ impl Tokenizer {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
         let pre_name = get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let spec = pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
+        let spec =
+            pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
 
         let tokens: Vec<String> = get_array("tokenizer.ggml.tokens")?
             .iter()
@@ -143,13 +148,16 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(&specials);
 
-        let id = |k: &str| md.get(k).and_then(MetaValue::as_i64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < tokens.len());
+        let id = |k: &str| {
+            md.get(k)
+                .and_then(MetaValue::as_i64)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < tokens.len())
+        };
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
-        let mut end_of_generation: Vec<u32> = [eos, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut end_of_generation: Vec<u32> =
+            [eos, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")].into_iter().flatten().collect();
         // Chat models end turns with control tokens that are not always declared as EOT.
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"] {
             if let Some(i) = tokens.iter().position(|t| t == name) {

@@ -58,17 +58,22 @@ fn greedy(engine: &Engine, prompt: &[u32], kv: PolicyConfig, n: usize) -> (Vec<u
 fn shared_prefill_rows_equal_separate_runs() {
     let engine = Engine::load(&q4_model()).unwrap();
     let out = scratch_dir("shared");
-    let p = plan(vec![Task::Fidelity, Task::Generation], &["window", "h2o", "keyformer", "keyformer:noise=none:recent=10%"]);
+    let p = plan(
+        vec![Task::Fidelity, Task::Generation],
+        &["window", "h2o", "keyformer", "keyformer:noise=none:recent=10%"],
+    );
     let doc = prose_doc();
     run_eval(&engine, &p, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
-    let got: BTreeMap<(String, String), CaseRow> = rows(&out).into_iter().map(|r| ((r.task.clone(), r.policy.clone()), r)).collect();
+    let got: BTreeMap<(String, String), CaseRow> =
+        rows(&out).into_iter().map(|r| ((r.task.clone(), r.policy.clone()), r)).collect();
     assert_eq!(got.len(), 8);
 
     let tokens = engine.encode(&doc.context).unwrap();
     let (prompt, forced) = (&tokens[..96], &tokens[96..106]);
     let (full_ids, full_text) = greedy(&engine, prompt, PolicyConfig::default(), 10);
     for variant in &p.policies {
-        let kv = variant.case(Amount::Percent(40.0), if variant.config.keyformer.noise == NoiseKind::Gumbel { 3 } else { 0 });
+        let kv = variant
+            .case(Amount::Percent(40.0), if variant.config.keyformer.noise == NoiseKind::Gumbel { 3 } else { 0 });
         let f = fidelity(&engine, prompt, forced, &kv).unwrap();
         let row = &got[&("fidelity".to_string(), variant.label.clone())];
         assert_eq!(row.metrics["mean_kl"], f.mean_kl, "{}", variant.label);

@@ -113,7 +113,11 @@ fn memory_is_bounded_by_the_budget_after_every_step() {
                 for h in heads {
                     let recent = cache.policy.recent.min(h.table.len()) as u32;
                     for r in 0..recent {
-                        assert!(h.table.occupied().any(|(_, q)| q == newest - r), "{kind:?}: recent {} gone", newest - r);
+                        assert!(
+                            h.table.occupied().any(|(_, q)| q == newest - r),
+                            "{kind:?}: recent {} gone",
+                            newest - r
+                        );
                     }
                 }
             }
@@ -133,9 +137,12 @@ fn streaming_perplexity_is_bounded_and_full_budget_matches_full() {
     let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
     let tokens = e.encode(&text).unwrap();
     let full = e.perplexity(&tokens, 256, Some(1), &PolicyConfig::default(), &mut |_, _| {}).unwrap();
-    let covering = e.perplexity(&tokens, 256, Some(1), &config(PolicyKind::H2o, Amount::Percent(100.0)), &mut |_, _| {}).unwrap();
+    let covering =
+        e.perplexity(&tokens, 256, Some(1), &config(PolicyKind::H2o, Amount::Percent(100.0)), &mut |_, _| {}).unwrap();
     assert_eq!(full.mean_nll, covering.mean_nll, "a budget of the whole window is the full cache");
-    let kf = e.perplexity(&tokens, 256, Some(1), &config(PolicyKind::Keyformer, Amount::Tokens(64)), &mut |_, _| {}).unwrap();
+    let kf = e
+        .perplexity(&tokens, 256, Some(1), &config(PolicyKind::Keyformer, Amount::Tokens(64)), &mut |_, _| {})
+        .unwrap();
     assert_eq!(kf.tokens_scored, 255);
     assert_eq!(kf.kv_cache.tokens_held_max, 64);
     assert!(kf.ppl > full.ppl * 0.9 && kf.ppl.is_finite(), "{} vs {}", kf.ppl, full.ppl);

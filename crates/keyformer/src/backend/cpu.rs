@@ -53,10 +53,7 @@ pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
 /// once.
 pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), ys.len(), "one output per weight");
-    assert!(
-        ws.len() <= MAX_FUSED,
-        "at most {MAX_FUSED} weights per call"
-    );
+    assert!(ws.len() <= MAX_FUSED, "at most {MAX_FUSED} weights per call");
     for (w, y) in ws.iter().zip(ys.iter()) {
         assert_eq!(x.len(), n * w.cols, "matmul input shape");
         assert_eq!(y.len(), n * w.rows, "matmul output shape");
@@ -163,13 +160,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// files expect: the converter permutes Q and K rows so this layout equals Hugging Face's
 /// rotate-half layout). `inv_freq[i]` rotates dimensions (2i, 2i+1); dimensions past
 /// `2 * inv_freq.len()` are left as they are (partial rotary).
-pub fn rope_adjacent_pairs(
-    x: &mut [f32],
-    n_heads: usize,
-    head_dim: usize,
-    positions: &[u32],
-    inv_freq: &[f32],
-) {
+pub fn rope_adjacent_pairs(x: &mut [f32], n_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) {
     let stride = n_heads * head_dim;
     for (row, &pos) in x.chunks_exact_mut(stride).zip(positions) {
         for (i, &f) in inv_freq.iter().enumerate() {
@@ -227,9 +218,7 @@ pub fn attention(
         .iter()
         .map(|signal| match *signal {
             Signal::None => None,
-            Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => {
-                Some(from_position)
-            }
+            Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => Some(from_position),
         })
         .collect();
     let blocks = n.div_ceil(QUERIES_PER_TASK);
@@ -247,11 +236,8 @@ pub fn attention(
         // positions as integers for the vectorised noise (free slots read as 0; their
         // logits are -inf, so their noise is never used).
         let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
-        let raw_positions: Vec<u32> = if logits_noisy {
-            slots.iter().map(|s| s.unwrap_or(0)).collect()
-        } else {
-            Vec::new()
-        };
+        let raw_positions: Vec<u32> =
+            if logits_noisy { slots.iter().map(|s| s.unwrap_or(0)).collect() } else { Vec::new() };
         let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
         for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
             let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
@@ -267,9 +253,7 @@ pub fn attention(
             }
             let outp = outp;
             // SAFETY: each (query, head) pair is written by exactly one task.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim)
-            };
+            let o = unsafe { std::slice::from_raw_parts_mut(outp.0.add(i * stride + h * head_dim), head_dim) };
             o.fill(0.0);
             if max == f32::NEG_INFINITY {
                 continue; // nothing visible (cannot happen once the query's own token is cached)
@@ -292,12 +276,7 @@ pub fn attention(
                 }
                 let acc = sums.get_or_insert_with(|| vec![0.0; slots.len()]);
                 match *signal {
-                    Signal::Noisy {
-                        tau,
-                        noise: kind,
-                        seed,
-                        ..
-                    } => {
+                    Signal::Noisy { tau, noise: kind, seed, .. } => {
                         // softmax((x + g) / tau) over the visible slots: a second pass over
                         // this row of logits, not over the cache.
                         let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
@@ -308,8 +287,7 @@ pub fn attention(
                             vmath::gumbel_row(row.key[0], &raw_positions, &mut gumbel);
                         } else {
                             gumbel.clear();
-                            gumbel
-                                .extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
+                            gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
                         }
                         let inv_tau = 1.0 / tau;
                         let mut nmax = f32::NEG_INFINITY;
@@ -320,14 +298,9 @@ pub fn attention(
                         noisy.iter_mut().for_each(|v| *v -= nmax);
                         vmath::exp_in_place(&mut noisy);
                         let inv_nsum = 1.0 / noisy.iter().sum::<f32>();
-                        acc.iter_mut()
-                            .zip(&noisy)
-                            .for_each(|(a, &e)| *a += e * inv_nsum);
+                        acc.iter_mut().zip(&noisy).for_each(|(a, &e)| *a += e * inv_nsum);
                     }
-                    _ => acc
-                        .iter_mut()
-                        .zip(&weights)
-                        .for_each(|(a, &e)| *a += e * inv),
+                    _ => acc.iter_mut().zip(&weights).for_each(|(a, &e)| *a += e * inv),
                 }
             }
         }
@@ -341,16 +314,10 @@ pub fn attention(
         .enumerate()
         .map(|(k, from)| {
             from.map(|_| {
-                let mut per_kv: Vec<Vec<f32>> = heads
-                    .iter()
-                    .map(|kv| vec![0.0; kv.table.positions().len()])
-                    .collect();
+                let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
                 for (h, sums) in &partial {
                     if let Some(s) = &sums[k] {
-                        per_kv[h / group]
-                            .iter_mut()
-                            .zip(s)
-                            .for_each(|(a, b)| *a += b);
+                        per_kv[h / group].iter_mut().zip(s).for_each(|(a, b)| *a += b);
                     }
                 }
                 per_kv
@@ -374,12 +341,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];
@@ -481,11 +443,7 @@ mod x86 {
             let pk = keys.as_ptr().add(s * d);
             let mut acc = _mm256_setzero_ps();
             for c in (0..d).step_by(8) {
-                acc = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(q.as_ptr().add(c)),
-                    load_f16x8(pk.add(c)),
-                    acc,
-                );
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), load_f16x8(pk.add(c)), acc);
             }
             let v = acc;
             let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -553,11 +511,7 @@ mod x86 {
         let mut i = 0;
         while i + 16 <= n {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                acc1,
-            );
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
             i += 16;
         }
         if i + 8 <= n {
@@ -583,10 +537,7 @@ mod x86 {
         let va = _mm256_set1_ps(alpha);
         let mut i = 0;
         while i + 8 <= n {
-            _mm256_storeu_ps(
-                py.add(i),
-                _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
-            );
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
             i += 8;
         }
         while i < n {
@@ -605,21 +556,10 @@ mod tests {
     #[test]
     fn gemm_and_rowdot_paths_match_the_reference_product() {
         let mut rng = Lcg(11);
-        for t in [
-            GgmlType::F32,
-            GgmlType::Q4_1,
-            GgmlType::Q8_0,
-            GgmlType::Q6K,
-            GgmlType::F16,
-        ] {
+        for t in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q6K, GgmlType::F16] {
             let (rows, cols) = (70, 256);
             let bytes = random_row(t, rows * cols, &mut rng);
-            let w = WeightView {
-                ggml_type: t,
-                rows,
-                cols,
-                bytes: &bytes,
-            };
+            let w = WeightView { ggml_type: t, rows, cols, bytes: &bytes };
             let mut wf = vec![0f32; rows * cols];
             dequantize_row(t, &bytes, &mut wf);
             for n in [1usize, 3, 9] {
@@ -632,10 +572,7 @@ mod tests {
                         let wr = &wf[r * cols..(r + 1) * cols];
                         let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
                         let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
-                        assert!(
-                            (y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5,
-                            "{t} n={n} r={r}"
-                        );
+                        assert!((y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5, "{t} n={n} r={r}");
                     }
                 }
             }
@@ -665,76 +602,36 @@ mod tests {
         let probs: Vec<Vec<f32>> = logits.iter().map(|l| softmax(l)).collect();
 
         let mut out = vec![0f32; 4];
-        let sums = attention(
-            &q,
-            &[2],
-            &heads,
-            2,
-            2,
-            0,
-            &[Signal::Attention { from_position: 0 }],
-            &mut out,
-        )[0]
-        .clone()
-        .unwrap();
+        let sums = attention(&q, &[2], &heads, 2, 2, 0, &[Signal::Attention { from_position: 0 }], &mut out)[0]
+            .clone()
+            .unwrap();
         for h in 0..2 {
             let want: f32 = (0..3).map(|j| probs[h][j] * j as f32).sum();
             assert!((out[2 * h] - want).abs() < 1e-6 && (out[2 * h + 1] - 1.0).abs() < 1e-6);
         }
         for j in 0..3 {
-            assert!(
-                (sums[0][j] - (probs[0][j] + probs[1][j])).abs() < 1e-6,
-                "slot {j}"
-            );
+            assert!((sums[0][j] - (probs[0][j] + probs[1][j])).abs() < 1e-6, "slot {j}");
         }
         assert_eq!(sums[0][3], 0.0, "a future token gets no score");
 
         // Keyformer: softmax((x + g) / tau) with the counter-based Gumbel noise.
         let (tau, seed) = (1.5, 9);
-        let signal = Signal::Noisy {
-            from_position: 0,
-            tau,
-            noise: NoiseKind::Gumbel,
-            seed,
-        };
-        let sums = attention(&q, &[2], &heads, 2, 2, 4, &[signal], &mut out)[0]
-            .clone()
-            .unwrap();
+        let signal = Signal::Noisy { from_position: 0, tau, noise: NoiseKind::Gumbel, seed };
+        let sums = attention(&q, &[2], &heads, 2, 2, 4, &[signal], &mut out)[0].clone().unwrap();
         let mut want = [0f32; 3];
         for h in 0..2 {
             let y: Vec<f32> = (0..3)
-                .map(|j| {
-                    (logits[h][j]
-                        + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32))
-                        / tau
-                })
+                .map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32)) / tau)
                 .collect();
-            softmax(&y)
-                .iter()
-                .zip(want.iter_mut())
-                .for_each(|(p, w)| *w += p);
+            softmax(&y).iter().zip(want.iter_mut()).for_each(|(p, w)| *w += p);
         }
         for j in 0..3 {
-            assert!(
-                (sums[0][j] - want[j]).abs() < 1e-5,
-                "slot {j}: {} vs {}",
-                sums[0][j],
-                want[j]
-            );
+            assert!((sums[0][j] - want[j]).abs() < 1e-5, "slot {j}: {} vs {}", sums[0][j], want[j]);
         }
         // Rows before from_position do not count.
-        assert!(attention(
-            &q,
-            &[2],
-            &heads,
-            2,
-            2,
-            0,
-            &[Signal::Attention { from_position: 3 }],
-            &mut out
-        )[0]
-        .clone()
-        .unwrap()[0]
+        assert!(attention(&q, &[2], &heads, 2, 2, 0, &[Signal::Attention { from_position: 3 }], &mut out)[0]
+            .clone()
+            .unwrap()[0]
             .iter()
             .all(|&v| v == 0.0));
     }
@@ -752,10 +649,7 @@ mod tests {
                     key_scores(&q, &kv, 0.125, &mut a);
                     key_scores_scalar(&q, &kv, 0.125, &mut b);
                     for (x, y) in a.iter().zip(&b) {
-                        assert!(
-                            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                            "scores d={d} n={n} {kv:.8?}"
-                        );
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "scores d={d} n={n} {kv:.8?}");
                     }
                     let mut w: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
                     if n > 2 {
@@ -766,10 +660,7 @@ mod tests {
                     weighted_sum(&w, &kv, &mut o1);
                     weighted_sum_scalar(&w, &kv, &mut o2);
                     for (x, y) in o1.iter().zip(&o2) {
-                        assert!(
-                            (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                            "weighted sum d={d} n={n}"
-                        );
+                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum d={d} n={n}");
                     }
                 }
             }
@@ -783,10 +674,7 @@ mod tests {
             let a: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
-            assert!(
-                (dot(&a, &b) - dot_scalar(&a, &b)).abs() <= 1e-5 * mag.max(1.0),
-                "n={n}"
-            );
+            assert!((dot(&a, &b) - dot_scalar(&a, &b)).abs() <= 1e-5 * mag.max(1.0), "n={n}");
         }
     }
 

@@ -44,10 +44,7 @@ pub fn set_threads(n: usize) -> Result<(), PoolSizeError> {
     REQUESTED.store(n, Ordering::SeqCst);
     let running = pool().threads();
     if running != n {
-        return Err(PoolSizeError {
-            running,
-            requested: n,
-        });
+        return Err(PoolSizeError { running, requested: n });
     }
     Ok(())
 }
@@ -80,9 +77,7 @@ pub fn map<T: Send>(n_tasks: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
         // SAFETY: task i is run exactly once and writes only element i; `out` outlives the loop.
         unsafe { *slots.0.add(i) = Some(f(i)) };
     });
-    out.into_iter()
-        .map(|v| v.expect("every task ran"))
-        .collect()
+    out.into_iter().map(|v| v.expect("every task ran")).collect()
 }
 
 struct SharedSlots<T>(*mut Option<T>);
@@ -91,11 +86,7 @@ unsafe impl<T: Send> Sync for SharedSlots<T> {}
 fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
         let requested = REQUESTED.load(Ordering::SeqCst);
-        let n = if requested > 0 {
-            requested
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        };
+        let n = if requested > 0 { requested } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
         Pool::start(n)
     })
 }
@@ -137,10 +128,7 @@ impl Pool {
         let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             generation: AtomicU64::new(0),
-            job: UnsafeCell::new(Job {
-                f: noop,
-                n_tasks: 0,
-            }),
+            job: UnsafeCell::new(Job { f: noop, n_tasks: 0 }),
             next_task: AtomicUsize::new(0),
             busy_workers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
@@ -150,18 +138,13 @@ impl Pool {
         }));
         let mut workers = 0;
         for i in 1..threads {
-            let spawned = std::thread::Builder::new()
-                .name(format!("keyformer-worker-{i}"))
-                .spawn(move || worker_loop(shared));
+            let spawned =
+                std::thread::Builder::new().name(format!("keyformer-worker-{i}")).spawn(move || worker_loop(shared));
             if spawned.is_ok() {
                 workers += 1;
             }
         }
-        Pool {
-            workers,
-            shared,
-            dispatch: Mutex::new(()),
-        }
+        Pool { workers, shared, dispatch: Mutex::new(()) }
     }
 
     fn threads(&self) -> usize {
@@ -274,10 +257,7 @@ mod tests {
             for_each(n, |i| {
                 counts[i].fetch_add(1, Ordering::Relaxed);
             });
-            assert!(
-                counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
-                "n={n}"
-            );
+            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "n={n}");
             assert_eq!(map(n, |i| i * i), (0..n).map(|i| i * i).collect::<Vec<_>>());
         }
     }

@@ -13,14 +13,8 @@ const EXP_MIN: f32 = -87.336_55;
 const EXP_MAX: f32 = 88.0;
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// Cephes expf's polynomial for e^r - 1 - r, over r^2, highest degree first.
-const EXP_POLY: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    5.000_000_1e-1,
-];
+const EXP_POLY: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
 
 /// `e^x` to about 1 ulp; exactly 0 below [`EXP_MIN`] (so masked logits at -inf give 0).
 pub fn exp_scalar(x: f32) -> f32 {
@@ -77,10 +71,7 @@ mod x86 {
     unsafe fn exp8(x: __m256) -> __m256 {
         let zero_mask = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_LT_OQ);
         let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
-        let n = _mm256_floor_ps(_mm256_add_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-            _mm256_set1_ps(0.5),
-        ));
+        let n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(0.5)));
         let r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
         let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
         let z = _mm256_mul_ps(r, r);
@@ -91,10 +82,7 @@ mod x86 {
         let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0));
         // n is within [-126, 128] here; below the clamp the lane is zeroed anyway.
         let ni = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-126));
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_add_epi32(ni, _mm256_set1_epi32(127)),
-            23,
-        ));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
         _mm256_andnot_ps(zero_mask, _mm256_mul_ps(y, scale))
     }
 
@@ -104,10 +92,7 @@ mod x86 {
         for c in &mut chunks {
             _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr())));
         }
-        chunks
-            .into_remainder()
-            .iter_mut()
-            .for_each(|v| *v = exp_scalar(*v));
+        chunks.into_remainder().iter_mut().for_each(|v| *v = exp_scalar(*v));
     }
 
     /// [`noise::ln_approx`] on eight positive normal lanes.
@@ -122,17 +107,10 @@ mod x86 {
             _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
             _mm256_set1_epi32(0x3f00_0000),
         ));
-        let small = _mm256_cmp_ps(
-            m,
-            _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
-            _CMP_LT_OQ,
-        );
+        let small = _mm256_cmp_ps(m, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2), _CMP_LT_OQ);
         // e -= 1 where small (the mask is all ones, i.e. -1, there).
         let e = _mm256_cvtepi32_ps(_mm256_add_epi32(e, _mm256_castps_si256(small)));
-        let m = _mm256_sub_ps(
-            _mm256_blendv_ps(m, _mm256_add_ps(m, m), small),
-            _mm256_set1_ps(1.0),
-        );
+        let m = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), small), _mm256_set1_ps(1.0));
         let z = _mm256_mul_ps(m, m);
         let mut y = _mm256_set1_ps(LN_POLY[0]);
         for c in &LN_POLY[1..] {
@@ -151,10 +129,7 @@ mod x86 {
         let k = _mm256_set1_epi32(key as i32);
         for i in (0..n).step_by(8) {
             let p = _mm256_loadu_si256(positions.as_ptr().add(i) as *const __m256i);
-            let mut h = _mm256_xor_si256(
-                _mm256_mullo_epi32(p, _mm256_set1_epi32(0x9E37_79B9u32 as i32)),
-                k,
-            );
+            let mut h = _mm256_xor_si256(_mm256_mullo_epi32(p, _mm256_set1_epi32(0x9E37_79B9u32 as i32)), k);
             h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
             h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x85EB_CA6Bu32 as i32));
             h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
@@ -162,10 +137,7 @@ mod x86 {
             h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
             // unit_open: ((h >> 9) + 0.5) / 2^23; h >> 9 < 2^23 converts exactly.
             let u = _mm256_mul_ps(
-                _mm256_add_ps(
-                    _mm256_cvtepi32_ps(_mm256_srli_epi32(h, 9)),
-                    _mm256_set1_ps(0.5),
-                ),
+                _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 9)), _mm256_set1_ps(0.5)),
                 _mm256_set1_ps(1.0 / 8_388_608.0),
             );
             let minus_ln_u = _mm256_sub_ps(_mm256_setzero_ps(), ln8(u));
@@ -209,15 +181,9 @@ mod tests {
             let want: Vec<u32> = x.iter().map(|&v| exp_scalar(v).to_bits()).collect();
             let mut got = x.clone();
             exp_in_place(&mut got);
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want,
-                "exp n={n}"
-            );
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "exp n={n}");
 
-            let positions: Vec<u32> = (0..n as u32)
-                .map(|i| i.wrapping_mul(2_654_435_761) ^ 77)
-                .collect();
+            let positions: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761) ^ 77).collect();
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             gumbel_row(0xDEAD_BEEF, &positions, &mut a);
             gumbel_row_scalar(0xDEAD_BEEF, &positions, &mut b);

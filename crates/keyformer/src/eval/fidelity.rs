@@ -46,7 +46,12 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
 
 /// Teacher-force `continuation` after `prompt` through the full cache and through `kv`, and
 /// compare the next-token distributions step by step.
-pub fn fidelity(engine: &Engine, prompt: &[u32], continuation: &[u32], kv: &PolicyConfig) -> Result<FidelityReport, ModelError> {
+pub fn fidelity(
+    engine: &Engine,
+    prompt: &[u32],
+    continuation: &[u32],
+    kv: &PolicyConfig,
+) -> Result<FidelityReport, ModelError> {
     if prompt.is_empty() || continuation.is_empty() {
         return Err(ModelError::Input("fidelity needs a prompt and a continuation".into()));
     }

@@ -78,7 +78,8 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
     let (w, h) = (720.0, 420.0);
     let (left, right, top, bottom) = (70.0, 170.0, 40.0, 50.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
-    let ys: Vec<f64> = series.iter().flat_map(|s| s.values.iter().flatten().copied()).filter(|v| v.is_finite()).collect();
+    let ys: Vec<f64> =
+        series.iter().flat_map(|s| s.values.iter().flatten().copied()).filter(|v| v.is_finite()).collect();
     let axis = Axis::fit(&ys);
     let n = x_labels.len().max(1);
     let x = |i: usize| left + if n == 1 { pw / 2.0 } else { pw * i as f64 / (n - 1) as f64 };
@@ -91,7 +92,12 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
     );
     let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = write!(s, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, left + pw / 2.0, escape(title));
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+        left + pw / 2.0,
+        escape(title)
+    );
     for v in axis.ticks() {
         let yy = y(v);
         let _ = write!(s, r##"<line x1="{left}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="#ddd"/>"##, left + pw);
@@ -111,17 +117,30 @@ pub fn line_chart_svg(title: &str, x_labels: &[String], y_label: &str, series: &
     for (k, se) in series.iter().enumerate() {
         let color = if se.reference { "#555" } else { COLORS[k % COLORS.len()] };
         let dash = if se.reference { r#" stroke-dasharray="6 4""# } else { "" };
-        let points: Vec<String> =
-            se.values.iter().enumerate().filter_map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| format!("{:.1},{:.1}", x(i), y(v)))).collect();
+        let points: Vec<String> = se
+            .values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| format!("{:.1},{:.1}", x(i), y(v))))
+            .collect();
         if points.len() > 1 {
-            let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#, points.join(" "));
+            let _ = write!(
+                s,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
+                points.join(" ")
+            );
         }
         for p in &points {
             let (px, py) = p.split_once(',').expect("x,y");
             let _ = write!(s, r#"<circle cx="{px}" cy="{py}" r="3" fill="{color}"/>"#);
         }
         let ly = top + 10.0 + 18.0 * k as f64;
-        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#, w - right + 12.0, w - right + 32.0);
+        let _ = write!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#,
+            w - right + 12.0,
+            w - right + 32.0
+        );
         let _ = write!(s, r#"<text x="{}" y="{}">{}</text>"#, w - right + 38.0, ly + 4.0, escape(&se.label));
     }
     s.push_str("</svg>\n");
@@ -132,7 +151,11 @@ fn fmt_tick(v: f64) -> String {
     // Enough decimals for round ticks, no trailing zeros.
     let t = format!("{v:.4}");
     let t = if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t };
-    if t == "-0" { "0".into() } else { t }
+    if t == "-0" {
+        "0".into()
+    } else {
+        t
+    }
 }
 
 #[cfg(test)]
@@ -167,18 +190,22 @@ mod tests {
     fn wide_positive_ranges_get_a_log_axis_with_round_ticks() {
         let same = |ys: &[f64], want: &[f64]| {
             let got = Axis::fit(ys).ticks();
-            assert!(got.len() == want.len() && got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9 * b.abs().max(1.0)), "{got:?}");
+            assert!(
+                got.len() == want.len() && got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9 * b.abs().max(1.0)),
+                "{got:?}"
+            );
         };
         same(&[0.004, 1.2], &[0.001, 0.01, 0.1, 1.0, 10.0]);
         assert!(matches!(Axis::fit(&[0.004, 1.2]), Axis::Log { .. }));
         same(&[0.13, 0.31], &[0.1, 0.15, 0.2, 0.25, 0.3, 0.35]);
         same(&[-0.5, 1.0], &[-0.5, 0.0, 0.5, 1.0]);
         assert_eq!(fmt_tick(0.15000000000000002), "0.15");
-        let svg = line_chart_svg("kl", &["10%".into(), "90%".into()], "mean_kl", &[Series {
-            label: "window".into(),
-            values: vec![Some(1.0), Some(0.01)],
-            reference: false,
-        }]);
+        let svg = line_chart_svg(
+            "kl",
+            &["10%".into(), "90%".into()],
+            "mean_kl",
+            &[Series { label: "window".into(), values: vec![Some(1.0), Some(0.01)], reference: false }],
+        );
         assert!(svg.contains("mean_kl (log scale)"));
     }
 }

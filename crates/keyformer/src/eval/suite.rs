@@ -43,13 +43,15 @@ pub struct Document {
 
 /// Load documents: a `.jsonl` file holds one per line; any other file is one document.
 pub fn load_documents(path: &Path) -> Result<Vec<Document>, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Input(format!("reading {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ModelError::Input(format!("reading {}: {e}", path.display())))?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| ModelError::Input(format!("{} line {}: {e}", path.display(), i + 1)))
+                serde_json::from_str(l)
+                    .map_err(|e| ModelError::Input(format!("{} line {}: {e}", path.display(), i + 1)))
             })
             .collect()
     } else {
@@ -105,15 +107,23 @@ pub struct PolicyVariant {
 impl PolicyVariant {
     pub fn parse(spec: &str, defaults: &PolicyConfig) -> Result<Self, String> {
         let mut parts = spec.trim().split(':');
-        let kind: PolicyKind = parts.next().unwrap_or_default().parse().map_err(|e: keyformer_kv::PolicyError| e.to_string())?;
+        let kind: PolicyKind =
+            parts.next().unwrap_or_default().parse().map_err(|e: keyformer_kv::PolicyError| e.to_string())?;
         let mut config = PolicyConfig { kind, ..defaults.clone() };
         for option in parts {
             let (key, value) = option.split_once('=').unwrap_or((option, ""));
             let bad = |what: &str| format!("policy '{spec}': {what}");
             match key {
-                "recent" => config.recent = Some(value.parse().map_err(|e: keyformer_kv::PolicyError| bad(&e.to_string()))?),
-                "sinks" => config.sinks = value.parse().map_err(|_| bad(&format!("sinks must be a count, not '{value}'")))?,
-                "window" => config.snapkv_window = value.parse().map_err(|_| bad(&format!("window must be a count, not '{value}'")))?,
+                "recent" => {
+                    config.recent = Some(value.parse().map_err(|e: keyformer_kv::PolicyError| bad(&e.to_string()))?)
+                }
+                "sinks" => {
+                    config.sinks = value.parse().map_err(|_| bad(&format!("sinks must be a count, not '{value}'")))?
+                }
+                "window" => {
+                    config.snapkv_window =
+                        value.parse().map_err(|_| bad(&format!("window must be a count, not '{value}'")))?
+                }
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(|e| bad(&e))?,
                 "tau" => {
                     let (a, b) = value.split_once('-').ok_or_else(|| bad("tau is INIT-END, e.g. tau=1-2"))?;
@@ -121,7 +131,11 @@ impl PolicyVariant {
                     (config.keyformer.tau_init, config.keyformer.tau_end) = (t(a)?, t(b)?);
                 }
                 "frozen" if value.is_empty() => config.keyformer.frozen = true,
-                _ => return Err(bad(&format!("unknown option '{option}' (recent=, sinks=, window=, noise=, tau=, frozen)"))),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option '{option}' (recent=, sinks=, window=, noise=, tau=, frozen)"
+                    )))
+                }
             }
         }
         Ok(Self { label: spec.trim().to_string(), config })
@@ -230,7 +244,10 @@ pub fn run_eval(
     let docs = &docs[..plan.limit.map_or(docs.len(), |l| l.min(docs.len()))];
     if plan.tasks.contains(&Task::Summary) {
         if let Some(d) = docs.iter().find(|d| d.reference.is_none()) {
-            return Err(ModelError::Input(format!("the summary task needs a reference summary; document '{}' has none", d.id)));
+            return Err(ModelError::Input(format!(
+                "the summary task needs a reference summary; document '{}' has none",
+                d.id
+            )));
         }
     }
 
@@ -240,7 +257,12 @@ pub fn run_eval(
             if task == Task::Needle {
                 for &length in &plan.needle_lengths {
                     for &depth in &plan.needle_depths {
-                        units.push(Unit { task, doc, needle: Some((length, depth)), label: format!("{}@{length}@{depth}%", doc.id) });
+                        units.push(Unit {
+                            task,
+                            doc,
+                            needle: Some((length, depth)),
+                            label: format!("{}@{length}@{depth}%", doc.id),
+                        });
                     }
                 }
             } else {
@@ -282,7 +304,8 @@ pub fn run_eval(
             Task::Ppl => None,
             _ => Some(engine.shared_prefill(&prompt, &configs, steps)?),
         };
-        let from_shared = |kv: &PolicyConfig| engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps);
+        let from_shared =
+            |kv: &PolicyConfig| engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps);
         let greedy = |start| -> Result<(Vec<u32>, String), ModelError> {
             let req = GenerateRequest {
                 max_tokens: steps,
@@ -295,7 +318,9 @@ pub fn run_eval(
         };
         let forced = || &tokens[plan.prompt_tokens..plan.prompt_tokens + plan.continuation_tokens];
         let full = match unit.task {
-            Task::Fidelity => FullAnswer::Logits(teacher_forced_logits(engine, from_shared(&PolicyConfig::default())?, forced())?),
+            Task::Fidelity => {
+                FullAnswer::Logits(teacher_forced_logits(engine, from_shared(&PolicyConfig::default())?, forced())?)
+            }
             Task::Generation | Task::Summary => {
                 let (ids, text) = greedy(from_shared(&PolicyConfig::default())?)?;
                 FullAnswer::Text { ids, text }
@@ -359,7 +384,10 @@ pub fn run_eval(
                     let label = budget.to_string();
                     if !full_ppl.contains_key(&label) {
                         let full = PolicyConfig { budget: Some(*budget), ..PolicyConfig::default() };
-                        full_ppl.insert(label.clone(), engine.perplexity(tokens, plan.ppl_ctx, Some(1), &full, &mut |_, _| {})?.ppl);
+                        full_ppl.insert(
+                            label.clone(),
+                            engine.perplexity(tokens, plan.ppl_ctx, Some(1), &full, &mut |_, _| {})?.ppl,
+                        );
                     }
                     metrics.insert("full_ppl".into(), full_ppl[&label]);
                 }
@@ -377,7 +405,12 @@ pub fn run_eval(
 }
 
 /// The prompt of a unit, the tokens to generate or force after it, and the needle's passkey.
-fn unit_prompt(engine: &Engine, plan: &EvalPlan, unit: &Unit, tokens: &[u32]) -> Result<(Vec<u32>, usize, String), ModelError> {
+fn unit_prompt(
+    engine: &Engine,
+    plan: &EvalPlan,
+    unit: &Unit,
+    tokens: &[u32],
+) -> Result<(Vec<u32>, usize, String), ModelError> {
     let id = &unit.doc.id;
     Ok(match unit.task {
         Task::Fidelity => {
@@ -391,8 +424,12 @@ fn unit_prompt(engine: &Engine, plan: &EvalPlan, unit: &Unit, tokens: &[u32]) ->
             }
             (tokens[..p].to_vec(), c, String::new())
         }
-        Task::Generation => (tokens[..plan.prompt_tokens.min(tokens.len())].to_vec(), plan.continuation_tokens, String::new()),
-        Task::Summary => (summary_prompt(engine, unit.doc, tokens, plan.prompt_tokens)?, plan.summary_tokens, String::new()),
+        Task::Generation => {
+            (tokens[..plan.prompt_tokens.min(tokens.len())].to_vec(), plan.continuation_tokens, String::new())
+        }
+        Task::Summary => {
+            (summary_prompt(engine, unit.doc, tokens, plan.prompt_tokens)?, plan.summary_tokens, String::new())
+        }
         Task::Needle => {
             let (length, depth) = unit.needle.expect("needle units carry a haystack");
             let (prompt, code) = needle_prompt(engine, tokens, id, length, depth)?;
@@ -428,14 +465,25 @@ fn summary_prompt(engine: &Engine, doc: &Document, tokens: &[u32], max_tokens: u
 
 /// A haystack of `length` tokens of the document with a passkey sentence at `depth` percent,
 /// followed by the question. Returns the prompt's tokens and the passkey's digits.
-fn needle_prompt(engine: &Engine, doc: &[u32], id: &str, length: usize, depth: u32) -> Result<(Vec<u32>, String), ModelError> {
+fn needle_prompt(
+    engine: &Engine,
+    doc: &[u32],
+    id: &str,
+    length: usize,
+    depth: u32,
+) -> Result<(Vec<u32>, String), ModelError> {
     if doc.len() < length {
-        return Err(ModelError::Input(format!("document '{id}' has {} tokens, fewer than a {length}-token haystack", doc.len())));
+        return Err(ModelError::Input(format!(
+            "document '{id}' has {} tokens, fewer than a {length}-token haystack",
+            doc.len()
+        )));
     }
     // A 5-digit code that differs per haystack but repeats from run to run.
     let h = keyformer_kv::noise::counter_hash(id.bytes().map(u64::from).sum(), length as u32, depth, 0, 0);
     let code = format!("{}", 10_000 + h % 90_000);
-    let needle = engine.tokenizer.encode(&format!(" The secret passkey is {code}. Remember it: the passkey is {code}. "), false)?;
+    let needle = engine
+        .tokenizer
+        .encode(&format!(" The secret passkey is {code}. Remember it: the passkey is {code}. "), false)?;
     let question = engine.tokenizer.encode("\n\nWhat is the secret passkey? The secret passkey is", false)?;
     // A BOS stays first, also when the needle is at depth 0.
     let lead = usize::from(engine.tokenizer.bos.is_some() && doc.first() == engine.tokenizer.bos.as_ref());
@@ -457,7 +505,8 @@ fn read_rows(path: &Path) -> Result<Vec<CaseRow>, ModelError> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Input(format!("reading {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ModelError::Input(format!("reading {}: {e}", path.display())))?;
     Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
@@ -474,7 +523,9 @@ fn budgets_and_policies<'a>(acc: &'a Accumulated, task: &String) -> (Vec<&'a Str
 
 /// The mean of `metric` for (task, policy, budget), if any case recorded it.
 fn mean_of(acc: &Accumulated, task: &str, policy: &str, budget: &str, metric: &str) -> Option<f64> {
-    acc.get(&(task.to_string(), policy.to_string(), budget.to_string())).and_then(|ms| ms.get(metric)).map(|(s, n)| s / *n as f64)
+    acc.get(&(task.to_string(), policy.to_string(), budget.to_string()))
+        .and_then(|ms| ms.get(metric))
+        .map(|(s, n)| s / *n as f64)
 }
 
 /// Mean of each metric per (task, policy, budget), over documents and seeds.
@@ -512,7 +563,8 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
         // Tasks that record the full cache's own score beside each case (`full_<metric>`) get a
         // row for it, and a second table relative to it.
         let full_metric = format!("full_{metric}");
-        let full: Vec<Option<f64>> = budgets.iter().map(|b| policies.iter().find_map(|p| mean(p, b, &full_metric))).collect();
+        let full: Vec<Option<f64>> =
+            budgets.iter().map(|b| policies.iter().find_map(|p| mean(p, b, &full_metric))).collect();
         let header = |title: String| {
             let mut h = format!("\n## {title}\n\n| policy | ");
             h.push_str(&budgets.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(" | "));
@@ -526,7 +578,10 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
             md.push_str(&format!("| {p} | {} |\n", cells.join(" | ")));
         }
         if full.iter().any(Option::is_some) {
-            md.push_str(&format!("| *full cache* | {} |\n", full.iter().map(|v| cell(*v)).collect::<Vec<_>>().join(" | ")));
+            md.push_str(&format!(
+                "| *full cache* | {} |\n",
+                full.iter().map(|v| cell(*v)).collect::<Vec<_>>().join(" | ")
+            ));
             md.push_str(&header(format!("{task}: {metric} as a percentage of the full cache's")));
             for p in &policies {
                 let cells: Vec<String> = budgets
@@ -550,8 +605,7 @@ fn write_plots(out: &Path, acc: &Accumulated) -> std::io::Result<()> {
     let tasks: BTreeSet<&String> = acc.keys().map(|k| &k.0).collect();
     for task in tasks {
         let (budgets, policies) = budgets_and_policies(acc, task);
-        let metrics: BTreeSet<&String> =
-            acc.iter().filter(|(k, _)| &k.0 == task).flat_map(|(_, m)| m.keys()).collect();
+        let metrics: BTreeSet<&String> = acc.iter().filter(|(k, _)| &k.0 == task).flat_map(|(_, m)| m.keys()).collect();
         let mean = |p: &String, b: &String, m: &str| mean_of(acc, task, p, b, m);
         for metric in metrics.iter().filter(|m| !m.starts_with("full_")) {
             let mut series: Vec<Series> = policies

@@ -39,12 +39,8 @@ impl LlamaConfig {
         let k = |s: &str| format!("{arch}.{s}");
         let n_embd = f.get_usize(&k("embedding_length"))?;
         let n_heads = f.get_usize(&k("attention.head_count"))?;
-        let n_kv_heads = f
-            .get_usize(&k("attention.head_count_kv"))
-            .unwrap_or(n_heads);
-        let head_dim = f
-            .get_usize(&k("attention.key_length"))
-            .unwrap_or(n_embd / n_heads.max(1));
+        let n_kv_heads = f.get_usize(&k("attention.head_count_kv")).unwrap_or(n_heads);
+        let head_dim = f.get_usize(&k("attention.key_length")).unwrap_or(n_embd / n_heads.max(1));
         let vocab_size = match f.get_usize(&k("vocab_size")) {
             Ok(v) => v,
             Err(_) => f.get_array("tokenizer.ggml.tokens")?.len(),
@@ -62,9 +58,7 @@ impl LlamaConfig {
             // Defaults where files vary: Llama's original base and epsilon.
             rope_theta: f.get_f32(&k("rope.freq_base")).unwrap_or(10_000.0),
             rope_dim: f.get_usize(&k("rope.dimension_count")).unwrap_or(head_dim),
-            rms_eps: f
-                .get_f32(&k("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            rms_eps: f.get_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         })
     }
 }
@@ -121,31 +115,20 @@ impl Llama {
             )));
         }
         if c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim {
-            return Err(ModelError::Invalid(format!(
-                "rope dimension {} for head size {}",
-                c.rope_dim, c.head_dim
-            )));
+            return Err(ModelError::Invalid(format!("rope dimension {} for head size {}", c.rope_dim, c.head_dim)));
         }
         let weight = |name: &str, rows: usize, cols: usize| -> Result<Weight, ModelError> {
-            let info = file
-                .tensor_info(name)
-                .ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+            let info = file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
             if info.dims.len() != 2 || info.dims[0] != cols || info.dims[1] != rows {
                 return Err(ModelError::Invalid(format!(
                     "tensor {name} has shape {:?}, expected [{cols}, {rows}]",
                     info.dims
                 )));
             }
-            Ok(Weight {
-                info: info.clone(),
-                rows,
-                cols,
-            })
+            Ok(Weight { info: info.clone(), rows, cols })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-            let info = file
-                .tensor_info(name)
-                .ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+            let info = file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
             if info.n_elements() != len {
                 return Err(ModelError::Invalid(format!(
                     "tensor {name} has {} elements, expected {len}",
@@ -179,62 +162,34 @@ impl Llama {
         }
         let output_norm = vector("output_norm.weight", d)?;
         // theta_i = base^(-2i/d_rope); Llama 3.1 files may carry per-frequency divisors.
-        let mut inv_freq: Vec<f32> = (0..c.rope_dim / 2)
-            .map(|i| c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> =
+            (0..c.rope_dim / 2).map(|i| c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32)).collect();
         if file.tensor_info("rope_freqs.weight").is_some() {
             let factors = vector("rope_freqs.weight", c.rope_dim / 2)?;
             inv_freq.iter_mut().zip(factors).for_each(|(f, k)| *f /= k);
         }
-        Ok(Self {
-            config,
-            file,
-            token_embd,
-            layers,
-            output_norm,
-            output,
-            inv_freq,
-            kv_type: KvType::default(),
-        })
+        Ok(Self { config, file, token_embd, layers, output_norm, output, inv_freq, kv_type: KvType::default() })
     }
 
     fn view(&self, w: &Weight) -> WeightView<'_> {
-        WeightView {
-            ggml_type: w.info.ggml_type,
-            rows: w.rows,
-            cols: w.cols,
-            bytes: self.file.tensor_bytes(&w.info),
-        }
+        WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes: self.file.tensor_bytes(&w.info) }
     }
 
     /// A new, empty KV cache that keeps everything, for at most `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        let full = PolicyConfig::default()
-            .resolve(0, 0, self.config.n_layers, self.config.n_kv_heads)
-            .expect("full cache");
+        let full =
+            PolicyConfig::default().resolve(0, 0, self.config.n_layers, self.config.n_kv_heads).expect("full cache");
         self.new_cache_with(full, capacity)
     }
 
     /// A new, empty KV cache trimmed by `policy`; `context` bounds it when the policy keeps all.
     pub fn new_cache_with(&self, policy: SequencePolicy, context: usize) -> KvCache {
-        KvCache::new(
-            self.config.n_layers,
-            self.config.n_kv_heads,
-            self.config.head_dim,
-            self.kv_type,
-            policy,
-            context,
-        )
+        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, self.kv_type, policy, context)
     }
 
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
     /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        which: Logits,
-    ) -> Result<Vec<f32>, ModelError> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
@@ -242,10 +197,7 @@ impl Llama {
         }
         let start = cache.next_position();
         if cache.len() + n > cache.capacity() {
-            return Err(ModelError::ContextFull {
-                needed: cache.len() + n,
-                capacity: cache.capacity(),
-            });
+            return Err(ModelError::ContextFull { needed: cache.len() + n, capacity: cache.capacity() });
         }
         let positions: Vec<u32> = (start..start + n as u32).collect();
         let (d, hd) = (c.n_embd, c.head_dim);
@@ -255,10 +207,7 @@ impl Llama {
         let embd = self.view(&self.token_embd);
         for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
             if t as usize >= c.vocab_size {
-                return Err(ModelError::TokenOutOfRange {
-                    token: t,
-                    vocab: c.vocab_size,
-                });
+                return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
             }
             dequantize_row(embd.ggml_type, embd.row(t as usize), row);
         }
@@ -275,11 +224,7 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
-            let qkv = [
-                self.view(&layer.wq),
-                self.view(&layer.wk),
-                self.view(&layer.wv),
-            ];
+            let qkv = [self.view(&layer.wq), self.view(&layer.wk), self.view(&layer.wv)];
             cpu::matmul_many(&qkv, &normed, n, &mut [&mut q, &mut k, &mut v]);
             cpu::rope_adjacent_pairs(&mut q, c.n_heads, hd, &positions, &self.inv_freq);
             cpu::rope_adjacent_pairs(&mut k, c.n_kv_heads, hd, &positions, &self.inv_freq);
@@ -295,16 +240,7 @@ impl Llama {
             if let Some(r) = &cache.recorder {
                 signals.extend_from_slice(&r.signals);
             }
-            let mut all = cpu::attention(
-                &q,
-                &positions,
-                &cache.layers[li],
-                c.n_heads,
-                hd,
-                li,
-                &signals,
-                &mut attn,
-            );
+            let mut all = cpu::attention(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn);
             if let Some(r) = &mut cache.recorder {
                 for (k, sums) in all.drain(1..).enumerate() {
                     for (h, s) in sums.iter().flatten().enumerate() {
