@@ -17,17 +17,31 @@ pub struct Q8Block {
     pub qs: [i8; 32],
 }
 
-/// Quantise activations (length a multiple of 32) into `out`.
+/// Quantise activations (length a multiple of 32) into `out` (AVX2 where available; the
+/// scalar twin [`quantize_q8_scalar`] gives identical blocks).
 pub fn quantize_q8(x: &[f32], out: &mut Vec<Q8Block>) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        out.clear();
+        out.resize(x.len() / QK, Q8Block::default());
+        // SAFETY: AVX2 is present (checked at run time); `out` has one block per 32 inputs.
+        unsafe { x86::quantize_q8(x, out) };
+        return;
+    }
+    quantize_q8_scalar(x, out)
+}
+
+/// Scalar twin of [`quantize_q8`]: round half to even, as the vector conversion does.
+pub fn quantize_q8_scalar(x: &[f32], out: &mut Vec<Q8Block>) {
     out.clear();
     for chunk in x.chunks_exact(QK) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let id = if d > 0.0 { 127.0 / amax } else { 0.0 };
         let mut b = Q8Block { d, sum: 0.0, qs: [0; 32] };
         let mut s = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             s += *q as i32;
         }
         b.sum = d * s as f32;
@@ -106,6 +120,16 @@ pub fn dot_f32(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
 pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
+        if vnni_available() {
+            // SAFETY: the CPU supports AVX-512 VNNI/VL besides AVX2 (checked once at run time).
+            unsafe {
+                match t {
+                    GgmlType::Q4_1 => return x86::dot_q4_1_vnni(row, a),
+                    GgmlType::Q8_0 => return x86::dot_q8_0_vnni(row, a),
+                    _ => {}
+                }
+            }
+        }
         if simd_available() {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked once at run time).
             unsafe {
@@ -132,6 +156,26 @@ pub fn simd_available() -> bool {
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 VNNI kernels (256-bit `vpdpbusd`) run on this CPU; `KEYFORMER_NO_VNNI`
+/// turns them off to compare against the AVX2 kernels.
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            simd_available()
+                && std::env::var_os("KEYFORMER_NO_VNNI").is_none()
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -220,17 +264,131 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], a: &[Q8Block]) -> f32 {
         debug_assert!(row.len() >= a.len() * 20);
-        let mut acc = _mm256_setzero_ps();
-        let mut offs = 0f32;
+        // Two independent chains (even and odd blocks) hide the FMA latency.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut offs0, mut offs1) = (0f32, 0f32);
         let p = row.as_ptr();
-        for (i, ab) in a.iter().enumerate() {
-            let b = p.add(i * 20);
+        let pairs = a.len() / 2;
+        for i in 0..pairs {
+            let (a0, a1) = (a.get_unchecked(2 * i), a.get_unchecked(2 * i + 1));
+            let (b0, b1) = (p.add(2 * i * 20), p.add((2 * i + 1) * 20));
+            let (d0, m0) = f16x2(b0);
+            let (d1, m1) = f16x2(b1);
+            let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+            let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a0.d), mul_sum_us8(nibbles(b0.add(4)), y0), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a1.d), mul_sum_us8(nibbles(b1.add(4)), y1), acc1);
+            offs0 += m0 * a0.sum;
+            offs1 += m1 * a1.sum;
+        }
+        if a.len() % 2 == 1 {
+            let ab = &a[a.len() - 1];
+            let b = p.add((a.len() - 1) * 20);
             let (d, m) = f16x2(b);
             let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), mul_sum_us8(nibbles(b.add(4)), y), acc);
-            offs += m * ab.sum;
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), mul_sum_us8(nibbles(b.add(4)), y), acc0);
+            offs0 += m * ab.sum;
         }
-        hsum(acc) + offs
+        hsum(_mm256_add_ps(acc0, acc1)) + (offs0 + offs1)
+    }
+
+    /// [`dot_q4_1`] with `vpdpbusd` (one instruction for the byte products and their sums).
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q4_1_vnni(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() >= a.len() * 20);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut offs0, mut offs1) = (0f32, 0f32);
+        let p = row.as_ptr();
+        let zero = _mm256_setzero_si256();
+        let pairs = a.len() / 2;
+        for i in 0..pairs {
+            let (a0, a1) = (a.get_unchecked(2 * i), a.get_unchecked(2 * i + 1));
+            let (b0, b1) = (p.add(2 * i * 20), p.add((2 * i + 1) * 20));
+            let (d0, m0) = f16x2(b0);
+            let (d1, m1) = f16x2(b1);
+            let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+            let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+            let s0 = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b0.add(4)), y0));
+            let s1 = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b1.add(4)), y1));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a0.d), s0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a1.d), s1, acc1);
+            offs0 += m0 * a0.sum;
+            offs1 += m1 * a1.sum;
+        }
+        if a.len() % 2 == 1 {
+            let ab = &a[a.len() - 1];
+            let b = p.add((a.len() - 1) * 20);
+            let (d, m) = f16x2(b);
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b.add(4)), y));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), s, acc0);
+            offs0 += m * ab.sum;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + (offs0 + offs1)
+    }
+
+    /// [`dot_q8_0`] with `vpdpbusd`, two chains.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q8_0_vnni(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() >= a.len() * 34);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let p = row.as_ptr();
+        let zero = _mm256_setzero_si256();
+        let block = |b: *const u8, ab: &Q8Block| {
+            let (d, _) = f16x2(b);
+            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            // vpdpbusd needs an unsigned operand: move the weight's sign onto the activation.
+            let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)));
+            (_mm256_set1_ps(d * ab.d), s)
+        };
+        let pairs = a.len() / 2;
+        for i in 0..pairs {
+            let (sc0, s0) = block(p.add(2 * i * 34), a.get_unchecked(2 * i));
+            let (sc1, s1) = block(p.add((2 * i + 1) * 34), a.get_unchecked(2 * i + 1));
+            acc0 = _mm256_fmadd_ps(sc0, s0, acc0);
+            acc1 = _mm256_fmadd_ps(sc1, s1, acc1);
+        }
+        if a.len() % 2 == 1 {
+            let (sc, s) = block(p.add((a.len() - 1) * 34), &a[a.len() - 1]);
+            acc0 = _mm256_fmadd_ps(sc, s, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// 32 floats -> one [`Q8Block`] per chunk, round half to even (`vcvtps2dq`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+        let sign_off = _mm256_set1_ps(-0.0);
+        for (chunk, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+            let p = chunk.as_ptr();
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let abs = |v: __m256| _mm256_andnot_ps(sign_off, v);
+            let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 127.0 / amax } else { 0.0 });
+            let i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], id));
+            let i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], id));
+            let i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], id));
+            let i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], id));
+            // Integer sum of the 32 values, then pack to bytes (the packs interleave lanes:
+            // a final permute restores the order).
+            let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+            let w01 = _mm256_packs_epi32(i0, i1);
+            let w23 = _mm256_packs_epi32(i2, i3);
+            let bytes = _mm256_packs_epi16(w01, w23);
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, bytes);
+            b.d = d;
+            b.sum = d * _mm_cvtsi128_si32(s1) as f32;
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -342,6 +500,26 @@ pub(crate) mod tests {
                     (fast - reference).abs() <= tol * magnitude,
                     "{t} n={n}: fast {fast} vs reference {reference} (magnitude {magnitude})"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn vector_quantisation_equals_its_scalar_twin() {
+        let mut rng = Lcg(11);
+        for blocks in [1usize, 2, 5, 18] {
+            let mut x: Vec<f32> = (0..blocks * 32).map(|_| rng.f32() * 4.0).collect();
+            x[3] = 0.0;
+            if blocks > 1 {
+                x[32..64].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+            }
+            // Exact ties at +-0.5 steps exercise the rounding mode.
+            x[5] = x.iter().take(32).fold(0f32, |m, v| m.max(v.abs())) / 127.0 * 2.5;
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            quantize_q8(&x, &mut fast);
+            quantize_q8_scalar(&x, &mut slow);
+            for (f, s) in fast.iter().zip(&slow) {
+                assert_eq!((f.d, f.sum, f.qs), (s.d, s.sum, s.qs));
             }
         }
     }
