@@ -381,6 +381,60 @@ impl SequencePolicy {
     /// order. The `recent` most recent tokens (and, for `sink`, the first `sinks`) are kept.
     pub fn victims(&self, layer: usize, head: usize, table: &SlotTable, target: usize) -> Vec<usize> {
         let excess = table.len().saturating_sub(target);
+        if excess == 1 {
+            // A decode step: one token joined, one goes.
+            if let Some(victim) = self.single_victim(layer, head, table) {
+                return victim.into_iter().collect();
+            }
+        }
+        self.victims_by_selection(layer, head, table, target)
+    }
+
+    /// The eviction score of the token at (`slot`, `pos`): lower goes first.
+    fn eviction_key(&self, layer: usize, head: usize, slot: usize, pos: u32) -> f32 {
+        match self.config.kind {
+            PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => 0.0, // oldest first
+            PolicyKind::Random => {
+                noise::uniform_open(self.config.seed, layer as u32, head as u32, self.step as u32, pos, 7) as f32
+            }
+            _ => self.scores(layer, head).get(slot).copied().unwrap_or(0.0),
+        }
+    }
+
+    /// [`victims`](Self::victims) for one victim in a single pass over the slots, no
+    /// allocation: at every decode step of a long context this replaces two selections over
+    /// all held tokens per (layer, head). The recent window is the positions from
+    /// `last - recent + 1` on when all of them are held (always, for these policies, since a
+    /// recent token is never evicted); `None` when that does not hold, and the caller falls back
+    /// to the general path. `Some(None)`: nothing may be evicted.
+    fn single_victim(&self, layer: usize, head: usize, table: &SlotTable) -> Option<Option<usize>> {
+        let last = table.last_position()?;
+        let keep_recent = self.recent.min(table.len());
+        let first_recent = (last as u64 + 1).checked_sub(keep_recent as u64)?;
+        let sinks = if self.config.kind == PolicyKind::Sink { self.config.sinks as u64 } else { 0 };
+        let mut in_recent = 0;
+        let mut best: Option<(f32, u32, usize)> = None;
+        for (slot, pos) in table.positions().iter().enumerate() {
+            let Some(pos) = *pos else { continue };
+            if pos as u64 >= first_recent {
+                in_recent += 1;
+                continue;
+            }
+            if (pos as u64) < sinks {
+                continue;
+            }
+            let key = self.eviction_key(layer, head, slot, pos);
+            // Lowest score first; ties evict the oldest.
+            if best.is_none_or(|(k, p, _)| key.total_cmp(&k).then(pos.cmp(&p)).is_lt()) {
+                best = Some((key, pos, slot));
+            }
+        }
+        (in_recent == keep_recent).then_some(best.map(|(_, _, slot)| slot))
+    }
+
+    /// The general case of [`victims`](Self::victims): linear-time selections.
+    fn victims_by_selection(&self, layer: usize, head: usize, table: &SlotTable, target: usize) -> Vec<usize> {
+        let excess = table.len().saturating_sub(target);
         if excess == 0 {
             return Vec::new();
         }
@@ -398,19 +452,9 @@ impl SequencePolicy {
             let sinks = self.config.sinks as u32;
             occupied.retain(|&(_, p)| p >= sinks);
         }
-        let scores = self.scores(layer, head);
-        let key = |slot: usize, pos: u32| -> f32 {
-            match kind {
-                PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => 0.0, // oldest first
-                PolicyKind::Random => {
-                    noise::uniform_open(self.config.seed, layer as u32, head as u32, self.step as u32, pos, 7) as f32
-                }
-                _ => scores.get(slot).copied().unwrap_or(0.0),
-            }
-        };
         // Lowest score first; ties evict the oldest.
         let mut candidates: Vec<(f32, u32, usize)> =
-            occupied.iter().map(|&(slot, pos)| (key(slot, pos), pos, slot)).collect();
+            occupied.iter().map(|&(slot, pos)| (self.eviction_key(layer, head, slot, pos), pos, slot)).collect();
         let order = |a: &(f32, u32, usize), b: &(f32, u32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if excess < candidates.len() {
             candidates.select_nth_unstable_by(excess - 1, order);
@@ -667,6 +711,8 @@ mod tests {
                 if pos as usize + 1 == budget { p.finish_prompt(&[&t]); continue; }
                 if !p.prompt_done() { continue; }
                 let before: Vec<(usize, u32)> = t.occupied().collect();
+                // The one-pass decode path chooses what the general selection chooses.
+                prop_assert_eq!(p.victims(0, 0, &t, p.budget), p.victims_by_selection(0, 0, &t, p.budget));
                 for v in p.victims(0, 0, &t, p.budget) {
                     let gone = t.evict(v).unwrap();
                     p.on_evict(0, 0, v);
