@@ -165,8 +165,8 @@ fn run_json_reports_the_kv_cache() {
     assert_eq!(kv["policy"], "keyformer");
     assert_eq!(budget, (prompt as f64 / 2.0).round() as u64);
     assert_eq!(kv["tokens_held_max"].as_u64().unwrap(), budget);
-    // K and V, f32, 30 layers x 3 KV heads x 64 dims.
-    let per_token = 2 * 4 * 30 * 3 * 64;
+    // K and V, f16 (the default), 30 layers x 3 KV heads x 64 dims.
+    let per_token = 2 * 2 * 30 * 3 * 64;
     assert_eq!(kv["bytes_held_max"].as_u64().unwrap(), budget * per_token);
     let seen = prompt + v["generated_tokens"].as_u64().unwrap() - 1;
     assert_eq!(kv["bytes_full_equivalent"].as_u64().unwrap(), seen * per_token);

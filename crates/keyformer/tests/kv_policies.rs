@@ -98,7 +98,7 @@ fn memory_is_bounded_by_the_budget_after_every_step() {
         let kv = config(kind, Amount::Tokens(40));
         let mut cache = e.new_cache(&kv, p.len(), 16).unwrap();
         let mut logits = e.prefill(&p, &mut cache).unwrap();
-        let per_slot = 2 * e.model.config.head_dim * 4;
+        let per_slot = 2 * e.model.kv_type.row_bytes(e.model.config.head_dim);
         for step in 0..16 {
             for heads in &cache.layers {
                 for h in heads {
@@ -191,6 +191,7 @@ fn an_f16_cache_halves_the_bytes_and_stays_close_to_f32() {
     let mut e = engine();
     let p = prompt(&e, 300);
     let full = PolicyConfig::default();
+    e.model.kv_type = KvType::F32;
     let (f32_logits, f32_cache) = decode(&e, &full, &p, 8);
     e.model.kv_type = KvType::F16;
     let (f16_logits, f16_cache) = decode(&e, &full, &p, 8);
@@ -215,4 +216,19 @@ fn an_f16_cache_halves_the_bytes_and_stays_close_to_f32() {
     let kv = config(PolicyKind::Keyformer, Amount::Percent(50.0));
     let (_, c) = decode(&e, &kv, &p, 8);
     assert_eq!(held(&c)[0].len(), 150);
+
+    // q8_0: 34 bytes per 32 values (64-dim heads: 68 bytes a row against f32's 256).
+    e.model.kv_type = KvType::Q8_0;
+    let (q8_logits, q8_cache) = decode(&e, &full, &p, 8);
+    assert_eq!(q8_cache.bytes_held() * 256, f32_cache.bytes_held() * 68);
+    // Greedy decoding diverges after a few tokens (as f16's would over a longer run), so compare
+    // where the inputs are still the same: the prompt's logits and the first decode steps.
+    let same_prefix = f32_logits.iter().zip(&q8_logits).take_while(|(a, b)| argmax(a) == argmax(b)).count();
+    let mean = |k: usize| {
+        f32_logits[k].iter().zip(&q8_logits[k]).map(|(x, y)| (x - y).abs() as f64).sum::<f64>()
+            / f32_logits[k].len() as f64
+    };
+    eprintln!("q8_0 vs f32 KV: same greedy tokens for {same_prefix}/9 steps; mean |logit difference| {} after the prompt, {} at the first decode step", mean(0), mean(1));
+    assert!(same_prefix >= 3, "q8_0 diverged after {same_prefix} steps");
+    assert!(mean(0) > 0.0 && mean(0) < 0.3 && mean(1) < 0.5, "q8_0: {} {}", mean(0), mean(1));
 }

@@ -11,7 +11,6 @@ use keyformer::models::llama::Logits;
 use keyformer::quant::{dequantize_row, GgmlType};
 use keyformer::sampling::argmax;
 use keyformer::tokenizer::Tokenizer;
-use keyformer::Engine;
 
 fn type_named(name: &str) -> GgmlType {
     GgmlType::ALL.into_iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("type {name}"))
@@ -58,7 +57,7 @@ fn dequantisers_match_the_gguf_package() {
 
 #[test]
 fn token_ids_equal_llama_cpp() {
-    let engine = Engine::load(&q4_model()).unwrap();
+    let engine = load_with_f32_cache(&q4_model());
     let g = golden_json("golden/llamacpp.json");
     for case in g["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -93,7 +92,7 @@ fn every_pre_tokenizer_table_equals_llama_cpp() {
 
 #[test]
 fn q4_1_top5_equals_llama_cpp() {
-    let engine = Engine::load(&q4_model()).unwrap();
+    let engine = load_with_f32_cache(&q4_model());
     let g = golden_json("golden/llamacpp.json");
     for case in g["top5"].as_array().unwrap() {
         let prompt = ids(&case["ids"]);
@@ -113,7 +112,7 @@ fn q4_1_top5_equals_llama_cpp() {
 
 #[test]
 fn q4_1_perplexity_within_half_a_percent_of_llama_cpp() {
-    let engine = Engine::load(&q4_model()).unwrap();
+    let engine = load_with_f32_cache(&q4_model());
     let g = golden_json("golden/llamacpp.json");
     let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
     let tokens = engine.encode(&text).unwrap();
@@ -141,7 +140,7 @@ fn transformers_cases() -> Vec<(Vec<u32>, Vec<f32>, Vec<u32>)> {
 
 #[test]
 fn f32_last_token_logits_match_transformers() {
-    let engine = Engine::load(&f32_model()).unwrap();
+    let engine = load_with_f32_cache(&f32_model());
     for (prompt, want, _) in transformers_cases() {
         let mut cache = engine.model.new_cache(prompt.len());
         let got = engine.model.forward(&prompt, &mut cache, Logits::Last).unwrap();
@@ -153,7 +152,7 @@ fn f32_last_token_logits_match_transformers() {
 
 #[test]
 fn f32_greedy_32_tokens_match_transformers() {
-    let engine = Engine::load(&f32_model()).unwrap();
+    let engine = load_with_f32_cache(&f32_model());
     for (prompt, _, want) in transformers_cases() {
         // Token by token through the decode path (no stop on EOS: transformers ran 32 steps).
         let mut cache = engine.model.new_cache(prompt.len() + 32);

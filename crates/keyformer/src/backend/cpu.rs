@@ -185,6 +185,214 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// Query rows per attention task.
 const QUERIES_PER_TASK: usize = 32;
 
+/// Slots per task of single-query attention.
+const SLOTS_PER_TASK: usize = 256;
+
+/// Buffers of [`attention_one_query`], kept by the calling thread across layers and steps.
+#[derive(Default)]
+struct OneQueryScratch {
+    /// Per (softmax, query head, slot): exp(logit - the chunk's max). Softmax 0 is the plain
+    /// one; 1.. are the noisy ones of the Keyformer signals, in order.
+    exps: Vec<f32>,
+    /// Per (softmax, query head, chunk): [max, sum]; the combine step overwrites the max with
+    /// the chunk's normalising factor.
+    stats: Vec<f32>,
+    /// Per (query head, chunk): the chunk's unnormalised output row.
+    partial: Vec<f32>,
+}
+
+thread_local! {
+    static ONE_QUERY_SCRATCH: std::cell::RefCell<OneQueryScratch> = std::cell::RefCell::new(OneQueryScratch::default());
+}
+
+/// [`attention`] for a single query row (a decode step), split across the pool by KV head and
+/// by ranges of [`SLOTS_PER_TASK`] slots, as flash-decoding splits a long sequence: every core
+/// works however few heads there are. A task scores its slots for all query heads of its
+/// group (the keys come from memory once for the group, then from cache), keeps a partial
+/// softmax (max, sum, unnormalised output) and the exponentials; the partials combine exactly
+/// (softmax = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c), and the policies' probabilities
+/// are one more pass over the kept exponentials, never over the cache. Equal to the general
+/// path up to float summation order.
+#[allow(clippy::too_many_arguments)]
+fn attention_one_query(
+    q: &[f32],
+    pos: u32,
+    heads: &[HeadKv],
+    n_heads: usize,
+    head_dim: usize,
+    layer: usize,
+    signals: &[Signal],
+    out: &mut [f32],
+) -> Vec<Option<Vec<Vec<f32>>>> {
+    const NEG_INF: f32 = f32::NEG_INFINITY;
+    let group = n_heads / heads.len();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let width = heads.iter().map(|h| h.table.positions().len()).max().unwrap_or(0);
+    let chunks = width.div_ceil(SLOTS_PER_TASK).max(1);
+    // Which softmax each signal reads (0: plain; k: the k-th noisy one), None when it does
+    // not score this row.
+    let mut noisy: Vec<(f32, NoiseKind, u64)> = Vec::new();
+    let source: Vec<Option<usize>> = signals
+        .iter()
+        .map(|signal| match *signal {
+            Signal::None => None,
+            Signal::Attention { from_position } => (pos >= from_position).then_some(0),
+            Signal::Noisy { from_position, tau, noise, seed } => (pos >= from_position).then(|| {
+                noisy.push((tau, noise, seed));
+                noisy.len()
+            }),
+        })
+        .collect();
+    let n_softmax = 1 + noisy.len();
+    ONE_QUERY_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let OneQueryScratch { exps, stats, partial } = &mut *scratch;
+        exps.resize(n_softmax * n_heads * width, 0.0);
+        stats.resize(n_softmax * n_heads * chunks * 2, 0.0);
+        partial.resize(n_heads * chunks * head_dim, 0.0);
+        let (e_out, st_out, pa_out) =
+            (SharedOut(exps.as_mut_ptr()), SharedOut(stats.as_mut_ptr()), SharedOut(partial.as_mut_ptr()));
+        let noisy = &noisy;
+
+        pool::for_each(heads.len() * chunks, |task| {
+            let (g, c) = (task / chunks, task % chunks);
+            let kv = &heads[g];
+            let slots = kv.table.positions();
+            let (lo, hi) = ((c * SLOTS_PER_TASK).min(slots.len()), ((c + 1) * SLOTS_PER_TASK).min(slots.len()));
+            let m = hi - lo;
+            let (e_out, st_out, pa_out) = (&e_out, &st_out, &pa_out);
+            // SAFETY (all three): slots lo..hi of every (softmax, head h of group g) and entries
+            // (softmax, h, c) belong to this task alone; the buffers outlive the loop.
+            let exps_of = |k: usize, h: usize| unsafe {
+                std::slice::from_raw_parts_mut(e_out.0.add((k * n_heads + h) * width + lo), m)
+            };
+            let stats_of = |k: usize, h: usize| unsafe {
+                std::slice::from_raw_parts_mut(st_out.0.add(((k * n_heads + h) * chunks + c) * 2), 2)
+            };
+            for h in g * group..(g + 1) * group {
+                for k in 0..n_softmax {
+                    stats_of(k, h).copy_from_slice(&[NEG_INF, 0.0]);
+                }
+            }
+            // In steady decoding every slot holds a token at or before `pos`: no mask needed.
+            let all_visible = kv.table.len() == slots.len() && kv.table.last_position().is_some_and(|l| l <= pos);
+            let mut raw_positions = [0u32; SLOTS_PER_TASK];
+            if noisy.iter().any(|n| n.1 == NoiseKind::Gumbel) {
+                // Free slots read as 0: their logits are -inf, so their noise is never used.
+                raw_positions.iter_mut().zip(&slots[lo..hi]).for_each(|(r, s)| *r = s.unwrap_or(0));
+            }
+            let mut noise_row = [0f32; SLOTS_PER_TASK];
+            let noise_row = &mut noise_row[..m];
+            for h in g * group..(g + 1) * group {
+                let x = exps_of(0, h);
+                let o = unsafe { std::slice::from_raw_parts_mut(pa_out.0.add((h * chunks + c) * head_dim), head_dim) };
+                o.fill(0.0);
+                if m == 0 {
+                    continue;
+                }
+                key_scores(&q[h * head_dim..(h + 1) * head_dim], kv.keys(), lo, scale, x);
+                if !all_visible {
+                    for (v, sp) in x.iter_mut().zip(&slots[lo..hi]) {
+                        if !sp.is_some_and(|sp| sp <= pos) {
+                            *v = NEG_INF;
+                        }
+                    }
+                }
+                for (k, &(tau, kind, seed)) in noisy.iter().enumerate() {
+                    // Keyformer's noise: one draw per (layer, KV head, step, position), shared
+                    // by the group's query heads (the selection is per KV head).
+                    let row = noise::NoiseRow::new(kind, seed, layer as u32, g as u32, pos);
+                    if kind == NoiseKind::Gumbel {
+                        vmath::gumbel_row(row.key[0], &raw_positions[..m], noise_row);
+                    } else {
+                        noise_row
+                            .iter_mut()
+                            .zip(&slots[lo..hi])
+                            .for_each(|(n, s)| *n = s.map_or(0.0, |p| row.sample(p)));
+                    }
+                    // (x + g) / tau, -inf staying -inf.
+                    let y = exps_of(k + 1, h);
+                    let nmax = vmath::add_scale_max(x, noise_row, 1.0 / tau, y);
+                    if nmax == NEG_INF {
+                        y.fill(0.0);
+                    } else {
+                        let sum = vmath::exp_shifted_sum(y, nmax);
+                        stats_of(k + 1, h).copy_from_slice(&[nmax, sum]);
+                    }
+                }
+                let max = vmath::row_max(x);
+                if max == NEG_INF {
+                    x.fill(0.0); // nothing visible in this range
+                    continue;
+                }
+                let sum = vmath::exp_shifted_sum(x, max);
+                stats_of(0, h).copy_from_slice(&[max, sum]);
+                weighted_sum(x, kv.values(), lo, o);
+            }
+        });
+
+        // Combine the chunks of each softmax and query head; leave each chunk's factor in
+        // `stats`, and the plain softmax's output in `out`.
+        for k in 0..n_softmax {
+            for h in 0..n_heads {
+                let st = &mut stats[(k * n_heads + h) * chunks * 2..(k * n_heads + h + 1) * chunks * 2];
+                let gmax = st.chunks_exact(2).map(|s| s[0]).fold(NEG_INF, f32::max);
+                if k == 0 {
+                    out[h * head_dim..(h + 1) * head_dim].fill(0.0);
+                }
+                if gmax == NEG_INF {
+                    st.chunks_exact_mut(2).for_each(|s| s[0] = 0.0);
+                    continue;
+                }
+                let denom: f32 = st.chunks_exact(2).map(|s| (s[0] - gmax).exp() * s[1]).sum();
+                for (c, s) in st.chunks_exact_mut(2).enumerate() {
+                    let weight = (s[0] - gmax).exp();
+                    if k == 0 && weight != 0.0 {
+                        let part = &partial[(h * chunks + c) * head_dim..(h * chunks + c + 1) * head_dim];
+                        let o = &mut out[h * head_dim..(h + 1) * head_dim];
+                        o.iter_mut().zip(part).for_each(|(a, &b)| *a += weight * b);
+                    }
+                    s[0] = weight / denom;
+                }
+                if k == 0 {
+                    let inv = 1.0 / denom;
+                    out[h * head_dim..(h + 1) * head_dim].iter_mut().for_each(|v| *v *= inv);
+                }
+            }
+        }
+
+        // Each signal's per-slot sums over the group's query heads.
+        let (exps, stats) = (&*exps, &*stats);
+        signals
+            .iter()
+            .zip(&source)
+            .map(|(signal, source)| {
+                if *signal == Signal::None {
+                    return None;
+                }
+                let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
+                if let Some(k) = *source {
+                    let sums_out: Vec<SharedOut> = per_kv.iter_mut().map(|v| SharedOut(v.as_mut_ptr())).collect();
+                    pool::for_each(heads.len() * chunks, |task| {
+                        let (g, c) = (task / chunks, task % chunks);
+                        let len = heads[g].table.positions().len();
+                        let (lo, hi) = ((c * SLOTS_PER_TASK).min(len), ((c + 1) * SLOTS_PER_TASK).min(len));
+                        let sums_out = &sums_out;
+                        // SAFETY: slots lo..hi of KV head g belong to this task alone.
+                        let acc = unsafe { std::slice::from_raw_parts_mut(sums_out[g].0.add(lo), hi - lo) };
+                        for h in g * group..(g + 1) * group {
+                            let f = stats[((k * n_heads + h) * chunks + c) * 2];
+                            let e = &exps[(k * n_heads + h) * width + lo..(k * n_heads + h) * width + hi];
+                            acc.iter_mut().zip(e).for_each(|(a, &e)| *a += e * f);
+                        }
+                    });
+                }
+                Some(per_kv)
+            })
+            .collect()
+    })
+}
+
 /// Attention of `n` query rows over one layer's slot cache, grouped-query: query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`; the cache is never expanded to query heads.
 /// A query at position p sees the cached tokens with original position <= p.
@@ -200,6 +408,24 @@ const QUERIES_PER_TASK: usize = 32;
 /// `q`: n x (n_heads * head_dim); `out`: same shape.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
+    q: &[f32],
+    positions: &[u32],
+    heads: &[HeadKv],
+    n_heads: usize,
+    head_dim: usize,
+    layer: usize,
+    signals: &[Signal],
+    out: &mut [f32],
+) -> Vec<Option<Vec<Vec<f32>>>> {
+    if let [pos] = positions {
+        return attention_one_query(q, *pos, heads, n_heads, head_dim, layer, signals, out);
+    }
+    attention_rows(q, positions, heads, n_heads, head_dim, layer, signals, out)
+}
+
+/// The general case of [`attention`]: tasks of [`QUERIES_PER_TASK`] query rows of one head.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(
     q: &[f32],
     positions: &[u32],
     heads: &[HeadKv],
@@ -243,7 +469,7 @@ pub fn attention(
             let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
             let p = positions[i];
             weights.resize(slots.len(), 0.0);
-            key_scores(qi, kv.keys(), scale, &mut weights);
+            key_scores(qi, kv.keys(), 0, scale, &mut weights);
             let mut max = f32::NEG_INFINITY;
             for (x, sp) in weights.iter_mut().zip(slots) {
                 if !sp.is_some_and(|sp| sp <= p) {
@@ -266,7 +492,7 @@ pub fn attention(
             weights.iter_mut().for_each(|x| *x -= max);
             vmath::exp_in_place(&mut weights);
             let denom: f32 = weights.iter().sum();
-            weighted_sum(&weights, kv.values(), o);
+            weighted_sum(&weights, kv.values(), 0, o);
             let inv = 1.0 / denom;
             o.iter_mut().for_each(|v| *v *= inv);
 
@@ -279,7 +505,8 @@ pub fn attention(
                     Signal::Noisy { tau, noise: kind, seed, .. } => {
                         // softmax((x + g) / tau) over the visible slots: a second pass over
                         // this row of logits, not over the cache.
-                        let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
+                        // One draw per KV head, shared by its query heads.
+                        let row = noise::NoiseRow::new(kind, seed, layer as u32, (h / group) as u32, p);
                         noisy.clear();
                         noisy.extend_from_slice(&raw_logits);
                         if kind == NoiseKind::Gumbel {
@@ -357,60 +584,72 @@ fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `out[s] = scale * q . keys[s]` for every slot `s` of a head's key storage (`q.len()` values
-/// per slot; `out.len()` slots), f16 keys converted on the fly.
-pub fn key_scores(q: &[f32], keys: &KvRows, scale: f32, out: &mut [f32]) {
-    let n = out.len() * q.len();
+/// `out[i] = scale * q . keys[first_slot + i]` for `out.len()` slots of a head's key storage
+/// (`q.len()` values per slot), f16 keys converted on the fly.
+pub fn key_scores(q: &[f32], keys: &KvRows, first_slot: usize, scale: f32, out: &mut [f32]) {
+    let (lo, hi) = (first_slot * q.len(), (first_slot + out.len()) * q.len());
     #[cfg(target_arch = "x86_64")]
     if crate::quant::dot::simd_available() {
         // SAFETY: AVX2, FMA and F16C are present (checked at run time); slices checked by the
         // indexing below.
         unsafe {
             return match keys {
-                KvRows::F32(k) => x86::key_scores(q, &k[..n], scale, out),
-                KvRows::F16(k) if q.len() % 8 == 0 => x86::key_scores_f16(q, &k[..n], scale, out),
-                KvRows::F16(_) => key_scores_scalar(q, keys, scale, out),
+                KvRows::F32(k) => x86::key_scores(q, &k[lo..hi], scale, out),
+                KvRows::F16(k) if q.len() % 8 == 0 => x86::key_scores_f16(q, &k[lo..hi], scale, out),
+                KvRows::Q8_0 { qs, scales, head_dim } if *head_dim == q.len() && q.len() % 32 == 0 => {
+                    let nb = q.len() / 32;
+                    let sc = &scales[first_slot * nb..(first_slot + out.len()) * nb];
+                    x86::key_scores_q8_0(q, &qs[lo..hi], sc, scale, out)
+                }
+                KvRows::F16(_) | KvRows::Q8_0 { .. } => key_scores_scalar(q, keys, first_slot, scale, out),
             };
         }
     }
-    key_scores_scalar(q, keys, scale, out)
+    key_scores_scalar(q, keys, first_slot, scale, out)
 }
 
 /// The scalar twin of [`key_scores`]: decode each key to f32, then [`dot_scalar`].
-pub fn key_scores_scalar(q: &[f32], keys: &KvRows, scale: f32, out: &mut [f32]) {
+pub fn key_scores_scalar(q: &[f32], keys: &KvRows, first_slot: usize, scale: f32, out: &mut [f32]) {
     let mut k = vec![0f32; q.len()];
     for (s, o) in out.iter_mut().enumerate() {
-        keys.read(s * q.len(), &mut k);
+        keys.read((first_slot + s) * q.len(), &mut k);
         *o = dot_scalar(q, &k) * scale;
     }
 }
 
-/// `out += sum_s weights[s] * values[s]` (`out.len()` values per slot); zero weights are
-/// skipped, so masked slots cost nothing and their storage may hold anything.
-pub fn weighted_sum(weights: &[f32], values: &KvRows, out: &mut [f32]) {
-    let n = weights.len() * out.len();
+/// `out += sum_i weights[i] * values[first_slot + i]` (`out.len()` values per slot); zero
+/// weights are skipped, so masked slots cost nothing and their storage may hold anything.
+pub fn weighted_sum(weights: &[f32], values: &KvRows, first_slot: usize, out: &mut [f32]) {
+    let (lo, hi) = (first_slot * out.len(), (first_slot + weights.len()) * out.len());
     #[cfg(target_arch = "x86_64")]
     if crate::quant::dot::simd_available() {
         // SAFETY: AVX2, FMA and F16C are present (checked at run time); slices checked by the
         // indexing below.
         unsafe {
             return match values {
-                KvRows::F32(v) => x86::weighted_sum(weights, &v[..n], out),
+                KvRows::F32(v) => x86::weighted_sum(weights, &v[lo..hi], out),
                 KvRows::F16(v) if out.len() % 8 == 0 && out.len() <= 128 => {
-                    x86::weighted_sum_f16(weights, &v[..n], out)
+                    x86::weighted_sum_f16(weights, &v[lo..hi], out)
                 }
-                KvRows::F16(_) => weighted_sum_scalar(weights, values, out),
+                KvRows::Q8_0 { qs, scales, head_dim }
+                    if *head_dim == out.len() && out.len() % 32 == 0 && out.len() <= 128 =>
+                {
+                    let nb = out.len() / 32;
+                    let sc = &scales[first_slot * nb..(first_slot + weights.len()) * nb];
+                    x86::weighted_sum_q8_0(weights, &qs[lo..hi], sc, out)
+                }
+                KvRows::F16(_) | KvRows::Q8_0 { .. } => weighted_sum_scalar(weights, values, first_slot, out),
             };
         }
     }
-    weighted_sum_scalar(weights, values, out)
+    weighted_sum_scalar(weights, values, first_slot, out)
 }
 
-pub fn weighted_sum_scalar(weights: &[f32], values: &KvRows, out: &mut [f32]) {
+pub fn weighted_sum_scalar(weights: &[f32], values: &KvRows, first_slot: usize, out: &mut [f32]) {
     let mut v = vec![0f32; out.len()];
     for (s, &w) in weights.iter().enumerate() {
         if w != 0.0 {
-            values.read(s * out.len(), &mut v);
+            values.read((first_slot + s) * out.len(), &mut v);
             axpy_scalar(w, &v, out);
         }
     }
@@ -455,8 +694,9 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
-        let d = out.len(); // a multiple of 8, at most 128 (the caller checks)
-                           // The output row (at most 128 values) lives in registers across all slots.
+        // d: a multiple of 8, at most 128 (the caller checks). The output row lives in
+        // registers across all slots.
+        let d = out.len();
         let po = out.as_mut_ptr();
         let mut acc = [_mm256_setzero_ps(); 16];
         for (k, a) in acc.iter_mut().enumerate().take(d / 8) {
@@ -467,6 +707,70 @@ mod x86 {
                 let (vw, pv) = (_mm256_set1_ps(w), values.as_ptr().add(s * d));
                 for (k, a) in acc.iter_mut().enumerate().take(d / 8) {
                     *a = _mm256_fmadd_ps(vw, load_f16x8(pv.add(8 * k)), *a);
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate().take(d / 8) {
+            _mm256_storeu_ps(po.add(8 * k), *a);
+        }
+    }
+
+    /// Eight signed bytes at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_i8x8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_to_f32(h: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
+    /// q8_0 keys: per 32-value block, an f32 dot with the codes, then times the block's scale.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn key_scores_q8_0(q: &[f32], qs: &[i8], scales: &[f16], scale: f32, out: &mut [f32]) {
+        let d = q.len(); // a multiple of 32 (the caller checks)
+        let nb = d / 32;
+        let pq = q.as_ptr();
+        for (s, o) in out.iter_mut().enumerate() {
+            let pk = qs.as_ptr().add(s * d);
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..nb {
+                let mut block = _mm256_mul_ps(_mm256_loadu_ps(pq.add(32 * b)), load_i8x8(pk.add(32 * b)));
+                for c in 1..4 {
+                    let at = 32 * b + 8 * c;
+                    block = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(at)), load_i8x8(pk.add(at)), block);
+                }
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(*scales.get_unchecked(s * nb + b))), block, acc);
+            }
+            let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            *o = _mm_cvtss_f32(h) * scale;
+        }
+    }
+
+    /// q8_0 values: each block's codes times weight x scale, accumulated in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_q8_0(weights: &[f32], qs: &[i8], scales: &[f16], out: &mut [f32]) {
+        let d = out.len(); // a multiple of 32, at most 128 (the caller checks)
+        let nb = d / 32;
+        let po = out.as_mut_ptr();
+        let mut acc = [_mm256_setzero_ps(); 16];
+        for (k, a) in acc.iter_mut().enumerate().take(d / 8) {
+            *a = _mm256_loadu_ps(po.add(8 * k));
+        }
+        for (s, &w) in weights.iter().enumerate() {
+            if w != 0.0 {
+                let pv = qs.as_ptr().add(s * d);
+                for b in 0..nb {
+                    let coef = _mm256_set1_ps(w * f16_to_f32(*scales.get_unchecked(s * nb + b)));
+                    for c in 0..4 {
+                        let k = 4 * b + c;
+                        acc[k] = _mm256_fmadd_ps(coef, load_i8x8(pv.add(8 * k)), acc[k]);
+                    }
                 }
             }
         }
@@ -621,7 +925,8 @@ mod tests {
         let mut want = [0f32; 3];
         for h in 0..2 {
             let y: Vec<f32> = (0..3)
-                .map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32)) / tau)
+                // Both query heads share KV head 0 and so its noise.
+                .map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, 0, 2, j as u32)) / tau)
                 .collect();
             softmax(&y).iter().zip(want.iter_mut()).for_each(|(p, w)| *w += p);
         }
@@ -636,18 +941,81 @@ mod tests {
             .all(|&v| v == 0.0));
     }
 
+    /// The split single-query path against the general path (forced by asking for two signals)
+    /// on GQA heads with several slot ranges, freed slots and a future token.
+    #[test]
+    fn single_query_attention_equals_the_general_path() {
+        let mut rng = Lcg(21);
+        let (n_kv, group, hd, n) = (3usize, 3usize, 64usize, 700usize);
+        for kv_type in [crate::kv::KvType::F32, crate::kv::KvType::F16] {
+            let mut heads: Vec<HeadKv> = (0..n_kv).map(|_| HeadKv::new(n + 1, hd, kv_type)).collect();
+            for (g, head) in heads.iter_mut().enumerate() {
+                for p in 0..n as u32 + 1 {
+                    let k: Vec<f32> = (0..hd).map(|_| rng.f32() * 2.0).collect();
+                    let v: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
+                    head.insert(p, &k, &v).unwrap();
+                }
+                for slot in (g..n).step_by(7) {
+                    head.table.evict(slot).unwrap();
+                }
+            }
+            let q: Vec<f32> = (0..n_kv * group * hd).map(|_| rng.f32()).collect();
+            let pos = n as u32 - 1; // the token at position n is in the future
+            let all = [
+                Signal::None,
+                Signal::Attention { from_position: 0 },
+                Signal::Attention { from_position: pos + 1 },
+                Signal::Noisy { from_position: 0, tau: 1.3, noise: NoiseKind::Gumbel, seed: 5 },
+                Signal::Noisy { from_position: 0, tau: 1.0, noise: NoiseKind::None, seed: 5 },
+                Signal::Noisy { from_position: 0, tau: 1.7, noise: NoiseKind::Gumbel, seed: 6 },
+            ];
+            // Each signal alone, and all at once (a shared prefill's last row).
+            let sets: Vec<Vec<Signal>> = all.iter().map(|&s| vec![s]).chain([all.to_vec(), Vec::new()]).collect();
+            for signals in sets {
+                let (mut fast, mut general) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                let a = attention(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut fast);
+                let b = attention_rows(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut general);
+                for (x, y) in fast.iter().zip(&general) {
+                    assert!((x - y).abs() <= 1e-5, "{kv_type:?} {signals:?}: output {x} vs {y}");
+                }
+                assert_eq!(a.len(), signals.len());
+                for ((a, b), signal) in a.iter().zip(&b).zip(&signals) {
+                    match (a, b) {
+                        (None, None) => assert_eq!(*signal, Signal::None),
+                        (Some(a), Some(b)) => {
+                            for (ha, hb) in a.iter().zip(b) {
+                                assert_eq!(ha.len(), hb.len());
+                                for (x, y) in ha.iter().zip(hb) {
+                                    assert!((x - y).abs() <= 1e-5, "{kv_type:?} {signal:?}: score {x} vs {y}");
+                                }
+                                assert_eq!(ha[n], 0.0, "the future token");
+                            }
+                        }
+                        _ => panic!("{signal:?}: one path scored, the other did not"),
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn batched_key_scores_and_weighted_sums_match_their_scalar_twins() {
         let mut rng = Lcg(8);
-        for d in [7usize, 40, 64, 128] {
+        for d in [7usize, 40, 64, 96, 128] {
             for n in [0usize, 1, 13, 100] {
                 let q: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
                 let raw: Vec<f32> = (0..n * d).map(|_| rng.f32()).collect();
-                let f16s: Vec<half::f16> = raw.iter().map(|&x| half::f16::from_f32(x)).collect();
-                for kv in [KvRows::F32(raw.clone()), KvRows::F16(f16s)] {
+                let kinds = crate::kv::KvType::ALL;
+                for kv in kinds.map(|t| KvRows::from_f32(t, d, &raw)) {
                     let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-                    key_scores(&q, &kv, 0.125, &mut a);
-                    key_scores_scalar(&q, &kv, 0.125, &mut b);
+                    key_scores(&q, &kv, 0, 0.125, &mut a);
+                    key_scores_scalar(&q, &kv, 0, 0.125, &mut b);
+                    // A range of slots gives the same scores as the whole row.
+                    if n > 13 {
+                        let mut part = vec![0f32; 7];
+                        key_scores(&q, &kv, 5, 0.125, &mut part);
+                        assert_eq!(&part[..], &a[5..12]);
+                    }
                     for (x, y) in a.iter().zip(&b) {
                         assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "scores d={d} n={n} {kv:.8?}");
                     }
@@ -657,8 +1025,16 @@ mod tests {
                     }
                     let start: Vec<f32> = (0..d).map(|_| rng.f32()).collect();
                     let (mut o1, mut o2) = (start.clone(), start.clone());
-                    weighted_sum(&w, &kv, &mut o1);
-                    weighted_sum_scalar(&w, &kv, &mut o2);
+                    weighted_sum(&w, &kv, 0, &mut o1);
+                    weighted_sum_scalar(&w, &kv, 0, &mut o2);
+                    if n > 13 {
+                        let (mut p1, mut p2) = (start.clone(), start.clone());
+                        weighted_sum(&w[5..12], &kv, 5, &mut p1);
+                        weighted_sum_scalar(&w[5..12], &kv, 5, &mut p2);
+                        for (x, y) in p1.iter().zip(&p2) {
+                            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum of a range d={d} n={n}");
+                        }
+                    }
                     for (x, y) in o1.iter().zip(&o2) {
                         assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "weighted sum d={d} n={n}");
                     }

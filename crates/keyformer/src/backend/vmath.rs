@@ -44,6 +44,60 @@ pub fn exp_in_place(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = exp_scalar(*v));
 }
 
+/// The largest value of a row (-inf when empty).
+pub fn row_max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 is present (checked at run time).
+        return unsafe { x86::row_max(x) };
+    }
+    row_max_scalar(x)
+}
+
+pub fn row_max_scalar(x: &[f32]) -> f32 {
+    x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// `y[i] = (x[i] + g[i]) * s` (-inf stays -inf); returns the largest `y`.
+pub fn add_scale_max(x: &[f32], g: &[f32], s: f32, y: &mut [f32]) -> f32 {
+    assert!(x.len() == g.len() && x.len() == y.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 is present (checked at run time); lengths checked above.
+        return unsafe { x86::add_scale_max(x, g, s, y) };
+    }
+    add_scale_max_scalar(x, g, s, y)
+}
+
+pub fn add_scale_max_scalar(x: &[f32], g: &[f32], s: f32, y: &mut [f32]) -> f32 {
+    let mut m = f32::NEG_INFINITY;
+    for ((yv, &xv), &gv) in y.iter_mut().zip(x).zip(g) {
+        *yv = (xv + gv) * s;
+        m = m.max(*yv);
+    }
+    m
+}
+
+/// `x[i] = e^(x[i] - m)` (the numerators of a softmax whose max is `m`); returns their sum.
+pub fn exp_shifted_sum(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 is present (checked at run time).
+        return unsafe { x86::exp_shifted_sum(x, m) };
+    }
+    exp_shifted_sum_scalar(x, m)
+}
+
+/// The scalar twin of [`exp_shifted_sum`]: the same values bit for bit; the sum in another order.
+pub fn exp_shifted_sum_scalar(x: &mut [f32], m: f32) -> f32 {
+    x.iter_mut()
+        .map(|v| {
+            *v = exp_scalar(*v - m);
+            *v
+        })
+        .sum()
+}
+
 /// Gumbel(0, 1) noise of a row whose key is `key` (see [`noise::NoiseRow`]) for each position.
 pub fn gumbel_row(key: u32, positions: &[u32], out: &mut [f32]) {
     assert_eq!(positions.len(), out.len());
@@ -84,6 +138,58 @@ mod x86 {
         let ni = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-126));
         let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
         _mm256_andnot_ps(zero_mask, _mm256_mul_ps(y, scale))
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn row_max(x: &[f32]) -> f32 {
+        let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+        let chunks = x.chunks_exact(8);
+        let tail = row_max_scalar(chunks.remainder());
+        for c in chunks {
+            acc = _mm256_max_ps(acc, _mm256_loadu_ps(c.as_ptr()));
+        }
+        hmax(acc).max(tail)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn add_scale_max(x: &[f32], g: &[f32], s: f32, y: &mut [f32]) -> f32 {
+        let n = x.len() / 8 * 8;
+        let (vs, mut acc) = (_mm256_set1_ps(s), _mm256_set1_ps(f32::NEG_INFINITY));
+        for i in (0..n).step_by(8) {
+            let v = _mm256_mul_ps(
+                _mm256_add_ps(_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(g.as_ptr().add(i))),
+                vs,
+            );
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), v);
+            acc = _mm256_max_ps(acc, v);
+        }
+        hmax(acc).max(add_scale_max_scalar(&x[n..], &g[n..], s, &mut y[n..]))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn exp_shifted_sum(x: &mut [f32], m: f32) -> f32 {
+        let (vm, mut acc) = (_mm256_set1_ps(m), _mm256_setzero_ps());
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), vm));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        hsum(acc) + exp_shifted_sum_scalar(chunks.into_remainder(), m)
     }
 
     #[target_feature(enable = "avx2")]
@@ -166,6 +272,35 @@ mod tests {
         assert_eq!(exp_scalar(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_scalar(-100.0), 0.0);
         assert_eq!(exp_scalar(0.0), 1.0);
+    }
+
+    #[test]
+    fn fused_row_helpers_equal_their_scalar_twins() {
+        let mut rng = Lcg(17);
+        for n in [0usize, 1, 7, 8, 9, 31, 100, 1027] {
+            let mut x: Vec<f32> = (0..n).map(|_| (rng.f32() - 0.5) * 40.0).collect();
+            if n > 2 {
+                x[1] = f32::NEG_INFINITY;
+            }
+            let g: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
+            assert_eq!(row_max(&x).to_bits(), row_max_scalar(&x).to_bits(), "max n={n}");
+            let (mut y1, mut y2) = (vec![0f32; n], vec![0f32; n]);
+            let m1 = add_scale_max(&x, &g, 0.7, &mut y1);
+            let m2 = add_scale_max_scalar(&x, &g, 0.7, &mut y2);
+            assert_eq!((m1.to_bits(), &y1), (m2.to_bits(), &y2), "add_scale_max n={n}");
+            let (mut e1, mut e2) = (x.clone(), x.clone());
+            let m = row_max_scalar(&x);
+            let s1 = exp_shifted_sum(&mut e1, m);
+            let s2 = exp_shifted_sum_scalar(&mut e2, m);
+            assert_eq!(
+                e1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                e2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert!((s1 - s2).abs() <= 1e-5 * s2.max(1.0), "sum n={n}: {s1} vs {s2}");
+            if n > 0 {
+                assert!(s2 >= 1.0, "the max contributes e^0");
+            }
+        }
     }
 
     #[test]

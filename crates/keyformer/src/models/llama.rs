@@ -220,6 +220,7 @@ impl Llama {
         let mut proj = vec![0f32; n * d];
         let mut gate = vec![0f32; n * c.n_ff];
         let mut up = vec![0f32; n * c.n_ff];
+        let mut stored_key = vec![0f32; hd];
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
@@ -233,7 +234,9 @@ impl Llama {
                 for h in 0..c.n_kv_heads {
                     let at = i * kv_dim + h * hd;
                     let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
-                    cache.policy.on_insert(li, h, slot, &k[at..at + hd]);
+                    // Policies see the key as stored (key-norm scores it), as attention does.
+                    cache.layers[li][h].read_key(slot, &mut stored_key);
+                    cache.policy.on_insert(li, h, slot, &stored_key);
                 }
             }
             let mut signals = vec![signal];

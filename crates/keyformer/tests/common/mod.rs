@@ -23,6 +23,14 @@ pub fn f32_model() -> PathBuf {
     path
 }
 
+/// An engine whose KV cache stores f32, as the references (transformers; llama.cpp run with an
+/// f32 cache) do: the parity tests compare exact arithmetic.
+pub fn load_with_f32_cache(path: &std::path::Path) -> keyformer::Engine {
+    let mut engine = keyformer::Engine::load(path).expect("loading the model");
+    engine.model.kv_type = keyformer::kv::KvType::F32;
+    engine
+}
+
 pub fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(name)
 }
