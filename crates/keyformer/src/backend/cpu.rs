@@ -299,9 +299,11 @@ fn attention_one_query(
                     }
                 }
                 for (k, &(tau, kind, seed)) in noisy.iter().enumerate() {
-                    // Keyformer's noise: one draw per (layer, KV head, step, position), shared
-                    // by the group's query heads (the selection is per KV head).
-                    let row = noise::NoiseRow::new(kind, seed, layer as u32, g as u32, pos);
+                    // Keyformer's noise: one draw per (layer, query head, step, position), as
+                    // each head of the paper's models gets its own. (A draw per KV head shared
+                    // by its query heads costs a third but measurably worsened fidelity:
+                    // mean KL at 30% 0.0710 against 0.0671 on the Brown documents.)
+                    let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, pos);
                     if kind == NoiseKind::Gumbel {
                         vmath::gumbel_row(row.key[0], &raw_positions[..m], noise_row);
                     } else {
@@ -505,8 +507,7 @@ fn attention_rows(
                     Signal::Noisy { tau, noise: kind, seed, .. } => {
                         // softmax((x + g) / tau) over the visible slots: a second pass over
                         // this row of logits, not over the cache.
-                        // One draw per KV head, shared by its query heads.
-                        let row = noise::NoiseRow::new(kind, seed, layer as u32, (h / group) as u32, p);
+                        let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
                         noisy.clear();
                         noisy.extend_from_slice(&raw_logits);
                         if kind == NoiseKind::Gumbel {
@@ -925,8 +926,7 @@ mod tests {
         let mut want = [0f32; 3];
         for h in 0..2 {
             let y: Vec<f32> = (0..3)
-                // Both query heads share KV head 0 and so its noise.
-                .map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, 0, 2, j as u32)) / tau)
+                .map(|j| (logits[h][j] + noise::sample(NoiseKind::Gumbel, seed, 4, h as u32, 2, j as u32)) / tau)
                 .collect();
             softmax(&y).iter().zip(want.iter_mut()).for_each(|(p, w)| *w += p);
         }
