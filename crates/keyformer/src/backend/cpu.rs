@@ -658,6 +658,7 @@ pub fn weighted_sum_scalar(weights: &[f32], values: &KvRows, first_slot: usize, 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::quant::dot::x86::hsum;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -685,11 +686,7 @@ mod x86 {
             for c in (0..d).step_by(8) {
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), load_f16x8(pk.add(c)), acc);
             }
-            let v = acc;
-            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            *o = _mm_cvtss_f32(h) * scale;
+            *o = hsum(acc) * scale;
         }
     }
 
@@ -746,10 +743,7 @@ mod x86 {
                 }
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(*scales.get_unchecked(s * nb + b))), block, acc);
             }
-            let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            *o = _mm_cvtss_f32(h) * scale;
+            *o = hsum(acc) * scale;
         }
     }
 
@@ -823,11 +817,7 @@ mod x86 {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
             i += 8;
         }
-        let v = _mm256_add_ps(acc0, acc1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        let mut total = _mm_cvtss_f32(s);
+        let mut total = hsum(_mm256_add_ps(acc0, acc1));
         while i < n {
             total += *pa.add(i) * *pb.add(i);
             i += 1;

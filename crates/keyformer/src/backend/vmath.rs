@@ -120,6 +120,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
+    use crate::quant::dot::x86::hsum;
 
     #[target_feature(enable = "avx2")]
     unsafe fn exp8(x: __m256) -> __m256 {
@@ -145,13 +146,6 @@ mod x86 {
         let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
-    }
-
-    #[target_feature(enable = "avx2")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
     #[target_feature(enable = "avx2")]

@@ -221,13 +221,14 @@ pub fn dot_q8_scalar(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::Q8Block;
     use std::arch::x86_64::*;
 
+    /// The sum of eight lanes (shared by the CPU backend's x86 kernels).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
@@ -261,99 +262,84 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
+    /// `sum_i scale_i * products_i` (lanes summed) `+ sum_i offset_i` over `n` blocks, where
+    /// the block expression gives block i's `(scale, products, offset)`; even and odd blocks go
+    /// to two independent chains to hide the FMA latency. A macro that pastes the block inline
+    /// (a closure here measured 5% slower decoding: it was not always inlined).
+    macro_rules! two_chain_sum {
+        ($n:expr, |$i:ident: usize| $block:expr) => {{
+            let n = $n;
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut offs0, mut offs1) = (0f32, 0f32);
+            for pair in 0..n / 2 {
+                let (s0, p0, o0) = {
+                    let $i = 2 * pair;
+                    $block
+                };
+                let (s1, p1, o1) = {
+                    let $i = 2 * pair + 1;
+                    $block
+                };
+                acc0 = _mm256_fmadd_ps(s0, p0, acc0);
+                acc1 = _mm256_fmadd_ps(s1, p1, acc1);
+                offs0 += o0;
+                offs1 += o1;
+            }
+            if n % 2 == 1 {
+                let (s, p, o) = {
+                    let $i = n - 1;
+                    $block
+                };
+                acc0 = _mm256_fmadd_ps(s, p, acc0);
+                offs0 += o;
+            }
+            hsum(_mm256_add_ps(acc0, acc1)) + (offs0 + offs1)
+        }};
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], a: &[Q8Block]) -> f32 {
         debug_assert!(row.len() >= a.len() * 20);
-        // Two independent chains (even and odd blocks) hide the FMA latency.
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut offs0, mut offs1) = (0f32, 0f32);
         let p = row.as_ptr();
-        let pairs = a.len() / 2;
-        for i in 0..pairs {
-            let (a0, a1) = (a.get_unchecked(2 * i), a.get_unchecked(2 * i + 1));
-            let (b0, b1) = (p.add(2 * i * 20), p.add((2 * i + 1) * 20));
-            let (d0, m0) = f16x2(b0);
-            let (d1, m1) = f16x2(b1);
-            let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
-            let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a0.d), mul_sum_us8(nibbles(b0.add(4)), y0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a1.d), mul_sum_us8(nibbles(b1.add(4)), y1), acc1);
-            offs0 += m0 * a0.sum;
-            offs1 += m1 * a1.sum;
-        }
-        if a.len() % 2 == 1 {
-            let ab = &a[a.len() - 1];
-            let b = p.add((a.len() - 1) * 20);
+        two_chain_sum!(a.len(), |i: usize| {
+            let (ab, b) = (a.get_unchecked(i), p.add(i * 20));
             let (d, m) = f16x2(b);
             let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), mul_sum_us8(nibbles(b.add(4)), y), acc0);
-            offs0 += m * ab.sum;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + (offs0 + offs1)
+            (_mm256_set1_ps(d * ab.d), mul_sum_us8(nibbles(b.add(4)), y), m * ab.sum)
+        })
     }
 
     /// [`dot_q4_1`] with `vpdpbusd` (one instruction for the byte products and their sums).
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub unsafe fn dot_q4_1_vnni(row: &[u8], a: &[Q8Block]) -> f32 {
         debug_assert!(row.len() >= a.len() * 20);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut offs0, mut offs1) = (0f32, 0f32);
         let p = row.as_ptr();
         let zero = _mm256_setzero_si256();
-        let pairs = a.len() / 2;
-        for i in 0..pairs {
-            let (a0, a1) = (a.get_unchecked(2 * i), a.get_unchecked(2 * i + 1));
-            let (b0, b1) = (p.add(2 * i * 20), p.add((2 * i + 1) * 20));
-            let (d0, m0) = f16x2(b0);
-            let (d1, m1) = f16x2(b1);
-            let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
-            let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
-            let s0 = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b0.add(4)), y0));
-            let s1 = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b1.add(4)), y1));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a0.d), s0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a1.d), s1, acc1);
-            offs0 += m0 * a0.sum;
-            offs1 += m1 * a1.sum;
-        }
-        if a.len() % 2 == 1 {
-            let ab = &a[a.len() - 1];
-            let b = p.add((a.len() - 1) * 20);
+        two_chain_sum!(a.len(), |i: usize| {
+            let (ab, b) = (a.get_unchecked(i), p.add(i * 20));
             let (d, m) = f16x2(b);
             let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b.add(4)), y));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), s, acc0);
-            offs0 += m * ab.sum;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + (offs0 + offs1)
+            let products = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, nibbles(b.add(4)), y));
+            (_mm256_set1_ps(d * ab.d), products, m * ab.sum)
+        })
     }
 
     /// [`dot_q8_0`] with `vpdpbusd`, two chains.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub unsafe fn dot_q8_0_vnni(row: &[u8], a: &[Q8Block]) -> f32 {
         debug_assert!(row.len() >= a.len() * 34);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let p = row.as_ptr();
         let zero = _mm256_setzero_si256();
-        let block = |b: *const u8, ab: &Q8Block| {
+        two_chain_sum!(a.len(), |i: usize| {
+            let (ab, b) = (a.get_unchecked(i), p.add(i * 34));
             let (d, _) = f16x2(b);
             let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
             let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
             // vpdpbusd needs an unsigned operand: move the weight's sign onto the activation.
-            let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)));
-            (_mm256_set1_ps(d * ab.d), s)
-        };
-        let pairs = a.len() / 2;
-        for i in 0..pairs {
-            let (sc0, s0) = block(p.add(2 * i * 34), a.get_unchecked(2 * i));
-            let (sc1, s1) = block(p.add((2 * i + 1) * 34), a.get_unchecked(2 * i + 1));
-            acc0 = _mm256_fmadd_ps(sc0, s0, acc0);
-            acc1 = _mm256_fmadd_ps(sc1, s1, acc1);
-        }
-        if a.len() % 2 == 1 {
-            let (sc, s) = block(p.add((a.len() - 1) * 34), &a[a.len() - 1]);
-            acc0 = _mm256_fmadd_ps(sc, s, acc0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+            let products =
+                _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)));
+            (_mm256_set1_ps(d * ab.d), products, 0.0)
+        })
     }
 
     /// 32 floats -> one [`Q8Block`] per chunk, round half to even (`vcvtps2dq`).
