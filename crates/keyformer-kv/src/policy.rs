@@ -354,6 +354,15 @@ impl SequencePolicy {
         };
     }
 
+    /// The score rows of `layer` (one per KV head, slot order) when this policy's score is a
+    /// running sum of the kernel's per-slot row sums (H2O, Keyformer): the kernel may add into
+    /// them directly, which equals [`observe`](Self::observe) and copies nothing. `None` for
+    /// the other policies.
+    pub fn running_sum_scores(&mut self, layer: usize) -> Option<&mut [Vec<f32>]> {
+        matches!(self.config.kind, PolicyKind::H2o | PolicyKind::Keyformer)
+            .then(|| &mut self.scores[layer * self.n_kv_heads..(layer + 1) * self.n_kv_heads])
+    }
+
     /// Fold the kernel's per-slot row sums (`per_slot[slot]`, slot order) into the scores.
     pub fn observe(&mut self, layer: usize, head: usize, per_slot: &[f32]) {
         let kind = self.config.kind;

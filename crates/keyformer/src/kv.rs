@@ -256,14 +256,6 @@ impl PromptScores {
         let sums = signals.iter().map(|_| vec![Vec::new(); n_layers * n_kv_heads]).collect();
         Self { signals, sums }
     }
-    /// Add one step's sums of signal `k` for (layer, head).
-    pub fn add(&mut self, k: usize, index: usize, per_slot: &[f32]) {
-        let acc = &mut self.sums[k][index];
-        if acc.len() < per_slot.len() {
-            acc.resize(per_slot.len(), 0.0);
-        }
-        acc.iter_mut().zip(per_slot).for_each(|(a, b)| *a += b);
-    }
 }
 
 /// The KV cache of one sequence: `layers[layer][kv_head]` and the policy that trims it.

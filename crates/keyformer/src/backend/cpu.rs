@@ -191,10 +191,11 @@ const SLOTS_PER_TASK: usize = 256;
 /// Buffers of [`attention_one_query`], kept by the calling thread across layers and steps.
 #[derive(Default)]
 struct OneQueryScratch {
-    /// Per (softmax, query head, slot): exp(logit - the chunk's max). Softmax 0 is the plain
-    /// one; 1.. are the noisy ones of the Keyformer signals, in order.
+    /// Per (softmax, query head, slot): exp(logit - the chunk's reference: its max, or for
+    /// Gumbel noise a bound of it). Softmax 0 is the plain one; 1.. are the noisy ones of the
+    /// Keyformer signals, in order.
     exps: Vec<f32>,
-    /// Per (softmax, query head, chunk): [max, sum]; the combine step overwrites the max with
+    /// Per (softmax, query head, chunk): [reference, sum]; the combine step overwrites the reference with
     /// the chunk's normalising factor.
     stats: Vec<f32>,
     /// Per (query head, chunk): the chunk's unnormalised output row.
@@ -223,7 +224,8 @@ fn attention_one_query(
     layer: usize,
     signals: &[Signal],
     out: &mut [f32],
-) -> Vec<Option<Vec<Vec<f32>>>> {
+    sums: &mut [&mut [Vec<f32>]],
+) {
     const NEG_INF: f32 = f32::NEG_INFINITY;
     let group = n_heads / heads.len();
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -298,22 +300,28 @@ fn attention_one_query(
                         }
                     }
                 }
+                let max = vmath::row_max(x);
                 for (k, &(tau, kind, seed)) in noisy.iter().enumerate() {
                     // Keyformer's noise: one draw per (layer, query head, step, position), as
                     // each head of the paper's models gets its own. (A draw per KV head shared
                     // by its query heads costs a third but measurably worsened fidelity:
                     // mean KL at 30% 0.0710 against 0.0671 on the Brown documents.)
                     let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, pos);
-                    if kind == NoiseKind::Gumbel {
-                        vmath::gumbel_row(row.key[0], &raw_positions[..m], noise_row);
-                    } else {
-                        noise_row
-                            .iter_mut()
-                            .zip(&slots[lo..hi])
-                            .for_each(|(n, s)| *n = s.map_or(0.0, |p| row.sample(p)));
-                    }
-                    // (x + g) / tau, -inf staying -inf.
                     let y = exps_of(k + 1, h);
+                    if kind == NoiseKind::Gumbel {
+                        // One pass: noise, (x + g) / tau and exp, shifted by a bound of the
+                        // max (the largest logit plus the largest draw) instead of the max.
+                        if max == NEG_INF {
+                            y.fill(0.0);
+                        } else {
+                            let shift = (max + noise::GUMBEL_TABLE_MAX) / tau;
+                            let sum = vmath::gumbel_exp_sum(x, row.key[0], &raw_positions[..m], 1.0 / tau, shift, y);
+                            stats_of(k + 1, h).copy_from_slice(&[shift, sum]);
+                        }
+                        continue;
+                    }
+                    noise_row.iter_mut().zip(&slots[lo..hi]).for_each(|(n, s)| *n = s.map_or(0.0, |p| row.sample(p)));
+                    // (x + g) / tau, -inf staying -inf.
                     let nmax = vmath::add_scale_max(x, noise_row, 1.0 / tau, y);
                     if nmax == NEG_INF {
                         y.fill(0.0);
@@ -322,7 +330,6 @@ fn attention_one_query(
                         stats_of(k + 1, h).copy_from_slice(&[nmax, sum]);
                     }
                 }
-                let max = vmath::row_max(x);
                 if max == NEG_INF {
                     x.fill(0.0); // nothing visible in this range
                     continue;
@@ -363,37 +370,50 @@ fn attention_one_query(
             }
         }
 
-        // Each signal's per-slot sums over the group's query heads.
+        // Each signal's per-slot sums over the group's query heads, added where the caller
+        // keeps them (for H2O and Keyformer: the policy's own scores).
         let (exps, stats) = (&*exps, &*stats);
-        signals
-            .iter()
-            .zip(&source)
-            .map(|(signal, source)| {
-                if *signal == Signal::None {
-                    return None;
+        for ((signal, source), rows) in signals.iter().zip(&source).zip(sums.iter_mut()) {
+            if *signal == Signal::None {
+                continue;
+            }
+            let rows_out = grow_rows(rows, heads);
+            let Some(k) = *source else { continue };
+            pool::for_each(heads.len() * chunks, |task| {
+                let (g, c) = (task / chunks, task % chunks);
+                let len = heads[g].table.positions().len();
+                let (lo, hi) = ((c * SLOTS_PER_TASK).min(len), ((c + 1) * SLOTS_PER_TASK).min(len));
+                // SAFETY: slots lo..hi of KV head g belong to this task alone; the rows hold at
+                // least `len` slots (grown above) and outlive the loop.
+                let acc = unsafe { std::slice::from_raw_parts_mut(rows_out[g].0.add(lo), hi - lo) };
+                for h in g * group..(g + 1) * group {
+                    let f = stats[((k * n_heads + h) * chunks + c) * 2];
+                    let e = &exps[(k * n_heads + h) * width + lo..(k * n_heads + h) * width + hi];
+                    acc.iter_mut().zip(e).for_each(|(a, &e)| *a += e * f);
                 }
-                let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
-                if let Some(k) = *source {
-                    let sums_out: Vec<SharedOut> = per_kv.iter_mut().map(|v| SharedOut(v.as_mut_ptr())).collect();
-                    pool::for_each(heads.len() * chunks, |task| {
-                        let (g, c) = (task / chunks, task % chunks);
-                        let len = heads[g].table.positions().len();
-                        let (lo, hi) = ((c * SLOTS_PER_TASK).min(len), ((c + 1) * SLOTS_PER_TASK).min(len));
-                        let sums_out = &sums_out;
-                        // SAFETY: slots lo..hi of KV head g belong to this task alone.
-                        let acc = unsafe { std::slice::from_raw_parts_mut(sums_out[g].0.add(lo), hi - lo) };
-                        for h in g * group..(g + 1) * group {
-                            let f = stats[((k * n_heads + h) * chunks + c) * 2];
-                            let e = &exps[(k * n_heads + h) * width + lo..(k * n_heads + h) * width + hi];
-                            acc.iter_mut().zip(e).for_each(|(a, &e)| *a += e * f);
-                        }
-                    });
-                }
-                Some(per_kv)
-            })
-            .collect()
+            });
+        }
     })
 }
+
+/// Grow each KV head's score row to its slots (new slots start at 0) and hand out pointers
+/// for tasks that write disjoint ranges. A stack array: no allocation per layer and step.
+fn grow_rows(rows: &mut [Vec<f32>], heads: &[HeadKv]) -> [SharedOut; MAX_KV_HEADS] {
+    assert_eq!(rows.len(), heads.len(), "one score row per KV head");
+    assert!(heads.len() <= MAX_KV_HEADS, "at most {MAX_KV_HEADS} KV heads");
+    let mut out = [const { SharedOut(std::ptr::null_mut()) }; MAX_KV_HEADS];
+    for ((row, kv), o) in rows.iter_mut().zip(heads).zip(&mut out) {
+        let len = kv.table.positions().len();
+        if row.len() < len {
+            row.resize(len, 0.0);
+        }
+        *o = SharedOut(row.as_mut_ptr());
+    }
+    out
+}
+
+/// KV heads per layer that [`attention`] handles (the largest models have 8 to 16).
+pub const MAX_KV_HEADS: usize = 128;
 
 /// Attention of `n` query rows over one layer's slot cache, grouped-query: query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`; the cache is never expanded to query heads.
@@ -401,13 +421,36 @@ fn attention_one_query(
 ///
 /// The same pass produces the eviction policy's scores ([`Signal`]): for each query row at or
 /// after `from_position`, that row's probabilities (plain, or Keyformer's noisy softmax at
-/// temperature tau) are added per slot into the row sums of its KV head, returned as
-/// `sums[signal][kv_head][slot]`. Only a row of logits per query is ever held, never an n x n matrix.
+/// temperature tau) are ADDED per slot into `sums[signal][kv_head][slot]` (rows shorter than
+/// the KV head's slots are grown with zeros), so a policy whose score is a running sum passes
+/// its own rows and nothing is allocated or copied per step. Only a row of logits per query
+/// is ever held, never an n x n matrix.
 ///
 /// Several signals are served by the one pass (a shared prefill records every policy's prompt
-/// scores at once): `result[i]` belongs to `signals[i]`, `None` for [`Signal::None`].
+/// scores at once): `sums[i]` belongs to `signals[i]` and is left alone for [`Signal::None`].
 ///
 /// `q`: n x (n_heads * head_dim); `out`: same shape.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_into(
+    q: &[f32],
+    positions: &[u32],
+    heads: &[HeadKv],
+    n_heads: usize,
+    head_dim: usize,
+    layer: usize,
+    signals: &[Signal],
+    out: &mut [f32],
+    sums: &mut [&mut [Vec<f32>]],
+) {
+    assert_eq!(sums.len(), signals.len(), "one score destination per signal");
+    if let [pos] = positions {
+        return attention_one_query(q, *pos, heads, n_heads, head_dim, layer, signals, out, sums);
+    }
+    attention_rows(q, positions, heads, n_heads, head_dim, layer, signals, out, sums)
+}
+
+/// [`attention_into`] with fresh score rows: `result[i]` holds `signals[i]`'s sums per KV head
+/// and slot, `None` for [`Signal::None`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -419,10 +462,10 @@ pub fn attention(
     signals: &[Signal],
     out: &mut [f32],
 ) -> Vec<Option<Vec<Vec<f32>>>> {
-    if let [pos] = positions {
-        return attention_one_query(q, *pos, heads, n_heads, head_dim, layer, signals, out);
-    }
-    attention_rows(q, positions, heads, n_heads, head_dim, layer, signals, out)
+    let mut rows: Vec<Vec<Vec<f32>>> = signals.iter().map(|_| vec![Vec::new(); heads.len()]).collect();
+    let mut dest: Vec<&mut [Vec<f32>]> = rows.iter_mut().map(|r| r.as_mut_slice()).collect();
+    attention_into(q, positions, heads, n_heads, head_dim, layer, signals, out, &mut dest);
+    signals.iter().zip(rows).map(|(s, r)| (*s != Signal::None).then_some(r)).collect()
 }
 
 /// The general case of [`attention`]: tasks of [`QUERIES_PER_TASK`] query rows of one head.
@@ -436,7 +479,8 @@ fn attention_rows(
     layer: usize,
     signals: &[Signal],
     out: &mut [f32],
-) -> Vec<Option<Vec<Vec<f32>>>> {
+    sums: &mut [&mut [Vec<f32>]],
+) {
     let n = positions.len();
     let group = n_heads / heads.len();
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -537,21 +581,17 @@ fn attention_rows(
     .into_iter()
     .flatten()
     .collect();
-    from_positions
-        .iter()
-        .enumerate()
-        .map(|(k, from)| {
-            from.map(|_| {
-                let mut per_kv: Vec<Vec<f32>> = heads.iter().map(|kv| vec![0.0; kv.table.positions().len()]).collect();
-                for (h, sums) in &partial {
-                    if let Some(s) = &sums[k] {
-                        per_kv[h / group].iter_mut().zip(s).for_each(|(a, b)| *a += b);
-                    }
-                }
-                per_kv
-            })
-        })
-        .collect()
+    for (k, (from, rows)) in from_positions.iter().zip(sums.iter_mut()).enumerate() {
+        if from.is_none() {
+            continue;
+        }
+        grow_rows(rows, heads);
+        for (h, task_sums) in &partial {
+            if let Some(s) = &task_sums[k] {
+                rows[h / group].iter_mut().zip(s).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
 }
 
 /// f32 dot product: AVX2/FMA where the CPU has it, else [`dot_scalar`].
@@ -964,7 +1004,11 @@ mod tests {
             for signals in sets {
                 let (mut fast, mut general) = (vec![0f32; q.len()], vec![0f32; q.len()]);
                 let a = attention(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut fast);
-                let b = attention_rows(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut general);
+                let mut rows: Vec<Vec<Vec<f32>>> = signals.iter().map(|_| vec![Vec::new(); n_kv]).collect();
+                let mut dest: Vec<&mut [Vec<f32>]> = rows.iter_mut().map(|r| r.as_mut_slice()).collect();
+                attention_rows(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut general, &mut dest);
+                let b: Vec<Option<Vec<Vec<f32>>>> =
+                    signals.iter().zip(rows).map(|(s, r)| (*s != Signal::None).then_some(r)).collect();
                 for (x, y) in fast.iter().zip(&general) {
                     assert!((x - y).abs() <= 1e-5, "{kv_type:?} {signals:?}: output {x} vs {y}");
                 }
@@ -983,6 +1027,38 @@ mod tests {
                         }
                         _ => panic!("{signal:?}: one path scored, the other did not"),
                     }
+                }
+            }
+        }
+    }
+
+    /// `attention_into` adds to the rows it is given (a policy's running scores), growing
+    /// short rows with zeros, on both paths.
+    #[test]
+    fn scores_are_added_into_the_given_rows() {
+        let mut rng = Lcg(4);
+        let (n_kv, group, hd, n) = (2usize, 2usize, 16usize, 300usize);
+        let mut heads: Vec<HeadKv> = (0..n_kv).map(|_| HeadKv::new(n, hd, crate::kv::KvType::F32)).collect();
+        for head in heads.iter_mut() {
+            for p in 0..n as u32 {
+                let k: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
+                head.insert(p, &k, &k).unwrap();
+            }
+        }
+        let signals = [Signal::Noisy { from_position: 0, tau: 1.2, noise: NoiseKind::Gumbel, seed: 1 }];
+        for positions in [vec![n as u32 - 1], vec![n as u32 - 2, n as u32 - 1]] {
+            let q: Vec<f32> = (0..positions.len() * n_kv * group * hd).map(|_| rng.f32()).collect();
+            let mut out = vec![0f32; q.len()];
+            let fresh = attention(&q, &positions, &heads, n_kv * group, hd, 0, &signals, &mut out)[0].clone().unwrap();
+            // Rows already holding scores, one of them shorter than the slots.
+            let mut rows: Vec<Vec<f32>> = vec![(0..n).map(|i| i as f32).collect(), vec![5.0; 10]];
+            let before = rows.clone();
+            attention_into(&q, &positions, &heads, n_kv * group, hd, 0, &signals, &mut out, &mut [&mut rows]);
+            for g in 0..n_kv {
+                assert_eq!(rows[g].len(), n);
+                for i in 0..n {
+                    let want = before[g].get(i).copied().unwrap_or(0.0) + fresh[g][i];
+                    assert!((rows[g][i] - want).abs() <= 1e-5 * want.abs().max(1.0), "kv {g} slot {i}");
                 }
             }
         }

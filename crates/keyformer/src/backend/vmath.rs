@@ -4,9 +4,10 @@
 //!
 //! `exp` follows Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-5 polynomial for
 //! e^r, then scaling by 2^n through the exponent bits); the noise is
-//! [`keyformer_kv::noise`]'s definition, whose logarithm is written for exactly this.
+//! [`keyformer_kv::noise`]'s definition (an integer hash whose top bits index a table of
+//! Gumbel quantiles: a gather, no logarithm).
 
-use keyformer_kv::noise::{self, LN2_HI, LN2_LO, LN_POLY};
+use keyformer_kv::noise::{self, LN2_HI, LN2_LO};
 
 /// Below this, `exp` is 0 (e^-87.3 is the smallest normal f32); above [`EXP_MAX`] it saturates (at e^88, not infinity).
 const EXP_MIN: f32 = -87.336_55;
@@ -111,8 +112,32 @@ pub fn gumbel_row(key: u32, positions: &[u32], out: &mut [f32]) {
 
 pub fn gumbel_row_scalar(key: u32, positions: &[u32], out: &mut [f32]) {
     for (o, &p) in out.iter_mut().zip(positions) {
-        *o = noise::gumbel(noise::unit_open(noise::position_hash(key, p)));
+        *o = noise::gumbel_of_hash(noise::position_hash(key, p));
     }
+}
+
+/// Keyformer's noisy softmax numerators in one pass: `out[i] = e^((x[i] + g[i]) * inv_tau -
+/// shift)`, `g[i]` the Gumbel draw of `positions[i]` under the row key `key`; returns their
+/// sum. With `shift = (max x + GUMBEL_TABLE_MAX) * inv_tau` no exponent exceeds 0 and the
+/// largest numerator is at least e^-14.3 / tau, so no max pass is needed.
+pub fn gumbel_exp_sum(x: &[f32], key: u32, positions: &[u32], inv_tau: f32, shift: f32, out: &mut [f32]) -> f32 {
+    assert!(x.len() == positions.len() && x.len() == out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::dot::simd_available() {
+        // SAFETY: AVX2 is present (checked at run time); lengths checked above.
+        return unsafe { x86::gumbel_exp_sum(x, key, positions, inv_tau, shift, out) };
+    }
+    gumbel_exp_sum_scalar(x, key, positions, inv_tau, shift, out)
+}
+
+/// The scalar twin of [`gumbel_exp_sum`]: the same values bit for bit; the sum in another order.
+pub fn gumbel_exp_sum_scalar(x: &[f32], key: u32, positions: &[u32], inv_tau: f32, shift: f32, out: &mut [f32]) -> f32 {
+    let mut sum = 0.0;
+    for ((o, &xv), &p) in out.iter_mut().zip(x).zip(positions) {
+        *o = exp_scalar((xv + noise::gumbel_of_hash(noise::position_hash(key, p))) * inv_tau - shift);
+        sum += *o;
+    }
+    sum
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -195,56 +220,61 @@ mod x86 {
         chunks.into_remainder().iter_mut().for_each(|v| *v = exp_scalar(*v));
     }
 
-    /// [`noise::ln_approx`] on eight positive normal lanes.
-    #[target_feature(enable = "avx2")]
-    unsafe fn ln8(x: __m256) -> __m256 {
-        let bits = _mm256_castps_si256(x);
-        let e = _mm256_sub_epi32(
-            _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)),
-            _mm256_set1_epi32(126),
-        );
-        let m = _mm256_castsi256_ps(_mm256_or_si256(
-            _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
-            _mm256_set1_epi32(0x3f00_0000),
-        ));
-        let small = _mm256_cmp_ps(m, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2), _CMP_LT_OQ);
-        // e -= 1 where small (the mask is all ones, i.e. -1, there).
-        let e = _mm256_cvtepi32_ps(_mm256_add_epi32(e, _mm256_castps_si256(small)));
-        let m = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), small), _mm256_set1_ps(1.0));
-        let z = _mm256_mul_ps(m, m);
-        let mut y = _mm256_set1_ps(LN_POLY[0]);
-        for c in &LN_POLY[1..] {
-            y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(*c));
-        }
-        let y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-        let y = _mm256_add_ps(y, _mm256_mul_ps(e, _mm256_set1_ps(LN2_LO)));
-        let y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_set1_ps(-0.5), z));
-        let r = _mm256_add_ps(m, y);
-        _mm256_add_ps(r, _mm256_mul_ps(e, _mm256_set1_ps(LN2_HI)))
-    }
-
     #[target_feature(enable = "avx2")]
     pub unsafe fn gumbel_row(key: u32, positions: &[u32], out: &mut [f32]) {
         let n = positions.len() / 8 * 8;
-        let k = _mm256_set1_epi32(key as i32);
+        let (k, table) = (_mm256_set1_epi32(key as i32), noise::gumbel_table().as_ptr());
         for i in (0..n).step_by(8) {
             let p = _mm256_loadu_si256(positions.as_ptr().add(i) as *const __m256i);
-            let mut h = _mm256_xor_si256(_mm256_mullo_epi32(p, _mm256_set1_epi32(0x9E37_79B9u32 as i32)), k);
-            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x85EB_CA6Bu32 as i32));
-            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-            h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0xC2B2_AE35u32 as i32));
-            h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-            // unit_open: ((h >> 9) + 0.5) / 2^23; h >> 9 < 2^23 converts exactly.
-            let u = _mm256_mul_ps(
-                _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 9)), _mm256_set1_ps(0.5)),
-                _mm256_set1_ps(1.0 / 8_388_608.0),
-            );
-            let minus_ln_u = _mm256_sub_ps(_mm256_setzero_ps(), ln8(u));
-            let g = _mm256_sub_ps(_mm256_setzero_ps(), ln8(minus_ln_u));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), g);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), gumbel8(table, p, k));
         }
         gumbel_row_scalar(key, &positions[n..], &mut out[n..]);
+    }
+
+    /// Eight Gumbel draws: [`noise::position_hash`] of the positions under the row key, whose
+    /// top bits index the quantile table.
+    #[target_feature(enable = "avx2")]
+    unsafe fn gumbel8(table: *const f32, p: __m256i, k: __m256i) -> __m256 {
+        let mut h = _mm256_xor_si256(_mm256_mullo_epi32(p, _mm256_set1_epi32(0x9E37_79B9u32 as i32)), k);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+        h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x85EB_CA6Bu32 as i32));
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+        h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0xC2B2_AE35u32 as i32));
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+        const SHIFT: i32 = 32 - noise::GUMBEL_TABLE_BITS as i32;
+        _mm256_i32gather_ps::<4>(table, _mm256_srli_epi32::<SHIFT>(h))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gumbel_exp_sum(
+        x: &[f32],
+        key: u32,
+        positions: &[u32],
+        inv_tau: f32,
+        shift: f32,
+        out: &mut [f32],
+    ) -> f32 {
+        let n = positions.len() / 8 * 8;
+        let (k, table) = (_mm256_set1_epi32(key as i32), noise::gumbel_table().as_ptr());
+        let (vt, vs, mut acc) = (_mm256_set1_ps(inv_tau), _mm256_set1_ps(shift), _mm256_setzero_ps());
+        // The draws of a block first, then their exponentials: kept apart, the gathers of a
+        // block overlap each other instead of waiting behind the exponentials.
+        const BLOCK: usize = 64;
+        let mut g = [0f32; BLOCK];
+        for start in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - start);
+            for i in (0..len).step_by(8) {
+                let p = _mm256_loadu_si256(positions.as_ptr().add(start + i) as *const __m256i);
+                _mm256_storeu_ps(g.as_mut_ptr().add(i), gumbel8(table, p, k));
+            }
+            for i in (0..len).step_by(8) {
+                let xg = _mm256_add_ps(_mm256_loadu_ps(x.as_ptr().add(start + i)), _mm256_loadu_ps(g.as_ptr().add(i)));
+                let e = exp8(_mm256_sub_ps(_mm256_mul_ps(xg, vt), vs));
+                _mm256_storeu_ps(out.as_mut_ptr().add(start + i), e);
+                acc = _mm256_add_ps(acc, e);
+            }
+        }
+        hsum(acc) + gumbel_exp_sum_scalar(&x[n..], key, &positions[n..], inv_tau, shift, &mut out[n..])
     }
 }
 
@@ -321,6 +351,32 @@ mod tests {
                 b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "gumbel n={n}"
             );
+        }
+        // The fused noisy numerators: the same bits as the scalar twin, and the value of the
+        // unfused definition e^((x + g) * inv_tau - shift).
+        for n in [0usize, 1, 7, 8, 9, 31, 100, 1027] {
+            let mut x: Vec<f32> = (0..n).map(|_| (rng.f32() - 0.5) * 30.0).collect();
+            if n > 3 {
+                x[2] = f32::NEG_INFINITY;
+            }
+            let positions: Vec<u32> = (0..n as u32).map(|i| i * 3 + 1).collect();
+            let (inv_tau, shift) = (1.0 / 1.37, (15.0 + noise::GUMBEL_TABLE_MAX) / 1.37);
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            let sa = gumbel_exp_sum(&x, 99, &positions, inv_tau, shift, &mut a);
+            let sb = gumbel_exp_sum_scalar(&x, 99, &positions, inv_tau, shift, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "gumbel_exp_sum n={n}"
+            );
+            assert!((sa - sb).abs() <= 1e-5 * sb.max(1e-30), "sum n={n}: {sa} vs {sb}");
+            let mut g = vec![0f32; n];
+            gumbel_row_scalar(99, &positions, &mut g);
+            for i in 0..n {
+                let want = (((x[i] + g[i]) * inv_tau - shift) as f64).exp();
+                assert!((a[i] as f64 - want).abs() <= 4e-7 * want, "value {i}: {} vs {want}", a[i]);
+                assert!(a[i] <= 1.0);
+            }
         }
         // The row helper is the noise module's definition.
         let row = noise::NoiseRow::new(keyformer_kv::NoiseKind::Gumbel, 5, 1, 2, 3);

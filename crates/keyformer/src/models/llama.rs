@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::backend::cpu::{self, WeightView};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
-use keyformer_kv::{PolicyConfig, PolicyKind, SequencePolicy};
+use keyformer_kv::{PolicyConfig, PolicyKind, SequencePolicy, Signal};
 
 use crate::kv::{KvCache, KvType};
 use crate::quant::dequantize_row;
@@ -239,19 +239,28 @@ impl Llama {
                     cache.policy.on_insert(li, h, slot, &stored_key);
                 }
             }
-            let mut signals = vec![signal];
-            if let Some(r) = &cache.recorder {
-                signals.extend_from_slice(&r.signals);
-            }
-            let mut all = cpu::attention(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn);
-            if let Some(r) = &mut cache.recorder {
-                for (k, sums) in all.drain(1..).enumerate() {
-                    for (h, s) in sums.iter().flatten().enumerate() {
-                        r.add(k, li * c.n_kv_heads + h, s);
-                    }
+            // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's
+            // recorded sums are running sums, added to in place; TOVA and SnapKV get fresh rows.
+            let kv_heads = li * c.n_kv_heads..(li + 1) * c.n_kv_heads;
+            let mut fresh: Vec<Vec<f32>> = Vec::new();
+            let own: &mut [Vec<f32>] = match cache.policy.running_sum_scores(li) {
+                Some(rows) => rows,
+                None if signal == Signal::None => &mut [],
+                None => {
+                    fresh.resize(c.n_kv_heads, Vec::new());
+                    &mut fresh
                 }
+            };
+            let mut signals = vec![signal];
+            let mut sums = vec![own];
+            if let Some(r) = &mut cache.recorder {
+                signals.extend_from_slice(&r.signals);
+                sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
             }
-            if let Some(mut sums) = all.pop().flatten() {
+            cpu::attention_into(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn, &mut sums);
+            drop(sums);
+            if !fresh.is_empty() {
+                let mut sums = fresh;
                 if cache.policy.kind() == PolicyKind::Tova {
                     // TOVA scores by the attention averaged over all the layer's heads: every KV
                     // head gets the layer's sum (their slot tables evolve identically).
