@@ -421,26 +421,26 @@ impl SequencePolicy {
         let keep_recent = self.recent.min(table.len());
         let first_recent = (last as u64 + 1).checked_sub(keep_recent as u64)?;
         let sinks = if self.config.kind == PolicyKind::Sink { self.config.sinks as u64 } else { 0 };
-        let mut in_recent = 0;
-        let mut best: Option<(f32, u32, usize)> = None;
-        for (slot, pos) in table.positions().iter().enumerate() {
-            let Some(pos) = *pos else { continue };
-            if pos as u64 >= first_recent {
-                in_recent += 1;
-                continue;
+        // One loop per kind of key, each compiled with its key inlined.
+        let (in_recent, best) = match self.config.kind {
+            PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => {
+                lowest_candidate(table, first_recent, sinks, |_, _| 0.0)
             }
-            if (pos as u64) < sinks {
-                continue;
+            PolicyKind::Random => {
+                lowest_candidate(table, first_recent, sinks, |slot, pos| self.eviction_key(layer, head, slot, pos))
             }
-            let key = self.eviction_key(layer, head, slot, pos);
-            // Lowest score first; ties evict the oldest.
-            if best.is_none_or(|(k, p, _)| key.total_cmp(&k).then(pos.cmp(&p)).is_lt()) {
-                best = Some((key, pos, slot));
+            _ => {
+                let scores = self.scores(layer, head);
+                lowest_candidate(table, first_recent, sinks, |slot, _| scores.get(slot).copied().unwrap_or(0.0))
             }
+        };
+        if in_recent != keep_recent {
+            return None;
         }
-        (in_recent == keep_recent).then_some(best.map(|(_, _, slot)| slot))
+        // The candidate's position identifies its slot (positions are distinct).
+        let victim = (best != u64::MAX).then_some(best as u32);
+        Some(victim.and_then(|pos| table.positions().iter().position(|p| *p == Some(pos))))
     }
-
     /// The general case of [`victims`](Self::victims): linear-time selections.
     fn victims_by_selection(&self, layer: usize, head: usize, table: &SlotTable, target: usize) -> Vec<usize> {
         let excess = table.len().saturating_sub(target);
@@ -515,9 +515,52 @@ impl SequencePolicy {
     }
 }
 
+/// One pass over `table`'s slots: how many held tokens are at or after `first_recent`, and the
+/// lowest (eviction key, position) among the others at or after `sinks`, packed as
+/// `order(key) << 32 | position` (u64::MAX: none). Packing makes the comparison one integer
+/// minimum, which keeps the loop free of branches at every decode step of a long context.
+fn lowest_candidate(
+    table: &SlotTable,
+    first_recent: u64,
+    sinks: u64,
+    key_of: impl Fn(usize, u32) -> f32,
+) -> (usize, u64) {
+    let mut in_recent = 0;
+    let mut best = u64::MAX;
+    for (slot, pos) in table.positions().iter().enumerate() {
+        let Some(pos) = *pos else { continue };
+        let recent = pos as u64 >= first_recent;
+        in_recent += recent as usize;
+        if !recent && pos as u64 >= sinks {
+            best = best.min(((total_order_bits(key_of(slot, pos)) as u64) << 32) | pos as u64);
+        }
+    }
+    (in_recent, best)
+}
+
+/// The bits of `x` as an unsigned integer whose order is `f32::total_cmp`'s.
+fn total_order_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_keys_order_as_total_cmp() {
+        let xs = [f32::NEG_INFINITY, -3.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 7.0, f32::INFINITY];
+        for a in xs {
+            for b in xs {
+                assert_eq!(total_order_bits(a).cmp(&total_order_bits(b)), a.total_cmp(&b), "{a} vs {b}");
+            }
+        }
+    }
     use proptest::prelude::*;
 
     fn policy(kind: PolicyKind, budget: usize, recent: Option<usize>, prompt_len: usize) -> SequencePolicy {

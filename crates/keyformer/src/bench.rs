@@ -137,10 +137,11 @@ pub fn generation(
         } else {
             prompt_cache.as_ref().expect("kept until the last repetition").clone()
         };
-        let mut next = first;
+        let (mut next, mut logits) = (first, Vec::new());
         let t = Instant::now();
         for _ in 0..n {
-            next = argmax(&engine.decode_step(next, &mut cache)?);
+            engine.decode_step_into(next, &mut cache, &mut logits)?;
+            next = argmax(&logits);
         }
         if rep > 0 {
             samples.push(t.elapsed().as_secs_f64());

@@ -283,10 +283,17 @@ impl Engine {
 
     /// One decode step: `token` joins the cache (which then evicts down to its budget).
     pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
-        let logits = self.model.forward(&[token], cache, Logits::Last)?;
+        let mut logits = Vec::new();
+        self.decode_step_into(token, cache, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`decode_step`](Self::decode_step) into a logits vector the caller reuses.
+    pub fn decode_step_into(&self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.model.forward_into(&[token], cache, Logits::Last, logits)?;
         cache.policy.next_step();
         cache.end_step();
-        Ok(logits)
+        Ok(())
     }
 
     /// Generate after `prompt`, calling `on_text` with each new piece of text as soon as it is
@@ -352,7 +359,7 @@ impl Engine {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            logits = self.decode_step(next, &mut cache)?;
+            self.decode_step_into(next, &mut cache, &mut logits)?;
         }
         let decode_seconds = t1.elapsed().as_secs_f64();
         let text = stream.finish(&self.tokenizer.decode(&generated)?, on_text);

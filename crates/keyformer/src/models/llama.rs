@@ -190,20 +190,62 @@ impl Llama {
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
     /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+        let mut logits = Vec::new();
+        self.forward_into(tokens, cache, which, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`forward`](Self::forward) writing the logits into `logits` (resized): with the same
+    /// vector every step and the activations in buffers kept by the calling thread, a decode
+    /// step allocates nothing of the model's size.
+    pub fn forward_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        FORWARD_BUFFERS.with(|buffers| self.forward_with(tokens, cache, which, logits, &mut buffers.borrow_mut()))
+    }
+
+    fn forward_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        logits: &mut Vec<f32>,
+        buffers: &mut ForwardBuffers,
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         let n = tokens.len();
+        logits.clear();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let start = cache.next_position();
         if cache.len() + n > cache.capacity() {
             return Err(ModelError::ContextFull { needed: cache.len() + n, capacity: cache.capacity() });
         }
-        let positions: Vec<u32> = (start..start + n as u32).collect();
         let (d, hd) = (c.n_embd, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
-
-        let mut x = vec![0f32; n * d];
+        let ForwardBuffers { positions, x, normed, q, k, v, attn, proj, gate, up, stored_key } = buffers;
+        positions.clear();
+        positions.extend(start..start + n as u32);
+        // Every element of each buffer is written before it is read: no zeroing needed.
+        for (buf, len) in [
+            (&mut *x, n * d),
+            (&mut *normed, n * d),
+            (&mut *q, n * q_dim),
+            (&mut *k, n * kv_dim),
+            (&mut *v, n * kv_dim),
+            (&mut *attn, n * q_dim),
+            (&mut *proj, n * d),
+            (&mut *gate, n * c.n_ff),
+            (&mut *up, n * c.n_ff),
+            (&mut *stored_key, hd),
+        ] {
+            buf.resize(len, 0.0);
+        }
         let embd = self.view(&self.token_embd);
         for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
             if t as usize >= c.vocab_size {
@@ -212,31 +254,21 @@ impl Llama {
             dequantize_row(embd.ggml_type, embd.row(t as usize), row);
         }
 
-        let mut normed = vec![0f32; n * d];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut attn = vec![0f32; n * q_dim];
-        let mut proj = vec![0f32; n * d];
-        let mut gate = vec![0f32; n * c.n_ff];
-        let mut up = vec![0f32; n * c.n_ff];
-        let mut stored_key = vec![0f32; hd];
-
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            cpu::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
+            cpu::rms_norm(x, &layer.attn_norm, c.rms_eps, normed);
             let qkv = [self.view(&layer.wq), self.view(&layer.wk), self.view(&layer.wv)];
-            cpu::matmul_many(&qkv, &normed, n, &mut [&mut q, &mut k, &mut v]);
-            cpu::rope_adjacent_pairs(&mut q, c.n_heads, hd, &positions, &self.inv_freq);
-            cpu::rope_adjacent_pairs(&mut k, c.n_kv_heads, hd, &positions, &self.inv_freq);
+            cpu::matmul_many(&qkv, normed, n, &mut [q, k, v]);
+            cpu::rope_adjacent_pairs(q, c.n_heads, hd, positions, &self.inv_freq);
+            cpu::rope_adjacent_pairs(k, c.n_kv_heads, hd, positions, &self.inv_freq);
             let signal = cache.policy.signal();
             for (i, &pos) in positions.iter().enumerate() {
                 for h in 0..c.n_kv_heads {
                     let at = i * kv_dim + h * hd;
                     let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
                     // Policies see the key as stored (key-norm scores it), as attention does.
-                    cache.layers[li][h].read_key(slot, &mut stored_key);
-                    cache.policy.on_insert(li, h, slot, &stored_key);
+                    cache.layers[li][h].read_key(slot, stored_key);
+                    cache.policy.on_insert(li, h, slot, stored_key);
                 }
             }
             // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's
@@ -257,7 +289,7 @@ impl Llama {
                 signals.extend_from_slice(&r.signals);
                 sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
             }
-            cpu::attention_into(&q, &positions, &cache.layers[li], c.n_heads, hd, li, &signals, &mut attn, &mut sums);
+            cpu::attention_into(q, positions, &cache.layers[li], c.n_heads, hd, li, &signals, attn, &mut sums);
             drop(sums);
             if !fresh.is_empty() {
                 let mut sums = fresh;
@@ -277,27 +309,47 @@ impl Llama {
             if cache.policy.prompt_done() {
                 cache.evict_to_budget(li)?;
             }
-            cpu::matmul(&self.view(&layer.wo), &attn, n, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            cpu::matmul(&self.view(&layer.wo), attn, n, proj);
+            x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
 
             // Feed-forward block (SwiGLU).
-            cpu::rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
+            cpu::rms_norm(x, &layer.ffn_norm, c.rms_eps, normed);
             let gate_up = [self.view(&layer.w_gate), self.view(&layer.w_up)];
-            cpu::matmul_many(&gate_up, &normed, n, &mut [&mut gate, &mut up]);
-            cpu::silu_mul(&mut gate, &up);
-            cpu::matmul(&self.view(&layer.w_down), &gate, n, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            cpu::matmul_many(&gate_up, normed, n, &mut [gate, up]);
+            cpu::silu_mul(gate, up);
+            cpu::matmul(&self.view(&layer.w_down), gate, n, proj);
+            x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
         }
 
         let rows: &[f32] = match which {
             Logits::Last => &x[(n - 1) * d..],
-            Logits::All => &x,
+            Logits::All => x,
         };
         let m = rows.len() / d;
-        let mut final_norm = vec![0f32; m * d];
-        cpu::rms_norm(rows, &self.output_norm, c.rms_eps, &mut final_norm);
-        let mut logits = vec![0f32; m * c.vocab_size];
-        cpu::matmul(&self.view(&self.output), &final_norm, m, &mut logits);
-        Ok(logits)
+        let final_norm = &mut normed[..m * d];
+        cpu::rms_norm(rows, &self.output_norm, c.rms_eps, final_norm);
+        logits.resize(m * c.vocab_size, 0.0);
+        cpu::matmul(&self.view(&self.output), final_norm, m, logits);
+        Ok(())
     }
+}
+
+/// The activations of one forward pass, kept per thread so that decode steps reuse them.
+#[derive(Default)]
+struct ForwardBuffers {
+    positions: Vec<u32>,
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    stored_key: Vec<f32>,
+}
+
+thread_local! {
+    static FORWARD_BUFFERS: std::cell::RefCell<ForwardBuffers> = std::cell::RefCell::new(ForwardBuffers::default());
 }
