@@ -142,6 +142,11 @@ struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// Generation tests: prefill every policy's prompt first, then run their repetitions in
+    /// turns (full, window, ..., full, window, ...), so that a shared machine's changing load
+    /// falls on all policies alike. Peak RSS is then the whole run's, not each policy's.
+    #[arg(long)]
+    interleave: bool,
     /// Also measure the read bandwidth (a parallel streaming sum over this many MiB; 0 = skip)
     /// and give each generation row its fraction of it (bytes read per token x tokens/s).
     #[arg(long, default_value_t = 1024)]
@@ -576,6 +581,24 @@ fn bench(a: BenchArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let mut results = Vec::new();
     for &(prompt, t, d) in &tests {
+        if a.interleave && !prompt {
+            // Depth 0 with a percentage budget is skipped below; interleaving needs a depth.
+            if d == 0 {
+                bail!("--interleave needs a context depth (-d) for generation");
+            }
+            bar.set_message(format!("tg{t} @ d{d}, {} policies interleaved", policies.len()));
+            let kvs: Vec<PolicyConfig> = policies.iter().map(|(_, kv)| kv.clone()).collect();
+            let rows = keyformer::bench::generation_interleaved(&engine, t, d, &kvs, a.repetitions)
+                .with_context(|| format!("generation at depth {d}"))?;
+            for (mut r, (label, kv)) in rows.into_iter().zip(&policies) {
+                if kv.kind != PolicyKind::Full {
+                    r.kv = format!("{label}@{}", a.kv_budget.expect("checked above"));
+                }
+                results.push(r);
+                bar.inc(1);
+            }
+            continue;
+        }
         for (label, kv) in &policies {
             if !prompt && d == 0 && matches!(kv.budget, Some(Amount::Percent(_))) && kv.kind != PolicyKind::Full {
                 bar.println(format!("note: tg{t} at depth 0 skipped for {label}: a percentage budget is of the depth"));

@@ -159,6 +159,59 @@ pub fn generation(
     Ok(r)
 }
 
+/// [`generation`] for several policies at once, their repetitions interleaved (round r runs
+/// every policy's r-th repetition in turn), so that a shared machine's changing load falls on
+/// all of them alike and their ratios hold. Every prompt is prefilled first (untimed) and kept;
+/// each repetition decodes from a copy. Peak RSS is the whole run's (all the prompts' caches
+/// are held at once): [`generation`] gives a policy's own.
+pub fn generation_interleaved(
+    engine: &Engine,
+    n: usize,
+    depth: usize,
+    kvs: &[PolicyConfig],
+    reps: usize,
+) -> Result<Vec<BenchResult>, ModelError> {
+    let vocab = engine.model.config.vocab_size;
+    let mut prompts = Vec::with_capacity(kvs.len());
+    for kv in kvs {
+        let mut cache = engine.new_cache(kv, depth, n)?;
+        let first = if depth > 0 { argmax(&engine.prefill(&synthetic_tokens(depth, vocab), &mut cache)?) } else { 1 };
+        prompts.push((cache, first));
+    }
+    reset_peak_rss();
+    let mut samples = vec![Vec::with_capacity(reps); kvs.len()];
+    let mut last: Vec<Option<KvCache>> = vec![None; kvs.len()];
+    let mut logits = Vec::new();
+    for rep in 0..=reps {
+        for (i, (prompt, first)) in prompts.iter().enumerate() {
+            drop(last[i].take());
+            let mut cache = prompt.clone();
+            let mut next = *first;
+            let t = Instant::now();
+            for _ in 0..n {
+                engine.decode_step_into(next, &mut cache, &mut logits)?;
+                next = argmax(&logits);
+            }
+            if rep > 0 {
+                samples[i].push(t.elapsed().as_secs_f64());
+            }
+            last[i] = Some(cache);
+        }
+    }
+    let peak = peak_rss_bytes();
+    let mut results = Vec::with_capacity(kvs.len());
+    for ((kv, (prompt, _)), (samples, last)) in kvs.iter().zip(&prompts).zip(samples.into_iter().zip(last)) {
+        let last = last.expect("at least one repetition ran");
+        let mut r = BenchResult::new("tg", n, depth, kv, samples, &last);
+        let bytes = weight_bytes(engine) + (prompt.bytes_held() + last.bytes_held()) / 2;
+        r.bytes_per_token = Some(bytes);
+        r.read_gb_s = Some(bytes as f64 * r.median_tok_s / 1e9);
+        r.peak_rss_bytes = peak;
+        results.push(r);
+    }
+    Ok(results)
+}
+
 /// Bytes of all weight tensors (each is read once per decode step; the tied output matrix is
 /// the embedding table, read once as well).
 pub fn weight_bytes(engine: &Engine) -> usize {
