@@ -296,6 +296,23 @@ impl Engine {
         Ok(())
     }
 
+    /// One decode step of several sequences together (continuous batching): `tokens[i]` joins
+    /// `caches[i]`; `logits` gets one vocabulary-sized row per sequence, each equal to what
+    /// [`decode_step`](Self::decode_step) gives that sequence alone.
+    pub fn decode_batch_into(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.model.forward_batch(tokens, caches, logits)?;
+        for cache in caches.iter_mut() {
+            cache.policy.next_step();
+            cache.end_step();
+        }
+        Ok(())
+    }
+
     /// Generate after `prompt`, calling `on_text` with each new piece of text as soon as it is
     /// final (text that could still become a stop string, or half a UTF-8 character, waits).
     pub fn generate(

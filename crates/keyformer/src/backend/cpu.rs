@@ -64,11 +64,31 @@ pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]
         }
         return;
     }
+    matmul_many_per_token(ws, x, n, ys)
+}
+
+/// [`matmul_many`] through the single-token dot kernels for each of the `n` tokens, whatever
+/// `n` is: each token's outputs are bit for bit what a call with that token alone gives, while
+/// every weight row is read from memory once for all of them (a batch of decode steps of
+/// different sequences).
+pub fn matmul_many_per_token(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), ys.len(), "one output per weight");
+    assert!(ws.len() <= MAX_FUSED, "at most {MAX_FUSED} weights per call");
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(x.len(), n * w.cols, "matmul input shape");
+        assert_eq!(y.len(), n * w.rows, "matmul output shape");
+    }
+    if n == 0 {
+        return;
+    }
+    let cols = x.len() / n;
     SCRATCH_Q8.with(|q8| {
         let mut q8 = q8.borrow_mut();
         if ws.iter().any(|w| w.ggml_type.uses_q8_activations()) {
+            // Each token's row quantised on its own, as a single-token call does.
             quantize_q8(x, &mut q8);
         }
+        let blocks_per_token = q8.len() / n;
         // Tasks: ROWS_PER_TASK rows of one weight, numbered across the weights in turn.
         let mut outs = [SharedOut(std::ptr::null_mut()); MAX_FUSED];
         let mut first_task = [usize::MAX; MAX_FUSED + 1];
@@ -81,18 +101,20 @@ pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]
         pool::for_each(first_task[ws.len()], |task| {
             let wi = first_task.partition_point(|&f| f <= task) - 1;
             let w = &ws[wi];
-            let act = if w.ggml_type.uses_q8_activations() {
-                PreparedActivations::Q8(q8)
-            } else {
-                PreparedActivations::F32(x)
-            };
             let r0 = (task - first_task[wi]) * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(w.rows - r0);
-            // SAFETY: rows r0..r0+rows of output wi are written by this task only; the outputs
-            // outlive the loop.
-            let ys = unsafe { std::slice::from_raw_parts_mut(outs[wi].0.add(r0), rows) };
-            for (k, out) in ys.iter_mut().enumerate() {
-                *out = dot_row(w.ggml_type, w.row(r0 + k), &act);
+            for t in 0..n {
+                let act = if w.ggml_type.uses_q8_activations() {
+                    PreparedActivations::Q8(&q8[t * blocks_per_token..(t + 1) * blocks_per_token])
+                } else {
+                    PreparedActivations::F32(&x[t * cols..(t + 1) * cols])
+                };
+                // SAFETY: rows r0..r0+rows of token t's part of output wi are written by this
+                // task only; the outputs outlive the loop.
+                let ys = unsafe { std::slice::from_raw_parts_mut(outs[wi].0.add(t * w.rows + r0), rows) };
+                for (k, out) in ys.iter_mut().enumerate() {
+                    *out = dot_row(w.ggml_type, w.row(r0 + k), &act);
+                }
             }
         });
     });

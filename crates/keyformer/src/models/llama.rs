@@ -205,13 +205,34 @@ impl Llama {
         which: Logits,
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        FORWARD_BUFFERS.with(|buffers| self.forward_with(tokens, cache, which, logits, &mut buffers.borrow_mut()))
+        FORWARD_BUFFERS
+            .with(|buffers| self.forward_with(tokens, &mut [cache], which, logits, &mut buffers.borrow_mut()))
     }
 
+    /// One decode step of several sequences at once: `tokens[i]` joins `caches[i]` at that
+    /// cache's next position, and `logits` gets one row per sequence. The weights are read once
+    /// for the whole batch (each row still takes the single-token dot kernels, so every row's
+    /// logits equal what [`forward`](Self::forward) gives that sequence alone); attention and
+    /// eviction run per sequence, each under its own policy.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        if tokens.len() != caches.len() {
+            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
+        }
+        FORWARD_BUFFERS
+            .with(|buffers| self.forward_with(tokens, caches, Logits::All, logits, &mut buffers.borrow_mut()))
+    }
+
+    /// The forward pass. One cache: every token joins it (a prompt chunk or a decode step).
+    /// Several: token i joins cache i (a batch of decode steps).
     fn forward_with(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         which: Logits,
         logits: &mut Vec<f32>,
         buffers: &mut ForwardBuffers,
@@ -222,15 +243,21 @@ impl Llama {
         if n == 0 {
             return Ok(());
         }
-        let start = cache.next_position();
-        if cache.len() + n > cache.capacity() {
-            return Err(ModelError::ContextFull { needed: cache.len() + n, capacity: cache.capacity() });
-        }
+        let batch = caches.len() > 1;
         let (d, hd) = (c.n_embd, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
         let ForwardBuffers { positions, x, normed, q, k, v, attn, proj, gate, up, stored_key } = buffers;
         positions.clear();
-        positions.extend(start..start + n as u32);
+        // Which rows each cache takes.
+        let rows_of = |i: usize| if batch { i..i + 1 } else { 0..n };
+        for cache in caches.iter() {
+            let m = if batch { 1 } else { n };
+            if cache.len() + m > cache.capacity() {
+                return Err(ModelError::ContextFull { needed: cache.len() + m, capacity: cache.capacity() });
+            }
+            let start = cache.next_position();
+            positions.extend(start..start + m as u32);
+        }
         // Every element of each buffer is written before it is read: no zeroing needed.
         for (buf, len) in [
             (&mut *x, n * d),
@@ -246,6 +273,8 @@ impl Llama {
         ] {
             buf.resize(len, 0.0);
         }
+        // A batch of single tokens takes the single-token kernels row by row.
+        let matmul_many = if batch { cpu::matmul_many_per_token } else { cpu::matmul_many };
         let embd = self.view(&self.token_embd);
         for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
             if t as usize >= c.vocab_size {
@@ -258,66 +287,73 @@ impl Llama {
             // Attention block.
             cpu::rms_norm(x, &layer.attn_norm, c.rms_eps, normed);
             let qkv = [self.view(&layer.wq), self.view(&layer.wk), self.view(&layer.wv)];
-            cpu::matmul_many(&qkv, normed, n, &mut [q, k, v]);
+            matmul_many(&qkv, normed, n, &mut [q, k, v]);
             cpu::rope_adjacent_pairs(q, c.n_heads, hd, positions, &self.inv_freq);
             cpu::rope_adjacent_pairs(k, c.n_kv_heads, hd, positions, &self.inv_freq);
-            let signal = cache.policy.signal();
-            for (i, &pos) in positions.iter().enumerate() {
-                for h in 0..c.n_kv_heads {
-                    let at = i * kv_dim + h * hd;
-                    let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
-                    // Policies see the key as stored (key-norm scores it), as attention does.
-                    cache.layers[li][h].read_key(slot, stored_key);
-                    cache.policy.on_insert(li, h, slot, stored_key);
+            for (ci, cache) in caches.iter_mut().enumerate() {
+                let span = rows_of(ci);
+                let q = &q[span.start * q_dim..span.end * q_dim];
+                let (k, v) = (&k[span.start * kv_dim..span.end * kv_dim], &v[span.start * kv_dim..span.end * kv_dim]);
+                let attn = &mut attn[span.start * q_dim..span.end * q_dim];
+                let positions = &positions[span];
+                let signal = cache.policy.signal();
+                for (i, &pos) in positions.iter().enumerate() {
+                    for h in 0..c.n_kv_heads {
+                        let at = i * kv_dim + h * hd;
+                        let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
+                        // Policies see the key as stored (key-norm scores it), as attention does.
+                        cache.layers[li][h].read_key(slot, stored_key);
+                        cache.policy.on_insert(li, h, slot, stored_key);
+                    }
+                }
+                // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's
+                // recorded sums are running sums, added to in place; TOVA and SnapKV get fresh rows.
+                let kv_heads = li * c.n_kv_heads..(li + 1) * c.n_kv_heads;
+                let mut fresh: Vec<Vec<f32>> = Vec::new();
+                let own: &mut [Vec<f32>] = match cache.policy.running_sum_scores(li) {
+                    Some(rows) => rows,
+                    None if signal == Signal::None => &mut [],
+                    None => {
+                        fresh.resize(c.n_kv_heads, Vec::new());
+                        &mut fresh
+                    }
+                };
+                let mut signals = vec![signal];
+                let mut sums = vec![own];
+                if let Some(r) = &mut cache.recorder {
+                    signals.extend_from_slice(&r.signals);
+                    sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
+                }
+                cpu::attention_into(q, positions, &cache.layers[li], c.n_heads, hd, li, &signals, attn, &mut sums);
+                drop(sums);
+                if !fresh.is_empty() {
+                    let mut sums = fresh;
+                    if cache.policy.kind() == PolicyKind::Tova {
+                        // TOVA scores by the attention averaged over all the layer's heads: every KV
+                        // head gets the layer's sum (their slot tables evolve identically).
+                        let total = sums.iter().skip(1).fold(sums[0].clone(), |mut a, s| {
+                            a.iter_mut().zip(s).for_each(|(x, y)| *x += y);
+                            a
+                        });
+                        sums.iter_mut().for_each(|s| s.copy_from_slice(&total));
+                    }
+                    for (h, s) in sums.iter().enumerate() {
+                        cache.policy.observe(li, h, s);
+                    }
+                }
+                if cache.policy.prompt_done() {
+                    cache.evict_to_budget(li)?;
                 }
             }
-            // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's
-            // recorded sums are running sums, added to in place; TOVA and SnapKV get fresh rows.
-            let kv_heads = li * c.n_kv_heads..(li + 1) * c.n_kv_heads;
-            let mut fresh: Vec<Vec<f32>> = Vec::new();
-            let own: &mut [Vec<f32>] = match cache.policy.running_sum_scores(li) {
-                Some(rows) => rows,
-                None if signal == Signal::None => &mut [],
-                None => {
-                    fresh.resize(c.n_kv_heads, Vec::new());
-                    &mut fresh
-                }
-            };
-            let mut signals = vec![signal];
-            let mut sums = vec![own];
-            if let Some(r) = &mut cache.recorder {
-                signals.extend_from_slice(&r.signals);
-                sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
-            }
-            cpu::attention_into(q, positions, &cache.layers[li], c.n_heads, hd, li, &signals, attn, &mut sums);
-            drop(sums);
-            if !fresh.is_empty() {
-                let mut sums = fresh;
-                if cache.policy.kind() == PolicyKind::Tova {
-                    // TOVA scores by the attention averaged over all the layer's heads: every KV
-                    // head gets the layer's sum (their slot tables evolve identically).
-                    let total = sums.iter().skip(1).fold(sums[0].clone(), |mut a, s| {
-                        a.iter_mut().zip(s).for_each(|(x, y)| *x += y);
-                        a
-                    });
-                    sums.iter_mut().for_each(|s| s.copy_from_slice(&total));
-                }
-                for (h, s) in sums.iter().enumerate() {
-                    cache.policy.observe(li, h, s);
-                }
-            }
-            if cache.policy.prompt_done() {
-                cache.evict_to_budget(li)?;
-            }
-            cpu::matmul(&self.view(&layer.wo), attn, n, proj);
+            matmul_many(&[self.view(&layer.wo)], attn, n, &mut [proj]);
             x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
 
             // Feed-forward block (SwiGLU).
             cpu::rms_norm(x, &layer.ffn_norm, c.rms_eps, normed);
             let gate_up = [self.view(&layer.w_gate), self.view(&layer.w_up)];
-            cpu::matmul_many(&gate_up, normed, n, &mut [gate, up]);
+            matmul_many(&gate_up, normed, n, &mut [gate, up]);
             cpu::silu_mul(gate, up);
-            cpu::matmul(&self.view(&layer.w_down), gate, n, proj);
+            matmul_many(&[self.view(&layer.w_down)], gate, n, &mut [proj]);
             x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
         }
 
@@ -329,7 +365,7 @@ impl Llama {
         let final_norm = &mut normed[..m * d];
         cpu::rms_norm(rows, &self.output_norm, c.rms_eps, final_norm);
         logits.resize(m * c.vocab_size, 0.0);
-        cpu::matmul(&self.view(&self.output), final_norm, m, logits);
+        matmul_many(&[self.view(&self.output)], final_norm, m, &mut [logits]);
         Ok(())
     }
 }
