@@ -107,6 +107,101 @@ impl GenerationOutput {
     }
 }
 
+/// One sequence being generated, a token at a time: [`Engine::generate`] runs it to the end
+/// alone; a scheduler advances many together ([`Engine::step_generations`]). Either way the
+/// same sampling and stopping rules apply, so a sequence's text does not depend on its batch.
+pub struct Generation {
+    pub cache: KvCache,
+    logits: Vec<f32>,
+    sampler: Sampler,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    stream: StopStream,
+    max_tokens: usize,
+    prompt_tokens: usize,
+    stop_reason: Option<StopReason>,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl Generation {
+    fn new(prompt: &[u32], cache: KvCache, logits: Vec<f32>, req: &GenerateRequest) -> Self {
+        Self {
+            cache,
+            logits,
+            sampler: Sampler::new(req.sampling.clone()),
+            history: prompt.to_vec(),
+            generated: Vec::new(),
+            stream: StopStream::new(req.stop.clone()),
+            max_tokens: req.max_tokens,
+            prompt_tokens: prompt.len(),
+            stop_reason: None,
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+        }
+    }
+
+    /// Why it ended; `None` while it runs.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop_reason
+    }
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+    pub fn generated_tokens(&self) -> usize {
+        self.generated.len()
+    }
+
+    /// Pick the next token from the current logits and stream the text that became final.
+    /// Returns the token the model must now run (`Some`), or `None` when the sequence ended
+    /// (end of generation, a stop string, `max_tokens`, or a full context).
+    pub fn advance(&mut self, engine: &Engine, on_text: &mut dyn FnMut(&str)) -> Result<Option<u32>, ModelError> {
+        if self.stop_reason.is_some() {
+            return Ok(None);
+        }
+        if self.generated.len() >= self.max_tokens {
+            self.stop_reason = Some(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        let next = self.sampler.sample(&self.logits, &self.history);
+        if engine.tokenizer.is_end_of_generation(next) {
+            self.stop_reason = Some(StopReason::EndOfGeneration);
+            return Ok(None);
+        }
+        self.generated.push(next);
+        self.history.push(next);
+        let text = engine.tokenizer.decode(&self.generated)?;
+        if self.stream.push(&text, on_text) {
+            self.stop_reason = Some(StopReason::StopString);
+            return Ok(None);
+        }
+        if self.generated.len() == self.max_tokens {
+            self.stop_reason = Some(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        if self.cache.next_position() as usize >= engine.context_length() {
+            self.stop_reason = Some(StopReason::ContextFull);
+            return Ok(None);
+        }
+        Ok(Some(next))
+    }
+
+    /// Send what is left of the text and report.
+    pub fn finish(mut self, engine: &Engine, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
+        let text = self.stream.finish(&engine.tokenizer.decode(&self.generated)?, on_text);
+        Ok(GenerationOutput {
+            text,
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated.len(),
+            token_ids: self.generated,
+            stop_reason: self.stop_reason.unwrap_or(StopReason::MaxTokens),
+            prefill_seconds: self.prefill_seconds,
+            decode_seconds: self.decode_seconds,
+            kv_cache: KvReport::of(&self.cache),
+        })
+    }
+}
+
 fn rate(n: usize, s: f64) -> f64 {
     if s > 0.0 {
         n as f64 / s
@@ -321,6 +416,14 @@ impl Engine {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
+        let mut generation = self.start_generation(prompt, req)?;
+        self.run_generation(&mut generation, on_text)?;
+        generation.finish(self, on_text)
+    }
+
+    /// Check the request, prefill `prompt` under `req.kv`, and return the sequence ready for
+    /// its first token.
+    pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation, ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt is empty".into()));
@@ -332,10 +435,9 @@ impl Engine {
         let mut cache = self.new_cache(&req.kv, prompt.len(), req.max_tokens)?;
         let t0 = Instant::now();
         let logits = self.prefill(prompt, &mut cache)?;
-        let prefill_seconds = t0.elapsed().as_secs_f64();
-        let mut out = self.generate_from(prompt, (cache, logits), req, on_text)?;
-        out.prefill_seconds = prefill_seconds;
-        Ok(out)
+        let mut generation = Generation::new(prompt, cache, logits, req);
+        generation.prefill_seconds = t0.elapsed().as_secs_f64();
+        Ok(generation)
     }
 
     /// [`Engine::generate`] from a cache that already holds `prompt` (with the prompt's last
@@ -344,52 +446,40 @@ impl Engine {
     pub fn generate_from(
         &self,
         prompt: &[u32],
-        (mut cache, mut logits): (KvCache, Vec<f32>),
+        (cache, logits): (KvCache, Vec<f32>),
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
-        let ctx = self.context_length();
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut history = prompt.to_vec();
-        let mut generated: Vec<u32> = Vec::new();
-        let mut stream = StopStream::new(&req.stop);
-        let t1 = Instant::now();
-        let mut stop_reason = StopReason::MaxTokens;
-        while generated.len() < req.max_tokens {
-            let next = sampler.sample(&logits, &history);
-            if self.tokenizer.is_end_of_generation(next) {
-                stop_reason = StopReason::EndOfGeneration;
-                break;
-            }
-            generated.push(next);
-            history.push(next);
-            let text = self.tokenizer.decode(&generated)?;
-            if stream.push(&text, on_text) {
-                stop_reason = StopReason::StopString;
-                break;
-            }
-            if generated.len() == req.max_tokens {
-                break;
-            }
-            if cache.next_position() as usize >= ctx {
-                stop_reason = StopReason::ContextFull;
-                break;
-            }
-            self.decode_step_into(next, &mut cache, &mut logits)?;
+        let mut generation = Generation::new(prompt, cache, logits, req);
+        self.run_generation(&mut generation, on_text)?;
+        generation.finish(self, on_text)
+    }
+
+    fn run_generation(&self, g: &mut Generation, on_text: &mut dyn FnMut(&str)) -> Result<(), ModelError> {
+        let t = Instant::now();
+        while let Some(next) = g.advance(self, on_text)? {
+            self.decode_step_into(next, &mut g.cache, &mut g.logits)?;
         }
-        let decode_seconds = t1.elapsed().as_secs_f64();
-        let text = stream.finish(&self.tokenizer.decode(&generated)?, on_text);
-        Ok(GenerationOutput {
-            text,
-            prompt_tokens: prompt.len(),
-            generated_tokens: generated.len(),
-            token_ids: generated,
-            stop_reason,
-            prefill_seconds: 0.0,
-            decode_seconds,
-            kv_cache: KvReport::of(&cache),
-        })
+        g.decode_seconds += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// One decode step of several generations together (continuous batching): `next[i]` is
+    /// what `generations[i].advance` returned. Each one's logits are those it would get alone.
+    pub fn step_generations(&self, generations: &mut [&mut Generation], next: &[u32]) -> Result<(), ModelError> {
+        let t = Instant::now();
+        let mut rows = Vec::new();
+        let mut caches: Vec<&mut KvCache> = generations.iter_mut().map(|g| &mut g.cache).collect();
+        self.decode_batch_into(next, &mut caches, &mut rows)?;
+        let vocab = self.model.config.vocab_size;
+        let seconds = t.elapsed().as_secs_f64();
+        for (g, row) in generations.iter_mut().zip(rows.chunks_exact(vocab)) {
+            g.logits.clear();
+            g.logits.extend_from_slice(row);
+            g.decode_seconds += seconds;
+        }
+        Ok(())
     }
 
     /// Mean negative log-likelihood over consecutive windows of `ctx` tokens: every token of a
@@ -473,13 +563,13 @@ pub fn negative_log_likelihood(logits: &[f32], target: u32) -> f64 {
 }
 
 /// Streams generated text while holding back what could still turn into a stop string.
-struct StopStream<'a> {
-    stops: &'a [String],
+struct StopStream {
+    stops: Vec<String>,
     emitted: usize,
 }
 
-impl<'a> StopStream<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl StopStream {
+    fn new(stops: Vec<String>) -> Self {
         Self { stops, emitted: 0 }
     }
 
@@ -531,7 +621,7 @@ mod tests {
 
     fn stream(pieces: &[&str], stops: &[&str]) -> (String, Vec<String>, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut s = StopStream::new(&stops);
+        let mut s = StopStream::new(stops.clone());
         let mut chunks = Vec::new();
         let mut text = String::new();
         let mut stopped = false;
