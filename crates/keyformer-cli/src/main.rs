@@ -53,6 +53,50 @@ enum Command {
     Bench(BenchArgs),
     /// Quality against KV budget: tasks x policies x budgets x seeds over documents.
     Eval(EvalArgs),
+    /// Serve an OpenAI-compatible HTTP API with continuous batching admitted by KV memory.
+    Serve(ServeArgs),
+}
+
+/// `keyformer serve`: POST /v1/completions and /v1/chat/completions (streaming or not), GET
+/// /v1/models, /health and /metrics. A request may override the KV compression with
+/// `"kv_cache": {"policy": "keyformer", "budget": "50%", "recent": 64}`.
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port to listen on (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Default KV compression of every request (a request's "kv_cache" overrides it).
+    #[command(flatten)]
+    kv: KvArgs,
+    /// KV cache memory all running requests may reserve together: bytes (with an optional
+    /// K/M/G suffix, powers of 1024) or a percentage of physical memory. A request reserves
+    /// the most its cache can hold (prompt + max_tokens, or the budget once the prompt is
+    /// compressed), so a smaller budget admits more requests at once.
+    #[arg(long, default_value = "25%")]
+    kv_memory: String,
+    /// Most sequences decoded together in one step.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Most requests waiting for a place; beyond it the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Require `Authorization: Bearer KEY` on /v1/ endpoints.
+    #[arg(long, env = "KEYFORMER_API_KEY")]
+    api_key: Option<String>,
+    /// `max_tokens` of a completion request that gives none (OpenAI's default is 16).
+    #[arg(long, default_value_t = 16)]
+    default_max_tokens: usize,
+    /// Seconds a request may take from arrival to its last token (504 after).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_request_bytes: usize,
 }
 
 #[derive(Args)]
@@ -348,7 +392,84 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
         Command::Eval(a) => eval(a),
+        Command::Serve(a) => serve(a),
     }
+}
+
+/// `--kv-memory`: bytes with an optional K/M/G suffix, or a percentage of physical memory.
+fn parse_memory(spec: &str) -> Result<usize> {
+    let s = spec.trim();
+    if let Some(p) = s.strip_suffix('%') {
+        let p: f64 = p.trim().parse().with_context(|| format!("--kv-memory '{spec}'"))?;
+        if !(p > 0.0 && p <= 100.0) {
+            bail!("--kv-memory percentage must be in (0, 100], got {p}");
+        }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo for --kv-memory %")?;
+        let kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no MemTotal in /proc/meminfo: give --kv-memory in bytes")?;
+        return Ok((kib * 1024.0 * p / 100.0) as usize);
+    }
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1usize << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: usize =
+        num.trim().parse().with_context(|| format!("--kv-memory '{spec}': bytes (e.g. 512M) or a percentage"))?;
+    if n == 0 {
+        bail!("--kv-memory must be more than 0");
+    }
+    Ok(n.saturating_mul(mult))
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    if a.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    let kv = a.kv.config(0);
+    kv.validate().context("--kv-policy / --kv-budget")?;
+    let kv_memory = parse_memory(&a.kv_memory)?;
+    let engine = std::sync::Arc::new(load(&a.model.model)?);
+    let model_name = std::path::Path::new(&a.model.model)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| a.model.model.clone());
+    let config = keyformer_server::ServerConfig {
+        addr: std::net::SocketAddr::new(a.host, a.port),
+        defaults: keyformer_server::api::Defaults { kv, model_name, completion_max_tokens: a.default_max_tokens },
+        limits: keyformer_server::scheduler::Limits { kv_memory, max_batch: a.max_batch, max_queue: a.max_queue },
+        api_key: a.api_key,
+        max_body_bytes: a.max_request_bytes,
+        request_timeout: Duration::from_secs(a.timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+            eprintln!("shutting down: finishing the running requests");
+        };
+        keyformer_server::serve(engine, config, shutdown, |addr| {
+            eprintln!("keyformer serve: listening on http://{addr} (KV memory {kv_memory} bytes)");
+        })
+        .await
+    })?;
+    Ok(())
 }
 
 /// Resolve `--model` (fetching an alias with a progress display) and load it.

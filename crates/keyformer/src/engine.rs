@@ -254,15 +254,16 @@ impl Engine {
 
     /// Wrap a user message in the model's chat template.
     pub fn chat_prompt(&self, user: &str) -> Result<String, ModelError> {
+        self.chat_prompt_messages(&[ChatMessage { role: "user".into(), content: user.into() }])
+    }
+
+    /// Render a conversation with the model's chat template, ending where the assistant's
+    /// reply starts.
+    pub fn chat_prompt_messages(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
         let template =
             self.chat_template().ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
         let tok = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
-        chat::render(
-            template,
-            &[ChatMessage { role: "user".into(), content: user.into() }],
-            &tok(self.tokenizer.bos),
-            &tok(self.tokenizer.eos),
-        )
+        chat::render(template, messages, &tok(self.tokenizer.bos), &tok(self.tokenizer.eos))
     }
 
     /// Tokenise a prompt (BOS added when the model asks for it).

@@ -1,0 +1,298 @@
+//! The OpenAI request bodies we accept, checked into a [`GenerateRequest`], and the response
+//! objects we send.
+
+use keyformer::engine::{GenerateRequest, StopReason};
+use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+use keyformer::sampling::SamplingParams;
+use keyformer::KvReport;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// A client error: HTTP status, message, and the offending parameter if one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self { status: 400, message: message.into(), param: param.map(str::to_string), code: None }
+    }
+    pub fn with_status(status: u16, message: impl Into<String>, code: Option<&'static str>) -> Self {
+        Self { status, message: message.into(), param: None, code }
+    }
+    /// OpenAI's error object.
+    pub fn body(&self) -> Value {
+        let kind = match self.status {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        };
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}})
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `"kv_cache"`: this request's KV compression, overriding the server's defaults.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KvOverride {
+    policy: Option<String>,
+    budget: Option<Value>,
+    recent: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both endpoints share (unknown fields are ignored, as OpenAI's clients send some).
+#[derive(Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany>,
+    n: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    kv_cache: Option<KvOverride>,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: OneOrMany,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// What the request asks for, checked.
+pub struct Parsed {
+    pub prompt: Prompt,
+    pub req: GenerateRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+/// Defaults the server fills in.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub kv: PolicyConfig,
+    pub model_name: String,
+    /// `max_tokens` when a request gives none (OpenAI: 16 for completions; chat: up to the
+    /// context).
+    pub completion_max_tokens: usize,
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the request body is not valid JSON: {e}"), None))?;
+    if !value.is_object() {
+        return Err(ApiError::bad("the request body must be a JSON object", None));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad(format!("invalid request: {e}"), None))
+}
+
+pub fn parse_completion(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiError> {
+    let b: CompletionBody = parse_json(body)?;
+    let prompt = match b.prompt {
+        OneOrMany::One(p) => p,
+        OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
+        OneOrMany::Many(_) => {
+            return Err(ApiError::bad("only one prompt per request is supported", Some("prompt")));
+        }
+    };
+    common(b.common, Prompt::Text(prompt), defaults, Some(defaults.completion_max_tokens))
+}
+
+pub fn parse_chat(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiError> {
+    let b: ChatBody = parse_json(body)?;
+    if b.messages.is_empty() {
+        return Err(ApiError::bad("messages must not be empty", Some("messages")));
+    }
+    common(b.common, Prompt::Chat(b.messages), defaults, None)
+}
+
+fn common(c: Common, prompt: Prompt, defaults: &Defaults, default_max: Option<usize>) -> Result<Parsed, ApiError> {
+    if let Some(model) = &c.model {
+        if model != &defaults.model_name {
+            return Err(ApiError {
+                status: 404,
+                message: format!("the model '{model}' does not exist; this server runs '{}'", defaults.model_name),
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            });
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("n > 1 is not supported: send one request per completion", Some("n")));
+    }
+    let max_tokens = c.max_completion_tokens.or(c.max_tokens).map(|m| m as usize).or(default_max).unwrap_or(usize::MAX);
+    if max_tokens == 0 {
+        return Err(ApiError::bad("max_tokens must be at least 1", Some("max_tokens")));
+    }
+    let sampling = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_p: c.top_p.unwrap_or(1.0),
+        seed: c.seed.unwrap_or(0),
+        ..SamplingParams::default()
+    };
+    sampling.validate().map_err(|e| ApiError::bad(e, None))?;
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) if v.len() <= 4 => v,
+        Some(OneOrMany::Many(_)) => return Err(ApiError::bad("at most 4 stop sequences", Some("stop"))),
+    };
+    let mut kv = kv_config(c.kv_cache, &defaults.kv)?;
+    // As `keyformer run --seed`: one seed drives sampling and Keyformer's noise.
+    kv.seed = sampling.seed;
+    Ok(Parsed {
+        prompt,
+        req: GenerateRequest { max_tokens, sampling, stop, kv },
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn amount(v: &Value, param: &str) -> Result<Amount, ApiError> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_u64() => n.to_string(),
+        _ => {
+            return Err(ApiError::bad(
+                format!("{param} must be a token count or a percentage such as \"50%\""),
+                Some(param),
+            ))
+        }
+    };
+    text.parse().map_err(|e: keyformer::keyformer_kv::PolicyError| ApiError::bad(e.to_string(), Some(param)))
+}
+
+fn kv_config(o: Option<KvOverride>, default: &PolicyConfig) -> Result<PolicyConfig, ApiError> {
+    let mut kv = default.clone();
+    let Some(o) = o else { return Ok(kv) };
+    if let Some(p) = &o.policy {
+        kv.kind = p
+            .parse()
+            .map_err(|e: keyformer::keyformer_kv::PolicyError| ApiError::bad(e.to_string(), Some("kv_cache.policy")))?;
+        if kv.kind == PolicyKind::Full {
+            kv.budget = None;
+        }
+    }
+    if let Some(b) = &o.budget {
+        kv.budget = Some(amount(b, "kv_cache.budget")?);
+    }
+    if let Some(r) = &o.recent {
+        kv.recent = Some(amount(r, "kv_cache.recent")?);
+    }
+    kv.validate().map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
+    Ok(kv)
+}
+
+pub fn finish_reason(r: StopReason) -> &'static str {
+    match r {
+        StopReason::EndOfGeneration | StopReason::StopString => "stop",
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+    }
+}
+
+/// `usage`, with the KV cache's report as an extension.
+pub fn usage(prompt_tokens: usize, completion_tokens: usize, kv: &KvReport) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "kv_cache": kv,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Defaults {
+        Defaults { kv: PolicyConfig::default(), model_name: "m".into(), completion_max_tokens: 16 }
+    }
+
+    #[test]
+    fn bad_bodies_are_400s_with_the_offending_parameter() {
+        let d = defaults();
+        let cases: [(&str, Option<&str>); 9] = [
+            ("{not json", None),
+            ("[1, 2]", None),
+            (r#"{"prompt": 5}"#, None),
+            (r#"{"prompt": "x", "max_tokens": "many"}"#, None),
+            (r#"{"prompt": "x", "n": 2}"#, Some("n")),
+            (r#"{"prompt": "x", "max_tokens": 0}"#, Some("max_tokens")),
+            (r#"{"prompt": "x", "kv_cache": {"policy": "lru"}}"#, Some("kv_cache.policy")),
+            (r#"{"prompt": "x", "kv_cache": {"policy": "keyformer", "budget": 0}}"#, Some("kv_cache")),
+            (r#"{"prompt": "x", "kv_cache": {"policy": "h2o"}}"#, Some("kv_cache")),
+        ];
+        for (body, param) in cases {
+            let e = parse_completion(body.as_bytes(), &d).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), param, "{body}: {}", e.message);
+            assert_eq!(e.body()["error"]["type"], "invalid_request_error");
+        }
+        let e = parse_completion(br#"{"prompt": "x", "model": "other"}"#, &d).err().unwrap();
+        assert_eq!(e.status, 404);
+        assert!(parse_chat(br#"{"messages": []}"#, &d).is_err());
+    }
+
+    #[test]
+    fn fields_map_onto_the_engine_request() {
+        let d = defaults();
+        let p = parse_completion(
+            br#"{"prompt": ["hi"], "max_tokens": 7, "temperature": 0, "stop": "\n", "seed": 3, "stream": true,
+                 "kv_cache": {"policy": "keyformer", "budget": "50%", "recent": 8}, "logprobs": null}"#,
+            &d,
+        )
+        .unwrap();
+        assert!(matches!(p.prompt, Prompt::Text(ref t) if t == "hi"));
+        assert_eq!((p.req.max_tokens, p.req.sampling.temperature, p.req.sampling.seed), (7, 0.0, 3));
+        assert_eq!(p.req.stop, vec!["\n".to_string()]);
+        assert_eq!(p.req.kv.kind, PolicyKind::Keyformer);
+        assert_eq!((p.req.kv.budget, p.req.kv.recent), (Some(Amount::Percent(50.0)), Some(Amount::Tokens(8))));
+        assert!(p.stream);
+        // Defaults: 16 tokens for completions, the context for chat; the server's policy.
+        assert_eq!(parse_completion(br#"{"prompt": "x"}"#, &d).unwrap().req.max_tokens, 16);
+        let chat = parse_chat(br#"{"messages": [{"role": "user", "content": "x"}]}"#, &d).unwrap();
+        assert_eq!((chat.req.max_tokens, chat.req.kv.kind), (usize::MAX, PolicyKind::Full));
+    }
+}

@@ -1,0 +1,384 @@
+//! `keyformer serve`: an OpenAI-compatible HTTP API over the engine.
+//!
+//! - `POST /v1/completions`, `POST /v1/chat/completions` (the model's chat template; `stream:
+//!   true` gives server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
+//!   `GET /metrics` (Prometheus text).
+//! - Every request may carry `"kv_cache": {"policy", "budget", "recent"}` to override the
+//!   server's KV compression; every response's `usage` carries the KV cache's report.
+//! - Continuous batching ([`scheduler`]): running sequences step together, new ones join
+//!   between steps when their KV reservation fits `--kv-memory`, the rest wait in a bounded
+//!   queue (429 when it is full). A client that disconnects frees its sequence at the next step.
+//! - Bad input gets a 4xx with OpenAI's error object; the server keeps serving the others.
+
+pub mod api;
+pub mod metrics;
+pub mod scheduler;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::stream::{self, Stream, StreamExt};
+use keyformer::chat::ChatMessage;
+use keyformer::Engine;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use api::{ApiError, Defaults, Prompt};
+use metrics::Metrics;
+use scheduler::{Event, Job, Limits, Scheduler, SubmitError};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub defaults: Defaults,
+    pub limits: Limits,
+    /// Required as `Authorization: Bearer <key>` on /v1/ when set.
+    pub api_key: Option<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// From arrival to the last token.
+    pub request_timeout: Duration,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct App {
+    engine: Arc<Engine>,
+    scheduler: Scheduler,
+    config: ServerConfig,
+    metrics: Arc<Metrics>,
+    created: u64,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// Serve until `shutdown` resolves; then stop accepting, finish the requests already accepted,
+/// and return. `on_ready` gets the bound address (port 0 picks a free one).
+pub async fn serve(
+    engine: Arc<Engine>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.addr, source })?;
+    let metrics = Arc::new(Metrics::default());
+    let (scheduler, thread) = Scheduler::start(engine.clone(), config.limits.clone(), metrics.clone());
+    let app = Arc::new(App {
+        engine,
+        scheduler: scheduler.clone(),
+        config,
+        metrics,
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        next_id: Default::default(),
+    });
+    let router = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { error_response(&ApiError::with_status(404, "no such endpoint", None)) })
+        .with_state(app);
+    on_ready(listener.local_addr()?);
+    let sched = scheduler.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // No new requests; the accepted ones run to their end.
+            sched.shutdown();
+        })
+        .await?;
+    scheduler.shutdown();
+    tokio::task::spawn_blocking(move || thread.join()).await.ok();
+    Ok(())
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(e.body())).into_response()
+}
+
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return error_response(&e);
+    }
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": app.config.defaults.model_name, "object": "model", "created": app.created, "owned_by": "keyformer"}],
+    }))
+    .into_response()
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &app.config.api_key else { return Ok(()) };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if g == key => Ok(()),
+        Some(_) => Err(ApiError::with_status(401, "incorrect API key", Some("invalid_api_key"))),
+        None => Err(ApiError::with_status(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            Some("invalid_api_key"),
+        )),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+async fn completions(State(app): State<Arc<App>>, request: Request) -> Response {
+    handle(app, request, Endpoint::Completions).await.unwrap_or_else(|e| error_response(&e))
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, request: Request) -> Response {
+    handle(app, request, Endpoint::Chat).await.unwrap_or_else(|e| error_response(&e))
+}
+
+async fn handle(app: Arc<App>, request: Request, endpoint: Endpoint) -> Result<Response, ApiError> {
+    app.metrics.request();
+    let reject = |e: ApiError| {
+        app.metrics.rejected();
+        e
+    };
+    authorize(&app, request.headers()).map_err(reject)?;
+    let body: Bytes = axum::body::to_bytes(request.into_body(), app.config.max_body_bytes).await.map_err(|_| {
+        reject(ApiError::with_status(
+            413,
+            format!("the request body is larger than {} bytes", app.config.max_body_bytes),
+            None,
+        ))
+    })?;
+    let defaults = &app.config.defaults;
+    let parsed = match endpoint {
+        Endpoint::Completions => api::parse_completion(&body, defaults),
+        Endpoint::Chat => api::parse_chat(&body, defaults),
+    }
+    .map_err(reject)?;
+    let (job, rx, prompt_tokens) = make_job(&app, parsed.prompt, parsed.req.clone()).map_err(reject)?;
+    app.scheduler.submit(job).map_err(|e| {
+        reject(match e {
+            SubmitError::QueueFull(_) => ApiError::with_status(429, e.to_string(), Some("queue_full")),
+            SubmitError::TooLarge { .. } => ApiError::bad(e.to_string(), Some("max_tokens")),
+            SubmitError::ShuttingDown => ApiError::with_status(503, e.to_string(), None),
+        })
+    })?;
+    let id = app.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let meta = ResponseMeta {
+        id: match endpoint {
+            Endpoint::Completions => format!("cmpl-{id}"),
+            Endpoint::Chat => format!("chatcmpl-{id}"),
+        },
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        model: defaults.model_name.clone(),
+        endpoint,
+        prompt_tokens,
+    };
+    if parsed.stream {
+        Ok(sse_response(meta, rx, parsed.include_usage))
+    } else {
+        whole_response(meta, rx).await
+    }
+}
+
+/// Tokenise, bound max_tokens by the context, and price the KV reservation.
+fn make_job(
+    app: &App,
+    prompt: Prompt,
+    mut req: keyformer::engine::GenerateRequest,
+) -> Result<(Job, mpsc::UnboundedReceiver<Event>, usize), ApiError> {
+    let engine = &app.engine;
+    let text = match prompt {
+        Prompt::Text(t) => t,
+        Prompt::Chat(messages) => {
+            let messages: Vec<ChatMessage> =
+                messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+            engine.chat_prompt_messages(&messages).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?
+        }
+    };
+    let tokens = engine.encode(&text).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
+    let ctx = engine.context_length();
+    if tokens.is_empty() {
+        return Err(ApiError::bad("the prompt is empty", Some("prompt")));
+    }
+    if tokens.len() >= ctx {
+        return Err(ApiError {
+            status: 400,
+            message: format!("the prompt has {} tokens; the model's context is {ctx} tokens", tokens.len()),
+            param: Some("prompt".into()),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    req.max_tokens = req.max_tokens.min(ctx - tokens.len());
+    let c = &engine.model.config;
+    let policy = req
+        .kv
+        .resolve(tokens.len(), req.max_tokens, c.n_layers, c.n_kv_heads)
+        .map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
+    let per_token = c.n_layers * c.n_kv_heads * 2 * engine.model.kv_type.row_bytes(c.head_dim);
+    let lifetime = tokens.len() + req.max_tokens;
+    let steady = lifetime.min(policy.budget.saturating_add(1));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let job = Job {
+        reserve_bytes: steady * per_token,
+        prefill_bytes: steady.max(tokens.len()) * per_token,
+        prompt: tokens,
+        req,
+        events: tx,
+        deadline: now + app.config.request_timeout,
+        enqueued: now,
+    };
+    let n = job.prompt.len();
+    Ok((job, rx, n))
+}
+
+struct ResponseMeta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    prompt_tokens: usize,
+}
+
+impl ResponseMeta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Completions, _) => "text_completion",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+        }
+    }
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({"id": self.id, "object": self.object(chunk), "created": self.created, "model": self.model, "choices": choices})
+    }
+    /// A streamed piece of text (or the final, empty piece with its finish reason).
+    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Completions => {
+                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+            }
+            Endpoint::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+        };
+        self.envelope(true, json!([choice]))
+    }
+}
+
+/// Collect the whole answer.
+async fn whole_response(meta: ResponseMeta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(_)) => {} // the final text comes with Done
+            Some(Event::Done(out)) => {
+                let finish = api::finish_reason(out.stop_reason);
+                let choice = match meta.endpoint {
+                    Endpoint::Completions => {
+                        json!({"index": 0, "text": out.text, "finish_reason": finish, "logprobs": null})
+                    }
+                    Endpoint::Chat => json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": out.text},
+                        "finish_reason": finish,
+                        "logprobs": null,
+                    }),
+                };
+                let mut body = meta.envelope(false, json!([choice]));
+                body["usage"] = api::usage(meta.prompt_tokens, out.generated_tokens, &out.kv_cache);
+                return Ok(axum::Json(body).into_response());
+            }
+            Some(Event::Failed { status, message }) => return Err(ApiError::with_status(status, message, None)),
+            None => return Err(ApiError::with_status(500, "the scheduler stopped", None)),
+        }
+    }
+}
+
+/// Server-sent events: a chunk per piece of text, a last chunk with the finish reason (and the
+/// usage as its own chunk when asked), then `[DONE]`.
+fn sse_response(meta: ResponseMeta, rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Response {
+    let events =
+        sse_events(meta, rx, include_usage).map(|data| Ok::<_, std::convert::Infallible>(format!("data: {data}\n\n")));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(events))
+        .unwrap_or_else(|_| error_response(&ApiError::with_status(500, "building the stream", None)))
+}
+
+fn sse_events(
+    meta: ResponseMeta,
+    rx: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> impl Stream<Item = String> {
+    // State: the receiver, whether the first chunk went out, and what is left to send.
+    stream::unfold(
+        (rx, meta, true, Vec::<String>::new(), false),
+        move |(mut rx, meta, mut first, mut pending, mut ended)| async move {
+            loop {
+                if let Some(next) = pending.pop() {
+                    return Some((next, (rx, meta, first, pending, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(Event::Text(t)) => {
+                        let chunk = meta.chunk(Some(&t), None, first).to_string();
+                        first = false;
+                        return Some((chunk, (rx, meta, first, pending, ended)));
+                    }
+                    Some(Event::Done(out)) => {
+                        // Sent in reverse order of popping.
+                        pending.push("[DONE]".into());
+                        if include_usage {
+                            let mut u = meta.envelope(true, json!([]));
+                            u["usage"] = api::usage(meta.prompt_tokens, out.generated_tokens, &out.kv_cache);
+                            pending.push(u.to_string());
+                        }
+                        let text = if first { Some("") } else { None };
+                        pending.push(meta.chunk(text, Some(api::finish_reason(out.stop_reason)), first).to_string());
+                        ended = true;
+                    }
+                    Some(Event::Failed { status, message }) => {
+                        pending.push("[DONE]".into());
+                        pending.push(ApiError::with_status(status, message, None).body().to_string());
+                        ended = true;
+                    }
+                    None => return None,
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,270 @@
+//! Continuous batching: one thread owns the running sequences, admits queued requests between
+//! decode steps while their KV memory fits, and steps every running sequence together.
+//!
+//! Admission is by KV memory, not by count alone: a request reserves the most its cache can
+//! ever hold (the full cache: prompt + max_tokens; a budget: budget + 1 tokens once the prompt
+//! is compressed, the whole prompt while it is prefilled), so a smaller budget lets more
+//! sequences run in the same `--kv-memory`. Prefills run one at a time on this thread, so
+//! only one prompt's transient full-size cache exists at once; it is counted while it lasts.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use keyformer::engine::{GenerateRequest, Generation};
+use keyformer::{Engine, GenerationOutput};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::Metrics;
+
+/// What a request's handler hears about its sequence.
+#[derive(Debug)]
+pub enum Event {
+    /// Text that became final (stop strings and split characters are held back until known).
+    Text(String),
+    Done(Box<GenerationOutput>),
+    /// The sequence failed or timed out; the handler answers with this status.
+    Failed {
+        status: u16,
+        message: String,
+    },
+}
+
+/// A request waiting for a place.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub req: GenerateRequest,
+    /// KV bytes the sequence holds at most once running, and while its prompt is prefilled.
+    pub reserve_bytes: usize,
+    pub prefill_bytes: usize,
+    pub events: UnboundedSender<Event>,
+    pub deadline: Instant,
+    pub enqueued: Instant,
+}
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// KV bytes all running sequences may reserve together.
+    pub kv_memory: usize,
+    pub max_batch: usize,
+    pub max_queue: usize,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error("the server is busy: {0} requests are already waiting")]
+    QueueFull(usize),
+    #[error("the request needs {needed} bytes of KV cache, more than the server's --kv-memory of {limit} bytes; lower max_tokens or use a KV budget")]
+    TooLarge { needed: usize, limit: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+struct Queue {
+    waiting: VecDeque<Job>,
+    shutting_down: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+/// The handle the HTTP side submits to.
+#[derive(Clone)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    limits: Limits,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Scheduler {
+    /// Start the scheduling thread.
+    pub fn start(engine: Arc<Engine>, limits: Limits, metrics: Arc<Metrics>) -> (Self, std::thread::JoinHandle<()>) {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { waiting: VecDeque::new(), shutting_down: false }),
+            wake: Condvar::new(),
+        });
+        metrics.set_kv_limit(limits.kv_memory);
+        let scheduler = Self { shared: shared.clone(), limits: limits.clone(), metrics: metrics.clone() };
+        let thread = std::thread::Builder::new()
+            .name("keyformer-scheduler".into())
+            .spawn(move || run(&engine, &shared, &limits, &metrics))
+            .expect("spawning the scheduler thread");
+        (scheduler, thread)
+    }
+
+    /// Queue a request, or say at once why it cannot be.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let needed = job.reserve_bytes.max(job.prefill_bytes);
+        if needed > self.limits.kv_memory {
+            return Err(SubmitError::TooLarge { needed, limit: self.limits.kv_memory });
+        }
+        let mut q = self.shared.queue.lock().expect("scheduler lock");
+        if q.shutting_down {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if q.waiting.len() >= self.limits.max_queue {
+            return Err(SubmitError::QueueFull(q.waiting.len()));
+        }
+        q.waiting.push_back(job);
+        self.metrics.set_queue_depth(q.waiting.len());
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stop taking requests; the thread ends once everything accepted has finished.
+    pub fn shutdown(&self) {
+        self.shared.queue.lock().expect("scheduler lock").shutting_down = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// A sequence on the way.
+struct Running {
+    generation: Generation,
+    events: UnboundedSender<Event>,
+    reserve_bytes: usize,
+    deadline: Instant,
+    started: Instant,
+    first_token: bool,
+    /// The token to run at the next step.
+    next: Option<u32>,
+}
+
+fn run(engine: &Engine, shared: &Shared, limits: &Limits, metrics: &Metrics) {
+    let mut running: Vec<Running> = Vec::new();
+    let mut reserved = 0usize;
+    loop {
+        // Admit what fits, in arrival order (no overtaking: a large request at the head waits
+        // for memory rather than starve).
+        let mut admitted = Vec::new();
+        {
+            let mut q = shared.queue.lock().expect("scheduler lock");
+            loop {
+                let Some(job) = q.waiting.front() else { break };
+                let needed = job.reserve_bytes.max(job.prefill_bytes);
+                let fits = reserved + needed <= limits.kv_memory;
+                if running.len() + admitted.len() >= limits.max_batch || !fits {
+                    break;
+                }
+                let job = q.waiting.pop_front().expect("front exists");
+                reserved += job.reserve_bytes;
+                admitted.push(job);
+            }
+            metrics.set_queue_depth(q.waiting.len());
+            if running.is_empty() && admitted.is_empty() {
+                if q.shutting_down && q.waiting.is_empty() {
+                    return;
+                }
+                // Nothing to do: sleep until a request (or the shutdown) arrives.
+                let _unused = shared.wake.wait_timeout(q, Duration::from_millis(200)).expect("scheduler lock");
+                continue;
+            }
+        }
+        for job in admitted {
+            metrics.observe_queue_wait(job.enqueued.elapsed());
+            if job.events.is_closed() {
+                // The client left while it waited.
+                reserved -= job.reserve_bytes;
+                metrics.cancelled();
+                continue;
+            }
+            // The prompt's full-size cache exists while it is prefilled.
+            metrics.set_kv_reserved(reserved + job.prefill_bytes.saturating_sub(job.reserve_bytes));
+            match engine.start_generation(&job.prompt, &job.req) {
+                Ok(generation) => running.push(Running {
+                    generation,
+                    events: job.events,
+                    reserve_bytes: job.reserve_bytes,
+                    deadline: job.deadline,
+                    started: job.enqueued,
+                    first_token: true,
+                    next: None,
+                }),
+                Err(e) => {
+                    reserved -= job.reserve_bytes;
+                    metrics.failed();
+                    let _ = job.events.send(Event::Failed { status: 400, message: e.to_string() });
+                }
+            }
+        }
+
+        // Each sequence picks its next token (or ends); then one batched step for the rest.
+        let now = Instant::now();
+        for r in running.iter_mut() {
+            r.next = None;
+            if r.events.is_closed() {
+                metrics.cancelled();
+                continue; // the client disconnected: drop it now
+            }
+            if now > r.deadline {
+                metrics.failed();
+                let _ = r.events.send(Event::Failed { status: 504, message: "the request timed out".into() });
+                continue;
+            }
+            let events = &r.events;
+            match r.generation.advance(engine, &mut |text| {
+                let _ = events.send(Event::Text(text.to_string()));
+            }) {
+                Ok(next) => {
+                    if r.first_token {
+                        metrics.observe_first_token(r.started.elapsed());
+                        r.first_token = false;
+                    }
+                    r.next = next; // None: finished, its output is sent by the sweep below
+                }
+                Err(e) => {
+                    metrics.failed();
+                    let _ = r.events.send(Event::Failed { status: 500, message: e.to_string() });
+                }
+            }
+        }
+        // Sweep the ended sequences (finished, failed, cancelled), freeing their memory.
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].next.is_some() {
+                i += 1;
+                continue;
+            }
+            let r = running.swap_remove(i);
+            reserved -= r.reserve_bytes;
+            if r.generation.stop_reason().is_some() && !r.events.is_closed() {
+                let elapsed = r.started.elapsed();
+                match r.generation.finish(engine, &mut |text| {
+                    let _ = r.events.send(Event::Text(text.to_string()));
+                }) {
+                    Ok(out) => {
+                        metrics.completed(out.prompt_tokens, out.generated_tokens, elapsed);
+                        let _ = r.events.send(Event::Done(Box::new(out)));
+                    }
+                    Err(e) => {
+                        let _ = r.events.send(Event::Failed { status: 500, message: e.to_string() });
+                    }
+                }
+            }
+        }
+        metrics.set_kv_reserved(reserved);
+        if running.is_empty() {
+            metrics.set_running(0, 0, 0);
+            continue;
+        }
+        let next: Vec<u32> = running.iter().map(|r| r.next.expect("kept only when it continues")).collect();
+        let mut generations: Vec<&mut Generation> = running.iter_mut().map(|r| &mut r.generation).collect();
+        if let Err(e) = engine.step_generations(&mut generations, &next) {
+            // A step that fails fails every sequence in it.
+            for r in running.drain(..) {
+                reserved -= r.reserve_bytes;
+                metrics.failed();
+                let _ = r.events.send(Event::Failed { status: 500, message: e.to_string() });
+            }
+            continue;
+        }
+        let held: usize = running.iter().map(|r| r.generation.cache.bytes_held()).sum();
+        let full: usize = running.iter().map(|r| r.generation.cache.stats.bytes_full_equivalent).sum();
+        metrics.set_running(running.len(), held, full.saturating_sub(held));
+    }
+}
