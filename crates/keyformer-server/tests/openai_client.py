@@ -1,0 +1,244 @@
+"""`keyformer serve` through OpenAI's own Python client, against `keyformer run`.
+
+Run by scripts/test-server.sh (which installs the `openai` package): starts real servers on
+loopback and checks that
+- completions and chat completions, streamed or not, at temperature 0 equal `keyformer run`'s
+  text for the same prompt and KV settings, also with many requests at once;
+- bad input gets a 4xx with OpenAI's error object and the server keeps serving;
+- the API key, the bounded queue (429), client disconnects and graceful shutdown work.
+"""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+
+BIN = os.environ.get("KEYFORMER_BIN", "target/release/keyformer")
+MODEL_NAME = "smollm2-135m"
+
+
+class Server:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.time() + 120
+        self.log = []
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError("server exited: " + "".join(self.log))
+            self.log.append(line)
+            m = re.search(r"listening on http://(\S+)", line)
+            if m:
+                self.addr = m.group(1)
+                return
+        raise RuntimeError("server did not start")
+
+    def url(self, path):
+        return f"http://{self.addr}{path}"
+
+    def client(self, key="none"):
+        return openai.OpenAI(base_url=self.url("/v1"), api_key=key, max_retries=0)
+
+    def post(self, path, body, headers=None):
+        """Raw POST: (status, parsed JSON or text)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url(path), data=data, headers=headers or {}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def metrics(self):
+        with urllib.request.urlopen(self.url("/metrics"), timeout=30) as r:
+            text = r.read().decode()
+        return {l.split()[0]: float(l.split()[1]) for l in text.splitlines() if l and not l.startswith("#")}
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+
+def run_reference(prompt, max_tokens, kv, chat=False):
+    args = [BIN, "run", "--prompt", prompt, "--max-tokens", str(max_tokens), "--temperature", "0", "--json"]
+    if chat:
+        args.append("--chat")
+    if kv:
+        args += ["--kv-policy", kv["policy"], "--kv-budget", str(kv["budget"])]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["text"]
+
+
+LONG = (
+    "The history of the printing press begins in the fifteenth century, when movable type "
+    "changed how books were made, how ideas travelled and how people learned to read. "
+) * 6
+CASES = [
+    ("The capital of France is", 12, None),
+    ("Once upon a time, in a small village by the sea,", 20, None),
+    (LONG + "In short, the printing press", 24, {"policy": "keyformer", "budget": "50%"}),
+    (LONG + "Its most important effect was", 24, {"policy": "h2o", "budget": 40}),
+]
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print("ok:", what.split("\n")[0][:100])
+
+
+def completion(client, prompt, max_tokens, kv, stream):
+    extra = {"kv_cache": kv} if kv else None
+    if stream:
+        pieces = client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body=extra
+        )
+        return "".join(c.choices[0].text for c in pieces if c.choices)
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
+    return r.choices[0].text
+
+
+def chat(client, prompt, max_tokens, kv, stream):
+    extra = {"kv_cache": kv} if kv else None
+    messages = [{"role": "user", "content": prompt}]
+    if stream:
+        pieces = client.chat.completions.create(
+            model=MODEL_NAME, messages=messages, max_tokens=max_tokens, temperature=0, stream=True, extra_body=extra
+        )
+        return "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=max_tokens, temperature=0, extra_body=extra
+    )
+    return r.choices[0].message.content
+
+
+def main():
+    refs = {(p, n, json.dumps(kv)): run_reference(p, n, kv) for p, n, kv in CASES}
+    chat_refs = {(p, n, json.dumps(kv)): run_reference(p, n, kv, chat=True) for p, n, kv in CASES[:2]}
+
+    server = Server("--kv-memory", "256M", "--max-batch", "8", "--max-queue", "64")
+    client = server.client()
+    check([m.id for m in client.models.list().data] == [MODEL_NAME], "GET /v1/models lists the model")
+
+    for p, n, kv in CASES:
+        want = refs[(p, n, json.dumps(kv))]
+        for stream in (False, True):
+            got = completion(client, p, n, kv, stream)
+            check(got == want, f"completion stream={stream} kv={kv} equals keyformer run:\n{got!r}\n{want!r}")
+    for p, n, kv in CASES[:2]:
+        want = chat_refs[(p, n, json.dumps(kv))]
+        for stream in (False, True):
+            got = chat(client, p, n, kv, stream)
+            check(got == want, f"chat stream={stream} equals keyformer run --chat:\n{got!r}\n{want!r}")
+
+    r = client.completions.create(model=MODEL_NAME, prompt=CASES[2][0], max_tokens=8, temperature=0,
+                                  extra_body={"kv_cache": CASES[2][2]})
+    kv = r.usage.model_extra["kv_cache"]
+    check(r.usage.prompt_tokens > 100 and r.usage.completion_tokens == 8, "usage counts the tokens")
+    check(kv["policy"] == "keyformer" and kv["evictions"] > 0 and kv["bytes_held_max"] < kv["bytes_full_equivalent"],
+          f"usage.kv_cache reports the budget's savings: {kv}")
+
+    # Many at once, mixed: every answer is its own.
+    jobs = [(c, s, kind) for c in CASES for s in (False, True) for kind in ("completion",)] * 3
+    jobs += [(c, s, "chat") for c in CASES[:2] for s in (False, True)] * 2
+
+    def one(job):
+        (p, n, kv), stream, kind = job
+        if kind == "chat":
+            return chat(client, p, n, kv, stream) == chat_refs[(p, n, json.dumps(kv))]
+        return completion(client, p, n, kv, stream) == refs[(p, n, json.dumps(kv))]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(one, jobs))
+    check(all(results), f"{len(jobs)} concurrent requests each equal their own reference ({results.count(False)} differ)")
+    m = server.metrics()
+    check(m["keyformer_kv_bytes_in_use"] == 0 and m["keyformer_queue_depth"] == 0, "idle server holds no KV")
+
+    # Bad input: 4xx with an error object, and the server goes on.
+    long_prompt = "word " * 9000
+    bad = [
+        (b"{not json", 400, None),
+        (b'{"prompt": 5}', 400, None),
+        (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400, None),
+        (json.dumps({"prompt": "x", "kv_cache": {"policy": "lru", "budget": 8}}).encode(), 400, "kv_cache.policy"),
+        (json.dumps({"prompt": "x", "kv_cache": {"policy": "keyformer", "budget": 0}}).encode(), 400, "kv_cache"),
+        (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
+        (json.dumps({"prompt": long_prompt}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
+    ]
+    for body, status, param in bad:
+        code, err = server.post("/v1/completions", body, {"Content-Type": "application/json"})
+        check(code == status and "message" in err["error"] and err["error"]["param"] == param,
+              f"bad input {body[:40]!r} -> {code} {err}")
+    code, err = server.post("/v1/completions", b"x" * (5 << 20))
+    check(code == 413 and "error" in err, "an oversized body -> 413")
+    try:
+        client.completions.create(model=MODEL_NAME, prompt=long_prompt, max_tokens=4)
+        check(False, "the client sees the context error")
+    except openai.BadRequestError as e:
+        check("context" in str(e), "the openai client raises BadRequestError for a too-long prompt")
+    check(completion(client, *CASES[0], False) == refs[(CASES[0][0], CASES[0][1], "null")], "still serving after bad input")
+
+    # A client that disconnects frees its sequence.
+    before = server.metrics()["keyformer_requests_cancelled_total"]
+    host, port = server.addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Count: 1, 2, 3,", "max_tokens": 3000,
+                                                        "temperature": 0, "stream": True}))
+    resp = conn.getresponse()
+    resp.readline()
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and server.metrics()["keyformer_requests_cancelled_total"] == before:
+        time.sleep(0.2)
+    m = server.metrics()
+    check(m["keyformer_requests_cancelled_total"] == before + 1, "a disconnected client's sequence is cancelled")
+    check(m["keyformer_kv_bytes_reserved"] == 0, "and its KV reservation is freed")
+
+    # Graceful shutdown: a running request finishes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(completion, client, CASES[1][0], 200, None, False)
+        time.sleep(1.0)
+        rc = server.stop()
+        check(len(fut.result(timeout=300)) > 0, "a request running at shutdown completes")
+    check(rc == 0, f"the server exits cleanly on SIGTERM (rc {rc})")
+
+    # API key.
+    keyed = Server("--api-key", "sekret", "--kv-memory", "64M")
+    for key, ok in (("none", False), ("sekret", True)):
+        try:
+            keyed.client(key).models.list()
+            check(ok, "right key accepted")
+        except openai.AuthenticationError:
+            check(not ok, "wrong key -> 401")
+    code, err = keyed.post("/v1/completions", {"prompt": "x"})
+    check(code == 401 and err["error"]["code"] == "invalid_api_key", "missing key -> 401")
+    keyed.stop()
+
+    # A full queue answers 429; the others are served.
+    small = Server("--max-batch", "1", "--max-queue", "1", "--kv-memory", "64M")
+
+    def post_long(_):
+        return small.post("/v1/completions", {"prompt": "Count: 1, 2, 3,", "max_tokens": 48, "temperature": 0})[0]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        codes = list(pool.map(post_long, range(6)))
+    check(429 in codes and 200 in codes and set(codes) <= {200, 429}, f"queue of 1: {codes}")
+    small.stop()
+    print("all server checks passed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
