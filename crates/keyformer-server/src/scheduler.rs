@@ -144,8 +144,7 @@ fn run(engine: &Engine, shared: &Shared, limits: &Limits, metrics: &Metrics) {
         let mut admitted = Vec::new();
         {
             let mut q = shared.queue.lock().expect("scheduler lock");
-            loop {
-                let Some(job) = q.waiting.front() else { break };
+            while let Some(job) = q.waiting.front() {
                 let needed = job.reserve_bytes.max(job.prefill_bytes);
                 let fits = reserved + needed <= limits.kv_memory;
                 if running.len() + admitted.len() >= limits.max_batch || !fits {
