@@ -122,6 +122,19 @@ fn bad_run_arguments_give_one_line_errors() {
 }
 
 #[test]
+fn bad_serve_arguments_give_one_line_errors() {
+    assert_clean_error(&keyformer(&["serve", "--kv-memory", "lots"]), "--kv-memory");
+    assert_clean_error(&keyformer(&["serve", "--kv-memory", "0"]), "--kv-memory");
+    assert_clean_error(&keyformer(&["serve", "--kv-memory", "150%"]), "percentage");
+    assert_clean_error(&keyformer(&["serve", "--max-batch", "0"]), "--max-batch");
+    assert_clean_error(&keyformer(&["serve", "--kv-policy", "keyformer"]), "needs a --kv-budget");
+    // A port already taken: a clear error, not a panic.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert_clean_error(&keyformer(&["serve", "--port", &port]), "cannot listen");
+}
+
+#[test]
 fn bad_kv_settings_give_clear_errors() {
     assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "h2o", "--kv-budget", "0"]), "at least 1 token");
     assert_clean_error(

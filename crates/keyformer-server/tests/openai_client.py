@@ -227,6 +227,30 @@ def main():
     check(code == 401 and err["error"]["code"] == "invalid_api_key", "missing key -> 401")
     keyed.stop()
 
+    # Admission by KV memory: the same requests run one at a time with the full cache, several
+    # at once with a 50% budget (a token costs 30 layers x 3 KV heads x 2 x 128 bytes here).
+    def peak_batch(server, kv, n):
+        body = {"prompt": CASES[2][0], "max_tokens": 64, "temperature": 0}
+        if kv:
+            body["kv_cache"] = kv
+        peak, done = 0, []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+            futs = [pool.submit(server.post, "/v1/completions", body) for _ in range(n)]
+            while not all(f.done() for f in futs):
+                peak = max(peak, server.metrics()["keyformer_batch_size"])
+                time.sleep(0.02)
+            done = [f.result()[0] for f in futs]
+        return peak, done
+
+    tight = Server("--kv-memory", "8M", "--max-batch", "8")
+    full_peak, codes = peak_batch(tight, None, 4)
+    check(codes == [200] * 4 and full_peak == 1, f"8M of KV runs full-cache requests one at a time (peak {full_peak})")
+    kf_peak, codes = peak_batch(tight, {"policy": "keyformer", "budget": "50%"}, 4)
+    check(codes == [200] * 4 and kf_peak >= 2, f"the same memory runs keyformer@50% requests together (peak {kf_peak})")
+    code, err = tight.post("/v1/completions", {"prompt": CASES[2][0], "max_tokens": 2000})
+    check(code == 400 and "kv-memory" in err["error"]["message"], "a request that can never fit -> 400")
+    tight.stop()
+
     # A full queue answers 429; the others are served.
     small = Server("--max-batch", "1", "--max-queue", "1", "--kv-memory", "64M")
 
