@@ -7,7 +7,9 @@ use keyformer_kv::{noise, NoiseKind, Signal};
 use super::{pool, vmath};
 
 use crate::kv::{HeadKv, KvRows};
-use crate::quant::dot::{dot_row, quantize_q8, PreparedActivations, Q8Block};
+use crate::quant::dot::{
+    dot_q8_tokens, dot_row, has_dot_q8_tokens, quantize_q8, PreparedActivations, Q8Block, DOT_TOKENS,
+};
 use crate::quant::{dequantize_row, GgmlType};
 
 /// A weight matrix as stored in the file: `rows` output features of `cols` inputs each,
@@ -103,7 +105,28 @@ pub fn matmul_many_per_token(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&
             let w = &ws[wi];
             let r0 = (task - first_task[wi]) * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(w.rows - r0);
-            for t in 0..n {
+            // Groups of DOT_TOKENS tokens through the several-token kernels (a weight block
+            // unpacked once for all of them; the same bits as one token at a time).
+            let mut done = 0;
+            if has_dot_q8_tokens(w.ggml_type) {
+                while done + DOT_TOKENS <= n {
+                    let acts: [&[Q8Block]; DOT_TOKENS] = std::array::from_fn(|k| {
+                        let t = done + k;
+                        &q8[t * blocks_per_token..(t + 1) * blocks_per_token]
+                    });
+                    let mut out = [0f32; DOT_TOKENS];
+                    for k in 0..rows {
+                        dot_q8_tokens(w.ggml_type, w.row(r0 + k), &acts, &mut out);
+                        for (j, &v) in out.iter().enumerate() {
+                            // SAFETY: row r0 + k of token done + j's part of output wi belongs
+                            // to this task only; the outputs outlive the loop.
+                            unsafe { *outs[wi].0.add((done + j) * w.rows + r0 + k) = v };
+                        }
+                    }
+                    done += DOT_TOKENS;
+                }
+            }
+            for t in done..n {
                 let act = if w.ggml_type.uses_q8_activations() {
                     PreparedActivations::Q8(&q8[t * blocks_per_token..(t + 1) * blocks_per_token])
                 } else {

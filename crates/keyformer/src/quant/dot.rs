@@ -145,6 +145,46 @@ pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
     dot_q8_scalar(t, row, a)
 }
 
+/// Tokens per call of [`dot_q8_tokens`].
+pub const DOT_TOKENS: usize = 4;
+
+/// [`dot_q8`] of one weight row with [`DOT_TOKENS`] tokens' activations at once: the row's
+/// blocks are loaded and unpacked once for all of them. Every `out[t]` is bit for bit
+/// `dot_q8(t, row, acts[t])` (the same operations per token in the same order). Returns false,
+/// leaving `out` alone, where this CPU or type has no such kernel (call [`dot_q8`] per token).
+pub fn dot_q8_tokens(t: GgmlType, row: &[u8], acts: &[&[Q8Block]; DOT_TOKENS], out: &mut [f32; DOT_TOKENS]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available() && acts.iter().all(|a| a.len() == acts[0].len()) {
+        // SAFETY: the CPU supports AVX-512 VNNI/VL besides AVX2 (checked once at run time); the
+        // activations have equal lengths.
+        unsafe {
+            match t {
+                GgmlType::Q4_1 => {
+                    x86::dot_q4_1_vnni_tokens(row, acts, out);
+                    return true;
+                }
+                GgmlType::Q8_0 => {
+                    x86::dot_q8_0_vnni_tokens(row, acts, out);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+    }
+    let _ = (t, row, acts, out);
+    false
+}
+
+/// Whether [`dot_q8_tokens`] has a kernel for `t` on this CPU.
+pub fn has_dot_q8_tokens(t: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available() {
+        return matches!(t, GgmlType::Q4_1 | GgmlType::Q8_0);
+    }
+    let _ = t;
+    false
+}
+
 /// Whether the AVX2 kernels run on this CPU.
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -222,7 +262,7 @@ pub fn dot_q8_scalar(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::Q8Block;
+    use super::{Q8Block, DOT_TOKENS};
     use std::arch::x86_64::*;
 
     /// The sum of eight lanes (shared by the CPU backend's x86 kernels).
@@ -342,6 +382,90 @@ pub(crate) mod x86 {
         })
     }
 
+    /// The two-chain block loop of [`two_chain_sum`] for several tokens: `$block` computes a
+    /// block's shared part once (from `$i`), then `$token` each token's (scale, products,
+    /// offset) from it (`$t`); each token accumulates exactly as the single-token kernel does.
+    macro_rules! two_chain_sum_tokens {
+        ($n:expr, $out:expr, |$i:ident| $block:expr, |$shared:ident, $t:ident| $token:expr) => {{
+            let n = $n;
+            let out: &mut [f32; DOT_TOKENS] = $out;
+            let mut acc = [[_mm256_setzero_ps(); 2]; DOT_TOKENS];
+            let mut offs = [[0f32; 2]; DOT_TOKENS];
+            let mut step = |blk: usize, chain: usize| {
+                let $shared = {
+                    let $i = blk;
+                    $block
+                };
+                for $t in 0..DOT_TOKENS {
+                    let (s, p, o) = $token;
+                    acc[$t][chain] = _mm256_fmadd_ps(s, p, acc[$t][chain]);
+                    offs[$t][chain] += o;
+                }
+            };
+            for pair in 0..n / 2 {
+                step(2 * pair, 0);
+                step(2 * pair + 1, 1);
+            }
+            if n % 2 == 1 {
+                step(n - 1, 0);
+            }
+            for t in 0..DOT_TOKENS {
+                out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + (offs[t][0] + offs[t][1]);
+            }
+        }};
+    }
+
+    /// [`dot_q4_1_vnni`] for [`DOT_TOKENS`] tokens: each block's scales and nibbles once.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q4_1_vnni_tokens(row: &[u8], acts: &[&[Q8Block]; DOT_TOKENS], out: &mut [f32; DOT_TOKENS]) {
+        let n = acts[0].len();
+        debug_assert!(row.len() >= n * 20);
+        let p = row.as_ptr();
+        let zero = _mm256_setzero_si256();
+        two_chain_sum_tokens!(
+            n,
+            out,
+            |i| {
+                let b = p.add(i * 20);
+                let (d, m) = f16x2(b);
+                (i, d, m, nibbles(b.add(4)))
+            },
+            |shared, t| {
+                let (i, d, m, w) = shared;
+                let ab = acts[t].get_unchecked(i);
+                let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                let products = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w, y));
+                (_mm256_set1_ps(d * ab.d), products, m * ab.sum)
+            }
+        )
+    }
+
+    /// [`dot_q8_0_vnni`] for [`DOT_TOKENS`] tokens: each block's scale and weights once.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot_q8_0_vnni_tokens(row: &[u8], acts: &[&[Q8Block]; DOT_TOKENS], out: &mut [f32; DOT_TOKENS]) {
+        let n = acts[0].len();
+        debug_assert!(row.len() >= n * 34);
+        let p = row.as_ptr();
+        let zero = _mm256_setzero_si256();
+        two_chain_sum_tokens!(
+            n,
+            out,
+            |i| {
+                let b = p.add(i * 34);
+                let (d, _) = f16x2(b);
+                let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                (i, d, w, _mm256_sign_epi8(w, w))
+            },
+            |shared, t| {
+                let (i, d, w, w_abs) = shared;
+                let ab = acts[t].get_unchecked(i);
+                let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                let products = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w_abs, _mm256_sign_epi8(y, w)));
+                (_mm256_set1_ps(d * ab.d), products, 0.0)
+            }
+        )
+    }
+
     /// 32 floats -> one [`Q8Block`] per chunk, round half to even (`vcvtps2dq`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
@@ -456,6 +580,39 @@ pub(crate) mod tests {
             }
         }
         row
+    }
+
+    #[test]
+    fn several_token_dots_equal_the_single_token_dot_bit_for_bit() {
+        let mut rng = Lcg(11);
+        for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            for blocks in [1usize, 2, 3, 7, 18] {
+                let n = blocks * 32;
+                let row = random_row(t, n, &mut rng);
+                let acts: Vec<Vec<Q8Block>> = (0..DOT_TOKENS)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                        let mut q = Vec::new();
+                        quantize_q8(&x, &mut q);
+                        q
+                    })
+                    .collect();
+                let refs: [&[Q8Block]; DOT_TOKENS] = std::array::from_fn(|k| acts[k].as_slice());
+                let mut out = [f32::NAN; DOT_TOKENS];
+                let ran = dot_q8_tokens(t, &row, &refs, &mut out);
+                assert_eq!(ran, has_dot_q8_tokens(t), "{t:?}: the kernel runs where it is said to");
+                if !ran {
+                    continue;
+                }
+                for k in 0..DOT_TOKENS {
+                    assert_eq!(
+                        out[k].to_bits(),
+                        dot_q8(t, &row, &acts[k]).to_bits(),
+                        "{t:?} blocks {blocks} token {k}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
