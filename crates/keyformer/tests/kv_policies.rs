@@ -244,6 +244,10 @@ fn batched_decoding_equals_each_sequence_alone() {
         (config(PolicyKind::Keyformer, Amount::Percent(50.0)), 90),
         (config(PolicyKind::H2o, Amount::Tokens(40)), 75),
         (config(PolicyKind::Tova, Amount::Tokens(30)), 45),
+        // Seven sequences: the batch goes through the 4-, 2- and 1-token dot kernels.
+        (config(PolicyKind::Window, Amount::Tokens(20)), 50),
+        (config(PolicyKind::Sink, Amount::Percent(30.0)), 80),
+        (config(PolicyKind::Keyformer, Amount::Tokens(25)), 70),
     ];
     let alone: Vec<Vec<Vec<f32>>> =
         setups.iter().map(|(kv, n)| decode(&engine, kv, &prompt(&engine, *n), steps).0).collect();

@@ -7,9 +7,7 @@ use keyformer_kv::{noise, NoiseKind, Signal};
 use super::{pool, vmath};
 
 use crate::kv::{HeadKv, KvRows};
-use crate::quant::dot::{
-    dot_q8_tokens, dot_row, has_dot_q8_tokens, quantize_q8, PreparedActivations, Q8Block, DOT_TOKENS,
-};
+use crate::quant::dot::{dot_q8_tokens, dot_row, has_dot_q8_tokens, quantize_q8, PreparedActivations, Q8Block};
 use crate::quant::{dequantize_row, GgmlType};
 
 /// A weight matrix as stored in the file: `rows` output features of `cols` inputs each,
@@ -105,26 +103,14 @@ pub fn matmul_many_per_token(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&
             let w = &ws[wi];
             let r0 = (task - first_task[wi]) * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(w.rows - r0);
-            // Groups of DOT_TOKENS tokens through the several-token kernels (a weight block
+            // Groups of 8, 4 and 2 tokens through the several-token kernels (a weight block
             // unpacked once for all of them; the same bits as one token at a time).
             let mut done = 0;
             if has_dot_q8_tokens(w.ggml_type) {
-                while done + DOT_TOKENS <= n {
-                    let acts: [&[Q8Block]; DOT_TOKENS] = std::array::from_fn(|k| {
-                        let t = done + k;
-                        &q8[t * blocks_per_token..(t + 1) * blocks_per_token]
-                    });
-                    let mut out = [0f32; DOT_TOKENS];
-                    for k in 0..rows {
-                        dot_q8_tokens(w.ggml_type, w.row(r0 + k), &acts, &mut out);
-                        for (j, &v) in out.iter().enumerate() {
-                            // SAFETY: row r0 + k of token done + j's part of output wi belongs
-                            // to this task only; the outputs outlive the loop.
-                            unsafe { *outs[wi].0.add((done + j) * w.rows + r0 + k) = v };
-                        }
-                    }
-                    done += DOT_TOKENS;
-                }
+                let act = |t: usize| &q8[t * blocks_per_token..(t + 1) * blocks_per_token];
+                done = dot_token_group::<8>(w, r0, rows, n, done, &act, outs[wi]);
+                done = dot_token_group::<4>(w, r0, rows, n, done, &act, outs[wi]);
+                done = dot_token_group::<2>(w, r0, rows, n, done, &act, outs[wi]);
             }
             for t in done..n {
                 let act = if w.ggml_type.uses_q8_activations() {
@@ -141,6 +127,32 @@ pub fn matmul_many_per_token(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&
             }
         });
     });
+}
+
+/// Rows `r0..r0 + rows` of `w` for tokens `done..`, `T` at a time while `T` remain; returns
+/// the first token not done. `out` is the weight's output (token-major, `w.rows` per token).
+fn dot_token_group<'a, const T: usize>(
+    w: &WeightView,
+    r0: usize,
+    rows: usize,
+    n: usize,
+    mut done: usize,
+    act: &impl Fn(usize) -> &'a [Q8Block],
+    out: SharedOut,
+) -> usize {
+    while done + T <= n {
+        let acts: [&[Q8Block]; T] = std::array::from_fn(|k| act(done + k));
+        let mut dots = [0f32; T];
+        for k in 0..rows {
+            dot_q8_tokens(w.ggml_type, w.row(r0 + k), &acts, &mut dots);
+            for (j, &v) in dots.iter().enumerate() {
+                // SAFETY: the caller's task owns rows r0..r0 + rows of every token's output.
+                unsafe { *out.0.add((done + j) * w.rows + r0 + k) = v };
+            }
+        }
+        done += T;
+    }
+    done
 }
 
 thread_local! {

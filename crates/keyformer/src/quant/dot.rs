@@ -145,14 +145,11 @@ pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
     dot_q8_scalar(t, row, a)
 }
 
-/// Tokens per call of [`dot_q8_tokens`].
-pub const DOT_TOKENS: usize = 4;
-
-/// [`dot_q8`] of one weight row with [`DOT_TOKENS`] tokens' activations at once: the row's
-/// blocks are loaded and unpacked once for all of them. Every `out[t]` is bit for bit
+/// [`dot_q8`] of one weight row with `T` tokens' activations at once: the row's blocks are
+/// loaded and unpacked once for all of them. Every `out[t]` is bit for bit
 /// `dot_q8(t, row, acts[t])` (the same operations per token in the same order). Returns false,
 /// leaving `out` alone, where this CPU or type has no such kernel (call [`dot_q8`] per token).
-pub fn dot_q8_tokens(t: GgmlType, row: &[u8], acts: &[&[Q8Block]; DOT_TOKENS], out: &mut [f32; DOT_TOKENS]) -> bool {
+pub fn dot_q8_tokens<const T: usize>(t: GgmlType, row: &[u8], acts: &[&[Q8Block]; T], out: &mut [f32; T]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if vnni_available() && acts.iter().all(|a| a.len() == acts[0].len()) {
         // SAFETY: the CPU supports AVX-512 VNNI/VL besides AVX2 (checked once at run time); the
@@ -262,7 +259,7 @@ pub fn dot_q8_scalar(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Q8Block, DOT_TOKENS};
+    use super::Q8Block;
     use std::arch::x86_64::*;
 
     /// The sum of eight lanes (shared by the CPU backend's x86 kernels).
@@ -388,15 +385,15 @@ pub(crate) mod x86 {
     macro_rules! two_chain_sum_tokens {
         ($n:expr, $out:expr, |$i:ident| $block:expr, |$shared:ident, $t:ident| $token:expr) => {{
             let n = $n;
-            let out: &mut [f32; DOT_TOKENS] = $out;
-            let mut acc = [[_mm256_setzero_ps(); 2]; DOT_TOKENS];
-            let mut offs = [[0f32; 2]; DOT_TOKENS];
+            let out = $out;
+            let mut acc = [[_mm256_setzero_ps(); 2]; T];
+            let mut offs = [[0f32; 2]; T];
             let mut step = |blk: usize, chain: usize| {
                 let $shared = {
                     let $i = blk;
                     $block
                 };
-                for $t in 0..DOT_TOKENS {
+                for $t in 0..T {
                     let (s, p, o) = $token;
                     acc[$t][chain] = _mm256_fmadd_ps(s, p, acc[$t][chain]);
                     offs[$t][chain] += o;
@@ -409,15 +406,15 @@ pub(crate) mod x86 {
             if n % 2 == 1 {
                 step(n - 1, 0);
             }
-            for t in 0..DOT_TOKENS {
+            for t in 0..T {
                 out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + (offs[t][0] + offs[t][1]);
             }
         }};
     }
 
-    /// [`dot_q4_1_vnni`] for [`DOT_TOKENS`] tokens: each block's scales and nibbles once.
+    /// [`dot_q4_1_vnni`] for `T` tokens: each block's scales and nibbles once.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn dot_q4_1_vnni_tokens(row: &[u8], acts: &[&[Q8Block]; DOT_TOKENS], out: &mut [f32; DOT_TOKENS]) {
+    pub unsafe fn dot_q4_1_vnni_tokens<const T: usize>(row: &[u8], acts: &[&[Q8Block]; T], out: &mut [f32; T]) {
         let n = acts[0].len();
         debug_assert!(row.len() >= n * 20);
         let p = row.as_ptr();
@@ -440,9 +437,9 @@ pub(crate) mod x86 {
         )
     }
 
-    /// [`dot_q8_0_vnni`] for [`DOT_TOKENS`] tokens: each block's scale and weights once.
+    /// [`dot_q8_0_vnni`] for `T` tokens: each block's scale and weights once.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn dot_q8_0_vnni_tokens(row: &[u8], acts: &[&[Q8Block]; DOT_TOKENS], out: &mut [f32; DOT_TOKENS]) {
+    pub unsafe fn dot_q8_0_vnni_tokens<const T: usize>(row: &[u8], acts: &[&[Q8Block]; T], out: &mut [f32; T]) {
         let n = acts[0].len();
         debug_assert!(row.len() >= n * 34);
         let p = row.as_ptr();
@@ -582,14 +579,12 @@ pub(crate) mod tests {
         row
     }
 
-    #[test]
-    fn several_token_dots_equal_the_single_token_dot_bit_for_bit() {
-        let mut rng = Lcg(11);
+    fn check_several_token_dots<const T: usize>(rng: &mut Lcg) {
         for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
             for blocks in [1usize, 2, 3, 7, 18] {
                 let n = blocks * 32;
-                let row = random_row(t, n, &mut rng);
-                let acts: Vec<Vec<Q8Block>> = (0..DOT_TOKENS)
+                let row = random_row(t, n, rng);
+                let acts: Vec<Vec<Q8Block>> = (0..T)
                     .map(|_| {
                         let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
                         let mut q = Vec::new();
@@ -597,22 +592,27 @@ pub(crate) mod tests {
                         q
                     })
                     .collect();
-                let refs: [&[Q8Block]; DOT_TOKENS] = std::array::from_fn(|k| acts[k].as_slice());
-                let mut out = [f32::NAN; DOT_TOKENS];
+                let refs: [&[Q8Block]; T] = std::array::from_fn(|k| acts[k].as_slice());
+                let mut out = [f32::NAN; T];
                 let ran = dot_q8_tokens(t, &row, &refs, &mut out);
                 assert_eq!(ran, has_dot_q8_tokens(t), "{t:?}: the kernel runs where it is said to");
                 if !ran {
                     continue;
                 }
-                for k in 0..DOT_TOKENS {
-                    assert_eq!(
-                        out[k].to_bits(),
-                        dot_q8(t, &row, &acts[k]).to_bits(),
-                        "{t:?} blocks {blocks} token {k}"
-                    );
+                for k in 0..T {
+                    let single = dot_q8(t, &row, &acts[k]);
+                    assert_eq!(out[k].to_bits(), single.to_bits(), "{t:?} T={T} blocks {blocks} token {k}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn several_token_dots_equal_the_single_token_dot_bit_for_bit() {
+        let mut rng = Lcg(11);
+        check_several_token_dots::<2>(&mut rng);
+        check_several_token_dots::<4>(&mut rng);
+        check_several_token_dots::<8>(&mut rng);
     }
 
     #[test]
