@@ -179,7 +179,8 @@ async fn handle(app: Arc<App>, request: Request, endpoint: Endpoint) -> Result<R
         Endpoint::Chat => api::parse_chat(&body, defaults),
     }
     .map_err(reject)?;
-    let (job, rx, prompt_tokens) = make_job(&app, parsed.prompt, parsed.req.clone()).map_err(reject)?;
+    let (job, rx) = make_job(&app, parsed.prompt, parsed.req).map_err(reject)?;
+    let prompt_tokens = job.prompt.len();
     app.scheduler.submit(job).map_err(|e| {
         reject(match e {
             SubmitError::QueueFull(_) => ApiError::with_status(429, e.to_string(), Some("queue_full")),
@@ -210,7 +211,7 @@ fn make_job(
     app: &App,
     prompt: Prompt,
     mut req: keyformer::engine::GenerateRequest,
-) -> Result<(Job, mpsc::UnboundedReceiver<Event>, usize), ApiError> {
+) -> Result<(Job, mpsc::UnboundedReceiver<Event>), ApiError> {
     let engine = &app.engine;
     let text = match prompt {
         Prompt::Text(t) => t,
@@ -253,8 +254,7 @@ fn make_job(
         deadline: now + app.config.request_timeout,
         enqueued: now,
     };
-    let n = job.prompt.len();
-    Ok((job, rx, n))
+    Ok((job, rx))
 }
 
 struct ResponseMeta {

@@ -70,9 +70,6 @@ impl Metrics {
     pub fn set_kv_limit(&self, bytes: usize) {
         self.kv_bytes_limit.store(bytes as u64, Relaxed);
     }
-    pub fn kv_bytes_held(&self) -> u64 {
-        self.kv_bytes_held.load(Relaxed)
-    }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {

@@ -116,16 +116,12 @@ pub fn generation(
     kv: &PolicyConfig,
     reps: usize,
 ) -> Result<BenchResult, ModelError> {
-    let mut prompt_cache = engine.new_cache(kv, depth, n)?;
-    let mut first = 1u32;
-    if depth > 0 {
-        let logits = engine.prefill(&synthetic_tokens(depth, engine.model.config.vocab_size), &mut prompt_cache)?;
-        first = argmax(&logits);
-    }
+    let (prompt_cache, first) = prompt_for_generation(engine, kv, depth, n)?;
     let prompt_bytes = prompt_cache.bytes_held();
     let mut prompt_cache = Some(prompt_cache);
     let mut samples = Vec::with_capacity(reps);
     let mut last = None;
+    let mut logits = Vec::new();
     for rep in 0..=reps {
         drop(last.take());
         // The last repetition decodes from the prompt's cache itself, with no copy beside it,
@@ -137,26 +133,14 @@ pub fn generation(
         } else {
             prompt_cache.as_ref().expect("kept until the last repetition").clone()
         };
-        let (mut next, mut logits) = (first, Vec::new());
-        let t = Instant::now();
-        for _ in 0..n {
-            engine.decode_step_into(next, &mut cache, &mut logits)?;
-            next = argmax(&logits);
-        }
+        let seconds = decode_timed(engine, &mut cache, first, n, &mut logits)?;
         if rep > 0 {
-            samples.push(t.elapsed().as_secs_f64());
+            samples.push(seconds);
         }
         last = Some(cache);
     }
     let last = last.expect("at least one run");
-    let mut r = BenchResult::new("tg", n, depth, kv, samples, &last);
-    // The cache grows (full) or stays at its budget over the steps: read its mean size.
-    let kv_mean = (prompt_bytes + last.bytes_held()) / 2;
-    let bytes = weight_bytes(engine) + kv_mean;
-    r.bytes_per_token = Some(bytes);
-    r.read_gb_s = Some(bytes as f64 * r.median_tok_s / 1e9);
-    r.peak_rss_bytes = peak_rss_bytes();
-    Ok(r)
+    Ok(generation_row(engine, n, depth, kv, samples, prompt_bytes, &last, peak_rss_bytes()))
 }
 
 /// [`generation`] for several policies at once, their repetitions interleaved (round r runs
@@ -171,13 +155,7 @@ pub fn generation_interleaved(
     kvs: &[PolicyConfig],
     reps: usize,
 ) -> Result<Vec<BenchResult>, ModelError> {
-    let vocab = engine.model.config.vocab_size;
-    let mut prompts = Vec::with_capacity(kvs.len());
-    for kv in kvs {
-        let mut cache = engine.new_cache(kv, depth, n)?;
-        let first = if depth > 0 { argmax(&engine.prefill(&synthetic_tokens(depth, vocab), &mut cache)?) } else { 1 };
-        prompts.push((cache, first));
-    }
+    let prompts = kvs.iter().map(|kv| prompt_for_generation(engine, kv, depth, n)).collect::<Result<Vec<_>, _>>()?;
     reset_peak_rss();
     let mut samples = vec![Vec::with_capacity(reps); kvs.len()];
     let mut last: Vec<Option<KvCache>> = vec![None; kvs.len()];
@@ -186,30 +164,76 @@ pub fn generation_interleaved(
         for (i, (prompt, first)) in prompts.iter().enumerate() {
             drop(last[i].take());
             let mut cache = prompt.clone();
-            let mut next = *first;
-            let t = Instant::now();
-            for _ in 0..n {
-                engine.decode_step_into(next, &mut cache, &mut logits)?;
-                next = argmax(&logits);
-            }
+            let seconds = decode_timed(engine, &mut cache, *first, n, &mut logits)?;
             if rep > 0 {
-                samples[i].push(t.elapsed().as_secs_f64());
+                samples[i].push(seconds);
             }
             last[i] = Some(cache);
         }
     }
     let peak = peak_rss_bytes();
-    let mut results = Vec::with_capacity(kvs.len());
-    for ((kv, (prompt, _)), (samples, last)) in kvs.iter().zip(&prompts).zip(samples.into_iter().zip(last)) {
-        let last = last.expect("at least one repetition ran");
-        let mut r = BenchResult::new("tg", n, depth, kv, samples, &last);
-        let bytes = weight_bytes(engine) + (prompt.bytes_held() + last.bytes_held()) / 2;
-        r.bytes_per_token = Some(bytes);
-        r.read_gb_s = Some(bytes as f64 * r.median_tok_s / 1e9);
-        r.peak_rss_bytes = peak;
-        results.push(r);
+    let rows = kvs.iter().zip(&prompts).zip(samples.into_iter().zip(last));
+    Ok(rows
+        .map(|((kv, (prompt, _)), (samples, last))| {
+            let last = last.expect("at least one repetition ran");
+            generation_row(engine, n, depth, kv, samples, prompt.bytes_held(), &last, peak)
+        })
+        .collect())
+}
+
+/// The prompt of a generation test: `depth` synthetic tokens prefilled (untimed) under `kv`,
+/// and the first token to decode.
+fn prompt_for_generation(
+    engine: &Engine,
+    kv: &PolicyConfig,
+    depth: usize,
+    n: usize,
+) -> Result<(KvCache, u32), ModelError> {
+    let mut cache = engine.new_cache(kv, depth, n)?;
+    let mut first = 1u32;
+    if depth > 0 {
+        let logits = engine.prefill(&synthetic_tokens(depth, engine.model.config.vocab_size), &mut cache)?;
+        first = argmax(&logits);
     }
-    Ok(results)
+    Ok((cache, first))
+}
+
+/// Seconds to decode `n` tokens greedily from `first` (each step a real decode step).
+fn decode_timed(
+    engine: &Engine,
+    cache: &mut KvCache,
+    first: u32,
+    n: usize,
+    logits: &mut Vec<f32>,
+) -> Result<f64, ModelError> {
+    let mut next = first;
+    let t = Instant::now();
+    for _ in 0..n {
+        engine.decode_step_into(next, cache, logits)?;
+        next = argmax(logits);
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// A generation row: the timings, and the bytes a decode step reads (every weight once plus the
+/// KV cache, which grows (full) or stays at its budget over the steps: its mean size).
+#[allow(clippy::too_many_arguments)]
+fn generation_row(
+    engine: &Engine,
+    n: usize,
+    depth: usize,
+    kv: &PolicyConfig,
+    samples: Vec<f64>,
+    prompt_bytes: usize,
+    last: &KvCache,
+    peak_rss: Option<usize>,
+) -> BenchResult {
+    let mut r = BenchResult::new("tg", n, depth, kv, samples, last);
+    let bytes = weight_bytes(engine) + (prompt_bytes + last.bytes_held()) / 2;
+    r.bytes_per_token = Some(bytes);
+    r.read_gb_s = Some(bytes as f64 * r.median_tok_s / 1e9);
+    r.peak_rss_bytes = peak_rss;
+    r
 }
 
 /// Bytes of all weight tensors (each is read once per decode step; the tied output matrix is

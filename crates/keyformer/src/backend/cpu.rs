@@ -52,13 +52,8 @@ pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
 /// parallel loop over all their rows, and for a single token the activations are quantised
 /// once.
 pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
-    assert_eq!(ws.len(), ys.len(), "one output per weight");
-    assert!(ws.len() <= MAX_FUSED, "at most {MAX_FUSED} weights per call");
-    for (w, y) in ws.iter().zip(ys.iter()) {
-        assert_eq!(x.len(), n * w.cols, "matmul input shape");
-        assert_eq!(y.len(), n * w.rows, "matmul output shape");
-    }
     if n >= GEMM_MIN_TOKENS {
+        check_matmul_shapes(ws, x, n, ys);
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
             matmul_gemm(w, x, n, y);
         }
@@ -67,17 +62,21 @@ pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]
     matmul_many_per_token(ws, x, n, ys)
 }
 
-/// [`matmul_many`] through the single-token dot kernels for each of the `n` tokens, whatever
-/// `n` is: each token's outputs are bit for bit what a call with that token alone gives, while
-/// every weight row is read from memory once for all of them (a batch of decode steps of
-/// different sequences).
-pub fn matmul_many_per_token(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+fn check_matmul_shapes(ws: &[WeightView], x: &[f32], n: usize, ys: &[&mut [f32]]) {
     assert_eq!(ws.len(), ys.len(), "one output per weight");
     assert!(ws.len() <= MAX_FUSED, "at most {MAX_FUSED} weights per call");
     for (w, y) in ws.iter().zip(ys.iter()) {
         assert_eq!(x.len(), n * w.cols, "matmul input shape");
         assert_eq!(y.len(), n * w.rows, "matmul output shape");
     }
+}
+
+/// [`matmul_many`] through the single-token dot kernels for each of the `n` tokens, whatever
+/// `n` is: each token's outputs are bit for bit what a call with that token alone gives, while
+/// every weight row is read from memory once for all of them (a batch of decode steps of
+/// different sequences).
+pub fn matmul_many_per_token(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    check_matmul_shapes(ws, x, n, ys);
     if n == 0 {
         return;
     }
@@ -519,9 +518,21 @@ pub fn attention(
     signals: &[Signal],
     out: &mut [f32],
 ) -> Vec<Option<Vec<Vec<f32>>>> {
-    let mut rows: Vec<Vec<Vec<f32>>> = signals.iter().map(|_| vec![Vec::new(); heads.len()]).collect();
+    with_fresh_rows(signals, heads.len(), |dest| {
+        attention_into(q, positions, heads, n_heads, head_dim, layer, signals, out, dest)
+    })
+}
+
+/// Run `attend` with empty score rows (one per KV head) for every signal, and hand them back,
+/// `None` for [`Signal::None`].
+fn with_fresh_rows(
+    signals: &[Signal],
+    n_kv_heads: usize,
+    attend: impl FnOnce(&mut [&mut [Vec<f32>]]),
+) -> Vec<Option<Vec<Vec<f32>>>> {
+    let mut rows: Vec<Vec<Vec<f32>>> = signals.iter().map(|_| vec![Vec::new(); n_kv_heads]).collect();
     let mut dest: Vec<&mut [Vec<f32>]> = rows.iter_mut().map(|r| r.as_mut_slice()).collect();
-    attention_into(q, positions, heads, n_heads, head_dim, layer, signals, out, &mut dest);
+    attend(&mut dest);
     signals.iter().zip(rows).map(|(s, r)| (*s != Signal::None).then_some(r)).collect()
 }
 
@@ -1061,11 +1072,9 @@ mod tests {
             for signals in sets {
                 let (mut fast, mut general) = (vec![0f32; q.len()], vec![0f32; q.len()]);
                 let a = attention(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut fast);
-                let mut rows: Vec<Vec<Vec<f32>>> = signals.iter().map(|_| vec![Vec::new(); n_kv]).collect();
-                let mut dest: Vec<&mut [Vec<f32>]> = rows.iter_mut().map(|r| r.as_mut_slice()).collect();
-                attention_rows(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut general, &mut dest);
-                let b: Vec<Option<Vec<Vec<f32>>>> =
-                    signals.iter().zip(rows).map(|(s, r)| (*s != Signal::None).then_some(r)).collect();
+                let b = with_fresh_rows(&signals, n_kv, |dest| {
+                    attention_rows(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut general, dest)
+                });
                 for (x, y) in fast.iter().zip(&general) {
                     assert!((x - y).abs() <= 1e-5, "{kv_type:?} {signals:?}: output {x} vs {y}");
                 }
