@@ -662,7 +662,7 @@ fn attention_rows(
     }
 }
 
-/// f32 dot product: AVX2/FMA where the CPU has it, else [`dot_scalar`].
+/// f32 dot product: AVX2/FMA where the CPU has it, NEON on aarch64, else [`dot_scalar`].
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -670,6 +670,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: AVX2 and FMA are present (checked at run time).
         return unsafe { x86::dot(a, b) };
     }
+    #[cfg(target_arch = "aarch64")]
+    return crate::quant::dot::neon::dot_f32(a, b);
+    #[allow(unreachable_code)]
     dot_scalar(a, b)
 }
 
@@ -696,9 +699,9 @@ fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// `out[i] = scale * q . keys[first_slot + i]` for `out.len()` slots of a head's key storage
 /// (`q.len()` values per slot), f16 keys converted on the fly.
 pub fn key_scores(q: &[f32], keys: &KvRows, first_slot: usize, scale: f32, out: &mut [f32]) {
-    let (lo, hi) = (first_slot * q.len(), (first_slot + out.len()) * q.len());
     #[cfg(target_arch = "x86_64")]
     if crate::quant::dot::simd_available() {
+        let (lo, hi) = (first_slot * q.len(), (first_slot + out.len()) * q.len());
         // SAFETY: AVX2, FMA and F16C are present (checked at run time); slices checked by the
         // indexing below.
         unsafe {
@@ -729,9 +732,9 @@ pub fn key_scores_scalar(q: &[f32], keys: &KvRows, first_slot: usize, scale: f32
 /// `out += sum_i weights[i] * values[first_slot + i]` (`out.len()` values per slot); zero
 /// weights are skipped, so masked slots cost nothing and their storage may hold anything.
 pub fn weighted_sum(weights: &[f32], values: &KvRows, first_slot: usize, out: &mut [f32]) {
-    let (lo, hi) = (first_slot * out.len(), (first_slot + weights.len()) * out.len());
     #[cfg(target_arch = "x86_64")]
     if crate::quant::dot::simd_available() {
+        let (lo, hi) = (first_slot * out.len(), (first_slot + weights.len()) * out.len());
         // SAFETY: AVX2, FMA and F16C are present (checked at run time); slices checked by the
         // indexing below.
         unsafe {

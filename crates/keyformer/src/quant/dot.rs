@@ -28,6 +28,14 @@ pub fn quantize_q8(x: &[f32], out: &mut Vec<Q8Block>) {
         unsafe { x86::quantize_q8(x, out) };
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        out.clear();
+        out.resize(x.len() / QK, Q8Block::default());
+        neon::quantize_q8(x, out);
+        return;
+    }
+    #[allow(unreachable_code)]
     quantize_q8_scalar(x, out)
 }
 
@@ -142,6 +150,10 @@ pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
             }
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+        return neon::dot_q8(t, row, a);
+    }
     dot_q8_scalar(t, row, a)
 }
 
@@ -182,7 +194,8 @@ pub fn has_dot_q8_tokens(t: GgmlType) -> bool {
     false
 }
 
-/// Whether the AVX2 kernels run on this CPU.
+/// Whether the AVX2 kernels run on this CPU (on aarch64 NEON is always there and its kernels
+/// are used without asking).
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -533,6 +546,117 @@ pub(crate) mod x86 {
     }
 }
 
+/// NEON kernels (aarch64, where NEON is part of the base ISA, so no run-time check). The
+/// integer block sums are exact and each block's float combine is done in the scalar twin's
+/// order, so these give bit for bit what [`dot_q8_scalar`] and [`quantize_q8_scalar`] give.
+/// They run here only under qemu (`scripts/check-neon.sh`); no aarch64 machine has timed them.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use super::{f16_at, GgmlType, Q8Block, QK};
+    use std::arch::aarch64::*;
+
+    /// Sum of 16 unsigned-nibble (0..15) or signed bytes `w` times 16 signed bytes `a`.
+    #[inline(always)]
+    unsafe fn dot16(w: int8x16_t, a: int8x16_t) -> int32x4_t {
+        let lo = vmull_s8(vget_low_s8(w), vget_low_s8(a));
+        let hi = vmull_high_s8(w, a);
+        vpadalq_s16(vpaddlq_s16(lo), hi)
+    }
+
+    /// The integer part of one block: `sum_j w_j * a_j` over its 32 values.
+    #[inline(always)]
+    unsafe fn block_sum(t: GgmlType, b: &[u8], a: &Q8Block) -> i32 {
+        let a_lo = vld1q_s8(a.qs.as_ptr());
+        let a_hi = vld1q_s8(a.qs.as_ptr().add(16));
+        let acc = match t {
+            GgmlType::Q8_0 => {
+                let w_lo = vld1q_s8(b.as_ptr().add(2) as *const i8);
+                let w_hi = vld1q_s8(b.as_ptr().add(18) as *const i8);
+                vaddq_s32(dot16(w_lo, a_lo), dot16(w_hi, a_hi))
+            }
+            _ => {
+                let start = if t == GgmlType::Q4_1 { 4 } else { 2 };
+                let q = vld1q_u8(b.as_ptr().add(start));
+                // Low nibbles are values 0..15, high nibbles 16..31 (ggml's order).
+                let lo = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0F)));
+                let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+                vaddq_s32(dot16(lo, a_lo), dot16(hi, a_hi))
+            }
+        };
+        vaddvq_s32(acc)
+    }
+
+    /// [`super::dot_q8`] for Q4_0, Q4_1 and Q8_0.
+    pub(crate) fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+        let bb = t.block_bytes();
+        let mut total = 0f32;
+        for (b, ab) in row.chunks_exact(bb).zip(a) {
+            // SAFETY: NEON is in the aarch64 base ISA; `b` holds a whole block (chunks_exact).
+            let sumi = unsafe { block_sum(t, b, ab) };
+            let d = f16_at(b, 0);
+            total += match t {
+                GgmlType::Q4_1 => d * ab.d * sumi as f32 + f16_at(b, 2) * ab.sum,
+                GgmlType::Q4_0 => d * ab.d * sumi as f32 + (-8.0 * d) * ab.sum,
+                _ => d * ab.d * sumi as f32,
+            };
+        }
+        total
+    }
+
+    /// [`super::quantize_q8`]: `vcvtnq` rounds half to even, as the scalar twin does.
+    pub(crate) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+        for (chunk, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            // SAFETY: NEON is in the aarch64 base ISA; `chunk` holds 32 floats.
+            unsafe {
+                let p = chunk.as_ptr();
+                let v: [float32x4_t; 8] = std::array::from_fn(|k| vld1q_f32(p.add(4 * k)));
+                let mut m = vabsq_f32(v[0]);
+                for vk in &v[1..] {
+                    m = vmaxq_f32(m, vabsq_f32(*vk));
+                }
+                let amax = vmaxvq_f32(m);
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 127.0 / amax } else { 0.0 };
+                let mut s = vdupq_n_s32(0);
+                for (k, vk) in v.iter().enumerate() {
+                    let q = vcvtnq_s32_f32(vmulq_n_f32(*vk, id));
+                    s = vaddq_s32(s, q);
+                    let mut lanes = [0i32; 4];
+                    vst1q_s32(lanes.as_mut_ptr(), q);
+                    for (j, l) in lanes.iter().enumerate() {
+                        b.qs[4 * k + j] = *l as i8;
+                    }
+                }
+                b.d = d;
+                b.sum = d * vaddvq_s32(s) as f32;
+            }
+        }
+    }
+
+    /// f32 dot with four 4-lane running sums (the CPU backend's [`crate::backend::cpu::dot`]).
+    pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let body = n - n % 16;
+        // SAFETY: NEON is in the aarch64 base ISA; every load is below `body <= n`.
+        let mut s = unsafe {
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut i = 0;
+            while i < body {
+                for (k, acc_k) in acc.iter_mut().enumerate() {
+                    *acc_k = vfmaq_f32(*acc_k, vld1q_f32(pa.add(i + 4 * k)), vld1q_f32(pb.add(i + 4 * k)));
+                }
+                i += 16;
+            }
+            vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])))
+        };
+        for j in body..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -643,6 +767,24 @@ pub(crate) mod tests {
                     (fast - reference).abs() <= tol * magnitude,
                     "{t} n={n}: fast {fast} vs reference {reference} (magnitude {magnitude})"
                 );
+            }
+        }
+    }
+
+    /// The NEON kernels keep the scalar twin's float order, so they must agree exactly.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_dots_equal_the_scalar_twin_bit_for_bit() {
+        let mut rng = Lcg(5);
+        for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for blocks in [1usize, 2, 7, 18] {
+                let n = blocks * 32;
+                let row = random_row(t, n, &mut rng);
+                let x: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
+                let mut q = Vec::new();
+                quantize_q8_scalar(&x, &mut q);
+                let (fast, slow) = (neon::dot_q8(t, &row, &q), dot_q8_scalar(t, &row, &q));
+                assert_eq!(fast.to_bits(), slow.to_bits(), "{t} blocks {blocks}: {fast} vs {slow}");
             }
         }
     }
