@@ -186,6 +186,11 @@ struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// Generation tests: sequences decoded together, comma-separated (each a copy of the
+    /// prompt; one batched step per token, as `serve` runs them; t/s counts every sequence's
+    /// tokens).
+    #[arg(short = 'b', long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// Generation tests: prefill every policy's prompt first, then run their repetitions in
     /// turns (full, window, ..., full, window, ...), so that a shared machine's changing load
     /// falls on all policies alike. Peak RSS is then the whole run's, not each policy's.
@@ -688,12 +693,17 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let engine = load(&a.model.model)?;
     let ctx = engine.context_length();
+    if a.batch.contains(&0) {
+        bail!("--batch must be at least 1");
+    }
     let mut tests = Vec::new();
     for &d in &a.n_depth {
-        tests.extend(a.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (true, p, d)));
-        tests.extend(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| (false, n, d)));
+        tests.extend(a.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (true, p, d, 1)));
+        for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+            tests.extend(a.batch.iter().map(|&b| (false, n, d, b)));
+        }
     }
-    for &(_, t, d) in &tests {
+    for &(_, t, d, _) in &tests {
         if t + d > ctx {
             bail!("{t} tokens at depth {d} exceed the model's context of {ctx} tokens");
         }
@@ -701,15 +711,15 @@ fn bench(a: BenchArgs) -> Result<()> {
     let bar = ProgressBar::new((tests.len() * policies.len()) as u64);
     bar.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let mut results = Vec::new();
-    for &(prompt, t, d) in &tests {
+    for &(prompt, t, d, b) in &tests {
         if a.interleave && !prompt {
             // Depth 0 with a percentage budget is skipped below; interleaving needs a depth.
             if d == 0 {
                 bail!("--interleave needs a context depth (-d) for generation");
             }
-            bar.set_message(format!("tg{t} @ d{d}, {} policies interleaved", policies.len()));
+            bar.set_message(format!("tg{t} @ d{d} x{b}, {} policies interleaved", policies.len()));
             let kvs: Vec<PolicyConfig> = policies.iter().map(|(_, kv)| kv.clone()).collect();
-            let rows = keyformer::bench::generation_interleaved(&engine, t, d, &kvs, a.repetitions)
+            let rows = keyformer::bench::generation_interleaved(&engine, t, d, b, &kvs, a.repetitions)
                 .with_context(|| format!("generation at depth {d}"))?;
             for (mut r, (label, kv)) in rows.into_iter().zip(&policies) {
                 if kv.kind != PolicyKind::Full {
@@ -726,11 +736,11 @@ fn bench(a: BenchArgs) -> Result<()> {
                 bar.inc(1);
                 continue;
             }
-            bar.set_message(format!("{}{t} @ d{d} {label}", if prompt { "pp" } else { "tg" }));
+            bar.set_message(format!("{}{t} @ d{d} x{b} {label}", if prompt { "pp" } else { "tg" }));
             let mut r = if prompt {
                 keyformer::bench::prompt_processing(&engine, t, d, kv, a.repetitions)
             } else {
-                keyformer::bench::generation(&engine, t, d, kv, a.repetitions)
+                keyformer::bench::generation(&engine, t, d, b, kv, a.repetitions)
             }
             .with_context(|| format!("{label} at depth {d}"))?;
             if kv.kind != PolicyKind::Full {
@@ -745,7 +755,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     let threads = keyformer::backend::pool::threads();
     let of_bandwidth = |r: &keyformer::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
     let speedup = |r: &keyformer::bench::BenchResult| {
-        results.iter().find(|f| f.test == r.test && f.kv == "full").map(|f| r.median_tok_s / f.median_tok_s)
+        results
+            .iter()
+            .find(|f| f.test == r.test && f.batch == r.batch && f.kv == "full")
+            .map(|f| r.median_tok_s / f.median_tok_s)
     };
     if a.json {
         let rows: Vec<_> = results
@@ -766,14 +779,15 @@ fn bench(a: BenchArgs) -> Result<()> {
             println!("read bandwidth (streaming sum, {threads} threads): {b:.1} GB/s");
         }
         println!("KV cache: {}\n", engine.model.kv_type.name());
-        println!("| model | threads | kv | test | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
-        println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| model | threads | kv | test | batch | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
+        println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for r in &results {
             println!(
-                "| {name} | {threads} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
+                "| {name} | {threads} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
                 r.kv,
                 r.test,
+                r.batch,
                 r.median_tok_s,
                 r.min_tok_s,
                 r.max_tok_s,

@@ -387,6 +387,45 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
 }
 
 #[test]
+fn bench_batches_sequences_and_shares_the_weight_reads() {
+    let out = keyformer(&[
+        "bench",
+        "-p",
+        "0",
+        "-n",
+        "3",
+        "-d",
+        "32",
+        "-b",
+        "1,3",
+        "--kv-policy",
+        "full,window",
+        "--kv-budget",
+        "16",
+        "-r",
+        "1",
+        "--bandwidth-mib",
+        "0",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    let key = |r: &serde_json::Value| format!("{} x{}", r["kv"].as_str().unwrap(), r["batch"]);
+    let names: Vec<String> = rows.iter().map(key).collect();
+    assert_eq!(names, ["full x1", "window@16 x1", "full x3", "window@16 x3"]);
+    let row = |name: &str| &rows[names.iter().position(|n| n == name).unwrap()];
+    // Each batch is compared with the full cache at the same batch.
+    assert_eq!(row("full x3")["speedup_vs_full"], 1.0);
+    // Three sequences share one read of the weights per step: fewer bytes per token.
+    let per_token = |name: &str| row(name)["bytes_per_token"].as_u64().unwrap();
+    assert!(per_token("full x3") * 2 < per_token("full x1"), "{} vs {}", per_token("full x3"), per_token("full x1"));
+    // KV held is one sequence's: the same at any batch.
+    assert_eq!(row("window@16 x3")["kv_bytes"], row("window@16 x1")["kv_bytes"]);
+    assert_clean_error(&keyformer(&["bench", "-b", "0"]), "--batch must be at least 1");
+}
+
+#[test]
 fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
     let held = |t: &str| {
         let out = keyformer(&[

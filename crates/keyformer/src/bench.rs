@@ -22,17 +22,21 @@ pub struct BenchResult {
     pub tokens: usize,
     /// Tokens already in the cache when the timed tokens start.
     pub depth: usize,
+    /// Sequences decoded together (each step one token of each; tokens/s counts them all).
+    pub batch: usize,
     /// The KV policy (`full`, or e.g. `keyformer@50%`).
     pub kv: String,
     pub samples_s: Vec<f64>,
     pub median_tok_s: f64,
     pub min_tok_s: f64,
     pub max_tok_s: f64,
-    /// KV bytes held at the end of the timed tokens, and what the full cache would hold.
+    /// KV bytes held at the end of the timed tokens (one sequence's), and what the full cache
+    /// would hold.
     pub kv_bytes: usize,
     pub kv_bytes_full: usize,
-    /// Generation: bytes a decode step reads (every weight once, plus the KV cache held on
-    /// average over the timed steps), and that times the median tokens/s.
+    /// Generation: bytes read per generated token (every weight once per step, shared by the
+    /// batch, plus each sequence's KV cache held on average over the timed steps), and that
+    /// times the median tokens/s.
     pub bytes_per_token: Option<usize>,
     pub read_gb_s: Option<f64>,
     /// The process's peak resident memory (Linux; weights are mapped, so the pages of the
@@ -42,8 +46,16 @@ pub struct BenchResult {
 }
 
 impl BenchResult {
-    fn new(name: &str, tokens: usize, depth: usize, kv: &PolicyConfig, samples_s: Vec<f64>, cache: &KvCache) -> Self {
-        let mut rates: Vec<f64> = samples_s.iter().map(|s| tokens as f64 / s).collect();
+    fn new(
+        name: &str,
+        tokens: usize,
+        depth: usize,
+        batch: usize,
+        kv: &PolicyConfig,
+        samples_s: Vec<f64>,
+        cache: &KvCache,
+    ) -> Self {
+        let mut rates: Vec<f64> = samples_s.iter().map(|s| (tokens * batch) as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
         let test = if depth > 0 { format!("{name}{tokens} @ d{depth}") } else { format!("{name}{tokens}") };
         let kv = match kv.budget {
@@ -57,6 +69,7 @@ impl BenchResult {
             test,
             tokens,
             depth,
+            batch,
             kv,
             median_tok_s: rates[rates.len() / 2],
             min_tok_s: rates[0],
@@ -100,7 +113,7 @@ pub fn prompt_processing(
         }
         last = Some(cache);
     }
-    let mut r = BenchResult::new("pp", p, depth, kv, samples, &last.expect("at least one run"));
+    let mut r = BenchResult::new("pp", p, depth, 1, kv, samples, &last.expect("at least one run"));
     r.peak_rss_bytes = peak_rss_bytes();
     Ok(r)
 }
@@ -108,11 +121,14 @@ pub fn prompt_processing(
 /// Time generating `n` tokens one at a time after a prompt of `depth` tokens (greedy on the
 /// model's own output, so each step is a real decode step), `reps` times after one warm-up.
 /// The prompt is prefilled once, untimed, under `kv` (a percentage budget is of `depth`), and
-/// every repetition starts from a copy of that cache.
+/// every repetition starts from a copy of that cache. With `batch` > 1, that many copies of
+/// the prompt decode together (one batched step per token, as the server's scheduler runs
+/// them).
 pub fn generation(
     engine: &Engine,
     n: usize,
     depth: usize,
+    batch: usize,
     kv: &PolicyConfig,
     reps: usize,
 ) -> Result<BenchResult, ModelError> {
@@ -126,18 +142,20 @@ pub fn generation(
         drop(last.take());
         // The last repetition decodes from the prompt's cache itself, with no copy beside it,
         // and the peak memory is measured over it alone: what a user's generation holds.
-        let mut cache = if rep == reps {
-            let cache = prompt_cache.take().expect("kept until the last repetition");
+        let mut caches = if rep == reps {
+            let prompt = prompt_cache.take().expect("kept until the last repetition");
             reset_peak_rss();
-            cache
+            let mut caches = vec![prompt.clone(); batch - 1];
+            caches.insert(0, prompt);
+            caches
         } else {
-            prompt_cache.as_ref().expect("kept until the last repetition").clone()
+            vec![prompt_cache.as_ref().expect("kept until the last repetition").clone(); batch]
         };
-        let seconds = decode_timed(engine, &mut cache, first, n, &mut logits)?;
+        let seconds = decode_timed(engine, &mut caches, first, n, &mut logits)?;
         if rep > 0 {
             samples.push(seconds);
         }
-        last = Some(cache);
+        last = Some(caches);
     }
     let last = last.expect("at least one run");
     Ok(generation_row(engine, n, depth, kv, samples, prompt_bytes, &last, peak_rss_bytes()))
@@ -152,23 +170,24 @@ pub fn generation_interleaved(
     engine: &Engine,
     n: usize,
     depth: usize,
+    batch: usize,
     kvs: &[PolicyConfig],
     reps: usize,
 ) -> Result<Vec<BenchResult>, ModelError> {
     let prompts = kvs.iter().map(|kv| prompt_for_generation(engine, kv, depth, n)).collect::<Result<Vec<_>, _>>()?;
     reset_peak_rss();
     let mut samples = vec![Vec::with_capacity(reps); kvs.len()];
-    let mut last: Vec<Option<KvCache>> = vec![None; kvs.len()];
+    let mut last: Vec<Option<Vec<KvCache>>> = vec![None; kvs.len()];
     let mut logits = Vec::new();
     for rep in 0..=reps {
         for (i, (prompt, first)) in prompts.iter().enumerate() {
             drop(last[i].take());
-            let mut cache = prompt.clone();
-            let seconds = decode_timed(engine, &mut cache, *first, n, &mut logits)?;
+            let mut caches = vec![prompt.clone(); batch];
+            let seconds = decode_timed(engine, &mut caches, *first, n, &mut logits)?;
             if rep > 0 {
                 samples[i].push(seconds);
             }
-            last[i] = Some(cache);
+            last[i] = Some(caches);
         }
     }
     let peak = peak_rss_bytes();
@@ -198,25 +217,38 @@ fn prompt_for_generation(
     Ok((cache, first))
 }
 
-/// Seconds to decode `n` tokens greedily from `first` (each step a real decode step).
+/// Seconds to decode `n` tokens greedily from `first` in every cache (each step a real decode
+/// step; several caches step together, each on its own greedy output).
 fn decode_timed(
     engine: &Engine,
-    cache: &mut KvCache,
+    caches: &mut [KvCache],
     first: u32,
     n: usize,
     logits: &mut Vec<f32>,
 ) -> Result<f64, ModelError> {
-    let mut next = first;
+    let vocab = engine.model.config.vocab_size;
+    let mut next = vec![first; caches.len()];
     let t = Instant::now();
-    for _ in 0..n {
-        engine.decode_step_into(next, cache, logits)?;
-        next = argmax(logits);
+    if let [cache] = caches {
+        for _ in 0..n {
+            engine.decode_step_into(next[0], cache, logits)?;
+            next[0] = argmax(logits);
+        }
+    } else {
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        for _ in 0..n {
+            engine.decode_batch_into(&next, &mut refs, logits)?;
+            for (t, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
+                *t = argmax(row);
+            }
+        }
     }
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// A generation row: the timings, and the bytes a decode step reads (every weight once plus the
-/// KV cache, which grows (full) or stays at its budget over the steps: its mean size).
+/// A generation row: the timings, and the bytes read per token (every weight once per step,
+/// shared by the batch, plus each sequence's KV cache, which grows (full) or stays at its
+/// budget over the steps: its mean size).
 #[allow(clippy::too_many_arguments)]
 fn generation_row(
     engine: &Engine,
@@ -225,11 +257,12 @@ fn generation_row(
     kv: &PolicyConfig,
     samples: Vec<f64>,
     prompt_bytes: usize,
-    last: &KvCache,
+    last: &[KvCache],
     peak_rss: Option<usize>,
 ) -> BenchResult {
-    let mut r = BenchResult::new("tg", n, depth, kv, samples, last);
-    let bytes = weight_bytes(engine) + (prompt_bytes + last.bytes_held()) / 2;
+    let batch = last.len();
+    let mut r = BenchResult::new("tg", n, depth, batch, kv, samples, &last[0]);
+    let bytes = weight_bytes(engine) / batch + (prompt_bytes + last[0].bytes_held()) / 2;
     r.bytes_per_token = Some(bytes);
     r.read_gb_s = Some(bytes as f64 * r.median_tok_s / 1e9);
     r.peak_rss_bytes = peak_rss;
