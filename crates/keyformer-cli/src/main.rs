@@ -55,6 +55,26 @@ enum Command {
     Eval(EvalArgs),
     /// Serve an OpenAI-compatible HTTP API with continuous batching admitted by KV memory.
     Serve(ServeArgs),
+    /// Check the CUDA backend's ops against the CPU's on random inputs at a model's shapes,
+    /// and time them (needs a build with `--features cuda` and an NVIDIA GPU). Exits 1 when a
+    /// check fails.
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args)]
+struct GpuCheckArgs {
+    /// Shapes to check at: llama2-7b, llama3-8b or smollm2-135m (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "llama2-7b,llama3-8b,smollm2-135m")]
+    shape: Vec<String>,
+    /// KV slots per head in the attention check and timing.
+    #[arg(long, default_value_t = 4096)]
+    slots: usize,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `keyformer serve`: POST /v1/completions and /v1/chat/completions (streaming or not), GET
@@ -398,6 +418,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Eval(a) => eval(a),
         Command::Serve(a) => serve(a),
+        Command::GpuCheck(a) => gpu_check(a),
     }
 }
 
@@ -798,6 +819,67 @@ fn bench(a: BenchArgs) -> Result<()> {
                 speedup(r).map_or(String::new(), |x| format!("{x:.2}x"))
             );
         }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: GpuCheckArgs) -> Result<()> {
+    bail!("this keyformer was built without the CUDA backend: build it with `cargo build --release --features cuda`")
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(a: GpuCheckArgs) -> Result<()> {
+    use keyformer::backend::cuda::{check, Gpu};
+    let mut shapes = Vec::new();
+    for name in &a.shape {
+        let shape = check::SHAPES.iter().find(|s| s.name == name.as_str()).with_context(|| {
+            let known: Vec<&str> = check::SHAPES.iter().map(|s| s.name).collect();
+            format!("unknown shape '{name}' (known: {})", known.join(", "))
+        })?;
+        shapes.push(*shape);
+    }
+    if a.slots < 8 {
+        bail!("--slots must be at least 8");
+    }
+    let gpu = Gpu::open(a.device)?;
+    let mut reports = Vec::new();
+    for shape in shapes {
+        reports
+            .push(check::run(&gpu, shape, a.slots).with_context(|| format!("checking at the {} shape", shape.name))?);
+    }
+    let passed = reports.iter().all(|r| r.passed());
+    if a.json {
+        println!("{}", serde_json::to_string(&reports)?);
+    } else {
+        let g = &gpu.info;
+        println!(
+            "GPU: {} (compute capability {}.{}, {:.1} GiB)",
+            g.name,
+            g.compute_capability.0,
+            g.compute_capability.1,
+            g.total_memory_bytes as f64 / (1u64 << 30) as f64
+        );
+        for r in &reports {
+            println!(
+                "\n## {} ({} slots); device read bandwidth {:.0} GB/s\n",
+                r.shape.name, r.slots, r.read_bandwidth_gb_s
+            );
+            println!("| check | max error | tolerance | result | error of |\n|---|---:|---:|---|---|");
+            for c in &r.checks {
+                let verdict = if c.passed { "pass" } else { "FAIL" };
+                println!("| {} | {:.3e} | {:.1e} | {verdict} | {} |", c.op, c.max_error, c.tolerance, c.note);
+            }
+            println!("\n| op | us | GB/s read | of read bandwidth |\n|---|---:|---:|---:|");
+            for t in &r.timings {
+                let gbs = t.read_gb_s.map_or(String::new(), |g| format!("{g:.0}"));
+                let frac = t.read_gb_s.map_or(String::new(), |g| format!("{:.0}%", 100.0 * g / r.read_bandwidth_gb_s));
+                println!("| {} | {:.1} | {gbs} | {frac} |", t.op, t.microseconds);
+            }
+        }
+    }
+    if !passed {
+        bail!("a GPU check failed");
     }
     Ok(())
 }

@@ -426,6 +426,19 @@ fn bench_batches_sequences_and_shares_the_weight_reads() {
 }
 
 #[test]
+fn gpu_check_without_a_gpu_says_why() {
+    // CI has neither the `cuda` feature nor a GPU: either way the answer is one clear line.
+    let out = keyformer(&["gpu-check", "--shape", "llama2-7b"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("built without the CUDA backend") || err.contains("no CUDA driver") || err.contains("no CUDA GPU"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
     let held = |t: &str| {
         let out = keyformer(&[

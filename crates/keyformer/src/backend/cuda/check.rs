@@ -1,0 +1,316 @@
+//! Every CUDA op against the CPU backend on random inputs at a model's shapes, and the GPU's
+//! speed at those shapes (`keyformer gpu-check`). Each check states its tolerance, derived from
+//! the arithmetic both sides do, so that a wrong kernel fails it.
+
+use keyformer_kv::{noise::NoiseKind, Signal};
+
+use super::{AttentionShape, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT};
+use crate::backend::cpu::{self, WeightView};
+use crate::kv::{HeadKv, KvType};
+use crate::quant::GgmlType;
+
+/// The sizes the checks run at.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CheckShape {
+    pub name: &'static str,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+}
+
+/// Shapes of the models the issue names, and the default model's.
+pub const SHAPES: [CheckShape; 3] = [
+    CheckShape { name: "llama2-7b", n_heads: 32, n_kv_heads: 32, head_dim: 128, n_embd: 4096, n_ff: 11008 },
+    CheckShape { name: "llama3-8b", n_heads: 32, n_kv_heads: 8, head_dim: 128, n_embd: 4096, n_ff: 14336 },
+    CheckShape { name: "smollm2-135m", n_heads: 9, n_kv_heads: 3, head_dim: 64, n_embd: 576, n_ff: 1536 },
+];
+
+/// One comparison: the largest error against the tolerance it must stay under.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckRow {
+    pub op: String,
+    pub max_error: f64,
+    pub tolerance: f64,
+    pub passed: bool,
+    /// What the error is measured against.
+    pub note: String,
+}
+
+/// A timed op at the check's shapes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Timing {
+    pub op: String,
+    pub microseconds: f64,
+    /// Bytes the op must read, over its time.
+    pub read_gb_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub gpu: GpuInfo,
+    pub shape: CheckShape,
+    pub slots: usize,
+    pub checks: Vec<CheckRow>,
+    pub timings: Vec<Timing>,
+    pub read_bandwidth_gb_s: f64,
+}
+
+impl CheckReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+}
+
+/// Deterministic uniform values in [-scale, scale).
+struct Lcg(u64);
+impl Lcg {
+    fn f32(&mut self, scale: f32) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32(scale)).collect()
+    }
+}
+
+/// max |a - b| / bound, with `bound[i]` what element i's error is allowed to scale with.
+fn worst(a: &[f32], b: &[f32], bound: impl Fn(usize) -> f64) -> f64 {
+    a.iter().zip(b).enumerate().map(|(i, (x, y))| (*x as f64 - *y as f64).abs() / bound(i)).fold(0.0, f64::max)
+}
+
+fn row(op: &str, max_error: f64, tolerance: f64, note: &str) -> CheckRow {
+    CheckRow { op: op.into(), max_error, tolerance, passed: max_error <= tolerance, note: note.into() }
+}
+
+fn max_abs(v: &[f32]) -> f64 {
+    v.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30)
+}
+
+/// Run every check at `shape` with `slots` KV slots per head, and time the ops.
+pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, GpuError> {
+    let CheckShape { n_heads, n_kv_heads, head_dim: hd, n_embd: d, n_ff, .. } = shape;
+    let mut rng = Lcg(0x5EED);
+    let mut checks = Vec::new();
+    let mut timings = Vec::new();
+
+    // RMSNorm over 4 rows.
+    let rows = 4;
+    let x = rng.vec(rows * d, 2.0);
+    let w = rng.vec(d, 1.0);
+    let mut want = vec![0f32; rows * d];
+    cpu::rms_norm(&x, &w, 1e-5, &mut want);
+    let mut out = gpu.zeros::<f32>(rows * d)?;
+    gpu.rms_norm(&gpu.upload(&x)?, &gpu.upload(&w)?, 1e-5, &mut out)?;
+    let got = gpu.download(&out)?;
+    let scale = max_abs(&want);
+    checks.push(row("rms_norm", worst(&got, &want, |_| scale), 1e-5, "relative to the largest output"));
+
+    // RoPE at positions near and far.
+    let positions = [0u32, 17, 1000, 8191];
+    let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10_000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+    let q = rng.vec(positions.len() * n_heads * hd, 1.0);
+    let mut want = q.clone();
+    cpu::rope_adjacent_pairs(&mut want, n_heads, hd, &positions, &inv_freq);
+    let mut dev = gpu.upload(&q)?;
+    gpu.rope_adjacent_pairs(&mut dev, n_heads, hd, &gpu.upload(&positions)?, &gpu.upload(&inv_freq)?)?;
+    let got = gpu.download(&dev)?;
+    // Angles up to 8191 rad in f32: both sides' sin/cos are within a few ulp of the f32 angle.
+    checks.push(row("rope_adjacent_pairs", worst(&got, &want, |_| 1.0), 1e-5, "absolute (inputs in [-1, 1])"));
+
+    // SwiGLU's product.
+    let gate = rng.vec(rows * n_ff, 6.0);
+    let up = rng.vec(rows * n_ff, 1.0);
+    let mut want = gate.clone();
+    cpu::silu_mul(&mut want, &up);
+    let mut dev = gpu.upload(&gate)?;
+    gpu.silu_mul(&mut dev, &gpu.upload(&up)?)?;
+    let got = gpu.download(&dev)?;
+    let scale = max_abs(&want);
+    checks.push(row("silu_mul", worst(&got, &want, |_| scale), 1e-6, "relative to the largest output"));
+
+    // An f16 weight times 1 and 5 activation rows, against the CPU's F16 row dots.
+    let (wr, wc) = (n_ff, d);
+    let w32 = rng.vec(wr * wc, 0.05);
+    let w16: Vec<u16> = w32.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+    let w_bytes: Vec<u8> = w16.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let view = WeightView { ggml_type: GgmlType::F16, rows: wr, cols: wc, bytes: &w_bytes };
+    let w_dev = gpu.upload(&w16)?;
+    let mut x16 = gpu.zeros::<u16>(8 * wc)?;
+    let mut y_dev = gpu.zeros::<f32>(8 * wr)?;
+    for n in [1usize, 5] {
+        let x = rng.vec(n * wc, 1.0);
+        let mut want = vec![0f32; n * wr];
+        cpu::matmul(&view, &x, n, &mut want);
+        gpu.matmul_f16(&w_dev, wr, wc, &gpu.upload(&x)?, n, &mut x16, &mut y_dev)?;
+        let got = gpu.download(&y_dev)?;
+        // The GPU rounds the activations to f16 (relative error <= 2^-11 each): the error is
+        // bounded by 2^-11 * sum |w x| (plus summation order, far smaller).
+        let magnitude: Vec<f64> = (0..n * wr)
+            .map(|i| {
+                let (t, r) = (i / wr, i % wr);
+                let wrow = &w32[r * wc..(r + 1) * wc];
+                wrow.iter().zip(&x[t * wc..(t + 1) * wc]).map(|(a, b)| (a * b).abs() as f64).sum::<f64>() + 1e-12
+            })
+            .collect();
+        checks.push(row(
+            &format!("matmul_f16 {wr}x{wc}, {n} rows"),
+            worst(&got[..n * wr], &want, |i| magnitude[i]),
+            1.0 / 1024.0,
+            "relative to sum |w x| of each output",
+        ));
+    }
+    // Decode-time speed of that product (one row: the weight read once).
+    let x1 = gpu.upload(&rng.vec(wc, 1.0))?;
+    let micros = time_us(gpu, 50, || gpu.matmul_f16(&w_dev, wr, wc, &x1, 1, &mut x16, &mut y_dev))?;
+    timings.push(Timing {
+        op: format!("matmul_f16 {wr}x{wc}, 1 row"),
+        microseconds: micros,
+        read_gb_s: Some((wr * wc * 2) as f64 / micros / 1e3),
+    });
+
+    // Decode attention with both scores, over slots with holes (evicted tokens) and two slots
+    // after the query's position (masked).
+    let mut heads: Vec<HeadKv> = (0..n_kv_heads).map(|_| HeadKv::new(slots, hd, KvType::F16)).collect();
+    for head in heads.iter_mut() {
+        for p in 0..slots as u32 {
+            head.insert(p, &rng.vec(hd, 1.0), &rng.vec(hd, 1.0)).map_err(|e| GpuError::Shape(e.to_string()))?;
+        }
+        for s in (3..slots).step_by(11) {
+            head.table.evict(s).map_err(|e| GpuError::Shape(e.to_string()))?;
+        }
+    }
+    let position = slots as u32 - 3;
+    let layer = 5;
+    let (tau, seed) = (1.7f32, 42u64);
+    let q = rng.vec(n_heads * hd, 4.0);
+    let signals = [
+        Signal::Noisy { from_position: 0, tau, noise: NoiseKind::Gumbel, seed },
+        Signal::Attention { from_position: 0 },
+    ];
+    let mut want_out = vec![0f32; n_heads * hd];
+    let want_scores = cpu::attention(&q, &[position], &heads, n_heads, hd, layer, &signals, &mut want_out);
+
+    let kv = device_kv(gpu, &heads, slots, hd)?;
+    let shape_a = AttentionShape { n_heads, n_kv_heads, head_dim: hd, width: slots, layer, position };
+    let q_dev = gpu.upload(&q)?;
+    let mut out_dev = gpu.zeros::<f32>(n_heads * hd)?;
+    let mut logits = gpu.zeros::<f32>(n_heads * slots)?;
+    let mut probs = gpu.zeros::<f32>(n_heads * slots)?;
+    let mut s_keyformer = gpu.zeros::<f32>(n_kv_heads * slots)?;
+    let mut s_h2o = gpu.zeros::<f32>(n_kv_heads * slots)?;
+    let gpu_signals = [ScoreSignal::Keyformer { tau, seed }, ScoreSignal::Attention];
+    gpu.attention_decode(
+        &q_dev,
+        &kv,
+        shape_a,
+        &gpu_signals,
+        &mut out_dev,
+        &mut [&mut s_keyformer, &mut s_h2o],
+        &mut logits,
+        &mut probs,
+    )?;
+    let got = gpu.download(&out_dev)?;
+    let scale = max_abs(&want_out);
+    checks.push(row("attention output", worst(&got, &want_out, |_| scale), 1e-4, "relative to the largest output"));
+    for (name, dev, want) in
+        [("keyformer scores", &s_keyformer, &want_scores[0]), ("h2o scores", &s_h2o, &want_scores[1])]
+    {
+        let want = want.as_ref().expect("scored signal");
+        let got = gpu.download(dev)?;
+        let mut err = 0f64;
+        for (g, w) in want.iter().enumerate() {
+            let got = &got[g * slots..g * slots + w.len()];
+            // Probabilities summed over a group: compare with the largest of the head.
+            err = err.max(worst(got, w, |_| max_abs(w)));
+        }
+        checks.push(row(name, err, 1e-4, "relative to the largest score of the KV head"));
+        if name == "keyformer scores" {
+            // What eviction would keep at half the slots: the same tokens on both.
+            let keep = slots / 2;
+            let mut differ = 0usize;
+            for (g, w) in want.iter().enumerate() {
+                let kept = |s: &[f32]| {
+                    let mut idx: Vec<usize> = (0..s.len()).collect();
+                    idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+                    let mut top = idx[..keep].to_vec();
+                    top.sort_unstable();
+                    top
+                };
+                let (a, b) = (kept(w), kept(&got[g * slots..g * slots + w.len()]));
+                differ += a.iter().filter(|s| b.binary_search(s).is_err()).count();
+            }
+            checks.push(row(
+                "keyformer keeps the same tokens",
+                differ as f64,
+                0.0,
+                "slots kept at a 50% budget that differ between CPU and GPU",
+            ));
+        }
+    }
+
+    // Attention's speed with and without Keyformer's score (the scoring cost).
+    for (label, sigs) in [("attention (no score)", &[][..]), ("attention + keyformer score", &gpu_signals[..1])] {
+        let micros = time_us(gpu, 50, || {
+            let mut scores = [&mut s_keyformer];
+            gpu.attention_decode(
+                &q_dev,
+                &kv,
+                shape_a,
+                sigs,
+                &mut out_dev,
+                &mut scores[..sigs.len()],
+                &mut logits,
+                &mut probs,
+            )
+        })?;
+        let kv_bytes = 2 * n_kv_heads * slots * hd * 2;
+        timings.push(Timing {
+            op: format!("{label}, {slots} slots"),
+            microseconds: micros,
+            read_gb_s: Some(kv_bytes as f64 / micros / 1e3),
+        });
+    }
+
+    let read_bandwidth_gb_s = gpu.read_bandwidth_gb_s(1 << 30)?;
+    Ok(CheckReport { gpu: gpu.info.clone(), shape, slots, checks, timings, read_bandwidth_gb_s })
+}
+
+/// The CPU heads' slots as the GPU stores them.
+fn device_kv(gpu: &Gpu, heads: &[HeadKv], capacity: usize, hd: usize) -> Result<DeviceKv, GpuError> {
+    let mut keys = vec![0u16; heads.len() * capacity * hd];
+    let mut values = keys.clone();
+    let mut positions = vec![FREE_SLOT; heads.len() * capacity];
+    for (g, head) in heads.iter().enumerate() {
+        for (s, p) in head.table.positions().iter().enumerate() {
+            let at = (g * capacity + s) * hd;
+            for (dst, v) in keys[at..at + hd].iter_mut().zip(head.key(s)) {
+                *dst = half::f16::from_f32(v).to_bits();
+            }
+            for (dst, v) in values[at..at + hd].iter_mut().zip(head.value(s)) {
+                *dst = half::f16::from_f32(v).to_bits();
+            }
+            positions[g * capacity + s] = p.unwrap_or(FREE_SLOT);
+        }
+    }
+    Ok(DeviceKv {
+        keys: gpu.upload(&keys)?,
+        values: gpu.upload(&values)?,
+        positions: gpu.upload(&positions)?,
+        capacity,
+    })
+}
+
+/// Mean microseconds of `f` over `reps` calls (after two warm-ups), the GPU drained each side.
+fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f64, GpuError> {
+    f()?;
+    f()?;
+    gpu.synchronize()?;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    gpu.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / reps as f64)
+}
