@@ -4,7 +4,7 @@
 
 use keyformer_kv::{noise::NoiseKind, Signal};
 
-use super::{AttentionShape, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT};
+use super::{AttentionScratch, AttentionShape, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT};
 use crate::backend::cpu::{self, WeightView};
 use crate::kv::{HeadKv, KvType};
 use crate::quant::GgmlType;
@@ -196,34 +196,40 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let shape_a = AttentionShape { n_heads, n_kv_heads, head_dim: hd, width: slots, layer, position };
     let q_dev = gpu.upload(&q)?;
     let mut out_dev = gpu.zeros::<f32>(n_heads * hd)?;
-    let mut logits = gpu.zeros::<f32>(n_heads * slots)?;
-    let mut probs = gpu.zeros::<f32>(n_heads * slots)?;
-    let mut s_keyformer = gpu.zeros::<f32>(n_kv_heads * slots)?;
-    let mut s_h2o = gpu.zeros::<f32>(n_kv_heads * slots)?;
-    let gpu_signals = [ScoreSignal::Keyformer { tau, seed }, ScoreSignal::Attention];
-    gpu.attention_decode(
-        &q_dev,
-        &kv,
-        shape_a,
-        &gpu_signals,
-        &mut out_dev,
-        &mut [&mut s_keyformer, &mut s_h2o],
-        &mut logits,
-        &mut probs,
-    )?;
-    let got = gpu.download(&out_dev)?;
-    let scale = max_abs(&want_out);
-    checks.push(row("attention output", worst(&got, &want_out, |_| scale), 1e-4, "relative to the largest output"));
-    for (name, dev, want) in
-        [("keyformer scores", &s_keyformer, &want_scores[0]), ("h2o scores", &s_h2o, &want_scores[1])]
-    {
+    let mut scratch = AttentionScratch::new(gpu, n_heads, hd, slots)?;
+    let mut score_dev = gpu.zeros::<f32>(n_kv_heads * slots)?;
+    let keyformer = ScoreSignal::Keyformer { tau, seed };
+    for (name, signal, want) in [
+        ("keyformer scores", keyformer, &want_scores[0]),
+        ("h2o scores", ScoreSignal::Attention, &want_scores[1]),
+    ] {
         let want = want.as_ref().expect("scored signal");
-        let got = gpu.download(dev)?;
+        gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
+        gpu.attention_decode(&q_dev, &kv, shape_a, Some(signal), &mut out_dev, Some(&mut score_dev), &mut scratch)?;
+        let got = gpu.download(&score_dev)?;
+        // Scores are added to what is there, and a step gives the same sums every time: a
+        // second call must double every score exactly.
+        gpu.attention_decode(&q_dev, &kv, shape_a, Some(signal), &mut out_dev, Some(&mut score_dev), &mut scratch)?;
+        let twice = gpu.download(&score_dev)?;
+        let not_doubled = got.iter().zip(&twice).filter(|(a, b)| (*a * 2.0).to_bits() != b.to_bits()).count();
+        checks.push(row(
+            &format!("{name} added, repeatably"),
+            not_doubled as f64,
+            0.0,
+            "slots whose score a second step did not exactly double",
+        ));
+        let got_out = gpu.download(&out_dev)?;
+        let scale = max_abs(&want_out);
+        checks.push(row(
+            &format!("attention output (with {name})"),
+            worst(&got_out, &want_out, |_| scale),
+            1e-4,
+            "relative to the largest output",
+        ));
         let mut err = 0f64;
         for (g, w) in want.iter().enumerate() {
-            let got = &got[g * slots..g * slots + w.len()];
-            // Probabilities summed over a group: compare with the largest of the head.
-            err = err.max(worst(got, w, |_| max_abs(w)));
+            // Probabilities summed over a group: against the head's largest.
+            err = err.max(worst(&got[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
         }
         checks.push(row(name, err, 1e-4, "relative to the largest score of the KV head"));
         if name == "keyformer scores" {
@@ -250,20 +256,15 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         }
     }
 
-    // Attention's speed with and without Keyformer's score (the scoring cost).
-    for (label, sigs) in [("attention (no score)", &[][..]), ("attention + keyformer score", &gpu_signals[..1])] {
-        let micros = time_us(gpu, 50, || {
-            let mut scores = [&mut s_keyformer];
-            gpu.attention_decode(
-                &q_dev,
-                &kv,
-                shape_a,
-                sigs,
-                &mut out_dev,
-                &mut scores[..sigs.len()],
-                &mut logits,
-                &mut probs,
-            )
+    // Attention's speed without a score, with H2O's and with Keyformer's (the scoring cost).
+    for (label, signal) in [
+        ("attention (no score)", None),
+        ("attention + h2o score", Some(ScoreSignal::Attention)),
+        ("attention + keyformer score", Some(keyformer)),
+    ] {
+        let micros = time_us(gpu, 100, || {
+            let scores = signal.is_some().then_some(&mut score_dev);
+            gpu.attention_decode(&q_dev, &kv, shape_a, signal, &mut out_dev, scores, &mut scratch)
         })?;
         let kv_bytes = 2 * n_kv_heads * slots * hd * 2;
         timings.push(Timing {

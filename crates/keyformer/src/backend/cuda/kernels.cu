@@ -92,27 +92,18 @@ extern "C" __global__ void f32_to_f16(const float* x, unsigned short* y, long n)
     if (i < n) y[i] = f2h(x[i]);
 }
 
-// logits[h][s] = scale * q[h] . k[s] for the query heads of KV head blockIdx.y, or -inf where
-// slot s is free or holds a position after the query's. One warp per slot: the key is read
-// once for the whole group of query heads.
-extern "C" __global__ void attn_logits(const float* q, const unsigned short* keys, const unsigned* slot_pos,
-                                       float* logits, int n_heads, int n_kv_heads, int head_dim, int capacity,
-                                       int width, unsigned query_pos, float scale) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int s = blockIdx.x * (blockDim.x >> 5) + warp;
-    int g = blockIdx.y, group = n_heads / n_kv_heads;
-    if (s >= width) return;
-    unsigned p = slot_pos[(size_t)g * capacity + s];
-    bool visible = p != FREE_SLOT && p <= query_pos;
-    const unsigned short* k = keys + ((size_t)g * capacity + s) * head_dim;
-    for (int j = 0; j < group; j++) {
-        int h = g * group + j;
-        const float* qh = q + (size_t)h * head_dim;
-        float d = 0.0f;
-        for (int i = lane; i < head_dim; i += 32) d += qh[i] * h2f(k[i]);
-        d = warp_sum(d);
-        if (lane == 0) logits[(size_t)h * width + s] = visible ? d * scale : NEG_INF;
-    }
+// keyformer_kv::noise::counter_hash(seed, layer, head, step, 0xffffffff): the 64-bit key of a
+// noise row (splitmix64's finaliser, chained), of which the low 32 bits key the positions.
+__device__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ unsigned noise_row_key(unsigned long long seed, unsigned layer, unsigned head, unsigned step) {
+    unsigned long long a = mix64(seed ^ 0x9E3779B97F4A7C15ull);
+    unsigned long long b = mix64(a ^ (((unsigned long long)layer << 32) | head));
+    return (unsigned)mix64(b ^ (((unsigned long long)step << 32) | 0xffffffffull));
 }
 
 // The position hash of the noise (keyformer_kv::noise::position_hash): murmur3's finaliser
@@ -126,65 +117,231 @@ __device__ __forceinline__ unsigned position_hash(unsigned key, unsigned positio
     return x ^ (x >> 16);
 }
 
-// Softmax of each query head's row, written to probs[h][s]. noisy = 0: of the logits (what
-// attention uses); noisy = 1: of (logit + g) / tau, g the Gumbel draw of the slot's position
-// under the row key keys[h] from the quantile table (Keyformer's score), as the CPU draws
-// it. One block per query head.
-extern "C" __global__ void softmax_rows(const float* logits, const unsigned* slot_pos, float* probs, int n_heads,
-                                        int n_kv_heads, int capacity, int width, int noisy, float tau,
-                                        const unsigned* row_keys, const float* gumbel_table, int table_bits) {
-    int h = blockIdx.x, g = h / (n_heads / n_kv_heads);
-    const float* x = logits + (size_t)h * width;
-    float* y = probs + (size_t)h * width;
-    const unsigned* pos = slot_pos + (size_t)g * capacity;
-    float inv_tau = 1.0f / tau;
-    unsigned key = noisy ? row_keys[h] : 0u;
-    float m = NEG_INF;
-    for (int s = threadIdx.x; s < width; s += blockDim.x) {
-        float v = x[s];
-        if (noisy && v != NEG_INF) v = (v + gumbel_table[position_hash(key, pos[s]) >> (32 - table_bits)]) * inv_tau;
-        y[s] = v;
-        m = fmaxf(m, v);
-    }
-    m = block_reduce(m, true);
-    float sum = 0.0f;
-    for (int s = threadIdx.x; s < width; s += blockDim.x) {
-        float e = m == NEG_INF ? 0.0f : expf(y[s] - m);
-        y[s] = e;
-        sum += e;
-    }
-    sum = block_reduce(sum, false);
-    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (int s = threadIdx.x; s < width; s += blockDim.x) y[s] *= inv;
+#define ATTN_CHUNK 128
+#define ATTN_WARPS 8
+#define UNROLL 4
+#define ATTN_MAX_GROUP 8
+#define ATTN_MAX_HEAD_DIM 128
+#define ATTN_MAX_CHUNKS 256
+#define SCORE_NONE 0
+#define SCORE_ATTENTION 1
+#define SCORE_KEYFORMER 2
+
+// Two f16 values (4 bytes) as floats.
+__device__ __forceinline__ float2 h2f2(const unsigned short* p) {
+    unsigned u = *(const unsigned*)p;
+    return make_float2(h2f((unsigned short)(u & 0xffffu)), h2f((unsigned short)(u >> 16)));
 }
 
-// out[h] += sum over the block's slots of probs[h][s] * v[s] (out zeroed first). Block
-// (chunk of slots, query head); one thread per value dimension.
-extern "C" __global__ void attn_values(const float* probs, const unsigned short* values, float* out, int n_heads,
-                                       int n_kv_heads, int head_dim, int capacity, int width, int slots_per_block) {
-    int h = blockIdx.y, g = h / (n_heads / n_kv_heads);
-    int lo = blockIdx.x * slots_per_block, hi = min(width, lo + slots_per_block);
-    const float* p = probs + (size_t)h * width;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = lo; s < hi; s++) {
-            float w = p[s];
-            if (w != 0.0f) acc += w * h2f(values[((size_t)g * capacity + s) * head_dim + d]);
+// Decode attention, pass 1 (flash-decoding): block (chunk c of ATTN_CHUNK slots, KV head g),
+// ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of query
+// heads and writes, per query head, the chunk's unnormalised output, its softmax max and sum,
+// and (when a policy scores) the scored softmax's exponentials with their max and sum: the
+// plain ones (H2O) or those of (logit + g) / tau with g drawn as the CPU draws it (Keyformer).
+// part_out [n_heads][chunks][head_dim]; part_stats [n_heads][chunks][4] = (m, l, m', l');
+// score_exps [n_heads][width]. head_dim even and at most ATTN_MAX_HEAD_DIM.
+extern "C" __global__ void attn_decode_partial(
+    const float* q, const unsigned short* keys, const unsigned short* values, const unsigned* slot_pos,
+    int n_heads, int n_kv_heads, int head_dim, int capacity, int width, unsigned query_pos, float scale,
+    int score_mode, float inv_tau, unsigned long long seed, unsigned layer, const float* gumbel_table,
+    int table_bits, float* part_out, float* part_stats, float* score_exps) {
+    __shared__ float sq[ATTN_MAX_GROUP * ATTN_MAX_HEAD_DIM];
+    __shared__ float sl[ATTN_MAX_GROUP * ATTN_CHUNK];
+    __shared__ float sn[ATTN_MAX_GROUP * ATTN_CHUNK];
+    __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
+    __shared__ unsigned skey[ATTN_MAX_GROUP];
+    int g = blockIdx.y, c = blockIdx.x, chunks = gridDim.x;
+    int group = n_heads / n_kv_heads, h0 = g * group;
+    int lo = c * ATTN_CHUNK, m = min(width, lo + ATTN_CHUNK) - lo;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) sq[i] = q[(size_t)h0 * head_dim + i];
+    if (score_mode == SCORE_KEYFORMER && threadIdx.x < group)
+        skey[threadIdx.x] = noise_row_key(seed, layer, h0 + threadIdx.x, query_pos);
+    __syncthreads();
+
+    // Logits: a warp per slot, two key values per lane per step, the key read once for the
+    // group; UNROLL slots' keys are loaded before any is used, so that their loads overlap.
+    for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
+        float2 kv[UNROLL][ATTN_MAX_HEAD_DIM / 64];
+        unsigned p[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            int t = min(t0 + u, m - 1);
+            p[u] = slot_pos[(size_t)g * capacity + lo + t];
+            const unsigned short* k = keys + ((size_t)g * capacity + lo + t) * head_dim;
+#pragma unroll
+            for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+                int i = 2 * lane + 64 * r;
+                kv[u][r] = i < head_dim ? h2f2(k + i) : make_float2(0.0f, 0.0f);
+            }
         }
-        atomicAdd(out + (size_t)h * head_dim + d, acc);
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            int t = t0 + u;
+            if (t >= m) break;
+            bool visible = p[u] != FREE_SLOT && p[u] <= query_pos;
+#pragma unroll
+            for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+                if (j >= group) break;
+                float acc = 0.0f;
+#pragma unroll
+                for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+                    int i = 2 * lane + 64 * r;
+                    if (i < head_dim) acc += sq[j * head_dim + i] * kv[u][r].x + sq[j * head_dim + i + 1] * kv[u][r].y;
+                }
+                float d = warp_sum(acc);
+                if (lane == 0) {
+                    float x = visible ? d * scale : NEG_INF;
+                    sl[j * ATTN_CHUNK + t] = x;
+                    if (score_mode == SCORE_KEYFORMER)
+                        sn[j * ATTN_CHUNK + t] =
+                            visible ? (x + gumbel_table[position_hash(skey[j], p[u]) >> (32 - table_bits)]) * inv_tau
+                                    : NEG_INF;
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // Each softmax over the chunk: a warp per (query head, softmax), no block-wide syncs.
+    int n_soft = score_mode == SCORE_KEYFORMER ? 2 : 1;
+    for (int task = warp; task < group * n_soft; task += ATTN_WARPS) {
+        int j = task % group, which = task / group;
+        float* row = (which == 0 ? sl : sn) + j * ATTN_CHUNK;
+        float mx = NEG_INF;
+        for (int t = lane; t < m; t += 32) mx = fmaxf(mx, row[t]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int t = lane; t < m; t += 32) {
+            float e = mx == NEG_INF ? 0.0f : expf(row[t] - mx);
+            row[t] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            float* stats = part_stats + ((size_t)(h0 + j) * chunks + c) * 4;
+            stats[2 * which] = mx;
+            stats[2 * which + 1] = sum;
+            if (score_mode != SCORE_KEYFORMER) {  // the scored softmax is the plain one (or none)
+                stats[2] = mx;
+                stats[3] = sum;
+            }
+        }
+    }
+    __syncthreads();
+
+    // The chunk's unnormalised outputs: a warp per slot (two values per lane per step, each
+    // value read once for the group), then the warps' sums added through shared memory.
+    float acc[ATTN_MAX_GROUP][ATTN_MAX_HEAD_DIM / 64][2];
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_GROUP; j++)
+#pragma unroll
+        for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) acc[j][r][0] = acc[j][r][1] = 0.0f;
+    for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
+        float2 vv[UNROLL][ATTN_MAX_HEAD_DIM / 64];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const unsigned short* v = values + ((size_t)g * capacity + lo + min(t0 + u, m - 1)) * head_dim;
+#pragma unroll
+            for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+                int i = 2 * lane + 64 * r;
+                vv[u][r] = i < head_dim ? h2f2(v + i) : make_float2(0.0f, 0.0f);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            if (t0 + u >= m) break;
+#pragma unroll
+            for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+                if (j >= group) break;
+                float w = sl[j * ATTN_CHUNK + t0 + u];
+#pragma unroll
+                for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+                    acc[j][r][0] += w * vv[u][r].x;
+                    acc[j][r][1] += w * vv[u][r].y;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+        if (j >= group) break;
+#pragma unroll
+        for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+            int i = 2 * lane + 64 * r;
+            if (i < head_dim) {
+                sred[warp * ATTN_MAX_HEAD_DIM + i] = acc[j][r][0];
+                sred[warp * ATTN_MAX_HEAD_DIM + i + 1] = acc[j][r][1];
+            }
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int w = 0; w < ATTN_WARPS; w++) o += sred[w * ATTN_MAX_HEAD_DIM + d];
+            part_out[((size_t)(h0 + j) * chunks + c) * head_dim + d] = o;
+        }
+        __syncthreads();
+    }
+    if (score_mode != SCORE_NONE) {
+        const float* src = score_mode == SCORE_KEYFORMER ? sn : sl;
+        for (int j = 0; j < group; j++)
+            for (int t = threadIdx.x; t < m; t += blockDim.x)
+                score_exps[(size_t)(h0 + j) * width + lo + t] = src[j * ATTN_CHUNK + t];
     }
 }
 
-// scores[g][s] += sum over the query heads of KV head g of probs[h][s] (H2O's and Keyformer's
-// running sums); one thread per (KV head, slot).
-extern "C" __global__ void add_scores(const float* probs, float* scores, int n_heads, int n_kv_heads, int capacity,
-                                      int width) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)n_kv_heads * width) return;
-    int g = i / width, s = i % width, group = n_heads / n_kv_heads;
-    float acc = 0.0f;
-    for (int j = 0; j < group; j++) acc += probs[(size_t)(g * group + j) * width + s];
-    scores[(size_t)g * capacity + s] += acc;
+// Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots) combines the
+// chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks with
+// y = 0 write it) and, when a policy scores, adds each slot of its range's probability summed
+// over the group to scores[g][slot]. Every block of a KV head recomputes the chunk weights
+// (a few hundred exponentials) so that the slots spread over many blocks; no atomics, so the
+// sums are the same every run.
+#define COMBINE_SLOTS 512
+extern "C" __global__ void attn_decode_combine(const float* part_out, const float* part_stats,
+                                               const float* score_exps, float* out, float* scores, int n_heads,
+                                               int n_kv_heads, int head_dim, int capacity, int width, int chunks,
+                                               int score_mode) {
+    __shared__ float weight[ATTN_MAX_GROUP * ATTN_MAX_CHUNKS];   // e^(m_c - M) / L, output
+    __shared__ float sweight[ATTN_MAX_GROUP * ATTN_MAX_CHUNKS];  // the same for the scored softmax
+    int g = blockIdx.x, group = n_heads / n_kv_heads, h0 = g * group;
+    bool writes_out = blockIdx.y == 0;
+    int n_soft = score_mode == SCORE_NONE ? 1 : 2;
+    for (int task = threadIdx.x; task < group * n_soft; task += blockDim.x) {
+        int j = task % group, which = task / group;
+        if (which == 0 && !writes_out) continue;
+        const float* st = part_stats + (size_t)(h0 + j) * chunks * 4;
+        float* w = (which == 0 ? weight : sweight) + j * ATTN_MAX_CHUNKS;
+        float M = NEG_INF;
+        for (int cc = 0; cc < chunks; cc++) M = fmaxf(M, st[cc * 4 + 2 * which]);
+        float L = 0.0f;
+        for (int cc = 0; cc < chunks; cc++) {
+            float e = M == NEG_INF ? 0.0f : expf(st[cc * 4 + 2 * which] - M);
+            w[cc] = e;
+            L += e * st[cc * 4 + 2 * which + 1];
+        }
+        float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        for (int cc = 0; cc < chunks; cc++) w[cc] *= inv;
+    }
+    __syncthreads();
+    if (writes_out) {
+        for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
+            int j = i / head_dim, d = i % head_dim;
+            const float* po = part_out + (size_t)(h0 + j) * chunks * head_dim + d;
+            float acc = 0.0f;
+            for (int cc = 0; cc < chunks; cc++) acc += weight[j * ATTN_MAX_CHUNKS + cc] * po[(size_t)cc * head_dim];
+            out[(size_t)(h0 + j) * head_dim + d] = acc;
+        }
+    }
+    if (score_mode != SCORE_NONE) {
+        int end = min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS);
+        for (int s = blockIdx.y * COMBINE_SLOTS + threadIdx.x; s < end; s += blockDim.x) {
+            int cc = s / ATTN_CHUNK;
+            float acc = 0.0f;
+            for (int j = 0; j < group; j++)
+                acc += score_exps[(size_t)(h0 + j) * width + s] * sweight[j * ATTN_MAX_CHUNKS + cc];
+            scores[(size_t)g * capacity + s] += acc;
+        }
+    }
 }
 
 // Sum of a buffer (the copy-bandwidth probe reads through this): grid-stride, one atomic per block.

@@ -7,10 +7,10 @@
 //!
 //! Decode attention ([`Gpu::attention_decode`]) works on the same slot layout as the CPU's
 //! KV cache (a KV head's slots, each with its position or free) and gives, besides the output,
-//! the policies' scores: the plain probabilities (H2O) and Keyformer's
-//! `softmax((x + g) / tau)`, with `g` drawn exactly as the CPU draws it (the row key from
-//! [`noise::NoiseRow`], the per-position hash and the same quantile table), so both backends
-//! select the same tokens. `check` compares every op with the CPU backend.
+//! a policy's scores in the same pass over the keys and values: the plain probabilities (H2O)
+//! or Keyformer's `softmax((x + g) / tau)`, with `g` drawn exactly as the CPU draws it (the row
+//! key of [`noise::NoiseRow`] computed on the GPU, the per-position hash and the same quantile
+//! table), so both backends select the same tokens. `check` compares every op with the CPU.
 
 pub mod check;
 
@@ -58,10 +58,8 @@ struct Kernels {
     rope_adjacent_pairs: CudaFunction,
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
-    attn_logits: CudaFunction,
-    softmax_rows: CudaFunction,
-    attn_values: CudaFunction,
-    add_scores: CudaFunction,
+    attn_decode_partial: CudaFunction,
+    attn_decode_combine: CudaFunction,
     read_sum: CudaFunction,
 }
 
@@ -72,12 +70,38 @@ pub struct Gpu {
     blas: CudaBlas,
     kernels: Kernels,
     gumbel_table: CudaSlice<f32>,
-    /// Row keys for a softmax without noise (never read; the kernel takes a pointer).
-    zero_keys: CudaSlice<u32>,
+    /// Passed as the score row when nothing is scored (the kernel never touches it).
+    unused_scores: std::sync::Mutex<CudaSlice<f32>>,
 }
 
-/// Most query heads one attention call takes.
-pub const MAX_HEADS: usize = 1024;
+/// Slots per block of the attention's first kernel, and the limits of its shared memory (as
+/// `kernels.cu` defines them).
+const ATTN_CHUNK: usize = 128;
+const ATTN_WARPS: u32 = 8;
+const COMBINE_SLOTS: usize = 512;
+pub const ATTN_MAX_GROUP: usize = 8;
+pub const ATTN_MAX_HEAD_DIM: usize = 128;
+const ATTN_MAX_CHUNKS: usize = 256;
+
+/// Scratch of [`Gpu::attention_decode`] for up to `n_heads` query heads of `head_dim` over
+/// `max_width` slots: the chunks' partial outputs and softmax statistics, and the scored
+/// softmax's exponentials.
+pub struct AttentionScratch {
+    part_out: CudaSlice<f32>,
+    part_stats: CudaSlice<f32>,
+    score_exps: CudaSlice<f32>,
+}
+
+impl AttentionScratch {
+    pub fn new(gpu: &Gpu, n_heads: usize, head_dim: usize, max_width: usize) -> Result<Self, GpuError> {
+        let chunks = max_width.div_ceil(ATTN_CHUNK).max(1);
+        Ok(Self {
+            part_out: gpu.zeros(n_heads * chunks * head_dim)?,
+            part_stats: gpu.zeros(n_heads * chunks * 4)?,
+            score_exps: gpu.zeros(n_heads * max_width.max(1))?,
+        })
+    }
+}
 
 /// A KV head's slots on the GPU, as `kv::HeadKv` holds them on the CPU: f16 keys and values
 /// `[capacity][head_dim]` and each slot's position (`FREE_SLOT` when empty). Several heads are
@@ -151,21 +175,26 @@ impl Gpu {
             rope_adjacent_pairs: f("rope_adjacent_pairs")?,
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
-            attn_logits: f("attn_logits")?,
-            softmax_rows: f("softmax_rows")?,
-            attn_values: f("attn_values")?,
-            add_scores: f("add_scores")?,
+            attn_decode_partial: f("attn_decode_partial")?,
+            attn_decode_combine: f("attn_decode_combine")?,
             read_sum: f("read_sum")?,
         };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())?;
         let gumbel_table = stream.clone_htod(noise::gumbel_table())?;
-        let zero_keys = stream.alloc_zeros::<u32>(MAX_HEADS)?;
-        Ok(Self { info, stream, blas, kernels, gumbel_table, zero_keys })
+        let unused_scores = std::sync::Mutex::new(stream.alloc_zeros::<f32>(1)?);
+        Ok(Self { info, stream, blas, kernels, gumbel_table, unused_scores })
     }
 
     pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
         Ok(self.stream.clone_htod(host)?)
+    }
+
+    pub fn upload_into<T: cudarc::driver::DeviceRepr>(&self, host: &[T], dev: &mut CudaSlice<T>) -> Result<(), GpuError> {
+        if host.len() != dev.len() {
+            return Err(GpuError::Shape(format!("{} values into a buffer of {}", host.len(), dev.len())));
+        }
+        Ok(self.stream.memcpy_htod(host, dev)?)
     }
 
     pub fn download<T: cudarc::driver::DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>, GpuError> {
@@ -307,107 +336,88 @@ impl Gpu {
         Ok(())
     }
 
-    /// Decode attention of one query position over `kv` (see [`AttentionShape`]): `out` gets
-    /// `[n_heads][head_dim]`; each signal's probabilities are summed over the query heads of a
-    /// KV head and added to `scores[i]` (`[n_kv_heads][capacity]`). `logits` and `probs` are
-    /// scratch of `n_heads * width` values.
+    /// Decode attention of one query position over `kv` (see [`AttentionShape`]), in two
+    /// kernels (flash-decoding: chunks of slots in parallel, then their combination): `out`
+    /// gets `[n_heads][head_dim]`; with a `signal`, each slot's probability under it, summed
+    /// over the query heads of its KV head, is added to `scores` (`[n_kv_heads][capacity]`).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
         q: &CudaSlice<f32>,
         kv: &DeviceKv,
         shape: AttentionShape,
-        signals: &[ScoreSignal],
+        signal: Option<ScoreSignal>,
         out: &mut CudaSlice<f32>,
-        scores: &mut [&mut CudaSlice<f32>],
-        logits: &mut CudaSlice<f32>,
-        probs: &mut CudaSlice<f32>,
+        scores: Option<&mut CudaSlice<f32>>,
+        scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
         let AttentionShape { n_heads, n_kv_heads, head_dim: hd, width, layer, position } = shape;
         let cap = kv.capacity;
+        let chunks = width.div_ceil(ATTN_CHUNK);
+        let group = if n_kv_heads == 0 { 0 } else { n_heads / n_kv_heads };
         let bad = n_kv_heads == 0
-            || n_heads > MAX_HEADS
             || n_heads % n_kv_heads != 0
+            || group > ATTN_MAX_GROUP
+            || hd > ATTN_MAX_HEAD_DIM
+            || hd % 2 != 0
+            || chunks > ATTN_MAX_CHUNKS
             || width > cap
             || q.len() != n_heads * hd
             || out.len() != n_heads * hd
             || kv.keys.len() != n_kv_heads * cap * hd
             || kv.values.len() != n_kv_heads * cap * hd
             || kv.positions.len() != n_kv_heads * cap
-            || logits.len() < n_heads * width
-            || probs.len() < n_heads * width
-            || scores.len() != signals.len()
-            || scores.iter().any(|s| s.len() != n_kv_heads * cap);
+            || scratch.part_out.len() < n_heads * chunks * hd
+            || scratch.part_stats.len() < n_heads * chunks * 4
+            || scratch.score_exps.len() < n_heads * width
+            || signal.is_some() != scores.is_some()
+            || scores.as_ref().is_some_and(|s| s.len() != n_kv_heads * cap);
         if bad {
             return Err(GpuError::Shape(format!(
-                "attention of {n_heads} heads / {n_kv_heads} KV heads x {hd} over {width} of {cap} slots"
+                "attention of {n_heads} heads / {n_kv_heads} KV heads x {hd} over {width} of {cap} slots \
+                 (at most {ATTN_MAX_GROUP} query heads per KV head, an even head size up to {ATTN_MAX_HEAD_DIM}, \
+                 {} slots)",
+                ATTN_MAX_CHUNKS * ATTN_CHUNK
             )));
         }
         if width == 0 {
             self.stream.memset_zeros(out)?;
             return Ok(());
         }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (n_heads_i, n_kv_i, hd_i, cap_i, width_i) =
-            (n_heads as i32, n_kv_heads as i32, hd as i32, cap as i32, width as i32);
-        const WARPS: u32 = 8;
+        let (mode, inv_tau, seed) = match signal {
+            None => (0i32, 1.0f32, 0u64),
+            Some(ScoreSignal::Attention) => (1, 1.0, 0),
+            Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
+        };
+        let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, cap as i32, width as i32, chunks as i32];
+        let (scale, layer, bits) = (1.0 / (hd as f32).sqrt(), layer as u32, noise::GUMBEL_TABLE_BITS as i32);
         let cfg = LaunchConfig {
-            grid_dim: ((width as u32).div_ceil(WARPS), n_kv_heads as u32, 1),
-            block_dim: (32 * WARPS, 1, 1),
+            grid_dim: (chunks as u32, n_kv_heads as u32, 1),
+            block_dim: (32 * ATTN_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.kernels.attn_logits);
-        b.arg(q).arg(&kv.keys).arg(&kv.positions).arg(&mut *logits);
-        b.arg(&n_heads_i).arg(&n_kv_i).arg(&hd_i).arg(&cap_i).arg(&width_i).arg(&position).arg(&scale);
-        // SAFETY: one warp per (slot < width, KV head); all buffers checked above.
+        let AttentionScratch { part_out, part_stats, score_exps } = scratch;
+        let mut b = self.stream.launch_builder(&self.kernels.attn_decode_partial);
+        b.arg(q).arg(&kv.keys).arg(&kv.values).arg(&kv.positions);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&position).arg(&scale);
+        b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer).arg(&self.gumbel_table).arg(&bits);
+        b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
+        // SAFETY: block (chunk, KV head) reads its slots (< width <= capacity) and writes its own
+        // entries of the scratch (sizes checked above).
         unsafe { b.launch(cfg) }?;
-
-        let row_cfg = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let no_keys = &self.zero_keys;
-        let bits = noise::GUMBEL_TABLE_BITS as i32;
-        for (signal, score) in signals.iter().zip(scores.iter_mut()) {
-            let (noisy, tau, keys) = match *signal {
-                ScoreSignal::Attention => (0i32, 1.0f32, None),
-                ScoreSignal::Keyformer { tau, seed } => {
-                    let keys: Vec<u32> = (0..n_heads)
-                        .map(|h| {
-                            noise::NoiseRow::new(noise::NoiseKind::Gumbel, seed, layer as u32, h as u32, position).key
-                                [0]
-                        })
-                        .collect();
-                    (1, tau, Some(self.stream.clone_htod(&keys)?))
-                }
-            };
-            let keys = keys.as_ref().unwrap_or(no_keys);
-            let mut b = self.stream.launch_builder(&self.kernels.softmax_rows);
-            b.arg(&*logits).arg(&kv.positions).arg(&mut *probs).arg(&n_heads_i).arg(&n_kv_i).arg(&cap_i).arg(&width_i);
-            b.arg(&noisy).arg(&tau).arg(keys).arg(&self.gumbel_table).arg(&bits);
-            // SAFETY: one block per query head over its width values.
-            unsafe { b.launch(row_cfg) }?;
-            let mut b = self.stream.launch_builder(&self.kernels.add_scores);
-            b.arg(&*probs).arg(&mut **score).arg(&n_heads_i).arg(&n_kv_i).arg(&cap_i).arg(&width_i);
-            // SAFETY: one thread per (KV head, slot < width).
-            unsafe { b.launch(grid(n_kv_heads * width, 256)) }?;
-        }
-
-        // The output's probabilities (plain softmax), then the weighted sum of the values.
-        let (zero, one) = (0i32, 1.0f32);
-        let mut b = self.stream.launch_builder(&self.kernels.softmax_rows);
-        b.arg(&*logits).arg(&kv.positions).arg(&mut *probs).arg(&n_heads_i).arg(&n_kv_i).arg(&cap_i).arg(&width_i);
-        b.arg(&zero).arg(&one).arg(no_keys).arg(&self.gumbel_table).arg(&bits);
-        // SAFETY: as above.
-        unsafe { b.launch(row_cfg) }?;
-        self.stream.memset_zeros(out)?;
-        const SLOTS_PER_BLOCK: u32 = 64;
-        let cfg = LaunchConfig {
-            grid_dim: ((width as u32).div_ceil(SLOTS_PER_BLOCK), n_heads as u32, 1),
-            block_dim: (hd.min(1024) as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let mut unused = self.unused_scores.lock().expect("scores placeholder");
+        let scores = match scores {
+            Some(s) => s,
+            None => &mut *unused,
         };
-        let mut b = self.stream.launch_builder(&self.kernels.attn_values);
-        b.arg(&*probs).arg(&kv.values).arg(out).arg(&n_heads_i).arg(&n_kv_i).arg(&hd_i).arg(&cap_i).arg(&width_i);
-        b.arg(&(SLOTS_PER_BLOCK as i32));
-        // SAFETY: block (chunk, head) reads its slots' values and adds into its head's output.
+        let ranges = if mode == 0 { 1 } else { width.div_ceil(COMBINE_SLOTS) as u32 };
+        let cfg =
+            LaunchConfig { grid_dim: (n_kv_heads as u32, ranges, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.kernels.attn_decode_combine);
+        b.arg(&*part_out).arg(&*part_stats).arg(&*score_exps).arg(out).arg(scores);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&mode);
+        // SAFETY: block (g, 0) writes g's query heads' outputs; block (g, y), when scoring, its
+        // range of KV head g's row.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
