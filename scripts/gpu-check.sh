@@ -22,6 +22,9 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv | tee "$out/nvidia-smi.csv"
 "$bin" gpu-check | tee "$out/gpu-check.md" || status=1
 "$bin" gpu-check --json > "$out/gpu-check.json" 2>/dev/null || status=1
+# Widths that are no multiple of any chunk size, and a long cache.
+"$bin" gpu-check --slots 1000 --shape llama3-8b,smollm2-135m | tee "$out/gpu-check-1000.md" || status=1
+"$bin" gpu-check --slots 8192 --shape llama2-7b,llama3-8b | tee "$out/gpu-check-8192.md" || status=1
 python3 - <<'EOF' 2>&1 | tee "$out/torch-copy.txt"
 import torch
 x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB

@@ -117,7 +117,7 @@ __device__ __forceinline__ unsigned position_hash(unsigned key, unsigned positio
     return x ^ (x >> 16);
 }
 
-#define ATTN_CHUNK 128
+#define ATTN_MAX_CHUNK 128
 #define ATTN_WARPS 8
 #define UNROLL 4
 #define ATTN_MAX_GROUP 8
@@ -133,7 +133,7 @@ __device__ __forceinline__ float2 h2f2(const unsigned short* p) {
     return make_float2(h2f((unsigned short)(u & 0xffffu)), h2f((unsigned short)(u >> 16)));
 }
 
-// Decode attention, pass 1 (flash-decoding): block (chunk c of ATTN_CHUNK slots, KV head g),
+// Decode attention, pass 1 (flash-decoding): block (chunk c of `chunk` <= ATTN_MAX_CHUNK slots, KV head g),
 // ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of query
 // heads and writes, per query head, the chunk's unnormalised output, its softmax max and sum,
 // and (when a policy scores) the scored softmax's exponentials with their max and sum: the
@@ -144,15 +144,15 @@ extern "C" __global__ void attn_decode_partial(
     const float* q, const unsigned short* keys, const unsigned short* values, const unsigned* slot_pos,
     int n_heads, int n_kv_heads, int head_dim, int capacity, int width, unsigned query_pos, float scale,
     int score_mode, float inv_tau, unsigned long long seed, unsigned layer, const float* gumbel_table,
-    int table_bits, float* part_out, float* part_stats, float* score_exps) {
+    int table_bits, int chunk, float* part_out, float* part_stats, float* score_exps) {
     __shared__ float sq[ATTN_MAX_GROUP * ATTN_MAX_HEAD_DIM];
-    __shared__ float sl[ATTN_MAX_GROUP * ATTN_CHUNK];
-    __shared__ float sn[ATTN_MAX_GROUP * ATTN_CHUNK];
+    __shared__ float sl[ATTN_MAX_GROUP * ATTN_MAX_CHUNK];
+    __shared__ float sn[ATTN_MAX_GROUP * ATTN_MAX_CHUNK];
     __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
     __shared__ unsigned skey[ATTN_MAX_GROUP];
     int g = blockIdx.y, c = blockIdx.x, chunks = gridDim.x;
     int group = n_heads / n_kv_heads, h0 = g * group;
-    int lo = c * ATTN_CHUNK, m = min(width, lo + ATTN_CHUNK) - lo;
+    int lo = c * chunk, m = min(width, lo + chunk) - lo;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) sq[i] = q[(size_t)h0 * head_dim + i];
     if (score_mode == SCORE_KEYFORMER && threadIdx.x < group)
@@ -192,9 +192,9 @@ extern "C" __global__ void attn_decode_partial(
                 float d = warp_sum(acc);
                 if (lane == 0) {
                     float x = visible ? d * scale : NEG_INF;
-                    sl[j * ATTN_CHUNK + t] = x;
+                    sl[j * ATTN_MAX_CHUNK + t] = x;
                     if (score_mode == SCORE_KEYFORMER)
-                        sn[j * ATTN_CHUNK + t] =
+                        sn[j * ATTN_MAX_CHUNK + t] =
                             visible ? (x + gumbel_table[position_hash(skey[j], p[u]) >> (32 - table_bits)]) * inv_tau
                                     : NEG_INF;
                 }
@@ -207,7 +207,7 @@ extern "C" __global__ void attn_decode_partial(
     int n_soft = score_mode == SCORE_KEYFORMER ? 2 : 1;
     for (int task = warp; task < group * n_soft; task += ATTN_WARPS) {
         int j = task % group, which = task / group;
-        float* row = (which == 0 ? sl : sn) + j * ATTN_CHUNK;
+        float* row = (which == 0 ? sl : sn) + j * ATTN_MAX_CHUNK;
         float mx = NEG_INF;
         for (int t = lane; t < m; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
@@ -254,7 +254,7 @@ extern "C" __global__ void attn_decode_partial(
 #pragma unroll
             for (int j = 0; j < ATTN_MAX_GROUP; j++) {
                 if (j >= group) break;
-                float w = sl[j * ATTN_CHUNK + t0 + u];
+                float w = sl[j * ATTN_MAX_CHUNK + t0 + u];
 #pragma unroll
                 for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
                     acc[j][r][0] += w * vv[u][r].x;
@@ -286,7 +286,7 @@ extern "C" __global__ void attn_decode_partial(
         const float* src = score_mode == SCORE_KEYFORMER ? sn : sl;
         for (int j = 0; j < group; j++)
             for (int t = threadIdx.x; t < m; t += blockDim.x)
-                score_exps[(size_t)(h0 + j) * width + lo + t] = src[j * ATTN_CHUNK + t];
+                score_exps[(size_t)(h0 + j) * width + lo + t] = src[j * ATTN_MAX_CHUNK + t];
     }
 }
 
@@ -300,7 +300,7 @@ extern "C" __global__ void attn_decode_partial(
 extern "C" __global__ void attn_decode_combine(const float* part_out, const float* part_stats,
                                                const float* score_exps, float* out, float* scores, int n_heads,
                                                int n_kv_heads, int head_dim, int capacity, int width, int chunks,
-                                               int score_mode) {
+                                               int chunk, int score_mode) {
     __shared__ float weight[ATTN_MAX_GROUP * ATTN_MAX_CHUNKS];   // e^(m_c - M) / L, output
     __shared__ float sweight[ATTN_MAX_GROUP * ATTN_MAX_CHUNKS];  // the same for the scored softmax
     int g = blockIdx.x, group = n_heads / n_kv_heads, h0 = g * group;
@@ -335,7 +335,7 @@ extern "C" __global__ void attn_decode_combine(const float* part_out, const floa
     if (score_mode != SCORE_NONE) {
         int end = min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS);
         for (int s = blockIdx.y * COMBINE_SLOTS + threadIdx.x; s < end; s += blockDim.x) {
-            int cc = s / ATTN_CHUNK;
+            int cc = s / chunk;
             float acc = 0.0f;
             for (int j = 0; j < group; j++)
                 acc += score_exps[(size_t)(h0 + j) * width + s] * sweight[j * ATTN_MAX_CHUNKS + cc];
