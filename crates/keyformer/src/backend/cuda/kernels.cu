@@ -133,6 +133,16 @@ __device__ __forceinline__ float2 h2f2(const unsigned short* p) {
     return make_float2(h2f((unsigned short)(u & 0xffffu)), h2f((unsigned short)(u >> 16)));
 }
 
+// A lane's share of an f16 row of head_dim values: pairs (2 lane + 64 r, + 1), zeros past the end.
+__device__ __forceinline__ void lane_pairs(const unsigned short* row, int lane, int head_dim,
+                                           float2 (&out)[ATTN_MAX_HEAD_DIM / 64]) {
+#pragma unroll
+    for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+        int i = 2 * lane + 64 * r;
+        out[r] = i < head_dim ? h2f2(row + i) : make_float2(0.0f, 0.0f);
+    }
+}
+
 // Decode attention, pass 1 (flash-decoding): block (chunk c of `chunk` <= ATTN_MAX_CHUNK slots, KV head g),
 // ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of query
 // heads and writes, per query head, the chunk's unnormalised output, its softmax max and sum,
@@ -168,12 +178,7 @@ extern "C" __global__ void attn_decode_partial(
         for (int u = 0; u < UNROLL; u++) {
             int t = min(t0 + u, m - 1);
             p[u] = slot_pos[(size_t)g * capacity + lo + t];
-            const unsigned short* k = keys + ((size_t)g * capacity + lo + t) * head_dim;
-#pragma unroll
-            for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
-                int i = 2 * lane + 64 * r;
-                kv[u][r] = i < head_dim ? h2f2(k + i) : make_float2(0.0f, 0.0f);
-            }
+            lane_pairs(keys + ((size_t)g * capacity + lo + t) * head_dim, lane, head_dim, kv[u]);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
@@ -241,12 +246,7 @@ extern "C" __global__ void attn_decode_partial(
         float2 vv[UNROLL][ATTN_MAX_HEAD_DIM / 64];
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
-            const unsigned short* v = values + ((size_t)g * capacity + lo + min(t0 + u, m - 1)) * head_dim;
-#pragma unroll
-            for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
-                int i = 2 * lane + 64 * r;
-                vv[u][r] = i < head_dim ? h2f2(v + i) : make_float2(0.0f, 0.0f);
-            }
+            lane_pairs(values + ((size_t)g * capacity + lo + min(t0 + u, m - 1)) * head_dim, lane, head_dim, vv[u]);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
