@@ -169,40 +169,42 @@ extern "C" __global__ void attn_decode_partial(
         skey[threadIdx.x] = noise_row_key(seed, layer, h0 + threadIdx.x, query_pos);
     __syncthreads();
 
-    // Logits: a warp per slot, two key values per lane per step, the key read once for the
-    // group; UNROLL slots' keys are loaded before any is used, so that their loads overlap.
-    for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
-        float2 kv[UNROLL][ATTN_MAX_HEAD_DIM / 64];
-        unsigned p[UNROLL];
+    // Logits: two threads per slot (blockDim = 2 * ATTN_MAX_CHUNK), each dotting half the key
+    // (16-byte loads; head_dim a multiple of 16) with every query head of the group; one shuffle
+    // joins the halves. (A warp per slot needed a 5-step shuffle per query head and slot, and
+    // drew the noise on one lane.)
+    {
+        int t = threadIdx.x >> 1, half = threadIdx.x & 1;
+        int tt = min(t, m - 1);
+        unsigned p = slot_pos[(size_t)g * capacity + lo + tt];
+        int span = head_dim / 2, d0 = half * span;
+        const uint4* k = (const uint4*)(keys + ((size_t)g * capacity + lo + tt) * head_dim + d0);
+        float acc[ATTN_MAX_GROUP];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            int t = min(t0 + u, m - 1);
-            p[u] = slot_pos[(size_t)g * capacity + lo + t];
-            lane_pairs(keys + ((size_t)g * capacity + lo + t) * head_dim, lane, head_dim, kv[u]);
+        for (int j = 0; j < ATTN_MAX_GROUP; j++) acc[j] = 0.0f;
+        for (int i = 0; i < span / 8; i++) {
+            uint4 w = k[i];
+            unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float a = h2f((unsigned short)(words[e] & 0xffffu)), b = h2f((unsigned short)(words[e] >> 16));
+                int d = d0 + 8 * i + 2 * e;
+#pragma unroll
+                for (int j = 0; j < ATTN_MAX_GROUP; j++)
+                    if (j < group) acc[j] += sq[j * head_dim + d] * a + sq[j * head_dim + d + 1] * b;
+            }
         }
+        bool visible = t < m && p != FREE_SLOT && p <= query_pos;
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            int t = t0 + u;
-            if (t >= m) break;
-            bool visible = p[u] != FREE_SLOT && p[u] <= query_pos;
-#pragma unroll
-            for (int j = 0; j < ATTN_MAX_GROUP; j++) {
-                if (j >= group) break;
-                float acc = 0.0f;
-#pragma unroll
-                for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
-                    int i = 2 * lane + 64 * r;
-                    if (i < head_dim) acc += sq[j * head_dim + i] * kv[u][r].x + sq[j * head_dim + i + 1] * kv[u][r].y;
-                }
-                float d = warp_sum(acc);
-                if (lane == 0) {
-                    float x = visible ? d * scale : NEG_INF;
-                    sl[j * ATTN_MAX_CHUNK + t] = x;
-                    if (score_mode == SCORE_KEYFORMER)
-                        sn[j * ATTN_MAX_CHUNK + t] =
-                            visible ? (x + gumbel_table[position_hash(skey[j], p[u]) >> (32 - table_bits)]) * inv_tau
-                                    : NEG_INF;
-                }
+        for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+            if (j >= group) break;
+            float dsum = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 1);
+            if (half == 0 && t < m) {
+                float x = visible ? dsum * scale : NEG_INF;
+                sl[j * ATTN_MAX_CHUNK + t] = x;
+                if (score_mode == SCORE_KEYFORMER)
+                    sn[j * ATTN_MAX_CHUNK + t] =
+                        visible ? (x + gumbel_table[position_hash(skey[j], p) >> (32 - table_bits)]) * inv_tau : NEG_INF;
             }
         }
     }

@@ -80,6 +80,8 @@ pub struct Gpu {
 const ATTN_MAX_CHUNK: usize = 128;
 const ATTN_WARPS: u32 = 8;
 const COMBINE_SLOTS: usize = 512;
+// The logits pass gives each slot of a chunk two threads of the block.
+const _: () = assert!(2 * ATTN_MAX_CHUNK == 32 * ATTN_WARPS as usize);
 pub const ATTN_MAX_GROUP: usize = 8;
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
 const ATTN_MAX_CHUNKS: usize = 256;
@@ -366,7 +368,7 @@ impl Gpu {
             || n_heads % n_kv_heads != 0
             || group > ATTN_MAX_GROUP
             || hd > ATTN_MAX_HEAD_DIM
-            || hd % 2 != 0
+            || hd % 16 != 0
             || chunks > ATTN_MAX_CHUNKS
             || width > cap
             || q.len() != n_heads * hd
@@ -382,7 +384,7 @@ impl Gpu {
         if bad {
             return Err(GpuError::Shape(format!(
                 "attention of {n_heads} heads / {n_kv_heads} KV heads x {hd} over {width} of {cap} slots \
-                 (at most {ATTN_MAX_GROUP} query heads per KV head, an even head size up to {ATTN_MAX_HEAD_DIM}, \
+                 (at most {ATTN_MAX_GROUP} query heads per KV head, a head size that is a multiple of 16 up to {ATTN_MAX_HEAD_DIM}, \
                  {} slots)",
                 ATTN_MAX_CHUNKS * ATTN_MAX_CHUNK
             )));
