@@ -145,9 +145,9 @@ pub fn generation(
         let mut caches = if rep == reps {
             let prompt = prompt_cache.take().expect("kept until the last repetition");
             reset_peak_rss();
-            let mut caches = vec![prompt.clone(); batch - 1];
-            caches.insert(0, prompt);
-            caches
+            // (No clone at all for one sequence: `vec![x; 0]` would still make one.)
+            let copies: Vec<KvCache> = (1..batch).map(|_| prompt.clone()).collect();
+            std::iter::once(prompt).chain(copies).collect()
         } else {
             vec![prompt_cache.as_ref().expect("kept until the last repetition").clone(); batch]
         };
