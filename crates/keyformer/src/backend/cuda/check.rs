@@ -2,7 +2,7 @@
 //! speed at those shapes (`keyformer gpu-check`). Each check states its tolerance, derived from
 //! the arithmetic both sides do, so that a wrong kernel fails it.
 
-use keyformer_kv::{noise::NoiseKind, Signal};
+use keyformer_kv::{noise::NoiseKind, Amount, PolicyConfig, PolicyKind, Signal};
 
 use super::{AttentionScratch, AttentionShape, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT};
 use crate::backend::cpu::{self, WeightView};
@@ -199,10 +199,9 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let mut scratch = AttentionScratch::new(gpu, n_heads, hd, slots)?;
     let mut score_dev = gpu.zeros::<f32>(n_kv_heads * slots)?;
     let keyformer = ScoreSignal::Keyformer { tau, seed };
-    for (name, signal, want) in [
-        ("keyformer scores", keyformer, &want_scores[0]),
-        ("h2o scores", ScoreSignal::Attention, &want_scores[1]),
-    ] {
+    for (name, signal, want) in
+        [("keyformer scores", keyformer, &want_scores[0]), ("h2o scores", ScoreSignal::Attention, &want_scores[1])]
+    {
         let want = want.as_ref().expect("scored signal");
         gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
         gpu.attention_decode(&q_dev, &kv, shape_a, Some(signal), &mut out_dev, Some(&mut score_dev), &mut scratch)?;
@@ -233,6 +232,53 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         }
         checks.push(row(name, err, 1e-4, "relative to the largest score of the KV head"));
         if name == "keyformer scores" {
+            // A decode step's eviction: the GPU's victims from its scores against the CPU
+            // policy's (`SequencePolicy::victims`) from the CPU's.
+            let recent = (slots / 4).clamp(1, 64);
+            let config = PolicyConfig {
+                kind: PolicyKind::Keyformer,
+                budget: Some(Amount::Tokens(slots / 2)),
+                recent: Some(Amount::Tokens(recent)),
+                seed,
+                ..PolicyConfig::default()
+            };
+            let mut policy = config
+                .resolve(slots, 1, layer + 1, n_kv_heads)
+                .map_err(|e| GpuError::Shape(format!("policy for the victim check: {e}")))?;
+            let mut cpu_victims = Vec::new();
+            let mut first_recent = Vec::new();
+            for (h, head) in heads.iter().enumerate() {
+                for (slot, _) in head.table.occupied() {
+                    policy.on_insert(layer, h, slot, &head.key(slot));
+                }
+                policy.observe(layer, h, &want[h]);
+                let victims = policy.victims(layer, h, &head.table, head.table.len() - 1);
+                cpu_victims.push(victims.first().map_or(FREE_SLOT, |&v| v as u32));
+                // The recent window: the `recent` newest tokens held.
+                let mut held: Vec<u32> = head.table.occupied().map(|(_, p)| p).collect();
+                held.sort_unstable_by(|a, b| b.cmp(a));
+                first_recent.push(held.get(recent - 1).copied().unwrap_or(0));
+            }
+            // Every head holds the same positions here, so one window bound serves all.
+            let bound = first_recent[0];
+            let mut victims_dev = gpu.zeros::<u32>(n_kv_heads)?;
+            gpu.choose_victims(&score_dev, &kv, slots, bound, 0, &mut victims_dev)?;
+            let gpu_victims = gpu.download(&victims_dev)?;
+            let differ = cpu_victims.iter().zip(&gpu_victims).filter(|(a, b)| a != b).count()
+                + first_recent.iter().filter(|&&f| f != bound).count();
+            checks.push(row(
+                "eviction picks the same victim",
+                differ as f64,
+                0.0,
+                "KV heads whose decode-step victim differs between the CPU policy and the GPU",
+            ));
+            let micros = time_us(gpu, 100, || gpu.choose_victims(&score_dev, &kv, slots, bound, 0, &mut victims_dev))?;
+            timings.push(Timing {
+                op: format!("choose victims, {slots} slots"),
+                microseconds: micros,
+                read_gb_s: None,
+            });
+
             // What eviction would keep at half the slots: the same tokens on both.
             let keep = slots / 2;
             let mut differ = 0usize;

@@ -346,6 +346,57 @@ extern "C" __global__ void attn_decode_combine(const float* part_out, const floa
     }
 }
 
+// The bits of x as an unsigned integer ordered as Rust's f32::total_cmp orders floats.
+__device__ __forceinline__ unsigned total_order_bits(float x) {
+    unsigned b = __float_as_uint(x);
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w < v ? w : v;
+    }
+    return v;
+}
+
+// A decode step's victim of each KV head (block g): the occupied slot, outside the recent
+// window (position >= first_recent) and the sinks (position < sinks), with the lowest score,
+// ties to the oldest position; keyformer_kv's single-victim choice, packed the same way
+// (score bits in total order above the position). FREE_SLOT where there is none.
+extern "C" __global__ void choose_victims(const float* scores, const unsigned* slot_pos, int capacity, int width,
+                                          unsigned first_recent, unsigned sinks, unsigned* victims) {
+    __shared__ unsigned long long partial[32];
+    __shared__ unsigned long long best_all;
+    int g = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* sc = scores + (size_t)g * capacity;
+    const unsigned* pos = slot_pos + (size_t)g * capacity;
+    unsigned long long best = ~0ull;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) {
+        unsigned p = pos[s];
+        if (p != FREE_SLOT && p < first_recent && p >= sinks) {
+            unsigned long long key = ((unsigned long long)total_order_bits(sc[s]) << 32) | p;
+            best = key < best ? key : best;
+        }
+    }
+    best = warp_min_u64(best);
+    if (lane == 0) partial[warp] = best;
+    __syncthreads();
+    if (warp == 0) {
+        unsigned long long v = lane < (int)(blockDim.x >> 5) ? partial[lane] : ~0ull;
+        v = warp_min_u64(v);
+        if (lane == 0) {
+            best_all = v;
+            if (v == ~0ull) victims[g] = FREE_SLOT;
+        }
+    }
+    __syncthreads();
+    // Positions are distinct within a head: exactly one slot holds the winning position.
+    if (best_all != ~0ull)
+        for (int s = threadIdx.x; s < width; s += blockDim.x)
+            if (pos[s] == (unsigned)(best_all & 0xffffffffu)) victims[g] = s;
+}
+
 // Sum of a buffer (the copy-bandwidth probe reads through this): grid-stride, one atomic per block.
 extern "C" __global__ void read_sum(const float4* x, long n4, float* total) {
     float s = 0.0f;

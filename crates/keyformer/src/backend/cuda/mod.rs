@@ -60,6 +60,7 @@ struct Kernels {
     f32_to_f16: CudaFunction,
     attn_decode_partial: CudaFunction,
     attn_decode_combine: CudaFunction,
+    choose_victims: CudaFunction,
     read_sum: CudaFunction,
 }
 
@@ -180,6 +181,7 @@ impl Gpu {
             f32_to_f16: f("f32_to_f16")?,
             attn_decode_partial: f("attn_decode_partial")?,
             attn_decode_combine: f("attn_decode_combine")?,
+            choose_victims: f("choose_victims")?,
             read_sum: f("read_sum")?,
         };
         let stream = ctx.default_stream();
@@ -195,7 +197,11 @@ impl Gpu {
         Ok(self.stream.clone_htod(host)?)
     }
 
-    pub fn upload_into<T: cudarc::driver::DeviceRepr>(&self, host: &[T], dev: &mut CudaSlice<T>) -> Result<(), GpuError> {
+    pub fn upload_into<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+        dev: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
         if host.len() != dev.len() {
             return Err(GpuError::Shape(format!("{} values into a buffer of {}", host.len(), dev.len())));
         }
@@ -428,6 +434,38 @@ impl Gpu {
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&chunk_i).arg(&mode);
         // SAFETY: block (g, 0) writes g's query heads' outputs; block (g, y), when scoring, its
         // range of KV head g's row.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// A decode step's eviction on the GPU: for each KV head the occupied slot among the first
+    /// `width` whose position is below `first_recent` (the recent window is kept) and at least
+    /// `sinks`, with the lowest score, ties to the oldest; `FREE_SLOT` where none may go. As
+    /// keyformer_kv's `SequencePolicy::victims` picks one victim; only these indices need to
+    /// reach the host's slot tables.
+    pub fn choose_victims(
+        &self,
+        scores: &CudaSlice<f32>,
+        kv: &DeviceKv,
+        width: usize,
+        first_recent: u32,
+        sinks: u32,
+        victims: &mut CudaSlice<u32>,
+    ) -> Result<(), GpuError> {
+        let n_kv_heads = victims.len();
+        let cap = kv.capacity;
+        if n_kv_heads == 0 || width > cap || scores.len() != n_kv_heads * cap || kv.positions.len() != n_kv_heads * cap
+        {
+            return Err(GpuError::Shape(format!(
+                "victims of {n_kv_heads} KV heads over {width} of {cap} slots ({} scores)",
+                scores.len()
+            )));
+        }
+        let (cap_i, width_i) = (cap as i32, width as i32);
+        let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.kernels.choose_victims);
+        b.arg(scores).arg(&kv.positions).arg(&cap_i).arg(&width_i).arg(&first_recent).arg(&sinks).arg(victims);
+        // SAFETY: block g reads KV head g's first `width` slots and writes victims[g].
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
