@@ -24,6 +24,13 @@ fn default_model() -> PathBuf {
     PathBuf::from(&path[..path.rfind(" (").unwrap()])
 }
 
+/// Run the CLI, require success, and parse its standard output as one JSON value.
+fn keyformer_json(args: &[&str]) -> serde_json::Value {
+    let out = keyformer(args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON value")
+}
+
 /// Asserts a clean failure: non-zero exit, one `error:` line naming `needle`, no panic.
 fn assert_clean_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -158,7 +165,7 @@ fn bad_kv_settings_give_clear_errors() {
 #[test]
 fn run_json_reports_the_kv_cache() {
     let prose = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt");
-    let out = keyformer(&[
+    let v = keyformer_json(&[
         "run",
         "-f",
         prose.to_str().unwrap(),
@@ -170,8 +177,6 @@ fn run_json_reports_the_kv_cache() {
         "--kv-budget",
         "50%",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let kv = &v["kv_cache"];
     let prompt = v["prompt_tokens"].as_u64().unwrap();
     let budget = kv["budget_tokens"].as_u64().unwrap();
@@ -189,9 +194,7 @@ fn run_json_reports_the_kv_cache() {
 #[test]
 fn run_json_has_the_contract_fields_and_is_deterministic() {
     let args = ["run", "-p", "The capital of France is", "-n", "8", "--json", "--temperature", "0.8", "--seed", "3"];
-    let out = keyformer(&args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let v = keyformer_json(&args);
     for k in ["text", "token_ids", "prompt_tokens", "generated_tokens"] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
@@ -226,9 +229,8 @@ fn tokenize_and_perplexity_json() {
     // SmolLM2 splits digits one by one: "In", " ", "1", "9", "6", "9".
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 6, "{v}");
     let prose = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt");
-    let out = keyformer(&["perplexity", "-f", prose.to_str().unwrap(), "--ctx", "128", "--max-windows", "2", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v =
+        keyformer_json(&["perplexity", "-f", prose.to_str().unwrap(), "--ctx", "128", "--max-windows", "2", "--json"]);
     assert_eq!(v["tokens_scored"], 2 * 127);
     let (nll, ppl) = (v["mean_nll"].as_f64().unwrap(), v["ppl"].as_f64().unwrap());
     assert!((nll.exp() - ppl).abs() < 1e-6 * ppl && ppl > 1.0 && ppl < 200.0, "{v}");
@@ -346,9 +348,7 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
         "--bandwidth-mib",
         "64",
     ];
-    let out = keyformer(&[&args[..], &["--json"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = keyformer_json(&[&args[..], &["--json"]].concat());
     let rows = v["results"].as_array().unwrap();
     let names: Vec<String> =
         rows.iter().map(|r| format!("{} {}", r["kv"].as_str().unwrap(), r["test"].as_str().unwrap())).collect();
@@ -388,7 +388,7 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
 
 #[test]
 fn bench_batches_sequences_and_shares_the_weight_reads() {
-    let out = keyformer(&[
+    let v = keyformer_json(&[
         "bench",
         "-p",
         "0",
@@ -408,8 +408,6 @@ fn bench_batches_sequences_and_shares_the_weight_reads() {
         "0",
         "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["results"].as_array().unwrap();
     let key = |r: &serde_json::Value| format!("{} x{}", r["kv"].as_str().unwrap(), r["batch"]);
     let names: Vec<String> = rows.iter().map(key).collect();
@@ -441,7 +439,7 @@ fn gpu_check_without_a_gpu_says_why() {
 #[test]
 fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
     let held = |t: &str| {
-        let out = keyformer(&[
+        let v = keyformer_json(&[
             "--kv-type",
             t,
             "bench",
@@ -457,8 +455,6 @@ fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
             "0",
             "--json",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["kv_type"], t);
         v["results"][0]["kv_bytes"].as_u64().unwrap()
     };

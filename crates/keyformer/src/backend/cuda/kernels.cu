@@ -117,12 +117,12 @@ __device__ __forceinline__ unsigned position_hash(unsigned key, unsigned positio
     return x ^ (x >> 16);
 }
 
-#define ATTN_MAX_CHUNK 128
+#define ATTN_CHUNK 128
 #define ATTN_WARPS 8
 #define UNROLL 4
 #define ATTN_MAX_GROUP 8
 #define ATTN_MAX_HEAD_DIM 128
-#define ATTN_MAX_CHUNKS 256
+#define ATTN_CHUNKS 256
 #define SCORE_NONE 0
 #define SCORE_ATTENTION 1
 #define SCORE_KEYFORMER 2
@@ -143,7 +143,7 @@ __device__ __forceinline__ void lane_pairs(const unsigned short* row, int lane, 
     }
 }
 
-// Decode attention, pass 1 (flash-decoding): block (chunk c of `chunk` <= ATTN_MAX_CHUNK slots, KV head g),
+// Decode attention, pass 1 (flash-decoding): block (chunk c of ATTN_CHUNK slots, KV head g),
 // ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of query
 // heads and writes, per query head, the chunk's unnormalised output, its softmax max and sum,
 // and (when a policy scores) the scored softmax's exponentials with their max and sum: the
@@ -154,22 +154,22 @@ extern "C" __global__ void attn_decode_partial(
     const float* q, const unsigned short* keys, const unsigned short* values, const unsigned* slot_pos,
     int n_heads, int n_kv_heads, int head_dim, int capacity, int width, unsigned query_pos, float scale,
     int score_mode, float inv_tau, unsigned long long seed, unsigned layer, const float* gumbel_table,
-    int table_bits, int chunk, float* part_out, float* part_stats, float* score_exps) {
+    int table_bits, float* part_out, float* part_stats, float* score_exps) {
     __shared__ float sq[ATTN_MAX_GROUP * ATTN_MAX_HEAD_DIM];
-    __shared__ float sl[ATTN_MAX_GROUP * ATTN_MAX_CHUNK];
-    __shared__ float sn[ATTN_MAX_GROUP * ATTN_MAX_CHUNK];
+    __shared__ float sl[ATTN_MAX_GROUP * ATTN_CHUNK];
+    __shared__ float sn[ATTN_MAX_GROUP * ATTN_CHUNK];
     __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
     __shared__ unsigned skey[ATTN_MAX_GROUP];
     int g = blockIdx.y, c = blockIdx.x, chunks = gridDim.x;
     int group = n_heads / n_kv_heads, h0 = g * group;
-    int lo = c * chunk, m = min(width, lo + chunk) - lo;
+    int lo = c * ATTN_CHUNK, m = min(width, lo + ATTN_CHUNK) - lo;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) sq[i] = q[(size_t)h0 * head_dim + i];
     if (score_mode == SCORE_KEYFORMER && threadIdx.x < group)
         skey[threadIdx.x] = noise_row_key(seed, layer, h0 + threadIdx.x, query_pos);
     __syncthreads();
 
-    // Logits: two threads per slot (blockDim = 2 * ATTN_MAX_CHUNK), each dotting half the key
+    // Logits: two threads per slot (blockDim = 2 * ATTN_CHUNK), each dotting half the key
     // (16-byte loads; head_dim a multiple of 16) with every query head of the group; one shuffle
     // joins the halves. (A warp per slot needed a 5-step shuffle per query head and slot, and
     // drew the noise on one lane.)
@@ -201,9 +201,9 @@ extern "C" __global__ void attn_decode_partial(
             float dsum = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 1);
             if (half == 0 && t < m) {
                 float x = visible ? dsum * scale : NEG_INF;
-                sl[j * ATTN_MAX_CHUNK + t] = x;
+                sl[j * ATTN_CHUNK + t] = x;
                 if (score_mode == SCORE_KEYFORMER)
-                    sn[j * ATTN_MAX_CHUNK + t] =
+                    sn[j * ATTN_CHUNK + t] =
                         visible ? (x + gumbel_table[position_hash(skey[j], p) >> (32 - table_bits)]) * inv_tau : NEG_INF;
             }
         }
@@ -214,7 +214,7 @@ extern "C" __global__ void attn_decode_partial(
     int n_soft = score_mode == SCORE_KEYFORMER ? 2 : 1;
     for (int task = warp; task < group * n_soft; task += ATTN_WARPS) {
         int j = task % group, which = task / group;
-        float* row = (which == 0 ? sl : sn) + j * ATTN_MAX_CHUNK;
+        float* row = (which == 0 ? sl : sn) + j * ATTN_CHUNK;
         float mx = NEG_INF;
         for (int t = lane; t < m; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
@@ -256,7 +256,7 @@ extern "C" __global__ void attn_decode_partial(
 #pragma unroll
             for (int j = 0; j < ATTN_MAX_GROUP; j++) {
                 if (j >= group) break;
-                float w = sl[j * ATTN_MAX_CHUNK + t0 + u];
+                float w = sl[j * ATTN_CHUNK + t0 + u];
 #pragma unroll
                 for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
                     acc[j][r][0] += w * vv[u][r].x;
@@ -288,23 +288,23 @@ extern "C" __global__ void attn_decode_partial(
         const float* src = score_mode == SCORE_KEYFORMER ? sn : sl;
         for (int j = 0; j < group; j++)
             for (int t = threadIdx.x; t < m; t += blockDim.x)
-                score_exps[(size_t)(h0 + j) * width + lo + t] = src[j * ATTN_MAX_CHUNK + t];
+                score_exps[(size_t)(h0 + j) * width + lo + t] = src[j * ATTN_CHUNK + t];
     }
 }
 
 // Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots) combines the
 // chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks with
 // y = 0 write it) and, when a policy scores, adds each slot of its range's probability summed
-// over the group to scores[g][slot]. Every block of a KV head recomputes the chunk weights
-// (a few hundred exponentials) so that the slots spread over many blocks; no atomics, so the
-// sums are the same every run.
+// over the group to scores[g][slot] (null when nothing is scored). Every block of a KV head
+// recomputes the chunk weights (a few hundred exponentials) so that the slots spread over
+// many blocks; no atomics, so the sums are the same every run.
 #define COMBINE_SLOTS 512
 extern "C" __global__ void attn_decode_combine(const float* part_out, const float* part_stats,
                                                const float* score_exps, float* out, float* scores, int n_heads,
                                                int n_kv_heads, int head_dim, int capacity, int width, int chunks,
-                                               int chunk, int score_mode) {
-    __shared__ float weight[ATTN_MAX_GROUP * ATTN_MAX_CHUNKS];   // e^(m_c - M) / L, output
-    __shared__ float sweight[ATTN_MAX_GROUP * ATTN_MAX_CHUNKS];  // the same for the scored softmax
+                                               int score_mode) {
+    __shared__ float weight[ATTN_MAX_GROUP * ATTN_CHUNKS];   // e^(m_c - M) / L, output
+    __shared__ float sweight[ATTN_MAX_GROUP * ATTN_CHUNKS];  // the same for the scored softmax
     int g = blockIdx.x, group = n_heads / n_kv_heads, h0 = g * group;
     bool writes_out = blockIdx.y == 0;
     int n_soft = score_mode == SCORE_NONE ? 1 : 2;
@@ -312,7 +312,7 @@ extern "C" __global__ void attn_decode_combine(const float* part_out, const floa
         int j = task % group, which = task / group;
         if (which == 0 && !writes_out) continue;
         const float* st = part_stats + (size_t)(h0 + j) * chunks * 4;
-        float* w = (which == 0 ? weight : sweight) + j * ATTN_MAX_CHUNKS;
+        float* w = (which == 0 ? weight : sweight) + j * ATTN_CHUNKS;
         float M = NEG_INF;
         for (int cc = 0; cc < chunks; cc++) M = fmaxf(M, st[cc * 4 + 2 * which]);
         float L = 0.0f;
@@ -330,17 +330,17 @@ extern "C" __global__ void attn_decode_combine(const float* part_out, const floa
             int j = i / head_dim, d = i % head_dim;
             const float* po = part_out + (size_t)(h0 + j) * chunks * head_dim + d;
             float acc = 0.0f;
-            for (int cc = 0; cc < chunks; cc++) acc += weight[j * ATTN_MAX_CHUNKS + cc] * po[(size_t)cc * head_dim];
+            for (int cc = 0; cc < chunks; cc++) acc += weight[j * ATTN_CHUNKS + cc] * po[(size_t)cc * head_dim];
             out[(size_t)(h0 + j) * head_dim + d] = acc;
         }
     }
     if (score_mode != SCORE_NONE) {
         int end = min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS);
         for (int s = blockIdx.y * COMBINE_SLOTS + threadIdx.x; s < end; s += blockDim.x) {
-            int cc = s / chunk;
+            int cc = s / ATTN_CHUNK;
             float acc = 0.0f;
             for (int j = 0; j < group; j++)
-                acc += score_exps[(size_t)(h0 + j) * width + s] * sweight[j * ATTN_MAX_CHUNKS + cc];
+                acc += score_exps[(size_t)(h0 + j) * width + s] * sweight[j * ATTN_CHUNKS + cc];
             scores[(size_t)g * capacity + s] += acc;
         }
     }

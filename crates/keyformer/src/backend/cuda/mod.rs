@@ -71,21 +71,19 @@ pub struct Gpu {
     blas: CudaBlas,
     kernels: Kernels,
     gumbel_table: CudaSlice<f32>,
-    /// Passed as the score row when nothing is scored (the kernel never touches it).
-    unused_scores: std::sync::Mutex<CudaSlice<f32>>,
     sm_count: usize,
 }
 
 /// Slots per block of the attention's first kernel, and the limits of its shared memory (as
 /// `kernels.cu` defines them).
-const ATTN_MAX_CHUNK: usize = 128;
+const ATTN_CHUNK: usize = 128;
 const ATTN_WARPS: u32 = 8;
 const COMBINE_SLOTS: usize = 512;
 // The logits pass gives each slot of a chunk two threads of the block.
-const _: () = assert!(2 * ATTN_MAX_CHUNK == 32 * ATTN_WARPS as usize);
+const _: () = assert!(2 * ATTN_CHUNK == 32 * ATTN_WARPS as usize);
 pub const ATTN_MAX_GROUP: usize = 8;
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
-const ATTN_MAX_CHUNKS: usize = 256;
+const ATTN_CHUNKS: usize = 256;
 
 /// Scratch of [`Gpu::attention_decode`] for up to `n_heads` query heads of `head_dim` over
 /// `max_width` slots: the chunks' partial outputs and softmax statistics, and the scored
@@ -98,7 +96,7 @@ pub struct AttentionScratch {
 
 impl AttentionScratch {
     pub fn new(gpu: &Gpu, n_heads: usize, head_dim: usize, max_width: usize) -> Result<Self, GpuError> {
-        let chunks = max_width.div_ceil(ATTN_MAX_CHUNK).max(1);
+        let chunks = max_width.div_ceil(ATTN_CHUNK).max(1);
         Ok(Self {
             part_out: gpu.zeros(n_heads * chunks * head_dim)?,
             part_stats: gpu.zeros(n_heads * chunks * 4)?,
@@ -187,10 +185,9 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())?;
         let gumbel_table = stream.clone_htod(noise::gumbel_table())?;
-        let unused_scores = std::sync::Mutex::new(stream.alloc_zeros::<f32>(1)?);
         let sm_count =
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        Ok(Self { info, stream, blas, kernels, gumbel_table, unused_scores, sm_count })
+        Ok(Self { info, stream, blas, kernels, gumbel_table, sm_count })
     }
 
     pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
@@ -367,15 +364,14 @@ impl Gpu {
         // Fixed chunks: halving them down to 32 slots where few KV heads leave SMs idle was
         // tried and was slower (llama3-8b shape, 4096 slots: 63.9 against 32.3 us), the
         // combination's work growing with the number of chunks.
-        let chunk = ATTN_MAX_CHUNK;
-        let chunks = width.div_ceil(chunk);
+        let chunks = width.div_ceil(ATTN_CHUNK);
         let group = if n_kv_heads == 0 { 0 } else { n_heads / n_kv_heads };
         let bad = n_kv_heads == 0
             || n_heads % n_kv_heads != 0
             || group > ATTN_MAX_GROUP
             || hd > ATTN_MAX_HEAD_DIM
             || hd % 16 != 0
-            || chunks > ATTN_MAX_CHUNKS
+            || chunks > ATTN_CHUNKS
             || width > cap
             || q.len() != n_heads * hd
             || out.len() != n_heads * hd
@@ -392,7 +388,7 @@ impl Gpu {
                 "attention of {n_heads} heads / {n_kv_heads} KV heads x {hd} over {width} of {cap} slots \
                  (at most {ATTN_MAX_GROUP} query heads per KV head, a head size that is a multiple of 16 up to {ATTN_MAX_HEAD_DIM}, \
                  {} slots)",
-                ATTN_MAX_CHUNKS * ATTN_MAX_CHUNK
+                ATTN_CHUNKS * ATTN_CHUNK
             )));
         }
         if width == 0 {
@@ -415,23 +411,22 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&self.kernels.attn_decode_partial);
         b.arg(q).arg(&kv.keys).arg(&kv.values).arg(&kv.positions);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&position).arg(&scale);
-        let chunk_i = chunk as i32;
-        b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer).arg(&self.gumbel_table).arg(&bits).arg(&chunk_i);
+        b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer).arg(&self.gumbel_table).arg(&bits);
         b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
         // SAFETY: block (chunk, KV head) reads its slots (< width <= capacity) and writes its own
         // entries of the scratch (sizes checked above).
         unsafe { b.launch(cfg) }?;
-        let mut unused = self.unused_scores.lock().expect("scores placeholder");
-        let scores = match scores {
-            Some(s) => s,
-            None => &mut *unused,
-        };
         let ranges = if mode == 0 { 1 } else { width.div_ceil(COMBINE_SLOTS) as u32 };
         let cfg =
             LaunchConfig { grid_dim: (n_kv_heads as u32, ranges, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(&self.kernels.attn_decode_combine);
-        b.arg(&*part_out).arg(&*part_stats).arg(&*score_exps).arg(out).arg(scores);
-        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&chunk_i).arg(&mode);
+        let null = 0u64; // no score row: the kernel does not touch it without a signal
+        b.arg(&*part_out).arg(&*part_stats).arg(&*score_exps).arg(out);
+        match scores {
+            Some(row) => b.arg(row),
+            None => b.arg(&null),
+        };
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&mode);
         // SAFETY: block (g, 0) writes g's query heads' outputs; block (g, y), when scoring, its
         // range of KV head g's row.
         unsafe { b.launch(cfg) }?;
