@@ -51,4 +51,6 @@ pub enum ModelError {
     Template(String),
     #[error("{0}")]
     Input(String),
+    #[error("GPU: {0}")]
+    Gpu(String),
 }

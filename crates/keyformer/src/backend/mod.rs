@@ -1,10 +1,130 @@
-//! Backends implement the op set the models are written against: the CPU, and (cargo feature
-//! `cuda`) an NVIDIA GPU. The CUDA ops exist and are checked against the CPU's
-//! (`cuda::check`); the model does not run on them yet, so the trait that names the shared op
-//! set is still to be extracted, when the Llama forward pass moves onto it.
+//! Backends implement the op set the models are written against ([`Backend`]): the CPU
+//! ([`cpu_backend::Cpu`]), and with the cargo feature `cuda` an NVIDIA GPU (`cuda::Cuda`).
+//! A model file (`models/llama.rs`) calls only these ops, so each architecture is written
+//! once; the KV policies stay plain Rust (`keyformer-kv`) and each backend's cache drives them.
 
 pub mod cpu;
+pub mod cpu_backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod pool;
 pub mod vmath;
+
+pub use cpu_backend::Cpu;
+
+use crate::ModelError;
+
+/// One sequence's KV cache as the model sees it: where the next token goes and how much fits.
+pub trait SequenceCache {
+    /// Position the next token takes: one past the last cached position.
+    fn next_position(&self) -> u32;
+    /// Tokens held (per layer and KV head).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Slots per (layer, KV head).
+    fn capacity(&self) -> usize;
+}
+
+/// The attention shapes of a model.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The op set. Activations are f32 rows; `n` rows of a matrix product are either one sequence's
+/// tokens (a prompt chunk) or one token of each of `n` sequences (a batch of decode steps,
+/// `per_token`).
+pub trait Backend {
+    /// A weight matrix, `rows` output features of `cols` inputs.
+    type Matrix;
+    /// A vector of f32 (norm weights, RoPE frequencies).
+    type Vector;
+    /// Activations: rows of f32.
+    type Act: Default;
+    /// One sequence's KV cache.
+    type Cache: SequenceCache;
+
+    /// Make `a` hold `len` values (contents unspecified: every op writes before it reads).
+    fn resize(&self, a: &mut Self::Act, len: usize) -> Result<(), ModelError>;
+    /// Row `tokens[i]` of the embedding table into row i of `out`.
+    fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Act) -> Result<(), ModelError>;
+    /// RMSNorm of rows `first_row..first_row + rows` of `x` into the first `rows` rows of `out`.
+    fn rms_norm(
+        &self,
+        x: &Self::Act,
+        first_row: usize,
+        rows: usize,
+        weight: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<(), ModelError>;
+    /// `ys[i] = x * ws[i]^T` for the `n` rows of `x` (weights that share their input).
+    fn matmul(
+        &self,
+        ws: &[&Self::Matrix],
+        x: &Self::Act,
+        n: usize,
+        per_token: bool,
+        ys: &mut [&mut Self::Act],
+    ) -> Result<(), ModelError>;
+    /// The output projection of `n` normalised rows, as host logits (`n` x vocabulary).
+    fn logits(
+        &self,
+        w: &Self::Matrix,
+        x: &Self::Act,
+        n: usize,
+        per_token: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError>;
+    /// Rotary embedding on adjacent pairs by each row's position.
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        n_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &Self::Vector,
+    ) -> Result<(), ModelError>;
+    /// SwiGLU: `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<(), ModelError>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<(), ModelError>;
+    /// One layer's attention with its KV cache: the rows' keys and values join their caches
+    /// (one cache: every row is its next token; several: row i joins cache i), attention runs
+    /// over what each cache holds, each policy gets its scores and evicts as it must. `out`
+    /// gets the rows' attention outputs (`n_heads * head_dim` each).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        layer: usize,
+        shape: HeadShape,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        positions: &[u32],
+        caches: &mut [&mut Self::Cache],
+        out: &mut Self::Act,
+    ) -> Result<(), ModelError>;
+    /// Run `f` with this backend's forward-pass buffers (kept between calls, so a decode step
+    /// allocates nothing of the model's size).
+    fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Self::Act>) -> R) -> R;
+}
+
+/// The activations of one forward pass.
+#[derive(Default)]
+pub struct ForwardBuffers<A> {
+    pub positions: Vec<u32>,
+    pub x: A,
+    pub normed: A,
+    pub q: A,
+    pub k: A,
+    pub v: A,
+    pub attn: A,
+    pub proj: A,
+    pub gate: A,
+    pub up: A,
+}

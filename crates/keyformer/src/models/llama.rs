@@ -9,9 +9,10 @@
 
 use std::sync::Arc;
 
-use crate::backend::cpu::{self, WeightView};
-use crate::gguf::{GgufError, GgufFile, TensorInfo};
-use keyformer_kv::{PolicyConfig, PolicyKind, SequencePolicy, Signal};
+use crate::backend::cpu_backend::GgufWeight;
+use crate::backend::{Backend, Cpu, ForwardBuffers, HeadShape, SequenceCache};
+use crate::gguf::{GgufError, GgufFile};
+use keyformer_kv::{PolicyConfig, SequencePolicy};
 
 use crate::kv::{KvCache, KvType};
 use crate::quant::dequantize_row;
@@ -35,6 +36,34 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Shapes the forward pass can run.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(ModelError::Invalid(format!(
+                "{} query heads cannot be grouped over {} KV heads",
+                self.n_heads, self.n_kv_heads
+            )));
+        }
+        if self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+            return Err(ModelError::Invalid(format!(
+                "rope dimension {} for head size {}",
+                self.rope_dim, self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// RoPE's frequencies theta_i = base^(-2i/d_rope), each divided by its factor when the file
+    /// has `rope_freqs.weight` (Llama 3.1).
+    pub fn inv_freq(&self, factors: Option<&[f32]>) -> Vec<f32> {
+        let d = self.rope_dim;
+        let mut f: Vec<f32> = (0..d / 2).map(|i| self.rope_theta.powf(-2.0 * i as f32 / d as f32)).collect();
+        if let Some(k) = factors {
+            f.iter_mut().zip(k).for_each(|(f, k)| *f /= k);
+        }
+        f
+    }
+
     pub fn from_gguf(f: &GgufFile, arch: &str) -> Result<Self, GgufError> {
         let k = |s: &str| format!("{arch}.{s}");
         let n_embd = f.get_usize(&k("embedding_length"))?;
@@ -63,24 +92,17 @@ impl LlamaConfig {
     }
 }
 
-/// A weight's location in the file (the bytes stay in the memory map).
-#[derive(Debug, Clone)]
-struct Weight {
-    info: TensorInfo,
-    rows: usize,
-    cols: usize,
-}
-
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
-    wo: Weight,
-    ffn_norm: Vec<f32>,
-    w_gate: Weight,
-    w_up: Weight,
-    w_down: Weight,
+/// One decoder block's weights.
+pub struct Layer<B: Backend> {
+    pub attn_norm: B::Vector,
+    pub wq: B::Matrix,
+    pub wk: B::Matrix,
+    pub wv: B::Matrix,
+    pub wo: B::Matrix,
+    pub ffn_norm: B::Vector,
+    pub w_gate: B::Matrix,
+    pub w_up: B::Matrix,
+    pub w_down: B::Matrix,
 }
 
 /// Which rows of logits a forward pass returns.
@@ -92,32 +114,26 @@ pub enum Logits {
     All,
 }
 
-pub struct Llama {
+/// A Llama model on backend `B` (the CPU unless said otherwise).
+pub struct Llama<B: Backend = Cpu> {
     pub config: LlamaConfig,
-    file: Arc<GgufFile>,
-    token_embd: Weight,
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>,
-    output: Weight,
-    inv_freq: Vec<f32>,
+    pub backend: B,
+    pub token_embd: B::Matrix,
+    pub layers: Vec<Layer<B>>,
+    pub output_norm: B::Vector,
+    /// `None`: tied to the token embedding.
+    pub output: Option<B::Matrix>,
+    pub inv_freq: B::Vector,
     /// How new caches store keys and values.
     pub kv_type: KvType,
 }
 
-impl Llama {
+impl Llama<Cpu> {
     pub fn load(file: Arc<GgufFile>, arch: &str) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(&file, arch)?;
+        config.validate()?;
         let c = &config;
-        if c.n_heads == 0 || c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
-            return Err(ModelError::Invalid(format!(
-                "{} query heads cannot be grouped over {} KV heads",
-                c.n_heads, c.n_kv_heads
-            )));
-        }
-        if c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim {
-            return Err(ModelError::Invalid(format!("rope dimension {} for head size {}", c.rope_dim, c.head_dim)));
-        }
-        let weight = |name: &str, rows: usize, cols: usize| -> Result<Weight, ModelError> {
+        let weight = |name: &str, rows: usize, cols: usize| -> Result<GgufWeight, ModelError> {
             let info = file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
             if info.dims.len() != 2 || info.dims[0] != cols || info.dims[1] != rows {
                 return Err(ModelError::Invalid(format!(
@@ -125,7 +141,7 @@ impl Llama {
                     info.dims
                 )));
             }
-            Ok(Weight { info: info.clone(), rows, cols })
+            Ok(GgufWeight { info: info.clone(), rows, cols })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
             let info = file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
@@ -142,8 +158,8 @@ impl Llama {
         let (d, hd) = (c.n_embd, c.head_dim);
         let token_embd = weight("token_embd.weight", c.vocab_size, d)?;
         let output = match file.tensor_info("output.weight") {
-            Some(_) => weight("output.weight", c.vocab_size, d)?,
-            None => token_embd.clone(), // tied embeddings
+            Some(_) => Some(weight("output.weight", c.vocab_size, d)?),
+            None => None, // tied embeddings
         };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
@@ -161,18 +177,14 @@ impl Llama {
             });
         }
         let output_norm = vector("output_norm.weight", d)?;
-        // theta_i = base^(-2i/d_rope); Llama 3.1 files may carry per-frequency divisors.
-        let mut inv_freq: Vec<f32> =
-            (0..c.rope_dim / 2).map(|i| c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32)).collect();
-        if file.tensor_info("rope_freqs.weight").is_some() {
-            let factors = vector("rope_freqs.weight", c.rope_dim / 2)?;
-            inv_freq.iter_mut().zip(factors).for_each(|(f, k)| *f /= k);
-        }
-        Ok(Self { config, file, token_embd, layers, output_norm, output, inv_freq, kv_type: KvType::default() })
-    }
-
-    fn view(&self, w: &Weight) -> WeightView<'_> {
-        WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes: self.file.tensor_bytes(&w.info) }
+        // Llama 3.1 files may carry per-frequency divisors.
+        let factors = match file.tensor_info("rope_freqs.weight") {
+            Some(_) => Some(vector("rope_freqs.weight", c.rope_dim / 2)?),
+            None => None,
+        };
+        let inv_freq = c.inv_freq(factors.as_deref());
+        let backend = Cpu { file };
+        Ok(Self { config, backend, token_embd, layers, output_norm, output, inv_freq, kv_type: KvType::default() })
     }
 
     /// A new, empty KV cache that keeps everything, for at most `capacity` tokens.
@@ -186,10 +198,12 @@ impl Llama {
     pub fn new_cache_with(&self, policy: SequencePolicy, context: usize) -> KvCache {
         KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, self.kv_type, policy, context)
     }
+}
 
+impl<B: Backend> Llama<B> {
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
     /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut B::Cache, which: Logits) -> Result<Vec<f32>, ModelError> {
         let mut logits = Vec::new();
         self.forward_into(tokens, cache, which, &mut logits)?;
         Ok(logits)
@@ -201,12 +215,11 @@ impl Llama {
     pub fn forward_into(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut B::Cache,
         which: Logits,
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        FORWARD_BUFFERS
-            .with(|buffers| self.forward_with(tokens, &mut [cache], which, logits, &mut buffers.borrow_mut()))
+        self.backend.with_buffers(|buffers| self.forward_with(tokens, &mut [cache], which, logits, buffers))
     }
 
     /// One decode step of several sequences at once: `tokens[i]` joins `caches[i]` at that
@@ -217,14 +230,13 @@ impl Llama {
     pub fn forward_batch(
         &self,
         tokens: &[u32],
-        caches: &mut [&mut KvCache],
+        caches: &mut [&mut B::Cache],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         if tokens.len() != caches.len() {
             return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
         }
-        FORWARD_BUFFERS
-            .with(|buffers| self.forward_with(tokens, caches, Logits::All, logits, &mut buffers.borrow_mut()))
+        self.backend.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, logits, buffers))
     }
 
     /// The forward pass. One cache: every token joins it (a prompt chunk or a decode step).
@@ -232,12 +244,13 @@ impl Llama {
     fn forward_with(
         &self,
         tokens: &[u32],
-        caches: &mut [&mut KvCache],
+        caches: &mut [&mut B::Cache],
         which: Logits,
         logits: &mut Vec<f32>,
-        buffers: &mut ForwardBuffers,
+        buffers: &mut ForwardBuffers<B::Act>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
+        let be = &self.backend;
         let n = tokens.len();
         logits.clear();
         if n == 0 {
@@ -246,10 +259,9 @@ impl Llama {
         let batch = caches.len() > 1;
         let (d, hd) = (c.n_embd, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
-        let ForwardBuffers { positions, x, normed, q, k, v, attn, proj, gate, up, stored_key } = buffers;
+        let shape = HeadShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd };
+        let ForwardBuffers { positions, x, normed, q, k, v, attn, proj, gate, up } = buffers;
         positions.clear();
-        // Which rows each cache takes.
-        let rows_of = |i: usize| if batch { i..i + 1 } else { 0..n };
         for cache in caches.iter() {
             let m = if batch { 1 } else { n };
             if cache.len() + m > cache.capacity() {
@@ -258,7 +270,9 @@ impl Llama {
             let start = cache.next_position();
             positions.extend(start..start + m as u32);
         }
-        // Every element of each buffer is written before it is read: no zeroing needed.
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
+        }
         for (buf, len) in [
             (&mut *x, n * d),
             (&mut *normed, n * d),
@@ -269,123 +283,34 @@ impl Llama {
             (&mut *proj, n * d),
             (&mut *gate, n * c.n_ff),
             (&mut *up, n * c.n_ff),
-            (&mut *stored_key, hd),
         ] {
-            buf.resize(len, 0.0);
+            be.resize(buf, len)?;
         }
-        // A batch of single tokens takes the single-token kernels row by row.
-        let matmul_many = if batch { cpu::matmul_many_per_token } else { cpu::matmul_many };
-        let embd = self.view(&self.token_embd);
-        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
-            if t as usize >= c.vocab_size {
-                return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
-            }
-            dequantize_row(embd.ggml_type, embd.row(t as usize), row);
-        }
+        be.embed(&self.token_embd, tokens, x)?;
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            cpu::rms_norm(x, &layer.attn_norm, c.rms_eps, normed);
-            let qkv = [self.view(&layer.wq), self.view(&layer.wk), self.view(&layer.wv)];
-            matmul_many(&qkv, normed, n, &mut [q, k, v]);
-            cpu::rope_adjacent_pairs(q, c.n_heads, hd, positions, &self.inv_freq);
-            cpu::rope_adjacent_pairs(k, c.n_kv_heads, hd, positions, &self.inv_freq);
-            for (ci, cache) in caches.iter_mut().enumerate() {
-                let span = rows_of(ci);
-                let q = &q[span.start * q_dim..span.end * q_dim];
-                let (k, v) = (&k[span.start * kv_dim..span.end * kv_dim], &v[span.start * kv_dim..span.end * kv_dim]);
-                let attn = &mut attn[span.start * q_dim..span.end * q_dim];
-                let positions = &positions[span];
-                let signal = cache.policy.signal();
-                for (i, &pos) in positions.iter().enumerate() {
-                    for h in 0..c.n_kv_heads {
-                        let at = i * kv_dim + h * hd;
-                        let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
-                        // Policies see the key as stored (key-norm scores it), as attention does.
-                        cache.layers[li][h].read_key(slot, stored_key);
-                        cache.policy.on_insert(li, h, slot, stored_key);
-                    }
-                }
-                // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's
-                // recorded sums are running sums, added to in place; TOVA and SnapKV get fresh rows.
-                let kv_heads = li * c.n_kv_heads..(li + 1) * c.n_kv_heads;
-                let mut fresh: Vec<Vec<f32>> = Vec::new();
-                let own: &mut [Vec<f32>] = match cache.policy.running_sum_scores(li) {
-                    Some(rows) => rows,
-                    None if signal == Signal::None => &mut [],
-                    None => {
-                        fresh.resize(c.n_kv_heads, Vec::new());
-                        &mut fresh
-                    }
-                };
-                let mut signals = vec![signal];
-                let mut sums = vec![own];
-                if let Some(r) = &mut cache.recorder {
-                    signals.extend_from_slice(&r.signals);
-                    sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
-                }
-                cpu::attention_into(q, positions, &cache.layers[li], c.n_heads, hd, li, &signals, attn, &mut sums);
-                drop(sums);
-                if !fresh.is_empty() {
-                    let mut sums = fresh;
-                    if cache.policy.kind() == PolicyKind::Tova {
-                        // TOVA scores by the attention averaged over all the layer's heads: every KV
-                        // head gets the layer's sum (their slot tables evolve identically).
-                        let total = sums.iter().skip(1).fold(sums[0].clone(), |mut a, s| {
-                            a.iter_mut().zip(s).for_each(|(x, y)| *x += y);
-                            a
-                        });
-                        sums.iter_mut().for_each(|s| s.copy_from_slice(&total));
-                    }
-                    for (h, s) in sums.iter().enumerate() {
-                        cache.policy.observe(li, h, s);
-                    }
-                }
-                if cache.policy.prompt_done() {
-                    cache.evict_to_budget(li)?;
-                }
-            }
-            matmul_many(&[self.view(&layer.wo)], attn, n, &mut [proj]);
-            x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
+            be.rms_norm(x, 0, n, &layer.attn_norm, c.rms_eps, normed)?;
+            be.matmul(&[&layer.wq, &layer.wk, &layer.wv], normed, n, batch, &mut [q, k, v])?;
+            be.rope(q, c.n_heads, hd, positions, &self.inv_freq)?;
+            be.rope(k, c.n_kv_heads, hd, positions, &self.inv_freq)?;
+            be.attend(li, shape, q, k, v, positions, caches, attn)?;
+            be.matmul(&[&layer.wo], attn, n, batch, &mut [proj])?;
+            be.add(x, proj)?;
 
             // Feed-forward block (SwiGLU).
-            cpu::rms_norm(x, &layer.ffn_norm, c.rms_eps, normed);
-            let gate_up = [self.view(&layer.w_gate), self.view(&layer.w_up)];
-            matmul_many(&gate_up, normed, n, &mut [gate, up]);
-            cpu::silu_mul(gate, up);
-            matmul_many(&[self.view(&layer.w_down)], gate, n, &mut [proj]);
-            x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
+            be.rms_norm(x, 0, n, &layer.ffn_norm, c.rms_eps, normed)?;
+            be.matmul(&[&layer.w_gate, &layer.w_up], normed, n, batch, &mut [gate, up])?;
+            be.silu_mul(gate, up)?;
+            be.matmul(&[&layer.w_down], gate, n, batch, &mut [proj])?;
+            be.add(x, proj)?;
         }
 
-        let rows: &[f32] = match which {
-            Logits::Last => &x[(n - 1) * d..],
-            Logits::All => x,
+        let (first, m) = match which {
+            Logits::Last => (n - 1, 1),
+            Logits::All => (0, n),
         };
-        let m = rows.len() / d;
-        let final_norm = &mut normed[..m * d];
-        cpu::rms_norm(rows, &self.output_norm, c.rms_eps, final_norm);
-        logits.resize(m * c.vocab_size, 0.0);
-        matmul_many(&[self.view(&self.output)], final_norm, m, &mut [logits]);
-        Ok(())
+        be.rms_norm(x, first, m, &self.output_norm, c.rms_eps, normed)?;
+        be.logits(self.output.as_ref().unwrap_or(&self.token_embd), normed, m, batch, logits)
     }
-}
-
-/// The activations of one forward pass, kept per thread so that decode steps reuse them.
-#[derive(Default)]
-struct ForwardBuffers {
-    positions: Vec<u32>,
-    x: Vec<f32>,
-    normed: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    proj: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    stored_key: Vec<f32>,
-}
-
-thread_local! {
-    static FORWARD_BUFFERS: std::cell::RefCell<ForwardBuffers> = std::cell::RefCell::new(ForwardBuffers::default());
 }

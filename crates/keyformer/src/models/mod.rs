@@ -1,6 +1,7 @@
 //! Model architectures, one file each, and the loader that picks one from a GGUF file.
 
 pub mod llama;
+pub mod random;
 
 use std::path::Path;
 use std::sync::Arc;

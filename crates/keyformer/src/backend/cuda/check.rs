@@ -4,7 +4,9 @@
 
 use keyformer_kv::{noise::NoiseKind, Amount, PolicyConfig, PolicyKind, Signal};
 
-use super::{AttentionScratch, AttentionShape, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT};
+use super::{
+    dev_addr, AttentionScratch, AttentionShape, AttnRow, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT,
+};
 use crate::backend::cpu::{self, WeightView};
 use crate::kv::{HeadKv, KvType};
 use crate::quant::GgmlType;
@@ -193,22 +195,42 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let want_scores = cpu::attention(&q, &[position], &heads, n_heads, hd, layer, &signals, &mut want_out);
 
     let kv = device_kv(gpu, &heads, slots, hd)?;
-    let shape_a = AttentionShape { n_heads, n_kv_heads, head_dim: hd, width: slots, layer, position };
+    let shape_a = AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width: slots, layer };
     let q_dev = gpu.upload(&q)?;
-    let mut out_dev = gpu.zeros::<f32>(n_heads * hd)?;
-    let mut scratch = AttentionScratch::new(gpu, n_heads, hd, slots)?;
+    let out_dev = gpu.zeros::<f32>(n_heads * hd)?;
+    let mut scratch = AttentionScratch::new(gpu, 1, n_heads, hd, slots)?;
     let mut score_dev = gpu.zeros::<f32>(n_kv_heads * slots)?;
+    let victims_dev = gpu.zeros::<u32>(n_kv_heads)?;
     let keyformer = ScoreSignal::Keyformer { tau, seed };
+    // The decode step as one attention row (the kernels' descriptor) over the CPU's slots.
+    let base_row = AttnRow {
+        q: dev_addr(gpu, &q_dev),
+        out: dev_addr(gpu, &out_dev),
+        keys: dev_addr(gpu, &kv.keys),
+        values: dev_addr(gpu, &kv.values),
+        slot_pos: dev_addr(gpu, &kv.positions),
+        victims: dev_addr(gpu, &victims_dev),
+        capacity: slots as i32,
+        width: slots as i32,
+        query_pos: position,
+        ..AttnRow::default()
+    };
+    let score_addr = dev_addr(gpu, &score_dev);
+    let row_for = |signal: Option<ScoreSignal>| gpu.upload(&[base_row.with_signal(signal, score_addr, slots)]);
+    let attend = |row: &cudarc::driver::CudaSlice<AttnRow>, scratch: &mut AttentionScratch| {
+        gpu.attention_rows(&row.slice(0..1), 1, shape_a, scratch)
+    };
     for (name, signal, want) in
         [("keyformer scores", keyformer, &want_scores[0]), ("h2o scores", ScoreSignal::Attention, &want_scores[1])]
     {
         let want = want.as_ref().expect("scored signal");
         gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
-        gpu.attention_decode(&q_dev, &kv, shape_a, Some(signal), &mut out_dev, Some(&mut score_dev), &mut scratch)?;
+        let scored_row = row_for(Some(signal))?;
+        attend(&scored_row, &mut scratch)?;
         let got = gpu.download(&score_dev)?;
         // Scores are added to what is there, and a step gives the same sums every time: a
         // second call must double every score exactly.
-        gpu.attention_decode(&q_dev, &kv, shape_a, Some(signal), &mut out_dev, Some(&mut score_dev), &mut scratch)?;
+        attend(&scored_row, &mut scratch)?;
         let twice = gpu.download(&score_dev)?;
         let not_doubled = got.iter().zip(&twice).filter(|(a, b)| (*a * 2.0).to_bits() != b.to_bits()).count();
         checks.push(row(
@@ -261,8 +283,16 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             }
             // Every head holds the same positions here, so one window bound serves all.
             let bound = first_recent[0];
-            let mut victims_dev = gpu.zeros::<u32>(n_kv_heads)?;
-            gpu.choose_victims(&score_dev, &kv, slots, bound, 0, &mut victims_dev)?;
+            // The kernel frees the victim's slot: choose on a copy of the positions.
+            let positions_copy = gpu.upload(&gpu.download(&kv.positions)?)?;
+            let victim_row = AttnRow {
+                evict: 1,
+                first_recent: bound,
+                slot_pos: dev_addr(gpu, &positions_copy),
+                ..base_row.with_signal(Some(signal), score_addr, slots)
+            };
+            let victim_row = gpu.upload(&[victim_row])?;
+            gpu.choose_victims(&victim_row.slice(0..1), 1, n_kv_heads)?;
             let gpu_victims = gpu.download(&victims_dev)?;
             let differ = cpu_victims.iter().zip(&gpu_victims).filter(|(a, b)| a != b).count()
                 + first_recent.iter().filter(|&&f| f != bound).count();
@@ -272,7 +302,7 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
                 0.0,
                 "KV heads whose decode-step victim differs between the CPU policy and the GPU",
             ));
-            let micros = time_us(gpu, 100, || gpu.choose_victims(&score_dev, &kv, slots, bound, 0, &mut victims_dev))?;
+            let micros = time_us(gpu, 100, || gpu.choose_victims(&victim_row.slice(0..1), 1, n_kv_heads))?;
             timings.push(Timing {
                 op: format!("choose victims, {slots} slots"),
                 microseconds: micros,
@@ -308,10 +338,8 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         ("attention + h2o score", Some(ScoreSignal::Attention)),
         ("attention + keyformer score", Some(keyformer)),
     ] {
-        let micros = time_us(gpu, 100, || {
-            let scores = signal.is_some().then_some(&mut score_dev);
-            gpu.attention_decode(&q_dev, &kv, shape_a, signal, &mut out_dev, scores, &mut scratch)
-        })?;
+        let timed_row = row_for(signal)?;
+        let micros = time_us(gpu, 100, || attend(&timed_row, &mut scratch))?;
         let kv_bytes = 2 * n_kv_heads * slots * hd * 2;
         timings.push(Timing {
             op: format!("{label}, {slots} slots"),

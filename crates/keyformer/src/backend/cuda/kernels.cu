@@ -143,36 +143,93 @@ __device__ __forceinline__ void lane_pairs(const unsigned short* row, int lane, 
     }
 }
 
-// Decode attention, pass 1 (flash-decoding): block (chunk c of ATTN_CHUNK slots, KV head g),
-// ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of query
-// heads and writes, per query head, the chunk's unnormalised output, its softmax max and sum,
-// and (when a policy scores) the scored softmax's exponentials with their max and sum: the
+// One row of a batched attention: a query token of some sequence with that sequence's KV head
+// storage for this layer. A batch of decode steps has one row per sequence; a prompt chunk
+// one row per token, all over the same storage. Rust's `AttnRow` mirrors this (repr(C)).
+struct AttnRow {
+    const float* q;           // [n_heads][head_dim]
+    const float* k;           // the row's new key and value [n_kv_heads][head_dim]
+    const float* v;
+    float* out;               // [n_heads][head_dim]
+    unsigned short* keys;     // [n_kv_heads][capacity][head_dim]
+    unsigned short* values;
+    unsigned* slot_pos;       // [n_kv_heads][capacity]
+    float* scores;            // [n_kv_heads][score_stride]
+    unsigned* victims;        // [n_kv_heads]: the slot each KV head's next token takes
+    int capacity;
+    int width;                // slots 0..width are examined
+    unsigned query_pos;
+    int store_slot;           // the new token's slot; -1: victims[g]
+    int score_mode;
+    float inv_tau;
+    unsigned long long seed;
+    int score_stride;
+    int score_assign;         // write the row's scores instead of adding them
+    unsigned first_recent;    // eviction keeps positions >= first_recent
+    unsigned sinks;           // and positions < sinks
+    int evict;                // choose (and free) a victim slot after attention
+    int pad;
+};
+
+// Store each row's new key and value (block (row, KV head g)) at its slot, with its position
+// and a zero score.
+extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
+    const AttnRow& r = rows[blockIdx.x];
+    int g = blockIdx.y, n_kv = gridDim.y;
+    int slot = r.store_slot >= 0 ? r.store_slot : (int)r.victims[g];
+    if (slot < 0 || slot >= r.capacity) return;  // no victim was free (the host never asks for that)
+    size_t at = ((size_t)g * r.capacity + slot) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        r.keys[at + d] = f2h(r.k[(size_t)g * head_dim + d]);
+        r.values[at + d] = f2h(r.v[(size_t)g * head_dim + d]);
+    }
+    if (threadIdx.x == 0) {
+        r.slot_pos[(size_t)g * r.capacity + slot] = r.query_pos;
+        if (r.scores && !r.score_assign) r.scores[(size_t)g * r.score_stride + slot] = 0.0f;
+    }
+    (void)n_kv;
+}
+
+// Decode attention, pass 1 (flash-decoding): block (chunk c of ATTN_CHUNK slots, KV head g,
+// row z), ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of
+// query heads and writes, per query head, the chunk's unnormalised output, its softmax max and
+// sum, and (when a policy scores) the scored softmax's exponentials with their max and sum: the
 // plain ones (H2O) or those of (logit + g) / tau with g drawn as the CPU draws it (Keyformer).
-// part_out [n_heads][chunks][head_dim]; part_stats [n_heads][chunks][4] = (m, l, m', l');
-// score_exps [n_heads][width]. head_dim even and at most ATTN_MAX_HEAD_DIM.
-extern "C" __global__ void attn_decode_partial(
-    const float* q, const unsigned short* keys, const unsigned short* values, const unsigned* slot_pos,
-    int n_heads, int n_kv_heads, int head_dim, int capacity, int width, unsigned query_pos, float scale,
-    int score_mode, float inv_tau, unsigned long long seed, unsigned layer, const float* gumbel_table,
-    int table_bits, float* part_out, float* part_stats, float* score_exps) {
+// part_out [rows][n_heads][chunks][head_dim]; part_stats [rows][n_heads][chunks][4] =
+// (m, l, m', l'); score_exps [rows][n_heads][max_width]. head_dim a multiple of 16, at most
+// ATTN_MAX_HEAD_DIM.
+extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim,
+                                               int max_width, float scale, unsigned layer,
+                                               const float* gumbel_table, int table_bits, float* part_out,
+                                               float* part_stats, float* score_exps) {
     __shared__ float sq[ATTN_MAX_GROUP * ATTN_MAX_HEAD_DIM];
     __shared__ float sl[ATTN_MAX_GROUP * ATTN_CHUNK];
     __shared__ float sn[ATTN_MAX_GROUP * ATTN_CHUNK];
     __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
     __shared__ unsigned skey[ATTN_MAX_GROUP];
+    const AttnRow& row_desc = rows[blockIdx.z];
+    int width = row_desc.width, capacity = row_desc.capacity, score_mode = row_desc.score_mode;
+    unsigned query_pos = row_desc.query_pos;
+    const unsigned short* keys = row_desc.keys;
+    const unsigned short* values = row_desc.values;
+    const unsigned* slot_pos = row_desc.slot_pos;
+    float inv_tau = row_desc.inv_tau;
     int g = blockIdx.y, c = blockIdx.x, chunks = gridDim.x;
+    int lo = c * ATTN_CHUNK;
+    if (lo >= width) return;  // past this row's slots (rows of a batch differ in width)
     int group = n_heads / n_kv_heads, h0 = g * group;
-    int lo = c * ATTN_CHUNK, m = min(width, lo + ATTN_CHUNK) - lo;
+    int m = min(width, lo + ATTN_CHUNK) - lo;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    size_t zh = (size_t)blockIdx.z * n_heads;  // this row's first head in the scratch
+    const float* q = row_desc.q;
     for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) sq[i] = q[(size_t)h0 * head_dim + i];
     if (score_mode == SCORE_KEYFORMER && threadIdx.x < group)
-        skey[threadIdx.x] = noise_row_key(seed, layer, h0 + threadIdx.x, query_pos);
+        skey[threadIdx.x] = noise_row_key(row_desc.seed, layer, h0 + threadIdx.x, query_pos);
     __syncthreads();
 
     // Logits: two threads per slot (blockDim = 2 * ATTN_CHUNK), each dotting half the key
-    // (16-byte loads; head_dim a multiple of 16) with every query head of the group; one shuffle
-    // joins the halves. (A warp per slot needed a 5-step shuffle per query head and slot, and
-    // drew the noise on one lane.)
+    // (16-byte loads) with every query head of the group; one shuffle joins the halves. (A warp
+    // per slot needed a 5-step shuffle per query head and slot, and drew the noise on one lane.)
     {
         int t = threadIdx.x >> 1, half = threadIdx.x & 1;
         int tt = min(t, m - 1);
@@ -226,7 +283,7 @@ extern "C" __global__ void attn_decode_partial(
         }
         sum = warp_sum(sum);
         if (lane == 0) {
-            float* stats = part_stats + ((size_t)(h0 + j) * chunks + c) * 4;
+            float* stats = part_stats + ((zh + h0 + j) * chunks + c) * 4;
             stats[2 * which] = mx;
             stats[2 * which + 1] = sum;
             if (score_mode != SCORE_KEYFORMER) {  // the scored softmax is the plain one (or none)
@@ -280,7 +337,7 @@ extern "C" __global__ void attn_decode_partial(
         for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float o = 0.0f;
             for (int w = 0; w < ATTN_WARPS; w++) o += sred[w * ATTN_MAX_HEAD_DIM + d];
-            part_out[((size_t)(h0 + j) * chunks + c) * head_dim + d] = o;
+            part_out[((zh + h0 + j) * chunks + c) * head_dim + d] = o;
         }
         __syncthreads();
     }
@@ -288,30 +345,39 @@ extern "C" __global__ void attn_decode_partial(
         const float* src = score_mode == SCORE_KEYFORMER ? sn : sl;
         for (int j = 0; j < group; j++)
             for (int t = threadIdx.x; t < m; t += blockDim.x)
-                score_exps[(size_t)(h0 + j) * width + lo + t] = src[j * ATTN_CHUNK + t];
+                score_exps[(zh + h0 + j) * max_width + lo + t] = src[j * ATTN_CHUNK + t];
     }
 }
 
-// Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots) combines the
-// chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks with
-// y = 0 write it) and, when a policy scores, adds each slot of its range's probability summed
-// over the group to scores[g][slot] (null when nothing is scored). Every block of a KV head
-// recomputes the chunk weights (a few hundred exponentials) so that the slots spread over
-// many blocks; no atomics, so the sums are the same every run.
+// Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots, row z) combines
+// the chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks
+// with y = 0 write it) and, when a policy scores, adds each slot of its range's probability
+// summed over the group to the row's scores[g][slot] (or writes it, score_assign). Every block
+// of a KV head recomputes the chunk weights (a few hundred exponentials) so that the slots
+// spread over many blocks; no atomics, so the sums are the same every run.
 #define COMBINE_SLOTS 512
-extern "C" __global__ void attn_decode_combine(const float* part_out, const float* part_stats,
-                                               const float* score_exps, float* out, float* scores, int n_heads,
-                                               int n_kv_heads, int head_dim, int capacity, int width, int chunks,
-                                               int score_mode) {
+extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float* part_out,
+                                               const float* part_stats, const float* score_exps, int n_heads,
+                                               int n_kv_heads, int head_dim, int max_width, int max_chunks) {
     __shared__ float weight[ATTN_MAX_GROUP * ATTN_CHUNKS];   // e^(m_c - M) / L, output
     __shared__ float sweight[ATTN_MAX_GROUP * ATTN_CHUNKS];  // the same for the scored softmax
+    const AttnRow& r = rows[blockIdx.z];
+    int width = r.width, score_mode = r.score_mode;
+    int chunks = (width + ATTN_CHUNK - 1) / ATTN_CHUNK;
     int g = blockIdx.x, group = n_heads / n_kv_heads, h0 = g * group;
     bool writes_out = blockIdx.y == 0;
+    if (!writes_out && (score_mode == SCORE_NONE || (int)blockIdx.y * COMBINE_SLOTS >= width)) return;
+    size_t zh = (size_t)blockIdx.z * n_heads;
+    if (width == 0) {
+        if (writes_out)
+            for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) r.out[(size_t)h0 * head_dim + i] = 0.0f;
+        return;
+    }
     int n_soft = score_mode == SCORE_NONE ? 1 : 2;
     for (int task = threadIdx.x; task < group * n_soft; task += blockDim.x) {
         int j = task % group, which = task / group;
         if (which == 0 && !writes_out) continue;
-        const float* st = part_stats + (size_t)(h0 + j) * chunks * 4;
+        const float* st = part_stats + (zh + h0 + j) * max_chunks * 4;
         float* w = (which == 0 ? weight : sweight) + j * ATTN_CHUNKS;
         float M = NEG_INF;
         for (int cc = 0; cc < chunks; cc++) M = fmaxf(M, st[cc * 4 + 2 * which]);
@@ -328,22 +394,35 @@ extern "C" __global__ void attn_decode_combine(const float* part_out, const floa
     if (writes_out) {
         for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
             int j = i / head_dim, d = i % head_dim;
-            const float* po = part_out + (size_t)(h0 + j) * chunks * head_dim + d;
+            const float* po = part_out + (zh + h0 + j) * max_chunks * head_dim + d;
             float acc = 0.0f;
             for (int cc = 0; cc < chunks; cc++) acc += weight[j * ATTN_CHUNKS + cc] * po[(size_t)cc * head_dim];
-            out[(size_t)(h0 + j) * head_dim + d] = acc;
+            r.out[(size_t)(h0 + j) * head_dim + d] = acc;
         }
     }
     if (score_mode != SCORE_NONE) {
         int end = min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS);
+        float* scores = r.scores + (size_t)g * r.score_stride;
         for (int s = blockIdx.y * COMBINE_SLOTS + threadIdx.x; s < end; s += blockDim.x) {
             int cc = s / ATTN_CHUNK;
             float acc = 0.0f;
             for (int j = 0; j < group; j++)
-                acc += score_exps[(size_t)(h0 + j) * width + s] * sweight[j * ATTN_CHUNKS + cc];
-            scores[(size_t)g * capacity + s] += acc;
+                acc += score_exps[(zh + h0 + j) * max_width + s] * sweight[j * ATTN_CHUNKS + cc];
+            if (r.score_assign) scores[s] = acc;
+            else scores[s] += acc;
         }
     }
+}
+
+// A prompt chunk's scores: scores[g][s] += the rows' own sums (written by the combination with
+// score_assign), added in row order (deterministic). Block (g, range of 256 slots).
+extern "C" __global__ void add_row_scores(const AttnRow* rows, int n_rows, float* scores, int capacity) {
+    int g = blockIdx.x, s = blockIdx.y * blockDim.x + threadIdx.x;
+    if (s >= capacity) return;
+    float acc = 0.0f;
+    for (int z = 0; z < n_rows; z++)
+        if (s < rows[z].width) acc += rows[z].scores[(size_t)g * rows[z].score_stride + s];
+    scores[(size_t)g * capacity + s] += acc;
 }
 
 // The bits of x as an unsigned integer ordered as Rust's f32::total_cmp orders floats.
@@ -360,22 +439,25 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
     return v;
 }
 
-// A decode step's victim of each KV head (block g): the occupied slot, outside the recent
-// window (position >= first_recent) and the sinks (position < sinks), with the lowest score,
-// ties to the oldest position; keyformer_kv's single-victim choice, packed the same way
-// (score bits in total order above the position). FREE_SLOT where there is none.
-extern "C" __global__ void choose_victims(const float* scores, const unsigned* slot_pos, int capacity, int width,
-                                          unsigned first_recent, unsigned sinks, unsigned* victims) {
+// A decode step's victim of each KV head (block (g, row z) for rows that evict): the occupied
+// slot, outside the recent window (position >= first_recent) and the sinks (position <
+// sinks), with the lowest score, ties to the oldest position; keyformer_kv's single-victim
+// choice, packed the same way (score bits in total order above the position). The slot is
+// freed and becomes the slot of the row's next token (victims[g]); FREE_SLOT where there is
+// none.
+extern "C" __global__ void choose_victims(const AttnRow* rows) {
     __shared__ unsigned long long partial[32];
     __shared__ unsigned long long best_all;
-    int g = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const float* sc = scores + (size_t)g * capacity;
-    const unsigned* pos = slot_pos + (size_t)g * capacity;
+    const AttnRow& r = rows[blockIdx.y];
+    if (!r.evict) return;
+    int g = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, width = r.width;
+    float* sc = r.scores + (size_t)g * r.score_stride;
+    unsigned* pos = r.slot_pos + (size_t)g * r.capacity;
     unsigned long long best = ~0ull;
     for (int s = threadIdx.x; s < width; s += blockDim.x) {
         unsigned p = pos[s];
-        if (p != FREE_SLOT && p < first_recent && p >= sinks) {
-            unsigned long long key = ((unsigned long long)total_order_bits(sc[s]) << 32) | p;
+        if (p != FREE_SLOT && p < r.first_recent && p >= r.sinks) {
+            unsigned long long key = ((unsigned long long)total_order_bits(r.scores ? sc[s] : 0.0f) << 32) | p;
             best = key < best ? key : best;
         }
     }
@@ -387,14 +469,61 @@ extern "C" __global__ void choose_victims(const float* scores, const unsigned* s
         v = warp_min_u64(v);
         if (lane == 0) {
             best_all = v;
-            if (v == ~0ull) victims[g] = FREE_SLOT;
+            if (v == ~0ull) r.victims[g] = FREE_SLOT;
         }
     }
     __syncthreads();
     // Positions are distinct within a head: exactly one slot holds the winning position.
     if (best_all != ~0ull)
         for (int s = threadIdx.x; s < width; s += blockDim.x)
-            if (pos[s] == (unsigned)(best_all & 0xffffffffu)) victims[g] = s;
+            if (pos[s] == (unsigned)(best_all & 0xffffffffu)) {
+                r.victims[g] = s;
+                pos[s] = FREE_SLOT;
+                if (r.scores) sc[s] = 0.0f;
+            }
+}
+
+// Compaction after the prompt: new slot i of KV head g takes old slot kept[g][i] (keys, values,
+// position, score); block (i, g).
+extern "C" __global__ void gather_slots(const unsigned* kept, int n_kept, int head_dim, const unsigned short* keys,
+                                        const unsigned short* values, const unsigned* slot_pos, const float* scores,
+                                        int old_capacity, unsigned short* new_keys, unsigned short* new_values,
+                                        unsigned* new_pos, float* new_scores, int new_capacity) {
+    int i = blockIdx.x, g = blockIdx.y;
+    unsigned old = kept[(size_t)g * n_kept + i];
+    size_t from = (size_t)g * old_capacity + old, to = (size_t)g * new_capacity + i;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        new_keys[to * head_dim + d] = keys[from * head_dim + d];
+        new_values[to * head_dim + d] = values[from * head_dim + d];
+    }
+    if (threadIdx.x == 0) {
+        new_pos[to] = slot_pos[from];
+        if (scores) new_scores[to] = scores[from];
+    }
+}
+
+// Row tokens[i] of an f16 table [vocab][dim] into out[i] as f32.
+extern "C" __global__ void embed_rows(const unsigned short* table, const unsigned* tokens, float* out, int dim) {
+    const unsigned short* row = table + (size_t)tokens[blockIdx.x] * dim;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) out[(size_t)blockIdx.x * dim + d] = h2f(row[d]);
+}
+
+// x += y.
+extern "C" __global__ void add_assign(float* x, const float* y, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// Random weights (`random_weights::value` on the host): element i of tensor `tensor` is
+// ((top 24 bits of mix64(seed ^ mix64(tensor) ^ i)) * 2^-24 * 2 - 1) * scale, rounded to f16.
+extern "C" __global__ void fill_random_f16(unsigned short* w, long n, unsigned long long seed, unsigned tensor,
+                                           float scale) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long h = mix64(seed ^ mix64((unsigned long long)tensor + 1) ^ (unsigned long long)i);
+    float u = __fmul_rn((float)(h >> 40), 5.9604644775390625e-8f);
+    float x = __fmul_rn(__fsub_rn(__fmul_rn(2.0f, u), 1.0f), scale);
+    w[i] = f2h(x);
 }
 
 // Sum of a buffer (the copy-bandwidth probe reads through this): grid-stride, one atomic per block.

@@ -13,12 +13,14 @@
 //! table), so both backends select the same tokens. `check` compares every op with the CPU.
 
 pub mod check;
+pub mod kv;
+pub mod model;
 
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use keyformer_kv::noise;
 
@@ -60,7 +62,13 @@ struct Kernels {
     f32_to_f16: CudaFunction,
     attn_decode_partial: CudaFunction,
     attn_decode_combine: CudaFunction,
+    add_row_scores: CudaFunction,
+    kv_store: CudaFunction,
     choose_victims: CudaFunction,
+    gather_slots: CudaFunction,
+    embed_rows: CudaFunction,
+    add_assign: CudaFunction,
+    fill_random_f16: CudaFunction,
     read_sum: CudaFunction,
 }
 
@@ -85,22 +93,36 @@ pub const ATTN_MAX_GROUP: usize = 8;
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
 const ATTN_CHUNKS: usize = 256;
 
-/// Scratch of [`Gpu::attention_decode`] for up to `n_heads` query heads of `head_dim` over
-/// `max_width` slots: the chunks' partial outputs and softmax statistics, and the scored
-/// softmax's exponentials.
+/// Rows one attention launch takes at most (a prompt chunk goes in groups of this many).
+pub const ATTN_MAX_ROWS: usize = 128;
+
+/// Scratch of [`Gpu::attention_rows`] for up to `max_rows` rows of `n_heads` query heads of
+/// `head_dim` over `max_width` slots: the chunks' partial outputs and softmax statistics, and
+/// the scored softmax's exponentials.
 pub struct AttentionScratch {
     part_out: CudaSlice<f32>,
     part_stats: CudaSlice<f32>,
     score_exps: CudaSlice<f32>,
+    pub max_rows: usize,
+    pub max_width: usize,
 }
 
 impl AttentionScratch {
-    pub fn new(gpu: &Gpu, n_heads: usize, head_dim: usize, max_width: usize) -> Result<Self, GpuError> {
+    pub fn new(
+        gpu: &Gpu,
+        max_rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        max_width: usize,
+    ) -> Result<Self, GpuError> {
         let chunks = max_width.div_ceil(ATTN_CHUNK).max(1);
+        let rh = max_rows.max(1) * n_heads;
         Ok(Self {
-            part_out: gpu.zeros(n_heads * chunks * head_dim)?,
-            part_stats: gpu.zeros(n_heads * chunks * 4)?,
-            score_exps: gpu.zeros(n_heads * max_width.max(1))?,
+            part_out: gpu.zeros(rh * chunks * head_dim)?,
+            part_stats: gpu.zeros(rh * chunks * 4)?,
+            score_exps: gpu.zeros(rh * max_width.max(1))?,
+            max_rows: max_rows.max(1),
+            max_width,
         })
     }
 }
@@ -118,7 +140,7 @@ pub struct DeviceKv {
 /// The position of a free slot.
 pub const FREE_SLOT: u32 = u32::MAX;
 
-/// Which of the policies' scores a decode attention adds up (per KV head and slot).
+/// Which of the policies' scores an attention row adds up (per KV head and slot).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ScoreSignal {
     /// Plain attention probabilities (H2O).
@@ -127,17 +149,76 @@ pub enum ScoreSignal {
     Keyformer { tau: f32, seed: u64 },
 }
 
-/// Shapes of one decode attention.
+/// One row of a batched attention (the kernels' `AttnRow`, field for field): a query token
+/// with its sequence's KV storage for one layer. Pointers are device addresses; the buffers
+/// they point into must outlive the launches that read the row.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttnRow {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub slot_pos: u64,
+    /// 0: no scores.
+    pub scores: u64,
+    pub victims: u64,
+    pub capacity: i32,
+    pub width: i32,
+    pub query_pos: u32,
+    /// The new token's slot; -1: the slot the last victim freed (`victims[g]`).
+    pub store_slot: i32,
+    pub score_mode: i32,
+    pub inv_tau: f32,
+    pub seed: u64,
+    pub score_stride: i32,
+    pub score_assign: i32,
+    pub first_recent: u32,
+    pub sinks: u32,
+    pub evict: i32,
+    pub pad: i32,
+}
+
+// SAFETY: plain old data with the kernels' layout (repr(C), no padding the kernel reads).
+unsafe impl cudarc::driver::DeviceRepr for AttnRow {}
+// SAFETY: all zeros is a valid row (null pointers, zero sizes).
+unsafe impl cudarc::driver::ValidAsZeroBits for AttnRow {}
+const _: () = assert!(std::mem::size_of::<AttnRow>() == 128);
+
+impl AttnRow {
+    /// Score the row under `signal` (or not), into rows of `stride` floats.
+    pub fn with_signal(mut self, signal: Option<ScoreSignal>, scores: u64, stride: usize) -> Self {
+        let (mode, inv_tau, seed) = match signal {
+            None => (0, 1.0, 0),
+            Some(ScoreSignal::Attention) => (1, 1.0, 0),
+            Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
+        };
+        self.score_mode = mode;
+        self.inv_tau = inv_tau;
+        self.seed = seed;
+        self.scores = if signal.is_some() { scores } else { 0 };
+        self.score_stride = stride as i32;
+        self
+    }
+}
+
+/// The device address of a buffer (for [`AttnRow`]s).
+pub fn dev_addr<T>(gpu: &Gpu, buf: &CudaSlice<T>) -> u64 {
+    let (p, _sync) = buf.device_ptr(&gpu.stream);
+    p
+}
+
+/// Shapes shared by the rows of one attention launch.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Slots examined (slot indices `0..width` of every KV head).
-    pub width: usize,
+    /// The widest row's slots.
+    pub max_width: usize,
     pub layer: usize,
-    /// The query's position (slots after it are masked).
-    pub position: u32,
 }
 
 fn grid(n: usize, block: u32) -> LaunchConfig {
@@ -179,7 +260,13 @@ impl Gpu {
             f32_to_f16: f("f32_to_f16")?,
             attn_decode_partial: f("attn_decode_partial")?,
             attn_decode_combine: f("attn_decode_combine")?,
+            add_row_scores: f("add_row_scores")?,
+            kv_store: f("kv_store")?,
             choose_victims: f("choose_victims")?,
+            gather_slots: f("gather_slots")?,
+            embed_rows: f("embed_rows")?,
+            add_assign: f("add_assign")?,
+            fill_random_f16: f("fill_random_f16")?,
             read_sum: f("read_sum")?,
         };
         let stream = ctx.default_stream();
@@ -283,8 +370,8 @@ impl Gpu {
     }
 
     /// `y[t] = W x[t]` for the `n` rows of `x`: `w` f16 `[rows][cols]` (as GGUF stores a
-    /// weight), `x` f32 `[n][cols]` (converted to f16 in `x16`, grown as needed), `y` f32
-    /// `[n][rows]`; cuBLAS with f32 accumulation.
+    /// weight), `x` f32 `[n][cols]` (converted to f16 in `x16`), `y` f32 `[n][rows]`; cuBLAS
+    /// with f32 accumulation.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_f16(
         &self,
@@ -296,21 +383,41 @@ impl Gpu {
         x16: &mut CudaSlice<u16>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        if w.len() != rows * cols || x.len() < n * cols || y.len() < n * rows || x16.len() < n * cols {
+        self.to_f16(x, n * cols, x16)?;
+        self.gemm_f16(w, rows, cols, x16, n, y)
+    }
+
+    /// The first `m` values of `x` as f16 into `x16`.
+    pub fn to_f16(&self, x: &CudaSlice<f32>, m: usize, x16: &mut CudaSlice<u16>) -> Result<(), GpuError> {
+        if x.len() < m || x16.len() < m {
+            return Err(GpuError::Shape(format!("{m} values to f16 from {} into {}", x.len(), x16.len())));
+        }
+        let m_i = m as i64;
+        let mut b = self.stream.launch_builder(&self.kernels.f32_to_f16);
+        b.arg(x).arg(&mut *x16).arg(&m_i);
+        // SAFETY: converts the first m values (both hold at least that many).
+        unsafe { b.launch(grid(m, 256)) }?;
+        Ok(())
+    }
+
+    /// `y[t] = W x16[t]` (f16 inputs, f32 accumulation and output) for `n` rows.
+    pub fn gemm_f16(
+        &self,
+        w: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        x16: &CudaSlice<u16>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        if w.len() != rows * cols || y.len() < n * rows || x16.len() < n * cols {
             return Err(GpuError::Shape(format!(
-                "matmul of a {rows} x {cols} weight ({} values) with {n} rows ({} values, {} f16 scratch) into {}",
+                "matmul of a {rows} x {cols} weight ({} values) with {n} rows ({} f16 values) into {}",
                 w.len(),
-                x.len(),
                 x16.len(),
                 y.len()
             )));
         }
-        let m = n * cols;
-        let m_i = m as i64;
-        let mut b = self.stream.launch_builder(&self.kernels.f32_to_f16);
-        b.arg(x).arg(&mut *x16).arg(&m_i);
-        // SAFETY: converts the first n * cols values (both hold at least that many).
-        unsafe { b.launch(grid(m, 256)) }?;
         // Row-major W [rows][cols] is column-major W^T: C (rows x n, column-major = y row-major)
         // = op(A) B with A = W^T stored (lda = cols), op = transpose, B = x^T (ldb = cols).
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -344,27 +451,76 @@ impl Gpu {
         Ok(())
     }
 
-    /// Decode attention of one query position over `kv` (see [`AttentionShape`]), in two
-    /// kernels (flash-decoding: chunks of slots in parallel, then their combination): `out`
-    /// gets `[n_heads][head_dim]`; with a `signal`, each slot's probability under it, summed
-    /// over the query heads of its KV head, is added to `scores` (`[n_kv_heads][capacity]`).
+    /// Fill `w` with tensor `tensor`'s random weights (`models::random::value`).
+    pub fn fill_random_f16(&self, w: &mut CudaSlice<u16>, seed: u64, tensor: u32, scale: f32) -> Result<(), GpuError> {
+        let n = w.len();
+        let n_i = n as i64;
+        let mut b = self.stream.launch_builder(&self.kernels.fill_random_f16);
+        b.arg(&mut *w).arg(&n_i).arg(&seed).arg(&tensor).arg(&scale);
+        // SAFETY: one thread per element of w.
+        unsafe { b.launch(grid(n, 256)) }?;
+        Ok(())
+    }
+
+    /// Compaction: slot i of KV head g of `to` takes slot `kept[g * n_kept + i]` of `from`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_decode(
+    pub fn gather_slots(
         &self,
-        q: &CudaSlice<f32>,
-        kv: &DeviceKv,
+        from: &kv::LayerKv,
+        to: &mut kv::LayerKv,
+        kept: &[u32],
+        n_kept: usize,
+        old_capacity: usize,
+        new_capacity: usize,
+        head_dim: usize,
+    ) -> Result<(), GpuError> {
+        let n_kv = kept.len() / n_kept.max(1);
+        if n_kept == 0 || n_kept > new_capacity || kept.iter().any(|&s| s as usize >= old_capacity) {
+            return Err(GpuError::Shape(format!("gather of {n_kept} of {old_capacity} slots into {new_capacity}")));
+        }
+        let kept_dev = self.upload(kept)?;
+        let ints = [n_kept as i32, head_dim as i32, old_capacity as i32, new_capacity as i32];
+        let null = 0u64;
+        let cfg = LaunchConfig {
+            grid_dim: (n_kept as u32, n_kv as u32, 1),
+            block_dim: (head_dim.clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.kernels.gather_slots);
+        b.arg(&kept_dev).arg(&ints[0]).arg(&ints[1]).arg(&from.keys).arg(&from.values).arg(&from.positions);
+        match &from.scores {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        b.arg(&ints[2]).arg(&mut to.keys).arg(&mut to.values).arg(&mut to.positions);
+        match &mut to.scores {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        b.arg(&ints[3]);
+        // SAFETY: block (i, g) copies old slot kept[g][i] (< old capacity, checked) to new slot i
+        // (< n_kept <= new capacity) of KV head g; score rows are null on both sides or neither.
+        unsafe { b.launch(cfg) }?;
+        self.synchronize()?; // `kept_dev` is freed on return
+        Ok(())
+    }
+
+    /// Attention of `n_rows` rows (the first of `rows`; see [`AttnRow`]), in two kernels
+    /// (flash-decoding: chunks of slots in parallel, then their combination): each row's `out`
+    /// gets `[n_heads][head_dim]`; a scored row adds (or writes, `score_assign`) each slot's
+    /// probability under its signal, summed over the query heads of its KV head, to `scores`.
+    pub fn attention_rows(
+        &self,
+        rows: &CudaView<AttnRow>,
+        n_rows: usize,
         shape: AttentionShape,
-        signal: Option<ScoreSignal>,
-        out: &mut CudaSlice<f32>,
-        scores: Option<&mut CudaSlice<f32>>,
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, width, layer, position } = shape;
-        let cap = kv.capacity;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer } = shape;
         // Fixed chunks: halving them down to 32 slots where few KV heads leave SMs idle was
         // tried and was slower (llama3-8b shape, 4096 slots: 63.9 against 32.3 us), the
         // combination's work growing with the number of chunks.
-        let chunks = width.div_ceil(ATTN_CHUNK);
+        let chunks = max_width.div_ceil(ATTN_CHUNK).max(1);
         let group = if n_kv_heads == 0 { 0 } else { n_heads / n_kv_heads };
         let bad = n_kv_heads == 0
             || n_heads % n_kv_heads != 0
@@ -372,95 +528,123 @@ impl Gpu {
             || hd > ATTN_MAX_HEAD_DIM
             || hd % 16 != 0
             || chunks > ATTN_CHUNKS
-            || width > cap
-            || q.len() != n_heads * hd
-            || out.len() != n_heads * hd
-            || kv.keys.len() != n_kv_heads * cap * hd
-            || kv.values.len() != n_kv_heads * cap * hd
-            || kv.positions.len() != n_kv_heads * cap
-            || scratch.part_out.len() < n_heads * chunks * hd
-            || scratch.part_stats.len() < n_heads * chunks * 4
-            || scratch.score_exps.len() < n_heads * width
-            || signal.is_some() != scores.is_some()
-            || scores.as_ref().is_some_and(|s| s.len() != n_kv_heads * cap);
+            || n_rows > rows.len()
+            || n_rows > scratch.max_rows
+            || max_width > scratch.max_width
+            || scratch.part_out.len() < n_rows * n_heads * chunks * hd;
         if bad {
             return Err(GpuError::Shape(format!(
-                "attention of {n_heads} heads / {n_kv_heads} KV heads x {hd} over {width} of {cap} slots \
-                 (at most {ATTN_MAX_GROUP} query heads per KV head, a head size that is a multiple of 16 up to {ATTN_MAX_HEAD_DIM}, \
-                 {} slots)",
-                ATTN_CHUNKS * ATTN_CHUNK
+                "attention of {n_rows} rows, {n_heads} heads / {n_kv_heads} KV heads x {hd} over {max_width} slots \
+                 (at most {ATTN_MAX_GROUP} query heads per KV head, a head size that is a multiple of 16 up to \
+                 {ATTN_MAX_HEAD_DIM}, {} slots, the scratch's {} rows)",
+                ATTN_CHUNKS * ATTN_CHUNK,
+                scratch.max_rows
             )));
         }
-        if width == 0 {
-            self.stream.memset_zeros(out)?;
+        if n_rows == 0 {
             return Ok(());
         }
-        let (mode, inv_tau, seed) = match signal {
-            None => (0i32, 1.0f32, 0u64),
-            Some(ScoreSignal::Attention) => (1, 1.0, 0),
-            Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
-        };
-        let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, cap as i32, width as i32, chunks as i32];
+        let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, max_width as i32, chunks as i32];
         let (scale, layer, bits) = (1.0 / (hd as f32).sqrt(), layer as u32, noise::GUMBEL_TABLE_BITS as i32);
         let cfg = LaunchConfig {
-            grid_dim: (chunks as u32, n_kv_heads as u32, 1),
+            grid_dim: (chunks as u32, n_kv_heads as u32, n_rows as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let AttentionScratch { part_out, part_stats, score_exps } = scratch;
+        let AttentionScratch { part_out, part_stats, score_exps, .. } = scratch;
         let mut b = self.stream.launch_builder(&self.kernels.attn_decode_partial);
-        b.arg(q).arg(&kv.keys).arg(&kv.values).arg(&kv.positions);
-        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&position).arg(&scale);
-        b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer).arg(&self.gumbel_table).arg(&bits);
+        b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale);
+        b.arg(&layer).arg(&self.gumbel_table).arg(&bits);
         b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
-        // SAFETY: block (chunk, KV head) reads its slots (< width <= capacity) and writes its own
-        // entries of the scratch (sizes checked above).
+        // SAFETY: block (chunk, KV head, row) reads its row's slots (< width <= capacity, as the
+        // rows promise) and writes its own entries of the scratch (sized above).
         unsafe { b.launch(cfg) }?;
-        let ranges = if mode == 0 { 1 } else { width.div_ceil(COMBINE_SLOTS) as u32 };
-        let cfg =
-            LaunchConfig { grid_dim: (n_kv_heads as u32, ranges, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(&self.kernels.attn_decode_combine);
-        let null = 0u64; // no score row: the kernel does not touch it without a signal
-        b.arg(&*part_out).arg(&*part_stats).arg(&*score_exps).arg(out);
-        match scores {
-            Some(row) => b.arg(row),
-            None => b.arg(&null),
+        let ranges = max_width.div_ceil(COMBINE_SLOTS).max(1) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (n_kv_heads as u32, ranges, n_rows as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
         };
-        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&ints[5]).arg(&mode);
-        // SAFETY: block (g, 0) writes g's query heads' outputs; block (g, y), when scoring, its
-        // range of KV head g's row.
+        let mut b = self.stream.launch_builder(&self.kernels.attn_decode_combine);
+        b.arg(rows).arg(&*part_out).arg(&*part_stats).arg(&*score_exps);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]);
+        // SAFETY: block (g, 0, row) writes g's query heads' outputs of the row; block (g, y, row),
+        // when scoring, its range of KV head g's score row.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    /// A decode step's eviction on the GPU: for each KV head the occupied slot among the first
-    /// `width` whose position is below `first_recent` (the recent window is kept) and at least
-    /// `sinks`, with the lowest score, ties to the oldest; `FREE_SLOT` where none may go. As
-    /// keyformer_kv's `SequencePolicy::victims` picks one victim; only these indices need to
-    /// reach the host's slot tables.
-    pub fn choose_victims(
+    /// Store each row's new key and value (`k`, `v`: `[n_kv_heads][head_dim]` f32) at the row's
+    /// slot, with its position.
+    pub fn store_rows(
         &self,
-        scores: &CudaSlice<f32>,
-        kv: &DeviceKv,
-        width: usize,
-        first_recent: u32,
-        sinks: u32,
-        victims: &mut CudaSlice<u32>,
+        rows: &CudaView<AttnRow>,
+        n_rows: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
     ) -> Result<(), GpuError> {
-        let n_kv_heads = victims.len();
-        let cap = kv.capacity;
-        if n_kv_heads == 0 || width > cap || scores.len() != n_kv_heads * cap || kv.positions.len() != n_kv_heads * cap
-        {
-            return Err(GpuError::Shape(format!(
-                "victims of {n_kv_heads} KV heads over {width} of {cap} slots ({} scores)",
-                scores.len()
-            )));
+        if n_rows == 0 {
+            return Ok(());
         }
-        let (cap_i, width_i) = (cap as i32, width as i32);
-        let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n_rows as u32, n_kv_heads as u32, 1),
+            block_dim: (head_dim.clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let hd = head_dim as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.kv_store);
+        b.arg(rows).arg(&hd);
+        // SAFETY: block (row, g) writes slot store_slot (or victims[g]) of KV head g of its row's
+        // storage, which the row says is below its capacity.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// A prompt chunk's per-row scores (written by rows with `score_assign`) added in row order
+    /// to `scores` (`[n_kv_heads][capacity]`).
+    pub fn add_row_scores(
+        &self,
+        rows: &CudaView<AttnRow>,
+        n_rows: usize,
+        scores: &mut CudaSlice<f32>,
+        n_kv_heads: usize,
+        capacity: usize,
+    ) -> Result<(), GpuError> {
+        if scores.len() < n_kv_heads * capacity || n_rows == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_kv_heads as u32, capacity.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, cap) = (n_rows as i32, capacity as i32);
+        let mut b = self.stream.launch_builder(&self.kernels.add_row_scores);
+        b.arg(rows).arg(&n).arg(scores).arg(&cap);
+        // SAFETY: thread (g, s) reads each row's score row g at s < width and writes scores[g][s].
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// A decode step's eviction on the GPU, for every row with `evict`: for each KV head the
+    /// occupied slot among the first `width` whose position is below `first_recent` (the
+    /// recent window is kept) and at least `sinks`, with the lowest score, ties to the oldest,
+    /// as keyformer_kv's `SequencePolicy::victims` picks one victim. The slot is freed and its
+    /// index written to the row's `victims[g]` (`FREE_SLOT` where none may go), where the next
+    /// token of the sequence goes.
+    pub fn choose_victims(&self, rows: &CudaView<AttnRow>, n_rows: usize, n_kv_heads: usize) -> Result<(), GpuError> {
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_kv_heads as u32, n_rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut b = self.stream.launch_builder(&self.kernels.choose_victims);
-        b.arg(scores).arg(&kv.positions).arg(&cap_i).arg(&width_i).arg(&first_recent).arg(&sinks).arg(victims);
-        // SAFETY: block g reads KV head g's first `width` slots and writes victims[g].
+        b.arg(rows);
+        // SAFETY: block (g, row) reads KV head g's first `width` slots of its row and writes
+        // victims[g] and the chosen slot's position and score.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }

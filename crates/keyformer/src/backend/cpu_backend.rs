@@ -1,0 +1,220 @@
+//! [`Backend`] on the CPU: the weights stay in the GGUF memory map in their own (usually
+//! quantised) types, activations are `Vec<f32>`, and the KV cache is [`KvCache`] (slot tables
+//! and policies in plain Rust, keys and values in f32/f16/q8_0 rows).
+
+use std::sync::Arc;
+
+use keyformer_kv::{PolicyKind, Signal};
+
+use super::cpu::{self, WeightView};
+use super::{Backend, ForwardBuffers, HeadShape, SequenceCache};
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::kv::KvCache;
+use crate::quant::dequantize_row;
+use crate::ModelError;
+
+/// The CPU backend over one model file.
+pub struct Cpu {
+    pub file: Arc<GgufFile>,
+}
+
+/// A weight's location in the file (the bytes stay in the memory map).
+#[derive(Debug, Clone)]
+pub struct GgufWeight {
+    pub info: TensorInfo,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Cpu {
+    pub fn view(&self, w: &GgufWeight) -> WeightView<'_> {
+        WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes: self.file.tensor_bytes(&w.info) }
+    }
+}
+
+impl SequenceCache for KvCache {
+    fn next_position(&self) -> u32 {
+        KvCache::next_position(self)
+    }
+    fn len(&self) -> usize {
+        KvCache::len(self)
+    }
+    fn capacity(&self) -> usize {
+        KvCache::capacity(self)
+    }
+}
+
+thread_local! {
+    static FORWARD_BUFFERS: std::cell::RefCell<ForwardBuffers<Vec<f32>>> = Default::default();
+}
+
+impl Backend for Cpu {
+    type Matrix = GgufWeight;
+    type Vector = Vec<f32>;
+    type Act = Vec<f32>;
+    type Cache = KvCache;
+
+    fn resize(&self, a: &mut Vec<f32>, len: usize) -> Result<(), ModelError> {
+        a.resize(len, 0.0);
+        Ok(())
+    }
+
+    fn embed(&self, table: &GgufWeight, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        let embd = self.view(table);
+        for (row, &t) in out.chunks_exact_mut(table.cols).zip(tokens) {
+            dequantize_row(embd.ggml_type, embd.row(t as usize), row);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        first_row: usize,
+        rows: usize,
+        weight: &Vec<f32>,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let d = weight.len();
+        cpu::rms_norm(&x[first_row * d..(first_row + rows) * d], weight, eps, &mut out[..rows * d]);
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        ws: &[&GgufWeight],
+        x: &Vec<f32>,
+        n: usize,
+        per_token: bool,
+        ys: &mut [&mut Vec<f32>],
+    ) -> Result<(), ModelError> {
+        let views: Vec<WeightView> = ws.iter().map(|w| self.view(w)).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        // A batch of single tokens takes the single-token kernels row by row.
+        if per_token {
+            cpu::matmul_many_per_token(&views, x, n, &mut outs);
+        } else {
+            cpu::matmul_many(&views, x, n, &mut outs);
+        }
+        Ok(())
+    }
+
+    fn logits(
+        &self,
+        w: &GgufWeight,
+        x: &Vec<f32>,
+        n: usize,
+        per_token: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        out.resize(n * w.rows, 0.0);
+        let x = &x[..n * w.cols];
+        if per_token {
+            cpu::matmul_many_per_token(&[self.view(w)], x, n, &mut [out]);
+        } else {
+            cpu::matmul_many(&[self.view(w)], x, n, &mut [out]);
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        n_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &Vec<f32>,
+    ) -> Result<(), ModelError> {
+        cpu::rope_adjacent_pairs(x, n_heads, head_dim, positions, inv_freq);
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), ModelError> {
+        cpu::silu_mul(gate, up);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<(), ModelError> {
+        x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn attend(
+        &self,
+        li: usize,
+        shape: HeadShape,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+        attn: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let HeadShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+        let (q_dim, kv_dim) = (n_heads * hd, n_kv_heads * hd);
+        let batch = caches.len() > 1;
+        let n = positions.len();
+        let mut stored_key = vec![0f32; hd];
+        for (ci, cache) in caches.iter_mut().enumerate() {
+            let span = if batch { ci..ci + 1 } else { 0..n };
+            let q = &q[span.start * q_dim..span.end * q_dim];
+            let (k, v) = (&k[span.start * kv_dim..span.end * kv_dim], &v[span.start * kv_dim..span.end * kv_dim]);
+            let attn = &mut attn[span.start * q_dim..span.end * q_dim];
+            let positions = &positions[span];
+            let signal = cache.policy.signal();
+            for (i, &pos) in positions.iter().enumerate() {
+                for h in 0..n_kv_heads {
+                    let at = i * kv_dim + h * hd;
+                    let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
+                    // Policies see the key as stored (key-norm scores it), as attention does.
+                    cache.layers[li][h].read_key(slot, &mut stored_key);
+                    cache.policy.on_insert(li, h, slot, &stored_key);
+                }
+            }
+            // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's
+            // recorded sums are running sums, added to in place; TOVA and SnapKV get fresh rows.
+            let kv_heads = li * n_kv_heads..(li + 1) * n_kv_heads;
+            let mut fresh: Vec<Vec<f32>> = Vec::new();
+            let own: &mut [Vec<f32>] = match cache.policy.running_sum_scores(li) {
+                Some(rows) => rows,
+                None if signal == Signal::None => &mut [],
+                None => {
+                    fresh.resize(n_kv_heads, Vec::new());
+                    &mut fresh
+                }
+            };
+            let mut signals = vec![signal];
+            let mut sums = vec![own];
+            if let Some(r) = &mut cache.recorder {
+                signals.extend_from_slice(&r.signals);
+                sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
+            }
+            cpu::attention_into(q, positions, &cache.layers[li], n_heads, hd, li, &signals, attn, &mut sums);
+            drop(sums);
+            if !fresh.is_empty() {
+                let mut sums = fresh;
+                if cache.policy.kind() == PolicyKind::Tova {
+                    // TOVA scores by the attention averaged over all the layer's heads: every KV
+                    // head gets the layer's sum (their slot tables evolve identically).
+                    let total = sums.iter().skip(1).fold(sums[0].clone(), |mut a, s| {
+                        a.iter_mut().zip(s).for_each(|(x, y)| *x += y);
+                        a
+                    });
+                    sums.iter_mut().for_each(|s| s.copy_from_slice(&total));
+                }
+                for (h, s) in sums.iter().enumerate() {
+                    cache.policy.observe(li, h, s);
+                }
+            }
+            if cache.policy.prompt_done() {
+                cache.evict_to_budget(li)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Vec<f32>>) -> R) -> R {
+        FORWARD_BUFFERS.with(|buffers| f(&mut buffers.borrow_mut()))
+    }
+}
