@@ -17,6 +17,8 @@ use keyformer::sampling::SamplingParams;
 use keyformer::Engine;
 use serde_json::json;
 
+mod gpu;
+
 #[derive(Parser)]
 #[command(
     name = "keyformer",
@@ -62,13 +64,24 @@ enum Command {
 }
 
 #[derive(Args)]
-struct GpuCheckArgs {
+pub(crate) struct GpuCheckArgs {
     /// Shapes to check at: llama2-7b, llama3-8b or smollm2-135m (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "llama2-7b,llama3-8b,smollm2-135m")]
     shape: Vec<String>,
     /// KV slots per head in the attention check and timing.
     #[arg(long, default_value_t = 4096)]
     slots: usize,
+    /// Whole-model checks against the CPU (random weights at these shapes: tiny, smollm2-135m,
+    /// llama2-7b, llama3-8b; comma-separated; "none" skips them): logits through a prompt and
+    /// greedy steps, and the tokens Keyformer, H2O and window keep.
+    #[arg(long, value_delimiter = ',', default_value = "tiny,smollm2-135m")]
+    model_shape: Vec<String>,
+    /// Prompt tokens of the whole-model checks.
+    #[arg(long, default_value_t = 300)]
+    model_prompt: usize,
+    /// Decode steps of the whole-model checks.
+    #[arg(long, default_value_t = 16)]
+    model_steps: usize,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -178,7 +191,7 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
-struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(flatten)]
     model: ModelArg,
     /// Prompt tokens to process, comma-separated (0 = skip).
@@ -208,9 +221,19 @@ struct BenchArgs {
     repetitions: usize,
     /// Generation tests: sequences decoded together, comma-separated (each a copy of the
     /// prompt; one batched step per token, as `serve` runs them; t/s counts every sequence's
-    /// tokens).
+    /// tokens). With --device cuda, `max` is the largest batch whose caches fit the GPU.
     #[arg(short = 'b', long, value_delimiter = ',', default_value = "1")]
-    batch: Vec<usize>,
+    batch: Vec<BatchSize>,
+    /// Where to run: cpu, or cuda (a build with `--features cuda` and an NVIDIA GPU). On cuda
+    /// the tests follow the paper's protocol: -p and -n pair up (prompt i + generation i), each
+    /// sequence is prefilled then all are decoded together, and a policy's budget is a share
+    /// of the prompt (set per policy with `budget=`, e.g. h2o:budget=90%, or by --kv-budget).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// With --device cuda: random weights at a known shape instead of a model file
+    /// (llama2-7b, llama3-8b, smollm2-135m, tiny), drawn on the GPU.
+    #[arg(long)]
+    random_weights: Option<String>,
     /// Generation tests: prefill every policy's prompt first, then run their repetitions in
     /// turns (full, window, ..., full, window, ...), so that a shared machine's changing load
     /// falls on all policies alike. Peak RSS is then the whole run's, not each policy's.
@@ -223,6 +246,32 @@ struct BenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
+}
+
+/// A batch size, or the largest that fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchSize {
+    Fixed(usize),
+    Max,
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "max" => Ok(BatchSize::Max),
+            _ => match s.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("'{s}' is not a batch size (a count of at least 1, or max)")),
+                Ok(n) => Ok(BatchSize::Fixed(n)),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Device {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Args)]
@@ -418,7 +467,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Eval(a) => eval(a),
         Command::Serve(a) => serve(a),
-        Command::GpuCheck(a) => gpu_check(a),
+        Command::GpuCheck(a) => gpu::check(a),
     }
 }
 
@@ -658,6 +707,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         .map(|p| PolicyVariant::parse(p, &defaults).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
     for variant in &policies {
+        if variant.config.budget.is_some() {
+            bail!("policy '{}': eval sweeps the budgets of --budgets; budget= is for bench", variant.label);
+        }
         for &budget in &a.budgets {
             variant
                 .case(budget, 0)
@@ -696,32 +748,59 @@ fn eval(a: EvalArgs) -> Result<()> {
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-fn bench(a: BenchArgs) -> Result<()> {
-    if a.repetitions == 0 {
-        bail!("--repetitions must be at least 1");
-    }
+/// The policies of `--kv-policy`, each with its budget (its own `budget=` or --kv-budget).
+pub(crate) fn bench_policies(a: &BenchArgs) -> Result<Vec<(String, PolicyConfig)>> {
     let defaults = a.tuning.config(PolicyKind::Full, None, 0);
     let mut policies = Vec::new();
     for spec in &a.kv_policy {
         let v = PolicyVariant::parse(spec, &defaults).map_err(anyhow::Error::msg)?;
-        let kv = if v.config.kind == PolicyKind::Full {
-            v.config.clone()
-        } else {
-            v.case(a.kv_budget.context("--kv-budget is needed by every policy but full")?, 0)
+        let kv = match (v.config.kind, v.config.budget) {
+            (PolicyKind::Full, _) | (_, Some(_)) => v.config.clone(),
+            _ => v.case(
+                a.kv_budget
+                    .with_context(|| format!("policy '{spec}' needs a budget: --kv-budget or {spec}:budget=N"))?,
+                0,
+            ),
         };
         kv.validate().with_context(|| format!("policy '{spec}'"))?;
-        policies.push((v.label, kv));
+        // The label names the budget once, at its end.
+        let label = match kv.budget {
+            Some(b) if kv.kind != PolicyKind::Full => {
+                let rest: Vec<&str> = spec.split(':').filter(|o| !o.starts_with("budget=")).collect();
+                format!("{}@{b}", rest.join(":"))
+            }
+            _ => spec.clone(),
+        };
+        policies.push((label, kv));
     }
+    Ok(policies)
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    if a.device == Device::Cuda {
+        return gpu::bench(a);
+    }
+    if a.random_weights.is_some() {
+        bail!("--random-weights needs --device cuda (on the CPU, benchmark a model file)");
+    }
+    let policies = bench_policies(&a)?;
     let engine = load(&a.model.model)?;
     let ctx = engine.context_length();
-    if a.batch.contains(&0) {
-        bail!("--batch must be at least 1");
+    let mut batches = Vec::new();
+    for b in &a.batch {
+        match b {
+            BatchSize::Fixed(n) => batches.push(*n),
+            BatchSize::Max => bail!("--batch max needs --device cuda (on the CPU give a count)"),
+        }
     }
     let mut tests = Vec::new();
     for &d in &a.n_depth {
         tests.extend(a.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (true, p, d, 1)));
         for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-            tests.extend(a.batch.iter().map(|&b| (false, n, d, b)));
+            tests.extend(batches.iter().map(|&b| (false, n, d, b)));
         }
     }
     for &(_, t, d, _) in &tests {
@@ -742,10 +821,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             let kvs: Vec<PolicyConfig> = policies.iter().map(|(_, kv)| kv.clone()).collect();
             let rows = keyformer::bench::generation_interleaved(&engine, t, d, b, &kvs, a.repetitions)
                 .with_context(|| format!("generation at depth {d}"))?;
-            for (mut r, (label, kv)) in rows.into_iter().zip(&policies) {
-                if kv.kind != PolicyKind::Full {
-                    r.kv = format!("{label}@{}", a.kv_budget.expect("checked above"));
-                }
+            for (mut r, (label, _)) in rows.into_iter().zip(&policies) {
+                r.kv = label.clone();
                 results.push(r);
                 bar.inc(1);
             }
@@ -764,9 +841,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 keyformer::bench::generation(&engine, t, d, b, kv, a.repetitions)
             }
             .with_context(|| format!("{label} at depth {d}"))?;
-            if kv.kind != PolicyKind::Full {
-                r.kv = format!("{label}@{}", a.kv_budget.expect("checked above"));
-            }
+            r.kv = label.clone();
             results.push(r);
             bar.inc(1);
         }
@@ -819,67 +894,6 @@ fn bench(a: BenchArgs) -> Result<()> {
                 speedup(r).map_or(String::new(), |x| format!("{x:.2}x"))
             );
         }
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_check(_: GpuCheckArgs) -> Result<()> {
-    bail!("this keyformer was built without the CUDA backend: build it with `cargo build --release --features cuda`")
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_check(a: GpuCheckArgs) -> Result<()> {
-    use keyformer::backend::cuda::{check, Gpu};
-    let mut shapes = Vec::new();
-    for name in &a.shape {
-        let shape = check::SHAPES.iter().find(|s| s.name == name.as_str()).with_context(|| {
-            let known: Vec<&str> = check::SHAPES.iter().map(|s| s.name).collect();
-            format!("unknown shape '{name}' (known: {})", known.join(", "))
-        })?;
-        shapes.push(*shape);
-    }
-    if a.slots < 8 {
-        bail!("--slots must be at least 8");
-    }
-    let gpu = Gpu::open(a.device)?;
-    let mut reports = Vec::new();
-    for shape in shapes {
-        reports
-            .push(check::run(&gpu, shape, a.slots).with_context(|| format!("checking at the {} shape", shape.name))?);
-    }
-    let passed = reports.iter().all(|r| r.passed());
-    if a.json {
-        println!("{}", serde_json::to_string(&reports)?);
-    } else {
-        let g = &gpu.info;
-        println!(
-            "GPU: {} (compute capability {}.{}, {:.1} GiB)",
-            g.name,
-            g.compute_capability.0,
-            g.compute_capability.1,
-            g.total_memory_bytes as f64 / (1u64 << 30) as f64
-        );
-        for r in &reports {
-            println!(
-                "\n## {} ({} slots); device read bandwidth {:.0} GB/s\n",
-                r.shape.name, r.slots, r.read_bandwidth_gb_s
-            );
-            println!("| check | max error | tolerance | result | error of |\n|---|---:|---:|---|---|");
-            for c in &r.checks {
-                let verdict = if c.passed { "pass" } else { "FAIL" };
-                println!("| {} | {:.3e} | {:.1e} | {verdict} | {} |", c.op, c.max_error, c.tolerance, c.note);
-            }
-            println!("\n| op | us | GB/s read | of read bandwidth |\n|---|---:|---:|---:|");
-            for t in &r.timings {
-                let gbs = t.read_gb_s.map_or(String::new(), |g| format!("{g:.0}"));
-                let frac = t.read_gb_s.map_or(String::new(), |g| format!("{:.0}%", 100.0 * g / r.read_bandwidth_gb_s));
-                println!("| {} | {:.1} | {gbs} | {frac} |", t.op, t.microseconds);
-            }
-        }
-    }
-    if !passed {
-        bail!("a GPU check failed");
     }
     Ok(())
 }

@@ -80,6 +80,22 @@ pub trait Backend {
         per_token: bool,
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError>;
+    /// The output projection's argmax of each of `n` rows (greedy decoding; the first of equal
+    /// maxima). A backend may find it without sending the logits to the host.
+    fn greedy(
+        &self,
+        w: &Self::Matrix,
+        x: &Self::Act,
+        n: usize,
+        per_token: bool,
+        out: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        let mut logits = Vec::new();
+        self.logits(w, x, n, per_token, &mut logits)?;
+        out.clear();
+        out.extend(logits.chunks_exact(logits.len() / n.max(1)).map(crate::sampling::argmax));
+        Ok(())
+    }
     /// Rotary embedding on adjacent pairs by each row's position.
     fn rope(
         &self,

@@ -131,9 +131,12 @@ impl PolicyVariant {
                     (config.keyformer.tau_init, config.keyformer.tau_end) = (t(a)?, t(b)?);
                 }
                 "frozen" if value.is_empty() => config.keyformer.frozen = true,
+                "budget" => {
+                    config.budget = Some(value.parse().map_err(|e: keyformer_kv::PolicyError| bad(&e.to_string()))?)
+                }
                 _ => {
                     return Err(bad(&format!(
-                        "unknown option '{option}' (recent=, sinks=, window=, noise=, tau=, frozen)"
+                        "unknown option '{option}' (recent=, sinks=, window=, noise=, tau=, frozen, budget=)"
                     )))
                 }
             }

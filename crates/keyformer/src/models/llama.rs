@@ -105,6 +105,12 @@ pub struct Layer<B: Backend> {
     pub w_down: B::Matrix,
 }
 
+/// Where a forward pass's result goes: the logits, or each row's greedy token.
+pub(crate) enum Out<'a> {
+    Logits(&'a mut Vec<f32>),
+    Greedy(&'a mut Vec<u32>),
+}
+
 /// Which rows of logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -219,7 +225,8 @@ impl<B: Backend> Llama<B> {
         which: Logits,
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.backend.with_buffers(|buffers| self.forward_with(tokens, &mut [cache], which, logits, buffers))
+        self.backend
+            .with_buffers(|buffers| self.forward_with(tokens, &mut [cache], which, Out::Logits(logits), buffers))
     }
 
     /// One decode step of several sequences at once: `tokens[i]` joins `caches[i]` at that
@@ -236,23 +243,41 @@ impl<B: Backend> Llama<B> {
         if tokens.len() != caches.len() {
             return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
         }
-        self.backend.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, logits, buffers))
+        self.backend
+            .with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, Out::Logits(logits), buffers))
+    }
+
+    /// [`forward_batch`](Self::forward_batch) giving each sequence's greedy next token instead
+    /// of its logits (on the GPU the logits never leave it).
+    pub fn forward_batch_greedy(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut B::Cache],
+        next: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        if tokens.len() != caches.len() {
+            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
+        }
+        self.backend.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, Out::Greedy(next), buffers))
     }
 
     /// The forward pass. One cache: every token joins it (a prompt chunk or a decode step).
     /// Several: token i joins cache i (a batch of decode steps).
-    fn forward_with(
+    pub(crate) fn forward_with(
         &self,
         tokens: &[u32],
         caches: &mut [&mut B::Cache],
         which: Logits,
-        logits: &mut Vec<f32>,
+        mut out: Out<'_>,
         buffers: &mut ForwardBuffers<B::Act>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let be = &self.backend;
         let n = tokens.len();
-        logits.clear();
+        match &mut out {
+            Out::Logits(l) => l.clear(),
+            Out::Greedy(t) => t.clear(),
+        }
         if n == 0 {
             return Ok(());
         }
@@ -311,6 +336,10 @@ impl<B: Backend> Llama<B> {
             Logits::All => (0, n),
         };
         be.rms_norm(x, first, m, &self.output_norm, c.rms_eps, normed)?;
-        be.logits(self.output.as_ref().unwrap_or(&self.token_embd), normed, m, batch, logits)
+        let w = self.output.as_ref().unwrap_or(&self.token_embd);
+        match out {
+            Out::Logits(logits) => be.logits(w, normed, m, batch, logits),
+            Out::Greedy(next) => be.greedy(w, normed, m, batch, next),
+        }
     }
 }

@@ -164,7 +164,7 @@ struct AttnRow {
     float inv_tau;
     unsigned long long seed;
     int score_stride;
-    int score_assign;         // write the row's scores instead of adding them
+    int pad0;
     unsigned first_recent;    // eviction keeps positions >= first_recent
     unsigned sinks;           // and positions < sinks
     int evict;                // choose (and free) a victim slot after attention
@@ -185,13 +185,13 @@ extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
     }
     if (threadIdx.x == 0) {
         r.slot_pos[(size_t)g * r.capacity + slot] = r.query_pos;
-        if (r.scores && !r.score_assign) r.scores[(size_t)g * r.score_stride + slot] = 0.0f;
+        if (r.scores) r.scores[(size_t)g * r.score_stride + slot] = 0.0f;
     }
     (void)n_kv;
 }
 
-// Decode attention, pass 1 (flash-decoding): block (chunk c of ATTN_CHUNK slots, KV head g,
-// row z), ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of
+// Decode attention, pass 1 (flash-decoding): block (row z, KV head g, chunk c of ATTN_CHUNK
+// slots), ATTN_WARPS warps, reads each key and value of its chunk once for the whole group of
 // query heads and writes, per query head, the chunk's unnormalised output, its softmax max and
 // sum, and (when a policy scores) the scored softmax's exponentials with their max and sum: the
 // plain ones (H2O) or those of (logit + g) / tau with g drawn as the CPU draws it (Keyformer).
@@ -207,20 +207,22 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
     __shared__ float sn[ATTN_MAX_GROUP * ATTN_CHUNK];
     __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
     __shared__ unsigned skey[ATTN_MAX_GROUP];
-    const AttnRow& row_desc = rows[blockIdx.z];
+    const AttnRow& row_desc = rows[blockIdx.x];
     int width = row_desc.width, capacity = row_desc.capacity, score_mode = row_desc.score_mode;
     unsigned query_pos = row_desc.query_pos;
     const unsigned short* keys = row_desc.keys;
     const unsigned short* values = row_desc.values;
     const unsigned* slot_pos = row_desc.slot_pos;
     float inv_tau = row_desc.inv_tau;
-    int g = blockIdx.y, c = blockIdx.x, chunks = gridDim.x;
+    // Rows vary fastest: the rows of a prompt chunk read the same slots one after another,
+    // so those come from L2.
+    int g = blockIdx.y, c = blockIdx.z, chunks = gridDim.z, z = blockIdx.x;
     int lo = c * ATTN_CHUNK;
     if (lo >= width) return;  // past this row's slots (rows of a batch differ in width)
     int group = n_heads / n_kv_heads, h0 = g * group;
     int m = min(width, lo + ATTN_CHUNK) - lo;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    size_t zh = (size_t)blockIdx.z * n_heads;  // this row's first head in the scratch
+    size_t zh = (size_t)z * n_heads;  // this row's first head in the scratch
     const float* q = row_desc.q;
     for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) sq[i] = q[(size_t)h0 * head_dim + i];
     if (score_mode == SCORE_KEYFORMER && threadIdx.x < group)
@@ -352,7 +354,7 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
 // Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots, row z) combines
 // the chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks
 // with y = 0 write it) and, when a policy scores, adds each slot of its range's probability
-// summed over the group to the row's scores[g][slot] (or writes it, score_assign). Every block
+// summed over the group to the row's scores[g][slot]. Every block
 // of a KV head recomputes the chunk weights (a few hundred exponentials) so that the slots
 // spread over many blocks; no atomics, so the sums are the same every run.
 #define COMBINE_SLOTS 512
@@ -408,21 +410,9 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
             float acc = 0.0f;
             for (int j = 0; j < group; j++)
                 acc += score_exps[(zh + h0 + j) * max_width + s] * sweight[j * ATTN_CHUNKS + cc];
-            if (r.score_assign) scores[s] = acc;
-            else scores[s] += acc;
+            scores[s] += acc;
         }
     }
-}
-
-// A prompt chunk's scores: scores[g][s] += the rows' own sums (written by the combination with
-// score_assign), added in row order (deterministic). Block (g, range of 256 slots).
-extern "C" __global__ void add_row_scores(const AttnRow* rows, int n_rows, float* scores, int capacity) {
-    int g = blockIdx.x, s = blockIdx.y * blockDim.x + threadIdx.x;
-    if (s >= capacity) return;
-    float acc = 0.0f;
-    for (int z = 0; z < n_rows; z++)
-        if (s < rows[z].width) acc += rows[z].scores[(size_t)g * rows[z].score_stride + s];
-    scores[(size_t)g * capacity + s] += acc;
 }
 
 // The bits of x as an unsigned integer ordered as Rust's f32::total_cmp orders floats.
@@ -506,6 +496,106 @@ extern "C" __global__ void gather_slots(const unsigned* kept, int n_kept, int he
 extern "C" __global__ void embed_rows(const unsigned short* table, const unsigned* tokens, float* out, int dim) {
     const unsigned short* row = table + (size_t)tokens[blockIdx.x] * dim;
     for (int d = threadIdx.x; d < dim; d += blockDim.x) out[(size_t)blockIdx.x * dim + d] = h2f(row[d]);
+}
+
+// Prefill (prompt rows through cuBLAS): append n rows' keys and values at slots start.., with
+// positions first_pos..; block (row, KV head g).
+extern "C" __global__ void kv_append(const float* k, const float* v, unsigned short* keys, unsigned short* values,
+                                     unsigned* slot_pos, int start, unsigned first_pos, int head_dim, int capacity) {
+    int r = blockIdx.x, g = blockIdx.y, n_kv = gridDim.y;
+    size_t from = ((size_t)r * n_kv + g) * head_dim, to = ((size_t)g * capacity + start + r) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        keys[to + d] = f2h(k[from + d]);
+        values[to + d] = f2h(v[from + d]);
+    }
+    if (threadIdx.x == 0) slot_pos[(size_t)g * capacity + start + r] = first_pos + r;
+}
+
+// Prefill softmax: block (row r, query head h) over S[h][r][0..width) (scaled logits from
+// cuBLAS): masks slots after the row's position (and free ones), writes the probabilities as
+// f16 to P[h][r][..] for the value product, and, when a policy scores, overwrites S's row with
+// the scored probabilities (plain, or Keyformer's softmax((x + g) / tau) with the CPU's noise).
+extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const unsigned* slot_pos, int n_heads,
+                                           int n_kv_heads, int rows, int width, int capacity, unsigned first_qpos,
+                                           int score_mode, float inv_tau, unsigned long long seed, unsigned layer,
+                                           const float* gumbel_table, int table_bits) {
+    int r = blockIdx.x, h = blockIdx.y, g = h / (n_heads / n_kv_heads);
+    unsigned qpos = first_qpos + r;
+    float* row = S + ((size_t)h * rows + r) * width;
+    unsigned short* prow = P + ((size_t)h * rows + r) * width;
+    const unsigned* pos = slot_pos + (size_t)g * capacity;
+    float mx = NEG_INF;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) {
+        unsigned p = pos[s];
+        float x = (p != FREE_SLOT && p <= qpos) ? row[s] : NEG_INF;
+        row[s] = x;
+        mx = fmaxf(mx, x);
+    }
+    mx = block_reduce(mx, true);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) sum += row[s] == NEG_INF ? 0.0f : expf(row[s] - mx);
+    sum = block_reduce(sum, false);
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (score_mode != SCORE_KEYFORMER) {
+        for (int s = threadIdx.x; s < width; s += blockDim.x) {
+            float e = row[s] == NEG_INF ? 0.0f : expf(row[s] - mx) * inv;
+            prow[s] = f2h(e);
+            if (score_mode == SCORE_ATTENTION) row[s] = e;
+        }
+        return;
+    }
+    unsigned key = noise_row_key(seed, layer, h, qpos);
+    float mn = NEG_INF;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) {
+        float x = row[s];
+        prow[s] = f2h(x == NEG_INF ? 0.0f : expf(x - mx) * inv);
+        float y = x == NEG_INF ? NEG_INF : (x + gumbel_table[position_hash(key, pos[s]) >> (32 - table_bits)]) * inv_tau;
+        row[s] = y;
+        mn = fmaxf(mn, y);
+    }
+    mn = block_reduce(mn, true);
+    float sn = 0.0f;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) sn += row[s] == NEG_INF ? 0.0f : expf(row[s] - mn);
+    sn = block_reduce(sn, false);
+    float invn = sn > 0.0f ? 1.0f / sn : 0.0f;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) row[s] = row[s] == NEG_INF ? 0.0f : expf(row[s] - mn) * invn;
+}
+
+// Prefill scores: scores[g][s] += the scored probabilities of slot s summed over g's query
+// heads and the rows, in a fixed order (no atomics); thread (g, s).
+extern "C" __global__ void prefill_scores(const float* S, float* scores, int n_heads, int n_kv_heads, int rows,
+                                          int width, int capacity) {
+    int g = blockIdx.x, s = blockIdx.y * blockDim.x + threadIdx.x;
+    if (s >= width) return;
+    int group = n_heads / n_kv_heads;
+    float acc = 0.0f;
+    for (int j = 0; j < group; j++)
+        for (int r = 0; r < rows; r++) acc += S[((size_t)(g * group + j) * rows + r) * width + s];
+    scores[(size_t)g * capacity + s] += acc;
+}
+
+// The index of each row's largest value (the first of equal maxima); one block per row.
+extern "C" __global__ void argmax_rows(const float* x, int n_cols, unsigned* out) {
+    __shared__ unsigned long long partial[32];
+    const float* row = x + (size_t)blockIdx.x * n_cols;
+    // Packed (value in total order, inverted index): the largest key is the first maximum.
+    unsigned long long best = 0;
+    for (int i = threadIdx.x; i < n_cols; i += blockDim.x) {
+        unsigned long long key = ((unsigned long long)total_order_bits(row[i]) << 32) | (0xffffffffu - (unsigned)i);
+        best = key > best ? key : best;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long w = __shfl_xor_sync(0xffffffffu, best, o);
+        best = w > best ? w : best;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) best = partial[w] > best ? partial[w] : best;
+        best = partial[0] > best ? partial[0] : best;
+        out[blockIdx.x] = 0xffffffffu - (unsigned)(best & 0xffffffffu);
+    }
 }
 
 // x += y.

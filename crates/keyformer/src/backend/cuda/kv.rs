@@ -104,7 +104,7 @@ impl GpuKvCache {
     }
 
     /// What the kernels compute for the scores now.
-    fn score_signal(&self) -> Option<ScoreSignal> {
+    pub(crate) fn score_signal(&self) -> Option<ScoreSignal> {
         match self.policy.signal() {
             Signal::None => None,
             Signal::Attention { .. } => Some(ScoreSignal::Attention),
@@ -112,77 +112,48 @@ impl GpuKvCache {
         }
     }
 
-    /// The attention rows of tokens `start..start + n` of a forward pass (at this cache's next
-    /// positions) at `layer`. `q`, `k`, `v`, `out` are the device addresses of token `start`'s
-    /// rows; `row_scores` (prompt rows only): where each row writes its own scores, `stride`
-    /// floats per KV head and `n_kv_heads` rows per token, from token `start` on.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rows(
-        &self,
-        gpu: &Gpu,
-        layer: usize,
-        start: usize,
-        n: usize,
-        strides: (usize, usize),
-        addrs: [u64; 4],
-        row_scores: Option<(u64, usize)>,
-        out: &mut Vec<AttnRow>,
-    ) -> Result<(), ModelError> {
-        let (q_dim, kv_dim) = strides;
-        let [q, k, v, o] = addrs;
+    /// Where a prompt chunk of `n` tokens goes: its first slot and first position (slots fill
+    /// in position order while the prompt is processed).
+    pub(crate) fn prompt_slots(&self, n: usize) -> Result<(usize, u32), ModelError> {
+        if self.policy.prompt_done() {
+            return Err(ModelError::Input("the prompt of this sequence was already processed".into()));
+        }
+        if self.len + n > self.capacity {
+            return Err(ModelError::ContextFull { needed: self.len + n, capacity: self.capacity });
+        }
+        Ok((self.len, self.next_position))
+    }
+
+    /// The attention row of this sequence's next decode step at `layer`; `addrs` are the device
+    /// addresses of its query, key, value and output rows.
+    pub(crate) fn decode_row(&self, gpu: &Gpu, layer: usize, addrs: [u64; 4]) -> Result<AttnRow, ModelError> {
+        if !self.policy.prompt_done() {
+            return Err(ModelError::Input("a decode step before the prompt was finished".into()));
+        }
+        if !self.reuse_victim && self.len >= self.capacity {
+            return Err(ModelError::ContextFull { needed: self.len + 1, capacity: self.capacity });
+        }
+        let [q, k, v, out] = addrs;
         let l = &self.layers[layer];
-        let signal = self.score_signal();
-        let base = AttnRow {
+        let scores = l.scores.as_ref().map_or(0, |s| dev_addr(gpu, s));
+        let mut row = AttnRow {
+            q,
+            k,
+            v,
+            out,
             keys: dev_addr(gpu, &l.keys),
             values: dev_addr(gpu, &l.values),
             slot_pos: dev_addr(gpu, &l.positions),
             victims: dev_addr(gpu, &l.victims),
             capacity: self.capacity as i32,
+            query_pos: self.next_position,
             ..AttnRow::default()
-        };
-        let at = |r: usize| AttnRow {
-            q: q + (r * q_dim * 4) as u64,
-            k: k + (r * kv_dim * 4) as u64,
-            v: v + (r * kv_dim * 4) as u64,
-            out: o + (r * q_dim * 4) as u64,
-            query_pos: self.next_position + (start + r) as u32,
-            ..base
-        };
-        if !self.policy.prompt_done() {
-            // Prompt rows: slots fill in position order, so token t sees slots 0..=len + t.
-            if self.len + start + n > self.capacity {
-                return Err(ModelError::ContextFull { needed: self.len + start + n, capacity: self.capacity });
-            }
-            for r in 0..n {
-                let mut row = at(r);
-                row.store_slot = (self.len + start + r) as i32;
-                row.width = (self.len + start + r + 1) as i32;
-                row = match (signal, row_scores) {
-                    (Some(_), Some((addr, stride))) => {
-                        let mut row = row.with_signal(signal, addr + (r * self.n_kv_heads * stride * 4) as u64, stride);
-                        row.score_assign = 1;
-                        row
-                    }
-                    _ => row.with_signal(None, 0, 0),
-                };
-                out.push(row);
-            }
-            return Ok(());
         }
-        if n != 1 || start != 0 {
-            return Err(ModelError::Input(format!(
-                "the CUDA cache takes decode steps one token at a time after the prompt ({n} given)"
-            )));
-        }
-        if !self.reuse_victim && self.len >= self.capacity {
-            return Err(ModelError::ContextFull { needed: self.len + 1, capacity: self.capacity });
-        }
-        let scores = l.scores.as_ref().map_or(0, |s| dev_addr(gpu, s));
-        let mut row = at(0).with_signal(signal, scores, self.capacity);
-        if scores != 0 && signal.is_none() {
-            row.scores = scores; // kept for eviction: a policy that stopped scoring still ranks by them
-        }
-        let held = self.len + usize::from(!self.reuse_victim);
+        .with_signal(self.score_signal(), scores, self.capacity);
+        // Eviction ranks by the scores even when a policy no longer adds to them.
+        row.scores = scores;
+        // The new token joins what is held (into the slot the last victim freed, or a new one).
+        let held = self.len + 1;
         row.store_slot = if self.reuse_victim { -1 } else { self.len as i32 };
         row.width = if self.reuse_victim { self.width as i32 } else { (self.len + 1) as i32 };
         if held > self.policy.budget {
@@ -191,14 +162,13 @@ impl GpuKvCache {
             row.first_recent = (self.next_position + 1).saturating_sub(keep_recent);
             row.sinks = if self.policy.kind() == PolicyKind::Sink { self.policy.config.sinks as u32 } else { 0 };
         }
-        out.push(row);
-        Ok(())
+        Ok(row)
     }
 
     /// Book-keeping after a forward pass of `n` tokens through every layer.
     pub(crate) fn advance(&mut self, n: usize) {
         if self.policy.prompt_done() {
-            let held = self.len + usize::from(!self.reuse_victim);
+            let held = self.len + 1;
             if !self.reuse_victim {
                 self.width = self.len + 1;
             }
@@ -223,38 +193,79 @@ impl GpuKvCache {
         if budget < self.len {
             let (hd, n_kv, old_cap) = (self.head_dim, self.n_kv_heads, self.capacity);
             let new_cap = budget + 1;
-            let mut kept_all = Vec::with_capacity(self.layers.len());
-            for (li, layer) in self.layers.iter().enumerate() {
+            let width = self.width;
+            let mut host = Vec::with_capacity(self.layers.len());
+            for layer in &self.layers {
                 let positions = gpu.download(&layer.positions).map_err(gpu_error)?;
                 let scores = layer.scores.as_ref().map(|s| gpu.download(s)).transpose().map_err(gpu_error)?;
-                let mut kept = Vec::with_capacity(n_kv * budget);
-                for h in 0..n_kv {
-                    let mut table = SlotTable::new(old_cap);
-                    for &p in &positions[h * old_cap..h * old_cap + self.width] {
-                        table.insert(p)?;
-                    }
-                    if let Some(s) = &scores {
-                        self.policy.observe(li, h, &s[h * old_cap..h * old_cap + self.width]);
-                    }
-                    let victims = self.policy.victims(li, h, &table, budget);
-                    let mut keep: Vec<(u32, u32)> = table
-                        .occupied()
-                        .filter(|(slot, _)| !victims.contains(slot))
-                        .map(|(slot, p)| (p, slot as u32))
-                        .collect();
-                    keep.sort_unstable();
-                    if keep.len() != budget {
-                        return Err(ModelError::Input(format!("KV head kept {} tokens, budget {budget}", keep.len())));
-                    }
-                    kept.extend(keep.iter().map(|&(_, s)| s));
-                }
-                kept_all.push(kept);
+                host.push((positions, scores));
             }
-            for (layer, kept) in self.layers.iter_mut().zip(kept_all) {
+            // What each (layer, KV head) keeps, chosen by the CPU policy's own code: layers in
+            // parallel (each thread with its own copy of the policy, whose score rows are empty:
+            // the scores live on the GPU), as a prompt's heads are thousands of selections.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(host.len().max(1));
+            let per_thread = host.len().div_ceil(threads);
+            let policy = &self.policy;
+            let kept_all: Vec<Vec<u32>> = std::thread::scope(|scope| {
+                let tasks: Vec<_> = host
+                    .chunks(per_thread)
+                    .enumerate()
+                    .map(|(t, layers)| {
+                        let mut policy = policy.clone();
+                        scope.spawn(move || -> Result<Vec<Vec<u32>>, ModelError> {
+                            let mut out = Vec::with_capacity(layers.len());
+                            for (i, (positions, scores)) in layers.iter().enumerate() {
+                                let li = t * per_thread + i;
+                                let mut kept = Vec::with_capacity(n_kv * budget);
+                                for h in 0..n_kv {
+                                    let mut table = SlotTable::new(old_cap);
+                                    for &p in &positions[h * old_cap..h * old_cap + width] {
+                                        table.insert(p)?;
+                                    }
+                                    if let Some(s) = scores {
+                                        policy.observe(li, h, &s[h * old_cap..h * old_cap + width]);
+                                    }
+                                    let mut evicted = vec![false; width];
+                                    for slot in policy.victims(li, h, &table, budget) {
+                                        evicted[slot] = true;
+                                    }
+                                    let mut keep: Vec<(u32, u32)> = table
+                                        .occupied()
+                                        .filter(|&(slot, _)| !evicted[slot])
+                                        .map(|(slot, p)| (p, slot as u32))
+                                        .collect();
+                                    keep.sort_unstable();
+                                    if keep.len() != budget {
+                                        return Err(ModelError::Gpu(format!(
+                                            "KV head kept {} tokens, budget {budget}",
+                                            keep.len()
+                                        )));
+                                    }
+                                    kept.extend(keep.iter().map(|&(_, s)| s));
+                                }
+                                out.push(kept);
+                            }
+                            Ok(out)
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                for task in tasks {
+                    all.extend(task.join().map_err(|_| ModelError::Gpu("selection thread panicked".into()))??);
+                }
+                Ok::<_, ModelError>(all)
+            })?;
+            // Every compact layer is allocated before any prompt-sized one is freed: freeing them
+            // one by one let the next layer's smaller buffers be carved from the freed ones, and
+            // the device pool fragmented until a batch of long prompts ran out of memory.
+            let mut compact = Vec::with_capacity(self.layers.len());
+            for (layer, kept) in self.layers.iter().zip(kept_all) {
                 let mut fresh = LayerKv::new(gpu, n_kv, hd, new_cap, layer.scores.is_some()).map_err(gpu_error)?;
                 gpu.gather_slots(layer, &mut fresh, &kept, budget, old_cap, new_cap, hd).map_err(gpu_error)?;
-                *layer = fresh;
+                compact.push(fresh);
             }
+            self.layers = compact;
+            gpu.release_free_memory().map_err(gpu_error)?;
             self.capacity = new_cap;
             self.len = budget;
             self.width = budget;

@@ -12,15 +12,18 @@
 //! key of [`noise::NoiseRow`] computed on the GPU, the per-position hash and the same quantile
 //! table), so both backends select the same tokens. `check` compares every op with the CPU.
 
+pub mod bench;
 pub mod check;
 pub mod kv;
 pub mod model;
+pub mod model_check;
 
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use keyformer_kv::noise;
 
@@ -62,12 +65,15 @@ struct Kernels {
     f32_to_f16: CudaFunction,
     attn_decode_partial: CudaFunction,
     attn_decode_combine: CudaFunction,
-    add_row_scores: CudaFunction,
     kv_store: CudaFunction,
     choose_victims: CudaFunction,
     gather_slots: CudaFunction,
     embed_rows: CudaFunction,
     add_assign: CudaFunction,
+    argmax_rows: CudaFunction,
+    kv_append: CudaFunction,
+    prefill_softmax: CudaFunction,
+    prefill_scores: CudaFunction,
     fill_random_f16: CudaFunction,
     read_sum: CudaFunction,
 }
@@ -93,9 +99,6 @@ pub const ATTN_MAX_GROUP: usize = 8;
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
 const ATTN_CHUNKS: usize = 256;
 
-/// Rows one attention launch takes at most (a prompt chunk goes in groups of this many).
-pub const ATTN_MAX_ROWS: usize = 128;
-
 /// Scratch of [`Gpu::attention_rows`] for up to `max_rows` rows of `n_heads` query heads of
 /// `head_dim` over `max_width` slots: the chunks' partial outputs and softmax statistics, and
 /// the scored softmax's exponentials.
@@ -108,6 +111,12 @@ pub struct AttentionScratch {
 }
 
 impl AttentionScratch {
+    /// Where its buffers are (a captured graph holds these addresses).
+    pub fn addresses(&self) -> [u64; 3] {
+        let at = |b: &CudaSlice<f32>| b.device_ptr(b.stream()).0;
+        [at(&self.part_out), at(&self.part_stats), at(&self.score_exps)]
+    }
+
     pub fn new(
         gpu: &Gpu,
         max_rows: usize,
@@ -174,7 +183,7 @@ pub struct AttnRow {
     pub inv_tau: f32,
     pub seed: u64,
     pub score_stride: i32,
-    pub score_assign: i32,
+    pub pad0: i32,
     pub first_recent: u32,
     pub sinks: u32,
     pub evict: i32,
@@ -260,16 +269,24 @@ impl Gpu {
             f32_to_f16: f("f32_to_f16")?,
             attn_decode_partial: f("attn_decode_partial")?,
             attn_decode_combine: f("attn_decode_combine")?,
-            add_row_scores: f("add_row_scores")?,
             kv_store: f("kv_store")?,
             choose_victims: f("choose_victims")?,
             gather_slots: f("gather_slots")?,
             embed_rows: f("embed_rows")?,
             add_assign: f("add_assign")?,
+            argmax_rows: f("argmax_rows")?,
+            kv_append: f("kv_append")?,
+            prefill_softmax: f("prefill_softmax")?,
+            prefill_scores: f("prefill_scores")?,
             fill_random_f16: f("fill_random_f16")?,
             read_sum: f("read_sum")?,
         };
-        let stream = ctx.default_stream();
+        // One stream of our own for all work: the legacy default stream cannot be captured into
+        // a graph. Every buffer is used on this stream only, so cudarc's per-buffer events (for
+        // ordering across streams) are turned off before any is made.
+        // SAFETY: nothing was allocated in this context yet, and all work stays on one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let gumbel_table = stream.clone_htod(noise::gumbel_table())?;
         let sm_count =
@@ -301,6 +318,19 @@ impl Gpu {
         n: usize,
     ) -> Result<CudaSlice<T>, GpuError> {
         Ok(self.stream.alloc_zeros(n)?)
+    }
+
+    /// Hand memory that was freed back to the device (the stream-ordered allocator keeps it
+    /// pooled otherwise, and the device's free memory would not show it).
+    pub fn release_free_memory(&self) -> Result<(), GpuError> {
+        self.synchronize()?;
+        let dev = self.stream.context().cu_device();
+        // SAFETY: the device comes from a live context; trimming only releases unused blocks.
+        unsafe {
+            let pool = cudarc::driver::result::device::get_mem_pool(dev)?;
+            cudarc::driver::result::mem_pool::trim_to(pool, 0)?;
+        }
+        Ok(())
     }
 
     /// Wait for everything queued.
@@ -507,7 +537,7 @@ impl Gpu {
 
     /// Attention of `n_rows` rows (the first of `rows`; see [`AttnRow`]), in two kernels
     /// (flash-decoding: chunks of slots in parallel, then their combination): each row's `out`
-    /// gets `[n_heads][head_dim]`; a scored row adds (or writes, `score_assign`) each slot's
+    /// gets `[n_heads][head_dim]`; a scored row adds each slot's
     /// probability under its signal, summed over the query heads of its KV head, to `scores`.
     pub fn attention_rows(
         &self,
@@ -547,7 +577,7 @@ impl Gpu {
         let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, max_width as i32, chunks as i32];
         let (scale, layer, bits) = (1.0 / (hd as f32).sqrt(), layer as u32, noise::GUMBEL_TABLE_BITS as i32);
         let cfg = LaunchConfig {
-            grid_dim: (chunks as u32, n_kv_heads as u32, n_rows as u32),
+            grid_dim: (n_rows as u32, n_kv_heads as u32, chunks as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -556,7 +586,7 @@ impl Gpu {
         b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale);
         b.arg(&layer).arg(&self.gumbel_table).arg(&bits);
         b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
-        // SAFETY: block (chunk, KV head, row) reads its row's slots (< width <= capacity, as the
+        // SAFETY: block (row, KV head, chunk) reads its row's slots (< width <= capacity, as the
         // rows promise) and writes its own entries of the scratch (sized above).
         unsafe { b.launch(cfg) }?;
         let ranges = max_width.div_ceil(COMBINE_SLOTS).max(1) as u32;
@@ -600,32 +630,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// A prompt chunk's per-row scores (written by rows with `score_assign`) added in row order
-    /// to `scores` (`[n_kv_heads][capacity]`).
-    pub fn add_row_scores(
-        &self,
-        rows: &CudaView<AttnRow>,
-        n_rows: usize,
-        scores: &mut CudaSlice<f32>,
-        n_kv_heads: usize,
-        capacity: usize,
-    ) -> Result<(), GpuError> {
-        if scores.len() < n_kv_heads * capacity || n_rows == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (n_kv_heads as u32, capacity.div_ceil(256) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (n, cap) = (n_rows as i32, capacity as i32);
-        let mut b = self.stream.launch_builder(&self.kernels.add_row_scores);
-        b.arg(rows).arg(&n).arg(scores).arg(&cap);
-        // SAFETY: thread (g, s) reads each row's score row g at s < width and writes scores[g][s].
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
     /// A decode step's eviction on the GPU, for every row with `evict`: for each KV head the
     /// occupied slot among the first `width` whose position is below `first_recent` (the
     /// recent window is kept) and at least `sinks`, with the lowest score, ties to the oldest,
@@ -646,6 +650,183 @@ impl Gpu {
         // SAFETY: block (g, row) reads KV head g's first `width` slots of its row and writes
         // victims[g] and the chosen slot's position and score.
         unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Append `n` rows' keys and values (`k`, `v`: `[n][n_kv_heads][head_dim]` f32) to `kv` at
+    /// slots `start..start + n`, positions `first_pos..` (a prompt fills slots in order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append(
+        &self,
+        k: &CudaView<f32>,
+        v: &CudaView<f32>,
+        kv: &mut kv::LayerKv,
+        n: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        start: usize,
+        first_pos: u32,
+    ) -> Result<(), GpuError> {
+        if start + n > capacity || k.len() < n * n_kv_heads * head_dim || v.len() < n * n_kv_heads * head_dim {
+            return Err(GpuError::Shape(format!("append of {n} rows at slot {start} of {capacity}")));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, n_kv_heads as u32, 1),
+            block_dim: (head_dim.clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints = [start as i32, head_dim as i32, capacity as i32];
+        let mut b = self.stream.launch_builder(&self.kernels.kv_append);
+        b.arg(k).arg(v).arg(&mut kv.keys).arg(&mut kv.values).arg(&mut kv.positions);
+        b.arg(&ints[0]).arg(&first_pos).arg(&ints[1]).arg(&ints[2]);
+        // SAFETY: block (r, g) writes slot start + r (< capacity, checked) of KV head g.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Attention of `rows` consecutive prompt rows (positions `first_qpos..`) over slots
+    /// `0..width` of `kv` (which already holds them), through cuBLAS: S = Q K^T per query head,
+    /// a masked softmax per row (probabilities to f16), O = P V; with a signal, each slot's
+    /// scored probability summed over the rows and the KV head's query heads is added to the
+    /// layer's scores. Nothing of size prompt x prompt: S is rows x width per head.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention(
+        &self,
+        q16: &CudaView<u16>,
+        kv: &mut kv::LayerKv,
+        out: &mut CudaViewMut<f32>,
+        shape: AttentionShape,
+        rows: usize,
+        width: usize,
+        capacity: usize,
+        first_qpos: u32,
+        signal: Option<ScoreSignal>,
+        s_buf: &mut CudaSlice<f32>,
+        p_buf: &mut CudaSlice<u16>,
+    ) -> Result<(), GpuError> {
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, .. } = shape;
+        let group = n_heads / n_kv_heads.max(1);
+        let q_dim = n_heads * hd;
+        if n_kv_heads == 0
+            || n_heads % n_kv_heads != 0
+            || width > capacity
+            || q16.len() < rows * q_dim
+            || out.len() < rows * q_dim
+            || s_buf.len() < n_heads * rows * width
+            || p_buf.len() < n_heads * rows * width
+        {
+            return Err(GpuError::Shape(format!("prefill attention of {rows} rows over {width} of {capacity} slots")));
+        }
+        let f16 = blas_sys::cudaDataType::CUDA_R_16F;
+        let f32t = blas_sys::cudaDataType::CUDA_R_32F;
+        let (t, nop) = (blas_sys::cublasOperation_t::CUBLAS_OP_T, blas_sys::cublasOperation_t::CUBLAS_OP_N);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (one, zero) = (1.0f32, 0.0f32);
+        let head_elems = (capacity * hd) as i64;
+        // MHA: one batched product over all heads; GQA: one per KV head over its group.
+        let calls: Vec<(usize, usize, i64)> =
+            if group == 1 { vec![(0, n_heads, head_elems)] } else { (0..n_kv_heads).map(|g| (g, group, 0)).collect() };
+        {
+            let (qp, _g1) = q16.device_ptr(&self.stream);
+            let (kp, _g2) = kv.keys.device_ptr(&self.stream);
+            let (sp, _g3) = s_buf.device_ptr_mut(&self.stream);
+            for &(g, batch, stride_a) in &calls {
+                let h0 = if group == 1 { 0 } else { g * group };
+                // S_h (width x rows, column-major = [row][slot]) = K_g^T-as-stored (hd x width,
+                // lda hd, transposed) times Q_h (hd x rows, ldb q_dim).
+                // SAFETY: every matrix lies within the buffers checked above.
+                unsafe {
+                    blas::gemm_strided_batched_ex(
+                        *self.blas.handle(),
+                        t,
+                        nop,
+                        width as i32,
+                        rows as i32,
+                        hd as i32,
+                        &scale as *const f32 as *const _,
+                        (kp + (g * capacity * hd * 2) as u64) as *const _,
+                        f16,
+                        hd as i32,
+                        stride_a,
+                        (qp + (h0 * hd * 2) as u64) as *const _,
+                        f16,
+                        q_dim as i32,
+                        hd as i64,
+                        &zero as *const f32 as *const _,
+                        (sp + (h0 * rows * width * 4) as u64) as *mut _,
+                        f32t,
+                        width as i32,
+                        (rows * width) as i64,
+                        batch as i32,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                    )?;
+                }
+            }
+        }
+        let (mode, inv_tau, seed) = match signal {
+            None => (0i32, 1.0f32, 0u64),
+            Some(ScoreSignal::Attention) => (1, 1.0, 0),
+            Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
+        };
+        let ints = [n_heads as i32, n_kv_heads as i32, rows as i32, width as i32, capacity as i32];
+        let (layer_u, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, n_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.kernels.prefill_softmax);
+        b.arg(&mut *s_buf).arg(&mut *p_buf).arg(&kv.positions);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
+        b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
+        // SAFETY: block (r, h) reads and writes row r of head h of S and P (sizes checked above).
+        unsafe { b.launch(cfg) }?;
+        if let (Some(_), Some(scores)) = (signal, kv.scores.as_mut()) {
+            let cfg = LaunchConfig {
+                grid_dim: (n_kv_heads as u32, width.div_ceil(256) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.kernels.prefill_scores);
+            b.arg(&*s_buf).arg(scores).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]);
+            // SAFETY: thread (g, s < width) reads column s of g's heads' rows and writes scores[g][s].
+            unsafe { b.launch(cfg) }?;
+        }
+        let (vp, _g1) = kv.values.device_ptr(&self.stream);
+        let (pp, _g2) = p_buf.device_ptr(&self.stream);
+        let (op, _g3) = out.device_ptr_mut(&self.stream);
+        for &(g, batch, stride_a) in &calls {
+            let h0 = if group == 1 { 0 } else { g * group };
+            // O_h (hd x rows, column-major = out[row][h * hd..], ldc q_dim) = V_g (hd x width,
+            // lda hd) times P_h (width x rows, ldb width).
+            // SAFETY: every matrix lies within the buffers checked above.
+            unsafe {
+                blas::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    nop,
+                    nop,
+                    hd as i32,
+                    rows as i32,
+                    width as i32,
+                    &one as *const f32 as *const _,
+                    (vp + (g * capacity * hd * 2) as u64) as *const _,
+                    f16,
+                    hd as i32,
+                    stride_a,
+                    (pp + (h0 * rows * width * 2) as u64) as *const _,
+                    f16,
+                    width as i32,
+                    (rows * width) as i64,
+                    &zero as *const f32 as *const _,
+                    (op + (h0 * hd * 4) as u64) as *mut _,
+                    f32t,
+                    q_dim as i32,
+                    hd as i64,
+                    batch as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                )?;
+            }
+        }
         Ok(())
     }
 

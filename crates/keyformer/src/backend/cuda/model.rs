@@ -8,13 +8,16 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::kv::GpuKvCache;
-use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, ATTN_MAX_ROWS};
+use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError};
 use crate::backend::cpu_backend::GgufWeight;
 use crate::backend::{Backend, Cpu, ForwardBuffers, HeadShape};
-use crate::models::llama::{Layer, Llama, LlamaConfig};
+use crate::models::llama::{Layer, Llama, LlamaConfig, Logits, Out};
 use crate::models::random::{self, RandomShape};
 use crate::quant::dequantize_row;
 use crate::ModelError;
+
+/// Prompt rows per block of the prefill attention (its S is rows x width per head).
+const PREFILL_ROWS: usize = 256;
 
 /// A weight matrix on the GPU: f16 `[rows][cols]`.
 pub struct GpuMatrix {
@@ -47,8 +50,23 @@ struct Scratch {
     logits: Option<CudaSlice<f32>>,
     attention: Option<AttentionScratch>,
     rows: Option<CudaSlice<AttnRow>>,
-    row_scores: Option<CudaSlice<f32>>,
+    prefill_s: Option<CudaSlice<f32>>,
+    prefill_p: Option<CudaSlice<u16>>,
     host_rows: Vec<AttnRow>,
+    /// What `positions` holds.
+    sent_positions: Vec<u32>,
+    /// Greedy tokens found on the device.
+    next_tokens: Option<CudaSlice<u32>>,
+    /// A decode step is being captured into a graph: the step's inputs were sent beforehand
+    /// (tokens, positions, attention rows) and nothing may wait for the device.
+    capturing: bool,
+}
+
+/// A decode step captured as a CUDA graph, and the buffers it was captured with (replaying it
+/// is valid while they are the same).
+struct StepGraph {
+    graph: cudarc::driver::CudaGraph,
+    key: Vec<u64>,
 }
 
 /// The CUDA backend: one GPU and the buffers its forward passes reuse.
@@ -56,6 +74,9 @@ pub struct Cuda {
     pub gpu: Gpu,
     scratch: Mutex<Scratch>,
     buffers: Mutex<ForwardBuffers<DeviceRows>>,
+    step_graph: Mutex<Option<StepGraph>>,
+    /// Replay decode steps as CUDA graphs (on by default; `KEYFORMER_CUDA_GRAPHS=0` turns it off).
+    pub use_graphs: bool,
 }
 
 impl From<GpuError> for ModelError {
@@ -79,7 +100,8 @@ fn at_least<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 
 impl Cuda {
     pub fn new(gpu: Gpu) -> Self {
-        Self { gpu, scratch: Mutex::default(), buffers: Mutex::default() }
+        let use_graphs = std::env::var("KEYFORMER_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        Self { gpu, scratch: Mutex::default(), buffers: Mutex::default(), step_graph: Mutex::default(), use_graphs }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Scratch> {
@@ -103,6 +125,98 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// Send a decode step's inputs (tokens, positions, every layer's attention rows) and return
+    /// the addresses of the buffers a captured step uses; `None` while the forward buffers are
+    /// not sized for this batch (the step then runs without a graph and sizes them).
+    fn prepare_decode(
+        &self,
+        tokens: &[u32],
+        caches: &[&mut GpuKvCache],
+        shape: HeadShape,
+    ) -> Result<Option<Vec<u64>>, ModelError> {
+        let m = tokens.len();
+        let (q_dim, kv_dim) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
+        let buffers = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        let sized = |a: &DeviceRows, len: usize| a.buf.as_ref().is_some_and(|b| b.len() == len);
+        if !(sized(&buffers.q, m * q_dim) && sized(&buffers.k, m * kv_dim) && sized(&buffers.attn, m * q_dim)) {
+            return Ok(None);
+        }
+        let gpu = &self.gpu;
+        let addr = |a: &DeviceRows| -> Result<u64, ModelError> { Ok(super::dev_addr(gpu, a.get()?)) };
+        let (qa, ka, va, oa) = (addr(&buffers.q)?, addr(&buffers.k)?, addr(&buffers.v)?, addr(&buffers.attn)?);
+        let mut key = vec![m as u64];
+        for b in [&buffers.x, &buffers.normed, &buffers.q, &buffers.k, &buffers.v, &buffers.attn, &buffers.proj] {
+            key.push(addr(b)?);
+        }
+        key.push(addr(&buffers.gate)?);
+        key.push(addr(&buffers.up)?);
+        drop(buffers);
+        let mut sc = self.lock();
+        let n_layers = caches[0].layers.len();
+        let max_width = caches.iter().map(|c| c.capacity_now()).max().unwrap_or(0);
+        let ready = sc.attention.as_ref().is_some_and(|a| a.max_rows >= m && a.max_width >= max_width)
+            && sc.tokens.as_ref().is_some_and(|t| t.len() >= m)
+            && sc.next_tokens.as_ref().is_some_and(|t| t.len() >= m)
+            && sc.rows.as_ref().is_some_and(|r| r.len() >= n_layers * m)
+            && sc.positions.as_ref().is_some_and(|p| p.len() == m);
+        if !ready {
+            return Ok(None);
+        }
+        key.push(max_width as u64);
+        let Scratch {
+            tokens: tok,
+            positions,
+            sent_positions,
+            rows,
+            host_rows,
+            attention,
+            x16,
+            logits,
+            next_tokens,
+            ..
+        } = &mut *sc;
+        let stream = &gpu.stream;
+        stream.memcpy_htod(tokens, &mut tok.as_mut().expect("ready").slice_mut(0..m)).map_err(GpuError::from)?;
+        sent_positions.clear();
+        sent_positions.extend(caches.iter().map(|c| {
+            use crate::backend::SequenceCache;
+            c.next_position()
+        }));
+        stream.memcpy_htod(sent_positions.as_slice(), positions.as_mut().expect("ready")).map_err(GpuError::from)?;
+        host_rows.clear();
+        for li in 0..n_layers {
+            for (i, cache) in caches.iter().enumerate() {
+                let off = |dim: usize| (i * dim * 4) as u64;
+                let a = [qa + off(q_dim), ka + off(kv_dim), va + off(kv_dim), oa + off(q_dim)];
+                host_rows.push(cache.decode_row(gpu, li, a)?);
+            }
+        }
+        let dev_rows = rows.as_mut().expect("ready");
+        stream
+            .memcpy_htod(host_rows.as_slice(), &mut dev_rows.slice_mut(0..host_rows.len()))
+            .map_err(GpuError::from)?;
+        key.push(super::dev_addr(gpu, tok.as_ref().expect("ready")));
+        key.push(super::dev_addr(gpu, positions.as_ref().expect("ready")));
+        key.push(super::dev_addr(gpu, next_tokens.as_ref().expect("ready")));
+        key.push(super::dev_addr(gpu, rows.as_ref().expect("ready")));
+        key.extend(x16.as_ref().map(|b| super::dev_addr(gpu, b)));
+        key.extend(logits.as_ref().map(|b| super::dev_addr(gpu, b)));
+        key.extend(attention.as_ref().map(|a| a.addresses()).into_iter().flatten());
+        Ok(Some(key))
+    }
+
+    /// The greedy tokens a replayed step left on the device.
+    fn read_next_tokens(&self, n: usize, out: &mut Vec<u32>) -> Result<(), ModelError> {
+        let sc = self.lock();
+        let next = sc.next_tokens.as_ref().ok_or_else(|| ModelError::Gpu("no greedy tokens on the device".into()))?;
+        out.resize(n, 0);
+        self.gpu.stream.memcpy_dtoh(&next.slice(0..n), out.as_mut_slice()).map_err(GpuError::from)?;
+        self.gpu.synchronize()?;
+        Ok(())
+    }
+}
+
 impl Backend for Cuda {
     type Matrix = GpuMatrix;
     type Vector = CudaSlice<f32>;
@@ -119,9 +233,12 @@ impl Backend for Cuda {
 
     fn embed(&self, table: &GpuMatrix, tokens: &[u32], out: &mut DeviceRows) -> Result<(), ModelError> {
         let mut sc = self.lock();
+        let capturing = sc.capturing;
         at_least(&self.gpu, &mut sc.tokens, tokens.len())?;
         let dev = sc.tokens.as_mut().expect("sized");
-        self.gpu.stream.memcpy_htod(tokens, &mut dev.slice_mut(0..tokens.len())).map_err(GpuError::from)?;
+        if !capturing {
+            self.gpu.stream.memcpy_htod(tokens, &mut dev.slice_mut(0..tokens.len())).map_err(GpuError::from)?;
+        }
         let dim = table.cols as i32;
         let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.gpu.stream.launch_builder(&self.gpu.kernels.embed_rows);
@@ -194,6 +311,37 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    fn greedy(
+        &self,
+        w: &GpuMatrix,
+        x: &DeviceRows,
+        n: usize,
+        _per_token: bool,
+        out: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        let mut sc = self.lock();
+        at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
+        at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
+        at_least(&self.gpu, &mut sc.next_tokens, n)?;
+        let Scratch { x16, logits, next_tokens, capturing, .. } = &mut *sc;
+        let (x16, logits, next) =
+            (x16.as_mut().expect("sized"), logits.as_mut().expect("sized"), next_tokens.as_mut().expect("sized"));
+        self.gpu.to_f16(x.get()?, n * w.cols, x16)?;
+        self.gpu.gemm_f16(&w.data, w.rows, w.cols, x16, n, logits)?;
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let vocab = w.rows as i32;
+        let mut b = self.gpu.stream.launch_builder(&self.gpu.kernels.argmax_rows);
+        b.arg(&*logits).arg(&vocab).arg(&mut *next);
+        // SAFETY: block r reads row r of n rows of `vocab` logits and writes next[r] (n allocated).
+        unsafe { b.launch(cfg) }.map_err(GpuError::from)?;
+        if !*capturing {
+            out.resize(n, 0);
+            self.gpu.stream.memcpy_dtoh(&next.slice(0..n), out.as_mut_slice()).map_err(GpuError::from)?;
+            self.gpu.synchronize()?;
+        }
+        Ok(())
+    }
+
     fn rope(
         &self,
         x: &mut DeviceRows,
@@ -203,10 +351,14 @@ impl Backend for Cuda {
         inv_freq: &CudaSlice<f32>,
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
+        // Q and K of a pass share their positions: sent once (a copy makes the host wait).
         if sc.positions.as_ref().is_none_or(|p| p.len() != positions.len()) {
             sc.positions = Some(self.gpu.upload(positions)?);
-        } else {
+            sc.sent_positions = positions.to_vec();
+        } else if sc.sent_positions != positions {
             self.gpu.upload_into(positions, sc.positions.as_mut().expect("sized"))?;
+            sc.sent_positions.clear();
+            sc.sent_positions.extend_from_slice(positions);
         }
         self.gpu.rope_adjacent_pairs(
             x.get_mut()?,
@@ -253,57 +405,79 @@ impl Backend for Cuda {
         let batch = caches.len() > 1;
         let prompt = !batch && !caches[0].policy.prompt_done();
         let max_width = caches.iter().map(|c| c.capacity_now()).max().unwrap_or(0);
-        let launch_rows = if batch { n } else { n.min(ATTN_MAX_ROWS) };
-        if sc.attention.as_ref().is_none_or(|a| a.max_rows < launch_rows || a.max_width < max_width) {
-            sc.attention = None;
-            let rows = launch_rows.max(sc.attention.as_ref().map_or(0, |a| a.max_rows));
-            sc.attention = Some(AttentionScratch::new(gpu, rows, n_heads, head_dim, max_width)?);
-        }
-        // A prompt chunk's rows each write their own scores, added in row order afterwards.
-        let scored_prompt = prompt && caches[0].layers[layer].scores.is_some();
-        if scored_prompt {
-            at_least(gpu, &mut sc.row_scores, launch_rows * n_kv_heads * max_width)?;
-        }
-        let row_scores = sc.row_scores.as_ref().filter(|_| scored_prompt).map(|s| super::dev_addr(gpu, s));
         let attn_shape = AttentionShape { n_heads, n_kv_heads, head_dim, max_width, layer };
-        let Scratch { attention, rows, row_scores: _, host_rows, .. } = &mut *sc;
-        let scratch = attention.as_mut().expect("sized");
-        let strides = (q_dim, kv_dim);
-        // Rows in launches of at most `launch_rows`.
-        let groups: Vec<(usize, usize)> = if batch {
-            vec![(0, n)]
-        } else {
-            (0..n).step_by(launch_rows).map(|s| (s, (s + launch_rows).min(n))).collect()
-        };
-        for (start, end) in groups {
-            host_rows.clear();
-            if batch {
-                for (i, cache) in caches.iter().enumerate() {
-                    let off = |dim: usize| (i * dim * 4) as u64;
-                    let a = [qa + off(q_dim), ka + off(kv_dim), va + off(kv_dim), oa + off(q_dim)];
-                    cache.rows(gpu, layer, 0, 1, strides, a, None, host_rows)?;
-                }
-            } else {
-                let cache = &caches[0];
-                let off = |dim: usize| (start * dim * 4) as u64;
-                let a = [qa + off(q_dim), ka + off(kv_dim), va + off(kv_dim), oa + off(q_dim)];
-                let stride = max_width;
-                cache.rows(gpu, layer, start, end - start, strides, a, row_scores.map(|s| (s, stride)), host_rows)?;
+        let n_layers = caches[0].layers.len();
+        if prompt {
+            // A prompt chunk: its keys and values join the cache, then attention in blocks of
+            // PREFILL_ROWS query rows through cuBLAS, scores added block by block.
+            let cache = &mut *caches[0];
+            let (start, first_pos) = cache.prompt_slots(n)?;
+            let signal = cache.score_signal();
+            let cap = cache.capacity_now();
+            let block = n.min(PREFILL_ROWS);
+            let width_max = start + n;
+            at_least(gpu, &mut sc.x16, n * q_dim)?;
+            at_least(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
+            at_least(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
+            let Scratch { x16, prefill_s, prefill_p, .. } = &mut *sc;
+            let (q16, s_buf, p_buf) =
+                (x16.as_mut().expect("sized"), prefill_s.as_mut().expect("sized"), prefill_p.as_mut().expect("sized"));
+            let kv_layer = &mut cache.layers[layer];
+            let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
+            gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
+            gpu.to_f16(q.get()?, n * q_dim, q16)?;
+            let out = out.get_mut()?;
+            for r0 in (0..n).step_by(block) {
+                let rows = block.min(n - r0);
+                gpu.prefill_attention(
+                    &q16.slice(r0 * q_dim..(r0 + rows) * q_dim),
+                    kv_layer,
+                    &mut out.slice_mut(r0 * q_dim..(r0 + rows) * q_dim),
+                    attn_shape,
+                    rows,
+                    start + r0 + rows,
+                    cap,
+                    first_pos + r0 as u32,
+                    signal,
+                    s_buf,
+                    p_buf,
+                )?;
             }
-            let m = host_rows.len();
-            at_least(gpu, rows, m)?;
-            let dev_rows = rows.as_mut().expect("sized");
-            gpu.stream.memcpy_htod(host_rows.as_slice(), &mut dev_rows.slice_mut(0..m)).map_err(GpuError::from)?;
-            let view = dev_rows.slice(0..m);
+        } else {
+            // Decode steps (one token per sequence): every layer's rows are built and sent at
+            // the first layer, so the step queues its kernels without waiting on a copy.
+            let m = caches.len();
+            if sc.attention.as_ref().is_none_or(|a| a.max_rows < m || a.max_width < max_width) {
+                let rows = m.max(sc.attention.as_ref().map_or(0, |a| a.max_rows));
+                let width = max_width.max(sc.attention.as_ref().map_or(0, |a| a.max_width));
+                sc.attention = None;
+                sc.attention = Some(AttentionScratch::new(gpu, rows, n_heads, head_dim, width)?);
+            }
+            let Scratch { attention, rows, host_rows, capturing, .. } = &mut *sc;
+            let scratch = attention.as_mut().expect("sized");
+            if layer == 0 && !*capturing {
+                host_rows.clear();
+                for li in 0..n_layers {
+                    for (i, cache) in caches.iter().enumerate() {
+                        let off = |dim: usize| (i * dim * 4) as u64;
+                        let a = [qa + off(q_dim), ka + off(kv_dim), va + off(kv_dim), oa + off(q_dim)];
+                        host_rows.push(cache.decode_row(gpu, li, a)?);
+                    }
+                }
+                at_least(gpu, rows, host_rows.len())?;
+                let dev_rows = rows.as_mut().expect("sized");
+                gpu.stream
+                    .memcpy_htod(host_rows.as_slice(), &mut dev_rows.slice_mut(0..host_rows.len()))
+                    .map_err(GpuError::from)?;
+            }
+            if host_rows.len() != n_layers * m {
+                return Err(ModelError::Gpu("decode rows were not built at the first layer".into()));
+            }
+            let view = rows.as_ref().expect("sized").slice(layer * m..(layer + 1) * m);
             gpu.store_rows(&view, m, n_kv_heads, head_dim)?;
             gpu.attention_rows(&view, m, attn_shape, scratch)?;
-            if scored_prompt {
-                let cache = &mut caches[0];
-                let cap = cache.capacity_now();
-                let scores = cache.layers[layer].scores.as_mut().expect("scored");
-                gpu.add_row_scores(&view, m, scores, n_kv_heads, cap)?;
-            }
-            if host_rows.iter().any(|r| r.evict != 0) {
+            // A graph replays later steps, whose rows may evict where this one does not.
+            if *capturing || host_rows[layer * m..(layer + 1) * m].iter().any(|r| r.evict != 0) {
                 gpu.choose_victims(&view, m, n_kv_heads)?;
             }
         }
@@ -406,6 +580,75 @@ impl Llama<Cuda> {
             kv_type: crate::kv::KvType::F16,
             backend: cuda,
         })
+    }
+
+    /// One greedy decode step of a batch (as [`Llama::forward_batch_greedy`]), replayed as a
+    /// CUDA graph: a step is hundreds of small kernels whose launches cost more host time than
+    /// their work at small batches. The first step of a batch runs as usual (and sizes every
+    /// buffer); the next is captured; later ones only send their inputs (tokens, positions,
+    /// attention rows) and replay. A step whose buffers differ from the captured ones (another
+    /// batch size, a reallocated scratch) is captured again.
+    pub fn decode_step_greedy(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut GpuKvCache],
+        next: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        let be = &self.backend;
+        let c = &self.config;
+        if !be.use_graphs || tokens.len() != caches.len() || caches.iter().any(|k| !k.policy.prompt_done()) {
+            return self.forward_batch_greedy(tokens, caches, next);
+        }
+        for k in caches.iter() {
+            use crate::backend::SequenceCache;
+            if k.len() + 1 > k.capacity() {
+                return Err(ModelError::ContextFull { needed: k.len() + 1, capacity: k.capacity() });
+            }
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
+        }
+        let shape = HeadShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let Some(key) = be.prepare_decode(tokens, caches, shape)? else {
+            return self.forward_batch_greedy(tokens, caches, next); // buffers not sized yet
+        };
+        let mut graph = be.step_graph.lock().unwrap_or_else(|e| e.into_inner());
+        match graph.as_ref() {
+            Some(g) if g.key == key => {
+                g.graph.launch().map_err(GpuError::from)?;
+                for k in caches.iter_mut() {
+                    k.advance(1);
+                }
+            }
+            _ => {
+                *graph = None;
+                let stream = &be.gpu.stream;
+                be.lock().capturing = true;
+                stream
+                    .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(GpuError::from)?;
+                let result = be
+                    .with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, Out::Greedy(next), buffers));
+                be.lock().capturing = false;
+                let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+                result?;
+                let g =
+                    captured.map_err(GpuError::from)?.ok_or_else(|| ModelError::Gpu("empty decode graph".into()))?;
+                g.launch().map_err(GpuError::from)?;
+                *graph = Some(StepGraph { graph: g, key });
+            }
+        }
+        be.read_next_tokens(tokens.len(), next)
+    }
+
+    /// Bytes of all the weight matrices (f16).
+    pub fn matrix_bytes(&self) -> usize {
+        let layer = |l: &Layer<Cuda>| {
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len() * 2).sum::<usize>()
+        };
+        self.layers.iter().map(layer).sum::<usize>()
+            + self.token_embd.data.len() * 2
+            + self.output.as_ref().map_or(0, |m| m.data.len() * 2)
     }
 
     /// A new, empty KV cache for a prompt of `prompt_len` tokens and `steps` decode steps.

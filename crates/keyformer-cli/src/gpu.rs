@@ -1,0 +1,225 @@
+//! `keyformer gpu-check` and `keyformer bench --device cuda`: thin layers over
+//! `keyformer::backend::cuda` (builds without the `cuda` feature say so and stop).
+
+#[cfg(not(feature = "cuda"))]
+use crate::{BenchArgs, GpuCheckArgs};
+#[cfg(not(feature = "cuda"))]
+use anyhow::Result;
+
+#[cfg(not(feature = "cuda"))]
+const NO_CUDA: &str =
+    "this keyformer was built without the CUDA backend: build it with `cargo build --release --features cuda`";
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn check(_: GpuCheckArgs) -> Result<()> {
+    anyhow::bail!(NO_CUDA)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn bench(_: BenchArgs) -> Result<()> {
+    anyhow::bail!("--device cuda: {NO_CUDA}")
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) use with_cuda::{bench, check};
+
+#[cfg(feature = "cuda")]
+mod with_cuda {
+    use std::io::Write;
+
+    use anyhow::{bail, Context, Result};
+    use keyformer::backend::cuda::bench::{self as gpu_bench, GpuBenchRow};
+    use keyformer::backend::cuda::check::{self, CheckRow};
+    use keyformer::backend::cuda::model::Cuda;
+    use keyformer::backend::cuda::{model_check, Gpu};
+    use keyformer::models::llama::Llama;
+    use keyformer::models::random::RandomShape;
+    use serde_json::json;
+
+    use crate::{bench_policies, BatchSize, BenchArgs, GpuCheckArgs};
+
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    fn print_checks(rows: &[CheckRow]) {
+        println!("| check | max error | tolerance | result | error of |\n|---|---:|---:|---|---|");
+        for c in rows {
+            let verdict = if c.passed { "pass" } else { "FAIL" };
+            println!("| {} | {:.3e} | {:.1e} | {verdict} | {} |", c.op, c.max_error, c.tolerance, c.note);
+        }
+    }
+
+    pub(crate) fn check(a: GpuCheckArgs) -> Result<()> {
+        let mut shapes = Vec::new();
+        for name in &a.shape {
+            let shape = check::SHAPES.iter().find(|s| s.name == name.as_str()).with_context(|| {
+                let known: Vec<&str> = check::SHAPES.iter().map(|s| s.name).collect();
+                format!("unknown shape '{name}' (known: {})", known.join(", "))
+            })?;
+            shapes.push(*shape);
+        }
+        let model_shapes = a
+            .model_shape
+            .iter()
+            .filter(|s| s.as_str() != "none")
+            .map(|s| RandomShape::by_name(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if a.slots < 8 {
+            bail!("--slots must be at least 8");
+        }
+        let gpu = Gpu::open(a.device)?;
+        let mut reports = Vec::new();
+        for shape in shapes {
+            reports.push(
+                check::run(&gpu, shape, a.slots).with_context(|| format!("checking at the {} shape", shape.name))?,
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("keyformer-gpu-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut model_rows = Vec::new();
+        for shape in &model_shapes {
+            model_rows.extend(
+                model_check::run(shape, a.model_prompt, a.model_steps, &dir)
+                    .with_context(|| format!("whole-model check at the {} shape", shape.name))?,
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        let passed = reports.iter().all(|r| r.passed()) && model_rows.iter().all(|r| r.passed);
+        if a.json {
+            println!("{}", json!({ "ops": reports, "model": model_rows }));
+        } else {
+            let g = &gpu.info;
+            println!(
+                "GPU: {} (compute capability {}.{}, {:.1} GiB)",
+                g.name,
+                g.compute_capability.0,
+                g.compute_capability.1,
+                g.total_memory_bytes as f64 / GIB
+            );
+            for r in &reports {
+                println!(
+                    "\n## {} ({} slots); device read bandwidth {:.0} GB/s\n",
+                    r.shape.name, r.slots, r.read_bandwidth_gb_s
+                );
+                print_checks(&r.checks);
+                println!("\n| op | us | GB/s read | of read bandwidth |\n|---|---:|---:|---:|");
+                for t in &r.timings {
+                    let gbs = t.read_gb_s.map_or(String::new(), |g| format!("{g:.0}"));
+                    let frac =
+                        t.read_gb_s.map_or(String::new(), |g| format!("{:.0}%", 100.0 * g / r.read_bandwidth_gb_s));
+                    println!("| {} | {:.1} | {gbs} | {frac} |", t.op, t.microseconds);
+                }
+            }
+            if !model_rows.is_empty() {
+                println!("\n## Whole model, GPU against CPU (random weights)\n");
+                print_checks(&model_rows);
+            }
+        }
+        if !passed {
+            bail!("a GPU check failed");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn bench(a: BenchArgs) -> Result<()> {
+        let policies = bench_policies(&a)?;
+        if a.n_prompt.len() != a.n_gen.len() {
+            bail!("with --device cuda, -p and -n pair up: give as many prompt sizes as generation lengths");
+        }
+        let pairs: Vec<(usize, usize)> = a.n_prompt.iter().copied().zip(a.n_gen.iter().copied()).collect();
+        if pairs.iter().any(|&(p, n)| p == 0 || n == 0) {
+            bail!("with --device cuda every test needs a prompt and a generation (-p and -n at least 1)");
+        }
+        let gpu = Gpu::open(0)?;
+        let gpu_name = gpu.info.name.clone();
+        let read_gb_s = gpu.read_bandwidth_gb_s(1 << 30)?;
+        let cuda = Cuda::new(gpu);
+        let (model, model_name) = match &a.random_weights {
+            Some(name) => {
+                let shape = RandomShape::by_name(name)?;
+                eprintln!("drawing {name} random weights on the GPU ({:.1} GiB)", shape.weight_bytes() as f64 / GIB);
+                (Llama::<Cuda>::random(cuda, &shape, 1)?, format!("{name} (random weights)"))
+            }
+            None => {
+                let engine = crate::load(&a.model.model)?;
+                eprintln!("loading {} onto the GPU (dequantised to f16)", engine.file.path.display());
+                let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                (Llama::<Cuda>::from_cpu(cuda, &engine.model)?, name)
+            }
+        };
+        let (used, total) = model.backend.memory_used()?;
+        let free_at_start = total - used;
+        let c = &model.config;
+        for &(p, n) in &pairs {
+            if p + n > c.context_length {
+                bail!("{p} + {n} tokens exceed the model's context of {} tokens", c.context_length);
+            }
+        }
+        // Bytes a decode step must read besides the KV: every matrix but the embedding table.
+        let weights = model.matrix_bytes() - model.token_embd.data.len() * 2;
+        let per_token = c.n_layers * c.n_kv_heads * c.head_dim * 4;
+        let mut rows: Vec<(GpuBenchRow, BatchSize)> = Vec::new();
+        if !a.json {
+            println!("GPU: {gpu_name}; model {model_name}; read bandwidth {read_gb_s:.0} GB/s\n");
+            println!("| prompt+gen | kv | batch | t/s (decode) | t/s (total) | ms/step | first | last | prefill s | KV GiB/seq | peak GiB | of floor | vs full (decode) | vs full (total) |");
+            println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        }
+        for &(p, n) in &pairs {
+            for (label, kv) in &policies {
+                for &b in &a.batch {
+                    let batch = match b {
+                        BatchSize::Fixed(k) => k,
+                        BatchSize::Max => gpu_bench::max_batch(&model, p, n, kv, free_at_start)?,
+                    };
+                    eprintln!("{p}+{n} {label} batch {batch}");
+                    let progress = |m: &str| eprintln!("  {m}");
+                    let mut r = gpu_bench::run(&model, p, n, kv, batch, &progress)
+                        .with_context(|| format!("{p}+{n}, {label}, batch {batch}"))?;
+                    r.kv = label.clone();
+                    // The floor: weights once per step plus each sequence's KV held on average.
+                    let held = if r.kv_bytes_per_sequence < r.kv_bytes_full && kv.budget.is_some() {
+                        r.kv_bytes_per_sequence as f64
+                    } else {
+                        ((p + n.div_ceil(2)) * per_token) as f64
+                    };
+                    let floor_ms = (weights as f64 + batch as f64 * held) / (read_gb_s * 1e9) * 1e3;
+                    let of_floor = floor_ms / r.ms_per_step;
+                    // Against the full cache at the same batch setting (a fixed size, or each its largest).
+                    let full = rows.iter().find(|(f, fb)| f.prompt == p && f.gen == n && f.kv == "full" && *fb == b);
+                    let vs_full = |pick: fn(&GpuBenchRow) -> f64| {
+                        full.map_or(String::new(), |(f, _)| format!("{:.2}x", pick(&r) / pick(f)))
+                    };
+                    if a.json {
+                        let mut v = serde_json::to_value(&r)?;
+                        v["fraction_of_floor"] = json!(of_floor);
+                        v["gpu"] = json!(gpu_name);
+                        v["model"] = json!(model_name);
+                        v["read_gb_s"] = json!(read_gb_s);
+                        v["batch_setting"] =
+                            json!(if b == BatchSize::Max { "max".to_string() } else { batch.to_string() });
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "| {p}+{n} | {} | {batch}{} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.1} | {:.0}% | {} | {} |",
+                            r.kv,
+                            if b == BatchSize::Max { " (max)" } else { "" },
+                            r.decode_tok_s,
+                            r.total_tok_s,
+                            r.ms_per_step,
+                            r.ms_per_step_first,
+                            r.ms_per_step_last,
+                            r.prefill_s,
+                            r.kv_bytes_per_sequence as f64 / GIB,
+                            r.peak_gpu_bytes as f64 / GIB,
+                            100.0 * of_floor,
+                            vs_full(|x| x.decode_tok_s),
+                            vs_full(|x| x.total_tok_s)
+                        );
+                    }
+                    std::io::stdout().flush().ok();
+                    rows.push((r, b));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! The paper's throughput protocol on the GPU (`keyformer bench --device cuda`): a batch of
+//! sequences, each a copy of a `prompt`-token prompt, prefilled one after another, then
+//! `gen` greedy tokens decoded for all of them together, one batched step per token (the
+//! argmax found on the GPU; only the chosen ids come back). The budget of a compressed policy
+//! is a share of the prompt, fixed while generating, as in the paper.
+
+use std::time::Instant;
+
+use keyformer_kv::{PolicyConfig, PolicyKind};
+
+use super::kv::GpuKvCache;
+use super::model::Cuda;
+use crate::models::llama::{Llama, Logits};
+use crate::models::random;
+use crate::sampling::argmax;
+use crate::ModelError;
+
+/// Prompt tokens per forward pass while prefilling (bounds the activations).
+const GPU_PREFILL_CHUNK: usize = 1024;
+/// Device memory kept free beyond the caches: activations, attention scratch, cuBLAS, and a
+/// margin for the allocator's granularity.
+const RESERVE_BYTES: usize = 4 << 30;
+
+/// One measured configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuBenchRow {
+    pub prompt: usize,
+    pub gen: usize,
+    /// `full`, `keyformer@50%`, ...
+    pub kv: String,
+    pub batch: usize,
+    /// Prefill of every sequence, one after another.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Generated tokens (all sequences) per second of decoding.
+    pub decode_tok_s: f64,
+    /// Generated tokens per second of the whole run (prefill + decode), the paper's throughput.
+    pub total_tok_s: f64,
+    pub ms_per_step: f64,
+    /// Decode steps' time at the start and at the end (mean of 16 steps each).
+    pub ms_per_step_first: f64,
+    pub ms_per_step_last: f64,
+    /// KV bytes one sequence holds at the end, and what the full cache would hold.
+    pub kv_bytes_per_sequence: usize,
+    pub kv_bytes_full: usize,
+    /// Device memory in use at the run's peak (sampled after prefill and at the end).
+    pub peak_gpu_bytes: usize,
+}
+
+/// The KV label of a policy (`full`, `keyformer@50%`).
+pub fn label(kv: &PolicyConfig) -> String {
+    match kv.budget {
+        Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
+        _ => kv.kind.name().to_string(),
+    }
+}
+
+/// Bytes of keys and values per token held (all layers and KV heads, f16).
+fn bytes_per_token(model: &Llama<Cuda>) -> usize {
+    let c = &model.config;
+    c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2
+}
+
+/// The most sequences of this shape whose caches fit in `free_bytes` of device memory (what
+/// was free with the weights loaded, before any run: memory a run frees may stay in the
+/// driver's pool, so it is not measured again). Each sequence holds its cache's capacity (full:
+/// prompt + gen; a budget: budget + 1 slots), and one prompt at full size is held while it is
+/// prefilled and compressed.
+pub fn max_batch(
+    model: &Llama<Cuda>,
+    prompt: usize,
+    gen: usize,
+    kv: &PolicyConfig,
+    free_bytes: usize,
+) -> Result<usize, ModelError> {
+    let c = &model.config;
+    let policy = kv.resolve(prompt, gen, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+    let per_token = bytes_per_token(model);
+    let held = if policy.budget == usize::MAX { prompt + gen } else { policy.budget.min(prompt) + 1 };
+    let transient = if policy.budget == usize::MAX { 0 } else { prompt * per_token };
+    let free = (free_bytes - free_bytes / 20).saturating_sub(RESERVE_BYTES + transient);
+    Ok((free / (held * per_token)).max(1))
+}
+
+/// Run one configuration.
+pub fn run(
+    model: &Llama<Cuda>,
+    prompt: usize,
+    gen: usize,
+    kv: &PolicyConfig,
+    batch: usize,
+    progress: &dyn Fn(&str),
+) -> Result<GpuBenchRow, ModelError> {
+    let c = &model.config;
+    if prompt == 0 || gen == 0 || batch == 0 {
+        return Err(ModelError::Input("prompt, generation and batch must be at least 1".into()));
+    }
+    if prompt + gen > c.context_length {
+        return Err(ModelError::PromptTooLong { prompt: prompt + gen, context: c.context_length });
+    }
+    let tokens: Vec<u32> =
+        (0..prompt as u64).map(|i| (random::mix64(i ^ 0x5EED) % c.vocab_size as u64) as u32).collect();
+    let gpu = &model.backend.gpu;
+    // The peak is this run's: what earlier runs freed goes back to the device first.
+    gpu.release_free_memory()?;
+    let mut caches: Vec<GpuKvCache> = Vec::with_capacity(batch);
+    let mut next = Vec::with_capacity(batch);
+    gpu.synchronize()?;
+    let t0 = Instant::now();
+    for i in 0..batch {
+        let mut cache = model.new_gpu_cache(kv, prompt, gen)?;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(GPU_PREFILL_CHUNK) {
+            logits = model.forward(chunk, &mut cache, Logits::Last)?;
+        }
+        cache.finish_prompt(gpu)?;
+        next.push(argmax(&logits));
+        caches.push(cache);
+        if (i + 1) % 8 == 0 {
+            progress(&format!("prefilled {}/{batch}", i + 1));
+        }
+    }
+    gpu.synchronize()?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut peak = model.backend.memory_used()?.0;
+
+    let mut step_ms = Vec::with_capacity(gen);
+    let t1 = Instant::now();
+    let mut refs: Vec<&mut GpuKvCache> = caches.iter_mut().collect();
+    let mut out = Vec::with_capacity(batch);
+    for step in 0..gen {
+        let ts = Instant::now();
+        model.decode_step_greedy(&next, &mut refs, &mut out)?;
+        for cache in refs.iter_mut() {
+            cache.policy.next_step();
+        }
+        std::mem::swap(&mut next, &mut out);
+        step_ms.push(ts.elapsed().as_secs_f64() * 1e3);
+        if (step + 1) % 512 == 0 {
+            progress(&format!("decoded {}/{gen} steps", step + 1));
+        }
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    peak = peak.max(model.backend.memory_used()?.0);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let k = 16.min(gen);
+    let per_token = bytes_per_token(model);
+    Ok(GpuBenchRow {
+        prompt,
+        gen,
+        kv: label(kv),
+        batch,
+        prefill_s,
+        decode_s,
+        decode_tok_s: (batch * gen) as f64 / decode_s,
+        total_tok_s: (batch * gen) as f64 / (prefill_s + decode_s),
+        ms_per_step: decode_s * 1e3 / gen as f64,
+        ms_per_step_first: mean(&step_ms[..k]),
+        ms_per_step_last: mean(&step_ms[gen - k..]),
+        kv_bytes_per_sequence: refs[0].bytes_held(),
+        kv_bytes_full: (prompt + gen) * per_token,
+        peak_gpu_bytes: peak,
+    })
+}

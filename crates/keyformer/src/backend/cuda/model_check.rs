@@ -1,0 +1,227 @@
+//! The whole model on the GPU against the CPU (`keyformer gpu-check --model-shape tiny,...`):
+//! the same random weights on both (a GGUF file the CPU loads, and the same values drawn on
+//! the GPU), logits through a prompt and greedy decode steps, and the tokens each KV head keeps
+//! under Keyformer and H2O after the prompt and after decoding.
+
+use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+
+use super::check::CheckRow;
+use super::model::Cuda;
+use super::Gpu;
+use crate::kv::KvCache;
+use crate::models::llama::{Llama, Logits};
+use crate::models::random::{self, RandomShape};
+use crate::sampling::argmax;
+use crate::ModelError;
+
+fn row(op: String, max_error: f64, tolerance: f64, note: &str) -> CheckRow {
+    CheckRow { op, max_error, tolerance, passed: max_error <= tolerance, note: note.into() }
+}
+
+/// Logits' largest difference relative to the largest CPU logit.
+fn logit_error(cpu: &[f32], gpu: &[f32]) -> f64 {
+    let scale = cpu.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
+    cpu.iter().zip(gpu).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Positions each (layer, KV head) of a CPU cache holds, sorted.
+fn cpu_held(cache: &KvCache) -> Vec<Vec<Vec<u32>>> {
+    cache
+        .layers
+        .iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .map(|h| {
+                    let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
+                    p.sort_unstable();
+                    p
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Tokens held by one side and not the other, over all layers and KV heads.
+fn held_difference(a: &[Vec<Vec<u32>>], b: &[Vec<Vec<u32>>]) -> usize {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| x.iter().filter(|p| y.binary_search(p).is_err()).count() + y.len().saturating_sub(x.len()))
+        .sum()
+}
+
+/// Run the model checks at `shape` with a prompt of `prompt_len` tokens and `steps` decode steps.
+pub fn run(
+    shape: &RandomShape,
+    prompt_len: usize,
+    steps: usize,
+    dir: &std::path::Path,
+) -> Result<Vec<CheckRow>, ModelError> {
+    let seed = 11;
+    let path = dir.join(format!("random-{}.gguf", shape.name));
+    random::write_gguf(&path, shape, seed)?;
+    let (_, cpu) = crate::models::load(&path)?;
+    let gpu_file = Llama::<Cuda>::from_cpu(Cuda::new(Gpu::open(0)?), &cpu)?;
+    let gpu = Llama::<Cuda>::random(Cuda::new(Gpu::open(0)?), shape, seed)?;
+    std::fs::remove_file(&path).ok();
+    let mut checks = Vec::new();
+    let name = shape.name;
+
+    // The weights drawn on the GPU are the file's, bit for bit.
+    let mut differ = 0usize;
+    let g = &gpu.backend.gpu;
+    for (a, b) in [
+        (&gpu.token_embd, &gpu_file.token_embd),
+        (&gpu.layers[0].wq, &gpu_file.layers[0].wq),
+        (&gpu.layers[shape.n_layers - 1].w_down, &gpu_file.layers[shape.n_layers - 1].w_down),
+    ] {
+        let (x, y) = (g.download(&a.data)?, gpu_file.backend.gpu.download(&b.data)?);
+        differ += x.iter().zip(&y).filter(|(p, q)| p != q).count();
+    }
+    drop(gpu_file);
+    checks.push(row(
+        format!("{name}: random weights drawn on the GPU equal the file's"),
+        differ as f64,
+        0.0,
+        "f16 values that differ (embedding, first and last layer)",
+    ));
+
+    // A prompt through the full cache, then greedy steps (the CPU's token fed to both).
+    let prompt: Vec<u32> =
+        (0..prompt_len as u64).map(|i| (random::mix64(i ^ 0xABCD) % shape.vocab_size as u64) as u32).collect();
+    let full = PolicyConfig::default();
+    let ctx = prompt_len + steps;
+    let policy = full.resolve(prompt_len, steps, shape.n_layers, shape.n_kv_heads).map_err(ModelError::Policy)?;
+    let mut cpu_cache = cpu.new_cache_with(policy, ctx);
+    let mut gpu_cache = gpu.new_gpu_cache(&full, prompt_len, steps)?;
+    let mut want = cpu.forward(&prompt, &mut cpu_cache, Logits::Last)?;
+    let mut got = gpu.forward(&prompt, &mut gpu_cache, Logits::Last)?;
+    cpu_cache.finish_prompt()?;
+    gpu_cache.finish_prompt(g)?;
+    let mut worst = logit_error(&want, &got);
+    let mut agree = usize::from(argmax(&want) == argmax(&got));
+    for _ in 0..steps {
+        let t = argmax(&want);
+        want = cpu.forward(&[t], &mut cpu_cache, Logits::Last)?;
+        got = gpu.forward(&[t], &mut gpu_cache, Logits::Last)?;
+        worst = worst.max(logit_error(&want, &got));
+        agree += usize::from(argmax(&want) == argmax(&got));
+    }
+    // The GPU rounds every matrix product's input to f16 (2^-11 relative), the CPU keeps f32:
+    // over the layers that is ~1e-3 of the logits' range; 2e-2 leaves room without hiding a bug
+    // (a wrong head, position or mask moves logits by their own size).
+    checks.push(row(
+        format!("{name}: logits, full cache, {prompt_len}-token prompt + {steps} steps"),
+        worst,
+        2e-2,
+        "largest |GPU - CPU| over the largest |CPU logit|, worst step",
+    ));
+    checks.push(row(
+        format!("{name}: greedy tokens agree"),
+        (steps + 1 - agree) as f64,
+        ((steps + 1) / 10) as f64,
+        "steps whose argmax differs (near-ties may flip under f16)",
+    ));
+
+    // Batched decoding replayed as a CUDA graph equals the same steps launched one by one:
+    // three sequences with different prompts under Keyformer, 3 x `steps` steps.
+    {
+        let kv = PolicyConfig {
+            kind: PolicyKind::Keyformer,
+            budget: Some(Amount::Percent(50.0)),
+            seed: 9,
+            ..PolicyConfig::default()
+        };
+        let gen = 3 * steps;
+        let mut runs = Vec::new();
+        for graphs in [false, true] {
+            let mut caches = Vec::new();
+            let mut next = Vec::new();
+            for s in 0..3usize {
+                let p: Vec<u32> = prompt.iter().map(|t| (t + s as u32 * 7) % shape.vocab_size as u32).collect();
+                let mut cache = gpu.new_gpu_cache(&kv, prompt_len, gen)?;
+                let logits = gpu.forward(&p[..prompt_len - 10 * s], &mut cache, Logits::Last)?;
+                cache.finish_prompt(g)?;
+                next.push(argmax(&logits));
+                caches.push(cache);
+            }
+            let mut refs: Vec<&mut super::kv::GpuKvCache> = caches.iter_mut().collect();
+            let mut tokens = Vec::new();
+            let mut out = Vec::new();
+            for _ in 0..gen {
+                if graphs {
+                    gpu.decode_step_greedy(&next, &mut refs, &mut out)?;
+                } else {
+                    gpu.forward_batch_greedy(&next, &mut refs, &mut out)?;
+                }
+                for c in refs.iter_mut() {
+                    c.policy.next_step();
+                }
+                tokens.extend_from_slice(&out);
+                std::mem::swap(&mut next, &mut out);
+            }
+            let held: Vec<Vec<Vec<u32>>> =
+                caches.iter().map(|c| c.held_positions(g, shape.n_layers - 1)).collect::<Result<_, _>>()?;
+            runs.push((tokens, held));
+        }
+        let differ =
+            runs[0].0.iter().zip(&runs[1].0).filter(|(a, b)| a != b).count() + usize::from(runs[0].1 != runs[1].1);
+        checks.push(row(
+            format!("{name}: batched keyformer steps replayed as a CUDA graph equal plain launches"),
+            differ as f64,
+            0.0,
+            "greedy tokens that differ (+1 if the last layer keeps other tokens), 3 sequences",
+        ));
+    }
+
+    // Compressed caches: the same tokens kept, after the prompt and after decoding.
+    for (kind, budget) in [(PolicyKind::Keyformer, 50), (PolicyKind::H2o, 50), (PolicyKind::Window, 50)] {
+        let kv =
+            PolicyConfig { kind, budget: Some(Amount::Percent(budget as f64)), seed: 5, ..PolicyConfig::default() };
+        let policy = kv.resolve(prompt_len, steps, shape.n_layers, shape.n_kv_heads).map_err(ModelError::Policy)?;
+        let mut cpu_cache = cpu.new_cache_with(policy, ctx);
+        let mut gpu_cache = gpu.new_gpu_cache(&kv, prompt_len, steps)?;
+        let mut want = cpu.forward(&prompt, &mut cpu_cache, Logits::Last)?;
+        gpu.forward(&prompt, &mut gpu_cache, Logits::Last)?;
+        cpu_cache.finish_prompt()?;
+        gpu_cache.finish_prompt(g)?;
+        let gpu_held = |c: &super::kv::GpuKvCache| -> Result<Vec<Vec<Vec<u32>>>, ModelError> {
+            (0..shape.n_layers).map(|l| c.held_positions(g, l)).collect()
+        };
+        let kept = cpu_held(&cpu_cache);
+        let total: usize = kept.iter().flatten().map(Vec::len).sum();
+        let after_prompt = held_difference(&kept, &gpu_held(&gpu_cache)?);
+        let mut worst = 0f64;
+        for _ in 0..steps {
+            let t = argmax(&want);
+            want = cpu.forward(&[t], &mut cpu_cache, Logits::Last)?;
+            let got = gpu.forward(&[t], &mut gpu_cache, Logits::Last)?;
+            cpu_cache.policy.next_step();
+            cpu_cache.end_step();
+            gpu_cache.policy.next_step();
+            worst = worst.max(logit_error(&want, &got));
+        }
+        let after_steps = held_difference(&cpu_held(&cpu_cache), &gpu_held(&gpu_cache)?);
+        let label = format!("{}@{budget}%", kind.name());
+        checks.push(row(
+            format!("{name}: {label} keeps the same tokens after the prompt"),
+            after_prompt as f64,
+            (total / 200) as f64,
+            &format!("kept tokens that differ, of {total} (0.5% allowed: f16 inputs move scores near ties)"),
+        ));
+        checks.push(row(
+            format!("{name}: {label} keeps the same tokens after {steps} steps"),
+            after_steps as f64,
+            (total / 200) as f64,
+            &format!("kept tokens that differ, of {total}"),
+        ));
+        checks.push(row(
+            format!("{name}: {label} logits while evicting"),
+            worst,
+            2e-2,
+            "largest |GPU - CPU| over the largest |CPU logit|, worst step",
+        ));
+    }
+    Ok(checks)
+}
