@@ -260,10 +260,10 @@ impl std::str::FromStr for BatchSize {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "max" => Ok(BatchSize::Max),
-            _ => match s.parse::<usize>() {
-                Ok(0) | Err(_) => Err(format!("'{s}' is not a batch size (a count of at least 1, or max)")),
-                Ok(n) => Ok(BatchSize::Fixed(n)),
-            },
+            _ => s
+                .parse::<usize>()
+                .map(BatchSize::Fixed)
+                .map_err(|_| format!("'{s}' is not a batch size (a count, or max)")),
         }
     }
 }
@@ -696,10 +696,6 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let docs = keyformer::eval::suite::load_documents(&a.data)?;
-    if docs.is_empty() {
-        bail!("{} holds no documents", a.data.display());
-    }
     let defaults = a.tuning.config(PolicyKind::Full, None, 0);
     let policies = a
         .policies
@@ -716,6 +712,10 @@ fn eval(a: EvalArgs) -> Result<()> {
                 .validate()
                 .with_context(|| format!("policy '{}' at budget {budget}", variant.label))?;
         }
+    }
+    let docs = keyformer::eval::suite::load_documents(&a.data)?;
+    if docs.is_empty() {
+        bail!("{} holds no documents", a.data.display());
     }
     let plan = EvalPlan {
         tasks: a.tasks,
@@ -779,6 +779,9 @@ pub(crate) fn bench_policies(a: &BenchArgs) -> Result<Vec<(String, PolicyConfig)
 fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
+    }
+    if a.batch.contains(&BatchSize::Fixed(0)) {
+        bail!("--batch must be at least 1");
     }
     if a.device == Device::Cuda {
         return gpu::bench(a);

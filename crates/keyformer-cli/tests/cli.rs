@@ -437,6 +437,69 @@ fn gpu_check_without_a_gpu_says_why() {
 }
 
 #[test]
+fn gpu_bench_arguments_without_a_gpu_give_one_line_errors() {
+    // --device cuda on a build without the feature (CI) or a machine without a GPU.
+    let out = keyformer(&["bench", "--device", "cuda", "--random-weights", "llama2-7b", "-p", "8", "-n", "8"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("built without the CUDA backend") || err.contains("no CUDA driver") || err.contains("no CUDA GPU"),
+        "{err}"
+    );
+    // CPU-only settings are refused before any model loads.
+    for (args, want) in [
+        (&["bench", "-b", "max"][..], "--batch max needs --device cuda"),
+        (&["bench", "--random-weights", "llama2-7b"][..], "--random-weights needs --device cuda"),
+        (&["bench", "-b", "0"][..], "--batch must be at least 1"),
+        (&["bench", "-b", "two"][..], "not a batch size"),
+        (&["bench", "--kv-policy", "h2o"][..], "needs a budget"),
+        (&["bench", "--kv-policy", "h2o:budget=0"][..], "budget"),
+    ] {
+        let out = keyformer(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn a_policy_may_carry_its_own_budget_in_bench_but_not_in_eval() {
+    let v = keyformer_json(&[
+        "bench",
+        "-p",
+        "0",
+        "-n",
+        "2",
+        "-d",
+        "40",
+        "--kv-policy",
+        "full,h2o:budget=90%,keyformer:budget=50%",
+        "-r",
+        "1",
+        "--bandwidth-mib",
+        "0",
+        "--json",
+    ]);
+    let kv: Vec<&str> = v["results"].as_array().unwrap().iter().map(|r| r["kv"].as_str().unwrap()).collect();
+    assert_eq!(kv, ["full", "h2o@90%", "keyformer@50%"]);
+    let held: Vec<u64> = v["results"].as_array().unwrap().iter().map(|r| r["kv_bytes"].as_u64().unwrap()).collect();
+    // 90% of 40 tokens is 36 held, 50% is 20: fewer bytes with the smaller budget.
+    assert!(held[2] < held[1] && held[1] < held[0], "{held:?}");
+    let out = keyformer(&[
+        "eval",
+        "--data",
+        "/nonexistent.jsonl",
+        "--out",
+        "/nonexistent-dir",
+        "--policies",
+        "h2o:budget=50%",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("budget= is for bench"));
+}
+
+#[test]
 fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
     let held = |t: &str| {
         let v = keyformer_json(&[
