@@ -6,6 +6,9 @@
 //! and logits = W_out · RMSNorm(y_last_layer) * g_out, with W_out tied to the token embedding
 //! when the file has no `output.weight`. Keys are cached after RoPE with the token's original
 //! position, so a later eviction never needs to re-rotate anything.
+//!
+//! The pass is written once against [`Backend`]: `Llama` (the CPU) and `Llama<Cuda>` (feature
+//! `cuda`) run this same code.
 
 use std::sync::Arc;
 

@@ -5,12 +5,17 @@
 //! kernels (`kernels.cu`) are compiled at run time by NVRTC for the GPU found; the matrix
 //! products go through cuBLAS (f16 weights and activations, f32 accumulation and output).
 //!
-//! Decode attention ([`Gpu::attention_decode`]) works on the same slot layout as the CPU's
-//! KV cache (a KV head's slots, each with its position or free) and gives, besides the output,
-//! a policy's scores in the same pass over the keys and values: the plain probabilities (H2O)
-//! or Keyformer's `softmax((x + g) / tau)`, with `g` drawn exactly as the CPU draws it (the row
-//! key of [`noise::NoiseRow`] computed on the GPU, the per-position hash and the same quantile
-//! table), so both backends select the same tokens. `check` compares every op with the CPU.
+//! Decode attention ([`Gpu::attention_rows`]) works on the same slot layout as the CPU's KV
+//! cache (a KV head's slots, each with its position or free), one row per sequence of a batch,
+//! and gives, besides the output, a policy's scores in the same pass over the keys and values:
+//! the plain probabilities (H2O) or Keyformer's `softmax((x + g) / tau)`, with `g` drawn
+//! exactly as the CPU draws it (the row key of [`noise::NoiseRow`] computed on the GPU, the
+//! per-position hash and the same quantile table), so both backends select the same tokens.
+//! A prompt goes through cuBLAS ([`Gpu::prefill_attention`]).
+//!
+//! Modules: [`model`] (the `Backend` implementation and `Llama<Cuda>`), [`kv`] (a sequence's
+//! cache on the GPU), [`bench`] (the paper's throughput protocol), [`check`] and
+//! [`model_check`] (every op, and the whole model, against the CPU).
 
 pub mod bench;
 pub mod check;

@@ -447,6 +447,11 @@ impl Backend for Cuda {
             // Decode steps (one token per sequence): every layer's rows are built and sent at
             // the first layer, so the step queues its kernels without waiting on a copy.
             let m = caches.len();
+            if n != m {
+                return Err(ModelError::Input(format!(
+                    "after its prompt a sequence on the GPU takes one token per step ({n} given)"
+                )));
+            }
             if sc.attention.as_ref().is_none_or(|a| a.max_rows < m || a.max_width < max_width) {
                 let rows = m.max(sc.attention.as_ref().map_or(0, |a| a.max_rows));
                 let width = max_width.max(sc.attention.as_ref().map_or(0, |a| a.max_width));
