@@ -584,7 +584,13 @@ fn attention_rows(
         for i in b * QUERIES_PER_TASK..((b + 1) * QUERIES_PER_TASK).min(n) {
             let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
             let p = positions[i];
-            weights.resize(slots.len(), 0.0);
+            // Slots past the last one this query sees are left out: while a prompt is processed
+            // slots are in position order, so a row sees a prefix and the causal mask would
+            // otherwise cost half of every chunk's work. (Leaving out masked slots changes no
+            // bit: each would add an exact zero at the end of every sum.)
+            let width = slots.iter().rposition(|sp| sp.is_some_and(|sp| sp <= p)).map_or(0, |s| s + 1);
+            let slots = &slots[..width];
+            weights.resize(width, 0.0);
             key_scores(qi, kv.keys(), 0, scale, &mut weights);
             let mut max = f32::NEG_INFINITY;
             for (x, sp) in weights.iter_mut().zip(slots) {
@@ -616,7 +622,7 @@ fn attention_rows(
                 if !from.is_some_and(|f| p >= f) {
                     continue;
                 }
-                let acc = sums.get_or_insert_with(|| vec![0.0; slots.len()]);
+                let acc = sums.get_or_insert_with(|| vec![0.0; kv.table.positions().len()]);
                 match *signal {
                     Signal::Noisy { tau, noise: kind, seed, .. } => {
                         // softmax((x + g) / tau) over the visible slots: a second pass over
@@ -625,8 +631,8 @@ fn attention_rows(
                         noisy.clear();
                         noisy.extend_from_slice(&raw_logits);
                         if kind == NoiseKind::Gumbel {
-                            gumbel.resize(slots.len(), 0.0);
-                            vmath::gumbel_row(row.key[0], &raw_positions, &mut gumbel);
+                            gumbel.resize(width, 0.0);
+                            vmath::gumbel_row(row.key[0], &raw_positions[..width], &mut gumbel);
                         } else {
                             gumbel.clear();
                             gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
