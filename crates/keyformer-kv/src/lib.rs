@@ -8,9 +8,11 @@
 //! written against this table and per-slot scores only; [`noise`] is Keyformer's reproducible
 //! noise.
 
+pub mod cursor;
 pub mod noise;
 pub mod policy;
 
+pub use cursor::{CursorFull, EvictRange, SlotCursor, StepPlan};
 pub use noise::NoiseKind;
 pub use policy::{Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal};
 

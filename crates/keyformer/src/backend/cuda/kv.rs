@@ -10,7 +10,7 @@
 //! index crosses to the host while decoding.
 
 use cudarc::driver::CudaSlice;
-use keyformer_kv::{NoiseKind, PolicyKind, SequencePolicy, Signal, SlotTable};
+use keyformer_kv::{NoiseKind, PolicyKind, SequencePolicy, Signal, SlotCursor, SlotTable};
 
 use super::{dev_addr, AttnRow, Gpu, GpuError, ScoreSignal, FREE_SLOT};
 use crate::backend::SequenceCache;
@@ -45,14 +45,9 @@ pub struct GpuKvCache {
     pub layers: Vec<LayerKv>,
     n_kv_heads: usize,
     head_dim: usize,
-    capacity: usize,
-    /// Tokens held by every (layer, KV head).
-    len: usize,
-    next_position: u32,
-    /// Slots `0..width` may hold tokens.
-    width: usize,
-    /// The next token takes the slot the last victim freed (the cache is at its budget).
-    reuse_victim: bool,
+    /// Tokens held, slots in use, the next token's slot and position (plain Rust, tested
+    /// against the CPU policy in keyformer-kv).
+    cursor: SlotCursor,
     /// The most tokens held after any step.
     pub tokens_held_max: usize,
 }
@@ -89,18 +84,7 @@ impl GpuKvCache {
             .map(|_| LayerKv::new(gpu, n_kv_heads, head_dim, capacity, scored))
             .collect::<Result<Vec<_>, _>>()
             .map_err(gpu_error)?;
-        Ok(Self {
-            policy,
-            layers,
-            n_kv_heads,
-            head_dim,
-            capacity,
-            len: 0,
-            next_position: 0,
-            width: 0,
-            reuse_victim: false,
-            tokens_held_max: 0,
-        })
+        Ok(Self { policy, layers, n_kv_heads, head_dim, cursor: SlotCursor::new(capacity), tokens_held_max: 0 })
     }
 
     /// What the kernels compute for the scores now.
@@ -118,10 +102,7 @@ impl GpuKvCache {
         if self.policy.prompt_done() {
             return Err(ModelError::Input("the prompt of this sequence was already processed".into()));
         }
-        if self.len + n > self.capacity {
-            return Err(ModelError::ContextFull { needed: self.len + n, capacity: self.capacity });
-        }
-        Ok((self.len, self.next_position))
+        self.cursor.prompt_chunk(n).map_err(full)
     }
 
     /// The attention row of this sequence's next decode step at `layer`; `addrs` are the device
@@ -130,9 +111,8 @@ impl GpuKvCache {
         if !self.policy.prompt_done() {
             return Err(ModelError::Input("a decode step before the prompt was finished".into()));
         }
-        if !self.reuse_victim && self.len >= self.capacity {
-            return Err(ModelError::ContextFull { needed: self.len + 1, capacity: self.capacity });
-        }
+        let plan = self.cursor.plan_step(&self.policy).map_err(full)?;
+        let capacity = self.cursor.capacity;
         let [q, k, v, out] = addrs;
         let l = &self.layers[layer];
         let scores = l.scores.as_ref().map_or(0, |s| dev_addr(gpu, s));
@@ -145,55 +125,43 @@ impl GpuKvCache {
             values: dev_addr(gpu, &l.values),
             slot_pos: dev_addr(gpu, &l.positions),
             victims: dev_addr(gpu, &l.victims),
-            capacity: self.capacity as i32,
-            query_pos: self.next_position,
+            capacity: capacity as i32,
+            query_pos: self.cursor.next_position,
             ..AttnRow::default()
         }
-        .with_signal(self.score_signal(), scores, self.capacity);
+        .with_signal(self.score_signal(), scores, capacity);
         // Eviction ranks by the scores even when a policy no longer adds to them.
         row.scores = scores;
-        // The new token joins what is held (into the slot the last victim freed, or a new one).
-        let held = self.len + 1;
-        row.store_slot = if self.reuse_victim { -1 } else { self.len as i32 };
-        row.width = if self.reuse_victim { self.width as i32 } else { (self.len + 1) as i32 };
-        if held > self.policy.budget {
-            let keep_recent = self.policy.recent.min(held) as u32;
+        row.store_slot = plan.store_slot.map_or(-1, |s| s as i32);
+        row.width = plan.width as i32;
+        if let Some(e) = plan.evict {
             row.evict = 1;
-            row.first_recent = (self.next_position + 1).saturating_sub(keep_recent);
-            row.sinks = if self.policy.kind() == PolicyKind::Sink { self.policy.config.sinks as u32 } else { 0 };
+            row.first_recent = e.first_recent;
+            row.sinks = e.sinks;
         }
         Ok(row)
     }
 
     /// Book-keeping after a forward pass of `n` tokens through every layer.
-    pub(crate) fn advance(&mut self, n: usize) {
+    pub(crate) fn advance(&mut self, n: usize) -> Result<(), ModelError> {
         if self.policy.prompt_done() {
-            let held = self.len + 1;
-            if !self.reuse_victim {
-                self.width = self.len + 1;
-            }
-            if held > self.policy.budget {
-                self.reuse_victim = true;
-                self.len = held - 1;
-            } else {
-                self.len = held;
-            }
+            let plan = self.cursor.plan_step(&self.policy).map_err(full)?;
+            self.cursor.step_done(&plan);
         } else {
-            self.len += n;
-            self.width = self.len;
+            self.cursor.prompt_done(n);
         }
-        self.next_position += n as u32;
-        self.tokens_held_max = self.tokens_held_max.max(self.len);
+        self.tokens_held_max = self.tokens_held_max.max(self.cursor.len);
+        Ok(())
     }
 
     /// The prompt has been processed: every KV head keeps what the CPU policy keeps from the
     /// GPU's scores, the storage shrinks to budget + 1 slots, and decoding starts.
     pub fn finish_prompt(&mut self, gpu: &Gpu) -> Result<(), ModelError> {
         let budget = self.policy.budget;
-        if budget < self.len {
-            let (hd, n_kv, old_cap) = (self.head_dim, self.n_kv_heads, self.capacity);
+        if budget < self.cursor.len {
+            let (hd, n_kv, old_cap) = (self.head_dim, self.n_kv_heads, self.cursor.capacity);
             let new_cap = budget + 1;
-            let width = self.width;
+            let width = self.cursor.width;
             let mut host = Vec::with_capacity(self.layers.len());
             for layer in &self.layers {
                 let positions = gpu.download(&layer.positions).map_err(gpu_error)?;
@@ -266,12 +234,10 @@ impl GpuKvCache {
             }
             self.layers = compact;
             gpu.release_free_memory().map_err(gpu_error)?;
-            self.capacity = new_cap;
-            self.len = budget;
-            self.width = budget;
+            self.cursor.compacted(budget, new_cap);
         }
         self.policy.finish_prompt(&[]);
-        self.tokens_held_max = self.tokens_held_max.max(self.len);
+        self.tokens_held_max = self.tokens_held_max.max(self.cursor.len);
         Ok(())
     }
 
@@ -279,7 +245,7 @@ impl GpuKvCache {
     pub fn held_positions(&self, gpu: &Gpu, layer: usize) -> Result<Vec<Vec<u32>>, ModelError> {
         let all = gpu.download(&self.layers[layer].positions).map_err(gpu_error)?;
         Ok(all
-            .chunks(self.capacity)
+            .chunks(self.cursor.capacity)
             .map(|head| {
                 let mut p: Vec<u32> = head.iter().copied().filter(|&p| p != FREE_SLOT).collect();
                 p.sort_unstable();
@@ -290,39 +256,43 @@ impl GpuKvCache {
 
     /// Key and value bytes held now (f16), over all layers and KV heads.
     pub fn bytes_held(&self) -> usize {
-        self.len * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
+        self.cursor.len * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
     }
     /// Bytes of the storage allocated (capacity, not what is held).
     pub fn bytes_reserved(&self) -> usize {
-        self.capacity * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
+        self.cursor.capacity * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
     }
     /// Slots per (layer, KV head) now.
     pub fn width(&self) -> usize {
-        self.width
+        self.cursor.width
     }
     /// Slots the storage has per (layer, KV head).
     pub fn capacity_now(&self) -> usize {
-        self.capacity
+        self.cursor.capacity
     }
 }
 
 impl SequenceCache for GpuKvCache {
     fn next_position(&self) -> u32 {
-        self.next_position
+        self.cursor.next_position
     }
     fn len(&self) -> usize {
-        self.len
+        self.cursor.len
     }
     fn capacity(&self) -> usize {
         // A cache at its budget takes one more token per step (the victim's slot).
-        if self.reuse_victim {
-            self.capacity.max(self.len + 1)
+        if self.cursor.reuse_victim {
+            self.cursor.capacity.max(self.cursor.len + 1)
         } else {
-            self.capacity
+            self.cursor.capacity
         }
     }
 }
 
 pub(crate) fn gpu_error(e: GpuError) -> ModelError {
     ModelError::Gpu(e.to_string())
+}
+
+fn full(e: keyformer_kv::CursorFull) -> ModelError {
+    ModelError::ContextFull { needed: e.needed, capacity: e.capacity }
 }

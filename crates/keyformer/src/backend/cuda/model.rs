@@ -489,7 +489,7 @@ impl Backend for Cuda {
         // After the last layer the step is done for every sequence.
         if layer + 1 == caches[0].layers.len() {
             for cache in caches.iter_mut() {
-                cache.advance(if batch { 1 } else { n });
+                cache.advance(if batch { 1 } else { n })?;
             }
         }
         Ok(())
@@ -622,7 +622,7 @@ impl Llama<Cuda> {
             Some(g) if g.key == key => {
                 g.graph.launch().map_err(GpuError::from)?;
                 for k in caches.iter_mut() {
-                    k.advance(1);
+                    k.advance(1)?;
                 }
             }
             _ => {
