@@ -156,7 +156,7 @@ mod with_cuda {
         }
         // Bytes a decode step must read besides the KV: every matrix but the embedding table.
         let weights = model.matrix_bytes() - model.token_embd.data.len() * 2;
-        let per_token = c.n_layers * c.n_kv_heads * c.head_dim * 4;
+        let per_token = gpu_bench::bytes_per_token(&model);
         let mut rows: Vec<(GpuBenchRow, BatchSize)> = Vec::new();
         if !a.json {
             println!("GPU: {gpu_name}; model {model_name}; read bandwidth {read_gb_s:.0} GB/s\n");

@@ -14,6 +14,14 @@ use crate::models::llama::Logits;
 use crate::sampling::argmax;
 use crate::ModelError;
 
+/// A policy as the tables name it: `full`, or the kind and its budget (`keyformer@50%`).
+pub fn kv_label(kv: &PolicyConfig) -> String {
+    match kv.budget {
+        Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
+        _ => kv.kind.name().to_string(),
+    }
+}
+
 /// One timed test, repeated.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -58,10 +66,7 @@ impl BenchResult {
         let mut rates: Vec<f64> = samples_s.iter().map(|s| (tokens * batch) as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
         let test = if depth > 0 { format!("{name}{tokens} @ d{depth}") } else { format!("{name}{tokens}") };
-        let kv = match kv.budget {
-            Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
-            _ => kv.kind.name().to_string(),
-        };
+        let kv = kv_label(kv);
         Self {
             bytes_per_token: None,
             read_gb_s: None,

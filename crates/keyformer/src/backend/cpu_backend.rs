@@ -13,6 +13,9 @@ use crate::kv::KvCache;
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
+/// Weights one [`Backend::matmul`] call takes at most (Q, K and V).
+const MAX_FUSED: usize = 3;
+
 /// The CPU backend over one model file.
 pub struct Cpu {
     pub file: Arc<GgufFile>,
@@ -89,13 +92,29 @@ impl Backend for Cpu {
         per_token: bool,
         ys: &mut [&mut Vec<f32>],
     ) -> Result<(), ModelError> {
-        let views: Vec<WeightView> = ws.iter().map(|w| self.view(w)).collect();
-        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        if ws.is_empty() || ws.len() != ys.len() {
+            return Err(ModelError::Input(format!("{} weights for {} outputs", ws.len(), ys.len())));
+        }
+        // Views and output slices on the stack: this runs several times per layer and token.
+        let first = self.view(ws[0]);
+        let mut views = [first; MAX_FUSED];
+        for (v, w) in views.iter_mut().zip(ws).skip(1) {
+            *v = self.view(w);
+        }
+        let views = &views[..ws.len()];
         // A batch of single tokens takes the single-token kernels row by row.
-        if per_token {
-            cpu::matmul_many_per_token(&views, x, n, &mut outs);
-        } else {
-            cpu::matmul_many(&views, x, n, &mut outs);
+        let run = |outs: &mut [&mut [f32]]| {
+            if per_token {
+                cpu::matmul_many_per_token(views, x, n, outs)
+            } else {
+                cpu::matmul_many(views, x, n, outs)
+            }
+        };
+        match ys {
+            [a] => run(&mut [a.as_mut_slice()]),
+            [a, b] => run(&mut [a.as_mut_slice(), b.as_mut_slice()]),
+            [a, b, c] => run(&mut [a.as_mut_slice(), b.as_mut_slice(), c.as_mut_slice()]),
+            _ => return Err(ModelError::Input(format!("{} weights in one product (at most 3)", ys.len()))),
         }
         Ok(())
     }

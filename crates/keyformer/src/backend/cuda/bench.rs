@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use keyformer_kv::{PolicyConfig, PolicyKind};
+use keyformer_kv::PolicyConfig;
 
 use super::kv::GpuKvCache;
 use super::model::Cuda;
@@ -47,16 +47,8 @@ pub struct GpuBenchRow {
     pub peak_gpu_bytes: usize,
 }
 
-/// The KV label of a policy (`full`, `keyformer@50%`).
-pub fn label(kv: &PolicyConfig) -> String {
-    match kv.budget {
-        Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
-        _ => kv.kind.name().to_string(),
-    }
-}
-
 /// Bytes of keys and values per token held (all layers and KV heads, f16).
-fn bytes_per_token(model: &Llama<Cuda>) -> usize {
+pub fn bytes_per_token(model: &Llama<Cuda>) -> usize {
     let c = &model.config;
     c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2
 }
@@ -148,7 +140,7 @@ pub fn run(
     Ok(GpuBenchRow {
         prompt,
         gen,
-        kv: label(kv),
+        kv: crate::bench::kv_label(kv),
         batch,
         prefill_s,
         decode_s,

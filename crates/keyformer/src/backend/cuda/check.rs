@@ -82,7 +82,7 @@ fn worst(a: &[f32], b: &[f32], bound: impl Fn(usize) -> f64) -> f64 {
     a.iter().zip(b).enumerate().map(|(i, (x, y))| (*x as f64 - *y as f64).abs() / bound(i)).fold(0.0, f64::max)
 }
 
-fn row(op: &str, max_error: f64, tolerance: f64, note: &str) -> CheckRow {
+pub(crate) fn row(op: &str, max_error: f64, tolerance: f64, note: &str) -> CheckRow {
     CheckRow { op: op.into(), max_error, tolerance, passed: max_error <= tolerance, note: note.into() }
 }
 

@@ -48,8 +48,6 @@ pub struct GpuKvCache {
     /// Tokens held, slots in use, the next token's slot and position (plain Rust, tested
     /// against the CPU policy in keyformer-kv).
     cursor: SlotCursor,
-    /// The most tokens held after any step.
-    pub tokens_held_max: usize,
 }
 
 /// Policies whose decode-time eviction the GPU runs.
@@ -84,7 +82,7 @@ impl GpuKvCache {
             .map(|_| LayerKv::new(gpu, n_kv_heads, head_dim, capacity, scored))
             .collect::<Result<Vec<_>, _>>()
             .map_err(gpu_error)?;
-        Ok(Self { policy, layers, n_kv_heads, head_dim, cursor: SlotCursor::new(capacity), tokens_held_max: 0 })
+        Ok(Self { policy, layers, n_kv_heads, head_dim, cursor: SlotCursor::new(capacity) })
     }
 
     /// What the kernels compute for the scores now.
@@ -150,7 +148,6 @@ impl GpuKvCache {
         } else {
             self.cursor.prompt_done(n);
         }
-        self.tokens_held_max = self.tokens_held_max.max(self.cursor.len);
         Ok(())
     }
 
@@ -237,7 +234,6 @@ impl GpuKvCache {
             self.cursor.compacted(budget, new_cap);
         }
         self.policy.finish_prompt(&[]);
-        self.tokens_held_max = self.tokens_held_max.max(self.cursor.len);
         Ok(())
     }
 
@@ -257,14 +253,6 @@ impl GpuKvCache {
     /// Key and value bytes held now (f16), over all layers and KV heads.
     pub fn bytes_held(&self) -> usize {
         self.cursor.len * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
-    }
-    /// Bytes of the storage allocated (capacity, not what is held).
-    pub fn bytes_reserved(&self) -> usize {
-        self.cursor.capacity * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
-    }
-    /// Slots per (layer, KV head) now.
-    pub fn width(&self) -> usize {
-        self.cursor.width
     }
     /// Slots the storage has per (layer, KV head).
     pub fn capacity_now(&self) -> usize {

@@ -206,6 +206,16 @@ impl Cuda {
         Ok(Some(key))
     }
 
+    /// The output projection of `n` rows into the scratch's logits, on the device.
+    fn project_logits(&self, sc: &mut Scratch, w: &GpuMatrix, x: &DeviceRows, n: usize) -> Result<(), ModelError> {
+        at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
+        at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
+        let (x16, logits) = (sc.x16.as_mut().expect("sized"), sc.logits.as_mut().expect("sized"));
+        self.gpu.to_f16(x.get()?, n * w.cols, x16)?;
+        self.gpu.gemm_f16(&w.data, w.rows, w.cols, x16, n, logits)?;
+        Ok(())
+    }
+
     /// The greedy tokens a replayed step left on the device.
     fn read_next_tokens(&self, n: usize, out: &mut Vec<u32>) -> Result<(), ModelError> {
         let sc = self.lock();
@@ -299,12 +309,8 @@ impl Backend for Cuda {
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
-        at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
-        at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
-        let Scratch { x16, logits, .. } = &mut *sc;
-        let (x16, logits) = (x16.as_mut().expect("sized"), logits.as_mut().expect("sized"));
-        self.gpu.to_f16(x.get()?, n * w.cols, x16)?;
-        self.gpu.gemm_f16(&w.data, w.rows, w.cols, x16, n, logits)?;
+        self.project_logits(&mut sc, w, x, n)?;
+        let logits = sc.logits.as_ref().expect("sized");
         out.resize(n * w.rows, 0.0);
         self.gpu.stream.memcpy_dtoh(&logits.slice(0..n * w.rows), out.as_mut_slice()).map_err(GpuError::from)?;
         self.gpu.synchronize()?;
@@ -320,18 +326,14 @@ impl Backend for Cuda {
         out: &mut Vec<u32>,
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
-        at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
-        at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
+        self.project_logits(&mut sc, w, x, n)?;
         at_least(&self.gpu, &mut sc.next_tokens, n)?;
-        let Scratch { x16, logits, next_tokens, capturing, .. } = &mut *sc;
-        let (x16, logits, next) =
-            (x16.as_mut().expect("sized"), logits.as_mut().expect("sized"), next_tokens.as_mut().expect("sized"));
-        self.gpu.to_f16(x.get()?, n * w.cols, x16)?;
-        self.gpu.gemm_f16(&w.data, w.rows, w.cols, x16, n, logits)?;
+        let Scratch { logits, next_tokens, capturing, .. } = &mut *sc;
+        let (logits, next) = (logits.as_ref().expect("sized"), next_tokens.as_mut().expect("sized"));
         let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         let vocab = w.rows as i32;
         let mut b = self.gpu.stream.launch_builder(&self.gpu.kernels.argmax_rows);
-        b.arg(&*logits).arg(&vocab).arg(&mut *next);
+        b.arg(logits).arg(&vocab).arg(&mut *next);
         // SAFETY: block r reads row r of n rows of `vocab` logits and writes next[r] (n allocated).
         unsafe { b.launch(cfg) }.map_err(GpuError::from)?;
         if !*capturing {

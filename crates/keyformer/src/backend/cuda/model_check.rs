@@ -5,7 +5,7 @@
 
 use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 
-use super::check::CheckRow;
+use super::check::{row, CheckRow};
 use super::model::Cuda;
 use super::Gpu;
 use crate::kv::KvCache;
@@ -13,10 +13,6 @@ use crate::models::llama::{Llama, Logits};
 use crate::models::random::{self, RandomShape};
 use crate::sampling::argmax;
 use crate::ModelError;
-
-fn row(op: String, max_error: f64, tolerance: f64, note: &str) -> CheckRow {
-    CheckRow { op, max_error, tolerance, passed: max_error <= tolerance, note: note.into() }
-}
 
 /// Logits' largest difference relative to the largest CPU logit.
 fn logit_error(cpu: &[f32], gpu: &[f32]) -> f64 {
@@ -81,7 +77,7 @@ pub fn run(
     }
     drop(gpu_file);
     checks.push(row(
-        format!("{name}: random weights drawn on the GPU equal the file's"),
+        &format!("{name}: random weights drawn on the GPU equal the file's"),
         differ as f64,
         0.0,
         "f16 values that differ (embedding, first and last layer)",
@@ -112,13 +108,13 @@ pub fn run(
     // over the layers that is ~1e-3 of the logits' range; 2e-2 leaves room without hiding a bug
     // (a wrong head, position or mask moves logits by their own size).
     checks.push(row(
-        format!("{name}: logits, full cache, {prompt_len}-token prompt + {steps} steps"),
+        &format!("{name}: logits, full cache, {prompt_len}-token prompt + {steps} steps"),
         worst,
         2e-2,
         "largest |GPU - CPU| over the largest |CPU logit|, worst step",
     ));
     checks.push(row(
-        format!("{name}: greedy tokens agree"),
+        &format!("{name}: greedy tokens agree"),
         (steps + 1 - agree) as f64,
         ((steps + 1) / 10) as f64,
         "steps whose argmax differs (near-ties may flip under f16)",
@@ -168,7 +164,7 @@ pub fn run(
         let differ =
             runs[0].0.iter().zip(&runs[1].0).filter(|(a, b)| a != b).count() + usize::from(runs[0].1 != runs[1].1);
         checks.push(row(
-            format!("{name}: batched keyformer steps replayed as a CUDA graph equal plain launches"),
+            &format!("{name}: batched keyformer steps replayed as a CUDA graph equal plain launches"),
             differ as f64,
             0.0,
             "greedy tokens that differ (+1 if the last layer keeps other tokens), 3 sequences",
@@ -205,19 +201,19 @@ pub fn run(
         let after_steps = held_difference(&cpu_held(&cpu_cache), &gpu_held(&gpu_cache)?);
         let label = format!("{}@{budget}%", kind.name());
         checks.push(row(
-            format!("{name}: {label} keeps the same tokens after the prompt"),
+            &format!("{name}: {label} keeps the same tokens after the prompt"),
             after_prompt as f64,
             (total / 200) as f64,
             &format!("kept tokens that differ, of {total} (0.5% allowed: f16 inputs move scores near ties)"),
         ));
         checks.push(row(
-            format!("{name}: {label} keeps the same tokens after {steps} steps"),
+            &format!("{name}: {label} keeps the same tokens after {steps} steps"),
             after_steps as f64,
             (total / 200) as f64,
             &format!("kept tokens that differ, of {total}"),
         ));
         checks.push(row(
-            format!("{name}: {label} logits while evicting"),
+            &format!("{name}: {label} logits while evicting"),
             worst,
             2e-2,
             "largest |GPU - CPU| over the largest |CPU logit|, worst step",
