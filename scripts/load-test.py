@@ -4,16 +4,21 @@ with the same --kv-memory, reporting throughput, latency percentiles and peak KV
 
     scripts/load-test.py [--clients 8] [--requests 16] [--prompt-tokens 1024] [--max-tokens 256]
                          [--kv-memory 100M] [--policies full,keyformer:50%] [--json OUT]
+                         [--device cuda] [--random-weights llama2-7b]
 
 Each policy gets a fresh server whose default KV policy is that one (requests carry no
 override). Prompts are slices of the Brown corpus (scripts/fetch-texts.sh), each request a
-different slice. Needs the CLI built (cargo build --release).
+different slice; with --random-weights they are random token ids, exactly --prompt-tokens
+long (the random model's tokenizer has no end-of-text token, so every answer is exactly
+--max-tokens long). Needs the CLI built (cargo build --release; with --features cuda for
+--device cuda, the binary named by KEYFORMER_BIN).
 """
 
 import argparse
 import concurrent.futures
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -25,9 +30,11 @@ import urllib.request
 BIN = os.environ.get("KEYFORMER_BIN", "target/release/keyformer")
 
 
-def start(policy, budget, kv_memory, max_batch):
+def start(policy, budget, kv_memory, max_batch, device, random_weights):
     args = [BIN, "serve", "--port", "0", "--kv-memory", kv_memory, "--max-batch", str(max_batch),
-            "--max-queue", "1000", "--kv-policy", policy]
+            "--max-queue", "1000", "--kv-policy", policy, "--device", device]
+    if random_weights:
+        args += ["--random-weights", random_weights]
     if budget:
         args += ["--kv-budget", budget]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
@@ -55,8 +62,14 @@ def prompts(n, prompt_tokens):
     return [" ".join(words[i * step:i * step + span]) for i in range(n)]
 
 
+def token_prompts(n, prompt_tokens):
+    """Random token ids below 256 (byte tokens: in the vocabulary of every random shape)."""
+    rng = random.Random(0)
+    return [[rng.randrange(1, 256) for _ in range(prompt_tokens)] for _ in range(n)]
+
+
 def run_policy(label, policy, budget, args, texts):
-    proc, addr = start(policy, budget, args.kv_memory, args.max_batch)
+    proc, addr = start(policy, budget, args.kv_memory, args.max_batch, args.device, args.random_weights)
     peak = {"kv": 0.0, "batch": 0.0, "reserved": 0.0}
     stop = threading.Event()
 
@@ -120,8 +133,13 @@ def main():
     ap.add_argument("--policies", default="full,keyformer:50%",
                     help="comma-separated POLICY[:BUDGET]")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--random-weights", help="serve random weights at this shape (token-id prompts)")
     args = ap.parse_args()
-    texts = prompts(args.requests, args.prompt_tokens)
+    if args.random_weights:
+        texts = token_prompts(args.requests, args.prompt_tokens)
+    else:
+        texts = prompts(args.requests, args.prompt_tokens)
     rows = []
     for spec in args.policies.split(","):
         policy, _, budget = spec.partition(":")
@@ -129,8 +147,9 @@ def main():
         print(f"running {label} ...", file=sys.stderr)
         rows.append(run_policy(label, policy, budget or None, args, texts))
     base = rows[0]["requests_per_s"]
+    model = f"random {args.random_weights} weights" if args.random_weights else "smollm2-135m"
     print(f"clients {args.clients}, requests {args.requests}, prompt ~{args.prompt_tokens} tokens, "
-          f"max_tokens {args.max_tokens}, --kv-memory {args.kv_memory}\n")
+          f"max_tokens {args.max_tokens}, --kv-memory {args.kv_memory}, --device {args.device}, {model}\n")
     print("| kv | req/s | gen tok/s | p50 s | p99 s | peak KV in use MiB | peak reserved MiB | peak batch | req/s vs first |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

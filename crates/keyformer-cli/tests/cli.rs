@@ -449,7 +449,10 @@ fn gpu_bench_arguments_without_a_gpu_give_one_line_errors() {
     // CPU-only settings are refused before any model loads.
     for (args, want) in [
         (&["bench", "-b", "max"][..], "--batch max needs --device cuda"),
-        (&["bench", "--random-weights", "llama2-7b"][..], "--random-weights needs --device cuda"),
+        (&["bench", "--random-weights", "llama2-7b"][..], "for small shapes"),
+        (&["run", "--random-weights", "llama9", "-p", "x"][..], "llama9"),
+        (&["run", "--device", "cuda", "--random-weights", "tiny", "-p", "x"][..], "CUDA"),
+        (&["serve", "--device", "cuda", "--random-weights", "tiny"][..], "CUDA"),
         (&["bench", "-b", "0"][..], "--batch must be at least 1"),
         (&["bench", "-b", "two"][..], "not a batch size"),
         (&["bench", "--kv-policy", "h2o"][..], "needs a budget"),

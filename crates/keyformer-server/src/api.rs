@@ -44,6 +44,16 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
+/// A completion's `prompt`: text, or token ids (as OpenAI's API allows), alone or in a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    Texts(Vec<String>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
 /// `"kv_cache"`: this request's KV compression, overriding the server's defaults.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +88,7 @@ struct Common {
 
 #[derive(Deserialize)]
 struct CompletionBody {
-    prompt: OneOrMany,
+    prompt: CompletionPrompt,
     #[serde(flatten)]
     common: Common,
 }
@@ -106,6 +116,8 @@ pub struct Parsed {
 
 pub enum Prompt {
     Text(String),
+    /// Token ids, used as they are (no BOS added).
+    Tokens(Vec<u32>),
     Chat(Vec<Message>),
 }
 
@@ -130,14 +142,15 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> 
 
 pub fn parse_completion(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiError> {
     let b: CompletionBody = parse_json(body)?;
+    let one = || ApiError::bad("only one prompt per request is supported", Some("prompt"));
     let prompt = match b.prompt {
-        OneOrMany::One(p) => p,
-        OneOrMany::Many(mut ps) if ps.len() == 1 => ps.remove(0),
-        OneOrMany::Many(_) => {
-            return Err(ApiError::bad("only one prompt per request is supported", Some("prompt")));
-        }
+        CompletionPrompt::Text(p) => Prompt::Text(p),
+        CompletionPrompt::Tokens(ids) => Prompt::Tokens(ids),
+        CompletionPrompt::Texts(mut ps) if ps.len() == 1 => Prompt::Text(ps.remove(0)),
+        CompletionPrompt::TokenLists(mut ps) if ps.len() == 1 => Prompt::Tokens(ps.remove(0)),
+        CompletionPrompt::Texts(_) | CompletionPrompt::TokenLists(_) => return Err(one()),
     };
-    common(b.common, Prompt::Text(prompt), defaults, Some(defaults.completion_max_tokens))
+    common(b.common, prompt, defaults, Some(defaults.completion_max_tokens))
 }
 
 pub fn parse_chat(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiError> {
@@ -290,6 +303,17 @@ mod tests {
         assert_eq!(p.req.kv.kind, PolicyKind::Keyformer);
         assert_eq!((p.req.kv.budget, p.req.kv.recent), (Some(Amount::Percent(50.0)), Some(Amount::Tokens(8))));
         assert!(p.stream);
+        // Token-id prompts, as OpenAI's API takes them.
+        let ids = |body: &[u8]| match parse_completion(body, &d).map(|p| p.prompt) {
+            Ok(Prompt::Tokens(t)) => Ok(t),
+            Ok(_) => panic!("not a token prompt"),
+            Err(e) => Err(e.status),
+        };
+        assert_eq!(ids(br#"{"prompt": [5, 0, 7]}"#), Ok(vec![5, 0, 7]));
+        assert_eq!(ids(br#"{"prompt": [[9, 8]]}"#), Ok(vec![9, 8]));
+        assert_eq!(ids(br#"{"prompt": [[1], [2]]}"#), Err(400));
+        assert_eq!(ids(br#"{"prompt": [-1]}"#), Err(400));
+        assert_eq!(ids(br#"{"prompt": [1.5]}"#), Err(400));
         // Defaults: 16 tokens for completions, the context for chat; the server's policy.
         assert_eq!(parse_completion(br#"{"prompt": "x"}"#, &d).unwrap().req.max_tokens, 16);
         let chat = parse_chat(br#"{"messages": [{"role": "user", "content": "x"}]}"#, &d).unwrap();

@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::stream::{self, Stream, StreamExt};
+use keyformer::backend::Backend;
 use keyformer::chat::ChatMessage;
 use keyformer::Engine;
 use serde_json::{json, Value};
@@ -58,8 +59,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-struct App {
-    engine: Arc<Engine>,
+struct App<B: Backend> {
+    engine: Arc<Engine<B>>,
     scheduler: Scheduler,
     config: ServerConfig,
     metrics: Arc<Metrics>,
@@ -69,8 +70,8 @@ struct App {
 
 /// Serve until `shutdown` resolves; then stop accepting, finish the requests already accepted,
 /// and return. `on_ready` gets the bound address (port 0 picks a free one).
-pub async fn serve(
-    engine: Arc<Engine>,
+pub async fn serve<B: Backend>(
+    engine: Arc<Engine<B>>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
@@ -89,11 +90,11 @@ pub async fn serve(
         next_id: Default::default(),
     });
     let router = Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions::<B>))
+        .route("/v1/chat/completions", post(chat_completions::<B>))
+        .route("/v1/models", get(models::<B>))
         .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
-        .route("/metrics", get(metrics_text))
+        .route("/metrics", get(metrics_text::<B>))
         .fallback(|| async { error_response(&ApiError::with_status(404, "no such endpoint", None)) })
         .with_state(app);
     on_ready(listener.local_addr()?);
@@ -115,7 +116,7 @@ fn error_response(e: &ApiError) -> Response {
     (status, axum::Json(e.body())).into_response()
 }
 
-async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn models<B: Backend>(State(app): State<Arc<App<B>>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&app, &headers) {
         return error_response(&e);
     }
@@ -126,11 +127,11 @@ async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+async fn metrics_text<B: Backend>(State(app): State<Arc<App<B>>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }
 
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+fn authorize<B: Backend>(app: &App<B>, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &app.config.api_key else { return Ok(()) };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -151,15 +152,15 @@ enum Endpoint {
     Chat,
 }
 
-async fn completions(State(app): State<Arc<App>>, request: Request) -> Response {
+async fn completions<B: Backend>(State(app): State<Arc<App<B>>>, request: Request) -> Response {
     handle(app, request, Endpoint::Completions).await.unwrap_or_else(|e| error_response(&e))
 }
 
-async fn chat_completions(State(app): State<Arc<App>>, request: Request) -> Response {
+async fn chat_completions<B: Backend>(State(app): State<Arc<App<B>>>, request: Request) -> Response {
     handle(app, request, Endpoint::Chat).await.unwrap_or_else(|e| error_response(&e))
 }
 
-async fn handle(app: Arc<App>, request: Request, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoint) -> Result<Response, ApiError> {
     app.metrics.request();
     let reject = |e: ApiError| {
         app.metrics.rejected();
@@ -207,21 +208,33 @@ async fn handle(app: Arc<App>, request: Request, endpoint: Endpoint) -> Result<R
 }
 
 /// Tokenise, bound max_tokens by the context, and price the KV reservation.
-fn make_job(
-    app: &App,
+fn make_job<B: Backend>(
+    app: &App<B>,
     prompt: Prompt,
     mut req: keyformer::engine::GenerateRequest,
 ) -> Result<(Job, mpsc::UnboundedReceiver<Event>), ApiError> {
     let engine = &app.engine;
-    let text = match prompt {
-        Prompt::Text(t) => t,
+    let encode = |text: &str| engine.encode(text).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")));
+    let tokens = match prompt {
+        Prompt::Text(t) => encode(&t)?,
+        Prompt::Tokens(ids) => {
+            let vocab = engine.model.config.vocab_size;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad(
+                    format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
+                    Some("prompt"),
+                ));
+            }
+            ids
+        }
         Prompt::Chat(messages) => {
             let messages: Vec<ChatMessage> =
                 messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
-            engine.chat_prompt_messages(&messages).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?
+            let text =
+                engine.chat_prompt_messages(&messages).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+            encode(&text)?
         }
     };
-    let tokens = engine.encode(&text).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
     let ctx = engine.context_length();
     if tokens.is_empty() {
         return Err(ApiError::bad("the prompt is empty", Some("prompt")));

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use keyformer::backend::{Backend, SequenceCache};
 use keyformer::engine::{GenerateRequest, Generation};
 use keyformer::{Engine, GenerationOutput};
 use tokio::sync::mpsc::UnboundedSender;
@@ -82,7 +83,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Start the scheduling thread.
-    pub fn start(engine: Arc<Engine>, limits: Limits, metrics: Arc<Metrics>) -> (Self, std::thread::JoinHandle<()>) {
+    pub fn start<B: Backend>(
+        engine: Arc<Engine<B>>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> (Self, std::thread::JoinHandle<()>) {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { waiting: VecDeque::new(), shutting_down: false }),
             wake: Condvar::new(),
@@ -124,8 +129,8 @@ impl Scheduler {
 }
 
 /// A sequence on the way.
-struct Running {
-    generation: Generation,
+struct Running<B: Backend> {
+    generation: Generation<B>,
     events: UnboundedSender<Event>,
     reserve_bytes: usize,
     deadline: Instant,
@@ -135,8 +140,8 @@ struct Running {
     next: Option<u32>,
 }
 
-fn run(engine: &Engine, shared: &Shared, limits: &Limits, metrics: &Metrics) {
-    let mut running: Vec<Running> = Vec::new();
+fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics: &Metrics) {
+    let mut running: Vec<Running<B>> = Vec::new();
     let mut reserved = 0usize;
     loop {
         // Admit what fits, in arrival order (no overtaking: a large request at the head waits
@@ -252,7 +257,7 @@ fn run(engine: &Engine, shared: &Shared, limits: &Limits, metrics: &Metrics) {
             continue;
         }
         let next: Vec<u32> = running.iter().map(|r| r.next.expect("kept only when it continues")).collect();
-        let mut generations: Vec<&mut Generation> = running.iter_mut().map(|r| &mut r.generation).collect();
+        let mut generations: Vec<&mut Generation<B>> = running.iter_mut().map(|r| &mut r.generation).collect();
         if let Err(e) = engine.step_generations(&mut generations, &next) {
             // A step that fails fails every sequence in it.
             for r in running.drain(..) {
@@ -263,7 +268,7 @@ fn run(engine: &Engine, shared: &Shared, limits: &Limits, metrics: &Metrics) {
             continue;
         }
         let held: usize = running.iter().map(|r| r.generation.cache.bytes_held()).sum();
-        let full: usize = running.iter().map(|r| r.generation.cache.stats.bytes_full_equivalent).sum();
+        let full: usize = running.iter().map(|r| r.generation.cache.stats().bytes_full_equivalent).sum();
         metrics.set_running(running.len(), held, full.saturating_sub(held));
     }
 }

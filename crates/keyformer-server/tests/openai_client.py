@@ -5,7 +5,9 @@ loopback and checks that
 - completions and chat completions, streamed or not, at temperature 0 equal `keyformer run`'s
   text for the same prompt and KV settings, also with many requests at once;
 - bad input gets a 4xx with OpenAI's error object and the server keeps serving;
-- the API key, the bounded queue (429), client disconnects and graceful shutdown work.
+- the API key, the bounded queue (429), client disconnects and graceful shutdown work;
+- a random-weights server (`--random-weights tiny`, byte-level tokenizer) takes token-id
+  prompts and answers as `keyformer run --random-weights tiny` does for the same bytes.
 """
 
 import concurrent.futures
@@ -261,6 +263,26 @@ def main():
         codes = list(pool.map(post_long, range(6)))
     check(429 in codes and 200 in codes and set(codes) <= {200, 429}, f"queue of 1: {codes}")
     small.stop()
+    # Random weights: token-id prompts (one token per byte here), every answer to max_tokens.
+    rnd = Server("--random-weights", "tiny", "--kv-memory", "64M", "--max-batch", "4")
+    text = "Keyformer keeps the key tokens."
+    ref = subprocess.run(
+        [BIN, "run", "--random-weights", "tiny", "--prompt", text, "--max-tokens", "12", "--kv-policy", "keyformer",
+         "--kv-budget", "50%", "--json"], check=True, capture_output=True, text=True).stdout
+    ref = json.loads(ref)
+    rclient = rnd.client()
+    kv = {"policy": "keyformer", "budget": "50%"}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        outs = list(pool.map(lambda _: rclient.completions.create(
+            model="random-tiny", prompt=list(text.encode()), max_tokens=12, temperature=0, extra_body={"kv_cache": kv}),
+            range(3)))
+    for r in outs:
+        check(r.choices[0].text == ref["text"] and r.choices[0].finish_reason == "length"
+              and r.usage.prompt_tokens == len(text.encode()) and r.usage.completion_tokens == 12,
+              "a token-id prompt on random weights answers as `run --random-weights` does, to max_tokens")
+    code, err = rnd.post("/v1/completions", {"prompt": [1, 2, 5000], "max_tokens": 4})
+    check(code == 400 and err["error"]["param"] == "prompt", "a token id outside the vocabulary -> 400")
+    rnd.stop()
     print("all server checks passed")
 
 

@@ -277,7 +277,7 @@ fn generation_row(
 /// Bytes of all weight tensors (each is read once per decode step; the tied output matrix is
 /// the embedding table, read once as well).
 pub fn weight_bytes(engine: &Engine) -> usize {
-    engine.file.tensors.iter().map(|t| t.size_bytes).sum()
+    engine.model.backend.file.tensors.iter().map(|t| t.size_bytes).sum()
 }
 
 /// Read bandwidth in GB/s: the best of a few parallel streaming sums over `bytes` of memory

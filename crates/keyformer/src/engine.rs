@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backend::{Backend, Cpu, SequenceCache};
 use crate::chat::{self, ChatMessage};
 use crate::gguf::GgufFile;
 use keyformer_kv::{Amount, PolicyConfig, Signal};
@@ -15,13 +16,16 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{models, ModelError};
 
-/// Prompt tokens per forward pass: bounds the activation memory of long prompts.
+/// Prompt tokens per forward pass on the CPU: bounds the activation memory of long prompts.
 pub const PREFILL_CHUNK: usize = 512;
 
-/// A loaded model with its tokenizer.
-pub struct Engine {
-    pub file: Arc<GgufFile>,
-    pub model: Llama,
+/// A loaded model with its tokenizer, on backend `B` (the CPU unless said otherwise).
+pub struct Engine<B: Backend = Cpu> {
+    /// The model file; `None` for random weights.
+    pub file: Option<Arc<GgufFile>>,
+    /// What the model is called (the file's stem, or the random shape's name).
+    pub name: String,
+    pub model: Llama<B>,
     pub tokenizer: Tokenizer,
 }
 
@@ -73,16 +77,16 @@ pub struct KvReport {
 }
 
 impl KvReport {
-    fn of(cache: &KvCache) -> Self {
-        let p = &cache.policy;
+    fn of(cache: &impl SequenceCache) -> Self {
+        let (p, stats) = (cache.policy(), cache.stats());
         Self {
             policy: p.kind().name().to_string(),
             budget_tokens: (p.budget != usize::MAX).then_some(p.budget),
             recent_tokens: p.recent,
-            tokens_held_max: cache.stats.tokens_held_max,
-            bytes_held_max: cache.stats.bytes_held_max,
-            bytes_full_equivalent: cache.stats.bytes_full_equivalent,
-            evictions: cache.stats.evictions,
+            tokens_held_max: stats.tokens_held_max,
+            bytes_held_max: stats.bytes_held_max,
+            bytes_full_equivalent: stats.bytes_full_equivalent,
+            evictions: stats.evictions,
         }
     }
     /// Combine the reports of several sequences (maxima of maxima, sums of evictions).
@@ -110,13 +114,14 @@ impl GenerationOutput {
 /// One sequence being generated, a token at a time: [`Engine::generate`] runs it to the end
 /// alone; a scheduler advances many together ([`Engine::step_generations`]). Either way the
 /// same sampling and stopping rules apply, so a sequence's text does not depend on its batch.
-pub struct Generation {
-    pub cache: KvCache,
+pub struct Generation<B: Backend = Cpu> {
+    pub cache: B::Cache,
     logits: Vec<f32>,
     sampler: Sampler,
     history: Vec<u32>,
     generated: Vec<u32>,
     stream: StopStream,
+    text: IncrementalText,
     max_tokens: usize,
     prompt_tokens: usize,
     stop_reason: Option<StopReason>,
@@ -124,8 +129,8 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
-impl Generation {
-    fn new(prompt: &[u32], cache: KvCache, logits: Vec<f32>, req: &GenerateRequest) -> Self {
+impl<B: Backend> Generation<B> {
+    fn new(prompt: &[u32], cache: B::Cache, logits: Vec<f32>, req: &GenerateRequest) -> Self {
         Self {
             cache,
             logits,
@@ -133,6 +138,7 @@ impl Generation {
             history: prompt.to_vec(),
             generated: Vec::new(),
             stream: StopStream::new(req.stop.clone()),
+            text: IncrementalText::default(),
             max_tokens: req.max_tokens,
             prompt_tokens: prompt.len(),
             stop_reason: None,
@@ -155,7 +161,7 @@ impl Generation {
     /// Pick the next token from the current logits and stream the text that became final.
     /// Returns the token the model must now run (`Some`), or `None` when the sequence ended
     /// (end of generation, a stop string, `max_tokens`, or a full context).
-    pub fn advance(&mut self, engine: &Engine, on_text: &mut dyn FnMut(&str)) -> Result<Option<u32>, ModelError> {
+    pub fn advance(&mut self, engine: &Engine<B>, on_text: &mut dyn FnMut(&str)) -> Result<Option<u32>, ModelError> {
         if self.stop_reason.is_some() {
             return Ok(None);
         }
@@ -170,8 +176,8 @@ impl Generation {
         }
         self.generated.push(next);
         self.history.push(next);
-        let text = engine.tokenizer.decode(&self.generated)?;
-        if self.stream.push(&text, on_text) {
+        self.text.update(&engine.tokenizer, &self.generated)?;
+        if self.stream.push(&self.text.text, on_text) {
             self.stop_reason = Some(StopReason::StopString);
             return Ok(None);
         }
@@ -187,7 +193,7 @@ impl Generation {
     }
 
     /// Send what is left of the text and report.
-    pub fn finish(mut self, engine: &Engine, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
+    pub fn finish(mut self, engine: &Engine<B>, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
         let text = self.stream.finish(&engine.tokenizer.decode(&self.generated)?, on_text);
         Ok(GenerationOutput {
             text,
@@ -230,26 +236,13 @@ pub struct PerplexityReport {
     pub kv_cache: KvReport,
 }
 
-impl Engine {
-    pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let (file, model) = models::load(path)?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
-        if tokenizer.vocab_size() != model.config.vocab_size {
-            return Err(ModelError::Invalid(format!(
-                "tokenizer has {} tokens, the model {}",
-                tokenizer.vocab_size(),
-                model.config.vocab_size
-            )));
-        }
-        Ok(Self { file, model, tokenizer })
-    }
-
+impl<B: Backend> Engine<B> {
     pub fn context_length(&self) -> usize {
         self.model.config.context_length
     }
 
     pub fn chat_template(&self) -> Option<&str> {
-        self.file.get("tokenizer.chat_template").and_then(|v| v.as_str())
+        self.file.as_ref()?.get("tokenizer.chat_template").and_then(|v| v.as_str())
     }
 
     /// Wrap a user message in the model's chat template.
@@ -272,10 +265,12 @@ impl Engine {
     }
 
     /// A cache for a prompt of `prompt_len` tokens followed by `steps` decode steps.
-    pub fn new_cache(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<KvCache, ModelError> {
+    /// The full cache is sized for exactly that many tokens (a backend may allocate it all).
+    pub fn new_cache(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<B::Cache, ModelError> {
         let c = &self.model.config;
         let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        Ok(self.model.new_cache_with(policy, c.context_length))
+        let context = prompt_len.saturating_add(steps).min(c.context_length).max(prompt_len);
+        self.model.backend.new_cache(c, self.model.kv_type, policy, context)
     }
 
     /// Run the prompt into `cache` in chunks (full causal attention, scores accumulated), then
@@ -285,110 +280,37 @@ impl Engine {
     pub fn prefill_with(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut B::Cache,
         which: Logits,
         on_rows: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), ModelError> {
-        for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+        let rows = self.model.backend.prefill_chunk();
+        for (ci, chunk) in tokens.chunks(rows).enumerate() {
             let logits = self.model.forward(chunk, cache, which)?;
-            on_rows(ci * PREFILL_CHUNK, &logits);
+            on_rows(ci * rows, &logits);
         }
-        cache.finish_prompt()?;
+        self.model.backend.finish_prompt(cache)?;
         Ok(())
     }
 
     /// Prefill `tokens` and return the last token's logits.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+    pub fn prefill(&self, tokens: &[u32], cache: &mut B::Cache) -> Result<Vec<f32>, ModelError> {
         let mut last = Vec::new();
         self.prefill_with(tokens, cache, Logits::Last, &mut |_, l| last = l.to_vec())?;
         Ok(last)
     }
 
-    /// Prefill `prompt` once with the full cache while recording the prompt scores that every
-    /// policy in `configs` needs; [`cache_from_shared`](Self::cache_from_shared) then gives each
-    /// policy its own compressed copy, equal to what its own prefill would have made.
-    pub fn shared_prefill(
-        &self,
-        prompt: &[u32],
-        configs: &[PolicyConfig],
-        steps: usize,
-    ) -> Result<SharedPrefill, ModelError> {
-        let c = &self.model.config;
-        let mut signals: Vec<Signal> = Vec::new();
-        for kv in configs {
-            let policy = kv.resolve(prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-            let sig = policy.signal();
-            if sig != Signal::None && !signals.contains(&sig) {
-                signals.push(sig);
-            }
-        }
-        let mut cache = self.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
-        cache.recorder = Some(PromptScores::new(signals, c.n_layers, c.n_kv_heads));
-        let mut logits = Vec::new();
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
-        }
-        let scores = cache.recorder.take().expect("recorder set above");
-        Ok(SharedPrefill { cache, scores, logits, prompt_len: prompt.len() })
-    }
-
-    /// A copy of a shared prefill compressed by `kv`, and the prompt's last logits.
-    pub fn cache_from_shared(
-        &self,
-        shared: &SharedPrefill,
-        kv: &PolicyConfig,
-        steps: usize,
-    ) -> Result<(KvCache, Vec<f32>), ModelError> {
-        let c = &self.model.config;
-        let policy = kv.resolve(shared.prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        let signal = policy.signal();
-        let mut cache = self.model.new_cache_with(policy, c.context_length);
-        cache.layers = shared.cache.layers.clone();
-        let tova = cache.policy.kind() == keyformer_kv::PolicyKind::Tova;
-        for (li, heads) in cache.layers.iter().enumerate() {
-            for (h, head) in heads.iter().enumerate() {
-                for (slot, _) in head.table.occupied() {
-                    cache.policy.on_insert(li, h, slot, &head.key(slot));
-                }
-            }
-            if signal == Signal::None {
-                continue;
-            }
-            let k = shared.scores.signals.iter().position(|s| *s == signal).ok_or_else(|| {
-                ModelError::Input(format!(
-                    "the shared prefill did not record {signal:?}: pass this policy to shared_prefill"
-                ))
-            })?;
-            let sums = &shared.scores.sums[k][li * c.n_kv_heads..(li + 1) * c.n_kv_heads];
-            if tova {
-                // TOVA scores with the layer's sum over all heads (as in the forward pass).
-                let mut total = sums[0].clone();
-                for s in &sums[1..] {
-                    total.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-                }
-                (0..c.n_kv_heads).for_each(|h| cache.policy.observe(li, h, &total));
-            } else {
-                for (h, s) in sums.iter().enumerate() {
-                    cache.policy.observe(li, h, s);
-                }
-            }
-        }
-        cache.finish_prompt()?;
-        Ok((cache, shared.logits.clone()))
-    }
-
     /// One decode step: `token` joins the cache (which then evicts down to its budget).
-    pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+    pub fn decode_step(&self, token: u32, cache: &mut B::Cache) -> Result<Vec<f32>, ModelError> {
         let mut logits = Vec::new();
         self.decode_step_into(token, cache, &mut logits)?;
         Ok(logits)
     }
 
     /// [`decode_step`](Self::decode_step) into a logits vector the caller reuses.
-    pub fn decode_step_into(&self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    pub fn decode_step_into(&self, token: u32, cache: &mut B::Cache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         self.model.forward_into(&[token], cache, Logits::Last, logits)?;
-        cache.policy.next_step();
-        cache.end_step();
+        self.model.backend.end_step(cache);
         Ok(())
     }
 
@@ -398,13 +320,12 @@ impl Engine {
     pub fn decode_batch_into(
         &self,
         tokens: &[u32],
-        caches: &mut [&mut KvCache],
+        caches: &mut [&mut B::Cache],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         self.model.forward_batch(tokens, caches, logits)?;
         for cache in caches.iter_mut() {
-            cache.policy.next_step();
-            cache.end_step();
+            self.model.backend.end_step(cache);
         }
         Ok(())
     }
@@ -424,7 +345,7 @@ impl Engine {
 
     /// Check the request, prefill `prompt` under `req.kv`, and return the sequence ready for
     /// its first token.
-    pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation, ModelError> {
+    pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation<B>, ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt is empty".into()));
@@ -447,7 +368,7 @@ impl Engine {
     pub fn generate_from(
         &self,
         prompt: &[u32],
-        (cache, logits): (KvCache, Vec<f32>),
+        (cache, logits): (B::Cache, Vec<f32>),
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
@@ -457,7 +378,7 @@ impl Engine {
         generation.finish(self, on_text)
     }
 
-    fn run_generation(&self, g: &mut Generation, on_text: &mut dyn FnMut(&str)) -> Result<(), ModelError> {
+    fn run_generation(&self, g: &mut Generation<B>, on_text: &mut dyn FnMut(&str)) -> Result<(), ModelError> {
         let t = Instant::now();
         while let Some(next) = g.advance(self, on_text)? {
             self.decode_step_into(next, &mut g.cache, &mut g.logits)?;
@@ -468,10 +389,10 @@ impl Engine {
 
     /// One decode step of several generations together (continuous batching): `next[i]` is
     /// what `generations[i].advance` returned. Each one's logits are those it would get alone.
-    pub fn step_generations(&self, generations: &mut [&mut Generation], next: &[u32]) -> Result<(), ModelError> {
+    pub fn step_generations(&self, generations: &mut [&mut Generation<B>], next: &[u32]) -> Result<(), ModelError> {
         let t = Instant::now();
         let mut rows = Vec::new();
-        let mut caches: Vec<&mut KvCache> = generations.iter_mut().map(|g| &mut g.cache).collect();
+        let mut caches: Vec<&mut B::Cache> = generations.iter_mut().map(|g| &mut g.cache).collect();
         self.decode_batch_into(next, &mut caches, &mut rows)?;
         let vocab = self.model.config.vocab_size;
         let seconds = t.elapsed().as_secs_f64();
@@ -556,11 +477,150 @@ impl Engine {
     }
 }
 
+impl Engine<Cpu> {
+    /// Random weights at `shape` ([`models::random`]) with a byte-level tokenizer
+    /// ([`Tokenizer::byte_level`]): for measuring speed and serving at a model's size without
+    /// its weights. The weights go through a temporary GGUF file (meant for small shapes).
+    pub fn random(shape: &models::random::RandomShape, seed: u64) -> Result<Self, ModelError> {
+        // The file is built in memory first.
+        const MAX_BYTES: usize = 2 << 30;
+        if shape.weight_bytes() > MAX_BYTES {
+            return Err(ModelError::Input(format!(
+                "random {} weights take {:.1} GiB: on the CPU, random weights are for small shapes (tiny, \
+                 smollm2-135m); the GPU draws large ones on the device (--device cuda)",
+                shape.name,
+                shape.weight_bytes() as f64 / (1u64 << 30) as f64
+            )));
+        }
+        let path = std::env::temp_dir().join(format!("keyformer-random-{}-{}.gguf", shape.name, std::process::id()));
+        models::random::write_gguf(&path, shape, seed)?;
+        let loaded = models::load(&path);
+        // The file is mapped: its name can go now.
+        let _ = std::fs::remove_file(&path);
+        let (file, model) = loaded?;
+        let tokenizer = Tokenizer::byte_level(model.config.vocab_size)?;
+        Ok(Self { file: Some(file), name: format!("random-{}", shape.name), model, tokenizer })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let (file, model) = models::load(path)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.vocab_size() != model.config.vocab_size {
+            return Err(ModelError::Invalid(format!(
+                "tokenizer has {} tokens, the model {}",
+                tokenizer.vocab_size(),
+                model.config.vocab_size
+            )));
+        }
+        let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+        Ok(Self { file: Some(file), name, model, tokenizer })
+    }
+
+    /// Prefill `prompt` once with the full cache while recording the prompt scores that every
+    /// policy in `configs` needs; [`cache_from_shared`](Self::cache_from_shared) then gives each
+    /// policy its own compressed copy, equal to what its own prefill would have made.
+    pub fn shared_prefill(
+        &self,
+        prompt: &[u32],
+        configs: &[PolicyConfig],
+        steps: usize,
+    ) -> Result<SharedPrefill, ModelError> {
+        let c = &self.model.config;
+        let mut signals: Vec<Signal> = Vec::new();
+        for kv in configs {
+            let policy = kv.resolve(prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+            let sig = policy.signal();
+            if sig != Signal::None && !signals.contains(&sig) {
+                signals.push(sig);
+            }
+        }
+        let mut cache = self.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
+        cache.recorder = Some(PromptScores::new(signals, c.n_layers, c.n_kv_heads));
+        let mut logits = Vec::new();
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
+        }
+        let scores = cache.recorder.take().expect("recorder set above");
+        Ok(SharedPrefill { cache, scores, logits, prompt_len: prompt.len() })
+    }
+
+    /// A copy of a shared prefill compressed by `kv`, and the prompt's last logits.
+    pub fn cache_from_shared(
+        &self,
+        shared: &SharedPrefill,
+        kv: &PolicyConfig,
+        steps: usize,
+    ) -> Result<(KvCache, Vec<f32>), ModelError> {
+        let c = &self.model.config;
+        let policy = kv.resolve(shared.prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let signal = policy.signal();
+        let mut cache = self.model.new_cache_with(policy, c.context_length);
+        cache.layers = shared.cache.layers.clone();
+        let tova = cache.policy.kind() == keyformer_kv::PolicyKind::Tova;
+        for (li, heads) in cache.layers.iter().enumerate() {
+            for (h, head) in heads.iter().enumerate() {
+                for (slot, _) in head.table.occupied() {
+                    cache.policy.on_insert(li, h, slot, &head.key(slot));
+                }
+            }
+            if signal == Signal::None {
+                continue;
+            }
+            let k = shared.scores.signals.iter().position(|s| *s == signal).ok_or_else(|| {
+                ModelError::Input(format!(
+                    "the shared prefill did not record {signal:?}: pass this policy to shared_prefill"
+                ))
+            })?;
+            let sums = &shared.scores.sums[k][li * c.n_kv_heads..(li + 1) * c.n_kv_heads];
+            if tova {
+                // TOVA scores with the layer's sum over all heads (as in the forward pass).
+                let mut total = sums[0].clone();
+                for s in &sums[1..] {
+                    total.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                }
+                (0..c.n_kv_heads).for_each(|h| cache.policy.observe(li, h, &total));
+            } else {
+                for (h, s) in sums.iter().enumerate() {
+                    cache.policy.observe(li, h, s);
+                }
+            }
+        }
+        cache.finish_prompt()?;
+        Ok((cache, shared.logits.clone()))
+    }
+}
+
 /// `-log softmax(logits)[target]`, computed stably in f64.
 pub fn negative_log_likelihood(logits: &[f32], target: u32) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
     lse - logits[target as usize] as f64
+}
+
+/// The generated tokens' text, decoded a few tokens at a time: decoding the whole answer at
+/// every step costs O(n^2) over a long one (a server decodes every running sequence each
+/// step). Byte-level BPE text is its tokens' bytes in order, so the text decoded from a point
+/// where everything before is whole characters is the text a full decode gives there. A tail
+/// that ends in half a character (U+FFFD) waits for the next token; after `MAX_PENDING`
+/// tokens it is taken as it is (bytes that will never form a character).
+#[derive(Default)]
+struct IncrementalText {
+    text: String,
+    /// Tokens before this one are in `text`.
+    decoded: usize,
+}
+
+impl IncrementalText {
+    const MAX_PENDING: usize = 16;
+
+    fn update(&mut self, tokenizer: &Tokenizer, tokens: &[u32]) -> Result<(), ModelError> {
+        let tail = tokenizer.decode(&tokens[self.decoded..])?;
+        if !tail.ends_with('\u{FFFD}') || tokens.len() - self.decoded >= Self::MAX_PENDING {
+            self.text.push_str(&tail);
+            self.decoded = tokens.len();
+        }
+        Ok(())
+    }
 }
 
 /// Streams generated text while holding back what could still turn into a stop string.
@@ -652,6 +712,30 @@ mod tests {
         assert!(!stopped);
         assert_eq!(text, "a\nb");
         assert_eq!(chunks, vec!["a", "\nb"]);
+    }
+
+    #[test]
+    fn incremental_text_equals_the_full_decode_at_every_whole_character() {
+        // One token per byte: multi-byte characters arrive split over several tokens.
+        let tok = Tokenizer::byte_level(300).unwrap();
+        for text in ["plain ascii", "héllo wörld €uro 😀 end", "日本語のテキスト", "ends mid-char é"] {
+            let mut bytes = text.as_bytes().to_vec();
+            if text.starts_with("ends") {
+                bytes.pop(); // the last character's second byte never comes
+            }
+            let ids: Vec<u32> = bytes.iter().map(|&b| b as u32).collect();
+            let mut inc = IncrementalText::default();
+            for n in 1..=ids.len() {
+                inc.update(&tok, &ids[..n]).unwrap();
+                let full = tok.decode(&ids[..n]).unwrap();
+                if inc.decoded == n {
+                    assert_eq!(inc.text, full, "after {n} tokens of {text:?}");
+                } else {
+                    // Waiting on half a character: what is shown is a whole-character prefix.
+                    assert!(full.starts_with(&inc.text) && full.ends_with('\u{FFFD}'));
+                }
+            }
+        }
     }
 
     #[test]

@@ -172,6 +172,40 @@ impl Tokenizer {
         Ok(Self { inner, bos, eos, end_of_generation, add_bos, tokens })
     }
 
+    /// A byte-level tokenizer for random-weight models, which have no vocabulary of their own:
+    /// one token per byte (GPT-2's byte alphabet, no merges), then filler tokens `<|tN|>` up to
+    /// `vocab_size`. No BOS and no end-of-generation token, so every answer runs to its
+    /// `max_tokens`, as a benchmark wants.
+    pub fn byte_level(vocab_size: usize) -> Result<Self, TokenizerError> {
+        if vocab_size < 256 {
+            return Err(TokenizerError::Metadata(format!(
+                "a byte-level vocabulary needs at least 256 tokens, the model has {vocab_size}"
+            )));
+        }
+        // GPT-2's byte alphabet: printable bytes stand for themselves, the others for 256 + n.
+        let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let mut shifted = 0;
+        let mut tokens: Vec<MetaValue> = (0..256u32)
+            .map(|b| {
+                let c = if printable(b) {
+                    b
+                } else {
+                    shifted += 1;
+                    255 + shifted
+                };
+                MetaValue::String(char::from_u32(c).expect("a valid char").to_string())
+            })
+            .collect();
+        tokens.extend((256..vocab_size).map(|i| MetaValue::String(format!("<|t{i}|>"))));
+        let md = BTreeMap::from([
+            ("tokenizer.ggml.model".to_string(), MetaValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), MetaValue::String("gpt2".into())),
+            ("tokenizer.ggml.tokens".to_string(), MetaValue::Array(tokens)),
+            ("tokenizer.ggml.merges".to_string(), MetaValue::Array(Vec::new())),
+        ]);
+        Self::from_metadata(&md)
+    }
+
     /// Token ids of `text`; special tokens written in the text are recognised. `add_bos`
     /// prepends BOS when the model asks for it.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
@@ -197,5 +231,26 @@ impl Tokenizer {
     }
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_level_tokenizer_has_one_token_per_byte_and_round_trips() {
+        let t = Tokenizer::byte_level(1000).unwrap();
+        assert_eq!(t.vocab_size(), 1000);
+        let text = "Keyformer keeps key tokens, ünïcode and\ttabs.";
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(ids.len(), text.len(), "one token per byte, no BOS");
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        // Byte b is token b (the order of GPT-2's alphabet).
+        assert_eq!(t.encode("A", false).unwrap(), vec![b'A' as u32]);
+        assert_eq!(t.encode(" ", false).unwrap(), vec![b' ' as u32]);
+        assert!(!(0..1000).any(|i| t.is_end_of_generation(i)));
+        assert_eq!(t.decode(&[300]).unwrap(), "<|t300|>");
+        assert!(Tokenizer::byte_level(100).is_err());
     }
 }

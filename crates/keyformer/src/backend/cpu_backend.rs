@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
-use keyformer_kv::{PolicyKind, Signal};
+use keyformer_kv::{PolicyKind, SequencePolicy, Signal};
 
 use super::cpu::{self, WeightView};
 use super::{Backend, ForwardBuffers, HeadShape, SequenceCache};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvStats, KvType};
+use crate::models::llama::LlamaConfig;
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
@@ -44,6 +45,15 @@ impl SequenceCache for KvCache {
     }
     fn capacity(&self) -> usize {
         KvCache::capacity(self)
+    }
+    fn policy(&self) -> &SequencePolicy {
+        &self.policy
+    }
+    fn bytes_held(&self) -> usize {
+        KvCache::bytes_held(self)
+    }
+    fn stats(&self) -> KvStats {
+        self.stats.clone()
     }
 }
 
@@ -231,6 +241,25 @@ impl Backend for Cpu {
             }
         }
         Ok(())
+    }
+
+    fn new_cache(
+        &self,
+        c: &LlamaConfig,
+        kv_type: KvType,
+        policy: SequencePolicy,
+        context: usize,
+    ) -> Result<KvCache, ModelError> {
+        Ok(KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_type, policy, context))
+    }
+
+    fn finish_prompt(&self, cache: &mut KvCache) -> Result<(), ModelError> {
+        Ok(cache.finish_prompt()?)
+    }
+
+    fn end_step(&self, cache: &mut KvCache) {
+        cache.policy.next_step();
+        cache.end_step();
     }
 
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Vec<f32>>) -> R) -> R {

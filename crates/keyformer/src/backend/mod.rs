@@ -12,9 +12,14 @@ pub mod vmath;
 
 pub use cpu_backend::Cpu;
 
+use keyformer_kv::SequencePolicy;
+
+use crate::kv::{KvStats, KvType};
+use crate::models::llama::LlamaConfig;
 use crate::ModelError;
 
-/// One sequence's KV cache as the model sees it: where the next token goes and how much fits.
+/// One sequence's KV cache as the model and the engine see it: where the next token goes, how
+/// much fits, the policy that trims it and what it has held.
 pub trait SequenceCache {
     /// Position the next token takes: one past the last cached position.
     fn next_position(&self) -> u32;
@@ -25,6 +30,11 @@ pub trait SequenceCache {
     }
     /// Slots per (layer, KV head).
     fn capacity(&self) -> usize;
+    fn policy(&self) -> &SequencePolicy;
+    /// Key and value bytes held now, over all layers and KV heads.
+    fn bytes_held(&self) -> usize;
+    /// What the cache has held over the sequence's life.
+    fn stats(&self) -> KvStats;
 }
 
 /// The attention shapes of a model.
@@ -38,15 +48,17 @@ pub struct HeadShape {
 /// The op set. Activations are f32 rows; `n` rows of a matrix product are either one sequence's
 /// tokens (a prompt chunk) or one token of each of `n` sequences (a batch of decode steps,
 /// `per_token`).
-pub trait Backend {
+/// A backend is shared between threads (a server tokenises on its request handlers and
+/// decodes on its scheduler thread), and a sequence's cache may move between them.
+pub trait Backend: Send + Sync + 'static {
     /// A weight matrix, `rows` output features of `cols` inputs.
-    type Matrix;
+    type Matrix: Send + Sync;
     /// A vector of f32 (norm weights, RoPE frequencies).
-    type Vector;
+    type Vector: Send + Sync;
     /// Activations: rows of f32.
     type Act: Default;
     /// One sequence's KV cache.
-    type Cache: SequenceCache;
+    type Cache: SequenceCache + Send;
 
     /// Make `a` hold `len` values (contents unspecified: every op writes before it reads).
     fn resize(&self, a: &mut Self::Act, len: usize) -> Result<(), ModelError>;
@@ -125,6 +137,23 @@ pub trait Backend {
         caches: &mut [&mut Self::Cache],
         out: &mut Self::Act,
     ) -> Result<(), ModelError>;
+    /// An empty cache for one sequence under `policy`; `context` bounds it when the policy
+    /// keeps everything (a backend may allocate all of it at once).
+    fn new_cache(
+        &self,
+        config: &LlamaConfig,
+        kv_type: KvType,
+        policy: SequencePolicy,
+        context: usize,
+    ) -> Result<Self::Cache, ModelError>;
+    /// The prompt has gone through the model: compress the cache to the policy's budget.
+    fn finish_prompt(&self, cache: &mut Self::Cache) -> Result<(), ModelError>;
+    /// A decode step has gone through the model (the policy's schedule moves on).
+    fn end_step(&self, cache: &mut Self::Cache);
+    /// Prompt tokens per forward pass (bounds a long prompt's activation memory).
+    fn prefill_chunk(&self) -> usize {
+        512
+    }
     /// Run `f` with this backend's forward-pass buffers (kept between calls, so a decode step
     /// allocates nothing of the model's size).
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Self::Act>) -> R) -> R;

@@ -10,13 +10,12 @@ use keyformer_kv::PolicyConfig;
 
 use super::kv::GpuKvCache;
 use super::model::Cuda;
+use crate::backend::{Backend, SequenceCache};
 use crate::models::llama::{Llama, Logits};
 use crate::models::random;
 use crate::sampling::argmax;
 use crate::ModelError;
 
-/// Prompt tokens per forward pass while prefilling (bounds the activations).
-const GPU_PREFILL_CHUNK: usize = 1024;
 /// Device memory kept free beyond the caches: activations, attention scratch, cuBLAS, and a
 /// margin for the allocator's granularity.
 const RESERVE_BYTES: usize = 4 << 30;
@@ -102,7 +101,7 @@ pub fn run(
     for i in 0..batch {
         let mut cache = model.new_gpu_cache(kv, prompt, gen)?;
         let mut logits = Vec::new();
-        for chunk in tokens.chunks(GPU_PREFILL_CHUNK) {
+        for chunk in tokens.chunks(model.backend.prefill_chunk()) {
             logits = model.forward(chunk, &mut cache, Logits::Last)?;
         }
         cache.finish_prompt(gpu)?;

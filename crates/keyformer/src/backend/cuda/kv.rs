@@ -14,6 +14,7 @@ use keyformer_kv::{NoiseKind, PolicyKind, SequencePolicy, Signal, SlotCursor, Sl
 
 use super::{dev_addr, AttnRow, Gpu, GpuError, ScoreSignal, FREE_SLOT};
 use crate::backend::SequenceCache;
+use crate::kv::KvStats;
 use crate::ModelError;
 
 /// One layer's storage.
@@ -48,6 +49,7 @@ pub struct GpuKvCache {
     /// Tokens held, slots in use, the next token's slot and position (plain Rust, tested
     /// against the CPU policy in keyformer-kv).
     cursor: SlotCursor,
+    stats: KvStats,
 }
 
 /// Policies whose decode-time eviction the GPU runs.
@@ -82,7 +84,7 @@ impl GpuKvCache {
             .map(|_| LayerKv::new(gpu, n_kv_heads, head_dim, capacity, scored))
             .collect::<Result<Vec<_>, _>>()
             .map_err(gpu_error)?;
-        Ok(Self { policy, layers, n_kv_heads, head_dim, cursor: SlotCursor::new(capacity) })
+        Ok(Self { policy, layers, n_kv_heads, head_dim, cursor: SlotCursor::new(capacity), stats: KvStats::default() })
     }
 
     /// What the kernels compute for the scores now.
@@ -145,10 +147,23 @@ impl GpuKvCache {
         if self.policy.prompt_done() {
             let plan = self.cursor.plan_step(&self.policy).map_err(full)?;
             self.cursor.step_done(&plan);
+            if plan.evict.is_some() {
+                self.stats.evictions += self.layers.len() * self.n_kv_heads;
+            }
+            self.record();
         } else {
             self.cursor.prompt_done(n);
         }
         Ok(())
+    }
+
+    /// Book-keeping of what the cache held, after its prompt's compression and each step (as
+    /// the CPU cache counts it).
+    fn record(&mut self) {
+        let per_token = self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2;
+        self.stats.tokens_held_max = self.stats.tokens_held_max.max(self.cursor.len);
+        self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
+        self.stats.bytes_full_equivalent = self.cursor.next_position as usize * per_token;
     }
 
     /// The prompt has been processed: every KV head keeps what the CPU policy keeps from the
@@ -231,9 +246,11 @@ impl GpuKvCache {
             }
             self.layers = compact;
             gpu.release_free_memory().map_err(gpu_error)?;
+            self.stats.evictions += (self.cursor.len - budget) * self.layers.len() * n_kv;
             self.cursor.compacted(budget, new_cap);
         }
         self.policy.finish_prompt(&[]);
+        self.record();
         Ok(())
     }
 
@@ -250,10 +267,6 @@ impl GpuKvCache {
             .collect())
     }
 
-    /// Key and value bytes held now (f16), over all layers and KV heads.
-    pub fn bytes_held(&self) -> usize {
-        self.cursor.len * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
-    }
     /// Slots the storage has per (layer, KV head).
     pub fn capacity_now(&self) -> usize {
         self.cursor.capacity
@@ -274,6 +287,16 @@ impl SequenceCache for GpuKvCache {
         } else {
             self.cursor.capacity
         }
+    }
+    fn policy(&self) -> &SequencePolicy {
+        &self.policy
+    }
+    /// Key and value bytes held now (f16).
+    fn bytes_held(&self) -> usize {
+        self.cursor.len * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
+    }
+    fn stats(&self) -> KvStats {
+        self.stats.clone()
     }
 }
 

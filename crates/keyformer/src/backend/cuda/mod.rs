@@ -338,6 +338,11 @@ impl Gpu {
         Ok(())
     }
 
+    /// Make this GPU's context current on the calling thread.
+    pub fn bind_to_thread(&self) -> Result<(), GpuError> {
+        Ok(self.stream.context().bind_to_thread()?)
+    }
+
     /// Wait for everything queued.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         Ok(self.stream.synchronize()?)

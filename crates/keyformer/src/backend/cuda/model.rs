@@ -10,7 +10,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::kv::GpuKvCache;
 use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError};
 use crate::backend::cpu_backend::GgufWeight;
-use crate::backend::{Backend, Cpu, ForwardBuffers, HeadShape};
+use crate::backend::{Backend, Cpu, ForwardBuffers, HeadShape, SequenceCache};
+use crate::engine::Engine;
 use crate::models::llama::{Layer, Llama, LlamaConfig, Logits, Out};
 use crate::models::random::{self, RandomShape};
 use crate::quant::dequantize_row;
@@ -69,6 +70,12 @@ struct StepGraph {
     key: Vec<u64>,
 }
 
+// SAFETY: a graph and its executable instance are driver handles with no thread affinity (the
+// driver API may use them from any thread whose context is current: `with_buffers` makes it
+// so); cudarc leaves them !Send only because they are raw pointers. The backend keeps its graph
+// behind a mutex, so one thread uses it at a time.
+unsafe impl Send for StepGraph {}
+
 /// The CUDA backend: one GPU and the buffers its forward passes reuse.
 pub struct Cuda {
     pub gpu: Gpu,
@@ -106,16 +113,6 @@ impl Cuda {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Scratch> {
         self.scratch.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An empty KV cache for `policy` (see [`GpuKvCache`]).
-    pub fn new_cache(
-        &self,
-        config: &LlamaConfig,
-        policy: keyformer_kv::SequencePolicy,
-        context: usize,
-    ) -> Result<GpuKvCache, ModelError> {
-        GpuKvCache::new(&self.gpu, config.n_layers, config.n_kv_heads, config.head_dim, policy, context)
     }
 
     /// Device memory in use (all of it, not only this process's), and the total.
@@ -179,10 +176,7 @@ impl Cuda {
         let stream = &gpu.stream;
         stream.memcpy_htod(tokens, &mut tok.as_mut().expect("ready").slice_mut(0..m)).map_err(GpuError::from)?;
         sent_positions.clear();
-        sent_positions.extend(caches.iter().map(|c| {
-            use crate::backend::SequenceCache;
-            c.next_position()
-        }));
+        sent_positions.extend(caches.iter().map(|c| c.next_position()));
         stream.memcpy_htod(sent_positions.as_slice(), positions.as_mut().expect("ready")).map_err(GpuError::from)?;
         host_rows.clear();
         for li in 0..n_layers {
@@ -497,7 +491,33 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    fn new_cache(
+        &self,
+        config: &LlamaConfig,
+        _kv_type: crate::kv::KvType,
+        policy: keyformer_kv::SequencePolicy,
+        context: usize,
+    ) -> Result<GpuKvCache, ModelError> {
+        // Keys and values are always f16 on the GPU.
+        GpuKvCache::new(&self.gpu, config.n_layers, config.n_kv_heads, config.head_dim, policy, context)
+    }
+
+    fn finish_prompt(&self, cache: &mut GpuKvCache) -> Result<(), ModelError> {
+        cache.finish_prompt(&self.gpu)
+    }
+
+    fn end_step(&self, cache: &mut GpuKvCache) {
+        cache.policy.next_step();
+    }
+
+    fn prefill_chunk(&self) -> usize {
+        1024
+    }
+
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<DeviceRows>) -> R) -> R {
+        // The calling thread (a server's scheduler, say) may not be the one that opened the
+        // GPU: make its context current there (a failure shows at the first launch).
+        let _ = self.gpu.bind_to_thread();
         f(&mut self.buffers.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -607,7 +627,6 @@ impl Llama<Cuda> {
             return self.forward_batch_greedy(tokens, caches, next);
         }
         for k in caches.iter() {
-            use crate::backend::SequenceCache;
             if k.len() + 1 > k.capacity() {
                 return Err(ModelError::ContextFull { needed: k.len() + 1, capacity: k.capacity() });
             }
@@ -667,6 +686,23 @@ impl Llama<Cuda> {
     ) -> Result<GpuKvCache, ModelError> {
         let c = &self.config;
         let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        self.backend.new_cache(c, policy, (prompt_len + steps).min(c.context_length).max(prompt_len))
+        self.backend.new_cache(c, self.kv_type, policy, (prompt_len + steps).min(c.context_length).max(prompt_len))
+    }
+}
+
+impl Engine<Cuda> {
+    /// A model file's engine (loaded for the CPU) moved onto the GPU: the weights dequantised
+    /// to f16, the tokenizer and metadata kept.
+    pub fn from_cpu(cuda: Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
+        let model = Llama::<Cuda>::from_cpu(cuda, &cpu.model)?;
+        Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
+    }
+
+    /// Random weights at `shape` drawn on the GPU, with the byte-level tokenizer of
+    /// [`Engine::random`] (the same weights as the CPU's random engine with the same seed).
+    pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64) -> Result<Self, ModelError> {
+        let model = Llama::<Cuda>::random(cuda, shape, seed)?;
+        let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
+        Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
     }
 }
