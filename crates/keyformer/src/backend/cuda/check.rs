@@ -132,23 +132,25 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let scale = max_abs(&want);
     checks.push(row("silu_mul", worst(&got, &want, |_| scale), 1e-6, "relative to the largest output"));
 
-    // An f16 weight times 1 and 5 activation rows, against the CPU's F16 row dots.
+    // An f16 weight times 1 activation row (our GEMV) and 3 and 12 (cuBLAS), against the
+    // CPU's F16 row dots.
     let (wr, wc) = (n_ff, d);
     let w32 = rng.vec(wr * wc, 0.05);
     let w16: Vec<u16> = w32.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
     let w_bytes: Vec<u8> = w16.iter().flat_map(|b| b.to_le_bytes()).collect();
     let view = WeightView { ggml_type: GgmlType::F16, rows: wr, cols: wc, bytes: &w_bytes };
     let w_dev = gpu.upload(&w16)?;
-    let mut x16 = gpu.zeros::<u16>(8 * wc)?;
-    let mut y_dev = gpu.zeros::<f32>(8 * wr)?;
-    for n in [1usize, 5] {
+    let mut x16 = gpu.zeros::<u16>(12 * wc)?;
+    let mut y_dev = gpu.zeros::<f32>(12 * wr)?;
+    for n in [1usize, 3, 12] {
         let x = rng.vec(n * wc, 1.0);
         let mut want = vec![0f32; n * wr];
         cpu::matmul(&view, &x, n, &mut want);
         gpu.matmul_f16(&w_dev, wr, wc, &gpu.upload(&x)?, n, &mut x16, &mut y_dev)?;
         let got = gpu.download(&y_dev)?;
-        // The GPU rounds the activations to f16 (relative error <= 2^-11 each): the error is
-        // bounded by 2^-11 * sum |w x| (plus summation order, far smaller).
+        // cuBLAS gets the activations rounded to f16 (relative error <= 2^-11 each): the error
+        // is bounded by 2^-11 * sum |w x| (plus summation order, far smaller); the GEMV keeps
+        // them in f32, so only the summation order differs.
         let magnitude: Vec<f64> = (0..n * wr)
             .map(|i| {
                 let (t, r) = (i / wr, i % wr);
@@ -163,11 +165,20 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             "relative to sum |w x| of each output",
         ));
     }
-    // Decode-time speed of that product (one row: the weight read once).
+    // Decode-time speed of that product (one row: the weight read once), ours and cuBLAS's.
     let x1 = gpu.upload(&rng.vec(wc, 1.0))?;
     let micros = time_us(gpu, 50, || gpu.matmul_f16(&w_dev, wr, wc, &x1, 1, &mut x16, &mut y_dev))?;
     timings.push(Timing {
-        op: format!("matmul_f16 {wr}x{wc}, 1 row"),
+        op: format!("matmul_f16 {wr}x{wc}, 1 row (GEMV)"),
+        microseconds: micros,
+        read_gb_s: Some((wr * wc * 2) as f64 / micros / 1e3),
+    });
+    let micros = time_us(gpu, 50, || {
+        gpu.to_f16(&x1, wc, &mut x16)?;
+        gpu.gemm_f16(&w_dev, wr, wc, &x16, 1, &mut y_dev)
+    })?;
+    timings.push(Timing {
+        op: format!("matmul_f16 {wr}x{wc}, 1 row (cuBLAS)"),
         microseconds: micros,
         read_gb_s: Some((wr * wc * 2) as f64 / micros / 1e3),
     });

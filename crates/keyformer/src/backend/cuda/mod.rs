@@ -68,6 +68,7 @@ struct Kernels {
     rope_adjacent_pairs: CudaFunction,
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
+    gemv_f16: CudaFunction,
     attn_decode_partial: CudaFunction,
     attn_decode_combine: CudaFunction,
     kv_store: CudaFunction,
@@ -91,6 +92,12 @@ pub struct Gpu {
     kernels: Kernels,
     gumbel_table: CudaSlice<f32>,
     sm_count: usize,
+}
+
+/// Whether a product of `n` rows of `cols` values goes through our GEMV (kernels.cu
+/// `gemv_f16`): one row only; with more, cuBLAS was faster (measured at 4 rows on an H100).
+pub fn uses_gemv(n: usize, cols: usize) -> bool {
+    n == 1 && cols % 8 == 0
 }
 
 /// Slots per block of the attention's first kernel, and the limits of its shared memory (as
@@ -272,6 +279,7 @@ impl Gpu {
             rope_adjacent_pairs: f("rope_adjacent_pairs")?,
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
+            gemv_f16: f("gemv_f16")?,
             attn_decode_partial: f("attn_decode_partial")?,
             attn_decode_combine: f("attn_decode_combine")?,
             kv_store: f("kv_store")?,
@@ -410,8 +418,8 @@ impl Gpu {
     }
 
     /// `y[t] = W x[t]` for the `n` rows of `x`: `w` f16 `[rows][cols]` (as GGUF stores a
-    /// weight), `x` f32 `[n][cols]` (converted to f16 in `x16`), `y` f32 `[n][rows]`; cuBLAS
-    /// with f32 accumulation.
+    /// weight), `x` f32 `[n][cols]`, `y` f32 `[n][rows]`, f32 accumulation. One row through
+    /// our GEMV (x as it is); more through cuBLAS (x converted to f16 in `x16`).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_f16(
         &self,
@@ -423,8 +431,39 @@ impl Gpu {
         x16: &mut CudaSlice<u16>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
+        if uses_gemv(n, cols) {
+            return self.gemv_f16(w, rows, cols, x, n, y);
+        }
         self.to_f16(x, n * cols, x16)?;
         self.gemm_f16(w, rows, cols, x16, n, y)
+    }
+
+    /// [`matmul_f16`](Self::matmul_f16) of one row ([`uses_gemv`]): a warp per pair of output
+    /// features (kernels.cu `gemv_f16`).
+    pub fn gemv_f16(
+        &self,
+        w: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        if !uses_gemv(n, cols) || w.len() != rows * cols || x.len() < n * cols || y.len() < n * rows {
+            return Err(GpuError::Shape(format!(
+                "GEMV of a {rows} x {cols} weight ({} values) with {n} rows ({} values) into {}",
+                w.len(),
+                x.len(),
+                y.len()
+            )));
+        }
+        let (rows_i, cols_i) = (rows as i32, cols as i32);
+        let mut b = self.stream.launch_builder(&self.kernels.gemv_f16);
+        b.arg(w).arg(x).arg(&mut *y).arg(&rows_i).arg(&cols_i);
+        // SAFETY: a warp per pair of output rows (8 per block) reads its weight rows in 16-byte
+        // pieces (cols % 8 == 0 and the allocation is aligned) and one row of x; checked above.
+        unsafe { b.launch(grid(rows.div_ceil(2) * 32, 256)) }?;
+        Ok(())
     }
 
     /// The first `m` values of `x` as f16 into `x16`.

@@ -205,8 +205,7 @@ impl Cuda {
         at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
         at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
         let (x16, logits) = (sc.x16.as_mut().expect("sized"), sc.logits.as_mut().expect("sized"));
-        self.gpu.to_f16(x.get()?, n * w.cols, x16)?;
-        self.gpu.gemm_f16(&w.data, w.rows, w.cols, x16, n, logits)?;
+        self.gpu.matmul_f16(&w.data, w.rows, w.cols, x.get()?, n, x16, logits)?;
         Ok(())
     }
 
@@ -282,8 +281,15 @@ impl Backend for Cuda {
         _per_token: bool,
         ys: &mut [&mut DeviceRows],
     ) -> Result<(), ModelError> {
-        let mut sc = self.lock();
         let cols = ws[0].cols;
+        if super::uses_gemv(n, cols) {
+            // One row (a single sequence's decode step): our GEMV, the f32 input as it is.
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                self.gpu.gemv_f16(&w.data, w.rows, w.cols, x.get()?, n, y.get_mut()?)?;
+            }
+            return Ok(());
+        }
+        let mut sc = self.lock();
         at_least(&self.gpu, &mut sc.x16, n * cols)?;
         let x16 = sc.x16.as_mut().expect("sized");
         // The input is converted to f16 once for all the weights that share it.
