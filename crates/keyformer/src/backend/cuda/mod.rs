@@ -432,7 +432,7 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
         if uses_gemv(n, cols) {
-            return self.gemv_f16(w, rows, cols, x, n, y);
+            return self.gemv_f16(w, rows, cols, x, y);
         }
         self.to_f16(x, n * cols, x16)?;
         self.gemm_f16(w, rows, cols, x16, n, y)
@@ -446,12 +446,11 @@ impl Gpu {
         rows: usize,
         cols: usize,
         x: &CudaSlice<f32>,
-        n: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        if !uses_gemv(n, cols) || w.len() != rows * cols || x.len() < n * cols || y.len() < n * rows {
+        if !uses_gemv(1, cols) || w.len() != rows * cols || x.len() < cols || y.len() < rows {
             return Err(GpuError::Shape(format!(
-                "GEMV of a {rows} x {cols} weight ({} values) with {n} rows ({} values) into {}",
+                "GEMV of a {rows} x {cols} weight ({} values) with {} values into {}",
                 w.len(),
                 x.len(),
                 y.len()

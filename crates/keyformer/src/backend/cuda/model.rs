@@ -285,7 +285,7 @@ impl Backend for Cuda {
         if super::uses_gemv(n, cols) {
             // One row (a single sequence's decode step): our GEMV, the f32 input as it is.
             for (w, y) in ws.iter().zip(ys.iter_mut()) {
-                self.gpu.gemv_f16(&w.data, w.rows, w.cols, x.get()?, n, y.get_mut()?)?;
+                self.gpu.gemv_f16(&w.data, w.rows, w.cols, x.get()?, y.get_mut()?)?;
             }
             return Ok(());
         }
