@@ -160,10 +160,14 @@ impl GpuKvCache {
     /// Book-keeping of what the cache held, after its prompt's compression and each step (as
     /// the CPU cache counts it).
     fn record(&mut self) {
-        let per_token = self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2;
         self.stats.tokens_held_max = self.stats.tokens_held_max.max(self.cursor.len);
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
-        self.stats.bytes_full_equivalent = self.cursor.next_position as usize * per_token;
+        self.stats.bytes_full_equivalent = self.cursor.next_position as usize * self.bytes_per_token();
+    }
+
+    /// Key and value bytes of one token over all layers and KV heads (f16).
+    fn bytes_per_token(&self) -> usize {
+        self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
     }
 
     /// The prompt has been processed: every KV head keeps what the CPU policy keeps from the
@@ -291,9 +295,8 @@ impl SequenceCache for GpuKvCache {
     fn policy(&self) -> &SequencePolicy {
         &self.policy
     }
-    /// Key and value bytes held now (f16).
     fn bytes_held(&self) -> usize {
-        self.cursor.len * self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
+        self.cursor.len * self.bytes_per_token()
     }
     fn stats(&self) -> KvStats {
         self.stats.clone()
