@@ -259,15 +259,16 @@ extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
 // part_out [rows][n_heads][chunks][head_dim]; part_stats [rows][n_heads][chunks][4] =
 // (m, l, m', l'); score_exps [rows][n_heads][max_width]. head_dim a multiple of 16, at most
 // ATTN_MAX_HEAD_DIM.
-extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim,
-                                               int max_width, float scale, unsigned layer,
-                                               const float* gumbel_table, int table_bits, float* part_out,
-                                               float* part_stats, float* score_exps) {
-    __shared__ float sq[ATTN_MAX_GROUP * ATTN_MAX_HEAD_DIM];
-    __shared__ float sl[ATTN_MAX_GROUP * ATTN_CHUNK];
-    __shared__ float sn[ATTN_MAX_GROUP * ATTN_CHUNK];
+template <int GROUP>
+__device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, int n_heads, int n_kv_heads,
+                                                         int head_dim, int max_width, float scale, unsigned layer,
+                                                         const float* gumbel_table, int table_bits,
+                                                         float* part_out, float* part_stats, float* score_exps) {
+    __shared__ float sq[GROUP * ATTN_MAX_HEAD_DIM];
+    __shared__ float sl[GROUP * ATTN_CHUNK];
+    __shared__ float sn[GROUP * ATTN_CHUNK];
     __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
-    __shared__ unsigned skey[ATTN_MAX_GROUP];
+    __shared__ unsigned skey[GROUP];
     const AttnRow& row_desc = rows[blockIdx.x];
     int width = row_desc.width, capacity = row_desc.capacity, score_mode = row_desc.score_mode;
     unsigned query_pos = row_desc.query_pos;
@@ -299,9 +300,9 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
         unsigned p = slot_pos[(size_t)g * capacity + lo + tt];
         int span = head_dim / 2, d0 = half * span;
         const uint4* k = (const uint4*)(keys + ((size_t)g * capacity + lo + tt) * head_dim + d0);
-        float acc[ATTN_MAX_GROUP];
+        float acc[GROUP];
 #pragma unroll
-        for (int j = 0; j < ATTN_MAX_GROUP; j++) acc[j] = 0.0f;
+        for (int j = 0; j < GROUP; j++) acc[j] = 0.0f;
         for (int i = 0; i < span / 8; i++) {
             uint4 w = k[i];
             unsigned words[4] = {w.x, w.y, w.z, w.w};
@@ -310,13 +311,13 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
                 float a = h2f((unsigned short)(words[e] & 0xffffu)), b = h2f((unsigned short)(words[e] >> 16));
                 int d = d0 + 8 * i + 2 * e;
 #pragma unroll
-                for (int j = 0; j < ATTN_MAX_GROUP; j++)
+                for (int j = 0; j < GROUP; j++)
                     if (j < group) acc[j] += sq[j * head_dim + d] * a + sq[j * head_dim + d + 1] * b;
             }
         }
         bool visible = t < m && p != FREE_SLOT && p <= query_pos;
 #pragma unroll
-        for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+        for (int j = 0; j < GROUP; j++) {
             if (j >= group) break;
             float dsum = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 1);
             if (half == 0 && t < m) {
@@ -359,9 +360,9 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
 
     // The chunk's unnormalised outputs: a warp per slot (two values per lane per step, each
     // value read once for the group), then the warps' sums added through shared memory.
-    float acc[ATTN_MAX_GROUP][ATTN_MAX_HEAD_DIM / 64][2];
+    float acc[GROUP][ATTN_MAX_HEAD_DIM / 64][2];
 #pragma unroll
-    for (int j = 0; j < ATTN_MAX_GROUP; j++)
+    for (int j = 0; j < GROUP; j++)
 #pragma unroll
         for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) acc[j][r][0] = acc[j][r][1] = 0.0f;
     for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
@@ -374,7 +375,7 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
         for (int u = 0; u < UNROLL; u++) {
             if (t0 + u >= m) break;
 #pragma unroll
-            for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+            for (int j = 0; j < GROUP; j++) {
                 if (j >= group) break;
                 float w = sl[j * ATTN_CHUNK + t0 + u];
 #pragma unroll
@@ -386,7 +387,7 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
         }
     }
 #pragma unroll
-    for (int j = 0; j < ATTN_MAX_GROUP; j++) {
+    for (int j = 0; j < GROUP; j++) {
         if (j >= group) break;
 #pragma unroll
         for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
@@ -411,6 +412,24 @@ extern "C" __global__ void attn_decode_partial(const AttnRow* rows, int n_heads,
                 score_exps[(zh + h0 + j) * max_width + lo + t] = src[j * ATTN_CHUNK + t];
     }
 }
+
+// One entry point per bound on the query heads per KV head (1, 2, 4, 8): the accumulators
+// are sized by it, so a model without grouped queries (Llama 2) does not pay registers, and
+// blocks per SM, for eight.
+#define ATTN_PARTIAL_ENTRY(G, BOUNDS)                                                                  \
+    extern "C" __global__ void BOUNDS attn_decode_partial_g##G(                                        \
+        const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim, int max_width, float scale,    \
+        unsigned layer, const float* gumbel_table, int table_bits, float* part_out, float* part_stats, \
+        float* score_exps) {                                                                           \
+        attn_decode_partial_body<G>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, layer,      \
+                                    gumbel_table, table_bits, part_out, part_stats, score_exps);       \
+    }
+// One query head per KV head fits 32 registers without spills: 8 blocks of 256 threads per SM
+// (64 registers, 4 blocks, for eight).
+ATTN_PARTIAL_ENTRY(1, __launch_bounds__(256, 8))
+ATTN_PARTIAL_ENTRY(2, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(4, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(8, __launch_bounds__(256))
 
 // Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots, row z) combines
 // the chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks

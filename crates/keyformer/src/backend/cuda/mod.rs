@@ -69,7 +69,8 @@ struct Kernels {
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
     gemv_f16: CudaFunction,
-    attn_decode_partial: CudaFunction,
+    /// One per bound on the query heads per KV head: 1, 2, 4, 8 (kernels.cu).
+    attn_decode_partial: [CudaFunction; 4],
     attn_decode_combine: CudaFunction,
     kv_store: CudaFunction,
     choose_victims: CudaFunction,
@@ -280,7 +281,12 @@ impl Gpu {
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
             gemv_f16: f("gemv_f16")?,
-            attn_decode_partial: f("attn_decode_partial")?,
+            attn_decode_partial: [
+                f("attn_decode_partial_g1")?,
+                f("attn_decode_partial_g2")?,
+                f("attn_decode_partial_g4")?,
+                f("attn_decode_partial_g8")?,
+            ],
             attn_decode_combine: f("attn_decode_combine")?,
             kv_store: f("kv_store")?,
             choose_victims: f("choose_victims")?,
@@ -630,7 +636,9 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let AttentionScratch { part_out, part_stats, score_exps, .. } = scratch;
-        let mut b = self.stream.launch_builder(&self.kernels.attn_decode_partial);
+        // The entry point whose accumulators fit the group (fewer registers, more blocks per SM).
+        let partial = &self.kernels.attn_decode_partial[group.next_power_of_two().trailing_zeros() as usize];
+        let mut b = self.stream.launch_builder(partial);
         b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale);
         b.arg(&layer).arg(&self.gumbel_table).arg(&bits);
         b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
