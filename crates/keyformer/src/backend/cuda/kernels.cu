@@ -236,7 +236,7 @@ struct AttnRow {
 // and a zero score.
 extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
     const AttnRow& r = rows[blockIdx.x];
-    int g = blockIdx.y, n_kv = gridDim.y;
+    int g = blockIdx.y;
     int slot = r.store_slot >= 0 ? r.store_slot : (int)r.victims[g];
     if (slot < 0 || slot >= r.capacity) return;  // no victim was free (the host never asks for that)
     size_t at = ((size_t)g * r.capacity + slot) * head_dim;
@@ -248,7 +248,6 @@ extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
         r.slot_pos[(size_t)g * r.capacity + slot] = r.query_pos;
         if (r.scores) r.scores[(size_t)g * r.score_stride + slot] = 0.0f;
     }
-    (void)n_kv;
 }
 
 // Decode attention, pass 1 (flash-decoding): block (row z, KV head g, chunk c of ATTN_CHUNK
