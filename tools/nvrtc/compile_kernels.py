@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compile the CUDA backend's kernels with NVRTC on a machine without a GPU: catches syntax and
 PTX-assembly errors before a device call, and prints each kernel's registers, spills and shared
-memory (ptxas's report), the numbers that decide how many blocks fit an SM.
+memory (ptxas's report), the numbers that decide how many blocks fit an SM. The backend hands
+PTX to the driver, whose JIT may allocate a little differently; the counts are a guide.
 
     tools/nvrtc/compile_kernels.py [--arch sm_90] [KERNELS_CU]
 
@@ -27,7 +28,7 @@ def nvrtc_library():
         os.makedirs(CACHE, exist_ok=True)
         print("fetching nvidia-cuda-nvrtc with pip (first use only)...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", CACHE,
-                        "nvidia-cuda-nvrtc"], check=True)
+                        "nvidia-cuda-nvrtc==13.5.37"], check=True)
         for wheel in glob.glob(os.path.join(CACHE, "*.whl")):
             zipfile.ZipFile(wheel).extractall(CACHE)
         found = [f for f in glob.glob(os.path.join(CACHE, "**/libnvrtc.so*"), recursive=True) if "builtins" not in f]
@@ -56,10 +57,10 @@ def main():
         print(text)
         sys.exit(f"compilation failed (nvrtc status {rc})")
     # One line per kernel: name, registers, spills, shared memory.
-    kernel = None
+    kernel, spills = None, ""
     for line in text.splitlines():
         if "Compiling entry function" in line:
-            kernel = line.split("'")[1]
+            kernel, spills = line.split("'")[1], ""
         elif "spill stores" in line and kernel:
             spills = line.split(",")[1].strip()
         elif line.startswith("ptxas info    : Used") and kernel:

@@ -234,7 +234,7 @@ pub(crate) struct BenchArgs {
     /// Random weights at a known shape instead of a model file (llama2-7b, llama3-8b,
     /// smollm2-135m, tiny): drawn on the GPU with --device cuda; on the CPU only the small
     /// shapes (tiny, smollm2-135m).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "model")]
     random_weights: Option<String>,
     /// Generation tests: prefill every policy's prompt first, then run their repetitions in
     /// turns (full, window, ..., full, window, ...), so that a shared machine's changing load
@@ -296,7 +296,7 @@ pub(crate) struct EngineArgs {
     /// Random weights at a known shape instead of --model (llama2-7b, llama3-8b, smollm2-135m,
     /// tiny), with a byte-level tokenizer (one token per byte, no end-of-text token, so every
     /// answer runs to max_tokens): for measuring speed at a model's size without its weights.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "model")]
     random_weights: Option<String>,
 }
 

@@ -21,9 +21,9 @@ pub const PREFILL_CHUNK: usize = 512;
 
 /// A loaded model with its tokenizer, on backend `B` (the CPU unless said otherwise).
 pub struct Engine<B: Backend = Cpu> {
-    /// The model file; `None` for random weights.
+    /// The model file; `None` when the weights were drawn on the GPU.
     pub file: Option<Arc<GgufFile>>,
-    /// What the model is called (the file's stem, or the random shape's name).
+    /// What the model is called: the file's stem, or `random-SHAPE`.
     pub name: String,
     pub model: Llama<B>,
     pub tokenizer: Tokenizer,
@@ -176,8 +176,8 @@ impl<B: Backend> Generation<B> {
         }
         self.generated.push(next);
         self.history.push(next);
-        self.text.update(&engine.tokenizer, &self.generated)?;
-        if self.stream.push(&self.text.text, on_text) {
+        let text = self.text.update(&engine.tokenizer, &self.generated)?;
+        if self.stream.push(text, on_text) {
             self.stop_reason = Some(StopReason::StopString);
             return Ok(None);
         }
@@ -185,7 +185,8 @@ impl<B: Backend> Generation<B> {
             self.stop_reason = Some(StopReason::MaxTokens);
             return Ok(None);
         }
-        if self.cache.next_position() as usize >= engine.context_length() {
+        // The model's context, or the cache's own size (sized for the request's tokens).
+        if self.cache.next_position() as usize >= engine.context_length() || self.cache.len() >= self.cache.capacity() {
             self.stop_reason = Some(StopReason::ContextFull);
             return Ok(None);
         }
@@ -267,10 +268,7 @@ impl<B: Backend> Engine<B> {
     /// A cache for a prompt of `prompt_len` tokens followed by `steps` decode steps.
     /// The full cache is sized for exactly that many tokens (a backend may allocate it all).
     pub fn new_cache(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<B::Cache, ModelError> {
-        let c = &self.model.config;
-        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        let context = prompt_len.saturating_add(steps).min(c.context_length).max(prompt_len);
-        self.model.backend.new_cache(c, self.model.kv_type, policy, context)
+        self.model.new_sequence_cache(kv, prompt_len, steps)
     }
 
     /// Run the prompt into `cache` in chunks (full causal attention, scores accumulated), then
@@ -492,7 +490,10 @@ impl Engine<Cpu> {
                 shape.weight_bytes() as f64 / (1u64 << 30) as f64
             )));
         }
-        let path = std::env::temp_dir().join(format!("keyformer-random-{}-{}.gguf", shape.name, std::process::id()));
+        static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let nth = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("keyformer-random-{}-{}-{nth}.gguf", shape.name, std::process::id()));
         models::random::write_gguf(&path, shape, seed)?;
         let loaded = models::load(&path);
         // The file is mapped: its name can go now.
@@ -537,7 +538,7 @@ impl Engine<Cpu> {
         let mut cache = self.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
         cache.recorder = Some(PromptScores::new(signals, c.n_layers, c.n_kv_heads));
         let mut logits = Vec::new();
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
+        for chunk in prompt.chunks(self.model.backend.prefill_chunk()) {
             logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
         }
         let scores = cache.recorder.take().expect("recorder set above");
@@ -599,27 +600,30 @@ pub fn negative_log_likelihood(logits: &[f32], target: u32) -> f64 {
 
 /// The generated tokens' text, decoded a few tokens at a time: decoding the whole answer at
 /// every step costs O(n^2) over a long one (a server decodes every running sequence each
-/// step). Byte-level BPE text is its tokens' bytes in order, so the text decoded from a point
-/// where everything before is whole characters is the text a full decode gives there. A tail
-/// that ends in half a character (U+FFFD) waits for the next token; after `MAX_PENDING`
-/// tokens it is taken as it is (bytes that will never form a character).
+/// step). Byte-level BPE text is its tokens' bytes in order, so where the text so far ends on a
+/// whole character, the text of the next tokens can be decoded on its own and appended: the
+/// result is the full decode's, exactly. So only the tokens since the last such point are
+/// decoded each step; while they end in half a character (U+FFFD) the point does not move.
 #[derive(Default)]
 struct IncrementalText {
+    /// The text of every token so far (the pending tail included).
     text: String,
-    /// Tokens before this one are in `text`.
+    /// `text[..committed]` is the text of `tokens[..decoded]`, ending on a whole character.
+    committed: usize,
     decoded: usize,
 }
 
 impl IncrementalText {
-    const MAX_PENDING: usize = 16;
-
-    fn update(&mut self, tokenizer: &Tokenizer, tokens: &[u32]) -> Result<(), ModelError> {
+    /// The text of `tokens` (the tokens seen before plus new ones).
+    fn update(&mut self, tokenizer: &Tokenizer, tokens: &[u32]) -> Result<&str, ModelError> {
         let tail = tokenizer.decode(&tokens[self.decoded..])?;
-        if !tail.ends_with('\u{FFFD}') || tokens.len() - self.decoded >= Self::MAX_PENDING {
-            self.text.push_str(&tail);
+        self.text.truncate(self.committed);
+        self.text.push_str(&tail);
+        if !tail.ends_with('\u{FFFD}') {
+            self.committed = self.text.len();
             self.decoded = tokens.len();
         }
-        Ok(())
+        Ok(&self.text)
     }
 }
 
@@ -660,8 +664,15 @@ impl StopStream {
         text[..end].to_string()
     }
 
+    /// Where the first stop string starts. Searched from the text not yet streamed: whatever
+    /// could begin a stop is held back, so none starts earlier (and a long answer is not
+    /// scanned whole at every step).
     fn first_stop(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+        let (from, rest) = match text.get(self.emitted..) {
+            Some(rest) => (self.emitted, rest),
+            None => (0, text),
+        };
+        self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| rest.find(s.as_str())).min().map(|i| from + i)
     }
 
     fn emit_to(&mut self, text: &str, end: usize, out: &mut dyn FnMut(&str)) {
@@ -715,25 +726,22 @@ mod tests {
     }
 
     #[test]
-    fn incremental_text_equals_the_full_decode_at_every_whole_character() {
-        // One token per byte: multi-byte characters arrive split over several tokens.
+    fn incremental_text_equals_the_full_decode_after_every_token() {
+        // One token per byte: multi-byte characters arrive split over several tokens, and
+        // invalid bytes (0xff, a lone continuation byte) never form one.
         let tok = Tokenizer::byte_level(300).unwrap();
-        for text in ["plain ascii", "héllo wörld €uro 😀 end", "日本語のテキスト", "ends mid-char é"] {
-            let mut bytes = text.as_bytes().to_vec();
-            if text.starts_with("ends") {
-                bytes.pop(); // the last character's second byte never comes
-            }
+        let mut cases: Vec<Vec<u8>> = ["plain ascii", "héllo wörld €uro 😀 end", "日本語のテキスト"]
+            .iter()
+            .map(|t| t.as_bytes().to_vec())
+            .collect();
+        cases.push(vec![b'a', 0xe2, 0x82, b'b', 0xff, 0x80, 0xe2, 0x82, 0xac, b'c']);
+        cases.push([0xe2u8; 40].to_vec()); // a long run that stays incomplete
+        for bytes in cases {
             let ids: Vec<u32> = bytes.iter().map(|&b| b as u32).collect();
             let mut inc = IncrementalText::default();
             for n in 1..=ids.len() {
-                inc.update(&tok, &ids[..n]).unwrap();
                 let full = tok.decode(&ids[..n]).unwrap();
-                if inc.decoded == n {
-                    assert_eq!(inc.text, full, "after {n} tokens of {text:?}");
-                } else {
-                    // Waiting on half a character: what is shown is a whole-character prefix.
-                    assert!(full.starts_with(&inc.text) && full.ends_with('\u{FFFD}'));
-                }
+                assert_eq!(inc.update(&tok, &ids[..n]).unwrap(), full, "after {n} tokens of {bytes:?}");
             }
         }
     }

@@ -262,6 +262,10 @@ impl Backend for Cpu {
         cache.end_step();
     }
 
+    fn prefill_chunk(&self) -> usize {
+        crate::engine::PREFILL_CHUNK
+    }
+
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Vec<f32>>) -> R) -> R {
         FORWARD_BUFFERS.with(|buffers| f(&mut buffers.borrow_mut()))
     }

@@ -151,9 +151,7 @@ pub trait Backend: Send + Sync + 'static {
     /// A decode step has gone through the model (the policy's schedule moves on).
     fn end_step(&self, cache: &mut Self::Cache);
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).
-    fn prefill_chunk(&self) -> usize {
-        512
-    }
+    fn prefill_chunk(&self) -> usize;
     /// Run `f` with this backend's forward-pass buffers (kept between calls, so a decode step
     /// allocates nothing of the model's size).
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Self::Act>) -> R) -> R;

@@ -210,6 +210,21 @@ impl Llama<Cpu> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// An empty cache for a prompt of `prompt_len` tokens followed by `steps` decode steps under
+    /// `kv`; the full cache is sized for exactly that many tokens (a backend may allocate it
+    /// all at once).
+    pub fn new_sequence_cache(
+        &self,
+        kv: &keyformer_kv::PolicyConfig,
+        prompt_len: usize,
+        steps: usize,
+    ) -> Result<B::Cache, ModelError> {
+        let c = &self.config;
+        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let context = prompt_len.saturating_add(steps).min(c.context_length).max(prompt_len);
+        self.backend.new_cache(c, self.kv_type, policy, context)
+    }
+
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
     /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
     pub fn forward(&self, tokens: &[u32], cache: &mut B::Cache, which: Logits) -> Result<Vec<f32>, ModelError> {

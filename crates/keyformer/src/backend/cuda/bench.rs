@@ -99,12 +99,12 @@ pub fn run(
     gpu.synchronize()?;
     let t0 = Instant::now();
     for i in 0..batch {
-        let mut cache = model.new_gpu_cache(kv, prompt, gen)?;
+        let mut cache = model.new_sequence_cache(kv, prompt, gen)?;
         let mut logits = Vec::new();
         for chunk in tokens.chunks(model.backend.prefill_chunk()) {
             logits = model.forward(chunk, &mut cache, Logits::Last)?;
         }
-        cache.finish_prompt(gpu)?;
+        model.backend.finish_prompt(&mut cache)?;
         next.push(argmax(&logits));
         caches.push(cache);
         if (i + 1) % 8 == 0 {
@@ -123,7 +123,7 @@ pub fn run(
         let ts = Instant::now();
         model.decode_step_greedy(&next, &mut refs, &mut out)?;
         for cache in refs.iter_mut() {
-            cache.policy.next_step();
+            model.backend.end_step(cache);
         }
         std::mem::swap(&mut next, &mut out);
         step_ms.push(ts.elapsed().as_secs_f64() * 1e3);

@@ -682,18 +682,6 @@ impl Llama<Cuda> {
             + self.token_embd.data.len() * 2
             + self.output.as_ref().map_or(0, |m| m.data.len() * 2)
     }
-
-    /// A new, empty KV cache for a prompt of `prompt_len` tokens and `steps` decode steps.
-    pub fn new_gpu_cache(
-        &self,
-        kv: &keyformer_kv::PolicyConfig,
-        prompt_len: usize,
-        steps: usize,
-    ) -> Result<GpuKvCache, ModelError> {
-        let c = &self.config;
-        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        self.backend.new_cache(c, self.kv_type, policy, (prompt_len + steps).min(c.context_length).max(prompt_len))
-    }
 }
 
 impl Engine<Cuda> {

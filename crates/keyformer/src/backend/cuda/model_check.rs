@@ -90,7 +90,7 @@ pub fn run(
     let ctx = prompt_len + steps;
     let policy = full.resolve(prompt_len, steps, shape.n_layers, shape.n_kv_heads).map_err(ModelError::Policy)?;
     let mut cpu_cache = cpu.new_cache_with(policy, ctx);
-    let mut gpu_cache = gpu.new_gpu_cache(&full, prompt_len, steps)?;
+    let mut gpu_cache = gpu.new_sequence_cache(&full, prompt_len, steps)?;
     let mut want = cpu.forward(&prompt, &mut cpu_cache, Logits::Last)?;
     let mut got = gpu.forward(&prompt, &mut gpu_cache, Logits::Last)?;
     cpu_cache.finish_prompt()?;
@@ -136,7 +136,7 @@ pub fn run(
             let mut next = Vec::new();
             for s in 0..3usize {
                 let p: Vec<u32> = prompt.iter().map(|t| (t + s as u32 * 7) % shape.vocab_size as u32).collect();
-                let mut cache = gpu.new_gpu_cache(&kv, prompt_len, gen)?;
+                let mut cache = gpu.new_sequence_cache(&kv, prompt_len, gen)?;
                 let logits = gpu.forward(&p[..prompt_len - 10 * s], &mut cache, Logits::Last)?;
                 cache.finish_prompt(g)?;
                 next.push(argmax(&logits));
@@ -177,7 +177,7 @@ pub fn run(
             PolicyConfig { kind, budget: Some(Amount::Percent(budget as f64)), seed: 5, ..PolicyConfig::default() };
         let policy = kv.resolve(prompt_len, steps, shape.n_layers, shape.n_kv_heads).map_err(ModelError::Policy)?;
         let mut cpu_cache = cpu.new_cache_with(policy, ctx);
-        let mut gpu_cache = gpu.new_gpu_cache(&kv, prompt_len, steps)?;
+        let mut gpu_cache = gpu.new_sequence_cache(&kv, prompt_len, steps)?;
         let mut want = cpu.forward(&prompt, &mut cpu_cache, Logits::Last)?;
         gpu.forward(&prompt, &mut gpu_cache, Logits::Last)?;
         cpu_cache.finish_prompt()?;
