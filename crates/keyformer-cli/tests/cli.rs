@@ -451,6 +451,7 @@ fn gpu_bench_arguments_without_a_gpu_give_one_line_errors() {
         (&["bench", "-b", "max"][..], "--batch max needs --device cuda"),
         (&["bench", "--random-weights", "llama2-7b"][..], "for small shapes"),
         (&["run", "--random-weights", "llama9", "-p", "x"][..], "llama9"),
+        (&["run", "--random-weights", "tiny", "-m", "x.gguf", "-p", "x"][..], "cannot be used with"),
         (&["run", "--device", "cuda", "--random-weights", "tiny", "-p", "x"][..], "CUDA"),
         (&["serve", "--device", "cuda", "--random-weights", "tiny"][..], "CUDA"),
         (&["bench", "-b", "0"][..], "--batch must be at least 1"),
