@@ -42,14 +42,13 @@ mod with_cuda {
     use keyformer::backend::cuda::check::{self, CheckRow};
     use keyformer::backend::cuda::model::Cuda;
     use keyformer::backend::cuda::{model_check, Gpu};
-    use keyformer::models::llama::Llama;
     use keyformer::models::random::RandomShape;
     use serde_json::json;
 
     use keyformer::kv::KvType;
     use keyformer::Engine;
 
-    use crate::{bench_policies, BatchSize, BenchArgs, EngineArgs, GpuCheckArgs, RunArgs, ServeArgs};
+    use crate::{bench_policies, BatchSize, BenchArgs, GpuCheckArgs, RunArgs, ServeArgs};
 
     const GIB: f64 = (1u64 << 30) as f64;
 
@@ -134,19 +133,19 @@ mod with_cuda {
     }
 
     /// The engine of `--model` or `--random-weights` on GPU 0.
-    fn load_engine(e: &EngineArgs) -> Result<Engine<Cuda>> {
+    fn load_engine(model: &str, random_weights: Option<&str>) -> Result<Engine<Cuda>> {
         if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
             bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
         }
         let cuda = Cuda::new(Gpu::open(0)?);
-        Ok(match &e.random_weights {
+        Ok(match random_weights {
             Some(name) => {
                 let shape = RandomShape::by_name(name)?;
                 eprintln!("drawing {name} random weights on the GPU ({:.1} GiB)", shape.weight_bytes() as f64 / GIB);
                 Engine::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED)?
             }
             None => {
-                let cpu = crate::load(&e.model.model)?;
+                let cpu = crate::load(model)?;
                 eprintln!("loading {} onto the GPU (dequantised to f16)", cpu.model.backend.file.path.display());
                 Engine::<Cuda>::from_cpu(cuda, cpu)?
             }
@@ -154,12 +153,12 @@ mod with_cuda {
     }
 
     pub(crate) fn run(a: RunArgs) -> Result<()> {
-        let engine = load_engine(&a.engine)?;
+        let engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
         crate::run_on(&engine, &a)
     }
 
     pub(crate) fn serve(a: ServeArgs) -> Result<()> {
-        let engine = load_engine(&a.engine)?;
+        let engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
         let (used, total) = engine.model.backend.memory_used()?;
         let kv_memory = crate::parse_memory(&a.kv_memory, Some(total - used))?;
         crate::serve_on(engine, a, kv_memory)
@@ -174,30 +173,15 @@ mod with_cuda {
         if pairs.iter().any(|&(p, n)| p == 0 || n == 0) {
             bail!("with --device cuda every test needs a prompt and a generation (-p and -n at least 1)");
         }
-        let gpu = Gpu::open(0)?;
-        let gpu_name = gpu.info.name.clone();
-        let read_gb_s = gpu.read_bandwidth_gb_s(1 << 30)?;
-        let cuda = Cuda::new(gpu);
-        let (model, model_name) = match &a.random_weights {
-            Some(name) => {
-                let shape = RandomShape::by_name(name)?;
-                eprintln!("drawing {name} random weights on the GPU ({:.1} GiB)", shape.weight_bytes() as f64 / GIB);
-                (Llama::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED)?, format!("{name} (random weights)"))
-            }
-            None => {
-                let engine = crate::load(&a.model.model)?;
-                eprintln!("loading {} onto the GPU (dequantised to f16)", engine.model.backend.file.path.display());
-                let name = engine
-                    .model
-                    .backend
-                    .file
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                (Llama::<Cuda>::from_cpu(cuda, &engine.model)?, name)
-            }
+        let engine = load_engine(&a.model.model, a.random_weights.as_deref())?;
+        let model = &engine.model;
+        let model_name = match (&a.random_weights, &engine.file) {
+            (Some(name), _) => format!("{name} (random weights)"),
+            (None, Some(f)) => f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            (None, None) => engine.name.clone(),
         };
+        let gpu_name = model.backend.gpu.info.name.clone();
+        let read_gb_s = model.backend.gpu.read_bandwidth_gb_s(1 << 30)?;
         let (used, total) = model.backend.memory_used()?;
         let free_at_start = total - used;
         let c = &model.config;
@@ -208,7 +192,7 @@ mod with_cuda {
         }
         // Bytes a decode step must read besides the KV: every matrix but the embedding table.
         let weights = model.matrix_bytes() - model.token_embd.data.len() * 2;
-        let per_token = gpu_bench::bytes_per_token(&model);
+        let per_token = gpu_bench::bytes_per_token(model);
         let mut rows: Vec<(GpuBenchRow, BatchSize)> = Vec::new();
         if !a.json {
             println!("GPU: {gpu_name}; model {model_name}; read bandwidth {read_gb_s:.0} GB/s\n");
@@ -220,11 +204,11 @@ mod with_cuda {
                 for &b in &a.batch {
                     let batch = match b {
                         BatchSize::Fixed(k) => k,
-                        BatchSize::Max => gpu_bench::max_batch(&model, p, n, kv, free_at_start)?,
+                        BatchSize::Max => gpu_bench::max_batch(model, p, n, kv, free_at_start)?,
                     };
                     eprintln!("{p}+{n} {label} batch {batch}");
                     let progress = |m: &str| eprintln!("  {m}");
-                    let mut r = gpu_bench::run(&model, p, n, kv, batch, &progress)
+                    let mut r = gpu_bench::run(model, p, n, kv, batch, &progress)
                         .with_context(|| format!("{p}+{n}, {label}, batch {batch}"))?;
                     r.kv = label.clone();
                     // The floor: weights once per step plus each sequence's KV held on average.

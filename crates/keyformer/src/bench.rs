@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use keyformer_kv::{PolicyConfig, PolicyKind};
 
-use crate::backend::pool;
-use crate::engine::{Engine, PREFILL_CHUNK};
+use crate::backend::{pool, Backend};
+use crate::engine::Engine;
 use crate::kv::KvCache;
 use crate::models::llama::Logits;
 use crate::sampling::argmax;
@@ -108,7 +108,7 @@ pub fn prompt_processing(
     for rep in 0..=reps {
         let mut cache = engine.new_cache(kv, depth + p, 0)?;
         // The context before the timed tokens, with the full attention a prompt gets.
-        for chunk in tokens[..depth].chunks(PREFILL_CHUNK) {
+        for chunk in tokens[..depth].chunks(engine.model.backend.prefill_chunk()) {
             engine.model.forward(chunk, &mut cache, Logits::Last)?;
         }
         let t = Instant::now();

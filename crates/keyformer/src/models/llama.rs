@@ -249,20 +249,17 @@ impl<B: Backend> Llama<B> {
 
     /// One decode step of several sequences at once: `tokens[i]` joins `caches[i]` at that
     /// cache's next position, and `logits` gets one row per sequence. The weights are read once
-    /// for the whole batch (each row still takes the single-token dot kernels, so every row's
-    /// logits equal what [`forward`](Self::forward) gives that sequence alone); attention and
-    /// eviction run per sequence, each under its own policy.
+    /// for the whole batch; attention and eviction run per sequence, each under its own policy.
+    /// On the CPU each row still takes the single-token dot kernels, so every row's logits equal
+    /// what [`forward`](Self::forward) gives that sequence alone (on the GPU they may differ in
+    /// the last bits: one row and several take different matrix products).
     pub fn forward_batch(
         &self,
         tokens: &[u32],
         caches: &mut [&mut B::Cache],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        if tokens.len() != caches.len() {
-            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
-        }
-        self.backend
-            .with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, Out::Logits(logits), buffers))
+        self.forward_batch_to(tokens, caches, Out::Logits(logits))
     }
 
     /// [`forward_batch`](Self::forward_batch) giving each sequence's greedy next token instead
@@ -273,10 +270,14 @@ impl<B: Backend> Llama<B> {
         caches: &mut [&mut B::Cache],
         next: &mut Vec<u32>,
     ) -> Result<(), ModelError> {
+        self.forward_batch_to(tokens, caches, Out::Greedy(next))
+    }
+
+    fn forward_batch_to(&self, tokens: &[u32], caches: &mut [&mut B::Cache], out: Out<'_>) -> Result<(), ModelError> {
         if tokens.len() != caches.len() {
             return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
         }
-        self.backend.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, Out::Greedy(next), buffers))
+        self.backend.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, out, buffers))
     }
 
     /// The forward pass. One cache: every token joins it (a prompt chunk or a decode step).
