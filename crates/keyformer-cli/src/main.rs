@@ -985,7 +985,32 @@ fn info(a: ModelArg) -> Result<()> {
     println!("feed-forward:    {}", c.n_ff);
     println!("vocabulary:      {}", c.vocab_size);
     println!("context length:  {}", c.context_length);
-    println!("rope:            base {}, {} dims", c.rope_theta, c.rope_dim);
+    for (i, r) in c.ropes.iter().enumerate() {
+        let which = if c.ropes.len() > 1 { ["global", "local"][i.min(1)] } else { "" };
+        let scaling = match &r.scaling {
+            keyformer::models::config::RopeScaling::None => String::new(),
+            s => format!(", scaling {}", serde_json::to_string(s).unwrap_or_default()),
+        };
+        println!("rope {which:<11}base {}, {} of {} dims, {:?}{scaling}", r.theta, r.dim, c.head_dim, r.style);
+    }
+    println!("block:           {:?} norm (eps {}), {:?} MLP", c.norm, c.norm_eps, c.ffn);
+    let sliding: Vec<usize> = (0..c.n_layers).filter(|&l| c.layers[l].window.is_some()).collect();
+    if let Some(w) = c.layers.iter().find_map(|l| l.window) {
+        println!("sliding window:  {w} tokens on {} of {} layers", sliding.len(), c.n_layers);
+    }
+    let mut options = engine.model.features();
+    if let Some(cap) = c.attention_softcap {
+        options.push(format!("attention soft-cap {cap}"));
+    }
+    if let Some(cap) = c.final_softcap {
+        options.push(format!("logit soft-cap {cap}"));
+    }
+    if (c.attention_scale - 1.0 / (c.head_dim as f32).sqrt()).abs() > 1e-7 {
+        options.push(format!("attention scale {}", c.attention_scale));
+    }
+    if !options.is_empty() {
+        println!("options:         {}", options.join(", "));
+    }
     let params: usize = f.tensors.iter().map(|t| t.n_elements()).sum();
     println!("parameters:      {:.1} M", params as f64 / 1e6);
     let mut types: std::collections::BTreeMap<String, (usize, usize)> = Default::default();

@@ -10,7 +10,7 @@ use keyformer_kv::{PolicyConfig, PolicyKind};
 use crate::backend::{pool, Backend};
 use crate::engine::Engine;
 use crate::kv::KvCache;
-use crate::models::llama::Logits;
+use crate::models::decoder::Logits;
 use crate::sampling::argmax;
 use crate::ModelError;
 

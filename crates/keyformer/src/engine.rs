@@ -11,7 +11,7 @@ use crate::gguf::GgufFile;
 use keyformer_kv::{Amount, PolicyConfig, Signal};
 
 use crate::kv::{KvCache, PromptScores};
-use crate::models::llama::{Llama, Logits};
+use crate::models::decoder::{Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{models, ModelError};
@@ -25,7 +25,7 @@ pub struct Engine<B: Backend = Cpu> {
     pub file: Option<Arc<GgufFile>>,
     /// What the model is called: the file's stem, or `random-SHAPE`.
     pub name: String,
-    pub model: Llama<B>,
+    pub model: Model<B>,
     pub tokenizer: Tokenizer,
 }
 

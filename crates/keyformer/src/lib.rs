@@ -33,7 +33,7 @@ pub enum ModelError {
     Gguf(#[from] gguf::GgufError),
     #[error(transparent)]
     Tokenizer(#[from] tokenizer::TokenizerError),
-    #[error("unsupported architecture '{0}' (supported: {supported})", supported = models::SUPPORTED_ARCHITECTURES.join(", "))]
+    #[error("unsupported architecture '{0}' (supported: {supported})", supported = models::config::supported_architectures().join(", "))]
     UnsupportedArchitecture(String),
     #[error("invalid model: {0}")]
     Invalid(String),

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use keyformer::gguf::{GgufFile, MetaValue};
 use keyformer::keyformer_kv::PolicyConfig;
-use keyformer::models::llama::Logits;
+use keyformer::models::decoder::Logits;
 use keyformer::quant::{dequantize_row, GgmlType};
 use keyformer::sampling::argmax;
 use keyformer::tokenizer::Tokenizer;

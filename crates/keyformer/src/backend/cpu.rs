@@ -4,7 +4,7 @@
 
 use keyformer_kv::{noise, NoiseKind, Signal};
 
-use super::{pool, vmath};
+use super::{pool, vmath, AttentionSpec, RopeStyle};
 
 use crate::kv::{HeadKv, KvRows};
 use crate::quant::dot::{dot_q8_tokens, dot_row, has_dot_q8_tokens, quantize_q8, PreparedActivations, Q8Block};
@@ -214,23 +214,74 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotary embedding, pairs of adjacent dimensions (ggml's "normal" mode, which GGUF Llama
-/// files expect: the converter permutes Q and K rows so this layout equals Hugging Face's
-/// rotate-half layout). `inv_freq[i]` rotates dimensions (2i, 2i+1); dimensions past
-/// `2 * inv_freq.len()` are left as they are (partial rotary).
-pub fn rope_adjacent_pairs(x: &mut [f32], n_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) {
+/// `out = (x - mean) / sqrt(var + eps) * weight (+ bias)` for each row of `x`.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = xr.iter().sum::<f32>() / d as f32;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
+            *o = (v - mean) * inv * weight[i] + bias.map_or(0.0, |b| b[i]);
+        }
+    }
+}
+
+/// [`rms_norm`] in place, for each `weight.len()`-sized piece of `x` (one per head).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for xr in x.chunks_exact_mut(d) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        xr.iter_mut().zip(weight).for_each(|(v, &w)| *v = *v * inv * w);
+    }
+}
+
+/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`, GPT-2's `gelu_new`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// Rotary embedding of each row by its position: pair i of every head turns by
+/// `pos * inv_freq[i]`. [`RopeStyle::AdjacentPairs`] pairs dimensions (2i, 2i+1) (ggml's
+/// "normal" mode, which Llama GGUF files expect: the converter permutes Q and K rows so this
+/// layout equals Hugging Face's rotate-half); [`RopeStyle::Halves`] pairs (i, i + d/2) with
+/// d = `2 * inv_freq.len()` (NeoX). Dimensions past d are left as they are (partial rotary).
+/// cos and sin are multiplied by `mscale` (YaRN).
+pub fn rope(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    inv_freq: &[f32],
+    style: RopeStyle,
+    mscale: f32,
+) {
     let stride = n_heads * head_dim;
+    let half = inv_freq.len();
     for (row, &pos) in x.chunks_exact_mut(stride).zip(positions) {
         for (i, &f) in inv_freq.iter().enumerate() {
             let (sin, cos) = (pos as f32 * f).sin_cos();
+            let (sin, cos) = (sin * mscale, cos * mscale);
+            let (ia, ib) = match style {
+                RopeStyle::AdjacentPairs => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + half),
+            };
             for h in 0..n_heads {
-                let base = h * head_dim + 2 * i;
-                let (a, b) = (row[base], row[base + 1]);
-                row[base] = a * cos - b * sin;
-                row[base + 1] = a * sin + b * cos;
+                let (ia, ib) = (h * head_dim + ia, h * head_dim + ib);
+                let (a, b) = (row[ia], row[ib]);
+                row[ia] = a * cos - b * sin;
+                row[ib] = a * sin + b * cos;
             }
         }
     }
+}
+
+/// [`rope`] on adjacent pairs, unscaled (Llama files).
+pub fn rope_adjacent_pairs(x: &mut [f32], n_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) {
+    rope(x, n_heads, head_dim, positions, inv_freq, RopeStyle::AdjacentPairs, 1.0)
 }
 
 /// SwiGLU: `gate = silu(gate) * up`.
@@ -277,16 +328,16 @@ fn attention_one_query(
     q: &[f32],
     pos: u32,
     heads: &[HeadKv],
-    n_heads: usize,
-    head_dim: usize,
+    spec: &AttentionSpec,
     layer: usize,
     signals: &[Signal],
     out: &mut [f32],
     sums: &mut [&mut [Vec<f32>]],
 ) {
     const NEG_INF: f32 = f32::NEG_INFINITY;
+    let (n_heads, head_dim, scale) = (spec.n_heads, spec.head_dim, spec.scale);
     let group = n_heads / heads.len();
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let visible = Visibility::of(spec, pos);
     let width = heads.iter().map(|h| h.table.positions().len()).max().unwrap_or(0);
     let chunks = width.div_ceil(SLOTS_PER_TASK).max(1);
     // Which softmax each signal reads (0: plain; k: the k-th noisy one), None when it does
@@ -334,8 +385,11 @@ fn attention_one_query(
                     stats_of(k, h).copy_from_slice(&[NEG_INF, 0.0]);
                 }
             }
-            // In steady decoding every slot holds a token at or before `pos`: no mask needed.
-            let all_visible = kv.table.len() == slots.len() && kv.table.last_position().is_some_and(|l| l <= pos);
+            // In steady decoding every slot holds a token at or before `pos`: no mask needed
+            // (unless a sliding window hides the older ones).
+            let all_visible = spec.window.is_none()
+                && kv.table.len() == slots.len()
+                && kv.table.last_position().is_some_and(|l| l <= pos);
             let mut raw_positions = [0u32; SLOTS_PER_TASK];
             if noisy.iter().any(|n| n.1 == NoiseKind::Gumbel) {
                 // Free slots read as 0: their logits are -inf, so their noise is never used.
@@ -351,9 +405,12 @@ fn attention_one_query(
                     continue;
                 }
                 key_scores(&q[h * head_dim..(h + 1) * head_dim], kv.keys(), lo, scale, x);
+                if let Some(cap) = spec.softcap {
+                    soft_cap(x, cap);
+                }
                 if !all_visible {
                     for (v, sp) in x.iter_mut().zip(&slots[lo..hi]) {
-                        if !sp.is_some_and(|sp| sp <= pos) {
+                        if !visible.sees(*sp) {
                             *v = NEG_INF;
                         }
                     }
@@ -493,8 +550,7 @@ pub fn attention_into(
     q: &[f32],
     positions: &[u32],
     heads: &[HeadKv],
-    n_heads: usize,
-    head_dim: usize,
+    spec: &AttentionSpec,
     layer: usize,
     signals: &[Signal],
     out: &mut [f32],
@@ -502,13 +558,40 @@ pub fn attention_into(
 ) {
     assert_eq!(sums.len(), signals.len(), "one score destination per signal");
     if let [pos] = positions {
-        return attention_one_query(q, *pos, heads, n_heads, head_dim, layer, signals, out, sums);
+        return attention_one_query(q, *pos, heads, spec, layer, signals, out, sums);
     }
-    attention_rows(q, positions, heads, n_heads, head_dim, layer, signals, out, sums)
+    attention_rows(q, positions, heads, spec, layer, signals, out, sums)
 }
 
-/// [`attention_into`] with fresh score rows: `result[i]` holds `signals[i]`'s sums per KV head
-/// and slot, `None` for [`Signal::None`].
+/// Which cached positions a query at `pos` sees: those at or before it, and within its
+/// sliding window if the layer has one.
+#[derive(Clone, Copy)]
+struct Visibility {
+    pos: u32,
+    /// The oldest visible position.
+    oldest: u32,
+}
+
+impl Visibility {
+    fn of(spec: &AttentionSpec, pos: u32) -> Self {
+        let oldest = spec.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        Self { pos, oldest }
+    }
+    #[inline]
+    fn sees(self, slot: Option<u32>) -> bool {
+        slot.is_some_and(|sp| sp <= self.pos && sp >= self.oldest)
+    }
+}
+
+/// Gemma 2's soft-capping of attention logits: `cap * tanh(x / cap)` (-inf stays -inf).
+fn soft_cap(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    x.iter_mut().for_each(|v| *v = cap * (*v * inv).tanh());
+}
+
+/// [`attention_into`] for plain causal attention scaled by 1/sqrt(head_dim), with fresh score
+/// rows: `result[i]` holds `signals[i]`'s sums per KV head and slot, `None` for
+/// [`Signal::None`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -520,9 +603,8 @@ pub fn attention(
     signals: &[Signal],
     out: &mut [f32],
 ) -> Vec<Option<Vec<Vec<f32>>>> {
-    with_fresh_rows(signals, heads.len(), |dest| {
-        attention_into(q, positions, heads, n_heads, head_dim, layer, signals, out, dest)
-    })
+    let spec = AttentionSpec::causal(n_heads, heads.len(), head_dim);
+    with_fresh_rows(signals, heads.len(), |dest| attention_into(q, positions, heads, &spec, layer, signals, out, dest))
 }
 
 /// Run `attend` with empty score rows (one per KV head) for every signal, and hand them back,
@@ -544,16 +626,15 @@ fn attention_rows(
     q: &[f32],
     positions: &[u32],
     heads: &[HeadKv],
-    n_heads: usize,
-    head_dim: usize,
+    spec: &AttentionSpec,
     layer: usize,
     signals: &[Signal],
     out: &mut [f32],
     sums: &mut [&mut [Vec<f32>]],
 ) {
     let n = positions.len();
+    let (n_heads, head_dim, scale) = (spec.n_heads, spec.head_dim, spec.scale);
     let group = n_heads / heads.len();
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let stride = n_heads * head_dim;
     let outp = SharedOut(out.as_mut_ptr());
     let from_positions: Vec<Option<u32>> = signals
@@ -592,9 +673,13 @@ fn attention_rows(
             let slots = &slots[..width];
             weights.resize(width, 0.0);
             key_scores(qi, kv.keys(), 0, scale, &mut weights);
+            if let Some(cap) = spec.softcap {
+                soft_cap(&mut weights, cap);
+            }
+            let visible = Visibility::of(spec, p);
             let mut max = f32::NEG_INFINITY;
             for (x, sp) in weights.iter_mut().zip(slots) {
-                if !sp.is_some_and(|sp| sp <= p) {
+                if !visible.sees(*sp) {
                     *x = f32::NEG_INFINITY;
                 }
                 max = max.max(*x);
@@ -1084,7 +1169,16 @@ mod tests {
                 let (mut fast, mut general) = (vec![0f32; q.len()], vec![0f32; q.len()]);
                 let a = attention(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut fast);
                 let b = with_fresh_rows(&signals, n_kv, |dest| {
-                    attention_rows(&q, &[pos], &heads, n_kv * group, hd, 3, &signals, &mut general, dest)
+                    attention_rows(
+                        &q,
+                        &[pos],
+                        &heads,
+                        &AttentionSpec::causal(n_kv * group, n_kv, hd),
+                        3,
+                        &signals,
+                        &mut general,
+                        dest,
+                    )
                 });
                 for (x, y) in fast.iter().zip(&general) {
                     assert!((x - y).abs() <= 1e-5, "{kv_type:?} {signals:?}: output {x} vs {y}");
@@ -1130,7 +1224,8 @@ mod tests {
             // Rows already holding scores, one of them shorter than the slots.
             let mut rows: Vec<Vec<f32>> = vec![(0..n).map(|i| i as f32).collect(), vec![5.0; 10]];
             let before = rows.clone();
-            attention_into(&q, &positions, &heads, n_kv * group, hd, 0, &signals, &mut out, &mut [&mut rows]);
+            let spec = AttentionSpec::causal(n_kv * group, n_kv, hd);
+            attention_into(&q, &positions, &heads, &spec, 0, &signals, &mut out, &mut [&mut rows]);
             for g in 0..n_kv {
                 assert_eq!(rows[g].len(), n);
                 for i in 0..n {

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use keyformer_kv::{PolicyKind, SequencePolicy, Signal};
 
 use super::cpu::{self, WeightView};
-use super::{Backend, ForwardBuffers, HeadShape, SequenceCache};
+use super::{AttentionSpec, Backend, CacheShape, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kv::{KvCache, KvStats, KvType};
-use crate::models::llama::LlamaConfig;
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
@@ -22,17 +21,21 @@ pub struct Cpu {
     pub file: Arc<GgufFile>,
 }
 
-/// A weight's location in the file (the bytes stay in the memory map).
+/// A weight's location in the file (the bytes stay in the memory map): rows
+/// `first_row..first_row + rows` of a tensor (a fused QKV or gate-up tensor gives several).
 #[derive(Debug, Clone)]
 pub struct GgufWeight {
     pub info: TensorInfo,
+    pub first_row: usize,
     pub rows: usize,
     pub cols: usize,
 }
 
 impl Cpu {
     pub fn view(&self, w: &GgufWeight) -> WeightView<'_> {
-        WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes: self.file.tensor_bytes(&w.info) }
+        let row_bytes = w.info.ggml_type.row_bytes(w.cols);
+        let bytes = &self.file.tensor_bytes(&w.info)[w.first_row * row_bytes..(w.first_row + w.rows) * row_bytes];
+        WeightView { ggml_type: w.info.ggml_type, rows: w.rows, cols: w.cols, bytes }
     }
 }
 
@@ -147,6 +150,39 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn layer_norm(
+        &self,
+        x: &Vec<f32>,
+        first_row: usize,
+        rows: usize,
+        weight: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let d = weight.len();
+        let bias = bias.map(|b| b.as_slice());
+        cpu::layer_norm(&x[first_row * d..(first_row + rows) * d], weight, bias, eps, &mut out[..rows * d]);
+        Ok(())
+    }
+
+    fn rms_norm_heads(&self, x: &mut Vec<f32>, rows: usize, weight: &Vec<f32>, eps: f32) -> Result<(), ModelError> {
+        cpu::rms_norm_in_place(&mut x[..rows * weight.len()], weight, eps);
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, rows: usize, bias: &Vec<f32>) -> Result<(), ModelError> {
+        for row in x[..rows * bias.len()].chunks_exact_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<(), ModelError> {
+        x.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
     fn rope(
         &self,
         x: &mut Vec<f32>,
@@ -154,13 +190,25 @@ impl Backend for Cpu {
         head_dim: usize,
         positions: &[u32],
         inv_freq: &Vec<f32>,
+        style: RopeStyle,
+        mscale: f32,
     ) -> Result<(), ModelError> {
-        cpu::rope_adjacent_pairs(x, n_heads, head_dim, positions, inv_freq);
+        cpu::rope(x, n_heads, head_dim, positions, inv_freq, style, mscale);
         Ok(())
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), ModelError> {
         cpu::silu_mul(gate, up);
+        Ok(())
+    }
+
+    fn gelu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), ModelError> {
+        gate.iter_mut().zip(up).for_each(|(g, &u)| *g = cpu::gelu_tanh(*g) * u);
+        Ok(())
+    }
+
+    fn gelu(&self, x: &mut Vec<f32>) -> Result<(), ModelError> {
+        x.iter_mut().for_each(|v| *v = cpu::gelu_tanh(*v));
         Ok(())
     }
 
@@ -172,7 +220,7 @@ impl Backend for Cpu {
     fn attend(
         &self,
         li: usize,
-        shape: HeadShape,
+        spec: AttentionSpec,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
@@ -180,7 +228,7 @@ impl Backend for Cpu {
         caches: &mut [&mut KvCache],
         attn: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        let HeadShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+        let AttentionSpec { n_heads, n_kv_heads, head_dim: hd, .. } = spec;
         let (q_dim, kv_dim) = (n_heads * hd, n_kv_heads * hd);
         let batch = caches.len() > 1;
         let n = positions.len();
@@ -219,7 +267,7 @@ impl Backend for Cpu {
                 signals.extend_from_slice(&r.signals);
                 sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));
             }
-            cpu::attention_into(q, positions, &cache.layers[li], n_heads, hd, li, &signals, attn, &mut sums);
+            cpu::attention_into(q, positions, &cache.layers[li], &spec, li, &signals, attn, &mut sums);
             drop(sums);
             if !fresh.is_empty() {
                 let mut sums = fresh;
@@ -245,7 +293,7 @@ impl Backend for Cpu {
 
     fn new_cache(
         &self,
-        c: &LlamaConfig,
+        c: CacheShape,
         kv_type: KvType,
         policy: SequencePolicy,
         context: usize,

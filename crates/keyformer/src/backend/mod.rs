@@ -15,7 +15,6 @@ pub use cpu_backend::Cpu;
 use keyformer_kv::SequencePolicy;
 
 use crate::kv::{KvStats, KvType};
-use crate::models::llama::LlamaConfig;
 use crate::ModelError;
 
 /// One sequence's KV cache as the model and the engine see it: where the next token goes, how
@@ -37,12 +36,44 @@ pub trait SequenceCache {
     fn stats(&self) -> KvStats;
 }
 
-/// The attention shapes of a model.
-#[derive(Debug, Clone, Copy)]
-pub struct HeadShape {
+/// One layer's attention: its shape and options.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies q.k before the softmax.
+    pub scale: f32,
+    /// Logits become `cap * tanh(logit / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
+    /// A query at position p sees keys at positions p - window + 1 ..= p; `None`: all before it.
+    pub window: Option<u32>,
+}
+
+impl AttentionSpec {
+    /// Plain causal attention scaled by 1/sqrt(head_dim).
+    pub fn causal(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, window: None }
+    }
+}
+
+/// The dimensions of one sequence's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// How a rotary embedding pairs a head's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeStyle {
+    /// (2i, 2i+1): ggml's normal mode, which Llama GGUF files expect (their Q/K rows are
+    /// permuted by the converter).
+    AdjacentPairs,
+    /// (i, i + dim/2): GPT-NeoX's and Hugging Face's rotate-half layout (Qwen, Gemma, Phi-3).
+    Halves,
 }
 
 /// The op set. Activations are f32 rows; `n` rows of a matrix product are either one sequence's
@@ -108,7 +139,31 @@ pub trait Backend: Send + Sync + 'static {
         out.extend(logits.chunks_exact(logits.len() / n.max(1)).map(crate::sampling::argmax));
         Ok(())
     }
-    /// Rotary embedding on adjacent pairs by each row's position.
+    /// LayerNorm of rows `first_row..first_row + rows` of `x` into the first `rows` rows of
+    /// `out`: `(x - mean) / sqrt(var + eps) * weight (+ bias)`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(
+        &self,
+        x: &Self::Act,
+        first_row: usize,
+        rows: usize,
+        weight: &Self::Vector,
+        bias: Option<&Self::Vector>,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<(), ModelError>;
+    /// RMSNorm in place of every `weight.len()`-sized piece of the first `rows` rows of `x`
+    /// (Q/K norms: one per head).
+    fn rms_norm_heads(&self, x: &mut Self::Act, rows: usize, weight: &Self::Vector, eps: f32)
+        -> Result<(), ModelError>;
+    /// `x[r] += bias` for each of the first `rows` rows of `x`.
+    fn add_bias(&self, x: &mut Self::Act, rows: usize, bias: &Self::Vector) -> Result<(), ModelError>;
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Act, s: f32) -> Result<(), ModelError>;
+    /// Rotary embedding by each row's position: pair i of each head turns by
+    /// `position * inv_freq[i]`, laid out as `style` says; cos and sin are multiplied by
+    /// `mscale` (YaRN's attention factor; 1 otherwise). Dimensions past the rotated ones pass.
+    #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
         x: &mut Self::Act,
@@ -116,9 +171,15 @@ pub trait Backend: Send + Sync + 'static {
         head_dim: usize,
         positions: &[u32],
         inv_freq: &Self::Vector,
+        style: RopeStyle,
+        mscale: f32,
     ) -> Result<(), ModelError>;
     /// SwiGLU: `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<(), ModelError>;
+    /// GeGLU: `gate = gelu_tanh(gate) * up`.
+    fn gelu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<(), ModelError>;
+    /// `x = gelu_tanh(x)`.
+    fn gelu(&self, x: &mut Self::Act) -> Result<(), ModelError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<(), ModelError>;
     /// One layer's attention with its KV cache: the rows' keys and values join their caches
@@ -129,7 +190,7 @@ pub trait Backend: Send + Sync + 'static {
     fn attend(
         &self,
         layer: usize,
-        shape: HeadShape,
+        shape: AttentionSpec,
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
@@ -141,7 +202,7 @@ pub trait Backend: Send + Sync + 'static {
     /// keeps everything (a backend may allocate all of it at once).
     fn new_cache(
         &self,
-        config: &LlamaConfig,
+        shape: CacheShape,
         kv_type: KvType,
         policy: SequencePolicy,
         context: usize,

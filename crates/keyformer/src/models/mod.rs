@@ -1,6 +1,9 @@
-//! Model architectures, one file each, and the loader that picks one from a GGUF file.
+//! Models: [`config`] describes a decoder (one [`config::Family`] row per architecture plus
+//! what the file's metadata and tensors say), [`decoder`] runs any such description over the
+//! backend op set, [`random`] draws random weights at real shapes.
 
-pub mod llama;
+pub mod config;
+pub mod decoder;
 pub mod random;
 
 use std::path::Path;
@@ -9,16 +12,11 @@ use std::sync::Arc;
 use crate::gguf::GgufFile;
 use crate::ModelError;
 
-/// Values of `general.architecture` that load with the Llama file.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
-
 /// Open a GGUF file and build its model.
-pub fn load(path: &Path) -> Result<(Arc<GgufFile>, llama::Llama), ModelError> {
+pub fn load(path: &Path) -> Result<(Arc<GgufFile>, decoder::Model), ModelError> {
     let file = Arc::new(GgufFile::open(path)?);
     let arch = file.get_str("general.architecture")?.to_string();
-    if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(ModelError::UnsupportedArchitecture(arch));
-    }
-    let model = llama::Llama::load(file.clone(), &arch)?;
+    config::ModelConfig::family(&arch)?;
+    let model = decoder::Model::load(file.clone(), &arch)?;
     Ok((file, model))
 }

@@ -109,21 +109,17 @@ impl RandomShape {
         m
     }
     /// The hyper-parameters, as a GGUF file of this shape declares them.
-    pub fn config(&self) -> crate::models::llama::LlamaConfig {
-        crate::models::llama::LlamaConfig {
-            architecture: "llama".into(),
-            n_layers: self.n_layers,
-            n_embd: self.n_embd,
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim(),
-            n_ff: self.n_ff,
-            vocab_size: self.vocab_size,
-            context_length: self.context_length,
-            rope_theta: self.rope_theta,
-            rope_dim: self.head_dim(),
-            rms_eps: 1e-5,
-        }
+    pub fn config(&self) -> crate::models::config::ModelConfig {
+        crate::models::config::ModelConfig::llama(
+            self.n_layers,
+            self.n_embd,
+            self.n_heads,
+            self.n_kv_heads,
+            self.n_ff,
+            self.vocab_size,
+            self.context_length,
+            self.rope_theta,
+        )
     }
     /// Bytes of the f16 weights.
     pub fn weight_bytes(&self) -> usize {
@@ -231,7 +227,7 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::llama::Logits;
+    use crate::models::decoder::Logits;
 
     #[test]
     fn values_are_uniform_in_their_range_and_differ_by_tensor() {

@@ -11,7 +11,7 @@ use keyformer_kv::PolicyConfig;
 use super::kv::GpuKvCache;
 use super::model::Cuda;
 use crate::backend::{Backend, SequenceCache};
-use crate::models::llama::{Llama, Logits};
+use crate::models::decoder::{Logits, Model};
 use crate::models::random;
 use crate::sampling::argmax;
 use crate::ModelError;
@@ -47,7 +47,7 @@ pub struct GpuBenchRow {
 }
 
 /// Bytes of keys and values per token held (all layers and KV heads, f16).
-pub fn bytes_per_token(model: &Llama<Cuda>) -> usize {
+pub fn bytes_per_token(model: &Model<Cuda>) -> usize {
     let c = &model.config;
     c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2
 }
@@ -58,7 +58,7 @@ pub fn bytes_per_token(model: &Llama<Cuda>) -> usize {
 /// prompt + gen; a budget: budget + 1 slots), and one prompt at full size is held while it is
 /// prefilled and compressed.
 pub fn max_batch(
-    model: &Llama<Cuda>,
+    model: &Model<Cuda>,
     prompt: usize,
     gen: usize,
     kv: &PolicyConfig,
@@ -75,7 +75,7 @@ pub fn max_batch(
 
 /// Run one configuration.
 pub fn run(
-    model: &Llama<Cuda>,
+    model: &Model<Cuda>,
     prompt: usize,
     gen: usize,
     kv: &PolicyConfig,

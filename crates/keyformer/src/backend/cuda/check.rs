@@ -206,7 +206,16 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let want_scores = cpu::attention(&q, &[position], &heads, n_heads, hd, layer, &signals, &mut want_out);
 
     let kv = device_kv(gpu, &heads, slots, hd)?;
-    let shape_a = AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width: slots, layer };
+    let shape_a = AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+        max_width: slots,
+        layer,
+        scale: 1.0 / (hd as f32).sqrt(),
+        softcap: 0.0,
+        window: 0,
+    };
     let q_dev = gpu.upload(&q)?;
     let out_dev = gpu.zeros::<f32>(n_heads * hd)?;
     let mut scratch = AttentionScratch::new(gpu, 1, n_heads, hd, slots)?;

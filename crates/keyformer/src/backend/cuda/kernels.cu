@@ -62,20 +62,69 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, float* 
         out[(size_t)blockIdx.x * dim + i] = row[i] * inv * weight[i];
 }
 
-// RoPE on adjacent pairs (x[2i], x[2i+1]) of the first rope_dim values of every head, by the
-// row's position; one thread per pair. x: [rows][n_heads * head_dim].
-extern "C" __global__ void rope_adjacent_pairs(float* x, const unsigned* positions, const float* inv_freq,
-                                               int rows, int n_heads, int head_dim, int rope_pairs) {
+// RoPE on the first 2 * rope_pairs values of every head, by the row's position: pair i is
+// (2i, 2i+1) (Llama files) or, with halves != 0, (i, i + rope_pairs) (NeoX); cos and sin are
+// multiplied by mscale (YaRN). One thread per pair. x: [rows][n_heads * head_dim].
+extern "C" __global__ void rope(float* x, const unsigned* positions, const float* inv_freq, int rows, int n_heads,
+                                int head_dim, int rope_pairs, int halves, float mscale) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long per_row = (long)n_heads * rope_pairs;
     if (i >= rows * per_row) return;
     int r = i / per_row, rest = i % per_row, h = rest / rope_pairs, p = rest % rope_pairs;
     float s, c;
     sincosf((float)positions[r] * inv_freq[p], &s, &c);
-    float* v = x + (size_t)r * n_heads * head_dim + h * head_dim + 2 * p;
-    float a = v[0], b = v[1];
-    v[0] = a * c - b * s;
-    v[1] = a * s + b * c;
+    s *= mscale;
+    c *= mscale;
+    float* head = x + (size_t)r * n_heads * head_dim + h * head_dim;
+    int ia = halves ? p : 2 * p, ib = halves ? p + rope_pairs : 2 * p + 1;
+    float a = head[ia], b = head[ib];
+    head[ia] = a * c - b * s;
+    head[ib] = a * s + b * c;
+}
+
+// out[r] = (x[r] - mean) / sqrt(var + eps) * weight (+ bias when has_bias); one block per row.
+extern "C" __global__ void layer_norm(const float* x, const float* weight, const float* bias, int has_bias,
+                                      float* out, int dim, float eps) {
+    const float* row = x + (size_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += row[i];
+    float mean = block_reduce(s, false) / dim;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) v += (row[i] - mean) * (row[i] - mean);
+    float inv = rsqrtf(block_reduce(v, false) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        out[(size_t)blockIdx.x * dim + i] = (row[i] - mean) * inv * weight[i] + (has_bias ? bias[i] : 0.0f);
+}
+
+// RMSNorm in place of each dim-sized piece of x (Q/K norms: one block per head of a row).
+extern "C" __global__ void rms_norm_in_place(float* x, const float* weight, int dim, float eps) {
+    float* row = x + (size_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += row[i] * row[i];
+    float inv = rsqrtf(block_reduce(s, false) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) row[i] = row[i] * inv * weight[i];
+}
+
+// x[i] += bias[i % dim] over n values.
+extern "C" __global__ void add_bias(float* x, const float* bias, long n, int dim) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += bias[i % dim];
+}
+
+// x *= s.
+extern "C" __global__ void scale_assign(float* x, float s, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978846f * (x + 0.044715f * x * x * x)));
+}
+
+// gate = gelu_tanh(gate) * up (GeGLU); with up == 0, gate = gelu_tanh(gate).
+extern "C" __global__ void gelu_mul(float* gate, const float* up, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) gate[i] = gelu_tanh(gate[i]) * (up ? up[i] : 1.0f);
 }
 
 // gate = silu(gate) * up.
@@ -261,7 +310,8 @@ extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
 // ATTN_MAX_HEAD_DIM.
 template <int GROUP>
 __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, int n_heads, int n_kv_heads,
-                                                         int head_dim, int max_width, float scale, unsigned layer,
+                                                         int head_dim, int max_width, float scale, float softcap,
+                                                         unsigned window, unsigned layer,
                                                          const float* gumbel_table, int table_bits,
                                                          float* part_out, float* part_stats, float* score_exps) {
     __shared__ float sq[GROUP * ATTN_MAX_HEAD_DIM];
@@ -315,13 +365,15 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
                     if (j < group) acc[j] += sq[j * head_dim + d] * a + sq[j * head_dim + d + 1] * b;
             }
         }
-        bool visible = t < m && p != FREE_SLOT && p <= query_pos;
+        bool visible = t < m && p != FREE_SLOT && p <= query_pos && (window == 0 || p + window > query_pos);
 #pragma unroll
         for (int j = 0; j < GROUP; j++) {
             if (j >= group) break;
             float dsum = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 1);
             if (half == 0 && t < m) {
-                float x = visible ? dsum * scale : NEG_INF;
+                float x = dsum * scale;
+                if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+                x = visible ? x : NEG_INF;
                 sl[j * ATTN_CHUNK + t] = x;
                 if (score_mode == SCORE_KEYFORMER)
                     sn[j * ATTN_CHUNK + t] =
@@ -419,9 +471,11 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
 #define ATTN_PARTIAL_ENTRY(G, BOUNDS)                                                                  \
     extern "C" __global__ void BOUNDS attn_decode_partial_g##G(                                        \
         const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim, int max_width, float scale,    \
+        float softcap, unsigned window,                                                                 \
         unsigned layer, const float* gumbel_table, int table_bits, float* part_out, float* part_stats, \
         float* score_exps) {                                                                           \
-        attn_decode_partial_body<G>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, layer,      \
+        attn_decode_partial_body<G>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, softcap,    \
+                                    window, layer,                                                      \
                                     gumbel_table, table_bits, part_out, part_stats, score_exps);       \
     }
 // One query head per KV head fits 32 registers without spills: 8 blocks of 256 threads per SM
@@ -598,7 +652,8 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
 extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const unsigned* slot_pos, int n_heads,
                                            int n_kv_heads, int rows, int width, int capacity, unsigned first_qpos,
                                            int score_mode, float inv_tau, unsigned long long seed, unsigned layer,
-                                           const float* gumbel_table, int table_bits) {
+                                           const float* gumbel_table, int table_bits, float softcap,
+                                           unsigned window) {
     int r = blockIdx.x, h = blockIdx.y, g = h / (n_heads / n_kv_heads);
     unsigned qpos = first_qpos + r;
     float* row = S + ((size_t)h * rows + r) * width;
@@ -607,7 +662,10 @@ extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const un
     float mx = NEG_INF;
     for (int s = threadIdx.x; s < width; s += blockDim.x) {
         unsigned p = pos[s];
-        float x = (p != FREE_SLOT && p <= qpos) ? row[s] : NEG_INF;
+        float x = row[s];
+        if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+        bool visible = p != FREE_SLOT && p <= qpos && (window == 0 || p + window > qpos);
+        x = visible ? x : NEG_INF;
         row[s] = x;
         mx = fmaxf(mx, x);
     }

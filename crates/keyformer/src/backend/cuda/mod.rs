@@ -13,7 +13,7 @@
 //! per-position hash and the same quantile table), so both backends select the same tokens.
 //! A prompt goes through cuBLAS ([`Gpu::prefill_attention`]).
 //!
-//! Modules: [`model`] (the `Backend` implementation and `Llama<Cuda>`), [`kv`] (a sequence's
+//! Modules: [`model`] (the `Backend` implementation and `Model<Cuda>`), [`kv`] (a sequence's
 //! cache on the GPU), [`bench`] (the paper's throughput protocol), [`check`] and
 //! [`model_check`] (every op, and the whole model, against the CPU).
 
@@ -65,7 +65,12 @@ pub struct GpuInfo {
 
 struct Kernels {
     rms_norm: CudaFunction,
-    rope_adjacent_pairs: CudaFunction,
+    rope: CudaFunction,
+    layer_norm: CudaFunction,
+    rms_norm_in_place: CudaFunction,
+    add_bias: CudaFunction,
+    scale_assign: CudaFunction,
+    gelu_mul: CudaFunction,
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
     gemv_f16: CudaFunction,
@@ -238,6 +243,12 @@ pub struct AttentionShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies q.k.
+    pub scale: f32,
+    /// Soft-cap of the logits; 0: none.
+    pub softcap: f32,
+    /// Sliding window in tokens; 0: none.
+    pub window: u32,
     /// The widest row's slots.
     pub max_width: usize,
     pub layer: usize,
@@ -277,7 +288,12 @@ impl Gpu {
         let f = |name: &str| module.load_function(name);
         let kernels = Kernels {
             rms_norm: f("rms_norm")?,
-            rope_adjacent_pairs: f("rope_adjacent_pairs")?,
+            rope: f("rope")?,
+            layer_norm: f("layer_norm")?,
+            rms_norm_in_place: f("rms_norm_in_place")?,
+            add_bias: f("add_bias")?,
+            scale_assign: f("scale_assign")?,
+            gelu_mul: f("gelu_mul")?,
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
             gemv_f16: f("gemv_f16")?,
@@ -384,8 +400,36 @@ impl Gpu {
         Ok(())
     }
 
-    /// Rotary embedding on adjacent pairs, as `cpu::rope_adjacent_pairs`: `x` holds
-    /// `positions.len()` rows of `n_heads * head_dim`.
+    /// Rotary embedding, as `cpu::rope`: `x` holds `positions.len()` rows of
+    /// `n_heads * head_dim`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        n_heads: usize,
+        head_dim: usize,
+        positions: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        style: crate::backend::RopeStyle,
+        mscale: f32,
+    ) -> Result<(), GpuError> {
+        let rows = positions.len();
+        let pairs = inv_freq.len();
+        if x.len() != rows * n_heads * head_dim || 2 * pairs > head_dim {
+            return Err(GpuError::Shape(format!("rope on {} values, {rows} rows of {n_heads} x {head_dim}", x.len())));
+        }
+        let n = rows * n_heads * pairs;
+        let halves = (style == crate::backend::RopeStyle::Halves) as i32;
+        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32];
+        let mut b = self.stream.launch_builder(&self.kernels.rope);
+        b.arg(x).arg(positions).arg(inv_freq);
+        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&halves).arg(&mscale);
+        // SAFETY: one thread per (row, head, pair), all within x (checked above).
+        unsafe { b.launch(grid(n, 256)) }?;
+        Ok(())
+    }
+
+    /// [`Gpu::rope`] on adjacent pairs, unscaled.
     pub fn rope_adjacent_pairs(
         &self,
         x: &mut CudaSlice<f32>,
@@ -394,18 +438,96 @@ impl Gpu {
         positions: &CudaSlice<u32>,
         inv_freq: &CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        let rows = positions.len();
-        let pairs = inv_freq.len();
-        if x.len() != rows * n_heads * head_dim || 2 * pairs > head_dim {
-            return Err(GpuError::Shape(format!("rope on {} values, {rows} rows of {n_heads} x {head_dim}", x.len())));
+        self.rope(x, n_heads, head_dim, positions, inv_freq, crate::backend::RopeStyle::AdjacentPairs, 1.0)
+    }
+
+    /// `out[r] = LayerNorm(x[r]) * weight (+ bias)` for `rows` rows of `weight.len()` values.
+    pub fn layer_norm(
+        &self,
+        x: &CudaView<f32>,
+        weight: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        eps: f32,
+        out: &mut CudaViewMut<f32>,
+    ) -> Result<(), GpuError> {
+        let dim = weight.len();
+        if dim == 0 || x.len() % dim != 0 || out.len() < x.len() || bias.is_some_and(|b| b.len() != dim) {
+            return Err(GpuError::Shape(format!("layer_norm of {} values by rows of {dim}", x.len())));
         }
-        let n = rows * n_heads * pairs;
-        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32];
-        let mut b = self.stream.launch_builder(&self.kernels.rope_adjacent_pairs);
-        b.arg(x).arg(positions).arg(inv_freq);
-        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
-        // SAFETY: one thread per (row, head, pair), all within x (checked above).
-        unsafe { b.launch(grid(n, 256)) }?;
+        let rows = x.len() / dim;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (dim_i, has_bias) = (dim as i32, bias.is_some() as i32);
+        let mut b = self.stream.launch_builder(&self.kernels.layer_norm);
+        b.arg(x).arg(weight).arg(bias.unwrap_or(weight)).arg(&has_bias).arg(out).arg(&dim_i).arg(&eps);
+        // SAFETY: one block per row of dim values, within both views (checked above).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// RMSNorm in place of the first `pieces` pieces of `weight.len()` values of `x`.
+    pub fn rms_norm_in_place(
+        &self,
+        x: &mut CudaSlice<f32>,
+        pieces: usize,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        let dim = weight.len();
+        if dim == 0 || x.len() < pieces * dim {
+            return Err(GpuError::Shape(format!("rms_norm of {pieces} x {dim} in {} values", x.len())));
+        }
+        if pieces == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig { grid_dim: (pieces as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let dim_i = dim as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.rms_norm_in_place);
+        b.arg(x).arg(weight).arg(&dim_i).arg(&eps);
+        // SAFETY: one block per piece, within x (checked above).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x[r] += bias` for the first `rows` rows of `bias.len()` values.
+    pub fn add_bias(&self, x: &mut CudaSlice<f32>, rows: usize, bias: &CudaSlice<f32>) -> Result<(), GpuError> {
+        let dim = bias.len();
+        if dim == 0 || x.len() < rows * dim {
+            return Err(GpuError::Shape(format!("bias of {dim} on {rows} rows of {} values", x.len())));
+        }
+        let (n, dim_i) = ((rows * dim) as i64, dim as i32);
+        let mut b = self.stream.launch_builder(&self.kernels.add_bias);
+        b.arg(x).arg(bias).arg(&n).arg(&dim_i);
+        // SAFETY: one thread per value of the rows, within x (checked above).
+        unsafe { b.launch(grid(n as usize, 256)) }?;
+        Ok(())
+    }
+
+    /// `x *= s`.
+    pub fn scale(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<(), GpuError> {
+        let n = x.len() as i64;
+        let mut b = self.stream.launch_builder(&self.kernels.scale_assign);
+        b.arg(x).arg(&s).arg(&n);
+        // SAFETY: one thread per value of x.
+        unsafe { b.launch(grid(n as usize, 256)) }?;
+        Ok(())
+    }
+
+    /// `gate = gelu_tanh(gate) * up`, or `gelu_tanh(gate)` without `up`.
+    pub fn gelu_mul(&self, gate: &mut CudaSlice<f32>, up: Option<&CudaSlice<f32>>) -> Result<(), GpuError> {
+        if up.is_some_and(|u| u.len() != gate.len()) {
+            return Err(GpuError::Shape(format!("gelu_mul of {} values", gate.len())));
+        }
+        let n = gate.len() as i64;
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(&self.kernels.gelu_mul);
+        b.arg(&mut *gate);
+        match up {
+            Some(u) => b.arg(u),
+            None => b.arg(&null),
+        };
+        b.arg(&n);
+        // SAFETY: one thread per value of gate (and of up, the same length, when given).
+        unsafe { b.launch(grid(n as usize, 256)) }?;
         Ok(())
     }
 
@@ -600,7 +722,7 @@ impl Gpu {
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer } = shape;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window } = shape;
         // Fixed chunks: halving them down to 32 slots where few KV heads leave SMs idle was
         // tried and was slower (llama3-8b shape, 4096 slots: 63.9 against 32.3 us), the
         // combination's work growing with the number of chunks.
@@ -629,7 +751,7 @@ impl Gpu {
             return Ok(());
         }
         let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, max_width as i32, chunks as i32];
-        let (scale, layer, bits) = (1.0 / (hd as f32).sqrt(), layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        let (layer, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
         let cfg = LaunchConfig {
             grid_dim: (n_rows as u32, n_kv_heads as u32, chunks as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -639,7 +761,7 @@ impl Gpu {
         // The entry point whose accumulators fit the group (fewer registers, more blocks per SM).
         let partial = &self.kernels.attn_decode_partial[group.next_power_of_two().trailing_zeros() as usize];
         let mut b = self.stream.launch_builder(partial);
-        b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale);
+        b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale).arg(&softcap).arg(&window);
         b.arg(&layer).arg(&self.gumbel_table).arg(&bits);
         b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
         // SAFETY: block (row, KV head, chunk) reads its row's slots (< width <= capacity, as the
@@ -761,7 +883,7 @@ impl Gpu {
         s_buf: &mut CudaSlice<f32>,
         p_buf: &mut CudaSlice<u16>,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, .. } = shape;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, scale, softcap, window, .. } = shape;
         let group = n_heads / n_kv_heads.max(1);
         let q_dim = n_heads * hd;
         if n_kv_heads == 0
@@ -777,7 +899,6 @@ impl Gpu {
         let f16 = blas_sys::cudaDataType::CUDA_R_16F;
         let f32t = blas_sys::cudaDataType::CUDA_R_32F;
         let (t, nop) = (blas_sys::cublasOperation_t::CUBLAS_OP_T, blas_sys::cublasOperation_t::CUBLAS_OP_N);
-        let scale = 1.0 / (hd as f32).sqrt();
         let (one, zero) = (1.0f32, 0.0f32);
         let head_elems = (capacity * hd) as i64;
         // MHA: one batched product over all heads; GQA: one per KV head over its group.
@@ -834,6 +955,7 @@ impl Gpu {
         b.arg(&mut *s_buf).arg(&mut *p_buf).arg(&kv.positions);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
         b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
+        b.arg(&softcap).arg(&window);
         // SAFETY: block (r, h) reads and writes row r of head h of S and P (sizes checked above).
         unsafe { b.launch(cfg) }?;
         if let (Some(_), Some(scores)) = (signal, kv.scores.as_mut()) {

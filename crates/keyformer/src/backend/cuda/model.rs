@@ -10,9 +10,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::kv::GpuKvCache;
 use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError};
 use crate::backend::cpu_backend::GgufWeight;
-use crate::backend::{Backend, Cpu, ForwardBuffers, HeadShape, SequenceCache};
+use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::engine::Engine;
-use crate::models::llama::{Layer, Llama, LlamaConfig, Logits, Out};
+use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
 use crate::models::random::{self, RandomShape};
 use crate::quant::dequantize_row;
 use crate::ModelError;
@@ -130,7 +130,7 @@ impl Cuda {
         &self,
         tokens: &[u32],
         caches: &[&mut GpuKvCache],
-        shape: HeadShape,
+        shape: AttentionSpec,
     ) -> Result<Option<Vec<u64>>, ModelError> {
         let m = tokens.len();
         let (q_dim, kv_dim) = (shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim);
@@ -344,6 +344,40 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    fn layer_norm(
+        &self,
+        x: &DeviceRows,
+        first_row: usize,
+        rows: usize,
+        weight: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        eps: f32,
+        out: &mut DeviceRows,
+    ) -> Result<(), ModelError> {
+        let d = weight.len();
+        let x = x.get()?.slice(first_row * d..(first_row + rows) * d);
+        let mut out = out.get_mut()?.slice_mut(0..rows * d);
+        Ok(self.gpu.layer_norm(&x, weight, bias, eps, &mut out)?)
+    }
+
+    fn rms_norm_heads(
+        &self,
+        x: &mut DeviceRows,
+        rows: usize,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<(), ModelError> {
+        Ok(self.gpu.rms_norm_in_place(x.get_mut()?, rows, weight, eps)?)
+    }
+
+    fn add_bias(&self, x: &mut DeviceRows, rows: usize, bias: &CudaSlice<f32>) -> Result<(), ModelError> {
+        Ok(self.gpu.add_bias(x.get_mut()?, rows, bias)?)
+    }
+
+    fn scale(&self, x: &mut DeviceRows, s: f32) -> Result<(), ModelError> {
+        Ok(self.gpu.scale(x.get_mut()?, s)?)
+    }
+
     fn rope(
         &self,
         x: &mut DeviceRows,
@@ -351,6 +385,8 @@ impl Backend for Cuda {
         head_dim: usize,
         positions: &[u32],
         inv_freq: &CudaSlice<f32>,
+        style: RopeStyle,
+        mscale: f32,
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
         // Q and K of a pass share their positions: sent once (a copy makes the host wait).
@@ -362,18 +398,21 @@ impl Backend for Cuda {
             sc.sent_positions.clear();
             sc.sent_positions.extend_from_slice(positions);
         }
-        self.gpu.rope_adjacent_pairs(
-            x.get_mut()?,
-            n_heads,
-            head_dim,
-            sc.positions.as_ref().expect("sized"),
-            inv_freq,
-        )?;
+        let positions = sc.positions.as_ref().expect("sized");
+        self.gpu.rope(x.get_mut()?, n_heads, head_dim, positions, inv_freq, style, mscale)?;
         Ok(())
     }
 
     fn silu_mul(&self, gate: &mut DeviceRows, up: &DeviceRows) -> Result<(), ModelError> {
         Ok(self.gpu.silu_mul(gate.get_mut()?, up.get()?)?)
+    }
+
+    fn gelu_mul(&self, gate: &mut DeviceRows, up: &DeviceRows) -> Result<(), ModelError> {
+        Ok(self.gpu.gelu_mul(gate.get_mut()?, Some(up.get()?))?)
+    }
+
+    fn gelu(&self, x: &mut DeviceRows) -> Result<(), ModelError> {
+        Ok(self.gpu.gelu_mul(x.get_mut()?, None)?)
     }
 
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) -> Result<(), ModelError> {
@@ -389,7 +428,7 @@ impl Backend for Cuda {
     fn attend(
         &self,
         layer: usize,
-        shape: HeadShape,
+        spec: AttentionSpec,
         q: &DeviceRows,
         k: &DeviceRows,
         v: &DeviceRows,
@@ -397,7 +436,7 @@ impl Backend for Cuda {
         caches: &mut [&mut GpuKvCache],
         out: &mut DeviceRows,
     ) -> Result<(), ModelError> {
-        let HeadShape { n_heads, n_kv_heads, head_dim } = shape;
+        let AttentionSpec { n_heads, n_kv_heads, head_dim, .. } = spec;
         let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
         let gpu = &self.gpu;
         let addr = |a: &DeviceRows| -> Result<u64, ModelError> { Ok(super::dev_addr(gpu, a.get()?)) };
@@ -407,7 +446,16 @@ impl Backend for Cuda {
         let batch = caches.len() > 1;
         let prompt = !batch && !caches[0].policy.prompt_done();
         let max_width = caches.iter().map(|c| c.capacity_now()).max().unwrap_or(0);
-        let attn_shape = AttentionShape { n_heads, n_kv_heads, head_dim, max_width, layer };
+        let attn_shape = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            max_width,
+            layer,
+            scale: spec.scale,
+            softcap: spec.softcap.unwrap_or(0.0),
+            window: spec.window.unwrap_or(0),
+        };
         let n_layers = caches[0].layers.len();
         if prompt {
             // A prompt chunk: its keys and values join the cache, then attention in blocks of
@@ -499,7 +547,7 @@ impl Backend for Cuda {
 
     fn new_cache(
         &self,
-        config: &LlamaConfig,
+        config: CacheShape,
         _kv_type: crate::kv::KvType,
         policy: keyformer_kv::SequencePolicy,
         context: usize,
@@ -528,10 +576,10 @@ impl Backend for Cuda {
     }
 }
 
-impl Llama<Cuda> {
+impl Model<Cuda> {
     /// The model of a GGUF file (already loaded for the CPU) on the GPU: every matrix
     /// dequantised to f16.
-    pub fn from_cpu(cuda: Cuda, cpu: &Llama<Cpu>) -> Result<Self, ModelError> {
+    pub fn from_cpu(cuda: Cuda, cpu: &Model<Cpu>) -> Result<Self, ModelError> {
         let gpu = &cuda.gpu;
         let matrix = |w: &GgufWeight| -> Result<GpuMatrix, ModelError> {
             let view = cpu.backend.view(w);
@@ -544,29 +592,18 @@ impl Llama<Cuda> {
             Ok(GpuMatrix { data: gpu.upload(&data)?, rows: w.rows, cols: w.cols })
         };
         let vector = |v: &Vec<f32>| -> Result<CudaSlice<f32>, ModelError> { Ok(gpu.upload(v)?) };
-        let layers = cpu
-            .layers
+        let layers = cpu.layers.iter().map(|l| l.try_map(&matrix, &vector)).collect::<Result<Vec<_>, _>>()?;
+        let ropes = cpu
+            .ropes
             .iter()
-            .map(|l| {
-                Ok(Layer {
-                    attn_norm: vector(&l.attn_norm)?,
-                    wq: matrix(&l.wq)?,
-                    wk: matrix(&l.wk)?,
-                    wv: matrix(&l.wv)?,
-                    wo: matrix(&l.wo)?,
-                    ffn_norm: vector(&l.ffn_norm)?,
-                    w_gate: matrix(&l.w_gate)?,
-                    w_up: matrix(&l.w_up)?,
-                    w_down: matrix(&l.w_down)?,
-                })
-            })
+            .map(|r| Ok(Rope { inv_freq: vector(&r.inv_freq)?, mscale: r.mscale }))
             .collect::<Result<Vec<_>, ModelError>>()?;
-        Ok(Llama {
+        Ok(Model {
             config: cpu.config.clone(),
             token_embd: matrix(&cpu.token_embd)?,
             output: cpu.output.as_ref().map(matrix).transpose()?,
-            output_norm: vector(&cpu.output_norm)?,
-            inv_freq: vector(&cpu.inv_freq)?,
+            output_norm: cpu.output_norm.try_map(&vector)?,
+            ropes,
             layers,
             kv_type: crate::kv::KvType::F16,
             backend: cuda,
@@ -584,7 +621,9 @@ impl Llama<Cuda> {
             matrices.insert(name, GpuMatrix { data, rows, cols });
         }
         let mut take = |name: String| matrices.remove(&name).expect("every matrix was drawn");
-        let ones = || gpu.upload(&vec![1f32; shape.n_embd]);
+        let ones = || -> Result<Norm<Cuda>, GpuError> {
+            Ok(Norm { weight: gpu.upload(&vec![1f32; shape.n_embd])?, bias: None })
+        };
         let layers = (0..shape.n_layers)
             .map(|l| {
                 let p = |s: &str| format!("blk.{l}.{s}");
@@ -593,21 +632,32 @@ impl Llama<Cuda> {
                     wq: take(p("attn_q.weight")),
                     wk: take(p("attn_k.weight")),
                     wv: take(p("attn_v.weight")),
+                    q_bias: None,
+                    k_bias: None,
+                    v_bias: None,
+                    q_norm: None,
+                    k_norm: None,
                     wo: take(p("attn_output.weight")),
+                    o_bias: None,
+                    post_attn_norm: None,
                     ffn_norm: ones()?,
-                    w_gate: take(p("ffn_gate.weight")),
+                    w_gate: Some(take(p("ffn_gate.weight"))),
                     w_up: take(p("ffn_up.weight")),
+                    up_bias: None,
                     w_down: take(p("ffn_down.weight")),
+                    down_bias: None,
+                    post_ffn_norm: None,
                 })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
         let config = shape.config();
         config.validate()?;
-        Ok(Llama {
+        let (inv_freq, mscale) = config.ropes[0].frequencies(None);
+        Ok(Model {
             token_embd: take("token_embd.weight".into()),
             output: Some(take("output.weight".into())),
             output_norm: ones()?,
-            inv_freq: gpu.upload(&config.inv_freq(None))?,
+            ropes: vec![Rope { inv_freq: gpu.upload(&inv_freq)?, mscale }],
             layers,
             config,
             kv_type: crate::kv::KvType::F16,
@@ -615,7 +665,7 @@ impl Llama<Cuda> {
         })
     }
 
-    /// One greedy decode step of a batch (as [`Llama::forward_batch_greedy`]), replayed as a
+    /// One greedy decode step of a batch (as [`Model::forward_batch_greedy`]), replayed as a
     /// CUDA graph: a step is hundreds of small kernels whose launches cost more host time than
     /// their work at small batches. The first step of a batch runs as usual (and sizes every
     /// buffer); the next is captured; later ones only send their inputs (tokens, positions,
@@ -640,7 +690,7 @@ impl Llama<Cuda> {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
         }
-        let shape = HeadShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let shape = AttentionSpec::causal(c.n_heads, c.n_kv_heads, c.head_dim);
         let Some(key) = be.prepare_decode(tokens, caches, shape)? else {
             return self.forward_batch_greedy(tokens, caches, next); // buffers not sized yet
         };
@@ -675,9 +725,7 @@ impl Llama<Cuda> {
 
     /// Bytes of all the weight matrices (f16).
     pub fn matrix_bytes(&self) -> usize {
-        let layer = |l: &Layer<Cuda>| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.data.len() * 2).sum::<usize>()
-        };
+        let layer = |l: &Layer<Cuda>| l.matrices().iter().map(|m| m.data.len() * 2).sum::<usize>();
         self.layers.iter().map(layer).sum::<usize>()
             + self.token_embd.data.len() * 2
             + self.output.as_ref().map_or(0, |m| m.data.len() * 2)
@@ -688,14 +736,14 @@ impl Engine<Cuda> {
     /// A model file's engine (loaded for the CPU) moved onto the GPU: the weights dequantised
     /// to f16, the tokenizer and metadata kept.
     pub fn from_cpu(cuda: Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
-        let model = Llama::<Cuda>::from_cpu(cuda, &cpu.model)?;
+        let model = Model::<Cuda>::from_cpu(cuda, &cpu.model)?;
         Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
     }
 
     /// Random weights at `shape` drawn on the GPU, with the byte-level tokenizer of
     /// [`Engine::random`] (the same weights as the CPU's random engine with the same seed).
     pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64) -> Result<Self, ModelError> {
-        let model = Llama::<Cuda>::random(cuda, shape, seed)?;
+        let model = Model::<Cuda>::random(cuda, shape, seed)?;
         let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
         Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
     }

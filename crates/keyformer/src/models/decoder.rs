@@ -1,0 +1,586 @@
+//! The decoder, written once for every family: a stack of blocks described by
+//! [`ModelConfig`] (see `models/config.rs` for what each family sets). For each token x at
+//! position p, a block computes
+//!   a = Attn(rope_p(Wq n + bq), rope_p(Wk n + bk), Wv n + bv),   n = Norm(x)
+//!   h = x + PostNorm(Wo a + bo)
+//!   y = h + PostNorm(Down(Act(Gate m) * Up m)),                   m = Norm(h)
+//! where each optional piece (biases, Q/K RMS norms per head, Gemma's sandwich post-norms,
+//! SwiGLU / GeGLU / GELU, soft-capping, sliding windows, embedding scaling) is present when the
+//! family or the file says so; logits = W_out Norm(y_last) with W_out tied to the token
+//! embedding when the file has no `output.weight`. Keys are cached after RoPE with the token's
+//! original position, so a later eviction never needs to re-rotate anything.
+//!
+//! The pass is written against [`Backend`]: `Model` (the CPU) and `Model<Cuda>` (feature
+//! `cuda`) run this same code.
+
+use std::sync::Arc;
+
+use crate::backend::cpu_backend::GgufWeight;
+use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, SequenceCache};
+use crate::gguf::{GgufError, GgufFile};
+use keyformer_kv::{PolicyConfig, SequencePolicy};
+
+use super::config::{FfnKind, ModelConfig, NormKind};
+use crate::kv::{KvCache, KvType};
+use crate::quant::dequantize_row;
+use crate::ModelError;
+
+/// A norm's weight and optional bias.
+pub struct Norm<B: Backend> {
+    pub weight: B::Vector,
+    pub bias: Option<B::Vector>,
+}
+
+/// One decoder block's weights; `None` where the family has no such piece.
+pub struct Layer<B: Backend> {
+    pub attn_norm: Norm<B>,
+    pub wq: B::Matrix,
+    pub wk: B::Matrix,
+    pub wv: B::Matrix,
+    pub q_bias: Option<B::Vector>,
+    pub k_bias: Option<B::Vector>,
+    pub v_bias: Option<B::Vector>,
+    /// RMSNorm of each query / key head before RoPE (Qwen 3, Gemma 3).
+    pub q_norm: Option<B::Vector>,
+    pub k_norm: Option<B::Vector>,
+    pub wo: B::Matrix,
+    pub o_bias: Option<B::Vector>,
+    /// Norm of the attention's output before the residual add (Gemma's sandwich).
+    pub post_attn_norm: Option<Norm<B>>,
+    pub ffn_norm: Norm<B>,
+    /// `None`: a plain MLP (`FfnKind::Gelu`).
+    pub w_gate: Option<B::Matrix>,
+    pub w_up: B::Matrix,
+    pub up_bias: Option<B::Vector>,
+    pub w_down: B::Matrix,
+    pub down_bias: Option<B::Vector>,
+    pub post_ffn_norm: Option<Norm<B>>,
+}
+
+/// A rotary embedding's frequencies on the backend, and its factor on cos and sin.
+pub struct Rope<B: Backend> {
+    pub inv_freq: B::Vector,
+    pub mscale: f32,
+}
+
+impl<B: Backend> Norm<B> {
+    pub fn try_map<C: Backend, E>(&self, v: &impl Fn(&B::Vector) -> Result<C::Vector, E>) -> Result<Norm<C>, E> {
+        Ok(Norm { weight: v(&self.weight)?, bias: self.bias.as_ref().map(v).transpose()? })
+    }
+}
+
+impl<B: Backend> Layer<B> {
+    /// The same layer on another backend, each matrix and vector converted by `m` and `v`.
+    pub fn try_map<C: Backend, E>(
+        &self,
+        m: &impl Fn(&B::Matrix) -> Result<C::Matrix, E>,
+        v: &impl Fn(&B::Vector) -> Result<C::Vector, E>,
+    ) -> Result<Layer<C>, E> {
+        let ov = |x: &Option<B::Vector>| x.as_ref().map(v).transpose();
+        let on = |x: &Option<Norm<B>>| x.as_ref().map(|n| n.try_map(v)).transpose();
+        Ok(Layer {
+            attn_norm: self.attn_norm.try_map(v)?,
+            wq: m(&self.wq)?,
+            wk: m(&self.wk)?,
+            wv: m(&self.wv)?,
+            q_bias: ov(&self.q_bias)?,
+            k_bias: ov(&self.k_bias)?,
+            v_bias: ov(&self.v_bias)?,
+            q_norm: ov(&self.q_norm)?,
+            k_norm: ov(&self.k_norm)?,
+            wo: m(&self.wo)?,
+            o_bias: ov(&self.o_bias)?,
+            post_attn_norm: on(&self.post_attn_norm)?,
+            ffn_norm: self.ffn_norm.try_map(v)?,
+            w_gate: self.w_gate.as_ref().map(m).transpose()?,
+            w_up: m(&self.w_up)?,
+            up_bias: ov(&self.up_bias)?,
+            w_down: m(&self.w_down)?,
+            down_bias: ov(&self.down_bias)?,
+            post_ffn_norm: on(&self.post_ffn_norm)?,
+        })
+    }
+
+    /// The weight matrices.
+    pub fn matrices(&self) -> Vec<&B::Matrix> {
+        let mut m = vec![&self.wq, &self.wk, &self.wv, &self.wo, &self.w_up, &self.w_down];
+        m.extend(self.w_gate.as_ref());
+        m
+    }
+}
+
+/// Where a forward pass's result goes: the logits, or each row's greedy token.
+pub(crate) enum Out<'a> {
+    Logits(&'a mut Vec<f32>),
+    Greedy(&'a mut Vec<u32>),
+}
+
+/// Which rows of logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity, teacher forcing).
+    All,
+}
+
+/// A decoder on backend `B` (the CPU unless said otherwise).
+pub struct Model<B: Backend = Cpu> {
+    pub config: ModelConfig,
+    pub backend: B,
+    pub token_embd: B::Matrix,
+    pub layers: Vec<Layer<B>>,
+    pub output_norm: Norm<B>,
+    /// `None`: tied to the token embedding.
+    pub output: Option<B::Matrix>,
+    /// `config.ropes`' frequencies.
+    pub ropes: Vec<Rope<B>>,
+    /// How new caches store keys and values.
+    pub kv_type: KvType,
+}
+
+/// Reads a GGUF file's tensors for [`Model::load`], checking each shape.
+struct TensorReader<'a> {
+    file: &'a GgufFile,
+}
+
+impl TensorReader<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.file.tensor_info(name).is_some()
+    }
+
+    /// Rows `first_row..first_row + rows` of a matrix stored as `total_rows x cols` (a fused
+    /// QKV or gate-up tensor is read as several matrices, none copied).
+    fn rows_of(
+        &self,
+        name: &str,
+        total_rows: usize,
+        cols: usize,
+        first_row: usize,
+        rows: usize,
+    ) -> Result<GgufWeight, ModelError> {
+        let info = self.file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+        if info.dims.len() != 2 || info.dims[0] != cols || info.dims[1] != total_rows {
+            return Err(ModelError::Invalid(format!(
+                "tensor {name} has shape {:?}, expected [{cols}, {total_rows}]",
+                info.dims
+            )));
+        }
+        Ok(GgufWeight { info: info.clone(), first_row, rows, cols })
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<GgufWeight, ModelError> {
+        self.rows_of(name, rows, cols, 0, rows)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let info = self.file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+        if info.n_elements() != len {
+            return Err(ModelError::Invalid(format!(
+                "tensor {name} has {} elements, expected {len}",
+                info.n_elements()
+            )));
+        }
+        let mut v = vec![0f32; len];
+        dequantize_row(info.ggml_type, self.file.tensor_bytes(info), &mut v);
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(ModelError::Invalid(format!("tensor {name} holds a value that is not finite")));
+        }
+        Ok(v)
+    }
+
+    fn optional_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// `<prefix>.weight` and `<prefix>.bias` if present.
+    fn norm(&self, prefix: &str, len: usize) -> Result<Norm<Cpu>, ModelError> {
+        Ok(Norm {
+            weight: self.vector(&format!("{prefix}.weight"), len)?,
+            bias: self.optional_vector(&format!("{prefix}.bias"), len)?,
+        })
+    }
+
+    fn optional_norm(&self, prefix: &str, len: usize) -> Result<Option<Norm<Cpu>>, ModelError> {
+        if self.has(&format!("{prefix}.weight")) {
+            self.norm(prefix, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Model<Cpu> {
+    pub fn load(file: Arc<GgufFile>, arch: &str) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_gguf(&file, arch)?;
+        config.validate()?;
+        let c = &config;
+        let t = TensorReader { file: &file };
+        let (d, hd, ff) = (c.n_embd, c.head_dim, c.n_ff);
+        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let token_embd = t.matrix("token_embd.weight", c.vocab_size, d)?;
+        let output = if t.has("output.weight") { Some(t.matrix("output.weight", c.vocab_size, d)?) } else { None };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            // Q, K and V: three tensors, or one fused (Phi-3) read as three row ranges.
+            let (wq, wk, wv, q_bias, k_bias, v_bias) = if t.has(&p("attn_qkv.weight")) {
+                let total = q_dim + 2 * kv_dim;
+                let fused = |first, rows| t.rows_of(&p("attn_qkv.weight"), total, d, first, rows);
+                let bias = t.optional_vector(&p("attn_qkv.bias"), total)?;
+                let split = |r: std::ops::Range<usize>| bias.as_ref().map(|b| b[r].to_vec());
+                (
+                    fused(0, q_dim)?,
+                    fused(q_dim, kv_dim)?,
+                    fused(q_dim + kv_dim, kv_dim)?,
+                    split(0..q_dim),
+                    split(q_dim..q_dim + kv_dim),
+                    split(q_dim + kv_dim..total),
+                )
+            } else {
+                (
+                    t.matrix(&p("attn_q.weight"), q_dim, d)?,
+                    t.matrix(&p("attn_k.weight"), kv_dim, d)?,
+                    t.matrix(&p("attn_v.weight"), kv_dim, d)?,
+                    t.optional_vector(&p("attn_q.bias"), q_dim)?,
+                    t.optional_vector(&p("attn_k.bias"), kv_dim)?,
+                    t.optional_vector(&p("attn_v.bias"), kv_dim)?,
+                )
+            };
+            // Gate and up: two tensors, one fused (Phi-3: gate first), or up alone (GELU MLP).
+            let (w_gate, w_up) = match c.ffn {
+                FfnKind::Gelu => (None, t.matrix(&p("ffn_up.weight"), ff, d)?),
+                _ if t.has(&p("ffn_gate.weight")) => {
+                    (Some(t.matrix(&p("ffn_gate.weight"), ff, d)?), t.matrix(&p("ffn_up.weight"), ff, d)?)
+                }
+                _ => (
+                    Some(t.rows_of(&p("ffn_up.weight"), 2 * ff, d, 0, ff)?),
+                    t.rows_of(&p("ffn_up.weight"), 2 * ff, d, ff, ff)?,
+                ),
+            };
+            layers.push(Layer {
+                attn_norm: t.norm(&p("attn_norm"), d)?,
+                wq,
+                wk,
+                wv,
+                q_bias,
+                k_bias,
+                v_bias,
+                q_norm: t.optional_vector(&p("attn_q_norm.weight"), hd)?,
+                k_norm: t.optional_vector(&p("attn_k_norm.weight"), hd)?,
+                wo: t.matrix(&p("attn_output.weight"), d, q_dim)?,
+                o_bias: t.optional_vector(&p("attn_output.bias"), d)?,
+                post_attn_norm: t.optional_norm(&p("post_attention_norm"), d)?,
+                ffn_norm: t.norm(&p("ffn_norm"), d)?,
+                w_gate,
+                w_up,
+                up_bias: t.optional_vector(&p("ffn_up.bias"), ff)?,
+                w_down: t.matrix(&p("ffn_down.weight"), d, ff)?,
+                down_bias: t.optional_vector(&p("ffn_down.bias"), d)?,
+                post_ffn_norm: t.optional_norm(&p("post_ffw_norm"), d)?,
+            });
+        }
+        let output_norm = t.norm("output_norm", d)?;
+        let ropes = c
+            .ropes
+            .iter()
+            .map(|r| {
+                // Llama 3.1's and Phi-3's per-frequency divisors.
+                let factors = match r.factors_tensor(c.context_length) {
+                    Some(name) => Some(t.vector(name, r.dim / 2)?),
+                    None => None,
+                };
+                let (inv_freq, mscale) = r.frequencies(factors.as_deref());
+                Ok(Rope { inv_freq, mscale })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let backend = Cpu { file: file.clone() };
+        Ok(Self { config, backend, token_embd, layers, output_norm, output, ropes, kv_type: KvType::default() })
+    }
+
+    /// A new, empty KV cache that keeps everything, for at most `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let full =
+            PolicyConfig::default().resolve(0, 0, self.config.n_layers, self.config.n_kv_heads).expect("full cache");
+        self.new_cache_with(full, capacity)
+    }
+
+    /// A new, empty KV cache trimmed by `policy`; `context` bounds it when the policy keeps all.
+    pub fn new_cache_with(&self, policy: SequencePolicy, context: usize) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, self.kv_type, policy, context)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// An empty cache for a prompt of `prompt_len` tokens followed by `steps` decode steps under
+    /// `kv`; the full cache is sized for exactly that many tokens (a backend may allocate it
+    /// all at once).
+    pub fn new_sequence_cache(
+        &self,
+        kv: &keyformer_kv::PolicyConfig,
+        prompt_len: usize,
+        steps: usize,
+    ) -> Result<B::Cache, ModelError> {
+        let c = &self.config;
+        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let context = prompt_len.saturating_add(steps).min(c.context_length).max(prompt_len);
+        self.backend.new_cache(self.cache_shape(), self.kv_type, policy, context)
+    }
+
+    /// The optional pieces this model's blocks have, as words for `keyformer info`.
+    pub fn features(&self) -> Vec<String> {
+        let l = &self.layers[0];
+        let mut f = Vec::new();
+        if l.q_bias.is_some() || l.k_bias.is_some() || l.v_bias.is_some() {
+            f.push("QKV bias".to_string());
+        }
+        if l.q_norm.is_some() || l.k_norm.is_some() {
+            f.push("Q/K norm".into());
+        }
+        if l.post_attn_norm.is_some() || l.post_ffn_norm.is_some() {
+            f.push("post-norms (sandwich)".into());
+        }
+        if l.o_bias.is_some() || l.up_bias.is_some() || l.down_bias.is_some() {
+            f.push("output/MLP bias".into());
+        }
+        if let Some(s) = self.config.embedding_scale {
+            f.push(format!("embedding scale {s}"));
+        }
+        f.push(if self.output.is_some() { "separate output".into() } else { "tied output".into() });
+        f
+    }
+
+    /// The dimensions of this model's KV caches.
+    pub fn cache_shape(&self) -> CacheShape {
+        let c = &self.config;
+        CacheShape { n_layers: c.n_layers, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim }
+    }
+
+    /// `out` = the configured norm of rows `first..first + rows` of `x`.
+    fn norm(&self, x: &B::Act, first: usize, rows: usize, norm: &Norm<B>, out: &mut B::Act) -> Result<(), ModelError> {
+        let c = &self.config;
+        match c.norm {
+            NormKind::Rms => {
+                self.backend.rms_norm(x, first, rows, &norm.weight, c.norm_eps, out)?;
+                if let Some(b) = &norm.bias {
+                    self.backend.add_bias(out, rows, b)?;
+                }
+                Ok(())
+            }
+            NormKind::Layer => {
+                self.backend.layer_norm(x, first, rows, &norm.weight, norm.bias.as_ref(), c.norm_eps, out)
+            }
+        }
+    }
+
+    /// Run `tokens` through the model at the cache's next positions, appending their keys and
+    /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut B::Cache, which: Logits) -> Result<Vec<f32>, ModelError> {
+        let mut logits = Vec::new();
+        self.forward_into(tokens, cache, which, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`forward`](Self::forward) writing the logits into `logits` (resized): with the same
+    /// vector every step and the activations in buffers kept by the calling thread, a decode
+    /// step allocates nothing of the model's size.
+    pub fn forward_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut B::Cache,
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.backend
+            .with_buffers(|buffers| self.forward_with(tokens, &mut [cache], which, Out::Logits(logits), buffers))
+    }
+
+    /// One decode step of several sequences at once: `tokens[i]` joins `caches[i]` at that
+    /// cache's next position, and `logits` gets one row per sequence. The weights are read once
+    /// for the whole batch; attention and eviction run per sequence, each under its own policy.
+    /// On the CPU each row still takes the single-token dot kernels, so every row's logits equal
+    /// what [`forward`](Self::forward) gives that sequence alone (on the GPU they may differ in
+    /// the last bits: one row and several take different matrix products).
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut B::Cache],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.forward_batch_to(tokens, caches, Out::Logits(logits))
+    }
+
+    /// [`forward_batch`](Self::forward_batch) giving each sequence's greedy next token instead
+    /// of its logits (on the GPU the logits never leave it).
+    pub fn forward_batch_greedy(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut B::Cache],
+        next: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        self.forward_batch_to(tokens, caches, Out::Greedy(next))
+    }
+
+    fn forward_batch_to(&self, tokens: &[u32], caches: &mut [&mut B::Cache], out: Out<'_>) -> Result<(), ModelError> {
+        if tokens.len() != caches.len() {
+            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
+        }
+        self.backend.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, out, buffers))
+    }
+
+    /// The forward pass. One cache: every token joins it (a prompt chunk or a decode step).
+    /// Several: token i joins cache i (a batch of decode steps).
+    pub(crate) fn forward_with(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut B::Cache],
+        which: Logits,
+        mut out: Out<'_>,
+        buffers: &mut ForwardBuffers<B::Act>,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let be = &self.backend;
+        let n = tokens.len();
+        match &mut out {
+            Out::Logits(l) => l.clear(),
+            Out::Greedy(t) => t.clear(),
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let batch = caches.len() > 1;
+        let (d, hd) = (c.n_embd, c.head_dim);
+        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let ForwardBuffers { positions, x, normed, q, k, v, attn, proj, gate, up } = buffers;
+        positions.clear();
+        for cache in caches.iter() {
+            let m = if batch { 1 } else { n };
+            if cache.len() + m > cache.capacity() {
+                return Err(ModelError::ContextFull { needed: cache.len() + m, capacity: cache.capacity() });
+            }
+            let start = cache.next_position();
+            positions.extend(start..start + m as u32);
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
+        }
+        for (buf, len) in [
+            (&mut *x, n * d),
+            (&mut *normed, n * d),
+            (&mut *q, n * q_dim),
+            (&mut *k, n * kv_dim),
+            (&mut *v, n * kv_dim),
+            (&mut *attn, n * q_dim),
+            (&mut *proj, n * d),
+            (&mut *gate, n * c.n_ff),
+            (&mut *up, n * c.n_ff),
+        ] {
+            be.resize(buf, len)?;
+        }
+        be.embed(&self.token_embd, tokens, x)?;
+        if let Some(s) = c.embedding_scale {
+            be.scale(x, s)?;
+        }
+
+        for (li, (layer, la)) in self.layers.iter().zip(&c.layers).enumerate() {
+            // Attention block.
+            self.norm(x, 0, n, &layer.attn_norm, normed)?;
+            be.matmul(&[&layer.wq, &layer.wk, &layer.wv], normed, n, batch, &mut [q, k, v])?;
+            for (act, bias) in [(&mut *q, &layer.q_bias), (&mut *k, &layer.k_bias), (&mut *v, &layer.v_bias)] {
+                if let Some(b) = bias {
+                    be.add_bias(act, n, b)?;
+                }
+            }
+            if let Some(w) = &layer.q_norm {
+                be.rms_norm_heads(q, n * c.n_heads, w, c.norm_eps)?;
+            }
+            if let Some(w) = &layer.k_norm {
+                be.rms_norm_heads(k, n * c.n_kv_heads, w, c.norm_eps)?;
+            }
+            let (rope, style) = (&self.ropes[la.rope], c.ropes[la.rope].style);
+            be.rope(q, c.n_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
+            be.rope(k, c.n_kv_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
+            let spec = AttentionSpec {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                scale: c.attention_scale,
+                softcap: c.attention_softcap,
+                window: la.window.map(|w| w.min(u32::MAX as usize) as u32),
+            };
+            be.attend(li, spec, q, k, v, positions, caches, attn)?;
+            be.matmul(&[&layer.wo], attn, n, batch, &mut [proj])?;
+            if let Some(b) = &layer.o_bias {
+                be.add_bias(proj, n, b)?;
+            }
+            self.residual_add(x, proj, layer.post_attn_norm.as_ref(), n, normed)?;
+
+            // Feed-forward block.
+            self.norm(x, 0, n, &layer.ffn_norm, normed)?;
+            match &layer.w_gate {
+                Some(w_gate) => {
+                    be.matmul(&[w_gate, &layer.w_up], normed, n, batch, &mut [gate, up])?;
+                    if let Some(b) = &layer.up_bias {
+                        be.add_bias(up, n, b)?;
+                    }
+                    match c.ffn {
+                        FfnKind::GeGlu => be.gelu_mul(gate, up)?,
+                        _ => be.silu_mul(gate, up)?,
+                    }
+                }
+                None => {
+                    be.matmul(&[&layer.w_up], normed, n, batch, &mut [gate])?;
+                    if let Some(b) = &layer.up_bias {
+                        be.add_bias(gate, n, b)?;
+                    }
+                    be.gelu(gate)?;
+                }
+            }
+            be.matmul(&[&layer.w_down], gate, n, batch, &mut [proj])?;
+            if let Some(b) = &layer.down_bias {
+                be.add_bias(proj, n, b)?;
+            }
+            self.residual_add(x, proj, layer.post_ffn_norm.as_ref(), n, normed)?;
+        }
+
+        let (first, m) = match which {
+            Logits::Last => (n - 1, 1),
+            Logits::All => (0, n),
+        };
+        self.norm(x, first, m, &self.output_norm, normed)?;
+        let w = self.output.as_ref().unwrap_or(&self.token_embd);
+        match out {
+            Out::Logits(logits) => {
+                be.logits(w, normed, m, batch, logits)?;
+                if let Some(cap) = c.final_softcap {
+                    logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+                }
+                Ok(())
+            }
+            // Soft-capping is monotonic: the argmax is the uncapped one.
+            Out::Greedy(next) => be.greedy(w, normed, m, batch, next),
+        }
+    }
+
+    /// `x += y`, or `x += PostNorm(y)` (Gemma's sandwich; `scratch` takes the normed rows).
+    fn residual_add(
+        &self,
+        x: &mut B::Act,
+        y: &B::Act,
+        post_norm: Option<&Norm<B>>,
+        n: usize,
+        scratch: &mut B::Act,
+    ) -> Result<(), ModelError> {
+        match post_norm {
+            None => self.backend.add(x, y),
+            Some(norm) => {
+                self.norm(y, 0, n, norm, scratch)?;
+                self.backend.add(x, scratch)
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Exactness per family: tiny random-weight models made with transformers' own config classes,
+//! converted to GGUF by llama.cpp's `convert_hf_to_gguf.py` (tools/reference/tiny_families.py;
+//! the files and transformers' logits are committed in tests/golden/families/). Every
+//! position's logits within 1e-4 of the largest logit, and the 32-token greedy continuation
+//! identical. The golden files also record how much each family feature moves the logits when
+//! switched off (soft-caps, windows, Q/K norms...), so these tests fail if one is dropped.
+
+mod common;
+
+use common::*;
+use keyformer::models::decoder::Logits;
+use keyformer::sampling::argmax;
+
+/// The families whose golden files this test reads (transformers `model_type` names).
+const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope"];
+
+fn check_family(name: &str) -> f32 {
+    let g = golden_json(&format!("golden/families/{name}.json"));
+    let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
+    assert_eq!(engine.model.config.architecture, g["architecture"].as_str().unwrap(), "{name}: architecture");
+    let vocab = engine.model.config.vocab_size;
+    let mut worst = 0f32;
+    for (ci, case) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["ids"]);
+        let mut cache = engine.model.new_cache(prompt.len() + 40);
+        let logits = engine.model.forward(&prompt, &mut cache, Logits::All).unwrap();
+        assert_eq!(logits.len(), prompt.len() * vocab);
+        let positions = ids(&case["positions"]);
+        let want_rows = case["logits"].as_array().unwrap();
+        let max_abs = want_rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap().abs() as f32))
+            .fold(0f32, f32::max);
+        for (&p, want) in positions.iter().zip(want_rows) {
+            let got = &logits[p as usize * vocab..(p as usize + 1) * vocab];
+            let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            worst = worst.max(diff / max_abs);
+            assert!(
+                diff <= 1e-4 * max_abs,
+                "{name} case {ci} position {p}: logits differ by {diff} (largest logit {max_abs})"
+            );
+        }
+        // Greedy continuation through the cache, a token at a time.
+        let mut next = argmax(&logits[(prompt.len() - 1) * vocab..]);
+        let mut got = vec![next];
+        while got.len() < 32 {
+            let l = engine.model.forward(&[next], &mut cache, Logits::Last).unwrap();
+            next = argmax(&l);
+            got.push(next);
+        }
+        assert_eq!(got, ids(&case["greedy32"]), "{name} case {ci}: greedy continuation");
+    }
+    eprintln!("{name}: largest logit difference {worst:.2e} of the largest logit");
+    worst
+}
+
+#[test]
+fn every_family_matches_transformers() {
+    for name in FAMILIES {
+        check_family(name);
+    }
+}
+
+#[test]
+fn an_unknown_architecture_is_one_clear_error() {
+    // The GPT-2 file converts fine but is not a family this engine runs yet.
+    let err = keyformer::Engine::load(&golden("golden/families/gpt2.gguf")).err().expect("gpt2 is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("unsupported architecture 'gpt2'") && msg.contains("qwen2"), "{msg}");
+}
