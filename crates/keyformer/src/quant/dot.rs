@@ -1,9 +1,10 @@
 //! Row-dot kernels: one weight row (any [`GgmlType`]) against one activation vector.
 //!
-//! For the 32-element legacy types the activation is first quantised to [`Q8Block`]s (8-bit
-//! values, one f32 scale per 32, as llama.cpp's Q8_1) and the dot is done in integers; the AVX2
-//! kernels and their scalar twins compute the same sums. K-quants and float types are dotted
-//! against f32 activations after dequantising the row one super-block at a time.
+//! For the legacy types and Q4_K/Q5_K/Q6_K the activation is first quantised to [`Q8Block`]s
+//! (8-bit values, one f32 scale per 32, as llama.cpp's Q8_1; a K-quant's 32-element sub-blocks
+//! each meet one of them) and the dot is done in integers; the AVX2 kernels and their scalar
+//! twins compute the same integer sums. Q2_K/Q3_K and float types are dotted against f32
+//! activations after dequantising the row one super-block at a time.
 
 use super::{dequantize_row, f16_at, scalar, GgmlType, QK};
 
@@ -144,7 +145,11 @@ pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
                 match t {
                     GgmlType::Q4_0 => return x86::dot_q4_0(row, a),
                     GgmlType::Q4_1 => return x86::dot_q4_1(row, a),
+                    GgmlType::Q5_0 => return x86::dot_q5_0(row, a),
                     GgmlType::Q8_0 => return x86::dot_q8_0(row, a),
+                    GgmlType::Q4K => return x86::dot_q4_k(row, a),
+                    GgmlType::Q5K => return x86::dot_q5_k(row, a),
+                    GgmlType::Q6K => return x86::dot_q6_k(row, a),
                     _ => {}
                 }
             }
@@ -234,8 +239,74 @@ pub fn vnni_available() -> bool {
     }
 }
 
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K super-block's 12 scale bytes.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Scalar twin of the K-quant kernels: per 32-element sub-block the integer sum of the
+/// unsigned quant values times the activation's, then `d * scale * d_a * sum - dmin * min *
+/// sum_a` (Q4_K/Q5_K) or, for Q6_K's signed values, two scales per sub-block.
+fn dot_q8_k_scalar(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+    let bb = t.block_bytes();
+    let mut total = 0f32;
+    for (b, ab) in row.chunks_exact(bb).zip(a.chunks_exact(8)) {
+        match t {
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let sc = &b[4..16];
+                let (qh, qs) = if t == GgmlType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+                for (j, aj) in ab.iter().enumerate() {
+                    let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+                    let mut sumi = 0i32;
+                    for l in 0..32 {
+                        let mut v = if j % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 } as i32;
+                        if let Some(qh) = qh {
+                            v += (((qh[l] >> j) & 1) as i32) << 4;
+                        }
+                        sumi += v * aj.qs[l] as i32;
+                    }
+                    let (s, m) = scale_min_k4(j, sc);
+                    total += d * s as f32 * aj.d * sumi as f32 - dmin * m as f32 * aj.sum;
+                }
+            }
+            GgmlType::Q6K => {
+                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
+                for (j, aj) in ab.iter().enumerate() {
+                    // Sub-block j: half j / 4 of the super-block, quarter k = j % 4 of it.
+                    let (half, k) = (j / 4, j % 4);
+                    let (ql, qh) = (&ql[half * 64..half * 64 + 64], &qh[half * 32..half * 32 + 32]);
+                    let mut sums = [0i32; 2];
+                    for l in 0..32 {
+                        let lo = match k {
+                            0 => ql[l] & 0x0F,
+                            1 => ql[l + 32] & 0x0F,
+                            2 => ql[l] >> 4,
+                            _ => ql[l + 32] >> 4,
+                        };
+                        let v = (lo | ((qh[l] >> (2 * k)) & 3) << 4) as i32 - 32;
+                        sums[l / 16] += v * aj.qs[l] as i32;
+                    }
+                    let s = &sc[half * 8 + 2 * k..half * 8 + 2 * k + 2];
+                    total += d * aj.d * (s[0] as i8 as f32 * sums[0] as f32 + s[1] as i8 as f32 * sums[1] as f32);
+                }
+            }
+            _ => unreachable!("{t} is not a K-quant with Q8 activations"),
+        }
+    }
+    total
+}
+
 /// Scalar twin of the integer kernels: the same integer sums, one block at a time.
 pub fn dot_q8_scalar(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+    if matches!(t, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) {
+        return dot_q8_k_scalar(t, row, a);
+    }
     let bb = t.block_bytes();
     let mut total = 0f32;
     for (b, ab) in row.chunks_exact(bb).zip(a) {
@@ -526,6 +597,133 @@ pub(crate) mod x86 {
             offs -= 8.0 * d * ab.sum;
         }
         hsum(acc) + offs
+    }
+
+    /// Bit i of the 32 bits at `p` as byte i: 0xFF where set, 0 where not.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bits_to_bytes(p: *const u8) -> __m256i {
+        let bits = (p as *const u32).read_unaligned() as i32;
+        // Byte i takes the bits' byte i / 8, then its bit i % 8 is tested.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303),
+        );
+        let masks = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, masks), masks)
+    }
+
+    /// Q5_0: 5-bit values (nibbles plus bit i of `qh`) stored as q + 16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_0(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() >= a.len() * 22);
+        let p = row.as_ptr();
+        two_chain_sum!(a.len(), |i: usize| {
+            let (ab, b) = (a.get_unchecked(i), p.add(i * 22));
+            let (d, _) = f16x2(b);
+            let high = _mm256_and_si256(bits_to_bytes(b.add(2)), _mm256_set1_epi8(0x10));
+            let u = _mm256_or_si256(nibbles(b.add(6)), high);
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            (_mm256_set1_ps(d * ab.d), mul_sum_us8(u, y), -16.0 * d * ab.sum)
+        })
+    }
+
+    /// Q4_K and Q5_K (`HIGH`: a fifth bit per value from 32 bytes of `qh`): 8 sub-blocks of
+    /// 32 per super-block, each with a 6-bit scale and min; one Q8 block per sub-block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q45_k<const HIGH: bool>(row: &[u8], a: &[Q8Block]) -> f32 {
+        let bb = if HIGH { 176 } else { 144 };
+        debug_assert!(row.len() * 8 >= a.len() * bb);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut offs = 0f32;
+        let low = _mm256_set1_epi8(0x0F);
+        for (sb, ab) in a.chunks_exact(8).enumerate() {
+            let b = row.as_ptr().add(sb * bb);
+            let (d, dmin) = f16x2(b);
+            let sc = std::slice::from_raw_parts(b.add(4), 12);
+            let qh = if HIGH { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            let qs = b.add(if HIGH { 48 } else { 16 });
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                let (j0, j1) = (2 * c, 2 * c + 1);
+                let mut u0 = _mm256_and_si256(q, low);
+                let mut u1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                if HIGH {
+                    let one = _mm256_set1_epi8(1);
+                    let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j0 as i32)), one);
+                    let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j1 as i32)), one);
+                    u0 = _mm256_or_si256(u0, _mm256_slli_epi16(h0, 4));
+                    u1 = _mm256_or_si256(u1, _mm256_slli_epi16(h1, 4));
+                }
+                let (a0, a1) = (ab.get_unchecked(j0), ab.get_unchecked(j1));
+                let (s0, m0) = super::scale_min_k4(j0, sc);
+                let (s1, m1) = super::scale_min_k4(j1, sc);
+                let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+                let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * s0 as f32 * a0.d), mul_sum_us8(u0, y0), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * s1 as f32 * a1.d), mul_sum_us8(u1, y1), acc1);
+                offs -= dmin * m0 as f32 * a0.sum + dmin * m1 as f32 * a1.sum;
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + offs
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_k(row: &[u8], a: &[Q8Block]) -> f32 {
+        dot_q45_k::<false>(row, a)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_k(row: &[u8], a: &[Q8Block]) -> f32 {
+        dot_q45_k::<true>(row, a)
+    }
+
+    /// Q6_K: 6-bit values minus 32 (low nibbles from `ql`, two high bits from `qh`), 16 signed
+    /// scales per super-block (two per Q8 block: the halves of its 8 product lanes).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6_k(row: &[u8], a: &[Q8Block]) -> f32 {
+        debug_assert!(row.len() * 8 >= a.len() * 210);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (low, three, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+        for (sb, ab) in a.chunks_exact(8).enumerate() {
+            let b = row.as_ptr().add(sb * 210);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b.add(208).cast::<u16>().read_unaligned() as i32)));
+            let sc = b.add(192) as *const i8;
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(b.add(half * 64) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(b.add(half * 64 + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.add(128 + half * 32) as *const __m256i);
+                let lows = [
+                    _mm256_and_si256(ql0, low),
+                    _mm256_and_si256(ql1, low),
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                ];
+                for (k, lo) in lows.into_iter().enumerate() {
+                    let hi = match k {
+                        0 => _mm256_and_si256(qh, three),
+                        1 => _mm256_and_si256(_mm256_srli_epi16(qh, 2), three),
+                        2 => _mm256_and_si256(_mm256_srli_epi16(qh, 4), three),
+                        _ => _mm256_and_si256(_mm256_srli_epi16(qh, 6), three),
+                    };
+                    let w = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
+                    let aj = ab.get_unchecked(4 * half + k);
+                    let y = _mm256_loadu_si256(aj.qs.as_ptr() as *const __m256i);
+                    // Signed x signed: the weight's sign moves onto the activation.
+                    let prod = mul_sum_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+                    let (s0, s1) = (*sc.add(half * 8 + 2 * k) as f32, *sc.add(half * 8 + 2 * k + 1) as f32);
+                    let f = d * aj.d;
+                    let scales = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+                    if k % 2 == 0 {
+                        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_set1_ps(f)), prod, acc0);
+                    } else {
+                        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_set1_ps(f)), prod, acc1);
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -139,9 +139,20 @@ impl GgmlType {
     }
 
     /// Whether rows are dotted against activations quantised to 8-bit blocks of 32 (as
-    /// llama.cpp does for these types) rather than against f32 activations.
+    /// llama.cpp does for these types; for the K-quants it uses blocks of 256) rather than
+    /// against f32 activations.
     pub fn uses_q8_activations(self) -> bool {
-        matches!(self, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+        matches!(
+            self,
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q8_0
+                | GgmlType::Q4K
+                | GgmlType::Q5K
+                | GgmlType::Q6K
+        )
     }
 }
 
