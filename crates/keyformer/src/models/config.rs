@@ -56,6 +56,17 @@ pub struct Family {
     pub local_rope_base: Option<f32>,
 }
 
+impl Family {
+    /// Whether layer `l` attends over the sliding window (when the file declares one).
+    pub fn slides(&self, l: usize) -> bool {
+        match self.sliding {
+            SlidingLayers::None => false,
+            SlidingLayers::All => true,
+            SlidingLayers::AllButEvery(n) => (l + 1) % n != 0,
+        }
+    }
+}
+
 const fn family(architecture: &'static str, rope_style: RopeStyle, ffn: FfnKind) -> Family {
     Family {
         architecture,
@@ -342,11 +353,7 @@ impl ModelConfig {
         let global = RopeConfig { style: fam.rope_style, dim: rope_dim, theta, scaling };
         let mut ropes = vec![global.clone()];
         let window = opt_usize("attention.sliding_window")?.filter(|&w| w > 0);
-        let sliding = |l: usize| match (fam.sliding, window) {
-            (_, None) | (SlidingLayers::None, _) => false,
-            (SlidingLayers::All, Some(_)) => true,
-            (SlidingLayers::AllButEvery(n), Some(_)) => (l + 1) % n != 0,
-        };
+        let sliding = |l: usize| window.is_some() && fam.slides(l);
         let local_rope = match (opt_f32("rope.freq_base_swa")?.or(fam.local_rope_base), window) {
             (Some(base), Some(_)) => {
                 // Local layers rotate unscaled (llama.cpp and transformers agree for Gemma 3).

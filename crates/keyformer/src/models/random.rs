@@ -18,63 +18,75 @@ use crate::ModelError;
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct RandomShape {
     pub name: &'static str,
+    /// The family it is described as (`models::config::FAMILIES`).
+    pub family: &'static str,
     pub n_layers: usize,
     pub n_embd: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    pub head_dim: usize,
     pub n_ff: usize,
     pub vocab_size: usize,
     pub context_length: usize,
     pub rope_theta: f32,
+    /// Sliding window of the family's sliding layers (0: none).
+    pub window: usize,
+}
+
+const fn llama_shape(
+    name: &'static str,
+    n_layers: usize,
+    n_embd: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    n_ff: usize,
+    vocab_size: usize,
+    rope_theta: f32,
+) -> RandomShape {
+    RandomShape {
+        name,
+        family: "llama",
+        n_layers,
+        n_embd,
+        n_heads,
+        n_kv_heads,
+        head_dim: n_embd / n_heads,
+        n_ff,
+        vocab_size,
+        context_length: 8192,
+        rope_theta,
+        window: 0,
+    }
 }
 
 /// The shapes `--random-weights` knows. Contexts are 8192 so that the paper's 4096 + 4096
 /// runs at every shape (Llama 2's own is 4096; with random weights it changes nothing measured).
-pub const SHAPES: [RandomShape; 4] = [
+/// The family shapes carry their family's pieces (Qwen2's Q/K/V biases, Gemma 2's sandwich
+/// norms, soft-caps and sliding layers, Phi-3's head size of 96).
+pub const SHAPES: [RandomShape; 10] = [
+    llama_shape("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 10_000.0),
+    llama_shape("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 500_000.0),
+    llama_shape("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 100_000.0),
+    // Mistral 7B v0.1 (its files are written as `llama`; llama.cpp ignores its window).
+    llama_shape("mistral-7b", 32, 4096, 32, 8, 14336, 32000, 10_000.0),
+    RandomShape { family: "qwen2", ..llama_shape("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 1_000_000.0) },
+    RandomShape { family: "phi3", ..llama_shape("phi3-mini", 32, 3072, 32, 32, 8192, 32064, 10_000.0) },
     RandomShape {
-        name: "llama2-7b",
-        n_layers: 32,
-        n_embd: 4096,
-        n_heads: 32,
-        n_kv_heads: 32,
-        n_ff: 11008,
-        vocab_size: 32000,
-        context_length: 8192,
-        rope_theta: 10_000.0,
+        family: "gemma2",
+        head_dim: 256,
+        window: 4096,
+        ..llama_shape("gemma2-9b", 42, 3584, 16, 8, 14336, 256000, 10_000.0)
     },
+    // Parity tests: GQA (2 query heads per KV head), two layers; and a Qwen2 one with biases.
+    RandomShape { context_length: 4096, ..llama_shape("tiny", 2, 256, 4, 2, 512, 1000, 10_000.0) },
+    RandomShape { family: "qwen2", context_length: 4096, ..llama_shape("tiny-qwen2", 2, 256, 4, 2, 512, 1000, 1e6) },
+    // Gemma 2's pieces with its head size of 256 (the GPU's second attention entry points).
     RandomShape {
-        name: "llama3-8b",
-        n_layers: 32,
-        n_embd: 4096,
-        n_heads: 32,
-        n_kv_heads: 8,
-        n_ff: 14336,
-        vocab_size: 128256,
-        context_length: 8192,
-        rope_theta: 500_000.0,
-    },
-    RandomShape {
-        name: "smollm2-135m",
-        n_layers: 30,
-        n_embd: 576,
-        n_heads: 9,
-        n_kv_heads: 3,
-        n_ff: 1536,
-        vocab_size: 49152,
-        context_length: 8192,
-        rope_theta: 100_000.0,
-    },
-    // Parity tests: GQA (2 query heads per KV head), two layers.
-    RandomShape {
-        name: "tiny",
-        n_layers: 2,
-        n_embd: 256,
-        n_heads: 4,
-        n_kv_heads: 2,
-        n_ff: 512,
-        vocab_size: 1000,
+        family: "gemma2",
+        head_dim: 256,
+        window: 64,
         context_length: 4096,
-        rope_theta: 10_000.0,
+        ..llama_shape("tiny-gemma2", 2, 256, 2, 1, 512, 1000, 10_000.0)
     },
 ];
 
@@ -86,7 +98,7 @@ impl RandomShape {
         })
     }
     pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_heads
+        self.head_dim
     }
     /// Every matrix as (GGUF name, rows, cols, tensor number for [`value`]), in file order.
     pub fn matrices(&self) -> Vec<(String, usize, usize, u32)> {
@@ -110,7 +122,7 @@ impl RandomShape {
     }
     /// The hyper-parameters, as a GGUF file of this shape declares them.
     pub fn config(&self) -> crate::models::config::ModelConfig {
-        crate::models::config::ModelConfig::llama(
+        let mut c = crate::models::config::ModelConfig::llama(
             self.n_layers,
             self.n_embd,
             self.n_heads,
@@ -119,8 +131,49 @@ impl RandomShape {
             self.vocab_size,
             self.context_length,
             self.rope_theta,
-        )
+        );
+        c.architecture = self.family.into();
+        c.head_dim = self.head_dim;
+        c.ropes[0].dim = self.head_dim;
+        c.attention_scale = 1.0 / (self.head_dim as f32).sqrt();
+        let fam = crate::models::config::ModelConfig::family(self.family).expect("a known family");
+        c.ropes[0].style = fam.rope_style;
+        c.ffn = fam.ffn;
+        c.embedding_scale = fam.scale_embeddings.then(|| (self.n_embd as f32).sqrt());
+        if self.family == "gemma2" {
+            c.attention_softcap = Some(50.0);
+            c.final_softcap = Some(30.0);
+        }
+        if self.window > 0 {
+            for (l, layer) in c.layers.iter_mut().enumerate() {
+                layer.window = fam.slides(l).then_some(self.window);
+            }
+        }
+        c
     }
+
+    /// The family's vectors besides the norms' weights: (GGUF name, length, value).
+    pub fn extra_vectors(&self) -> Vec<(String, usize, f32)> {
+        let mut v = Vec::new();
+        for l in 0..self.n_layers {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            let (q, kv) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+            match self.family {
+                "qwen2" => {
+                    v.push((p("attn_q.bias"), q, 0.01));
+                    v.push((p("attn_k.bias"), kv, 0.01));
+                    v.push((p("attn_v.bias"), kv, 0.01));
+                }
+                "gemma2" => {
+                    v.push((p("post_attention_norm.weight"), self.n_embd, 1.0));
+                    v.push((p("post_ffw_norm.weight"), self.n_embd, 1.0));
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+
     /// Bytes of the f16 weights.
     pub fn weight_bytes(&self) -> usize {
         self.matrices().iter().map(|(_, r, c, _)| r * c * 2).sum()
@@ -152,7 +205,8 @@ pub fn value(seed: u64, tensor: u32, i: u64, scale: f32) -> f16 {
     f16::from_f32((2.0 * u - 1.0) * scale)
 }
 
-/// Write the model as a GGUF v3 file (F16 matrices, F32 norms, Llama metadata; no tokenizer),
+/// Write the model as a GGUF v3 file (F16 matrices, F32 norms and biases, its family's
+/// metadata; no tokenizer),
 /// loadable by `models::load`. Meant for small shapes (the bytes are built in memory).
 pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), ModelError> {
     const ALIGN: usize = 32;
@@ -170,36 +224,59 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
         tensors.push((format!("blk.{l}.ffn_norm.weight"), vec![shape.n_embd], 0, ones.clone()));
     }
     tensors.push(("output_norm.weight".into(), vec![shape.n_embd], 0, ones));
+    for (name, len, value) in shape.extra_vectors() {
+        tensors.push((name, vec![len], 0, (0..len).flat_map(|_| value.to_le_bytes()).collect()));
+    }
 
     let mut b: Vec<u8> = Vec::new();
     let put_str = |b: &mut Vec<u8>, s: &str| {
         b.extend_from_slice(&(s.len() as u64).to_le_bytes());
         b.extend_from_slice(s.as_bytes());
     };
-    let u32s = [
-        ("llama.block_count", shape.n_layers),
-        ("llama.embedding_length", shape.n_embd),
-        ("llama.attention.head_count", shape.n_heads),
-        ("llama.attention.head_count_kv", shape.n_kv_heads),
-        ("llama.feed_forward_length", shape.n_ff),
-        ("llama.vocab_size", shape.vocab_size),
-        ("llama.context_length", shape.context_length),
+    let arch = shape.family;
+    let config = shape.config();
+    let mut u32s: Vec<(String, usize)> = [
+        ("block_count", shape.n_layers),
+        ("embedding_length", shape.n_embd),
+        ("attention.head_count", shape.n_heads),
+        ("attention.head_count_kv", shape.n_kv_heads),
+        ("attention.key_length", shape.head_dim),
+        ("attention.value_length", shape.head_dim),
+        ("feed_forward_length", shape.n_ff),
+        ("vocab_size", shape.vocab_size),
+        ("context_length", shape.context_length),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{arch}.{k}"), v))
+    .collect();
+    if shape.window > 0 {
+        u32s.push((format!("{arch}.attention.sliding_window"), shape.window));
+    }
+    let mut f32s: Vec<(String, f32)> = vec![
+        (format!("{arch}.rope.freq_base"), shape.rope_theta),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-5),
     ];
-    let f32s = [("llama.rope.freq_base", shape.rope_theta), ("llama.attention.layer_norm_rms_epsilon", 1e-5)];
+    for (key, cap) in
+        [("attn_logit_softcapping", config.attention_softcap), ("final_logit_softcapping", config.final_softcap)]
+    {
+        if let Some(cap) = cap {
+            f32s.push((format!("{arch}.{key}"), cap));
+        }
+    }
     b.extend_from_slice(b"GGUF");
     b.extend_from_slice(&3u32.to_le_bytes());
     b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     b.extend_from_slice(&((1 + u32s.len() + f32s.len()) as u64).to_le_bytes());
     put_str(&mut b, "general.architecture");
     b.extend_from_slice(&8u32.to_le_bytes()); // string
-    put_str(&mut b, "llama");
+    put_str(&mut b, arch);
     for (k, v) in u32s {
-        put_str(&mut b, k);
+        put_str(&mut b, &k);
         b.extend_from_slice(&4u32.to_le_bytes()); // uint32
         b.extend_from_slice(&(v as u32).to_le_bytes());
     }
     for (k, v) in f32s {
-        put_str(&mut b, k);
+        put_str(&mut b, &k);
         b.extend_from_slice(&6u32.to_le_bytes()); // float32
         b.extend_from_slice(&v.to_le_bytes());
     }

@@ -23,9 +23,10 @@ pub struct CheckShape {
 }
 
 /// Shapes of the models the issue names, and the default model's.
-pub const SHAPES: [CheckShape; 3] = [
+pub const SHAPES: [CheckShape; 4] = [
     CheckShape { name: "llama2-7b", n_heads: 32, n_kv_heads: 32, head_dim: 128, n_embd: 4096, n_ff: 11008 },
     CheckShape { name: "llama3-8b", n_heads: 32, n_kv_heads: 8, head_dim: 128, n_embd: 4096, n_ff: 14336 },
+    CheckShape { name: "gemma2-9b", n_heads: 16, n_kv_heads: 8, head_dim: 256, n_embd: 3584, n_ff: 14336 },
     CheckShape { name: "smollm2-135m", n_heads: 9, n_kv_heads: 3, head_dim: 64, n_embd: 576, n_ff: 1536 },
 ];
 

@@ -232,7 +232,7 @@ __device__ __forceinline__ unsigned position_hash(unsigned key, unsigned positio
 #define ATTN_WARPS 8
 #define UNROLL 4
 #define ATTN_MAX_GROUP 8
-#define ATTN_MAX_HEAD_DIM 128
+#define ATTN_MAX_HEAD_DIM 128  // the common entry points; Gemma's 256 has its own (HD below)
 #define ATTN_CHUNKS 256
 #define SCORE_NONE 0
 #define SCORE_ATTENTION 1
@@ -245,10 +245,10 @@ __device__ __forceinline__ float2 h2f2(const unsigned short* p) {
 }
 
 // A lane's share of an f16 row of head_dim values: pairs (2 lane + 64 r, + 1), zeros past the end.
-__device__ __forceinline__ void lane_pairs(const unsigned short* row, int lane, int head_dim,
-                                           float2 (&out)[ATTN_MAX_HEAD_DIM / 64]) {
+template <int HD>
+__device__ __forceinline__ void lane_pairs(const unsigned short* row, int lane, int head_dim, float2 (&out)[HD / 64]) {
 #pragma unroll
-    for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+    for (int r = 0; r < HD / 64; r++) {
         int i = 2 * lane + 64 * r;
         out[r] = i < head_dim ? h2f2(row + i) : make_float2(0.0f, 0.0f);
     }
@@ -308,16 +308,16 @@ extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
 // part_out [rows][n_heads][chunks][head_dim]; part_stats [rows][n_heads][chunks][4] =
 // (m, l, m', l'); score_exps [rows][n_heads][max_width]. head_dim a multiple of 16, at most
 // ATTN_MAX_HEAD_DIM.
-template <int GROUP>
+template <int GROUP, int HD>
 __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, int n_heads, int n_kv_heads,
                                                          int head_dim, int max_width, float scale, float softcap,
                                                          unsigned window, unsigned layer,
                                                          const float* gumbel_table, int table_bits,
                                                          float* part_out, float* part_stats, float* score_exps) {
-    __shared__ float sq[GROUP * ATTN_MAX_HEAD_DIM];
+    __shared__ float sq[GROUP * HD];
     __shared__ float sl[GROUP * ATTN_CHUNK];
     __shared__ float sn[GROUP * ATTN_CHUNK];
-    __shared__ float sred[ATTN_WARPS * ATTN_MAX_HEAD_DIM];
+    __shared__ float sred[ATTN_WARPS * HD];
     __shared__ unsigned skey[GROUP];
     const AttnRow& row_desc = rows[blockIdx.x];
     int width = row_desc.width, capacity = row_desc.capacity, score_mode = row_desc.score_mode;
@@ -412,16 +412,16 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
 
     // The chunk's unnormalised outputs: a warp per slot (two values per lane per step, each
     // value read once for the group), then the warps' sums added through shared memory.
-    float acc[GROUP][ATTN_MAX_HEAD_DIM / 64][2];
+    float acc[GROUP][HD / 64][2];
 #pragma unroll
     for (int j = 0; j < GROUP; j++)
 #pragma unroll
-        for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) acc[j][r][0] = acc[j][r][1] = 0.0f;
+        for (int r = 0; r < HD / 64; r++) acc[j][r][0] = acc[j][r][1] = 0.0f;
     for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
-        float2 vv[UNROLL][ATTN_MAX_HEAD_DIM / 64];
+        float2 vv[UNROLL][HD / 64];
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
-            lane_pairs(values + ((size_t)g * capacity + lo + min(t0 + u, m - 1)) * head_dim, lane, head_dim, vv[u]);
+            lane_pairs<HD>(values + ((size_t)g * capacity + lo + min(t0 + u, m - 1)) * head_dim, lane, head_dim, vv[u]);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
@@ -431,7 +431,7 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
                 if (j >= group) break;
                 float w = sl[j * ATTN_CHUNK + t0 + u];
 #pragma unroll
-                for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+                for (int r = 0; r < HD / 64; r++) {
                     acc[j][r][0] += w * vv[u][r].x;
                     acc[j][r][1] += w * vv[u][r].y;
                 }
@@ -442,17 +442,17 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
     for (int j = 0; j < GROUP; j++) {
         if (j >= group) break;
 #pragma unroll
-        for (int r = 0; r < ATTN_MAX_HEAD_DIM / 64; r++) {
+        for (int r = 0; r < HD / 64; r++) {
             int i = 2 * lane + 64 * r;
             if (i < head_dim) {
-                sred[warp * ATTN_MAX_HEAD_DIM + i] = acc[j][r][0];
-                sred[warp * ATTN_MAX_HEAD_DIM + i + 1] = acc[j][r][1];
+                sred[warp * HD + i] = acc[j][r][0];
+                sred[warp * HD + i + 1] = acc[j][r][1];
             }
         }
         __syncthreads();
         for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float o = 0.0f;
-            for (int w = 0; w < ATTN_WARPS; w++) o += sred[w * ATTN_MAX_HEAD_DIM + d];
+            for (int w = 0; w < ATTN_WARPS; w++) o += sred[w * HD + d];
             part_out[((zh + h0 + j) * chunks + c) * head_dim + d] = o;
         }
         __syncthreads();
@@ -468,22 +468,27 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
 // One entry point per bound on the query heads per KV head (1, 2, 4, 8): the accumulators
 // are sized by it, so a model without grouped queries (Llama 2) does not pay registers, and
 // blocks per SM, for eight.
-#define ATTN_PARTIAL_ENTRY(G, BOUNDS)                                                                  \
-    extern "C" __global__ void BOUNDS attn_decode_partial_g##G(                                        \
+#define ATTN_PARTIAL_ENTRY(G, HD, NAME, BOUNDS)                                                        \
+    extern "C" __global__ void BOUNDS NAME(                                                            \
         const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim, int max_width, float scale,    \
         float softcap, unsigned window,                                                                 \
         unsigned layer, const float* gumbel_table, int table_bits, float* part_out, float* part_stats, \
         float* score_exps) {                                                                           \
-        attn_decode_partial_body<G>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, softcap,    \
+        attn_decode_partial_body<G, HD>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, softcap, \
                                     window, layer,                                                      \
                                     gumbel_table, table_bits, part_out, part_stats, score_exps);       \
     }
 // One query head per KV head fits 32 registers without spills: 8 blocks of 256 threads per SM
 // (64 registers, 4 blocks, for eight).
-ATTN_PARTIAL_ENTRY(1, __launch_bounds__(256, 8))
-ATTN_PARTIAL_ENTRY(2, __launch_bounds__(256))
-ATTN_PARTIAL_ENTRY(4, __launch_bounds__(256))
-ATTN_PARTIAL_ENTRY(8, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(1, 128, attn_decode_partial_g1, __launch_bounds__(256, 8))
+ATTN_PARTIAL_ENTRY(2, 128, attn_decode_partial_g2, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(4, 128, attn_decode_partial_g4, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(8, 128, attn_decode_partial_g8, __launch_bounds__(256))
+// Heads of up to 256 values (Gemma 2 and 3): twice the accumulators and shared rows.
+ATTN_PARTIAL_ENTRY(1, 256, attn_decode_partial_g1_hd256, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(2, 256, attn_decode_partial_g2_hd256, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(4, 256, attn_decode_partial_g4_hd256, __launch_bounds__(256))
+ATTN_PARTIAL_ENTRY(8, 256, attn_decode_partial_g8_hd256, __launch_bounds__(256))
 
 // Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots, row z) combines
 // the chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks

@@ -76,6 +76,8 @@ struct Kernels {
     gemv_f16: CudaFunction,
     /// One per bound on the query heads per KV head: 1, 2, 4, 8 (kernels.cu).
     attn_decode_partial: [CudaFunction; 4],
+    /// The same for heads of 129-256 values.
+    attn_decode_partial_hd256: [CudaFunction; 4],
     attn_decode_combine: CudaFunction,
     kv_store: CudaFunction,
     choose_victims: CudaFunction,
@@ -114,7 +116,7 @@ const COMBINE_SLOTS: usize = 512;
 // The logits pass gives each slot of a chunk two threads of the block.
 const _: () = assert!(2 * ATTN_CHUNK == 32 * ATTN_WARPS as usize);
 pub const ATTN_MAX_GROUP: usize = 8;
-pub const ATTN_MAX_HEAD_DIM: usize = 128;
+pub const ATTN_MAX_HEAD_DIM: usize = 256;
 const ATTN_CHUNKS: usize = 256;
 
 /// Scratch of [`Gpu::attention_rows`] for up to `max_rows` rows of `n_heads` query heads of
@@ -302,6 +304,12 @@ impl Gpu {
                 f("attn_decode_partial_g2")?,
                 f("attn_decode_partial_g4")?,
                 f("attn_decode_partial_g8")?,
+            ],
+            attn_decode_partial_hd256: [
+                f("attn_decode_partial_g1_hd256")?,
+                f("attn_decode_partial_g2_hd256")?,
+                f("attn_decode_partial_g4_hd256")?,
+                f("attn_decode_partial_g8_hd256")?,
             ],
             attn_decode_combine: f("attn_decode_combine")?,
             kv_store: f("kv_store")?,
@@ -759,7 +767,9 @@ impl Gpu {
         };
         let AttentionScratch { part_out, part_stats, score_exps, .. } = scratch;
         // The entry point whose accumulators fit the group (fewer registers, more blocks per SM).
-        let partial = &self.kernels.attn_decode_partial[group.next_power_of_two().trailing_zeros() as usize];
+        let entries =
+            if hd > 128 { &self.kernels.attn_decode_partial_hd256 } else { &self.kernels.attn_decode_partial };
+        let partial = &entries[group.next_power_of_two().trailing_zeros() as usize];
         let mut b = self.stream.launch_builder(partial);
         b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale).arg(&softcap).arg(&window);
         b.arg(&layer).arg(&self.gumbel_table).arg(&bits);

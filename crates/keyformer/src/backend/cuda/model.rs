@@ -624,29 +624,35 @@ impl Model<Cuda> {
         let ones = || -> Result<Norm<Cuda>, GpuError> {
             Ok(Norm { weight: gpu.upload(&vec![1f32; shape.n_embd])?, bias: None })
         };
+        // The family's biases and extra norms, as the CPU's file holds them.
+        let mut extra = std::collections::HashMap::new();
+        for (name, len, value) in shape.extra_vectors() {
+            extra.insert(name, gpu.upload(&vec![value; len])?);
+        }
         let layers = (0..shape.n_layers)
             .map(|l| {
                 let p = |s: &str| format!("blk.{l}.{s}");
+                let mut vector = |s: &str| extra.remove(&p(s));
                 Ok(Layer {
                     attn_norm: ones()?,
                     wq: take(p("attn_q.weight")),
                     wk: take(p("attn_k.weight")),
                     wv: take(p("attn_v.weight")),
-                    q_bias: None,
-                    k_bias: None,
-                    v_bias: None,
+                    q_bias: vector("attn_q.bias"),
+                    k_bias: vector("attn_k.bias"),
+                    v_bias: vector("attn_v.bias"),
                     q_norm: None,
                     k_norm: None,
                     wo: take(p("attn_output.weight")),
                     o_bias: None,
-                    post_attn_norm: None,
+                    post_attn_norm: vector("post_attention_norm.weight").map(|weight| Norm { weight, bias: None }),
                     ffn_norm: ones()?,
                     w_gate: Some(take(p("ffn_gate.weight"))),
                     w_up: take(p("ffn_up.weight")),
                     up_bias: None,
                     w_down: take(p("ffn_down.weight")),
                     down_bias: None,
-                    post_ffn_norm: None,
+                    post_ffn_norm: vector("post_ffw_norm.weight").map(|weight| Norm { weight, bias: None }),
                 })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;

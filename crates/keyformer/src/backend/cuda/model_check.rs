@@ -1,6 +1,6 @@
-//! The whole model on the GPU against the CPU (`keyformer gpu-check --model-shape tiny,...`):
-//! the same random weights on both (a GGUF file the CPU loads, and the same values drawn on
-//! the GPU), logits through a prompt and greedy decode steps, and the tokens each KV head keeps
+//! The whole model on the GPU against the CPU (`keyformer gpu-check --model-shape tiny,...`
+//! on random weights: a GGUF file the CPU loads, and the same values drawn on the GPU; or
+//! `--model-file F.gguf` for any family's file, uploaded), logits through a prompt and greedy decode steps, and the tokens each KV head keeps
 //! under Keyformer and H2O after the prompt and after decoding.
 
 use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
@@ -82,13 +82,43 @@ pub fn run(
         0.0,
         "f16 values that differ (embedding, first and last layer)",
     ));
+    checks.extend(compare(name, &cpu, &gpu, prompt_len, steps)?);
+    Ok(checks)
+}
+
+/// The whole-model checks on a GGUF file (any family): the CPU's model and the same weights
+/// on the GPU. A prompt of `prompt_len` tokens longer than a sliding window exercises it.
+pub fn run_file(path: &std::path::Path, prompt_len: usize, steps: usize) -> Result<Vec<CheckRow>, ModelError> {
+    let (_, cpu) = crate::models::load(path)?;
+    let gpu = Model::<Cuda>::from_cpu(Cuda::new(Gpu::open(0)?), &cpu)?;
+    let name = format!(
+        "{} ({})",
+        path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+        cpu.config.architecture
+    );
+    compare(&name, &cpu, &gpu, prompt_len.min(cpu.config.context_length / 2), steps)
+}
+
+/// `cpu` and `gpu` (the same weights) against each other: logits through a prompt and greedy
+/// steps with the full cache, batched steps as a CUDA graph against plain launches, and the
+/// tokens Keyformer, H2O and window keep.
+fn compare(
+    name: &str,
+    cpu: &Model,
+    gpu: &Model<Cuda>,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<Vec<CheckRow>, ModelError> {
+    let mut checks = Vec::new();
+    let c = &cpu.config;
+    let (vocab, n_layers, n_kv_heads) = (c.vocab_size, c.n_layers, c.n_kv_heads);
+    let g = &gpu.backend.gpu;
 
     // A prompt through the full cache, then greedy steps (the CPU's token fed to both).
-    let prompt: Vec<u32> =
-        (0..prompt_len as u64).map(|i| (random::mix64(i ^ 0xABCD) % shape.vocab_size as u64) as u32).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u64).map(|i| (random::mix64(i ^ 0xABCD) % vocab as u64) as u32).collect();
     let full = PolicyConfig::default();
     let ctx = prompt_len + steps;
-    let policy = full.resolve(prompt_len, steps, shape.n_layers, shape.n_kv_heads).map_err(ModelError::Policy)?;
+    let policy = full.resolve(prompt_len, steps, n_layers, n_kv_heads).map_err(ModelError::Policy)?;
     let mut cpu_cache = cpu.new_cache_with(policy, ctx);
     let mut gpu_cache = gpu.new_sequence_cache(&full, prompt_len, steps)?;
     let mut want = cpu.forward(&prompt, &mut cpu_cache, Logits::Last)?;
@@ -135,7 +165,7 @@ pub fn run(
             let mut caches = Vec::new();
             let mut next = Vec::new();
             for s in 0..3usize {
-                let p: Vec<u32> = prompt.iter().map(|t| (t + s as u32 * 7) % shape.vocab_size as u32).collect();
+                let p: Vec<u32> = prompt.iter().map(|t| (t + s as u32 * 7) % vocab as u32).collect();
                 let mut cache = gpu.new_sequence_cache(&kv, prompt_len, gen)?;
                 let logits = gpu.forward(&p[..prompt_len - 10 * s], &mut cache, Logits::Last)?;
                 cache.finish_prompt(g)?;
@@ -158,7 +188,7 @@ pub fn run(
                 std::mem::swap(&mut next, &mut out);
             }
             let held: Vec<Vec<Vec<u32>>> =
-                caches.iter().map(|c| c.held_positions(g, shape.n_layers - 1)).collect::<Result<_, _>>()?;
+                caches.iter().map(|c| c.held_positions(g, n_layers - 1)).collect::<Result<_, _>>()?;
             runs.push((tokens, held));
         }
         let differ =
@@ -175,7 +205,7 @@ pub fn run(
     for (kind, budget) in [(PolicyKind::Keyformer, 50), (PolicyKind::H2o, 50), (PolicyKind::Window, 50)] {
         let kv =
             PolicyConfig { kind, budget: Some(Amount::Percent(budget as f64)), seed: 5, ..PolicyConfig::default() };
-        let policy = kv.resolve(prompt_len, steps, shape.n_layers, shape.n_kv_heads).map_err(ModelError::Policy)?;
+        let policy = kv.resolve(prompt_len, steps, n_layers, n_kv_heads).map_err(ModelError::Policy)?;
         let mut cpu_cache = cpu.new_cache_with(policy, ctx);
         let mut gpu_cache = gpu.new_sequence_cache(&kv, prompt_len, steps)?;
         let mut want = cpu.forward(&prompt, &mut cpu_cache, Logits::Last)?;
@@ -183,7 +213,7 @@ pub fn run(
         cpu_cache.finish_prompt()?;
         gpu_cache.finish_prompt(g)?;
         let gpu_held = |c: &super::kv::GpuKvCache| -> Result<Vec<Vec<Vec<u32>>>, ModelError> {
-            (0..shape.n_layers).map(|l| c.held_positions(g, l)).collect()
+            (0..n_layers).map(|l| c.held_positions(g, l)).collect()
         };
         let kept = cpu_held(&cpu_cache);
         let total: usize = kept.iter().flatten().map(Vec::len).sum();
