@@ -134,7 +134,11 @@ pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
             unsafe {
                 match t {
                     GgmlType::Q4_1 => return x86::dot_q4_1_vnni(row, a),
+                    GgmlType::Q5_0 => return x86::dot_q5_0_vnni(row, a),
                     GgmlType::Q8_0 => return x86::dot_q8_0_vnni(row, a),
+                    GgmlType::Q4K => return x86::dot_q4_k_vnni(row, a),
+                    GgmlType::Q5K => return x86::dot_q5_k_vnni(row, a),
+                    GgmlType::Q6K => return x86::dot_q6_k_vnni(row, a),
                     _ => {}
                 }
             }
@@ -613,117 +617,145 @@ pub(crate) mod x86 {
         _mm256_cmpeq_epi8(_mm256_and_si256(spread, masks), masks)
     }
 
-    /// Q5_0: 5-bit values (nibbles plus bit i of `qh`) stored as q + 16.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_0(row: &[u8], a: &[Q8Block]) -> f32 {
-        debug_assert!(row.len() >= a.len() * 22);
-        let p = row.as_ptr();
-        two_chain_sum!(a.len(), |i: usize| {
-            let (ab, b) = (a.get_unchecked(i), p.add(i * 22));
-            let (d, _) = f16x2(b);
-            let high = _mm256_and_si256(bits_to_bytes(b.add(2)), _mm256_set1_epi8(0x10));
-            let u = _mm256_or_si256(nibbles(b.add(6)), high);
-            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            (_mm256_set1_ps(d * ab.d), mul_sum_us8(u, y), -16.0 * d * ab.sum)
-        })
-    }
-
-    /// Q4_K and Q5_K (`HIGH`: a fifth bit per value from 32 bytes of `qh`): 8 sub-blocks of
-    /// 32 per super-block, each with a 6-bit scale and min; one Q8 block per sub-block.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q45_k<const HIGH: bool>(row: &[u8], a: &[Q8Block]) -> f32 {
-        let bb = if HIGH { 176 } else { 144 };
-        debug_assert!(row.len() * 8 >= a.len() * bb);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offs = 0f32;
-        let low = _mm256_set1_epi8(0x0F);
-        for (sb, ab) in a.chunks_exact(8).enumerate() {
-            let b = row.as_ptr().add(sb * bb);
-            let (d, dmin) = f16x2(b);
-            let sc = std::slice::from_raw_parts(b.add(4), 12);
-            let qh = if HIGH { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
-            let qs = b.add(if HIGH { 48 } else { 16 });
-            for c in 0..4 {
-                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                let (j0, j1) = (2 * c, 2 * c + 1);
-                let mut u0 = _mm256_and_si256(q, low);
-                let mut u1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                if HIGH {
-                    let one = _mm256_set1_epi8(1);
-                    let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j0 as i32)), one);
-                    let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j1 as i32)), one);
-                    u0 = _mm256_or_si256(u0, _mm256_slli_epi16(h0, 4));
-                    u1 = _mm256_or_si256(u1, _mm256_slli_epi16(h1, 4));
-                }
-                let (a0, a1) = (ab.get_unchecked(j0), ab.get_unchecked(j1));
-                let (s0, m0) = super::scale_min_k4(j0, sc);
-                let (s1, m1) = super::scale_min_k4(j1, sc);
-                let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
-                let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * s0 as f32 * a0.d), mul_sum_us8(u0, y0), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * s1 as f32 * a1.d), mul_sum_us8(u1, y1), acc1);
-                offs -= dmin * m0 as f32 * a0.sum + dmin * m1 as f32 * a1.sum;
+    /// The Q5_0 and K-quant kernels, written once for each way to multiply unsigned by signed
+    /// bytes and sum them in fours: AVX2's `maddubs` (+ `madd`), or AVX-512 VNNI's `dpbusd`.
+    /// Both give the same exact integer sums, so the two sets agree bit for bit.
+    macro_rules! q8_kernels {
+        ($feat:literal, $mul:ident, $q5_0:ident, $q45_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
+            /// Q5_0: 5-bit values (nibbles plus bit i of `qh`) stored as q + 16.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $q5_0(row: &[u8], a: &[Q8Block]) -> f32 {
+                debug_assert!(row.len() >= a.len() * 22);
+                let p = row.as_ptr();
+                two_chain_sum!(a.len(), |i: usize| {
+                    let (ab, b) = (a.get_unchecked(i), p.add(i * 22));
+                    let (d, _) = f16x2(b);
+                    let high = _mm256_and_si256(bits_to_bytes(b.add(2)), _mm256_set1_epi8(0x10));
+                    let u = _mm256_or_si256(nibbles(b.add(6)), high);
+                    let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                    (_mm256_set1_ps(d * ab.d), $mul(u, y), -16.0 * d * ab.sum)
+                })
             }
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + offs
-    }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_k(row: &[u8], a: &[Q8Block]) -> f32 {
-        dot_q45_k::<false>(row, a)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_k(row: &[u8], a: &[Q8Block]) -> f32 {
-        dot_q45_k::<true>(row, a)
-    }
-
-    /// Q6_K: 6-bit values minus 32 (low nibbles from `ql`, two high bits from `qh`), 16 signed
-    /// scales per super-block (two per Q8 block: the halves of its 8 product lanes).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q6_k(row: &[u8], a: &[Q8Block]) -> f32 {
-        debug_assert!(row.len() * 8 >= a.len() * 210);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (low, three, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
-        for (sb, ab) in a.chunks_exact(8).enumerate() {
-            let b = row.as_ptr().add(sb * 210);
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b.add(208).cast::<u16>().read_unaligned() as i32)));
-            let sc = b.add(192) as *const i8;
-            for half in 0..2 {
-                let ql0 = _mm256_loadu_si256(b.add(half * 64) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(b.add(half * 64 + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(b.add(128 + half * 32) as *const __m256i);
-                let lows = [
-                    _mm256_and_si256(ql0, low),
-                    _mm256_and_si256(ql1, low),
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
-                ];
-                for (k, lo) in lows.into_iter().enumerate() {
-                    let hi = match k {
-                        0 => _mm256_and_si256(qh, three),
-                        1 => _mm256_and_si256(_mm256_srli_epi16(qh, 2), three),
-                        2 => _mm256_and_si256(_mm256_srli_epi16(qh, 4), three),
-                        _ => _mm256_and_si256(_mm256_srli_epi16(qh, 6), three),
-                    };
-                    let w = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
-                    let aj = ab.get_unchecked(4 * half + k);
-                    let y = _mm256_loadu_si256(aj.qs.as_ptr() as *const __m256i);
-                    // Signed x signed: the weight's sign moves onto the activation.
-                    let prod = mul_sum_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
-                    let (s0, s1) = (*sc.add(half * 8 + 2 * k) as f32, *sc.add(half * 8 + 2 * k + 1) as f32);
-                    let f = d * aj.d;
-                    let scales = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
-                    if k % 2 == 0 {
-                        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_set1_ps(f)), prod, acc0);
-                    } else {
-                        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_set1_ps(f)), prod, acc1);
+            /// Q4_K and Q5_K (`HIGH`: a fifth bit per value from 32 bytes of `qh`): 8 sub-blocks of
+            /// 32 per super-block, each with a 6-bit scale and min; one Q8 block per sub-block.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn $q45_k<const HIGH: bool>(row: &[u8], a: &[Q8Block]) -> f32 {
+                let bb = if HIGH { 176 } else { 144 };
+                debug_assert!(row.len() * 8 >= a.len() * bb);
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut offs = 0f32;
+                let low = _mm256_set1_epi8(0x0F);
+                for (sb, ab) in a.chunks_exact(8).enumerate() {
+                    let b = row.as_ptr().add(sb * bb);
+                    let (d, dmin) = f16x2(b);
+                    let sc = std::slice::from_raw_parts(b.add(4), 12);
+                    let qh =
+                        if HIGH { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+                    let qs = b.add(if HIGH { 48 } else { 16 });
+                    for c in 0..4 {
+                        let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                        let (j0, j1) = (2 * c, 2 * c + 1);
+                        let mut u0 = _mm256_and_si256(q, low);
+                        let mut u1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                        if HIGH {
+                            let one = _mm256_set1_epi8(1);
+                            let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j0 as i32)), one);
+                            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j1 as i32)), one);
+                            u0 = _mm256_or_si256(u0, _mm256_slli_epi16(h0, 4));
+                            u1 = _mm256_or_si256(u1, _mm256_slli_epi16(h1, 4));
+                        }
+                        let (a0, a1) = (ab.get_unchecked(j0), ab.get_unchecked(j1));
+                        let (s0, m0) = super::scale_min_k4(j0, sc);
+                        let (s1, m1) = super::scale_min_k4(j1, sc);
+                        let y0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+                        let y1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+                        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * s0 as f32 * a0.d), $mul(u0, y0), acc0);
+                        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * s1 as f32 * a1.d), $mul(u1, y1), acc1);
+                        offs -= dmin * m0 as f32 * a0.sum + dmin * m1 as f32 * a1.sum;
                     }
                 }
+                hsum(_mm256_add_ps(acc0, acc1)) + offs
             }
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $q4_k(row: &[u8], a: &[Q8Block]) -> f32 {
+                $q45_k::<false>(row, a)
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $q5_k(row: &[u8], a: &[Q8Block]) -> f32 {
+                $q45_k::<true>(row, a)
+            }
+
+            /// Q6_K: 6-bit values minus 32 (low nibbles from `ql`, two high bits from `qh`), 16 signed
+            /// scales per super-block (two per Q8 block: the halves of its 8 product lanes).
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $q6_k(row: &[u8], a: &[Q8Block]) -> f32 {
+                debug_assert!(row.len() * 8 >= a.len() * 210);
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let (low, three, bias) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+                for (sb, ab) in a.chunks_exact(8).enumerate() {
+                    let b = row.as_ptr().add(sb * 210);
+                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        b.add(208).cast::<u16>().read_unaligned() as i32
+                    )));
+                    let sc = b.add(192) as *const i8;
+                    for half in 0..2 {
+                        let ql0 = _mm256_loadu_si256(b.add(half * 64) as *const __m256i);
+                        let ql1 = _mm256_loadu_si256(b.add(half * 64 + 32) as *const __m256i);
+                        let qh = _mm256_loadu_si256(b.add(128 + half * 32) as *const __m256i);
+                        let lows = [
+                            _mm256_and_si256(ql0, low),
+                            _mm256_and_si256(ql1, low),
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                        ];
+                        for (k, lo) in lows.into_iter().enumerate() {
+                            let hi = match k {
+                                0 => _mm256_and_si256(qh, three),
+                                1 => _mm256_and_si256(_mm256_srli_epi16(qh, 2), three),
+                                2 => _mm256_and_si256(_mm256_srli_epi16(qh, 4), three),
+                                _ => _mm256_and_si256(_mm256_srli_epi16(qh, 6), three),
+                            };
+                            let w = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
+                            let aj = ab.get_unchecked(4 * half + k);
+                            let y = _mm256_loadu_si256(aj.qs.as_ptr() as *const __m256i);
+                            // Signed x signed: the weight's sign moves onto the activation.
+                            let prod = $mul(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+                            let (s0, s1) = (*sc.add(half * 8 + 2 * k) as f32, *sc.add(half * 8 + 2 * k + 1) as f32);
+                            let f = d * aj.d;
+                            let scales = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+                            if k % 2 == 0 {
+                                acc0 = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_set1_ps(f)), prod, acc0);
+                            } else {
+                                acc1 = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_set1_ps(f)), prod, acc1);
+                            }
+                        }
+                    }
+                }
+                hsum(_mm256_add_ps(acc0, acc1))
+            }
+        };
+    }
+
+    q8_kernels!("avx2,fma,f16c", mul_sum_us8, dot_q5_0, dot_q45_k, dot_q4_k, dot_q5_k, dot_q6_k);
+    q8_kernels!(
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        mul_sum_us8_vnni,
+        dot_q5_0_vnni,
+        dot_q45_k_vnni,
+        dot_q4_k_vnni,
+        dot_q5_k_vnni,
+        dot_q6_k_vnni
+    );
+
+    /// [`mul_sum_us8`] with AVX-512 VNNI (one instruction, no 16-bit intermediate).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn mul_sum_us8_vnni(u: __m256i, s: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -965,6 +997,35 @@ pub(crate) mod tests {
                     (fast - reference).abs() <= tol * magnitude,
                     "{t} n={n}: fast {fast} vs reference {reference} (magnitude {magnitude})"
                 );
+            }
+        }
+    }
+
+    /// The VNNI kernels sum the same integers as the AVX2 ones in the same float order.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_and_avx2_kernels_agree_bit_for_bit() {
+        if !vnni_available() {
+            return;
+        }
+        let mut rng = Lcg(13);
+        for t in [GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+            for blocks in [1usize, 2, 7] {
+                let n = blocks * t.block_size().max(32);
+                let row = random_row(t, n, &mut rng);
+                let x: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
+                let mut q = Vec::new();
+                quantize_q8(&x, &mut q);
+                // SAFETY: AVX2 and VNNI are present (checked above).
+                let (avx2, vnni) = unsafe {
+                    match t {
+                        GgmlType::Q5_0 => (x86::dot_q5_0(&row, &q), x86::dot_q5_0_vnni(&row, &q)),
+                        GgmlType::Q4K => (x86::dot_q4_k(&row, &q), x86::dot_q4_k_vnni(&row, &q)),
+                        GgmlType::Q5K => (x86::dot_q5_k(&row, &q), x86::dot_q5_k_vnni(&row, &q)),
+                        _ => (x86::dot_q6_k(&row, &q), x86::dot_q6_k_vnni(&row, &q)),
+                    }
+                };
+                assert_eq!(avx2.to_bits(), vnni.to_bits(), "{t} blocks {blocks}: {avx2} vs {vnni}");
             }
         }
     }
