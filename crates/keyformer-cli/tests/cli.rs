@@ -529,3 +529,120 @@ fn kv_type_f16_halves_the_cache_and_bad_types_are_refused() {
     let bad = keyformer(&["--kv-type", "f8", "info"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("unknown KV cache type"));
 }
+
+/// A tiny model of each family (tests/golden/families/) through every command a user runs:
+/// run, perplexity, bench, eval and serve.
+#[test]
+fn every_family_answers_run_perplexity_bench_eval_and_serve() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests");
+    let prose = root.join("data/prose.txt");
+    let data = scratch("family-docs.jsonl");
+    let text = std::fs::read_to_string(&prose).unwrap();
+    std::fs::write(&data, serde_json::json!({"id": "d", "context": &text[..2000]}).to_string() + "\n").unwrap();
+    for family in ["qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
+        let model = root.join(format!("golden/families/{family}.gguf"));
+        let m = model.to_str().unwrap();
+        let r = keyformer_json(&[
+            "run",
+            "-m",
+            m,
+            "--prompt",
+            "The cat sat on the mat",
+            "--max-tokens",
+            "6",
+            "--json",
+            "--kv-policy",
+            "keyformer",
+            "--kv-budget",
+            "50%",
+        ]);
+        assert_eq!(r["generated_tokens"], 6, "{family}: {r}");
+        assert!(r["kv_cache"]["evictions"].as_u64().unwrap() > 0, "{family}: {r}");
+        let p = keyformer_json(&[
+            "perplexity",
+            "-m",
+            m,
+            "--file",
+            prose.to_str().unwrap(),
+            "--ctx",
+            "64",
+            "--max-windows",
+            "1",
+            "--json",
+        ]);
+        assert!(p["ppl"].as_f64().unwrap().is_finite(), "{family}: {p}");
+        let b = keyformer(&[
+            "bench",
+            "-m",
+            m,
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--kv-policy",
+            "full,keyformer",
+            "--kv-budget",
+            "50%",
+        ]);
+        assert!(b.status.success(), "{family}: {}", String::from_utf8_lossy(&b.stderr));
+        let table = String::from_utf8_lossy(&b.stdout);
+        assert!(table.contains("| full | pp16 |") && table.contains("| keyformer@50% | pp16 |"), "{family}: {table}");
+        let out = scratch(&format!("family-eval-{family}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let e = keyformer(&[
+            "eval",
+            "-m",
+            m,
+            "--data",
+            data.to_str().unwrap(),
+            "--tasks",
+            "fidelity",
+            "--policies",
+            "h2o,keyformer",
+            "--budgets",
+            "50%",
+            "--prompt-tokens",
+            "48",
+            "--continuation-tokens",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(e.status.success(), "{family}: {}", String::from_utf8_lossy(&e.stderr));
+        let rows = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+        assert!(rows.contains("\"h2o\"") && rows.contains("\"keyformer\""), "{family}: {rows}");
+
+        // serve: a completion over HTTP, then the server is stopped.
+        let mut server = Command::new(env!("CARGO_BIN_EXE_keyformer"))
+            .args(["serve", "-m", m, "--port", "0", "--kv-policy", "keyformer", "--kv-budget", "50%"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.split("listening on http://").nth(1).map(|a| a.split_whitespace().next().unwrap().to_string())
+            })
+            .unwrap_or_else(|| panic!("{family}: the server did not start"));
+        let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}).to_string();
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            stream,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        server.kill().ok();
+        server.wait().ok();
+        assert!(response.starts_with("HTTP/1.1 200"), "{family}: {response}");
+        let json: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(json["usage"]["completion_tokens"], 5, "{family}: {json}");
+    }
+}
