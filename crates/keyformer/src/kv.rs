@@ -266,6 +266,10 @@ pub struct KvCache {
     pub stats: KvStats,
     /// Extra prompt signals to record (shared prefill); `None` in ordinary use.
     pub recorder: Option<PromptScores>,
+    /// Per layer: the sliding window it attends over (`None`: a global layer). A sliding
+    /// layer holds only its window, whatever the policy: a token older than the window is
+    /// never seen again, so dropping it changes nothing; the policy trims the global layers.
+    pub windows: Vec<Option<usize>>,
     head_dim: usize,
     tokens_seen: usize,
 }
@@ -288,32 +292,50 @@ impl KvCache {
             policy,
             stats: KvStats::default(),
             recorder: None,
+            windows: vec![None; n_layers],
             head_dim,
             tokens_seen: 0,
         }
+    }
+
+    /// The cache with sliding-window layers (`windows[layer]`; see [`KvCache::windows`]).
+    pub fn with_windows(mut self, windows: Vec<Option<usize>>) -> Self {
+        assert_eq!(windows.len(), self.layers.len(), "one window per layer");
+        self.windows = windows;
+        self
+    }
+
+    /// The layer whose slots bound the sequence: the first global one (a sliding layer holds
+    /// less).
+    fn reference_layer(&self) -> usize {
+        self.windows.iter().position(Option::is_none).unwrap_or(0)
     }
     /// Position the next token takes: one past the last cached position.
     pub fn next_position(&self) -> u32 {
         self.layers[0][0].table.last_position().map_or(0, |p| p + 1)
     }
-    /// Tokens held by (layer 0, head 0).
+    /// Tokens held by head 0 of the first global layer.
     pub fn len(&self) -> usize {
-        self.layers[0][0].table.len()
+        self.layers[self.reference_layer()][0].table.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Slots per (layer, KV head).
+    /// Slots per KV head of the first global layer.
     pub fn capacity(&self) -> usize {
-        self.layers[0][0].table.capacity()
+        self.layers[self.reference_layer()][0].table.capacity()
     }
     /// Key and value bytes held now, over all layers and heads.
     pub fn bytes_held(&self) -> usize {
         self.layers.iter().flatten().map(HeadKv::bytes_held).sum()
     }
 
-    /// Evict from every KV head of `layer` down to the budget (a decode step's trim).
+    /// Evict from every KV head of `layer` down to the budget (a decode step's trim); a
+    /// sliding layer drops what fell out of its window instead.
     pub fn evict_to_budget(&mut self, layer: usize) -> Result<(), SlotError> {
+        if self.windows[layer].is_some() {
+            return self.evict_outside_window(layer);
+        }
         let budget = self.policy.budget;
         for (h, head) in self.layers[layer].iter_mut().enumerate() {
             for slot in self.policy.victims(layer, h, &head.table, budget) {
@@ -325,17 +347,39 @@ impl KvCache {
         Ok(())
     }
 
-    /// The prompt has been processed: trim every head to the budget, compact the storage to
-    /// budget + 1 slots, and start decoding.
+    /// In a sliding layer, drop the tokens the next query (at `newest + 1`, which sees
+    /// positions from `newest + 2 - window` on) no longer sees.
+    pub fn evict_outside_window(&mut self, layer: usize) -> Result<(), SlotError> {
+        let Some(window) = self.windows[layer] else { return Ok(()) };
+        for (h, head) in self.layers[layer].iter_mut().enumerate() {
+            let Some(newest) = head.table.last_position() else { continue };
+            let Some(oldest_kept) = (newest as usize + 2).checked_sub(window) else { continue };
+            let gone: Vec<usize> =
+                head.table.occupied().filter(|&(_, p)| (p as usize) < oldest_kept).map(|(slot, _)| slot).collect();
+            for slot in gone {
+                head.table.evict(slot)?;
+                self.policy.on_evict(layer, h, slot);
+                self.stats.evictions += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt has been processed: trim every head to the budget (sliding layers to their
+    /// window), compact the storage to budget + 1 (window + 1) slots, and start decoding.
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {
-        let capacity = self.policy.budget.saturating_add(1).min(self.capacity());
         for layer in 0..self.layers.len() {
             self.evict_to_budget(layer)?;
-            if self.policy.budget != usize::MAX {
-                for h in 0..self.layers[layer].len() {
-                    let mapping = self.layers[layer][h].compact(capacity);
-                    self.policy.remap(layer, h, &mapping);
+            let capacity = match self.windows[layer] {
+                Some(window) => window.saturating_add(1).min(self.layers[layer][0].table.capacity()),
+                None if self.policy.budget != usize::MAX => {
+                    self.policy.budget.saturating_add(1).min(self.layers[layer][0].table.capacity())
                 }
+                None => continue,
+            };
+            for h in 0..self.layers[layer].len() {
+                let mapping = self.layers[layer][h].compact(capacity);
+                self.policy.remap(layer, h, &mapping);
             }
         }
         let tables: Vec<&SlotTable> = self.layers.iter().flatten().map(|h| &h.table).collect();

@@ -105,3 +105,56 @@ fn every_policy_runs_on_every_family() {
         }
     }
 }
+
+/// Sliding-window layers hold only their window (whatever the policy), and with the full cache
+/// the logits are those of a cache that keeps every token (up to float summation order). Under
+/// a policy the sliding layers keep their whole window, where trimming them by the policy's
+/// budget could drop tokens they attend to.
+#[test]
+fn sliding_layers_hold_only_their_window() {
+    use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+    use keyformer::kv::KvCache;
+    for name in ["gemma2", "gemma3"] {
+        let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
+        let c = &engine.model.config;
+        let window = c.layers.iter().find_map(|l| l.window).expect("a sliding layer");
+        let prompt = ids(&golden_json(&format!("golden/families/{name}.json"))["cases"][2]["ids"]);
+        assert!(prompt.len() > 2 * window);
+        for kv in [
+            PolicyConfig::default(),
+            PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() },
+        ] {
+            let steps = 12;
+            let mut windowed = engine.new_cache(&kv, prompt.len(), steps).unwrap();
+            let policy = kv.resolve(prompt.len(), steps, c.n_layers, c.n_kv_heads).unwrap();
+            // The same cache without the windows' eviction: every token stays.
+            let mut kept_all = KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, engine.model.kv_type, policy, 64);
+            let mut a = engine.prefill(&prompt, &mut windowed).unwrap();
+            let mut b = engine.prefill(&prompt, &mut kept_all).unwrap();
+            for step in 0..=steps {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                if kv.kind == PolicyKind::Full {
+                    assert!(diff <= 1e-5 * scale, "{name} step {step}: {diff}");
+                }
+                for (l, layer) in windowed.layers.iter().enumerate() {
+                    for head in layer {
+                        match c.layers[l].window {
+                            Some(w) => assert!(head.table.len() < w, "{name} layer {l}: {} held", head.table.len()),
+                            None if kv.kind == PolicyKind::Full => {
+                                assert_eq!(head.table.len(), prompt.len() + step)
+                            }
+                            None => assert!(head.table.len() <= windowed.policy.budget + 1),
+                        }
+                    }
+                }
+                if step < steps {
+                    let next = argmax(&a);
+                    a = engine.decode_step(next, &mut windowed).unwrap();
+                    b = engine.decode_step(next, &mut kept_all).unwrap();
+                }
+            }
+            assert!(windowed.bytes_held() < kept_all.bytes_held(), "{name}: the window holds less");
+        }
+    }
+}

@@ -284,7 +284,8 @@ impl Backend for Cpu {
                     cache.policy.observe(li, h, s);
                 }
             }
-            if cache.policy.prompt_done() {
+            // A sliding layer drops what left its window at once, prompt or not.
+            if cache.policy.prompt_done() || cache.windows[li].is_some() {
                 cache.evict_to_budget(li)?;
             }
         }
@@ -298,7 +299,7 @@ impl Backend for Cpu {
         policy: SequencePolicy,
         context: usize,
     ) -> Result<KvCache, ModelError> {
-        Ok(KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_type, policy, context))
+        Ok(KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_type, policy, context).with_windows(c.windows))
     }
 
     fn finish_prompt(&self, cache: &mut KvCache) -> Result<(), ModelError> {

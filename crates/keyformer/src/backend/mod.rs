@@ -58,11 +58,14 @@ impl AttentionSpec {
 }
 
 /// The dimensions of one sequence's KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheShape {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Per layer, the sliding window it attends over (`None`: global). A backend may hold only
+    /// the window in those layers.
+    pub windows: Vec<Option<usize>>,
 }
 
 /// How a rotary embedding pairs a head's dimensions.

@@ -311,7 +311,9 @@ impl Model<Cpu> {
 
     /// A new, empty KV cache trimmed by `policy`; `context` bounds it when the policy keeps all.
     pub fn new_cache_with(&self, policy: SequencePolicy, context: usize) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim, self.kv_type, policy, context)
+        let c = &self.config;
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, self.kv_type, policy, context)
+            .with_windows(c.layers.iter().map(|l| l.window).collect())
     }
 }
 
@@ -357,7 +359,12 @@ impl<B: Backend> Model<B> {
     /// The dimensions of this model's KV caches.
     pub fn cache_shape(&self) -> CacheShape {
         let c = &self.config;
-        CacheShape { n_layers: c.n_layers, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim }
+        CacheShape {
+            n_layers: c.n_layers,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            windows: c.layers.iter().map(|l| l.window).collect(),
+        }
     }
 
     /// `out` = the configured norm of rows `first..first + rows` of `x`.
