@@ -120,7 +120,7 @@ fn bad_run_arguments_give_one_line_errors() {
     let long = "word ".repeat(9000); // > 8192 tokens
     let p = scratch("long.txt");
     std::fs::write(&p, long).unwrap();
-    assert_clean_error(&keyformer(&["run", "--file", p.to_str().unwrap(), "-n", "1"]), "does not fit the context");
+    assert_clean_error(&keyformer(&["run", "--file", p.to_str().unwrap(), "-n", "1"]), "the model's context is");
     assert_clean_error(&keyformer(&["run", "-p", "hi", "--max-tokens", "0"]), "--max-tokens");
     assert_clean_error(&keyformer(&["run", "-p", "hi", "--top-p", "0"]), "top-p");
     assert_clean_error(&keyformer(&["run", "-p", "", "-n", "4"]), "empty");

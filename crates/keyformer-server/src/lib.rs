@@ -236,16 +236,17 @@ fn make_job<B: Backend>(
         }
     };
     let ctx = engine.context_length();
-    if tokens.is_empty() {
-        return Err(ApiError::bad("the prompt is empty", Some("prompt")));
-    }
-    if tokens.len() >= ctx {
-        return Err(ApiError {
-            status: 400,
-            message: format!("the prompt has {} tokens; the model's context is {ctx} tokens", tokens.len()),
-            param: Some("prompt".into()),
-            code: Some("context_length_exceeded"),
-        });
+    match engine.check_prompt(tokens.len()) {
+        Ok(()) => {}
+        Err(e @ keyformer::ModelError::PromptTooLong { .. }) => {
+            return Err(ApiError {
+                status: 400,
+                message: e.to_string(),
+                param: Some("prompt".into()),
+                code: Some("context_length_exceeded"),
+            })
+        }
+        Err(e) => return Err(ApiError::bad(e.to_string(), Some("prompt"))),
     }
     req.max_tokens = req.max_tokens.min(ctx - tokens.len());
     let c = &engine.model.config;
@@ -253,7 +254,7 @@ fn make_job<B: Backend>(
         .kv
         .resolve(tokens.len(), req.max_tokens, c.n_layers, c.n_kv_heads)
         .map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
-    let per_token = c.n_layers * c.n_kv_heads * 2 * engine.model.kv_type.row_bytes(c.head_dim);
+    let per_token = engine.model.kv_bytes_per_token();
     let lifetime = tokens.len() + req.max_tokens;
     let steady = lifetime.min(policy.budget.saturating_add(1));
     let (tx, rx) = mpsc::unbounded_channel();

@@ -16,9 +16,6 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{models, ModelError};
 
-/// Prompt tokens per forward pass on the CPU: bounds the activation memory of long prompts.
-pub const PREFILL_CHUNK: usize = 512;
-
 /// A loaded model with its tokenizer, on backend `B` (the CPU unless said otherwise).
 pub struct Engine<B: Backend = Cpu> {
     /// The model file; `None` when the weights were drawn on the GPU.
@@ -238,6 +235,19 @@ pub struct PerplexityReport {
 }
 
 impl<B: Backend> Engine<B> {
+    /// The one rule for a prompt's length (the CLI, the server and the benches ask here): at
+    /// least one token, and fewer than the context, so that a token can be generated.
+    pub fn check_prompt(&self, prompt_len: usize) -> Result<(), ModelError> {
+        if prompt_len == 0 {
+            return Err(ModelError::Input("the prompt is empty".into()));
+        }
+        let context = self.context_length();
+        if prompt_len >= context {
+            return Err(ModelError::PromptTooLong { prompt: prompt_len, context });
+        }
+        Ok(())
+    }
+
     pub fn context_length(&self) -> usize {
         self.model.config.context_length
     }
@@ -345,13 +355,7 @@ impl<B: Backend> Engine<B> {
     /// its first token.
     pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation<B>, ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
-        if prompt.is_empty() {
-            return Err(ModelError::Input("the prompt is empty".into()));
-        }
-        let ctx = self.context_length();
-        if prompt.len() > ctx {
-            return Err(ModelError::PromptTooLong { prompt: prompt.len(), context: ctx });
-        }
+        self.check_prompt(prompt.len())?;
         let mut cache = self.new_cache(&req.kv, prompt.len(), req.max_tokens)?;
         let t0 = Instant::now();
         let logits = self.prefill(prompt, &mut cache)?;
@@ -421,7 +425,10 @@ impl<B: Backend> Engine<B> {
             return Err(ModelError::Input(format!("--ctx must be at least 2, got {ctx}")));
         }
         if ctx > self.context_length() {
-            return Err(ModelError::PromptTooLong { prompt: ctx, context: self.context_length() });
+            return Err(ModelError::Input(format!(
+                "a window of {ctx} tokens does not fit the model's context of {} tokens",
+                self.context_length()
+            )));
         }
         kv.validate().map_err(ModelError::Policy)?;
         let available = tokens.len() / ctx;
@@ -750,5 +757,27 @@ mod tests {
     fn nll_of_a_uniform_distribution_is_log_vocab() {
         let v = negative_log_likelihood(&[0.0; 8], 3);
         assert!((v - (8f64).ln()).abs() < 1e-12);
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Engine<crate::backend::cuda::model::Cuda> {
+    /// A model file's engine (loaded for the CPU) moved onto the GPU: the weights dequantised
+    /// to f16, the tokenizer and metadata kept.
+    pub fn from_cpu(cuda: crate::backend::cuda::model::Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
+        let model = Model::<crate::backend::cuda::model::Cuda>::from_cpu(cuda, &cpu.model)?;
+        Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
+    }
+
+    /// Random weights at `shape` drawn on the GPU, with the byte-level tokenizer of
+    /// [`Engine::random`] (the same weights as the CPU's random engine with the same seed).
+    pub fn random(
+        cuda: crate::backend::cuda::model::Cuda,
+        shape: &models::random::RandomShape,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        let model = Model::<crate::backend::cuda::model::Cuda>::random(cuda, shape, seed)?;
+        let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
+        Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
     }
 }

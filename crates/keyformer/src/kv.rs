@@ -36,6 +36,11 @@ impl KvType {
             KvType::Q8_0 => "q8_0",
         }
     }
+    /// Key and value bytes of one token over `n_layers` x `n_kv_heads` heads: the one formula
+    /// the caches, the server's admission and the benches use.
+    pub fn token_bytes(self, n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+        n_layers * n_kv_heads * 2 * self.row_bytes(head_dim)
+    }
     /// Bytes one key (or value) row of `head_dim` values takes.
     pub fn row_bytes(self, head_dim: usize) -> usize {
         match self {
@@ -394,8 +399,7 @@ impl KvCache {
         let held = self.layers.iter().flatten().map(|h| h.table.len()).max().unwrap_or(0);
         self.stats.tokens_held_max = self.stats.tokens_held_max.max(held);
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
-        let per_token =
-            self.layers.len() * self.layers[0].len() * 2 * self.layers[0][0].kv_type().row_bytes(self.head_dim);
+        let per_token = self.layers[0][0].kv_type().token_bytes(self.layers.len(), self.layers[0].len(), self.head_dim);
         self.stats.bytes_full_equivalent = self.tokens_seen * per_token;
     }
 }

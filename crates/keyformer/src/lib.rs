@@ -41,7 +41,7 @@ pub enum ModelError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("the context is full: {needed} tokens needed, the cache holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
-    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens")]
+    #[error("the prompt has {prompt} tokens; the model's context is {context} tokens (a prompt must leave room for a generated token)")]
     PromptTooLong { prompt: usize, context: usize },
     #[error("KV cache: {0}")]
     Slots(#[from] keyformer_kv::SlotError),

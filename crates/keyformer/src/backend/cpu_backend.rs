@@ -13,6 +13,9 @@ use crate::kv::{KvCache, KvStats, KvType};
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
+/// Prompt tokens per forward pass on the CPU: bounds the activation memory of long prompts.
+pub const PREFILL_CHUNK: usize = 512;
+
 /// Weights one [`Backend::matmul`] call takes at most (Q, K and V).
 const MAX_FUSED: usize = 3;
 
@@ -312,7 +315,7 @@ impl Backend for Cpu {
     }
 
     fn prefill_chunk(&self) -> usize {
-        crate::engine::PREFILL_CHUNK
+        PREFILL_CHUNK
     }
 
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Vec<f32>>) -> R) -> R {

@@ -356,6 +356,12 @@ impl<B: Backend> Model<B> {
         f
     }
 
+    /// Key and value bytes of one token in a full cache of this model.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        self.kv_type.token_bytes(c.n_layers, c.n_kv_heads, c.head_dim)
+    }
+
     /// The dimensions of this model's KV caches.
     pub fn cache_shape(&self) -> CacheShape {
         let c = &self.config;

@@ -48,8 +48,7 @@ pub struct GpuBenchRow {
 
 /// Bytes of keys and values per token held (all layers and KV heads, f16).
 pub fn bytes_per_token(model: &Model<Cuda>) -> usize {
-    let c = &model.config;
-    c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2
+    model.kv_bytes_per_token()
 }
 
 /// The most sequences of this shape whose caches fit in `free_bytes` of device memory (what

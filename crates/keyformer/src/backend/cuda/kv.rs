@@ -167,7 +167,7 @@ impl GpuKvCache {
 
     /// Key and value bytes of one token over all layers and KV heads (f16).
     fn bytes_per_token(&self) -> usize {
-        self.layers.len() * self.n_kv_heads * self.head_dim * 2 * 2
+        crate::kv::KvType::F16.token_bytes(self.layers.len(), self.n_kv_heads, self.head_dim)
     }
 
     /// The prompt has been processed: every KV head keeps what the CPU policy keeps from the

@@ -11,7 +11,6 @@ use super::kv::GpuKvCache;
 use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError};
 use crate::backend::cpu_backend::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, RopeStyle, SequenceCache};
-use crate::engine::Engine;
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
 use crate::models::random::{self, RandomShape};
 use crate::quant::dequantize_row;
@@ -735,22 +734,5 @@ impl Model<Cuda> {
         self.layers.iter().map(layer).sum::<usize>()
             + self.token_embd.data.len() * 2
             + self.output.as_ref().map_or(0, |m| m.data.len() * 2)
-    }
-}
-
-impl Engine<Cuda> {
-    /// A model file's engine (loaded for the CPU) moved onto the GPU: the weights dequantised
-    /// to f16, the tokenizer and metadata kept.
-    pub fn from_cpu(cuda: Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
-        let model = Model::<Cuda>::from_cpu(cuda, &cpu.model)?;
-        Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
-    }
-
-    /// Random weights at `shape` drawn on the GPU, with the byte-level tokenizer of
-    /// [`Engine::random`] (the same weights as the CPU's random engine with the same seed).
-    pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64) -> Result<Self, ModelError> {
-        let model = Model::<Cuda>::random(cuda, shape, seed)?;
-        let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
-        Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
     }
 }
