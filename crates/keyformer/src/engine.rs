@@ -292,13 +292,7 @@ impl<B: Backend> Engine<B> {
         which: Logits,
         on_rows: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), ModelError> {
-        let rows = self.model.backend.prefill_chunk();
-        for (ci, chunk) in tokens.chunks(rows).enumerate() {
-            let logits = self.model.forward(chunk, cache, which)?;
-            on_rows(ci * rows, &logits);
-        }
-        self.model.backend.finish_prompt(cache)?;
-        Ok(())
+        self.model.prefill(tokens, cache, which, on_rows)
     }
 
     /// Prefill `tokens` and return the last token's logits.
@@ -317,9 +311,7 @@ impl<B: Backend> Engine<B> {
 
     /// [`decode_step`](Self::decode_step) into a logits vector the caller reuses.
     pub fn decode_step_into(&self, token: u32, cache: &mut B::Cache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        self.model.forward_into(&[token], cache, Logits::Last, logits)?;
-        self.model.backend.end_step(cache);
-        Ok(())
+        self.model.decode_step_into(token, cache, logits)
     }
 
     /// One decode step of several sequences together (continuous batching): `tokens[i]` joins
@@ -331,11 +323,7 @@ impl<B: Backend> Engine<B> {
         caches: &mut [&mut B::Cache],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.model.forward_batch(tokens, caches, logits)?;
-        for cache in caches.iter_mut() {
-            self.model.backend.end_step(cache);
-        }
-        Ok(())
+        self.model.decode_batch_into(tokens, caches, logits)
     }
 
     /// Generate after `prompt`, calling `on_text` with each new piece of text as soon as it is

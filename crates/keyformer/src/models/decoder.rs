@@ -390,6 +390,49 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The step protocol, part 1: a prompt through the cache in the backend's chunks, then its
+    /// end (the cache compressed to the policy's budget). `on_rows(first, logits)` receives
+    /// each chunk's logits (every row if `which` is `All`, else the chunk's last row), so a
+    /// long prompt never holds more than one chunk of logits.
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut B::Cache,
+        which: Logits,
+        on_rows: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), ModelError> {
+        let rows = self.backend.prefill_chunk();
+        let mut logits = Vec::new();
+        for (ci, chunk) in tokens.chunks(rows).enumerate() {
+            self.forward_into(chunk, cache, which, &mut logits)?;
+            on_rows(ci * rows, &logits);
+        }
+        self.backend.finish_prompt(cache)
+    }
+
+    /// The step protocol, part 2: one decode step of one sequence (`token` joins the cache,
+    /// which evicts to its budget), then the step's end (the policy's schedule moves on).
+    pub fn decode_step_into(&self, token: u32, cache: &mut B::Cache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.forward_into(&[token], cache, Logits::Last, logits)?;
+        self.backend.end_step(cache);
+        Ok(())
+    }
+
+    /// [`decode_step_into`](Self::decode_step_into) for several sequences at once (`tokens[i]`
+    /// joins `caches[i]`), each step ended.
+    pub fn decode_batch_into(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut B::Cache],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.forward_batch(tokens, caches, logits)?;
+        for cache in caches.iter_mut() {
+            self.backend.end_step(cache);
+        }
+        Ok(())
+    }
+
     /// Run `tokens` through the model at the cache's next positions, appending their keys and
     /// values to `cache`. Returns logits (vocab-sized rows) as asked by `which`.
     pub fn forward(&self, tokens: &[u32], cache: &mut B::Cache, which: Logits) -> Result<Vec<f32>, ModelError> {

@@ -99,12 +99,9 @@ pub fn run(
     let t0 = Instant::now();
     for i in 0..batch {
         let mut cache = model.new_sequence_cache(kv, prompt, gen)?;
-        let mut logits = Vec::new();
-        for chunk in tokens.chunks(model.backend.prefill_chunk()) {
-            logits = model.forward(chunk, &mut cache, Logits::Last)?;
-        }
-        model.backend.finish_prompt(&mut cache)?;
-        next.push(argmax(&logits));
+        let mut last = 0;
+        model.prefill(&tokens, &mut cache, Logits::Last, &mut |_, l| last = argmax(l))?;
+        next.push(last);
         caches.push(cache);
         if (i + 1) % 8 == 0 {
             progress(&format!("prefilled {}/{batch}", i + 1));
