@@ -12,8 +12,25 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// Render `messages` with `template`, ending with the assistant's generation prompt.
+/// Render `messages` with `template`, ending with the assistant's generation prompt. A template
+/// that drops system messages (Phi-3's) gets the system text at the head of the first user
+/// turn instead, as Gemma's templates do themselves, so a system prompt is never lost.
 pub fn render(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String, ModelError> {
+    let text = render_as_is(template, messages, bos, eos)?;
+    let system: Vec<&ChatMessage> = messages.iter().filter(|m| m.role == "system").collect();
+    if system.is_empty() || system.iter().all(|m| text.contains(m.content.as_str())) {
+        return Ok(text);
+    }
+    let head = system.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+    let mut merged: Vec<ChatMessage> = messages.iter().filter(|m| m.role != "system").cloned().collect();
+    match merged.iter_mut().find(|m| m.role == "user") {
+        Some(user) => user.content = format!("{head}\n\n{}", user.content),
+        None => merged.insert(0, ChatMessage { role: "user".into(), content: head }),
+    }
+    render_as_is(template, &merged, bos, eos)
+}
+
+fn render_as_is(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String, ModelError> {
     let mut env = Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -40,6 +57,20 @@ mod tests {
         let t = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
         let out = render(t, &[ChatMessage { role: "user".into(), content: " hi ".into() }], "", "").unwrap();
         assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn a_template_without_system_turns_gets_the_system_text_in_the_first_user_turn() {
+        // Users and assistants only, as Phi-3's template.
+        let t = "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}<|assistant|>\n";
+        let messages = [
+            ChatMessage { role: "system".into(), content: "Be brief.".into() },
+            ChatMessage { role: "user".into(), content: "Hi".into() },
+        ];
+        assert_eq!(render(t, &messages, "", "").unwrap(), "<|user|>\nBe brief.\n\nHi<|end|>\n<|assistant|>");
+        // A template that keeps the system turn is left as it is.
+        let chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}";
+        assert!(render(chatml, &messages, "", "").unwrap().starts_with("<|im_start|>system\nBe brief."));
     }
 
     #[test]

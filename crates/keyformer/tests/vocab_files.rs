@@ -67,3 +67,37 @@ fn token_ids_equal_llama_cpp_on_its_vocabulary_files() {
         assert!(supported.iter().any(|s| s == claimed), "{claimed} was not checked: {supported:?}");
     }
 }
+
+/// The chat templates these files carry (Phi-3, Qwen2, Qwen3.5, Command-R, Gemma 4) render a
+/// system message and a user turn through our minijinja setup, ending with the assistant's
+/// generation prompt, and the rendered prompt tokenizes with its special tokens.
+#[test]
+fn their_chat_templates_render_a_system_message() {
+    use keyformer::chat::{render, ChatMessage};
+    let mut rendered = 0;
+    for entry in std::fs::read_dir(vocab_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "gguf") {
+            continue;
+        }
+        let f = GgufFile::open(&path).unwrap();
+        let Some(template) = f.get("tokenizer.chat_template").and_then(|v| v.as_str()) else { continue };
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let messages = [
+            ChatMessage { role: "system".into(), content: "You answer in French.".into() },
+            ChatMessage { role: "user".into(), content: "What colour is the sky?".into() },
+        ];
+        let text = render(template, &messages, "<s>", "</s>").unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.contains("You answer in French.") && text.contains("What colour is the sky?"), "{name}: {text}");
+        assert!(
+            text.trim_end().len() > text.find("What colour is the sky?").unwrap() + 23,
+            "{name}: no generation prompt"
+        );
+        if let Ok(tok) = Tokenizer::from_metadata(&f.metadata) {
+            assert!(!tok.encode(&text, true).unwrap().is_empty());
+        }
+        eprintln!("{name}: {text:?}");
+        rendered += 1;
+    }
+    assert!(rendered >= 3, "templates rendered: {rendered}");
+}
