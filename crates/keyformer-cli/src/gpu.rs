@@ -38,9 +38,9 @@ mod with_cuda {
     use std::io::Write;
 
     use anyhow::{bail, Context, Result};
+    use keyformer::backend::cuda::backend::Cuda;
     use keyformer::backend::cuda::bench::{self as gpu_bench, GpuBenchRow};
     use keyformer::backend::cuda::check::{self, CheckRow};
-    use keyformer::backend::cuda::model::Cuda;
     use keyformer::backend::cuda::{model_check, Gpu};
     use keyformer::models::random::RandomShape;
     use serde_json::json;

@@ -749,22 +749,22 @@ mod tests {
 }
 
 #[cfg(feature = "cuda")]
-impl Engine<crate::backend::cuda::model::Cuda> {
+impl Engine<crate::backend::cuda::backend::Cuda> {
     /// A model file's engine (loaded for the CPU) moved onto the GPU: the weights dequantised
     /// to f16, the tokenizer and metadata kept.
-    pub fn from_cpu(cuda: crate::backend::cuda::model::Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
-        let model = Model::<crate::backend::cuda::model::Cuda>::from_cpu(cuda, &cpu.model)?;
+    pub fn from_cpu(cuda: crate::backend::cuda::backend::Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
+        let model = Model::<crate::backend::cuda::backend::Cuda>::from_cpu(cuda, &cpu.model)?;
         Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
     }
 
     /// Random weights at `shape` drawn on the GPU, with the byte-level tokenizer of
     /// [`Engine::random`] (the same weights as the CPU's random engine with the same seed).
     pub fn random(
-        cuda: crate::backend::cuda::model::Cuda,
+        cuda: crate::backend::cuda::backend::Cuda,
         shape: &models::random::RandomShape,
         seed: u64,
     ) -> Result<Self, ModelError> {
-        let model = Model::<crate::backend::cuda::model::Cuda>::random(cuda, shape, seed)?;
+        let model = Model::<crate::backend::cuda::backend::Cuda>::random(cuda, shape, seed)?;
         let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
         Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
     }

@@ -1,16 +1,14 @@
 //! Backends implement the op set the models are written against ([`Backend`]): the CPU
-//! ([`cpu_backend::Cpu`]), and with the cargo feature `cuda` an NVIDIA GPU (`cuda::Cuda`).
+//! ([`cpu::Cpu`]), and with the cargo feature `cuda` an NVIDIA GPU (`cuda::Cuda`).
 //! A model file (`models/llama.rs`) calls only these ops, so each architecture is written
 //! once; the KV policies stay plain Rust (`keyformer-kv`) and each backend's cache drives them.
 
 pub mod cpu;
-pub mod cpu_backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod pool;
-pub mod vmath;
 
-pub use cpu_backend::Cpu;
+pub use cpu::Cpu;
 
 use keyformer_kv::SequencePolicy;
 

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::cpu_backend::GgufWeight;
+use crate::backend::cpu::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, SequenceCache};
 use crate::gguf::{GgufError, GgufFile};
 use keyformer_kv::{PolicyConfig, SequencePolicy};

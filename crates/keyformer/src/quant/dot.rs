@@ -863,7 +863,7 @@ pub(crate) mod neon {
         }
     }
 
-    /// f32 dot with four 4-lane running sums (the CPU backend's [`crate::backend::cpu::dot`]).
+    /// f32 dot with four 4-lane running sums (the CPU backend's [`crate::backend::cpu::ops::dot`]).
     pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let body = n - n % 16;

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use keyformer_kv::PolicyConfig;
 
+use super::backend::Cuda;
 use super::kv::GpuKvCache;
-use super::model::Cuda;
 use crate::backend::{Backend, SequenceCache};
 use crate::models::decoder::{Logits, Model};
 use crate::models::random;

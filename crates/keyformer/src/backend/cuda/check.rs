@@ -7,7 +7,7 @@ use keyformer_kv::{noise::NoiseKind, Amount, PolicyConfig, PolicyKind, Signal};
 use super::{
     dev_addr, AttentionScratch, AttentionShape, AttnRow, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT,
 };
-use crate::backend::cpu::{self, WeightView};
+use crate::backend::cpu::ops::{self as cpu, WeightView};
 use crate::kv::{HeadKv, KvType};
 use crate::quant::GgmlType;
 

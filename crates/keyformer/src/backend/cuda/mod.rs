@@ -17,10 +17,10 @@
 //! cache on the GPU), [`bench`] (the paper's throughput protocol), [`check`] and
 //! [`model_check`] (every op, and the whole model, against the CPU).
 
+pub mod backend;
 pub mod bench;
 pub mod check;
 pub mod kv;
-pub mod model;
 pub mod model_check;
 
 use std::sync::Arc;

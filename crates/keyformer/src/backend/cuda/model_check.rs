@@ -5,8 +5,8 @@
 
 use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 
+use super::backend::Cuda;
 use super::check::{row, CheckRow};
-use super::model::Cuda;
 use super::Gpu;
 use crate::kv::KvCache;
 use crate::models::decoder::{Logits, Model};

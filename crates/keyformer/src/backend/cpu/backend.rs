@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use keyformer_kv::{PolicyKind, SequencePolicy, Signal};
 
-use super::cpu::{self, WeightView};
-use super::{AttentionSpec, Backend, CacheShape, ForwardBuffers, RopeStyle, SequenceCache};
+use super::ops::{self as cpu, WeightView};
+use crate::backend::{AttentionSpec, Backend, CacheShape, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kv::{KvCache, KvStats, KvType};
 use crate::quant::dequantize_row;

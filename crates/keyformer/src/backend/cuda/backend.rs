@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::kv::GpuKvCache;
 use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError};
-use crate::backend::cpu_backend::GgufWeight;
+use crate::backend::cpu::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
 use crate::models::random::{self, RandomShape};

@@ -4,7 +4,8 @@
 
 use keyformer_kv::{noise, NoiseKind, Signal};
 
-use super::{pool, vmath, AttentionSpec, RopeStyle};
+use super::vmath;
+use crate::backend::{pool, AttentionSpec, RopeStyle};
 
 use crate::kv::{HeadKv, KvRows};
 use crate::quant::dot::{dot_q8_tokens, dot_row, has_dot_q8_tokens, quantize_q8, PreparedActivations, Q8Block};
