@@ -234,6 +234,8 @@ fn kv_config(o: Option<KvOverride>, default: &PolicyConfig) -> Result<PolicyConf
     if let Some(r) = &o.recent {
         kv.recent = Some(amount(r, "kv_cache.recent")?);
     }
+    // Settings that are wrong whatever the prompt are refused before it is tokenised; the
+    // rest is checked once, when the request's KV plan is resolved with its prompt.
     kv.validate().map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
     Ok(kv)
 }

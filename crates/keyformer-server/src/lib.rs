@@ -249,19 +249,17 @@ fn make_job<B: Backend>(
         Err(e) => return Err(ApiError::bad(e.to_string(), Some("prompt"))),
     }
     req.max_tokens = req.max_tokens.min(ctx - tokens.len());
-    let c = &engine.model.config;
-    let policy = req
-        .kv
-        .resolve(tokens.len(), req.max_tokens, c.n_layers, c.n_kv_heads)
+    // The KV settings resolved once: the admission below and the cache read the same plan.
+    let plan = engine
+        .model
+        .plan_kv(&req.kv, tokens.len(), req.max_tokens)
         .map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
-    let per_token = engine.model.kv_bytes_per_token();
-    let lifetime = tokens.len() + req.max_tokens;
-    let steady = lifetime.min(policy.budget.saturating_add(1));
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let job = Job {
-        reserve_bytes: steady * per_token,
-        prefill_bytes: steady.max(tokens.len()) * per_token,
+        reserve_bytes: plan.bytes_steady,
+        prefill_bytes: plan.bytes_prefill,
+        plan,
         prompt: tokens,
         req,
         events: tx,

@@ -38,6 +38,8 @@ pub struct Job {
     /// KV bytes the sequence holds at most once running, and while its prompt is prefilled.
     pub reserve_bytes: usize,
     pub prefill_bytes: usize,
+    /// The request's KV settings, resolved when it arrived.
+    pub plan: keyformer::models::decoder::KvPlan,
     pub events: UnboundedSender<Event>,
     pub deadline: Instant,
     pub enqueued: Instant,
@@ -179,7 +181,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             }
             // The prompt's full-size cache exists while it is prefilled.
             metrics.set_kv_reserved(reserved + job.prefill_bytes.saturating_sub(job.reserve_bytes));
-            match engine.start_generation(&job.prompt, &job.req) {
+            match engine.start_planned_generation(&job.prompt, &job.req, job.plan) {
                 Ok(generation) => running.push(Running {
                     generation,
                     events: job.events,

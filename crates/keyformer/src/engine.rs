@@ -11,7 +11,7 @@ use crate::gguf::GgufFile;
 use keyformer_kv::{Amount, PolicyConfig, Signal};
 
 use crate::kv::{KvCache, PromptScores};
-use crate::models::decoder::{Logits, Model};
+use crate::models::decoder::{KvPlan, Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{models, ModelError};
@@ -342,9 +342,22 @@ impl<B: Backend> Engine<B> {
     /// Check the request, prefill `prompt` under `req.kv`, and return the sequence ready for
     /// its first token.
     pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation<B>, ModelError> {
+        self.check_prompt(prompt.len())?;
+        let plan = self.model.plan_kv(&req.kv, prompt.len(), req.max_tokens)?;
+        self.start_planned_generation(prompt, req, plan)
+    }
+
+    /// [`start_generation`](Self::start_generation) with the KV settings already resolved (the
+    /// server plans a request once, to admit it by its memory, then starts it with that plan).
+    pub fn start_planned_generation(
+        &self,
+        prompt: &[u32],
+        req: &GenerateRequest,
+        plan: KvPlan,
+    ) -> Result<Generation<B>, ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
         self.check_prompt(prompt.len())?;
-        let mut cache = self.new_cache(&req.kv, prompt.len(), req.max_tokens)?;
+        let mut cache = self.model.new_planned_cache(plan)?;
         let t0 = Instant::now();
         let logits = self.prefill(prompt, &mut cache)?;
         let mut generation = Generation::new(prompt, cache, logits, req);

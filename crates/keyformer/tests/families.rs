@@ -158,3 +158,37 @@ fn sliding_layers_hold_only_their_window() {
         }
     }
 }
+
+/// A sequence's KV plan (what the server admits by) bounds what its cache really holds, and is
+/// exact for a full cache: sliding layers counted at their window.
+#[test]
+fn the_kv_plan_bounds_what_the_cache_holds() {
+    use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+    for name in ["qwen2", "gemma2", "gemma3"] {
+        let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
+        let prompt = ids(&golden_json(&format!("golden/families/{name}.json"))["cases"][2]["ids"]);
+        let steps = 10;
+        for kv in [
+            PolicyConfig::default(),
+            PolicyConfig { kind: PolicyKind::H2o, budget: Some(Amount::Percent(50.0)), ..Default::default() },
+        ] {
+            let plan = engine.model.plan_kv(&kv, prompt.len(), steps).unwrap();
+            let (steady, prefill) = (plan.bytes_steady, plan.bytes_prefill);
+            let mut cache = engine.model.new_planned_cache(plan).unwrap();
+            let mut logits = engine.prefill(&prompt, &mut cache).unwrap();
+            for _ in 0..steps {
+                logits = engine.decode_step(argmax(&logits), &mut cache).unwrap();
+            }
+            assert!(
+                cache.stats.bytes_held_max <= prefill,
+                "{name} {:?}: {} > {prefill}",
+                kv.kind,
+                cache.stats.bytes_held_max
+            );
+            assert!(cache.bytes_held() <= steady, "{name} {:?}: {} > {steady}", kv.kind, cache.bytes_held());
+            if kv.kind == PolicyKind::Full && name == "qwen2" {
+                assert_eq!(cache.bytes_held(), steady, "a full cache holds its plan exactly");
+            }
+        }
+    }
+}

@@ -214,6 +214,9 @@ pub trait Backend: Send + Sync + 'static {
     fn end_step(&self, cache: &mut Self::Cache);
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).
     fn prefill_chunk(&self) -> usize;
+    /// Whether a sliding-window layer's cache holds only its window (`CacheShape::windows`);
+    /// otherwise it holds what the policy keeps, as a global layer.
+    fn holds_windows_only(&self) -> bool;
     /// Run `f` with this backend's forward-pass buffers (kept between calls, so a decode step
     /// allocates nothing of the model's size).
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Self::Act>) -> R) -> R;

@@ -25,6 +25,17 @@ use crate::kv::{KvCache, KvType};
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
+/// A sequence's KV settings, resolved once ([`Model::plan_kv`]): its policy, and the bytes of
+/// keys and values its cache holds at most once running and while its prompt is processed.
+#[derive(Debug, Clone)]
+pub struct KvPlan {
+    pub policy: SequencePolicy,
+    pub prompt_len: usize,
+    pub steps: usize,
+    pub bytes_steady: usize,
+    pub bytes_prefill: usize,
+}
+
 /// A norm's weight and optional bias.
 pub struct Norm<B: Backend> {
     pub weight: B::Vector,
@@ -318,19 +329,45 @@ impl Model<Cpu> {
 }
 
 impl<B: Backend> Model<B> {
+    /// Resolve a sequence's KV settings once: the policy for a prompt of `prompt_len` tokens
+    /// and `steps` decode steps, and the bytes its cache holds (what the server admits by).
+    pub fn plan_kv(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<KvPlan, ModelError> {
+        let c = &self.config;
+        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let lifetime = prompt_len.saturating_add(steps);
+        let per_layer = self.kv_type.token_bytes(1, c.n_kv_heads, c.head_dim);
+        let windows_only = self.backend.holds_windows_only();
+        let (mut steady, mut prefill) = (0usize, 0usize);
+        for layer in &c.layers {
+            let (held, during_prompt) = match layer.window {
+                // A sliding layer: its window, plus a prompt chunk while the prompt runs.
+                Some(w) if windows_only => {
+                    (lifetime.min(w.saturating_add(1)), prompt_len.min(w.saturating_add(self.backend.prefill_chunk())))
+                }
+                _ => (lifetime.min(policy.budget.saturating_add(1)), prompt_len),
+            };
+            steady += held * per_layer;
+            prefill += held.max(during_prompt) * per_layer;
+        }
+        Ok(KvPlan { policy, prompt_len, steps, bytes_steady: steady, bytes_prefill: prefill })
+    }
+
+    /// An empty cache for the sequence `plan` describes; the full cache is sized for exactly
+    /// its prompt and steps (a backend may allocate it all at once).
+    pub fn new_planned_cache(&self, plan: KvPlan) -> Result<B::Cache, ModelError> {
+        let context = plan.prompt_len.saturating_add(plan.steps).min(self.config.context_length).max(plan.prompt_len);
+        self.backend.new_cache(self.cache_shape(), self.kv_type, plan.policy, context)
+    }
+
     /// An empty cache for a prompt of `prompt_len` tokens followed by `steps` decode steps under
-    /// `kv`; the full cache is sized for exactly that many tokens (a backend may allocate it
-    /// all at once).
+    /// `kv` ([`plan_kv`](Self::plan_kv), then [`new_planned_cache`](Self::new_planned_cache)).
     pub fn new_sequence_cache(
         &self,
         kv: &keyformer_kv::PolicyConfig,
         prompt_len: usize,
         steps: usize,
     ) -> Result<B::Cache, ModelError> {
-        let c = &self.config;
-        let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        let context = prompt_len.saturating_add(steps).min(c.context_length).max(prompt_len);
-        self.backend.new_cache(self.cache_shape(), self.kv_type, policy, context)
+        self.new_planned_cache(self.plan_kv(kv, prompt_len, steps)?)
     }
 
     /// The optional pieces this model's blocks have, as words for `keyformer info`.

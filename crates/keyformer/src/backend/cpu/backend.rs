@@ -314,6 +314,10 @@ impl Backend for Cpu {
         cache.end_step();
     }
 
+    fn holds_windows_only(&self) -> bool {
+        true
+    }
+
     fn prefill_chunk(&self) -> usize {
         PREFILL_CHUNK
     }

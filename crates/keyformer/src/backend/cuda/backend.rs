@@ -563,6 +563,10 @@ impl Backend for Cuda {
         cache.policy.next_step();
     }
 
+    fn holds_windows_only(&self) -> bool {
+        false // the GPU cache masks by the window but keeps what the policy keeps
+    }
+
     fn prefill_chunk(&self) -> usize {
         1024
     }
