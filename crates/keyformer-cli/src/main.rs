@@ -9,12 +9,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use keyformer::engine::GenerateRequest;
-use keyformer::eval::suite::{EvalPlan, PolicyVariant, Task};
 use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
 use keyformer::kv::KvType;
 use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
 use keyformer::sampling::SamplingParams;
 use keyformer::Engine;
+use keyformer_eval::eval::suite::{EvalPlan, PolicyVariant, Task};
 use serde_json::json;
 
 mod gpu;
@@ -789,7 +789,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 .with_context(|| format!("policy '{}' at budget {budget}", variant.label))?;
         }
     }
-    let docs = keyformer::eval::suite::load_documents(&a.data)?;
+    let docs = keyformer_eval::eval::suite::load_documents(&a.data)?;
     if docs.is_empty() {
         bail!("{} holds no documents", a.data.display());
     }
@@ -812,7 +812,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         ProgressStyle::with_template("eval {bar:40} {pos}/{len} cases ({elapsed} elapsed, ETA {eta})")
             .expect("valid template"),
     );
-    let results = keyformer::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
+    let results = keyformer_eval::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -895,7 +895,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
             bar.set_message(format!("tg{t} @ d{d} x{b}, {} policies interleaved", policies.len()));
             let kvs: Vec<PolicyConfig> = policies.iter().map(|(_, kv)| kv.clone()).collect();
-            let rows = keyformer::bench::generation_interleaved(&engine, t, d, b, &kvs, a.repetitions)
+            let rows = keyformer_eval::bench::generation_interleaved(&engine, t, d, b, &kvs, a.repetitions)
                 .with_context(|| format!("generation at depth {d}"))?;
             for (mut r, (label, _)) in rows.into_iter().zip(&policies) {
                 r.kv = label.clone();
@@ -912,9 +912,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
             bar.set_message(format!("{}{t} @ d{d} x{b} {label}", if prompt { "pp" } else { "tg" }));
             let mut r = if prompt {
-                keyformer::bench::prompt_processing(&engine, t, d, kv, a.repetitions)
+                keyformer_eval::bench::prompt_processing(&engine, t, d, kv, a.repetitions)
             } else {
-                keyformer::bench::generation(&engine, t, d, b, kv, a.repetitions)
+                keyformer_eval::bench::generation(&engine, t, d, b, kv, a.repetitions)
             }
             .with_context(|| format!("{label} at depth {d}"))?;
             r.kv = label.clone();
@@ -923,10 +923,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let bandwidth = (a.bandwidth_mib > 0).then(|| keyformer::bench::read_bandwidth_gb_s(a.bandwidth_mib << 20));
+    let bandwidth = (a.bandwidth_mib > 0).then(|| keyformer_eval::bench::read_bandwidth_gb_s(a.bandwidth_mib << 20));
     let threads = keyformer::backend::pool::threads();
-    let of_bandwidth = |r: &keyformer::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
-    let speedup = |r: &keyformer::bench::BenchResult| {
+    let of_bandwidth = |r: &keyformer_eval::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
+    let speedup = |r: &keyformer_eval::bench::BenchResult| {
         results
             .iter()
             .find(|f| f.test == r.test && f.batch == r.batch && f.kv == "full")

@@ -173,6 +173,14 @@ pub const SNAPKV_KERNEL: usize = 7;
 pub const DEFAULT_RECENT_PERCENT: f64 = 30.0;
 
 impl PolicyConfig {
+    /// The policy as tables name it: `full`, or the kind and its budget (`keyformer@50%`).
+    pub fn label(&self) -> String {
+        match self.budget {
+            Some(b) if self.kind != PolicyKind::Full => format!("{}@{b}", self.kind.name()),
+            _ => self.kind.name().to_string(),
+        }
+    }
+
     /// Check the settings that do not depend on the prompt.
     pub fn validate(&self) -> Result<(), PolicyError> {
         match self.budget {

@@ -8,13 +8,12 @@
 //! - [`tokenizer`], [`chat`], [`sampling`] and [`engine`] make a model usable;
 //! - [`registry`] resolves model aliases such as `smollm2-135m` to cached files.
 //!
-//! The CLI (crate `keyformer-cli`) is a thin layer over [`engine::Engine`].
+//! The CLI (crate `keyformer-cli`), the server (`keyformer-server`) and the evaluation and
+//! benchmark tooling (`keyformer-eval`) are thin layers over [`engine::Engine`].
 
 pub mod backend;
-pub mod bench;
 pub mod chat;
 pub mod engine;
-pub mod eval;
 pub mod gguf;
 pub mod kv;
 pub mod models;

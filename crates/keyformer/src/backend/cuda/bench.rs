@@ -135,7 +135,7 @@ pub fn run(
     Ok(GpuBenchRow {
         prompt,
         gen,
-        kv: crate::bench::kv_label(kv),
+        kv: kv.label(),
         batch,
         prefill_s,
         decode_s,

@@ -5,21 +5,18 @@
 
 use std::time::Instant;
 
-use keyformer_kv::{PolicyConfig, PolicyKind};
+use keyformer_kv::PolicyConfig;
 
-use crate::backend::{pool, Backend};
-use crate::engine::Engine;
-use crate::kv::KvCache;
-use crate::models::decoder::Logits;
-use crate::sampling::argmax;
-use crate::ModelError;
+use keyformer::backend::{pool, Backend};
+use keyformer::engine::Engine;
+use keyformer::kv::KvCache;
+use keyformer::models::decoder::Logits;
+use keyformer::sampling::argmax;
+use keyformer::ModelError;
 
 /// A policy as the tables name it: `full`, or the kind and its budget (`keyformer@50%`).
 pub fn kv_label(kv: &PolicyConfig) -> String {
-    match kv.budget {
-        Some(b) if kv.kind != PolicyKind::Full => format!("{}@{b}", kv.kind.name()),
-        _ => kv.kind.name().to_string(),
-    }
+    kv.label()
 }
 
 /// One timed test, repeated.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use keyformer::eval::rouge;
+use keyformer_eval::eval::rouge;
 
 #[test]
 fn rouge_equals_the_rouge_score_package() {

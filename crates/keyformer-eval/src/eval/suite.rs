@@ -21,12 +21,12 @@ use std::path::{Path, PathBuf};
 use keyformer_kv::{Amount, NoiseKind, PolicyConfig, PolicyKind};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::GenerateRequest;
 use crate::eval::fidelity::{fidelity_against, teacher_forced_logits};
 use crate::eval::plot::{line_chart_svg, Series};
 use crate::eval::rouge;
-use crate::sampling::SamplingParams;
-use crate::{Engine, ModelError};
+use keyformer::engine::GenerateRequest;
+use keyformer::sampling::SamplingParams;
+use keyformer::{Engine, ModelError};
 
 /// One document: any JSONL of `{id, context, question?, reference?}` is accepted.
 #[derive(Debug, Clone, Deserialize, Serialize)]

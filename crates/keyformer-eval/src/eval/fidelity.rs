@@ -4,9 +4,9 @@
 
 use keyformer_kv::PolicyConfig;
 
-use crate::kv::KvCache;
-use crate::sampling::argmax;
-use crate::{Engine, ModelError};
+use keyformer::kv::KvCache;
+use keyformer::sampling::argmax;
+use keyformer::{Engine, ModelError};
 
 /// KL divergence statistics over the teacher-forced steps.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 
 use common::*;
 use keyformer::engine::GenerateRequest;
-use keyformer::eval::fidelity::fidelity;
-use keyformer::eval::rouge;
-use keyformer::eval::suite::{run_eval, CaseRow, Document, EvalPlan, PolicyVariant, Task};
 use keyformer::keyformer_kv::{Amount, NoiseKind, PolicyConfig, PolicyKind};
 use keyformer::sampling::SamplingParams;
 use keyformer::Engine;
+use keyformer_eval::eval::fidelity::fidelity;
+use keyformer_eval::eval::rouge;
+use keyformer_eval::eval::suite::{run_eval, CaseRow, Document, EvalPlan, PolicyVariant, Task};
 
 fn plan(tasks: Vec<Task>, policies: &[&str]) -> EvalPlan {
     let defaults = PolicyConfig::default();
@@ -154,4 +154,20 @@ fn ppl_rows_carry_the_full_cache_at_the_same_split() {
     assert!(window["ppl"] > full["ppl"], "a 40% window must lose something: {window:?}");
     assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| *full cache* |"));
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn fidelity_is_exact_for_a_covering_budget_and_degrades_below_it() {
+    let e = Engine::load(&q4_model()).unwrap();
+    let config = |kind, budget| PolicyConfig { kind, budget: Some(budget), seed: 1, ..Default::default() };
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    let all = e.encode(&text).unwrap()[..160].to_vec();
+    let (p, cont) = all.split_at(96);
+    let covering = fidelity(&e, p, cont, &config(PolicyKind::Keyformer, Amount::Tokens(160))).unwrap();
+    assert_eq!(covering.steps, 64);
+    assert_eq!((covering.mean_kl, covering.top1_agreement), (0.0, 1.0));
+    let tight = fidelity(&e, p, cont, &config(PolicyKind::Window, Amount::Tokens(16))).unwrap();
+    let kf = fidelity(&e, p, cont, &config(PolicyKind::Keyformer, Amount::Tokens(48))).unwrap();
+    assert!(tight.mean_kl > kf.mean_kl && kf.mean_kl > 0.0, "window@16 {tight:?} vs keyformer@48 {kf:?}");
+    assert!(tight.p90_kl >= tight.mean_kl * 0.5 && tight.top1_agreement < 1.0);
 }
