@@ -75,10 +75,10 @@ pub(crate) struct GpuCheckArgs {
     #[arg(long, default_value_t = 4096)]
     slots: usize,
     /// Whole-model checks against the CPU (random weights at these shapes: tiny, tiny-qwen2,
-    /// tiny-gemma2, smollm2-135m,
+    /// tiny-gemma2, tiny-gemma3, smollm2-135m,
     /// llama2-7b, llama3-8b; comma-separated; "none" skips them): logits through a prompt and
     /// greedy steps, and the tokens Keyformer, H2O and window keep.
-    #[arg(long, value_delimiter = ',', default_value = "tiny,tiny-qwen2,tiny-gemma2,smollm2-135m")]
+    #[arg(long, value_delimiter = ',', default_value = "tiny,tiny-qwen2,tiny-gemma2,tiny-gemma3,smollm2-135m")]
     model_shape: Vec<String>,
     /// Whole-model checks on GGUF files of any family (comma-separated paths), their weights
     /// uploaded as f16: e.g. the tiny models of every family in tests/golden/families/.
@@ -240,8 +240,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Random weights at a known shape instead of a model file (llama2-7b, llama3-8b,
-    /// mistral-7b, qwen2.5-7b, phi3-mini, gemma2-9b, smollm2-135m, tiny, tiny-qwen2,
-    /// tiny-gemma2): drawn on the GPU with --device cuda; on the CPU only the small shapes.
+    /// mistral-7b, qwen2.5-7b, phi3-mini, gemma2-9b, gemma3-12b, smollm2-135m, tiny, tiny-qwen2,
+    /// tiny-gemma2, tiny-gemma3): drawn on the GPU with --device cuda; on the CPU only the small shapes.
     #[arg(long, conflicts_with = "model")]
     random_weights: Option<String>,
     /// Generation tests: prefill every policy's prompt first, then run their repetitions in
@@ -302,7 +302,7 @@ pub(crate) struct EngineArgs {
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Random weights at a known shape instead of --model (llama2-7b, llama3-8b, mistral-7b,
-    /// qwen2.5-7b, phi3-mini, gemma2-9b, smollm2-135m, tiny, tiny-qwen2, tiny-gemma2), with a
+    /// qwen2.5-7b, phi3-mini, gemma2-9b, gemma3-12b, smollm2-135m, tiny and tiny-* parity shapes), with a
     /// byte-level tokenizer (one token per byte, no end-of-text token, so every
     /// answer runs to max_tokens): for measuring speed at a model's size without its weights.
     #[arg(long, conflicts_with = "model")]

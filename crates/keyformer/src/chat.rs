@@ -13,13 +13,16 @@ pub struct ChatMessage {
 }
 
 /// Render `messages` with `template`, ending with the assistant's generation prompt. A template
-/// that drops system messages (Phi-3's) gets the system text at the head of the first user
-/// turn instead, as Gemma's templates do themselves, so a system prompt is never lost.
+/// that drops system messages (Phi-3's) or refuses them (Gemma 2's, Mistral's) gets the system
+/// text at the head of the first user turn instead (as Gemma 3's template does itself), so a
+/// system prompt is never lost.
 pub fn render(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String, ModelError> {
-    let text = render_as_is(template, messages, bos, eos)?;
     let system: Vec<&ChatMessage> = messages.iter().filter(|m| m.role == "system").collect();
-    if system.is_empty() || system.iter().all(|m| text.contains(m.content.as_str())) {
-        return Ok(text);
+    let first = render_as_is(template, messages, bos, eos);
+    match &first {
+        _ if system.is_empty() => return first,
+        Ok(text) if system.iter().all(|m| text.contains(m.content.as_str())) => return first,
+        _ => {}
     }
     let head = system.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
     let mut merged: Vec<ChatMessage> = messages.iter().filter(|m| m.role != "system").cloned().collect();
@@ -27,7 +30,8 @@ pub fn render(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) ->
         Some(user) => user.content = format!("{head}\n\n{}", user.content),
         None => merged.insert(0, ChatMessage { role: "user".into(), content: head }),
     }
-    render_as_is(template, &merged, bos, eos)
+    // If the merged conversation fails too, the template's own complaint is the clearer one.
+    render_as_is(template, &merged, bos, eos).or(first)
 }
 
 fn render_as_is(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String, ModelError> {
@@ -69,6 +73,9 @@ mod tests {
         ];
         assert_eq!(render(t, &messages, "", "").unwrap(), "<|user|>\nBe brief.\n\nHi<|end|>\n<|assistant|>");
         // A template that keeps the system turn is left as it is.
+        // A template that refuses system turns (as Gemma 2's does) gets the same treatment.
+        let refusing = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}<u>{{ m['content'] }}</u>{% endfor %}";
+        assert_eq!(render(refusing, &messages, "", "").unwrap(), "<u>Be brief.\n\nHi</u>");
         let chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}";
         assert!(render(chatml, &messages, "", "").unwrap().starts_with("<|im_start|>system\nBe brief."));
     }

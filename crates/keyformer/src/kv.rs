@@ -376,7 +376,12 @@ impl KvCache {
         for layer in 0..self.layers.len() {
             self.evict_to_budget(layer)?;
             let capacity = match self.windows[layer] {
-                Some(window) => window.saturating_add(1).min(self.layers[layer][0].table.capacity()),
+                // Room for the window however short the prompt was (decode fills it up), but
+                // no more than the sequence will ever hold.
+                Some(window) => {
+                    let lifetime = self.policy.prompt_len.saturating_add(self.policy.steps);
+                    window.min(lifetime).saturating_add(1)
+                }
                 None if self.policy.budget != usize::MAX => {
                     self.policy.budget.saturating_add(1).min(self.layers[layer][0].table.capacity())
                 }

@@ -169,7 +169,7 @@ fn pip_download(packages: &[&str], dir: &Path) -> Result<(), RegistryError> {
     for (prog, pre) in [("python3", &["-m", "pip"][..]), ("pip3", &[][..]), ("pip", &[][..])] {
         let status = Command::new(prog)
             .args(pre)
-            .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .args(["download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
             .arg(dir)
             .args(packages)
             .stdin(Stdio::null())

@@ -439,7 +439,8 @@ mod spm {
                 let (l, r) = (pieces[left], pieces[right]);
                 let piece = &text[l.start..r.start + r.len];
                 if let Some(&id) = self.ids.get(piece) {
-                    queue.push(Bigram { score: self.scores[id as usize], left, len: piece.len() });
+                    let score = self.scores.get(id as usize).copied().unwrap_or(0.0);
+                    queue.push(Bigram { score, left, len: piece.len() });
                 }
             };
             for i in 0..pieces.len() {

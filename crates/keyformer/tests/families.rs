@@ -192,3 +192,24 @@ fn the_kv_plan_bounds_what_the_cache_holds() {
         }
     }
 }
+
+/// A prompt shorter than the window, then decoding past it under a compressed policy: the
+/// sliding layers grow to their window (they were once compacted to the prompt's size and
+/// overflowed at the first step).
+#[test]
+fn sliding_layers_grow_to_their_window_after_a_short_prompt() {
+    use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+    let engine = load_with_f32_cache(&golden("golden/families/gemma2.gguf"));
+    let window = engine.model.config.layers.iter().find_map(|l| l.window).unwrap();
+    let prompt: Vec<u32> = (0..window as u32 / 2).map(|i| 10 + i).collect();
+    let steps = 3 * window;
+    let kv = PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() };
+    let mut cache = engine.new_cache(&kv, prompt.len(), steps).unwrap();
+    let mut logits = engine.prefill(&prompt, &mut cache).unwrap();
+    for _ in 0..steps {
+        logits = engine.decode_step(argmax(&logits), &mut cache).unwrap();
+    }
+    let sliding = engine.model.config.layers.iter().position(|l| l.window.is_some()).unwrap();
+    assert_eq!(cache.layers[sliding][0].table.len(), window - 1);
+    assert!(logits.iter().all(|x| x.is_finite()));
+}

@@ -117,9 +117,11 @@ pub enum RopeScaling {
     /// Per-frequency divisors from the file (`rope_freqs.weight`: Llama 3.1's schedule, which
     /// the converter computes; Phi-3's short factors).
     Factors,
-    /// Phi-3's LongRoPE: per-frequency divisors from the file (`rope_factors_long.weight`, as
-    /// llama.cpp uses them for a context past the original one; `rope_factors_short.weight`
-    /// otherwise), cos and sin scaled by `attn_factor`.
+    /// Phi-3's LongRoPE: per-frequency divisors from the file, cos and sin scaled by
+    /// `attn_factor`. The long factors (`rope_factors_long.weight`) are used when the model's
+    /// context length is past the original one, as llama.cpp does with a full-size context;
+    /// transformers switches per sequence length instead (short factors up to the original
+    /// context), so short prompts on a 128k model differ from transformers there.
     LongRope {
         original_context: usize,
         attn_factor: f32,
@@ -273,8 +275,18 @@ impl ModelConfig {
         if self.layers.len() != self.n_layers || self.layers.iter().any(|l| l.rope >= self.ropes.len()) {
             return bad("layer descriptions do not match the layer count".into());
         }
-        if self.layers.iter().any(|l| l.window == Some(0)) {
-            return bad("a sliding window of 0 tokens".into());
+        if let Some(w) = self.layers.iter().find_map(|l| l.window.filter(|&w| w < 2)) {
+            return bad(format!("a sliding window of {w} tokens (at least 2: a query and one before it)"));
+        }
+        for r in &self.ropes {
+            let factor = match r.scaling {
+                RopeScaling::Linear { factor } | RopeScaling::Yarn { factor, .. } => factor,
+                RopeScaling::LongRope { attn_factor, .. } => attn_factor,
+                _ => 1.0,
+            };
+            if !(factor.is_finite() && factor > 0.0) {
+                return bad(format!("rope scaling factor {factor}"));
+            }
         }
         Ok(())
     }
@@ -373,6 +385,12 @@ impl ModelConfig {
             .collect();
         let attention_scale = match opt_f32("attention.scale")? {
             Some(s) if s > 0.0 => s,
+            // Gemma 2/3 27B scale queries by 1/sqrt(n_embd / n_head) (their
+            // query_pre_attn_scalar, which no GGUF key carries; llama.cpp knows them by their
+            // layer count, 46 and 62, as this does).
+            _ if (arch == "gemma2" && n_layers == 46) || (arch == "gemma3" && n_layers == 62) => {
+                1.0 / (n_embd as f32 / n_heads as f32).sqrt()
+            }
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
         Ok(Self {

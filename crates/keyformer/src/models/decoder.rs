@@ -334,9 +334,19 @@ impl<B: Backend> Model<B> {
     pub fn plan_kv(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<KvPlan, ModelError> {
         let c = &self.config;
         let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let windows_only = self.backend.holds_windows_only();
+        if !windows_only && c.has_sliding_layers() && policy.budget != usize::MAX {
+            // Such a backend would trim the sliding layers by the policy too, unlike the CPU
+            // (which keeps their whole window): refuse rather than answer differently.
+            return Err(ModelError::Input(format!(
+                "KV policy '{}' on a model with sliding-window layers ({}) runs on the CPU only for now: \
+                 on this device its sliding layers would not keep their window (use --device cpu, or the full cache)",
+                kv.kind.name(),
+                c.architecture
+            )));
+        }
         let lifetime = prompt_len.saturating_add(steps);
         let per_layer = self.kv_type.token_bytes(1, c.n_kv_heads, c.head_dim);
-        let windows_only = self.backend.holds_windows_only();
         let (mut steady, mut prefill) = (0usize, 0usize);
         for layer in &c.layers {
             let (held, during_prompt) = match layer.window {

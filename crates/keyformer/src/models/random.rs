@@ -63,7 +63,7 @@ const fn llama_shape(
 /// runs at every shape (Llama 2's own is 4096; with random weights it changes nothing measured).
 /// The family shapes carry their family's pieces (Qwen2's Q/K/V biases, Gemma 2's sandwich
 /// norms, soft-caps and sliding layers, Phi-3's head size of 96).
-pub const SHAPES: [RandomShape; 10] = [
+pub const SHAPES: [RandomShape; 12] = [
     llama_shape("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 10_000.0),
     llama_shape("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 500_000.0),
     llama_shape("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 100_000.0),
@@ -77,6 +77,12 @@ pub const SHAPES: [RandomShape; 10] = [
         window: 4096,
         ..llama_shape("gemma2-9b", 42, 3584, 16, 8, 14336, 256000, 10_000.0)
     },
+    RandomShape {
+        family: "gemma3",
+        head_dim: 256,
+        window: 1024,
+        ..llama_shape("gemma3-12b", 48, 3840, 16, 8, 15360, 262208, 1_000_000.0)
+    },
     // Parity tests: GQA (2 query heads per KV head), two layers; and a Qwen2 one with biases.
     RandomShape { context_length: 4096, ..llama_shape("tiny", 2, 256, 4, 2, 512, 1000, 10_000.0) },
     RandomShape { family: "qwen2", context_length: 4096, ..llama_shape("tiny-qwen2", 2, 256, 4, 2, 512, 1000, 1e6) },
@@ -87,6 +93,14 @@ pub const SHAPES: [RandomShape; 10] = [
         window: 64,
         context_length: 4096,
         ..llama_shape("tiny-gemma2", 2, 256, 2, 1, 512, 1000, 10_000.0)
+    },
+    // Gemma 3's: Q/K norms, five local layers with their own rope base, then a global one.
+    RandomShape {
+        family: "gemma3",
+        head_dim: 256,
+        window: 64,
+        context_length: 4096,
+        ..llama_shape("tiny-gemma3", 6, 256, 2, 1, 512, 1000, 1_000_000.0)
     },
 ];
 
@@ -145,8 +159,16 @@ impl RandomShape {
             c.final_softcap = Some(30.0);
         }
         if self.window > 0 {
+            // Sliding layers rotate with the family's local base where it has one (Gemma 3).
+            let local = fam.local_rope_base.map(|theta| {
+                c.ropes.push(crate::models::config::RopeConfig { theta, ..c.ropes[0].clone() });
+                c.ropes.len() - 1
+            });
             for (l, layer) in c.layers.iter_mut().enumerate() {
-                layer.window = fam.slides(l).then_some(self.window);
+                if fam.slides(l) {
+                    layer.window = Some(self.window);
+                    layer.rope = local.unwrap_or(0);
+                }
             }
         }
         c
@@ -164,9 +186,13 @@ impl RandomShape {
                     v.push((p("attn_k.bias"), kv, 0.01));
                     v.push((p("attn_v.bias"), kv, 0.01));
                 }
-                "gemma2" => {
+                "gemma2" | "gemma3" => {
                     v.push((p("post_attention_norm.weight"), self.n_embd, 1.0));
                     v.push((p("post_ffw_norm.weight"), self.n_embd, 1.0));
+                    if self.family == "gemma3" {
+                        v.push((p("attn_q_norm.weight"), self.head_dim, 1.0));
+                        v.push((p("attn_k_norm.weight"), self.head_dim, 1.0));
+                    }
                 }
                 _ => {}
             }

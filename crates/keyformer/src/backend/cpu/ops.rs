@@ -671,7 +671,8 @@ fn attention_rows(
             let qi = &q[i * stride + h * head_dim..i * stride + (h + 1) * head_dim];
             let p = positions[i];
             // Slots past the last one this query sees are left out: while a prompt is processed
-            // slots are in position order, so a row sees a prefix and the causal mask would
+            // slots are mostly in position order (a sliding layer reuses freed ones), so a row
+            // sees little past its last visible slot and the causal mask would
             // otherwise cost half of every chunk's work. (Leaving out masked slots changes no
             // bit: each would add an exact zero at the end of every sum.)
             let width = slots.iter().rposition(|sp| sp.is_some_and(|sp| sp <= p)).map_or(0, |s| s + 1);

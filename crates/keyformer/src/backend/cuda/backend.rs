@@ -644,8 +644,8 @@ impl Model<Cuda> {
                     q_bias: vector("attn_q.bias"),
                     k_bias: vector("attn_k.bias"),
                     v_bias: vector("attn_v.bias"),
-                    q_norm: None,
-                    k_norm: None,
+                    q_norm: vector("attn_q_norm.weight"),
+                    k_norm: vector("attn_k_norm.weight"),
                     wo: take(p("attn_output.weight")),
                     o_bias: None,
                     post_attn_norm: vector("post_attention_norm.weight").map(|weight| Norm { weight, bias: None }),
@@ -661,12 +661,18 @@ impl Model<Cuda> {
             .collect::<Result<Vec<_>, GpuError>>()?;
         let config = shape.config();
         config.validate()?;
-        let (inv_freq, mscale) = config.ropes[0].frequencies(None);
         Ok(Model {
             token_embd: take("token_embd.weight".into()),
             output: Some(take("output.weight".into())),
             output_norm: ones()?,
-            ropes: vec![Rope { inv_freq: gpu.upload(&inv_freq)?, mscale }],
+            ropes: config
+                .ropes
+                .iter()
+                .map(|r| {
+                    let (inv_freq, mscale) = r.frequencies(None);
+                    Ok(Rope { inv_freq: gpu.upload(&inv_freq)?, mscale })
+                })
+                .collect::<Result<Vec<_>, GpuError>>()?,
             layers,
             config,
             kv_type: crate::kv::KvType::F16,

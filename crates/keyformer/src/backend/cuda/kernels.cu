@@ -365,7 +365,7 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
                     if (j < group) acc[j] += sq[j * head_dim + d] * a + sq[j * head_dim + d + 1] * b;
             }
         }
-        bool visible = t < m && p != FREE_SLOT && p <= query_pos && (window == 0 || p + window > query_pos);
+        bool visible = t < m && p != FREE_SLOT && p <= query_pos && (window == 0 || query_pos - p < window);
 #pragma unroll
         for (int j = 0; j < GROUP; j++) {
             if (j >= group) break;
@@ -669,7 +669,7 @@ extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const un
         unsigned p = pos[s];
         float x = row[s];
         if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-        bool visible = p != FREE_SLOT && p <= qpos && (window == 0 || p + window > qpos);
+        bool visible = p != FREE_SLOT && p <= qpos && (window == 0 || qpos - p < window);
         x = visible ? x : NEG_INF;
         row[s] = x;
         mx = fmaxf(mx, x);

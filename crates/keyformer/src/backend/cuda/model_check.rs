@@ -153,11 +153,16 @@ fn compare(
     // Batched decoding replayed as a CUDA graph equals the same steps launched one by one:
     // three sequences with different prompts under Keyformer, 3 x `steps` steps.
     {
-        let kv = PolicyConfig {
-            kind: PolicyKind::Keyformer,
-            budget: Some(Amount::Percent(50.0)),
-            seed: 9,
-            ..PolicyConfig::default()
+        // (The full cache on models with sliding layers: the GPU refuses them a policy.)
+        let kv = if c.has_sliding_layers() {
+            PolicyConfig::default()
+        } else {
+            PolicyConfig {
+                kind: PolicyKind::Keyformer,
+                budget: Some(Amount::Percent(50.0)),
+                seed: 9,
+                ..Default::default()
+            }
         };
         let gen = 3 * steps;
         let mut runs = Vec::new();
@@ -194,14 +199,28 @@ fn compare(
         let differ =
             runs[0].0.iter().zip(&runs[1].0).filter(|(a, b)| a != b).count() + usize::from(runs[0].1 != runs[1].1);
         checks.push(row(
-            &format!("{name}: batched keyformer steps replayed as a CUDA graph equal plain launches"),
+            &format!("{name}: batched {} steps replayed as a CUDA graph equal plain launches", kv.label()),
             differ as f64,
             0.0,
             "greedy tokens that differ (+1 if the last layer keeps other tokens), 3 sequences",
         ));
     }
 
-    // Compressed caches: the same tokens kept, after the prompt and after decoding.
+    // Compressed caches: the same tokens kept, after the prompt and after decoding. A model
+    // with sliding-window layers is refused a policy on the GPU (its sliding layers would not
+    // keep their window, as the CPU's do): that refusal is the check.
+    if c.has_sliding_layers() {
+        let kv =
+            PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() };
+        let refused = gpu.new_sequence_cache(&kv, prompt_len, steps).is_err();
+        checks.push(row(
+            &format!("{name}: a KV policy on sliding-window layers is refused clearly (CPU only for now)"),
+            f64::from(u8::from(!refused)),
+            0.0,
+            "1 if the GPU accepted it",
+        ));
+        return Ok(checks);
+    }
     for (kind, budget) in [(PolicyKind::Keyformer, 50), (PolicyKind::H2o, 50), (PolicyKind::Window, 50)] {
         let kv =
             PolicyConfig { kind, budget: Some(Amount::Percent(budget as f64)), seed: 5, ..PolicyConfig::default() };
