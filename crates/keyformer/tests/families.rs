@@ -213,3 +213,23 @@ fn sliding_layers_grow_to_their_window_after_a_short_prompt() {
     assert_eq!(cache.layers[sliding][0].table.len(), window - 1);
     assert!(logits.iter().all(|x| x.is_finite()));
 }
+
+/// Several tokens at once after the prompt, more than a sliding layer has room for: one clear
+/// error before any layer took them, and the cache still decodes.
+#[test]
+fn tokens_that_do_not_fit_a_sliding_layer_are_refused_before_any_layer_takes_them() {
+    use keyformer::keyformer_kv::PolicyConfig;
+    let engine = load_with_f32_cache(&golden("golden/families/gemma2.gguf"));
+    let window = engine.model.config.layers.iter().find_map(|l| l.window).unwrap();
+    let prompt: Vec<u32> = (0..4 * window as u32).map(|i| 20 + i).collect();
+    // The full cache: the global layers have room for every step, a sliding one for its window.
+    let mut cache = engine.new_cache(&PolicyConfig::default(), prompt.len(), 2 * window).unwrap();
+    engine.prefill(&prompt, &mut cache).unwrap();
+    let many: Vec<u32> = vec![7; 3];
+    let err = engine.model.forward(&many, &mut cache, Logits::Last).unwrap_err();
+    assert!(err.to_string().contains("context is full"), "{err}");
+    let before = cache.next_position();
+    let logits = engine.decode_step(7, &mut cache).unwrap();
+    assert_eq!(cache.next_position(), before + 1);
+    assert!(logits.iter().all(|x| x.is_finite()));
+}

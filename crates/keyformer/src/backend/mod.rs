@@ -27,6 +27,11 @@ pub trait SequenceCache {
     }
     /// Slots per (layer, KV head).
     fn capacity(&self) -> usize;
+    /// Whether `n` more tokens fit in every layer before anything is evicted (a sliding layer
+    /// holds its window in fewer slots than the global ones).
+    fn fits(&self, n: usize) -> bool {
+        self.len() + n <= self.capacity()
+    }
     fn policy(&self) -> &SequencePolicy;
     /// Key and value bytes held now, over all layers and KV heads.
     fn bytes_held(&self) -> usize;

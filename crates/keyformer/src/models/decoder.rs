@@ -562,7 +562,7 @@ impl<B: Backend> Model<B> {
         positions.clear();
         for cache in caches.iter() {
             let m = if batch { 1 } else { n };
-            if cache.len() + m > cache.capacity() {
+            if !cache.fits(m) {
                 return Err(ModelError::ContextFull { needed: cache.len() + m, capacity: cache.capacity() });
             }
             let start = cache.next_position();

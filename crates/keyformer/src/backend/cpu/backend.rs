@@ -52,6 +52,9 @@ impl SequenceCache for KvCache {
     fn capacity(&self) -> usize {
         KvCache::capacity(self)
     }
+    fn fits(&self, n: usize) -> bool {
+        self.layers.iter().all(|heads| heads.iter().all(|h| h.table.len() + n <= h.table.capacity()))
+    }
     fn policy(&self) -> &SequencePolicy {
         &self.policy
     }
