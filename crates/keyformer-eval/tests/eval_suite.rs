@@ -1,6 +1,8 @@
 //! The evaluation matrix on the real model: its shared prefill must give every case the numbers
 //! a separate run of that case gives, and its variants and summary task must do what they say.
 
+// The core crate's test helpers (model paths, golden files), shared rather than copied.
+#[path = "../../keyformer/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;

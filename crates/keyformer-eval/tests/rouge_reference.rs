@@ -1,5 +1,7 @@
 //! ROUGE against vectors made by Google's `rouge-score` (tools/reference/golden_rouge.py).
 
+// The core crate's test helpers (model paths, golden files), shared rather than copied.
+#[path = "../../keyformer/tests/common/mod.rs"]
 mod common;
 
 use keyformer_eval::eval::rouge;
