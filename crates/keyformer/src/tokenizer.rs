@@ -385,25 +385,27 @@ mod spm {
         /// Append the ids of `text`: runs of plain text between special tokens (when parsed)
         /// are each tokenized with a space prepended to the first of them and after a special.
         pub fn encode(&self, text: &str, parse_special: bool, out: &mut Vec<u32>) {
-            let mut prev_special = true;
-            let mut rest = text;
-            while !rest.is_empty() {
-                // The next special token: its position and id.
-                let mut found: Option<(usize, usize, u32)> = None;
-                for (s, id, control) in &self.specials {
-                    if *control && !parse_special {
-                        continue;
-                    }
-                    if let Some(at) = rest.find(s.as_str()) {
-                        if found.is_none_or(|(b, len, _)| at < b || (at == b && s.len() > len)) {
-                            found = Some((at, s.len(), *id));
-                        }
+            // Special tokens claim their places first, longest first over the whole text (as
+            // llama.cpp partitions it), one scan per token: no rescan after every match.
+            let mut claimed: Vec<(usize, usize, u32)> = Vec::new(); // (start, end, id), disjoint
+            for (s, id, control) in &self.specials {
+                if *control && !parse_special {
+                    continue;
+                }
+                for (at, _) in text.match_indices(s.as_str()) {
+                    let end = at + s.len();
+                    let i = claimed.partition_point(|&(a, _, _)| a < at);
+                    let free_before = i == 0 || claimed[i - 1].1 <= at;
+                    let free_after = i == claimed.len() || claimed[i].0 >= end;
+                    if free_before && free_after {
+                        claimed.insert(i, (at, end, *id));
                     }
                 }
-                let (plain, special) = match found {
-                    Some((at, len, id)) => (&rest[..at], Some((len, id, at))),
-                    None => (rest, None),
-                };
+            }
+            let mut prev_special = true;
+            let mut from = 0;
+            for piece in claimed.iter().map(Some).chain([None]) {
+                let plain = &text[from..piece.map_or(text.len(), |p| p.0)];
                 if !plain.is_empty() {
                     let mut t = String::with_capacity(plain.len() + 3);
                     if self.add_space_prefix && prev_special {
@@ -411,14 +413,12 @@ mod spm {
                     }
                     t.push_str(plain);
                     self.encode_run(&t.replace(' ', SPACE), out);
+                    prev_special = false;
                 }
-                match special {
-                    Some((len, id, at)) => {
-                        out.push(id);
-                        prev_special = true;
-                        rest = &rest[at + len..];
-                    }
-                    None => break,
+                if let Some(&(_, end, id)) = piece {
+                    out.push(id);
+                    prev_special = true;
+                    from = end;
                 }
             }
         }
@@ -521,6 +521,43 @@ mod spm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hand-made SentencePiece vocabulary: merges by score, a space before each run of text
+    /// (at the start and after a special token), specials matched whole only when parsed,
+    /// the longest of overlapping specials first.
+    #[test]
+    fn sentencepiece_merges_by_score_and_splits_on_special_tokens() {
+        let tokens = ["<unk>", "<s>", "</s>", "<t>", "<tt>", "\u{2581}", "\u{2581}a", "a", "b", "\u{2581}ab", "ab"];
+        let scores = [0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -3.0, -1.5, -0.5];
+        // 1 normal, 3 control.
+        let types = [2, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1];
+        let md = BTreeMap::from([
+            ("tokenizer.ggml.model".to_string(), MetaValue::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                MetaValue::Array(tokens.iter().map(|t| MetaValue::String(t.to_string())).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores".to_string(),
+                MetaValue::Array(scores.iter().map(|&v| MetaValue::F32(v)).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                MetaValue::Array(types.iter().map(|&v| MetaValue::I32(v)).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id".to_string(), MetaValue::U32(1)),
+            ("tokenizer.ggml.add_bos_token".to_string(), MetaValue::Bool(false)),
+        ]);
+        let t = Tokenizer::from_metadata(&md).unwrap();
+        // " ab": "ab" (-0.5) merges before "\u{2581}a" (-2), then "\u{2581}" + "ab" -> "\u{2581}ab".
+        assert_eq!(t.encode("ab", true).unwrap(), vec![9]);
+        // A special token, then a run that gets its own leading space; "<tt>" wins over "<t>".
+        assert_eq!(t.encode("a<tt>ab<t>b", true).unwrap(), vec![6, 4, 9, 3, 5, 8]);
+        // Unparsed, the markup is text: unknown characters become <unk> (no byte tokens here).
+        let plain = Tokenizer::from_metadata_with(&md, false).unwrap();
+        assert_eq!(plain.encode("a<t>", false).unwrap(), vec![6, 0, 0, 0]);
+        assert_eq!(t.decode(&[6, 4, 9]).unwrap(), " a<tt> ab");
+    }
 
     #[test]
     fn the_byte_level_tokenizer_has_one_token_per_byte_and_round_trips() {
