@@ -14,11 +14,6 @@ use keyformer::models::decoder::Logits;
 use keyformer::sampling::argmax;
 use keyformer::ModelError;
 
-/// A policy as the tables name it: `full`, or the kind and its budget (`keyformer@50%`).
-pub fn kv_label(kv: &PolicyConfig) -> String {
-    kv.label()
-}
-
 /// One timed test, repeated.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -63,7 +58,7 @@ impl BenchResult {
         let mut rates: Vec<f64> = samples_s.iter().map(|s| (tokens * batch) as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
         let test = if depth > 0 { format!("{name}{tokens} @ d{depth}") } else { format!("{name}{tokens}") };
-        let kv = kv_label(kv);
+        let kv = kv.label();
         Self {
             bytes_per_token: None,
             read_gb_s: None,

@@ -281,10 +281,7 @@ impl<B: Backend> Engine<B> {
         self.model.new_sequence_cache(kv, prompt_len, steps)
     }
 
-    /// Run the prompt into `cache` in chunks (full causal attention, scores accumulated), then
-    /// compress it to the policy's budget. `on_rows(first, logits)` receives each chunk's
-    /// logits (every row if `which` is `All`, else the chunk's last row), so scoring a long
-    /// prompt never holds more than one chunk of logits.
+    /// [`Model::prefill`]: the prompt in chunks, then its end (the cache compressed).
     pub fn prefill_with(
         &self,
         tokens: &[u32],

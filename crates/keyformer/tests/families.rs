@@ -75,15 +75,7 @@ fn an_unknown_architecture_is_one_clear_error() {
 #[test]
 fn every_policy_runs_on_every_family() {
     use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
-    let decode = |engine: &keyformer::Engine, kv: &PolicyConfig, prompt: &[u32], steps: usize| {
-        let mut cache = engine.new_cache(kv, prompt.len(), steps).unwrap();
-        let mut logits = vec![engine.prefill(prompt, &mut cache).unwrap()];
-        for _ in 0..steps {
-            let next = argmax(logits.last().unwrap());
-            logits.push(engine.decode_step(next, &mut cache).unwrap());
-        }
-        (logits, cache)
-    };
+    let decode = decode_greedy;
     for name in FAMILIES {
         let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
         let g = golden_json(&format!("golden/families/{name}.json"));

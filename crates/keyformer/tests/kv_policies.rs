@@ -22,16 +22,7 @@ fn config(kind: PolicyKind, budget: Amount) -> PolicyConfig {
     PolicyConfig { kind, budget: Some(budget), seed: 1, ..Default::default() }
 }
 
-/// Greedy decoding for `steps` tokens; returns every step's logits and the cache.
-fn decode(engine: &Engine, kv: &PolicyConfig, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, KvCache) {
-    let mut cache = engine.new_cache(kv, prompt.len(), steps).unwrap();
-    let mut logits = vec![engine.prefill(prompt, &mut cache).unwrap()];
-    for _ in 0..steps {
-        let next = argmax(logits.last().unwrap());
-        logits.push(engine.decode_step(next, &mut cache).unwrap());
-    }
-    (logits, cache)
-}
+use common::decode_greedy as decode;
 
 /// Positions held by every (layer, KV head), sorted.
 fn held(cache: &KvCache) -> Vec<Vec<u32>> {

@@ -11,8 +11,6 @@
 mod common;
 
 use common::*;
-use keyformer::keyformer_kv::PolicyConfig;
-use keyformer::models::decoder::Logits;
 use keyformer::registry;
 
 fn engine(alias: &str) -> keyformer::Engine {
@@ -29,11 +27,7 @@ fn check(alias: &str) {
         assert_eq!(engine.tokenizer.decode(&ids(&case["ids"])).unwrap(), text, "{alias}: decode");
     }
     for case in g["top5"].as_array().unwrap() {
-        let prompt = ids(&case["ids"]);
-        let mut cache = engine.model.new_cache(prompt.len());
-        let logits = engine.model.forward(&prompt, &mut cache, Logits::Last).unwrap();
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        let (order, logits) = ranked_after(&engine, &ids(&case["ids"]));
         let want = ids(&case["top5"]);
         let want_logits: Vec<f32> =
             case["top5_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
@@ -64,11 +58,8 @@ fn check(alias: &str) {
             assert!(order[..5].contains(&t) || l < fifth + TIE, "{alias}: llama.cpp's top-5 token {t} missing");
         }
     }
-    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
-    let tokens = engine.encode(&text).unwrap();
-    let r = engine.perplexity(&tokens, 1024, Some(1), &PolicyConfig::default(), &mut |_, _| {}).unwrap();
+    let r = prose_perplexity(&engine);
     let want = g["perplexity"]["ppl"].as_f64().unwrap();
-    assert_eq!(r.tokens_scored, 1023);
     let rel = (r.ppl - want).abs() / want;
     eprintln!("{alias} perplexity: ours {:.4}, llama.cpp {want:.4}, relative difference {:.3}%", r.ppl, rel * 100.0);
     assert!(rel < 0.006, "{alias}: perplexity {} vs llama.cpp {want}", r.ppl);

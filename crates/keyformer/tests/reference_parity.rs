@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use keyformer::gguf::{GgufFile, MetaValue};
-use keyformer::keyformer_kv::PolicyConfig;
 use keyformer::models::decoder::Logits;
 use keyformer::quant::{dequantize_row, GgmlType};
 use keyformer::sampling::argmax;
@@ -95,11 +94,7 @@ fn q4_1_top5_equals_llama_cpp() {
     let engine = load_with_f32_cache(&q4_model());
     let g = golden_json("golden/llamacpp.json");
     for case in g["top5"].as_array().unwrap() {
-        let prompt = ids(&case["ids"]);
-        let mut cache = engine.model.new_cache(prompt.len());
-        let logits = engine.model.forward(&prompt, &mut cache, Logits::Last).unwrap();
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        let (order, _) = ranked_after(&engine, &ids(&case["ids"]));
         let want = ids(&case["top5"]);
         let mut got5 = order[..5].to_vec();
         assert_eq!(got5[0], want[0], "top-1 for {:?}", case["prompt"]);
@@ -114,11 +109,8 @@ fn q4_1_top5_equals_llama_cpp() {
 fn q4_1_perplexity_within_half_a_percent_of_llama_cpp() {
     let engine = load_with_f32_cache(&q4_model());
     let g = golden_json("golden/llamacpp.json");
-    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
-    let tokens = engine.encode(&text).unwrap();
-    let r = engine.perplexity(&tokens, 1024, Some(1), &PolicyConfig::default(), &mut |_, _| {}).unwrap();
+    let r = prose_perplexity(&engine);
     let want = g["perplexity"]["ppl"].as_f64().unwrap();
-    assert_eq!(r.tokens_scored, 1023);
     let rel = (r.ppl - want).abs() / want;
     eprintln!("perplexity: ours {:.4}, llama.cpp {want:.4}, relative difference {:.4}%", r.ppl, rel * 100.0);
     assert!(rel < 0.005, "ours {} vs llama.cpp {want}", r.ppl);

@@ -43,3 +43,39 @@ pub fn golden_json(name: &str) -> serde_json::Value {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+/// Greedy decoding for `steps` tokens under `kv`; returns every step's logits and the cache.
+pub fn decode_greedy(
+    engine: &keyformer::Engine,
+    kv: &keyformer::keyformer_kv::PolicyConfig,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<Vec<f32>>, keyformer::kv::KvCache) {
+    let mut cache = engine.new_cache(kv, prompt.len(), steps).unwrap();
+    let mut logits = vec![engine.prefill(prompt, &mut cache).unwrap()];
+    for _ in 0..steps {
+        let next = keyformer::sampling::argmax(logits.last().unwrap());
+        logits.push(engine.decode_step(next, &mut cache).unwrap());
+    }
+    (logits, cache)
+}
+
+/// Token ids by descending logit after `prompt` (full cache, the prompt's last row).
+pub fn ranked_after(engine: &keyformer::Engine, prompt: &[u32]) -> (Vec<u32>, Vec<f32>) {
+    let mut cache = engine.model.new_cache(prompt.len());
+    let logits = engine.model.forward(prompt, &mut cache, keyformer::models::decoder::Logits::Last).unwrap();
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    (order, logits)
+}
+
+/// Perplexity of the first 1024-token window of tests/data/prose.txt with the full cache (the
+/// window the llama.cpp and transformers goldens score).
+pub fn prose_perplexity(engine: &keyformer::Engine) -> keyformer::PerplexityReport {
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    let tokens = engine.encode(&text).unwrap();
+    let kv = keyformer::keyformer_kv::PolicyConfig::default();
+    let r = engine.perplexity(&tokens, 1024, Some(1), &kv, &mut |_, _| {}).unwrap();
+    assert_eq!(r.tokens_scored, 1023);
+    r
+}

@@ -284,11 +284,6 @@ pub fn rope(
     }
 }
 
-/// [`rope`] on adjacent pairs, unscaled (Llama files).
-pub fn rope_adjacent_pairs(x: &mut [f32], n_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) {
-    rope(x, n_heads, head_dim, positions, inv_freq, RopeStyle::AdjacentPairs, 1.0)
-}
-
 /// SwiGLU: `gate = silu(gate) * up`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
@@ -1301,7 +1296,7 @@ mod tests {
     #[test]
     fn rope_rotates_pairs_and_preserves_norm() {
         let mut x = vec![1.0f32, 0.0, 0.0, 1.0];
-        rope_adjacent_pairs(&mut x, 1, 4, &[1], &[std::f32::consts::FRAC_PI_2, 0.0]);
+        rope(&mut x, 1, 4, &[1], &[std::f32::consts::FRAC_PI_2, 0.0], RopeStyle::AdjacentPairs, 1.0);
         // First pair rotated by 90 degrees; second pair (frequency 0) unchanged.
         assert!((x[0] - 0.0).abs() < 1e-6 && (x[1] - 1.0).abs() < 1e-6);
         assert_eq!(&x[2..], &[0.0, 1.0]);

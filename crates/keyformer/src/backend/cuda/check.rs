@@ -115,9 +115,10 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10_000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
     let q = rng.vec(positions.len() * n_heads * hd, 1.0);
     let mut want = q.clone();
-    cpu::rope_adjacent_pairs(&mut want, n_heads, hd, &positions, &inv_freq);
+    let style = crate::backend::RopeStyle::AdjacentPairs;
+    cpu::rope(&mut want, n_heads, hd, &positions, &inv_freq, style, 1.0);
     let mut dev = gpu.upload(&q)?;
-    gpu.rope_adjacent_pairs(&mut dev, n_heads, hd, &gpu.upload(&positions)?, &gpu.upload(&inv_freq)?)?;
+    gpu.rope(&mut dev, n_heads, hd, &gpu.upload(&positions)?, &gpu.upload(&inv_freq)?, style, 1.0)?;
     let got = gpu.download(&dev)?;
     // Angles up to 8191 rad in f32: both sides' sin/cos are within a few ulp of the f32 angle.
     checks.push(row("rope_adjacent_pairs", worst(&got, &want, |_| 1.0), 1e-5, "absolute (inputs in [-1, 1])"));

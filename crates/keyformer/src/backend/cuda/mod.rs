@@ -437,18 +437,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// [`Gpu::rope`] on adjacent pairs, unscaled.
-    pub fn rope_adjacent_pairs(
-        &self,
-        x: &mut CudaSlice<f32>,
-        n_heads: usize,
-        head_dim: usize,
-        positions: &CudaSlice<u32>,
-        inv_freq: &CudaSlice<f32>,
-    ) -> Result<(), GpuError> {
-        self.rope(x, n_heads, head_dim, positions, inv_freq, crate::backend::RopeStyle::AdjacentPairs, 1.0)
-    }
-
     /// `out[r] = LayerNorm(x[r]) * weight (+ bias)` for `rows` rows of `weight.len()` values.
     pub fn layer_norm(
         &self,
