@@ -476,8 +476,17 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = real_main(cli) {
         // One clear line; the cause chain is joined rather than dumped as a backtrace.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", msg.join(": "));
+        // A typed error often repeats its source in its own text: skip a cause already said.
+        let mut msg = String::new();
+        for cause in e.chain().map(|c| c.to_string()) {
+            if !msg.contains(&cause) {
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&cause);
+            }
+        }
+        eprintln!("error: {msg}");
         std::process::exit(1);
     }
 }

@@ -68,6 +68,12 @@ impl SlotTable {
         self.last_position
     }
 
+    /// Continue the position order of another table (a compacted copy of this one): the next
+    /// insert must come after `last` even when the token at `last` was itself evicted.
+    pub fn continue_after(&mut self, last: Option<u32>) {
+        self.last_position = self.last_position.max(last);
+    }
+
     /// Place a token with original `position` in a free slot and return the slot index.
     /// Positions must increase: a token never joins the cache before an earlier one.
     pub fn insert(&mut self, position: u32) -> Result<usize, SlotError> {
@@ -142,6 +148,20 @@ mod tests {
         assert_eq!(t.evict(1), Ok(3));
         assert_eq!(t.evict(1), Err(SlotError::NotOccupied(1)));
         assert_eq!(t.insert(3), Err(SlotError::PositionNotIncreasing { position: 3, last: 3 }));
+    }
+
+    #[test]
+    fn a_copy_continues_after_an_evicted_newest_token() {
+        let mut t = SlotTable::new(4);
+        t.insert(5).unwrap();
+        t.insert(6).unwrap();
+        t.evict(1).unwrap();
+        // A compacted copy holds only position 5 but must still refuse 6 and take 7.
+        let mut copy = SlotTable::new(2);
+        copy.insert(5).unwrap();
+        copy.continue_after(t.last_position());
+        assert_eq!(copy.insert(6), Err(SlotError::PositionNotIncreasing { position: 6, last: 6 }));
+        assert_eq!(copy.insert(7), Ok(1));
     }
 
     proptest! {

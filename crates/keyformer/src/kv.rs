@@ -230,6 +230,9 @@ impl HeadKv {
             let new = fresh.insert(pos, &self.key(old), &self.value(old)).expect("compaction fits");
             mapping.push((old, new));
         }
+        // The newest token may have been evicted (a recent window of 0): positions still go on
+        // from it.
+        fresh.table.continue_after(self.table.last_position());
         *self = fresh;
         mapping
     }

@@ -249,3 +249,31 @@ fn batched_decoding_equals_each_sequence_alone() {
         }
     }
 }
+
+/// The smallest budgets, with and without a recent window, through the prompt's compression and
+/// decode steps: the newest token may be evicted (recent 0), and positions must still go on.
+#[test]
+fn every_policy_runs_at_the_smallest_budgets() {
+    let e = engine();
+    let p = prompt(&e, 7);
+    for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
+        for budget in 1..=4 {
+            for recent in [0, 1, budget] {
+                let kv = PolicyConfig {
+                    recent: Some(Amount::Tokens(recent)),
+                    sinks: budget.min(1),
+                    snapkv_window: 2,
+                    ..config(kind, Amount::Tokens(budget))
+                };
+                let what = format!("{kind:?} budget {budget} recent {recent}");
+                let mut cache = e.new_cache(&kv, p.len(), 4).unwrap();
+                let mut logits = e.prefill(&p, &mut cache).unwrap_or_else(|err| panic!("{what}: {err}"));
+                for step in 0..4 {
+                    assert_eq!(cache.next_position() as usize, p.len() + step, "{what}");
+                    assert!(held(&cache).iter().all(|h| h.len() <= budget), "{what} step {step}");
+                    logits = e.decode_step(argmax(&logits), &mut cache).unwrap_or_else(|err| panic!("{what}: {err}"));
+                }
+            }
+        }
+    }
+}
