@@ -159,12 +159,14 @@ mod with_cuda {
     }
 
     pub(crate) fn run(a: RunArgs) -> Result<()> {
-        let engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
+        let mut engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
+        a.engine.limit_context(&mut engine)?;
         crate::run_on(&engine, &a)
     }
 
     pub(crate) fn serve(a: ServeArgs) -> Result<()> {
-        let engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
+        let mut engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
+        a.engine.limit_context(&mut engine)?;
         let (used, total) = engine.model.backend.memory_used()?;
         let kv_memory = crate::parse_memory(&a.kv_memory, Some(total - used))?;
         crate::serve_on(engine, a, kv_memory)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use keyformer::engine::GenerateRequest;
+use keyformer::engine::{human_bytes, GenerateRequest};
 use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
 use keyformer::kv::KvType;
 use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
@@ -32,11 +32,13 @@ mod gpu;
         directory ($KEYFORMER_CACHE, else your user cache dir) and checked by SHA-256."
 )]
 struct Cli {
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: the physical cores; at most the cores this process may use,
+    /// since more threads than cores only wait on each other).
     #[arg(long, short = 't', global = true)]
     threads: Option<usize>,
     /// How the KV cache stores keys and values: f16 (half the bytes every decode step reads;
-    /// perplexity moves by ~0.3%, as with llama.cpp's default f16 cache) or f32 (exact).
+    /// perplexity moves by ~0.3%, as with llama.cpp's default f16 cache), f32 (exact) or q8_0
+    /// (a quarter of f32's bytes, blocks of 32 with one scale, as llama.cpp's q8_0 cache).
     #[arg(long, global = true, default_value = "f16", value_parser = clap::value_parser!(KvType))]
     kv_type: KvType,
     #[command(subcommand)]
@@ -231,6 +233,8 @@ pub(crate) struct BenchArgs {
     /// Generation tests: sequences decoded together, comma-separated (each a copy of the
     /// prompt; one batched step per token, as `serve` runs them; t/s counts every sequence's
     /// tokens). With --device cuda, `max` is the largest batch whose caches fit the GPU.
+    /// Not llama-bench's -b (the logical batch of a prompt chunk): here it is how many
+    /// sequences decode at once, as llama-batched-bench's -npl.
     #[arg(short = 'b', long, value_delimiter = ',', default_value = "1")]
     batch: Vec<BatchSize>,
     /// Where to run: cpu, or cuda (a build with `--features cuda` and an NVIDIA GPU). On cuda
@@ -256,6 +260,9 @@ pub(crate) struct BenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
+    /// Output format, as llama-bench's -o: md (the default) or json (= --json).
+    #[arg(short = 'o', long, value_parser = ["md", "json"])]
+    output: Option<String>,
 }
 
 /// A batch size, or the largest that fits.
@@ -307,6 +314,35 @@ pub(crate) struct EngineArgs {
     /// answer runs to max_tokens): for measuring speed at a model's size without its weights.
     #[arg(long, conflicts_with = "model")]
     random_weights: Option<String>,
+    /// Context length in tokens (0: the model's): a prompt plus its answer never go past it,
+    /// and the server reserves KV memory within it.
+    #[arg(long = "ctx-size", short = 'c', default_value_t = 0)]
+    ctx_size: usize,
+    /// llama.cpp's -ngl: any number above 0 runs every layer on the GPU (as --device cuda;
+    /// layers are not split between the CPU and the GPU), 0 on the CPU.
+    #[arg(long = "n-gpu-layers", alias = "gpu-layers", value_name = "N")]
+    n_gpu_layers: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Where to run: --device, or -ngl N when given.
+    fn resolve_device(&mut self) {
+        if let Some(n) = self.n_gpu_layers {
+            self.device = if n > 0 { Device::Cuda } else { Device::Cpu };
+        }
+    }
+    /// Apply -c/--ctx-size to a loaded engine.
+    pub(crate) fn limit_context<B: keyformer::backend::Backend>(&self, engine: &mut Engine<B>) -> Result<()> {
+        let model = engine.model.config.context_length;
+        match self.ctx_size {
+            0 => {}
+            n if n > model => {
+                eprintln!("warning: --ctx-size {n} is past the model's context of {model} tokens; using {model}")
+            }
+            n => engine.model.config.context_length = n,
+        }
+        Ok(())
+    }
 }
 
 /// The seed of `--random-weights` (the same weights on the CPU and the GPU).
@@ -336,11 +372,14 @@ impl TextInput {
 /// KV-cache compression settings (shared by `run` and `perplexity`).
 #[derive(Args, Clone)]
 struct KvArgs {
-    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer.
-    #[arg(long, default_value = "full", value_parser = clap::value_parser!(PolicyKind))]
-    kv_policy: PolicyKind,
-    /// KV budget per layer and KV head: tokens (256) or a percentage of the prompt (50%;
-    /// of the window for `perplexity`). Required by every policy but `full`.
+    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer;
+    /// settings may follow after colons (keyformer:noise=none, sink:sinks=8, as in `eval`).
+    /// Default: keyformer when --kv-budget is given, else full.
+    #[arg(long)]
+    kv_policy: Option<String>,
+    /// KV budget per layer and KV head: tokens (256, taken as given) or a percentage of the
+    /// prompt (50%; of the window for `perplexity`; never below --kv-min-budget; over 100%
+    /// keeps the whole prompt). Required by every policy but `full`.
     #[arg(long)]
     kv_budget: Option<Amount>,
     #[command(flatten)]
@@ -353,6 +392,10 @@ struct KvTuning {
     /// Most recent tokens always kept: tokens or a percentage of the budget [default: 30%].
     #[arg(long)]
     kv_recent: Option<Amount>,
+    /// The fewest tokens a percentage budget keeps: a prompt shorter than this is not
+    /// compressed (50% of a 31-token chat would leave too little to answer from).
+    #[arg(long, default_value_t = keyformer::keyformer_kv::policy::DEFAULT_MIN_BUDGET)]
+    kv_min_budget: usize,
     /// Attention sinks kept by `sink` (StreamingLLM).
     #[arg(long, default_value_t = 4)]
     kv_sinks: usize,
@@ -379,6 +422,7 @@ impl KvTuning {
             kind,
             budget,
             recent: self.kv_recent,
+            min_budget: self.kv_min_budget,
             sinks: self.kv_sinks,
             snapkv_window: self.snapkv_window,
             keyformer: KeyformerOptions {
@@ -393,8 +437,11 @@ impl KvTuning {
 }
 
 impl KvArgs {
-    fn config(&self, seed: u64) -> PolicyConfig {
-        self.tuning.config(self.kv_policy, self.kv_budget, seed)
+    /// The policy these flags ask for (one parser with `eval`, `bench` and the server).
+    fn config(&self, seed: u64) -> Result<PolicyConfig> {
+        let defaults = self.tuning.config(PolicyKind::Full, None, seed);
+        PolicyConfig::from_parts(self.kv_policy.as_deref(), self.kv_budget, &defaults)
+            .context("--kv-policy / --kv-budget")
     }
 }
 
@@ -413,7 +460,7 @@ pub(crate) struct RunArgs {
     #[arg(long, short = 'n', default_value_t = 128)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, alias = "temp", default_value_t = 0.0)]
     temperature: f32,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 40)]
@@ -424,14 +471,20 @@ pub(crate) struct RunArgs {
     /// Drop tokens less likely than MIN_P times the most likely one.
     #[arg(long, default_value_t = 0.05)]
     min_p: f32,
-    /// Penalise tokens seen in the last 64 (1.0 = off).
+    /// Penalise tokens seen in the last --repeat-last-n (1.0 = off).
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
-    /// Random seed for sampling, Keyformer's noise and `random` eviction.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop before this string (repeatable).
-    #[arg(long)]
+    /// How many recent tokens the repeat penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed for sampling, Keyformer's noise and `random` eviction. Without it sampling
+    /// draws a seed from the clock (printed with --json) and the KV policy uses seed 0, so a
+    /// greedy answer is the same every run.
+    #[arg(long, short = 's')]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable). Escapes are read as llama.cpp reads them: \n, \t,
+    /// \r, \\, \", \', \xHH, \uXXXX.
+    #[arg(long, value_parser = parse_escapes)]
     stop: Vec<String>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
@@ -445,8 +498,8 @@ struct PerplexityArgs {
     /// The text file to score.
     #[arg(long, short = 'f')]
     file: PathBuf,
-    /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (llama-perplexity's -c).
+    #[arg(long, short = 'c', alias = "ctx-size", default_value_t = 512)]
     ctx: usize,
     /// Score at most this many windows.
     #[arg(long)]
@@ -454,7 +507,7 @@ struct PerplexityArgs {
     #[command(flatten)]
     kv: KvArgs,
     /// Seed of Keyformer's noise and of `random`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, short = 's', default_value_t = 0)]
     seed: u64,
     /// Print one JSON object.
     #[arg(long)]
@@ -472,8 +525,58 @@ struct TokenizeArgs {
     json: bool,
 }
 
+/// A string with llama.cpp's escapes read: \n \t \r \\ \" \' \xHH \uXXXX (an unknown
+/// escape stays as written).
+fn parse_escapes(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let hex = |chars: &mut std::iter::Peekable<std::str::Chars>, n: usize| -> Result<char, String> {
+            let digits: String = (0..n).filter_map(|_| chars.next()).collect();
+            u32::from_str_radix(&digits, 16)
+                .ok()
+                .filter(|_| digits.len() == n)
+                .and_then(char::from_u32)
+                .ok_or_else(|| format!("'\\{}{digits}' is not a valid escape", if n == 2 { 'x' } else { 'u' }))
+        };
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('\\') => out.push('\\'),
+            Some('"') => out.push('"'),
+            Some('\'') => out.push('\''),
+            Some('x') => out.push(hex(&mut chars, 2)?),
+            Some('u') => out.push(hex(&mut chars, 4)?),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    if out.is_empty() {
+        return Err("a stop string must not be empty".into());
+    }
+    Ok(out)
+}
+
+/// llama.cpp's multi-letter short options, which no argument parser reads as one: `-ngl N`.
+fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some("-ngl") => "--n-gpu-layers".into(),
+        Some(s) if s.starts_with("-ngl=") => format!("--n-gpu-layers={}", &s[5..]).into(),
+        _ => a,
+    })
+    .collect()
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(llama_cpp_spellings(std::env::args_os()));
     if let Err(e) = real_main(cli) {
         // One clear line; the cause chain is joined rather than dumped as a backtrace.
         // A typed error often repeats its source in its own text: skip a cause already said.
@@ -493,20 +596,32 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     KV_TYPE.set(cli.kv_type).expect("set once");
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match cli.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        // More threads than cores only wait on each other (8 on 2 cores ran 50x slower).
+        Some(n) if n > cores => {
+            eprintln!("warning: --threads {n} is more than the {cores} cores available; using {cores}");
+            cores
         }
-        keyformer::backend::pool::set_threads(n).context("starting the thread pool")?;
-    }
+        Some(n) => n,
+        None => keyformer::backend::pool::physical_cores(),
+    };
+    keyformer::backend::pool::set_threads(threads).context("starting the thread pool")?;
     match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(mut a) => {
+            a.engine.resolve_device();
+            run(a)
+        }
         Command::Perplexity(a) => perplexity(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
         Command::Eval(a) => eval(a),
-        Command::Serve(a) => serve(a),
+        Command::Serve(mut a) => {
+            a.engine.resolve_device();
+            serve(a)
+        }
         Command::GpuCheck(a) => gpu::check(a),
     }
 }
@@ -549,7 +664,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
-    a.kv.config(0).validate().context("--kv-policy / --kv-budget")?;
+    a.kv.config(0)?;
     match a.engine.device {
         Device::Cpu => {
             let kv_memory = parse_memory(&a.kv_memory, None)?;
@@ -565,7 +680,7 @@ pub(crate) fn serve_on<B: keyformer::backend::Backend>(
     a: ServeArgs,
     kv_memory: usize,
 ) -> Result<()> {
-    let kv = a.kv.config(0);
+    let kv = a.kv.config(0)?;
     let model_name = match &a.engine.random_weights {
         Some(_) => engine.name.clone(),
         None => std::path::Path::new(&a.engine.model.model)
@@ -601,7 +716,7 @@ pub(crate) fn serve_on<B: keyformer::backend::Backend>(
             eprintln!("shutting down: finishing the running requests");
         };
         keyformer_server::serve(engine, config, shutdown, |addr| {
-            eprintln!("keyformer serve: listening on http://{addr} (KV memory {kv_memory} bytes)");
+            eprintln!("keyformer serve: listening on http://{addr} (KV memory {})", human_bytes(kv_memory));
         })
         .await
     })?;
@@ -640,7 +755,9 @@ pub(crate) fn load(spec: &str) -> Result<Engine> {
 
 /// The CPU engine of `--model` or `--random-weights`.
 pub(crate) fn load_engine(e: &EngineArgs) -> Result<Engine> {
-    load_model_or_random(&e.model.model, e.random_weights.as_deref())
+    let mut engine = load_model_or_random(&e.model.model, e.random_weights.as_deref())?;
+    e.limit_context(&mut engine)?;
+    Ok(engine)
 }
 
 fn load_model_or_random(model: &str, random_weights: Option<&str>) -> Result<Engine> {
@@ -675,6 +792,7 @@ pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &Run
         prompt = engine.chat_prompt(&prompt)?;
     }
     let ids = engine.encode(&prompt)?;
+    let seed = a.seed.unwrap_or_else(keyformer::sampling::clock_seed);
     let req = GenerateRequest {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {
@@ -683,13 +801,13 @@ pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &Run
             top_p: a.top_p,
             min_p: a.min_p,
             repeat_penalty: a.repeat_penalty,
-            repeat_last_n: 64,
-            seed: a.seed,
+            repeat_last_n: a.repeat_last_n,
+            seed,
         },
         stop: a.stop.clone(),
-        kv: a.kv.config(a.seed),
+        kv: a.kv.config(a.seed.unwrap_or(0))?,
+        logprobs: None,
     };
-    req.kv.validate()?;
     let mut stdout = std::io::stdout().lock();
     let out = if a.json {
         engine.generate(&ids, &req, &mut |_| {})?
@@ -708,21 +826,24 @@ pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &Run
             "prompt_tokens": out.prompt_tokens,
             "generated_tokens": out.generated_tokens,
             "stop_reason": out.stop_reason,
+            "seed": seed,
             "timings": { "prefill_tok_s": out.prefill_tok_s(), "decode_tok_s": out.decode_tok_s() },
             "kv_cache": out.kv_cache,
         });
         writeln!(stdout, "{v}")?;
     } else {
+        let kv = &out.kv_cache;
+        let budget = kv.budget_tokens.map_or(String::new(), |b| format!(" at {b} tokens per head"));
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}; KV {}: {:.2} MB held at most, full cache {:.2} MB]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stopped at {}; KV {}{budget}: {} held at most, the full cache {}]",
             out.prompt_tokens,
             out.prefill_tok_s(),
             out.generated_tokens,
             out.decode_tok_s(),
-            out.stop_reason,
-            out.kv_cache.policy,
-            out.kv_cache.bytes_held_max as f64 / 1e6,
-            out.kv_cache.bytes_full_equivalent as f64 / 1e6
+            out.stop_reason.describe(),
+            kv.policy,
+            human_bytes(kv.bytes_held_max),
+            human_bytes(kv.bytes_full_equivalent)
         );
     }
     Ok(())
@@ -737,8 +858,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         ProgressStyle::with_template("scoring {bar:40} {pos}/{len} windows ({eta})").expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let kv = a.kv.config(a.seed);
-    kv.validate()?;
+    let kv = a.kv.config(a.seed)?;
     let r = engine.perplexity(&ids, a.ctx, a.max_windows, &kv, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -861,7 +981,8 @@ pub(crate) fn bench_policies(a: &BenchArgs) -> Result<Vec<(String, PolicyConfig)
     Ok(policies)
 }
 
-fn bench(a: BenchArgs) -> Result<()> {
+fn bench(mut a: BenchArgs) -> Result<()> {
+    a.json |= a.output.as_deref() == Some("json");
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }

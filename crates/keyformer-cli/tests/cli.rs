@@ -113,6 +113,16 @@ fn corrupt_files_give_one_line_errors() {
     let p = good.write("missing.gguf");
     assert_clean_error(&info_of(&p), "missing metadata key");
     assert_clean_error(&keyformer(&["info", "--model", "/nonexistent/model.gguf"]), "does not exist");
+    assert_clean_error(&keyformer(&["info", "--model", "/tmp"]), "is a directory, not a GGUF model file");
+    assert_clean_error(&keyformer(&["info", "--model", "/dev/null"]), "special file");
+    let hf = scratch("hf-folder");
+    std::fs::create_dir_all(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), "{}").unwrap();
+    assert_clean_error(&keyformer(&["info", "--model", hf.to_str().unwrap()]), "Hugging Face model folder");
+    // A text file: what it begins with, not raw bytes.
+    let text = scratch("text.gguf");
+    std::fs::write(&text, "What is this?").unwrap();
+    assert_clean_error(&info_of(&text), "begins with \"What\"");
 }
 
 #[test]
@@ -149,12 +159,19 @@ fn bad_kv_settings_give_clear_errors() {
         "recent window (9 tokens) is larger than the KV budget (8 tokens)",
     );
     assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "tova"]), "needs a --kv-budget");
+    assert_clean_error(&keyformer(&["run", "-p", "hi", "--kv-policy", "lru"]), "unknown KV policy 'lru'");
+    assert_clean_error(
+        &keyformer(&["run", "-p", "hi", "--kv-policy", "h2o:colour=red", "--kv-budget", "8"]),
+        "unknown option",
+    );
+    assert_clean_error(
+        &keyformer(&["run", "-p", "hi", "--kv-policy", "full", "--kv-budget", "50%"]),
+        "needs a policy such as keyformer",
+    );
     // Values clap cannot parse: its own error (usage follows), exit 2, no panic.
-    for (flag, value, needle) in [
-        ("--kv-policy", "lru", "unknown KV policy 'lru'"),
-        ("--kv-budget", "12x", "invalid amount"),
-        ("--keyformer-noise", "pink", "unknown noise"),
-    ] {
+    for (flag, value, needle) in
+        [("--kv-budget", "12x", "invalid amount"), ("--keyformer-noise", "pink", "unknown noise")]
+    {
         let out = keyformer(&["run", "-p", "hi", flag, value]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -343,6 +360,8 @@ fn bench_runs_each_policy_at_each_depth_and_reports_the_kv_it_held() {
         "full,h2o",
         "--kv-budget",
         "50%",
+        "--kv-min-budget",
+        "1",
         "-r",
         "1",
         "--bandwidth-mib",
@@ -479,6 +498,8 @@ fn a_policy_may_carry_its_own_budget_in_bench_but_not_in_eval() {
         "40",
         "--kv-policy",
         "full,h2o:budget=90%,keyformer:budget=50%",
+        "--kv-min-budget",
+        "1",
         "-r",
         "1",
         "--bandwidth-mib",
@@ -556,6 +577,8 @@ fn every_family_answers_run_perplexity_bench_eval_and_serve() {
             "keyformer",
             "--kv-budget",
             "50%",
+            "--kv-min-budget",
+            "1",
         ]);
         assert_eq!(r["generated_tokens"], 6, "{family}: {r}");
         assert!(r["kv_cache"]["evictions"].as_u64().unwrap() > 0, "{family}: {r}");
@@ -586,6 +609,8 @@ fn every_family_answers_run_perplexity_bench_eval_and_serve() {
             "full,keyformer",
             "--kv-budget",
             "50%",
+            "--kv-min-budget",
+            "1",
         ]);
         assert!(b.status.success(), "{family}: {}", String::from_utf8_lossy(&b.stderr));
         let table = String::from_utf8_lossy(&b.stdout);
@@ -604,6 +629,8 @@ fn every_family_answers_run_perplexity_bench_eval_and_serve() {
             "h2o,keyformer",
             "--budgets",
             "50%",
+            "--kv-min-budget",
+            "1",
             "--prompt-tokens",
             "48",
             "--continuation-tokens",
@@ -617,7 +644,19 @@ fn every_family_answers_run_perplexity_bench_eval_and_serve() {
 
         // serve: a completion over HTTP, then the server is stopped.
         let mut server = Command::new(env!("CARGO_BIN_EXE_keyformer"))
-            .args(["serve", "-m", m, "--port", "0", "--kv-policy", "keyformer", "--kv-budget", "50%"])
+            .args([
+                "serve",
+                "-m",
+                m,
+                "--port",
+                "0",
+                "--kv-policy",
+                "keyformer",
+                "--kv-budget",
+                "50%",
+                "--kv-min-budget",
+                "1",
+            ])
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -645,4 +684,71 @@ fn every_family_answers_run_perplexity_bench_eval_and_serve() {
         let json: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(json["usage"]["completion_tokens"], 5, "{family}: {json}");
     }
+}
+
+/// What tripped a new user (issue 17): escapes in --stop, llama.cpp's spellings, seeds,
+/// threads above the cores, a budget without a policy, budgets over 100% and the floor.
+#[test]
+fn llama_cpp_habits_work_and_short_prompts_are_not_starved() {
+    // --stop "\n\n" stops at a blank line (the escape is read); the same text without it goes on.
+    let prompt = "Write a letter to a friend.";
+    let stopped = keyformer_json(&["run", "-p", prompt, "-n", "80", "--chat", "--stop", "\\n\\n", "--json"]);
+    let free = keyformer_json(&["run", "-p", prompt, "-n", "80", "--chat", "--json"]);
+    let (s, f) = (stopped["text"].as_str().unwrap(), free["text"].as_str().unwrap());
+    assert!(f.contains("\n\n"), "the free answer has a blank line: {f:?}");
+    assert_eq!(stopped["stop_reason"], "stop_string", "{s:?}");
+    assert_eq!(s, &f[..f.find("\n\n").unwrap()]);
+
+    // llama.cpp's spellings mean what they mean there: --temp, -s, -c, --repeat-last-n, -ngl 0.
+    let a = keyformer_json(&["run", "-p", "Once", "-n", "12", "--temp", "1", "-s", "5", "-c", "64", "--json"]);
+    let b = keyformer_json(&[
+        "run",
+        "-p",
+        "Once",
+        "-n",
+        "12",
+        "--temperature",
+        "1",
+        "--seed",
+        "5",
+        "--repeat-last-n",
+        "64",
+        "-ngl",
+        "0",
+        "--json",
+    ]);
+    assert_eq!((a["text"].clone(), a["seed"].clone()), (b["text"].clone(), b["seed"].clone()));
+    // Without --seed, sampling draws one from the clock (and says which).
+    let seeds: Vec<u64> = (0..2)
+        .map(|_| keyformer_json(&["run", "-p", "Once", "-n", "4", "--temp", "1", "--json"])["seed"].as_u64().unwrap())
+        .collect();
+    assert_ne!(seeds[0], seeds[1]);
+    // -c bounds the context: a prompt past it is refused.
+    let long = "word ".repeat(100);
+    assert_clean_error(&keyformer(&["run", "-p", &long, "-c", "32"]), "context is 32 tokens");
+    // bench -o json is --json.
+    let v = keyformer_json(&["bench", "-o", "json", "-p", "8", "-n", "0", "-r", "1", "--bandwidth-mib", "0"]);
+    assert!(v["results"].as_array().is_some_and(|r| r.len() == 1), "{v}");
+
+    // More threads than cores: a warning and the cores, not a 50x slowdown.
+    let out = keyformer(&["-t", "512", "run", "-p", "Hi", "-n", "2"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than the"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A budget alone means keyformer; a percentage never starves a short prompt (the floor,
+    // 64 tokens by default), over 100% keeps the whole prompt, and --kv-min-budget lowers the floor.
+    let kv = |args: &[&str]| {
+        let mut all = vec!["run", "-p", "The cat sat on the mat.", "-n", "4", "--json"];
+        all.extend_from_slice(args);
+        keyformer_json(&all)["kv_cache"].clone()
+    };
+    let half = kv(&["--kv-budget", "50%"]);
+    assert_eq!((half["policy"].as_str(), half["budget_tokens"].as_u64()), (Some("keyformer"), Some(64)));
+    assert_eq!(half["evictions"], 0);
+    assert_eq!(kv(&["--kv-budget", "150%", "--kv-min-budget", "1"])["budget_tokens"], 11, "150% of 7 tokens");
+    let low = kv(&["--kv-policy", "h2o", "--kv-budget", "50%", "--kv-min-budget", "2"]);
+    assert_eq!(low["budget_tokens"], 4);
+    // The smallest budgets with no recent window (the probes' failing case).
+    let tiny = kv(&["--kv-policy", "h2o", "--kv-budget", "1", "--kv-recent", "0"]);
+    assert_eq!(tiny["budget_tokens"], 1);
 }

@@ -17,7 +17,8 @@ use keyformer_eval::eval::rouge;
 use keyformer_eval::eval::suite::{run_eval, CaseRow, Document, EvalPlan, PolicyVariant, Task};
 
 fn plan(tasks: Vec<Task>, policies: &[&str]) -> EvalPlan {
-    let defaults = PolicyConfig::default();
+    // Short test prompts: no floor under the percentage budgets.
+    let defaults = PolicyConfig { min_budget: 1, ..PolicyConfig::default() };
     EvalPlan {
         tasks,
         policies: policies.iter().map(|p| PolicyVariant::parse(p, &defaults).unwrap()).collect(),
@@ -51,7 +52,8 @@ fn rows(dir: &std::path::Path) -> Vec<CaseRow> {
 }
 
 fn greedy(engine: &Engine, prompt: &[u32], kv: PolicyConfig, n: usize) -> (Vec<u32>, String) {
-    let req = GenerateRequest { max_tokens: n, sampling: SamplingParams::default(), stop: Vec::new(), kv };
+    let req =
+        GenerateRequest { max_tokens: n, sampling: SamplingParams::default(), stop: Vec::new(), kv, logprobs: None };
     let out = engine.generate(prompt, &req, &mut |_| {}).unwrap();
     (out.token_ids, out.text)
 }
@@ -161,7 +163,8 @@ fn ppl_rows_carry_the_full_cache_at_the_same_split() {
 #[test]
 fn fidelity_is_exact_for_a_covering_budget_and_degrades_below_it() {
     let e = Engine::load(&q4_model()).unwrap();
-    let config = |kind, budget| PolicyConfig { kind, budget: Some(budget), seed: 1, ..Default::default() };
+    let config =
+        |kind, budget| PolicyConfig { kind, budget: Some(budget), seed: 1, min_budget: 1, ..Default::default() };
     let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
     let all = e.encode(&text).unwrap()[..160].to_vec();
     let (p, cont) = all.split_at(96);

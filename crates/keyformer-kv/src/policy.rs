@@ -92,7 +92,8 @@ impl std::str::FromStr for Amount {
         let t = s.trim();
         if let Some(p) = t.strip_suffix('%') {
             match p.trim().parse::<f64>() {
-                Ok(v) if v.is_finite() && (0.0..=100.0).contains(&v) => Ok(Amount::Percent(v)),
+                // Over 100% is allowed: a budget covering the prompt keeps it whole.
+                Ok(v) if v.is_finite() && v >= 0.0 => Ok(Amount::Percent(v)),
                 _ => Err(PolicyError::BadAmount(s.into())),
             }
         } else {
@@ -145,6 +146,9 @@ pub struct PolicyConfig {
     pub budget: Option<Amount>,
     /// Recent window; a percentage is of the budget. `None`: 30% of the budget.
     pub recent: Option<Amount>,
+    /// The fewest tokens a PERCENTAGE budget resolves to: half of a 20-token chat is too little
+    /// context to answer from. A budget in tokens is taken as given.
+    pub min_budget: usize,
     /// StreamingLLM's attention sinks.
     pub sinks: usize,
     /// SnapKV's observation window (last queries of the prompt).
@@ -159,6 +163,7 @@ impl Default for PolicyConfig {
             kind: PolicyKind::Full,
             budget: None,
             recent: None,
+            min_budget: DEFAULT_MIN_BUDGET,
             sinks: 4,
             snapkv_window: 32,
             keyformer: KeyformerOptions::default(),
@@ -171,8 +176,81 @@ impl Default for PolicyConfig {
 pub const SNAPKV_KERNEL: usize = 7;
 /// The default recent window, as a fraction of the budget (the reference code's 30%).
 pub const DEFAULT_RECENT_PERCENT: f64 = 30.0;
+/// The default floor of a percentage budget, in tokens (`PolicyConfig::min_budget`). Below
+/// about this many tokens a 135M-1.5B model's answers fall apart (a 50% budget on a 31-token
+/// chat gave garbled text); a prompt shorter than the floor is not compressed at all.
+pub const DEFAULT_MIN_BUDGET: usize = 64;
 
 impl PolicyConfig {
+    /// A policy as written on the command line, in a server request or in `eval --policies`,
+    /// with its own settings after colons: `keyformer`, `keyformer:noise=none`,
+    /// `keyformer:recent=10%:frozen`, `sink:sinks=8`, `h2o:budget=256`. Options: `budget=AMOUNT`,
+    /// `min-budget=N`, `recent=AMOUNT`, `sinks=N`, `window=N` (SnapKV's observation window),
+    /// `noise=gumbel|gaussian|constant|none`, `tau=INIT-END`, `frozen`. Unset options come from
+    /// `defaults` (whose kind is replaced).
+    pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
+        let mut parts = spec.trim().split(':');
+        let kind: PolicyKind = parts.next().unwrap_or_default().trim().parse()?;
+        let mut config = PolicyConfig { kind, ..defaults.clone() };
+        if kind == PolicyKind::Full {
+            config.budget = None;
+        }
+        for option in parts {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            let bad = |what: String| PolicyError::Invalid(format!("policy '{spec}': {what}"));
+            let count = |name: &str| {
+                value.parse::<usize>().map_err(|_| bad(format!("{name} must be a token count, not '{value}'")))
+            };
+            match key.trim() {
+                "budget" => config.budget = Some(value.parse().map_err(|e: PolicyError| bad(e.to_string()))?),
+                "min-budget" => config.min_budget = count("min-budget")?,
+                "recent" => config.recent = Some(value.parse().map_err(|e: PolicyError| bad(e.to_string()))?),
+                "sinks" => config.sinks = count("sinks")?,
+                "window" => config.snapkv_window = count("window")?,
+                "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
+                "tau" => {
+                    let (a, b) = value.split_once('-').ok_or_else(|| bad("tau is INIT-END, e.g. tau=1-2".into()))?;
+                    let t = |v: &str| v.parse::<f32>().map_err(|_| bad(format!("'{v}' is not a temperature")));
+                    (config.keyformer.tau_init, config.keyformer.tau_end) = (t(a)?, t(b)?);
+                }
+                "frozen" if value.is_empty() => config.keyformer.frozen = true,
+                _ => {
+                    return Err(bad(format!(
+                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, noise=, tau=, frozen)"
+                )))
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// A policy from its two usual settings, as `--kv-policy` and `--kv-budget` (or a server
+    /// request's `kv_cache`) give them: a budget without a policy means Keyformer, a policy
+    /// without a budget keeps `defaults`' budget, and the full cache refuses a budget.
+    pub fn from_parts(
+        policy: Option<&str>,
+        budget: Option<Amount>,
+        defaults: &PolicyConfig,
+    ) -> Result<PolicyConfig, PolicyError> {
+        let mut config = match policy {
+            Some(spec) => Self::parse_spec(spec, defaults)?,
+            None if budget.is_some() && defaults.kind == PolicyKind::Full => {
+                PolicyConfig { kind: PolicyKind::Keyformer, ..defaults.clone() }
+            }
+            None => defaults.clone(),
+        };
+        if let Some(b) = budget {
+            if config.kind == PolicyKind::Full {
+                return Err(PolicyError::Invalid(format!(
+                    "the full cache keeps every token: a budget ({b}) needs a policy such as keyformer"
+                )));
+            }
+            config.budget = Some(b);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
     /// The policy as tables name it: `full`, or the kind and its budget (`keyformer@50%`).
     pub fn label(&self) -> String {
         match self.budget {
@@ -190,6 +268,9 @@ impl PolicyConfig {
             Some(Amount::Tokens(0)) => return Err(PolicyError::ZeroBudget("0".into())),
             Some(Amount::Percent(p)) if p <= 0.0 => return Err(PolicyError::ZeroBudget(format!("{p}%"))),
             _ => {}
+        }
+        if self.min_budget == 0 {
+            return Err(PolicyError::Invalid("the minimum KV budget must be at least 1 token".into()));
         }
         if let (Some(Amount::Tokens(b)), Some(Amount::Tokens(r))) = (self.budget, self.recent) {
             if r > b {
@@ -222,7 +303,10 @@ impl PolicyConfig {
         let budget = match (self.kind, self.budget) {
             (PolicyKind::Full, _) | (_, None) => usize::MAX,
             (_, Some(b)) => {
-                let k = b.resolve(prompt_len);
+                let k = match b {
+                    Amount::Percent(_) => b.resolve(prompt_len).max(self.min_budget),
+                    Amount::Tokens(_) => b.resolve(prompt_len),
+                };
                 if k == 0 {
                     return Err(PolicyError::ZeroBudget(format!("{b} of a {prompt_len}-token prompt")));
                 }
@@ -728,7 +812,12 @@ mod tests {
 
     #[test]
     fn budgets_resolve_and_bad_ones_are_refused() {
-        let p = PolicyConfig { kind: PolicyKind::H2o, budget: Some("50%".parse().unwrap()), ..Default::default() };
+        let p = PolicyConfig {
+            kind: PolicyKind::H2o,
+            budget: Some("50%".parse().unwrap()),
+            min_budget: 1,
+            ..Default::default()
+        };
         let s = p.resolve(101, 0, 1, 1).unwrap();
         assert_eq!((s.budget, s.recent), (51, 15), "50% of 101 rounds to 51; recent 30% of 51");
         assert!(matches!(
@@ -738,9 +827,55 @@ mod tests {
         let bad = PolicyConfig { budget: Some(Amount::Tokens(8)), recent: Some(Amount::Tokens(9)), ..p.clone() };
         assert_eq!(bad.validate(), Err(PolicyError::RecentOverBudget { recent: 9, budget: 8 }));
         assert!("lru".parse::<PolicyKind>().is_err());
-        assert!("12x".parse::<Amount>().is_err() && "150%".parse::<Amount>().is_err());
+        assert!("12x".parse::<Amount>().is_err() && "-5%".parse::<Amount>().is_err());
+        let covering = PolicyConfig { budget: Some("150%".parse().unwrap()), ..p.clone() };
+        assert_eq!(covering.resolve(100, 0, 1, 1).unwrap().budget, 150, "over 100% covers the prompt");
         let none = PolicyConfig { budget: None, ..p };
         assert!(none.validate().is_err(), "a policy without a budget");
+    }
+
+    #[test]
+    fn a_percentage_budget_never_falls_below_the_floor_but_tokens_are_exact() {
+        let p = PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() };
+        assert_eq!(p.resolve(31, 8, 1, 1).unwrap().budget, DEFAULT_MIN_BUDGET, "a short chat keeps its prompt");
+        assert_eq!(p.resolve(1, 8, 1, 1).unwrap().budget, DEFAULT_MIN_BUDGET);
+        assert_eq!(p.resolve(1000, 8, 1, 1).unwrap().budget, 500, "above the floor, the percentage");
+        let lower = PolicyConfig { min_budget: 8, ..p.clone() };
+        assert_eq!(lower.resolve(10, 8, 1, 1).unwrap().budget, 8);
+        let tokens = PolicyConfig { budget: Some(Amount::Tokens(4)), ..p.clone() };
+        assert_eq!(tokens.resolve(31, 8, 1, 1).unwrap().budget, 4, "a budget in tokens is taken as given");
+        assert!(PolicyConfig { min_budget: 0, ..p }.validate().is_err());
+    }
+
+    #[test]
+    fn one_policy_syntax_parses_kind_options_and_refuses_the_rest() {
+        let d = PolicyConfig::default();
+        let k = PolicyConfig::parse_spec("keyformer:noise=none:recent=10%:tau=1-1:frozen:budget=128", &d).unwrap();
+        assert_eq!(k.kind, PolicyKind::Keyformer);
+        assert_eq!((k.keyformer.noise, k.keyformer.tau_init, k.keyformer.tau_end), (NoiseKind::None, 1.0, 1.0));
+        assert!(k.keyformer.frozen);
+        assert_eq!((k.recent, k.budget), (Some(Amount::Percent(10.0)), Some(Amount::Tokens(128))));
+        let s = PolicyConfig::parse_spec("sink:sinks=8:min-budget=16", &d).unwrap();
+        assert_eq!((s.sinks, s.min_budget), (8, 16));
+        for bad in ["lru", "h2o:foo=1", "sink:sinks=x", "keyformer:tau=2", "keyformer:noise=loud", "h2o:budget=0x"] {
+            assert!(PolicyConfig::parse_spec(bad, &d).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_budget_alone_means_keyformer_and_the_full_cache_refuses_one() {
+        let d = PolicyConfig::default();
+        let half = Some(Amount::Percent(50.0));
+        assert_eq!(PolicyConfig::from_parts(None, half, &d).unwrap().kind, PolicyKind::Keyformer);
+        assert_eq!(PolicyConfig::from_parts(None, None, &d).unwrap().kind, PolicyKind::Full);
+        assert!(PolicyConfig::from_parts(Some("full"), half, &d).is_err());
+        assert!(PolicyConfig::from_parts(Some("h2o"), None, &d).is_err(), "a policy needs a budget");
+        let h2o = PolicyConfig::from_parts(Some("h2o"), half, &d).unwrap();
+        assert_eq!((h2o.kind, h2o.budget), (PolicyKind::H2o, half));
+        // A server default of h2o@50%: a request naming only a budget keeps h2o.
+        assert_eq!(PolicyConfig::from_parts(None, Some(Amount::Tokens(9)), &h2o).unwrap().kind, PolicyKind::H2o);
+        // A request asking for the full cache under a compressing default drops the budget.
+        assert_eq!(PolicyConfig::from_parts(Some("full"), None, &h2o).unwrap().budget, None);
     }
 
     proptest! {

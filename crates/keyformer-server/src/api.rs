@@ -1,8 +1,8 @@
 //! The OpenAI request bodies we accept, checked into a [`GenerateRequest`], and the response
 //! objects we send.
 
-use keyformer::engine::{GenerateRequest, StopReason};
-use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+use keyformer::engine::{GenerateRequest, StopReason, TokenLogprob};
+use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyError};
 use keyformer::sampling::SamplingParams;
 use keyformer::KvReport;
 use serde::Deserialize;
@@ -61,6 +61,7 @@ struct KvOverride {
     policy: Option<String>,
     budget: Option<Value>,
     recent: Option<Value>,
+    min_budget: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -69,7 +70,8 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The fields both endpoints share (unknown fields are ignored, as OpenAI's clients send some).
+/// The fields both endpoints share. Unknown fields are ignored, as OpenAI's clients send some;
+/// known ones this server cannot honour are refused by name ([`refuse_unsupported`]).
 #[derive(Deserialize)]
 struct Common {
     model: Option<String>,
@@ -77,6 +79,10 @@ struct Common {
     max_completion_tokens: Option<u64>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    /// Extensions that vLLM and llama.cpp's server also take.
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
     seed: Option<u64>,
     stop: Option<OneOrMany>,
     n: Option<u64>,
@@ -84,6 +90,77 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     kv_cache: Option<KvOverride>,
+    /// Completions: an integer (alternatives per token); chat: a boolean with `top_logprobs`.
+    logprobs: Option<Value>,
+    top_logprobs: Option<u64>,
+    response_format: Option<Value>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    logit_bias: Option<Value>,
+    tools: Option<Value>,
+    best_of: Option<u64>,
+    #[serde(default)]
+    echo: bool,
+    suffix: Option<String>,
+}
+
+/// Most alternatives a request may ask for per token (OpenAI's limit for chat).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// A field the engine cannot honour is refused with a 400 that names it, never ignored.
+fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
+    let refuse = |param: &str, why: &str| Err(ApiError::bad(format!("{param}: {why}"), Some(param)));
+    match &c.response_format {
+        None => {}
+        Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(_) => return refuse("response_format", "only {\"type\": \"text\"} is supported (no JSON mode)"),
+    }
+    if c.frequency_penalty.is_some_and(|p| p != 0.0) {
+        return refuse("frequency_penalty", "not supported; repeat_penalty is (1.0 = off)");
+    }
+    if c.presence_penalty.is_some_and(|p| p != 0.0) {
+        return refuse("presence_penalty", "not supported; repeat_penalty is (1.0 = off)");
+    }
+    if c.logit_bias.as_ref().is_some_and(|b| !b.is_null() && b.as_object().is_none_or(|o| !o.is_empty())) {
+        return refuse("logit_bias", "not supported");
+    }
+    if c.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+        return refuse("tools", "tool calls are not supported");
+    }
+    if c.best_of.is_some_and(|b| b != 1) {
+        return refuse("best_of", "only 1 is supported");
+    }
+    if c.echo {
+        return refuse("echo", "not supported");
+    }
+    if c.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return refuse("suffix", "not supported (no fill-in-the-middle)");
+    }
+    Ok(())
+}
+
+/// The alternatives per token a request asks for (`None`: no log-probabilities).
+fn logprobs_asked(c: &Common, chat: bool) -> Result<Option<usize>, ApiError> {
+    let top = |n: u64, param: &str| match n {
+        n if n <= MAX_TOP_LOGPROBS => Ok(n as usize),
+        _ => Err(ApiError::bad(format!("{param} must be between 0 and {MAX_TOP_LOGPROBS}"), Some(param))),
+    };
+    let asked = match (&c.logprobs, chat) {
+        (None | Some(Value::Null), _) | (Some(Value::Bool(false)), true) => None,
+        (Some(Value::Bool(true)), true) => Some(top(c.top_logprobs.unwrap_or(0), "top_logprobs")?),
+        (Some(Value::Number(n)), false) if n.is_u64() => Some(top(n.as_u64().unwrap_or(0), "logprobs")?),
+        _ => {
+            let want = if chat { "true or false" } else { "an integer" };
+            return Err(ApiError::bad(format!("logprobs must be {want}"), Some("logprobs")));
+        }
+    };
+    if asked.is_none() && c.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::bad("top_logprobs needs logprobs: true", Some("top_logprobs")));
+    }
+    if asked.is_some() && c.stream {
+        return Err(ApiError::bad("logprobs are given with stream: false only", Some("logprobs")));
+    }
+    Ok(asked)
 }
 
 #[derive(Deserialize)]
@@ -110,6 +187,8 @@ struct ChatBody {
 pub struct Parsed {
     pub prompt: Prompt,
     pub req: GenerateRequest,
+    /// Whether the request set max_tokens (if not, the server picks what fits).
+    pub max_tokens_given: bool,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -150,7 +229,7 @@ pub fn parse_completion(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiE
         CompletionPrompt::TokenLists(mut ps) if ps.len() == 1 => Prompt::Tokens(ps.remove(0)),
         CompletionPrompt::Texts(_) | CompletionPrompt::TokenLists(_) => return Err(one()),
     };
-    common(b.common, prompt, defaults, Some(defaults.completion_max_tokens))
+    common(b.common, prompt, defaults, Some(defaults.completion_max_tokens), false)
 }
 
 pub fn parse_chat(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiError> {
@@ -158,10 +237,18 @@ pub fn parse_chat(body: &[u8], defaults: &Defaults) -> Result<Parsed, ApiError> 
     if b.messages.is_empty() {
         return Err(ApiError::bad("messages must not be empty", Some("messages")));
     }
-    common(b.common, Prompt::Chat(b.messages), defaults, None)
+    common(b.common, Prompt::Chat(b.messages), defaults, None, true)
 }
 
-fn common(c: Common, prompt: Prompt, defaults: &Defaults, default_max: Option<usize>) -> Result<Parsed, ApiError> {
+fn common(
+    c: Common,
+    prompt: Prompt,
+    defaults: &Defaults,
+    default_max: Option<usize>,
+    chat: bool,
+) -> Result<Parsed, ApiError> {
+    refuse_unsupported(&c)?;
+    let logprobs = logprobs_asked(&c, chat)?;
     if let Some(model) = &c.model {
         if model != &defaults.model_name {
             return Err(ApiError {
@@ -175,14 +262,19 @@ fn common(c: Common, prompt: Prompt, defaults: &Defaults, default_max: Option<us
     if c.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad("n > 1 is not supported: send one request per completion", Some("n")));
     }
-    let max_tokens = c.max_completion_tokens.or(c.max_tokens).map(|m| m as usize).or(default_max).unwrap_or(usize::MAX);
+    let asked_max = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = asked_max.map(|m| m.min(usize::MAX as u64) as usize).or(default_max).unwrap_or(usize::MAX);
     if max_tokens == 0 {
         return Err(ApiError::bad("max_tokens must be at least 1", Some("max_tokens")));
     }
     let sampling = SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
         top_p: c.top_p.unwrap_or(1.0),
-        seed: c.seed.unwrap_or(0),
+        top_k: c.top_k.unwrap_or(0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
+        // A request without a seed samples differently each time, as OpenAI's does.
+        seed: c.seed.unwrap_or_else(keyformer::sampling::clock_seed),
         ..SamplingParams::default()
     };
     sampling.validate().map_err(|e| ApiError::bad(e, None))?;
@@ -193,11 +285,14 @@ fn common(c: Common, prompt: Prompt, defaults: &Defaults, default_max: Option<us
         Some(OneOrMany::Many(_)) => return Err(ApiError::bad("at most 4 stop sequences", Some("stop"))),
     };
     let mut kv = kv_config(c.kv_cache, &defaults.kv)?;
-    // As `keyformer run --seed`: one seed drives sampling and Keyformer's noise.
-    kv.seed = sampling.seed;
+    // As `keyformer run --seed`: a given seed drives sampling and Keyformer's noise; without
+    // one, sampling takes the clock but the noise stays at seed 0, so that temperature 0
+    // answers the same every time.
+    kv.seed = c.seed.unwrap_or(0);
     Ok(Parsed {
         prompt,
-        req: GenerateRequest { max_tokens, sampling, stop, kv },
+        req: GenerateRequest { max_tokens, sampling, stop, kv, logprobs },
+        max_tokens_given: asked_max.is_some(),
         stream: c.stream,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
     })
@@ -218,33 +313,74 @@ fn amount(v: &Value, param: &str) -> Result<Amount, ApiError> {
 }
 
 fn kv_config(o: Option<KvOverride>, default: &PolicyConfig) -> Result<PolicyConfig, ApiError> {
-    let mut kv = default.clone();
-    let Some(o) = o else { return Ok(kv) };
-    if let Some(p) = &o.policy {
-        kv.kind = p
-            .parse()
-            .map_err(|e: keyformer::keyformer_kv::PolicyError| ApiError::bad(e.to_string(), Some("kv_cache.policy")))?;
-        if kv.kind == PolicyKind::Full {
-            kv.budget = None;
-        }
-    }
-    if let Some(b) = &o.budget {
-        kv.budget = Some(amount(b, "kv_cache.budget")?);
-    }
+    let Some(o) = o else { return Ok(default.clone()) };
+    let budget = o.budget.as_ref().map(|b| amount(b, "kv_cache.budget")).transpose()?;
+    let mut defaults = default.clone();
     if let Some(r) = &o.recent {
-        kv.recent = Some(amount(r, "kv_cache.recent")?);
+        defaults.recent = Some(amount(r, "kv_cache.recent")?);
     }
-    // Settings that are wrong whatever the prompt are refused before it is tokenised; the
-    // rest is checked once, when the request's KV plan is resolved with its prompt.
-    kv.validate().map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
+    if let Some(m) = o.min_budget {
+        defaults.min_budget = m;
+    }
+    // One parser with the command line: the policy may carry settings (keyformer:noise=none),
+    // a budget alone means keyformer. Settings that are wrong whatever the prompt are refused
+    // here, before it is tokenised; the rest when the request's KV plan meets its prompt.
+    let kv = PolicyConfig::from_parts(o.policy.as_deref(), budget, &defaults).map_err(|e| {
+        let param = match e {
+            PolicyError::ZeroBudget(_) | PolicyError::BadAmount(_) => "kv_cache.budget",
+            PolicyError::RecentOverBudget { .. } => "kv_cache.recent",
+            PolicyError::UnknownPolicy(_) => "kv_cache.policy",
+            PolicyError::Invalid(_) if o.policy.is_some() => "kv_cache.policy",
+            PolicyError::Invalid(_) => "kv_cache",
+        };
+        ApiError::bad(e.to_string(), Some(param))
+    })?;
     Ok(kv)
 }
 
 pub fn finish_reason(r: StopReason) -> &'static str {
     match r {
         StopReason::EndOfGeneration | StopReason::StopString => "stop",
-        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        StopReason::MaxTokens | StopReason::ContextFull | StopReason::TimedOut => "length",
     }
+}
+
+/// The `logprobs` object of a choice: chat's `{content: [{token, logprob, bytes,
+/// top_logprobs}]}`, or the completions API's parallel lists.
+pub fn logprobs_json(tokenizer: &keyformer::tokenizer::Tokenizer, report: &[TokenLogprob], chat: bool) -> Value {
+    let text = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    if chat {
+        let entry = |id: u32, lp: f32| {
+            let t = text(id);
+            json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+        };
+        let content: Vec<Value> = report
+            .iter()
+            .map(|r| {
+                let mut e = entry(r.token, r.logprob);
+                e["top_logprobs"] = r.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                e
+            })
+            .collect();
+        return json!({"content": content});
+    }
+    let tokens: Vec<String> = report.iter().map(|r| text(r.token)).collect();
+    let mut offset = 0;
+    let offsets: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            offset += t.len();
+            offset - t.len()
+        })
+        .collect();
+    json!({
+        "tokens": tokens,
+        "token_logprobs": report.iter().map(|r| r.logprob).collect::<Vec<_>>(),
+        "top_logprobs": report.iter().map(|r| {
+            r.top.iter().map(|&(id, lp)| (text(id), json!(lp))).collect::<serde_json::Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
 }
 
 /// `usage`, with the KV cache's report as an extension.
@@ -260,6 +396,7 @@ pub fn usage(prompt_tokens: usize, completion_tokens: usize, kv: &KvReport) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyformer::keyformer_kv::PolicyKind;
 
     fn defaults() -> Defaults {
         Defaults { kv: PolicyConfig::default(), model_name: "m".into(), completion_max_tokens: 16 }
@@ -268,7 +405,7 @@ mod tests {
     #[test]
     fn bad_bodies_are_400s_with_the_offending_parameter() {
         let d = defaults();
-        let cases: [(&str, Option<&str>); 9] = [
+        let cases: [(&str, Option<&str>); 15] = [
             ("{not json", None),
             ("[1, 2]", None),
             (r#"{"prompt": 5}"#, None),
@@ -276,8 +413,14 @@ mod tests {
             (r#"{"prompt": "x", "n": 2}"#, Some("n")),
             (r#"{"prompt": "x", "max_tokens": 0}"#, Some("max_tokens")),
             (r#"{"prompt": "x", "kv_cache": {"policy": "lru"}}"#, Some("kv_cache.policy")),
-            (r#"{"prompt": "x", "kv_cache": {"policy": "keyformer", "budget": 0}}"#, Some("kv_cache")),
-            (r#"{"prompt": "x", "kv_cache": {"policy": "h2o"}}"#, Some("kv_cache")),
+            (r#"{"prompt": "x", "kv_cache": {"policy": "keyformer", "budget": 0}}"#, Some("kv_cache.budget")),
+            (r#"{"prompt": "x", "kv_cache": {"policy": "h2o"}}"#, Some("kv_cache.policy")),
+            (r#"{"prompt": "x", "kv_cache": {"budget": 8, "recent": 9}}"#, Some("kv_cache.recent")),
+            (r#"{"prompt": "x", "response_format": {"type": "json_object"}}"#, Some("response_format")),
+            (r#"{"prompt": "x", "logprobs": 1, "stream": true}"#, Some("logprobs")),
+            (r#"{"prompt": "x", "logprobs": 21}"#, Some("logprobs")),
+            (r#"{"prompt": "x", "presence_penalty": 1}"#, Some("presence_penalty")),
+            (r#"{"prompt": "x", "top_logprobs": 2}"#, Some("top_logprobs")),
         ];
         for (body, param) in cases {
             let e = parse_completion(body.as_bytes(), &d).err().unwrap_or_else(|| panic!("{body} was accepted"));
@@ -285,6 +428,18 @@ mod tests {
             assert_eq!(e.param.as_deref(), param, "{body}: {}", e.message);
             assert_eq!(e.body()["error"]["type"], "invalid_request_error");
         }
+        // Accepted as OpenAI's clients send them: a text response format, zero penalties.
+        let ok = parse_completion(
+            br#"{"prompt": "x", "response_format": {"type": "text"}, "frequency_penalty": 0, "logprobs": 2,
+                 "top_k": 3, "min_p": 0.1, "repeat_penalty": 1.1}"#,
+            &d,
+        )
+        .unwrap();
+        assert_eq!(ok.req.logprobs, Some(2));
+        assert_eq!((ok.req.sampling.top_k, ok.req.sampling.min_p, ok.req.sampling.repeat_penalty), (3, 0.1, 1.1));
+        let chat =
+            parse_chat(br#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 4}"#, &d);
+        assert_eq!(chat.unwrap().req.logprobs, Some(4));
         let e = parse_completion(br#"{"prompt": "x", "model": "other"}"#, &d).err().unwrap();
         assert_eq!(e.status, 404);
         assert!(parse_chat(br#"{"messages": []}"#, &d).is_err());

@@ -61,6 +61,8 @@ pub enum ServerError {
 
 struct App<B: Backend> {
     engine: Arc<Engine<B>>,
+    /// Bytes of text one token stands for at most (the bound checked before tokenising).
+    max_token_bytes: usize,
     scheduler: Scheduler,
     config: ServerConfig,
     metrics: Arc<Metrics>,
@@ -82,6 +84,7 @@ pub async fn serve<B: Backend>(
     let metrics = Arc::new(Metrics::default());
     let (scheduler, thread) = Scheduler::start(engine.clone(), config.limits.clone(), metrics.clone());
     let app = Arc::new(App {
+        max_token_bytes: engine.tokenizer.max_token_bytes(),
         engine,
         scheduler: scheduler.clone(),
         config,
@@ -90,11 +93,11 @@ pub async fn serve<B: Backend>(
         next_id: Default::default(),
     });
     let router = Router::new()
-        .route("/v1/completions", post(completions::<B>))
-        .route("/v1/chat/completions", post(chat_completions::<B>))
-        .route("/v1/models", get(models::<B>))
-        .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
-        .route("/metrics", get(metrics_text::<B>))
+        .route("/v1/completions", post(completions::<B>).fallback(method_not_allowed))
+        .route("/v1/chat/completions", post(chat_completions::<B>).fallback(method_not_allowed))
+        .route("/v1/models", get(models::<B>).fallback(method_not_allowed))
+        .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }).fallback(method_not_allowed))
+        .route("/metrics", get(metrics_text::<B>).fallback(method_not_allowed))
         .fallback(|| async { error_response(&ApiError::with_status(404, "no such endpoint", None)) })
         .with_state(app);
     on_ready(listener.local_addr()?);
@@ -109,6 +112,10 @@ pub async fn serve<B: Backend>(
     scheduler.shutdown();
     tokio::task::spawn_blocking(move || thread.join()).await.ok();
     Ok(())
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error_response(&ApiError::with_status(405, format!("{method} is not allowed on {}", uri.path()), None))
 }
 
 fn error_response(e: &ApiError) -> Response {
@@ -162,17 +169,20 @@ async fn chat_completions<B: Backend>(State(app): State<Arc<App<B>>>, request: R
 
 async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoint) -> Result<Response, ApiError> {
     app.metrics.request();
+    let in_flight = metrics::InFlight::new(app.metrics.clone());
     let reject = |e: ApiError| {
         app.metrics.rejected();
+        eprintln!("request refused: {} {}", e.status, e.message);
         e
     };
     authorize(&app, request.headers()).map_err(reject)?;
-    let body: Bytes = axum::body::to_bytes(request.into_body(), app.config.max_body_bytes).await.map_err(|_| {
-        reject(ApiError::with_status(
-            413,
-            format!("the request body is larger than {} bytes", app.config.max_body_bytes),
-            None,
-        ))
+    let limit = app.config.max_body_bytes;
+    let too_large = || ApiError::with_status(413, format!("the request body is larger than {limit} bytes"), None);
+    let body: Bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|e| {
+        // Over the limit is 413; a body cut short or badly chunked is the client's 400.
+        let over = std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
+        reject(if over { too_large() } else { ApiError::bad(format!("could not read the request body: {e}"), None) })
     })?;
     let defaults = &app.config.defaults;
     let parsed = match endpoint {
@@ -180,8 +190,23 @@ async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoi
         Endpoint::Chat => api::parse_chat(&body, defaults),
     }
     .map_err(reject)?;
-    let (job, rx) = make_job(&app, parsed.prompt, parsed.req).map_err(reject)?;
+    drop(body);
+    let id = app.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = match endpoint {
+        Endpoint::Completions => format!("cmpl-{id}"),
+        Endpoint::Chat => format!("chatcmpl-{id}"),
+    };
+    let (stream, include_usage) = (parsed.stream, parsed.include_usage);
+    // Tokenising a long prompt takes a while: off the executor, so /health and the other
+    // requests are not held up.
+    let job_app = app.clone();
+    let job_id = id.clone();
+    let (job, rx) = tokio::task::spawn_blocking(move || make_job(&job_app, job_id, parsed))
+        .await
+        .map_err(|e| ApiError::with_status(500, format!("preparing the request: {e}"), None))?
+        .map_err(reject)?;
     let prompt_tokens = job.prompt.len();
+    let logprobs = job.req.logprobs.is_some();
     app.scheduler.submit(job).map_err(|e| {
         reject(match e {
             SubmitError::QueueFull(_) => ApiError::with_status(429, e.to_string(), Some("queue_full")),
@@ -189,33 +214,50 @@ async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoi
             SubmitError::ShuttingDown => ApiError::with_status(503, e.to_string(), None),
         })
     })?;
-    let id = app.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meta = ResponseMeta {
-        id: match endpoint {
-            Endpoint::Completions => format!("cmpl-{id}"),
-            Endpoint::Chat => format!("chatcmpl-{id}"),
-        },
+        id,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         model: defaults.model_name.clone(),
         endpoint,
         prompt_tokens,
     };
-    if parsed.stream {
-        Ok(sse_response(meta, rx, parsed.include_usage))
+    if stream {
+        Ok(sse_response(meta, rx, include_usage, in_flight))
     } else {
-        whole_response(meta, rx).await
+        whole_response(&app, meta, rx, logprobs).await
     }
 }
 
-/// Tokenise, bound max_tokens by the context, and price the KV reservation.
+/// Bound the prompt (by bytes before tokenising, then by tokens), tokenise it, fit max_tokens
+/// to the context (and, when the request gave none, to the KV memory), and price the KV
+/// reservation.
 fn make_job<B: Backend>(
     app: &App<B>,
-    prompt: Prompt,
-    mut req: keyformer::engine::GenerateRequest,
+    id: String,
+    parsed: api::Parsed,
 ) -> Result<(Job, mpsc::UnboundedReceiver<Event>), ApiError> {
     let engine = &app.engine;
+    let ctx = engine.context_length();
+    let param = if matches!(parsed.prompt, Prompt::Chat(_)) { "messages" } else { "prompt" };
+    let too_long = |message: String| ApiError {
+        status: 400,
+        message,
+        param: Some(param.into()),
+        code: Some("context_length_exceeded"),
+    };
+    let text_bytes = match &parsed.prompt {
+        Prompt::Text(t) => t.len(),
+        Prompt::Tokens(_) => 0,
+        Prompt::Chat(messages) => messages.iter().map(|m| m.content.len() + m.role.len()).sum(),
+    };
+    if text_bytes > ctx.saturating_mul(app.max_token_bytes) {
+        return Err(too_long(format!(
+            "the prompt has {text_bytes} bytes, more than the model's context of {ctx} tokens can hold"
+        )));
+    }
+    let mut req = parsed.req;
     let encode = |text: &str| engine.encode(text).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")));
-    let tokens = match prompt {
+    let tokens = match parsed.prompt {
         Prompt::Text(t) => encode(&t)?,
         Prompt::Tokens(ids) => {
             let vocab = engine.model.config.vocab_size;
@@ -235,28 +277,40 @@ fn make_job<B: Backend>(
             encode(&text)?
         }
     };
-    let ctx = engine.context_length();
     match engine.check_prompt(tokens.len()) {
         Ok(()) => {}
-        Err(e @ keyformer::ModelError::PromptTooLong { .. }) => {
-            return Err(ApiError {
-                status: 400,
-                message: e.to_string(),
-                param: Some("prompt".into()),
-                code: Some("context_length_exceeded"),
-            })
-        }
+        Err(e @ keyformer::ModelError::PromptTooLong { .. }) => return Err(too_long(e.to_string())),
         Err(e) => return Err(ApiError::bad(e.to_string(), Some("prompt"))),
     }
+    // Never past the context: the answer ends with finish_reason "length".
     req.max_tokens = req.max_tokens.min(ctx - tokens.len());
-    // The KV settings resolved once: the admission below and the cache read the same plan.
-    let plan = engine
-        .model
-        .plan_kv(&req.kv, tokens.len(), req.max_tokens)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))?;
+    let plan_for = |steps: usize| {
+        engine.model.plan_kv(&req.kv, tokens.len(), steps).map_err(|e| ApiError::bad(e.to_string(), Some("kv_cache")))
+    };
+    // The KV settings resolved once: the admission and the cache read the same plan.
+    let mut plan = plan_for(req.max_tokens)?;
+    let limit = app.config.limits.kv_memory;
+    let need = |p: &keyformer::models::decoder::KvPlan| p.bytes_steady.max(p.bytes_prefill);
+    if !parsed.max_tokens_given && need(&plan) > limit {
+        // No max_tokens: as many as the KV memory holds (the most steps whose plan fits).
+        let (mut lo, mut hi) = (0usize, req.max_tokens);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if need(&plan_for(mid)?) <= limit {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        if lo > 0 {
+            req.max_tokens = lo;
+            plan = plan_for(lo)?;
+        }
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let job = Job {
+        id,
         reserve_bytes: plan.bytes_steady,
         prefill_bytes: plan.bytes_prefill,
         plan,
@@ -310,21 +364,30 @@ impl ResponseMeta {
 }
 
 /// Collect the whole answer.
-async fn whole_response(meta: ResponseMeta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+async fn whole_response<B: Backend>(
+    app: &App<B>,
+    meta: ResponseMeta,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    logprobs: bool,
+) -> Result<Response, ApiError> {
     loop {
         match rx.recv().await {
             Some(Event::Text(_)) => {} // the final text comes with Done
             Some(Event::Done(out)) => {
                 let finish = api::finish_reason(out.stop_reason);
+                let report = match (&out.logprobs, logprobs) {
+                    (Some(lp), true) => api::logprobs_json(&app.engine.tokenizer, lp, meta.endpoint == Endpoint::Chat),
+                    _ => Value::Null,
+                };
                 let choice = match meta.endpoint {
                     Endpoint::Completions => {
-                        json!({"index": 0, "text": out.text, "finish_reason": finish, "logprobs": null})
+                        json!({"index": 0, "text": out.text, "finish_reason": finish, "logprobs": report})
                     }
                     Endpoint::Chat => json!({
                         "index": 0,
                         "message": {"role": "assistant", "content": out.text},
                         "finish_reason": finish,
-                        "logprobs": null,
+                        "logprobs": report,
                     }),
                 };
                 let mut body = meta.envelope(false, json!([choice]));
@@ -339,9 +402,17 @@ async fn whole_response(meta: ResponseMeta, mut rx: mpsc::UnboundedReceiver<Even
 
 /// Server-sent events: a chunk per piece of text, a last chunk with the finish reason (and the
 /// usage as its own chunk when asked), then `[DONE]`.
-fn sse_response(meta: ResponseMeta, rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Response {
-    let events =
-        sse_events(meta, rx, include_usage).map(|data| Ok::<_, std::convert::Infallible>(format!("data: {data}\n\n")));
+fn sse_response(
+    meta: ResponseMeta,
+    rx: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+    in_flight: metrics::InFlight,
+) -> Response {
+    // The request stays in flight until its stream is dropped (sent or abandoned).
+    let events = sse_events(meta, rx, include_usage).map(move |data| {
+        let _held = &in_flight;
+        Ok::<_, std::convert::Infallible>(format!("data: {data}\n\n"))
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")

@@ -4,6 +4,22 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// A request being handled, from its arrival to its last byte (a gauge while it lives).
+pub struct InFlight(std::sync::Arc<Metrics>);
+
+impl InFlight {
+    pub fn new(metrics: std::sync::Arc<Metrics>) -> Self {
+        metrics.in_flight.fetch_add(1, Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Everything the server counts. Latencies are summaries (a sum and a count each).
 #[derive(Default)]
 pub struct Metrics {
@@ -15,6 +31,7 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     queue_depth: AtomicU64,
+    in_flight: AtomicU64,
     running: AtomicU64,
     kv_bytes_held: AtomicU64,
     kv_bytes_saved: AtomicU64,
@@ -104,6 +121,13 @@ impl Metrics {
             get(&self.generated_tokens),
         );
         metric("queue_depth", "gauge", "Requests waiting for a place.", get(&self.queue_depth));
+        metric(
+            "requests_in_flight",
+            "gauge",
+            "Requests being handled: read, tokenised, queued, running or streaming.",
+            get(&self.in_flight),
+        );
+        metric("requests_running", "gauge", "Sequences admitted and generating.", get(&self.running));
         metric("batch_size", "gauge", "Sequences in the last decode step.", get(&self.running));
         metric("kv_bytes_in_use", "gauge", "KV cache bytes held by running sequences.", get(&self.kv_bytes_held));
         metric(

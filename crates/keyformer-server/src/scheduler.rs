@@ -33,6 +33,8 @@ pub enum Event {
 
 /// A request waiting for a place.
 pub struct Job {
+    /// The response's id (`cmpl-7`), for the log line.
+    pub id: String,
     pub prompt: Vec<u32>,
     pub req: GenerateRequest,
     /// KV bytes the sequence holds at most once running, and while its prompt is prefilled.
@@ -132,6 +134,8 @@ impl Scheduler {
 
 /// A sequence on the way.
 struct Running<B: Backend> {
+    id: String,
+    policy: String,
     generation: Generation<B>,
     events: UnboundedSender<Event>,
     reserve_bytes: usize,
@@ -177,12 +181,15 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
                 // The client left while it waited.
                 reserved -= job.reserve_bytes;
                 metrics.cancelled();
+                log_end(&job.id, job.prompt.len(), 0, job.enqueued, "cancelled while queued");
                 continue;
             }
             // The prompt's full-size cache exists while it is prefilled.
             metrics.set_kv_reserved(reserved + job.prefill_bytes.saturating_sub(job.reserve_bytes));
             match engine.start_planned_generation(&job.prompt, &job.req, job.plan) {
                 Ok(generation) => running.push(Running {
+                    id: job.id,
+                    policy: job.req.kv.label(),
                     generation,
                     events: job.events,
                     reserve_bytes: job.reserve_bytes,
@@ -194,6 +201,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
                 Err(e) => {
                     reserved -= job.reserve_bytes;
                     metrics.failed();
+                    log_end(&job.id, job.prompt.len(), 0, job.enqueued, &format!("failed: {e}"));
                     let _ = job.events.send(Event::Failed { status: 400, message: e.to_string() });
                 }
             }
@@ -205,11 +213,12 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             r.next = None;
             if r.events.is_closed() {
                 metrics.cancelled();
-                continue; // the client disconnected: drop it now
+                r.log("cancelled (the client disconnected)");
+                continue; // dropped by the sweep below
             }
             if now > r.deadline {
-                metrics.failed();
-                let _ = r.events.send(Event::Failed { status: 504, message: "the request timed out".into() });
+                // Ended like max_tokens: the client gets what was generated.
+                r.generation.time_out();
                 continue;
             }
             let events = &r.events;
@@ -223,10 +232,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
                     }
                     r.next = next; // None: finished, its output is sent by the sweep below
                 }
-                Err(e) => {
-                    metrics.failed();
-                    let _ = r.events.send(Event::Failed { status: 500, message: e.to_string() });
-                }
+                Err(e) => r.fail(metrics, 500, &e.to_string()),
             }
         }
         // Sweep the ended sequences (finished, failed, cancelled), freeing their memory.
@@ -240,37 +246,80 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             reserved -= r.reserve_bytes;
             if r.generation.stop_reason().is_some() && !r.events.is_closed() {
                 let elapsed = r.started.elapsed();
+                let (id, policy, started, events) = (r.id, r.policy, r.started, r.events);
                 match r.generation.finish(engine, &mut |text| {
-                    let _ = r.events.send(Event::Text(text.to_string()));
+                    let _ = events.send(Event::Text(text.to_string()));
                 }) {
                     Ok(out) => {
                         metrics.completed(out.prompt_tokens, out.generated_tokens, elapsed);
-                        let _ = r.events.send(Event::Done(Box::new(out)));
+                        let kv = &out.kv_cache;
+                        log_end(
+                            &id,
+                            out.prompt_tokens,
+                            out.generated_tokens,
+                            started,
+                            &format!(
+                                "{}; prefill {:.2} s, decode {:.2} s; KV {policy}: {} held at most",
+                                out.stop_reason.describe(),
+                                out.prefill_seconds,
+                                out.decode_seconds,
+                                keyformer::engine::human_bytes(kv.bytes_held_max),
+                            ),
+                        );
+                        let _ = events.send(Event::Done(Box::new(out)));
                     }
                     Err(e) => {
-                        let _ = r.events.send(Event::Failed { status: 500, message: e.to_string() });
+                        metrics.failed();
+                        log_end(&id, 0, 0, started, &format!("failed: {e}"));
+                        let _ = events.send(Event::Failed { status: 500, message: e.to_string() });
+                    }
+                }
+            }
+        }
+        // One batched step; a sequence that cannot take its token (caught before anything
+        // changes) ends alone and the step runs again for the others.
+        while !running.is_empty() {
+            let next: Vec<u32> = running.iter().map(|r| r.next.expect("kept only when it continues")).collect();
+            let mut generations: Vec<&mut Generation<B>> = running.iter_mut().map(|r| &mut r.generation).collect();
+            match engine.step_generations(&mut generations, &next) {
+                Ok(()) => break,
+                Err(keyformer::ModelError::InBatch { index, error }) => {
+                    let r = running.swap_remove(index);
+                    reserved -= r.reserve_bytes;
+                    r.fail(metrics, 500, &error.to_string());
+                }
+                Err(e) => {
+                    // A failure inside the pass leaves every cache in it half-stepped.
+                    for r in running.drain(..) {
+                        reserved -= r.reserve_bytes;
+                        r.fail(metrics, 500, &e.to_string());
                     }
                 }
             }
         }
         metrics.set_kv_reserved(reserved);
-        if running.is_empty() {
-            metrics.set_running(0, 0, 0);
-            continue;
-        }
-        let next: Vec<u32> = running.iter().map(|r| r.next.expect("kept only when it continues")).collect();
-        let mut generations: Vec<&mut Generation<B>> = running.iter_mut().map(|r| &mut r.generation).collect();
-        if let Err(e) = engine.step_generations(&mut generations, &next) {
-            // A step that fails fails every sequence in it.
-            for r in running.drain(..) {
-                reserved -= r.reserve_bytes;
-                metrics.failed();
-                let _ = r.events.send(Event::Failed { status: 500, message: e.to_string() });
-            }
-            continue;
-        }
         let held: usize = running.iter().map(|r| r.generation.cache.bytes_held()).sum();
         let full: usize = running.iter().map(|r| r.generation.cache.stats().bytes_full_equivalent).sum();
         metrics.set_running(running.len(), held, full.saturating_sub(held));
     }
+}
+
+impl<B: Backend> Running<B> {
+    /// This sequence fails alone: its client hears why and the sweep drops it.
+    fn fail(&self, metrics: &Metrics, status: u16, message: &str) {
+        metrics.failed();
+        self.log(&format!("failed: {message}"));
+        let _ = self.events.send(Event::Failed { status, message: message.to_string() });
+    }
+    fn log(&self, outcome: &str) {
+        log_end(&self.id, self.generation.prompt_tokens(), self.generation.generated_tokens(), self.started, outcome);
+    }
+}
+
+/// The one log line of a request (stderr, as llama.cpp's server logs).
+fn log_end(id: &str, prompt: usize, generated: usize, since: Instant, outcome: &str) {
+    eprintln!(
+        "request {id}: {prompt} prompt tokens, {generated} generated, {:.2} s; {outcome}",
+        since.elapsed().as_secs_f64()
+    );
 }

@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,11 +29,22 @@ BIN = os.environ.get("KEYFORMER_BIN", "target/release/keyformer")
 MODEL_NAME = "smollm2-135m"
 
 
+SERVERS = []
+
+
+def stop_all():
+    """Kill every server still running (a failed check must not leave them behind)."""
+    for s in SERVERS:
+        if s.proc.poll() is None:
+            s.proc.kill()
+
+
 class Server:
     def __init__(self, *args):
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True
+            [BIN, "serve", "--port", "0", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
+        SERVERS.append(self)
         deadline = time.time() + 120
         self.log = []
         while time.time() < deadline:
@@ -43,6 +55,9 @@ class Server:
             m = re.search(r"listening on http://(\S+)", line)
             if m:
                 self.addr = m.group(1)
+                # Keep reading its log (one line per request), so the pipe never fills.
+                self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+                self.reader.start()
                 return
         raise RuntimeError("server did not start")
 
@@ -69,7 +84,9 @@ class Server:
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=120)
+        rc = self.proc.wait(timeout=120)
+        self.reader.join(timeout=10)
+        return rc
 
 
 def run_reference(prompt, max_tokens, kv, chat=False):
@@ -174,7 +191,7 @@ def main():
         (b'{"prompt": 5}', 400, None),
         (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400, None),
         (json.dumps({"prompt": "x", "kv_cache": {"policy": "lru", "budget": 8}}).encode(), 400, "kv_cache.policy"),
-        (json.dumps({"prompt": "x", "kv_cache": {"policy": "keyformer", "budget": 0}}).encode(), 400, "kv_cache"),
+        (json.dumps({"prompt": "x", "kv_cache": {"policy": "keyformer", "budget": 0}}).encode(), 400, "kv_cache.budget"),
         (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
         (json.dumps({"prompt": long_prompt}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
@@ -283,8 +300,114 @@ def main():
     code, err = rnd.post("/v1/completions", {"prompt": [1, 2, 5000], "max_tokens": 4})
     check(code == 400 and err["error"]["param"] == "prompt", "a token id outside the vocabulary -> 400")
     rnd.stop()
+    reliability_checks()
     print("all server checks passed")
 
 
+def raw_request(server, data):
+    """Send bytes as they are (a malformed request) and return the response's status and body."""
+    import socket
+    host, port = server.addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def reliability_checks():
+    """The defects a new user and the probes found (issue 17), each pinned."""
+    server = Server("--kv-memory", "8M", "--max-batch", "8", "--timeout", "4")
+    client = server.client()
+
+    # A short chat under a percentage budget keeps its whole prompt (the budget's floor), so
+    # it answers as the full cache does.
+    hi = [{"role": "user", "content": "Hi"}]
+    full = client.chat.completions.create(model=MODEL_NAME, messages=hi, max_tokens=24, temperature=0)
+    half = client.chat.completions.create(model=MODEL_NAME, messages=hi, max_tokens=24, temperature=0,
+                                          extra_body={"kv_cache": {"policy": "keyformer", "budget": "50%"}})
+    check(half.choices[0].message.content == full.choices[0].message.content
+          and half.usage.model_extra["kv_cache"]["evictions"] == 0,
+          f"a short chat at keyformer@50% answers as the full cache: {half.choices[0].message.content!r}")
+
+    # One request with a corner-case budget among others: each gets its own answer.
+    corner = {"prompt": CASES[2][0], "max_tokens": 12, "temperature": 0,
+              "kv_cache": {"policy": "h2o", "budget": 4, "recent": 0}}
+    normal = {"prompt": CASES[0][0], "max_tokens": CASES[0][1], "temperature": 0}
+    want = server.post("/v1/completions", normal)[1]["choices"][0]["text"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        futs = [pool.submit(server.post, "/v1/completions", corner if i % 2 else normal) for i in range(6)]
+        res = [f.result() for f in futs]
+    check(all(code == 200 for code, _ in res) and all(r["choices"][0]["text"] == want for _, r in res[0::2]),
+          f"a budget of 4 with recent 0 runs beside other requests, which answer unchanged: {[c for c, _ in res]}")
+
+    # Sampling options are honoured (the same as `keyformer run` with them), not ignored.
+    args = [BIN, "run", "--prompt", CASES[1][0], "-n", "16", "--temp", "0.9", "--top-k", "5", "--min-p", "0.1",
+            "--repeat-penalty", "1.3", "--seed", "11", "--json"]
+    ref = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["text"]
+    code, r = server.post("/v1/completions", {"prompt": CASES[1][0], "max_tokens": 16, "temperature": 0.9, "top_k": 5,
+                                              "min_p": 0.1, "repeat_penalty": 1.3, "seed": 11, "top_p": 0.95})
+    check(code == 200 and r["choices"][0]["text"] == ref, f"top_k, min_p, repeat_penalty and seed as `run`: {r}")
+
+    # Log-probabilities, in each API's shape.
+    r = client.completions.create(model=MODEL_NAME, prompt=CASES[0][0], max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    check(len(lp.tokens) == 4 and "".join(lp.tokens) == r.choices[0].text and all(len(t) == 3 for t in lp.top_logprobs)
+          and all(v <= 0 for v in lp.token_logprobs)
+          and all(abs(max(t.values()) - v) < 1e-5 for t, v in zip(lp.top_logprobs, lp.token_logprobs)),
+          "completions logprobs: tokens join to the text, greedy picks the top alternative")
+    r = client.chat.completions.create(model=MODEL_NAME, messages=hi, max_tokens=3, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    check(len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content), "chat logprobs with top_logprobs")
+
+    # Fields the engine cannot honour are refused by name.
+    for field, value in (("response_format", {"type": "json_object"}), ("frequency_penalty", 0.5),
+                         ("logit_bias", {"1": 5}), ("echo", True), ("top_logprobs", 3)):
+        code, err = server.post("/v1/completions", {"prompt": "x", field: value})
+        check(code == 400 and err["error"]["param"] == field, f"{field} -> 400 naming it: {err}")
+    code, err = server.post("/v1/completions", {"prompt": "x", "stream": True, "logprobs": 1})
+    check(code == 400 and err["error"]["param"] == "logprobs", "streamed logprobs -> 400")
+
+    # A chat without max_tokens answers (as many tokens as the KV memory and the timeout allow);
+    # a request that outlives --timeout returns what it generated, finish_reason "length".
+    t0 = time.time()
+    r = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Count to a thousand."}],
+                                       temperature=0)
+    check(r.choices[0].finish_reason == "length" and r.usage.completion_tokens > 0 and time.time() - t0 < 30,
+          f"no max_tokens under 8M of KV: {r.usage.completion_tokens} tokens, then length")
+
+    # Malformed transport: a bad chunk and a body cut short are 400s with an error object; other
+    # methods are 405 with one; a multi-megabyte prompt is refused before it is tokenised.
+    status, err = raw_request(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      b"zz\r\nabc\r\n0\r\n\r\n")
+    check(status == 400 and "error" in err, f"a bad chunk size -> 400: {err}")
+    status, err = raw_request(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"p")
+    check(status == 400 and "error" in err, f"a truncated body -> 400: {err}")
+    req = urllib.request.Request(server.url("/v1/completions"), method="GET")
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        check(False, "GET /v1/completions is refused")
+    except urllib.error.HTTPError as e:
+        check(e.code == 405 and "error" in json.loads(e.read()), "GET /v1/completions -> 405 with an error object")
+    t0 = time.time()
+    code, err = server.post("/v1/completions", {"prompt": "word " * 780000}, {"Content-Type": "application/json"})
+    check(code == 400 and err["error"]["code"] == "context_length_exceeded" and time.time() - t0 < 2,
+          f"a 3.9 MB prompt is refused in {time.time() - t0:.2f} s")
+    m = server.metrics()
+    check(m["keyformer_requests_in_flight"] == 0 and m["keyformer_requests_running"] == 0
+          and m["keyformer_kv_bytes_reserved"] == 0, "afterwards nothing is in flight, running or reserved")
+    server.stop()
+    log = "".join(server.log)
+    check(len(re.findall(r"^request (cmpl|chatcmpl)-\d+: ", log, re.M)) >= 10 and "request refused: 400" in log,
+          "one log line per request")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        stop_all()

@@ -27,7 +27,7 @@ pub struct Engine<B: Backend = Cpu> {
 }
 
 /// What to generate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -35,6 +35,18 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// How the KV cache is compressed.
     pub kv: PolicyConfig,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (OpenAI's `logprobs` / `top_logprobs`); `None`: no report.
+    pub logprobs: Option<usize>,
+}
+
+/// One generated token's log-probability under the model (before temperature and the other
+/// sampling filters, as OpenAI and vLLM report it), with the most likely alternatives.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,6 +58,21 @@ pub enum StopReason {
     MaxTokens,
     /// The model's context length was reached.
     ContextFull,
+    /// The caller's time limit ended it (the server's --timeout); the text so far is kept.
+    TimedOut,
+}
+
+impl StopReason {
+    /// As people read it: "end of generation", "stop string", "max tokens", ...
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopReason::EndOfGeneration => "end of generation",
+            StopReason::StopString => "stop string",
+            StopReason::MaxTokens => "max tokens",
+            StopReason::ContextFull => "context full",
+            StopReason::TimedOut => "timed out",
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -58,6 +85,9 @@ pub struct GenerationOutput {
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
     pub kv_cache: KvReport,
+    /// Per generated token, when the request asked (`GenerateRequest::logprobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// What the KV cache held: the `kv_cache` object of `run --json` and `perplexity --json`.
@@ -122,6 +152,8 @@ pub struct Generation<B: Backend = Cpu> {
     max_tokens: usize,
     prompt_tokens: usize,
     stop_reason: Option<StopReason>,
+    /// Top alternatives to report per token, and the report so far.
+    logprobs: Option<(usize, Vec<TokenLogprob>)>,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
 }
@@ -139,9 +171,15 @@ impl<B: Backend> Generation<B> {
             max_tokens: req.max_tokens,
             prompt_tokens: prompt.len(),
             stop_reason: None,
+            logprobs: req.logprobs.map(|top| (top, Vec::new())),
             prefill_seconds: 0.0,
             decode_seconds: 0.0,
         }
+    }
+
+    /// End the sequence now (a time limit): what was generated is kept and reported.
+    pub fn time_out(&mut self) {
+        self.stop_reason.get_or_insert(StopReason::TimedOut);
     }
 
     /// Why it ended; `None` while it runs.
@@ -167,6 +205,9 @@ impl<B: Backend> Generation<B> {
             return Ok(None);
         }
         let next = self.sampler.sample(&self.logits, &self.history);
+        if let Some((top, report)) = &mut self.logprobs {
+            report.push(token_logprob(&self.logits, next, *top));
+        }
         if engine.tokenizer.is_end_of_generation(next) {
             self.stop_reason = Some(StopReason::EndOfGeneration);
             return Ok(None);
@@ -202,7 +243,29 @@ impl<B: Backend> Generation<B> {
             prefill_seconds: self.prefill_seconds,
             decode_seconds: self.decode_seconds,
             kv_cache: KvReport::of(&self.cache),
+            logprobs: self.logprobs.map(|(_, report)| report),
         })
+    }
+}
+
+/// `token`'s log-softmax in `logits` and the `top` largest (ties: lower id first).
+fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits[token as usize] - log_sum,
+        top: best.into_iter().map(|(i, l)| (i, l - log_sum)).collect(),
     }
 }
 
@@ -692,9 +755,49 @@ impl StopStream {
     }
 }
 
+/// Bytes as people read them: `512 B`, `3.4 KiB`, `12.0 MiB`, `1.50 GiB` (powers of 1024).
+pub fn human_bytes(bytes: usize) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit >= 2 && v < 10.0 {
+        format!("{v:.2} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        let cases = [(512, "512 B"), (3 << 10, "3.0 KiB"), (12 << 20, "12.0 MiB"), (3 << 29, "1.50 GiB")];
+        for (n, want) in cases {
+            assert_eq!(human_bytes(n), want);
+        }
+    }
+
+    #[test]
+    fn a_token_logprob_is_its_log_softmax_with_the_top_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let r = token_logprob(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((r.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        // Ties keep the lower id first.
+        assert_eq!(r.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!(r.top.iter().all(|&(id, lp)| (lp as f64 - (logits[id as usize] as f64 - z.ln())).abs() < 1e-6));
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
+    }
 
     fn stream(pieces: &[&str], stops: &[&str]) -> (String, Vec<String>, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();

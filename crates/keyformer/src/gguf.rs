@@ -18,8 +18,12 @@ use crate::quant::GgmlType;
 pub enum GgufError {
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
-    #[error("not a GGUF file (bad magic {0:02x?})")]
+    #[error("not a GGUF file: it begins with {} where a GGUF file begins with \"GGUF\"", show_magic(.0))]
     BadMagic([u8; 4]),
+    #[error("tensor '{0}' is listed twice")]
+    DuplicateTensor(String),
+    #[error("tensors '{first}' and '{second}' overlap in the file")]
+    OverlappingTensors { first: String, second: String },
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
     #[error("file is truncated: needed {needed} bytes at offset {offset}, file has {len}")]
@@ -40,6 +44,15 @@ pub enum GgufError {
     WrongType { key: String, expected: &'static str },
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
+}
+
+/// The first bytes of a file that is not GGUF, as text where they are printable.
+fn show_magic(m: &[u8; 4]) -> String {
+    if m.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("\"{}\"", String::from_utf8_lossy(m))
+    } else {
+        format!("bytes {m:02x?}")
+    }
 }
 
 /// A metadata value of any of GGUF's value types.
@@ -332,6 +345,25 @@ impl GgufFile {
                     })
                 }
             }
+        }
+        // Each tensor once, and no two sharing bytes (a crafted file could alias weights).
+        let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+        by_offset.sort_by(|a, b| (a.offset, &a.name).cmp(&(b.offset, &b.name)));
+        for pair in by_offset.windows(2) {
+            if pair[0].name == pair[1].name {
+                return Err(GgufError::DuplicateTensor(pair[0].name.clone()));
+            }
+            if pair[0].offset + pair[0].size_bytes > pair[1].offset && pair[0].size_bytes > 0 {
+                return Err(GgufError::OverlappingTensors {
+                    first: pair[0].name.clone(),
+                    second: pair[1].name.clone(),
+                });
+            }
+        }
+        let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|p| p[0] == p[1]) {
+            return Err(GgufError::DuplicateTensor(pair[0].to_string()));
         }
         Ok((version, alignment, metadata, tensors))
     }

@@ -52,4 +52,8 @@ pub enum ModelError {
     Input(String),
     #[error("GPU: {0}")]
     Gpu(String),
+    /// One sequence of a batched step cannot take its token; nothing was changed, so the
+    /// step can run again without it.
+    #[error("sequence {index} of the batch: {error}")]
+    InBatch { index: usize, error: Box<ModelError> },
 }

@@ -45,6 +45,11 @@ impl SamplingParams {
     }
 }
 
+/// A seed from the clock, for a run or request that gives none (as llama.cpp's default).
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// xoshiro256** seeded through splitmix64: small, fast, and the same on every platform.
 #[derive(Debug, Clone)]
 pub struct Rng([u64; 4]);

@@ -210,16 +210,26 @@ impl Tokenizer {
         default_add_bos: bool,
         parse_special: bool,
     ) -> Result<Self, TokenizerError> {
-        let id = |k: &str| {
-            md.get(k)
-                .and_then(MetaValue::as_i64)
-                .and_then(|v| u32::try_from(v).ok())
-                .filter(|&v| (v as usize) < tokens.len())
+        // A special token id must name a token of the vocabulary (-1 means none, as llama.cpp
+        // writes it).
+        let id = |k: &str| -> Result<Option<u32>, TokenizerError> {
+            let Some(v) = md.get(k).and_then(MetaValue::as_i64) else { return Ok(None) };
+            match u32::try_from(v) {
+                Ok(id) if (id as usize) < tokens.len() => Ok(Some(id)),
+                _ if v == -1 => Ok(None),
+                _ => Err(TokenizerError::Metadata(format!(
+                    "{k} is {v}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))),
+            }
         };
-        let bos = id("tokenizer.ggml.bos_token_id");
-        let eos = id("tokenizer.ggml.eos_token_id");
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?;
         let mut end_of_generation: Vec<u32> =
-            [eos, id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")].into_iter().flatten().collect();
+            [eos, id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?]
+                .into_iter()
+                .flatten()
+                .collect();
         // Chat models end turns with control tokens that are not always declared as EOT.
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>"] {
             if let Some(i) = tokens.iter().position(|t| t == name) {
@@ -298,6 +308,13 @@ impl Tokenizer {
     }
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
+    }
+    /// The most bytes of text one token can stand for: the longest vocabulary entry (its
+    /// written form is never shorter than the text it encodes), or 4 (one character through
+    /// byte fallback or `<unk>`). A text longer than this times N bytes cannot be N tokens, so
+    /// an oversized prompt is refused before it is tokenised.
+    pub fn max_token_bytes(&self) -> usize {
+        self.tokens.iter().map(String::len).max().unwrap_or(0).max(4)
     }
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()
@@ -557,6 +574,17 @@ mod tests {
         let plain = Tokenizer::from_metadata_with(&md, false).unwrap();
         assert_eq!(plain.encode("a<t>", false).unwrap(), vec![6, 0, 0, 0]);
         assert_eq!(t.decode(&[6, 4, 9]).unwrap(), " a<tt> ab");
+        // A special token id outside the vocabulary is a corrupt file, not a silent "none";
+        // -1 is llama.cpp's "none".
+        for (key, id, ok) in [("eos", 99i64, false), ("bos", 11, false), ("eot", -7, false), ("eos", -1, true)] {
+            let mut bad = md.clone();
+            bad.insert(format!("tokenizer.ggml.{key}_token_id"), MetaValue::I64(id));
+            let r = Tokenizer::from_metadata(&bad);
+            assert_eq!(r.is_ok(), ok, "{key} {id}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("outside the vocabulary of 11 tokens"), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ fn every_policy_runs_on_every_family() {
         let steps = 8;
         let (full, _) = decode(&engine, &PolicyConfig::default(), &prompt, steps);
         for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
-            let kv = |budget| PolicyConfig { kind, budget: Some(budget), seed: 3, ..Default::default() };
+            let kv = |budget| PolicyConfig { kind, budget: Some(budget), seed: 3, min_budget: 1, ..Default::default() };
             let (covering, _) = decode(&engine, &kv(Amount::Tokens(prompt.len() + steps)), &prompt, steps);
             assert!(covering == full, "{name} {kind:?}: a covering budget differs from the full cache");
             let (half, cache) = decode(&engine, &kv(Amount::Percent(50.0)), &prompt, steps);
@@ -114,7 +114,12 @@ fn sliding_layers_hold_only_their_window() {
         assert!(prompt.len() > 2 * window);
         for kv in [
             PolicyConfig::default(),
-            PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() },
+            PolicyConfig {
+                kind: PolicyKind::Keyformer,
+                budget: Some(Amount::Percent(50.0)),
+                min_budget: 1,
+                ..Default::default()
+            },
         ] {
             let steps = 12;
             let mut windowed = engine.new_cache(&kv, prompt.len(), steps).unwrap();
@@ -162,7 +167,12 @@ fn the_kv_plan_bounds_what_the_cache_holds() {
         let steps = 10;
         for kv in [
             PolicyConfig::default(),
-            PolicyConfig { kind: PolicyKind::H2o, budget: Some(Amount::Percent(50.0)), ..Default::default() },
+            PolicyConfig {
+                kind: PolicyKind::H2o,
+                budget: Some(Amount::Percent(50.0)),
+                min_budget: 1,
+                ..Default::default()
+            },
         ] {
             let plan = engine.model.plan_kv(&kv, prompt.len(), steps).unwrap();
             let (steady, prefill) = (plan.bytes_steady, plan.bytes_prefill);
@@ -195,7 +205,12 @@ fn sliding_layers_grow_to_their_window_after_a_short_prompt() {
     let window = engine.model.config.layers.iter().find_map(|l| l.window).unwrap();
     let prompt: Vec<u32> = (0..window as u32 / 2).map(|i| 10 + i).collect();
     let steps = 3 * window;
-    let kv = PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() };
+    let kv = PolicyConfig {
+        kind: PolicyKind::Keyformer,
+        budget: Some(Amount::Percent(50.0)),
+        min_budget: 1,
+        ..Default::default()
+    };
     let mut cache = engine.new_cache(&kv, prompt.len(), steps).unwrap();
     let mut logits = engine.prefill(&prompt, &mut cache).unwrap();
     for _ in 0..steps {

@@ -19,7 +19,7 @@ fn prompt(engine: &Engine, n: usize) -> Vec<u32> {
 }
 
 fn config(kind: PolicyKind, budget: Amount) -> PolicyConfig {
-    PolicyConfig { kind, budget: Some(budget), seed: 1, ..Default::default() }
+    PolicyConfig { kind, budget: Some(budget), seed: 1, min_budget: 1, ..Default::default() }
 }
 
 use common::decode_greedy as decode;

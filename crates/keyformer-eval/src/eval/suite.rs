@@ -94,10 +94,8 @@ impl std::str::FromStr for Task {
     }
 }
 
-/// A policy with its own settings, named as written: `keyformer`, `keyformer:noise=none`,
-/// `keyformer:recent=10%:frozen`, `sink:sinks=8`. Options: `recent=AMOUNT`, `sinks=N`,
-/// `window=N` (SnapKV's observation window), `noise=gumbel|gaussian|constant|none`,
-/// `tau=INIT-END`, `frozen`. Unset options come from the run's defaults.
+/// A policy with its own settings, labelled as written (`keyformer:noise=none`); the syntax
+/// is [`PolicyConfig::parse_spec`]'s, the same as `--kv-policy` and a server request's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyVariant {
     pub label: String,
@@ -106,41 +104,7 @@ pub struct PolicyVariant {
 
 impl PolicyVariant {
     pub fn parse(spec: &str, defaults: &PolicyConfig) -> Result<Self, String> {
-        let mut parts = spec.trim().split(':');
-        let kind: PolicyKind =
-            parts.next().unwrap_or_default().parse().map_err(|e: keyformer_kv::PolicyError| e.to_string())?;
-        let mut config = PolicyConfig { kind, ..defaults.clone() };
-        for option in parts {
-            let (key, value) = option.split_once('=').unwrap_or((option, ""));
-            let bad = |what: &str| format!("policy '{spec}': {what}");
-            match key {
-                "recent" => {
-                    config.recent = Some(value.parse().map_err(|e: keyformer_kv::PolicyError| bad(&e.to_string()))?)
-                }
-                "sinks" => {
-                    config.sinks = value.parse().map_err(|_| bad(&format!("sinks must be a count, not '{value}'")))?
-                }
-                "window" => {
-                    config.snapkv_window =
-                        value.parse().map_err(|_| bad(&format!("window must be a count, not '{value}'")))?
-                }
-                "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(|e| bad(&e))?,
-                "tau" => {
-                    let (a, b) = value.split_once('-').ok_or_else(|| bad("tau is INIT-END, e.g. tau=1-2"))?;
-                    let t = |v: &str| v.parse::<f32>().map_err(|_| bad(&format!("'{v}' is not a temperature")));
-                    (config.keyformer.tau_init, config.keyformer.tau_end) = (t(a)?, t(b)?);
-                }
-                "frozen" if value.is_empty() => config.keyformer.frozen = true,
-                "budget" => {
-                    config.budget = Some(value.parse().map_err(|e: keyformer_kv::PolicyError| bad(&e.to_string()))?)
-                }
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown option '{option}' (recent=, sinks=, window=, noise=, tau=, frozen, budget=)"
-                    )))
-                }
-            }
-        }
+        let config = PolicyConfig::parse_spec(spec, defaults).map_err(|e| e.to_string())?;
         Ok(Self { label: spec.trim().to_string(), config })
     }
 
@@ -315,6 +279,7 @@ pub fn run_eval(
                 sampling: SamplingParams::default(),
                 stop: Vec::new(),
                 kv: PolicyConfig::default(),
+                logprobs: None,
             };
             let out = engine.generate_from(&prompt, start, &req, &mut |_| {})?;
             Ok((out.token_ids, out.text))

@@ -39,6 +39,26 @@ pub struct PoolSizeError {
 
 /// Size the pool (the calling thread counts as one). Call before the first parallel loop;
 /// afterwards only the size it already has is accepted.
+/// Physical cores this process may run on (hyper-threads of one core count once), as
+/// llama.cpp's default thread count; the logical count where the topology cannot be read.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let read = |cpu: usize, what: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{cpu}/topology/{what}")).ok()
+    };
+    let mut cores = std::collections::BTreeSet::new();
+    for cpu in 0..1024 {
+        let (Some(package), Some(core)) = (read(cpu, "physical_package_id"), read(cpu, "core_id")) else {
+            if cpu == 0 {
+                return logical;
+            }
+            break;
+        };
+        cores.insert((package, core));
+    }
+    cores.len().clamp(1, logical)
+}
+
 pub fn set_threads(n: usize) -> Result<(), PoolSizeError> {
     let n = n.max(1);
     REQUESTED.store(n, Ordering::SeqCst);

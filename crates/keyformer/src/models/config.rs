@@ -327,6 +327,19 @@ impl ModelConfig {
             None => f.get_array("tokenizer.ggml.tokens")?.len(),
         };
         let n_layers = f.get_usize(&k("block_count"))?;
+        // The block count must match the blocks the file holds, checked before anything is
+        // sized by it (a corrupt count of 2^31 would otherwise allocate terabytes).
+        let blocks_present = f
+            .tensors
+            .iter()
+            .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |last| last + 1);
+        if n_layers == 0 || n_layers != blocks_present {
+            return Err(ModelError::Invalid(format!(
+                "{arch}.block_count is {n_layers} but the file holds tensors for {blocks_present} blocks"
+            )));
+        }
         let (norm, norm_eps) = match opt_f32("attention.layer_norm_rms_epsilon")? {
             Some(e) => (NormKind::Rms, e),
             None => match opt_f32("attention.layer_norm_epsilon")? {
@@ -383,6 +396,7 @@ impl ModelConfig {
                 }
             })
             .collect();
+        check_config_numbers(arch, n_embd, n_heads, n_kv_heads, head_dim, rope_dim, norm_eps, theta)?;
         let attention_scale = match opt_f32("attention.scale")? {
             Some(s) if s > 0.0 => s,
             // Gemma 2/3 27B scale queries by 1/sqrt(n_embd / n_head) (their
@@ -400,20 +414,33 @@ impl ModelConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            n_ff: f.get_usize(&k("feed_forward_length"))?,
-            vocab_size,
-            context_length: f.get_usize(&k("context_length"))?,
+            n_ff: positive(f.get_usize(&k("feed_forward_length"))?, "feed_forward_length")?,
+            vocab_size: positive(vocab_size, "vocab_size")?,
+            context_length: match f.get_usize(&k("context_length"))? {
+                n @ 2..=Self::MAX_CONTEXT => n,
+                n => {
+                    return Err(ModelError::Invalid(format!(
+                        "{arch}.context_length is {n} (2 to {} supported)",
+                        Self::MAX_CONTEXT
+                    )))
+                }
+            },
             norm,
             norm_eps,
             ffn: fam.ffn,
             ropes,
             layers,
             attention_scale,
-            attention_softcap: opt_f32("attn_logit_softcapping")?.filter(|&c| c > 0.0),
-            final_softcap: opt_f32("final_logit_softcapping")?.filter(|&c| c > 0.0),
+            attention_softcap: finite(opt_f32("attn_logit_softcapping")?, "attn_logit_softcapping")?
+                .filter(|&c| c > 0.0),
+            final_softcap: finite(opt_f32("final_logit_softcapping")?, "final_logit_softcapping")?.filter(|&c| c > 0.0),
             embedding_scale: fam.scale_embeddings.then(|| (n_embd as f32).sqrt()),
         })
     }
+
+    /// The longest context a file may declare: caches reserve (not touch) their context's
+    /// slots, so an absurd length must be refused, not reserved.
+    pub const MAX_CONTEXT: usize = 1 << 24;
 
     /// A plain Llama configuration (random-weight shapes).
     #[allow(clippy::too_many_arguments)]
@@ -502,4 +529,50 @@ mod tests {
             assert!((v - 100f32.powf(-2.0 * i as f32 / 8.0) / 2.0).abs() < 1e-7);
         }
     }
+}
+
+fn positive(n: usize, what: &str) -> Result<usize, ModelError> {
+    match n {
+        0 => Err(ModelError::Invalid(format!("{what} is 0"))),
+        n => Ok(n),
+    }
+}
+
+fn finite(v: Option<f32>, what: &str) -> Result<Option<f32>, ModelError> {
+    match v {
+        Some(x) if !x.is_finite() => Err(ModelError::Invalid(format!("{what} is {x}"))),
+        v => Ok(v),
+    }
+}
+
+/// The shape and numbers a corrupt file could get wrong in ways that would panic or compute
+/// garbage later: counts of 0, heads that do not group, NaN or infinite constants.
+#[allow(clippy::too_many_arguments)]
+fn check_config_numbers(
+    arch: &str,
+    n_embd: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    rope_dim: usize,
+    norm_eps: f32,
+    theta: f32,
+) -> Result<(), ModelError> {
+    let bad = |what: String| Err(ModelError::Invalid(format!("{arch}: {what}")));
+    for (n, what) in [(n_embd, "embedding_length"), (n_heads, "attention.head_count"), (head_dim, "the head size")] {
+        positive(n, what)?;
+    }
+    if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        return bad(format!("{n_heads} attention heads do not share {n_kv_heads} KV heads evenly"));
+    }
+    if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
+        return bad(format!("rope.dimension_count {rope_dim} for heads of {head_dim}"));
+    }
+    if !(norm_eps.is_finite() && norm_eps >= 0.0) {
+        return bad(format!("the norm epsilon is {norm_eps}"));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return bad(format!("rope.freq_base is {theta}"));
+    }
+    Ok(())
 }

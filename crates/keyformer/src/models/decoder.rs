@@ -560,16 +560,22 @@ impl<B: Backend> Model<B> {
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
         let ForwardBuffers { positions, x, normed, q, k, v, attn, proj, gate, up } = buffers;
         positions.clear();
-        for cache in caches.iter() {
+        // Checked before anything changes; in a batch the error names its sequence.
+        let in_batch = |index: usize, error: ModelError| match batch {
+            true => ModelError::InBatch { index, error: Box::new(error) },
+            false => error,
+        };
+        for (i, cache) in caches.iter().enumerate() {
             let m = if batch { 1 } else { n };
             if !cache.fits(m) {
-                return Err(ModelError::ContextFull { needed: cache.len() + m, capacity: cache.capacity() });
+                let full = ModelError::ContextFull { needed: cache.len() + m, capacity: cache.capacity() };
+                return Err(in_batch(i, full));
             }
             let start = cache.next_position();
             positions.extend(start..start + m as u32);
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
+        if let Some(i) = tokens.iter().position(|&t| t as usize >= c.vocab_size) {
+            return Err(in_batch(i, ModelError::TokenOutOfRange { token: tokens[i], vocab: c.vocab_size }));
         }
         for (buf, len) in [
             (&mut *x, n * d),

@@ -697,13 +697,15 @@ impl Model<Cuda> {
         if !be.use_graphs || tokens.len() != caches.len() || caches.iter().any(|k| !k.policy.prompt_done()) {
             return self.forward_batch_greedy(tokens, caches, next);
         }
-        for k in caches.iter() {
+        for (index, k) in caches.iter().enumerate() {
             if k.len() + 1 > k.capacity() {
-                return Err(ModelError::ContextFull { needed: k.len() + 1, capacity: k.capacity() });
+                let error = Box::new(ModelError::ContextFull { needed: k.len() + 1, capacity: k.capacity() });
+                return Err(ModelError::InBatch { index, error });
             }
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token: t, vocab: c.vocab_size });
+        if let Some(index) = tokens.iter().position(|&t| t as usize >= c.vocab_size) {
+            let error = Box::new(ModelError::TokenOutOfRange { token: tokens[index], vocab: c.vocab_size });
+            return Err(ModelError::InBatch { index, error });
         }
         let shape = AttentionSpec::causal(c.n_heads, c.n_kv_heads, c.head_dim);
         let Some(key) = be.prepare_decode(tokens, caches, shape)? else {

@@ -161,6 +161,7 @@ fn compare(
                 kind: PolicyKind::Keyformer,
                 budget: Some(Amount::Percent(50.0)),
                 seed: 9,
+                min_budget: 1,
                 ..Default::default()
             }
         };
@@ -210,8 +211,12 @@ fn compare(
     // with sliding-window layers is refused a policy on the GPU (its sliding layers would not
     // keep their window, as the CPU's do): that refusal is the check.
     if c.has_sliding_layers() {
-        let kv =
-            PolicyConfig { kind: PolicyKind::Keyformer, budget: Some(Amount::Percent(50.0)), ..Default::default() };
+        let kv = PolicyConfig {
+            kind: PolicyKind::Keyformer,
+            budget: Some(Amount::Percent(50.0)),
+            min_budget: 1,
+            ..Default::default()
+        };
         let refused = gpu.new_sequence_cache(&kv, prompt_len, steps).is_err();
         checks.push(row(
             &format!("{name}: a KV policy on sliding-window layers is refused clearly (CPU only for now)"),
@@ -222,8 +227,13 @@ fn compare(
         return Ok(checks);
     }
     for (kind, budget) in [(PolicyKind::Keyformer, 50), (PolicyKind::H2o, 50), (PolicyKind::Window, 50)] {
-        let kv =
-            PolicyConfig { kind, budget: Some(Amount::Percent(budget as f64)), seed: 5, ..PolicyConfig::default() };
+        let kv = PolicyConfig {
+            kind,
+            budget: Some(Amount::Percent(budget as f64)),
+            seed: 5,
+            min_budget: 1,
+            ..PolicyConfig::default()
+        };
         let policy = kv.resolve(prompt_len, steps, n_layers, n_kv_heads).map_err(ModelError::Policy)?;
         let mut cpu_cache = cpu.new_cache_with(policy, ctx);
         let mut gpu_cache = gpu.new_sequence_cache(&kv, prompt_len, steps)?;
