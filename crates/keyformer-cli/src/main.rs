@@ -18,6 +18,9 @@ use keyformer_eval::eval::suite::{EvalPlan, PolicyVariant, Task};
 use serde_json::json;
 
 mod gpu;
+mod progress;
+
+use progress::Progress;
 
 #[derive(Parser)]
 #[command(
@@ -853,17 +856,12 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let engine = load(&a.model.model)?;
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let ids = engine.encode(&text)?;
-    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template("scoring {bar:40} {pos}/{len} windows ({eta})").expect("valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut progress = if a.json { Progress::hidden() } else { Progress::new("scoring", "windows") };
     let kv = a.kv.config(a.seed)?;
     let r = engine.perplexity(&ids, a.ctx, a.max_windows, &kv, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
+        progress.update(done as u64, total as u64);
     })?;
-    bar.finish_and_clear();
+    progress.finish();
     if a.json {
         println!(
             "{}",
@@ -872,19 +870,30 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         );
     } else {
         println!(
-            "perplexity {:.4} (mean NLL {:.5}) over {} tokens in {} windows of {} ({:.1} tok/s; KV {} budget {:?}, {} evictions)",
+            "perplexity {:.4} (mean NLL {:.5}) over {} tokens in {} of {} tokens ({:.1} tok/s; KV {}, {} evictions)",
             r.ppl,
             r.mean_nll,
             r.tokens_scored,
-            r.windows,
+            plural(r.windows, "window"),
             r.ctx,
             (r.windows * r.ctx) as f64 / r.seconds,
-            r.kv_cache.policy,
-            r.kv_cache.budget_tokens,
+            match r.kv_cache.budget_tokens {
+                Some(b) => format!("{} at {b} tokens per head", r.kv_cache.policy),
+                None => r.kv_cache.policy.clone(),
+            },
             r.kv_cache.evictions
         );
     }
     Ok(())
+}
+
+/// `1 window`, `3 windows`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {
@@ -936,16 +945,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         needle_depths: a.needle_depths,
     };
     let engine = load(&a.model.model)?;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("eval {bar:40} {pos}/{len} cases ({elapsed} elapsed, ETA {eta})")
-            .expect("valid template"),
-    );
+    let mut progress = Progress::new("eval", "cases");
     let results = keyformer_eval::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
+        progress.update(done as u64, total as u64);
     })?;
-    bar.finish_and_clear();
+    progress.finish();
     println!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
     eprintln!("rows: {}; summary: {}", results.display(), a.out.join("summary.json").display());
     Ok(())
@@ -1014,8 +1018,14 @@ fn bench(mut a: BenchArgs) -> Result<()> {
             bail!("{t} tokens at depth {d} exceed the model's context of {ctx} tokens");
         }
     }
-    let bar = ProgressBar::new((tests.len() * policies.len()) as u64);
-    bar.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} {msg}").expect("valid template"));
+    let total = (tests.len() * policies.len()) as u64;
+    let mut bar = Progress::new("bench", "tests");
+    let mut finished = 0u64;
+    let mut step = |bar: &mut Progress| {
+        finished += 1;
+        bar.update(finished, total);
+    };
+    bar.update(0, total);
     let mut results = Vec::new();
     for &(prompt, t, d, b) in &tests {
         if a.interleave && !prompt {
@@ -1030,14 +1040,14 @@ fn bench(mut a: BenchArgs) -> Result<()> {
             for (mut r, (label, _)) in rows.into_iter().zip(&policies) {
                 r.kv = label.clone();
                 results.push(r);
-                bar.inc(1);
+                step(&mut bar);
             }
             continue;
         }
         for (label, kv) in &policies {
             if !prompt && d == 0 && matches!(kv.budget, Some(Amount::Percent(_))) && kv.kind != PolicyKind::Full {
-                bar.println(format!("note: tg{t} at depth 0 skipped for {label}: a percentage budget is of the depth"));
-                bar.inc(1);
+                eprintln!("note: tg{t} at depth 0 skipped for {label}: a percentage budget is of the depth");
+                step(&mut bar);
                 continue;
             }
             bar.set_message(format!("{}{t} @ d{d} x{b} {label}", if prompt { "pp" } else { "tg" }));
@@ -1049,10 +1059,10 @@ fn bench(mut a: BenchArgs) -> Result<()> {
             .with_context(|| format!("{label} at depth {d}"))?;
             r.kv = label.clone();
             results.push(r);
-            bar.inc(1);
+            step(&mut bar);
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     let bandwidth = (a.bandwidth_mib > 0).then(|| keyformer_eval::bench::read_bandwidth_gb_s(a.bandwidth_mib << 20));
     let threads = keyformer::backend::pool::threads();
     let of_bandwidth = |r: &keyformer_eval::bench::BenchResult| r.read_gb_s.zip(bandwidth).map(|(g, b)| g / b);
@@ -1081,7 +1091,7 @@ fn bench(mut a: BenchArgs) -> Result<()> {
             println!("read bandwidth (streaming sum, {threads} threads): {b:.1} GB/s");
         }
         println!("KV cache: {}\n", engine.model.kv_type.name());
-        println!("| model | threads | kv | test | batch | t/s (median) | min | max | KV MiB | peak RSS MiB | GB/s read | of bandwidth | vs full |");
+        println!("| model | threads | kv | test | batch | t/s (median) | min | max | KV MiB per seq | peak RSS MiB | GB/s read | of bandwidth | vs full |");
         println!("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let name = match &a.random_weights {
             Some(_) => engine.name.clone(),
@@ -1162,11 +1172,11 @@ fn info(a: ModelArg) -> Result<()> {
     println!("tensor types:    {}", list.join(", "));
     let tk = &engine.tokenizer;
     println!(
-        "tokenizer:       {} / pre {}, BOS {:?}, EOS {:?}, add BOS {}",
+        "tokenizer:       {} / pre {}, BOS {}, EOS {}, add BOS {}",
         f.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?"),
         f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default"),
-        tk.bos,
-        tk.eos,
+        tk.bos.map_or("none".into(), |t| t.to_string()),
+        tk.eos.map_or("none".into(), |t| t.to_string()),
         tk.add_bos
     );
     match engine.chat_template() {

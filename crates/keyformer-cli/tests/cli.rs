@@ -288,6 +288,8 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
         "256",
         "--needle-depths",
         "50",
+        "--kv-min-budget",
+        "1",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -330,6 +332,24 @@ fn eval_writes_rows_and_a_summary_and_resumes() {
     let g: serde_json::Value = serde_json::from_str(generation).unwrap();
     let r1 = g["metrics"]["rouge1"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&r1) && g["metrics"]["identical_prefix"].as_f64().unwrap() <= 8.0);
+    // The same run again: nothing is redone.
+    let same = keyformer(&args);
+    assert!(!String::from_utf8_lossy(&same.stderr).contains("run again"));
+    assert_eq!(std::fs::read_to_string(out.join("results.jsonl")).unwrap(), again);
+    // Another --continuation-tokens: the fidelity and generation rows (2 tasks x 2 documents x
+    // 4 cases) were made otherwise; they move aside and run again; the others stay.
+    let mut changed = args.to_vec();
+    let at = changed.iter().position(|&a| a == "--continuation-tokens").unwrap();
+    changed[at + 1] = "6";
+    let redo = keyformer(&changed);
+    assert!(String::from_utf8_lossy(&redo.stderr).contains("16 rows"), "{}", String::from_utf8_lossy(&redo.stderr));
+    let stale = std::fs::read_to_string(out.join("results.stale.jsonl")).unwrap();
+    assert_eq!(stale.lines().count(), 16);
+    let now = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(now.lines().count(), 40);
+    let g: serde_json::Value =
+        serde_json::from_str(now.lines().rev().find(|l| l.contains("\"generation\"")).unwrap()).unwrap();
+    assert!(g["metrics"]["identical_prefix"].as_f64().unwrap() <= 6.0, "{g}");
     assert_clean_error(
         &keyformer(&["eval", "--data", "/nonexistent.jsonl", "--out", out.to_str().unwrap()]),
         "reading /nonexistent.jsonl",

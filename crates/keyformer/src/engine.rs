@@ -774,7 +774,6 @@ pub fn human_bytes(bytes: usize) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

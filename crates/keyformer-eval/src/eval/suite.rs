@@ -22,7 +22,7 @@ use keyformer_kv::{Amount, NoiseKind, PolicyConfig, PolicyKind};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::fidelity::{fidelity_against, teacher_forced_logits};
-use crate::eval::plot::{line_chart_svg, Series};
+use crate::eval::plot::{line_chart_svg, Series, YKind};
 use crate::eval::rouge;
 use keyformer::engine::GenerateRequest;
 use keyformer::sampling::SamplingParams;
@@ -159,6 +159,44 @@ pub struct CaseRow {
     /// The full cache's text for the same prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_output: Option<String>,
+    /// Fingerprints of what made the row: the model (its file, shape and KV type) and the
+    /// case's own settings (the document's text, the task's token counts, the policy's
+    /// options). A resumed run redoes rows whose fingerprints differ from its own.
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub settings: String,
+}
+
+/// FNV-1a, 64 bits, as hex: a stable fingerprint across runs and builds.
+fn fingerprint(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The model's fingerprint: its file name and size, its configuration and the KV type.
+fn model_fingerprint(engine: &Engine) -> String {
+    let file = engine.file.as_ref().map(|f| {
+        let size = std::fs::metadata(&f.path).map_or(0, |m| m.len());
+        format!("{}:{size}", f.path.file_name().unwrap_or_default().to_string_lossy())
+    });
+    fingerprint(&format!("{file:?}|{}|{:?}|{:?}", engine.name, engine.model.config, engine.model.kv_type))
+}
+
+/// A case's own settings: what its numbers depend on besides the model and the key.
+fn case_fingerprint(plan: &EvalPlan, unit: &Unit, variant: &PolicyVariant) -> String {
+    let d = unit.doc;
+    let counts = match unit.task {
+        Task::Fidelity | Task::Generation => format!("{} {}", plan.prompt_tokens, plan.continuation_tokens),
+        Task::Summary => format!("{} {}", plan.prompt_tokens, plan.summary_tokens),
+        Task::Needle => String::new(), // length and depth are in the unit's label
+        Task::Ppl => plan.ppl_ctx.to_string(),
+    };
+    let text = format!("{}|{:?}|{:?}", d.context, d.question, d.reference);
+    fingerprint(&format!("{}|{counts}|{:?}", fingerprint(&text), variant.config))
 }
 
 type CaseKey = (String, String, String, String, u64);
@@ -203,11 +241,6 @@ pub fn run_eval(
     // Keep the complete rows of an earlier run (a line cut by an interruption is dropped and
     // its case runs again), rewritten so that new rows start on a fresh line.
     let previous = read_rows(&results)?;
-    if results.exists() {
-        let text: String = previous.iter().map(|r| serde_json::to_string(r).expect("rows serialise") + "\n").collect();
-        std::fs::write(&results, text).map_err(io)?;
-    }
-    let done: HashSet<CaseKey> = previous.iter().map(CaseRow::key).collect();
     let docs = &docs[..plan.limit.map_or(docs.len(), |l| l.min(docs.len()))];
     if plan.tasks.contains(&Task::Summary) {
         if let Some(d) = docs.iter().find(|d| d.reference.is_none()) {
@@ -250,6 +283,39 @@ pub fn run_eval(
     let key = |unit: &Unit, v: &PolicyVariant, b: Amount, seed: u64| -> CaseKey {
         (unit.task.name().to_string(), unit.label.clone(), v.label.clone(), b.to_string(), seed)
     };
+    // An earlier run's rows stay only where they were made as this run would make them: the
+    // same model, and for the cases of this plan the same settings. The others move to
+    // results.stale.jsonl (kept, not lost) and their cases run again.
+    let model = model_fingerprint(engine);
+    let mut current: BTreeMap<CaseKey, String> = BTreeMap::new();
+    for unit in &units {
+        for &(v, b, s) in &cases {
+            current.insert(key(unit, v, b, s), case_fingerprint(plan, unit, v));
+        }
+    }
+    let (kept, stale): (Vec<CaseRow>, Vec<CaseRow>) = previous
+        .into_iter()
+        .partition(|r| r.model == model && current.get(&r.key()).is_none_or(|settings| &r.settings == settings));
+    if !stale.is_empty() {
+        let stale_path = out.join("results.stale.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&stale_path).map_err(io)?;
+        for r in &stale {
+            writeln!(f, "{}", serde_json::to_string(r).expect("rows serialise")).map_err(io)?;
+        }
+        eprintln!(
+            "eval: {} rows of {} were made with another model or other settings (data, token counts, policy \
+             options); moved to {} and run again",
+            stale.len(),
+            results.display(),
+            stale_path.display()
+        );
+    }
+    if results.exists() {
+        // Rewritten whole, so that new rows start on a fresh line after a cut one.
+        let text: String = kept.iter().map(|r| serde_json::to_string(r).expect("rows serialise") + "\n").collect();
+        std::fs::write(&results, text).map_err(io)?;
+    }
+    let done: HashSet<CaseKey> = kept.iter().map(CaseRow::key).collect();
 
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&results).map_err(io)?;
     let mut tokens_of: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -322,6 +388,8 @@ pub fn run_eval(
                     metrics.insert("rougeL".into(), r.rouge_l.f1);
                     let same = ids.iter().zip(full_ids).take_while(|(a, b)| a == b).count();
                     metrics.insert("identical_prefix".into(), same as f64);
+                    // The full cache's answer agrees with itself over its whole length.
+                    metrics.insert("full_identical_prefix".into(), full_ids.len() as f64);
                     output = Some(text);
                 }
                 (FullAnswer::Text { text: full_text, .. }, _) => {
@@ -361,7 +429,19 @@ pub fn run_eval(
                 }
             }
             let (task, doc, policy, budget, seed) = key(unit, variant, *budget, *seed);
-            let row = CaseRow { task, doc, policy, budget, seed, metrics, output, full_output };
+            let settings = case_fingerprint(plan, unit, variant);
+            let row = CaseRow {
+                task,
+                doc,
+                policy,
+                budget,
+                seed,
+                metrics,
+                output,
+                full_output,
+                model: model.clone(),
+                settings,
+            };
             writeln!(file, "{}", serde_json::to_string(&row).expect("rows serialise")).map_err(io)?;
             file.flush().map_err(io)?;
             finished += 1;
@@ -584,14 +664,34 @@ fn write_plots(out: &Path, acc: &Accumulated) -> std::io::Result<()> {
                     reference: false,
                 })
                 .collect();
-            // The full cache's own score, where the task records it, as a reference line.
+            // The full cache's own score as a reference line: recorded by the task, or known
+            // (the full cache agrees with itself).
             let full_metric = format!("full_{metric}");
+            let known = match metric.as_str() {
+                "mean_kl" | "p90_kl" => Some(0.0),
+                "top1_agreement" => Some(1.0),
+                "rouge1" | "rouge2" | "rougeL" if task.as_str() == "generation" => Some(1.0),
+                "rougeL_vs_full" => Some(1.0),
+                _ => None,
+            };
             if metrics.contains(&full_metric) {
                 let values = budgets.iter().map(|b| policies.iter().find_map(|p| mean(p, b, &full_metric))).collect();
                 series.push(Series { label: "full cache".into(), values, reference: true });
+            } else if let Some(v) = known {
+                series.push(Series {
+                    label: "full cache".into(),
+                    values: vec![Some(v); budgets.len()],
+                    reference: true,
+                });
             }
             let labels: Vec<String> = budgets.iter().map(|b| (*b).clone()).collect();
-            let svg = line_chart_svg(&format!("{task}: {metric} against KV budget"), &labels, metric, &series);
+            let svg = line_chart_svg(
+                &format!("{task}: {metric} against KV budget"),
+                &labels,
+                metric,
+                &series,
+                YKind::of_metric(metric),
+            );
             let svg_path = out.join(format!("{task}-{metric}.svg"));
             std::fs::write(&svg_path, svg)?;
             // PNG copies where librsvg's converter is installed (Debian: librsvg2-bin); the SVG
