@@ -592,6 +592,9 @@ fn main() {
                 msg.push_str(&cause);
             }
         }
+        // One line, whatever the error quotes (a file's names, an argument).
+        let msg: String =
+            msg.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect();
         eprintln!("error: {msg}");
         std::process::exit(1);
     }

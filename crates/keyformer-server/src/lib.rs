@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -177,13 +177,7 @@ async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoi
     };
     authorize(&app, request.headers()).map_err(reject)?;
     let limit = app.config.max_body_bytes;
-    let too_large = || ApiError::with_status(413, format!("the request body is larger than {limit} bytes"), None);
-    let body: Bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|e| {
-        // Over the limit is 413; a body cut short or badly chunked is the client's 400.
-        let over = std::error::Error::source(&e)
-            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
-        reject(if over { too_large() } else { ApiError::bad(format!("could not read the request body: {e}"), None) })
-    })?;
+    let body = read_body(request.into_body(), limit).await.map_err(reject)?;
     let defaults = &app.config.defaults;
     let parsed = match endpoint {
         Endpoint::Completions => api::parse_completion(&body, defaults),
@@ -226,6 +220,35 @@ async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoi
     } else {
         whole_response(&app, meta, rx, logprobs).await
     }
+}
+
+/// An oversized body is still read (and dropped) up to this many bytes, so that the client,
+/// still sending, hears the 413 instead of a broken pipe.
+const DRAIN_BYTES: usize = 64 << 20;
+
+/// The request body, at most `limit` bytes: 413 beyond, 400 when it is cut short or badly
+/// chunked.
+async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad(format!("could not read the request body: {e}"), None))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        } else {
+            bytes = Vec::new();
+            if seen > limit + DRAIN_BYTES {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::with_status(413, format!("the request body is larger than {limit} bytes"), None));
+    }
+    Ok(bytes)
 }
 
 /// Bound the prompt (by bytes before tokenising, then by tokens), tokenise it, fit max_tokens

@@ -276,6 +276,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
                 }
             }
         }
+        metrics.set_kv_reserved(reserved);
         // One batched step; a sequence that cannot take its token (caught before anything
         // changes) ends alone and the step runs again for the others.
         while !running.is_empty() {

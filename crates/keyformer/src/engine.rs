@@ -572,7 +572,14 @@ impl Engine<Cpu> {
     }
 
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let (file, model) = models::load(path)?;
+        let file = Arc::new(crate::gguf::GgufFile::open(path)?);
+        let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+        Self::from_file(file, name)
+    }
+
+    /// The engine of an open GGUF file (its model and tokenizer), named `name`.
+    pub fn from_file(file: Arc<crate::gguf::GgufFile>, name: String) -> Result<Self, ModelError> {
+        let model = models::load_file(file.clone())?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         if tokenizer.vocab_size() != model.config.vocab_size {
             return Err(ModelError::Invalid(format!(
@@ -581,7 +588,6 @@ impl Engine<Cpu> {
                 model.config.vocab_size
             )));
         }
-        let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         Ok(Self { file: Some(file), name, model, tokenizer })
     }
 

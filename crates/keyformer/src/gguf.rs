@@ -20,9 +20,9 @@ pub enum GgufError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("not a GGUF file: it begins with {} where a GGUF file begins with \"GGUF\"", show_magic(.0))]
     BadMagic([u8; 4]),
-    #[error("tensor '{0}' is listed twice")]
+    #[error("tensor {} is listed twice", shown(.0))]
     DuplicateTensor(String),
-    #[error("tensors '{first}' and '{second}' overlap in the file")]
+    #[error("tensors {} and {} overlap in the file", shown(.first), shown(.second))]
     OverlappingTensors { first: String, second: String },
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
@@ -32,11 +32,11 @@ pub enum GgufError {
     UnknownValueType(u32),
     #[error("metadata string is not UTF-8 at offset {0}")]
     BadString(usize),
-    #[error("tensor '{name}' has unknown type id {type_id}")]
+    #[error("tensor {} has unknown type id {type_id}", shown(.name))]
     UnknownTensorType { name: String, type_id: u32 },
-    #[error("tensor '{name}': {reason}")]
+    #[error("tensor {}: {reason}", shown(.name))]
     BadTensor { name: String, reason: String },
-    #[error("tensor '{name}' data [{start}, {end}) lies past the end of the file ({len} bytes)")]
+    #[error("tensor {} data [{start}, {end}) lies past the end of the file ({len} bytes)", shown(.name))]
     TensorOutOfBounds { name: String, start: usize, end: usize, len: usize },
     #[error("missing metadata key '{0}'")]
     MissingKey(String),
@@ -44,6 +44,14 @@ pub enum GgufError {
     WrongType { key: String, expected: &'static str },
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
+}
+
+/// A name read from a file, quoted for a one-line message: control characters escaped, and
+/// cut after 80 characters.
+fn shown(name: &str) -> String {
+    let escaped: String = name.chars().take(80).flat_map(char::escape_default).collect();
+    let more = if name.chars().count() > 80 { "..." } else { "" };
+    format!("'{escaped}{more}'")
 }
 
 /// The first bytes of a file that is not GGUF, as text where they are printable.
@@ -251,6 +259,18 @@ impl GgufFile {
         // outside what any mmap-based reader (llama.cpp included) can guard against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Open { path: path.clone(), source })?;
         let (version, alignment, metadata, tensors) = Self::parse(&mmap)?;
+        Ok(Self { path, version, alignment, metadata, tensors, mmap })
+    }
+
+    /// A GGUF file held in memory (the fuzzer's cases), validated as [`open`](Self::open)
+    /// validates a file; `label` stands for its path in messages.
+    pub fn from_bytes(label: impl Into<PathBuf>, bytes: &[u8]) -> Result<Self, GgufError> {
+        let path = label.into();
+        let (version, alignment, metadata, tensors) = Self::parse(bytes)?;
+        let open_error = |source| GgufError::Open { path: path.clone(), source };
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len()).map_err(open_error)?;
+        anon.copy_from_slice(bytes);
+        let mmap = anon.make_read_only().map_err(open_error)?;
         Ok(Self { path, version, alignment, metadata, tensors, mmap })
     }
 

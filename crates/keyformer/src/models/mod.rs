@@ -15,8 +15,13 @@ use crate::ModelError;
 /// Open a GGUF file and build its model.
 pub fn load(path: &Path) -> Result<(Arc<GgufFile>, decoder::Model), ModelError> {
     let file = Arc::new(GgufFile::open(path)?);
+    let model = load_file(file.clone())?;
+    Ok((file, model))
+}
+
+/// Build the model of an open GGUF file.
+pub fn load_file(file: Arc<GgufFile>) -> Result<decoder::Model, ModelError> {
     let arch = file.get_str("general.architecture")?.to_string();
     config::ModelConfig::family(&arch)?;
-    let model = decoder::Model::load(file.clone(), &arch)?;
-    Ok((file, model))
+    decoder::Model::load(file, &arch)
 }
