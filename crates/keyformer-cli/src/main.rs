@@ -593,9 +593,7 @@ fn main() {
             }
         }
         // One line, whatever the error quotes (a file's names, an argument).
-        let msg: String =
-            msg.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect();
-        eprintln!("error: {msg}");
+        eprintln!("error: {}", keyformer::one_line(&msg));
         std::process::exit(1);
     }
 }

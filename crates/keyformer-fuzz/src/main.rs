@@ -15,7 +15,7 @@ static ALLOC: keyformer_fuzz::alloc::Counting = keyformer_fuzz::alloc::Counting;
 /// made from the seed and the case number alone. A case fails when it panics, runs past
 /// --hang-seconds, grows the heap past 16 MiB + 64 x its input's bytes, or is refused with an
 /// error of more than one line; failing inputs are written to --out. Exit status: 0 clean,
-/// 1 failures, 3 a hang.
+/// 1 failures, 2 a bad corpus or argument, 3 a hang.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -46,7 +46,15 @@ struct Args {
     json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // One `error:` line, as the keyformer binary writes it.
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     let a = Args::parse();
     let targets: Vec<Target> = if a.target.iter().any(|t| t == "all") {
         Target::ALL.to_vec()

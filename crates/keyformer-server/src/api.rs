@@ -38,14 +38,10 @@ impl ApiError {
 }
 
 /// A message that may quote the request (a model name, a policy) kept to one line.
-pub fn one_line(message: String) -> String {
-    if message.contains(|c: char| c.is_control()) {
-        message
-            .chars()
-            .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
-            .collect()
-    } else {
-        message
+fn one_line(message: String) -> String {
+    match message.contains(|c: char| c.is_control()) {
+        true => keyformer::one_line(&message),
+        false => message,
     }
 }
 

@@ -49,7 +49,7 @@ pub enum GgufError {
 /// A name read from a file, quoted for a one-line message: control characters escaped, and
 /// cut after 80 characters.
 fn shown(name: &str) -> String {
-    let escaped: String = name.chars().take(80).flat_map(char::escape_default).collect();
+    let escaped = crate::one_line(&name.chars().take(80).collect::<String>());
     let more = if name.chars().count() > 80 { "..." } else { "" };
     format!("'{escaped}{more}'")
 }

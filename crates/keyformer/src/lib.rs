@@ -25,6 +25,12 @@ pub mod tokenizer;
 pub use engine::{Engine, GenerationOutput, KvReport, PerplexityReport};
 pub use keyformer_kv;
 
+/// `text` on one line: control characters (a newline in a file's tensor name, in a request's
+/// model name) written as escapes, so that an error quoting them stays one line.
+pub fn one_line(text: &str) -> String {
+    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
+}
+
 /// Errors from loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

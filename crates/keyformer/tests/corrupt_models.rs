@@ -67,12 +67,12 @@ fn corrupt_counts_and_numbers_are_refused() {
         (patch_u32("llama.block_count", 0), "blocks-0", "block_count is 0"),
         (patch_u32("llama.block_count", 1 << 31), "blocks-huge", "block_count is 2147483648"),
         (patch_u32("llama.block_count", 1), "blocks-fewer", "holds tensors for 2 blocks"),
-        (patch_u32("llama.attention.head_count_kv", 3), "kv-heads", "do not share 3 KV heads"),
-        (patch_u32("llama.context_length", 0), "context-0", "context_length is 0"),
-        (patch_u32("llama.feed_forward_length", 0), "ffn-0", "feed_forward_length is 0"),
-        (patch_f32("llama.attention.layer_norm_rms_epsilon", f32::NAN), "eps-nan", "epsilon is NaN"),
-        (patch_f32("llama.attention.layer_norm_rms_epsilon", f32::INFINITY), "eps-inf", "epsilon is inf"),
-        (patch_f32("llama.rope.freq_base", -1.0), "theta", "freq_base is -1"),
+        (patch_u32("llama.attention.head_count_kv", 3), "kv-heads", "cannot be grouped over 3 KV heads"),
+        (patch_u32("llama.context_length", 0), "context-0", "a context length of 0"),
+        (patch_u32("llama.feed_forward_length", 0), "ffn-0", "0 feed-forward"),
+        (patch_f32("llama.attention.layer_norm_rms_epsilon", f32::NAN), "eps-nan", "norm epsilon NaN"),
+        (patch_f32("llama.attention.layer_norm_rms_epsilon", f32::INFINITY), "eps-inf", "norm epsilon inf"),
+        (patch_f32("llama.rope.freq_base", -1.0), "theta", "rope base -1"),
     ] {
         let err = load(&bytes, name).expect_err(name);
         assert!(err.contains(needle), "{name}: {err}");

@@ -12,7 +12,8 @@ use keyformer::models::decoder::Logits;
 use keyformer::sampling::argmax;
 
 /// The families whose golden files this test reads (transformers `model_type` names).
-const FAMILIES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope"];
+const FAMILIES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt2", "gpt_neox", "mpt"];
 
 fn check_family(name: &str) -> f32 {
     let g = golden_json(&format!("golden/families/{name}.json"));
@@ -64,10 +65,19 @@ fn every_family_matches_transformers() {
 
 #[test]
 fn an_unknown_architecture_is_one_clear_error() {
-    // The GPT-2 file converts fine but is not a family this engine runs yet.
-    let err = keyformer::Engine::load(&golden("golden/families/gpt2.gguf")).err().expect("gpt2 is refused");
+    // The GPT-2 file renamed GPT-J (same length, so only the name changes): llama.cpp's
+    // converter writes no GPT-J files, and this engine runs none.
+    let mut bytes = std::fs::read(golden("golden/families/gpt2.gguf")).unwrap();
+    let key = b"general.architecture";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4 + 8;
+    assert_eq!(&bytes[at..at + 4], b"gpt2");
+    bytes[at..at + 4].copy_from_slice(b"gptj");
+    let path = std::env::temp_dir().join(format!("keyformer-gptj-{}.gguf", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let err = keyformer::Engine::load(&path).err().expect("gptj is refused");
+    let _ = std::fs::remove_file(&path);
     let msg = err.to_string();
-    assert!(msg.contains("unsupported architecture 'gpt2'") && msg.contains("qwen2"), "{msg}");
+    assert!(msg.contains("unsupported architecture 'gptj'") && msg.contains("gptneox"), "{msg}");
 }
 
 /// Every policy on every family: a covering budget is bit-identical to the full cache, a 50%

@@ -51,12 +51,41 @@ pub struct AttentionSpec {
     pub softcap: Option<f32>,
     /// A query at position p sees keys at positions p - window + 1 ..= p; `None`: all before it.
     pub window: Option<u32>,
+    /// ALiBi's largest bias (MPT: 8): head h adds `alibi_slope(h) * (key - query position)`.
+    pub alibi: Option<f32>,
 }
 
 impl AttentionSpec {
     /// Plain causal attention scaled by 1/sqrt(head_dim).
     pub fn causal(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Self { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), softcap: None, window: None }
+        Self {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+            window: None,
+            alibi: None,
+        }
+    }
+
+    /// ALiBi's slope of query head `h` (0 without ALiBi), as MPT computes it: for n heads
+    /// rounded up to a power of two p, slopes 2^(-max_bias * i / p) for i = 1..=p, and when n
+    /// is not p itself the odd-numbered ones first, then the even ones, cut to n.
+    pub fn alibi_slope(&self, h: usize) -> f32 {
+        let Some(max_bias) = self.alibi else { return 0.0 };
+        let p = self.n_heads.next_power_of_two();
+        let slope = |i: usize| 2f32.powf(-max_bias * i as f32 / p as f32);
+        if p == self.n_heads {
+            return slope(h + 1);
+        }
+        // [slopes[1::2], slopes[::2]] of slopes[i - 1] = slope(i).
+        let odd = p / 2;
+        if h < odd {
+            slope(2 * h + 2)
+        } else {
+            slope(2 * (h - odd) + 1)
+        }
     }
 }
 
@@ -186,6 +215,8 @@ pub trait Backend: Send + Sync + 'static {
     fn gelu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<(), ModelError>;
     /// `x = gelu_tanh(x)`.
     fn gelu(&self, x: &mut Self::Act) -> Result<(), ModelError>;
+    /// `x = gelu(x)`, exact: `x Phi(x)` with the normal distribution's `Phi`.
+    fn gelu_erf(&self, x: &mut Self::Act) -> Result<(), ModelError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<(), ModelError>;
     /// One layer's attention with its KV cache: the rows' keys and values join their caches
@@ -240,4 +271,21 @@ pub struct ForwardBuffers<A> {
     pub proj: A,
     pub gate: A,
     pub up: A,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionSpec;
+
+    #[test]
+    fn alibi_slopes_are_mpts() {
+        // Hand-computed from transformers' build_mpt_alibi_tensor: 4 heads, max bias 8:
+        // 2^-2, 2^-4, 2^-6, 2^-8; 6 heads (8 rounded): the even-indexed of 2^-1..2^-8, then
+        // the odd-indexed, cut to 6.
+        let spec = |n| AttentionSpec { alibi: Some(8.0), ..AttentionSpec::causal(n, n, 16) };
+        let slopes = |n| (0..n).map(|h| spec(n).alibi_slope(h).log2()).collect::<Vec<f32>>();
+        assert_eq!(slopes(4), vec![-2.0, -4.0, -6.0, -8.0]);
+        assert_eq!(slopes(6), vec![-2.0, -4.0, -6.0, -8.0, -1.0, -3.0]);
+        assert_eq!(AttentionSpec::causal(4, 4, 16).alibi_slope(1), 0.0, "no ALiBi, no slope");
+    }
 }

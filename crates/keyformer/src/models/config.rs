@@ -26,8 +26,24 @@ pub enum FfnKind {
     SwiGlu,
     /// `down(gelu_tanh(gate x) * up x)` (Gemma).
     GeGlu,
-    /// `down(gelu(up x + b) + b)` (GPT-2, GPT-J, NeoX).
+    /// `down(gelu_tanh(up x + b) + b)` (GPT-2's "gelu_new", GPT-J).
     Gelu,
+    /// The same with the exact GELU, `x Phi(x)` (GPT-NeoX / Pythia, MPT).
+    GeluErf,
+}
+
+/// How a token's position enters the model.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum PositionKind {
+    /// Rotary embeddings of queries and keys ([`ModelConfig::ropes`]).
+    Rotary,
+    /// A learned embedding per position added to the token's at the input (GPT-2,
+    /// Cerebras-GPT); a kept token keeps the embedding of its original position.
+    Learned,
+    /// ALiBi (MPT): `slope_h * (key position - query position)` added to the attention
+    /// logits, from the tokens' original positions, so an eviction shifts no one's bias.
+    Alibi { max_bias: f32 },
 }
 
 /// Which layers attend over a sliding window instead of the whole sequence.
@@ -54,6 +70,10 @@ pub struct Family {
     pub sliding: SlidingLayers,
     /// RoPE base of the sliding layers when the file does not say (Gemma 3: 10,000).
     pub local_rope_base: Option<f32>,
+    pub positions: PositionKind,
+    /// Attention and MLP both read the block's input and add to it together (GPT-NeoX by
+    /// default, `<arch>.use_parallel_residual` says; GPT-J always).
+    pub parallel_residual: bool,
 }
 
 impl Family {
@@ -76,6 +96,8 @@ const fn family(architecture: &'static str, rope_style: RopeStyle, ffn: FfnKind)
         scale_embeddings: false,
         sliding: SlidingLayers::None,
         local_rope_base: None,
+        positions: PositionKind::Rotary,
+        parallel_residual: false,
     }
 }
 
@@ -98,6 +120,18 @@ pub const FAMILIES: &[Family] = &[
         ..family("gemma3", RopeStyle::Halves, FfnKind::GeGlu)
     },
     Family { sliding: SlidingLayers::All, ..family("phi3", RopeStyle::Halves, FfnKind::SwiGlu) },
+    // The paper's families (GPT-J is not written by llama.cpp's converter).
+    Family { norm: NormKind::Layer, parallel_residual: true, ..family("gptneox", RopeStyle::Halves, FfnKind::GeluErf) },
+    Family {
+        norm: NormKind::Layer,
+        positions: PositionKind::Learned,
+        ..family("gpt2", RopeStyle::Halves, FfnKind::Gelu)
+    },
+    Family {
+        norm: NormKind::Layer,
+        positions: PositionKind::Alibi { max_bias: 8.0 },
+        ..family("mpt", RopeStyle::Halves, FfnKind::GeluErf)
+    },
 ];
 
 /// The `general.architecture` values that load.
@@ -241,17 +275,22 @@ pub struct ModelConfig {
     pub final_softcap: Option<f32>,
     /// The token embedding is multiplied by this (Gemma: sqrt(n_embd)).
     pub embedding_scale: Option<f32>,
+    pub positions: PositionKind,
+    pub parallel_residual: bool,
 }
 
 impl ModelConfig {
     /// Shapes the forward pass can run.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |s: String| Err(ModelError::Invalid(s));
-        if self.n_layers == 0 || self.n_embd == 0 || self.head_dim == 0 || self.vocab_size == 0 {
+        if self.n_layers == 0 || self.n_embd == 0 || self.head_dim == 0 || self.vocab_size == 0 || self.n_ff == 0 {
             return bad(format!(
-                "{} layers, {} embedding, {} head size, {} vocabulary: all must be at least 1",
-                self.n_layers, self.n_embd, self.head_dim, self.vocab_size
+                "{} layers, {} embedding, {} head size, {} vocabulary, {} feed-forward: all must be at least 1",
+                self.n_layers, self.n_embd, self.head_dim, self.vocab_size, self.n_ff
             ));
+        }
+        if !(2..=Self::MAX_CONTEXT).contains(&self.context_length) {
+            return bad(format!("a context length of {} (2 to {} supported)", self.context_length, Self::MAX_CONTEXT));
         }
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
             return bad(format!("{} query heads cannot be grouped over {} KV heads", self.n_heads, self.n_kv_heads));
@@ -348,7 +387,28 @@ impl ModelConfig {
             },
         };
         let theta = opt_f32("rope.freq_base")?.unwrap_or(10_000.0);
-        let rope_dim = opt_usize("rope.dimension_count")?.unwrap_or(head_dim);
+        // Learned positions and ALiBi rotate nothing: a rope of no dimensions.
+        let rope_dim = match fam.positions {
+            PositionKind::Rotary => opt_usize("rope.dimension_count")?.unwrap_or(head_dim),
+            _ => 0,
+        };
+        let positions = match fam.positions {
+            PositionKind::Alibi { max_bias } => {
+                PositionKind::Alibi { max_bias: opt_f32("attention.max_alibi_bias")?.unwrap_or(max_bias) }
+            }
+            p => p,
+        };
+        if let Some(clamp) = opt_f32("attention.clamp_kqv")? {
+            return Err(ModelError::Invalid(format!(
+                "{arch}.attention.clamp_kqv = {clamp}: clipping Q, K and V is not supported yet"
+            )));
+        }
+        let parallel_residual = match f.get(&k("use_parallel_residual")) {
+            Some(v) => {
+                v.as_bool().ok_or_else(|| GgufError::WrongType { key: k("use_parallel_residual"), expected: "bool" })?
+            }
+            None => fam.parallel_residual,
+        };
         let scaling_type = match f.get(&k("rope.scaling.type")) {
             Some(_) => f.get_str(&k("rope.scaling.type"))?.to_string(),
             None => "none".into(),
@@ -396,7 +456,6 @@ impl ModelConfig {
                 }
             })
             .collect();
-        check_config_numbers(arch, n_embd, n_heads, n_kv_heads, head_dim, rope_dim, norm_eps, theta)?;
         let attention_scale = match opt_f32("attention.scale")? {
             Some(s) if s > 0.0 => s,
             // Gemma 2/3 27B scale queries by 1/sqrt(n_embd / n_head) (their
@@ -414,27 +473,21 @@ impl ModelConfig {
             n_heads,
             n_kv_heads,
             head_dim,
-            n_ff: positive(f.get_usize(&k("feed_forward_length"))?, "feed_forward_length")?,
-            vocab_size: positive(vocab_size, "vocab_size")?,
-            context_length: match f.get_usize(&k("context_length"))? {
-                n @ 2..=Self::MAX_CONTEXT => n,
-                n => {
-                    return Err(ModelError::Invalid(format!(
-                        "{arch}.context_length is {n} (2 to {} supported)",
-                        Self::MAX_CONTEXT
-                    )))
-                }
-            },
+            n_ff: f.get_usize(&k("feed_forward_length"))?,
+            vocab_size,
+            context_length: f.get_usize(&k("context_length"))?,
             norm,
             norm_eps,
             ffn: fam.ffn,
             ropes,
             layers,
             attention_scale,
-            attention_softcap: finite(opt_f32("attn_logit_softcapping")?, "attn_logit_softcapping")?
-                .filter(|&c| c > 0.0),
-            final_softcap: finite(opt_f32("final_logit_softcapping")?, "final_logit_softcapping")?.filter(|&c| c > 0.0),
+            // 0 means none; NaN is kept for `validate` to refuse.
+            attention_softcap: opt_f32("attn_logit_softcapping")?.filter(|&c| c > 0.0 || c.is_nan()),
+            final_softcap: opt_f32("final_logit_softcapping")?.filter(|&c| c > 0.0 || c.is_nan()),
             embedding_scale: fam.scale_embeddings.then(|| (n_embd as f32).sqrt()),
+            positions,
+            parallel_residual,
         })
     }
 
@@ -479,6 +532,8 @@ impl ModelConfig {
             attention_softcap: None,
             final_softcap: None,
             embedding_scale: None,
+            positions: PositionKind::Rotary,
+            parallel_residual: false,
         }
     }
 
@@ -529,50 +584,4 @@ mod tests {
             assert!((v - 100f32.powf(-2.0 * i as f32 / 8.0) / 2.0).abs() < 1e-7);
         }
     }
-}
-
-fn positive(n: usize, what: &str) -> Result<usize, ModelError> {
-    match n {
-        0 => Err(ModelError::Invalid(format!("{what} is 0"))),
-        n => Ok(n),
-    }
-}
-
-fn finite(v: Option<f32>, what: &str) -> Result<Option<f32>, ModelError> {
-    match v {
-        Some(x) if !x.is_finite() => Err(ModelError::Invalid(format!("{what} is {x}"))),
-        v => Ok(v),
-    }
-}
-
-/// The shape and numbers a corrupt file could get wrong in ways that would panic or compute
-/// garbage later: counts of 0, heads that do not group, NaN or infinite constants.
-#[allow(clippy::too_many_arguments)]
-fn check_config_numbers(
-    arch: &str,
-    n_embd: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    rope_dim: usize,
-    norm_eps: f32,
-    theta: f32,
-) -> Result<(), ModelError> {
-    let bad = |what: String| Err(ModelError::Invalid(format!("{arch}: {what}")));
-    for (n, what) in [(n_embd, "embedding_length"), (n_heads, "attention.head_count"), (head_dim, "the head size")] {
-        positive(n, what)?;
-    }
-    if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
-        return bad(format!("{n_heads} attention heads do not share {n_kv_heads} KV heads evenly"));
-    }
-    if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
-        return bad(format!("rope.dimension_count {rope_dim} for heads of {head_dim}"));
-    }
-    if !(norm_eps.is_finite() && norm_eps >= 0.0) {
-        return bad(format!("the norm epsilon is {norm_eps}"));
-    }
-    if !(theta.is_finite() && theta > 0.0) {
-        return bad(format!("rope.freq_base is {theta}"));
-    }
-    Ok(())
 }

@@ -20,7 +20,7 @@ use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, Se
 use crate::gguf::{GgufError, GgufFile};
 use keyformer_kv::{PolicyConfig, SequencePolicy};
 
-use super::config::{FfnKind, ModelConfig, NormKind};
+use super::config::{FfnKind, ModelConfig, NormKind, PositionKind};
 use crate::kv::{KvCache, KvType};
 use crate::quant::dequantize_row;
 use crate::ModelError;
@@ -144,6 +144,8 @@ pub struct Model<B: Backend = Cpu> {
     pub output_norm: Norm<B>,
     /// `None`: tied to the token embedding.
     pub output: Option<B::Matrix>,
+    /// Learned position embeddings (`PositionKind::Learned`), a row per position.
+    pub pos_embd: Option<B::Matrix>,
     /// `config.ropes`' frequencies.
     pub ropes: Vec<Rope<B>>,
     /// How new caches store keys and values.
@@ -235,6 +237,10 @@ impl Model<Cpu> {
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
         let token_embd = t.matrix("token_embd.weight", c.vocab_size, d)?;
         let output = if t.has("output.weight") { Some(t.matrix("output.weight", c.vocab_size, d)?) } else { None };
+        let pos_embd = match c.positions {
+            PositionKind::Learned => Some(t.matrix("position_embd.weight", c.context_length, d)?),
+            _ => None,
+        };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
@@ -264,7 +270,7 @@ impl Model<Cpu> {
             };
             // Gate and up: two tensors, one fused (Phi-3: gate first), or up alone (GELU MLP).
             let (w_gate, w_up) = match c.ffn {
-                FfnKind::Gelu => (None, t.matrix(&p("ffn_up.weight"), ff, d)?),
+                FfnKind::Gelu | FfnKind::GeluErf => (None, t.matrix(&p("ffn_up.weight"), ff, d)?),
                 _ if t.has(&p("ffn_gate.weight")) => {
                     (Some(t.matrix(&p("ffn_gate.weight"), ff, d)?), t.matrix(&p("ffn_up.weight"), ff, d)?)
                 }
@@ -310,7 +316,17 @@ impl Model<Cpu> {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let backend = Cpu { file: file.clone() };
-        Ok(Self { config, backend, token_embd, layers, output_norm, output, ropes, kv_type: KvType::default() })
+        Ok(Self {
+            config,
+            backend,
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            pos_embd,
+            ropes,
+            kv_type: KvType::default(),
+        })
     }
 
     /// A new, empty KV cache that keeps everything, for at most `capacity` tokens.
@@ -594,6 +610,11 @@ impl<B: Backend> Model<B> {
         if let Some(s) = c.embedding_scale {
             be.scale(x, s)?;
         }
+        if let Some(table) = &self.pos_embd {
+            // Each token's ORIGINAL position picks its row (`proj` is free until the first layer).
+            be.embed(table, positions, proj)?;
+            be.add(x, proj)?;
+        }
 
         for (li, (layer, la)) in self.layers.iter().zip(&c.layers).enumerate() {
             // Attention block.
@@ -620,16 +641,26 @@ impl<B: Backend> Model<B> {
                 scale: c.attention_scale,
                 softcap: c.attention_softcap,
                 window: la.window.map(|w| w.min(u32::MAX as usize) as u32),
+                alibi: match c.positions {
+                    PositionKind::Alibi { max_bias } => Some(max_bias),
+                    _ => None,
+                },
             };
             be.attend(li, spec, q, k, v, positions, caches, attn)?;
             be.matmul(&[&layer.wo], attn, n, batch, &mut [proj])?;
             if let Some(b) = &layer.o_bias {
                 be.add_bias(proj, n, b)?;
             }
-            self.residual_add(x, proj, layer.post_attn_norm.as_ref(), n, normed)?;
+            if c.parallel_residual {
+                // The MLP reads the block's input too (GPT-NeoX): normed before the add.
+                self.norm(x, 0, n, &layer.ffn_norm, normed)?;
+                be.add(x, proj)?;
+            } else {
+                self.residual_add(x, proj, layer.post_attn_norm.as_ref(), n, normed)?;
+                self.norm(x, 0, n, &layer.ffn_norm, normed)?;
+            }
 
-            // Feed-forward block.
-            self.norm(x, 0, n, &layer.ffn_norm, normed)?;
+            // Feed-forward block (its input normed above).
             match &layer.w_gate {
                 Some(w_gate) => {
                     be.matmul(&[w_gate, &layer.w_up], normed, n, batch, &mut [gate, up])?;
@@ -646,7 +677,10 @@ impl<B: Backend> Model<B> {
                     if let Some(b) = &layer.up_bias {
                         be.add_bias(gate, n, b)?;
                     }
-                    be.gelu(gate)?;
+                    match c.ffn {
+                        FfnKind::GeluErf => be.gelu_erf(gate)?,
+                        _ => be.gelu(gate)?,
+                    }
                 }
             }
             be.matmul(&[&layer.w_down], gate, n, batch, &mut [proj])?;

@@ -218,6 +218,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn gelu_erf(&self, x: &mut Vec<f32>) -> Result<(), ModelError> {
+        x.iter_mut().for_each(|v| *v = cpu::gelu_erf(*v));
+        Ok(())
+    }
+
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) -> Result<(), ModelError> {
         x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
         Ok(())

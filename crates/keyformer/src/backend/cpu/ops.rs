@@ -249,6 +249,24 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
+/// The exact GELU, `x Phi(x) = x (1 + erf(x / sqrt 2)) / 2` (PyTorch's default `gelu`).
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x as f64 * std::f64::consts::FRAC_1_SQRT_2) as f32)
+}
+
+/// erf to ~1e-7 (Abramowitz and Stegun 7.1.26 in f64), below f32's resolution of the result.
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-x * x).exp();
+    if x >= 0.0 {
+        y
+    } else {
+        -y
+    }
+}
+
 /// Rotary embedding of each row by its position: pair i of every head turns by
 /// `pos * inv_freq[i]`. [`RopeStyle::AdjacentPairs`] pairs dimensions (2i, 2i+1) (ggml's
 /// "normal" mode, which Llama GGUF files expect: the converter permutes Q and K rows so this
@@ -407,6 +425,9 @@ fn attention_one_query(
                 key_scores(&q[h * head_dim..(h + 1) * head_dim], kv.keys(), lo, scale, x);
                 if let Some(cap) = spec.softcap {
                     soft_cap(x, cap);
+                }
+                if spec.alibi.is_some() {
+                    alibi(x, &slots[lo..hi], pos, spec.alibi_slope(h));
                 }
                 if !all_visible {
                     for (v, sp) in x.iter_mut().zip(&slots[lo..hi]) {
@@ -583,6 +604,16 @@ impl Visibility {
     }
 }
 
+/// ALiBi: each logit gets `slope * (key position - query position)` from the slots' ORIGINAL
+/// positions (free slots, masked anyway, are left alone).
+fn alibi(x: &mut [f32], slots: &[Option<u32>], pos: u32, slope: f32) {
+    for (v, sp) in x.iter_mut().zip(slots) {
+        if let Some(sp) = sp {
+            *v += slope * (*sp as f32 - pos as f32);
+        }
+    }
+}
+
 /// Gemma 2's soft-capping of attention logits: `cap * tanh(x / cap)` (-inf stays -inf).
 fn soft_cap(x: &mut [f32], cap: f32) {
     let inv = 1.0 / cap;
@@ -676,6 +707,9 @@ fn attention_rows(
             key_scores(qi, kv.keys(), 0, scale, &mut weights);
             if let Some(cap) = spec.softcap {
                 soft_cap(&mut weights, cap);
+            }
+            if spec.alibi.is_some() {
+                alibi(&mut weights, slots, p, spec.alibi_slope(h));
             }
             let visible = Visibility::of(spec, p);
             let mut max = f32::NEG_INFINITY;

@@ -414,6 +414,10 @@ impl Backend for Cuda {
         Ok(self.gpu.gelu_mul(x.get_mut()?, None)?)
     }
 
+    fn gelu_erf(&self, x: &mut DeviceRows) -> Result<(), ModelError> {
+        Ok(self.gpu.gelu_erf(x.get_mut()?)?)
+    }
+
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) -> Result<(), ModelError> {
         let (x, y) = (x.get_mut()?, y.get()?);
         let n = x.len() as i64;
@@ -583,6 +587,14 @@ impl Model<Cuda> {
     /// The model of a GGUF file (already loaded for the CPU) on the GPU: every matrix
     /// dequantised to f16.
     pub fn from_cpu(cuda: Cuda, cpu: &Model<Cpu>) -> Result<Self, ModelError> {
+        if cpu.config.positions != crate::models::config::PositionKind::Rotary {
+            // The attention kernels add no ALiBi term yet, and the captured decode graph
+            // would bake a step's positions into a learned-position lookup.
+            return Err(ModelError::Gpu(format!(
+                "'{}' models (learned positions or ALiBi) run on the CPU only for now",
+                cpu.config.architecture
+            )));
+        }
         let gpu = &cuda.gpu;
         let matrix = |w: &GgufWeight| -> Result<GpuMatrix, ModelError> {
             let view = cpu.backend.view(w);
@@ -606,6 +618,7 @@ impl Model<Cuda> {
             token_embd: matrix(&cpu.token_embd)?,
             output: cpu.output.as_ref().map(matrix).transpose()?,
             output_norm: cpu.output_norm.try_map(&vector)?,
+            pos_embd: None,
             ropes,
             layers,
             kv_type: crate::kv::KvType::F16,
@@ -665,6 +678,7 @@ impl Model<Cuda> {
             token_embd: take("token_embd.weight".into()),
             output: Some(take("output.weight".into())),
             output_norm: ones()?,
+            pos_embd: None,
             ropes: config
                 .ropes
                 .iter()

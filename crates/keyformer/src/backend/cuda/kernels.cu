@@ -127,6 +127,12 @@ extern "C" __global__ void gelu_mul(float* gate, const float* up, long n) {
     if (i < n) gate[i] = gelu_tanh(gate[i]) * (up ? up[i] : 1.0f);
 }
 
+// x = gelu(x), exact: x * Phi(x) (GPT-NeoX, MPT).
+extern "C" __global__ void gelu_erf(float* x, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678f));
+}
+
 // gate = silu(gate) * up.
 extern "C" __global__ void silu_mul(float* gate, const float* up, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -71,6 +71,7 @@ struct Kernels {
     add_bias: CudaFunction,
     scale_assign: CudaFunction,
     gelu_mul: CudaFunction,
+    gelu_erf: CudaFunction,
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
     gemv_f16: CudaFunction,
@@ -296,6 +297,7 @@ impl Gpu {
             add_bias: f("add_bias")?,
             scale_assign: f("scale_assign")?,
             gelu_mul: f("gelu_mul")?,
+            gelu_erf: f("gelu_erf")?,
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
             gemv_f16: f("gemv_f16")?,
@@ -523,6 +525,16 @@ impl Gpu {
         };
         b.arg(&n);
         // SAFETY: one thread per value of gate (and of up, the same length, when given).
+        unsafe { b.launch(grid(n as usize, 256)) }?;
+        Ok(())
+    }
+
+    /// `x = gelu(x)`, exact.
+    pub fn gelu_erf(&self, x: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        let n = x.len() as i64;
+        let mut b = self.stream.launch_builder(&self.kernels.gelu_erf);
+        b.arg(&mut *x).arg(&n);
+        // SAFETY: one thread per value of x.
         unsafe { b.launch(grid(n as usize, 256)) }?;
         Ok(())
     }
