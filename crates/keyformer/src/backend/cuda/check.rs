@@ -134,6 +134,15 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let scale = max_abs(&want);
     checks.push(row("silu_mul", worst(&got, &want, |_| scale), 1e-6, "relative to the largest output"));
 
+    // The exact GELU (GPT-NeoX, MPT): CUDA's erff against the CPU's erf.
+    let mut want = gate.clone();
+    want.iter_mut().for_each(|v| *v = cpu::gelu_erf(*v));
+    let mut dev = gpu.upload(&gate)?;
+    gpu.gelu_erf(&mut dev)?;
+    let got = gpu.download(&dev)?;
+    let scale = max_abs(&want);
+    checks.push(row("gelu_erf", worst(&got, &want, |_| scale), 1e-6, "relative to the largest output"));
+
     // An f16 weight times 1 activation row (our GEMV) and 3 and 12 (cuBLAS), against the
     // CPU's F16 row dots.
     let (wr, wc) = (n_ff, d);
