@@ -590,6 +590,13 @@ impl<B: Backend> Model<B> {
             let start = cache.next_position();
             positions.extend(start..start + m as u32);
         }
+        if self.pos_embd.is_some() {
+            // A learned position exists only up to the context the model was trained for.
+            if let Some(i) = positions.iter().position(|&p| p as usize >= c.context_length) {
+                let past = ModelError::ContextFull { needed: positions[i] as usize + 1, capacity: c.context_length };
+                return Err(in_batch(if batch { i } else { 0 }, past));
+            }
+        }
         if let Some(i) = tokens.iter().position(|&t| t as usize >= c.vocab_size) {
             return Err(in_batch(i, ModelError::TokenOutOfRange { token: tokens[i], vocab: c.vocab_size }));
         }
