@@ -250,3 +250,21 @@ fn tokens_that_do_not_fit_a_sliding_layer_are_refused_before_any_layer_takes_the
     assert_eq!(cache.next_position(), before + 1);
     assert!(logits.iter().all(|x| x.is_finite()));
 }
+
+/// GPT-2's learned positions end at its trained context: with a KV budget the cache never
+/// fills, so the position table is what stops the sequence, with an error rather than an
+/// index past the table.
+#[test]
+fn a_learned_position_past_the_context_is_refused() {
+    use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+    let engine = load_with_f32_cache(&golden("golden/families/gpt2.gguf"));
+    let context = engine.model.config.context_length;
+    let kv = PolicyConfig { kind: PolicyKind::Window, budget: Some(Amount::Tokens(8)), ..Default::default() };
+    let mut cache = engine.new_cache(&kv, 4, context).unwrap();
+    let mut logits = engine.prefill(&[1, 2, 3, 4], &mut cache).unwrap();
+    for step in 4..context {
+        logits = engine.decode_step(argmax(&logits), &mut cache).unwrap_or_else(|e| panic!("step {step}: {e}"));
+    }
+    let err = engine.decode_step(argmax(&logits), &mut cache).unwrap_err();
+    assert!(matches!(err, keyformer::ModelError::ContextFull { .. }), "{err}");
+}
