@@ -750,6 +750,13 @@ fn llama_cpp_habits_work_and_short_prompts_are_not_starved() {
     let v = keyformer_json(&["bench", "-o", "json", "-p", "8", "-n", "0", "-r", "1", "--bandwidth-mib", "0"]);
     assert!(v["results"].as_array().is_some_and(|r| r.len() == 1), "{v}");
 
+    // Long work off a terminal (stderr is a pipe here) still reports: a line at the end.
+    let prose = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/prose.txt");
+    let ppl = keyformer(&["perplexity", "-f", prose.to_str().unwrap(), "-c", "64", "--max-windows", "2"]);
+    let err = String::from_utf8_lossy(&ppl.stderr);
+    assert!(ppl.status.success() && err.contains("scoring: 2/2 windows done in"), "{err}");
+    assert!(String::from_utf8_lossy(&ppl.stdout).contains("in 2 windows of 64 tokens"));
+
     // More threads than cores: a warning and the cores, not a 50x slowdown.
     let out = keyformer(&["-t", "512", "run", "-p", "Hi", "-n", "2"]);
     assert!(out.status.success());
