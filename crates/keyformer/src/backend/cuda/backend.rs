@@ -458,6 +458,7 @@ impl Backend for Cuda {
             scale: spec.scale,
             softcap: spec.softcap.unwrap_or(0.0),
             window: spec.window.unwrap_or(0),
+            alibi_max: spec.alibi.unwrap_or(0.0),
         };
         let n_layers = caches[0].layers.len();
         if prompt {
@@ -587,14 +588,6 @@ impl Model<Cuda> {
     /// The model of a GGUF file (already loaded for the CPU) on the GPU: every matrix
     /// dequantised to f16.
     pub fn from_cpu(cuda: Cuda, cpu: &Model<Cpu>) -> Result<Self, ModelError> {
-        if cpu.config.positions != crate::models::config::PositionKind::Rotary {
-            // The attention kernels add no ALiBi term yet, and the captured decode graph
-            // would bake a step's positions into a learned-position lookup.
-            return Err(ModelError::Gpu(format!(
-                "'{}' models (learned positions or ALiBi) run on the CPU only for now",
-                cpu.config.architecture
-            )));
-        }
         let gpu = &cuda.gpu;
         let matrix = |w: &GgufWeight| -> Result<GpuMatrix, ModelError> {
             let view = cpu.backend.view(w);
@@ -618,7 +611,7 @@ impl Model<Cuda> {
             token_embd: matrix(&cpu.token_embd)?,
             output: cpu.output.as_ref().map(matrix).transpose()?,
             output_norm: cpu.output_norm.try_map(&vector)?,
-            pos_embd: None,
+            pos_embd: cpu.pos_embd.as_ref().map(matrix).transpose()?,
             ropes,
             layers,
             kv_type: crate::kv::KvType::F16,
@@ -708,7 +701,12 @@ impl Model<Cuda> {
     ) -> Result<(), ModelError> {
         let be = &self.backend;
         let c = &self.config;
-        if !be.use_graphs || tokens.len() != caches.len() || caches.iter().any(|k| !k.policy.prompt_done()) {
+        // A learned-position lookup would be captured with one step's positions: no graph.
+        if !be.use_graphs
+            || self.pos_embd.is_some()
+            || tokens.len() != caches.len()
+            || caches.iter().any(|k| !k.policy.prompt_done())
+        {
             return self.forward_batch_greedy(tokens, caches, next);
         }
         for (index, k) in caches.iter().enumerate() {

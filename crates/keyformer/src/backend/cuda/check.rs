@@ -226,6 +226,7 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         scale: 1.0 / (hd as f32).sqrt(),
         softcap: 0.0,
         window: 0,
+        alibi_max: 0.0,
     };
     let q_dev = gpu.upload(&q)?;
     let out_dev = gpu.zeros::<f32>(n_heads * hd)?;

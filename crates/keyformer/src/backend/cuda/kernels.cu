@@ -314,10 +314,21 @@ extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
 // part_out [rows][n_heads][chunks][head_dim]; part_stats [rows][n_heads][chunks][4] =
 // (m, l, m', l'); score_exps [rows][n_heads][max_width]. head_dim a multiple of 16, at most
 // ATTN_MAX_HEAD_DIM.
+// ALiBi's slope of query head h (MPT's: n heads rounded up to a power of two p, slopes
+// 2^(-max_bias i / p), the odd-numbered first when n < p); 0 when alibi_max is 0 (no ALiBi).
+// The same as AttentionSpec::alibi_slope on the CPU.
+__device__ __forceinline__ float alibi_slope(int h, int n_heads, float alibi_max) {
+    if (alibi_max == 0.0f) return 0.0f;
+    int p = 1;
+    while (p < n_heads) p <<= 1;
+    int i = p == n_heads ? h + 1 : (h < p / 2 ? 2 * h + 2 : 2 * (h - p / 2) + 1);
+    return exp2f(-alibi_max * (float)i / (float)p);
+}
+
 template <int GROUP, int HD>
 __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, int n_heads, int n_kv_heads,
                                                          int head_dim, int max_width, float scale, float softcap,
-                                                         unsigned window, unsigned layer,
+                                                         unsigned window, float alibi_max, unsigned layer,
                                                          const float* gumbel_table, int table_bits,
                                                          float* part_out, float* part_stats, float* score_exps) {
     __shared__ float sq[GROUP * HD];
@@ -379,6 +390,7 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
             if (half == 0 && t < m) {
                 float x = dsum * scale;
                 if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+                x += alibi_slope(h0 + j, n_heads, alibi_max) * ((float)p - (float)query_pos);
                 x = visible ? x : NEG_INF;
                 sl[j * ATTN_CHUNK + t] = x;
                 if (score_mode == SCORE_KEYFORMER)
@@ -477,11 +489,11 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
 #define ATTN_PARTIAL_ENTRY(G, HD, NAME, BOUNDS)                                                        \
     extern "C" __global__ void BOUNDS NAME(                                                            \
         const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim, int max_width, float scale,    \
-        float softcap, unsigned window,                                                                 \
+        float softcap, unsigned window, float alibi_max,                                                \
         unsigned layer, const float* gumbel_table, int table_bits, float* part_out, float* part_stats, \
         float* score_exps) {                                                                           \
         attn_decode_partial_body<G, HD>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, softcap, \
-                                    window, layer,                                                      \
+                                    window, alibi_max, layer,                                           \
                                     gumbel_table, table_bits, part_out, part_stats, score_exps);       \
     }
 // One query head per KV head fits 32 registers without spills: 8 blocks of 256 threads per SM
@@ -664,17 +676,19 @@ extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const un
                                            int n_kv_heads, int rows, int width, int capacity, unsigned first_qpos,
                                            int score_mode, float inv_tau, unsigned long long seed, unsigned layer,
                                            const float* gumbel_table, int table_bits, float softcap,
-                                           unsigned window) {
+                                           unsigned window, float alibi_max) {
     int r = blockIdx.x, h = blockIdx.y, g = h / (n_heads / n_kv_heads);
     unsigned qpos = first_qpos + r;
     float* row = S + ((size_t)h * rows + r) * width;
     unsigned short* prow = P + ((size_t)h * rows + r) * width;
     const unsigned* pos = slot_pos + (size_t)g * capacity;
+    float slope = alibi_slope(h, n_heads, alibi_max);
     float mx = NEG_INF;
     for (int s = threadIdx.x; s < width; s += blockDim.x) {
         unsigned p = pos[s];
         float x = row[s];
         if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+        x += slope * ((float)p - (float)qpos);
         bool visible = p != FREE_SLOT && p <= qpos && (window == 0 || qpos - p < window);
         x = visible ? x : NEG_INF;
         row[s] = x;

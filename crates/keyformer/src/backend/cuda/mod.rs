@@ -252,6 +252,8 @@ pub struct AttentionShape {
     pub softcap: f32,
     /// Sliding window in tokens; 0: none.
     pub window: u32,
+    /// ALiBi's largest bias; 0: none.
+    pub alibi_max: f32,
     /// The widest row's slots.
     pub max_width: usize,
     pub layer: usize,
@@ -730,7 +732,8 @@ impl Gpu {
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window } = shape;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window, alibi_max } =
+            shape;
         // Fixed chunks: halving them down to 32 slots where few KV heads leave SMs idle was
         // tried and was slower (llama3-8b shape, 4096 slots: 63.9 against 32.3 us), the
         // combination's work growing with the number of chunks.
@@ -772,6 +775,7 @@ impl Gpu {
         let partial = &entries[group.next_power_of_two().trailing_zeros() as usize];
         let mut b = self.stream.launch_builder(partial);
         b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale).arg(&softcap).arg(&window);
+        b.arg(&alibi_max);
         b.arg(&layer).arg(&self.gumbel_table).arg(&bits);
         b.arg(&mut *part_out).arg(&mut *part_stats).arg(&mut *score_exps);
         // SAFETY: block (row, KV head, chunk) reads its row's slots (< width <= capacity, as the
@@ -893,7 +897,7 @@ impl Gpu {
         s_buf: &mut CudaSlice<f32>,
         p_buf: &mut CudaSlice<u16>,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, scale, softcap, window, .. } = shape;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, scale, softcap, window, alibi_max, .. } = shape;
         let group = n_heads / n_kv_heads.max(1);
         let q_dim = n_heads * hd;
         if n_kv_heads == 0
@@ -965,7 +969,7 @@ impl Gpu {
         b.arg(&mut *s_buf).arg(&mut *p_buf).arg(&kv.positions);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
         b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
-        b.arg(&softcap).arg(&window);
+        b.arg(&softcap).arg(&window).arg(&alibi_max);
         // SAFETY: block (r, h) reads and writes row r of head h of S and P (sizes checked above).
         unsafe { b.launch(cfg) }?;
         if let (Some(_), Some(scores)) = (signal, kv.scores.as_mut()) {
