@@ -19,10 +19,15 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad(message: impl Into<String>, param: Option<&str>) -> Self {
-        Self { status: 400, message: one_line(message.into()), param: param.map(str::to_string), code: None }
+        Self {
+            status: 400,
+            message: keyformer::one_line(&message.into()),
+            param: param.map(str::to_string),
+            code: None,
+        }
     }
     pub fn with_status(status: u16, message: impl Into<String>, code: Option<&'static str>) -> Self {
-        Self { status, message: one_line(message.into()), param: None, code }
+        Self { status, message: keyformer::one_line(&message.into()), param: None, code }
     }
     /// OpenAI's error object.
     pub fn body(&self) -> Value {
@@ -34,14 +39,6 @@ impl ApiError {
             _ => "invalid_request_error",
         };
         json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}})
-    }
-}
-
-/// A message that may quote the request (a model name, a policy) kept to one line.
-fn one_line(message: String) -> String {
-    match message.contains(|c: char| c.is_control()) {
-        true => keyformer::one_line(&message),
-        false => message,
     }
 }
 
@@ -261,7 +258,7 @@ fn common(
         if model != &defaults.model_name {
             return Err(ApiError {
                 status: 404,
-                message: one_line(format!(
+                message: keyformer::one_line(&format!(
                     "the model '{model}' does not exist; this server runs '{}'",
                     defaults.model_name
                 )),

@@ -594,7 +594,7 @@ impl<B: Backend> Model<B> {
             // A learned position exists only up to the context the model was trained for.
             if let Some(i) = positions.iter().position(|&p| p as usize >= c.context_length) {
                 let past = ModelError::ContextFull { needed: positions[i] as usize + 1, capacity: c.context_length };
-                return Err(in_batch(if batch { i } else { 0 }, past));
+                return Err(in_batch(i, past));
             }
         }
         if let Some(i) = tokens.iter().position(|&t| t as usize >= c.vocab_size) {
