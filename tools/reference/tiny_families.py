@@ -7,7 +7,9 @@ tensor that init left constant, e.g. norm weights at 1 or biases at 0, becomes
 `mean + 0.1 * randn`, so a missing op shows), saves the HF folder with a tiny byte-level BPE
 tokenizer, converts it with llama.cpp's own converter (`--outtype f32`) and writes
 
-    tests/golden/families/<family>.gguf   (< ~1 MB)
+    tests/golden/families/hf/<family>/    the HF folder itself (config.json, model.safetensors,
+        tokenizer.json, tokenizer_config.json, generation_config.json, chat_template.jinja)
+    tests/golden/families/<family>.gguf   (< ~1 MB; not for gptj, which the converter lacks)
     tests/golden/families/<family>.json   {"family", "architecture" (GGUF general.architecture),
         "transformers_version", "torch_version", "config" (the HF config dict),
         "checks" (how much each exercised feature moves the logits: max |delta logit| when the
@@ -16,7 +18,8 @@ tokenizer, converts it with llama.cpp's own converter (`--outtype f32`) and writ
                    6 significant digits), "greedy32" (32 greedy ids after the prompt,
                    transformers generate, do_sample=False, no EOS stop)}]}
 
-and, with `verify`, runs llama.cpp (llama-cpp-python over the build of
+plus `hf/qwen2-bf16/` and `qwen2-bf16.json` (the same weights in bf16; see build_bf16), and,
+with `verify`, runs llama.cpp (llama-cpp-python over the build of
 scripts/build-llamacpp.sh) over each GGUF to compare its logits and greedy ids with the goldens.
 
 Usage (versions this was made with: torch 2.15.0, transformers 5.25.0, tokenizers 0.23.3,
@@ -45,7 +48,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,6 +151,13 @@ FAMILIES = {
                   bos_token_id=EOT, eos_token_id=EOT, initializer_range=0.2,
                   tie_word_embeddings=True, layer_norm_epsilon=1e-5),
              []),
+    # GPT-J: llama.cpp's converter does not write it, so it exists only as an HF folder.
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",
+             # rotary on half of each 16-wide head (the 6B model: 64 of 256), interleaved pairs
+             dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=256,
+                  bos_token_id=EOT, eos_token_id=EOT, initializer_range=0.2,
+                  tie_word_embeddings=False, layer_norm_epsilon=1e-5),
+             [("output head bias zeroed", "zero_lm_head_bias")]),
     "mpt": ("MptConfig", "MptForCausalLM",
             # expansion_ratio 4 and layer_norm_epsilon 1e-5: the converter writes those as constants
             dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, expansion_ratio=4,
@@ -275,6 +284,8 @@ def variant_logits(family, model, config_dict, action, ids):
                     p.fill_(1.0)
                 elif action == "unit_qk_norm_gemma" and ("q_norm" in name or "k_norm" in name):
                     p.fill_(0.0)
+                elif action == "zero_lm_head_bias" and name == "lm_head.bias":
+                    p.zero_()
     return forward_logits(m2.eval(), ids)
 
 
@@ -282,7 +293,29 @@ def sig6(x):
     return float(f"{x:.6g}")
 
 
-def build(family, keep_hf=None):
+# Families llama.cpp's converter does not write: HF folder only.
+NO_GGUF = {"gptj"}
+# Families also saved as a bf16 folder, with transformers' bf16 logits as its golden.
+BF16 = {"qwen2"}
+# What a folder keeps of save_pretrained's output (the rest is not read by anyone).
+HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja"}
+
+
+def save_folder(model, hf: Path) -> None:
+    """An HF folder as a user holds it: weights, config, tokenizer, chat template."""
+    import shutil
+    if hf.exists():
+        shutil.rmtree(hf)
+    hf.mkdir(parents=True)
+    model.save_pretrained(hf, safe_serialization=True)
+    build_tokenizer(hf)
+    for f in hf.iterdir():
+        if f.name not in HF_FILES:
+            f.unlink()
+
+
+def build(family):
     import torch
     import transformers
 
@@ -292,17 +325,16 @@ def build(family, keep_hf=None):
     gen = torch.Generator().manual_seed(SEED + 1)
     randomise(model, gen)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = Path(keep_hf or tmp) / family
-        hf.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(hf, safe_serialization=True)
-        build_tokenizer(hf)
-        # reload from disk, as a user would, and check the round trip
-        model = getattr(transformers, FAMILIES[family][1]).from_pretrained(
-            hf, attn_implementation="eager", dtype=torch.float32).eval()
-        OUT.mkdir(parents=True, exist_ok=True)
-        gguf_path = OUT / f"{family}.gguf"
+    hf = OUT / "hf" / family
+    save_folder(model, hf)
+    # reload from disk, as a user would, and check the round trip
+    model = getattr(transformers, FAMILIES[family][1]).from_pretrained(
+        hf, attn_implementation="eager", dtype=torch.float32).eval()
+    gguf_path = OUT / f"{family}.gguf"
+    if family not in NO_GGUF:
         convert(hf, gguf_path, HPARAMS_EXTRA.get(family, {}))
+    if family in BF16:
+        build_bf16(family, model)
 
     config_dict = model.config.to_dict()
     config_dict.pop("_name_or_path", None)  # the temp folder: keeps the JSON reproducible
@@ -330,7 +362,9 @@ def build(family, keep_hf=None):
     for label, action in FAMILIES[family][3]:
         delta = float((variant_logits(family, model, config_dict, action, ids) - base).abs().max())
         checks.append({"feature": label, "max_abs_delta_logit": sig6(delta)})
-    doc = {"family": family, "architecture": gguf_arch(gguf_path),
+    doc = {"family": family,
+           "architecture": "gptj" if family in NO_GGUF else gguf_arch(gguf_path),
+           "gguf": family not in NO_GGUF,
            "transformers_version": transformers.__version__, "torch_version": torch.__version__.split("+")[0],
            "hf_model_class": FAMILIES[family][1], "config": config_dict,
            "special_tokens": {"<|im_start|>": IM_START, "<|im_end|>": IM_END, "<|endoftext|>": EOT},
@@ -343,8 +377,37 @@ def build(family, keep_hf=None):
             c["positions"] = c["positions"][-8:]
             c["logits"] = c["logits"][-8:]
         path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-    print(f"{family}: {gguf_path.stat().st_size} B gguf, {path.stat().st_size} B json, "
+    size = gguf_path.stat().st_size if family not in NO_GGUF else 0
+    print(f"{family}: {size} B gguf, {path.stat().st_size} B json, "
           f"arch {doc['architecture']}, checks {checks}")
+
+
+def build_bf16(family, model):
+    """`hf/<family>-bf16/`: the same weights rounded to bf16, with two goldens: transformers in
+    f32 over the rounded weights (`logits`, what an engine computing in f32 must give) and
+    transformers in bf16 (`logits_bf16`, differing from it by bf16's rounding of activations)."""
+    import torch
+    import transformers
+    name = f"{family}-bf16"
+    hf = OUT / "hf" / name
+    save_folder(model.to(torch.bfloat16), hf)
+    cls = getattr(transformers, FAMILIES[family][1])
+    m32 = cls.from_pretrained(hf, attn_implementation="eager", dtype=torch.float32).eval()
+    m16 = cls.from_pretrained(hf, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(SEED + 3)
+    cases = []
+    for n in PROMPT_LENS:
+        ids = draw_prompt(gen, n)
+        cases.append({"ids": ids, "positions": list(range(n)),
+                      "logits": [[sig6(v) for v in row] for row in forward_logits(m32, ids).tolist()],
+                      "logits_bf16": [[sig6(v) for v in row] for row in forward_logits(m16, ids).tolist()]})
+    for c in cases:  # keep the file small: the last 4 positions
+        for k in ("positions", "logits", "logits_bf16"):
+            c[k] = c[k][-4:]
+    doc = {"family": name, "transformers_version": transformers.__version__,
+           "torch_version": torch.__version__.split("+")[0], "cases": cases}
+    (OUT / f"{name}.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    print(f"{name}: bf16 folder and goldens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +489,8 @@ def inspect(family):
 # llama.cpp cross-check
 
 def verify(family):
+    if family in NO_GGUF:
+        return None
     import numpy as np
     from llama_cpp import Llama
     doc = json.loads((OUT / f"{family}.json").read_text())
@@ -459,13 +524,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["build", "verify", "inspect"])
     ap.add_argument("families", nargs="*")
-    ap.add_argument("--keep-hf", help="keep the HF folders under this directory")
     a = ap.parse_args()
     fams = a.families or list(FAMILIES)
     for f in fams:
         if a.mode == "build":
             import_converter()  # the sdist's gguf-py before anything imports the wheel's
-            build(f, a.keep_hf)
+            build(f)
         elif a.mode == "verify":
             verify(f)
         else:
