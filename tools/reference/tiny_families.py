@@ -390,7 +390,7 @@ def build_bf16(family, model):
     import transformers
     name = f"{family}-bf16"
     hf = OUT / "hf" / name
-    save_folder(model.to(torch.bfloat16), hf)
+    save_folder(copy.deepcopy(model).to(torch.bfloat16), hf)  # .to() would change `model` itself
     cls = getattr(transformers, FAMILIES[family][1])
     m32 = cls.from_pretrained(hf, attn_implementation="eager", dtype=torch.float32).eval()
     m16 = cls.from_pretrained(hf, attn_implementation="eager", dtype=torch.bfloat16).eval()

@@ -113,12 +113,12 @@ fn corrupt_files_give_one_line_errors() {
     let p = good.write("missing.gguf");
     assert_clean_error(&info_of(&p), "missing metadata key");
     assert_clean_error(&keyformer(&["info", "--model", "/nonexistent/model.gguf"]), "does not exist");
-    assert_clean_error(&keyformer(&["info", "--model", "/tmp"]), "is a directory, not a GGUF model file");
+    assert_clean_error(&keyformer(&["info", "--model", "/tmp"]), "is a directory without config.json");
     assert_clean_error(&keyformer(&["info", "--model", "/dev/null"]), "special file");
     let hf = scratch("hf-folder");
     std::fs::create_dir_all(&hf).unwrap();
     std::fs::write(hf.join("config.json"), "{}").unwrap();
-    assert_clean_error(&keyformer(&["info", "--model", hf.to_str().unwrap()]), "Hugging Face model folder");
+    assert_clean_error(&keyformer(&["info", "--model", hf.to_str().unwrap()]), "model_type '' is not a family");
     // A text file: what it begins with, not raw bytes.
     let text = scratch("text.gguf");
     std::fs::write(&text, "What is this?").unwrap();

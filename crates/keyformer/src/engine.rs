@@ -571,16 +571,25 @@ impl Engine<Cpu> {
         Ok(Self { file: Some(file), name: format!("random-{}", shape.name), model, tokenizer })
     }
 
+    /// A GGUF file, or a Hugging Face model folder ([`crate::hf`]).
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let file = Arc::new(crate::gguf::GgufFile::open(path)?);
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+        if path.is_dir() {
+            let folder = crate::hf::open(path)?;
+            return Self::with_tokenizer(Arc::new(folder.file), folder.tokenizer, name);
+        }
+        let file = Arc::new(crate::gguf::GgufFile::open(path)?);
         Self::from_file(file, name)
     }
 
     /// The engine of an open GGUF file (its model and tokenizer), named `name`.
     pub fn from_file(file: Arc<crate::gguf::GgufFile>, name: String) -> Result<Self, ModelError> {
-        let model = models::load_file(file.clone())?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
+        Self::with_tokenizer(file, tokenizer, name)
+    }
+
+    fn with_tokenizer(file: Arc<crate::gguf::GgufFile>, tokenizer: Tokenizer, name: String) -> Result<Self, ModelError> {
+        let model = models::load_file(file.clone())?;
         if tokenizer.vocab_size() != model.config.vocab_size {
             return Err(ModelError::Invalid(format!(
                 "tokenizer has {} tokens, the model {}",

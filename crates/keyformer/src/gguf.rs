@@ -142,9 +142,15 @@ pub struct TensorInfo {
     /// GGUF order: `dims[0]` is the innermost (contiguous) dimension.
     pub dims: Vec<usize>,
     pub ggml_type: GgmlType,
-    /// Absolute byte offset of the data in the file.
+    /// Absolute byte offset of the data in its mapping.
     pub offset: usize,
     pub size_bytes: usize,
+    /// Which of the model's mappings holds the data (0 for a GGUF file; a Hugging Face folder
+    /// has one per safetensors shard, and one for the tensors converted at load).
+    pub source: usize,
+    /// The tensor's name where it came from, when that is not this name (a folder's
+    /// `model.layers.0.self_attn.q_proj.weight` in `model.safetensors` for `blk.0.attn_q.weight`).
+    pub origin: Option<String>,
 }
 
 impl TensorInfo {
@@ -153,14 +159,18 @@ impl TensorInfo {
     }
 }
 
-/// An opened GGUF file: parsed header and a memory map of the whole file.
+/// An opened GGUF file: parsed header and a memory map of the whole file. A Hugging Face
+/// folder is read into the same shape ([`crate::hf`]: metadata keys and tensor names as
+/// llama.cpp's converter would write them, the data left in the safetensors maps), so one
+/// model description serves both formats.
 pub struct GgufFile {
     pub path: PathBuf,
+    /// The GGUF version; 0 for a model assembled from another format.
     pub version: u32,
     pub alignment: usize,
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<TensorInfo>,
-    mmap: Mmap,
+    sources: Vec<Mmap>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -259,7 +269,25 @@ impl GgufFile {
         // outside what any mmap-based reader (llama.cpp included) can guard against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Open { path: path.clone(), source })?;
         let (version, alignment, metadata, tensors) = Self::parse(&mmap)?;
-        Ok(Self { path, version, alignment, metadata, tensors, mmap })
+        Ok(Self { path, version, alignment, metadata, tensors, sources: vec![mmap] })
+    }
+
+    /// A model assembled from another format: metadata in GGUF's keys, tensors whose data lie
+    /// in `sources` (each checked to lie inside its mapping).
+    pub fn assembled(
+        path: PathBuf,
+        metadata: BTreeMap<String, MetaValue>,
+        tensors: Vec<TensorInfo>,
+        sources: Vec<Mmap>,
+    ) -> Result<Self, GgufError> {
+        for t in &tensors {
+            let len = sources.get(t.source).map_or(0, |m| m.len());
+            let end = t.offset.checked_add(t.size_bytes).unwrap_or(usize::MAX);
+            if end > len {
+                return Err(GgufError::TensorOutOfBounds { name: t.name.clone(), start: t.offset, end, len });
+            }
+        }
+        Ok(Self { path, version: 0, alignment: 1, metadata, tensors, sources })
     }
 
     /// A GGUF file held in memory (the fuzzer's cases), validated as [`open`](Self::open)
@@ -271,7 +299,7 @@ impl GgufFile {
         let mut anon = memmap2::MmapMut::map_anon(bytes.len()).map_err(open_error)?;
         anon.copy_from_slice(bytes);
         let mmap = anon.make_read_only().map_err(open_error)?;
-        Ok(Self { path, version, alignment, metadata, tensors, mmap })
+        Ok(Self { path, version, alignment, metadata, tensors, sources: vec![mmap] })
     }
 
     #[allow(clippy::type_complexity)]
@@ -354,7 +382,7 @@ impl GgufFile {
             let end = start.and_then(|s| s.checked_add(size_bytes));
             match (start, end) {
                 (Some(start), Some(end)) if end <= buf.len() => {
-                    tensors.push(TensorInfo { name, dims, ggml_type, offset: start, size_bytes })
+                    tensors.push(TensorInfo { name, dims, ggml_type, offset: start, size_bytes, source: 0, origin: None })
                 }
                 _ => {
                     return Err(GgufError::TensorOutOfBounds {
@@ -416,12 +444,21 @@ impl GgufFile {
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
-    /// The raw bytes of a tensor (validated to lie inside the file at open time).
+    /// The raw bytes of a tensor (validated to lie inside its mapping at open time).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        &self.mmap[info.offset..info.offset + info.size_bytes]
+        &self.sources[info.source][info.offset..info.offset + info.size_bytes]
     }
+    /// Bytes mapped: the file, or a folder's shards and converted tensors.
     pub fn file_len(&self) -> usize {
-        self.mmap.len()
+        self.sources.iter().map(|m| m.len()).sum()
+    }
+    /// A tensor's name for a message: quoted, with the name it has in its own file when that
+    /// differs.
+    pub fn describe(&self, name: &str) -> String {
+        match self.tensor_info(name).and_then(|t| t.origin.as_deref()) {
+            Some(origin) => format!("{} ({})", shown(origin), shown(name)),
+            None => shown(name),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod chat;
 pub mod engine;
 pub mod gguf;
+pub mod hf;
 pub mod kv;
 pub mod models;
 pub mod quant;
@@ -38,6 +39,8 @@ pub enum ModelError {
     Gguf(#[from] gguf::GgufError),
     #[error(transparent)]
     Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error(transparent)]
+    Folder(#[from] hf::HfError),
     #[error("unsupported architecture '{0}' (supported: {supported})", supported = models::config::supported_architectures().join(", "))]
     UnsupportedArchitecture(String),
     #[error("invalid model: {0}")]

@@ -80,7 +80,7 @@ pub const DEFAULT_MODEL: &str = "smollm2-135m";
 pub enum RegistryError {
     #[error("model file {0} does not exist (and is not a known alias: {aliases})", aliases = aliases())]
     NotFound(PathBuf),
-    #[error("{path} is {what}, not a GGUF model file")]
+    #[error("{path} is {what}: a model is a GGUF file or a Hugging Face model folder (with config.json)")]
     NotAFile { path: PathBuf, what: &'static str },
     #[error("no cache directory: set KEYFORMER_CACHE")]
     NoCacheDir,
@@ -133,10 +133,8 @@ pub fn resolve(spec: &str, progress: &mut dyn FnMut(FetchEvent)) -> Result<PathB
     let not = |what| Err(RegistryError::NotAFile { path: path.clone(), what });
     match std::fs::metadata(&path) {
         Ok(m) if m.is_file() => Ok(path),
-        Ok(m) if m.is_dir() && path.join("config.json").is_file() => {
-            not("a Hugging Face model folder (not loadable yet: convert it with llama.cpp's convert_hf_to_gguf.py)")
-        }
-        Ok(m) if m.is_dir() => not("a directory"),
+        Ok(m) if m.is_dir() && path.join("config.json").is_file() => Ok(path),
+        Ok(m) if m.is_dir() => not("a directory without config.json"),
         Ok(_) => not("a device or other special file"),
         Err(_) => Err(RegistryError::NotFound(path)),
     }

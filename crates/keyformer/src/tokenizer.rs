@@ -78,8 +78,25 @@ const SUPPORTED_PRE: &str = "default, gpt-2, phi-2, mpt, olmo, smollm, starcoder
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
+/// What a Hugging Face folder says about its tokenizer besides `tokenizer.json`.
+#[derive(Debug, Clone, Default)]
+pub struct HfTokenizerSettings {
+    /// `tokenizer_config.json`'s `bos_token` / `eos_token`.
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// `generation_config.json`'s (or `config.json`'s) ids.
+    pub bos_id: Option<u32>,
+    pub eos_ids: Vec<u32>,
+    /// `tokenizer_config.json`'s `add_bos_token`; when absent, whether the tokenizer's
+    /// post-processor adds BOS (what transformers does).
+    pub add_bos: Option<bool>,
+    /// The model's vocabulary (its embedding rows), at least the tokenizer's.
+    pub vocab_size: usize,
+}
+
 /// The algorithm behind a [`Tokenizer`].
 enum Inner {
+    /// Byte-level BPE from GGUF metadata, or anything a `tokenizer.json` describes.
     Bpe(Box<HfTokenizer>),
     Spm(spm::Spm),
 }
@@ -137,6 +154,56 @@ impl Tokenizer {
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
         Self::finish(md, inner, tokens, types, default_add_bos, parse_special)
+    }
+
+    /// A Hugging Face `tokenizer.json` (any model, normalizer and pre-tokenizer the
+    /// `tokenizers` crate reads), with the folder's special tokens. Ids the model has beyond
+    /// the tokenizer's (padded embeddings) decode to nothing.
+    pub fn from_hf_json(json: &[u8], s: &HfTokenizerSettings) -> Result<Self, TokenizerError> {
+        let inner = HfTokenizer::from_bytes(json).map_err(|e| TokenizerError::Library(e.to_string()))?;
+        let vocab = inner.get_vocab(true);
+        let n = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        if n > s.vocab_size {
+            return Err(TokenizerError::Metadata(format!(
+                "the tokenizer has ids up to {}, the model's vocabulary {} tokens",
+                n - 1,
+                s.vocab_size
+            )));
+        }
+        let mut tokens = vec![String::new(); s.vocab_size];
+        for (t, &i) in &vocab {
+            tokens[i as usize] = t.clone();
+        }
+        let mut types = vec![1i64; s.vocab_size];
+        for (&i, added) in inner.get_added_tokens_decoder().iter() {
+            if let Some(t) = types.get_mut(i as usize) {
+                *t = if added.special { TOKEN_TYPE_CONTROL } else { TOKEN_TYPE_USER_DEFINED };
+            }
+        }
+        let id_of = |text: &Option<String>| text.as_deref().and_then(|t| inner.token_to_id(t));
+        let bos = id_of(&s.bos_token).or(s.bos_id);
+        let eos = id_of(&s.eos_token).or(s.eos_ids.first().copied());
+        // transformers adds what the post-processor adds.
+        let post_adds_bos = || -> Result<bool, TokenizerError> {
+            let with = inner.encode_fast("a", true).map_err(|e| TokenizerError::Library(e.to_string()))?;
+            Ok(bos.is_some() && with.get_ids().first().copied() == bos)
+        };
+        let add_bos = match s.add_bos {
+            Some(b) => b,
+            None => post_adds_bos()?,
+        };
+        let mut md = BTreeMap::new();
+        for (key, id) in [("bos", bos), ("eos", eos)] {
+            if let Some(id) = id {
+                md.insert(format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id));
+            }
+        }
+        md.insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(add_bos));
+        let mut t = Self::finish(&md, Inner::Bpe(Box::new(inner)), tokens, types, add_bos, true)?;
+        t.end_of_generation.extend(s.eos_ids.iter().filter(|&&i| (i as usize) < s.vocab_size));
+        t.end_of_generation.sort_unstable();
+        t.end_of_generation.dedup();
+        Ok(t)
     }
 
     /// `add_bos_token`'s default for a BPE file's pre-tokenizer.

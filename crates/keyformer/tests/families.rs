@@ -4,6 +4,8 @@
 //! position's logits within 1e-4 of the largest logit, and the 32-token greedy continuation
 //! identical. The golden files also record how much each family feature moves the logits when
 //! switched off (soft-caps, windows, Q/K norms...), so these tests fail if one is dropped.
+//! The same models load from their Hugging Face folders (tests/golden/families/hf/: config.json,
+//! model.safetensors, tokenizer.json...), GPT-J only from its folder (the converter lacks it).
 
 mod common;
 
@@ -15,10 +17,24 @@ use keyformer::sampling::argmax;
 const FAMILIES: &[&str] =
     &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt2", "gpt_neox", "mpt"];
 
-fn check_family(name: &str) -> f32 {
+/// Families that also exist as a folder only.
+const FOLDER_ONLY: &[&str] = &["gptj"];
+
+fn gguf_of(name: &str) -> std::path::PathBuf {
+    golden(&format!("golden/families/{name}.gguf"))
+}
+
+fn folder_of(name: &str) -> std::path::PathBuf {
+    golden(&format!("golden/families/hf/{name}"))
+}
+
+fn check_family(name: &str, model: &std::path::Path) -> f32 {
     let g = golden_json(&format!("golden/families/{name}.json"));
-    let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
-    assert_eq!(engine.model.config.architecture, g["architecture"].as_str().unwrap(), "{name}: architecture");
+    let engine = load_with_f32_cache(model);
+    // (A Mistral folder is "mistral"; the converter writes its GGUF as "llama".)
+    if name != "mistral" || !model.is_dir() {
+        assert_eq!(engine.model.config.architecture, g["architecture"].as_str().unwrap(), "{name}: architecture");
+    }
     let vocab = engine.model.config.vocab_size;
     let mut worst = 0f32;
     for (ci, case) in g["cases"].as_array().unwrap().iter().enumerate() {
@@ -59,25 +75,85 @@ fn check_family(name: &str) -> f32 {
 #[test]
 fn every_family_matches_transformers() {
     for name in FAMILIES {
-        check_family(name);
+        check_family(name, &gguf_of(name));
     }
 }
 
 #[test]
+fn every_family_from_its_hugging_face_folder_matches_transformers() {
+    for name in FAMILIES.iter().chain(FOLDER_ONLY) {
+        check_family(name, &folder_of(name));
+    }
+}
+
+/// A folder and the GGUF file llama.cpp's converter made of it: the same logits (the same f32
+/// weights; only the order of a few sums differs, e.g. Llama's unpermuted rotation) and the same
+/// token ids for the same text.
+#[test]
+fn a_folder_and_its_converted_gguf_agree() {
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    for name in FAMILIES {
+        let (from_folder, from_gguf) = (load_with_f32_cache(&folder_of(name)), load_with_f32_cache(&gguf_of(name)));
+        let ids = from_gguf.encode(&text[..2000]).unwrap();
+        assert_eq!(from_folder.encode(&text[..2000]).unwrap(), ids, "{name}: token ids");
+        assert_eq!(from_folder.tokenizer.decode(&ids).unwrap(), text[..2000], "{name}: decoding");
+        assert_eq!(from_folder.tokenizer.add_bos, from_gguf.tokenizer.add_bos, "{name}: add_bos");
+        assert_eq!(from_folder.tokenizer.end_of_generation, from_gguf.tokenizer.end_of_generation, "{name}");
+        assert_eq!(from_folder.chat_template(), from_gguf.chat_template(), "{name}: chat template");
+        let prompt = &ids[..60];
+        let a = from_folder.model.forward(prompt, &mut from_folder.model.new_cache(64), Logits::All).unwrap();
+        let b = from_gguf.model.forward(prompt, &mut from_gguf.model.new_cache(64), Logits::All).unwrap();
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5 * scale, "{name}: folder and GGUF differ by {diff} (largest logit {scale})");
+    }
+}
+
+/// A bf16 folder: computed in f32 over its bf16 weights, the logits are transformers' in f32
+/// over the same weights (1e-4 of the largest); transformers in bf16 rounds every activation
+/// too, and lands within bf16's precision of them (2^-8 relative, a few roundings deep).
+#[test]
+fn a_bf16_folder_matches_transformers() {
+    let g = golden_json("golden/families/qwen2-bf16.json");
+    let engine = load_with_f32_cache(&folder_of("qwen2-bf16"));
+    let vocab = engine.model.config.vocab_size;
+    let (mut worst_f32, mut worst_bf16) = (0f32, 0f32);
+    for case in g["cases"].as_array().unwrap() {
+        let prompt = ids(&case["ids"]);
+        let logits = engine.model.forward(&prompt, &mut engine.model.new_cache(prompt.len()), Logits::All).unwrap();
+        for (key, worst) in [("logits", &mut worst_f32), ("logits_bf16", &mut worst_bf16)] {
+            let rows = case[key].as_array().unwrap();
+            let want: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+                .collect();
+            let scale = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+            for (&p, want) in ids(&case["positions"]).iter().zip(&want) {
+                let got = &logits[p as usize * vocab..(p as usize + 1) * vocab];
+                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                *worst = worst.max(diff / scale);
+            }
+        }
+    }
+    eprintln!("bf16 folder: {worst_f32:.2e} of the largest logit from transformers f32, {worst_bf16:.2e} from bf16");
+    assert!(worst_f32 <= 1e-4, "bf16 weights computed in f32 differ from transformers by {worst_f32}");
+    assert!(worst_bf16 <= 0.05, "transformers in bf16 differs by {worst_bf16}, more than bf16 rounding explains");
+}
+
+#[test]
 fn an_unknown_architecture_is_one_clear_error() {
-    // The GPT-2 file renamed GPT-J (same length, so only the name changes): llama.cpp's
-    // converter writes no GPT-J files, and this engine runs none.
+    // The GPT-2 file renamed BERT (same length, so only the name changes): an encoder.
     let mut bytes = std::fs::read(golden("golden/families/gpt2.gguf")).unwrap();
     let key = b"general.architecture";
     let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4 + 8;
     assert_eq!(&bytes[at..at + 4], b"gpt2");
-    bytes[at..at + 4].copy_from_slice(b"gptj");
-    let path = std::env::temp_dir().join(format!("keyformer-gptj-{}.gguf", std::process::id()));
+    bytes[at..at + 4].copy_from_slice(b"bert");
+    let path = std::env::temp_dir().join(format!("keyformer-bert-{}.gguf", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
-    let err = keyformer::Engine::load(&path).err().expect("gptj is refused");
+    let err = keyformer::Engine::load(&path).err().expect("bert is refused");
     let _ = std::fs::remove_file(&path);
     let msg = err.to_string();
-    assert!(msg.contains("unsupported architecture 'gptj'") && msg.contains("gptneox"), "{msg}");
+    assert!(msg.contains("unsupported architecture 'bert'") && msg.contains("gptneox"), "{msg}");
 }
 
 /// Every policy on every family: a covering budget is bit-identical to the full cache, a 50%
@@ -86,8 +162,9 @@ fn an_unknown_architecture_is_one_clear_error() {
 fn every_policy_runs_on_every_family() {
     use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
     let decode = decode_greedy;
-    for name in FAMILIES {
-        let engine = load_with_f32_cache(&golden(&format!("golden/families/{name}.gguf")));
+    for name in FAMILIES.iter().chain(FOLDER_ONLY) {
+        let model = if FOLDER_ONLY.contains(name) { folder_of(name) } else { gguf_of(name) };
+        let engine = load_with_f32_cache(&model);
         let g = golden_json(&format!("golden/families/{name}.json"));
         let prompt = ids(&g["cases"][2]["ids"]);
         let steps = 8;

@@ -120,7 +120,13 @@ pub const FAMILIES: &[Family] = &[
         ..family("gemma3", RopeStyle::Halves, FfnKind::GeGlu)
     },
     Family { sliding: SlidingLayers::All, ..family("phi3", RopeStyle::Halves, FfnKind::SwiGlu) },
-    // The paper's families (GPT-J is not written by llama.cpp's converter).
+    // The paper's families (GPT-J comes only from Hugging Face folders: llama.cpp's converter
+    // does not write it).
+    Family {
+        norm: NormKind::Layer,
+        parallel_residual: true,
+        ..family("gptj", RopeStyle::AdjacentPairs, FfnKind::Gelu)
+    },
     Family { norm: NormKind::Layer, parallel_residual: true, ..family("gptneox", RopeStyle::Halves, FfnKind::GeluErf) },
     Family {
         norm: NormKind::Layer,
@@ -435,7 +441,25 @@ impl ModelConfig {
             },
             other => return Err(ModelError::Invalid(format!("unsupported rope scaling '{other}'"))),
         };
-        let global = RopeConfig { style: fam.rope_style, dim: rope_dim, theta, scaling };
+        // A Hugging Face folder's Llama keeps its Q/K rows unpermuted, so it rotates halves.
+        let style = match f.get("keyformer.rope_layout") {
+            None => fam.rope_style,
+            Some(_) => match f.get_str("keyformer.rope_layout")? {
+                "halves" => RopeStyle::Halves,
+                "pairs" => RopeStyle::AdjacentPairs,
+                other => return Err(ModelError::Invalid(format!("keyformer.rope_layout '{other}'"))),
+            },
+        };
+        // A folder's config names its GELU; a GGUF file leaves it to the family.
+        let ffn = match (fam.ffn, f.get("keyformer.activation")) {
+            (FfnKind::Gelu | FfnKind::GeluErf, Some(_)) => match f.get_str("keyformer.activation")? {
+                "gelu_tanh" => FfnKind::Gelu,
+                "gelu_erf" => FfnKind::GeluErf,
+                other => return Err(ModelError::Invalid(format!("keyformer.activation '{other}'"))),
+            },
+            (ffn, _) => ffn,
+        };
+        let global = RopeConfig { style, dim: rope_dim, theta, scaling };
         let mut ropes = vec![global.clone()];
         let window = opt_usize("attention.sliding_window")?.filter(|&w| w > 0);
         let sliding = |l: usize| window.is_some() && fam.slides(l);
@@ -478,7 +502,7 @@ impl ModelConfig {
             context_length: f.get_usize(&k("context_length"))?,
             norm,
             norm_eps,
-            ffn: fam.ffn,
+            ffn,
             ropes,
             layers,
             attention_scale,

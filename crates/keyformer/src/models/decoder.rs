@@ -58,7 +58,8 @@ pub struct Layer<B: Backend> {
     pub o_bias: Option<B::Vector>,
     /// Norm of the attention's output before the residual add (Gemma's sandwich).
     pub post_attn_norm: Option<Norm<B>>,
-    pub ffn_norm: Norm<B>,
+    /// `None` only with a parallel residual (GPT-J: one norm feeds attention and MLP).
+    pub ffn_norm: Option<Norm<B>>,
     /// `None`: a plain MLP (`FfnKind::Gelu`).
     pub w_gate: Option<B::Matrix>,
     pub w_up: B::Matrix,
@@ -102,7 +103,7 @@ impl<B: Backend> Layer<B> {
             wo: m(&self.wo)?,
             o_bias: ov(&self.o_bias)?,
             post_attn_norm: on(&self.post_attn_norm)?,
-            ffn_norm: self.ffn_norm.try_map(v)?,
+            ffn_norm: on(&self.ffn_norm)?,
             w_gate: self.w_gate.as_ref().map(m).transpose()?,
             w_up: m(&self.w_up)?,
             up_bias: ov(&self.up_bias)?,
@@ -144,6 +145,8 @@ pub struct Model<B: Backend = Cpu> {
     pub output_norm: Norm<B>,
     /// `None`: tied to the token embedding.
     pub output: Option<B::Matrix>,
+    /// Added to the logits (GPT-J's output head), kept on the host.
+    pub output_bias: Option<Vec<f32>>,
     /// Learned position embeddings (`PositionKind::Learned`), a row per position.
     pub pos_embd: Option<B::Matrix>,
     /// `config.ropes`' frequencies.
@@ -175,7 +178,8 @@ impl TensorReader<'_> {
         let info = self.file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
         if info.dims.len() != 2 || info.dims[0] != cols || info.dims[1] != total_rows {
             return Err(ModelError::Invalid(format!(
-                "tensor {name} has shape {:?}, expected [{cols}, {total_rows}]",
+                "tensor {} has shape {:?}, expected [{cols}, {total_rows}] (GGUF order, innermost first)",
+                self.file.describe(name),
                 info.dims
             )));
         }
@@ -190,14 +194,18 @@ impl TensorReader<'_> {
         let info = self.file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
         if info.n_elements() != len {
             return Err(ModelError::Invalid(format!(
-                "tensor {name} has {} elements, expected {len}",
+                "tensor {} has {} elements, expected {len}",
+                self.file.describe(name),
                 info.n_elements()
             )));
         }
         let mut v = vec![0f32; len];
         dequantize_row(info.ggml_type, self.file.tensor_bytes(info), &mut v);
         if v.iter().any(|x| !x.is_finite()) {
-            return Err(ModelError::Invalid(format!("tensor {name} holds a value that is not finite")));
+            return Err(ModelError::Invalid(format!(
+                "tensor {} holds a value that is not finite",
+                self.file.describe(name)
+            )));
         }
         Ok(v)
     }
@@ -237,6 +245,7 @@ impl Model<Cpu> {
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
         let token_embd = t.matrix("token_embd.weight", c.vocab_size, d)?;
         let output = if t.has("output.weight") { Some(t.matrix("output.weight", c.vocab_size, d)?) } else { None };
+        let output_bias = t.optional_vector("output.bias", c.vocab_size)?;
         let pos_embd = match c.positions {
             PositionKind::Learned => Some(t.matrix("position_embd.weight", c.context_length, d)?),
             _ => None,
@@ -292,7 +301,10 @@ impl Model<Cpu> {
                 wo: t.matrix(&p("attn_output.weight"), d, q_dim)?,
                 o_bias: t.optional_vector(&p("attn_output.bias"), d)?,
                 post_attn_norm: t.optional_norm(&p("post_attention_norm"), d)?,
-                ffn_norm: t.norm(&p("ffn_norm"), d)?,
+                ffn_norm: match c.parallel_residual {
+                    true => t.optional_norm(&p("ffn_norm"), d)?,
+                    false => Some(t.norm(&p("ffn_norm"), d)?),
+                },
                 w_gate,
                 w_up,
                 up_bias: t.optional_vector(&p("ffn_up.bias"), ff)?,
@@ -323,6 +335,7 @@ impl Model<Cpu> {
             layers,
             output_norm,
             output,
+            output_bias,
             pos_embd,
             ropes,
             kv_type: KvType::default(),
@@ -659,12 +672,16 @@ impl<B: Backend> Model<B> {
                 be.add_bias(proj, n, b)?;
             }
             if c.parallel_residual {
-                // The MLP reads the block's input too (GPT-NeoX): normed before the add.
-                self.norm(x, 0, n, &layer.ffn_norm, normed)?;
+                // The MLP reads the block's input too: normed by its own norm before the add
+                // (GPT-NeoX), or the attention's normed input as it is (GPT-J).
+                if let Some(norm) = &layer.ffn_norm {
+                    self.norm(x, 0, n, norm, normed)?;
+                }
                 be.add(x, proj)?;
             } else {
                 self.residual_add(x, proj, layer.post_attn_norm.as_ref(), n, normed)?;
-                self.norm(x, 0, n, &layer.ffn_norm, normed)?;
+                let norm = layer.ffn_norm.as_ref().expect("loaded for every sequential block");
+                self.norm(x, 0, n, norm, normed)?;
             }
 
             // Feed-forward block (its input normed above).
@@ -706,9 +723,24 @@ impl<B: Backend> Model<B> {
         match out {
             Out::Logits(logits) => {
                 be.logits(w, normed, m, batch, logits)?;
+                if let Some(bias) = &self.output_bias {
+                    logits.chunks_exact_mut(bias.len()).for_each(|row| row.iter_mut().zip(bias).for_each(|(l, b)| *l += b));
+                }
                 if let Some(cap) = c.final_softcap {
                     logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
                 }
+                Ok(())
+            }
+            // A bias moves the argmax: taken over the host's logits.
+            Out::Greedy(next) if self.output_bias.is_some() => {
+                let mut logits = Vec::new();
+                be.logits(w, normed, m, batch, &mut logits)?;
+                let bias = self.output_bias.as_ref().expect("checked by the guard");
+                next.clear();
+                next.extend(logits.chunks_exact(bias.len()).map(|row| {
+                    let biased = row.iter().zip(bias).map(|(l, b)| l + b);
+                    biased.enumerate().fold((0u32, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i as u32, v) } else { best }).0
+                }));
                 Ok(())
             }
             // Soft-capping is monotonic: the argmax is the uncapped one.

@@ -610,6 +610,7 @@ impl Model<Cuda> {
             config: cpu.config.clone(),
             token_embd: matrix(&cpu.token_embd)?,
             output: cpu.output.as_ref().map(matrix).transpose()?,
+            output_bias: cpu.output_bias.clone(),
             output_norm: cpu.output_norm.try_map(&vector)?,
             pos_embd: cpu.pos_embd.as_ref().map(matrix).transpose()?,
             ropes,
@@ -655,7 +656,7 @@ impl Model<Cuda> {
                     wo: take(p("attn_output.weight")),
                     o_bias: None,
                     post_attn_norm: vector("post_attention_norm.weight").map(|weight| Norm { weight, bias: None }),
-                    ffn_norm: ones()?,
+                    ffn_norm: Some(ones()?),
                     w_gate: Some(take(p("ffn_gate.weight"))),
                     w_up: take(p("ffn_up.weight")),
                     up_bias: None,
@@ -670,6 +671,7 @@ impl Model<Cuda> {
         Ok(Model {
             token_embd: take("token_embd.weight".into()),
             output: Some(take("output.weight".into())),
+            output_bias: None,
             output_norm: ones()?,
             pos_embd: None,
             ropes: config
@@ -701,9 +703,11 @@ impl Model<Cuda> {
     ) -> Result<(), ModelError> {
         let be = &self.backend;
         let c = &self.config;
-        // A learned-position lookup would be captured with one step's positions: no graph.
+        // A learned-position lookup would be captured with one step's positions, an output
+        // bias takes its argmax on the host: no graph.
         if !be.use_graphs
             || self.pos_embd.is_some()
+            || self.output_bias.is_some()
             || tokens.len() != caches.len()
             || caches.iter().any(|k| !k.policy.prompt_done())
         {
