@@ -1124,7 +1124,11 @@ fn info(a: ModelArg) -> Result<()> {
     let engine = load(&a.model)?;
     let f = &engine.model.backend.file;
     let c = &engine.model.config;
-    println!("file:            {} ({} bytes, GGUF v{})", f.path.display(), f.file_len(), f.version);
+    let format = match f.version {
+        0 => "Hugging Face folder".to_string(),
+        v => format!("GGUF v{v}"),
+    };
+    println!("file:            {} ({} bytes, {format})", f.path.display(), f.file_len());
     if let Some(name) = f.get("general.name").and_then(|v| v.as_str()) {
         println!("name:            {name}");
     }
@@ -1174,8 +1178,8 @@ fn info(a: ModelArg) -> Result<()> {
     let tk = &engine.tokenizer;
     println!(
         "tokenizer:       {} / pre {}, BOS {}, EOS {}, add BOS {}",
-        f.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?"),
-        f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default"),
+        f.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("tokenizer.json"),
+        f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or(if f.version == 0 { "its own" } else { "default" }),
         tk.bos.map_or("none".into(), |t| t.to_string()),
         tk.eos.map_or("none".into(), |t| t.to_string()),
         tk.add_bos

@@ -581,8 +581,13 @@ fn every_family_answers_run_perplexity_bench_eval_and_serve() {
     let data = scratch("family-docs.jsonl");
     let text = std::fs::read_to_string(&prose).unwrap();
     std::fs::write(&data, serde_json::json!({"id": "d", "context": &text[..2000]}).to_string() + "\n").unwrap();
-    for family in ["qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt_neox", "gpt2", "mpt"] {
-        let model = root.join(format!("golden/families/{family}.gguf"));
+    // Hugging Face folders too (GPT-J exists only as one).
+    for family in ["qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt_neox", "gpt2", "mpt", "hf/gptj", "hf/llama"] {
+        let model = match family.starts_with("hf/") {
+            true => root.join(format!("golden/families/{family}")),
+            false => root.join(format!("golden/families/{family}.gguf")),
+        };
+        let family = family.replace('/', "-");
         let m = model.to_str().unwrap();
         let r = keyformer_json(&[
             "run",

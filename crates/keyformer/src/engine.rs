@@ -576,7 +576,8 @@ impl Engine<Cpu> {
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         if path.is_dir() {
             let folder = crate::hf::open(path)?;
-            return Self::with_tokenizer(Arc::new(folder.file), folder.tokenizer, name);
+            let file = Arc::new(folder.file);
+            return Self::assemble(models::load_file(file.clone())?, file, folder.tokenizer, name);
         }
         let file = Arc::new(crate::gguf::GgufFile::open(path)?);
         Self::from_file(file, name)
@@ -584,12 +585,18 @@ impl Engine<Cpu> {
 
     /// The engine of an open GGUF file (its model and tokenizer), named `name`.
     pub fn from_file(file: Arc<crate::gguf::GgufFile>, name: String) -> Result<Self, ModelError> {
+        // The model first: an unknown architecture is the clearer error.
+        let model = models::load_file(file.clone())?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        Self::with_tokenizer(file, tokenizer, name)
+        Self::assemble(model, file, tokenizer, name)
     }
 
-    fn with_tokenizer(file: Arc<crate::gguf::GgufFile>, tokenizer: Tokenizer, name: String) -> Result<Self, ModelError> {
-        let model = models::load_file(file.clone())?;
+    fn assemble(
+        model: models::decoder::Model,
+        file: Arc<crate::gguf::GgufFile>,
+        tokenizer: Tokenizer,
+        name: String,
+    ) -> Result<Self, ModelError> {
         if tokenizer.vocab_size() != model.config.vocab_size {
             return Err(ModelError::Invalid(format!(
                 "tokenizer has {} tokens, the model {}",

@@ -44,6 +44,8 @@ pub enum GgufError {
     WrongType { key: String, expected: &'static str },
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
+    #[error("{}: the weights have no tensor '{folder_name}' (read as {name})", .path.display())]
+    MissingFolderTensor { path: PathBuf, folder_name: String, name: String },
 }
 
 /// A name read from a file, quoted for a one-line message: control characters escaped, and
@@ -452,6 +454,16 @@ impl GgufFile {
     pub fn file_len(&self) -> usize {
         self.sources.iter().map(|m| m.len()).sum()
     }
+    /// The error for a tensor the model needs and does not have, in the folder's names when
+    /// it came from one.
+    pub fn missing_tensor(&self, name: &str) -> GgufError {
+        let arch = self.get("general.architecture").and_then(MetaValue::as_str).unwrap_or("");
+        match crate::hf::folder_name(arch, name).filter(|_| self.version == 0) {
+            Some(folder_name) => GgufError::MissingFolderTensor { path: self.path.clone(), folder_name, name: name.into() },
+            None => GgufError::MissingTensor(name.into()),
+        }
+    }
+
     /// A tensor's name for a message: quoted, with the name it has in its own file when that
     /// differs.
     pub fn describe(&self, name: &str) -> String {

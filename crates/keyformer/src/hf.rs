@@ -196,6 +196,23 @@ impl Naming {
     }
 }
 
+/// The folder's name of a GGUF tensor name, for a message about a tensor the folder lacks.
+pub(crate) fn folder_name(architecture: &str, gguf: &str) -> Option<String> {
+    let naming = NAMINGS.iter().find(|n| n.architecture == architecture)?;
+    let (stem, suffix) = gguf.rsplit_once('.')?;
+    naming.names.iter().find_map(|(h, g)| {
+        let hf = match g.split_once("{N}") {
+            None => (stem == *g).then(|| h.to_string())?,
+            Some((pre, post)) => {
+                let n = stem.strip_prefix(pre)?.strip_suffix(post)?;
+                n.parse::<usize>().ok()?;
+                h.replace("{N}", n)
+            }
+        };
+        Some(format!("{hf}.{suffix}"))
+    })
+}
+
 /// The conversion a tensor needs before it matches its GGUF counterpart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Convert {

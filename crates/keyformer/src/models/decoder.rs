@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::backend::cpu::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, SequenceCache};
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::GgufFile;
 use keyformer_kv::{PolicyConfig, SequencePolicy};
 
 use super::config::{FfnKind, ModelConfig, NormKind, PositionKind};
@@ -175,12 +175,13 @@ impl TensorReader<'_> {
         first_row: usize,
         rows: usize,
     ) -> Result<GgufWeight, ModelError> {
-        let info = self.file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+        let info = self.file.tensor_info(name).ok_or_else(|| self.file.missing_tensor(name))?;
         if info.dims.len() != 2 || info.dims[0] != cols || info.dims[1] != total_rows {
+            // Rows x columns reads the same in GGUF (innermost first) and safetensors (outermost first).
+            let shape = info.dims.iter().rev().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ");
             return Err(ModelError::Invalid(format!(
-                "tensor {} has shape {:?}, expected [{cols}, {total_rows}] (GGUF order, innermost first)",
+                "tensor {} is {shape}, expected {total_rows} x {cols} (rows x columns)",
                 self.file.describe(name),
-                info.dims
             )));
         }
         Ok(GgufWeight { info: info.clone(), first_row, rows, cols })
@@ -191,7 +192,7 @@ impl TensorReader<'_> {
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let info = self.file.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+        let info = self.file.tensor_info(name).ok_or_else(|| self.file.missing_tensor(name))?;
         if info.n_elements() != len {
             return Err(ModelError::Invalid(format!(
                 "tensor {} has {} elements, expected {len}",
