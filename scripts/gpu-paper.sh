@@ -9,15 +9,17 @@
 #   scripts/gpu-paper.sh OUT PROMPT GEN POLICY[,POLICY...] [BATCH]
 #   e.g. scripts/gpu-paper.sh $OUT 4096 4096 full,keyformer:budget=50%
 #
-# BATCH defaults to max (give 1 for batch-1 rows). The binary: see scripts/gpu-check.sh.
+# BATCH defaults to max (give 1 for batch-1 rows). SHAPE (default llama2-7b) picks the random
+# weights' shape: the paper's own models are gptj-6b, mpt-7b and cerebras-gpt-6.7b.
+# The binary: see scripts/gpu-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 4 ]; then
-    sed -n '2,13p' "$0" >&2
+    sed -n '2,15p' "$0" >&2
     exit 2
 fi
 out=$1 prompt=$2 gen=$3 policies=$4 batch=${5:-max}
 bin="${KEYFORMER_BIN:-.gpu/keyformer}"
 mkdir -p "$out"
-"$bin" bench --device cuda --random-weights llama2-7b -p "$prompt" -n "$gen" -b "$batch" --kv-policy "$policies" \
+"$bin" bench --device cuda --random-weights "${SHAPE:-llama2-7b}" -p "$prompt" -n "$gen" -b "$batch" --kv-policy "$policies" \
     --json | tee -a "$out/paper.jsonl"

@@ -80,13 +80,14 @@ pub(crate) struct GpuCheckArgs {
     #[arg(long, default_value_t = 4096)]
     slots: usize,
     /// Whole-model checks against the CPU (random weights at these shapes: tiny, tiny-qwen2,
-    /// tiny-gemma2, tiny-gemma3, smollm2-135m,
-    /// llama2-7b, llama3-8b; comma-separated; "none" skips them): logits through a prompt and
-    /// greedy steps, and the tokens Keyformer, H2O and window keep.
+    /// tiny-gemma2, tiny-gemma3, tiny-gptj, tiny-mpt, tiny-gpt2, smollm2-135m, llama2-7b,
+    /// llama3-8b; comma-separated; "none" skips them): logits through a prompt and greedy
+    /// steps, and the tokens Keyformer, H2O and window keep.
     #[arg(long, value_delimiter = ',', default_value = "tiny,tiny-qwen2,tiny-gemma2,tiny-gemma3,smollm2-135m")]
     model_shape: Vec<String>,
-    /// Whole-model checks on GGUF files of any family (comma-separated paths), their weights
-    /// uploaded as f16: e.g. the tiny models of every family in tests/golden/families/.
+    /// Whole-model checks on GGUF files or Hugging Face folders of any family (comma-separated
+    /// paths), their weights uploaded as f16: e.g. the tiny models of every family in
+    /// tests/golden/families/ (and their folders in tests/golden/families/hf/).
     #[arg(long, value_delimiter = ',')]
     model_file: Vec<std::path::PathBuf>,
     /// Prompt tokens of the whole-model checks.

@@ -12,9 +12,12 @@ use std::sync::Arc;
 use crate::gguf::GgufFile;
 use crate::ModelError;
 
-/// Open a GGUF file and build its model.
+/// Open a GGUF file or a Hugging Face folder and build its model.
 pub fn load(path: &Path) -> Result<(Arc<GgufFile>, decoder::Model), ModelError> {
-    let file = Arc::new(GgufFile::open(path)?);
+    let file = Arc::new(match path.is_dir() {
+        true => crate::hf::open(path)?.file,
+        false => GgufFile::open(path)?,
+    });
     let model = load_file(file.clone())?;
     Ok((file, model))
 }

@@ -31,6 +31,8 @@ pub struct RandomShape {
     pub rope_theta: f32,
     /// Sliding window of the family's sliding layers (0: none).
     pub window: usize,
+    /// Rotated dimensions of each head (0: all of them; GPT-J rotates 64 of 256).
+    pub rope_dim: usize,
 }
 
 const fn llama_shape(
@@ -56,14 +58,17 @@ const fn llama_shape(
         context_length: 8192,
         rope_theta,
         window: 0,
+        rope_dim: 0,
     }
 }
 
 /// The shapes `--random-weights` knows. Contexts are 8192 so that the paper's 4096 + 4096
-/// runs at every shape (Llama 2's own is 4096; with random weights it changes nothing measured).
+/// runs at every shape (Llama 2's own is 4096, the paper's GPT-J, MPT and Cerebras-GPT 2048;
+/// with random weights it changes nothing measured, and ALiBi has no trained length).
 /// The family shapes carry their family's pieces (Qwen2's Q/K/V biases, Gemma 2's sandwich
-/// norms, soft-caps and sliding layers, Phi-3's head size of 96).
-pub const SHAPES: [RandomShape; 12] = [
+/// norms, soft-caps and sliding layers, Phi-3's head size of 96, GPT-J's partial rotary and
+/// single norm, MPT's ALiBi, Cerebras-GPT's learned positions, LayerNorm and GELU MLPs).
+pub const SHAPES: [RandomShape; 18] = [
     llama_shape("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 10_000.0),
     llama_shape("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 500_000.0),
     llama_shape("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 100_000.0),
@@ -83,6 +88,10 @@ pub const SHAPES: [RandomShape; 12] = [
         window: 1024,
         ..llama_shape("gemma3-12b", 48, 3840, 16, 8, 15360, 262208, 1_000_000.0)
     },
+    // The paper's models (Keyformer, MLSys 2024, Table 1 and Figures 6-8).
+    RandomShape { family: "gptj", head_dim: 256, rope_dim: 64, ..llama_shape("gptj-6b", 28, 4096, 16, 16, 16384, 50400, 10_000.0) },
+    RandomShape { family: "mpt", ..llama_shape("mpt-7b", 32, 4096, 32, 32, 16384, 50432, 10_000.0) },
+    RandomShape { family: "gpt2", ..llama_shape("cerebras-gpt-6.7b", 32, 4096, 32, 32, 16384, 50257, 10_000.0) },
     // Parity tests: GQA (2 query heads per KV head), two layers; and a Qwen2 one with biases.
     RandomShape { context_length: 4096, ..llama_shape("tiny", 2, 256, 4, 2, 512, 1000, 10_000.0) },
     RandomShape { family: "qwen2", context_length: 4096, ..llama_shape("tiny-qwen2", 2, 256, 4, 2, 512, 1000, 1e6) },
@@ -102,6 +111,16 @@ pub const SHAPES: [RandomShape; 12] = [
         context_length: 4096,
         ..llama_shape("tiny-gemma3", 6, 256, 2, 1, 512, 1000, 1_000_000.0)
     },
+    // The paper's families small: CPU against GPU.
+    RandomShape {
+        family: "gptj",
+        head_dim: 64,
+        rope_dim: 16,
+        context_length: 4096,
+        ..llama_shape("tiny-gptj", 2, 256, 4, 4, 1024, 1000, 10_000.0)
+    },
+    RandomShape { family: "mpt", context_length: 4096, ..llama_shape("tiny-mpt", 2, 256, 4, 4, 1024, 1000, 10_000.0) },
+    RandomShape { family: "gpt2", context_length: 4096, ..llama_shape("tiny-gpt2", 2, 256, 4, 4, 1024, 1000, 10_000.0) },
 ];
 
 impl RandomShape {
@@ -114,6 +133,14 @@ impl RandomShape {
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
+    fn family_row(&self) -> &'static crate::models::config::Family {
+        crate::models::config::ModelConfig::family(self.family).expect("a known family")
+    }
+    /// Whether the MLP has a gate (SwiGLU, GeGLU) or is a plain GELU MLP.
+    fn gated(&self) -> bool {
+        use crate::models::config::FfnKind;
+        matches!(self.family_row().ffn, FfnKind::SwiGlu | FfnKind::GeGlu)
+    }
     /// Every matrix as (GGUF name, rows, cols, tensor number for [`value`]), in file order.
     pub fn matrices(&self) -> Vec<(String, usize, usize, u32)> {
         let (d, hd, ff) = (self.n_embd, self.head_dim(), self.n_ff);
@@ -121,6 +148,9 @@ impl RandomShape {
             ("token_embd.weight".to_string(), self.vocab_size, d, 0),
             ("output.weight".to_string(), self.vocab_size, d, 1),
         ];
+        if self.family_row().positions == crate::models::config::PositionKind::Learned {
+            m.push(("position_embd.weight".to_string(), self.context_length, d, 2 + 7 * self.n_layers as u32));
+        }
         for l in 0..self.n_layers {
             let t = 2 + 7 * l as u32;
             let p = |s: &str| format!("blk.{l}.{s}");
@@ -128,7 +158,9 @@ impl RandomShape {
             m.push((p("attn_k.weight"), self.n_kv_heads * hd, d, t + 1));
             m.push((p("attn_v.weight"), self.n_kv_heads * hd, d, t + 2));
             m.push((p("attn_output.weight"), d, self.n_heads * hd, t + 3));
-            m.push((p("ffn_gate.weight"), ff, d, t + 4));
+            if self.gated() {
+                m.push((p("ffn_gate.weight"), ff, d, t + 4));
+            }
             m.push((p("ffn_up.weight"), ff, d, t + 5));
             m.push((p("ffn_down.weight"), d, ff, t + 6));
         }
@@ -148,11 +180,18 @@ impl RandomShape {
         );
         c.architecture = self.family.into();
         c.head_dim = self.head_dim;
-        c.ropes[0].dim = self.head_dim;
+        let fam = self.family_row();
+        c.ropes[0].dim = match fam.positions {
+            crate::models::config::PositionKind::Rotary if self.rope_dim > 0 => self.rope_dim,
+            crate::models::config::PositionKind::Rotary => self.head_dim,
+            _ => 0,
+        };
         c.attention_scale = 1.0 / (self.head_dim as f32).sqrt();
-        let fam = crate::models::config::ModelConfig::family(self.family).expect("a known family");
         c.ropes[0].style = fam.rope_style;
         c.ffn = fam.ffn;
+        c.norm = fam.norm;
+        c.positions = fam.positions;
+        c.parallel_residual = fam.parallel_residual;
         c.embedding_scale = fam.scale_embeddings.then(|| (self.n_embd as f32).sqrt());
         if self.family == "gemma2" {
             c.attention_softcap = Some(50.0);
@@ -200,6 +239,11 @@ impl RandomShape {
         v
     }
 
+    /// Whether blocks have a norm before the MLP (GPT-J's one norm feeds both).
+    pub fn has_ffn_norm(&self) -> bool {
+        !(self.family_row().parallel_residual && self.family == "gptj")
+    }
+
     /// Bytes of the f16 weights.
     pub fn weight_bytes(&self) -> usize {
         self.matrices().iter().map(|(_, r, c, _)| r * c * 2).sum()
@@ -245,9 +289,12 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
         tensors.push((name, vec![cols, rows], 1, bytes));
     }
     let ones: Vec<u8> = (0..shape.n_embd).flat_map(|_| 1f32.to_le_bytes()).collect();
+    let config = shape.config();
     for l in 0..shape.n_layers {
         tensors.push((format!("blk.{l}.attn_norm.weight"), vec![shape.n_embd], 0, ones.clone()));
-        tensors.push((format!("blk.{l}.ffn_norm.weight"), vec![shape.n_embd], 0, ones.clone()));
+        if shape.has_ffn_norm() {
+            tensors.push((format!("blk.{l}.ffn_norm.weight"), vec![shape.n_embd], 0, ones.clone()));
+        }
     }
     tensors.push(("output_norm.weight".into(), vec![shape.n_embd], 0, ones));
     for (name, len, value) in shape.extra_vectors() {
@@ -260,7 +307,6 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
         b.extend_from_slice(s.as_bytes());
     };
     let arch = shape.family;
-    let config = shape.config();
     let mut u32s: Vec<(String, usize)> = [
         ("block_count", shape.n_layers),
         ("embedding_length", shape.n_embd),
@@ -278,9 +324,16 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
     if shape.window > 0 {
         u32s.push((format!("{arch}.attention.sliding_window"), shape.window));
     }
+    if config.ropes[0].dim != shape.head_dim {
+        u32s.push((format!("{arch}.rope.dimension_count"), config.ropes[0].dim));
+    }
+    let norm_key = match config.norm {
+        crate::models::config::NormKind::Rms => "layer_norm_rms_epsilon",
+        crate::models::config::NormKind::Layer => "layer_norm_epsilon",
+    };
     let mut f32s: Vec<(String, f32)> = vec![
         (format!("{arch}.rope.freq_base"), shape.rope_theta),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-5),
+        (format!("{arch}.attention.{norm_key}"), 1e-5),
     ];
     for (key, cap) in
         [("attn_logit_softcapping", config.attention_softcap), ("final_logit_softcapping", config.final_softcap)]
@@ -343,6 +396,35 @@ mod tests {
         assert!((var - s * s / 3.0).abs() < 0.1 * s * s / 3.0, "variance {var}");
         assert_ne!(value(7, 3, 5, s), value(7, 4, 5, s));
         assert_ne!(value(7, 3, 5, s), value(8, 3, 5, s));
+    }
+
+    /// The paper's families at small shapes: each loads as its family and runs.
+    #[test]
+    fn the_paper_families_random_shapes_load_as_their_family() {
+        use crate::models::config::{NormKind, PositionKind};
+        for (name, arch, positions) in [
+            ("tiny-gptj", "gptj", PositionKind::Rotary),
+            ("tiny-mpt", "mpt", PositionKind::Alibi { max_bias: 8.0 }),
+            ("tiny-gpt2", "gpt2", PositionKind::Learned),
+        ] {
+            let shape = RandomShape::by_name(name).unwrap();
+            let path = std::env::temp_dir().join(format!("keyformer-random-{}-{name}.gguf", std::process::id()));
+            write_gguf(&path, &shape, 1).unwrap();
+            let (file, model) = crate::models::load(&path).unwrap();
+            std::fs::remove_file(&path).ok();
+            let c = &model.config;
+            assert_eq!((c.architecture.as_str(), c.norm, c.positions), (arch, NormKind::Layer, positions), "{name}");
+            // The file declares what the GPU's drawing assumes.
+            let declared = shape.config();
+            assert_eq!((c.ffn, c.parallel_residual, c.ropes[0].dim), (declared.ffn, declared.parallel_residual, declared.ropes[0].dim));
+            assert_eq!(file.tensor_info("blk.0.ffn_gate.weight").is_some(), false, "{name}: a GELU MLP has no gate");
+            assert_eq!(model.layers[0].ffn_norm.is_some(), shape.has_ffn_norm(), "{name}");
+            let mut cache = model.new_cache(64);
+            let logits = model.forward(&[1, 2, 3, 4], &mut cache, Logits::Last).unwrap();
+            assert!(logits.iter().all(|x| x.is_finite()), "{name}");
+        }
+        assert_eq!(RandomShape::by_name("gptj-6b").unwrap().config().ropes[0].dim, 64);
+        assert_eq!(RandomShape::by_name("mpt-7b").unwrap().config().ropes[0].dim, 0);
     }
 
     #[test]

@@ -630,7 +630,8 @@ impl Model<Cuda> {
             gpu.fill_random_f16(&mut data, seed, t, random::scale(&name, cols))?;
             matrices.insert(name, GpuMatrix { data, rows, cols });
         }
-        let mut take = |name: String| matrices.remove(&name).expect("every matrix was drawn");
+        // Every matrix drawn is taken once; a family without one (a gate, positions) drew none.
+        let mut maybe = |name: String| matrices.remove(&name);
         let ones = || -> Result<Norm<Cuda>, GpuError> {
             Ok(Norm { weight: gpu.upload(&vec![1f32; shape.n_embd])?, bias: None })
         };
@@ -645,22 +646,22 @@ impl Model<Cuda> {
                 let mut vector = |s: &str| extra.remove(&p(s));
                 Ok(Layer {
                     attn_norm: ones()?,
-                    wq: take(p("attn_q.weight")),
-                    wk: take(p("attn_k.weight")),
-                    wv: take(p("attn_v.weight")),
+                    wq: maybe(p("attn_q.weight")).expect("drawn"),
+                    wk: maybe(p("attn_k.weight")).expect("drawn"),
+                    wv: maybe(p("attn_v.weight")).expect("drawn"),
                     q_bias: vector("attn_q.bias"),
                     k_bias: vector("attn_k.bias"),
                     v_bias: vector("attn_v.bias"),
                     q_norm: vector("attn_q_norm.weight"),
                     k_norm: vector("attn_k_norm.weight"),
-                    wo: take(p("attn_output.weight")),
+                    wo: maybe(p("attn_output.weight")).expect("drawn"),
                     o_bias: None,
                     post_attn_norm: vector("post_attention_norm.weight").map(|weight| Norm { weight, bias: None }),
-                    ffn_norm: Some(ones()?),
-                    w_gate: Some(take(p("ffn_gate.weight"))),
-                    w_up: take(p("ffn_up.weight")),
+                    ffn_norm: if shape.has_ffn_norm() { Some(ones()?) } else { None },
+                    w_gate: maybe(p("ffn_gate.weight")),
+                    w_up: maybe(p("ffn_up.weight")).expect("drawn"),
                     up_bias: None,
-                    w_down: take(p("ffn_down.weight")),
+                    w_down: maybe(p("ffn_down.weight")).expect("drawn"),
                     down_bias: None,
                     post_ffn_norm: vector("post_ffw_norm.weight").map(|weight| Norm { weight, bias: None }),
                 })
@@ -669,11 +670,11 @@ impl Model<Cuda> {
         let config = shape.config();
         config.validate()?;
         Ok(Model {
-            token_embd: take("token_embd.weight".into()),
-            output: Some(take("output.weight".into())),
+            token_embd: maybe("token_embd.weight".into()).expect("drawn"),
+            output: Some(maybe("output.weight".into()).expect("drawn")),
             output_bias: None,
             output_norm: ones()?,
-            pos_embd: None,
+            pos_embd: maybe("position_embd.weight".into()),
             ropes: config
                 .ropes
                 .iter()
