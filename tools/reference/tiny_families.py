@@ -165,6 +165,13 @@ FAMILIES = {
                  bos_token_id=EOT, eos_token_id=EOT,
                  attn_config={"alibi": True, "alibi_bias_max": 8}),
             []),
+    # MPT with clip_qkv (its 7B models have none; DBRX-style checkpoints do): Q, K and V clamped.
+    "mpt-clip": ("MptConfig", "MptForCausalLM",
+                 dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, expansion_ratio=4,
+                      max_seq_len=256, initializer_range=0.2, layer_norm_epsilon=1e-5,
+                      bos_token_id=EOT, eos_token_id=EOT,
+                      attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": 0.5}),
+                 [("clip_qkv off", lambda c: c["attn_config"].update(clip_qkv=None))]),
 }
 
 
@@ -174,6 +181,7 @@ HPARAMS_EXTRA = {
     "gpt_neox": {"rotary_pct": 0.25},
     "gpt2": {"n_ctx": 256},
     "mpt": {"architectures": ["MPTForCausalLM"]},
+    "mpt-clip": {"architectures": ["MPTForCausalLM"]},
 }
 
 

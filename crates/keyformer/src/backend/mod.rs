@@ -217,6 +217,8 @@ pub trait Backend: Send + Sync + 'static {
     fn gelu(&self, x: &mut Self::Act) -> Result<(), ModelError>;
     /// `x = gelu(x)`, exact: `x Phi(x)` with the normal distribution's `Phi`.
     fn gelu_erf(&self, x: &mut Self::Act) -> Result<(), ModelError>;
+    /// Every value into `[-limit, limit]` (MPT's `clip_qkv` on Q, K and V).
+    fn clamp(&self, x: &mut Self::Act, limit: f32) -> Result<(), ModelError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<(), ModelError>;
     /// One layer's attention with its KV cache: the rows' keys and values join their caches

@@ -283,6 +283,8 @@ pub struct ModelConfig {
     pub embedding_scale: Option<f32>,
     pub positions: PositionKind,
     pub parallel_residual: bool,
+    /// Q, K and V clipped into `[-c, c]` after their projection (MPT's `clip_qkv`).
+    pub clamp_kqv: Option<f32>,
 }
 
 impl ModelConfig {
@@ -311,6 +313,9 @@ impl ModelConfig {
         }
         if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
             return bad(format!("norm epsilon {}", self.norm_eps));
+        }
+        if let Some(c) = self.clamp_kqv.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return bad(format!("a Q/K/V clamp of {c}"));
         }
         for (what, v) in [("attention", self.attention_softcap), ("final", self.final_softcap)] {
             if v.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
@@ -404,11 +409,8 @@ impl ModelConfig {
             }
             p => p,
         };
-        if let Some(clamp) = opt_f32("attention.clamp_kqv")? {
-            return Err(ModelError::Invalid(format!(
-                "{arch}.attention.clamp_kqv = {clamp}: clipping Q, K and V is not supported yet"
-            )));
-        }
+        // 0 means none (llama.cpp's reading); NaN is kept for `validate` to refuse.
+        let clamp_kqv = opt_f32("attention.clamp_kqv")?.filter(|&c| c != 0.0);
         let parallel_residual = match f.get(&k("use_parallel_residual")) {
             Some(v) => {
                 v.as_bool().ok_or_else(|| GgufError::WrongType { key: k("use_parallel_residual"), expected: "bool" })?
@@ -512,6 +514,7 @@ impl ModelConfig {
             embedding_scale: fam.scale_embeddings.then(|| (n_embd as f32).sqrt()),
             positions,
             parallel_residual,
+            clamp_kqv,
         })
     }
 
@@ -558,6 +561,7 @@ impl ModelConfig {
             embedding_scale: None,
             positions: PositionKind::Rotary,
             parallel_residual: false,
+            clamp_kqv: None,
         }
     }
 

@@ -426,6 +426,12 @@ impl<B: Backend> Model<B> {
         if l.o_bias.is_some() || l.up_bias.is_some() || l.down_bias.is_some() {
             f.push("output/MLP bias".into());
         }
+        if self.output_bias.is_some() {
+            f.push("output head bias".into());
+        }
+        if let Some(c) = self.config.clamp_kqv {
+            f.push(format!("Q/K/V clamped to ±{c}"));
+        }
         if let Some(s) = self.config.embedding_scale {
             f.push(format!("embedding scale {s}"));
         }
@@ -644,6 +650,11 @@ impl<B: Backend> Model<B> {
             for (act, bias) in [(&mut *q, &layer.q_bias), (&mut *k, &layer.k_bias), (&mut *v, &layer.v_bias)] {
                 if let Some(b) = bias {
                     be.add_bias(act, n, b)?;
+                }
+            }
+            if let Some(limit) = c.clamp_kqv {
+                for act in [&mut *q, &mut *k, &mut *v] {
+                    be.clamp(act, limit)?;
                 }
             }
             if let Some(w) = &layer.q_norm {

@@ -218,6 +218,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn clamp(&self, x: &mut Vec<f32>, limit: f32) -> Result<(), ModelError> {
+        x.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
+        Ok(())
+    }
+
     fn gelu_erf(&self, x: &mut Vec<f32>) -> Result<(), ModelError> {
         x.iter_mut().for_each(|v| *v = cpu::gelu_erf(*v));
         Ok(())

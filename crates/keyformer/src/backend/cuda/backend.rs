@@ -414,6 +414,10 @@ impl Backend for Cuda {
         Ok(self.gpu.gelu_mul(x.get_mut()?, None)?)
     }
 
+    fn clamp(&self, x: &mut DeviceRows, limit: f32) -> Result<(), ModelError> {
+        Ok(self.gpu.clamp(x.get_mut()?, limit)?)
+    }
+
     fn gelu_erf(&self, x: &mut DeviceRows) -> Result<(), ModelError> {
         Ok(self.gpu.gelu_erf(x.get_mut()?)?)
     }

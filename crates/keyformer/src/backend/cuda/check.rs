@@ -143,6 +143,14 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let scale = max_abs(&want);
     checks.push(row("gelu_erf", worst(&got, &want, |_| scale), 1e-6, "relative to the largest output"));
 
+    // MPT's clip_qkv: exactly the CPU's clamp.
+    let mut want = gate.clone();
+    want.iter_mut().for_each(|v| *v = v.clamp(-0.5, 0.5));
+    let mut dev = gpu.upload(&gate)?;
+    gpu.clamp(&mut dev, 0.5)?;
+    let got = gpu.download(&dev)?;
+    checks.push(row("clamp", worst(&got, &want, |_| 1.0), 0.0, "absolute"));
+
     // An f16 weight times 1 activation row (our GEMV) and 3 and 12 (cuBLAS), against the
     // CPU's F16 row dots.
     let (wr, wc) = (n_ff, d);

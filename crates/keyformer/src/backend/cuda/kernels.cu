@@ -133,6 +133,12 @@ extern "C" __global__ void gelu_erf(float* x, long n) {
     if (i < n) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678f));
 }
 
+// x into [-limit, limit] (MPT's clip_qkv).
+extern "C" __global__ void clamp_values(float* x, long n, float limit) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = fminf(fmaxf(x[i], -limit), limit);
+}
+
 // gate = silu(gate) * up.
 extern "C" __global__ void silu_mul(float* gate, const float* up, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;

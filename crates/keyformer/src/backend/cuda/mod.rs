@@ -72,6 +72,7 @@ struct Kernels {
     scale_assign: CudaFunction,
     gelu_mul: CudaFunction,
     gelu_erf: CudaFunction,
+    clamp_values: CudaFunction,
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
     gemv_f16: CudaFunction,
@@ -300,6 +301,7 @@ impl Gpu {
             scale_assign: f("scale_assign")?,
             gelu_mul: f("gelu_mul")?,
             gelu_erf: f("gelu_erf")?,
+            clamp_values: f("clamp_values")?,
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
             gemv_f16: f("gemv_f16")?,
@@ -536,6 +538,16 @@ impl Gpu {
         let n = x.len() as i64;
         let mut b = self.stream.launch_builder(&self.kernels.gelu_erf);
         b.arg(&mut *x).arg(&n);
+        // SAFETY: one thread per value of x.
+        unsafe { b.launch(grid(n as usize, 256)) }?;
+        Ok(())
+    }
+
+    /// Every value of `x` into `[-limit, limit]`.
+    pub fn clamp(&self, x: &mut CudaSlice<f32>, limit: f32) -> Result<(), GpuError> {
+        let n = x.len() as i64;
+        let mut b = self.stream.launch_builder(&self.kernels.clamp_values);
+        b.arg(&mut *x).arg(&n).arg(&limit);
         // SAFETY: one thread per value of x.
         unsafe { b.launch(grid(n as usize, 256)) }?;
         Ok(())
