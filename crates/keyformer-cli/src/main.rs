@@ -160,7 +160,10 @@ struct EvalArgs {
     /// continuation), generation (greedy output against the full cache's: ROUGE, identical
     /// prefix), summary (chat-template summary: ROUGE against the document's reference and the
     /// full cache's summary), needle (passkey retrieval from a haystack), ppl (streaming
-    /// perplexity).
+    /// perplexity), ruler (RULER-style long-context tasks, the question asked after the context
+    /// is compressed: kvpress's protocol) and ruler_inside (the same cases, the question
+    /// compressed with the prompt). RULER's haystacks are --data's documents (e.g.
+    /// paul-graham.jsonl from scripts/fetch-texts.sh).
     #[arg(long, value_delimiter = ',', default_value = "fidelity,generation,ppl")]
     tasks: Vec<Task>,
     /// Policies, comma-separated. A policy may carry its own settings after colons, which makes
@@ -196,6 +199,23 @@ struct EvalArgs {
     /// Needle: depths of the passkey in percent of the haystack, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100")]
     needle_depths: Vec<u32>,
+    /// RULER: tasks, comma-separated (niah_single_1..3, niah_multikey_1..3, niah_multivalue,
+    /// niah_multiquery, vt, cwe, fwe; default all).
+    #[arg(long, value_delimiter = ',')]
+    ruler_tasks: Vec<keyformer_eval::eval::ruler::RulerTask>,
+    /// RULER: prompt lengths in tokens, comma-separated (capped at the model's context).
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    ruler_lengths: Vec<usize>,
+    /// RULER: cases per task and length.
+    #[arg(long, default_value_t = 2)]
+    ruler_samples: usize,
+    /// RULER: the seed the cases are drawn from (the policies' seeds are --seeds).
+    #[arg(long, default_value_t = 0)]
+    ruler_seed: u64,
+    /// Write the RULER cases as JSONL to this file (for scripts/kvpress-ruler.py) and exit
+    /// without evaluating.
+    #[arg(long)]
+    export_cases: Option<PathBuf>,
     /// Defaults of every policy's settings (a policy's own `:option=` wins).
     #[command(flatten)]
     tuning: KvTuning,
@@ -945,8 +965,22 @@ fn eval(a: EvalArgs) -> Result<()> {
         ppl_ctx: a.ppl_ctx,
         needle_lengths: a.needle_lengths,
         needle_depths: a.needle_depths,
+        ruler_tasks: match a.ruler_tasks.is_empty() {
+            true => keyformer_eval::eval::ruler::RulerTask::ALL.to_vec(),
+            false => a.ruler_tasks,
+        },
+        ruler_lengths: a.ruler_lengths,
+        ruler_samples: a.ruler_samples,
+        ruler_seed: a.ruler_seed,
     };
     let engine = load(&a.model.model)?;
+    if let Some(path) = &a.export_cases {
+        let cases = keyformer_eval::eval::suite::ruler_cases(&engine, &plan, &docs)?;
+        let text: String = cases.iter().map(|c| serde_json::to_string(c).expect("cases serialise") + "\n").collect();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("{} RULER cases written to {}", cases.len(), path.display());
+        return Ok(());
+    }
     let mut progress = Progress::new("eval", "cases");
     let results = keyformer_eval::eval::suite::run_eval(&engine, &plan, &docs, &a.out, &mut |done, total| {
         progress.update(done as u64, total as u64);

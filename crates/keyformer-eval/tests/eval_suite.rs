@@ -14,7 +14,8 @@ use keyformer::sampling::SamplingParams;
 use keyformer::Engine;
 use keyformer_eval::eval::fidelity::fidelity;
 use keyformer_eval::eval::rouge;
-use keyformer_eval::eval::suite::{run_eval, CaseRow, Document, EvalPlan, PolicyVariant, Task};
+use keyformer_eval::eval::ruler::{self, RulerTask};
+use keyformer_eval::eval::suite::{ruler_cases, run_eval, CaseRow, Document, EvalPlan, PolicyVariant, Task};
 
 fn plan(tasks: Vec<Task>, policies: &[&str]) -> EvalPlan {
     // Short test prompts: no floor under the percentage budgets.
@@ -31,6 +32,10 @@ fn plan(tasks: Vec<Task>, policies: &[&str]) -> EvalPlan {
         ppl_ctx: 64,
         needle_lengths: vec![128],
         needle_depths: vec![50],
+        ruler_tasks: vec![RulerTask::NiahSingle2, RulerTask::Vt],
+        ruler_lengths: vec![400],
+        ruler_samples: 1,
+        ruler_seed: 0,
     }
 }
 
@@ -175,4 +180,43 @@ fn fidelity_is_exact_for_a_covering_budget_and_degrades_below_it() {
     let kf = fidelity(&e, p, cont, &config(PolicyKind::Keyformer, Amount::Tokens(48))).unwrap();
     assert!(tight.mean_kl > kf.mean_kl && kf.mean_kl > 0.0, "window@16 {tight:?} vs keyformer@48 {kf:?}");
     assert!(tight.p90_kl >= tight.mean_kl * 0.5 && tight.top1_agreement < 1.0);
+}
+
+/// RULER rows: a covering budget answers as the full cache; in "inside" mode a row equals a
+/// separate generation from the whole prompt under the same policy; in "after" mode the
+/// question comes after the compressed context, so it is never evicted before it is read.
+#[test]
+fn ruler_rows_equal_separate_runs_and_a_covering_budget_equals_full() {
+    let engine = Engine::load(&q4_model()).unwrap();
+    let out = scratch_dir("ruler");
+    let mut p = plan(vec![Task::Ruler, Task::RulerInside], &["h2o", "keyformer"]);
+    p.budgets = vec![Amount::Percent(40.0), Amount::Tokens(4096)];
+    let doc = prose_doc();
+    run_eval(&engine, &p, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
+    let got = rows(&out);
+    // 2 tasks x 1 sample x 2 modes x 2 policies x 2 budgets.
+    assert_eq!(got.len(), 16);
+    let cases = ruler_cases(&engine, &p, std::slice::from_ref(&doc)).unwrap();
+    assert_eq!(cases.len(), 2);
+    for row in &got {
+        let case = cases.iter().find(|c| c.id == row.doc).unwrap();
+        assert_eq!(row.metrics["score"], ruler::score(row.output.as_deref().unwrap(), &case.answers));
+        let tokens = row.metrics["prompt_tokens"];
+        assert!((300.0..=400.0).contains(&tokens), "{}: {tokens} prompt tokens for 400", row.doc);
+        if row.budget == "4096" {
+            assert_eq!(row.metrics["score"], row.metrics["full_score"], "{} {}", row.doc, row.policy);
+        }
+    }
+    // Inside mode: the prompt is the template's text up to the answer prefix.
+    let case = &cases[0];
+    let mark = "\u{1}Q\u{1}";
+    let chat = engine.chat_prompt(&format!("{}{mark}{}", case.before_question(), case.question)).unwrap();
+    let (before, after) = chat.split_once(mark).unwrap();
+    let mut prompt = engine.encode(before).unwrap();
+    prompt.extend(engine.tokenizer.encode(&format!("{after}{}", case.answer_prefix), false).unwrap());
+    let kv = p.policies[1].case(Amount::Percent(40.0), 3);
+    let (_, text) = greedy(&engine, &prompt, kv, case.max_new_tokens);
+    let row = got.iter().find(|r| r.task == "ruler_inside" && r.doc == case.id && r.policy == "keyformer" && r.budget == "40%").unwrap();
+    assert_eq!(row.output.as_deref(), Some(text.as_str()));
+    std::fs::remove_dir_all(&out).unwrap();
 }

@@ -5,4 +5,5 @@
 pub mod fidelity;
 pub mod plot;
 pub mod rouge;
+pub mod ruler;
 pub mod suite;

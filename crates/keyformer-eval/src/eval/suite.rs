@@ -7,7 +7,9 @@
 //! `generation` (greedy continuation of the compressed cache against the full cache's: ROUGE
 //! and identical prefix), `summary` (a chat-template summary of the document: ROUGE against the
 //! human reference and against the full cache's summary), `needle` (a passkey hidden at a depth
-//! of a haystack of real text, asked for after it) and `ppl` (streaming perplexity).
+//! of a haystack of real text, asked for after it), `ppl` (streaming perplexity), and `ruler`
+//! / `ruler_inside` (RULER-style synthetic tasks, [`crate::eval::ruler`]: the question after the
+//! compressed context, kvpress's protocol, or inside the prompt that is compressed).
 //!
 //! Every prompt but perplexity's (which streams, so eviction starts inside it) is prefilled
 //! once with the full cache; that prefill records every policy's prompt scores, and each
@@ -24,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::eval::fidelity::{fidelity_against, teacher_forced_logits};
 use crate::eval::plot::{line_chart_svg, Series, YKind};
 use crate::eval::rouge;
+use crate::eval::ruler::{self, Haystack, RulerCase, RulerMode, RulerTask};
 use keyformer::engine::GenerateRequest;
 use keyformer::sampling::SamplingParams;
 use keyformer::{Engine, ModelError};
@@ -68,10 +71,15 @@ pub enum Task {
     Summary,
     Needle,
     Ppl,
+    /// RULER-style tasks, the question after compression.
+    Ruler,
+    /// The same cases with the question compressed with the prompt.
+    RulerInside,
 }
 
 impl Task {
-    pub const ALL: [Task; 5] = [Task::Fidelity, Task::Generation, Task::Summary, Task::Needle, Task::Ppl];
+    pub const ALL: [Task; 7] =
+        [Task::Fidelity, Task::Generation, Task::Summary, Task::Needle, Task::Ppl, Task::Ruler, Task::RulerInside];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -80,6 +88,16 @@ impl Task {
             Task::Summary => "summary",
             Task::Needle => "needle",
             Task::Ppl => "ppl",
+            Task::Ruler => "ruler",
+            Task::RulerInside => "ruler_inside",
+        }
+    }
+
+    fn ruler_mode(self) -> Option<RulerMode> {
+        match self {
+            Task::Ruler => Some(RulerMode::After),
+            Task::RulerInside => Some(RulerMode::Inside),
+            _ => None,
         }
     }
 }
@@ -142,6 +160,12 @@ pub struct EvalPlan {
     /// Needle: haystack lengths in tokens, and depths (percent of the haystack) of the passkey.
     pub needle_lengths: Vec<usize>,
     pub needle_depths: Vec<u32>,
+    /// RULER: which tasks, prompt lengths in tokens (capped at the model's context), cases per
+    /// task and length, and the seed the cases are drawn from.
+    pub ruler_tasks: Vec<RulerTask>,
+    pub ruler_lengths: Vec<usize>,
+    pub ruler_samples: usize,
+    pub ruler_seed: u64,
 }
 
 /// One finished case.
@@ -189,11 +213,16 @@ fn model_fingerprint(engine: &Engine) -> String {
 /// A case's own settings: what its numbers depend on besides the model and the key.
 fn case_fingerprint(plan: &EvalPlan, unit: &Unit, variant: &PolicyVariant) -> String {
     let d = unit.doc;
+    if let Some(case) = &unit.ruler {
+        // The case's whole text: the generator's output is what the numbers depend on.
+        return fingerprint(&format!("{}|{:?}", fingerprint(&format!("{case:?}")), variant.config));
+    }
     let counts = match unit.task {
         Task::Fidelity | Task::Generation => format!("{} {}", plan.prompt_tokens, plan.continuation_tokens),
         Task::Summary => format!("{} {}", plan.prompt_tokens, plan.summary_tokens),
         Task::Needle => String::new(), // length and depth are in the unit's label
         Task::Ppl => plan.ppl_ctx.to_string(),
+        Task::Ruler | Task::RulerInside => unreachable!("returned above"),
     };
     let text = format!("{}|{:?}|{:?}", d.context, d.question, d.reference);
     fingerprint(&format!("{}|{counts}|{:?}", fingerprint(&text), variant.config))
@@ -213,6 +242,8 @@ struct Unit<'a> {
     doc: &'a Document,
     /// Needle: haystack length and depth.
     needle: Option<(usize, u32)>,
+    /// RULER: the case.
+    ruler: Option<RulerCase>,
     label: String,
 }
 
@@ -221,6 +252,7 @@ enum FullAnswer {
     Logits(Vec<Vec<f32>>),
     Text { ids: Vec<u32>, text: String },
     Needle(bool),
+    Ruler { score: f64 },
     None,
 }
 
@@ -252,7 +284,17 @@ pub fn run_eval(
     }
 
     let mut units = Vec::new();
+    let ruler_cases = match plan.tasks.iter().any(|t| t.ruler_mode().is_some()) {
+        true => ruler_cases(engine, plan, docs)?,
+        false => Vec::new(),
+    };
     for &task in &plan.tasks {
+        if task.ruler_mode().is_some() {
+            for case in &ruler_cases {
+                units.push(Unit { task, doc: &docs[0], needle: None, ruler: Some(case.clone()), label: case.id.clone() });
+            }
+            continue;
+        }
         for doc in docs {
             if task == Task::Needle {
                 for &length in &plan.needle_lengths {
@@ -260,13 +302,14 @@ pub fn run_eval(
                         units.push(Unit {
                             task,
                             doc,
+                            ruler: None,
                             needle: Some((length, depth)),
                             label: format!("{}@{length}@{depth}%", doc.id),
                         });
                     }
                 }
             } else {
-                units.push(Unit { task, doc, needle: None, label: doc.id.clone() });
+                units.push(Unit { task, doc, needle: None, ruler: None, label: doc.id.clone() });
             }
         }
     }
@@ -327,15 +370,21 @@ pub fn run_eval(
         if pending.is_empty() {
             continue;
         }
-        if !tokens_of.contains_key(&unit.doc.id) {
+        if !tokens_of.contains_key(&unit.doc.id) && unit.ruler.is_none() {
             tokens_of.insert(unit.doc.id.clone(), engine.encode(&unit.doc.context)?);
         }
-        let tokens = &tokens_of[&unit.doc.id];
+        let empty = Vec::new();
+        let tokens = tokens_of.get(&unit.doc.id).unwrap_or(&empty);
         let (prompt, steps, passkey) = unit_prompt(engine, plan, unit, tokens)?;
+        // RULER after compression: the question's tokens follow as decode steps.
+        let ruler_tail = match (&unit.ruler, unit.task.ruler_mode()) {
+            (Some(case), Some(mode)) => ruler_prompt(engine, case, mode)?.1,
+            _ => Vec::new(),
+        };
         let configs: Vec<PolicyConfig> = pending.iter().map(|(v, b, s)| v.case(*b, *s)).collect();
         let shared = match unit.task {
             Task::Ppl => None,
-            _ => Some(engine.shared_prefill(&prompt, &configs, steps)?),
+            _ => Some(engine.shared_prefill(&prompt, &configs, steps + ruler_tail.len())?),
         };
         let from_shared =
             |kv: &PolicyConfig| engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps);
@@ -349,6 +398,26 @@ pub fn run_eval(
             };
             let out = engine.generate_from(&prompt, start, &req, &mut |_| {})?;
             Ok((out.token_ids, out.text))
+        };
+        // RULER: the question (after mode) as decode steps, then the answer, scored.
+        let ruler_answer = |kv: &PolicyConfig| -> Result<(f64, String), ModelError> {
+            let case = unit.ruler.as_ref().expect("a RULER unit");
+            let (mut cache, mut logits) =
+                engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps + ruler_tail.len())?;
+            for &t in &ruler_tail {
+                engine.decode_step_into(t, &mut cache, &mut logits)?;
+            }
+            let mut seen = prompt.clone();
+            seen.extend_from_slice(&ruler_tail);
+            let req = GenerateRequest {
+                max_tokens: steps,
+                sampling: SamplingParams::default(),
+                stop: Vec::new(),
+                kv: PolicyConfig::default(),
+                logprobs: None,
+            };
+            let text = engine.generate_from(&seen, (cache, logits), &req, &mut |_| {})?.text;
+            Ok((ruler::score(&text, &case.answers), text))
         };
         let forced = || &tokens[plan.prompt_tokens..plan.prompt_tokens + plan.continuation_tokens];
         let full = match unit.task {
@@ -364,6 +433,7 @@ pub fn run_eval(
                 FullAnswer::Needle(answer_has(&text, &passkey))
             }
             Task::Ppl => FullAnswer::None,
+            Task::Ruler | Task::RulerInside => FullAnswer::Ruler { score: ruler_answer(&PolicyConfig::default())?.0 },
         };
         let mut full_ppl: BTreeMap<String, f64> = BTreeMap::new();
         for ((variant, budget, seed), kv) in pending.into_iter().zip(configs) {
@@ -409,6 +479,13 @@ pub fn run_eval(
                     let (_, text) = greedy(from_shared(&kv)?)?;
                     metrics.insert("correct".into(), f64::from(u8::from(answer_has(&text, &passkey))));
                     metrics.insert("full_correct".into(), f64::from(u8::from(*full_correct)));
+                    output = Some(text);
+                }
+                (FullAnswer::Ruler { score: full_score }, _) => {
+                    let (score, text) = ruler_answer(&kv)?;
+                    metrics.insert("score".into(), score);
+                    metrics.insert("full_score".into(), *full_score);
+                    metrics.insert("prompt_tokens".into(), (prompt.len() + ruler_tail.len()) as f64);
                     output = Some(text);
                 }
                 (FullAnswer::None, _) => {
@@ -484,6 +561,60 @@ fn unit_prompt(
             (prompt, NEEDLE_ANSWER_TOKENS, code)
         }
         Task::Ppl => (Vec::new(), 0, String::new()), // streams the whole document itself
+        Task::Ruler | Task::RulerInside => {
+            let case = unit.ruler.as_ref().expect("RULER units carry their case");
+            let mode = unit.task.ruler_mode().expect("a RULER task");
+            (ruler_prompt(engine, case, mode)?.0, case.max_new_tokens, String::new())
+        }
+    })
+}
+
+/// The RULER cases of `plan`: every task x length x sample, haystacks from `docs`, sized in
+/// the model's tokens (the chat template's included), lengths capped at what the model's
+/// context holds with the answer.
+pub fn ruler_cases(engine: &Engine, plan: &EvalPlan, docs: &[Document]) -> Result<Vec<RulerCase>, ModelError> {
+    let hay = Haystack::new(docs.iter().map(|d| d.context.as_str()));
+    let count = |s: &str| engine.tokenizer.encode(s, false).map_or(0, |v| v.len());
+    let overhead = match engine.chat_template() {
+        Some(_) => engine.encode(&engine.chat_prompt("")?)?.len(),
+        None => usize::from(engine.tokenizer.add_bos),
+    };
+    let context = engine.model.config.context_length;
+    let mut cases = Vec::new();
+    for &task in &plan.ruler_tasks {
+        for &length in &plan.ruler_lengths {
+            let length = length.min(context.saturating_sub(task.answer_tokens() + 1));
+            for sample in 0..plan.ruler_samples {
+                cases.push(
+                    ruler::generate(task, length, sample, plan.ruler_seed, overhead, &hay, &count)
+                        .map_err(ModelError::Input)?,
+                );
+            }
+        }
+    }
+    Ok(cases)
+}
+
+/// A RULER case's tokens: the prompt (its user message up to the question, in the chat
+/// template) and the rest (the question, the template's end of turn, the answer prefix). In
+/// `Inside` mode the prompt is both; the split is the same, so both modes see the same tokens.
+fn ruler_prompt(engine: &Engine, case: &RulerCase, mode: RulerMode) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+    const MARK: &str = "\u{1}QUESTION\u{1}";
+    let user = format!("{}{MARK}{}", case.before_question(), case.question);
+    let text = match engine.chat_template() {
+        Some(_) => engine.chat_prompt(&user)?,
+        None => format!("{user}\n"),
+    };
+    // `after` begins with the question.
+    let (before, after) = text.split_once(MARK).expect("the template keeps the message");
+    let mut prompt = engine.encode(before)?;
+    let rest = engine.tokenizer.encode(&format!("{after}{}", case.answer_prefix), false)?;
+    Ok(match mode {
+        RulerMode::After => (prompt, rest),
+        RulerMode::Inside => {
+            prompt.extend(rest);
+            (prompt, Vec::new())
+        }
     })
 }
 
