@@ -36,6 +36,7 @@ fn plan(tasks: Vec<Task>, policies: &[&str]) -> EvalPlan {
         ruler_lengths: vec![400],
         ruler_samples: 1,
         ruler_seed: 0,
+        ruler_answer_tokens: None,
     }
 }
 

@@ -14,7 +14,7 @@ pub mod policy;
 
 pub use cursor::{CursorFull, EvictRange, SlotCursor, StepPlan};
 pub use noise::NoiseKind;
-pub use policy::{Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal};
+pub use policy::{Accumulate, Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal};
 
 /// Errors from slot bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -138,6 +138,29 @@ impl Default for KeyformerOptions {
     }
 }
 
+/// How a running sum of attention (H2O's, Keyformer's) becomes a token's eviction score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accumulate {
+    /// The sum over every query that saw the token (H2O, the paper's Keyformer): an old token
+    /// has been seen by more queries, so it outscores a newer one that is attended as much.
+    #[default]
+    Sum,
+    /// The sum divided by the number of queries that saw it (every query at or after its
+    /// position): the mean attention it received, fair between old and new tokens.
+    Mean,
+}
+
+impl std::str::FromStr for Accumulate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sum" => Ok(Accumulate::Sum),
+            "mean" => Ok(Accumulate::Mean),
+            _ => Err(format!("accumulate is sum or mean, not '{s}'")),
+        }
+    }
+}
+
 /// Everything a user sets about KV compression.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
@@ -151,6 +174,14 @@ pub struct PolicyConfig {
     pub min_budget: usize,
     /// StreamingLLM's attention sinks.
     pub sinks: usize,
+    /// The first tokens every other policy keeps too (`sinks=N` on any policy but `sink`,
+    /// whose own are `sinks`); counted in the budget.
+    pub pinned_sinks: usize,
+    /// How H2O's and Keyformer's running sums score a token.
+    pub accumulate: Accumulate,
+    /// Scores of attention-based policies multiplied by the norm of the token's value: a token
+    /// attended to but carrying a small value changes the output little.
+    pub value_weighted: bool,
     /// SnapKV's observation window (last queries of the prompt).
     pub snapkv_window: usize,
     pub keyformer: KeyformerOptions,
@@ -165,6 +196,9 @@ impl Default for PolicyConfig {
             recent: None,
             min_budget: DEFAULT_MIN_BUDGET,
             sinks: 4,
+            pinned_sinks: 0,
+            accumulate: Accumulate::Sum,
+            value_weighted: false,
             snapkv_window: 32,
             keyformer: KeyformerOptions::default(),
             seed: 0,
@@ -185,9 +219,11 @@ impl PolicyConfig {
     /// A policy as written on the command line, in a server request or in `eval --policies`,
     /// with its own settings after colons: `keyformer`, `keyformer:noise=none`,
     /// `keyformer:recent=10%:frozen`, `sink:sinks=8`, `h2o:budget=256`. Options: `budget=AMOUNT`,
-    /// `min-budget=N`, `recent=AMOUNT`, `sinks=N`, `window=N` (SnapKV's observation window),
-    /// `noise=gumbel|gaussian|constant|none`, `tau=INIT-END`, `frozen`. Unset options come from
-    /// `defaults` (whose kind is replaced).
+    /// `min-budget=N`, `recent=AMOUNT`, `sinks=N` (StreamingLLM's; on any other policy, the
+    /// first N tokens pinned), `window=N` (SnapKV's observation window), `accumulate=sum|mean`
+    /// (H2O's and Keyformer's running sums, or their mean per observing query), `value` (scores
+    /// weighted by the value's norm), `noise=gumbel|gaussian|constant|none`, `tau=INIT-END`,
+    /// `frozen`. Unset options come from `defaults` (whose kind is replaced).
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
         let mut parts = spec.trim().split(':');
         let kind: PolicyKind = parts.next().unwrap_or_default().trim().parse()?;
@@ -205,7 +241,10 @@ impl PolicyConfig {
                 "budget" => config.budget = Some(value.parse().map_err(|e: PolicyError| bad(e.to_string()))?),
                 "min-budget" => config.min_budget = count("min-budget")?,
                 "recent" => config.recent = Some(value.parse().map_err(|e: PolicyError| bad(e.to_string()))?),
-                "sinks" => config.sinks = count("sinks")?,
+                "sinks" if kind == PolicyKind::Sink => config.sinks = count("sinks")?,
+                "sinks" => config.pinned_sinks = count("sinks")?,
+                "accumulate" => config.accumulate = value.parse().map_err(bad)?,
+                "value" if value.is_empty() => config.value_weighted = true,
                 "window" => config.snapkv_window = count("window")?,
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
                 "tau" => {
@@ -216,7 +255,8 @@ impl PolicyConfig {
                 "frozen" if value.is_empty() => config.keyformer.frozen = true,
                 _ => {
                     return Err(bad(format!(
-                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, noise=, tau=, frozen)"
+                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, accumulate=, value, \
+                     noise=, tau=, frozen)"
                 )))
                 }
             }
@@ -331,6 +371,13 @@ impl PolicyConfig {
                 r
             }
         };
+        let pins = !matches!(self.kind, PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink);
+        if pins && budget != usize::MAX && recent + self.pinned_sinks > budget {
+            return Err(PolicyError::Invalid(format!(
+                "{} pinned sinks and a recent window of {recent} do not fit a budget of {budget}",
+                self.pinned_sinks
+            )));
+        }
         Ok(SequencePolicy {
             config: self.clone(),
             budget,
@@ -339,6 +386,7 @@ impl PolicyConfig {
             steps,
             n_kv_heads,
             scores: vec![Vec::new(); n_layers * n_kv_heads],
+            value_norms: vec![Vec::new(); if self.value_weighted { n_layers * n_kv_heads } else { 0 }],
             step: 0,
             prompt_done: false,
         })
@@ -373,6 +421,8 @@ pub struct SequencePolicy {
     pub steps: usize,
     n_kv_heads: usize,
     scores: Vec<Vec<f32>>,
+    /// The norm of each slot's value (only with `value_weighted`).
+    value_norms: Vec<Vec<f32>>,
     step: usize,
     prompt_done: bool,
 }
@@ -425,6 +475,18 @@ impl SequencePolicy {
             },
             _ => Signal::None,
         }
+    }
+
+    /// [`on_insert`](Self::on_insert) with the token's value, which value-weighted scores use.
+    pub fn on_insert_kv(&mut self, layer: usize, head: usize, slot: usize, key: &[f32], value: &[f32]) {
+        if self.config.value_weighted {
+            let norms = &mut self.value_norms[layer * self.n_kv_heads + head];
+            if norms.len() <= slot {
+                norms.resize(slot + 1, 1.0);
+            }
+            norms[slot] = value.iter().map(|v| v * v).sum::<f32>().sqrt();
+        }
+        self.on_insert(layer, head, slot, key);
     }
 
     /// Record that `slot` of (layer, head) now holds a new token with this key.
@@ -491,14 +553,39 @@ impl SequencePolicy {
         self.victims_by_selection(layer, head, table, target)
     }
 
-    /// The eviction score of the token at (`slot`, `pos`): lower goes first.
-    fn eviction_key(&self, layer: usize, head: usize, slot: usize, pos: u32) -> f32 {
+    /// The eviction score of the token at (`slot`, `pos`) when the newest held token is at
+    /// `last`: lower goes first.
+    fn eviction_key(&self, layer: usize, head: usize, slot: usize, pos: u32, last: u32) -> f32 {
         match self.config.kind {
             PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => 0.0, // oldest first
             PolicyKind::Random => {
                 noise::uniform_open(self.config.seed, layer as u32, head as u32, self.step as u32, pos, 7) as f32
             }
-            _ => self.scores(layer, head).get(slot).copied().unwrap_or(0.0),
+            _ => self.score_key(layer, head, slot, pos, last),
+        }
+    }
+
+    /// A scored policy's eviction key: its score, as a mean per observing query when
+    /// `accumulate=mean` (the queries at positions `pos..=last` saw the token), times the value's
+    /// norm when value-weighted.
+    fn score_key(&self, layer: usize, head: usize, slot: usize, pos: u32, last: u32) -> f32 {
+        let mut key = self.scores(layer, head).get(slot).copied().unwrap_or(0.0);
+        let c = &self.config;
+        if c.accumulate == Accumulate::Mean && matches!(c.kind, PolicyKind::H2o | PolicyKind::Keyformer) {
+            key /= (last.saturating_sub(pos) + 1) as f32;
+        }
+        if c.value_weighted && c.kind != PolicyKind::KNorm {
+            key *= self.value_norms[layer * self.n_kv_heads + head].get(slot).copied().unwrap_or(1.0);
+        }
+        key
+    }
+
+    /// The first positions no eviction touches: StreamingLLM's sinks, or the pinned ones.
+    fn pinned(&self) -> u64 {
+        match self.config.kind {
+            PolicyKind::Sink => self.config.sinks as u64,
+            PolicyKind::Full | PolicyKind::Window => 0,
+            _ => self.config.pinned_sinks as u64,
         }
     }
 
@@ -512,19 +599,22 @@ impl SequencePolicy {
         let last = table.last_position()?;
         let keep_recent = self.recent.min(table.len());
         let first_recent = (last as u64 + 1).checked_sub(keep_recent as u64)?;
-        let sinks = if self.config.kind == PolicyKind::Sink { self.config.sinks as u64 } else { 0 };
+        let sinks = self.pinned();
+        let c = &self.config;
+        let plain_scores = c.accumulate == Accumulate::Sum && !c.value_weighted;
         // One loop per kind of key, each compiled with its key inlined.
-        let (in_recent, best) = match self.config.kind {
+        let (in_recent, best) = match c.kind {
             PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => {
                 lowest_candidate(table, first_recent, sinks, |_, _| 0.0)
             }
-            PolicyKind::Random => {
-                lowest_candidate(table, first_recent, sinks, |slot, pos| self.eviction_key(layer, head, slot, pos))
-            }
-            _ => {
+            PolicyKind::Random => lowest_candidate(table, first_recent, sinks, |slot, pos| {
+                self.eviction_key(layer, head, slot, pos, last)
+            }),
+            _ if plain_scores => {
                 let scores = self.scores(layer, head);
                 lowest_candidate(table, first_recent, sinks, |slot, _| scores.get(slot).copied().unwrap_or(0.0))
             }
+            _ => lowest_candidate(table, first_recent, sinks, |slot, pos| self.score_key(layer, head, slot, pos, last)),
         };
         if in_recent != keep_recent {
             return None;
@@ -541,6 +631,7 @@ impl SequencePolicy {
         }
         // Linear-time selection, not sorting: this runs for every (layer, head) at every step.
         let mut occupied: Vec<(usize, u32)> = table.occupied().collect();
+        let last = occupied.iter().map(|&(_, p)| p).max().unwrap_or(0);
         let keep_recent = self.recent.min(occupied.len());
         let n_old = occupied.len() - keep_recent;
         if keep_recent > 0 && n_old > 0 {
@@ -548,14 +639,15 @@ impl SequencePolicy {
             occupied.select_nth_unstable_by_key(n_old, |&(_, p)| p);
         }
         occupied.truncate(n_old);
-        let kind = self.config.kind;
-        if kind == PolicyKind::Sink {
-            let sinks = self.config.sinks as u32;
-            occupied.retain(|&(_, p)| p >= sinks);
+        let pinned = self.pinned();
+        if pinned > 0 {
+            occupied.retain(|&(_, p)| p as u64 >= pinned);
         }
         // Lowest score first; ties evict the oldest.
-        let mut candidates: Vec<(f32, u32, usize)> =
-            occupied.iter().map(|&(slot, pos)| (self.eviction_key(layer, head, slot, pos), pos, slot)).collect();
+        let mut candidates: Vec<(f32, u32, usize)> = occupied
+            .iter()
+            .map(|&(slot, pos)| (self.eviction_key(layer, head, slot, pos, last), pos, slot))
+            .collect();
         let order = |a: &(f32, u32, usize), b: &(f32, u32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if excess < candidates.len() {
             candidates.select_nth_unstable_by(excess - 1, order);
@@ -590,13 +682,20 @@ impl SequencePolicy {
 
     /// The storage was compacted: `mapping[i] = (old_slot, new_slot)` for (layer, head).
     pub fn remap(&mut self, layer: usize, head: usize, mapping: &[(usize, usize)]) {
-        let old = std::mem::take(self.slot_scores(layer, head));
         let new_len = mapping.iter().map(|&(_, n)| n + 1).max().unwrap_or(0);
-        let mut new = vec![0.0; new_len];
-        for &(o, n) in mapping {
-            new[n] = old.get(o).copied().unwrap_or(0.0);
+        let moved = |old: &[f32], fill: f32| {
+            let mut new = vec![fill; new_len];
+            for &(o, n) in mapping {
+                new[n] = old.get(o).copied().unwrap_or(fill);
+            }
+            new
+        };
+        let i = layer * self.n_kv_heads + head;
+        self.scores[i] = moved(&self.scores[i], 0.0);
+        if let Some(norms) = self.value_norms.get(i) {
+            let new = moved(norms, 1.0);
+            self.value_norms[i] = new;
         }
-        *self.slot_scores(layer, head) = new;
     }
 
     /// Forget the score of an evicted slot.
@@ -878,6 +977,62 @@ mod tests {
         assert_eq!(PolicyConfig::from_parts(Some("full"), None, &h2o).unwrap().budget, None);
     }
 
+    /// accumulate=mean: an old token with a larger sum but fewer attention per observing query
+    /// loses to a newer one (hand-computed: 1.2 / 6 = 0.2 against 0.5 / 2 = 0.25).
+    #[test]
+    fn mean_accumulation_does_not_favour_old_tokens() {
+        let run = |accumulate| {
+            let mut p = PolicyConfig {
+                kind: PolicyKind::H2o,
+                budget: Some(Amount::Tokens(2)),
+                recent: Some(Amount::Tokens(1)),
+                accumulate,
+                ..Default::default()
+            }
+            .resolve(6, 0, 1, 1)
+            .unwrap();
+            let t = table(6);
+            p.observe(0, 0, &[1.2, 0.1, 0.1, 0.1, 0.5, 0.3]);
+            let victims = p.victims(0, 0, &t, 2);
+            let kept: Vec<u32> = (0..6).filter(|s| !victims.contains(s)).map(|s| s as u32).collect();
+            kept
+        };
+        assert_eq!(run(Accumulate::Sum), vec![0, 5]);
+        assert_eq!(run(Accumulate::Mean), vec![4, 5]);
+    }
+
+    /// sinks=N on a scored policy pins the first tokens; value weighting evicts a token whose
+    /// value is tiny however much it is attended.
+    #[test]
+    fn pinned_sinks_and_value_weights_compose_with_a_score() {
+        let spec = |s: &str| PolicyConfig::parse_spec(s, &PolicyConfig::default()).unwrap();
+        let mut p = PolicyConfig { budget: Some(Amount::Tokens(3)), recent: Some(Amount::Tokens(1)), ..spec("h2o:sinks=1") }
+            .resolve(6, 0, 1, 1)
+            .unwrap();
+        assert_eq!(p.config.pinned_sinks, 1);
+        let t = table(6);
+        p.observe(0, 0, &[0.0, 0.9, 0.1, 0.8, 0.2, 0.0]);
+        let mut kept: Vec<usize> = (0..6).filter(|s| !p.victims(0, 0, &t, 3).contains(s)).collect();
+        kept.sort();
+        assert_eq!(kept, vec![0, 1, 5], "position 0 is pinned though its score is the lowest");
+        let mut p = PolicyConfig { budget: Some(Amount::Tokens(2)), recent: Some(Amount::Tokens(1)), ..spec("tova:value") }
+            .resolve(4, 0, 1, 1)
+            .unwrap();
+        let t = table(4);
+        for slot in 0..4 {
+            let value = if slot == 1 { [0.01, 0.0] } else { [1.0, 0.0] };
+            p.on_insert_kv(0, 0, slot, &[1.0], &value);
+        }
+        p.observe(0, 0, &[0.2, 0.5, 0.3, 0.0]);
+        // Scores x value norms: 0.2, 0.005, 0.3: position 2 is kept, 1 goes first.
+        assert_eq!(p.victims(0, 0, &t, 2), vec![1, 0]);
+        for bad in ["h2o:accumulate=median", "h2o:value=yes"] {
+            assert!(PolicyConfig::parse_spec(bad, &PolicyConfig::default()).is_err(), "{bad}");
+        }
+        let no_room = PolicyConfig { budget: Some(Amount::Tokens(4)), recent: Some(Amount::Tokens(3)), ..spec("h2o:sinks=2") };
+        assert!(no_room.resolve(10, 0, 1, 1).is_err());
+    }
+
     proptest! {
         /// Decode-style steps with random scores (every policy but `full`, which never evicts):
         /// after every step no table holds more than the
@@ -887,12 +1042,18 @@ mod tests {
         fn invariants_hold_for_every_policy(
             kind_i in 1usize..9, budget in 1usize..12, recent_frac in 0usize..=100,
             steps in 1usize..40, seed in any::<u64>(),
+            pinned in 0usize..3, mean in any::<bool>(), value_weighted in any::<bool>(),
         ) {
             let kind = PolicyKind::ALL[kind_i];
             let recent = budget * recent_frac / 100;
+            // The composable settings on every policy (pinned sinks where they fit).
+            let own_recent = if kind == PolicyKind::SnapKv { recent.max(1).min(budget) } else { recent };
+            let pinned = pinned.min(budget - own_recent);
             let cfg = PolicyConfig {
                 kind, budget: Some(Amount::Tokens(budget)), recent: Some(Amount::Tokens(recent)),
-                sinks: budget.min(2), snapkv_window: recent.max(1), seed, ..Default::default()
+                sinks: budget.min(2), snapkv_window: recent.max(1), seed, pinned_sinks: pinned,
+                accumulate: if mean { Accumulate::Mean } else { Accumulate::Sum }, value_weighted,
+                ..Default::default()
             };
             let mut p = cfg.resolve(budget, steps, 1, 1).unwrap();
             let mut t = SlotTable::new(budget + 1);
@@ -900,7 +1061,7 @@ mod tests {
             let mut rng = seed | 1;
             for pos in 0..(budget + steps) as u32 {
                 let slot = t.insert(pos).unwrap();
-                p.on_insert(0, 0, slot, &[pos as f32 % 3.0]);
+                p.on_insert_kv(0, 0, slot, &[pos as f32 % 3.0], &[(pos % 5) as f32 + 0.5]);
                 let row: Vec<f32> = (0..t.high_water()).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 100) as f32 / 100.0 }).collect();
                 p.observe(0, 0, &row);
                 if pos as usize + 1 == budget { p.finish_prompt(&[&t]); continue; }
@@ -926,6 +1087,8 @@ mod tests {
                 }
                 if kind == PolicyKind::Sink {
                     for sink in 0..cfg.sinks.min(held.len()) as u32 { prop_assert!(held.contains(&sink)); }
+                } else if kind != PolicyKind::Window {
+                    for sink in 0..pinned.min(held.len()) as u32 { prop_assert!(held.contains(&sink), "pinned {sink} evicted"); }
                 }
             }
         }

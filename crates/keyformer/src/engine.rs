@@ -651,7 +651,7 @@ impl Engine<Cpu> {
         for (li, heads) in cache.layers.iter().enumerate() {
             for (h, head) in heads.iter().enumerate() {
                 for (slot, _) in head.table.occupied() {
-                    cache.policy.on_insert(li, h, slot, &head.key(slot));
+                    cache.policy.on_insert_kv(li, h, slot, &head.key(slot), &head.value(slot));
                 }
             }
             if signal == Signal::None {

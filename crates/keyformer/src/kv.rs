@@ -192,6 +192,10 @@ impl HeadKv {
         self.keys.read(slot * self.head_dim, out);
     }
 
+    pub fn read_value(&self, slot: usize, out: &mut [f32]) {
+        self.values.read(slot * self.head_dim, out);
+    }
+
     /// A slot's key (or value) as f32.
     pub fn key(&self, slot: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.head_dim];

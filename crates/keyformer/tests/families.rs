@@ -169,8 +169,22 @@ fn every_policy_runs_on_every_family() {
         let prompt = ids(&g["cases"][2]["ids"]);
         let steps = 8;
         let (full, _) = decode(&engine, &PolicyConfig::default(), &prompt, steps);
-        for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
-            let kv = |budget| PolicyConfig { kind, budget: Some(budget), seed: 3, min_budget: 1, ..Default::default() };
+        // Every kind, and the composable settings on the scored ones.
+        let composed = |kind| PolicyConfig {
+            kind,
+            pinned_sinks: 2,
+            accumulate: keyformer::keyformer_kv::Accumulate::Mean,
+            value_weighted: true,
+            ..Default::default()
+        };
+        let variants = PolicyKind::ALL
+            .into_iter()
+            .filter(|&k| k != PolicyKind::Full)
+            .map(|kind| PolicyConfig { kind, ..Default::default() })
+            .chain([PolicyKind::H2o, PolicyKind::Keyformer, PolicyKind::Tova].map(composed));
+        for base in variants {
+            let kind = base.kind;
+            let kv = |budget| PolicyConfig { budget: Some(budget), seed: 3, min_budget: 1, ..base.clone() };
             let (covering, _) = decode(&engine, &kv(Amount::Tokens(prompt.len() + steps)), &prompt, steps);
             assert!(covering == full, "{name} {kind:?}: a covering budget differs from the full cache");
             let (half, cache) = decode(&engine, &kv(Amount::Percent(50.0)), &prompt, steps);

@@ -486,16 +486,32 @@ fn fill(task: RulerTask, case: &mut RulerCase, d: &mut Draw, room: usize, count:
                     (0..d.hay.sentences.len()).map(|i| d.hay.sentences[(start + i) % d.hay.sentences.len()].clone()).collect()
                 }
             };
-            let mut body = Vec::new();
-            let mut used = 0;
-            for s in filler.iter().cycle().take(filler.len().max(1) * 10_000) {
-                let t = count(s) + 1;
-                if used + t > budget {
+            // Sentences counted one by one overestimate the joined text a little: the budget is
+            // rescaled by what the joined text measured (twice at most).
+            let costs: Vec<usize> = filler.iter().map(|s| count(s) + 1).collect();
+            let take = |budget: usize| -> usize {
+                let mut used = 0;
+                let mut n = 0;
+                while n < filler.len() * 10_000 {
+                    let t = costs[n % filler.len()];
+                    if used + t > budget {
+                        break;
+                    }
+                    used += t;
+                    n += 1;
+                }
+                n
+            };
+            let joined = |n: usize| (0..n).map(|i| filler[i % filler.len()].as_str()).collect::<Vec<_>>().join(" ");
+            let mut n = take(budget);
+            for _ in 0..2 {
+                let measured = count(&joined(n)).max(1);
+                if measured >= budget * 97 / 100 {
                     break;
                 }
-                used += t;
-                body.push(s.clone());
+                n = take(budget * budget / measured);
             }
+            let mut body: Vec<String> = (0..n).map(|i| filler[i % filler.len()].clone()).collect();
             for n in needles {
                 let at = d.rng.below(body.len() + 1);
                 body.insert(at, n);

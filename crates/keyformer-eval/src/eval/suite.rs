@@ -166,6 +166,8 @@ pub struct EvalPlan {
     pub ruler_lengths: Vec<usize>,
     pub ruler_samples: usize,
     pub ruler_seed: u64,
+    /// RULER: answer tokens at most (RULER's per-task limit when `None`).
+    pub ruler_answer_tokens: Option<usize>,
 }
 
 /// One finished case.
@@ -585,14 +587,34 @@ pub fn ruler_cases(engine: &Engine, plan: &EvalPlan, docs: &[Document]) -> Resul
         for &length in &plan.ruler_lengths {
             let length = length.min(context.saturating_sub(task.answer_tokens() + 1));
             for sample in 0..plan.ruler_samples {
-                cases.push(
-                    ruler::generate(task, length, sample, plan.ruler_seed, overhead, &hay, &count)
-                        .map_err(ModelError::Input)?,
-                );
+                let mut case = ruler::generate(task, length, sample, plan.ruler_seed, overhead, &hay, &count)
+                    .map_err(ModelError::Input)?;
+                if let Some(cap) = plan.ruler_answer_tokens {
+                    case.max_new_tokens = case.max_new_tokens.min(cap.max(1));
+                }
+                cases.push(case);
             }
         }
     }
     Ok(cases)
+}
+
+/// The RULER cases of `plan` as JSONL for other engines (scripts/kvpress-ruler.py): each case's
+/// text with this model's token ids of the context part (`context_ids`: the chat template up to
+/// the question) and of the rest (`question_ids`: the question, the end of the user's turn and
+/// the answer prefix), so that another engine runs exactly these tokens.
+pub fn export_ruler_cases(engine: &Engine, plan: &EvalPlan, docs: &[Document], path: &Path) -> Result<usize, ModelError> {
+    let mut text = String::new();
+    let cases = ruler_cases(engine, plan, docs)?;
+    for case in &cases {
+        let (context_ids, question_ids) = ruler_prompt(engine, case, RulerMode::After)?;
+        let mut row = serde_json::to_value(case).expect("cases serialise");
+        row["context_ids"] = context_ids.into();
+        row["question_ids"] = question_ids.into();
+        text.push_str(&(row.to_string() + "\n"));
+    }
+    std::fs::write(path, text).map_err(|e| ModelError::Input(format!("writing {}: {e}", path.display())))?;
+    Ok(cases.len())
 }
 
 /// A RULER case's tokens: the prompt (its user message up to the question, in the chat
@@ -734,9 +756,10 @@ fn write_summary(out: &Path, rows: &[CaseRow]) -> std::io::Result<()> {
             "ppl" => "ppl",
             "generation" | "summary" => "rougeL",
             "needle" => "correct",
+            "ruler" | "ruler_inside" => "score",
             _ => "mean_kl",
         };
-        let direction = if matches!(metric, "rougeL" | "correct") { "higher" } else { "lower" };
+        let direction = if matches!(metric, "rougeL" | "correct" | "score") { "higher" } else { "lower" };
         let (budgets, policies) = budgets_and_policies(&acc, task);
         let mean = |p: &String, b: &String, m: &str| mean_of(&acc, task, p, b, m);
         // Tasks that record the full cache's own score beside each case (`full_<metric>`) get a

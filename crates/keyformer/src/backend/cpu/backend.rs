@@ -249,6 +249,7 @@ impl Backend for Cpu {
         let batch = caches.len() > 1;
         let n = positions.len();
         let mut stored_key = vec![0f32; hd];
+        let mut stored_value = vec![0f32; hd];
         for (ci, cache) in caches.iter_mut().enumerate() {
             let span = if batch { ci..ci + 1 } else { 0..n };
             let q = &q[span.start * q_dim..span.end * q_dim];
@@ -262,7 +263,10 @@ impl Backend for Cpu {
                     let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
                     // Policies see the key as stored (key-norm scores it), as attention does.
                     cache.layers[li][h].read_key(slot, &mut stored_key);
-                    cache.policy.on_insert(li, h, slot, &stored_key);
+                    if cache.policy.config.value_weighted {
+                        cache.layers[li][h].read_value(slot, &mut stored_value);
+                    }
+                    cache.policy.on_insert_kv(li, h, slot, &stored_key, &stored_value);
                 }
             }
             // Where each signal's sums go: H2O's and Keyformer's scores and a shared prefill's

@@ -68,6 +68,15 @@ impl GpuKvCache {
     ) -> Result<Self, ModelError> {
         let kind = policy.kind();
         let k = &policy.config.keyformer;
+        let c = &policy.config;
+        let composed = c.pinned_sinks > 0 || c.accumulate != keyformer_kv::Accumulate::Sum || c.value_weighted;
+        if composed {
+            return Err(ModelError::Input(
+                "the settings sinks=, accumulate=mean and value (on policies other than sink) do not run on the \
+                 CUDA backend yet: use the CPU"
+                    .into(),
+            ));
+        }
         if !GPU_POLICIES.contains(&kind)
             || (kind == PolicyKind::Keyformer && (k.frozen || k.noise != NoiseKind::Gumbel))
         {
