@@ -161,6 +161,32 @@ impl std::str::FromStr for Accumulate {
     }
 }
 
+/// How the budget is spread over layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerBudgets {
+    /// Every layer keeps the budget.
+    #[default]
+    Uniform,
+    /// PyramidKV's schedule: from 1.5x the budget at the first layer down to 0.5x at the last,
+    /// linearly (the same total), since lower layers spread their attention wider.
+    Pyramid,
+}
+
+impl std::str::FromStr for LayerBudgets {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uniform" => Ok(LayerBudgets::Uniform),
+            "pyramid" => Ok(LayerBudgets::Pyramid),
+            _ => Err(format!("layers is uniform or pyramid, not '{s}'")),
+        }
+    }
+}
+
+/// AdaKV's safeguard: with adaptive head budgets each head keeps at least this share of its
+/// uniform share of key tokens.
+pub const ADAPTIVE_FLOOR: f64 = 0.2;
+
 /// Everything a user sets about KV compression.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
@@ -182,6 +208,13 @@ pub struct PolicyConfig {
     /// Scores of attention-based policies multiplied by the norm of the token's value: a token
     /// attended to but carrying a small value changes the output little.
     pub value_weighted: bool,
+    /// The budget per layer.
+    pub layer_budgets: LayerBudgets,
+    /// AdaKV: at the end of the prompt a layer's budget (budget x KV heads) goes to the
+    /// best-scored tokens of all its heads together, each head keeping its recent window, its
+    /// pinned sinks and at least [`ADAPTIVE_FLOOR`] of its share; the heads then keep their
+    /// counts while decoding. The layer's memory is unchanged.
+    pub adaptive: bool,
     /// SnapKV's observation window (last queries of the prompt).
     pub snapkv_window: usize,
     pub keyformer: KeyformerOptions,
@@ -199,6 +232,8 @@ impl Default for PolicyConfig {
             pinned_sinks: 0,
             accumulate: Accumulate::Sum,
             value_weighted: false,
+            layer_budgets: LayerBudgets::Uniform,
+            adaptive: false,
             snapkv_window: 32,
             keyformer: KeyformerOptions::default(),
             seed: 0,
@@ -222,8 +257,9 @@ impl PolicyConfig {
     /// `min-budget=N`, `recent=AMOUNT`, `sinks=N` (StreamingLLM's; on any other policy, the
     /// first N tokens pinned), `window=N` (SnapKV's observation window), `accumulate=sum|mean`
     /// (H2O's and Keyformer's running sums, or their mean per observing query), `value` (scores
-    /// weighted by the value's norm), `noise=gumbel|gaussian|constant|none`, `tau=INIT-END`,
-    /// `frozen`. Unset options come from `defaults` (whose kind is replaced).
+    /// weighted by the value's norm), `layers=uniform|pyramid` (the budget per layer),
+    /// `adaptive` (AdaKV's budgets per head), `noise=gumbel|gaussian|constant|none`,
+    /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
         let mut parts = spec.trim().split(':');
         let kind: PolicyKind = parts.next().unwrap_or_default().trim().parse()?;
@@ -245,6 +281,8 @@ impl PolicyConfig {
                 "sinks" => config.pinned_sinks = count("sinks")?,
                 "accumulate" => config.accumulate = value.parse().map_err(bad)?,
                 "value" if value.is_empty() => config.value_weighted = true,
+                "layers" => config.layer_budgets = value.parse().map_err(bad)?,
+                "adaptive" if value.is_empty() => config.adaptive = true,
                 "window" => config.snapkv_window = count("window")?,
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
                 "tau" => {
@@ -256,7 +294,7 @@ impl PolicyConfig {
                 _ => {
                     return Err(bad(format!(
                     "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, accumulate=, value, \
-                     noise=, tau=, frozen)"
+                     layers=, adaptive, noise=, tau=, frozen)"
                 )))
                 }
             }
@@ -378,9 +416,26 @@ impl PolicyConfig {
                 self.pinned_sinks
             )));
         }
+        let scored = !matches!(self.kind, PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink);
+        if (self.adaptive || self.layer_budgets != LayerBudgets::Uniform) && !scored {
+            return Err(PolicyError::Invalid(format!(
+                "adaptive and layers= spread a budget by score: policy '{}' has none",
+                self.kind.name()
+            )));
+        }
+        let head_budgets = match self.layer_budgets {
+            _ if budget == usize::MAX => Vec::new(),
+            LayerBudgets::Uniform if !self.adaptive => Vec::new(),
+            LayerBudgets::Uniform => vec![budget; n_layers * n_kv_heads],
+            LayerBudgets::Pyramid => pyramid(budget, n_layers, recent + self.pinned_sinks + 1, prompt_len)
+                .into_iter()
+                .flat_map(|b| std::iter::repeat_n(b, n_kv_heads))
+                .collect(),
+        };
         Ok(SequencePolicy {
             config: self.clone(),
             budget,
+            head_budgets,
             recent,
             prompt_len,
             steps,
@@ -391,6 +446,36 @@ impl PolicyConfig {
             prompt_done: false,
         })
     }
+}
+
+/// PyramidKV's schedule: layer l keeps `budget x (1.5 - l / (n - 1))`, never below `floor`
+/// nor above the prompt, and the layers together at most `n x budget`.
+fn pyramid(budget: usize, n: usize, floor: usize, prompt_len: usize) -> Vec<usize> {
+    if n < 2 {
+        return vec![budget; n];
+    }
+    let cap = prompt_len.max(budget);
+    let mut b: Vec<usize> = (0..n)
+        .map(|l| {
+            let share = budget as f64 * (1.5 - l as f64 / (n - 1) as f64);
+            (share.floor() as usize).clamp(floor.min(budget), cap)
+        })
+        .collect();
+    // Floors and caps may leave the total off `n x budget`: take from the largest layers or
+    // give to the smallest until it matches (or nothing can move).
+    let total = n * budget;
+    while b.iter().sum::<usize>() > total {
+        let (i, _) = b.iter().enumerate().filter(|(_, &x)| x > floor.min(budget)).max_by_key(|(_, &x)| x).unwrap_or((0, &0));
+        if b[i] <= floor.min(budget) {
+            break;
+        }
+        b[i] -= 1;
+    }
+    while b.iter().sum::<usize>() < total {
+        let Some((i, _)) = b.iter().enumerate().filter(|(_, &x)| x < cap).min_by_key(|(_, &x)| x) else { break };
+        b[i] += 1;
+    }
+    b
 }
 
 /// What the attention kernel must report for one layer at this step: for every query row at
@@ -412,8 +497,11 @@ pub enum Signal {
 #[derive(Debug, Clone)]
 pub struct SequencePolicy {
     pub config: PolicyConfig,
-    /// Tokens kept per (layer, KV head); `usize::MAX` for the full cache.
+    /// Tokens kept per (layer, KV head); `usize::MAX` for the full cache. With per-layer or
+    /// adaptive budgets, the uniform share ([`head_budget`](Self::head_budget) is each one's).
     pub budget: usize,
+    /// Per (layer, KV head) budgets when they differ (pyramid, adaptive); empty: all `budget`.
+    head_budgets: Vec<usize>,
     /// Most recent tokens always kept.
     pub recent: usize,
     pub prompt_len: usize,
@@ -431,6 +519,62 @@ impl SequencePolicy {
     pub fn kind(&self) -> PolicyKind {
         self.config.kind
     }
+    /// The tokens (layer, head) keeps.
+    pub fn head_budget(&self, layer: usize, head: usize) -> usize {
+        self.head_budgets.get(layer * self.n_kv_heads + head).copied().unwrap_or(self.budget)
+    }
+
+    /// The tokens `layer` keeps over all its heads.
+    pub fn layer_budget(&self, layer: usize) -> usize {
+        (0..self.n_kv_heads).map(|h| self.head_budget(layer, h)).fold(0usize, usize::saturating_add)
+    }
+
+    /// AdaKV's split of `layer`'s budget over its heads at the end of the prompt (`tables`: the
+    /// layer's heads): each head keeps its recent window and pinned sinks, plus at least
+    /// [`ADAPTIVE_FLOOR`] of its share of key tokens; the rest of the layer's key tokens go to
+    /// the best eviction keys of all heads together. No-op unless `adaptive`.
+    pub fn plan_adaptive(&mut self, layer: usize, tables: &[&SlotTable]) {
+        if !self.config.adaptive || self.budget == usize::MAX || self.prompt_done {
+            return;
+        }
+        let fixed = self.recent + self.pinned() as usize;
+        let mut floors = Vec::with_capacity(tables.len());
+        let mut pool: Vec<(f32, u32, usize)> = Vec::new(); // key, position, head
+        let (mut quota, mut shares, mut available) = (0usize, 0usize, 0usize);
+        for (h, table) in tables.iter().enumerate() {
+            let share = self.head_budget(layer, h).saturating_sub(fixed);
+            let floor = (share as f64 * ADAPTIVE_FLOOR).ceil() as usize;
+            quota += share.saturating_sub(floor);
+            shares += share;
+            floors.push(floor);
+            let Some(last) = table.last_position() else { continue };
+            let first_recent = (last as u64 + 1).saturating_sub(self.recent as u64);
+            let mut keys: Vec<(f32, u32, usize)> = table
+                .occupied()
+                .filter(|&(_, p)| (p as u64) < first_recent && p as u64 >= self.pinned())
+                .map(|(slot, p)| (self.eviction_key(layer, h, slot, p, last), p, h))
+                .collect();
+            // Best first; ties keep the newer.
+            keys.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+            available += keys.len();
+            pool.extend_from_slice(&keys[floor.min(keys.len())..]);
+        }
+        if available <= shares {
+            // Every key token fits: nothing to trade between heads, and each head keeps its
+            // share for what decoding adds.
+            return;
+        }
+        // Here the pool holds at least `quota` tokens, so the heads' budgets sum to the layer's.
+        pool.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+        let mut extra = vec![0usize; tables.len()];
+        for &(_, _, h) in pool.iter().take(quota) {
+            extra[h] += 1;
+        }
+        for h in 0..tables.len() {
+            self.head_budgets[layer * self.n_kv_heads + h] = fixed + floors[h] + extra[h];
+        }
+    }
+
     /// Whether the prompt has been compressed (later eviction happens at every step).
     pub fn prompt_done(&self) -> bool {
         self.prompt_done
@@ -581,7 +725,7 @@ impl SequencePolicy {
     }
 
     /// The first positions no eviction touches: StreamingLLM's sinks, or the pinned ones.
-    fn pinned(&self) -> u64 {
+    pub fn pinned(&self) -> u64 {
         match self.config.kind {
             PolicyKind::Sink => self.config.sinks as u64,
             PolicyKind::Full | PolicyKind::Window => 0,
@@ -1033,7 +1177,89 @@ mod tests {
         assert!(no_room.resolve(10, 0, 1, 1).is_err());
     }
 
+    /// PyramidKV: 1.5x the budget at the first layer down to 0.5x at the last, the same total.
+    #[test]
+    fn pyramid_budgets_fall_by_layer_and_keep_the_total() {
+        let p = PolicyConfig {
+            kind: PolicyKind::H2o,
+            budget: Some(Amount::Tokens(8)),
+            recent: Some(Amount::Tokens(1)),
+            layer_budgets: LayerBudgets::Pyramid,
+            ..Default::default()
+        }
+        .resolve(100, 0, 4, 2)
+        .unwrap();
+        let layers: Vec<usize> = (0..4).map(|l| p.head_budget(l, 0)).collect();
+        // 12, 9.33, 6.67, 4 floored to 12, 9, 6, 4 (31), then +1 to the smallest.
+        assert_eq!(layers, vec![12, 9, 6, 5]);
+        assert_eq!((0..4).map(|l| p.layer_budget(l)).sum::<usize>(), 4 * 2 * 8);
+        assert!(PolicyConfig::parse_spec("window:layers=pyramid", &PolicyConfig::default())
+            .unwrap()
+            .resolve(10, 0, 2, 1)
+            .is_err());
+    }
+
+    /// AdaKV: a head whose attention is concentrated on few tokens gives its share to a head
+    /// that needs more, above a floor; the layer's total stays.
+    #[test]
+    fn adaptive_budgets_follow_the_scores_across_heads_above_a_floor() {
+        let mut p = PolicyConfig {
+            kind: PolicyKind::H2o,
+            budget: Some(Amount::Tokens(4)),
+            recent: Some(Amount::Tokens(1)),
+            adaptive: true,
+            ..Default::default()
+        }
+        .resolve(8, 0, 1, 2)
+        .unwrap();
+        let t = table(8);
+        // Head 0: every old token well attended; head 1: nothing stands out.
+        p.observe(0, 0, &[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0]);
+        p.observe(0, 1, &[0.05, 0.04, 0.03, 0.02, 0.01, 0.01, 0.01, 0.0]);
+        p.plan_adaptive(0, &[&t, &t]);
+        // Shares of 3 key tokens, floors of ceil(0.2 x 3) = 1: 4 more go to the best keys,
+        // all head 0's. Recent 1 + floor 1 + 4 and 1 + 1 + 0.
+        assert_eq!((p.head_budget(0, 0), p.head_budget(0, 1)), (6, 2));
+        assert_eq!(p.layer_budget(0), 8);
+        assert_eq!(p.victims(0, 0, &t, p.head_budget(0, 0)).len(), 2);
+        assert_eq!(p.victims(0, 1, &t, p.head_budget(0, 1)).len(), 6);
+    }
+
     proptest! {
+        /// Adaptive budgets: every head keeps at least its recent window, pinned sinks and
+        /// floor, the layer never holds more than budget x heads, and a covering budget keeps
+        /// everything.
+        #[test]
+        fn adaptive_budgets_respect_floors_and_the_layer_total(
+            budget in 2usize..16, heads in 1usize..5, prompt in 2usize..40, pinned in 0usize..2,
+            seed in any::<u64>(),
+        ) {
+            let recent = budget / 4;
+            let pinned = pinned.min(budget - recent);
+            let mut p = PolicyConfig {
+                kind: PolicyKind::Keyformer, budget: Some(Amount::Tokens(budget)),
+                recent: Some(Amount::Tokens(recent)), pinned_sinks: pinned, adaptive: true, ..Default::default()
+            }.resolve(prompt, 0, 1, heads).unwrap();
+            let t = table(prompt);
+            let mut rng = seed | 1;
+            for h in 0..heads {
+                let row: Vec<f32> = (0..prompt).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 1000) as f32 / 1000.0 }).collect();
+                p.observe(0, h, &row);
+            }
+            let tables = vec![&t; heads];
+            p.plan_adaptive(0, &tables);
+            prop_assert!(p.layer_budget(0) <= budget * heads);
+            let floor = ((budget - recent - pinned) as f64 * ADAPTIVE_FLOOR).ceil() as usize;
+            for h in 0..heads {
+                let kept = prompt - p.victims(0, h, &t, p.head_budget(0, h)).len();
+                prop_assert!(kept <= p.head_budget(0, h));
+                prop_assert!(kept >= (recent + pinned + floor).min(prompt));
+            }
+            if budget >= prompt {
+                for h in 0..heads { prop_assert!(p.victims(0, h, &t, p.head_budget(0, h)).is_empty()); }
+            }
+        }
+
         /// Decode-style steps with random scores (every policy but `full`, which never evicts):
         /// after every step no table holds more than the
         /// budget, the recent window is intact, evicted positions never return, and positions

@@ -348,8 +348,8 @@ impl KvCache {
         if self.windows[layer].is_some() {
             return self.evict_outside_window(layer);
         }
-        let budget = self.policy.budget;
         for (h, head) in self.layers[layer].iter_mut().enumerate() {
+            let budget = self.policy.head_budget(layer, h);
             for slot in self.policy.victims(layer, h, &head.table, budget) {
                 head.table.evict(slot)?;
                 self.policy.on_evict(layer, h, slot);
@@ -381,6 +381,10 @@ impl KvCache {
     /// window), compact the storage to budget + 1 (window + 1) slots, and start decoding.
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {
         for layer in 0..self.layers.len() {
+            if self.windows[layer].is_none() {
+                let tables: Vec<&SlotTable> = self.layers[layer].iter().map(|h| &h.table).collect();
+                self.policy.plan_adaptive(layer, &tables);
+            }
             self.evict_to_budget(layer)?;
             let capacity = match self.windows[layer] {
                 // Room for the window however short the prompt was (decode fills it up), but
@@ -389,12 +393,17 @@ impl KvCache {
                     let lifetime = self.policy.prompt_len.saturating_add(self.policy.steps);
                     window.min(lifetime).saturating_add(1)
                 }
-                None if self.policy.budget != usize::MAX => {
-                    self.policy.budget.saturating_add(1).min(self.layers[layer][0].table.capacity())
-                }
+                None if self.policy.budget != usize::MAX => usize::MAX, // per head, below
                 None => continue,
             };
             for h in 0..self.layers[layer].len() {
+                let capacity = match capacity {
+                    // Each head's own budget + 1 (they differ with pyramid or adaptive budgets).
+                    usize::MAX => {
+                        self.policy.head_budget(layer, h).saturating_add(1).min(self.layers[layer][h].table.capacity())
+                    }
+                    c => c,
+                };
                 let mapping = self.layers[layer][h].compact(capacity);
                 self.policy.remap(layer, h, &mapping);
             }

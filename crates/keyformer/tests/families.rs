@@ -175,24 +175,43 @@ fn every_policy_runs_on_every_family() {
             pinned_sinks: 2,
             accumulate: keyformer::keyformer_kv::Accumulate::Mean,
             value_weighted: true,
+            snapkv_window: 8,
             ..Default::default()
         };
         let variants = PolicyKind::ALL
             .into_iter()
             .filter(|&k| k != PolicyKind::Full)
             .map(|kind| PolicyConfig { kind, ..Default::default() })
-            .chain([PolicyKind::H2o, PolicyKind::Keyformer, PolicyKind::Tova].map(composed));
+            .chain([PolicyKind::H2o, PolicyKind::Keyformer, PolicyKind::Tova].map(composed))
+            .chain([PolicyKind::Keyformer, PolicyKind::SnapKv].map(|kind| PolicyConfig {
+                adaptive: true,
+                layer_budgets: keyformer::keyformer_kv::policy::LayerBudgets::Pyramid,
+                ..composed(kind)
+            }));
         for base in variants {
             let kind = base.kind;
             let kv = |budget| PolicyConfig { budget: Some(budget), seed: 3, min_budget: 1, ..base.clone() };
-            let (covering, _) = decode(&engine, &kv(Amount::Tokens(prompt.len() + steps)), &prompt, steps);
+            // Pyramid budgets keep half the budget at the last layer: twice covers.
+            let covers = (prompt.len() + steps) * if base.layer_budgets == Default::default() { 1 } else { 2 };
+            let (covering, _) = decode(&engine, &kv(Amount::Tokens(covers)), &prompt, steps);
             assert!(covering == full, "{name} {kind:?}: a covering budget differs from the full cache");
             let (half, cache) = decode(&engine, &kv(Amount::Percent(50.0)), &prompt, steps);
             let budget = cache.policy.budget;
             assert_eq!(budget, prompt.len() / 2, "{name} {kind:?}");
-            for head in cache.layers.iter().flatten() {
-                assert!(head.table.len() <= budget + 1, "{name} {kind:?}: {} held", head.table.len());
+            // Each head within its own budget (+1 in decode), each layer within its heads'
+            // budgets, and the whole cache within budget x layers x heads (+1 per head).
+            let mut total = 0;
+            for (l, heads) in cache.layers.iter().enumerate() {
+                let held: usize = heads.iter().map(|h| h.table.len()).sum();
+                for (h, head) in heads.iter().enumerate() {
+                    let own = cache.policy.head_budget(l, h);
+                    assert!(head.table.len() <= own + 1, "{name} {kind:?}: {} held of {own}", head.table.len());
+                }
+                assert!(held <= cache.policy.layer_budget(l) + heads.len(), "{name} {kind:?}: layer {l}");
+                total += held;
             }
+            let heads = cache.layers.len() * cache.layers[0].len();
+            assert!(total <= heads * (budget + 1), "{name} {kind:?}: {total} held in all");
             assert!(half.iter().flatten().all(|x| x.is_finite()), "{name} {kind:?}");
             assert!(cache.stats.evictions > 0, "{name} {kind:?}: nothing evicted");
         }

@@ -378,16 +378,25 @@ impl<B: Backend> Model<B> {
         let lifetime = prompt_len.saturating_add(steps);
         let per_layer = self.kv_type.token_bytes(1, c.n_kv_heads, c.head_dim);
         let (mut steady, mut prefill) = (0usize, 0usize);
-        for layer in &c.layers {
+        let per_head = self.kv_type.token_bytes(1, 1, c.head_dim);
+        for (l, layer) in c.layers.iter().enumerate() {
             let (held, during_prompt) = match layer.window {
                 // A sliding layer: its window, plus a prompt chunk while the prompt runs.
-                Some(w) if windows_only => {
-                    (lifetime.min(w.saturating_add(1)), prompt_len.min(w.saturating_add(self.backend.prefill_chunk())))
-                }
-                _ => (lifetime.min(policy.budget.saturating_add(1)), prompt_len),
+                Some(w) if windows_only => (
+                    lifetime.min(w.saturating_add(1)) * per_layer,
+                    prompt_len.min(w.saturating_add(self.backend.prefill_chunk())) * per_layer,
+                ),
+                // Each head its budget + 1 (pyramid budgets differ by layer; adaptive ones by
+                // head, with the layer's sum unchanged).
+                _ => (
+                    (0..c.n_kv_heads)
+                        .map(|h| lifetime.min(policy.head_budget(l, h).saturating_add(1)) * per_head)
+                        .sum::<usize>(),
+                    prompt_len * per_layer,
+                ),
             };
-            steady += held * per_layer;
-            prefill += held.max(during_prompt) * per_layer;
+            steady += held;
+            prefill += held.max(during_prompt);
         }
         Ok(KvPlan { policy, prompt_len, steps, bytes_steady: steady, bytes_prefill: prefill })
     }

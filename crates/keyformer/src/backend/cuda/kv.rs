@@ -69,11 +69,15 @@ impl GpuKvCache {
         let kind = policy.kind();
         let k = &policy.config.keyformer;
         let c = &policy.config;
-        let composed = c.pinned_sinks > 0 || c.accumulate != keyformer_kv::Accumulate::Sum || c.value_weighted;
+        let composed = c.pinned_sinks > 0
+            || c.accumulate != keyformer_kv::Accumulate::Sum
+            || c.value_weighted
+            || c.adaptive
+            || c.layer_budgets != keyformer_kv::policy::LayerBudgets::Uniform;
         if composed {
             return Err(ModelError::Input(
-                "the settings sinks=, accumulate=mean and value (on policies other than sink) do not run on the \
-                 CUDA backend yet: use the CPU"
+                "the settings sinks=, accumulate=mean, value, layers=pyramid and adaptive (on policies other than \
+                 sink) do not run on the CUDA backend yet: use the CPU"
                     .into(),
             ));
         }
