@@ -210,6 +210,10 @@ pub struct PolicyConfig {
     pub value_weighted: bool,
     /// The budget per layer.
     pub layer_budgets: LayerBudgets,
+    /// Compress the prompt only: tokens after it join without eviction (kvpress's protocol:
+    /// the context is compressed, the question and the answer are added to what it kept), so
+    /// the cache holds the budget plus the generated tokens.
+    pub grow: bool,
     /// AdaKV: at the end of the prompt a layer's budget (budget x KV heads) goes to the
     /// best-scored tokens of all its heads together, each head keeping its recent window, its
     /// pinned sinks and at least [`ADAPTIVE_FLOOR`] of its share; the heads then keep their
@@ -234,6 +238,7 @@ impl Default for PolicyConfig {
             value_weighted: false,
             layer_budgets: LayerBudgets::Uniform,
             adaptive: false,
+            grow: false,
             snapkv_window: 32,
             keyformer: KeyformerOptions::default(),
             seed: 0,
@@ -258,7 +263,8 @@ impl PolicyConfig {
     /// first N tokens pinned), `window=N` (SnapKV's observation window), `accumulate=sum|mean`
     /// (H2O's and Keyformer's running sums, or their mean per observing query), `value` (scores
     /// weighted by the value's norm), `layers=uniform|pyramid` (the budget per layer),
-    /// `adaptive` (AdaKV's budgets per head), `noise=gumbel|gaussian|constant|none`,
+    /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed),
+    /// `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
         let mut parts = spec.trim().split(':');
@@ -283,6 +289,7 @@ impl PolicyConfig {
                 "value" if value.is_empty() => config.value_weighted = true,
                 "layers" => config.layer_budgets = value.parse().map_err(bad)?,
                 "adaptive" if value.is_empty() => config.adaptive = true,
+                "grow" if value.is_empty() => config.grow = true,
                 "window" => config.snapkv_window = count("window")?,
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
                 "tau" => {
@@ -294,7 +301,7 @@ impl PolicyConfig {
                 _ => {
                     return Err(bad(format!(
                     "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, accumulate=, value, \
-                     layers=, adaptive, noise=, tau=, frozen)"
+                     layers=, adaptive, grow, noise=, tau=, frozen)"
                 )))
                 }
             }
@@ -580,9 +587,24 @@ impl SequencePolicy {
         self.prompt_done
     }
     /// Slots each (layer, KV head) needs: the prompt while it is processed, then budget + 1
-    /// (the new token joins before one is evicted).
+    /// (the new token joins before one is evicted), or budget + the steps when growing.
     pub fn capacity(&self, context: usize) -> usize {
-        self.budget.saturating_add(1).max(self.prompt_len).min(context.max(self.prompt_len))
+        self.budget.saturating_add(self.decode_room()).max(self.prompt_len).min(context.max(self.prompt_len))
+    }
+
+    /// Slots a head needs beyond its budget while decoding: 1 (a token joins, one goes), or
+    /// every planned step when the cache grows.
+    pub fn decode_room(&self) -> usize {
+        if self.config.grow {
+            self.steps.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// Whether decode steps evict (not when only the prompt is compressed).
+    pub fn evicts_while_decoding(&self) -> bool {
+        !self.config.grow
     }
 
     fn slot_scores(&mut self, layer: usize, head: usize) -> &mut Vec<f32> {

@@ -468,8 +468,9 @@ fn describe_config(cfg: &Config, family: &Family, asm: &mut Assembly) -> Result<
                 "gemma3" => rope.as_ref().and_then(|r| r.sub(&["full_attention"])).or(rope),
                 _ => rope,
             };
-            asm.set_f("rope.freq_base", theta(global.as_ref())?);
-            rope_scaling(cfg, global.as_ref(), rope_dim, context, asm)?;
+            let base = theta(global.as_ref())?;
+            asm.set_f("rope.freq_base", base);
+            rope_scaling(cfg, global.as_ref(), base, rope_dim, context, asm)?;
             if arch == "gemma3" {
                 let local = rope.as_ref().and_then(|r| r.sub(&["sliding_attention"]));
                 let local_theta = match local.as_ref().map(|l| l.opt_f64(&["rope_theta"])).transpose()?.flatten() {
@@ -536,6 +537,7 @@ fn check_layer_types(cfg: &Config, family: &Family, n_layers: usize) -> Result<(
 fn rope_scaling(
     cfg: &Config,
     rope: Option<&Config>,
+    theta: f64,
     rope_dim: usize,
     context: usize,
     asm: &mut Assembly,
@@ -565,7 +567,6 @@ fn rope_scaling(
         }
         "llama3" => {
             // The per-frequency divisors llama.cpp's converter writes as `rope_freqs.weight`.
-            let theta = r.opt_f64(&["rope_theta"])?.unwrap_or(10_000.0);
             let factor = factor.unwrap_or(8.0);
             let low = r.opt_f64(&["low_freq_factor"])?.unwrap_or(1.0);
             let high = r.opt_f64(&["high_freq_factor"])?.unwrap_or(4.0);

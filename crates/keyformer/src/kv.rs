@@ -348,6 +348,9 @@ impl KvCache {
         if self.windows[layer].is_some() {
             return self.evict_outside_window(layer);
         }
+        if self.policy.prompt_done() && !self.policy.evicts_while_decoding() {
+            return Ok(());
+        }
         for (h, head) in self.layers[layer].iter_mut().enumerate() {
             let budget = self.policy.head_budget(layer, h);
             for slot in self.policy.victims(layer, h, &head.table, budget) {
@@ -400,7 +403,8 @@ impl KvCache {
                 let capacity = match capacity {
                     // Each head's own budget + 1 (they differ with pyramid or adaptive budgets).
                     usize::MAX => {
-                        self.policy.head_budget(layer, h).saturating_add(1).min(self.layers[layer][h].table.capacity())
+                        let room = self.policy.decode_room();
+                        self.policy.head_budget(layer, h).saturating_add(room).min(self.layers[layer][h].table.capacity())
                     }
                     c => c,
                 };

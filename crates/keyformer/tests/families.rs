@@ -378,3 +378,32 @@ fn a_learned_position_past_the_context_is_refused() {
     let err = engine.decode_step(argmax(&logits), &mut cache).unwrap_err();
     assert!(matches!(err, keyformer::ModelError::ContextFull { .. }), "{err}");
 }
+
+/// `grow` (kvpress's protocol): the prompt is compressed to the budget, then every decode step's
+/// token joins without eviction, so the cache ends at budget + steps; the same prompt's
+/// compression as without it.
+#[test]
+fn a_growing_cache_compresses_the_prompt_only() {
+    use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
+    let engine = load_with_f32_cache(&gguf_of("qwen2"));
+    let g = golden_json("golden/families/qwen2.json");
+    let prompt = ids(&g["cases"][2]["ids"]);
+    let steps = 8;
+    let kv = |grow| PolicyConfig {
+        kind: PolicyKind::Keyformer,
+        budget: Some(Amount::Percent(50.0)),
+        min_budget: 1,
+        grow,
+        ..Default::default()
+    };
+    let (fixed, fixed_cache) = decode_greedy(&engine, &kv(false), &prompt, steps);
+    let (grown, cache) = decode_greedy(&engine, &kv(true), &prompt, steps);
+    let budget = cache.policy.budget;
+    assert_eq!(fixed[0], grown[0], "the prompt is compressed alike");
+    for head in cache.layers.iter().flatten() {
+        assert_eq!(head.table.len(), budget + steps, "every decoded token kept");
+    }
+    let evicted_in_decode = fixed_cache.stats.evictions - cache.stats.evictions;
+    assert_eq!(evicted_in_decode, steps * cache.layers.len() * cache.layers[0].len());
+    assert_ne!(fixed[steps], grown[steps], "keeping the decoded tokens changes the later logits");
+}

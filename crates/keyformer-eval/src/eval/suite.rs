@@ -383,7 +383,13 @@ pub fn run_eval(
             (Some(case), Some(mode)) => ruler_prompt(engine, case, mode)?.1,
             _ => Vec::new(),
         };
-        let configs: Vec<PolicyConfig> = pending.iter().map(|(v, b, s)| v.case(*b, *s)).collect();
+        // RULER follows kvpress's protocol: only the prompt is compressed, the question and the
+        // answer join what it kept.
+        let grow = unit.ruler.is_some();
+        let configs: Vec<PolicyConfig> = pending
+            .iter()
+            .map(|(v, b, s)| PolicyConfig { grow: grow || v.config.grow, ..v.case(*b, *s) })
+            .collect();
         let shared = match unit.task {
             Task::Ppl => None,
             _ => Some(engine.shared_prefill(&prompt, &configs, steps + ruler_tail.len())?),

@@ -390,7 +390,7 @@ impl<B: Backend> Model<B> {
                 // head, with the layer's sum unchanged).
                 _ => (
                     (0..c.n_kv_heads)
-                        .map(|h| lifetime.min(policy.head_budget(l, h).saturating_add(1)) * per_head)
+                        .map(|h| lifetime.min(policy.head_budget(l, h).saturating_add(policy.decode_room())) * per_head)
                         .sum::<usize>(),
                     prompt_len * per_layer,
                 ),

@@ -73,11 +73,12 @@ impl GpuKvCache {
             || c.accumulate != keyformer_kv::Accumulate::Sum
             || c.value_weighted
             || c.adaptive
+            || c.grow
             || c.layer_budgets != keyformer_kv::policy::LayerBudgets::Uniform;
         if composed {
             return Err(ModelError::Input(
-                "the settings sinks=, accumulate=mean, value, layers=pyramid and adaptive (on policies other than \
-                 sink) do not run on the CUDA backend yet: use the CPU"
+                "the settings sinks=, accumulate=mean, value, layers=pyramid, adaptive and grow (on policies other \
+                 than sink) do not run on the CUDA backend yet: use the CPU"
                     .into(),
             ));
         }
