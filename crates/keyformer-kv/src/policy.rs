@@ -210,6 +210,10 @@ pub struct PolicyConfig {
     pub value_weighted: bool,
     /// The budget per layer.
     pub layer_budgets: LayerBudgets,
+    /// Scores times each key's distance from its head's mean key direction (1 - cosine), the
+    /// mean taken over the prompt's keys at its end: keys like every other key carry little
+    /// that the rest do not (KeyDiff's observation), so they go first.
+    pub key_diversity: bool,
     /// Compress the prompt only: tokens after it join without eviction (kvpress's protocol:
     /// the context is compressed, the question and the answer are added to what it kept), so
     /// the cache holds the budget plus the generated tokens.
@@ -239,6 +243,7 @@ impl Default for PolicyConfig {
             layer_budgets: LayerBudgets::Uniform,
             adaptive: false,
             grow: false,
+            key_diversity: false,
             snapkv_window: 32,
             keyformer: KeyformerOptions::default(),
             seed: 0,
@@ -263,7 +268,8 @@ impl PolicyConfig {
     /// first N tokens pinned), `window=N` (SnapKV's observation window), `accumulate=sum|mean`
     /// (H2O's and Keyformer's running sums, or their mean per observing query), `value` (scores
     /// weighted by the value's norm), `layers=uniform|pyramid` (the budget per layer),
-    /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed),
+    /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed), `keydiff`
+    /// (scores times each key's distance from the mean key),
     /// `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
@@ -290,6 +296,7 @@ impl PolicyConfig {
                 "layers" => config.layer_budgets = value.parse().map_err(bad)?,
                 "adaptive" if value.is_empty() => config.adaptive = true,
                 "grow" if value.is_empty() => config.grow = true,
+                "keydiff" if value.is_empty() => config.key_diversity = true,
                 "window" => config.snapkv_window = count("window")?,
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
                 "tau" => {
@@ -301,7 +308,7 @@ impl PolicyConfig {
                 _ => {
                     return Err(bad(format!(
                     "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, accumulate=, value, \
-                     layers=, adaptive, grow, noise=, tau=, frozen)"
+                     layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
                 )))
                 }
             }
@@ -449,6 +456,8 @@ impl PolicyConfig {
             n_kv_heads,
             scores: vec![Vec::new(); n_layers * n_kv_heads],
             value_norms: vec![Vec::new(); if self.value_weighted { n_layers * n_kv_heads } else { 0 }],
+            diversity: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
+            mean_keys: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
             step: 0,
             prompt_done: false,
         })
@@ -518,6 +527,9 @@ pub struct SequencePolicy {
     scores: Vec<Vec<f32>>,
     /// The norm of each slot's value (only with `value_weighted`).
     value_norms: Vec<Vec<f32>>,
+    /// Each slot's 1 - cos(key, mean key) and each head's unit mean key (with `key_diversity`).
+    diversity: Vec<Vec<f32>>,
+    mean_keys: Vec<Vec<f32>>,
     step: usize,
     prompt_done: bool,
 }
@@ -652,7 +664,34 @@ impl SequencePolicy {
             }
             norms[slot] = value.iter().map(|v| v * v).sum::<f32>().sqrt();
         }
+        if self.config.key_diversity && !self.mean_keys[layer * self.n_kv_heads + head].is_empty() {
+            self.weigh_key(layer, head, slot, key);
+        }
         self.on_insert(layer, head, slot, key);
+    }
+
+    /// Whether the cache must hand over each head's mean key at the end of the prompt
+    /// ([`set_mean_key`](Self::set_mean_key), then [`weigh_key`](Self::weigh_key) per slot).
+    pub fn wants_mean_keys(&self) -> bool {
+        self.config.key_diversity && !self.prompt_done
+    }
+
+    /// The mean of (layer, head)'s keys at the end of the prompt.
+    pub fn set_mean_key(&mut self, layer: usize, head: usize, mean: &[f32]) {
+        let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        self.mean_keys[layer * self.n_kv_heads + head] = mean.iter().map(|v| v / norm).collect();
+    }
+
+    /// Record the distance of `key` (in `slot`) from its head's mean key direction.
+    pub fn weigh_key(&mut self, layer: usize, head: usize, slot: usize, key: &[f32]) {
+        let i = layer * self.n_kv_heads + head;
+        let norm = key.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        let cos: f32 = key.iter().zip(&self.mean_keys[i]).map(|(a, b)| a * b).sum::<f32>() / norm;
+        let d = &mut self.diversity[i];
+        if d.len() <= slot {
+            d.resize(slot + 1, 1.0);
+        }
+        d[slot] = 1.0 - cos;
     }
 
     /// Record that `slot` of (layer, head) now holds a new token with this key.
@@ -743,6 +782,9 @@ impl SequencePolicy {
         if c.value_weighted && c.kind != PolicyKind::KNorm {
             key *= self.value_norms[layer * self.n_kv_heads + head].get(slot).copied().unwrap_or(1.0);
         }
+        if c.key_diversity && c.kind != PolicyKind::KNorm {
+            key *= self.diversity[layer * self.n_kv_heads + head].get(slot).copied().unwrap_or(1.0);
+        }
         key
     }
 
@@ -767,7 +809,7 @@ impl SequencePolicy {
         let first_recent = (last as u64 + 1).checked_sub(keep_recent as u64)?;
         let sinks = self.pinned();
         let c = &self.config;
-        let plain_scores = c.accumulate == Accumulate::Sum && !c.value_weighted;
+        let plain_scores = c.accumulate == Accumulate::Sum && !c.value_weighted && !c.key_diversity;
         // One loop per kind of key, each compiled with its key inlined.
         let (in_recent, best) = match c.kind {
             PolicyKind::Full | PolicyKind::Window | PolicyKind::Sink => {
@@ -861,6 +903,10 @@ impl SequencePolicy {
         if let Some(norms) = self.value_norms.get(i) {
             let new = moved(norms, 1.0);
             self.value_norms[i] = new;
+        }
+        if let Some(d) = self.diversity.get(i) {
+            let new = moved(d, 1.0);
+            self.diversity[i] = new;
         }
     }
 
@@ -1247,6 +1293,36 @@ mod tests {
         assert_eq!(p.victims(0, 1, &t, p.head_budget(0, 1)).len(), 6);
     }
 
+    /// keydiff: the score times 1 - cos(key, mean key): of two tokens attended alike, the one
+    /// whose key points where every key points goes first.
+    #[test]
+    fn key_diversity_evicts_the_key_most_like_the_mean() {
+        let mut p = PolicyConfig {
+            kind: PolicyKind::H2o,
+            budget: Some(Amount::Tokens(2)),
+            recent: Some(Amount::Tokens(1)),
+            key_diversity: true,
+            ..Default::default()
+        }
+        .resolve(4, 0, 1, 1)
+        .unwrap();
+        let t = table(4);
+        let keys = [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.0]];
+        for (slot, k) in keys.iter().enumerate() {
+            p.on_insert_kv(0, 0, slot, k, &[1.0]);
+        }
+        p.observe(0, 0, &[0.5, 0.5, 0.5, 0.1]);
+        assert!(p.wants_mean_keys());
+        // Mean direction (3, 1.1) / 3.195 = (0.939, 0.344): cosines 0.939 (slot 0), 0.969
+        // (slot 1, the nearest), 0.344 (slot 2, the farthest); the scores are equal, so slot 1
+        // goes first, then slot 0, and slot 2 stays.
+        p.set_mean_key(0, 0, &[3.0, 1.1]);
+        for (slot, k) in keys.iter().enumerate() {
+            p.weigh_key(0, 0, slot, k);
+        }
+        assert_eq!(p.victims(0, 0, &t, 2), vec![1, 0]);
+    }
+
     proptest! {
         /// Adaptive budgets: every head keeps at least its recent window, pinned sinks and
         /// floor, the layer never holds more than budget x heads, and a covering budget keeps
@@ -1291,6 +1367,7 @@ mod tests {
             kind_i in 1usize..9, budget in 1usize..12, recent_frac in 0usize..=100,
             steps in 1usize..40, seed in any::<u64>(),
             pinned in 0usize..3, mean in any::<bool>(), value_weighted in any::<bool>(),
+            key_diversity in any::<bool>(),
         ) {
             let kind = PolicyKind::ALL[kind_i];
             let recent = budget * recent_frac / 100;
@@ -1301,7 +1378,7 @@ mod tests {
                 kind, budget: Some(Amount::Tokens(budget)), recent: Some(Amount::Tokens(recent)),
                 sinks: budget.min(2), snapkv_window: recent.max(1), seed, pinned_sinks: pinned,
                 accumulate: if mean { Accumulate::Mean } else { Accumulate::Sum }, value_weighted,
-                ..Default::default()
+                key_diversity, ..Default::default()
             };
             let mut p = cfg.resolve(budget, steps, 1, 1).unwrap();
             let mut t = SlotTable::new(budget + 1);
@@ -1312,7 +1389,14 @@ mod tests {
                 p.on_insert_kv(0, 0, slot, &[pos as f32 % 3.0], &[(pos % 5) as f32 + 0.5]);
                 let row: Vec<f32> = (0..t.high_water()).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 100) as f32 / 100.0 }).collect();
                 p.observe(0, 0, &row);
-                if pos as usize + 1 == budget { p.finish_prompt(&[&t]); continue; }
+                if pos as usize + 1 == budget {
+                    if p.wants_mean_keys() {
+                        p.set_mean_key(0, 0, &[1.0]);
+                        for (slot, q) in t.occupied() { p.weigh_key(0, 0, slot, &[q as f32 % 3.0 - 1.0]); }
+                    }
+                    p.finish_prompt(&[&t]);
+                    continue;
+                }
                 if !p.prompt_done() { continue; }
                 let before: Vec<(usize, u32)> = t.occupied().collect();
                 // The one-pass decode path chooses what the general selection chooses.

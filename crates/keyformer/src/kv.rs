@@ -384,6 +384,21 @@ impl KvCache {
     /// window), compact the storage to budget + 1 (window + 1) slots, and start decoding.
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {
         for layer in 0..self.layers.len() {
+            if self.windows[layer].is_none() && self.policy.wants_mean_keys() {
+                // KeyDiff-style weights: each key against its head's mean key.
+                for h in 0..self.layers[layer].len() {
+                    let head = &self.layers[layer][h];
+                    let keys: Vec<(usize, Vec<f32>)> = head.table.occupied().map(|(s, _)| (s, head.key(s))).collect();
+                    let mut mean = vec![0f32; self.head_dim];
+                    for (_, k) in &keys {
+                        mean.iter_mut().zip(k).for_each(|(m, x)| *m += x);
+                    }
+                    self.policy.set_mean_key(layer, h, &mean);
+                    for (slot, k) in &keys {
+                        self.policy.weigh_key(layer, h, *slot, k);
+                    }
+                }
+            }
             if self.windows[layer].is_none() {
                 let tables: Vec<&SlotTable> = self.layers[layer].iter().map(|h| &h.table).collect();
                 self.policy.plan_adaptive(layer, &tables);

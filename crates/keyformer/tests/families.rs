@@ -175,6 +175,7 @@ fn every_policy_runs_on_every_family() {
             pinned_sinks: 2,
             accumulate: keyformer::keyformer_kv::Accumulate::Mean,
             value_weighted: true,
+            key_diversity: true,
             snapkv_window: 8,
             ..Default::default()
         };

@@ -74,10 +74,11 @@ impl GpuKvCache {
             || c.value_weighted
             || c.adaptive
             || c.grow
+            || c.key_diversity
             || c.layer_budgets != keyformer_kv::policy::LayerBudgets::Uniform;
         if composed {
             return Err(ModelError::Input(
-                "the settings sinks=, accumulate=mean, value, layers=pyramid, adaptive and grow (on policies other \
+                "the settings sinks=, accumulate=mean, value, layers=pyramid, adaptive, grow and keydiff (on policies other \
                  than sink) do not run on the CUDA backend yet: use the CPU"
                     .into(),
             ));
