@@ -178,39 +178,33 @@ pub fn supported_model_types() -> Vec<&'static str> {
 impl Naming {
     /// The GGUF name of a folder's tensor, `None` for one this family does not have.
     fn gguf_name(&self, hf: &str) -> Option<String> {
-        let (stem, suffix) = hf.rsplit_once('.')?;
+        let (_, suffix) = hf.rsplit_once('.')?;
         if suffix != "weight" && suffix != "bias" {
             return None;
         }
-        self.names.iter().find_map(|(h, g)| {
-            let gguf = match h.split_once("{N}") {
-                None => (stem == *h).then(|| g.to_string())?,
-                Some((pre, post)) => {
-                    let n = stem.strip_prefix(pre)?.strip_suffix(post)?;
-                    n.parse::<usize>().ok()?;
-                    g.replace("{N}", n)
-                }
-            };
-            Some(format!("{gguf}.{suffix}"))
-        })
+        self.names.iter().find_map(|(h, g)| rename(hf, h, g))
     }
+}
+
+/// `name` (a stem matching `from`, `{N}` a block index, then `.weight`/`.bias`) renamed by the
+/// pattern pair to `to`'s stem with the same index and suffix.
+fn rename(name: &str, from: &str, to: &str) -> Option<String> {
+    let (stem, suffix) = name.rsplit_once('.')?;
+    let renamed = match from.split_once("{N}") {
+        None => (stem == from).then(|| to.to_string())?,
+        Some((pre, post)) => {
+            let n = stem.strip_prefix(pre)?.strip_suffix(post)?;
+            n.parse::<usize>().ok()?;
+            to.replace("{N}", n)
+        }
+    };
+    Some(format!("{renamed}.{suffix}"))
 }
 
 /// The folder's name of a GGUF tensor name, for a message about a tensor the folder lacks.
 pub(crate) fn folder_name(architecture: &str, gguf: &str) -> Option<String> {
     let naming = NAMINGS.iter().find(|n| n.architecture == architecture)?;
-    let (stem, suffix) = gguf.rsplit_once('.')?;
-    naming.names.iter().find_map(|(h, g)| {
-        let hf = match g.split_once("{N}") {
-            None => (stem == *g).then(|| h.to_string())?,
-            Some((pre, post)) => {
-                let n = stem.strip_prefix(pre)?.strip_suffix(post)?;
-                n.parse::<usize>().ok()?;
-                h.replace("{N}", n)
-            }
-        };
-        Some(format!("{hf}.{suffix}"))
-    })
+    naming.names.iter().find_map(|(h, g)| rename(gguf, g, h))
 }
 
 /// The conversion a tensor needs before it matches its GGUF counterpart.

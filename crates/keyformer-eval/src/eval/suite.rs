@@ -396,14 +396,15 @@ pub fn run_eval(
         };
         let from_shared =
             |kv: &PolicyConfig| engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps);
+        // Greedy answers from a cache that holds the prompt (its own policy applies).
+        let req = GenerateRequest {
+            max_tokens: steps,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            kv: PolicyConfig::default(),
+            logprobs: None,
+        };
         let greedy = |start| -> Result<(Vec<u32>, String), ModelError> {
-            let req = GenerateRequest {
-                max_tokens: steps,
-                sampling: SamplingParams::default(),
-                stop: Vec::new(),
-                kv: PolicyConfig::default(),
-                logprobs: None,
-            };
             let out = engine.generate_from(&prompt, start, &req, &mut |_| {})?;
             Ok((out.token_ids, out.text))
         };
@@ -417,13 +418,6 @@ pub fn run_eval(
             }
             let mut seen = prompt.clone();
             seen.extend_from_slice(&ruler_tail);
-            let req = GenerateRequest {
-                max_tokens: steps,
-                sampling: SamplingParams::default(),
-                stop: Vec::new(),
-                kv: PolicyConfig::default(),
-                logprobs: None,
-            };
             let text = engine.generate_from(&seen, (cache, logits), &req, &mut |_| {})?.text;
             Ok((ruler::score(&text, &case.answers), text))
         };
