@@ -158,12 +158,9 @@ const NAMINGS: &[Naming] = &[
     Naming { model_types: &["qwen3"], architecture: "qwen3", names: LLAMA_NAMES, ignored: ROTARY_BUFFERS },
     Naming { model_types: &["phi3"], architecture: "phi3", names: LLAMA_NAMES, ignored: ROTARY_BUFFERS },
     Naming { model_types: &["gemma2"], architecture: "gemma2", names: GEMMA_NAMES, ignored: ROTARY_BUFFERS },
-    Naming {
-        model_types: &["gemma3_text", "gemma3"],
-        architecture: "gemma3",
-        names: GEMMA_NAMES,
-        ignored: ROTARY_BUFFERS,
-    },
+    // Gemma 3's text models (1B, and the text half of a multimodal folder saved on its own);
+    // a multimodal `gemma3` folder nests its config and names its tensors otherwise.
+    Naming { model_types: &["gemma3_text"], architecture: "gemma3", names: GEMMA_NAMES, ignored: ROTARY_BUFFERS },
     Naming { model_types: &["gpt_neox"], architecture: "gptneox", names: GPT_NEOX_NAMES, ignored: GPT_BUFFERS },
     Naming { model_types: &["gpt2"], architecture: "gpt2", names: GPT2_NAMES, ignored: GPT_BUFFERS },
     Naming { model_types: &["mpt"], architecture: "mpt", names: MPT_NAMES, ignored: GPT_BUFFERS },
