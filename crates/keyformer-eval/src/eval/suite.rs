@@ -377,11 +377,17 @@ pub fn run_eval(
         }
         let empty = Vec::new();
         let tokens = tokens_of.get(&unit.doc.id).unwrap_or(&empty);
-        let (prompt, steps, passkey) = unit_prompt(engine, plan, unit, tokens)?;
-        // RULER after compression: the question's tokens follow as decode steps.
-        let ruler_tail = match (&unit.ruler, unit.task.ruler_mode()) {
-            (Some(case), Some(mode)) => ruler_prompt(engine, case, mode)?.1,
-            _ => Vec::new(),
+        // RULER's prompt comes with a tail (after compression: the question's tokens, fed as
+        // decode steps); the other tasks' have none.
+        let (prompt, steps, passkey, ruler_tail) = match (&unit.ruler, unit.task.ruler_mode()) {
+            (Some(case), Some(mode)) => {
+                let (prompt, tail) = ruler_prompt(engine, case, mode)?;
+                (prompt, case.max_new_tokens, String::new(), tail)
+            }
+            _ => {
+                let (prompt, steps, passkey) = unit_prompt(engine, plan, unit, tokens)?;
+                (prompt, steps, passkey, Vec::new())
+            }
         };
         // RULER follows kvpress's protocol: only the prompt is compressed, the question and the
         // answer join what it kept.
@@ -563,11 +569,7 @@ fn unit_prompt(
             (prompt, NEEDLE_ANSWER_TOKENS, code)
         }
         Task::Ppl => (Vec::new(), 0, String::new()), // streams the whole document itself
-        Task::Ruler | Task::RulerInside => {
-            let case = unit.ruler.as_ref().expect("RULER units carry their case");
-            let mode = unit.task.ruler_mode().expect("a RULER task");
-            (ruler_prompt(engine, case, mode)?.0, case.max_new_tokens, String::new())
-        }
+        Task::Ruler | Task::RulerInside => unreachable!("RULER units build their prompt with ruler_prompt"),
     })
 }
 
