@@ -6,12 +6,18 @@ use keyformer::gguf::GgufFile;
 use keyformer::models::random::{write_gguf, RandomShape};
 use keyformer::ModelError;
 
+/// Tests run in parallel threads: each call writes its own file, so no test reads another's
+/// half-written one.
 fn tiny_bytes() -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!("keyformer-corrupt-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("keyformer-corrupt-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tiny.gguf");
     write_gguf(&path, &RandomShape::by_name("tiny").unwrap(), 1).unwrap();
-    std::fs::read(path).unwrap()
+    let bytes = std::fs::read(&path).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    bytes
 }
 
 /// Where the value of metadata key `key` starts (after its name and its 4-byte type).
