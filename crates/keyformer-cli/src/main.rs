@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use keyformer::backend::cpu::PrefillActivations;
 use keyformer::engine::{human_bytes, GenerateRequest};
 use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig, PolicyKind};
 use keyformer::kv::KvType;
@@ -44,6 +45,13 @@ struct Cli {
     /// (a quarter of f32's bytes, blocks of 32 with one scale, as llama.cpp's q8_0 cache).
     #[arg(long, global = true, default_value = "f16", value_parser = clap::value_parser!(KvType))]
     kv_type: KvType,
+    /// How prompt chunks multiply with quantised weights on the CPU: q8 (activations quantised
+    /// to 8 bits and multiplied in integers, as llama.cpp's prefill and every decode step do;
+    /// faster, and a prompt token then gets the numbers a decode step would give it) or f32
+    /// (dequantised weights times f32 activations, as transformers computes with the same
+    /// file's weights). Float weights always take f32; CPUs without AVX-512 VNNI take f32.
+    #[arg(long, global = true, default_value = "q8", value_parser = clap::value_parser!(PrefillActivations))]
+    prefill_activations: PrefillActivations,
     #[command(subcommand)]
     command: Command,
 }
@@ -627,6 +635,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     KV_TYPE.set(cli.kv_type).expect("set once");
+    PREFILL_ACTIVATIONS.set(cli.prefill_activations).expect("set once");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match cli.threads {
         Some(0) => bail!("--threads must be at least 1"),
@@ -780,7 +789,7 @@ pub(crate) fn load(spec: &str) -> Result<Engine> {
         }
     })?;
     let mut engine = Engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    engine.model.kv_type = KV_TYPE.get().copied().unwrap_or_default();
+    apply_cpu_settings(&mut engine);
     Ok(engine)
 }
 
@@ -796,7 +805,7 @@ fn load_model_or_random(model: &str, random_weights: Option<&str>) -> Result<Eng
         Some(name) => {
             let shape = keyformer::models::random::RandomShape::by_name(name)?;
             let mut engine = Engine::<keyformer::backend::Cpu>::random(&shape, RANDOM_WEIGHTS_SEED)?;
-            engine.model.kv_type = KV_TYPE.get().copied().unwrap_or_default();
+            apply_cpu_settings(&mut engine);
             Ok(engine)
         }
         None => load(model),
@@ -805,6 +814,14 @@ fn load_model_or_random(model: &str, random_weights: Option<&str>) -> Result<Eng
 
 /// `--kv-type`, set once from the command line before any model loads.
 pub(crate) static KV_TYPE: std::sync::OnceLock<KvType> = std::sync::OnceLock::new();
+/// `--prefill-activations`, likewise.
+static PREFILL_ACTIVATIONS: std::sync::OnceLock<PrefillActivations> = std::sync::OnceLock::new();
+
+/// The command line's global CPU settings on a loaded engine.
+fn apply_cpu_settings(engine: &mut Engine) {
+    engine.model.kv_type = KV_TYPE.get().copied().unwrap_or_default();
+    engine.model.backend.prefill_activations = PREFILL_ACTIVATIONS.get().copied().unwrap_or_default();
+}
 
 fn run(a: RunArgs) -> Result<()> {
     if a.max_tokens == 0 {
@@ -1219,7 +1236,11 @@ fn info(a: ModelArg) -> Result<()> {
     println!(
         "tokenizer:       {} / pre {}, BOS {}, EOS {}, add BOS {}",
         f.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("tokenizer.json"),
-        f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or(if f.version == 0 { "its own" } else { "default" }),
+        f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or(if f.version == 0 {
+            "its own"
+        } else {
+            "default"
+        }),
         tk.bos.map_or("none".into(), |t| t.to_string()),
         tk.eos.map_or("none".into(), |t| t.to_string()),
         tk.add_bos

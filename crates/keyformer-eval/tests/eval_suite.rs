@@ -218,7 +218,10 @@ fn ruler_rows_equal_separate_runs_and_a_covering_budget_equals_full() {
     // RULER rows follow kvpress's protocol: the prompt compressed, the answer added to it.
     let kv = PolicyConfig { grow: true, ..p.policies[1].case(Amount::Percent(40.0), 3) };
     let (_, text) = greedy(&engine, &prompt, kv, case.max_new_tokens);
-    let row = got.iter().find(|r| r.task == "ruler_inside" && r.doc == case.id && r.policy == "keyformer" && r.budget == "40%").unwrap();
+    let row = got
+        .iter()
+        .find(|r| r.task == "ruler_inside" && r.doc == case.id && r.policy == "keyformer" && r.budget == "40%")
+        .unwrap();
     assert_eq!(row.output.as_deref(), Some(text.as_str()));
     std::fs::remove_dir_all(&out).unwrap();
 }

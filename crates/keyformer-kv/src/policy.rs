@@ -481,7 +481,8 @@ fn pyramid(budget: usize, n: usize, floor: usize, prompt_len: usize) -> Vec<usiz
     // give to the smallest until it matches (or nothing can move).
     let total = n * budget;
     while b.iter().sum::<usize>() > total {
-        let (i, _) = b.iter().enumerate().filter(|(_, &x)| x > floor.min(budget)).max_by_key(|(_, &x)| x).unwrap_or((0, &0));
+        let (i, _) =
+            b.iter().enumerate().filter(|(_, &x)| x > floor.min(budget)).max_by_key(|(_, &x)| x).unwrap_or((0, &0));
         if b[i] <= floor.min(budget) {
             break;
         }
@@ -852,10 +853,8 @@ impl SequencePolicy {
             occupied.retain(|&(_, p)| p as u64 >= pinned);
         }
         // Lowest score first; ties evict the oldest.
-        let mut candidates: Vec<(f32, u32, usize)> = occupied
-            .iter()
-            .map(|&(slot, pos)| (self.eviction_key(layer, head, slot, pos, last), pos, slot))
-            .collect();
+        let mut candidates: Vec<(f32, u32, usize)> =
+            occupied.iter().map(|&(slot, pos)| (self.eviction_key(layer, head, slot, pos, last), pos, slot)).collect();
         let order = |a: &(f32, u32, usize), b: &(f32, u32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if excess < candidates.len() {
             candidates.select_nth_unstable_by(excess - 1, order);
@@ -1218,18 +1217,20 @@ mod tests {
     #[test]
     fn pinned_sinks_and_value_weights_compose_with_a_score() {
         let spec = |s: &str| PolicyConfig::parse_spec(s, &PolicyConfig::default()).unwrap();
-        let mut p = PolicyConfig { budget: Some(Amount::Tokens(3)), recent: Some(Amount::Tokens(1)), ..spec("h2o:sinks=1") }
-            .resolve(6, 0, 1, 1)
-            .unwrap();
+        let mut p =
+            PolicyConfig { budget: Some(Amount::Tokens(3)), recent: Some(Amount::Tokens(1)), ..spec("h2o:sinks=1") }
+                .resolve(6, 0, 1, 1)
+                .unwrap();
         assert_eq!(p.config.pinned_sinks, 1);
         let t = table(6);
         p.observe(0, 0, &[0.0, 0.9, 0.1, 0.8, 0.2, 0.0]);
         let mut kept: Vec<usize> = (0..6).filter(|s| !p.victims(0, 0, &t, 3).contains(s)).collect();
         kept.sort();
         assert_eq!(kept, vec![0, 1, 5], "position 0 is pinned though its score is the lowest");
-        let mut p = PolicyConfig { budget: Some(Amount::Tokens(2)), recent: Some(Amount::Tokens(1)), ..spec("tova:value") }
-            .resolve(4, 0, 1, 1)
-            .unwrap();
+        let mut p =
+            PolicyConfig { budget: Some(Amount::Tokens(2)), recent: Some(Amount::Tokens(1)), ..spec("tova:value") }
+                .resolve(4, 0, 1, 1)
+                .unwrap();
         let t = table(4);
         for slot in 0..4 {
             let value = if slot == 1 { [0.01, 0.0] } else { [1.0, 0.0] };
@@ -1241,7 +1242,8 @@ mod tests {
         for bad in ["h2o:accumulate=median", "h2o:value=yes"] {
             assert!(PolicyConfig::parse_spec(bad, &PolicyConfig::default()).is_err(), "{bad}");
         }
-        let no_room = PolicyConfig { budget: Some(Amount::Tokens(4)), recent: Some(Amount::Tokens(3)), ..spec("h2o:sinks=2") };
+        let no_room =
+            PolicyConfig { budget: Some(Amount::Tokens(4)), recent: Some(Amount::Tokens(3)), ..spec("h2o:sinks=2") };
         assert!(no_room.resolve(10, 0, 1, 1).is_err());
     }
 

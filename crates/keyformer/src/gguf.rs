@@ -383,9 +383,15 @@ impl GgufFile {
             let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
             let end = start.and_then(|s| s.checked_add(size_bytes));
             match (start, end) {
-                (Some(start), Some(end)) if end <= buf.len() => {
-                    tensors.push(TensorInfo { name, dims, ggml_type, offset: start, size_bytes, source: 0, origin: None })
-                }
+                (Some(start), Some(end)) if end <= buf.len() => tensors.push(TensorInfo {
+                    name,
+                    dims,
+                    ggml_type,
+                    offset: start,
+                    size_bytes,
+                    source: 0,
+                    origin: None,
+                }),
                 _ => {
                     return Err(GgufError::TensorOutOfBounds {
                         name,
@@ -459,7 +465,9 @@ impl GgufFile {
     pub fn missing_tensor(&self, name: &str) -> GgufError {
         let arch = self.get("general.architecture").and_then(MetaValue::as_str).unwrap_or("");
         match crate::hf::folder_name(arch, name).filter(|_| self.version == 0) {
-            Some(folder_name) => GgufError::MissingFolderTensor { path: self.path.clone(), folder_name, name: name.into() },
+            Some(folder_name) => {
+                GgufError::MissingFolderTensor { path: self.path.clone(), folder_name, name: name.into() }
+            }
             None => GgufError::MissingTensor(name.into()),
         }
     }

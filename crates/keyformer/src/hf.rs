@@ -219,8 +219,11 @@ enum Convert {
 
 fn conversion(arch: &str, gguf: &str, n_heads: usize) -> Convert {
     match arch {
-        "gpt2" if gguf.ends_with(".weight")
-            && ["attn_qkv", "attn_output", "ffn_up", "ffn_down"].iter().any(|t| gguf.contains(&format!(".{t}."))) =>
+        "gpt2"
+            if gguf.ends_with(".weight")
+                && ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
+                    .iter()
+                    .any(|t| gguf.contains(&format!(".{t}."))) =>
         {
             Convert::Transpose
         }
@@ -258,15 +261,15 @@ impl<'a> Config<'a> {
     fn opt_f64(&self, keys: &[&str]) -> Result<Option<f64>, HfError> {
         match self.get(keys) {
             None => Ok(None),
-            Some(v) => {
-                v.as_f64().map(Some).ok_or_else(|| err(self.path, format!("{} is {v}, not a number", keys[0])))
-            }
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| err(self.path, format!("{} is {v}, not a number", keys[0]))),
         }
     }
     fn opt_bool(&self, keys: &[&str]) -> Result<Option<bool>, HfError> {
         match self.get(keys) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| err(self.path, format!("{} is {v}, not a boolean", keys[0]))),
+            Some(v) => {
+                v.as_bool().map(Some).ok_or_else(|| err(self.path, format!("{} is {v}, not a boolean", keys[0])))
+            }
         }
     }
     fn opt_str(&self, keys: &[&str]) -> Option<&'a str> {
@@ -405,7 +408,10 @@ fn describe_config(cfg: &Config, family: &Family, asm: &mut Assembly) -> Result<
             if cfg.opt_bool(&["scale_attn_by_inverse_layer_idx"])? == Some(true)
                 || cfg.opt_bool(&["reorder_and_upcast_attn"])? == Some(true)
             {
-                return Err(err(cfg.path, "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"));
+                return Err(err(
+                    cfg.path,
+                    "scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported",
+                ));
             }
             gelu_kind(cfg, activation, asm)?;
         }
@@ -517,7 +523,10 @@ fn check_layer_types(cfg: &Config, family: &Family, n_layers: usize) -> Result<(
         if slides != family.slides(l) {
             return Err(err(
                 cfg.path,
-                format!("layer_types[{l}] is {t}, where a {} model's layers alternate differently", family.architecture),
+                format!(
+                    "layer_types[{l}] is {t}, where a {} model's layers alternate differently",
+                    family.architecture
+                ),
             ));
         }
     }
@@ -580,11 +589,16 @@ fn rope_scaling(
         }
         "longrope" | "su" => {
             let list = |k: &str| -> Result<Vec<f32>, HfError> {
-                let v = r.get(&[k]).and_then(Value::as_array).ok_or_else(|| err(cfg.path, format!("longrope without {k}")))?;
+                let v = r
+                    .get(&[k])
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| err(cfg.path, format!("longrope without {k}")))?;
                 let f: Option<Vec<f32>> = v.iter().map(|x| x.as_f64().map(|x| x as f32)).collect();
                 match f {
                     Some(f) if f.len() == rope_dim / 2 => Ok(f),
-                    _ => Err(err(cfg.path, format!("{k} must be {} numbers (half the rotary dimensions)", rope_dim / 2))),
+                    _ => {
+                        Err(err(cfg.path, format!("{k} must be {} numbers (half the rotary dimensions)", rope_dim / 2)))
+                    }
                 }
             };
             let original = original.unwrap_or(context);
@@ -614,7 +628,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
         return Ok(vec![single]);
     }
     if !index.is_file() {
-        return Err(err(dir, "no model.safetensors or model.safetensors.index.json (weights in safetensors are needed)"));
+        return Err(err(
+            dir,
+            "no model.safetensors or model.safetensors.index.json (weights in safetensors are needed)",
+        ));
     }
     let v = read_json(&index)?;
     let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| err(&index, "no weight_map"))?;
@@ -695,7 +712,10 @@ fn map_weights(dir: &Path, naming: &Naming, shape: &Shape) -> Result<(Vec<(PathB
                 ));
             }
             if info.shape.is_empty() || info.shape.len() > 2 {
-                return Err(err(&path, format!("tensor '{hf_name}' has shape {:?}: 1 or 2 dimensions expected", info.shape)));
+                return Err(err(
+                    &path,
+                    format!("tensor '{hf_name}' has shape {:?}: 1 or 2 dimensions expected", info.shape),
+                ));
             }
             tensors.push(TensorInfo {
                 name: gguf,
@@ -800,7 +820,8 @@ fn convert_tensors(
     if out.is_empty() {
         return Ok((None, new_infos));
     }
-    let mut anon = memmap2::MmapMut::map_anon(out.len()).map_err(|e| err(dir, format!("memory for converted tensors: {e}")))?;
+    let mut anon =
+        memmap2::MmapMut::map_anon(out.len()).map_err(|e| err(dir, format!("memory for converted tensors: {e}")))?;
     anon.copy_from_slice(&out);
     let map = anon.make_read_only().map_err(|e| err(dir, format!("memory for converted tensors: {e}")))?;
     Ok((Some(map), new_infos))
@@ -842,7 +863,10 @@ fn open_tokenizer(
     let settings = HfTokenizerSettings {
         bos_token: token_text(tc.get("bos_token")),
         eos_token: token_text(tc.get("eos_token")),
-        bos_id: ids(gen.get("bos_token_id")).first().copied().or_else(|| ids(cfg.get(&["bos_token_id"])).first().copied()),
+        bos_id: ids(gen.get("bos_token_id"))
+            .first()
+            .copied()
+            .or_else(|| ids(cfg.get(&["bos_token_id"])).first().copied()),
         eos_ids,
         add_bos: tc.get("add_bos_token").and_then(Value::as_bool),
         vocab_size,

@@ -419,7 +419,10 @@ impl KvCache {
                     // Each head's own budget + 1 (they differ with pyramid or adaptive budgets).
                     usize::MAX => {
                         let room = self.policy.decode_room();
-                        self.policy.head_budget(layer, h).saturating_add(room).min(self.layers[layer][h].table.capacity())
+                        self.policy
+                            .head_budget(layer, h)
+                            .saturating_add(room)
+                            .min(self.layers[layer][h].table.capacity())
                     }
                     c => c,
                 };

@@ -151,7 +151,11 @@ fn fetch(m: &KnownModel, dest: &Path, progress: &mut dyn FnMut(FetchEvent)) -> R
     std::fs::create_dir_all(models_dir).map_err(io(format!("creating {}", models_dir.display())))?;
     // Names unique to this fetch, so another process fetching at the same time never shares
     // the download folder or the half-written file; the last rename wins with the same bytes.
-    let unique = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    );
     let work = models_dir.join(format!(".download-{unique}"));
     std::fs::create_dir_all(&work).map_err(io("creating the download directory"))?;
     let label = m.source.label();

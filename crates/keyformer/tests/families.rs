@@ -14,8 +14,20 @@ use keyformer::models::decoder::Logits;
 use keyformer::sampling::argmax;
 
 /// The families whose golden files this test reads (transformers `model_type` names).
-const FAMILIES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt2", "gpt_neox", "mpt", "mpt-clip"];
+const FAMILIES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi3-longrope",
+    "gpt2",
+    "gpt_neox",
+    "mpt",
+    "mpt-clip",
+];
 
 /// Families that also exist as a folder only.
 const FOLDER_ONLY: &[&str] = &["gptj"];

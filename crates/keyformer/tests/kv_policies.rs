@@ -206,7 +206,10 @@ fn an_f16_cache_halves_the_bytes_and_stays_close_to_f32() {
     };
     eprintln!("q8_0 vs f32 KV: same greedy tokens for {same_prefix}/9 steps; mean |logit difference| {} after the prompt, {} at the first decode step", mean(0), mean(1));
     assert!(same_prefix >= 3, "q8_0 diverged after {same_prefix} steps");
-    assert!(mean(0) > 0.0 && mean(0) < 0.3 && mean(1) < 0.5, "q8_0: {} {}", mean(0), mean(1));
+    // The prompt's products quantise their activations to 8 bits as decode steps do (the
+    // default `PrefillActivations::Q8`), so the prompt's logits carry the same whole rounding
+    // steps as a decode step's (0.33 after the prompt here; 0.08 with f32 prefill activations).
+    assert!(mean(0) > 0.0 && mean(0) < 0.5 && mean(1) < 0.5, "q8_0: {} {}", mean(0), mean(1));
 }
 
 /// Continuous batching: sequences under different policies, at different depths, decoded

@@ -91,17 +91,17 @@ fn every_pre_tokenizer_table_equals_llama_cpp() {
 
 #[test]
 fn q4_1_top5_equals_llama_cpp() {
-    let engine = load_with_f32_cache(&q4_model());
+    use keyformer::backend::cpu::PrefillActivations;
+    let mut engine = load_with_f32_cache(&q4_model());
     let g = golden_json("golden/llamacpp.json");
-    for case in g["top5"].as_array().unwrap() {
-        let (order, _) = ranked_after(&engine, &ids(&case["ids"]));
-        let want = ids(&case["top5"]);
-        let mut got5 = order[..5].to_vec();
-        assert_eq!(got5[0], want[0], "top-1 for {:?}", case["prompt"]);
-        got5.sort();
-        let mut want_sorted = want.clone();
-        want_sorted.sort();
-        assert_eq!(got5, want_sorted, "top-5 for {:?}: ours {:?}, llama.cpp {want:?}", case["prompt"], &order[..5]);
+    // Logits within 0.21 (f32 prefill activations) and 0.28 (8-bit, the default: rounded as
+    // llama.cpp rounds but summed in another order); at 8 bits a near-tie at rank 5 of the first
+    // prompt swaps (13.16 in llama.cpp against the next token).
+    for (acts, tie) in [(PrefillActivations::Q8, 0.35), (PrefillActivations::F32, 0.25)] {
+        engine.model.backend.prefill_activations = acts;
+        for case in g["top5"].as_array().unwrap() {
+            assert_top5_matches(&format!("smollm2 {acts:?}"), &engine, case, tie);
+        }
     }
 }
 

@@ -119,8 +119,10 @@ impl std::str::FromStr for RulerMode {
         match s {
             "after" => Ok(RulerMode::After),
             "inside" => Ok(RulerMode::Inside),
-            _ => Err(format!("unknown RULER mode '{s}' (after: the question after compression, kvpress's \
-                 protocol; inside: the question compressed with the prompt)")),
+            _ => Err(format!(
+                "unknown RULER mode '{s}' (after: the question after compression, kvpress's \
+                 protocol; inside: the question compressed with the prompt)"
+            )),
         }
     }
 }
@@ -228,7 +230,9 @@ impl Haystack {
                 }
             }
             for w in text.split(|c: char| !c.is_ascii_alphabetic()) {
-                if (4..=10).contains(&w.len()) && w.chars().all(|c| c.is_ascii_lowercase()) && seen.insert(w.to_string())
+                if (4..=10).contains(&w.len())
+                    && w.chars().all(|c| c.is_ascii_lowercase())
+                    && seen.insert(w.to_string())
                 {
                     words.push(w.to_string());
                 }
@@ -270,8 +274,17 @@ impl Draw<'_> {
         match kind {
             Kind::Number => (1_000_000 + self.rng.below(9_000_000)).to_string(),
             Kind::Uuid => {
-                let h = |r: &mut Rng, n: usize| (0..n).map(|_| char::from_digit(r.below(16) as u32, 16).unwrap()).collect::<String>();
-                format!("{}-{}-{}-{}-{}", h(&mut self.rng, 8), h(&mut self.rng, 4), h(&mut self.rng, 4), h(&mut self.rng, 4), h(&mut self.rng, 12))
+                let h = |r: &mut Rng, n: usize| {
+                    (0..n).map(|_| char::from_digit(r.below(16) as u32, 16).unwrap()).collect::<String>()
+                };
+                format!(
+                    "{}-{}-{}-{}-{}",
+                    h(&mut self.rng, 8),
+                    h(&mut self.rng, 4),
+                    h(&mut self.rng, 4),
+                    h(&mut self.rng, 4),
+                    h(&mut self.rng, 12)
+                )
             }
             Kind::Word => {
                 let w = &self.hay.words;
@@ -483,7 +496,9 @@ fn fill(task: RulerTask, case: &mut RulerCase, d: &mut Draw, room: usize, count:
                 }
                 _ => {
                     let start = d.rng.below(d.hay.sentences.len());
-                    (0..d.hay.sentences.len()).map(|i| d.hay.sentences[(start + i) % d.hay.sentences.len()].clone()).collect()
+                    (0..d.hay.sentences.len())
+                        .map(|i| d.hay.sentences[(start + i) % d.hay.sentences.len()].clone())
+                        .collect()
                 }
             };
             // Sentences counted one by one overestimate the joined text a little: the budget is
@@ -603,7 +618,9 @@ fn fill_frequent_words(case: &mut RulerCase, d: &mut Draw, room: usize, count: T
         let n = count(&candidate);
         if n > room {
             // Drop the batch's excess a word at a time.
-            while !words.is_empty() && count(&words.iter().map(|&r| vocab[r].as_str()).collect::<Vec<_>>().join(" ")) > room {
+            while !words.is_empty()
+                && count(&words.iter().map(|&r| vocab[r].as_str()).collect::<Vec<_>>().join(" ")) > room
+            {
                 let cut = (words.len() / 50).max(1);
                 words.truncate(words.len() - cut);
             }
@@ -661,7 +678,8 @@ mod tests {
             assert_eq!(a, b, "{}: not deterministic", task.name());
             let c = generate(task, 600, 1, 7, 10, &h, &words).unwrap();
             assert_ne!(a.context, c.context, "{}: samples should differ", task.name());
-            let total = words(&format!("{}\n\n\n\n{}{}", a.instruction, a.question, a.answer_prefix)) + 10 + words(&a.context);
+            let total =
+                words(&format!("{}\n\n\n\n{}{}", a.instruction, a.question, a.answer_prefix)) + 10 + words(&a.context);
             assert!(total <= 600 && total >= 500, "{}: {total} words for 600", task.name());
             assert!(!a.answers.is_empty());
             for ans in &a.answers {
@@ -706,7 +724,10 @@ mod tests {
         fwe.context.split(' ').for_each(|w| *freq.entry(w).or_insert(0) += 1);
         let top = freq[fwe.answers[0].as_str()];
         assert!(freq.values().all(|&n| n <= top));
-        assert!(freq[fwe.answers[2].as_str()] >= freq.values().filter(|&&n| n < freq[fwe.answers[2].as_str()]).copied().max().unwrap_or(0));
+        assert!(
+            freq[fwe.answers[2].as_str()]
+                >= freq.values().filter(|&&n| n < freq[fwe.answers[2].as_str()]).copied().max().unwrap_or(0)
+        );
     }
 
     #[test]

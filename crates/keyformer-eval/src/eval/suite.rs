@@ -293,7 +293,13 @@ pub fn run_eval(
     for &task in &plan.tasks {
         if task.ruler_mode().is_some() {
             for case in &ruler_cases {
-                units.push(Unit { task, doc: &docs[0], needle: None, ruler: Some(case.clone()), label: case.id.clone() });
+                units.push(Unit {
+                    task,
+                    doc: &docs[0],
+                    needle: None,
+                    ruler: Some(case.clone()),
+                    label: case.id.clone(),
+                });
             }
             continue;
         }
@@ -392,10 +398,8 @@ pub fn run_eval(
         // RULER follows kvpress's protocol: only the prompt is compressed, the question and the
         // answer join what it kept.
         let grow = unit.ruler.is_some();
-        let configs: Vec<PolicyConfig> = pending
-            .iter()
-            .map(|(v, b, s)| PolicyConfig { grow: grow || v.config.grow, ..v.case(*b, *s) })
-            .collect();
+        let configs: Vec<PolicyConfig> =
+            pending.iter().map(|(v, b, s)| PolicyConfig { grow: grow || v.config.grow, ..v.case(*b, *s) }).collect();
         let shared = match unit.task {
             Task::Ppl => None,
             _ => Some(engine.shared_prefill(&prompt, &configs, steps + ruler_tail.len())?),
@@ -417,8 +421,11 @@ pub fn run_eval(
         // RULER: the question (after mode) as decode steps, then the answer, scored.
         let ruler_answer = |kv: &PolicyConfig| -> Result<(f64, String), ModelError> {
             let case = unit.ruler.as_ref().expect("a RULER unit");
-            let (mut cache, mut logits) =
-                engine.cache_from_shared(shared.as_ref().expect("shared for this task"), kv, steps + ruler_tail.len())?;
+            let (mut cache, mut logits) = engine.cache_from_shared(
+                shared.as_ref().expect("shared for this task"),
+                kv,
+                steps + ruler_tail.len(),
+            )?;
             for &t in &ruler_tail {
                 engine.decode_step_into(t, &mut cache, &mut logits)?;
             }
@@ -605,7 +612,12 @@ pub fn ruler_cases(engine: &Engine, plan: &EvalPlan, docs: &[Document]) -> Resul
 /// text with this model's token ids of the context part (`context_ids`: the chat template up to
 /// the question) and of the rest (`question_ids`: the question, the end of the user's turn and
 /// the answer prefix), so that another engine runs exactly these tokens.
-pub fn export_ruler_cases(engine: &Engine, plan: &EvalPlan, docs: &[Document], path: &Path) -> Result<usize, ModelError> {
+pub fn export_ruler_cases(
+    engine: &Engine,
+    plan: &EvalPlan,
+    docs: &[Document],
+    path: &Path,
+) -> Result<usize, ModelError> {
     let mut text = String::new();
     let cases = ruler_cases(engine, plan, docs)?;
     for case in &cases {

@@ -328,7 +328,7 @@ impl Model<Cpu> {
                 Ok(Rope { inv_freq, mscale })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        let backend = Cpu { file: file.clone() };
+        let backend = Cpu { file: file.clone(), prefill_activations: Default::default() };
         Ok(Self {
             config,
             backend,
@@ -745,7 +745,9 @@ impl<B: Backend> Model<B> {
             Out::Logits(logits) => {
                 be.logits(w, normed, m, batch, logits)?;
                 if let Some(bias) = &self.output_bias {
-                    logits.chunks_exact_mut(bias.len()).for_each(|row| row.iter_mut().zip(bias).for_each(|(l, b)| *l += b));
+                    logits
+                        .chunks_exact_mut(bias.len())
+                        .for_each(|row| row.iter_mut().zip(bias).for_each(|(l, b)| *l += b));
                 }
                 if let Some(cap) = c.final_softcap {
                     logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
@@ -760,7 +762,10 @@ impl<B: Backend> Model<B> {
                 next.clear();
                 next.extend(logits.chunks_exact(bias.len()).map(|row| {
                     let biased = row.iter().zip(bias).map(|(l, b)| l + b);
-                    biased.enumerate().fold((0u32, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i as u32, v) } else { best }).0
+                    biased
+                        .enumerate()
+                        .fold((0u32, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i as u32, v) } else { best })
+                        .0
                 }));
                 Ok(())
             }

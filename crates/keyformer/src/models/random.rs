@@ -89,7 +89,12 @@ pub const SHAPES: [RandomShape; 18] = [
         ..llama_shape("gemma3-12b", 48, 3840, 16, 8, 15360, 262208, 1_000_000.0)
     },
     // The paper's models (Keyformer, MLSys 2024, Table 1 and Figures 6-8).
-    RandomShape { family: "gptj", head_dim: 256, rope_dim: 64, ..llama_shape("gptj-6b", 28, 4096, 16, 16, 16384, 50400, 10_000.0) },
+    RandomShape {
+        family: "gptj",
+        head_dim: 256,
+        rope_dim: 64,
+        ..llama_shape("gptj-6b", 28, 4096, 16, 16, 16384, 50400, 10_000.0)
+    },
     RandomShape { family: "mpt", ..llama_shape("mpt-7b", 32, 4096, 32, 32, 16384, 50432, 10_000.0) },
     RandomShape { family: "gpt2", ..llama_shape("cerebras-gpt-6.7b", 32, 4096, 32, 32, 16384, 50257, 10_000.0) },
     // Parity tests: GQA (2 query heads per KV head), two layers; and a Qwen2 one with biases.
@@ -120,7 +125,11 @@ pub const SHAPES: [RandomShape; 18] = [
         ..llama_shape("tiny-gptj", 2, 256, 4, 4, 1024, 1000, 10_000.0)
     },
     RandomShape { family: "mpt", context_length: 4096, ..llama_shape("tiny-mpt", 2, 256, 4, 4, 1024, 1000, 10_000.0) },
-    RandomShape { family: "gpt2", context_length: 4096, ..llama_shape("tiny-gpt2", 2, 256, 4, 4, 1024, 1000, 10_000.0) },
+    RandomShape {
+        family: "gpt2",
+        context_length: 4096,
+        ..llama_shape("tiny-gpt2", 2, 256, 4, 4, 1024, 1000, 10_000.0)
+    },
 ];
 
 impl RandomShape {
@@ -331,10 +340,8 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
         crate::models::config::NormKind::Rms => "layer_norm_rms_epsilon",
         crate::models::config::NormKind::Layer => "layer_norm_epsilon",
     };
-    let mut f32s: Vec<(String, f32)> = vec![
-        (format!("{arch}.rope.freq_base"), shape.rope_theta),
-        (format!("{arch}.attention.{norm_key}"), 1e-5),
-    ];
+    let mut f32s: Vec<(String, f32)> =
+        vec![(format!("{arch}.rope.freq_base"), shape.rope_theta), (format!("{arch}.attention.{norm_key}"), 1e-5)];
     for (key, cap) in
         [("attn_logit_softcapping", config.attention_softcap), ("final_logit_softcapping", config.final_softcap)]
     {
@@ -416,7 +423,10 @@ mod tests {
             assert_eq!((c.architecture.as_str(), c.norm, c.positions), (arch, NormKind::Layer, positions), "{name}");
             // The file declares what the GPU's drawing assumes.
             let declared = shape.config();
-            assert_eq!((c.ffn, c.parallel_residual, c.ropes[0].dim), (declared.ffn, declared.parallel_residual, declared.ropes[0].dim));
+            assert_eq!(
+                (c.ffn, c.parallel_residual, c.ropes[0].dim),
+                (declared.ffn, declared.parallel_residual, declared.ropes[0].dim)
+            );
             assert_eq!(file.tensor_info("blk.0.ffn_gate.weight").is_some(), false, "{name}: a GELU MLP has no gate");
             assert_eq!(model.layers[0].ffn_norm.is_some(), shape.has_ffn_norm(), "{name}");
             let mut cache = model.new_cache(64);

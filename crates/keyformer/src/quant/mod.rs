@@ -6,6 +6,7 @@
 //! that the matrix products use, each with a scalar twin that tests compare against.
 
 pub mod dot;
+pub mod gemm_q8;
 pub mod scalar;
 
 use std::fmt;

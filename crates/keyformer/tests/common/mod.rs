@@ -69,6 +69,36 @@ pub fn ranked_after(engine: &keyformer::Engine, prompt: &[u32]) -> (Vec<u32>, Ve
     (order, logits)
 }
 
+/// Our top-5 after a golden `case` of llama.cpp's (`ids`, `top5`, `top5_logits`): the same
+/// top-1, logits of its top-5 within `tie` of llama.cpp's, and a token in one top-5 but not the
+/// other only as a near-tie (within `tie`) with llama.cpp's fifth. Returns the largest logit
+/// difference.
+pub fn assert_top5_matches(label: &str, engine: &keyformer::Engine, case: &serde_json::Value, tie: f32) -> f32 {
+    let (order, logits) = ranked_after(engine, &ids(&case["ids"]));
+    let want = ids(&case["top5"]);
+    let want_logits: Vec<f32> =
+        case["top5_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let diff = want.iter().zip(&want_logits).map(|(&t, &l)| (logits[t as usize] - l).abs()).fold(0f32, f32::max);
+    eprintln!("{label} {:?}: top-5 {:?} (llama.cpp {want:?}), logits within {diff:.4}", case["prompt"], &order[..5]);
+    assert!(diff < tie, "{label}: top-5 logits differ by {diff}");
+    assert_eq!(order[0], want[0], "{label}: top-1 for {:?}", case["prompt"]);
+    let fifth = want_logits[4];
+    for &t in &order[..5] {
+        if !want.contains(&t) {
+            assert!(
+                logits[t as usize] < fifth + tie,
+                "{label}: token {t} ({}) in our top-5 for {:?}, llama.cpp's fifth is {fifth}",
+                logits[t as usize],
+                case["prompt"]
+            );
+        }
+    }
+    for (&t, &l) in want.iter().zip(&want_logits) {
+        assert!(order[..5].contains(&t) || l < fifth + tie, "{label}: llama.cpp's top-5 token {t} missing");
+    }
+    diff
+}
+
 /// Perplexity of the first 1024-token window of tests/data/prose.txt with the full cache (the
 /// window the llama.cpp and transformers goldens score).
 pub fn prose_perplexity(engine: &keyformer::Engine) -> keyformer::PerplexityReport {

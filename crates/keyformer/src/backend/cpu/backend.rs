@@ -22,6 +22,8 @@ const MAX_FUSED: usize = 3;
 /// The CPU backend over one model file.
 pub struct Cpu {
     pub file: Arc<GgufFile>,
+    /// How prompt chunks multiply with quantised weights (`--prefill-activations`).
+    pub prefill_activations: cpu::PrefillActivations,
 }
 
 /// A weight's location in the file (the bytes stay in the memory map): rows
@@ -126,7 +128,7 @@ impl Backend for Cpu {
             if per_token {
                 cpu::matmul_many_per_token(views, x, n, outs)
             } else {
-                cpu::matmul_many(views, x, n, outs)
+                cpu::matmul_many(views, x, n, self.prefill_activations, outs)
             }
         };
         match ys {
@@ -151,7 +153,7 @@ impl Backend for Cpu {
         if per_token {
             cpu::matmul_many_per_token(&[self.view(w)], x, n, &mut [out]);
         } else {
-            cpu::matmul_many(&[self.view(w)], x, n, &mut [out]);
+            cpu::matmul_many(&[self.view(w)], x, n, self.prefill_activations, &mut [out]);
         }
         Ok(())
     }

@@ -8,3 +8,4 @@ pub mod ops;
 pub mod vmath;
 
 pub use backend::{Cpu, GgufWeight, PREFILL_CHUNK};
+pub use ops::PrefillActivations;

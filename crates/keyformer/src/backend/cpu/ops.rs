@@ -9,7 +9,33 @@ use crate::backend::{pool, AttentionSpec, RopeStyle};
 
 use crate::kv::{HeadKv, KvRows};
 use crate::quant::dot::{dot_q8_tokens, dot_row, has_dot_q8_tokens, quantize_q8, PreparedActivations, Q8Block};
+use crate::quant::gemm_q8::{self, PackedRows, TokenActs};
 use crate::quant::{dequantize_row, GgmlType};
+
+/// How a product of several tokens (a prompt chunk) with quantised weights treats the
+/// activations. `F32`: dequantised weights times f32 activations, as transformers computes
+/// with the same file's weights (the parity tests' setting). `Q8`: activations quantised to
+/// 8 bits as a decode step's are, multiplied in integers (llama.cpp's prefill does the same):
+/// faster, and a prompt token's numbers are then what a decode step would give it. Float
+/// weights and Q2_K/Q3_K always take the f32 path, and so does every type on a CPU without
+/// AVX-512 VNNI.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillActivations {
+    F32,
+    #[default]
+    Q8,
+}
+
+impl std::str::FromStr for PrefillActivations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "q8" => Ok(Self::Q8),
+            other => Err(format!("unknown prefill activations '{other}' (f32, q8)")),
+        }
+    }
+}
 
 /// A weight matrix as stored in the file: `rows` output features of `cols` inputs each,
 /// row-major, in its ggml type (usually quantised). The bytes stay in the memory map.
@@ -46,21 +72,99 @@ unsafe impl Sync for SharedOut {}
 
 /// `y[n x rows] = x[n x cols] * W^T`.
 pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
-    matmul_many(&[*w], x, n, &mut [y]);
+    matmul_many(&[*w], x, n, PrefillActivations::F32, &mut [y]);
 }
 
 /// `ys[i] = x * ws[i]^T` for weights that share their input (Q, K and V; gate and up): one
-/// parallel loop over all their rows, and for a single token the activations are quantised
-/// once.
-pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+/// parallel loop over all their rows, and the activations are quantised once for all of them.
+pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, acts: PrefillActivations, ys: &mut [&mut [f32]]) {
     if n >= GEMM_MIN_TOKENS {
         check_matmul_shapes(ws, x, n, ys);
+        let integer = |w: &WeightView| {
+            acts == PrefillActivations::Q8 && gemm_q8::available() && gemm_q8::group_len(w.ggml_type).is_some()
+        };
+        if ws.iter().any(integer) {
+            SCRATCH_Q8.with(|q8| {
+                let mut q8 = q8.borrow_mut();
+                quantize_q8(x, &mut q8);
+                for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                    if integer(w) {
+                        matmul_gemm_q8(w, &q8, n, y);
+                    } else {
+                        matmul_gemm(w, x, n, y);
+                    }
+                }
+            });
+            return;
+        }
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
             matmul_gemm(w, x, n, y);
         }
         return;
     }
     matmul_many_per_token(ws, x, n, ys)
+}
+
+/// Tokens per integer tile (each row group's weights are loaded once for them).
+const Q8_TILE_TOKENS: usize = 8;
+/// Bytes of unpacked weights a task aims for, so that they stay in its core's L2 cache while
+/// every token tile passes over them.
+const Q8_TASK_BYTES: usize = 256 << 10;
+
+/// Many tokens with 8-bit activations (`q8`: `n` tokens' blocks, token after token): each task
+/// unpacks a block of rows into the interleaved integer form once ([`gemm_q8`]) and runs every
+/// token over it, [`Q8_TILE_TOKENS`] at a time.
+fn matmul_gemm_q8(w: &WeightView, q8: &[Q8Block], n: usize, y: &mut [f32]) {
+    let group = gemm_q8::group_len(w.ggml_type).expect("checked by the caller");
+    let blocks_per_token = q8.len() / n;
+    let mut scales = Vec::new();
+    gemm_q8::group_scales(q8, group, &mut scales);
+    let groups_per_token = scales.len() / n;
+    let tasks = pool::threads().max(1).max((w.rows * w.cols).div_ceil(Q8_TASK_BYTES));
+    let block = w.rows.div_ceil(tasks).next_multiple_of(gemm_q8::ROWS);
+    let n_tasks = w.rows.div_ceil(block);
+    let out = SharedOut(y.as_mut_ptr());
+    let token = |t: usize| TokenActs {
+        blocks: &q8[t * blocks_per_token..(t + 1) * blocks_per_token],
+        scales: &scales[t * groups_per_token..(t + 1) * groups_per_token],
+    };
+    pool::for_each(n_tasks, |task| {
+        SCRATCH_PACKED.with(|packed| {
+            let mut packed = packed.borrow_mut();
+            let r0 = task * block;
+            let rows = block.min(w.rows - r0);
+            let rb = w.ggml_type.row_bytes(w.cols);
+            packed.pack(w.ggml_type, &w.bytes[r0 * rb..(r0 + rows) * rb], rows, w.cols);
+            let out = &out;
+            // SAFETY (both writers): rows r0..r0+rows of every token's output belong to this
+            // task alone; `y` outlives the parallel loop.
+            let write = |t: usize, rg: usize, vals: &[f32; gemm_q8::ROWS]| {
+                let first = rg * gemm_q8::ROWS;
+                for (lane, &v) in vals.iter().enumerate().take(rows - first.min(rows)) {
+                    unsafe { *out.0.add(t * w.rows + r0 + first + lane) = v };
+                }
+            };
+            let mut t0 = 0;
+            while t0 + Q8_TILE_TOKENS <= n {
+                let acts: [TokenActs; Q8_TILE_TOKENS] = std::array::from_fn(|k| token(t0 + k));
+                let mut vals = [[0f32; gemm_q8::ROWS]; Q8_TILE_TOKENS];
+                for rg in 0..packed.row_groups() {
+                    gemm_q8::tile(&packed, rg, &acts, &mut vals);
+                    for (k, v) in vals.iter().enumerate() {
+                        write(t0 + k, rg, v);
+                    }
+                }
+                t0 += Q8_TILE_TOKENS;
+            }
+            for t in t0..n {
+                let mut vals = [[0f32; gemm_q8::ROWS]; 1];
+                for rg in 0..packed.row_groups() {
+                    gemm_q8::tile(&packed, rg, &[token(t)], &mut vals);
+                    write(t, rg, &vals[0]);
+                }
+            }
+        })
+    });
 }
 
 fn check_matmul_shapes(ws: &[WeightView], x: &[f32], n: usize, ys: &[&mut [f32]]) {
@@ -162,6 +266,8 @@ thread_local! {
     /// and dequantised weight blocks (every thread), so the hot path does not allocate.
     static SCRATCH_Q8: std::cell::RefCell<Vec<Q8Block>> = const { std::cell::RefCell::new(Vec::new()) };
     static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's weight rows unpacked for the integer prefill (every thread).
+    static SCRATCH_PACKED: std::cell::RefCell<PackedRows> = std::cell::RefCell::new(PackedRows::default());
 }
 
 /// Many tokens: dequantise a block of weight rows to f32 once, then an f32 GEMM against all
@@ -1090,23 +1196,44 @@ mod tests {
     #[test]
     fn gemm_and_rowdot_paths_match_the_reference_product() {
         let mut rng = Lcg(11);
-        for t in [GgmlType::F32, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q6K, GgmlType::F16] {
+        let types = [GgmlType::F32, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K];
+        for t in types.into_iter().chain([GgmlType::Q5K, GgmlType::Q6K, GgmlType::Q3K, GgmlType::F16]) {
             let (rows, cols) = (70, 256);
             let bytes = random_row(t, rows * cols, &mut rng);
             let w = WeightView { ggml_type: t, rows, cols, bytes: &bytes };
             let mut wf = vec![0f32; rows * cols];
             dequantize_row(t, &bytes, &mut wf);
-            for n in [1usize, 3, 9] {
+            for n in [1usize, 3, 9, 21] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
-                let mut y = vec![0f32; n * rows];
-                matmul(&w, &x, n, &mut y);
-                for i in 0..n {
-                    for r in 0..rows {
-                        let xr = &x[i * cols..(i + 1) * cols];
-                        let wr = &wf[r * cols..(r + 1) * cols];
-                        let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-                        let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
-                        assert!((y[i * rows + r] - want).abs() <= 0.01 * mag + 1e-5, "{t} n={n} r={r}");
+                for acts in [PrefillActivations::F32, PrefillActivations::Q8] {
+                    let mut y = vec![0f32; n * rows];
+                    matmul_many(&[w], &x, n, acts, &mut [&mut y]);
+                    // One token at a time through the decode kernels.
+                    let mut decode = vec![0f32; n * rows];
+                    for i in 0..n {
+                        matmul_many(
+                            &[w],
+                            &x[i * cols..(i + 1) * cols],
+                            1,
+                            acts,
+                            &mut [&mut decode[i * rows..(i + 1) * rows]],
+                        );
+                    }
+                    for i in 0..n {
+                        for r in 0..rows {
+                            let xr = &x[i * cols..(i + 1) * cols];
+                            let wr = &wf[r * cols..(r + 1) * cols];
+                            let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                            let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                            let got = y[i * rows + r];
+                            assert!((got - want).abs() <= 0.01 * mag + 1e-5, "{t} {acts:?} n={n} r={r}");
+                            // With 8-bit activations a prompt token gets the numbers a decode step
+                            // gives it (the same integer sums; only the float order differs).
+                            if acts == PrefillActivations::Q8 && t.uses_q8_activations() && gemm_q8::available() {
+                                let step = decode[i * rows + r];
+                                assert!((got - step).abs() <= 1e-5 * mag + 1e-6, "{t} n={n} r={r}: {got} vs {step}");
+                            }
+                        }
                     }
                 }
             }
