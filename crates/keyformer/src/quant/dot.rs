@@ -235,6 +235,7 @@ pub fn vnni_available() -> bool {
                 && std::env::var_os("KEYFORMER_NO_VNNI").is_none()
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -621,7 +622,7 @@ pub(crate) mod x86 {
     /// bytes and sum them in fours: AVX2's `maddubs` (+ `madd`), or AVX-512 VNNI's `dpbusd`.
     /// Both give the same exact integer sums, so the two sets agree bit for bit.
     macro_rules! q8_kernels {
-        ($feat:literal, $mul:ident, $q5_0:ident, $q45_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
+        ($feat:literal, $mul:ident, $fifth:ident, $q5_0:ident, $q45_k:ident, $q4_k:ident, $q5_k:ident, $q6_k:ident) => {
             /// Q5_0: 5-bit values (nibbles plus bit i of `qh`) stored as q + 16.
             #[target_feature(enable = $feat)]
             pub unsafe fn $q5_0(row: &[u8], a: &[Q8Block]) -> f32 {
@@ -630,8 +631,7 @@ pub(crate) mod x86 {
                 two_chain_sum!(a.len(), |i: usize| {
                     let (ab, b) = (a.get_unchecked(i), p.add(i * 22));
                     let (d, _) = f16x2(b);
-                    let high = _mm256_and_si256(bits_to_bytes(b.add(2)), _mm256_set1_epi8(0x10));
-                    let u = _mm256_or_si256(nibbles(b.add(6)), high);
+                    let u = $fifth(nibbles(b.add(6)), b.add(2));
                     let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
                     (_mm256_set1_ps(d * ab.d), $mul(u, y), -16.0 * d * ab.sum)
                 })
@@ -740,16 +740,33 @@ pub(crate) mod x86 {
         };
     }
 
-    q8_kernels!("avx2,fma,f16c", mul_sum_us8, dot_q5_0, dot_q45_k, dot_q4_k, dot_q5_k, dot_q6_k);
+    q8_kernels!("avx2,fma,f16c", mul_sum_us8, add_fifth_bits, dot_q5_0, dot_q45_k, dot_q4_k, dot_q5_k, dot_q6_k);
     q8_kernels!(
-        "avx2,fma,f16c,avx512vnni,avx512vl",
+        "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw",
         mul_sum_us8_vnni,
+        add_fifth_bits_masked,
         dot_q5_0_vnni,
         dot_q45_k_vnni,
         dot_q4_k_vnni,
         dot_q5_k_vnni,
         dot_q6_k_vnni
     );
+
+    /// Q5's 32 fifth bits at `qh` (bit i for byte i) added to the nibbles `u` as 16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_fifth_bits(u: __m256i, qh: *const u8) -> __m256i {
+        _mm256_or_si256(u, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)))
+    }
+
+    /// [`add_fifth_bits`] with the bits as an AVX-512 byte mask: one masked add instead of the
+    /// shuffle, test and compare that spread them into bytes (a Q5_0 block's costliest step).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw")]
+    unsafe fn add_fifth_bits_masked(u: __m256i, qh: *const u8) -> __m256i {
+        let mask = (qh as *const u32).read_unaligned();
+        _mm256_mask_add_epi8(u, mask, u, _mm256_set1_epi8(0x10))
+    }
 
     /// [`mul_sum_us8`] with AVX-512 VNNI (one instruction, no 16-bit intermediate).
     #[inline]
