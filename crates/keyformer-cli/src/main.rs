@@ -539,8 +539,8 @@ struct PerplexityArgs {
     /// Window length in tokens (llama-perplexity's -c).
     #[arg(long, short = 'c', alias = "ctx-size", default_value_t = 512)]
     ctx: usize,
-    /// Score at most this many windows.
-    #[arg(long)]
+    /// Score at most this many windows (llama-perplexity's `--chunks`).
+    #[arg(long, alias = "chunks")]
     max_windows: Option<usize>,
     #[command(flatten)]
     kv: KvArgs,
