@@ -438,6 +438,12 @@ struct KvTuning {
     /// SnapKV's observation window: the last prompt queries whose attention scores the prompt.
     #[arg(long, default_value_t = 32)]
     snapkv_window: usize,
+    /// Compress the prompt as it goes: trim the cache to the budget after every N prompt
+    /// tokens, so a long prompt never holds more than budget + N tokens per layer and KV head
+    /// (peak memory flat in the prompt's length). Off by default: the whole prompt goes through
+    /// the full cache and is trimmed once at its end, as in the paper. Also `POLICY:chunk=N`.
+    #[arg(long, value_name = "N")]
+    prefill_chunk: Option<usize>,
     /// Keyformer: score temperature at the first generated token.
     #[arg(long, default_value_t = 1.0)]
     keyformer_tau_init: f32,
@@ -461,6 +467,7 @@ impl KvTuning {
             min_budget: self.kv_min_budget,
             sinks: self.kv_sinks,
             snapkv_window: self.snapkv_window,
+            prefill_chunk: self.prefill_chunk,
             keyformer: KeyformerOptions {
                 tau_init: self.keyformer_tau_init,
                 tau_end: self.keyformer_tau_end,

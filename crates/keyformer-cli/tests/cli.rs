@@ -168,6 +168,14 @@ fn bad_kv_settings_give_clear_errors() {
         &keyformer(&["run", "-p", "hi", "--kv-policy", "full", "--kv-budget", "50%"]),
         "needs a policy such as keyformer",
     );
+    assert_clean_error(
+        &keyformer(&["run", "-p", "hi", "--kv-budget", "8", "--prefill-chunk", "0"]),
+        "a prefill chunk must be at least 1 token",
+    );
+    assert_clean_error(
+        &keyformer(&["run", "-p", "hi", "--kv-budget", "8", "--prefill-chunk", "9000"]),
+        "a prefill chunk of 9000 tokens is longer than the model's context (8192)",
+    );
     // Values clap cannot parse: its own error (usage follows), exit 2, no panic.
     for (flag, value, needle) in
         [("--kv-budget", "12x", "invalid amount"), ("--keyformer-noise", "pink", "unknown noise")]

@@ -225,6 +225,12 @@ pub struct PolicyConfig {
     pub adaptive: bool,
     /// SnapKV's observation window (last queries of the prompt).
     pub snapkv_window: usize,
+    /// Compress the prompt as it goes (`chunk=N`, `--prefill-chunk N`): after every N prompt
+    /// tokens the cache is trimmed to the budget, so a (layer, KV head) never holds more than
+    /// budget + N tokens however long the prompt. Scores carry over between chunks (H2O's and
+    /// Keyformer's sums accumulate; TOVA and SnapKV use each chunk's last queries). `None`: the
+    /// whole prompt with the full cache, then one trim (the paper's method).
+    pub prefill_chunk: Option<usize>,
     pub keyformer: KeyformerOptions,
     pub seed: u64,
 }
@@ -245,6 +251,7 @@ impl Default for PolicyConfig {
             grow: false,
             key_diversity: false,
             snapkv_window: 32,
+            prefill_chunk: None,
             keyformer: KeyformerOptions::default(),
             seed: 0,
         }
@@ -298,6 +305,7 @@ impl PolicyConfig {
                 "grow" if value.is_empty() => config.grow = true,
                 "keydiff" if value.is_empty() => config.key_diversity = true,
                 "window" => config.snapkv_window = count("window")?,
+                "chunk" => config.prefill_chunk = Some(count("chunk")?),
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
                 "tau" => {
                     let (a, b) = value.split_once('-').ok_or_else(|| bad("tau is INIT-END, e.g. tau=1-2".into()))?;
@@ -307,8 +315,8 @@ impl PolicyConfig {
                 "frozen" if value.is_empty() => config.keyformer.frozen = true,
                 _ => {
                     return Err(bad(format!(
-                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, accumulate=, value, \
-                     layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
+                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, accumulate=, \
+                     value, layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
                 )))
                 }
             }
@@ -378,6 +386,9 @@ impl PolicyConfig {
         }
         if self.kind == PolicyKind::SnapKv && self.snapkv_window == 0 {
             return Err(PolicyError::Invalid("--snapkv-window must be at least 1".into()));
+        }
+        if self.prefill_chunk == Some(0) {
+            return Err(PolicyError::Invalid("a prefill chunk must be at least 1 token".into()));
         }
         Ok(())
     }
@@ -460,6 +471,7 @@ impl PolicyConfig {
             mean_keys: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
             step: 0,
             prompt_done: false,
+            chunk_end: self.prefill_chunk.map_or(prompt_len, |c| c.min(prompt_len)),
         })
     }
 }
@@ -533,6 +545,9 @@ pub struct SequencePolicy {
     mean_keys: Vec<Vec<f32>>,
     step: usize,
     prompt_done: bool,
+    /// Where the prompt chunk being processed ends (the prompt's length unless it is trimmed
+    /// chunk by chunk): TOVA and SnapKV score with the queries just before it.
+    chunk_end: usize,
 }
 
 impl SequencePolicy {
@@ -599,10 +614,36 @@ impl SequencePolicy {
     pub fn prompt_done(&self) -> bool {
         self.prompt_done
     }
-    /// Slots each (layer, KV head) needs: the prompt while it is processed, then budget + 1
-    /// (the new token joins before one is evicted), or budget + the steps when growing.
+    /// Slots each (layer, KV head) needs: the prompt while it is processed (budget + a chunk
+    /// when it is trimmed chunk by chunk), then budget + 1 (the new token joins before one is
+    /// evicted), or budget + the steps when growing.
     pub fn capacity(&self, context: usize) -> usize {
-        self.budget.saturating_add(self.decode_room()).max(self.prompt_len).min(context.max(self.prompt_len))
+        let most = self.head_budgets.iter().copied().max().unwrap_or(self.budget);
+        let prompt = self.prompt_chunk().map_or(self.prompt_len, |c| most.saturating_add(c).min(self.prompt_len));
+        most.saturating_add(self.decode_room()).max(prompt).min(context.max(prompt))
+    }
+
+    /// The prompt chunk after which the cache is trimmed, when the prompt is compressed as it
+    /// goes and is longer than one chunk (a policy with a budget and `prefill_chunk`).
+    pub fn prompt_chunk(&self) -> Option<usize> {
+        self.config.prefill_chunk.filter(|&c| self.budget != usize::MAX && c < self.prompt_len)
+    }
+
+    /// Tokens (layer, head) holds at most while the prompt is processed.
+    pub fn held_during_prompt(&self, layer: usize, head: usize) -> usize {
+        match self.prompt_chunk() {
+            Some(c) => self.head_budget(layer, head).saturating_add(c).min(self.prompt_len),
+            None => self.prompt_len,
+        }
+    }
+
+    /// The cache has been trimmed after a prompt chunk; the next one ends at `end`. SnapKV
+    /// starts its scores afresh (each trim is decided by that chunk's last queries alone).
+    pub fn start_prompt_chunk(&mut self, end: usize) {
+        self.chunk_end = end.min(self.prompt_len);
+        if self.config.kind == PolicyKind::SnapKv {
+            self.scores.iter_mut().for_each(|s| s.iter_mut().for_each(|v| *v = 0.0));
+        }
     }
 
     /// Slots a head needs beyond its budget while decoding: 1 (a token joins, one goes), or
@@ -639,12 +680,12 @@ impl SequencePolicy {
 
     /// What the attention kernel computes for the scores at this step.
     pub fn signal(&self) -> Signal {
-        let last_prompt = self.prompt_len.saturating_sub(1) as u32;
+        let last_prompt = self.chunk_end.saturating_sub(1) as u32;
         match self.config.kind {
             PolicyKind::H2o => Signal::Attention { from_position: 0 },
             PolicyKind::Tova => Signal::Attention { from_position: last_prompt },
             PolicyKind::SnapKv if !self.prompt_done => {
-                Signal::Attention { from_position: self.prompt_len.saturating_sub(self.config.snapkv_window) as u32 }
+                Signal::Attention { from_position: self.chunk_end.saturating_sub(self.config.snapkv_window) as u32 }
             }
             PolicyKind::Keyformer if !(self.prompt_done && self.config.keyformer.frozen) => Signal::Noisy {
                 from_position: 0,
@@ -1074,6 +1115,53 @@ mod tests {
     }
 
     #[test]
+    fn a_chunked_prompt_scores_each_chunk_with_its_own_last_queries() {
+        // A 100-token prompt trimmed every 40 tokens under a budget of 10.
+        let chunked = |kind| {
+            PolicyConfig {
+                kind,
+                budget: Some(Amount::Tokens(10)),
+                prefill_chunk: Some(40),
+                snapkv_window: 4,
+                ..Default::default()
+            }
+            .resolve(100, 5, 1, 1)
+            .unwrap()
+        };
+        let mut snap = chunked(PolicyKind::SnapKv);
+        assert_eq!(snap.prompt_chunk(), Some(40));
+        assert_eq!(snap.capacity(1000), 50, "budget + chunk slots");
+        assert_eq!(snap.held_during_prompt(0, 0), 50);
+        assert_eq!(snap.signal(), Signal::Attention { from_position: 36 }, "the first chunk's last 4 queries");
+        snap.observe(0, 0, &[1.0; 50]);
+        snap.start_prompt_chunk(80);
+        assert!(snap.scores(0, 0).iter().all(|&v| v == 0.0), "a new chunk scores afresh");
+        assert_eq!(snap.signal(), Signal::Attention { from_position: 76 });
+        snap.start_prompt_chunk(120);
+        assert_eq!(snap.signal(), Signal::Attention { from_position: 96 }, "the last chunk ends with the prompt");
+        let mut tova = chunked(PolicyKind::Tova);
+        assert_eq!(tova.signal(), Signal::Attention { from_position: 39 });
+        tova.start_prompt_chunk(80);
+        assert_eq!(tova.signal(), Signal::Attention { from_position: 79 });
+        // H2O's sums carry over between chunks.
+        let mut h2o = chunked(PolicyKind::H2o);
+        h2o.observe(0, 0, &[0.5, 0.25]);
+        h2o.start_prompt_chunk(80);
+        assert_eq!(h2o.scores(0, 0), &[0.5, 0.25]);
+        // No chunking when the chunk covers the prompt or nothing is evicted.
+        let covering = PolicyConfig { prefill_chunk: Some(100), ..chunked(PolicyKind::H2o).config };
+        assert_eq!(covering.resolve(100, 5, 1, 1).unwrap().prompt_chunk(), None);
+        let full = PolicyConfig { prefill_chunk: Some(40), ..Default::default() }.resolve(100, 5, 1, 1).unwrap();
+        assert_eq!((full.prompt_chunk(), full.held_during_prompt(0, 0)), (None, 100));
+        let zero = PolicyConfig { prefill_chunk: Some(0), ..chunked(PolicyKind::H2o).config };
+        assert!(zero.validate().is_err());
+        assert_eq!(
+            PolicyConfig::parse_spec("h2o:chunk=256", &PolicyConfig::default()).unwrap().prefill_chunk,
+            Some(256)
+        );
+    }
+
+    #[test]
     fn knorm_evicts_the_largest_key_norm() {
         let t = table(4);
         let mut p = policy(PolicyKind::KNorm, 3, Some(1), 4);
@@ -1357,6 +1445,46 @@ mod tests {
             }
             if budget >= prompt {
                 for h in 0..heads { prop_assert!(p.victims(0, h, &t, p.head_budget(0, h)).is_empty()); }
+            }
+        }
+
+        /// A prompt trimmed chunk by chunk with random scores (every policy but `full`): the
+        /// table never holds more than budget + chunk, each trim leaves the budget with the
+        /// recent window intact, and the slots the policy allots suffice.
+        #[test]
+        fn chunked_prompts_stay_within_budget_plus_chunk(
+            kind_i in 1usize..9, budget in 1usize..12, chunk in 1usize..10, prompt in 1usize..60,
+            seed in any::<u64>(),
+        ) {
+            let kind = PolicyKind::ALL[kind_i];
+            let cfg = PolicyConfig {
+                kind, budget: Some(Amount::Tokens(budget)), recent: Some(Amount::Tokens(budget / 3)),
+                sinks: budget.min(2), snapkv_window: 2.min(budget), prefill_chunk: Some(chunk), seed, ..Default::default()
+            };
+            let mut p = cfg.resolve(prompt, 0, 1, 1).unwrap();
+            let mut t = SlotTable::new(p.capacity(prompt));
+            let mut rng = seed | 1;
+            for pos in 0..prompt as u32 {
+                let slot = t.insert(pos).map_err(|e| TestCaseError::fail(format!("{e} at {pos}")))?;
+                p.on_insert_kv(0, 0, slot, &[pos as f32 % 3.0], &[1.0]);
+                let row: Vec<f32> = (0..t.high_water()).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 1000) as f32 / 1000.0 }).collect();
+                if let Signal::Attention { from_position } | Signal::Noisy { from_position, .. } = p.signal() {
+                    if pos >= from_position { p.observe(0, 0, &row); }
+                }
+                prop_assert!(t.len() <= budget + chunk);
+                let end = pos as usize + 1;
+                if p.prompt_chunk().is_some() && end % chunk == 0 && end < prompt {
+                    for slot in p.victims(0, 0, &t, budget) {
+                        t.evict(slot).unwrap();
+                        p.on_evict(0, 0, slot);
+                    }
+                    prop_assert!(t.len() <= budget);
+                    let recent = p.recent.min(t.len()) as u32;
+                    for r in 0..recent {
+                        prop_assert!(t.occupied().any(|(_, q)| q == pos - r), "recent {} gone", pos - r);
+                    }
+                    p.start_prompt_chunk(end + chunk);
+                }
             }
         }
 

@@ -99,6 +99,8 @@ pub struct KvReport {
     pub recent_tokens: usize,
     pub tokens_held_max: usize,
     pub bytes_held_max: usize,
+    /// The most bytes held at any moment, the prompt's cache before its trim included.
+    pub bytes_peak: usize,
     pub bytes_full_equivalent: usize,
     pub evictions: usize,
 }
@@ -112,6 +114,7 @@ impl KvReport {
             recent_tokens: p.recent,
             tokens_held_max: stats.tokens_held_max,
             bytes_held_max: stats.bytes_held_max,
+            bytes_peak: stats.bytes_peak,
             bytes_full_equivalent: stats.bytes_full_equivalent,
             evictions: stats.evictions,
         }
@@ -123,6 +126,7 @@ impl KvReport {
         self.recent_tokens = other.recent_tokens;
         self.tokens_held_max = self.tokens_held_max.max(other.tokens_held_max);
         self.bytes_held_max = self.bytes_held_max.max(other.bytes_held_max);
+        self.bytes_peak = self.bytes_peak.max(other.bytes_peak);
         self.bytes_full_equivalent = self.bytes_full_equivalent.max(other.bytes_full_equivalent);
         self.evictions += other.evictions;
     }
@@ -283,7 +287,8 @@ pub struct SharedPrefill {
     cache: KvCache,
     scores: PromptScores,
     logits: Vec<f32>,
-    prompt_len: usize,
+    /// The prompt, for the policies that must prefill on their own (trimmed chunk by chunk).
+    prompt: Vec<u32>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -632,7 +637,7 @@ impl Engine<Cpu> {
             logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
         }
         let scores = cache.recorder.take().expect("recorder set above");
-        Ok(SharedPrefill { cache, scores, logits, prompt_len: prompt.len() })
+        Ok(SharedPrefill { cache, scores, logits, prompt: prompt.to_vec() })
     }
 
     /// A copy of a shared prefill compressed by `kv`, and the prompt's last logits.
@@ -643,7 +648,14 @@ impl Engine<Cpu> {
         steps: usize,
     ) -> Result<(KvCache, Vec<f32>), ModelError> {
         let c = &self.model.config;
-        let policy = kv.resolve(shared.prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        let policy = kv.resolve(shared.prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        if policy.prompt_chunk().is_some() {
+            // Trimmed chunk by chunk, a policy's later chunks see only what it kept of the
+            // earlier ones: its cache cannot come from the full cache's prefill.
+            let mut cache = self.new_cache(kv, shared.prompt.len(), steps)?;
+            let logits = self.prefill(&shared.prompt, &mut cache)?;
+            return Ok((cache, logits));
+        }
         let signal = policy.signal();
         let mut cache = self.model.new_cache_with(policy, c.context_length);
         cache.layers = shared.cache.layers.clone();

@@ -249,6 +249,9 @@ pub struct KvStats {
     pub tokens_held_max: usize,
     /// The most key + value bytes held (all layers and heads) after any step.
     pub bytes_held_max: usize,
+    /// The most key + value bytes held at any moment: a prompt's cache before its trim too
+    /// (the whole prompt, or budget + a chunk when it is trimmed chunk by chunk).
+    pub bytes_peak: usize,
     /// What the full cache would hold for every token seen.
     pub bytes_full_equivalent: usize,
     /// Entries evicted, over all layers and KV heads.
@@ -380,25 +383,49 @@ impl KvCache {
         Ok(())
     }
 
+    /// KeyDiff-style weights when the policy wants them: each held key of a global `layer`
+    /// against its head's mean key.
+    fn weigh_keys(&mut self, layer: usize) {
+        if self.windows[layer].is_some() || !self.policy.wants_mean_keys() {
+            return;
+        }
+        for h in 0..self.layers[layer].len() {
+            let head = &self.layers[layer][h];
+            let keys: Vec<(usize, Vec<f32>)> = head.table.occupied().map(|(s, _)| (s, head.key(s))).collect();
+            let mut mean = vec![0f32; self.head_dim];
+            for (_, k) in &keys {
+                mean.iter_mut().zip(k).for_each(|(m, x)| *m += x);
+            }
+            self.policy.set_mean_key(layer, h, &mean);
+            for (slot, k) in &keys {
+                self.policy.weigh_key(layer, h, *slot, k);
+            }
+        }
+    }
+
+    /// A prompt chunk has gone through and more follows (the prompt is compressed as it goes,
+    /// [`SequencePolicy::prompt_chunk`]): trim every global layer to its budget (a sliding
+    /// layer already holds only its window) and let the policy score the next chunk, which ends
+    /// at prompt position `next_end`. Freed slots take the next chunk's tokens.
+    pub fn trim_prompt_chunk(&mut self, next_end: usize) -> Result<(), SlotError> {
+        self.record_peak();
+        for layer in 0..self.layers.len() {
+            if self.windows[layer].is_none() {
+                self.weigh_keys(layer);
+                self.evict_to_budget(layer)?;
+            }
+        }
+        self.policy.start_prompt_chunk(next_end);
+        self.end_step();
+        Ok(())
+    }
+
     /// The prompt has been processed: trim every head to the budget (sliding layers to their
     /// window), compact the storage to budget + 1 (window + 1) slots, and start decoding.
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {
+        self.record_peak();
         for layer in 0..self.layers.len() {
-            if self.windows[layer].is_none() && self.policy.wants_mean_keys() {
-                // KeyDiff-style weights: each key against its head's mean key.
-                for h in 0..self.layers[layer].len() {
-                    let head = &self.layers[layer][h];
-                    let keys: Vec<(usize, Vec<f32>)> = head.table.occupied().map(|(s, _)| (s, head.key(s))).collect();
-                    let mut mean = vec![0f32; self.head_dim];
-                    for (_, k) in &keys {
-                        mean.iter_mut().zip(k).for_each(|(m, x)| *m += x);
-                    }
-                    self.policy.set_mean_key(layer, h, &mean);
-                    for (slot, k) in &keys {
-                        self.policy.weigh_key(layer, h, *slot, k);
-                    }
-                }
-            }
+            self.weigh_keys(layer);
             if self.windows[layer].is_none() {
                 let tables: Vec<&SlotTable> = self.layers[layer].iter().map(|h| &h.table).collect();
                 self.policy.plan_adaptive(layer, &tables);
@@ -436,8 +463,14 @@ impl KvCache {
         Ok(())
     }
 
+    /// What is held now counts towards the peak.
+    fn record_peak(&mut self) {
+        self.stats.bytes_peak = self.stats.bytes_peak.max(self.bytes_held());
+    }
+
     /// Book-keeping after a step (the prompt's compression or one decode step).
     pub fn end_step(&mut self) {
+        self.record_peak();
         self.tokens_seen = self.tokens_seen.max(self.next_position() as usize);
         let held = self.layers.iter().flatten().map(|h| h.table.len()).max().unwrap_or(0);
         self.stats.tokens_held_max = self.stats.tokens_held_max.max(held);

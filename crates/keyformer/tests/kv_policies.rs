@@ -280,3 +280,66 @@ fn every_policy_runs_at_the_smallest_budgets() {
         }
     }
 }
+
+/// A prompt trimmed chunk by chunk (`prefill_chunk`): every policy holds at most budget + chunk
+/// tokens per (layer, KV head) at every moment, ends at its budget, and reports that peak; a
+/// chunk as long as the prompt is the paper's method, bit for bit.
+#[test]
+fn a_chunked_prefill_never_holds_more_than_budget_plus_chunk() {
+    let e = engine();
+    let p = prompt(&e, 300);
+    let (budget, chunk) = (64usize, 48usize);
+    let per_token =
+        e.model.kv_type.token_bytes(e.model.config.n_layers, e.model.config.n_kv_heads, e.model.config.head_dim);
+    for kind in PolicyKind::ALL.into_iter().filter(|&k| k != PolicyKind::Full) {
+        let kv = PolicyConfig { prefill_chunk: Some(chunk), ..config(kind, Amount::Tokens(budget)) };
+        let mut cache = e.new_cache(&kv, p.len(), 4).unwrap();
+        for h in cache.layers.iter().flatten() {
+            assert!(h.table.capacity() <= budget + chunk, "{kind:?}: {} slots allocated", h.table.capacity());
+        }
+        let mut logits = e.prefill(&p, &mut cache).unwrap();
+        let peak = cache.stats.bytes_peak;
+        assert!(peak <= (budget + chunk) * per_token, "{kind:?}: peak {peak} bytes");
+        assert!(peak > budget * per_token, "{kind:?}: the chunk's tokens are counted");
+        for h in cache.layers.iter().flatten() {
+            assert!(h.table.len() <= budget, "{kind:?}: {} held after the prompt", h.table.len());
+            assert!(h.table.high_water() <= budget + chunk);
+        }
+        for _ in 0..4 {
+            let t = argmax(&logits);
+            e.model.decode_step_into(t, &mut cache, &mut logits).unwrap();
+        }
+        assert!(cache.layers.iter().flatten().all(|h| h.table.len() <= budget), "{kind:?} while decoding");
+        // Chunked and unchunked differ (later chunks see only what earlier ones kept)...
+        let (whole, _) = decode(&e, &config(kind, Amount::Tokens(budget)), &p, 2);
+        let (chunked, _) = decode(&e, &kv, &p, 2);
+        if !matches!(kind, PolicyKind::Window | PolicyKind::Sink) {
+            assert!(whole != chunked, "{kind:?}: chunking changed nothing");
+        }
+        // ...but a chunk covering the prompt is the same run.
+        let covering = PolicyConfig { prefill_chunk: Some(p.len()), ..kv.clone() };
+        let (same, c) = decode(&e, &covering, &p, 2);
+        assert!(same == whole, "{kind:?}: a covering chunk changed the result");
+        assert_eq!(c.stats.bytes_peak, p.len() * per_token, "{kind:?}: the whole prompt was held");
+    }
+}
+
+/// The plan a server admits by counts budget + chunk while a chunked prompt runs, not the
+/// whole prompt; a chunk of 0 or past the context is refused.
+#[test]
+fn a_chunked_prompt_is_planned_at_budget_plus_chunk() {
+    let e = engine();
+    let c = &e.model.config;
+    let per_token = e.model.kv_type.token_bytes(c.n_layers, c.n_kv_heads, c.head_dim);
+    let kv = config(PolicyKind::Keyformer, Amount::Tokens(256));
+    let whole = e.model.plan_kv(&kv, 4000, 16).unwrap();
+    assert_eq!(whole.bytes_prefill, 4000 * per_token);
+    let chunked = e.model.plan_kv(&PolicyConfig { prefill_chunk: Some(512), ..kv.clone() }, 4000, 16).unwrap();
+    assert_eq!(chunked.bytes_prefill, (256 + 512) * per_token);
+    assert_eq!(chunked.bytes_steady, whole.bytes_steady);
+    let zero = e.model.plan_kv(&PolicyConfig { prefill_chunk: Some(0), ..kv.clone() }, 4000, 16).unwrap_err();
+    assert!(zero.to_string().contains("at least 1 token"), "{zero}");
+    let past =
+        e.model.plan_kv(&PolicyConfig { prefill_chunk: Some(c.context_length + 1), ..kv }, 4000, 16).unwrap_err();
+    assert!(past.to_string().contains("longer than the model's context"), "{past}");
+}

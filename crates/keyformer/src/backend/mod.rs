@@ -248,6 +248,18 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Cache, ModelError>;
     /// The prompt has gone through the model: compress the cache to the policy's budget.
     fn finish_prompt(&self, cache: &mut Self::Cache) -> Result<(), ModelError>;
+    /// Whether this backend trims a prompt chunk by chunk ([`trim_prompt_chunk`](Self::trim_prompt_chunk)).
+    fn trims_prompt_chunks(&self) -> bool {
+        false
+    }
+    /// A prompt chunk has gone through and more follows: trim the cache to the policy's budget;
+    /// the next chunk ends at prompt position `next_end`.
+    fn trim_prompt_chunk(&self, cache: &mut Self::Cache, next_end: usize) -> Result<(), ModelError> {
+        let _ = (cache, next_end);
+        Err(ModelError::Input(
+            "this device does not trim a prompt chunk by chunk (--prefill-chunk): use the CPU".into(),
+        ))
+    }
     /// A decode step has gone through the model (the policy's schedule moves on).
     fn end_step(&self, cache: &mut Self::Cache);
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).

@@ -364,6 +364,17 @@ impl<B: Backend> Model<B> {
     pub fn plan_kv(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<KvPlan, ModelError> {
         let c = &self.config;
         let policy = kv.resolve(prompt_len, steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
+        if let Some(chunk) = kv.prefill_chunk.filter(|&n| n > c.context_length) {
+            return Err(ModelError::Input(format!(
+                "a prefill chunk of {chunk} tokens is longer than the model's context ({})",
+                c.context_length
+            )));
+        }
+        if policy.prompt_chunk().is_some() && !self.backend.trims_prompt_chunks() {
+            return Err(ModelError::Input(
+                "a prompt trimmed chunk by chunk (--prefill-chunk) runs on the CPU only for now".into(),
+            ));
+        }
         let windows_only = self.backend.holds_windows_only();
         if !windows_only && c.has_sliding_layers() && policy.budget != usize::MAX {
             // Such a backend would trim the sliding layers by the policy too, unlike the CPU
@@ -387,12 +398,13 @@ impl<B: Backend> Model<B> {
                     prompt_len.min(w.saturating_add(self.backend.prefill_chunk())) * per_layer,
                 ),
                 // Each head its budget + 1 (pyramid budgets differ by layer; adaptive ones by
-                // head, with the layer's sum unchanged).
+                // head, with the layer's sum unchanged); while the prompt runs, all of it, or
+                // budget + a chunk when it is trimmed chunk by chunk.
                 _ => (
                     (0..c.n_kv_heads)
                         .map(|h| lifetime.min(policy.head_budget(l, h).saturating_add(policy.decode_room())) * per_head)
                         .sum::<usize>(),
-                    prompt_len * per_layer,
+                    (0..c.n_kv_heads).map(|h| policy.held_during_prompt(l, h) * per_head).sum::<usize>(),
                 ),
             };
             steady += held;
@@ -494,10 +506,24 @@ impl<B: Backend> Model<B> {
         on_rows: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), ModelError> {
         let rows = self.backend.prefill_chunk();
+        // A prompt compressed as it goes is trimmed at every multiple of its chunk (in prompt
+        // positions, so a prompt continued after earlier tokens keeps the same boundaries).
+        let every = cache.policy().prompt_chunk();
         let mut logits = Vec::new();
-        for (ci, chunk) in tokens.chunks(rows).enumerate() {
-            self.forward_into(chunk, cache, which, &mut logits)?;
-            on_rows(ci * rows, &logits);
+        let mut done = 0;
+        while done < tokens.len() {
+            let pos = cache.next_position() as usize;
+            let mut take = rows.min(tokens.len() - done);
+            if let Some(c) = every {
+                take = take.min((pos / c + 1) * c - pos);
+            }
+            self.forward_into(&tokens[done..done + take], cache, which, &mut logits)?;
+            on_rows(done, &logits);
+            done += take;
+            let pos = cache.next_position() as usize;
+            if let Some(c) = every.filter(|&c| pos % c == 0 && done < tokens.len()) {
+                self.backend.trim_prompt_chunk(cache, pos + c)?;
+            }
         }
         self.backend.finish_prompt(cache)
     }

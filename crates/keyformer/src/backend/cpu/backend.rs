@@ -328,6 +328,14 @@ impl Backend for Cpu {
         Ok(cache.finish_prompt()?)
     }
 
+    fn trims_prompt_chunks(&self) -> bool {
+        true
+    }
+
+    fn trim_prompt_chunk(&self, cache: &mut KvCache, next_end: usize) -> Result<(), ModelError> {
+        Ok(cache.trim_prompt_chunk(next_end)?)
+    }
+
     fn end_step(&self, cache: &mut KvCache) {
         cache.policy.next_step();
         cache.end_step();
