@@ -60,6 +60,9 @@ struct Cli {
 enum Command {
     /// Generate text after a prompt, streaming it to the terminal.
     Run(RunArgs),
+    /// Chat on the terminal (llama-cli -cnv): the history stays in the compressed KV cache and
+    /// each turn computes only its new text. Commands: /reset, /stats, /help; Ctrl-D ends.
+    Chat(ChatArgs),
     /// Perplexity of a text file over consecutive windows of --ctx tokens.
     Perplexity(PerplexityArgs),
     /// Print the token ids of a text.
@@ -504,6 +507,33 @@ pub(crate) struct RunArgs {
     /// Maximum number of tokens to generate.
     #[arg(long, short = 'n', default_value_t = 128)]
     max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `keyformer chat`: a conversation on the terminal whose history stays in the KV cache.
+#[derive(Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    kv: KvArgs,
+    /// A system message that opens the conversation (kept across /reset).
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum number of tokens per answer.
+    #[arg(long, short = 'n', default_value_t = 512)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// How tokens are drawn and when generation stops (shared by `run` and `chat`).
+#[derive(Args, Clone)]
+pub(crate) struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, alias = "temp", default_value_t = 0.0)]
     temperature: f32,
@@ -531,9 +561,30 @@ pub(crate) struct RunArgs {
     /// \r, \\, \", \', \xHH, \uXXXX.
     #[arg(long, value_parser = parse_escapes)]
     stop: Vec<String>,
-    /// Print one JSON object instead of streaming text.
-    #[arg(long)]
-    json: bool,
+}
+
+impl SamplingArgs {
+    /// A request for `max_tokens` under `kv`, with the seed drawn from the clock when none was
+    /// given (the KV policy then uses seed 0, so a greedy answer repeats).
+    fn request(&self, max_tokens: usize, kv: &KvArgs) -> Result<(GenerateRequest, u64)> {
+        let seed = self.seed.unwrap_or_else(keyformer::sampling::clock_seed);
+        let req = GenerateRequest {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                seed,
+            },
+            stop: self.stop.clone(),
+            kv: kv.config(self.seed.unwrap_or(0))?,
+            logprobs: None,
+        };
+        Ok((req, seed))
+    }
 }
 
 #[derive(Args)]
@@ -659,6 +710,10 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Run(mut a) => {
             a.engine.resolve_device();
             run(a)
+        }
+        Command::Chat(mut a) => {
+            a.engine.resolve_device();
+            chat(a)
         }
         Command::Perplexity(a) => perplexity(a),
         Command::Tokenize(a) => tokenize(a),
@@ -847,22 +902,7 @@ pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &Run
         prompt = engine.chat_prompt(&prompt)?;
     }
     let ids = engine.encode(&prompt)?;
-    let seed = a.seed.unwrap_or_else(keyformer::sampling::clock_seed);
-    let req = GenerateRequest {
-        max_tokens: a.max_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            min_p: a.min_p,
-            repeat_penalty: a.repeat_penalty,
-            repeat_last_n: a.repeat_last_n,
-            seed,
-        },
-        stop: a.stop.clone(),
-        kv: a.kv.config(a.seed.unwrap_or(0))?,
-        logprobs: None,
-    };
+    let (req, seed) = a.sampling.request(a.max_tokens, &a.kv)?;
     let mut stdout = std::io::stdout().lock();
     let out = if a.json {
         engine.generate(&ids, &req, &mut |_| {})?
@@ -900,6 +940,90 @@ pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &Run
             human_bytes(kv.bytes_held_max),
             human_bytes(kv.bytes_full_equivalent)
         );
+    }
+    Ok(())
+}
+
+/// `keyformer chat`: read a message per line, answer it from the conversation's cache. Errors
+/// end the turn, not the conversation.
+fn chat(a: ChatArgs) -> Result<()> {
+    use keyformer::session::ChatSession;
+    use std::io::{BufRead, IsTerminal};
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if a.engine.device != Device::Cpu {
+        bail!("chat runs on the CPU for now (the GPU does not yet continue a compressed prompt)");
+    }
+    let engine = load_engine(&a.engine)?;
+    if engine.chat_template().is_none() {
+        bail!("{} has no chat template: use `run` for plain text", engine.name);
+    }
+    let (req, _) = a.sampling.request(a.max_tokens, &a.kv)?;
+    let mut session: ChatSession<keyformer::backend::Cpu> = ChatSession::new(a.system.clone(), req.kv.clone());
+    let terminal = std::io::stdin().is_terminal();
+    if terminal {
+        eprintln!("chatting with {} (KV {}); /help lists the commands, Ctrl-D ends", engine.name, req.kv.label());
+    }
+    let mut stdout = std::io::stdout();
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if terminal {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading the next message")?;
+        let message = line.trim();
+        match message {
+            "" => continue,
+            "/help" => {
+                println!("/reset: forget the conversation (the system message stays)\n/stats: what the KV cache holds and what the turns computed\n/help: this list; end with Ctrl-D")
+            }
+            "/reset" => {
+                session.reset();
+                println!("[conversation reset]");
+            }
+            "/stats" => {
+                let st = session.stats();
+                let held =
+                    session.cache().map(|c: &keyformer::kv::KvCache| (c.len(), c.bytes_held())).unwrap_or((0, 0));
+                println!(
+                    "[{} turns; conversation {} tokens, {} prefilled in all ({} restarts); KV {}: {} tokens per head held, {}]",
+                    st.turns,
+                    st.conversation_tokens,
+                    st.prefilled_tokens,
+                    st.restarts,
+                    req.kv.label(),
+                    held.0,
+                    human_bytes(held.1)
+                );
+            }
+            m if m.starts_with('/') => println!("[unknown command {m}: /help lists them]"),
+            user => {
+                let result = session.turn(&engine, user, &req, &mut |piece| {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                });
+                match result {
+                    Ok(out) => {
+                        writeln!(stdout)?;
+                        if terminal {
+                            eprintln!(
+                                "[{} new prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s]",
+                                out.prompt_tokens,
+                                out.prefill_tok_s(),
+                                out.generated_tokens,
+                                out.decode_tok_s()
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        writeln!(stdout)?;
+                        eprintln!("error: {e} (the conversation so far is kept)");
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -637,6 +637,25 @@ impl SequencePolicy {
         }
     }
 
+    /// A finished prompt goes on with more prompt tokens (a chat's next turn, after its
+    /// answer): positions up to `prompt_end` are prompt again, scored as a prompt (the scores so
+    /// far carry over; SnapKV's and a frozen selection's start afresh) and trimmed at their end,
+    /// and `steps` decode steps follow. The budget stays as resolved.
+    pub fn reopen_prompt(&mut self, next_position: usize, prompt_end: usize, steps: usize) {
+        self.prompt_done = false;
+        self.prompt_len = prompt_end;
+        self.steps = steps;
+        self.step = 0;
+        self.chunk_end = match self.config.prefill_chunk {
+            Some(c) => ((next_position / c + 1) * c).min(prompt_end),
+            None => prompt_end,
+        };
+        let kind = self.config.kind;
+        if kind == PolicyKind::SnapKv || (kind == PolicyKind::Keyformer && self.config.keyformer.frozen) {
+            self.scores.iter_mut().for_each(|s| s.iter_mut().for_each(|v| *v = 0.0));
+        }
+    }
+
     /// The cache has been trimmed after a prompt chunk; the next one ends at `end`. SnapKV
     /// starts its scores afresh (each trim is decided by that chunk's last queries alone).
     pub fn start_prompt_chunk(&mut self, end: usize) {

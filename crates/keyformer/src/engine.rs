@@ -236,9 +236,18 @@ impl<B: Backend> Generation<B> {
     }
 
     /// Send what is left of the text and report.
-    pub fn finish(mut self, engine: &Engine<B>, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
+    pub fn finish(self, engine: &Engine<B>, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
+        Ok(self.finish_keeping_cache(engine, on_text)?.0)
+    }
+
+    /// [`finish`](Self::finish), giving back the cache too (a chat goes on from it).
+    pub fn finish_keeping_cache(
+        mut self,
+        engine: &Engine<B>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(GenerationOutput, B::Cache), ModelError> {
         let text = self.stream.finish(&engine.tokenizer.decode(&self.generated)?, on_text);
-        Ok(GenerationOutput {
+        let output = GenerationOutput {
             text,
             prompt_tokens: self.prompt_tokens,
             generated_tokens: self.generated.len(),
@@ -248,7 +257,8 @@ impl<B: Backend> Generation<B> {
             decode_seconds: self.decode_seconds,
             kv_cache: KvReport::of(&self.cache),
             logprobs: self.logprobs.map(|(_, report)| report),
-        })
+        };
+        Ok((output, self.cache))
     }
 }
 
@@ -367,6 +377,23 @@ impl<B: Backend> Engine<B> {
         Ok(last)
     }
 
+    /// More prompt for a cache whose prompt has been processed (a chat's next turn, after the
+    /// answer so far): `tokens` go through as a prompt (scored, and trimmed at their end to the
+    /// cache's budget; chunk by chunk when it trims so), room is made for `steps` decode steps,
+    /// and the last token's logits come back. Only the new tokens are computed.
+    pub fn extend_prompt(&self, tokens: &[u32], cache: &mut B::Cache, steps: usize) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("no new prompt tokens".into()));
+        }
+        let end = cache.next_position() as usize + tokens.len();
+        let context = self.context_length();
+        if end >= context {
+            return Err(ModelError::PromptTooLong { prompt: end, context });
+        }
+        self.model.backend.reopen_prompt(cache, tokens.len(), steps.min(context - end))?;
+        self.prefill(tokens, cache)
+    }
+
     /// One decode step: `token` joins the cache (which then evicts down to its budget).
     pub fn decode_step(&self, token: u32, cache: &mut B::Cache) -> Result<Vec<f32>, ModelError> {
         let mut logits = Vec::new();
@@ -444,6 +471,21 @@ impl<B: Backend> Engine<B> {
         let mut generation = Generation::new(prompt, cache, logits, req);
         self.run_generation(&mut generation, on_text)?;
         generation.finish(self, on_text)
+    }
+
+    /// [`generate_from`](Self::generate_from), giving back the cache (it holds the prompt and
+    /// the answer's tokens but the last one, which no step has run yet).
+    pub fn generate_from_keeping_cache(
+        &self,
+        prompt: &[u32],
+        (cache, logits): (B::Cache, Vec<f32>),
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(GenerationOutput, B::Cache), ModelError> {
+        req.sampling.validate().map_err(ModelError::Input)?;
+        let mut generation = Generation::new(prompt, cache, logits, req);
+        self.run_generation(&mut generation, on_text)?;
+        generation.finish_keeping_cache(self, on_text)
     }
 
     fn run_generation(&self, g: &mut Generation<B>, on_text: &mut dyn FnMut(&str)) -> Result<(), ModelError> {

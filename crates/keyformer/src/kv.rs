@@ -420,6 +420,31 @@ impl KvCache {
         Ok(())
     }
 
+    /// A cache whose prompt has been processed (and perhaps decoded after) takes `extra` more
+    /// prompt tokens, then `steps` decode steps: the policy scores them as a prompt and trims at
+    /// their end ([`SequencePolicy::reopen_prompt`]); each head's storage grows to what it
+    /// holds plus the new tokens (a chunk at a time when trimmed chunk by chunk).
+    pub fn reopen_prompt(&mut self, extra: usize, steps: usize) -> Result<(), SlotError> {
+        let next = self.next_position() as usize;
+        self.policy.reopen_prompt(next, next + extra, steps);
+        let arriving = self.policy.config.prefill_chunk.map_or(extra, |c| c.min(extra));
+        for layer in 0..self.layers.len() {
+            for h in 0..self.layers[layer].len() {
+                let head = &self.layers[layer][h];
+                let needed = match self.windows[layer] {
+                    // A sliding layer: its window and the tokens arriving before it slides.
+                    Some(window) => window.saturating_add(arriving.max(steps)).saturating_add(1),
+                    None => head.table.len().saturating_add(arriving).saturating_add(steps.max(1)),
+                };
+                if head.table.capacity() < needed {
+                    let mapping = self.layers[layer][h].compact(needed);
+                    self.policy.remap(layer, h, &mapping);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The prompt has been processed: trim every head to the budget (sliding layers to their
     /// window), compact the storage to budget + 1 (window + 1) slots, and start decoding.
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {

@@ -21,6 +21,7 @@ pub mod models;
 pub mod quant;
 pub mod registry;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 
 pub use engine::{Engine, GenerationOutput, KvReport, PerplexityReport};

@@ -260,6 +260,12 @@ pub trait Backend: Send + Sync + 'static {
             "this device does not trim a prompt chunk by chunk (--prefill-chunk): use the CPU".into(),
         ))
     }
+    /// More prompt tokens (`extra`) follow a processed prompt, then `steps` decode steps: the
+    /// cache scores them as a prompt again and makes room for them.
+    fn reopen_prompt(&self, cache: &mut Self::Cache, extra: usize, steps: usize) -> Result<(), ModelError> {
+        let _ = (cache, extra, steps);
+        Err(ModelError::Input("this device does not continue a processed prompt: use the CPU".into()))
+    }
     /// A decode step has gone through the model (the policy's schedule moves on).
     fn end_step(&self, cache: &mut Self::Cache);
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).

@@ -328,6 +328,10 @@ impl Backend for Cpu {
         Ok(cache.finish_prompt()?)
     }
 
+    fn reopen_prompt(&self, cache: &mut KvCache, extra: usize, steps: usize) -> Result<(), ModelError> {
+        Ok(cache.reopen_prompt(extra, steps)?)
+    }
+
     fn trims_prompt_chunks(&self) -> bool {
         true
     }
