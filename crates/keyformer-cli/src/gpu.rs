@@ -168,7 +168,7 @@ mod with_cuda {
         let mut engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
         a.engine.limit_context(&mut engine)?;
         let (used, total) = engine.model.backend.memory_used()?;
-        let kv_memory = crate::parse_memory(&a.kv_memory, Some(total - used))?;
+        let kv_memory = crate::parse_memory("--kv-memory", &a.kv_memory, Some(total - used))?;
         crate::serve_on(engine, a, kv_memory)
     }
 

@@ -138,6 +138,14 @@ pub(crate) struct ServeArgs {
     /// compressed), so a smaller budget admits more requests at once.
     #[arg(long, default_value = "25%")]
     kv_memory: String,
+    /// KV memory for compressed prompt prefixes kept for reuse (bytes with K/M/G, or a
+    /// percentage of --kv-memory; 0, the default, keeps none). A request whose prompt starts
+    /// like a recent one (a shared system prompt, a chat's next turn) computes only the rest,
+    /// with exactly the answer it would get alone. Works for the full cache and for policies
+    /// trimmed chunk by chunk (--prefill-chunk); kept prefixes count in --kv-memory and are
+    /// dropped, least recently used first, to admit requests.
+    #[arg(long, default_value = "0")]
+    prefix_cache_memory: String,
     /// Most sequences decoded together in one step.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -730,22 +738,23 @@ fn real_main(cli: Cli) -> Result<()> {
 
 /// `--kv-memory`: bytes with an optional K/M/G suffix, or a percentage of `base` (physical
 /// memory when `None`).
-pub(crate) fn parse_memory(spec: &str, base: Option<usize>) -> Result<usize> {
+pub(crate) fn parse_memory(flag: &str, spec: &str, base: Option<usize>) -> Result<usize> {
     let s = spec.trim();
     if let Some(p) = s.strip_suffix('%') {
-        let p: f64 = p.trim().parse().with_context(|| format!("--kv-memory '{spec}'"))?;
+        let p: f64 = p.trim().parse().with_context(|| format!("{flag} '{spec}'"))?;
         if !(p > 0.0 && p <= 100.0) {
-            bail!("--kv-memory percentage must be in (0, 100], got {p}");
+            bail!("{flag} percentage must be in (0, 100], got {p}");
         }
         if let Some(base) = base {
             return Ok((base as f64 * p / 100.0) as usize);
         }
-        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo for --kv-memory %")?;
+        let meminfo =
+            std::fs::read_to_string("/proc/meminfo").with_context(|| format!("reading /proc/meminfo for {flag} %"))?;
         let kib: f64 = meminfo
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no MemTotal in /proc/meminfo: give --kv-memory in bytes")?;
+            .with_context(|| format!("no MemTotal in /proc/meminfo: give {flag} in bytes"))?;
         return Ok((kib * 1024.0 * p / 100.0) as usize);
     }
     let (num, mult) = match s.char_indices().last() {
@@ -754,10 +763,9 @@ pub(crate) fn parse_memory(spec: &str, base: Option<usize>) -> Result<usize> {
         Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
-    let n: usize =
-        num.trim().parse().with_context(|| format!("--kv-memory '{spec}': bytes (e.g. 512M) or a percentage"))?;
+    let n: usize = num.trim().parse().with_context(|| format!("{flag} '{spec}': bytes (e.g. 512M) or a percentage"))?;
     if n == 0 {
-        bail!("--kv-memory must be more than 0");
+        bail!("{flag} must be more than 0");
     }
     Ok(n.saturating_mul(mult))
 }
@@ -769,7 +777,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     a.kv.config(0)?;
     match a.engine.device {
         Device::Cpu => {
-            let kv_memory = parse_memory(&a.kv_memory, None)?;
+            let kv_memory = parse_memory("--kv-memory", &a.kv_memory, None)?;
             serve_on(load_engine(&a.engine)?, a, kv_memory)
         }
         Device::Cuda => gpu::serve(a),
@@ -783,6 +791,30 @@ pub(crate) fn serve_on<B: keyformer::backend::Backend>(
     kv_memory: usize,
 ) -> Result<()> {
     let kv = a.kv.config(0)?;
+    let prefix_memory = match a.prefix_cache_memory.trim() {
+        "0" => 0,
+        spec => parse_memory("--prefix-cache-memory", spec, Some(kv_memory))?,
+    };
+    if prefix_memory > kv_memory {
+        bail!(
+            "--prefix-cache-memory ({}) is more than --kv-memory ({})",
+            human_bytes(prefix_memory),
+            human_bytes(kv_memory)
+        );
+    }
+    // The smallest useful copy: the default policy's budget and chunk, or 64 tokens of full cache.
+    let smallest = engine.model.kv_bytes_per_token()
+        * match (kv.budget, kv.prefill_chunk) {
+            (Some(keyformer::keyformer_kv::Amount::Tokens(b)), Some(c)) => b + c,
+            _ => 64,
+        };
+    if prefix_memory > 0 && prefix_memory < smallest {
+        bail!(
+            "--prefix-cache-memory ({}) is less than one kept prefix of this model and policy ({}): give more, or 0 to keep none",
+            human_bytes(prefix_memory),
+            human_bytes(smallest)
+        );
+    }
     let model_name = match &a.engine.random_weights {
         Some(_) => engine.name.clone(),
         None => std::path::Path::new(&a.engine.model.model)
@@ -794,7 +826,12 @@ pub(crate) fn serve_on<B: keyformer::backend::Backend>(
     let config = keyformer_server::ServerConfig {
         addr: std::net::SocketAddr::new(a.host, a.port),
         defaults: keyformer_server::api::Defaults { kv, model_name, completion_max_tokens: a.default_max_tokens },
-        limits: keyformer_server::scheduler::Limits { kv_memory, max_batch: a.max_batch, max_queue: a.max_queue },
+        limits: keyformer_server::scheduler::Limits {
+            kv_memory,
+            prefix_memory,
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+        },
         api_key: a.api_key,
         max_body_bytes: a.max_request_bytes,
         request_timeout: Duration::from_secs(a.timeout),

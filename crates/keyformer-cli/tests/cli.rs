@@ -792,3 +792,43 @@ fn llama_cpp_habits_work_and_short_prompts_are_not_starved() {
     let tiny = kv(&["--kv-policy", "h2o", "--kv-budget", "1", "--kv-recent", "0"]);
     assert_eq!(tiny["budget_tokens"], 1);
 }
+
+/// `keyformer chat` driven by a script on stdin: answers stream, /stats reports what the cache
+/// holds and that later turns computed only their new text, a message past the context is one
+/// error line and the conversation goes on, /reset forgets it, and the end of input ends it.
+#[test]
+fn chat_turns_share_one_cache_and_survive_a_bad_message() {
+    use std::io::Write as _;
+    let script = format!(
+        "What is the capital of France?\n/stats\nAnd of Germany?\n/stats\n{}\nThanks.\n/nope\n/reset\n/stats\n",
+        "word ".repeat(400)
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyformer"))
+        .args(["chat", "--kv-budget", "64", "--prefill-chunk", "32", "-n", "12", "--ctx-size", "400"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stats: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[') && l.contains("turns;")).collect();
+    assert_eq!(stats.len(), 3, "{stdout}");
+    let numbers = |line: &str| -> Vec<usize> {
+        line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).filter_map(|w| w.parse().ok()).collect()
+    };
+    // "[T turns; conversation C tokens, P prefilled in all (R restarts); KV keyformer@64: H tokens ..."
+    let (one, two) = (numbers(stats[0]), numbers(stats[1]));
+    assert_eq!((one[0], two[0]), (1, 2), "{stdout}");
+    assert!(two[1] > one[1] && two[2] < two[1], "the second turn computed only its new text: {stdout}");
+    assert_eq!(two[3], 0, "no restarts: {stdout}");
+    assert!(numbers(stats[1])[5] <= 64, "held within the budget: {stdout}");
+    assert_eq!(stderr.matches("error:").count(), 1, "one error, for the long message: {stderr}");
+    assert!(stderr.contains("context") && stderr.contains("kept"), "{stderr}");
+    assert!(stdout.contains("[unknown command /nope"), "{stdout}");
+    assert!(stdout.contains("[conversation reset]"), "{stdout}");
+    assert!(stats[2].starts_with("[0 turns;"), "{stdout}");
+}

@@ -656,6 +656,38 @@ impl SequencePolicy {
         }
     }
 
+    /// A cache kept at prompt position `at` (a shared prefix, [`reuse_key`](Self::reuse_key))
+    /// goes on as the prompt of another sequence of `prompt_len` tokens and `steps` steps.
+    pub fn resume_prompt(&mut self, at: usize, prompt_len: usize, steps: usize) {
+        self.prompt_len = prompt_len;
+        self.steps = steps;
+        self.chunk_end = match self.config.prefill_chunk {
+            Some(c) => ((at / c + 1) * c).min(prompt_len),
+            None => prompt_len,
+        };
+    }
+
+    /// When a cache taken in the middle of this sequence's prompt can start another sequence's
+    /// (whose prompt begins with the same tokens) and give exactly what its own prefill would:
+    /// the policy's identity (settings, seed and resolved budgets) and the prompt positions a
+    /// copy may be taken at (multiples of the returned step). The full cache qualifies (nothing
+    /// is trimmed before the prompt's end), and so does a policy trimmed chunk by chunk, at its
+    /// chunk boundaries (what it holds there depends only on the tokens before). A policy that
+    /// trims once at the prompt's end does not: TOVA's and SnapKV's scores depend on where that
+    /// end is.
+    pub fn reuse_key(&self) -> Option<(String, usize)> {
+        const FULL_CACHE_STEP: usize = 64;
+        let step = match self.config.prefill_chunk {
+            _ if self.budget == usize::MAX => FULL_CACHE_STEP,
+            Some(c) => c,
+            _ => return None,
+        };
+        let mut identity = self.config.clone();
+        // The budget as resolved stands for the setting (a percentage differs per prompt).
+        identity.budget = None;
+        Some((format!("{identity:?}|{}|{}|{:?}", self.budget, self.recent, self.head_budgets), step))
+    }
+
     /// The cache has been trimmed after a prompt chunk; the next one ends at `end`. SnapKV
     /// starts its scores afresh (each trim is decided by that chunk's last queries alone).
     pub fn start_prompt_chunk(&mut self, end: usize) {

@@ -37,6 +37,10 @@ pub struct Metrics {
     kv_bytes_saved: AtomicU64,
     kv_bytes_reserved: AtomicU64,
     kv_bytes_limit: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_misses: AtomicU64,
+    prefix_tokens_reused: AtomicU64,
+    prefix_bytes: AtomicU64,
     request_us: AtomicU64,
     first_token_us: AtomicU64,
     first_token_count: AtomicU64,
@@ -86,6 +90,12 @@ impl Metrics {
     }
     pub fn set_kv_limit(&self, bytes: usize) {
         self.kv_bytes_limit.store(bytes as u64, Relaxed);
+    }
+    pub fn set_prefix_cache(&self, stats: &keyformer::prefix::PrefixStats) {
+        self.prefix_hits.store(stats.hits, Relaxed);
+        self.prefix_misses.store(stats.misses, Relaxed);
+        self.prefix_tokens_reused.store(stats.tokens_reused, Relaxed);
+        self.prefix_bytes.store(stats.bytes_held as u64, Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -143,6 +153,25 @@ impl Metrics {
             get(&self.kv_bytes_reserved),
         );
         metric("kv_bytes_limit", "gauge", "The --kv-memory admission limit.", get(&self.kv_bytes_limit));
+        metric("prefix_cache_hits_total", "counter", "Prompts started from a kept prefix.", get(&self.prefix_hits));
+        metric(
+            "prefix_cache_misses_total",
+            "counter",
+            "Prompts that could have started from a kept prefix but found none.",
+            get(&self.prefix_misses),
+        );
+        metric(
+            "prefix_cache_tokens_reused_total",
+            "counter",
+            "Prompt tokens not computed thanks to kept prefixes.",
+            get(&self.prefix_tokens_reused),
+        );
+        metric(
+            "prefix_cache_bytes",
+            "gauge",
+            "KV bytes the kept prefixes hold (counted in admission).",
+            get(&self.prefix_bytes),
+        );
         let secs = |a: &AtomicU64| a.load(Relaxed) as f64 / 1e6;
         metric(
             "request_seconds_sum",

@@ -52,6 +52,8 @@ pub struct Job {
 pub struct Limits {
     /// KV bytes all running sequences may reserve together.
     pub kv_memory: usize,
+    /// KV bytes kept prompt prefixes may hold (within `kv_memory`; 0: none are kept).
+    pub prefix_memory: usize,
     pub max_batch: usize,
     pub max_queue: usize,
 }
@@ -149,6 +151,8 @@ struct Running<B: Backend> {
 fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics: &Metrics) {
     let mut running: Vec<Running<B>> = Vec::new();
     let mut reserved = 0usize;
+    // Kept prompt prefixes count in the admission's memory, and make way for requests.
+    let mut prefixes = keyformer::prefix::PrefixCache::new(limits.prefix_memory);
     loop {
         // Admit what fits, in arrival order (no overtaking: a large request at the head waits
         // for memory rather than starve).
@@ -157,7 +161,10 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             let mut q = shared.queue.lock().expect("scheduler lock");
             while let Some(job) = q.waiting.front() {
                 let needed = job.reserve_bytes.max(job.prefill_bytes);
-                let fits = reserved + needed <= limits.kv_memory;
+                if reserved + needed + prefixes.bytes_held() > limits.kv_memory {
+                    prefixes.shrink_to(limits.kv_memory.saturating_sub(reserved + needed));
+                }
+                let fits = reserved + needed + prefixes.bytes_held() <= limits.kv_memory;
                 if running.len() + admitted.len() >= limits.max_batch || !fits {
                     break;
                 }
@@ -186,7 +193,11 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             }
             // The prompt's full-size cache exists while it is prefilled.
             metrics.set_kv_reserved(reserved + job.prefill_bytes.saturating_sub(job.reserve_bytes));
-            match engine.start_planned_generation(&job.prompt, &job.req, job.plan) {
+            let started = engine.start_generation_reusing(&job.prompt, &job.req, job.plan, &mut prefixes);
+            // Copies kept by this prefill must fit beside what is reserved.
+            prefixes.shrink_to(limits.prefix_memory.min(limits.kv_memory.saturating_sub(reserved)));
+            metrics.set_prefix_cache(prefixes.stats());
+            match started {
                 Ok(generation) => running.push(Running {
                     id: job.id,
                     policy: job.req.kv.label(),

@@ -300,8 +300,51 @@ def main():
     code, err = rnd.post("/v1/completions", {"prompt": [1, 2, 5000], "max_tokens": 4})
     check(code == 400 and err["error"]["param"] == "prompt", "a token id outside the vocabulary -> 400")
     rnd.stop()
+    prefix_reuse_checks()
     reliability_checks()
     print("all server checks passed")
+
+
+def prefix_reuse_checks():
+    """Requests sharing a long system prompt, and a chat's next turn, start from kept prefixes
+    (--prefix-cache-memory) and answer exactly as a server without them: the same text and the
+    same log-probabilities to the last digit."""
+    with open("tests/data/prose.txt") as f:
+        system = f.read()[:1600]
+    questions = ["Who wrote this?", "What is it about?", "Summarise it in one line.", "Is it long?"]
+
+    def answers(server, kv):
+        c = server.client()
+        out, history = [], [{"role": "system", "content": system}]
+        for q in questions:
+            # Two kinds of sharing: the system prompt (a fresh conversation each time) and the
+            # conversation so far (the last question continues the third's chat).
+            messages = history + [{"role": "user", "content": q}]
+            r = c.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body={"kv_cache": kv})
+            content = r.choices[0].message.content
+            if q.startswith("Summarise"):
+                history = messages + [{"role": "assistant", "content": content}]
+            out.append((content, [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs])
+                                  for t in r.choices[0].logprobs.content]))
+        return out
+
+    for kv in ({"policy": "full"}, {"policy": "keyformer:chunk=64", "budget": 160}):
+        plain = Server("--kv-memory", "256M")
+        reference = answers(plain, kv)
+        plain.stop()
+        cached = Server("--kv-memory", "256M", "--prefix-cache-memory", "64M")
+        got = answers(cached, kv)
+        m = cached.metrics()
+        cached.stop()
+        check(got == reference, f"{kv}: answers with kept prefixes equal those without, bit for bit")
+        check(m["keyformer_prefix_cache_hits_total"] >= 2 and m["keyformer_prefix_cache_tokens_reused_total"] > 600
+              and 0 < m["keyformer_prefix_cache_bytes"] <= 64 << 20,
+              f"{kv}: prefix hits {m['keyformer_prefix_cache_hits_total']:.0f}, "
+              f"{m['keyformer_prefix_cache_tokens_reused_total']:.0f} tokens reused")
+    # Too little prefix memory for one kept prefix: one clear error at start.
+    out = subprocess.run([BIN, "serve", "--port", "0", "--prefix-cache-memory", "1K"], capture_output=True, text=True)
+    check(out.returncode == 1 and "less than one kept prefix" in out.stderr, f"tiny --prefix-cache-memory: {out.stderr.strip()}")
 
 
 def raw_request(server, data):

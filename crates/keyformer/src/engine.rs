@@ -457,6 +457,55 @@ impl<B: Backend> Engine<B> {
         Ok(generation)
     }
 
+    /// [`start_planned_generation`](Self::start_planned_generation) that starts from the
+    /// longest kept prefix of `prompt` in `prefixes` (computing only the rest) and keeps copies
+    /// of this prompt's cache where later prompts may share it ([`crate::prefix`]). The result
+    /// is exactly the one without `prefixes`. Policies a copy cannot start (trimmed once at the
+    /// prompt's end), models with sliding-window layers and backends without copies prefill as
+    /// usual.
+    pub fn start_generation_reusing(
+        &self,
+        prompt: &[u32],
+        req: &GenerateRequest,
+        plan: KvPlan,
+        prefixes: &mut crate::prefix::PrefixCache<B::Cache>,
+    ) -> Result<Generation<B>, ModelError> {
+        let reusable = plan.policy.reuse_key().filter(|_| {
+            prefixes.limit() > 0 && !self.model.config.has_sliding_layers() && self.model.backend.snapshot_supported()
+        });
+        let Some((key, step)) = reusable else {
+            return self.start_planned_generation(prompt, req, plan);
+        };
+        req.sampling.validate().map_err(ModelError::Input)?;
+        self.check_prompt(prompt.len())?;
+        let t0 = Instant::now();
+        let (mut cache, from) = match prefixes.lookup(&key, prompt, |c| self.model.backend.snapshot(c)) {
+            Some((at, mut cache)) => {
+                self.model.backend.resume_snapshot(&mut cache, prompt.len(), plan.steps, self.context_length());
+                (cache, at)
+            }
+            None => (self.model.new_planned_cache(plan)?, 0),
+        };
+        let breaks = prefixes.breaks(&key, prompt, step, from);
+        let mut copies = Vec::new();
+        let mut logits = Vec::new();
+        self.model.prefill_observed(
+            &prompt[from..],
+            &mut cache,
+            Logits::Last,
+            &mut |_, l| logits = l.to_vec(),
+            &breaks,
+            &mut |at, c| copies.extend(self.model.backend.snapshot(c).map(|copy| (at, copy))),
+        )?;
+        for (at, copy) in copies {
+            prefixes.insert(&key, &prompt[..at], copy);
+        }
+        prefixes.remember(prompt);
+        let mut generation = Generation::new(prompt, cache, logits, req);
+        generation.prefill_seconds = t0.elapsed().as_secs_f64();
+        Ok(generation)
+    }
+
     /// [`Engine::generate`] from a cache that already holds `prompt` (with the prompt's last
     /// logits), as [`Engine::cache_from_shared`] hands it out; `req.kv` is not used, the cache's
     /// own policy is. The output's `prefill_seconds` is 0.
@@ -486,6 +535,16 @@ impl<B: Backend> Engine<B> {
         let mut generation = Generation::new(prompt, cache, logits, req);
         self.run_generation(&mut generation, on_text)?;
         generation.finish_keeping_cache(self, on_text)
+    }
+
+    /// Run a started generation to its end, one sequence alone.
+    pub fn complete(
+        &self,
+        mut g: Generation<B>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<GenerationOutput, ModelError> {
+        self.run_generation(&mut g, on_text)?;
+        g.finish(self, on_text)
     }
 
     fn run_generation(&self, g: &mut Generation<B>, on_text: &mut dyn FnMut(&str)) -> Result<(), ModelError> {

@@ -445,6 +445,24 @@ impl KvCache {
         Ok(())
     }
 
+    /// This cache, kept at a prompt position, starts another sequence's prompt of `prompt_len`
+    /// tokens and `steps` steps under the same policy ([`SequencePolicy::resume_prompt`]);
+    /// storage grows (in position order, as a full cache holds it) when that sequence needs
+    /// more slots.
+    pub fn resume_prompt(&mut self, prompt_len: usize, steps: usize, context: usize) {
+        let at = self.next_position() as usize;
+        self.policy.resume_prompt(at, prompt_len, steps);
+        let capacity = self.policy.capacity(context);
+        for layer in 0..self.layers.len() {
+            for h in 0..self.layers[layer].len() {
+                if self.layers[layer][h].table.capacity() < capacity {
+                    let mapping = self.layers[layer][h].compact(capacity);
+                    self.policy.remap(layer, h, &mapping);
+                }
+            }
+        }
+    }
+
     /// The prompt has been processed: trim every head to the budget (sliding layers to their
     /// window), compact the storage to budget + 1 (window + 1) slots, and start decoding.
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod hf;
 pub mod kv;
 pub mod models;
+pub mod prefix;
 pub mod quant;
 pub mod registry;
 pub mod sampling;

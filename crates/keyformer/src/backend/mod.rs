@@ -266,6 +266,22 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (cache, extra, steps);
         Err(ModelError::Input("this device does not continue a processed prompt: use the CPU".into()))
     }
+    /// Whether [`snapshot`](Self::snapshot) gives copies.
+    fn snapshot_supported(&self) -> bool {
+        false
+    }
+    /// A copy of a cache in the middle of its prompt, kept to start later sequences whose
+    /// prompts begin alike; `None` where this backend does not copy caches (nothing is reused).
+    fn snapshot(&self, cache: &Self::Cache) -> Option<Self::Cache> {
+        let _ = cache;
+        None
+    }
+    /// A [`snapshot`](Self::snapshot) goes on as the prompt of a sequence of `prompt_len`
+    /// tokens and `steps` steps (context: the model's).
+    fn resume_snapshot(&self, cache: &mut Self::Cache, prompt_len: usize, steps: usize, context: usize) {
+        let _ = (cache, prompt_len, steps, context);
+        unreachable!("a backend without snapshots has none to resume")
+    }
     /// A decode step has gone through the model (the policy's schedule moves on).
     fn end_step(&self, cache: &mut Self::Cache);
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).

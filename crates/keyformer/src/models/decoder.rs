@@ -505,6 +505,21 @@ impl<B: Backend> Model<B> {
         which: Logits,
         on_rows: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), ModelError> {
+        self.prefill_observed(tokens, cache, which, on_rows, &[], &mut |_, _| {})
+    }
+
+    /// [`prefill`](Self::prefill) that also shows `on_break` the cache as it stands at each
+    /// prompt position in `breaks` (ascending; after a chunk's trim where the prompt is trimmed
+    /// chunk by chunk), for keeping copies of shared prefixes.
+    pub fn prefill_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut B::Cache,
+        which: Logits,
+        on_rows: &mut dyn FnMut(usize, &[f32]),
+        breaks: &[usize],
+        on_break: &mut dyn FnMut(usize, &B::Cache),
+    ) -> Result<(), ModelError> {
         let rows = self.backend.prefill_chunk();
         // A prompt compressed as it goes is trimmed at every multiple of its chunk (in prompt
         // positions, so a prompt continued after earlier tokens keeps the same boundaries).
@@ -517,12 +532,18 @@ impl<B: Backend> Model<B> {
             if let Some(c) = every {
                 take = take.min((pos / c + 1) * c - pos);
             }
+            if let Some(&b) = breaks.iter().find(|&&b| b > pos) {
+                take = take.min(b - pos);
+            }
             self.forward_into(&tokens[done..done + take], cache, which, &mut logits)?;
             on_rows(done, &logits);
             done += take;
             let pos = cache.next_position() as usize;
             if let Some(c) = every.filter(|&c| pos % c == 0 && done < tokens.len()) {
                 self.backend.trim_prompt_chunk(cache, pos + c)?;
+            }
+            if breaks.contains(&pos) && done < tokens.len() {
+                on_break(pos, cache);
             }
         }
         self.backend.finish_prompt(cache)

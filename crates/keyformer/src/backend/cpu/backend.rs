@@ -332,6 +332,18 @@ impl Backend for Cpu {
         Ok(cache.reopen_prompt(extra, steps)?)
     }
 
+    fn snapshot_supported(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self, cache: &KvCache) -> Option<KvCache> {
+        Some(cache.clone())
+    }
+
+    fn resume_snapshot(&self, cache: &mut KvCache, prompt_len: usize, steps: usize, context: usize) {
+        cache.resume_prompt(prompt_len, steps, context)
+    }
+
     fn trims_prompt_chunks(&self) -> bool {
         true
     }
