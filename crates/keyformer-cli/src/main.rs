@@ -142,8 +142,9 @@ pub(crate) struct ServeArgs {
     /// percentage of --kv-memory; 0, the default, keeps none). A request whose prompt starts
     /// like a recent one (a shared system prompt, a chat's next turn) computes only the rest,
     /// with exactly the answer it would get alone. Works for the full cache and for policies
-    /// trimmed chunk by chunk (--prefill-chunk); kept prefixes count in --kv-memory and are
-    /// dropped, least recently used first, to admit requests.
+    /// trimmed chunk by chunk (--prefill-chunk). This memory is set apart within --kv-memory
+    /// (running requests reserve the rest); kept prefixes are dropped least recently used
+    /// first.
     #[arg(long, default_value = "0")]
     prefix_cache_memory: String,
     /// Most sequences decoded together in one step.
@@ -795,9 +796,9 @@ pub(crate) fn serve_on<B: keyformer::backend::Backend>(
         "0" => 0,
         spec => parse_memory("--prefix-cache-memory", spec, Some(kv_memory))?,
     };
-    if prefix_memory > kv_memory {
+    if prefix_memory >= kv_memory {
         bail!(
-            "--prefix-cache-memory ({}) is more than --kv-memory ({})",
+            "--prefix-cache-memory ({}) leaves nothing of --kv-memory ({}) for running requests",
             human_bytes(prefix_memory),
             human_bytes(kv_memory)
         );

@@ -312,7 +312,7 @@ fn make_job<B: Backend>(
     };
     // The KV settings resolved once: the admission and the cache read the same plan.
     let mut plan = plan_for(req.max_tokens)?;
-    let limit = app.config.limits.kv_memory;
+    let limit = app.config.limits.sequence_memory();
     let need = |p: &keyformer::models::decoder::KvPlan| p.bytes_steady.max(p.bytes_prefill);
     if !parsed.max_tokens_given && need(&plan) > limit {
         // No max_tokens: as many as the KV memory holds (the most steps whose plan fits).

@@ -6,6 +6,8 @@
 //! is compressed, the whole prompt while it is prefilled), so a smaller budget lets more
 //! sequences run in the same `--kv-memory`. Prefills run one at a time on this thread, so
 //! only one prompt's transient full-size cache exists at once; it is counted while it lasts.
+//! With `--prefix-cache-memory` that part of the memory is set apart for copies of prompt
+//! prefixes ([`keyformer::prefix`]), which later prompts start from.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,10 +54,18 @@ pub struct Job {
 pub struct Limits {
     /// KV bytes all running sequences may reserve together.
     pub kv_memory: usize,
-    /// KV bytes kept prompt prefixes may hold (within `kv_memory`; 0: none are kept).
+    /// KV bytes set apart within `kv_memory` for kept prompt prefixes (0: none are kept).
     pub prefix_memory: usize,
     pub max_batch: usize,
     pub max_queue: usize,
+}
+
+impl Limits {
+    /// What running sequences may reserve: `kv_memory` less the prefixes' part, which is set
+    /// apart so that a full batch never pushes the kept prefixes out.
+    pub fn sequence_memory(&self) -> usize {
+        self.kv_memory.saturating_sub(self.prefix_memory)
+    }
 }
 
 /// Why a request was not queued.
@@ -110,8 +120,9 @@ impl Scheduler {
     /// Queue a request, or say at once why it cannot be.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         let needed = job.reserve_bytes.max(job.prefill_bytes);
-        if needed > self.limits.kv_memory {
-            return Err(SubmitError::TooLarge { needed, limit: self.limits.kv_memory });
+        let limit = self.limits.sequence_memory();
+        if needed > limit {
+            return Err(SubmitError::TooLarge { needed, limit });
         }
         let mut q = self.shared.queue.lock().expect("scheduler lock");
         if q.shutting_down {
@@ -151,7 +162,7 @@ struct Running<B: Backend> {
 fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics: &Metrics) {
     let mut running: Vec<Running<B>> = Vec::new();
     let mut reserved = 0usize;
-    // Kept prompt prefixes count in the admission's memory, and make way for requests.
+    // Kept prompt prefixes hold at most their own part of the KV memory.
     let mut prefixes = keyformer::prefix::PrefixCache::new(limits.prefix_memory);
     loop {
         // Admit what fits, in arrival order (no overtaking: a large request at the head waits
@@ -161,10 +172,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             let mut q = shared.queue.lock().expect("scheduler lock");
             while let Some(job) = q.waiting.front() {
                 let needed = job.reserve_bytes.max(job.prefill_bytes);
-                if reserved + needed + prefixes.bytes_held() > limits.kv_memory {
-                    prefixes.shrink_to(limits.kv_memory.saturating_sub(reserved + needed));
-                }
-                let fits = reserved + needed + prefixes.bytes_held() <= limits.kv_memory;
+                let fits = reserved + needed <= limits.sequence_memory();
                 if running.len() + admitted.len() >= limits.max_batch || !fits {
                     break;
                 }
@@ -194,8 +202,6 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
             // The prompt's full-size cache exists while it is prefilled.
             metrics.set_kv_reserved(reserved + job.prefill_bytes.saturating_sub(job.reserve_bytes));
             let started = engine.start_generation_reusing(&job.prompt, &job.req, job.plan, &mut prefixes);
-            // Copies kept by this prefill must fit beside what is reserved.
-            prefixes.shrink_to(limits.prefix_memory.min(limits.kv_memory.saturating_sub(reserved)));
             metrics.set_prefix_cache(prefixes.stats());
             match started {
                 Ok(generation) => running.push(Running {
