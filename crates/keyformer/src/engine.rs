@@ -516,10 +516,7 @@ impl<B: Backend> Engine<B> {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
-        req.sampling.validate().map_err(ModelError::Input)?;
-        let mut generation = Generation::new(prompt, cache, logits, req);
-        self.run_generation(&mut generation, on_text)?;
-        generation.finish(self, on_text)
+        Ok(self.generate_from_keeping_cache(prompt, (cache, logits), req, on_text)?.0)
     }
 
     /// [`generate_from`](Self::generate_from), giving back the cache (it holds the prompt and
