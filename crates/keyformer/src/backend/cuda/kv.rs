@@ -177,6 +177,7 @@ impl GpuKvCache {
     fn record(&mut self) {
         self.stats.tokens_held_max = self.stats.tokens_held_max.max(self.cursor.len);
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
+        self.stats.bytes_peak = self.stats.bytes_peak.max(self.stats.bytes_held_max);
         self.stats.bytes_full_equivalent = self.cursor.next_position as usize * self.bytes_per_token();
     }
 
@@ -188,6 +189,8 @@ impl GpuKvCache {
     /// The prompt has been processed: every KV head keeps what the CPU policy keeps from the
     /// GPU's scores, the storage shrinks to budget + 1 slots, and decoding starts.
     pub fn finish_prompt(&mut self, gpu: &Gpu) -> Result<(), ModelError> {
+        // The whole prompt is held until it is trimmed.
+        self.stats.bytes_peak = self.stats.bytes_peak.max(self.bytes_held());
         let budget = self.policy.budget;
         if budget < self.cursor.len {
             let (hd, n_kv, old_cap) = (self.head_dim, self.n_kv_heads, self.cursor.capacity);
