@@ -73,7 +73,7 @@ impl Limits {
 pub enum SubmitError {
     #[error("the server is busy: {0} requests are already waiting")]
     QueueFull(usize),
-    #[error("the request needs {needed} bytes of KV cache, more than the server's --kv-memory of {limit} bytes; lower max_tokens or use a KV budget")]
+    #[error("the request needs {needed} bytes of KV cache, more than the {limit} bytes the server's --kv-memory leaves for requests (less --prefix-cache-memory); lower max_tokens or use a KV budget")]
     TooLarge { needed: usize, limit: usize },
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -342,6 +342,14 @@ def prefix_reuse_checks():
               and 0 < m["keyformer_prefix_cache_bytes"] <= 64 << 20,
               f"{kv}: prefix hits {m['keyformer_prefix_cache_hits_total']:.0f}, "
               f"{m['keyformer_prefix_cache_tokens_reused_total']:.0f} tokens reused")
+    # The prefixes' memory is set apart: a request that fits --kv-memory but not what the kept
+    # prefixes leave of it is refused, naming both.
+    tight = Server("--kv-memory", "48M", "--prefix-cache-memory", "40M")
+    code, err = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": system}],
+                                                    "max_tokens": 64})
+    tight.stop()
+    check(code == 400 and "--prefix-cache-memory" in err["error"]["message"],
+          f"a request larger than the memory left beside the prefixes -> 400: {err}")
     # Too little prefix memory for one kept prefix: one clear error at start.
     out = subprocess.run([BIN, "serve", "--port", "0", "--prefix-cache-memory", "1K"], capture_output=True, text=True)
     check(out.returncode == 1 and "less than one kept prefix" in out.stderr, f"tiny --prefix-cache-memory: {out.stderr.strip()}")
