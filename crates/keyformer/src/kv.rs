@@ -424,7 +424,7 @@ impl KvCache {
     /// prompt tokens, then `steps` decode steps: the policy scores them as a prompt and trims at
     /// their end ([`SequencePolicy::reopen_prompt`]); each head's storage grows to what it
     /// holds plus the new tokens (a chunk at a time when trimmed chunk by chunk).
-    pub fn reopen_prompt(&mut self, extra: usize, steps: usize) -> Result<(), SlotError> {
+    pub fn reopen_prompt(&mut self, extra: usize, steps: usize) {
         let next = self.next_position() as usize;
         self.policy.reopen_prompt(next, next + extra, steps);
         let arriving = self.policy.config.prefill_chunk.map_or(extra, |c| c.min(extra));
@@ -442,7 +442,6 @@ impl KvCache {
                 }
             }
         }
-        Ok(())
     }
 
     /// This cache, kept at a prompt position, starts another sequence's prompt of `prompt_len`
