@@ -1464,6 +1464,18 @@ mod tests {
         assert_eq!(p.victims(0, 0, &t, 2), vec![1, 0]);
     }
 
+    /// `n` scores in [0, 1) in steps of 1 / `levels`, from a xorshift state.
+    fn random_scores(rng: &mut u64, n: usize, levels: u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *rng ^= *rng << 13;
+                *rng ^= *rng >> 7;
+                *rng ^= *rng << 17;
+                (*rng % levels) as f32 / levels as f32
+            })
+            .collect()
+    }
+
     proptest! {
         /// Adaptive budgets: every head keeps at least its recent window, pinned sinks and
         /// floor, the layer never holds more than budget x heads, and a covering budget keeps
@@ -1482,7 +1494,7 @@ mod tests {
             let t = table(prompt);
             let mut rng = seed | 1;
             for h in 0..heads {
-                let row: Vec<f32> = (0..prompt).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 1000) as f32 / 1000.0 }).collect();
+                let row = random_scores(&mut rng, prompt, 1000);
                 p.observe(0, h, &row);
             }
             let tables = vec![&t; heads];
@@ -1518,7 +1530,7 @@ mod tests {
             for pos in 0..prompt as u32 {
                 let slot = t.insert(pos).map_err(|e| TestCaseError::fail(format!("{e} at {pos}")))?;
                 p.on_insert_kv(0, 0, slot, &[pos as f32 % 3.0], &[1.0]);
-                let row: Vec<f32> = (0..t.high_water()).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 1000) as f32 / 1000.0 }).collect();
+                let row = random_scores(&mut rng, t.high_water(), 1000);
                 if let Signal::Attention { from_position } | Signal::Noisy { from_position, .. } = p.signal() {
                     if pos >= from_position { p.observe(0, 0, &row); }
                 }
@@ -1568,7 +1580,7 @@ mod tests {
             for pos in 0..(budget + steps) as u32 {
                 let slot = t.insert(pos).unwrap();
                 p.on_insert_kv(0, 0, slot, &[pos as f32 % 3.0], &[(pos % 5) as f32 + 0.5]);
-                let row: Vec<f32> = (0..t.high_water()).map(|_| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % 100) as f32 / 100.0 }).collect();
+                let row = random_scores(&mut rng, t.high_water(), 100);
                 p.observe(0, 0, &row);
                 if pos as usize + 1 == budget {
                     if p.wants_mean_keys() {
