@@ -83,14 +83,32 @@ impl SlotCursor {
 
     /// The next decode step under `policy` (whose prompt is done).
     pub fn plan_step(&self, policy: &SequencePolicy) -> Result<StepPlan, CursorFull> {
+        let sinks = if policy.kind() == PolicyKind::Sink { policy.config.sinks as u32 } else { 0 };
+        self.plan(policy.budget, policy.recent, sinks)
+    }
+
+    /// The next decode step of a sliding-window layer attending over `window` positions: the
+    /// query sees itself and the `window - 1` tokens before it, so the step ends holding those
+    /// and drops the oldest (whatever the sequence's policy keeps in its global layers).
+    pub fn plan_window_step(&self, window: usize) -> Result<StepPlan, CursorFull> {
+        let keep = window.saturating_sub(1).max(1);
+        self.plan(keep, keep, 0)
+    }
+
+    /// How many tokens a sliding-window layer keeps once the prompt is processed.
+    pub fn window_kept(window: usize) -> usize {
+        window.saturating_sub(1).max(1)
+    }
+
+    fn plan(&self, budget: usize, recent: usize, sinks: u32) -> Result<StepPlan, CursorFull> {
         if !self.reuse_victim && self.len >= self.capacity {
             return Err(CursorFull { needed: self.len + 1, capacity: self.capacity });
         }
         // The new token joins what is held (into the slot the last victim freed, or a new one).
         let held = self.len + 1;
-        let evict = (held > policy.budget).then(|| EvictRange {
-            first_recent: (self.next_position + 1).saturating_sub(policy.recent.min(held) as u32),
-            sinks: if policy.kind() == PolicyKind::Sink { policy.config.sinks as u32 } else { 0 },
+        let evict = (held > budget).then(|| EvictRange {
+            first_recent: (self.next_position + 1).saturating_sub(recent.min(held) as u32),
+            sinks,
         });
         Ok(StepPlan {
             store_slot: (!self.reuse_victim).then_some(self.len),
@@ -253,6 +271,46 @@ mod tests {
                 prop_assert_eq!(device.held(), want.clone(), "step {} of {:?}", t, kind);
                 prop_assert_eq!(cursor.len, want.len());
                 prop_assert!(cursor.width <= cursor.capacity.max(prompt));
+            }
+        }
+    }
+
+    proptest! {
+        /// A sliding-window layer: after the prompt (compressed to its last `window - 1`
+        /// tokens when longer) and each step, the device holds exactly the positions the next
+        /// query sees besides itself, `newest + 2 - window ..= newest` (what the CPU cache's
+        /// `evict_outside_window` keeps), in at most `window` slots.
+        #[test]
+        fn window_plans_hold_what_the_next_query_sees(
+            prompt in 1usize..60,
+            steps in 0usize..80,
+            window in 2usize..40,
+        ) {
+            let keep = SlotCursor::window_kept(window);
+            let capacity = prompt + steps;
+            let mut cursor = SlotCursor::new(capacity);
+            cursor.prompt_done(prompt);
+            let first = prompt.saturating_sub(keep) as u32;
+            let kept: Vec<u32> = (first..prompt as u32).collect();
+            if kept.len() < prompt {
+                cursor.compacted(kept.len(), keep + 1);
+            }
+            let mut device = Device {
+                positions: kept.iter().map(|&p| Some(p)).collect(),
+                scores: vec![0.0; kept.len()],
+                victim: None,
+                scored: false,
+            };
+            for t in 0..steps as u32 {
+                let position = prompt as u32 + t;
+                let plan = cursor.plan_window_step(window).unwrap();
+                device.apply(&plan, position, |_| 0.0);
+                cursor.step_done(&plan);
+                let oldest = (position as usize + 2).saturating_sub(window) as u32;
+                let want: Vec<u32> = (oldest..=position).collect();
+                prop_assert_eq!(device.held(), want.clone(), "step {}", t);
+                prop_assert_eq!(cursor.len, want.len());
+                prop_assert!(cursor.width <= window.max(prompt + t as usize + 1));
             }
         }
     }

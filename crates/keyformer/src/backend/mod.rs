@@ -286,9 +286,10 @@ pub trait Backend: Send + Sync + 'static {
     fn end_step(&self, cache: &mut Self::Cache);
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).
     fn prefill_chunk(&self) -> usize;
-    /// Whether a sliding-window layer's cache holds only its window (`CacheShape::windows`);
-    /// otherwise it holds what the policy keeps, as a global layer.
-    fn holds_windows_only(&self) -> bool;
+    /// A sliding-window layer's cache (`CacheShape::windows`) holds only its window once the
+    /// prompt is processed, whatever the policy; whether it also drops what left the window
+    /// during the prompt (chunk by chunk) or holds the whole prompt until its end.
+    fn trims_windows_during_prompt(&self) -> bool;
     /// Run `f` with this backend's forward-pass buffers (kept between calls, so a decode step
     /// allocates nothing of the model's size).
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<Self::Act>) -> R) -> R;

@@ -375,27 +375,22 @@ impl<B: Backend> Model<B> {
                 "a prompt trimmed chunk by chunk (--prefill-chunk) runs on the CPU only for now".into(),
             ));
         }
-        let windows_only = self.backend.holds_windows_only();
-        if !windows_only && c.has_sliding_layers() && policy.budget != usize::MAX {
-            // Such a backend would trim the sliding layers by the policy too, unlike the CPU
-            // (which keeps their whole window): refuse rather than answer differently.
-            return Err(ModelError::Input(format!(
-                "KV policy '{}' on a model with sliding-window layers ({}) runs on the CPU only for now: \
-                 on this device its sliding layers would not keep their window (use --device cpu, or the full cache)",
-                kv.kind.name(),
-                c.architecture
-            )));
-        }
+        let trims_windows = self.backend.trims_windows_during_prompt();
         let lifetime = prompt_len.saturating_add(steps);
         let per_layer = self.kv_type.token_bytes(1, c.n_kv_heads, c.head_dim);
         let (mut steady, mut prefill) = (0usize, 0usize);
         let per_head = self.kv_type.token_bytes(1, 1, c.head_dim);
         for (l, layer) in c.layers.iter().enumerate() {
             let (held, during_prompt) = match layer.window {
-                // A sliding layer: its window, plus a prompt chunk while the prompt runs.
-                Some(w) if windows_only => (
+                // A sliding layer: its window; while the prompt runs, the window plus a forward
+                // chunk, or the whole prompt on a backend that trims it only at its end.
+                Some(w) => (
                     lifetime.min(w.saturating_add(1)) * per_layer,
-                    prompt_len.min(w.saturating_add(self.backend.prefill_chunk())) * per_layer,
+                    if trims_windows {
+                        prompt_len.min(w.saturating_add(self.backend.prefill_chunk())) * per_layer
+                    } else {
+                        prompt_len * per_layer
+                    },
                 ),
                 // Each head its budget + 1 (pyramid budgets differ by layer; adaptive ones by
                 // head, with the layer's sum unchanged); while the prompt runs, all of it, or

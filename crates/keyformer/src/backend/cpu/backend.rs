@@ -358,7 +358,7 @@ impl Backend for Cpu {
         cache.end_step();
     }
 
-    fn holds_windows_only(&self) -> bool {
+    fn trims_windows_during_prompt(&self) -> bool {
         true
     }
 

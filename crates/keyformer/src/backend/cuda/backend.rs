@@ -470,8 +470,8 @@ impl Backend for Cuda {
             // PREFILL_ROWS query rows through cuBLAS, scores added block by block.
             let cache = &mut *caches[0];
             let (start, first_pos) = cache.prompt_slots(n)?;
-            let signal = cache.score_signal();
-            let cap = cache.capacity_now();
+            let signal = cache.layer_signal(layer);
+            let cap = cache.layer_capacity(layer);
             let block = n.min(PREFILL_ROWS);
             let width_max = start + n;
             at_least(gpu, &mut sc.x16, n * q_dim)?;
@@ -561,7 +561,7 @@ impl Backend for Cuda {
         context: usize,
     ) -> Result<GpuKvCache, ModelError> {
         // Keys and values are always f16 on the GPU.
-        GpuKvCache::new(&self.gpu, config.n_layers, config.n_kv_heads, config.head_dim, policy, context)
+        GpuKvCache::new(&self.gpu, config.windows, config.n_kv_heads, config.head_dim, policy, context)
     }
 
     fn finish_prompt(&self, cache: &mut GpuKvCache) -> Result<(), ModelError> {
@@ -572,8 +572,8 @@ impl Backend for Cuda {
         cache.policy.next_step();
     }
 
-    fn holds_windows_only(&self) -> bool {
-        false // the GPU cache masks by the window but keeps what the policy keeps
+    fn trims_windows_during_prompt(&self) -> bool {
+        false // a sliding layer holds the whole prompt (masked by the window) until its end
     }
 
     fn prefill_chunk(&self) -> usize {

@@ -53,8 +53,9 @@ pub fn bytes_per_token(model: &Model<Cuda>) -> usize {
 
 /// The most sequences of this shape whose caches fit in `free_bytes` of device memory (what
 /// was free with the weights loaded, before any run: memory a run frees may stay in the
-/// driver's pool, so it is not measured again). Each sequence holds its cache's capacity (full:
-/// prompt + gen; a budget: budget + 1 slots), and one prompt at full size is held while it is
+/// driver's pool, so it is not measured again). Each sequence holds what its KV plan holds
+/// once its prompt is compressed (full: prompt + gen; a budget: budget + 1 slots in the global
+/// layers, a sliding layer its window), and one prompt at full size is held while it is
 /// prefilled and compressed.
 pub fn max_batch(
     model: &Model<Cuda>,
@@ -63,13 +64,10 @@ pub fn max_batch(
     kv: &PolicyConfig,
     free_bytes: usize,
 ) -> Result<usize, ModelError> {
-    let c = &model.config;
-    let policy = kv.resolve(prompt, gen, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-    let per_token = bytes_per_token(model);
-    let held = if policy.budget == usize::MAX { prompt + gen } else { policy.budget.min(prompt) + 1 };
-    let transient = if policy.budget == usize::MAX { 0 } else { prompt * per_token };
+    let plan = model.plan_kv(kv, prompt, gen)?;
+    let transient = plan.bytes_prefill.saturating_sub(plan.bytes_steady);
     let free = (free_bytes - free_bytes / 20).saturating_sub(RESERVE_BYTES + transient);
-    Ok((free / (held * per_token)).max(1))
+    Ok((free / plan.bytes_steady.max(1)).max(1))
 }
 
 /// Run one configuration.

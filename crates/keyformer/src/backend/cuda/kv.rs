@@ -8,6 +8,11 @@
 //! Each decode step the new token goes to the slot the previous step's victim freed, attention
 //! adds its scores, and the GPU picks the next victim (`choose_victims`), so no score or slot
 //! index crosses to the host while decoding.
+//!
+//! Sliding-window layers (Gemma 2/3) hold only their window, whatever the policy, as on the
+//! CPU: they keep the whole prompt until its end (the prefill attention masks by the window),
+//! then its last `window - 1` tokens, and each step drops the oldest; their own cursor plans
+//! them. The policy's budget applies to the global layers.
 
 use cudarc::driver::CudaSlice;
 use keyformer_kv::{NoiseKind, PolicyKind, SequencePolicy, Signal, SlotCursor, SlotTable};
@@ -46,9 +51,13 @@ pub struct GpuKvCache {
     pub layers: Vec<LayerKv>,
     n_kv_heads: usize,
     head_dim: usize,
-    /// Tokens held, slots in use, the next token's slot and position (plain Rust, tested
-    /// against the CPU policy in keyformer-kv).
+    /// Tokens held, slots in use, the next token's slot and position in the global layers
+    /// (plain Rust, tested against the CPU policy in keyformer-kv).
     cursor: SlotCursor,
+    /// Per layer, its sliding window (`None`: global).
+    windows: Vec<Option<usize>>,
+    /// The sliding layers' window and cursor (one window size per model).
+    sliding: Option<(usize, SlotCursor)>,
     stats: KvStats,
 }
 
@@ -60,12 +69,20 @@ impl GpuKvCache {
     /// An empty cache for `policy`; `context` bounds it when the policy keeps everything.
     pub fn new(
         gpu: &Gpu,
-        n_layers: usize,
+        windows: Vec<Option<usize>>,
         n_kv_heads: usize,
         head_dim: usize,
         policy: SequencePolicy,
         context: usize,
     ) -> Result<Self, ModelError> {
+        let mut sizes: Vec<usize> = windows.iter().flatten().copied().collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        if sizes.len() > 1 {
+            return Err(ModelError::Input(format!(
+                "sliding-window layers of different windows ({sizes:?}) do not run on the CUDA backend yet: use the CPU"
+            )));
+        }
         let kind = policy.kind();
         let k = &policy.config.keyformer;
         let c = &policy.config;
@@ -95,15 +112,42 @@ impl GpuKvCache {
         }
         let capacity = policy.capacity(context);
         let scored = matches!(kind, PolicyKind::H2o | PolicyKind::Keyformer);
-        let layers = (0..n_layers)
-            .map(|_| LayerKv::new(gpu, n_kv_heads, head_dim, capacity, scored))
+        let layers = windows
+            .iter()
+            .map(|w| LayerKv::new(gpu, n_kv_heads, head_dim, capacity, scored && w.is_none()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(gpu_error)?;
-        Ok(Self { policy, layers, n_kv_heads, head_dim, cursor: SlotCursor::new(capacity), stats: KvStats::default() })
+        let sliding = sizes.first().map(|&w| (w, SlotCursor::new(capacity)));
+        Ok(Self {
+            policy,
+            layers,
+            n_kv_heads,
+            head_dim,
+            cursor: SlotCursor::new(capacity),
+            windows,
+            sliding,
+            stats: KvStats::default(),
+        })
+    }
+
+    /// The cursor of `layer`'s slots, and its window when it slides.
+    fn layer_cursor(&self, layer: usize) -> (&SlotCursor, Option<usize>) {
+        match (&self.sliding, self.windows[layer]) {
+            (Some((w, cursor)), Some(_)) => (cursor, Some(*w)),
+            _ => (&self.cursor, None),
+        }
+    }
+
+    /// What the kernels compute for the scores of `layer` now (a sliding layer has none).
+    pub(crate) fn layer_signal(&self, layer: usize) -> Option<ScoreSignal> {
+        if self.windows[layer].is_some() {
+            return None;
+        }
+        self.score_signal()
     }
 
     /// What the kernels compute for the scores now.
-    pub(crate) fn score_signal(&self) -> Option<ScoreSignal> {
+    fn score_signal(&self) -> Option<ScoreSignal> {
         match self.policy.signal() {
             Signal::None => None,
             Signal::Attention { .. } => Some(ScoreSignal::Attention),
@@ -126,8 +170,13 @@ impl GpuKvCache {
         if !self.policy.prompt_done() {
             return Err(ModelError::Input("a decode step before the prompt was finished".into()));
         }
-        let plan = self.cursor.plan_step(&self.policy).map_err(full)?;
-        let capacity = self.cursor.capacity;
+        let (cursor, window) = self.layer_cursor(layer);
+        let plan = match window {
+            Some(w) => cursor.plan_window_step(w),
+            None => cursor.plan_step(&self.policy),
+        }
+        .map_err(full)?;
+        let capacity = cursor.capacity;
         let [q, k, v, out] = addrs;
         let l = &self.layers[layer];
         let scores = l.scores.as_ref().map_or(0, |s| dev_addr(gpu, s));
@@ -141,10 +190,10 @@ impl GpuKvCache {
             slot_pos: dev_addr(gpu, &l.positions),
             victims: dev_addr(gpu, &l.victims),
             capacity: capacity as i32,
-            query_pos: self.cursor.next_position,
+            query_pos: cursor.next_position,
             ..AttnRow::default()
         }
-        .with_signal(self.score_signal(), scores, capacity);
+        .with_signal(self.layer_signal(layer), scores, capacity);
         // Eviction ranks by the scores even when a policy no longer adds to them.
         row.scores = scores;
         row.store_slot = plan.store_slot.map_or(-1, |s| s as i32);
@@ -159,15 +208,26 @@ impl GpuKvCache {
 
     /// Book-keeping after a forward pass of `n` tokens through every layer.
     pub(crate) fn advance(&mut self, n: usize) -> Result<(), ModelError> {
+        let n_sliding = self.windows.iter().filter(|w| w.is_some()).count();
         if self.policy.prompt_done() {
             let plan = self.cursor.plan_step(&self.policy).map_err(full)?;
             self.cursor.step_done(&plan);
             if plan.evict.is_some() {
-                self.stats.evictions += self.layers.len() * self.n_kv_heads;
+                self.stats.evictions += (self.layers.len() - n_sliding) * self.n_kv_heads;
+            }
+            if let Some((w, cursor)) = &mut self.sliding {
+                let plan = cursor.plan_window_step(*w).map_err(full)?;
+                cursor.step_done(&plan);
+                if plan.evict.is_some() {
+                    self.stats.evictions += n_sliding * self.n_kv_heads;
+                }
             }
             self.record();
         } else {
             self.cursor.prompt_done(n);
+            if let Some((_, cursor)) = &mut self.sliding {
+                cursor.prompt_done(n);
+            }
         }
         Ok(())
     }
@@ -186,101 +246,144 @@ impl GpuKvCache {
         crate::kv::KvType::F16.token_bytes(self.layers.len(), self.n_kv_heads, self.head_dim)
     }
 
-    /// The prompt has been processed: every KV head keeps what the CPU policy keeps from the
-    /// GPU's scores, the storage shrinks to budget + 1 slots, and decoding starts.
+    /// Tokens held summed over the layers.
+    fn layer_tokens(&self) -> usize {
+        (0..self.layers.len()).map(|l| self.layer_cursor(l).0.len).sum()
+    }
+
+    /// The prompt has been processed: every KV head of a global layer keeps what the CPU policy
+    /// keeps from the GPU's scores (its storage shrinks to budget + 1 slots), every sliding
+    /// layer its last `window - 1` tokens (window slots), and decoding starts.
     pub fn finish_prompt(&mut self, gpu: &Gpu) -> Result<(), ModelError> {
         // The whole prompt is held until it is trimmed.
         self.stats.bytes_peak = self.stats.bytes_peak.max(self.bytes_held());
         let budget = self.policy.budget;
-        if budget < self.cursor.len {
-            let (hd, n_kv, old_cap) = (self.head_dim, self.n_kv_heads, self.cursor.capacity);
-            let new_cap = budget + 1;
-            let width = self.cursor.width;
-            let mut host = Vec::with_capacity(self.layers.len());
-            for layer in &self.layers {
-                let positions = gpu.download(&layer.positions).map_err(gpu_error)?;
-                let scores = layer.scores.as_ref().map(|s| gpu.download(s)).transpose().map_err(gpu_error)?;
-                host.push((positions, scores));
-            }
-            // What each (layer, KV head) keeps, chosen by the CPU policy's own code: layers in
-            // parallel (each thread with its own copy of the policy, whose score rows are empty:
-            // the scores live on the GPU), as a prompt's heads are thousands of selections.
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(host.len().max(1));
-            let per_thread = host.len().div_ceil(threads);
-            let policy = &self.policy;
-            let kept_all: Vec<Vec<u32>> = std::thread::scope(|scope| {
-                let tasks: Vec<_> = host
-                    .chunks(per_thread)
-                    .enumerate()
-                    .map(|(t, layers)| {
-                        let mut policy = policy.clone();
-                        scope.spawn(move || -> Result<Vec<Vec<u32>>, ModelError> {
-                            let mut out = Vec::with_capacity(layers.len());
-                            for (i, (positions, scores)) in layers.iter().enumerate() {
-                                let li = t * per_thread + i;
-                                let mut kept = Vec::with_capacity(n_kv * budget);
-                                for h in 0..n_kv {
-                                    let mut table = SlotTable::new(old_cap);
-                                    for &p in &positions[h * old_cap..h * old_cap + width] {
-                                        table.insert(p)?;
-                                    }
-                                    if let Some(s) = scores {
-                                        policy.observe(li, h, &s[h * old_cap..h * old_cap + width]);
-                                    }
-                                    let mut evicted = vec![false; width];
-                                    for slot in policy.victims(li, h, &table, budget) {
-                                        evicted[slot] = true;
-                                    }
-                                    let mut keep: Vec<(u32, u32)> = table
-                                        .occupied()
-                                        .filter(|&(slot, _)| !evicted[slot])
-                                        .map(|(slot, p)| (p, slot as u32))
-                                        .collect();
-                                    keep.sort_unstable();
-                                    if keep.len() != budget {
-                                        return Err(ModelError::Gpu(format!(
-                                            "KV head kept {} tokens, budget {budget}",
-                                            keep.len()
-                                        )));
-                                    }
-                                    kept.extend(keep.iter().map(|&(_, s)| s));
-                                }
-                                out.push(kept);
-                            }
-                            Ok(out)
-                        })
-                    })
-                    .collect();
-                let mut all = Vec::new();
-                for task in tasks {
-                    all.extend(task.join().map_err(|_| ModelError::Gpu("selection thread panicked".into()))??);
-                }
-                Ok::<_, ModelError>(all)
-            })?;
+        let (hd, n_kv) = (self.head_dim, self.n_kv_heads);
+        let trim_global = budget < self.cursor.len && self.windows.iter().any(Option::is_none);
+        let window_keep = self.sliding.as_ref().map(|(w, _)| SlotCursor::window_kept(*w));
+        let trim_sliding = match (&self.sliding, window_keep) {
+            (Some((_, cursor)), Some(keep)) => keep < cursor.len,
+            _ => false,
+        };
+        if trim_global || trim_sliding {
+            let global_kept = if trim_global { self.select_kept(gpu)? } else { Vec::new() };
+            let mut global_kept = global_kept.into_iter();
             // Every compact layer is allocated before any prompt-sized one is freed: freeing them
             // one by one let the next layer's smaller buffers be carved from the freed ones, and
             // the device pool fragmented until a batch of long prompts ran out of memory.
             let mut compact = Vec::with_capacity(self.layers.len());
-            for (layer, kept) in self.layers.iter().zip(kept_all) {
+            let old_cap = self.cursor.capacity;
+            for (li, layer) in self.layers.iter().enumerate() {
+                let (kept, n_kept) = match (self.windows[li], window_keep) {
+                    (Some(_), Some(keep)) if trim_sliding => {
+                        // The prompt filled the slots in position order: its last `keep` tokens.
+                        let len = self.sliding.as_ref().map_or(0, |(_, c)| c.len) as u32;
+                        let last: Vec<u32> = (len - keep as u32..len).collect();
+                        (last.repeat(n_kv), keep)
+                    }
+                    (None, _) if trim_global => {
+                        (global_kept.next().ok_or_else(|| ModelError::Gpu("a layer without its selection".into()))?, budget)
+                    }
+                    _ => {
+                        compact.push(None);
+                        continue;
+                    }
+                };
+                let new_cap = n_kept + 1;
                 let mut fresh = LayerKv::new(gpu, n_kv, hd, new_cap, layer.scores.is_some()).map_err(gpu_error)?;
-                gpu.gather_slots(layer, &mut fresh, &kept, budget, old_cap, new_cap, hd).map_err(gpu_error)?;
-                compact.push(fresh);
+                gpu.gather_slots(layer, &mut fresh, &kept, n_kept, old_cap, new_cap, hd).map_err(gpu_error)?;
+                compact.push(Some(fresh));
             }
-            self.layers = compact;
+            for (layer, fresh) in self.layers.iter_mut().zip(compact) {
+                if let Some(fresh) = fresh {
+                    *layer = fresh;
+                }
+            }
             gpu.release_free_memory().map_err(gpu_error)?;
-            self.stats.evictions += (self.cursor.len - budget) * self.layers.len() * n_kv;
-            self.cursor.compacted(budget, new_cap);
+            let n_sliding = self.windows.iter().filter(|w| w.is_some()).count();
+            if trim_global {
+                self.stats.evictions += (self.cursor.len - budget) * (self.layers.len() - n_sliding) * n_kv;
+                self.cursor.compacted(budget, budget + 1);
+            }
+            if let (true, Some((_, cursor)), Some(keep)) = (trim_sliding, &mut self.sliding, window_keep) {
+                self.stats.evictions += (cursor.len - keep) * n_sliding * n_kv;
+                cursor.compacted(keep, keep + 1);
+            }
         }
         self.policy.finish_prompt(&[]);
         self.record();
         Ok(())
     }
 
+    /// What each KV head of each global layer keeps of the prompt (slots, `budget` per head in
+    /// position order), chosen by the CPU policy's own code from the GPU's scores.
+    fn select_kept(&self, gpu: &Gpu) -> Result<Vec<Vec<u32>>, ModelError> {
+        let (budget, n_kv, old_cap, width) = (self.policy.budget, self.n_kv_heads, self.cursor.capacity, self.cursor.width);
+        let mut host = Vec::with_capacity(self.layers.len());
+        for (li, layer) in self.layers.iter().enumerate().filter(|(li, _)| self.windows[*li].is_none()) {
+            let positions = gpu.download(&layer.positions).map_err(gpu_error)?;
+            let scores = layer.scores.as_ref().map(|s| gpu.download(s)).transpose().map_err(gpu_error)?;
+            host.push((li, positions, scores));
+        }
+        // Layers in parallel (each thread with its own copy of the policy, whose score rows are
+        // empty: the scores live on the GPU), as a prompt's heads are thousands of selections.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(host.len().max(1));
+        let per_thread = host.len().div_ceil(threads).max(1);
+        let policy = &self.policy;
+        std::thread::scope(|scope| {
+            let tasks: Vec<_> = host
+                .chunks(per_thread)
+                .map(|layers| {
+                    let mut policy = policy.clone();
+                    scope.spawn(move || -> Result<Vec<Vec<u32>>, ModelError> {
+                        let mut out = Vec::with_capacity(layers.len());
+                        for (li, positions, scores) in layers {
+                            let mut kept = Vec::with_capacity(n_kv * budget);
+                            for h in 0..n_kv {
+                                let mut table = SlotTable::new(old_cap);
+                                for &p in &positions[h * old_cap..h * old_cap + width] {
+                                    table.insert(p)?;
+                                }
+                                if let Some(s) = scores {
+                                    policy.observe(*li, h, &s[h * old_cap..h * old_cap + width]);
+                                }
+                                let mut evicted = vec![false; width];
+                                for slot in policy.victims(*li, h, &table, budget) {
+                                    evicted[slot] = true;
+                                }
+                                let mut keep: Vec<(u32, u32)> = table
+                                    .occupied()
+                                    .filter(|&(slot, _)| !evicted[slot])
+                                    .map(|(slot, p)| (p, slot as u32))
+                                    .collect();
+                                keep.sort_unstable();
+                                if keep.len() != budget {
+                                    return Err(ModelError::Gpu(format!(
+                                        "KV head kept {} tokens, budget {budget}",
+                                        keep.len()
+                                    )));
+                                }
+                                kept.extend(keep.iter().map(|&(_, s)| s));
+                            }
+                            out.push(kept);
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.join().map_err(|_| ModelError::Gpu("selection thread panicked".into()))??);
+            }
+            Ok(all)
+        })
+    }
+
     /// The positions each KV head of `layer` holds, sorted (tests and tools).
     pub fn held_positions(&self, gpu: &Gpu, layer: usize) -> Result<Vec<Vec<u32>>, ModelError> {
         let all = gpu.download(&self.layers[layer].positions).map_err(gpu_error)?;
         Ok(all
-            .chunks(self.cursor.capacity)
+            .chunks(self.layer_cursor(layer).0.capacity)
             .map(|head| {
                 let mut p: Vec<u32> = head.iter().copied().filter(|&p| p != FREE_SLOT).collect();
                 p.sort_unstable();
@@ -289,9 +392,14 @@ impl GpuKvCache {
             .collect())
     }
 
-    /// Slots the storage has per (layer, KV head).
+    /// Slots the storage has per KV head, the most over the layers.
     pub fn capacity_now(&self) -> usize {
-        self.cursor.capacity
+        self.sliding.as_ref().map_or(self.cursor.capacity, |(_, c)| c.capacity.max(self.cursor.capacity))
+    }
+
+    /// Slots the storage of `layer` has per KV head.
+    pub fn layer_capacity(&self, layer: usize) -> usize {
+        self.layer_cursor(layer).0.capacity
     }
 }
 
@@ -314,7 +422,7 @@ impl SequenceCache for GpuKvCache {
         &self.policy
     }
     fn bytes_held(&self) -> usize {
-        self.cursor.len * self.bytes_per_token()
+        self.layer_tokens() * self.bytes_per_token() / self.layers.len().max(1)
     }
     fn stats(&self) -> KvStats {
         self.stats.clone()

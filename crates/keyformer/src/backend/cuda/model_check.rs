@@ -153,17 +153,12 @@ fn compare(
     // Batched decoding replayed as a CUDA graph equals the same steps launched one by one:
     // three sequences with different prompts under Keyformer, 3 x `steps` steps.
     {
-        // (The full cache on models with sliding layers: the GPU refuses them a policy.)
-        let kv = if c.has_sliding_layers() {
-            PolicyConfig::default()
-        } else {
-            PolicyConfig {
-                kind: PolicyKind::Keyformer,
-                budget: Some(Amount::Percent(50.0)),
-                seed: 9,
-                min_budget: 1,
-                ..Default::default()
-            }
+        let kv = PolicyConfig {
+            kind: PolicyKind::Keyformer,
+            budget: Some(Amount::Percent(50.0)),
+            seed: 9,
+            min_budget: 1,
+            ..Default::default()
         };
         let gen = 3 * steps;
         let mut runs = Vec::new();
@@ -207,25 +202,8 @@ fn compare(
         ));
     }
 
-    // Compressed caches: the same tokens kept, after the prompt and after decoding. A model
-    // with sliding-window layers is refused a policy on the GPU (its sliding layers would not
-    // keep their window, as the CPU's do): that refusal is the check.
-    if c.has_sliding_layers() {
-        let kv = PolicyConfig {
-            kind: PolicyKind::Keyformer,
-            budget: Some(Amount::Percent(50.0)),
-            min_budget: 1,
-            ..Default::default()
-        };
-        let refused = gpu.new_sequence_cache(&kv, prompt_len, steps).is_err();
-        checks.push(row(
-            &format!("{name}: a KV policy on sliding-window layers is refused clearly (CPU only for now)"),
-            f64::from(u8::from(!refused)),
-            0.0,
-            "1 if the GPU accepted it",
-        ));
-        return Ok(checks);
-    }
+    // Compressed caches: the same tokens kept, after the prompt and after decoding, in every
+    // layer (a sliding-window layer keeps its window whatever the policy, as on the CPU).
     for (kind, budget) in [(PolicyKind::Keyformer, 50), (PolicyKind::H2o, 50), (PolicyKind::Window, 50)] {
         let kv = PolicyConfig {
             kind,
