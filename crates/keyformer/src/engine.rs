@@ -60,6 +60,8 @@ pub enum StopReason {
     ContextFull,
     /// The caller's time limit ended it (the server's --timeout); the text so far is kept.
     TimedOut,
+    /// The caller stopped asking for more (a stream closed early); the text so far is kept.
+    Cancelled,
 }
 
 impl StopReason {
@@ -71,6 +73,7 @@ impl StopReason {
             StopReason::MaxTokens => "max tokens",
             StopReason::ContextFull => "context full",
             StopReason::TimedOut => "timed out",
+            StopReason::Cancelled => "cancelled",
         }
     }
 }
@@ -427,7 +430,21 @@ impl<B: Backend> Engine<B> {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
         let mut generation = self.start_generation(prompt, req)?;
-        self.run_generation(&mut generation, on_text)?;
+        self.run_generation(&mut generation, on_text, &mut || true)?;
+        generation.finish(self, on_text)
+    }
+
+    /// [`generate`](Self::generate) that asks `keep_going()` before each decode step and ends
+    /// the sequence as [`StopReason::Cancelled`] when it says no (a stream whose reader left).
+    pub fn generate_while(
+        &self,
+        prompt: &[u32],
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<GenerationOutput, ModelError> {
+        let mut generation = self.start_generation(prompt, req)?;
+        self.run_generation(&mut generation, on_text, keep_going)?;
         generation.finish(self, on_text)
     }
 
@@ -530,7 +547,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<(GenerationOutput, B::Cache), ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
         let mut generation = Generation::new(prompt, cache, logits, req);
-        self.run_generation(&mut generation, on_text)?;
+        self.run_generation(&mut generation, on_text, &mut || true)?;
         generation.finish_keeping_cache(self, on_text)
     }
 
@@ -540,13 +557,22 @@ impl<B: Backend> Engine<B> {
         mut g: Generation<B>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
-        self.run_generation(&mut g, on_text)?;
+        self.run_generation(&mut g, on_text, &mut || true)?;
         g.finish(self, on_text)
     }
 
-    fn run_generation(&self, g: &mut Generation<B>, on_text: &mut dyn FnMut(&str)) -> Result<(), ModelError> {
+    fn run_generation(
+        &self,
+        g: &mut Generation<B>,
+        on_text: &mut dyn FnMut(&str),
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<(), ModelError> {
         let t = Instant::now();
         while let Some(next) = g.advance(self, on_text)? {
+            if !keep_going() {
+                g.stop_reason.get_or_insert(StopReason::Cancelled);
+                break;
+            }
             self.decode_step_into(next, &mut g.cache, &mut g.logits)?;
         }
         g.decode_seconds += t.elapsed().as_secs_f64();
@@ -577,6 +603,45 @@ impl<B: Backend> Engine<B> {
     /// With a KV budget the evaluation streams, as StreamingLLM's does: the first `budget`
     /// tokens of a window are a prompt (a percentage is of the window), every later token is
     /// one decode step with eviction. For `full`, a budget only sets that split.
+    /// The next-token logits at every position of `tokens` (row `i` predicts token `i + 1`),
+    /// teacher-forced through a cache under `kv`: the first `split` tokens are a prompt (one
+    /// forward pass, compressed to the budget at its end), every later token one decode step
+    /// with eviction, as generation runs. `on_row(i, logits)` sees the rows in order.
+    pub fn score_tokens(
+        &self,
+        tokens: &[u32],
+        split: usize,
+        kv: &PolicyConfig,
+        on_row: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<KvReport, ModelError> {
+        if split == 0 || split > tokens.len() {
+            return Err(ModelError::Input(format!(
+                "the prompt part must be 1 to {} tokens, got {split}",
+                tokens.len()
+            )));
+        }
+        if tokens.len() > self.context_length() {
+            return Err(ModelError::Input(format!(
+                "{} tokens do not fit the model's context of {} tokens",
+                tokens.len(),
+                self.context_length()
+            )));
+        }
+        let vocab = self.model.config.vocab_size;
+        let mut cache = self.new_cache(kv, split, tokens.len() - split)?;
+        self.prefill_with(&tokens[..split], &mut cache, Logits::All, &mut |first, logits| {
+            for (j, row) in logits.chunks_exact(vocab).enumerate() {
+                on_row(first + j, row);
+            }
+        })?;
+        let mut row = Vec::new();
+        for (i, &token) in tokens.iter().enumerate().skip(split) {
+            self.decode_step_into(token, &mut cache, &mut row)?;
+            on_row(i, &row);
+        }
+        Ok(KvReport::of(&cache))
+    }
+
     pub fn perplexity(
         &self,
         tokens: &[u32],
@@ -610,27 +675,20 @@ impl<B: Backend> Engine<B> {
             window_kv.budget = Some(Amount::Tokens(b.resolve(ctx)));
         }
         let t0 = Instant::now();
-        let vocab = self.model.config.vocab_size;
         let (mut nll, mut scored) = (0f64, 0usize);
         let mut report = KvReport::default();
         for w in 0..windows {
             on_window(w, windows);
             let window = &tokens[w * ctx..(w + 1) * ctx];
-            let mut cache = self.new_cache(&window_kv, split, ctx - split)?;
-            self.prefill_with(&window[..split], &mut cache, Logits::All, &mut |first, logits| {
-                for (j, row) in logits.chunks_exact(vocab).enumerate() {
-                    if let Some(&target) = window.get(first + j + 1) {
-                        nll += negative_log_likelihood(row, target);
-                        scored += 1;
-                    }
+            // The last token's row predicts past the window: not scored (its step comes after
+            // every scored one, so it changes none of them).
+            let kv_report = self.score_tokens(window, split, &window_kv, &mut |i, row| {
+                if let Some(&target) = window.get(i + 1) {
+                    nll += negative_log_likelihood(row, target);
+                    scored += 1;
                 }
             })?;
-            for i in split..ctx - 1 {
-                let row = self.decode_step(window[i], &mut cache)?;
-                nll += negative_log_likelihood(&row, window[i + 1]);
-                scored += 1;
-            }
-            report.merge(KvReport::of(&cache));
+            report.merge(kv_report);
         }
         on_window(windows, windows);
         let mean_nll = nll / scored as f64;
