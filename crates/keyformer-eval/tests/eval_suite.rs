@@ -70,13 +70,13 @@ fn shared_prefill_rows_equal_separate_runs() {
     let out = scratch_dir("shared");
     let p = plan(
         vec![Task::Fidelity, Task::Generation],
-        &["window", "h2o", "keyformer", "keyformer:noise=none:recent=10%"],
+        &["window", "h2o", "keyformer", "keyformer:noise=none:recent=10%", "keyformer:observe=16", "h2o:observe=8"],
     );
     let doc = prose_doc();
     run_eval(&engine, &p, std::slice::from_ref(&doc), &out, &mut |_, _| {}).unwrap();
     let got: BTreeMap<(String, String), CaseRow> =
         rows(&out).into_iter().map(|r| ((r.task.clone(), r.policy.clone()), r)).collect();
-    assert_eq!(got.len(), 8);
+    assert_eq!(got.len(), 12);
 
     let tokens = engine.encode(&doc.context).unwrap();
     let (prompt, forced) = (&tokens[..96], &tokens[96..106]);
@@ -97,6 +97,9 @@ fn shared_prefill_rows_equal_separate_runs() {
         let same = ids.iter().zip(&full_ids).take_while(|(a, b)| a == b).count();
         assert_eq!(row.metrics["identical_prefix"], same as f64, "{}", variant.label);
     }
+    // The observation window changes what is kept (or the setting would be a no-op).
+    let fid = |label: &str| got[&("fidelity".to_string(), label.to_string())].metrics["mean_kl"];
+    assert_ne!(fid("h2o"), fid("h2o:observe=8"));
     // A tight window must lose something against the full cache, or the comparison is vacuous.
     assert!(got[&("fidelity".to_string(), "window".to_string())].metrics["mean_kl"] > 0.0);
     std::fs::remove_dir_all(&out).unwrap();

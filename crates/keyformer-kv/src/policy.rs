@@ -231,6 +231,11 @@ pub struct PolicyConfig {
     /// Keyformer's sums accumulate; TOVA and SnapKV use each chunk's last queries). `None`: the
     /// whole prompt with the full cache, then one trim (the paper's method).
     pub prefill_chunk: Option<usize>,
+    /// H2O's and Keyformer's accumulated score plus, at the prompt's end (and at each chunk's
+    /// end when it is trimmed chunk by chunk), the plain attention of its last N queries (a
+    /// SnapKV-style observation window), scaled to the same total mass (`observe=N`): the
+    /// sums say what the whole prompt used, the window what its end still looks at.
+    pub observe: Option<usize>,
     pub keyformer: KeyformerOptions,
     pub seed: u64,
 }
@@ -252,6 +257,7 @@ impl Default for PolicyConfig {
             key_diversity: false,
             snapkv_window: 32,
             prefill_chunk: None,
+            observe: None,
             keyformer: KeyformerOptions::default(),
             seed: 0,
         }
@@ -277,7 +283,8 @@ impl PolicyConfig {
     /// weighted by the value's norm), `layers=uniform|pyramid` (the budget per layer),
     /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed), `keydiff`
     /// (scores times each key's distance from the mean key),
-    /// `noise=gumbel|gaussian|constant|none`,
+    /// `observe=N` (H2O's and Keyformer's sums plus the attention of the prompt's last N
+    /// queries), `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
         let mut parts = spec.trim().split(':');
@@ -306,6 +313,7 @@ impl PolicyConfig {
                 "keydiff" if value.is_empty() => config.key_diversity = true,
                 "window" => config.snapkv_window = count("window")?,
                 "chunk" => config.prefill_chunk = Some(count("chunk")?),
+                "observe" => config.observe = Some(count("observe")?),
                 "noise" => config.keyformer.noise = value.parse::<NoiseKind>().map_err(bad)?,
                 "tau" => {
                     let (a, b) = value.split_once('-').ok_or_else(|| bad("tau is INIT-END, e.g. tau=1-2".into()))?;
@@ -315,8 +323,8 @@ impl PolicyConfig {
                 "frozen" if value.is_empty() => config.keyformer.frozen = true,
                 _ => {
                     return Err(bad(format!(
-                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, accumulate=, \
-                     value, layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
+                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, observe=, \
+                     accumulate=, value, layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
                 )))
                 }
             }
@@ -389,6 +397,16 @@ impl PolicyConfig {
         }
         if self.prefill_chunk == Some(0) {
             return Err(PolicyError::Invalid("a prefill chunk must be at least 1 token".into()));
+        }
+        match self.observe {
+            Some(0) => return Err(PolicyError::Invalid("an observation window (observe=) must be at least 1 query".into())),
+            Some(_) if !matches!(self.kind, PolicyKind::H2o | PolicyKind::Keyformer) => {
+                return Err(PolicyError::Invalid(format!(
+                    "observe= adds to H2O's and Keyformer's accumulated scores: policy '{}' has none (snapkv scores by its window alone)",
+                    self.kind.name()
+                )))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -468,6 +486,7 @@ impl PolicyConfig {
             scores: vec![Vec::new(); n_layers * n_kv_heads],
             value_norms: vec![Vec::new(); if self.value_weighted { n_layers * n_kv_heads } else { 0 }],
             diversity: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
+            observed: vec![Vec::new(); if self.observe.is_some() { n_layers * n_kv_heads } else { 0 }],
             mean_keys: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
             step: 0,
             prompt_done: false,
@@ -543,6 +562,9 @@ pub struct SequencePolicy {
     /// Each slot's 1 - cos(key, mean key) and each head's unit mean key (with `key_diversity`).
     diversity: Vec<Vec<f32>>,
     mean_keys: Vec<Vec<f32>>,
+    /// Per (layer, KV head), the observation window's attention of the chunk being processed
+    /// (only with `observe`).
+    observed: Vec<Vec<f32>>,
     step: usize,
     prompt_done: bool,
     /// Where the prompt chunk being processed ends (the prompt's length unless it is trimmed
@@ -794,6 +816,9 @@ impl SequencePolicy {
         // they leave the recent window.
         let frozen_after_prompt = self.prompt_done
             && (kind == PolicyKind::SnapKv || (kind == PolicyKind::Keyformer && self.config.keyformer.frozen));
+        if let Some(o) = self.observed.get_mut(layer * self.n_kv_heads + head).and_then(|o| o.get_mut(slot)) {
+            *o = 0.0; // a reused slot starts its window afresh
+        }
         let s = self.slot_scores(layer, head);
         if s.len() <= slot {
             s.resize(slot + 1, 0.0);
@@ -811,8 +836,64 @@ impl SequencePolicy {
     /// them directly, which equals [`observe`](Self::observe) and copies nothing. `None` for
     /// the other policies.
     pub fn running_sum_scores(&mut self, layer: usize) -> Option<&mut [Vec<f32>]> {
-        matches!(self.config.kind, PolicyKind::H2o | PolicyKind::Keyformer)
-            .then(|| &mut self.scores[layer * self.n_kv_heads..(layer + 1) * self.n_kv_heads])
+        self.running_rows(layer).0
+    }
+
+    /// The rows the attention kernel adds to in place at `layer`: H2O's and Keyformer's running
+    /// sums (for [`signal`](Self::signal)) and the observation window's sums (for
+    /// [`observation_signal`](Self::observation_signal)), per KV head.
+    pub fn running_rows(&mut self, layer: usize) -> (Option<&mut [Vec<f32>]>, Option<&mut [Vec<f32>]>) {
+        let heads = layer * self.n_kv_heads..(layer + 1) * self.n_kv_heads;
+        let sums = matches!(self.config.kind, PolicyKind::H2o | PolicyKind::Keyformer);
+        let observing = self.observation_signal() != Signal::None;
+        (
+            if sums { Some(&mut self.scores[heads.clone()]) } else { None },
+            if observing { Some(&mut self.observed[heads]) } else { None },
+        )
+    }
+
+    /// The second score a prompt chunk's attention computes with `observe=N`: the plain
+    /// attention of the chunk's last N queries (`Signal::None` otherwise, and after the prompt).
+    pub fn observation_signal(&self) -> Signal {
+        match self.config.observe {
+            Some(n) if !self.prompt_done && !self.observed.is_empty() => {
+                Signal::Attention { from_position: self.chunk_end.saturating_sub(n) as u32 }
+            }
+            _ => Signal::None,
+        }
+    }
+
+    /// Add the observation window's per-slot sums of (layer, head) (a shared prefill's record).
+    pub fn observe_window(&mut self, layer: usize, head: usize, per_slot: &[f32]) {
+        if let Some(o) = self.observed.get_mut(layer * self.n_kv_heads + head) {
+            if o.len() < per_slot.len() {
+                o.resize(per_slot.len(), 0.0);
+            }
+            o.iter_mut().zip(per_slot).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// At a prompt chunk's end, before its trim: add each head's observation window to its
+    /// accumulated scores, scaled to the scores' total mass (so neither part dominates by
+    /// having seen more queries), and start the next window from zero.
+    pub fn fold_observation(&mut self, layer: usize) {
+        if self.observed.is_empty() {
+            return;
+        }
+        for h in 0..self.n_kv_heads {
+            let i = layer * self.n_kv_heads + h;
+            let window: f64 = self.observed[i].iter().map(|&v| v as f64).sum();
+            let total: f64 = self.scores[i].iter().filter(|v| v.is_finite()).map(|&v| v as f64).sum();
+            if window > 0.0 {
+                let scale = if total > 0.0 { (total / window) as f32 } else { 1.0 };
+                let (scores, observed) = (&mut self.scores[i], &mut self.observed[i]);
+                if scores.len() < observed.len() {
+                    scores.resize(observed.len(), 0.0);
+                }
+                scores.iter_mut().zip(observed.iter()).for_each(|(s, o)| *s += scale * o);
+            }
+            self.observed[i].iter_mut().for_each(|v| *v = 0.0);
+        }
     }
 
     /// Fold the kernel's per-slot row sums (`per_slot[slot]`, slot order) into the scores.
@@ -991,6 +1072,10 @@ impl SequencePolicy {
         };
         let i = layer * self.n_kv_heads + head;
         self.scores[i] = moved(&self.scores[i], 0.0);
+        if let Some(o) = self.observed.get(i) {
+            let new = moved(o, 0.0);
+            self.observed[i] = new;
+        }
         if let Some(norms) = self.value_norms.get(i) {
             let new = moved(norms, 1.0);
             self.value_norms[i] = new;
@@ -1005,6 +1090,9 @@ impl SequencePolicy {
     pub fn on_evict(&mut self, layer: usize, head: usize, slot: usize) {
         if let Some(v) = self.slot_scores(layer, head).get_mut(slot) {
             *v = 0.0;
+        }
+        if let Some(o) = self.observed.get_mut(layer * self.n_kv_heads + head).and_then(|o| o.get_mut(slot)) {
+            *o = 0.0;
         }
     }
 }
@@ -1351,6 +1439,38 @@ mod tests {
         assert_eq!(run(Accumulate::Mean), vec![4, 5]);
     }
 
+    #[test]
+    fn an_observation_window_is_scaled_to_the_sums_and_added() {
+        // Sums [1, 2, 3, 0] (mass 6), the window's attention [0, 0, 1, 2] (mass 3): scaled by 2
+        // and added, [1, 2, 5, 4]; a budget of 2 without a recent window keeps slots 2 and 3,
+        // where the sums alone keep 1 and 2.
+        let config = PolicyConfig {
+            kind: PolicyKind::H2o,
+            budget: Some(Amount::Tokens(2)),
+            recent: Some(Amount::Tokens(0)),
+            ..Default::default()
+        };
+        let mut t = SlotTable::new(4);
+        let run = |observe: Option<usize>, t: &SlotTable| {
+            let mut p = PolicyConfig { observe, ..config.clone() }.resolve(4, 1, 1, 1).unwrap();
+            p.observe(0, 0, &[1.0, 2.0, 3.0, 0.0]);
+            p.observe_window(0, 0, &[0.0, 0.0, 1.0, 2.0]);
+            p.fold_observation(0);
+            let mut v = p.victims(0, 0, t, 2);
+            v.sort_unstable();
+            (v, p.scores(0, 0).to_vec())
+        };
+        for pos in 0..4 {
+            t.insert(pos).unwrap();
+        }
+        assert_eq!(run(None, &t), (vec![0, 3], vec![1.0, 2.0, 3.0, 0.0]));
+        assert_eq!(run(Some(2), &t), (vec![0, 1], vec![1.0, 2.0, 5.0, 4.0]));
+        // Only H2O and Keyformer accumulate; 0 queries observe nothing.
+        for bad in ["tova:budget=4:observe=8", "keyformer:budget=4:observe=0", "snapkv:budget=4:observe=8"] {
+            assert!(PolicyConfig::parse_spec(bad, &PolicyConfig::default()).unwrap().validate().is_err(), "{bad}");
+        }
+    }
+
     /// sinks=N on a scored policy pins the first tokens; value weighting evicts a token whose
     /// value is tiny however much it is attended.
     #[test]
@@ -1548,6 +1668,52 @@ mod tests {
                     }
                     p.start_prompt_chunk(end + chunk);
                 }
+            }
+        }
+
+        /// With `observe=N` a prompt's trim keeps what the plain policy keeps when the window's
+        /// attention is proportional to the accumulated scores (the fold only rescales them),
+        /// never more than the budget, and its recent window.
+        #[test]
+        fn observation_windows_fold_into_the_sums(
+            h2o in any::<bool>(), prompt in 2usize..40, budget_frac in 1usize..100, window in 1usize..8,
+            seed in any::<u64>(), proportional in any::<bool>(),
+        ) {
+            let kind = if h2o { PolicyKind::H2o } else { PolicyKind::Keyformer };
+            let budget = (prompt * budget_frac / 100).max(1);
+            let base = PolicyConfig { kind, budget: Some(Amount::Tokens(budget)), seed, ..Default::default() };
+            let observing = PolicyConfig { observe: Some(window), ..base.clone() };
+            let (mut plain, mut mixed) = (base.resolve(prompt, 4, 1, 1).unwrap(), observing.resolve(prompt, 4, 1, 1).unwrap());
+            prop_assert_eq!(plain.observation_signal(), Signal::None);
+            prop_assert_eq!(
+                mixed.observation_signal(),
+                Signal::Attention { from_position: prompt.saturating_sub(window) as u32 }
+            );
+            let mut t = SlotTable::new(prompt);
+            let mut rng = seed | 1;
+            for pos in 0..prompt as u32 {
+                let slot = t.insert(pos).unwrap();
+                plain.on_insert(0, 0, slot, &[1.0]);
+                mixed.on_insert(0, 0, slot, &[1.0]);
+            }
+            let row = random_scores(&mut rng, prompt, 1000);
+            plain.observe(0, 0, &row);
+            mixed.observe(0, 0, &row);
+            let window_row: Vec<f32> = if proportional {
+                row.iter().map(|v| v * 0.25).collect()
+            } else {
+                random_scores(&mut rng, prompt, 1000)
+            };
+            mixed.observe_window(0, 0, &window_row);
+            mixed.fold_observation(0);
+            let (a, b) = (plain.victims(0, 0, &t, budget), mixed.victims(0, 0, &t, budget));
+            prop_assert_eq!(b.len(), prompt.saturating_sub(budget));
+            if proportional {
+                prop_assert_eq!(&a, &b);
+            }
+            let kept: Vec<u32> = t.occupied().filter(|(s, _)| !b.contains(s)).map(|(_, p)| p).collect();
+            for r in 0..mixed.recent.min(kept.len()) as u32 {
+                prop_assert!(kept.contains(&(prompt as u32 - 1 - r)));
             }
         }
 

@@ -781,9 +781,10 @@ impl Engine<Cpu> {
         let mut signals: Vec<Signal> = Vec::new();
         for kv in configs {
             let policy = kv.resolve(prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-            let sig = policy.signal();
-            if sig != Signal::None && !signals.contains(&sig) {
-                signals.push(sig);
+            for sig in [policy.signal(), policy.observation_signal()] {
+                if sig != Signal::None && !signals.contains(&sig) {
+                    signals.push(sig);
+                }
             }
         }
         let mut cache = self.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
@@ -813,6 +814,7 @@ impl Engine<Cpu> {
             return Ok((cache, logits));
         }
         let signal = policy.signal();
+        let observation = policy.observation_signal();
         let mut cache = self.model.new_cache_with(policy, c.context_length);
         cache.layers = shared.cache.layers.clone();
         let tova = cache.policy.kind() == keyformer_kv::PolicyKind::Tova;
@@ -825,11 +827,20 @@ impl Engine<Cpu> {
             if signal == Signal::None {
                 continue;
             }
-            let k = shared.scores.signals.iter().position(|s| *s == signal).ok_or_else(|| {
-                ModelError::Input(format!(
-                    "the shared prefill did not record {signal:?}: pass this policy to shared_prefill"
-                ))
-            })?;
+            let recorded = |signal: Signal| {
+                shared.scores.signals.iter().position(|s| *s == signal).ok_or_else(|| {
+                    ModelError::Input(format!(
+                        "the shared prefill did not record {signal:?}: pass this policy to shared_prefill"
+                    ))
+                })
+            };
+            if observation != Signal::None {
+                let sums = &shared.scores.sums[recorded(observation)?][li * c.n_kv_heads..(li + 1) * c.n_kv_heads];
+                for (h, s) in sums.iter().enumerate() {
+                    cache.policy.observe_window(li, h, s);
+                }
+            }
+            let k = recorded(signal)?;
             let sums = &shared.scores.sums[k][li * c.n_kv_heads..(li + 1) * c.n_kv_heads];
             if tova {
                 // TOVA scores with the layer's sum over all heads (as in the forward pass).

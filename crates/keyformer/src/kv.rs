@@ -411,6 +411,7 @@ impl KvCache {
         self.record_peak();
         for layer in 0..self.layers.len() {
             if self.windows[layer].is_none() {
+                self.policy.fold_observation(layer);
                 self.weigh_keys(layer);
                 self.evict_to_budget(layer)?;
             }
@@ -467,6 +468,9 @@ impl KvCache {
     pub fn finish_prompt(&mut self) -> Result<(), SlotError> {
         self.record_peak();
         for layer in 0..self.layers.len() {
+            if self.windows[layer].is_none() {
+                self.policy.fold_observation(layer);
+            }
             self.weigh_keys(layer);
             if self.windows[layer].is_none() {
                 let tables: Vec<&SlotTable> = self.layers[layer].iter().map(|h| &h.table).collect();

@@ -259,6 +259,7 @@ impl Backend for Cpu {
             let attn = &mut attn[span.start * q_dim..span.end * q_dim];
             let positions = &positions[span];
             let signal = cache.policy.signal();
+            let observation = cache.policy.observation_signal();
             for (i, &pos) in positions.iter().enumerate() {
                 for h in 0..n_kv_heads {
                     let at = i * kv_dim + h * hd;
@@ -275,7 +276,8 @@ impl Backend for Cpu {
             // recorded sums are running sums, added to in place; TOVA and SnapKV get fresh rows.
             let kv_heads = li * n_kv_heads..(li + 1) * n_kv_heads;
             let mut fresh: Vec<Vec<f32>> = Vec::new();
-            let own: &mut [Vec<f32>] = match cache.policy.running_sum_scores(li) {
+            let (running, observing) = cache.policy.running_rows(li);
+            let own: &mut [Vec<f32>] = match running {
                 Some(rows) => rows,
                 None if signal == Signal::None => &mut [],
                 None => {
@@ -285,6 +287,10 @@ impl Backend for Cpu {
             };
             let mut signals = vec![signal];
             let mut sums = vec![own];
+            if let Some(rows) = observing {
+                signals.push(observation);
+                sums.push(rows);
+            }
             if let Some(r) = &mut cache.recorder {
                 signals.extend_from_slice(&r.signals);
                 sums.extend(r.sums.iter_mut().map(|rows| &mut rows[kv_heads.clone()]));

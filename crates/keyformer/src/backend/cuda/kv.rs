@@ -92,11 +92,12 @@ impl GpuKvCache {
             || c.adaptive
             || c.grow
             || c.key_diversity
+            || c.observe.is_some()
             || c.layer_budgets != keyformer_kv::policy::LayerBudgets::Uniform;
         if composed {
             return Err(ModelError::Input(
-                "the settings sinks=, accumulate=mean, value, layers=pyramid, adaptive, grow and keydiff (on policies other \
-                 than sink) do not run on the CUDA backend yet: use the CPU"
+                "the settings sinks=, accumulate=mean, value, layers=pyramid, adaptive, grow, keydiff and observe= (on \
+                 policies other than sink) do not run on the CUDA backend yet: use the CPU"
                     .into(),
             ));
         }
