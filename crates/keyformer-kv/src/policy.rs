@@ -540,6 +540,9 @@ pub enum Signal {
     Noisy { from_position: u32, tau: f32, noise: NoiseKind, seed: u64 },
 }
 
+/// Per-slot score rows of one layer's KV heads, which a kernel adds to in place.
+pub type ScoreRows<'a> = &'a mut [Vec<f32>];
+
 /// The policy state of one sequence: its resolved budget and a score per slot of every
 /// (layer, KV head).
 #[derive(Debug, Clone)]
@@ -842,7 +845,7 @@ impl SequencePolicy {
     /// The rows the attention kernel adds to in place at `layer`: H2O's and Keyformer's running
     /// sums (for [`signal`](Self::signal)) and the observation window's sums (for
     /// [`observation_signal`](Self::observation_signal)), per KV head.
-    pub fn running_rows(&mut self, layer: usize) -> (Option<&mut [Vec<f32>]>, Option<&mut [Vec<f32>]>) {
+    pub fn running_rows(&mut self, layer: usize) -> (Option<ScoreRows<'_>>, Option<ScoreRows<'_>>) {
         let heads = layer * self.n_kv_heads..(layer + 1) * self.n_kv_heads;
         let sums = matches!(self.config.kind, PolicyKind::H2o | PolicyKind::Keyformer);
         let observing = self.observation_signal() != Signal::None;
