@@ -262,7 +262,7 @@ class Engine:
         return [int(t) for t in prompt]
 
     @staticmethod
-    def _sampling(
+    def _options(
         max_tokens: int,
         temperature: float,
         top_k: int,
@@ -273,11 +273,14 @@ class Engine:
         stop: Union[str, Sequence[str], None],
         seed: Optional[int],
         kv: KvLike,
-    ) -> tuple:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+    ) -> Dict[str, Any]:
         spec, kv_seed = _kv(kv)
-        return (max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                stops, seed, spec, kv_seed)
+        return {
+            "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "min_p": min_p, "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
+            "stop": [stop] if isinstance(stop, str) else list(stop or []),
+            "seed": seed, "kv": spec, "kv_seed": kv_seed,
+        }
 
     def generate(
         self,
@@ -295,9 +298,9 @@ class Engine:
     ) -> Completion:
         """Generate after ``prompt`` (text, or token ids) under the KV policy ``kv``. The
         defaults are ``keyformer run``'s (greedy), so the same settings give the CLI's text."""
-        args = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                              repeat_last_n, stop, seed, kv)
-        return Completion._from(self._native.generate(self._prompt(prompt), *args))
+        options = self._options(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                repeat_last_n, stop, seed, kv)
+        return Completion._from(self._native.generate(self._prompt(prompt), options))
 
     def stream(
         self,
@@ -314,9 +317,9 @@ class Engine:
         kv: KvLike = None,
     ) -> Stream:
         """:meth:`generate` as an iterator of text pieces; the pieces join to its text."""
-        args = self._sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                              repeat_last_n, stop, seed, kv)
-        return Stream(self._native.stream(self._prompt(prompt), *args))
+        options = self._options(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                repeat_last_n, stop, seed, kv)
+        return Stream(self._native.stream(self._prompt(prompt), options))
 
     def chat(
         self,

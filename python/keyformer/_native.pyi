@@ -49,36 +49,10 @@ class Engine:
     def tokenize(self, text: str) -> List[int]: ...
     def detokenize(self, ids: List[int]) -> str: ...
     def chat_prompt(self, messages: List[Tuple[str, str]]) -> str: ...
-    def generate(
-        self,
-        prompt: List[int],
-        max_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repeat_penalty: float,
-        repeat_last_n: int,
-        stop: List[str],
-        seed: Optional[int],
-        kv: Optional[str],
-        kv_seed: Optional[int],
-    ) -> Dict[str, Any]: ...
-    def stream(
-        self,
-        prompt: List[int],
-        max_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repeat_penalty: float,
-        repeat_last_n: int,
-        stop: List[str],
-        seed: Optional[int],
-        kv: Optional[str],
-        kv_seed: Optional[int],
-    ) -> Stream: ...
+    def generate(self, prompt: List[int], options: Dict[str, Any]) -> Dict[str, Any]:
+        """`options`: max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+        repeat_last_n, stop, seed, kv (a policy spec or None), kv_seed."""
+    def stream(self, prompt: List[int], options: Dict[str, Any]) -> Stream: ...
     def perplexity(
         self, text: str, ctx: int, max_windows: Optional[int], kv: Optional[str], kv_seed: int
     ) -> Dict[str, Any]: ...

@@ -98,15 +98,11 @@ fn parse_policy<'py>(py: Python<'py>, spec: &str, seed: u64) -> PyResult<Bound<'
     to_python(py, &settings)
 }
 
-/// One generation's settings, as `run`'s flags give them.
-#[derive(Clone)]
-struct Request {
-    req: GenerateRequest,
-    seed: u64,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn request(
+/// One generation's settings, as `run`'s flags give them (a dict from the Python wrapper, whose
+/// defaults are the CLI's).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct GenOptions {
     max_tokens: usize,
     temperature: f32,
     top_k: usize,
@@ -116,46 +112,44 @@ fn request(
     repeat_last_n: usize,
     stop: Vec<String>,
     seed: Option<u64>,
-    kv: Option<&str>,
+    kv: Option<String>,
     kv_seed: Option<u64>,
-) -> PyResult<Request> {
-    if max_tokens == 0 {
-        return Err(PyValueError::new_err("max_tokens must be at least 1"));
+}
+
+/// A generation request and the sampling seed it uses.
+struct Request {
+    req: GenerateRequest,
+    seed: u64,
+}
+
+impl GenOptions {
+    fn request(self) -> PyResult<Request> {
+        if self.max_tokens == 0 {
+            return Err(PyValueError::new_err("max_tokens must be at least 1"));
+        }
+        if self.temperature.is_nan() || self.temperature < 0.0 {
+            return Err(PyValueError::new_err(format!("temperature must be 0 or more, got {}", self.temperature)));
+        }
+        // As `keyformer run`: without a seed sampling draws one from the clock and the KV policy
+        // uses seed 0, so a greedy answer repeats.
+        let seed = self.seed.unwrap_or_else(keyformer::sampling::clock_seed);
+        let kv = policy(self.kv.as_deref(), self.kv_seed.or(self.seed).unwrap_or(0))?;
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        };
+        let req = GenerateRequest { max_tokens: self.max_tokens, sampling, stop: self.stop, kv, logprobs: None };
+        Ok(Request { req, seed })
     }
-    if temperature.is_nan() || temperature < 0.0 {
-        return Err(PyValueError::new_err(format!("temperature must be 0 or more, got {temperature}")));
-    }
-    // As `keyformer run`: without a seed sampling draws one from the clock and the KV policy
-    // uses seed 0, so a greedy answer repeats.
-    let sampling_seed = seed.unwrap_or_else(keyformer::sampling::clock_seed);
-    let kv = policy(kv, kv_seed.or(seed).unwrap_or(0))?;
-    let req = GenerateRequest {
-        max_tokens,
-        sampling: SamplingParams { temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed: sampling_seed },
-        stop,
-        kv,
-        logprobs: None,
-    };
-    Ok(Request { req, seed: sampling_seed })
 }
 
 fn output<'py>(py: Python<'py>, out: &GenerationOutput, seed: u64) -> PyResult<Bound<'py, PyAny>> {
-    let v = serde_json::json!({
-        "text": out.text,
-        "token_ids": out.token_ids,
-        "prompt_tokens": out.prompt_tokens,
-        "generated_tokens": out.generated_tokens,
-        "stop_reason": out.stop_reason,
-        "seed": seed,
-        "timings": {
-            "prefill_seconds": out.prefill_seconds,
-            "decode_seconds": out.decode_seconds,
-            "prefill_tok_s": out.prefill_tok_s(),
-            "decode_tok_s": out.decode_tok_s(),
-        },
-        "kv_cache": out.kv_cache,
-    });
-    to_python(py, &v)
+    to_python(py, &out.report(seed))
 }
 
 /// The native engine (see `keyformer.Engine`).
@@ -295,37 +289,8 @@ impl PyEngine {
     }
 
     /// Generate after `prompt` (token ids); the result as a dict (`run --json`'s fields).
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, stop, seed, kv, kv_seed))]
-    #[allow(clippy::too_many_arguments)]
-    fn generate<'py>(
-        &self,
-        py: Python<'py>,
-        prompt: Vec<u32>,
-        max_tokens: usize,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repeat_penalty: f32,
-        repeat_last_n: usize,
-        stop: Vec<String>,
-        seed: Option<u64>,
-        kv: Option<&str>,
-        kv_seed: Option<u64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let r = request(
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            repeat_last_n,
-            stop,
-            seed,
-            kv,
-            kv_seed,
-        )?;
+    fn generate<'py>(&self, py: Python<'py>, prompt: Vec<u32>, options: GenOptions) -> PyResult<Bound<'py, PyAny>> {
+        let r = options.request()?;
         let engine = &self.engine;
         let out = py.detach(|| with_engine!(&**engine, e => e.generate(&prompt, &r.req, &mut |_| {})))
             .map_err(model_error)?;
@@ -334,36 +299,8 @@ impl PyEngine {
 
     /// Start generating on a worker thread; the returned stream yields text pieces as they
     /// become final, then the result.
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, stop, seed, kv, kv_seed))]
-    #[allow(clippy::too_many_arguments)]
-    fn stream(
-        &self,
-        prompt: Vec<u32>,
-        max_tokens: usize,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repeat_penalty: f32,
-        repeat_last_n: usize,
-        stop: Vec<String>,
-        seed: Option<u64>,
-        kv: Option<&str>,
-        kv_seed: Option<u64>,
-    ) -> PyResult<PyStream> {
-        let r = request(
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            repeat_last_n,
-            stop,
-            seed,
-            kv,
-            kv_seed,
-        )?;
+    fn stream(&self, prompt: Vec<u32>, options: GenOptions) -> PyResult<PyStream> {
+        let r = options.request()?;
         // Checked here, so a bad prompt raises at the call rather than at the first piece.
         with_engine!(&*self.engine, e => e.check_prompt(prompt.len())).map_err(model_error)?;
         let (tx, rx) = sync_channel::<Piece>(64);

@@ -953,17 +953,7 @@ pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &Run
         out
     };
     if a.json {
-        let v = json!({
-            "text": out.text,
-            "token_ids": out.token_ids,
-            "prompt_tokens": out.prompt_tokens,
-            "generated_tokens": out.generated_tokens,
-            "stop_reason": out.stop_reason,
-            "seed": seed,
-            "timings": { "prefill_tok_s": out.prefill_tok_s(), "decode_tok_s": out.decode_tok_s() },
-            "kv_cache": out.kv_cache,
-        });
-        writeln!(stdout, "{v}")?;
+        writeln!(stdout, "{}", out.report(seed))?;
     } else {
         let kv = &out.kv_cache;
         let budget = kv.budget_tokens.map_or(String::new(), |b| format!(" at {b} tokens per head"));

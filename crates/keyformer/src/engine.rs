@@ -136,6 +136,26 @@ impl KvReport {
 }
 
 impl GenerationOutput {
+    /// The result as `run --json` prints it and the Python package returns it, with the
+    /// sampling `seed` it used.
+    pub fn report(&self, seed: u64) -> serde_json::Value {
+        serde_json::json!({
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "stop_reason": self.stop_reason,
+            "seed": seed,
+            "timings": {
+                "prefill_seconds": self.prefill_seconds,
+                "decode_seconds": self.decode_seconds,
+                "prefill_tok_s": self.prefill_tok_s(),
+                "decode_tok_s": self.decode_tok_s(),
+            },
+            "kv_cache": self.kv_cache,
+        })
+    }
+
     pub fn prefill_tok_s(&self) -> f64 {
         rate(self.prompt_tokens, self.prefill_seconds)
     }
