@@ -200,14 +200,16 @@ impl PyEngine {
             "f32" => keyformer::backend::cpu::PrefillActivations::F32,
             other => return Err(PyValueError::new_err(format!("prefill_activations is q8 or f32, not '{other}'"))),
         };
-        if let Some(n) = threads {
-            if n == 0 {
-                return Err(PyValueError::new_err("threads must be at least 1"));
-            }
-            // The worker team is the process's: it is sized once, by the first engine.
-            keyformer::backend::pool::set_threads(n).map_err(|e| {
+        // The worker team is the process's: it is sized once, by the first engine (by default to
+        // the physical cores, as the CLI's).
+        match threads {
+            Some(0) => return Err(PyValueError::new_err("threads must be at least 1")),
+            Some(n) => keyformer::backend::pool::set_threads(n).map_err(|e| {
                 PyValueError::new_err(format!("{e} (threads are set once per process, by the first Engine)"))
-            })?;
+            })?,
+            None => {
+                let _ = keyformer::backend::pool::set_threads(keyformer::backend::pool::physical_cores());
+            }
         }
         let (model, device) = (model.to_string(), device.to_string());
         let random_weights = random_weights.map(str::to_string);

@@ -210,6 +210,8 @@ def test_eval_equals_the_cli(engine, tmp_path):
         (lambda e: keyformer.Engine("no/such/model.gguf"), "does not exist"),
         (lambda e: keyformer.Engine(device="tpu"), "cpu or cuda"),
         (lambda e: keyformer.Engine(kv_type="f8"), "f8"),
+        (lambda e: keyformer.Engine(threads=0), "at least 1"),
+        (lambda e: keyformer.Engine(threads=999), "threads are set once per process"),
         (lambda e: keyformer.eval("no-such.jsonl", "out", tasks=["ppl"], colour=1), "unknown eval options"),
         (lambda e: keyformer.eval("x.jsonl", "out", tasks=["juggling"]), "juggling"),
         (lambda e: keyformer.eval("x.jsonl", "out", policies=["h2o:budget=10"]), "budget="),
