@@ -616,13 +616,6 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Mean negative log-likelihood over consecutive windows of `ctx` tokens: every token of a
-    /// window but the first is predicted from the ones before it in that window (the loss
-    /// transformers computes over a window). `on_window(done, total)` reports progress.
-    ///
-    /// With a KV budget the evaluation streams, as StreamingLLM's does: the first `budget`
-    /// tokens of a window are a prompt (a percentage is of the window), every later token is
-    /// one decode step with eviction. For `full`, a budget only sets that split.
     /// The next-token logits at every position of `tokens` (row `i` predicts token `i + 1`),
     /// teacher-forced through a cache under `kv`: the first `split` tokens are a prompt (one
     /// forward pass, compressed to the budget at its end), every later token one decode step
@@ -662,6 +655,13 @@ impl<B: Backend> Engine<B> {
         Ok(KvReport::of(&cache))
     }
 
+    /// Mean negative log-likelihood over consecutive windows of `ctx` tokens: every token of a
+    /// window but the first is predicted from the ones before it in that window (the loss
+    /// transformers computes over a window). `on_window(done, total)` reports progress.
+    ///
+    /// With a KV budget the evaluation streams, as StreamingLLM's does: the first `budget`
+    /// tokens of a window are a prompt (a percentage is of the window), every later token is
+    /// one decode step with eviction. For `full`, a budget only sets that split.
     pub fn perplexity(
         &self,
         tokens: &[u32],
