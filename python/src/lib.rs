@@ -286,7 +286,8 @@ impl PyEngine {
     /// The conversation `messages` ((role, content) pairs) in the model's chat template, ending
     /// where the assistant's reply starts.
     fn chat_prompt(&self, messages: Vec<(String, String)>) -> PyResult<String> {
-        let messages: Vec<ChatMessage> = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
+        let messages: Vec<ChatMessage> =
+            messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
         with_engine!(&*self.engine, e => e.chat_prompt_messages(&messages).map_err(model_error))
     }
 
@@ -294,7 +295,8 @@ impl PyEngine {
     fn generate<'py>(&self, py: Python<'py>, prompt: Vec<u32>, options: GenOptions) -> PyResult<Bound<'py, PyAny>> {
         let r = options.request()?;
         let engine = &self.engine;
-        let out = py.detach(|| with_engine!(&**engine, e => e.generate(&prompt, &r.req, &mut |_| {})))
+        let out = py
+            .detach(|| with_engine!(&**engine, e => e.generate(&prompt, &r.req, &mut |_| {})))
             .map_err(model_error)?;
         output(py, &out, r.seed)
     }
@@ -407,7 +409,8 @@ fn cuda_engine(
     let mut e = match random_weights {
         Some(shape) => {
             let shape = keyformer::models::random::RandomShape::by_name(shape).map_err(model_error)?;
-            Engine::<Cuda>::random(cuda, &shape, RANDOM_WEIGHTS_SEED).map_err(model_error)?
+            Engine::<Cuda>::random(cuda, &shape, RANDOM_WEIGHTS_SEED, keyformer::quant::GgmlType::F16)
+                .map_err(model_error)?
         }
         None => Engine::<Cuda>::from_cpu(cuda, load_cpu(model, None)?).map_err(model_error)?,
     };
@@ -506,8 +509,7 @@ fn run_eval<'py>(
     options: EvalOptions,
 ) -> PyResult<Bound<'py, PyAny>> {
     let tasks = tasks.iter().map(|t| t.parse::<Task>().map_err(value_error)).collect::<PyResult<Vec<_>>>()?;
-    let budgets =
-        budgets.iter().map(|b| b.parse::<Amount>().map_err(value_error)).collect::<PyResult<Vec<_>>>()?;
+    let budgets = budgets.iter().map(|b| b.parse::<Amount>().map_err(value_error)).collect::<PyResult<Vec<_>>>()?;
     let defaults = PolicyConfig::default();
     let policies = policies
         .iter()
@@ -521,7 +523,9 @@ fn run_eval<'py>(
             )));
         }
         for &b in &budgets {
-            v.case(b, 0).validate().map_err(|e| PyValueError::new_err(format!("policy '{}' at budget {b}: {e}", v.label)))?;
+            v.case(b, 0)
+                .validate()
+                .map_err(|e| PyValueError::new_err(format!("policy '{}' at budget {b}: {e}", v.label)))?;
         }
     }
     let ruler_tasks = match options.ruler_tasks {

@@ -4,7 +4,9 @@ PTX-assembly errors before a device call, and prints each kernel's registers, sp
 memory (ptxas's report), the numbers that decide how many blocks fit an SM. The backend hands
 PTX to the driver, whose JIT may allocate a little differently; the counts are a guide.
 
-    tools/nvrtc/compile_kernels.py [--arch sm_90] [KERNELS_CU]
+    tools/nvrtc/compile_kernels.py [--arch sm_90] [SOURCE ...]
+
+The sources default to the backend's, joined in the order mod.rs joins them (KERNEL_SOURCES).
 
 Needs NVRTC's shared library: the `nvidia-cuda-nvrtc` wheel from PyPI, fetched once with
 `pip download --no-deps` and unpacked into $KEYFORMER_CACHE/nvrtc (default ~/.cache/keyformer/nvrtc).
@@ -37,12 +39,14 @@ def nvrtc_library():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("source", nargs="?", default=os.path.join(ROOT, "crates/keyformer/src/backend/cuda/kernels.cu"))
+    cuda = os.path.join(ROOT, "crates/keyformer/src/backend/cuda")
+    ap.add_argument("source", nargs="*",
+                    default=[os.path.join(cuda, f) for f in ("kernels.cu", "quant_blocks.cuh", "quant.cu")])
     ap.add_argument("--arch", default="sm_90", help="the GPU's architecture (H100/H200: sm_90)")
     a = ap.parse_args()
     lib = nvrtc_library()
     prog = ctypes.c_void_p()
-    src = open(a.source, "rb").read()
+    src = b"\n".join(open(f, "rb").read() for f in a.source)
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"kernels.cu", 0, None, None) != 0:
         sys.exit("nvrtcCreateProgram failed")
     # The options the backend compiles with (backend/cuda/mod.rs), plus ptxas's report.

@@ -38,11 +38,12 @@ mod with_cuda {
     use std::io::Write;
 
     use anyhow::{bail, Context, Result};
-    use keyformer::backend::cuda::backend::Cuda;
+    use keyformer::backend::cuda::backend::{Cuda, WeightFormat};
     use keyformer::backend::cuda::bench::{self as gpu_bench, GpuBenchRow};
     use keyformer::backend::cuda::check::{self, CheckRow};
     use keyformer::backend::cuda::{model_check, Gpu};
     use keyformer::models::random::RandomShape;
+    use keyformer::quant::GgmlType;
     use serde_json::json;
 
     use keyformer::kv::KvType;
@@ -75,6 +76,17 @@ mod with_cuda {
             .filter(|s| s.as_str() != "none")
             .map(|s| RandomShape::by_name(s))
             .collect::<Result<Vec<_>, _>>()?;
+        let model_types = a
+            .model_type
+            .iter()
+            .map(|name| {
+                GgmlType::from_name(name)
+                    .filter(|t| *t == GgmlType::F16 || keyformer::models::random::QUANTISED_TYPES.contains(t))
+                    .with_context(|| {
+                        format!("--model-type {name}: f16 or {}", keyformer::models::random::quantised_type_names())
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
         if a.slots < 8 {
             bail!("--slots must be at least 8");
         }
@@ -89,15 +101,17 @@ mod with_cuda {
         std::fs::create_dir_all(&dir)?;
         let mut model_rows = Vec::new();
         for shape in &model_shapes {
-            model_rows.extend(
-                model_check::run(shape, a.model_prompt, a.model_steps, &dir)
-                    .with_context(|| format!("whole-model check at the {} shape", shape.name))?,
-            );
+            for &t in &model_types {
+                model_rows.extend(
+                    model_check::run(shape, t, a.model_prompt, a.model_steps, &dir)
+                        .with_context(|| format!("whole-model check at the {} shape in {t}", shape.name))?,
+                );
+            }
         }
         std::fs::remove_dir_all(&dir).ok();
         for path in &a.model_file {
             model_rows.extend(
-                model_check::run_file(path, a.model_prompt, a.model_steps)
+                model_check::run_file(path, weight_format(), a.model_prompt, a.model_steps)
                     .with_context(|| format!("whole-model check of {}", path.display()))?,
             );
         }
@@ -138,24 +152,38 @@ mod with_cuda {
         Ok(())
     }
 
+    /// `--gpu-weights`.
+    fn weight_format() -> WeightFormat {
+        if crate::NATIVE_GPU_WEIGHTS.get().copied().unwrap_or(false) {
+            WeightFormat::Native
+        } else {
+            WeightFormat::F16
+        }
+    }
+
     /// The engine of `--model` or `--random-weights` on GPU 0.
     fn load_engine(model: &str, random_weights: Option<&str>) -> Result<Engine<Cuda>> {
         if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
             bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
         }
-        let cuda = Cuda::new(Gpu::open(0)?);
-        Ok(match random_weights {
+        let mut cuda = Cuda::new(Gpu::open(0)?);
+        cuda.weight_format = weight_format();
+        let engine = match random_weights {
             Some(name) => {
                 let shape = RandomShape::by_name(name)?;
-                eprintln!("drawing {name} random weights on the GPU ({:.1} GiB)", shape.weight_bytes() as f64 / GIB);
-                Engine::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED)?
+                let t = crate::RANDOM_TYPE.get().copied().unwrap_or(GgmlType::F16);
+                eprintln!("drawing {name} random {t} weights for the GPU");
+                Engine::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED, t)?
             }
             None => {
                 let cpu = crate::load(model)?;
-                eprintln!("loading {} onto the GPU (dequantised to f16)", cpu.model.backend.file.path.display());
+                eprintln!("loading {} onto the GPU", cpu.model.backend.file.path.display());
                 Engine::<Cuda>::from_cpu(cuda, cpu)?
             }
-        })
+        };
+        let m = &engine.model;
+        eprintln!("weights on the GPU: {:.2} GiB ({})", m.matrix_bytes() as f64 / GIB, m.matrix_types());
+        Ok(engine)
     }
 
     pub(crate) fn run(a: RunArgs) -> Result<()> {
@@ -199,11 +227,15 @@ mod with_cuda {
             }
         }
         // Bytes a decode step must read besides the KV: every matrix but the embedding table.
-        let weights = model.matrix_bytes() - model.token_embd.data.len() * 2;
+        let weights = model.matrix_bytes() - model.token_embd.bytes();
         let per_token = gpu_bench::bytes_per_token(model);
         let mut rows: Vec<(GpuBenchRow, BatchSize)> = Vec::new();
         if !a.json {
-            println!("GPU: {gpu_name}; model {model_name}; read bandwidth {read_gb_s:.0} GB/s\n");
+            println!(
+                "GPU: {gpu_name}; model {model_name}; weights {:.2} GiB ({}); read bandwidth {read_gb_s:.0} GB/s\n",
+                model.matrix_bytes() as f64 / GIB,
+                model.matrix_types()
+            );
             println!("| prompt+gen | kv | batch | t/s (decode) | t/s (total) | ms/step | first | last | prefill s | KV GiB/seq | peak GiB | of floor | vs full (decode) | vs full (total) |");
             println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
@@ -237,6 +269,7 @@ mod with_cuda {
                         v["fraction_of_floor"] = json!(of_floor);
                         v["gpu"] = json!(gpu_name);
                         v["model"] = json!(model_name);
+                        v["weights"] = json!(model.matrix_types());
                         v["read_gb_s"] = json!(read_gb_s);
                         v["batch_setting"] =
                             json!(if b == BatchSize::Max { "max".to_string() } else { batch.to_string() });

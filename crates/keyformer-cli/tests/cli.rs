@@ -505,6 +505,9 @@ fn gpu_bench_arguments_without_a_gpu_give_one_line_errors() {
         (&["bench", "-b", "two"][..], "not a batch size"),
         (&["bench", "--kv-policy", "h2o"][..], "needs a budget"),
         (&["bench", "--kv-policy", "h2o:budget=0"][..], "budget"),
+        (&["bench", "--random-weights", "tiny", "--random-type", "q2_k"][..], "--random-type q2_k: f16 or q4_0"),
+        (&["bench", "--random-weights", "tiny", "--random-type", "q9"][..], "--random-type q9"),
+        (&["bench", "--gpu-weights", "q4"][..], "invalid value 'q4'"),
     ] {
         let out = keyformer(args);
         assert!(!out.status.success(), "{args:?}");
@@ -512,6 +515,31 @@ fn gpu_bench_arguments_without_a_gpu_give_one_line_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// `--random-type` on the CPU: the tiny shape's matrices as random Q4_K blocks run (the
+/// quantised row dots), and give other tokens than the f16 weights.
+#[test]
+fn random_weights_of_a_quantised_type_run_on_the_cpu() {
+    let text = |t: &str| {
+        let v = keyformer_json(&[
+            "run",
+            "--random-weights",
+            "tiny",
+            "--random-type",
+            t,
+            "-p",
+            "abc",
+            "-n",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+        ]);
+        assert_eq!(v["generated_tokens"], 6, "{t}: {v}");
+        v["token_ids"].to_string()
+    };
+    assert_ne!(text("f16"), text("q4_k"));
 }
 
 #[test]

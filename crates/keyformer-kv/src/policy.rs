@@ -323,9 +323,9 @@ impl PolicyConfig {
                 "frozen" if value.is_empty() => config.keyformer.frozen = true,
                 _ => {
                     return Err(bad(format!(
-                    "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, observe=, \
+                        "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, observe=, \
                      accumulate=, value, layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
-                )))
+                    )))
                 }
             }
         }

@@ -729,6 +729,16 @@ impl Engine<Cpu> {
     /// ([`Tokenizer::byte_level`]): for measuring speed and serving at a model's size without
     /// its weights. The weights go through a temporary GGUF file (meant for small shapes).
     pub fn random(shape: &models::random::RandomShape, seed: u64) -> Result<Self, ModelError> {
+        Self::random_typed(shape, seed, crate::quant::GgmlType::F16)
+    }
+
+    /// [`Engine::random`] with the matrices of a quantised `weight_type`
+    /// ([`models::random::write_gguf_typed`]).
+    pub fn random_typed(
+        shape: &models::random::RandomShape,
+        seed: u64,
+        weight_type: crate::quant::GgmlType,
+    ) -> Result<Self, ModelError> {
         // The file is built in memory first.
         const MAX_BYTES: usize = 2 << 30;
         if shape.weight_bytes() > MAX_BYTES {
@@ -743,7 +753,7 @@ impl Engine<Cpu> {
         let nth = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path =
             std::env::temp_dir().join(format!("keyformer-random-{}-{}-{nth}.gguf", shape.name, std::process::id()));
-        models::random::write_gguf(&path, shape, seed)?;
+        models::random::write_gguf_typed(&path, shape, seed, weight_type)?;
         let loaded = models::load(&path);
         // The file is mapped: its name can go now.
         let _ = std::fs::remove_file(&path);
@@ -1090,14 +1100,16 @@ impl Engine<crate::backend::cuda::backend::Cuda> {
         Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
     }
 
-    /// Random weights at `shape` drawn on the GPU, with the byte-level tokenizer of
-    /// [`Engine::random`] (the same weights as the CPU's random engine with the same seed).
+    /// Random weights at `shape` on the GPU, f16 or of a quantised `weight_type`, with the
+    /// byte-level tokenizer of [`Engine::random`] (f16: the same weights as the CPU's random
+    /// engine with the same seed).
     pub fn random(
         cuda: crate::backend::cuda::backend::Cuda,
         shape: &models::random::RandomShape,
         seed: u64,
+        weight_type: crate::quant::GgmlType,
     ) -> Result<Self, ModelError> {
-        let model = Model::<crate::backend::cuda::backend::Cuda>::random(cuda, shape, seed)?;
+        let model = Model::<crate::backend::cuda::backend::Cuda>::random(cuda, shape, seed, weight_type)?;
         let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
         Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
     }

@@ -12,7 +12,13 @@ use std::path::Path;
 
 use half::f16;
 
+use crate::quant::GgmlType;
 use crate::ModelError;
+
+/// The names of [`QUANTISED_TYPES`], for messages.
+pub fn quantised_type_names() -> String {
+    QUANTISED_TYPES.iter().map(|t| t.name().to_lowercase()).collect::<Vec<_>>().join(", ")
+}
 
 /// A model shape with no weights.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -284,15 +290,112 @@ pub fn value(seed: u64, tensor: u32, i: u64, scale: f32) -> f16 {
     f16::from_f32((2.0 * u - 1.0) * scale)
 }
 
+/// The ggml types [`quantised_blocks`] draws (those the GPU keeps in their block layout).
+pub const QUANTISED_TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+/// Whether a matrix of `cols` columns can be stored as `t` (whole blocks per row).
+pub fn fits_blocks(t: GgmlType, cols: usize) -> bool {
+    cols % t.block_size() == 0
+}
+
+/// Random blocks of type `t` (one of [`QUANTISED_TYPES`]) for a `rows` x `cols` tensor: every
+/// quant bit random, scales random within a range that gives the values about the spread of
+/// [`value`]'s uniform `[-scale, scale)`, and offsets (Q4_1/Q5_1 minimums, K-quant mins) that
+/// centre them. Not a quantisation of [`value`]'s weights: a file of real-looking blocks for
+/// speed at a quantised model's size and for checking kernels on every bit pattern.
+pub fn quantised_blocks(t: GgmlType, rows: usize, cols: usize, seed: u64, tensor: u32, scale: f32) -> Vec<u8> {
+    assert!(QUANTISED_TYPES.contains(&t) && fits_blocks(t, cols), "{t} blocks for {cols} columns");
+    let (bs, bb) = (t.block_size(), t.block_bytes());
+    let n_blocks = rows * cols / bs;
+    let key = seed ^ mix64(tensor as u64 + 1) ^ 0x5155_414E_5453; // apart from `value`'s stream
+    let mut out = vec![0u8; n_blocks * bb];
+    // The spread of uniform integers over n levels; values are d * q (+ offset), so d is
+    // chosen for a standard deviation of scale / sqrt(3), as `value`'s.
+    let spread = |levels: f32| ((levels * levels - 1.0) / 12.0).sqrt();
+    let target = scale / 3f32.sqrt();
+    let put_f16 =
+        |b: &mut [u8], at: usize, v: f32| b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+    for (i, b) in out.chunks_exact_mut(bb).enumerate() {
+        for (w, chunk) in b.chunks_mut(8).enumerate() {
+            let h = mix64(key ^ ((i as u64) << 8 | w as u64)).to_le_bytes();
+            chunk.copy_from_slice(&h[..chunk.len()]);
+        }
+        let r = mix64(key ^ !(i as u64));
+        match t {
+            GgmlType::Q4_0 => put_f16(b, 0, target / spread(16.0)),
+            GgmlType::Q5_0 => put_f16(b, 0, target / spread(32.0)),
+            GgmlType::Q8_0 => put_f16(b, 0, target / spread(256.0)),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                let levels = if t == GgmlType::Q4_1 { 16.0 } else { 32.0 };
+                let d = target / spread(levels);
+                put_f16(b, 0, d);
+                put_f16(b, 2, -d * (levels - 1.0) / 2.0);
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                // Six-bit scales and mins in 32..64 (mean 47.5), mins centring the values.
+                let levels = if t == GgmlType::Q4K { 16.0 } else { 32.0 };
+                let d = target / (spread(levels) * 47.5);
+                put_f16(b, 0, d);
+                put_f16(b, 2, d * (levels - 1.0) / 2.0);
+                let six = |k: u32| 32 | ((r >> (6 * k)) & 31) as u8;
+                let (sc, mn): ([u8; 8], [u8; 8]) =
+                    (std::array::from_fn(|j| six(j as u32)), std::array::from_fn(|j| six(8 + j as u32)));
+                let q = &mut b[4..16];
+                for j in 0..4 {
+                    q[j] = sc[j] | (sc[j + 4] >> 4) << 6;
+                    q[j + 4] = mn[j] | (mn[j + 4] >> 4) << 6;
+                    q[j + 8] = (sc[j + 4] & 0x0F) | (mn[j + 4] & 0x0F) << 4;
+                }
+            }
+            GgmlType::Q6K => {
+                // Signed scales of magnitude 16..64 (mean 40), random signs.
+                for (k, s) in b[192..208].iter_mut().enumerate() {
+                    let m = 16 + ((r >> (4 * k)) & 31) as i8 + ((r >> 60) & 15) as i8;
+                    *s = (if (r >> k) & 1 == 1 { -m } else { m }) as u8;
+                }
+                put_f16(b, 208, target / (spread(64.0) * 40.0));
+            }
+            _ => unreachable!("checked above"),
+        }
+    }
+    out
+}
+
 /// Write the model as a GGUF v3 file (F16 matrices, F32 norms and biases, its family's
 /// metadata; no tokenizer),
 /// loadable by `models::load`. Meant for small shapes (the bytes are built in memory).
 pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), ModelError> {
+    write_gguf_typed(path, shape, seed, GgmlType::F16)
+}
+
+/// [`write_gguf`] with the matrices as `weight_type`: F16 ([`value`]'s weights), or one of
+/// [`QUANTISED_TYPES`] ([`quantised_blocks`]; a matrix whose rows are not whole blocks stays F16).
+pub fn write_gguf_typed(path: &Path, shape: &RandomShape, seed: u64, weight_type: GgmlType) -> Result<(), ModelError> {
     const ALIGN: usize = 32;
+    if weight_type != GgmlType::F16 && !QUANTISED_TYPES.contains(&weight_type) {
+        return Err(ModelError::Input(format!(
+            "random weights of type {weight_type}: F16 or {}",
+            quantised_type_names()
+        )));
+    }
     let io = |e: std::io::Error| ModelError::Input(format!("writing {}: {e}", path.display()));
     let mut tensors: Vec<(String, Vec<usize>, u32, Vec<u8>)> = Vec::new(); // name, dims, type, bytes
     for (name, rows, cols, t) in shape.matrices() {
         let s = scale(&name, cols);
+        if weight_type != GgmlType::F16 && fits_blocks(weight_type, cols) {
+            let bytes = quantised_blocks(weight_type, rows, cols, seed, t, s);
+            tensors.push((name, vec![cols, rows], weight_type.id(), bytes));
+            continue;
+        }
         let bytes: Vec<u8> =
             (0..(rows * cols) as u64).flat_map(|i| value(seed, t, i, s).to_bits().to_le_bytes()).collect();
         tensors.push((name, vec![cols, rows], 1, bytes));
@@ -461,5 +564,48 @@ mod tests {
         assert!(spread > 0.1, "logits should not be flat: spread {spread}");
         std::fs::remove_dir_all(&dir).ok();
         assert!(RandomShape::by_name("llama9").is_err());
+    }
+
+    /// Every quantised type's random blocks dequantise to values of about `value`'s spread
+    /// (mean near 0, variance near scale^2 / 3), and depend on the seed and the tensor.
+    #[test]
+    fn quantised_blocks_have_the_spread_of_the_f16_weights() {
+        let (rows, cols, s) = (16, 512, 0.2f32);
+        for t in QUANTISED_TYPES {
+            let bytes = quantised_blocks(t, rows, cols, 3, 5, s);
+            assert_eq!(bytes.len(), rows * t.row_bytes(cols));
+            let mut v = vec![0f32; rows * cols];
+            for (r, out) in v.chunks_exact_mut(cols).enumerate() {
+                crate::quant::dequantize_row(t, &bytes[r * t.row_bytes(cols)..(r + 1) * t.row_bytes(cols)], out);
+            }
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32;
+            let want = s * s / 3.0;
+            assert!(mean.abs() < 0.1 * s, "{t}: mean {mean}");
+            assert!((var / want - 1.0).abs() < 0.35, "{t}: variance {var}, want about {want}");
+            assert_ne!(bytes, quantised_blocks(t, rows, cols, 4, 5, s), "{t}: the seed changes nothing");
+            assert_ne!(bytes, quantised_blocks(t, rows, cols, 3, 6, s), "{t}: the tensor changes nothing");
+        }
+    }
+
+    /// A tiny model written as each quantised type loads with its matrices in that type and
+    /// gives finite logits that differ from the F16 model's.
+    #[test]
+    fn a_quantised_tiny_model_loads_as_its_type() {
+        let shape = RandomShape::by_name("tiny").unwrap();
+        let dir = std::env::temp_dir().join(format!("keyformer-random-q-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for t in [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
+            let path = dir.join(format!("tiny-{t}.gguf"));
+            write_gguf_typed(&path, &shape, 1, t).unwrap();
+            let (file, model) = crate::models::load(&path).unwrap();
+            assert_eq!(file.tensor_info("blk.0.attn_q.weight").unwrap().ggml_type, t);
+            let mut cache = model.new_cache(64);
+            let logits = model.forward(&[1, 2, 3, 4], &mut cache, Logits::Last).unwrap();
+            assert!(logits.iter().all(|x| x.is_finite()), "{t}");
+        }
+        let err = write_gguf_typed(&dir.join("x.gguf"), &shape, 1, GgmlType::Q2K).unwrap_err();
+        assert!(err.to_string().contains("q4_k"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

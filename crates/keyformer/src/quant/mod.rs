@@ -90,6 +90,11 @@ impl GgmlType {
     }
 
     /// Elements per block.
+    /// The type named `name` as ggml writes it (Q4_K), any case (q4_k).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,

@@ -1,6 +1,6 @@
-//! [`Backend`] on the GPU: f16 weights (GGUF types dequantised at load, or random weights
-//! drawn on the device), f32 activations, cuBLAS for the products, and the attention kernels
-//! over [`GpuKvCache`]. One forward pass queues everything on one stream and waits only when
+//! [`Backend`] on the GPU: weights in f16 or in their GGUF block layout ([`WeightFormat`];
+//! random weights drawn at a known shape), f32 activations, our GEMVs and cuBLAS for the
+//! products, and the attention kernels over [`GpuKvCache`]. One forward pass queues everything on one stream and waits only when
 //! the logits come back.
 
 use std::sync::Mutex;
@@ -8,22 +8,65 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::kv::GpuKvCache;
-use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError};
+use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, QuantBuffers, QUANTISED_ON_GPU};
 use crate::backend::cpu::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
 use crate::models::random::{self, RandomShape};
-use crate::quant::dequantize_row;
+use crate::quant::{dequantize_row, GgmlType};
 use crate::ModelError;
 
 /// Prompt rows per block of the prefill attention (its S is rows x width per head).
 const PREFILL_ROWS: usize = 256;
 
-/// A weight matrix on the GPU: f16 `[rows][cols]`.
+/// A weight matrix on the GPU, `[rows][cols]`.
 pub struct GpuMatrix {
-    pub data: CudaSlice<u16>,
+    pub weights: GpuWeights,
     pub rows: usize,
     pub cols: usize,
+}
+
+/// How a matrix's values are held.
+pub enum GpuWeights {
+    F16(CudaSlice<u16>),
+    /// Whole blocks of a type in [`QUANTISED_ON_GPU`], rows as the GGUF file stores them.
+    Quantised {
+        ggml_type: GgmlType,
+        blocks: CudaSlice<u8>,
+    },
+}
+
+impl GpuMatrix {
+    /// Bytes on the device.
+    pub fn bytes(&self) -> usize {
+        match &self.weights {
+            GpuWeights::F16(d) => d.len() * 2,
+            GpuWeights::Quantised { blocks, .. } => blocks.len(),
+        }
+    }
+
+    /// The values' type: F16 or the quantised type.
+    pub fn ggml_type(&self) -> GgmlType {
+        match &self.weights {
+            GpuWeights::F16(_) => GgmlType::F16,
+            GpuWeights::Quantised { ggml_type, .. } => *ggml_type,
+        }
+    }
+}
+
+/// How a GGUF file's quantised matrices go to the GPU (`--gpu-weights`).
+///
+/// F16 stays the default until `gpu-check`'s quantised rows have passed on a GPU: the block
+/// decoding is checked on the host against the CPU (tests/cuda_blocks_host.rs), the kernels
+/// around it (launches, warp sums, the activations' Q8 kernel, f16 tiles) only on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Everything dequantised to f16 at load (cuBLAS for every product of several rows).
+    #[default]
+    F16,
+    /// Types in [`QUANTISED_ON_GPU`] stay in their block layout, dequantised in the products'
+    /// registers: a quarter to a half of f16's bytes read per decode step. Others become f16.
+    Native,
 }
 
 /// Activations on the GPU (exactly `len` f32 values once sized).
@@ -57,6 +100,8 @@ struct Scratch {
     sent_positions: Vec<u32>,
     /// Greedy tokens found on the device.
     next_tokens: Option<CudaSlice<u32>>,
+    /// Quantised products' activations and weight tiles.
+    quant: QuantBuffers,
     /// A decode step is being captured into a graph: the step's inputs were sent beforehand
     /// (tokens, positions, attention rows) and nothing may wait for the device.
     capturing: bool,
@@ -83,6 +128,8 @@ pub struct Cuda {
     step_graph: Mutex<Option<StepGraph>>,
     /// Replay decode steps as CUDA graphs (on by default; `KEYFORMER_CUDA_GRAPHS=0` turns it off).
     pub use_graphs: bool,
+    /// How [`Model::from_cpu`] uploads quantised matrices.
+    pub weight_format: WeightFormat,
 }
 
 impl From<GpuError> for ModelError {
@@ -107,7 +154,14 @@ fn at_least<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 impl Cuda {
     pub fn new(gpu: Gpu) -> Self {
         let use_graphs = std::env::var("KEYFORMER_CUDA_GRAPHS").map_or(true, |v| v != "0");
-        Self { gpu, scratch: Mutex::default(), buffers: Mutex::default(), step_graph: Mutex::default(), use_graphs }
+        Self {
+            gpu,
+            scratch: Mutex::default(),
+            buffers: Mutex::default(),
+            step_graph: Mutex::default(),
+            use_graphs,
+            weight_format: WeightFormat::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Scratch> {
@@ -170,6 +224,7 @@ impl Cuda {
             x16,
             logits,
             next_tokens,
+            quant,
             ..
         } = &mut *sc;
         let stream = &gpu.stream;
@@ -196,15 +251,25 @@ impl Cuda {
         key.extend(x16.as_ref().map(|b| super::dev_addr(gpu, b)));
         key.extend(logits.as_ref().map(|b| super::dev_addr(gpu, b)));
         key.extend(attention.as_ref().map(|a| a.addresses()).into_iter().flatten());
+        key.extend(quant.addresses(gpu));
         Ok(Some(key))
     }
 
     /// The output projection of `n` rows into the scratch's logits, on the device.
     fn project_logits(&self, sc: &mut Scratch, w: &GpuMatrix, x: &DeviceRows, n: usize) -> Result<(), ModelError> {
-        at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
         at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
-        let (x16, logits) = (sc.x16.as_mut().expect("sized"), sc.logits.as_mut().expect("sized"));
-        self.gpu.matmul_f16(&w.data, w.rows, w.cols, x.get()?, n, x16, logits)?;
+        let logits = sc.logits.as_mut().expect("sized");
+        match &w.weights {
+            GpuWeights::F16(data) => {
+                at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
+                let x16 = sc.x16.as_mut().expect("sized");
+                self.gpu.matmul_f16(data, w.rows, w.cols, x.get()?, n, x16, logits)?;
+            }
+            GpuWeights::Quantised { ggml_type, blocks } => {
+                let quant = &mut sc.quant;
+                self.gpu.matmul_quantised(*ggml_type, blocks, w.rows, w.cols, x.get()?, n, quant, false, logits)?;
+            }
+        }
         Ok(())
     }
 
@@ -241,10 +306,18 @@ impl Backend for Cuda {
         if !capturing {
             self.gpu.stream.memcpy_htod(tokens, &mut dev.slice_mut(0..tokens.len())).map_err(GpuError::from)?;
         }
+        let data = match &table.weights {
+            GpuWeights::F16(data) => data,
+            GpuWeights::Quantised { ggml_type, blocks } => {
+                let (rows, cols) = (table.rows, table.cols);
+                self.gpu.embed_quantised(*ggml_type, blocks, rows, cols, dev, tokens.len(), out.get_mut()?)?;
+                return Ok(());
+            }
+        };
         let dim = table.cols as i32;
         let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.gpu.stream.launch_builder(&self.gpu.kernels.embed_rows);
-        b.arg(&table.data).arg(&*dev).arg(out.get_mut()?).arg(&dim);
+        b.arg(data).arg(&*dev).arg(out.get_mut()?).arg(&dim);
         // SAFETY: one block per token (ids checked against the vocabulary by the model), each
         // reading its table row and writing its output row.
         unsafe { b.launch(cfg) }.map_err(GpuError::from)?;
@@ -281,20 +354,31 @@ impl Backend for Cuda {
         ys: &mut [&mut DeviceRows],
     ) -> Result<(), ModelError> {
         let cols = ws[0].cols;
-        if super::uses_gemv(n, cols) {
-            // One row (a single sequence's decode step): our GEMV, the f32 input as it is.
-            for (w, y) in ws.iter().zip(ys.iter_mut()) {
-                self.gpu.gemv_f16(&w.data, w.rows, w.cols, x.get()?, y.get_mut()?)?;
-            }
-            return Ok(());
-        }
         let mut sc = self.lock();
-        at_least(&self.gpu, &mut sc.x16, n * cols)?;
-        let x16 = sc.x16.as_mut().expect("sized");
-        // The input is converted to f16 once for all the weights that share it.
-        self.gpu.to_f16(x.get()?, n * cols, x16)?;
+        // The input is converted (to f16, or to Q8 blocks) once for all the weights that share it.
+        let (mut have_x16, mut have_xq) = (false, false);
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
-            self.gpu.gemm_f16(&w.data, w.rows, w.cols, x16, n, y.get_mut()?)?;
+            match &w.weights {
+                // One row (a single sequence's decode step): our GEMV, the f32 input as it is.
+                GpuWeights::F16(data) if super::uses_gemv(n, cols) => {
+                    self.gpu.gemv_f16(data, w.rows, w.cols, x.get()?, y.get_mut()?)?
+                }
+                GpuWeights::F16(data) => {
+                    at_least(&self.gpu, &mut sc.x16, n * cols)?;
+                    let x16 = sc.x16.as_mut().expect("sized");
+                    if !have_x16 {
+                        self.gpu.to_f16(x.get()?, n * cols, x16)?;
+                        have_x16 = true;
+                    }
+                    self.gpu.gemm_f16(data, w.rows, w.cols, x16, n, y.get_mut()?)?;
+                }
+                GpuWeights::Quantised { ggml_type, blocks } => {
+                    let quant = &mut sc.quant;
+                    let (t, rows) = (*ggml_type, w.rows);
+                    self.gpu.matmul_quantised(t, blocks, rows, cols, x.get()?, n, quant, have_xq, y.get_mut()?)?;
+                    have_xq = true;
+                }
+            }
         }
         Ok(())
     }
@@ -589,19 +673,29 @@ impl Backend for Cuda {
 }
 
 impl Model<Cuda> {
-    /// The model of a GGUF file (already loaded for the CPU) on the GPU: every matrix
-    /// dequantised to f16.
+    /// The model of a GGUF file (already loaded for the CPU) on the GPU: quantised matrices
+    /// as `cuda.weight_format` says, everything else dequantised to f16.
     pub fn from_cpu(cuda: Cuda, cpu: &Model<Cpu>) -> Result<Self, ModelError> {
         let gpu = &cuda.gpu;
+        let native = cuda.weight_format == WeightFormat::Native;
         let matrix = |w: &GgufWeight| -> Result<GpuMatrix, ModelError> {
             let view = cpu.backend.view(w);
+            let t = view.ggml_type;
+            if native && QUANTISED_ON_GPU.contains(&t) && w.cols % t.block_size() == 0 {
+                let blocks = gpu.upload(view.bytes)?;
+                return Ok(GpuMatrix {
+                    weights: GpuWeights::Quantised { ggml_type: t, blocks },
+                    rows: w.rows,
+                    cols: w.cols,
+                });
+            }
             let mut row = vec![0f32; w.cols];
             let mut data = Vec::with_capacity(w.rows * w.cols);
             for r in 0..w.rows {
                 dequantize_row(view.ggml_type, view.row(r), &mut row);
                 data.extend(row.iter().map(|v| half::f16::from_f32(*v).to_bits()));
             }
-            Ok(GpuMatrix { data: gpu.upload(&data)?, rows: w.rows, cols: w.cols })
+            Ok(GpuMatrix { weights: GpuWeights::F16(gpu.upload(&data)?), rows: w.rows, cols: w.cols })
         };
         let vector = |v: &Vec<f32>| -> Result<CudaSlice<f32>, ModelError> { Ok(gpu.upload(v)?) };
         let layers = cpu.layers.iter().map(|l| l.try_map(&matrix, &vector)).collect::<Result<Vec<_>, _>>()?;
@@ -624,15 +718,30 @@ impl Model<Cuda> {
         })
     }
 
-    /// Random weights at `shape` drawn on the GPU ([`random::value`]: the same weights as
-    /// [`random::write_gguf`] writes for the CPU).
-    pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64) -> Result<Self, ModelError> {
+    /// Random weights at `shape`: f16 drawn on the GPU ([`random::value`]), or blocks of a
+    /// quantised type drawn on the host ([`random::quantised_blocks`]; a matrix whose rows are
+    /// not whole blocks stays f16), the same weights as [`random::write_gguf_typed`] writes.
+    pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64, weight_type: GgmlType) -> Result<Self, ModelError> {
         let gpu = &cuda.gpu;
+        if weight_type != GgmlType::F16 && !QUANTISED_ON_GPU.contains(&weight_type) {
+            return Err(ModelError::Input(format!(
+                "random weights of type {}: f16 or {}",
+                weight_type.name().to_lowercase(),
+                random::quantised_type_names()
+            )));
+        }
         let mut matrices = std::collections::HashMap::new();
         for (name, rows, cols, t) in shape.matrices() {
-            let mut data = gpu.zeros::<u16>(rows * cols)?;
-            gpu.fill_random_f16(&mut data, seed, t, random::scale(&name, cols))?;
-            matrices.insert(name, GpuMatrix { data, rows, cols });
+            let scale = random::scale(&name, cols);
+            let weights = if weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols) {
+                let blocks = gpu.upload(&random::quantised_blocks(weight_type, rows, cols, seed, t, scale))?;
+                GpuWeights::Quantised { ggml_type: weight_type, blocks }
+            } else {
+                let mut data = gpu.zeros::<u16>(rows * cols)?;
+                gpu.fill_random_f16(&mut data, seed, t, scale)?;
+                GpuWeights::F16(data)
+            };
+            matrices.insert(name, GpuMatrix { weights, rows, cols });
         }
         // Every matrix drawn is taken once; a family without one (a gate, positions) drew none.
         let mut maybe = |name: String| matrices.remove(&name);
@@ -761,11 +870,24 @@ impl Model<Cuda> {
         be.read_next_tokens(tokens.len(), next)
     }
 
-    /// Bytes of all the weight matrices (f16).
+    /// Bytes of all the weight matrices on the device.
     pub fn matrix_bytes(&self) -> usize {
-        let layer = |l: &Layer<Cuda>| l.matrices().iter().map(|m| m.data.len() * 2).sum::<usize>();
+        let layer = |l: &Layer<Cuda>| l.matrices().iter().map(|m| m.bytes()).sum::<usize>();
         self.layers.iter().map(layer).sum::<usize>()
-            + self.token_embd.data.len() * 2
-            + self.output.as_ref().map_or(0, |m| m.data.len() * 2)
+            + self.token_embd.bytes()
+            + self.output.as_ref().map_or(0, |m| m.bytes())
+    }
+
+    /// The weight matrices' types and how many of each (`Q4_K x 224, F16 x 1`), for reports.
+    pub fn matrix_types(&self) -> String {
+        let mut counts: Vec<(GgmlType, usize)> = Vec::new();
+        let all = self.layers.iter().flat_map(|l| l.matrices()).chain([&self.token_embd]).chain(self.output.as_ref());
+        for m in all {
+            match counts.iter_mut().find(|(t, _)| *t == m.ggml_type()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((m.ggml_type(), 1)),
+            }
+        }
+        counts.iter().map(|(t, n)| format!("{t} x {n}")).collect::<Vec<_>>().join(", ")
     }
 }

@@ -202,6 +202,8 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         read_gb_s: Some((wr * wc * 2) as f64 / micros / 1e3),
     });
 
+    quantised_checks(gpu, n_ff, d, &mut rng, &mut checks, &mut timings)?;
+
     // Decode attention with both scores, over slots with holes (evicted tokens) and two slots
     // after the query's position (masked).
     let mut heads: Vec<HeadKv> = (0..n_kv_heads).map(|_| HeadKv::new(slots, hd, KvType::F16)).collect();
@@ -418,6 +420,153 @@ fn device_kv(gpu: &Gpu, heads: &[HeadKv], capacity: usize, hd: usize) -> Result<
 }
 
 /// Mean microseconds of `f` over `reps` calls (after two warm-ups), the GPU drained each side.
+/// Every type the GPU keeps quantised, as a `wr` x `wc` weight of random blocks (every bit
+/// pattern), against the CPU: the activations' Q8 blocks (bit for bit), the GEMV of 1 and 4
+/// rows against the CPU's integer row dots, 12 rows (f16 tiles through cuBLAS) and the
+/// dequantiser and embedding lookup against the CPU's dequantiser; and the GEMV's speed.
+fn quantised_checks(
+    gpu: &Gpu,
+    wr: usize,
+    wc: usize,
+    rng: &mut Lcg,
+    checks: &mut Vec<CheckRow>,
+    timings: &mut Vec<Timing>,
+) -> Result<(), GpuError> {
+    use crate::quant::dequantize_row;
+    use crate::quant::dot::{dot_q8_scalar, quantize_q8_scalar, Q8Block};
+
+    // The activations' Q8 blocks: exactly the CPU's (the same rounding, the same division).
+    let max_n = 12;
+    let xs = rng.vec(max_n * wc, 1.0);
+    let x_dev = gpu.upload(&xs)?;
+    let mut xq = gpu.zeros::<u8>(max_n * wc / 32 * super::Q8_BLOCK_BYTES)?;
+    gpu.quantize_q8(&x_dev, max_n * wc, &mut xq)?;
+    let got = gpu.download(&xq)?;
+    let mut blocks: Vec<Q8Block> = Vec::new();
+    quantize_q8_scalar(&xs, &mut blocks);
+    let differ = blocks
+        .iter()
+        .zip(got.chunks_exact(super::Q8_BLOCK_BYTES))
+        .filter(|(b, g)| {
+            let f = |i: usize| f32::from_le_bytes([g[i], g[i + 1], g[i + 2], g[i + 3]]);
+            f(0).to_bits() != b.d.to_bits()
+                || f(4).to_bits() != b.sum.to_bits()
+                || b.qs.iter().zip(&g[8..40]).any(|(q, v)| *q as u8 != *v)
+        })
+        .count();
+    checks.push(row(
+        &format!("quantize_q8 {max_n}x{wc}"),
+        differ as f64,
+        0.0,
+        "blocks that differ from quant::dot::quantize_q8_scalar",
+    ));
+
+    for (k, t) in super::QUANTISED_ON_GPU.into_iter().enumerate() {
+        if wc % t.block_size() != 0 {
+            continue;
+        }
+        let name = t.name();
+        let rb = t.row_bytes(wc);
+        let bytes = crate::models::random::quantised_blocks(t, wr, wc, 7, k as u32, 0.05);
+        let w_dev = gpu.upload(&bytes)?;
+        let mut w32 = vec![0f32; wr * wc];
+        for (r, out) in w32.chunks_exact_mut(wc).enumerate() {
+            dequantize_row(t, &bytes[r * rb..(r + 1) * rb], out);
+        }
+        // Each output's sum |w x| in f64, what its errors scale with.
+        let magnitude = |n: usize| -> Vec<f64> {
+            (0..n * wr)
+                .map(|i| {
+                    let (tk, r) = (i / wr, i % wr);
+                    let (wrow, x) = (&w32[r * wc..(r + 1) * wc], &xs[tk * wc..(tk + 1) * wc]);
+                    wrow.iter().zip(x).map(|(a, b)| (a * b).abs() as f64).sum::<f64>() + 1e-12
+                })
+                .collect()
+        };
+        let mut y_dev = gpu.zeros::<f32>(max_n * wr)?;
+        let mut buffers = super::QuantBuffers::default();
+        for n in [1usize, 4, 12] {
+            gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, n, &mut buffers, false, &mut y_dev)?;
+            let got = gpu.download(&y_dev)?;
+            let mag = magnitude(n);
+            // f32 activations and dequantised weights, in f64: the exact product.
+            let exact: Vec<f32> = (0..n * wr)
+                .map(|i| {
+                    let (tk, r) = (i / wr, i % wr);
+                    let (wrow, x) = (&w32[r * wc..(r + 1) * wc], &xs[tk * wc..(tk + 1) * wc]);
+                    wrow.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32
+                })
+                .collect();
+            if n <= super::QUANT_GEMV_MAX_ROWS {
+                // The CPU's integer products: the same integer sums, combined in another order.
+                let want: Vec<f32> = (0..n * wr)
+                    .map(|i| {
+                        let (tk, r) = (i / wr, i % wr);
+                        let a = &blocks[tk * wc / 32..(tk + 1) * wc / 32];
+                        dot_q8_scalar(t, &bytes[r * rb..(r + 1) * rb], a)
+                    })
+                    .collect();
+                checks.push(row(
+                    &format!("gemv {name} {wr}x{wc}, {n} rows"),
+                    worst(&got[..n * wr], &want, |i| mag[i]),
+                    1e-5,
+                    "against the CPU's Q8 row dots, relative to sum |w x|",
+                ));
+                // Rounding the activations to 8 bits moves each by at most half a step
+                // (max |x| / 254 of its block): at most ~1/127 of sum |w x| for these inputs.
+                checks.push(row(
+                    &format!("gemv {name} {wr}x{wc}, {n} rows, against f32 activations"),
+                    worst(&got[..n * wr], &exact, |i| mag[i]),
+                    2.0 / 127.0,
+                    "the activations' 8-bit rounding, relative to sum |w x|",
+                ));
+            } else {
+                // f16 activations and f16 weights (each within 2^-11), f32 sums.
+                checks.push(row(
+                    &format!("matmul {name} {wr}x{wc}, {n} rows (f16 tiles, cuBLAS)"),
+                    worst(&got[..n * wr], &exact, |i| mag[i]),
+                    2.0 / 1024.0,
+                    "against dequantised weights x f32 activations, relative to sum |w x|",
+                ));
+            }
+        }
+        // The dequantiser (rows 5..9) and the embedding lookup (4 rows) against the CPU's.
+        let (row0, n_rows) = (5usize, 4usize);
+        let mut tile = gpu.zeros::<u16>(n_rows * wc)?;
+        gpu.dequantise_f16(t, &w_dev, wr, wc, row0, n_rows, &mut tile)?;
+        let got: Vec<f32> = gpu.download(&tile)?.iter().map(|h| half::f16::from_bits(*h).to_f32()).collect();
+        let want = &w32[row0 * wc..(row0 + n_rows) * wc];
+        let scale = max_abs(want);
+        checks.push(row(
+            &format!("dequantise {name} to f16"),
+            worst(&got, want, |_| scale),
+            1.0 / 1024.0,
+            "against quant::dequantize_row, relative to the largest value",
+        ));
+        let tokens = [3u32, 0, (wr - 1) as u32, 3];
+        let mut out = gpu.zeros::<f32>(tokens.len() * wc)?;
+        gpu.embed_quantised(t, &w_dev, wr, wc, &gpu.upload(&tokens)?, tokens.len(), &mut out)?;
+        let got = gpu.download(&out)?;
+        let want: Vec<f32> =
+            tokens.iter().flat_map(|&r| w32[r as usize * wc..(r as usize + 1) * wc].to_vec()).collect();
+        checks.push(row(
+            &format!("embedding rows {name}"),
+            worst(&got, &want, |_| scale),
+            1e-6,
+            "against quant::dequantize_row, relative to the largest value",
+        ));
+        // Decode-time speed: one activation row, the weight read once.
+        let micros =
+            time_us(gpu, 50, || gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, 1, &mut buffers, false, &mut y_dev))?;
+        timings.push(Timing {
+            op: format!("gemv {name} {wr}x{wc}, 1 row ({:.2} bytes/value)", bytes.len() as f64 / (wr * wc) as f64),
+            microseconds: micros,
+            read_gb_s: Some(bytes.len() as f64 / micros / 1e3),
+        });
+    }
+    Ok(())
+}
+
 fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f64, GpuError> {
     f()?;
     f()?;

@@ -21,6 +21,13 @@ __device__ __forceinline__ unsigned short f2h(float f) {
     return h;
 }
 
+// Four signed byte products added to c (quant_blocks.cuh's integer sums).
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -795,3 +802,4 @@ extern "C" __global__ void read_sum(const float4* x, long n4, float* total) {
     s = block_reduce(s, false);
     if (threadIdx.x == 0) atomicAdd(total, s);
 }
+

@@ -282,9 +282,10 @@ impl GpuKvCache {
                         let last: Vec<u32> = (len - keep as u32..len).collect();
                         (last.repeat(n_kv), keep)
                     }
-                    (None, _) if trim_global => {
-                        (global_kept.next().ok_or_else(|| ModelError::Gpu("a layer without its selection".into()))?, budget)
-                    }
+                    (None, _) if trim_global => (
+                        global_kept.next().ok_or_else(|| ModelError::Gpu("a layer without its selection".into()))?,
+                        budget,
+                    ),
                     _ => {
                         compact.push(None);
                         continue;
@@ -319,7 +320,8 @@ impl GpuKvCache {
     /// What each KV head of each global layer keeps of the prompt (slots, `budget` per head in
     /// position order), chosen by the CPU policy's own code from the GPU's scores.
     fn select_kept(&self, gpu: &Gpu) -> Result<Vec<Vec<u32>>, ModelError> {
-        let (budget, n_kv, old_cap, width) = (self.policy.budget, self.n_kv_heads, self.cursor.capacity, self.cursor.width);
+        let (budget, n_kv, old_cap, width) =
+            (self.policy.budget, self.n_kv_heads, self.cursor.capacity, self.cursor.width);
         let mut host = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate().filter(|(li, _)| self.windows[*li].is_none()) {
             let positions = gpu.download(&layer.positions).map_err(gpu_error)?;

@@ -32,7 +32,14 @@ use cudarc::driver::{
 };
 use keyformer_kv::noise;
 
-const KERNELS: &str = include_str!("kernels.cu");
+use crate::quant::GgmlType;
+
+/// The kernels' sources, compiled as one program in this order (NVRTC is given no headers).
+pub const KERNEL_SOURCES: [(&str, &str); 3] = [
+    ("kernels.cu", include_str!("kernels.cu")),
+    ("quant_blocks.cuh", include_str!("quant_blocks.cuh")),
+    ("quant.cu", include_str!("quant.cu")),
+];
 
 /// Why the GPU cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +99,33 @@ struct Kernels {
     prefill_scores: CudaFunction,
     fill_random_f16: CudaFunction,
     read_sum: CudaFunction,
+    quantize_q8: CudaFunction,
+    /// The kernels of each type in [`QUANTISED_ON_GPU`], in its order.
+    quant: Vec<QuantKernels>,
 }
+
+/// A quantised type's kernels (quant.cu `QUANT_KERNELS`).
+struct QuantKernels {
+    gemv: CudaFunction,
+    dequant_f16: CudaFunction,
+    embed: CudaFunction,
+}
+
+/// The ggml types the GPU keeps in their block layout (`--gpu-weights native`); others are
+/// dequantised to f16 at load.
+pub const QUANTISED_ON_GPU: [GgmlType; 8] = crate::models::random::QUANTISED_TYPES;
+
+/// Bytes of one activation block quantised for the integer products (quant::dot::Q8Block).
+pub const Q8_BLOCK_BYTES: usize = std::mem::size_of::<crate::quant::dot::Q8Block>();
+
+/// Activation rows up to which a quantised product goes through the GEMV (kernels.cu
+/// `GEMV_Q_MAX_N`, each weight read once for all rows); more rows dequantise the weight tile
+/// by tile into f16 for cuBLAS.
+pub const QUANT_GEMV_MAX_ROWS: usize = 8;
+
+/// f16 values of one dequantised tile: 8 Mi (16 MiB), so that a tile written by the
+/// dequantiser is still in L2 (50 MiB on an H100) when cuBLAS reads it.
+pub const QUANT_TILE_VALUES: usize = 8 << 20;
 
 /// One GPU with its stream, cuBLAS handle, compiled kernels and the Gumbel quantile table.
 pub struct Gpu {
@@ -108,6 +141,38 @@ pub struct Gpu {
 /// `gemv_f16`): one row only; with more, cuBLAS was faster (measured at 4 rows on an H100).
 pub fn uses_gemv(n: usize, cols: usize) -> bool {
     n == 1 && cols % 8 == 0
+}
+
+/// Scratch of [`Gpu::matmul_quantised`]: the activations quantised (or as f16), a weight tile.
+#[derive(Default)]
+pub struct QuantBuffers {
+    pub xq: Option<CudaSlice<u8>>,
+    pub x16: Option<CudaSlice<u16>>,
+    pub tile: Option<CudaSlice<u16>>,
+}
+
+impl QuantBuffers {
+    /// Device addresses of the buffers (a captured graph is valid while they stay).
+    pub fn addresses(&self, gpu: &Gpu) -> Vec<u64> {
+        let mut out = Vec::new();
+        out.extend(self.xq.as_ref().map(|b| dev_addr(gpu, b)));
+        out.extend(self.x16.as_ref().map(|b| dev_addr(gpu, b)));
+        out.extend(self.tile.as_ref().map(|b| dev_addr(gpu, b)));
+        out
+    }
+}
+
+/// `slot` holding at least `n` values (reallocated, contents lost, when smaller).
+pub fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    gpu: &Gpu,
+    slot: &mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<(), GpuError> {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = None; // free first: the old and new buffers need not fit together
+        *slot = Some(gpu.zeros::<T>(n.max(1))?);
+    }
+    Ok(())
 }
 
 /// Slots per block of the attention's first kernel, and the limits of its shared memory (as
@@ -289,7 +354,8 @@ impl Gpu {
             options: vec![format!("--gpu-architecture=sm_{major}{minor}"), "--std=c++17".into()],
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| GpuError::Compile(e.to_string()))?;
+        let source: String = KERNEL_SOURCES.iter().map(|(_, text)| *text).collect::<Vec<_>>().join("\n");
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| GpuError::Compile(e.to_string()))?;
         let module = ctx.load_module(ptx)?;
         let f = |name: &str| module.load_function(name);
         let kernels = Kernels {
@@ -329,6 +395,18 @@ impl Gpu {
             prefill_scores: f("prefill_scores")?,
             fill_random_f16: f("fill_random_f16")?,
             read_sum: f("read_sum")?,
+            quantize_q8: f("quantize_q8")?,
+            quant: QUANTISED_ON_GPU
+                .iter()
+                .map(|t| {
+                    let name = t.name().to_lowercase();
+                    Ok(QuantKernels {
+                        gemv: f(&format!("gemv_{name}"))?,
+                        dequant_f16: f(&format!("dequant_f16_{name}"))?,
+                        embed: f(&format!("embed_{name}"))?,
+                    })
+                })
+                .collect::<Result<Vec<_>, cudarc::driver::DriverError>>()?,
         };
         // One stream of our own for all work: the legacy default stream cannot be captured into
         // a graph. Every buffer is used on this stream only, so cudarc's per-buffer events (for
@@ -638,20 +716,43 @@ impl Gpu {
         n: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        if w.len() != rows * cols || y.len() < n * rows || x16.len() < n * cols {
+        if w.len() != rows * cols {
+            return Err(GpuError::Shape(format!("a {rows} x {cols} weight of {} values", w.len())));
+        }
+        self.gemm_f16_rows(w, rows, cols, x16, n, y, 0, rows)
+    }
+
+    /// Rows `row0 .. row0 + rows` of a product whose output has `out_rows` features:
+    /// `y[t][row0 + r] = W[r] x16[t]` for a weight tile `w` of `rows` x `cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f16_rows(
+        &self,
+        w: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        x16: &CudaSlice<u16>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+        row0: usize,
+        out_rows: usize,
+    ) -> Result<(), GpuError> {
+        if w.len() < rows * cols || row0 + rows > out_rows || y.len() < n * out_rows || x16.len() < n * cols {
             return Err(GpuError::Shape(format!(
-                "matmul of a {rows} x {cols} weight ({} values) with {n} rows ({} f16 values) into {}",
+                "matmul of a {rows} x {cols} weight ({} values) with {n} rows ({} f16 values) into {} at row {row0} \
+                 of {out_rows}",
                 w.len(),
                 x16.len(),
                 y.len()
             )));
         }
-        // Row-major W [rows][cols] is column-major W^T: C (rows x n, column-major = y row-major)
-        // = op(A) B with A = W^T stored (lda = cols), op = transpose, B = x^T (ldb = cols).
+        // Row-major W [rows][cols] is column-major W^T: C (rows x n, column-major = y row-major
+        // with out_rows per row) = op(A) B with A = W^T stored (lda = cols), op = transpose,
+        // B = x^T (ldb = cols).
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (a, _ga) = w.device_ptr(&self.stream);
         let (bx, _gb) = x16.device_ptr(&self.stream);
         let (c, _gc) = y.device_ptr_mut(&self.stream);
+        let c = c + (row0 * 4) as u64;
         // SAFETY: pointers and leading dimensions describe the buffers checked above.
         unsafe {
             blas::gemm_ex(
@@ -671,10 +772,171 @@ impl Gpu {
                 &beta as *const f32 as *const _,
                 c as *mut _,
                 blas_sys::cudaDataType::CUDA_R_32F,
-                rows as i32,
+                out_rows as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
             )?;
+        }
+        Ok(())
+    }
+
+    fn quant_kernels(&self, t: GgmlType) -> Result<&QuantKernels, GpuError> {
+        QUANTISED_ON_GPU
+            .iter()
+            .position(|q| *q == t)
+            .map(|i| &self.kernels.quant[i])
+            .ok_or_else(|| GpuError::Shape(format!("{t} weights are not kept quantised on the GPU")))
+    }
+
+    /// Check a quantised weight's bytes against its shape.
+    fn check_quantised(t: GgmlType, blocks: &CudaSlice<u8>, rows: usize, cols: usize) -> Result<(), GpuError> {
+        if cols % t.block_size() != 0 || blocks.len() != rows * t.row_bytes(cols) {
+            return Err(GpuError::Shape(format!(
+                "a {rows} x {cols} {t} weight in {} bytes (rows of whole {}-value blocks expected)",
+                blocks.len(),
+                t.block_size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The first `values` activations (a multiple of 32) quantised as the CPU's integer
+    /// products quantise them (quant::dot::quantize_q8) into `xq`: [`Q8_BLOCK_BYTES`] per 32.
+    pub fn quantize_q8(&self, x: &CudaSlice<f32>, values: usize, xq: &mut CudaSlice<u8>) -> Result<(), GpuError> {
+        let blocks = values / 32;
+        if values % 32 != 0 || x.len() < values || xq.len() < blocks * Q8_BLOCK_BYTES {
+            return Err(GpuError::Shape(format!(
+                "{values} activations to Q8 from {} into {} bytes",
+                x.len(),
+                xq.len()
+            )));
+        }
+        let blocks_i = blocks as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.quantize_q8);
+        b.arg(x).arg(&mut *xq).arg(&blocks_i);
+        // SAFETY: a warp per block of 32 values, each within x and xq (checked above).
+        unsafe { b.launch(grid(blocks * 32, 256)) }?;
+        Ok(())
+    }
+
+    /// `y[t] = W xq[t]` for `n` ([`QUANT_GEMV_MAX_ROWS`] at most) activation rows quantised by
+    /// [`quantize_q8`](Self::quantize_q8), `W` a quantised `rows` x `cols` weight: a warp per
+    /// output feature.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_quantised(
+        &self,
+        t: GgmlType,
+        w: &CudaSlice<u8>,
+        rows: usize,
+        cols: usize,
+        xq: &CudaSlice<u8>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        Self::check_quantised(t, w, rows, cols)?;
+        if n == 0 || n > QUANT_GEMV_MAX_ROWS || xq.len() < n * cols / 32 * Q8_BLOCK_BYTES || y.len() < n * rows {
+            return Err(GpuError::Shape(format!(
+                "quantised GEMV of {n} rows ({} activation bytes) into {}",
+                xq.len(),
+                y.len()
+            )));
+        }
+        let (rows_i, cols_i, n_i) = (rows as i32, cols as i32, n as i32);
+        let mut b = self.stream.launch_builder(&self.quant_kernels(t)?.gemv);
+        b.arg(w).arg(xq).arg(&mut *y).arg(&rows_i).arg(&cols_i).arg(&n_i);
+        // SAFETY: a warp per output row reads its weight row's blocks and the n activation rows'
+        // blocks, and writes y[t][row] for t < n (all checked above).
+        unsafe { b.launch(grid(rows * 32, 256)) }?;
+        Ok(())
+    }
+
+    /// Rows `row0 .. row0 + n_rows` of a quantised weight as f16 into `out` (`[n_rows][cols]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequantise_f16(
+        &self,
+        t: GgmlType,
+        w: &CudaSlice<u8>,
+        rows: usize,
+        cols: usize,
+        row0: usize,
+        n_rows: usize,
+        out: &mut CudaSlice<u16>,
+    ) -> Result<(), GpuError> {
+        Self::check_quantised(t, w, rows, cols)?;
+        if row0 + n_rows > rows || out.len() < n_rows * cols {
+            return Err(GpuError::Shape(format!("rows {row0}..{} of {rows} into {} values", row0 + n_rows, out.len())));
+        }
+        let (cols_i, row0_i, n_i) = (cols as i32, row0 as i32, n_rows as i32);
+        let mut b = self.stream.launch_builder(&self.quant_kernels(t)?.dequant_f16);
+        b.arg(w).arg(&mut *out).arg(&cols_i).arg(&row0_i).arg(&n_i);
+        // SAFETY: a thread per 32-value sub-block of the rows asked, within w and out (checked).
+        unsafe { b.launch(grid(n_rows * cols / 32, 256)) }?;
+        Ok(())
+    }
+
+    /// `out[i] = W[tokens[i]]` (f32) for the first `n` tokens, `W` a quantised table whose
+    /// rows the caller has checked the tokens against.
+    pub fn embed_quantised(
+        &self,
+        t: GgmlType,
+        w: &CudaSlice<u8>,
+        rows: usize,
+        cols: usize,
+        tokens: &CudaSlice<u32>,
+        n: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        Self::check_quantised(t, w, rows, cols)?;
+        if tokens.len() < n || out.len() < n * cols {
+            return Err(GpuError::Shape(format!("{n} embedding rows of {cols} into {} values", out.len())));
+        }
+        let cols_i = cols as i32;
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(&self.quant_kernels(t)?.embed);
+        b.arg(w).arg(tokens).arg(&mut *out).arg(&cols_i);
+        // SAFETY: block i reads row tokens[i] (< rows, the caller's check) and writes out row i.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `y[t] = W x[t]` for `n` rows of f32 activations and a quantised weight: up to
+    /// [`QUANT_GEMV_MAX_ROWS`] rows through [`gemv_quantised`](Self::gemv_quantised) (`x`
+    /// quantised into `xq`, unless `x_quantised` says it already is), more through cuBLAS on
+    /// f16 tiles of [`QUANT_TILE_VALUES`] (`x16` and `tile` are grown as needed).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_quantised(
+        &self,
+        t: GgmlType,
+        w: &CudaSlice<u8>,
+        rows: usize,
+        cols: usize,
+        x: &CudaSlice<f32>,
+        n: usize,
+        buffers: &mut QuantBuffers,
+        x_quantised: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        if n <= QUANT_GEMV_MAX_ROWS {
+            grow(self, &mut buffers.xq, n * cols / 32 * Q8_BLOCK_BYTES)?;
+            let xq = buffers.xq.as_mut().expect("grown");
+            if !x_quantised {
+                self.quantize_q8(x, n * cols, xq)?;
+            }
+            return self.gemv_quantised(t, w, rows, cols, xq, n, y);
+        }
+        let tile_rows = (QUANT_TILE_VALUES / cols).clamp(1, rows);
+        grow(self, &mut buffers.tile, tile_rows * cols)?;
+        grow(self, &mut buffers.x16, n * cols)?;
+        let (tile, x16) = (buffers.tile.as_mut().expect("grown"), buffers.x16.as_mut().expect("grown"));
+        if !x_quantised {
+            self.to_f16(x, n * cols, x16)?;
+        }
+        let mut row0 = 0;
+        while row0 < rows {
+            let r = tile_rows.min(rows - row0);
+            self.dequantise_f16(t, w, rows, cols, row0, r, tile)?;
+            self.gemm_f16_rows(tile, r, cols, x16, n, y, row0, rows)?;
+            row0 += r;
         }
         Ok(())
     }

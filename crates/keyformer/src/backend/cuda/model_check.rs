@@ -5,12 +5,13 @@
 
 use keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 
-use super::backend::Cuda;
+use super::backend::{Cuda, GpuMatrix, GpuWeights, WeightFormat};
 use super::check::{row, CheckRow};
 use super::Gpu;
 use crate::kv::KvCache;
 use crate::models::decoder::{Logits, Model};
 use crate::models::random::{self, RandomShape};
+use crate::quant::GgmlType;
 use crate::sampling::argmax;
 use crate::ModelError;
 
@@ -47,24 +48,38 @@ fn held_difference(a: &[Vec<Vec<u32>>], b: &[Vec<Vec<u32>>]) -> usize {
         .sum()
 }
 
-/// Run the model checks at `shape` with a prompt of `prompt_len` tokens and `steps` decode steps.
+/// A matrix's bytes as the device holds them (f16 values or quantised blocks).
+fn device_bytes(g: &Gpu, m: &GpuMatrix) -> Result<Vec<u8>, ModelError> {
+    Ok(match &m.weights {
+        GpuWeights::F16(d) => g.download(d)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GpuWeights::Quantised { blocks, .. } => g.download(blocks)?,
+    })
+}
+
+/// Run the model checks at `shape` with a prompt of `prompt_len` tokens and `steps` decode
+/// steps, the matrices f16 or of a quantised `weight_type` (kept in their blocks on the GPU;
+/// the CPU's integer products and the GPU's then compute the same integer sums).
 pub fn run(
     shape: &RandomShape,
+    weight_type: GgmlType,
     prompt_len: usize,
     steps: usize,
     dir: &std::path::Path,
 ) -> Result<Vec<CheckRow>, ModelError> {
     let seed = 11;
-    let path = dir.join(format!("random-{}.gguf", shape.name));
-    random::write_gguf(&path, shape, seed)?;
+    let path = dir.join(format!("random-{}-{weight_type}.gguf", shape.name));
+    random::write_gguf_typed(&path, shape, seed, weight_type)?;
     let (_, cpu) = crate::models::load(&path)?;
-    let gpu_file = Model::<Cuda>::from_cpu(Cuda::new(Gpu::open(0)?), &cpu)?;
-    let gpu = Model::<Cuda>::random(Cuda::new(Gpu::open(0)?), shape, seed)?;
+    let mut cuda = Cuda::new(Gpu::open(0)?);
+    cuda.weight_format = WeightFormat::Native;
+    let gpu_file = Model::<Cuda>::from_cpu(cuda, &cpu)?;
+    let gpu = Model::<Cuda>::random(Cuda::new(Gpu::open(0)?), shape, seed, weight_type)?;
     std::fs::remove_file(&path).ok();
     let mut checks = Vec::new();
-    let name = shape.name;
+    let name =
+        if weight_type == GgmlType::F16 { shape.name.to_string() } else { format!("{} {weight_type}", shape.name) };
 
-    // The weights drawn on the GPU are the file's, bit for bit.
+    // The weights drawn for the GPU are the file's, bit for bit, and in the type asked.
     let mut differ = 0usize;
     let g = &gpu.backend.gpu;
     for (a, b) in [
@@ -72,25 +87,33 @@ pub fn run(
         (&gpu.layers[0].wq, &gpu_file.layers[0].wq),
         (&gpu.layers[shape.n_layers - 1].w_down, &gpu_file.layers[shape.n_layers - 1].w_down),
     ] {
-        let (x, y) = (g.download(&a.data)?, gpu_file.backend.gpu.download(&b.data)?);
-        differ += x.iter().zip(&y).filter(|(p, q)| p != q).count();
+        let (x, y) = (device_bytes(g, a)?, device_bytes(&gpu_file.backend.gpu, b)?);
+        differ += x.iter().zip(&y).filter(|(p, q)| p != q).count() + x.len().abs_diff(y.len());
+        differ += usize::from(a.ggml_type() != b.ggml_type() || a.ggml_type() != weight_type);
     }
     drop(gpu_file);
     checks.push(row(
-        &format!("{name}: random weights drawn on the GPU equal the file's"),
+        &format!("{name}: random weights drawn for the GPU equal the file's"),
         differ as f64,
         0.0,
-        "f16 values that differ (embedding, first and last layer)",
+        "bytes that differ (embedding, first and last layer; +1 per matrix of another type)",
     ));
-    checks.extend(compare(name, &cpu, &gpu, prompt_len, steps)?);
+    checks.extend(compare(&name, &cpu, &gpu, prompt_len, steps)?);
     Ok(checks)
 }
 
 /// The whole-model checks on a GGUF file (any family): the CPU's model and the same weights
 /// on the GPU. A prompt of `prompt_len` tokens longer than a sliding window exercises it.
-pub fn run_file(path: &std::path::Path, prompt_len: usize, steps: usize) -> Result<Vec<CheckRow>, ModelError> {
+pub fn run_file(
+    path: &std::path::Path,
+    format: WeightFormat,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<Vec<CheckRow>, ModelError> {
     let (_, cpu) = crate::models::load(path)?;
-    let gpu = Model::<Cuda>::from_cpu(Cuda::new(Gpu::open(0)?), &cpu)?;
+    let mut cuda = Cuda::new(Gpu::open(0)?);
+    cuda.weight_format = format;
+    let gpu = Model::<Cuda>::from_cpu(cuda, &cpu)?;
     let name = format!(
         "{} ({})",
         path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned()),

@@ -1,0 +1,109 @@
+// The kernels over quantised weights (block decoding in quant_blocks.cuh, compiled after it).
+
+// Activations [n][cols] f32 into Q8 blocks [n][cols / 32], as quant::dot::quantize_q8_scalar:
+// d = max|x| / 127, q = round-half-even(x * 127 / max|x|), sum = d * sum(q). A warp per block.
+extern "C" __global__ void quantize_q8(const float* x, Q8Act* out, int n_blocks) {
+    int blk = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (blk >= n_blocks) return;
+    float v = x[(long)blk * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = d > 0.0f ? 127.0f / amax : 0.0f;
+    int q = __float2int_rn(v * id);
+    int s = q;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    ((signed char*)out[blk].qs)[lane] = (signed char)q;
+    if (lane == 0) {
+        out[blk].d = d;
+        out[blk].sum = d * (float)s;
+    }
+}
+
+#define GEMV_Q_MAX_N 8
+
+// y[t][r] = W[r] . x[t] for n <= 8 activation rows quantised to Q8 (xq [n][cols / 32]): a warp
+// per output row, each lane a sub-block at a time, two in flight; the weight is read once
+// for all n rows.
+template <int T>
+__device__ void gemv_q(const unsigned char* w, const Q8Act* xq, float* y, int rows, int cols, int n) {
+    int r = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const unsigned char* wr = w + (long)r * row_bytes<T>(cols);
+    int nsub = cols >> 5;
+    float acc[GEMV_Q_MAX_N];
+#pragma unroll
+    for (int t = 0; t < GEMV_Q_MAX_N; t++) acc[t] = 0.0f;
+    for (int j0 = lane; j0 < nsub; j0 += 64) {
+        Sub32 s[2];
+        s[0] = load_sub<T>(wr, j0);
+        bool second = j0 + 32 < nsub;
+        if (second) s[1] = load_sub<T>(wr, j0 + 32);
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (u == 1 && !second) break;
+            int j = j0 + 32 * u;
+#pragma unroll
+            for (int t = 0; t < GEMV_Q_MAX_N; t++) {
+                if (t >= n) break;
+                acc[t] += sub_dot(s[u], xq[(long)t * nsub + j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_Q_MAX_N; t++) {
+        if (t >= n) break;
+        float v = warp_sum(acc[t]);
+        if (lane == 0) y[(long)t * rows + r] = v;
+    }
+}
+
+// Rows row0 .. row0 + n_rows of W as f16 into out [n_rows][cols] (a tile for cuBLAS), a thread
+// per sub-block.
+template <int T>
+__device__ void dequant_f16(const unsigned char* w, unsigned short* out, int cols, int row0, int n_rows) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    int nsub = cols >> 5;
+    if (i >= (long)n_rows * nsub) return;
+    int r = (int)(i / nsub), j = (int)(i % nsub);
+    Sub32 s = load_sub<T>(w + (long)(row0 + r) * row_bytes<T>(cols), j);
+    unsigned short* o = out + (long)r * cols + 32 * j;
+#pragma unroll
+    for (int i = 0; i < 32; i++) o[i] = f2h(sub_value(s, i));
+}
+
+// out[t] = W[tokens[t]] in f32 (an embedding lookup): block t, a thread per sub-block.
+template <int T>
+__device__ void embed_q(const unsigned char* w, const unsigned int* tokens, float* out, int cols) {
+    const unsigned char* wr = w + (long)tokens[blockIdx.x] * row_bytes<T>(cols);
+    float* o = out + (long)blockIdx.x * cols;
+    for (int j = threadIdx.x; j < (cols >> 5); j += blockDim.x) {
+        Sub32 s = load_sub<T>(wr, j);
+#pragma unroll
+        for (int i = 0; i < 32; i++) o[32 * j + i] = sub_value(s, i);
+    }
+}
+
+#define QUANT_KERNELS(T, NAME)                                                                              \
+    extern "C" __global__ void gemv_##NAME(const unsigned char* w, const Q8Act* xq, float* y, int rows,     \
+                                           int cols, int n) {                                               \
+        gemv_q<T>(w, xq, y, rows, cols, n);                                                                 \
+    }                                                                                                       \
+    extern "C" __global__ void dequant_f16_##NAME(const unsigned char* w, unsigned short* out, int cols,    \
+                                                  int row0, int n_rows) {                                   \
+        dequant_f16<T>(w, out, cols, row0, n_rows);                                                         \
+    }                                                                                                       \
+    extern "C" __global__ void embed_##NAME(const unsigned char* w, const unsigned int* tokens, float* out, \
+                                            int cols) {                                                     \
+        embed_q<T>(w, tokens, out, cols);                                                                   \
+    }
+
+QUANT_KERNELS(2, q4_0)
+QUANT_KERNELS(3, q4_1)
+QUANT_KERNELS(6, q5_0)
+QUANT_KERNELS(7, q5_1)
+QUANT_KERNELS(8, q8_0)
+QUANT_KERNELS(12, q4_k)
+QUANT_KERNELS(13, q5_k)
+QUANT_KERNELS(14, q6_k)
