@@ -1,14 +1,14 @@
 //! [`Backend`] on the GPU: weights in f16 or in their GGUF block layout ([`WeightFormat`];
 //! random weights drawn at a known shape), f32 activations, our GEMVs and cuBLAS for the
-//! products, and the attention kernels over [`GpuKvCache`]. One forward pass queues everything on one stream and waits only when
-//! the logits come back.
+//! products, and the attention kernels over [`GpuKvCache`]. One forward pass queues everything
+//! on one stream and waits only when the logits come back.
 
 use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::kv::GpuKvCache;
-use super::{grid, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, QuantBuffers, QUANTISED_ON_GPU};
+use super::{grid, grow, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, QuantBuffers, QUANTISED_ON_GPU};
 use crate::backend::cpu::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
@@ -138,19 +138,6 @@ impl From<GpuError> for ModelError {
     }
 }
 
-/// `slot` holding at least `n` values (reallocated, contents lost, when smaller).
-fn at_least<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    gpu: &Gpu,
-    slot: &mut Option<CudaSlice<T>>,
-    n: usize,
-) -> Result<(), GpuError> {
-    if slot.as_ref().is_none_or(|s| s.len() < n) {
-        *slot = None; // free first: the old and new buffers need not fit together
-        *slot = Some(gpu.zeros::<T>(n.max(1))?);
-    }
-    Ok(())
-}
-
 impl Cuda {
     pub fn new(gpu: Gpu) -> Self {
         let use_graphs = std::env::var("KEYFORMER_CUDA_GRAPHS").map_or(true, |v| v != "0");
@@ -257,11 +244,11 @@ impl Cuda {
 
     /// The output projection of `n` rows into the scratch's logits, on the device.
     fn project_logits(&self, sc: &mut Scratch, w: &GpuMatrix, x: &DeviceRows, n: usize) -> Result<(), ModelError> {
-        at_least(&self.gpu, &mut sc.logits, n * w.rows)?;
+        grow(&self.gpu, &mut sc.logits, n * w.rows)?;
         let logits = sc.logits.as_mut().expect("sized");
         match &w.weights {
             GpuWeights::F16(data) => {
-                at_least(&self.gpu, &mut sc.x16, n * w.cols)?;
+                grow(&self.gpu, &mut sc.x16, n * w.cols)?;
                 let x16 = sc.x16.as_mut().expect("sized");
                 self.gpu.matmul_f16(data, w.rows, w.cols, x.get()?, n, x16, logits)?;
             }
@@ -301,7 +288,7 @@ impl Backend for Cuda {
     fn embed(&self, table: &GpuMatrix, tokens: &[u32], out: &mut DeviceRows) -> Result<(), ModelError> {
         let mut sc = self.lock();
         let capturing = sc.capturing;
-        at_least(&self.gpu, &mut sc.tokens, tokens.len())?;
+        grow(&self.gpu, &mut sc.tokens, tokens.len())?;
         let dev = sc.tokens.as_mut().expect("sized");
         if !capturing {
             self.gpu.stream.memcpy_htod(tokens, &mut dev.slice_mut(0..tokens.len())).map_err(GpuError::from)?;
@@ -364,7 +351,7 @@ impl Backend for Cuda {
                     self.gpu.gemv_f16(data, w.rows, w.cols, x.get()?, y.get_mut()?)?
                 }
                 GpuWeights::F16(data) => {
-                    at_least(&self.gpu, &mut sc.x16, n * cols)?;
+                    grow(&self.gpu, &mut sc.x16, n * cols)?;
                     let x16 = sc.x16.as_mut().expect("sized");
                     if !have_x16 {
                         self.gpu.to_f16(x.get()?, n * cols, x16)?;
@@ -410,7 +397,7 @@ impl Backend for Cuda {
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
         self.project_logits(&mut sc, w, x, n)?;
-        at_least(&self.gpu, &mut sc.next_tokens, n)?;
+        grow(&self.gpu, &mut sc.next_tokens, n)?;
         let Scratch { logits, next_tokens, capturing, .. } = &mut *sc;
         let (logits, next) = (logits.as_ref().expect("sized"), next_tokens.as_mut().expect("sized"));
         let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
@@ -558,9 +545,9 @@ impl Backend for Cuda {
             let cap = cache.layer_capacity(layer);
             let block = n.min(PREFILL_ROWS);
             let width_max = start + n;
-            at_least(gpu, &mut sc.x16, n * q_dim)?;
-            at_least(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
-            at_least(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
+            grow(gpu, &mut sc.x16, n * q_dim)?;
+            grow(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
+            grow(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
             let Scratch { x16, prefill_s, prefill_p, .. } = &mut *sc;
             let (q16, s_buf, p_buf) =
                 (x16.as_mut().expect("sized"), prefill_s.as_mut().expect("sized"), prefill_p.as_mut().expect("sized"));
@@ -611,7 +598,7 @@ impl Backend for Cuda {
                         host_rows.push(cache.decode_row(gpu, li, a)?);
                     }
                 }
-                at_least(gpu, rows, host_rows.len())?;
+                grow(gpu, rows, host_rows.len())?;
                 let dev_rows = rows.as_mut().expect("sized");
                 gpu.stream
                     .memcpy_htod(host_rows.as_slice(), &mut dev_rows.slice_mut(0..host_rows.len()))

@@ -2,8 +2,10 @@
 //!
 //! Built with cudarc's dynamic loading, so a binary needs no CUDA at build time and runs
 //! anywhere: [`Gpu::open`] says plainly when there is no driver, no GPU or no NVRTC. The
-//! kernels (`kernels.cu`) are compiled at run time by NVRTC for the GPU found; the matrix
-//! products go through cuBLAS (f16 weights and activations, f32 accumulation and output).
+//! kernels ([`KERNEL_SOURCES`]) are compiled at run time by NVRTC for the GPU found; the matrix
+//! products go through our GEMVs (one row of f16 weights; up to 8 rows of quantised weights
+//! with 8-bit activations) and cuBLAS (f16 weights, or quantised ones dequantised tile by
+//! tile, and f16 activations, f32 accumulation and output).
 //!
 //! Decode attention ([`Gpu::attention_rows`]) works on the same slot layout as the CPU's KV
 //! cache (a KV head's slots, each with its position or free), one row per sequence of a batch,
@@ -13,7 +15,7 @@
 //! per-position hash and the same quantile table), so both backends select the same tokens.
 //! A prompt goes through cuBLAS ([`Gpu::prefill_attention`]).
 //!
-//! Modules: [`model`] (the `Backend` implementation and `Model<Cuda>`), [`kv`] (a sequence's
+//! Modules: [`backend`] (the `Backend` implementation and `Model<Cuda>`), [`kv`] (a sequence's
 //! cache on the GPU), [`bench`] (the paper's throughput protocol), [`check`] and
 //! [`model_check`] (every op, and the whole model, against the CPU).
 
@@ -118,7 +120,7 @@ pub const QUANTISED_ON_GPU: [GgmlType; 8] = crate::models::random::QUANTISED_TYP
 /// Bytes of one activation block quantised for the integer products (quant::dot::Q8Block).
 pub const Q8_BLOCK_BYTES: usize = std::mem::size_of::<crate::quant::dot::Q8Block>();
 
-/// Activation rows up to which a quantised product goes through the GEMV (kernels.cu
+/// Activation rows up to which a quantised product goes through the GEMV (quant.cu
 /// `GEMV_Q_MAX_N`, each weight read once for all rows); more rows dequantise the weight tile
 /// by tile into f16 for cuBLAS.
 pub const QUANT_GEMV_MAX_ROWS: usize = 8;
