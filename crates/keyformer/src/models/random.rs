@@ -291,16 +291,7 @@ pub fn value(seed: u64, tensor: u32, i: u64, scale: f32) -> f16 {
 }
 
 /// The ggml types [`quantised_blocks`] draws (those the GPU keeps in their block layout).
-pub const QUANTISED_TYPES: [GgmlType; 8] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
+pub const QUANTISED_TYPES: [GgmlType; 8] = GgmlType::Q8_ACTIVATION_TYPES;
 
 /// Whether a matrix of `cols` columns can be stored as `t` (whole blocks per row).
 pub fn fits_blocks(t: GgmlType, cols: usize) -> bool {

@@ -333,16 +333,7 @@ mod tests {
     use crate::quant::dot::quantize_q8_scalar;
     use crate::quant::dot::tests::{random_row, Lcg};
 
-    const TYPES: [GgmlType; 8] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
+    const TYPES: [GgmlType; 8] = GgmlType::Q8_ACTIVATION_TYPES;
 
     #[test]
     fn the_integer_form_gives_back_the_dequantised_row() {

@@ -148,18 +148,21 @@ impl GgmlType {
     /// llama.cpp does for these types; for the K-quants it uses blocks of 256) rather than
     /// against f32 activations.
     pub fn uses_q8_activations(self) -> bool {
-        matches!(
-            self,
-            GgmlType::Q4_0
-                | GgmlType::Q4_1
-                | GgmlType::Q5_0
-                | GgmlType::Q5_1
-                | GgmlType::Q8_0
-                | GgmlType::Q4K
-                | GgmlType::Q5K
-                | GgmlType::Q6K
-        )
+        Self::Q8_ACTIVATION_TYPES.contains(&self)
     }
+
+    /// The types whose products take 8-bit activations ([`dot::Q8Block`]) and integer sums,
+    /// on the CPU and, kept in their blocks, on the GPU.
+    pub const Q8_ACTIVATION_TYPES: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
 }
 
 impl fmt::Display for GgmlType {
