@@ -23,6 +23,7 @@ pub mod quant;
 pub mod registry;
 pub mod sampling;
 pub mod session;
+pub mod tensor_parallel;
 pub mod tokenizer;
 
 pub use engine::{Engine, GenerationOutput, KvReport, PerplexityReport};

@@ -1,0 +1,451 @@
+//! Tensor parallelism's plan (issue 23): how a decoder splits over `N` devices, and a CPU
+//! reference that runs the split on one device, shard after shard, with the all-reduce as a
+//! sum, so that the sharding's arithmetic is proven in CI before any GPU runs it.
+//!
+//! The split is Megatron-LM's: each shard holds a contiguous group of query heads and the KV
+//! heads they read (so attention, its cache and the KV policy stay on one shard with no
+//! communication: selection is per KV head), the rows of Q, K, V, gate and up that produce its
+//! heads and its share of the feed-forward features, and the matching columns of the
+//! attention output and down projections, whose partial products are summed over the shards
+//! (one all-reduce each per layer); the output projection is split by vocabulary rows and the
+//! logits gathered. Norms, biases added after a reduce and the residual stream are replicated.
+//! TOVA is the one policy that scores across heads (the last query's attention summed over a
+//! layer's heads): its scores need one small all-reduce per layer and step, the sum of each
+//! shard's partial (`shard_sum_scores` shows it is the same sum).
+
+use std::ops::Range;
+
+use crate::backend::cpu::{ops, GgufWeight};
+use crate::backend::Cpu;
+use crate::models::config::{FfnKind, ModelConfig, NormKind, PositionKind};
+use crate::models::decoder::{Model, Norm};
+use crate::quant::dequantize_row;
+use crate::ModelError;
+
+/// How a model's heads, feed-forward features and vocabulary split over `shards` devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub shards: usize,
+    /// Query heads, KV heads and feed-forward features per shard.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ff: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+}
+
+impl ShardPlan {
+    /// The plan for `shards` devices, or why the model does not split that way.
+    pub fn new(config: &ModelConfig, shards: usize) -> Result<Self, ModelError> {
+        let refuse = |what: String| Err(ModelError::Input(format!("tensor parallel over {shards} devices: {what}")));
+        if shards == 0 {
+            return refuse("at least one device is needed".into());
+        }
+        let parts = [
+            ("attention heads", config.n_heads),
+            ("KV heads", config.n_kv_heads),
+            ("feed-forward features", config.n_ff),
+        ];
+        for (what, count) in parts {
+            if count % shards != 0 {
+                return refuse(format!("the model's {count} {what} do not divide into {shards} equal parts"));
+            }
+        }
+        Ok(Self {
+            shards,
+            heads: config.n_heads / shards,
+            kv_heads: config.n_kv_heads / shards,
+            ff: config.n_ff / shards,
+            head_dim: config.head_dim,
+            vocab: config.vocab_size,
+        })
+    }
+
+    /// Query heads of shard `s` (global indices).
+    pub fn query_heads(&self, s: usize) -> Range<usize> {
+        s * self.heads..(s + 1) * self.heads
+    }
+
+    /// KV heads of shard `s`: exactly those its query heads read.
+    pub fn kv_heads_of(&self, s: usize) -> Range<usize> {
+        s * self.kv_heads..(s + 1) * self.kv_heads
+    }
+
+    /// Rows of Q (and its bias) that shard `s` computes; columns of the attention output.
+    pub fn q_rows(&self, s: usize) -> Range<usize> {
+        let h = self.query_heads(s);
+        h.start * self.head_dim..h.end * self.head_dim
+    }
+
+    /// Rows of K and V (and their biases) that shard `s` computes.
+    pub fn kv_rows(&self, s: usize) -> Range<usize> {
+        let h = self.kv_heads_of(s);
+        h.start * self.head_dim..h.end * self.head_dim
+    }
+
+    /// Rows of gate and up that shard `s` computes; columns of the down projection.
+    pub fn ff_rows(&self, s: usize) -> Range<usize> {
+        s * self.ff..(s + 1) * self.ff
+    }
+
+    /// Rows of the output projection (vocabulary entries) shard `s` computes: equal parts, the
+    /// first `vocab % shards` shards one more.
+    pub fn vocab_rows(&self, s: usize) -> Range<usize> {
+        let (base, extra) = (self.vocab / self.shards, self.vocab % self.shards);
+        let start = s * base + s.min(extra);
+        start..start + base + usize::from(s < extra)
+    }
+}
+
+/// TOVA's cross-head score on a sharded layer: the sum over the layer's heads of the last
+/// query's attention per slot, computed as each shard's partial sum over its own heads, then
+/// summed over the shards (the all-reduce). `per_head[h][slot]` are every head's
+/// probabilities in global head order.
+pub fn shard_sum_scores(plan: &ShardPlan, per_head: &[Vec<f32>]) -> Vec<f32> {
+    let slots = per_head.first().map_or(0, Vec::len);
+    let mut total = vec![0f32; slots];
+    for s in 0..plan.shards {
+        let mut partial = vec![0f32; slots];
+        for h in plan.query_heads(s) {
+            partial.iter_mut().zip(&per_head[h]).for_each(|(p, v)| *p += v);
+        }
+        total.iter_mut().zip(&partial).for_each(|(t, p)| *t += p);
+    }
+    total
+}
+
+/// A weight dequantised to f32, `[rows][cols]`.
+struct Dense {
+    values: Vec<f32>,
+    cols: usize,
+}
+
+impl Dense {
+    fn of(model: &Model<Cpu>, w: &GgufWeight) -> Self {
+        let view = model.backend.view(w);
+        let mut values = vec![0f32; w.rows * w.cols];
+        for (r, out) in values.chunks_exact_mut(w.cols).enumerate() {
+            dequantize_row(view.ggml_type, view.row(r), out);
+        }
+        Self { values, cols: w.cols }
+    }
+
+    /// `y[t][i] = W[rows.start + i][cols] . x[t]` for the `n` rows of `x` (each `cols.len()`
+    /// long): a block of the weight, rows and columns, times the activations.
+    fn product(&self, rows: Range<usize>, cols: Range<usize>, x: &[f32], n: usize) -> Vec<f32> {
+        let k = cols.len();
+        let mut y = vec![0f32; n * rows.len()];
+        for t in 0..n {
+            let xt = &x[t * k..(t + 1) * k];
+            for (i, r) in rows.clone().enumerate() {
+                let w = &self.values[r * self.cols + cols.start..r * self.cols + cols.end];
+                y[t * rows.len() + i] = w.iter().zip(xt).map(|(a, b)| a * b).sum();
+            }
+        }
+        y
+    }
+}
+
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+    }
+}
+
+fn norm_rows(config: &ModelConfig, x: &[f32], norm: &Norm<Cpu>, out: &mut [f32]) {
+    let d = norm.weight.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        match config.norm {
+            NormKind::Rms => ops::rms_norm(row, &norm.weight, config.norm_eps, o),
+            NormKind::Layer => ops::layer_norm(row, &norm.weight, norm.bias.as_deref(), config.norm_eps, o),
+        }
+    }
+}
+
+/// Whether the reference covers `config`: the sequential pre-norm decoders with rotary
+/// positions and a gated MLP (Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3).
+fn check_supported(model: &Model<Cpu>) -> Result<(), ModelError> {
+    let c = &model.config;
+    let post_norms = model.layers.iter().any(|l| l.post_attn_norm.is_some() || l.post_ffn_norm.is_some());
+    let gated = model.layers.iter().all(|l| l.w_gate.is_some()) && c.ffn == FfnKind::SwiGlu;
+    if c.parallel_residual || post_norms || !gated || c.positions != PositionKind::Rotary || c.clamp_kqv.is_some() {
+        return Err(ModelError::Input(format!(
+            "the sharded reference covers sequential pre-norm decoders with rotary positions and SwiGLU \
+             (llama, mistral, qwen2, qwen3, phi3), not {}",
+            c.architecture
+        )));
+    }
+    Ok(())
+}
+
+/// The last token's logits of `tokens` (a prompt, the full cache, causal attention in f32
+/// over the f32 dequantised weights) computed as `plan` shards it: each shard's heads and
+/// features one shard after another, partial products summed over the shards where the
+/// devices would all-reduce, the output rows of each shard's vocabulary gathered.
+pub fn reference_logits(model: &Model<Cpu>, plan: &ShardPlan, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+    sharded_logits(model, plan, tokens, None)
+}
+
+/// [`reference_logits`], leaving out shard `left_out`'s partial products where they are
+/// summed (what a missing all-reduce contribution does), for the tests to see it fail.
+fn sharded_logits(
+    model: &Model<Cpu>,
+    plan: &ShardPlan,
+    tokens: &[u32],
+    left_out: Option<usize>,
+) -> Result<Vec<f32>, ModelError> {
+    check_supported(model)?;
+    let c = &model.config;
+    if *plan != ShardPlan::new(c, plan.shards)? {
+        return Err(ModelError::Input("the shard plan was made for another model".into()));
+    }
+    let (n, d, hd) = (tokens.len(), c.n_embd, c.head_dim);
+    if n == 0 || n > c.context_length {
+        return Err(ModelError::Input(format!("{n} tokens for a context of {}", c.context_length)));
+    }
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(ModelError::TokenOutOfRange { token: *t, vocab: c.vocab_size });
+    }
+    let positions: Vec<u32> = (0..n as u32).collect();
+    let embd = Dense::of(model, &model.token_embd);
+    let mut x: Vec<f32> =
+        tokens.iter().flat_map(|&t| embd.values[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+    if let Some(s) = c.embedding_scale {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+    let group = c.n_heads / c.n_kv_heads;
+    let mut normed = vec![0f32; n * d];
+    for (layer, la) in model.layers.iter().zip(&c.layers) {
+        let (wq, wk, wv, wo) = (
+            Dense::of(model, &layer.wq),
+            Dense::of(model, &layer.wk),
+            Dense::of(model, &layer.wv),
+            Dense::of(model, &layer.wo),
+        );
+        let (rope, style) = (&model.ropes[la.rope], c.ropes[la.rope].style);
+        norm_rows(c, &x, &layer.attn_norm, &mut normed);
+        // The attention block: each shard's heads, its partial output projection summed.
+        let mut attn_out = vec![0f32; n * d];
+        for s in 0..plan.shards {
+            let (qr, kr) = (plan.q_rows(s), plan.kv_rows(s));
+            let mut q = wq.product(qr.clone(), 0..d, &normed, n);
+            let mut k = wk.product(kr.clone(), 0..d, &normed, n);
+            let mut v = wv.product(kr.clone(), 0..d, &normed, n);
+            for (act, bias, rows) in
+                [(&mut q, &layer.q_bias, &qr), (&mut k, &layer.k_bias, &kr), (&mut v, &layer.v_bias, &kr)]
+            {
+                if let Some(b) = bias {
+                    add_rows(act, &b[rows.clone()]);
+                }
+            }
+            if let Some(w) = &layer.q_norm {
+                ops::rms_norm_in_place(&mut q, w, c.norm_eps);
+            }
+            if let Some(w) = &layer.k_norm {
+                ops::rms_norm_in_place(&mut k, w, c.norm_eps);
+            }
+            ops::rope(&mut q, plan.heads, hd, &positions, &rope.inv_freq, style, rope.mscale);
+            ops::rope(&mut k, plan.kv_heads, hd, &positions, &rope.inv_freq, style, rope.mscale);
+            let heads = attend(c, la.window, plan, s, group, &q, &k, &v, n);
+            let partial = wo.product(0..d, qr.clone(), &heads, n);
+            if left_out != Some(s) {
+                attn_out.iter_mut().zip(&partial).for_each(|(a, p)| *a += p); // the all-reduce
+            }
+        }
+        if let Some(b) = &layer.o_bias {
+            add_rows(&mut attn_out, b);
+        }
+        x.iter_mut().zip(&attn_out).for_each(|(a, b)| *a += b);
+
+        // The feed-forward block: each shard's features, its partial down projection summed.
+        let ffn_norm = layer.ffn_norm.as_ref().expect("a sequential block has its norm");
+        norm_rows(c, &x, ffn_norm, &mut normed);
+        let (w_gate, w_up, w_down) = (
+            Dense::of(model, layer.w_gate.as_ref().expect("checked: gated")),
+            Dense::of(model, &layer.w_up),
+            Dense::of(model, &layer.w_down),
+        );
+        let mut ffn_out = vec![0f32; n * d];
+        for s in 0..plan.shards {
+            let fr = plan.ff_rows(s);
+            let mut gate = w_gate.product(fr.clone(), 0..d, &normed, n);
+            let mut up = w_up.product(fr.clone(), 0..d, &normed, n);
+            if let Some(b) = &layer.up_bias {
+                add_rows(&mut up, &b[fr.clone()]);
+            }
+            ops::silu_mul(&mut gate, &up);
+            let partial = w_down.product(0..d, fr, &gate, n);
+            if left_out != Some(s) {
+                ffn_out.iter_mut().zip(&partial).for_each(|(a, p)| *a += p); // the all-reduce
+            }
+        }
+        if let Some(b) = &layer.down_bias {
+            add_rows(&mut ffn_out, b);
+        }
+        x.iter_mut().zip(&ffn_out).for_each(|(a, b)| *a += b);
+    }
+    // The last row's logits: each shard's vocabulary rows, gathered in order.
+    let last = &x[(n - 1) * d..];
+    let mut out_normed = vec![0f32; d];
+    norm_rows(c, last, &model.output_norm, &mut out_normed);
+    let output = Dense::of(model, model.output.as_ref().unwrap_or(&model.token_embd));
+    let mut logits = Vec::with_capacity(c.vocab_size);
+    for s in 0..plan.shards {
+        logits.extend(output.product(plan.vocab_rows(s), 0..d, &out_normed, 1));
+    }
+    if let Some(bias) = &model.output_bias {
+        logits.iter_mut().zip(bias).for_each(|(l, b)| *l += b);
+    }
+    if let Some(cap) = c.final_softcap {
+        logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+    }
+    Ok(logits)
+}
+
+/// Causal attention of shard `s`'s query heads over its KV heads (rows `[n][heads * hd]`
+/// and `[n][kv_heads * hd]`), the output `[n][heads * hd]`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    c: &ModelConfig,
+    window: Option<usize>,
+    plan: &ShardPlan,
+    s: usize,
+    group: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    let hd = plan.head_dim;
+    let (qw, kw) = (plan.heads * hd, plan.kv_heads * hd);
+    let mut out = vec![0f32; n * qw];
+    for (local, global) in plan.query_heads(s).enumerate() {
+        // The head's KV head, as an index within this shard's KV heads.
+        let kv = global / group - plan.kv_heads_of(s).start;
+        for t in 0..n {
+            let qh = &q[t * qw + local * hd..t * qw + (local + 1) * hd];
+            let first = window.map_or(0, |w| (t + 1).saturating_sub(w));
+            let mut logits: Vec<f32> = (first..=t)
+                .map(|j| {
+                    let kh = &k[j * kw + kv * hd..j * kw + (kv + 1) * hd];
+                    let x = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * c.attention_scale;
+                    c.attention_softcap.map_or(x, |cap| cap * (x / cap).tanh())
+                })
+                .collect();
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            logits.iter_mut().for_each(|x| *x = (*x - max).exp());
+            let total: f32 = logits.iter().sum();
+            let o = &mut out[t * qw + local * hd..t * qw + (local + 1) * hd];
+            for (p, j) in logits.iter().zip(first..=t) {
+                let vh = &v[j * kw + kv * hd..j * kw + (kv + 1) * hd];
+                o.iter_mut().zip(vh).for_each(|(a, b)| *a += p / total * b);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::random::{write_gguf, RandomShape};
+
+    fn tiny(name: &str) -> Model<Cpu> {
+        let shape = RandomShape::by_name(name).unwrap();
+        // A folder per call: the tests run in parallel threads of one process.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let nth = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("keyformer-tp-{}-{name}-{nth}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.gguf");
+        write_gguf(&path, &shape, 3).unwrap();
+        let (_, model) = crate::models::load(&path).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        model
+    }
+
+    #[test]
+    fn plans_split_evenly_and_refuse_what_does_not_divide() {
+        let model = tiny("tiny"); // 4 heads, 2 KV heads, 512 features, 1000 tokens
+        let p = ShardPlan::new(&model.config, 2).unwrap();
+        assert_eq!((p.heads, p.kv_heads, p.ff), (2, 1, 256));
+        assert_eq!((p.q_rows(1), p.kv_rows(1), p.ff_rows(1)), (128..256, 64..128, 256..512));
+        let p3 = ShardPlan { shards: 3, vocab: 1000, ..p };
+        assert_eq!((p3.vocab_rows(0), p3.vocab_rows(1), p3.vocab_rows(2)), (0..334, 334..667, 667..1000));
+        for (n, want) in [(0, "at least one"), (4, "2 KV heads"), (3, "4 attention heads")] {
+            let err = ShardPlan::new(&model.config, n).unwrap_err().to_string();
+            assert!(err.contains(want), "{n}: {err}");
+        }
+    }
+
+    /// Every query head's KV head lies on its own shard (no attention crosses devices).
+    #[test]
+    fn each_shard_holds_the_kv_heads_its_query_heads_read() {
+        let model = tiny("tiny");
+        let c = &model.config;
+        let group = c.n_heads / c.n_kv_heads;
+        for shards in [1, 2] {
+            let p = ShardPlan::new(c, shards).unwrap();
+            for s in 0..shards {
+                assert!(p.query_heads(s).all(|h| p.kv_heads_of(s).contains(&(h / group))));
+            }
+        }
+    }
+
+    /// The sharded arithmetic equals the model's own forward pass (f32 KV cache; the same
+    /// weights, products summed in another order) for one and two shards, with Qwen2's Q/K/V
+    /// biases sliced by rows too.
+    #[test]
+    fn sharded_reference_equals_the_forward_pass() {
+        for name in ["tiny", "tiny-qwen2"] {
+            let mut model = tiny(name);
+            model.kv_type = crate::kv::KvType::F32;
+            let tokens: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 1000).collect();
+            let mut cache = model.new_cache(64);
+            let want = model.forward(&tokens, &mut cache, crate::models::decoder::Logits::Last).unwrap();
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let one = reference_logits(&model, &ShardPlan::new(&model.config, 1).unwrap(), &tokens).unwrap();
+            let two = reference_logits(&model, &ShardPlan::new(&model.config, 2).unwrap(), &tokens).unwrap();
+            let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+            assert!(worst(&one, &want) < 1e-4, "{name}: one shard against the forward pass {}", worst(&one, &want));
+            assert!(worst(&two, &one) < 1e-5, "{name}: two shards against one {}", worst(&two, &one));
+            assert_eq!(crate::sampling::argmax(&two), crate::sampling::argmax(&want), "{name}");
+        }
+    }
+
+    /// The comparison above can fail: leaving out one shard's partial products (a missing
+    /// all-reduce contribution) moves the logits far past its tolerance.
+    #[test]
+    fn a_shard_left_out_of_the_sum_is_seen() {
+        let model = tiny("tiny");
+        let tokens: Vec<u32> = (0..8u32).collect();
+        let plan = ShardPlan::new(&model.config, 2).unwrap();
+        let whole = sharded_logits(&model, &plan, &tokens, None).unwrap();
+        let missing = sharded_logits(&model, &plan, &tokens, Some(1)).unwrap();
+        let scale = whole.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = whole.iter().zip(&missing).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+        assert!(worst > 1e-2, "a missing shard moved the logits by only {worst}");
+    }
+
+    /// TOVA's cross-head score, summed per shard then over the shards, is the sum over all
+    /// heads; one shard's part alone is not.
+    #[test]
+    fn tova_scores_need_the_sum_over_shards() {
+        let model = tiny("tiny");
+        let plan = ShardPlan::new(&model.config, 2).unwrap();
+        let per_head: Vec<Vec<f32>> =
+            (0..4).map(|h| (0..5).map(|s| ((h * 5 + s) % 7) as f32 * 0.1).collect()).collect();
+        let direct: Vec<f32> = (0..5).map(|s| per_head.iter().map(|h| h[s]).sum()).collect();
+        let sharded = shard_sum_scores(&plan, &per_head);
+        assert!(direct.iter().zip(&sharded).all(|(a, b)| (a - b).abs() < 1e-6), "{direct:?} {sharded:?}");
+        let first_shard: Vec<f32> = (0..5).map(|s| per_head[plan.query_heads(0)].iter().map(|h| h[s]).sum()).collect();
+        assert!(first_shard.iter().zip(&sharded).any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+
+    #[test]
+    fn families_outside_the_reference_are_refused() {
+        let model = tiny("tiny-gemma2");
+        let err = reference_logits(&model, &ShardPlan::new(&model.config, 1).unwrap(), &[1, 2]).unwrap_err();
+        assert!(err.to_string().contains("not gemma2"), "{err}");
+    }
+}
