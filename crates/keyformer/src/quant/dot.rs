@@ -160,7 +160,7 @@ pub fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
         }
     }
     #[cfg(target_arch = "aarch64")]
-    if matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+    if t.uses_q8_activations() {
         return neon::dot_q8(t, row, a);
     }
     dot_q8_scalar(t, row, a)
@@ -833,8 +833,112 @@ pub(crate) mod neon {
         vaddvq_s32(acc)
     }
 
-    /// [`super::dot_q8`] for Q4_0, Q4_1 and Q8_0.
+    /// 16 bits of `bits` (bit i for byte i) as 16 bytes of 0x10 or 0: Q5's fifth bits.
+    #[inline(always)]
+    unsafe fn fifth_bits(bits: u16) -> uint8x16_t {
+        const LANE_BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+        let spread = vcombine_u8(vdup_n_u8(bits as u8), vdup_n_u8((bits >> 8) as u8));
+        vandq_u8(vtstq_u8(spread, vld1q_u8(LANE_BIT.as_ptr())), vdupq_n_u8(0x10))
+    }
+
+    /// The integer sum of a 32-value sub-block `(lo, hi)` (values 0..15, 16..31, each a signed
+    /// byte) with its activations.
+    #[inline(always)]
+    unsafe fn sub_sum(lo: int8x16_t, hi: int8x16_t, a: &Q8Block) -> i32 {
+        let (a_lo, a_hi) = (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16)));
+        vaddvq_s32(vaddq_s32(dot16(lo, a_lo), dot16(hi, a_hi)))
+    }
+
+    /// Q5_0 and Q5_1 against Q8 activations: the 5-bit values (0..31) in integers, then
+    /// `d * d_a * sum + m * sum_a` (Q5_0's implicit minimum is -16 d), as the x86 kernels.
+    fn dot_q5(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+        let (bb, qh_at) = (t.block_bytes(), if t == GgmlType::Q5_0 { 2 } else { 4 });
+        let mut total = 0f32;
+        for (b, ab) in row.chunks_exact(bb).zip(a) {
+            let d = f16_at(b, 0);
+            let m = if t == GgmlType::Q5_0 { -16.0 * d } else { f16_at(b, 2) };
+            let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
+            // SAFETY: NEON is in the aarch64 base ISA; `b` holds a whole block (chunks_exact).
+            let sumi = unsafe {
+                let q = vld1q_u8(b.as_ptr().add(qh_at + 4));
+                let lo = vorrq_u8(vandq_u8(q, vdupq_n_u8(0x0F)), fifth_bits(qh as u16));
+                let hi = vorrq_u8(vshrq_n_u8::<4>(q), fifth_bits((qh >> 16) as u16));
+                sub_sum(vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi), ab)
+            };
+            total += d * ab.d * sumi as f32 + m * ab.sum;
+        }
+        total
+    }
+
+    /// The K-quants against Q8 activations (one per 32-value sub-block): the scalar twin's
+    /// integer sums and float expressions in its order, so the result is its bit for bit.
+    fn dot_k(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+        let bb = t.block_bytes();
+        let mut total = 0f32;
+        for (b, ab) in row.chunks_exact(bb).zip(a.chunks_exact(8)) {
+            let p = b.as_ptr();
+            for (j, aj) in ab.iter().enumerate() {
+                // SAFETY: NEON is in the aarch64 base ISA; every load is inside the block `b`
+                // (144, 176 or 210 bytes, chunks_exact).
+                unsafe {
+                    match t {
+                        GgmlType::Q4K | GgmlType::Q5K => {
+                            let qs_at = if t == GgmlType::Q4K { 16 } else { 48 };
+                            let q = p.add(qs_at + (j / 2) * 32);
+                            let (mut v0, mut v1) = (vld1q_u8(q), vld1q_u8(q.add(16)));
+                            if j % 2 == 0 {
+                                (v0, v1) = (vandq_u8(v0, vdupq_n_u8(0x0F)), vandq_u8(v1, vdupq_n_u8(0x0F)));
+                            } else {
+                                (v0, v1) = (vshrq_n_u8::<4>(v0), vshrq_n_u8::<4>(v1));
+                            }
+                            if t == GgmlType::Q5K {
+                                // Bit j of qh[l] is value l's fifth bit.
+                                let shift = vdupq_n_s8(-(j as i8));
+                                let bit = |h: uint8x16_t| vshlq_n_u8::<4>(vandq_u8(vshlq_u8(h, shift), vdupq_n_u8(1)));
+                                v0 = vorrq_u8(v0, bit(vld1q_u8(p.add(16))));
+                                v1 = vorrq_u8(v1, bit(vld1q_u8(p.add(32))));
+                            }
+                            let sumi = sub_sum(vreinterpretq_s8_u8(v0), vreinterpretq_s8_u8(v1), aj);
+                            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                            let (s, m) = super::scale_min_k4(j, &b[4..16]);
+                            total += d * s as f32 * aj.d * sumi as f32 - dmin * m as f32 * aj.sum;
+                        }
+                        _ => {
+                            // Q6_K: sub-block j is half j / 4, quarter k = j % 4 of it.
+                            let (half, k) = (j / 4, j % 4);
+                            let ql = p.add(half * 64 + (k % 2) * 32);
+                            let qh = p.add(128 + half * 32);
+                            let low = |v: uint8x16_t| match k / 2 {
+                                0 => vandq_u8(v, vdupq_n_u8(0x0F)),
+                                _ => vshrq_n_u8::<4>(v),
+                            };
+                            let shift = vdupq_n_s8(-2 * k as i8);
+                            let high = |h: uint8x16_t| vshlq_n_u8::<4>(vandq_u8(vshlq_u8(h, shift), vdupq_n_u8(3)));
+                            let value = |l: uint8x16_t, h: uint8x16_t| {
+                                vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(low(l), high(h))), vdupq_n_s8(32))
+                            };
+                            let v0 = value(vld1q_u8(ql), vld1q_u8(qh));
+                            let v1 = value(vld1q_u8(ql.add(16)), vld1q_u8(qh.add(16)));
+                            let (a_lo, a_hi) = (vld1q_s8(aj.qs.as_ptr()), vld1q_s8(aj.qs.as_ptr().add(16)));
+                            let (s0, s1) = (vaddvq_s32(dot16(v0, a_lo)), vaddvq_s32(dot16(v1, a_hi)));
+                            let sc = &b[192 + half * 8 + 2 * k..192 + half * 8 + 2 * k + 2];
+                            let d = f16_at(b, 208);
+                            total += d * aj.d * (sc[0] as i8 as f32 * s0 as f32 + sc[1] as i8 as f32 * s1 as f32);
+                        }
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// [`super::dot_q8`] for every type with Q8 activations.
     pub(crate) fn dot_q8(t: GgmlType, row: &[u8], a: &[Q8Block]) -> f32 {
+        match t {
+            GgmlType::Q5_0 | GgmlType::Q5_1 => return dot_q5(t, row, a),
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => return dot_k(t, row, a),
+            _ => {}
+        }
         let bb = t.block_bytes();
         let mut total = 0f32;
         for (b, ab) in row.chunks_exact(bb).zip(a) {
@@ -1047,14 +1151,16 @@ pub(crate) mod tests {
         }
     }
 
-    /// The NEON kernels keep the scalar twin's float order, so they must agree exactly.
+    /// The NEON kernels keep the scalar twin's float order, so they must agree exactly (Q5_0
+    /// and Q5_1, whose twin dots dequantised floats, are checked against it with the other
+    /// fast kernels in `fast_dots_match_reference_on_awkward_sizes`).
     #[cfg(target_arch = "aarch64")]
     #[test]
     fn neon_dots_equal_the_scalar_twin_bit_for_bit() {
         let mut rng = Lcg(5);
-        for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
             for blocks in [1usize, 2, 7, 18] {
-                let n = blocks * 32;
+                let n = blocks * t.block_size();
                 let row = random_row(t, n, &mut rng);
                 let x: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
                 let mut q = Vec::new();
