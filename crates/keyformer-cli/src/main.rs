@@ -439,8 +439,10 @@ impl TextInput {
 /// KV-cache compression settings (shared by `run` and `perplexity`).
 #[derive(Args, Clone)]
 struct KvArgs {
-    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer;
-    /// settings may follow after colons (keyformer:noise=none, sink:sinks=8, as in `eval`).
+    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer, or
+    /// keyformer-long (= keyformer:recent=70%: the best at half the cache on long-context
+    /// retrieval tasks here, docs/results.md); settings may follow after colons
+    /// (keyformer:noise=none, sink:sinks=8, as in `eval`).
     /// Default: keyformer when --kv-budget is given, else full.
     #[arg(long)]
     kv_policy: Option<String>,
