@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
+import llama_cpp
+import llama_cpp.llama
 from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,8 +56,22 @@ def perplexity(llm, ids, n):
 def main(model, out, pre_variants=True, windows=(1024,)):
     texts = json.load(open(ROOT / "tests/data/tokenizer_texts.json"))
     # f32 KV cache (type 0), as ours: llama.cpp defaults to f16, which alone moves perplexity ~0.3%.
+    # And llama.cpp's plain kernels, not the weight repacking it does at load on some CPUs
+    # (extra buffer types: Q4_0/Q4_K into interleaved blocks with their own kernels): the
+    # repacked Q4_K path moved Qwen2.5-Coder-1.5B's perplexity by 0.57% against the plain one
+    # (1.8169 against 1.8272 on an AVX-512 machine), so a golden made with it would depend on
+    # the CPU that made it.
+    plain_kernels = llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = plain_kernels()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params
     llm = Llama(model_path=model, n_ctx=2048, n_batch=512, n_threads=2, logits_all=True, verbose=False, seed=0,
                 type_k=0, type_v=0)
+    llama_cpp.llama.llama_cpp.llama_model_default_params = plain_kernels
     tok = lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
     tokenizer = [{"text": s, "ids": tok(s)} for s in texts]
 

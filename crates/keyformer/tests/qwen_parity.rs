@@ -1,6 +1,7 @@
 //! Parity with llama.cpp on the real Qwen2.5-Coder files (fetched through their aliases, as a
 //! user would; `tests/golden/qwen2.5-coder-*/llamacpp.json` made by
-//! `tools/reference/golden_llamacpp.py` with an f32 KV cache): token ids of the test texts,
+//! `tools/reference/golden_llamacpp.py` with an f32 KV cache and llama.cpp's plain kernels,
+//! not the weight repacking it does on some CPUs): token ids of the test texts,
 //! the top-5 next tokens after three prompts, and the perplexity of a 1024-token window.
 //!
 //! The llama.cpp checks run with the default 8-bit prefill activations, as llama.cpp's own
@@ -29,7 +30,7 @@ fn check(alias: &str) {
     }
     // Both sides quantise the activations to 8 bits, but in different blocks (ours 32 values
     // a scale; llama.cpp's K-quant products 256), so logits differ (by up to 0.25 measured on
-    // the 1.5B file; 0.14 on the 0.5B) and near-ties may swap.
+    // the 1.5B file; 0.18 on both with llama.cpp's plain kernels) and near-ties may swap.
     for case in g["top5"].as_array().unwrap() {
         assert_top5_matches(alias, &engine, case, 0.3);
     }
@@ -37,7 +38,8 @@ fn check(alias: &str) {
     let want = g["perplexity"]["ppl"].as_f64().unwrap();
     let rel = (r.ppl - want).abs() / want;
     eprintln!("{alias} perplexity: ours {:.4}, llama.cpp {want:.4}, relative difference {:.3}%", r.ppl, rel * 100.0);
-    assert!(rel < 0.006, "{alias}: perplexity {} vs llama.cpp {want}", r.ppl);
+    // The bound: 0.5% (measured 0.17% on the 0.5B file, 0.007% on the 1.5B).
+    assert!(rel < 0.005, "{alias}: perplexity {} vs llama.cpp {want}", r.ppl);
     let mut engine = engine;
     engine.model.backend.prefill_activations = keyformer::backend::cpu::PrefillActivations::F32;
     let r = prose_perplexity(&engine);
