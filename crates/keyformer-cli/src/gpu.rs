@@ -79,13 +79,7 @@ mod with_cuda {
         let model_types = a
             .model_type
             .iter()
-            .map(|name| {
-                GgmlType::from_name(name)
-                    .filter(|t| *t == GgmlType::F16 || keyformer::models::random::QUANTISED_TYPES.contains(t))
-                    .with_context(|| {
-                        format!("--model-type {name}: f16 or {}", keyformer::models::random::quantised_type_names())
-                    })
-            })
+            .map(|name| keyformer::models::random::weight_type_by_name(name).context("--model-type"))
             .collect::<Result<Vec<_>>>()?;
         if a.slots < 8 {
             bail!("--slots must be at least 8");

@@ -116,8 +116,8 @@ pub(crate) struct GpuCheckArgs {
     #[arg(long, value_delimiter = ',', default_value = "f16")]
     model_type: Vec<String>,
     /// Whole-model checks on GGUF files or Hugging Face folders of any family (comma-separated
-    /// paths), their weights uploaded as --gpu-weights says: e.g. the tiny models of every family in
-    /// tests/golden/families/ (and their folders in tests/golden/families/hf/).
+    /// paths), their weights uploaded as --gpu-weights says: e.g. the tiny models of every
+    /// family in tests/golden/families/ (and their folders in tests/golden/families/hf/).
     #[arg(long, value_delimiter = ',')]
     model_file: Vec<std::path::PathBuf>,
     /// Prompt tokens of the whole-model checks.
@@ -725,11 +725,7 @@ fn real_main(cli: Cli) -> Result<()> {
     KV_TYPE.set(cli.kv_type).expect("set once");
     PREFILL_ACTIVATIONS.set(cli.prefill_activations).expect("set once");
     NATIVE_GPU_WEIGHTS.set(cli.gpu_weights == "native").expect("set once");
-    let random_type = keyformer::quant::GgmlType::from_name(&cli.random_type)
-        .filter(|t| *t == keyformer::quant::GgmlType::F16 || keyformer::models::random::QUANTISED_TYPES.contains(t))
-        .with_context(|| {
-            format!("--random-type {}: f16 or {}", cli.random_type, keyformer::models::random::quantised_type_names())
-        })?;
+    let random_type = keyformer::models::random::weight_type_by_name(&cli.random_type).context("--random-type")?;
     RANDOM_TYPE.set(random_type).expect("set once");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match cli.threads {

@@ -505,8 +505,8 @@ fn gpu_bench_arguments_without_a_gpu_give_one_line_errors() {
         (&["bench", "-b", "two"][..], "not a batch size"),
         (&["bench", "--kv-policy", "h2o"][..], "needs a budget"),
         (&["bench", "--kv-policy", "h2o:budget=0"][..], "budget"),
-        (&["bench", "--random-weights", "tiny", "--random-type", "q2_k"][..], "--random-type q2_k: f16 or q4_0"),
-        (&["bench", "--random-weights", "tiny", "--random-type", "q9"][..], "--random-type q9"),
+        (&["bench", "--random-weights", "tiny", "--random-type", "q2_k"][..], "weight type 'q2_k': f16 or q4_0"),
+        (&["bench", "--random-weights", "tiny", "--random-type", "q9"][..], "--random-type"),
         (&["bench", "--gpu-weights", "q4"][..], "invalid value 'q4'"),
     ] {
         let out = keyformer(args);

@@ -18,7 +18,9 @@ use crate::SlotTable;
 /// Errors in policy settings.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, keyformer, keyformer-long)")]
+    #[error(
+        "unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, keyformer, keyformer-long)"
+    )]
     UnknownPolicy(String),
     #[error("invalid amount '{0}': give a token count (64) or a percentage (50%)")]
     BadAmount(String),

@@ -20,6 +20,13 @@ pub fn quantised_type_names() -> String {
     QUANTISED_TYPES.iter().map(|t| t.name().to_lowercase()).collect::<Vec<_>>().join(", ")
 }
 
+/// A random weights' type by name (`f16`, `q4_k`, ...): F16 or one of [`QUANTISED_TYPES`].
+pub fn weight_type_by_name(name: &str) -> Result<GgmlType, ModelError> {
+    GgmlType::from_name(name)
+        .filter(|t| *t == GgmlType::F16 || QUANTISED_TYPES.contains(t))
+        .ok_or_else(|| ModelError::Input(format!("weight type '{name}': f16 or {}", quantised_type_names())))
+}
+
 /// A model shape with no weights.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct RandomShape {
