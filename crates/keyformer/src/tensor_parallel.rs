@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use crate::backend::cpu::{ops, GgufWeight};
-use crate::backend::Cpu;
+use crate::backend::{AttentionSpec, Cpu};
 use crate::models::config::{FfnKind, ModelConfig, NormKind, PositionKind};
 use crate::models::decoder::{Model, Norm};
 use crate::quant::dequantize_row;
@@ -152,6 +152,18 @@ fn add_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
+/// `x += y`, or `x += norm(y)` (Gemma's norms after attention and MLP: on the summed output).
+fn residual_add(config: &ModelConfig, x: &mut [f32], y: &[f32], post_norm: Option<&Norm<Cpu>>) {
+    match post_norm {
+        None => x.iter_mut().zip(y).for_each(|(a, b)| *a += b),
+        Some(norm) => {
+            let mut normed = vec![0f32; y.len()];
+            norm_rows(config, y, norm, &mut normed);
+            x.iter_mut().zip(&normed).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
 fn norm_rows(config: &ModelConfig, x: &[f32], norm: &Norm<Cpu>, out: &mut [f32]) {
     let d = norm.weight.len();
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -162,26 +174,14 @@ fn norm_rows(config: &ModelConfig, x: &[f32], norm: &Norm<Cpu>, out: &mut [f32])
     }
 }
 
-/// Whether the reference covers `config`: the sequential pre-norm decoders with rotary
-/// positions and a gated MLP (Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3).
-fn check_supported(model: &Model<Cpu>) -> Result<(), ModelError> {
-    let c = &model.config;
-    let post_norms = model.layers.iter().any(|l| l.post_attn_norm.is_some() || l.post_ffn_norm.is_some());
-    let gated = model.layers.iter().all(|l| l.w_gate.is_some()) && c.ffn == FfnKind::SwiGlu;
-    if c.parallel_residual || post_norms || !gated || c.positions != PositionKind::Rotary || c.clamp_kqv.is_some() {
-        return Err(ModelError::Input(format!(
-            "the sharded reference covers sequential pre-norm decoders with rotary positions and SwiGLU \
-             (llama, mistral, qwen2, qwen3, phi3), not {}",
-            c.architecture
-        )));
-    }
-    Ok(())
-}
-
 /// The last token's logits of `tokens` (a prompt, the full cache, causal attention in f32
 /// over the f32 dequantised weights) computed as `plan` shards it: each shard's heads and
 /// features one shard after another, partial products summed over the shards where the
-/// devices would all-reduce, the output rows of each shard's vocabulary gathered.
+/// devices would all-reduce, the output rows of each shard's vocabulary gathered. Every
+/// family's pieces: biases (sliced with their rows, or added once after a sum), Q/K norms,
+/// sliding windows, soft-caps, ALiBi (each shard's slopes those of its heads' global
+/// indices), learned positions, parallel residuals and Gemma's norms after attention and MLP
+/// (applied after the sum, never to a partial).
 pub fn reference_logits(model: &Model<Cpu>, plan: &ShardPlan, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
     sharded_logits(model, plan, tokens, None)
 }
@@ -194,7 +194,6 @@ fn sharded_logits(
     tokens: &[u32],
     left_out: Option<usize>,
 ) -> Result<Vec<f32>, ModelError> {
-    check_supported(model)?;
     let c = &model.config;
     if *plan != ShardPlan::new(c, plan.shards)? {
         return Err(ModelError::Input("the shard plan was made for another model".into()));
@@ -213,6 +212,12 @@ fn sharded_logits(
     if let Some(s) = c.embedding_scale {
         x.iter_mut().for_each(|v| *v *= s);
     }
+    if let Some(table) = &model.pos_embd {
+        let table = Dense::of(model, table);
+        for (t, row) in x.chunks_exact_mut(d).enumerate() {
+            row.iter_mut().zip(&table.values[t * d..(t + 1) * d]).for_each(|(a, b)| *a += b);
+        }
+    }
     let group = c.n_heads / c.n_kv_heads;
     let mut normed = vec![0f32; n * d];
     for (layer, la) in model.layers.iter().zip(&c.layers) {
@@ -224,6 +229,7 @@ fn sharded_logits(
         );
         let (rope, style) = (&model.ropes[la.rope], c.ropes[la.rope].style);
         norm_rows(c, &x, &layer.attn_norm, &mut normed);
+        let attn_normed = normed.clone();
         // The attention block: each shard's heads, its partial output projection summed.
         let mut attn_out = vec![0f32; n * d];
         for s in 0..plan.shards {
@@ -237,6 +243,9 @@ fn sharded_logits(
                 if let Some(b) = bias {
                     add_rows(act, &b[rows.clone()]);
                 }
+                if let Some(limit) = c.clamp_kqv {
+                    act.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
+                }
             }
             if let Some(w) = &layer.q_norm {
                 ops::rms_norm_in_place(&mut q, w, c.norm_eps);
@@ -244,6 +253,7 @@ fn sharded_logits(
             if let Some(w) = &layer.k_norm {
                 ops::rms_norm_in_place(&mut k, w, c.norm_eps);
             }
+            // (ALiBi and learned positions have no frequencies: no rotation.)
             ops::rope(&mut q, plan.heads, hd, &positions, &rope.inv_freq, style, rope.mscale);
             ops::rope(&mut k, plan.kv_heads, hd, &positions, &rope.inv_freq, style, rope.mscale);
             let heads = attend(c, la.window, plan, s, group, &q, &k, &v, n);
@@ -255,26 +265,50 @@ fn sharded_logits(
         if let Some(b) = &layer.o_bias {
             add_rows(&mut attn_out, b);
         }
-        x.iter_mut().zip(&attn_out).for_each(|(a, b)| *a += b);
-
-        // The feed-forward block: each shard's features, its partial down projection summed.
-        let ffn_norm = layer.ffn_norm.as_ref().expect("a sequential block has its norm");
-        norm_rows(c, &x, ffn_norm, &mut normed);
+        // The MLP's input: with a parallel residual the block's input (normed by its own norm,
+        // or the attention's normed input); else the residual after attention, normed.
+        let ffn_input = if c.parallel_residual {
+            match &layer.ffn_norm {
+                Some(norm) => {
+                    norm_rows(c, &x, norm, &mut normed);
+                    normed.clone()
+                }
+                None => attn_normed,
+            }
+        } else {
+            residual_add(c, &mut x, &attn_out, layer.post_attn_norm.as_ref());
+            let norm = layer.ffn_norm.as_ref().expect("a sequential block has its norm");
+            norm_rows(c, &x, norm, &mut normed);
+            normed.clone()
+        };
         let (w_gate, w_up, w_down) = (
-            Dense::of(model, layer.w_gate.as_ref().expect("checked: gated")),
+            layer.w_gate.as_ref().map(|w| Dense::of(model, w)),
             Dense::of(model, &layer.w_up),
             Dense::of(model, &layer.w_down),
         );
         let mut ffn_out = vec![0f32; n * d];
         for s in 0..plan.shards {
             let fr = plan.ff_rows(s);
-            let mut gate = w_gate.product(fr.clone(), 0..d, &normed, n);
-            let mut up = w_up.product(fr.clone(), 0..d, &normed, n);
+            let mut up = w_up.product(fr.clone(), 0..d, &ffn_input, n);
             if let Some(b) = &layer.up_bias {
                 add_rows(&mut up, &b[fr.clone()]);
             }
-            ops::silu_mul(&mut gate, &up);
-            let partial = w_down.product(0..d, fr, &gate, n);
+            let hidden = match &w_gate {
+                Some(w_gate) => {
+                    let mut gate = w_gate.product(fr.clone(), 0..d, &ffn_input, n);
+                    match c.ffn {
+                        FfnKind::GeGlu => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = ops::gelu_tanh(*g) * u),
+                        _ => ops::silu_mul(&mut gate, &up),
+                    }
+                    gate
+                }
+                None => {
+                    let act = if c.ffn == FfnKind::GeluErf { ops::gelu_erf } else { ops::gelu_tanh };
+                    up.iter_mut().for_each(|v| *v = act(*v));
+                    up
+                }
+            };
+            let partial = w_down.product(0..d, fr, &hidden, n);
             if left_out != Some(s) {
                 ffn_out.iter_mut().zip(&partial).for_each(|(a, p)| *a += p); // the all-reduce
             }
@@ -282,7 +316,10 @@ fn sharded_logits(
         if let Some(b) = &layer.down_bias {
             add_rows(&mut ffn_out, b);
         }
-        x.iter_mut().zip(&ffn_out).for_each(|(a, b)| *a += b);
+        if c.parallel_residual {
+            x.iter_mut().zip(&attn_out).for_each(|(a, b)| *a += b);
+        }
+        residual_add(c, &mut x, &ffn_out, layer.post_ffn_norm.as_ref());
     }
     // The last row's logits: each shard's vocabulary rows, gathered in order.
     let last = &x[(n - 1) * d..];
@@ -319,7 +356,16 @@ fn attend(
     let hd = plan.head_dim;
     let (qw, kw) = (plan.heads * hd, plan.kv_heads * hd);
     let mut out = vec![0f32; n * qw];
+    // ALiBi's slopes over the model's heads: a shard's head takes its global index's.
+    let alibi = AttentionSpec {
+        alibi: match c.positions {
+            PositionKind::Alibi { max_bias } => Some(max_bias),
+            _ => None,
+        },
+        ..AttentionSpec::causal(c.n_heads, c.n_kv_heads, hd)
+    };
     for (local, global) in plan.query_heads(s).enumerate() {
+        let slope = alibi.alibi_slope(global);
         // The head's KV head, as an index within this shard's KV heads.
         let kv = global / group - plan.kv_heads_of(s).start;
         for t in 0..n {
@@ -329,7 +375,8 @@ fn attend(
                 .map(|j| {
                     let kh = &k[j * kw + kv * hd..j * kw + (kv + 1) * hd];
                     let x = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * c.attention_scale;
-                    c.attention_softcap.map_or(x, |cap| cap * (x / cap).tanh())
+                    let x = c.attention_softcap.map_or(x, |cap| cap * (x / cap).tanh());
+                    x + slope * (j as f32 - t as f32)
                 })
                 .collect();
             let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -392,24 +439,59 @@ mod tests {
         }
     }
 
-    /// The sharded arithmetic equals the model's own forward pass (f32 KV cache; the same
-    /// weights, products summed in another order) for one and two shards, with Qwen2's Q/K/V
-    /// biases sliced by rows too.
+    /// `model`'s last logits of a 24-token prompt through its own forward pass (f32 KV cache)
+    /// against the sharded reference for every shard count its heads allow (1, 2, 4):
+    /// returns the counts checked.
+    fn check_against_forward(name: &str, mut model: Model<Cpu>) -> Vec<usize> {
+        model.kv_type = crate::kv::KvType::F32;
+        let vocab = model.config.vocab_size as u32;
+        let tokens: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % vocab).collect();
+        let mut cache = model.new_cache(64);
+        let want = model.forward(&tokens, &mut cache, crate::models::decoder::Logits::Last).unwrap();
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+        let one = reference_logits(&model, &ShardPlan::new(&model.config, 1).unwrap(), &tokens).unwrap();
+        assert!(worst(&one, &want) < 1e-4, "{name}: one shard against the forward pass {}", worst(&one, &want));
+        let mut checked = vec![1];
+        for shards in [2, 4] {
+            let Ok(plan) = ShardPlan::new(&model.config, shards) else { continue };
+            let got = reference_logits(&model, &plan, &tokens).unwrap();
+            // Only the order of the partial sums differs from one shard.
+            assert!(worst(&got, &one) < 1e-5, "{name}: {shards} shards against one {}", worst(&got, &one));
+            assert_eq!(crate::sampling::argmax(&got), crate::sampling::argmax(&want), "{name}, {shards} shards");
+            checked.push(shards);
+        }
+        checked
+    }
+
+    /// The sharded arithmetic equals the model's own forward pass for every family's random
+    /// shape (Qwen2's biases, Gemma's sandwich norms, soft-caps and windows, GPT-J's parallel
+    /// block and partial rotary, MPT's ALiBi, GPT-2's learned positions and LayerNorm).
     #[test]
     fn sharded_reference_equals_the_forward_pass() {
-        for name in ["tiny", "tiny-qwen2"] {
-            let mut model = tiny(name);
-            model.kv_type = crate::kv::KvType::F32;
-            let tokens: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 1000).collect();
-            let mut cache = model.new_cache(64);
-            let want = model.forward(&tokens, &mut cache, crate::models::decoder::Logits::Last).unwrap();
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let one = reference_logits(&model, &ShardPlan::new(&model.config, 1).unwrap(), &tokens).unwrap();
-            let two = reference_logits(&model, &ShardPlan::new(&model.config, 2).unwrap(), &tokens).unwrap();
-            let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
-            assert!(worst(&one, &want) < 1e-4, "{name}: one shard against the forward pass {}", worst(&one, &want));
-            assert!(worst(&two, &one) < 1e-5, "{name}: two shards against one {}", worst(&two, &one));
-            assert_eq!(crate::sampling::argmax(&two), crate::sampling::argmax(&want), "{name}");
+        let mut split = 0;
+        for name in ["tiny", "tiny-qwen2", "tiny-gemma2", "tiny-gemma3", "tiny-gptj", "tiny-mpt", "tiny-gpt2"] {
+            let checked = check_against_forward(name, tiny(name));
+            split += checked.len() - 1;
+        }
+        assert!(split >= 8, "too few shard counts were possible: {split}");
+    }
+
+    /// The same on the tiny models that transformers made for every family (converted by
+    /// llama.cpp's converter; tests/golden/families/).
+    #[test]
+    fn sharded_reference_equals_the_forward_pass_on_every_family_file() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/families");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 8, "{} family files in {}", files.len(), dir.display());
+        for path in files {
+            let (_, model) = crate::models::load(&path).unwrap();
+            check_against_forward(&path.display().to_string(), model);
         }
     }
 
@@ -443,9 +525,12 @@ mod tests {
     }
 
     #[test]
-    fn families_outside_the_reference_are_refused() {
-        let model = tiny("tiny-gemma2");
-        let err = reference_logits(&model, &ShardPlan::new(&model.config, 1).unwrap(), &[1, 2]).unwrap_err();
-        assert!(err.to_string().contains("not gemma2"), "{err}");
+    fn bad_prompts_are_refused() {
+        let model = tiny("tiny");
+        let plan = ShardPlan::new(&model.config, 2).unwrap();
+        assert!(reference_logits(&model, &plan, &[]).is_err());
+        assert!(reference_logits(&model, &plan, &[1, 5000]).unwrap_err().to_string().contains("5000"));
+        let other = ShardPlan { vocab: 7, ..plan };
+        assert!(reference_logits(&model, &other, &[1]).unwrap_err().to_string().contains("another model"));
     }
 }
