@@ -30,6 +30,14 @@ pub enum GgmlType {
 }
 
 /// Elements per K-quant super-block.
+/// Row ranges covering `rows` rows of `cols` values, each at most `max_values` values (one row
+/// at least): the tiles a quantised weight is dequantised in for a matrix product (the GPU's
+/// f16 tiles for cuBLAS).
+pub fn row_tiles(rows: usize, cols: usize, max_values: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let per_tile = (max_values / cols.max(1)).clamp(1, rows.max(1));
+    (0..rows).step_by(per_tile).map(move |r0| r0..(r0 + per_tile).min(rows))
+}
+
 pub const QK_K: usize = 256;
 /// Elements per legacy block.
 pub const QK: usize = 32;
@@ -217,4 +225,26 @@ pub fn dequantize_row(t: GgmlType, bytes: &[u8], out: &mut [f32]) {
 #[inline]
 pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_tiles_cover_every_row_once_within_the_limit() {
+        for (rows, cols, max) in
+            [(11008, 4096, 8 << 20), (32000, 4096, 8 << 20), (7, 100, 250), (5, 1000, 10), (0, 64, 64)]
+        {
+            let tiles: Vec<_> = row_tiles(rows, cols, max).collect();
+            let mut next = 0;
+            for t in &tiles {
+                assert_eq!(t.start, next, "{rows}x{cols}: gap or overlap");
+                assert!(!t.is_empty() && (t.len() * cols <= max || t.len() == 1), "{rows}x{cols}: tile {t:?}");
+                next = t.end;
+            }
+            assert_eq!(next, rows, "{rows}x{cols}: rows left out");
+        }
+        assert_eq!(row_tiles(11008, 4096, 8 << 20).count(), 6);
+    }
 }

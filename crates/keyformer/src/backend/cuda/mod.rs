@@ -926,19 +926,16 @@ impl Gpu {
             }
             return self.gemv_quantised(t, w, rows, cols, xq, n, y);
         }
-        let tile_rows = (QUANT_TILE_VALUES / cols).clamp(1, rows);
+        let tile_rows = crate::quant::row_tiles(rows, cols, QUANT_TILE_VALUES).map(|r| r.len()).max().unwrap_or(1);
         grow(self, &mut buffers.tile, tile_rows * cols)?;
         grow(self, &mut buffers.x16, n * cols)?;
         let (tile, x16) = (buffers.tile.as_mut().expect("grown"), buffers.x16.as_mut().expect("grown"));
         if !x_quantised {
             self.to_f16(x, n * cols, x16)?;
         }
-        let mut row0 = 0;
-        while row0 < rows {
-            let r = tile_rows.min(rows - row0);
-            self.dequantise_f16(t, w, rows, cols, row0, r, tile)?;
-            self.gemm_f16_rows(tile, r, cols, x16, n, y, row0, rows)?;
-            row0 += r;
+        for r in crate::quant::row_tiles(rows, cols, QUANT_TILE_VALUES) {
+            self.dequantise_f16(t, w, rows, cols, r.start, r.len(), tile)?;
+            self.gemm_f16_rows(tile, r.len(), cols, x16, n, y, r.start, rows)?;
         }
         Ok(())
     }
