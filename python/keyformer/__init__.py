@@ -199,7 +199,9 @@ class Engine:
     engine sets it; default: the physical cores). ``kv_type`` is how the KV cache stores keys
     and values on the CPU (``f16``, ``f32`` or ``q8_0``). ``ctx`` limits the context (0: the
     model's). ``random_weights`` draws weights at a known shape instead (``tiny``,
-    ``smollm2-135m``, ...), for speed measurements.
+    ``smollm2-135m``, ...), for speed measurements. ``gpu_weights`` is ``--gpu-weights``:
+    ``f16`` (the default) or ``native`` (quantised matrices kept in their blocks on the GPU; not
+    yet measured on a card).
     """
 
     def __init__(
@@ -211,9 +213,10 @@ class Engine:
         ctx: int = 0,
         random_weights: Optional[str] = None,
         prefill_activations: str = "q8",
+        gpu_weights: str = "f16",
     ) -> None:
         self._native = _native.Engine(
-            str(model), device, threads, kv_type, ctx, random_weights, prefill_activations
+            str(model), device, threads, kv_type, ctx, random_weights, prefill_activations, gpu_weights
         )
 
     @property

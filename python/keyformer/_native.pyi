@@ -35,6 +35,7 @@ class Engine:
         ctx: int = 0,
         random_weights: Optional[str] = None,
         prefill_activations: str = "q8",
+        gpu_weights: str = "f16",
     ) -> None: ...
     @property
     def name(self) -> str: ...

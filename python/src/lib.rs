@@ -182,7 +182,7 @@ const RANDOM_WEIGHTS_SEED: u64 = 1;
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model, device="cpu", threads=None, kv_type="f16", ctx=0, random_weights=None, prefill_activations="q8"))]
+    #[pyo3(signature = (model, device="cpu", threads=None, kv_type="f16", ctx=0, random_weights=None, prefill_activations="q8", gpu_weights="f16"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -193,7 +193,13 @@ impl PyEngine {
         ctx: usize,
         random_weights: Option<&str>,
         prefill_activations: &str,
+        gpu_weights: &str,
     ) -> PyResult<Self> {
+        let native = match gpu_weights {
+            "f16" => false,
+            "native" => true,
+            other => return Err(PyValueError::new_err(format!("gpu_weights is f16 or native, not '{other}'"))),
+        };
         let kv_type: KvType = kv_type.parse().map_err(value_error)?;
         let acts = match prefill_activations {
             "q8" => keyformer::backend::cpu::PrefillActivations::Q8,
@@ -233,7 +239,7 @@ impl PyEngine {
                     limit(&mut e.model.config.context_length)?;
                     Ok(AnyEngine::Cpu(e))
                 }
-                "cuda" => cuda_engine(&model, random_weights.as_deref(), &mut |c| limit(c)),
+                "cuda" => cuda_engine(&model, random_weights.as_deref(), native, &mut |c| limit(c)),
                 other => Err(PyValueError::new_err(format!("device is cpu or cuda, not '{other}'"))),
             }
         })?;
@@ -402,10 +408,14 @@ impl PyEngine {
 fn cuda_engine(
     model: &str,
     random_weights: Option<&str>,
+    native_weights: bool,
     limit: &mut dyn FnMut(&mut usize) -> PyResult<()>,
 ) -> PyResult<AnyEngine> {
-    use keyformer::backend::cuda::{backend::Cuda, Gpu};
-    let cuda = Cuda::new(Gpu::open(0).map_err(|e| PyRuntimeError::new_err(e.to_string()))?);
+    use keyformer::backend::cuda::{backend::Cuda, backend::WeightFormat, Gpu};
+    let mut cuda = Cuda::new(Gpu::open(0).map_err(|e| PyRuntimeError::new_err(e.to_string()))?);
+    if native_weights {
+        cuda.weight_format = WeightFormat::Native;
+    }
     let mut e = match random_weights {
         Some(shape) => {
             let shape = keyformer::models::random::RandomShape::by_name(shape).map_err(model_error)?;
@@ -419,7 +429,12 @@ fn cuda_engine(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine(_: &str, _: Option<&str>, _: &mut dyn FnMut(&mut usize) -> PyResult<()>) -> PyResult<AnyEngine> {
+fn cuda_engine(
+    _: &str,
+    _: Option<&str>,
+    _: bool,
+    _: &mut dyn FnMut(&mut usize) -> PyResult<()>,
+) -> PyResult<AnyEngine> {
     Err(PyValueError::new_err(
         "device='cuda': this keyformer package was built without the CUDA backend \
          (build it with `maturin build --release --features cuda`)",

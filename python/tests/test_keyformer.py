@@ -37,7 +37,7 @@ def cli(*args):
     return done.stdout
 
 
-@pytest.mark.parametrize("policy", ["full", "keyformer", "h2o", "tova:recent=10%", "keyformer:noise=none:chunk=64"])
+@pytest.mark.parametrize("policy", ["full", "keyformer", "h2o", "tova:recent=10%", "keyformer:noise=none:chunk=64", "keyformer-long"])
 def test_generation_equals_the_cli(engine, policy):
     args = ["run", "-m", keyformer.DEFAULT_MODEL, "-p", PROMPT, "-n", "24", "--seed", "3", "--json",
             "--kv-policy", policy]
@@ -211,6 +211,8 @@ def test_eval_equals_the_cli(engine, tmp_path):
         (lambda e: keyformer.Engine(device="tpu"), "cpu or cuda"),
         (lambda e: keyformer.Engine(kv_type="f8"), "f8"),
         (lambda e: keyformer.Engine(threads=0), "at least 1"),
+        (lambda e: keyformer.Engine(gpu_weights="q4"), "gpu_weights is f16 or native"),
+        (lambda e: keyformer.KvPolicy("keyformer-short", budget="50%"), "keyformer-long"),
         (lambda e: keyformer.Engine(threads=999), "threads are set once per process"),
         (lambda e: keyformer.eval("no-such.jsonl", "out", tasks=["ppl"], colour=1), "unknown eval options"),
         (lambda e: keyformer.eval("x.jsonl", "out", tasks=["juggling"]), "juggling"),
