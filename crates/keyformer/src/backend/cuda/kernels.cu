@@ -802,4 +802,3 @@ extern "C" __global__ void read_sum(const float4* x, long n4, float* total) {
     s = block_reduce(s, false);
     if (threadIdx.x == 0) atomicAdd(total, s);
 }
-

@@ -70,7 +70,7 @@ __device__ void dequant_f16(const unsigned char* w, unsigned short* out, int col
     Sub32 s = load_sub<T>(w + (long)(row0 + r) * row_bytes<T>(cols), j);
     unsigned short* o = out + (long)r * cols + 32 * j;
 #pragma unroll
-    for (int i = 0; i < 32; i++) o[i] = f2h(sub_value(s, i));
+    for (int v = 0; v < 32; v++) o[v] = f2h(sub_value(s, v));
 }
 
 // out[t] = W[tokens[t]] in f32 (an embedding lookup): block t, a thread per sub-block.
