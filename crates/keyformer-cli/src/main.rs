@@ -440,8 +440,9 @@ impl TextInput {
 #[derive(Args, Clone)]
 struct KvArgs {
     /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer, or
-    /// keyformer-long (= keyformer:recent=70%: the best at half the cache on long-context
-    /// retrieval tasks here, docs/results.md); settings may follow after colons
+    /// keyformer-long (= keyformer:recent=70%: Keyformer's best variant on long-context
+    /// retrieval tasks here, though TOVA beats it there, docs/results.md); settings may follow
+    /// after colons
     /// (keyformer:noise=none, sink:sinks=8, as in `eval`).
     /// Default: keyformer when --kv-budget is given, else full.
     #[arg(long)]
