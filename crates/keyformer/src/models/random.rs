@@ -20,11 +20,20 @@ pub fn quantised_type_names() -> String {
     QUANTISED_TYPES.iter().map(|t| t.name().to_lowercase()).collect::<Vec<_>>().join(", ")
 }
 
-/// A random weights' type by name (`f16`, `q4_k`, ...): F16 or one of [`QUANTISED_TYPES`].
+/// Whether random weights can be of type `t`: F16 or one of [`QUANTISED_TYPES`].
+pub fn check_weight_type(t: GgmlType) -> Result<(), ModelError> {
+    if t == GgmlType::F16 || QUANTISED_TYPES.contains(&t) {
+        return Ok(());
+    }
+    Err(ModelError::Input(format!("weight type '{}': f16 or {}", t.name().to_lowercase(), quantised_type_names())))
+}
+
+/// A random weights' type by name (`f16`, `q4_k`, ...): see [`check_weight_type`].
 pub fn weight_type_by_name(name: &str) -> Result<GgmlType, ModelError> {
-    GgmlType::from_name(name)
-        .filter(|t| *t == GgmlType::F16 || QUANTISED_TYPES.contains(t))
-        .ok_or_else(|| ModelError::Input(format!("weight type '{name}': f16 or {}", quantised_type_names())))
+    let t = GgmlType::from_name(name)
+        .ok_or_else(|| ModelError::Input(format!("weight type '{name}': f16 or {}", quantised_type_names())))?;
+    check_weight_type(t)?;
+    Ok(t)
 }
 
 /// A model shape with no weights.
@@ -379,12 +388,7 @@ pub fn write_gguf(path: &Path, shape: &RandomShape, seed: u64) -> Result<(), Mod
 /// [`QUANTISED_TYPES`] ([`quantised_blocks`]; a matrix whose rows are not whole blocks stays F16).
 pub fn write_gguf_typed(path: &Path, shape: &RandomShape, seed: u64, weight_type: GgmlType) -> Result<(), ModelError> {
     const ALIGN: usize = 32;
-    if weight_type != GgmlType::F16 && !QUANTISED_TYPES.contains(&weight_type) {
-        return Err(ModelError::Input(format!(
-            "random weights of type {weight_type}: F16 or {}",
-            quantised_type_names()
-        )));
-    }
+    check_weight_type(weight_type)?;
     let io = |e: std::io::Error| ModelError::Input(format!("writing {}: {e}", path.display()));
     let mut tensors: Vec<(String, Vec<usize>, u32, Vec<u8>)> = Vec::new(); // name, dims, type, bytes
     for (name, rows, cols, t) in shape.matrices() {

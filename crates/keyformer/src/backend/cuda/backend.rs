@@ -710,13 +710,7 @@ impl Model<Cuda> {
     /// not whole blocks stays f16), the same weights as [`random::write_gguf_typed`] writes.
     pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64, weight_type: GgmlType) -> Result<Self, ModelError> {
         let gpu = &cuda.gpu;
-        if weight_type != GgmlType::F16 && !QUANTISED_ON_GPU.contains(&weight_type) {
-            return Err(ModelError::Input(format!(
-                "random weights of type {}: f16 or {}",
-                weight_type.name().to_lowercase(),
-                random::quantised_type_names()
-            )));
-        }
+        random::check_weight_type(weight_type)?;
         let mut matrices = std::collections::HashMap::new();
         for (name, rows, cols, t) in shape.matrices() {
             let scale = random::scale(&name, cols);
