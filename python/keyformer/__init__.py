@@ -201,7 +201,8 @@ class Engine:
     model's). ``random_weights`` draws weights at a known shape instead (``tiny``,
     ``smollm2-135m``, ...), for speed measurements. ``gpu_weights`` is ``--gpu-weights``:
     ``f16`` (the default) or ``native`` (quantised matrices kept in their blocks on the GPU; not
-    yet measured on a card).
+    yet measured on a card). ``mmap=True`` maps the model file instead of reading it into
+    memory (the CPU default reads it, advised for huge pages: ~10% faster decode).
     """
 
     def __init__(
@@ -214,9 +215,10 @@ class Engine:
         random_weights: Optional[str] = None,
         prefill_activations: str = "q8",
         gpu_weights: str = "f16",
+        mmap: bool = False,
     ) -> None:
         self._native = _native.Engine(
-            str(model), device, threads, kv_type, ctx, random_weights, prefill_activations, gpu_weights
+            str(model), device, threads, kv_type, ctx, random_weights, prefill_activations, gpu_weights, mmap
         )
 
     @property

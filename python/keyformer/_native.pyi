@@ -36,6 +36,7 @@ class Engine:
         random_weights: Optional[str] = None,
         prefill_activations: str = "q8",
         gpu_weights: str = "f16",
+        mmap: bool = False,
     ) -> None: ...
     @property
     def name(self) -> str: ...

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use keyformer::backend::Cpu;
 use keyformer::chat::ChatMessage;
 use keyformer::engine::{GenerateRequest, GenerationOutput};
+use keyformer::gguf::LoadMode;
 use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 use keyformer::kv::KvType;
 use keyformer::registry::{self, FetchEvent};
@@ -159,7 +160,7 @@ struct PyEngine {
 }
 
 /// Fetch an alias with pip if needed (progress on stderr) and load the model on the CPU.
-fn load_cpu(model: &str, random_weights: Option<&str>) -> Result<Engine<Cpu>, PyErr> {
+fn load_cpu(model: &str, random_weights: Option<&str>, mode: LoadMode) -> Result<Engine<Cpu>, PyErr> {
     if let Some(shape) = random_weights {
         let shape = keyformer::models::random::RandomShape::by_name(shape).map_err(model_error)?;
         return Engine::<Cpu>::random(&shape, RANDOM_WEIGHTS_SEED).map_err(model_error);
@@ -170,7 +171,7 @@ fn load_cpu(model: &str, random_weights: Option<&str>) -> Result<Engine<Cpu>, Py
         FetchEvent::Verified { path } => eprintln!("keyformer: model verified and cached at {}", path.display()),
     })
     .map_err(value_error)?;
-    Engine::load(&path).map_err(|e| match e {
+    Engine::load_with(&path, mode).map_err(|e| match e {
         ModelError::Input(_) | ModelError::Policy(_) => model_error(e),
         other => PyValueError::new_err(format!("loading {}: {other}", path.display())),
     })
@@ -182,7 +183,7 @@ const RANDOM_WEIGHTS_SEED: u64 = 1;
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model, device="cpu", threads=None, kv_type="f16", ctx=0, random_weights=None, prefill_activations="q8", gpu_weights="f16"))]
+    #[pyo3(signature = (model, device="cpu", threads=None, kv_type="f16", ctx=0, random_weights=None, prefill_activations="q8", gpu_weights="f16", mmap=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -194,7 +195,10 @@ impl PyEngine {
         random_weights: Option<&str>,
         prefill_activations: &str,
         gpu_weights: &str,
+        mmap: bool,
     ) -> PyResult<Self> {
+        // On the CPU the weights are read into memory (huge pages) unless mmap is asked for.
+        let load_mode = if mmap { LoadMode::Mmap } else { LoadMode::Resident };
         let native = match gpu_weights {
             "f16" => false,
             "native" => true,
@@ -233,7 +237,7 @@ impl PyEngine {
             };
             match device.as_str() {
                 "cpu" => {
-                    let mut e = load_cpu(&model, random_weights.as_deref())?;
+                    let mut e = load_cpu(&model, random_weights.as_deref(), load_mode)?;
                     e.model.kv_type = kv_type;
                     e.model.backend.prefill_activations = acts;
                     limit(&mut e.model.config.context_length)?;
@@ -422,7 +426,8 @@ fn cuda_engine(
             Engine::<Cuda>::random(cuda, &shape, RANDOM_WEIGHTS_SEED, keyformer::quant::GgmlType::F16)
                 .map_err(model_error)?
         }
-        None => Engine::<Cuda>::from_cpu(cuda, load_cpu(model, None)?).map_err(model_error)?,
+        // Mapped: the weights go to the GPU, a resident copy would only hold memory.
+        None => Engine::<Cuda>::from_cpu(cuda, load_cpu(model, None, LoadMode::Mmap)?).map_err(model_error)?,
     };
     limit(&mut e.model.config.context_length)?;
     Ok(AnyEngine::Cuda(e))
@@ -571,7 +576,7 @@ fn run_eval<'py>(
         if docs.is_empty() {
             return Err(PyValueError::new_err(format!("{} holds no documents", data.display())));
         }
-        let engine = load_cpu(&model, None)?;
+        let engine = load_cpu(&model, None, LoadMode::Resident)?;
         let mut last = usize::MAX;
         suite::run_eval(&engine, &plan, &docs, &out, &mut |done, total| {
             // Progress on stderr, a line per tenth.

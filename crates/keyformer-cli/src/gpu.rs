@@ -170,7 +170,8 @@ mod with_cuda {
                 Engine::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED, t)?
             }
             None => {
-                let cpu = crate::load(model)?;
+                // Mapped: the weights go to the GPU, a resident copy would only hold memory.
+                let cpu = crate::load_held(model, keyformer::gguf::LoadMode::Mmap)?;
                 eprintln!("loading {} onto the GPU", cpu.model.backend.file.path.display());
                 Engine::<Cuda>::from_cpu(cuda, cpu)?
             }

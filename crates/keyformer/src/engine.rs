@@ -754,7 +754,7 @@ impl Engine<Cpu> {
         let path =
             std::env::temp_dir().join(format!("keyformer-random-{}-{}-{nth}.gguf", shape.name, std::process::id()));
         models::random::write_gguf_typed(&path, shape, seed, weight_type)?;
-        let loaded = models::load(&path);
+        let loaded = models::load(&path, crate::gguf::LoadMode::Resident);
         // The file is mapped: its name can go now.
         let _ = std::fs::remove_file(&path);
         let (file, model) = loaded?;
@@ -762,16 +762,24 @@ impl Engine<Cpu> {
         Ok(Self { file: Some(file), name: format!("random-{}", shape.name), model, tokenizer })
     }
 
-    /// A GGUF file, or a Hugging Face model folder ([`crate::hf`]).
+    /// A GGUF file, or a Hugging Face model folder ([`crate::hf`]), its weights read into
+    /// memory ([`crate::gguf::LoadMode::Resident`]).
     pub fn load(path: &Path) -> Result<Self, ModelError> {
+        Self::load_with(path, crate::gguf::LoadMode::default())
+    }
+
+    /// [`Engine::load`] with the weights held as `mode` says.
+    pub fn load_with(path: &Path, mode: crate::gguf::LoadMode) -> Result<Self, ModelError> {
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         if path.is_dir() {
-            let folder = crate::hf::open(path)?;
+            let mut folder = crate::hf::open(path)?;
+            folder.file.hold(mode)?;
             let file = Arc::new(folder.file);
             return Self::assemble(models::load_file(file.clone())?, file, folder.tokenizer, name);
         }
-        let file = Arc::new(crate::gguf::GgufFile::open(path)?);
-        Self::from_file(file, name)
+        let mut file = crate::gguf::GgufFile::open(path)?;
+        file.hold(mode)?;
+        Self::from_file(Arc::new(file), name)
     }
 
     /// The engine of an open GGUF file (its model and tokenizer), named `name`.

@@ -44,6 +44,8 @@ pub enum GgufError {
     WrongType { key: String, expected: &'static str },
     #[error("missing tensor '{0}'")]
     MissingTensor(String),
+    #[error("cannot hold the {bytes} bytes of {path}'s weights in memory ({source}); --mmap maps the file instead")]
+    Resident { path: PathBuf, bytes: usize, source: std::io::Error },
     #[error("{}: the weights have no tensor '{folder_name}' (read as {name})", .path.display())]
     MissingFolderTensor { path: PathBuf, folder_name: String, name: String },
 }
@@ -161,6 +163,19 @@ impl TensorInfo {
     }
 }
 
+/// How a model's tensor data is held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Read into the process's own memory, advised for transparent huge pages (Linux). A decode
+    /// step streams every weight once: with 2 MiB pages instead of the page cache's 4 KiB ones it
+    /// misses the TLB 512x less often, and Qwen2.5-0.5B's CPU decode measured 9-10% faster.
+    #[default]
+    Resident,
+    /// Mapped from the file: starts fastest, pages are shared with other processes reading the
+    /// same file, and a model larger than memory still runs (slowly). llama.cpp's default.
+    Mmap,
+}
+
 /// An opened GGUF file: parsed header and a memory map of the whole file. A Hugging Face
 /// folder is read into the same shape ([`crate::hf`]: metadata keys and tensor names as
 /// llama.cpp's converter would write them, the data left in the safetensors maps), so one
@@ -272,6 +287,41 @@ impl GgufFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Open { path: path.clone(), source })?;
         let (version, alignment, metadata, tensors) = Self::parse(&mmap)?;
         Ok(Self { path, version, alignment, metadata, tensors, sources: vec![mmap] })
+    }
+
+    /// Hold the tensor data as `mode` says: [`LoadMode::Resident`] copies every mapping into
+    /// anonymous memory (advised for huge pages), releasing the file's pages chunk by chunk so
+    /// the process never holds both copies; [`LoadMode::Mmap`] leaves the mappings as they are.
+    pub fn hold(&mut self, mode: LoadMode) -> Result<(), GgufError> {
+        match mode {
+            LoadMode::Mmap => Ok(()),
+            // 64 MiB copied between releases of the file's pages.
+            LoadMode::Resident => self.copy_to_memory(64 << 20),
+        }
+    }
+
+    fn copy_to_memory(&mut self, chunk: usize) -> Result<(), GgufError> {
+        for source in &mut self.sources {
+            let len = source.len();
+            if len == 0 {
+                continue;
+            }
+            let error = |source| GgufError::Resident { path: self.path.clone(), bytes: len, source };
+            let mut anon = memmap2::MmapMut::map_anon(len).map_err(error)?;
+            // Only a hint: a kernel without transparent huge pages keeps 4 KiB ones.
+            #[cfg(target_os = "linux")]
+            let _ = anon.advise(memmap2::Advice::HugePage);
+            for start in (0..len).step_by(chunk) {
+                let end = (start + chunk).min(len);
+                anon[start..end].copy_from_slice(&source[start..end]);
+                // SAFETY: the mapping is read-only and file-backed: dropping its pages only
+                // makes a later read fetch them from the file again, and none will come.
+                #[cfg(unix)]
+                let _ = unsafe { source.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+            *source = anon.make_read_only().map_err(error)?;
+        }
+        Ok(())
     }
 
     /// A model assembled from another format: metadata in GGUF's keys, tensors whose data lie
@@ -522,6 +572,31 @@ mod tests {
 
     fn parse(b: &[u8]) -> Result<(u32, usize, BTreeMap<String, MetaValue>, Vec<TensorInfo>), GgufError> {
         GgufFile::parse(b)
+    }
+
+    #[test]
+    fn weights_read_into_memory_equal_the_mapped_file() {
+        let mut b = tiny_gguf(0, 256);
+        let data_start = b.len() - 256;
+        for (i, v) in b[data_start..].iter_mut().enumerate() {
+            *v = (i * 7 + 3) as u8;
+        }
+        let path = std::env::temp_dir().join(format!("keyformer-hold-{}.gguf", std::process::id()));
+        std::fs::write(&path, &b).unwrap();
+        let mapped = GgufFile::open(&path).unwrap();
+        // Chunks that do not divide the file, so the last one is short.
+        for chunk in [100, 4096, 1 << 20] {
+            let mut held = GgufFile::open(&path).unwrap();
+            held.copy_to_memory(chunk).unwrap();
+            assert_eq!(held.file_len(), b.len());
+            let t = &held.tensors[0];
+            assert_eq!(held.tensor_bytes(t), &b[data_start..], "chunk {chunk}");
+            assert_eq!(held.tensor_bytes(t), mapped.tensor_bytes(&mapped.tensors[0]));
+        }
+        let mut held = GgufFile::open(&path).unwrap();
+        held.hold(LoadMode::Resident).unwrap();
+        assert_eq!(held.tensor_bytes(&held.tensors[0]), &b[data_start..]);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

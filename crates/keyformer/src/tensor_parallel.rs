@@ -406,7 +406,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.gguf");
         write_gguf(&path, &shape, 3).unwrap();
-        let (_, model) = crate::models::load(&path).unwrap();
+        let (_, model) = crate::models::load(&path, crate::gguf::LoadMode::Mmap).unwrap();
         std::fs::remove_dir_all(&dir).ok();
         model
     }
@@ -490,7 +490,7 @@ mod tests {
         files.sort();
         assert!(files.len() >= 8, "{} family files in {}", files.len(), dir.display());
         for path in files {
-            let (_, model) = crate::models::load(&path).unwrap();
+            let (_, model) = crate::models::load(&path, crate::gguf::LoadMode::Mmap).unwrap();
             check_against_forward(&path.display().to_string(), model);
         }
     }

@@ -9,15 +9,17 @@ pub mod random;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, LoadMode};
 use crate::ModelError;
 
-/// Open a GGUF file or a Hugging Face folder and build its model.
-pub fn load(path: &Path) -> Result<(Arc<GgufFile>, decoder::Model), ModelError> {
-    let file = Arc::new(match path.is_dir() {
+/// Open a GGUF file or a Hugging Face folder, its data held as `mode` says, and build its model.
+pub fn load(path: &Path, mode: LoadMode) -> Result<(Arc<GgufFile>, decoder::Model), ModelError> {
+    let mut file = match path.is_dir() {
         true => crate::hf::open(path)?.file,
         false => GgufFile::open(path)?,
-    });
+    };
+    file.hold(mode)?;
+    let file = Arc::new(file);
     let model = load_file(file.clone())?;
     Ok((file, model))
 }

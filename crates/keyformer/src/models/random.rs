@@ -522,7 +522,7 @@ mod tests {
             let shape = RandomShape::by_name(name).unwrap();
             let path = std::env::temp_dir().join(format!("keyformer-random-{}-{name}.gguf", std::process::id()));
             write_gguf(&path, &shape, 1).unwrap();
-            let (file, model) = crate::models::load(&path).unwrap();
+            let (file, model) = crate::models::load(&path, crate::gguf::LoadMode::Mmap).unwrap();
             std::fs::remove_file(&path).ok();
             let c = &model.config;
             assert_eq!((c.architecture.as_str(), c.norm, c.positions), (arch, NormKind::Layer, positions), "{name}");
@@ -549,7 +549,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tiny.gguf");
         write_gguf(&path, &shape, 1).unwrap();
-        let (file, model) = crate::models::load(&path).unwrap();
+        let (file, model) = crate::models::load(&path, crate::gguf::LoadMode::Mmap).unwrap();
         // The file holds exactly the function's values.
         let info = file.tensor_info("blk.1.ffn_up.weight").unwrap();
         let bytes = file.tensor_bytes(info);
@@ -600,7 +600,7 @@ mod tests {
         for t in [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
             let path = dir.join(format!("tiny-{t}.gguf"));
             write_gguf_typed(&path, &shape, 1, t).unwrap();
-            let (file, model) = crate::models::load(&path).unwrap();
+            let (file, model) = crate::models::load(&path, crate::gguf::LoadMode::Mmap).unwrap();
             assert_eq!(file.tensor_info("blk.0.attn_q.weight").unwrap().ggml_type, t);
             let mut cache = model.new_cache(64);
             let logits = model.forward(&[1, 2, 3, 4], &mut cache, Logits::Last).unwrap();

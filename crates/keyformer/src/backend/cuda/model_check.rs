@@ -69,7 +69,7 @@ pub fn run(
     let seed = 11;
     let path = dir.join(format!("random-{}-{weight_type}.gguf", shape.name));
     random::write_gguf_typed(&path, shape, seed, weight_type)?;
-    let (_, cpu) = crate::models::load(&path)?;
+    let (_, cpu) = crate::models::load(&path, crate::gguf::LoadMode::Mmap)?;
     let mut cuda = Cuda::new(Gpu::open(0)?);
     cuda.weight_format = WeightFormat::Native;
     let gpu_file = Model::<Cuda>::from_cpu(cuda, &cpu)?;
@@ -110,7 +110,7 @@ pub fn run_file(
     prompt_len: usize,
     steps: usize,
 ) -> Result<Vec<CheckRow>, ModelError> {
-    let (_, cpu) = crate::models::load(path)?;
+    let (_, cpu) = crate::models::load(path, crate::gguf::LoadMode::Mmap)?;
     let mut cuda = Cuda::new(Gpu::open(0)?);
     cuda.weight_format = format;
     let gpu = Model::<Cuda>::from_cpu(cuda, &cpu)?;
