@@ -317,7 +317,8 @@ impl GgufFile {
                 // SAFETY: the mapping is read-only and file-backed: dropping its pages only
                 // makes a later read fetch them from the file again, and none will come.
                 #[cfg(unix)]
-                let _ = unsafe { source.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+                let _ =
+                    unsafe { source.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
             }
             *source = anon.make_read_only().map_err(error)?;
         }

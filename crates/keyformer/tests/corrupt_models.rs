@@ -44,7 +44,9 @@ fn offset_field(b: &[u8], name: &str) -> usize {
 fn load(bytes: &[u8], name: &str) -> Result<(), String> {
     let path = std::env::temp_dir().join(format!("keyformer-corrupt-{}-{name}.gguf", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
-    let r = keyformer::models::load(&path, keyformer::gguf::LoadMode::Mmap).map(|_| ()).map_err(|e: ModelError| e.to_string());
+    let r = keyformer::models::load(&path, keyformer::gguf::LoadMode::Mmap)
+        .map(|_| ())
+        .map_err(|e: ModelError| e.to_string());
     let _ = std::fs::remove_file(path);
     r
 }
