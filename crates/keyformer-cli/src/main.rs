@@ -449,7 +449,9 @@ impl TextInput {
 /// KV-cache compression settings (shared by `run` and `perplexity`).
 #[derive(Args, Clone)]
 struct KvArgs {
-    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, keyformer, or
+    /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, expected
+    /// (kvpress's expected attention: the attention the queries to come are expected to pay,
+    /// modelled from the prompt's queries; CPU only), keyformer, or
     /// keyformer-long (= keyformer:recent=70%: Keyformer's best variant on long-context
     /// retrieval tasks here, though TOVA beats it there, docs/results.md); settings may follow
     /// after colons

@@ -6,9 +6,10 @@
 //! matter", and the paper's Table 3). Evicting a token frees its slot and the next token reuses
 //! it, so a backend never copies the cache to drop an entry. Eviction policies ([`policy`]) are
 //! written against this table and per-slot scores only; [`noise`] is Keyformer's reproducible
-//! noise.
+//! noise; [`expected`] models the queries to come for the expected-attention score.
 
 pub mod cursor;
+pub mod expected;
 pub mod noise;
 pub mod policy;
 

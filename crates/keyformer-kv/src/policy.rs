@@ -12,6 +12,7 @@
 //!
 //! Ties: among equal scores the OLDEST token (lowest position) is evicted first.
 
+use crate::expected::QueryModel;
 use crate::noise::{self, NoiseKind};
 use crate::SlotTable;
 
@@ -19,7 +20,7 @@ use crate::SlotTable;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
     #[error(
-        "unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, keyformer, keyformer-long)"
+        "unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, expected, keyformer, keyformer-long)"
     )]
     UnknownPolicy(String),
     #[error("invalid amount '{0}': give a token count (64) or a percentage (50%)")]
@@ -43,11 +44,14 @@ pub enum PolicyKind {
     SnapKv,
     Random,
     KNorm,
+    /// kvpress's ExpectedAttention: the attention the queries to come are expected to pay
+    /// ([`crate::expected`]), times the value's norm; CPU only for now.
+    Expected,
     Keyformer,
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 9] = [
+    pub const ALL: [PolicyKind; 10] = [
         PolicyKind::Full,
         PolicyKind::Window,
         PolicyKind::Sink,
@@ -56,6 +60,7 @@ impl PolicyKind {
         PolicyKind::SnapKv,
         PolicyKind::Random,
         PolicyKind::KNorm,
+        PolicyKind::Expected,
         PolicyKind::Keyformer,
     ];
     pub fn name(self) -> &'static str {
@@ -68,6 +73,7 @@ impl PolicyKind {
             PolicyKind::SnapKv => "snapkv",
             PolicyKind::Random => "random",
             PolicyKind::KNorm => "knorm",
+            PolicyKind::Expected => "expected",
             PolicyKind::Keyformer => "keyformer",
         }
     }
@@ -298,6 +304,7 @@ impl PolicyConfig {
     /// `observe=N` (H2O's and Keyformer's sums plus the attention of the prompt's last N
     /// queries), `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
+    /// The kinds: full, window, sink, h2o, tova, snapkv, random, knorm, expected, keyformer.
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
         let (head, rest) = spec.trim().split_once(':').unwrap_or((spec.trim(), ""));
         if let Some((_, expansion)) = PRESETS.iter().find(|(name, _)| *name == head.trim()) {
@@ -505,6 +512,7 @@ impl PolicyConfig {
             diversity: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
             observed: vec![Vec::new(); if self.observe.is_some() { n_layers * n_kv_heads } else { 0 }],
             mean_keys: vec![Vec::new(); if self.key_diversity { n_layers * n_kv_heads } else { 0 }],
+            query_models: vec![None; if self.kind == PolicyKind::Expected { n_layers * n_kv_heads } else { 0 }],
             step: 0,
             prompt_done: false,
             chunk_end: self.prefill_chunk.map_or(prompt_len, |c| c.min(prompt_len)),
@@ -585,6 +593,9 @@ pub struct SequencePolicy {
     /// Per (layer, KV head), the observation window's attention of the chunk being processed
     /// (only with `observe`).
     observed: Vec<Vec<f32>>,
+    /// Per (layer, KV head), the model of the queries to come (expected attention), made at
+    /// the prompt's end (and at each chunk's end when it is trimmed chunk by chunk).
+    query_models: Vec<Option<QueryModel>>,
     step: usize,
     prompt_done: bool,
     /// Where the prompt chunk being processed ends (the prompt's length unless it is trimmed
@@ -790,6 +801,40 @@ impl SequencePolicy {
         }
     }
 
+    /// Whether [`on_insert_kv`](Self::on_insert_kv) needs the token's value (value-weighted
+    /// and expected-attention scores).
+    pub fn wants_values(&self) -> bool {
+        self.config.value_weighted || self.config.kind == PolicyKind::Expected
+    }
+
+    /// Whether the backend must gather the prompt's queries (their mean and covariance per
+    /// query head, before rotary) and hand each KV head a [`QueryModel`] at the prompt's end
+    /// ([`set_query_model`](Self::set_query_model)).
+    pub fn wants_query_moments(&self) -> bool {
+        self.config.kind == PolicyKind::Expected && !self.prompt_done
+    }
+
+    /// The model of the queries to come for (layer, head), and the head's held tokens as
+    /// (slot, key, value norm): each gets its expected-attention score, and tokens inserted
+    /// later are scored against the same model.
+    pub fn set_query_model(&mut self, layer: usize, head: usize, mut model: QueryModel, held: &[(usize, &[f32], f32)]) {
+        let i = layer * self.n_kv_heads + head;
+        if i >= self.query_models.len() {
+            return;
+        }
+        let keys: Vec<&[f32]> = held.iter().map(|&(_, k, _)| k).collect();
+        let norms: Vec<f32> = held.iter().map(|&(_, _, v)| v).collect();
+        let scores = model.fit_and_score(&keys, &norms);
+        let s = &mut self.scores[i];
+        for (&(slot, _, _), score) in held.iter().zip(scores) {
+            if s.len() <= slot {
+                s.resize(slot + 1, 0.0);
+            }
+            s[slot] = score;
+        }
+        self.query_models[i] = Some(model);
+    }
+
     /// [`on_insert`](Self::on_insert) with the token's value, which value-weighted scores use.
     pub fn on_insert_kv(&mut self, layer: usize, head: usize, slot: usize, key: &[f32], value: &[f32]) {
         if self.config.value_weighted {
@@ -803,6 +848,12 @@ impl SequencePolicy {
             self.weigh_key(layer, head, slot, key);
         }
         self.on_insert(layer, head, slot, key);
+        if let Some(Some(model)) = self.query_models.get(layer * self.n_kv_heads + head) {
+            // A token after the model was made: scored against it (before, it gets its score
+            // when the model is made).
+            let score = model.score(key, value.iter().map(|v| v * v).sum::<f32>().sqrt());
+            self.slot_scores(layer, head)[slot] = score;
+        }
     }
 
     /// Whether the cache must hand over each head's mean key at the end of the prompt

@@ -826,7 +826,9 @@ impl Engine<Cpu> {
             }
         }
         let mut cache = self.new_cache(&PolicyConfig::default(), prompt.len(), steps)?;
-        cache.recorder = Some(PromptScores::new(signals, c.n_layers, c.n_kv_heads));
+        let mut recorder = PromptScores::new(signals, c.n_layers, c.n_kv_heads);
+        recorder.query_moments = configs.iter().any(|kv| kv.kind == keyformer_kv::PolicyKind::Expected);
+        cache.recorder = Some(recorder);
         let mut logits = Vec::new();
         for chunk in prompt.chunks(self.model.backend.prefill_chunk()) {
             logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
@@ -855,6 +857,13 @@ impl Engine<Cpu> {
         let observation = policy.observation_signal();
         let mut cache = self.model.new_cache_with(policy, c.context_length);
         cache.layers = shared.cache.layers.clone();
+        if cache.policy.wants_query_moments() {
+            cache.query_moments = Some(shared.cache.query_moments.clone().ok_or_else(|| {
+                ModelError::Input(
+                    "the shared prefill did not gather query moments: pass this policy to shared_prefill".into(),
+                )
+            })?);
+        }
         let tova = cache.policy.kind() == keyformer_kv::PolicyKind::Tova;
         for (li, heads) in cache.layers.iter().enumerate() {
             for (h, head) in heads.iter().enumerate() {

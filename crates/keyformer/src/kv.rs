@@ -7,6 +7,7 @@
 //! evicts one (its slot is reused by the next token; nothing is copied). After the prompt is
 //! compressed, the storage is compacted once so the memory held is the budget's.
 
+use keyformer_kv::expected::{mean_rotation, rotate, rotate_covariance, QueryModel};
 use keyformer_kv::{SequencePolicy, Signal, SlotError, SlotTable};
 
 use half::f16;
@@ -264,12 +265,127 @@ pub struct KvStats {
 pub struct PromptScores {
     pub signals: Vec<Signal>,
     pub sums: Vec<Vec<Vec<f32>>>,
+    /// Gather the prompt's query moments too (into the cache's `query_moments`), for
+    /// expected attention.
+    pub query_moments: bool,
 }
 
 impl PromptScores {
     pub fn new(signals: Vec<Signal>, n_layers: usize, n_kv_heads: usize) -> Self {
         let sums = signals.iter().map(|_| vec![Vec::new(); n_layers * n_kv_heads]).collect();
-        Self { signals, sums }
+        Self { signals, sums, query_moments: false }
+    }
+}
+
+/// The first prompt positions whose queries the moments leave out: the first tokens' queries
+/// are outliers (attention sinks), as kvpress's expected attention leaves out its 4 sinks.
+pub const MOMENT_SINKS: u32 = 4;
+/// Positions after the prompt whose rotations expected attention averages (kvpress's default).
+pub const FUTURE_POSITIONS: usize = 512;
+
+/// The rotary embedding and logit scale of a layer, as the model of its queries needs them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryRope {
+    pub inv_freq: Vec<f32>,
+    /// Rotated pairs are adjacent dimensions (else the two halves of the rotated part).
+    pub adjacent: bool,
+    pub mscale: f32,
+    /// The attention's logit scale.
+    pub scale: f32,
+}
+
+/// The prompt's queries of every layer (before rotary), summed per query head: a count, the
+/// sums and the sums of outer products, in f64 so that the covariance of a long prompt does
+/// not lose its small part to cancellation. Expected attention's input.
+#[derive(Debug, Clone, Default)]
+pub struct QueryMoments {
+    layers: Vec<Option<LayerQueries>>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerQueries {
+    n_heads: usize,
+    head_dim: usize,
+    count: f64,
+    sums: Vec<f64>,
+    /// Per head, the upper triangle's sums of `q_i q_j` (row-major, full square for simplicity).
+    products: Vec<f64>,
+    rope: QueryRope,
+}
+
+impl QueryMoments {
+    /// Add `rows` (each `n_heads * head_dim` query values at `positions`) of `layer`.
+    pub fn add(
+        &mut self,
+        layer: usize,
+        rows: &[f32],
+        n_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        rope: &QueryRope,
+    ) {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let l = self.layers[layer].get_or_insert_with(|| LayerQueries {
+            n_heads,
+            head_dim,
+            count: 0.0,
+            sums: vec![0.0; n_heads * head_dim],
+            products: vec![0.0; n_heads * head_dim * head_dim],
+            rope: rope.clone(),
+        });
+        let d = head_dim;
+        for (row, &pos) in rows.chunks_exact(n_heads * d).zip(positions) {
+            if pos < MOMENT_SINKS {
+                continue;
+            }
+            l.count += 1.0;
+            for h in 0..n_heads {
+                let q = &row[h * d..(h + 1) * d];
+                let sums = &mut l.sums[h * d..(h + 1) * d];
+                sums.iter_mut().zip(q).for_each(|(s, &x)| *s += x as f64);
+                let products = &mut l.products[h * d * d..(h + 1) * d * d];
+                for i in 0..d {
+                    let qi = q[i] as f64;
+                    // The upper triangle only; the model mirrors it.
+                    for (p, &qj) in products[i * d + i..(i + 1) * d].iter_mut().zip(&q[i..]) {
+                        *p += qi * qj as f64;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The queries to come of query heads `heads` of `layer`, after a prompt whose next
+    /// position is `next`: each head's mean and covariance rotated by the mean rotation of the
+    /// [`FUTURE_POSITIONS`] positions from `next` on. `None` before any query was counted.
+    pub fn model(&self, layer: usize, heads: std::ops::Range<usize>, next: usize) -> Option<QueryModel> {
+        let l = self.layers.get(layer)?.as_ref()?;
+        if l.count == 0.0 || heads.end > l.n_heads {
+            return None;
+        }
+        let d = l.head_dim;
+        let rot = mean_rotation(&l.rope.inv_freq, l.rope.mscale, next, FUTURE_POSITIONS);
+        let (mut means, mut covs) = (Vec::new(), Vec::new());
+        for h in heads {
+            let mean: Vec<f64> = l.sums[h * d..(h + 1) * d].iter().map(|s| s / l.count).collect();
+            let products = &l.products[h * d * d..(h + 1) * d * d];
+            let mut cov = vec![0f32; d * d];
+            for i in 0..d {
+                for j in i..d {
+                    let c = (products[i * d + j] / l.count - mean[i] * mean[j]) as f32;
+                    cov[i * d + j] = c;
+                    cov[j * d + i] = c;
+                }
+            }
+            let mut mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+            rotate(&mut mean, &rot, l.rope.adjacent);
+            rotate_covariance(&mut cov, d, &rot, l.rope.adjacent);
+            means.push(mean);
+            covs.push(cov);
+        }
+        Some(QueryModel::new(d, means, covs, l.rope.scale))
     }
 }
 
@@ -285,6 +401,9 @@ pub struct KvCache {
     /// layer holds only its window, whatever the policy: a token older than the window is
     /// never seen again, so dropping it changes nothing; the policy trims the global layers.
     pub windows: Vec<Option<usize>>,
+    /// The prompt's queries, gathered while the policy (or a shared prefill's recorder) needs
+    /// them for expected attention; `None` otherwise.
+    pub query_moments: Option<QueryMoments>,
     head_dim: usize,
     tokens_seen: usize,
 }
@@ -300,6 +419,7 @@ impl KvCache {
         context: usize,
     ) -> Self {
         let capacity = policy.capacity(context);
+        let query_moments = policy.wants_query_moments().then(QueryMoments::default);
         Self {
             layers: (0..n_layers)
                 .map(|_| (0..n_kv_heads).map(|_| HeadKv::new(capacity, head_dim, kv_type)).collect())
@@ -308,6 +428,7 @@ impl KvCache {
             stats: KvStats::default(),
             recorder: None,
             windows: vec![None; n_layers],
+            query_moments,
             head_dim,
             tokens_seen: 0,
         }
@@ -383,6 +504,30 @@ impl KvCache {
         Ok(())
     }
 
+    /// Expected attention's scores when the policy wants them: each KV head of a global `layer`
+    /// gets the model of its query heads' queries to come, and its held tokens their scores.
+    fn model_queries(&mut self, layer: usize) {
+        if self.windows[layer].is_some() || !self.policy.wants_query_moments() {
+            return;
+        }
+        let Some(moments) = &self.query_moments else { return };
+        let n_kv = self.layers[layer].len();
+        let next = self.next_position() as usize;
+        for h in 0..n_kv {
+            let Some(n_heads) = moments.layers.get(layer).and_then(|l| l.as_ref()).map(|l| l.n_heads) else { return };
+            let group = n_heads / n_kv.max(1);
+            let Some(model) = moments.model(layer, h * group..(h + 1) * group, next) else { return };
+            let head = &self.layers[layer][h];
+            let held: Vec<(usize, Vec<f32>, f32)> = head
+                .table
+                .occupied()
+                .map(|(slot, _)| (slot, head.key(slot), head.value(slot).iter().map(|v| v * v).sum::<f32>().sqrt()))
+                .collect();
+            let held: Vec<(usize, &[f32], f32)> = held.iter().map(|(s, k, v)| (*s, k.as_slice(), *v)).collect();
+            self.policy.set_query_model(layer, h, model, &held);
+        }
+    }
+
     /// KeyDiff-style weights when the policy wants them: each held key of a global `layer`
     /// against its head's mean key.
     fn weigh_keys(&mut self, layer: usize) {
@@ -413,6 +558,7 @@ impl KvCache {
             if self.windows[layer].is_none() {
                 self.policy.fold_observation(layer);
                 self.weigh_keys(layer);
+                self.model_queries(layer);
                 self.evict_to_budget(layer)?;
             }
         }
@@ -472,6 +618,7 @@ impl KvCache {
                 self.policy.fold_observation(layer);
             }
             self.weigh_keys(layer);
+            self.model_queries(layer);
             if self.windows[layer].is_none() {
                 let tables: Vec<&SlotTable> = self.layers[layer].iter().map(|h| &h.table).collect();
                 self.policy.plan_adaptive(layer, &tables);
@@ -523,5 +670,43 @@ impl KvCache {
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
         let per_token = self.layers[0][0].kv_type().token_bytes(self.layers.len(), self.layers[0].len(), self.head_dim);
         self.stats.bytes_full_equivalent = self.tokens_seen * per_token;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The model's moments against a direct two-pass mean and covariance (rotation by a zero
+    /// frequency is the identity): the first [`MOMENT_SINKS`] positions are left out, heads
+    /// and layers stay apart, and chunks add up.
+    #[test]
+    fn query_moments_give_the_mean_and_covariance_of_the_counted_queries() {
+        let (n_heads, d) = (2, 3);
+        let rows: Vec<f32> = (0..10 * n_heads * d).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1).collect();
+        let positions: Vec<u32> = (0..10).collect();
+        let rope = QueryRope { inv_freq: vec![0.0], adjacent: false, mscale: 1.0, scale: 0.5 };
+        let mut m = QueryMoments::default();
+        // Two chunks of the same prompt.
+        m.add(1, &rows[..6 * n_heads * d], n_heads, d, &positions[..6], &rope);
+        m.add(1, &rows[6 * n_heads * d..], n_heads, d, &positions[6..], &rope);
+        assert!(m.model(0, 0..1, 10).is_none(), "layer 0 saw no query");
+        let model = m.model(1, 1..2, 10).unwrap();
+        let head = |t: usize| &rows[(t * n_heads + 1) * d..(t * n_heads + 2) * d];
+        let counted: Vec<usize> = (MOMENT_SINKS as usize..10).collect();
+        let n = counted.len() as f32;
+        let mean: Vec<f32> = (0..d).map(|i| counted.iter().map(|&t| head(t)[i]).sum::<f32>() / n).collect();
+        let cov = |i: usize, j: usize| {
+            counted.iter().map(|&t| (head(t)[i] - mean[i]) * (head(t)[j] - mean[j])).sum::<f32>() / n
+        };
+        // The model's logit of a key is scale m.k + scale^2 k^T C k / 2: probe m and C with unit keys.
+        let unit = |i: usize| (0..d).map(|j| if i == j { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+        for i in 0..d {
+            let want = 0.5 * mean[i] + 0.125 * cov(i, i);
+            assert!((model.logit(0, &unit(i)) - want).abs() < 1e-5, "dimension {i}");
+        }
+        let both: Vec<f32> = (0..d).map(|j| if j < 2 { 1.0 } else { 0.0 }).collect();
+        let want = 0.5 * (mean[0] + mean[1]) + 0.125 * (cov(0, 0) + cov(1, 1) + 2.0 * cov(0, 1));
+        assert!((model.logit(0, &both) - want).abs() < 1e-5, "the off-diagonal term");
     }
 }

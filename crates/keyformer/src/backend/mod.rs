@@ -209,6 +209,25 @@ pub trait Backend: Send + Sync + 'static {
         style: RopeStyle,
         mscale: f32,
     ) -> Result<(), ModelError>;
+    /// Before rotary: every cache whose policy scores by the queries to come (expected
+    /// attention, [`SequencePolicy::wants_query_moments`]) adds these rows' query heads to
+    /// `layer`'s moments; rows map to caches as in [`attend`](Self::attend). `inv_freq`, `style`
+    /// and `mscale` are the layer's rotary embedding and `scale` its logit scale, which the
+    /// model of the queries needs at the prompt's end.
+    #[allow(clippy::too_many_arguments)]
+    fn observe_queries(
+        &self,
+        layer: usize,
+        q: &Self::Act,
+        n_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &Self::Vector,
+        style: RopeStyle,
+        mscale: f32,
+        scale: f32,
+        caches: &mut [&mut Self::Cache],
+    ) -> Result<(), ModelError>;
     /// SwiGLU: `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<(), ModelError>;
     /// GeGLU: `gate = gelu_tanh(gate) * up`.

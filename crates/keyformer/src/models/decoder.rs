@@ -715,6 +715,8 @@ impl<B: Backend> Model<B> {
                 be.rms_norm_heads(k, n * c.n_kv_heads, w, c.norm_eps)?;
             }
             let (rope, style) = (&self.ropes[la.rope], c.ropes[la.rope].style);
+            let scale = c.attention_scale;
+            be.observe_queries(li, q, c.n_heads, hd, positions, &rope.inv_freq, style, rope.mscale, scale, caches)?;
             be.rope(q, c.n_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
             be.rope(k, c.n_kv_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
             let spec = AttentionSpec {

@@ -9,7 +9,7 @@ use keyformer_kv::{PolicyKind, SequencePolicy, Signal};
 use super::ops::{self as cpu, WeightView};
 use crate::backend::{AttentionSpec, Backend, CacheShape, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::gguf::{GgufFile, TensorInfo};
-use crate::kv::{KvCache, KvStats, KvType};
+use crate::kv::{KvCache, KvStats, KvType, QueryRope};
 use crate::quant::dequantize_row;
 use crate::ModelError;
 
@@ -205,6 +205,41 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn observe_queries(
+        &self,
+        layer: usize,
+        q: &Vec<f32>,
+        n_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &Vec<f32>,
+        style: RopeStyle,
+        mscale: f32,
+        scale: f32,
+        caches: &mut [&mut KvCache],
+    ) -> Result<(), ModelError> {
+        let batch = caches.len() > 1;
+        let q_dim = n_heads * head_dim;
+        for (ci, cache) in caches.iter_mut().enumerate() {
+            let recording = cache.recorder.as_ref().is_some_and(|r| r.query_moments);
+            if !(cache.policy.wants_query_moments() || recording) {
+                continue;
+            }
+            let span = if batch { ci..ci + 1 } else { 0..positions.len() };
+            let rope =
+                QueryRope { inv_freq: inv_freq.clone(), adjacent: style == RopeStyle::AdjacentPairs, mscale, scale };
+            cache.query_moments.get_or_insert_with(Default::default).add(
+                layer,
+                &q[span.start * q_dim..span.end * q_dim],
+                n_heads,
+                head_dim,
+                &positions[span],
+                &rope,
+            );
+        }
+        Ok(())
+    }
+
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>) -> Result<(), ModelError> {
         cpu::silu_mul(gate, up);
         Ok(())
@@ -266,7 +301,7 @@ impl Backend for Cpu {
                     let slot = cache.layers[li][h].insert(pos, &k[at..at + hd], &v[at..at + hd])?;
                     // Policies see the key as stored (key-norm scores it), as attention does.
                     cache.layers[li][h].read_key(slot, &mut stored_key);
-                    if cache.policy.config.value_weighted {
+                    if cache.policy.wants_values() {
                         cache.layers[li][h].read_value(slot, &mut stored_value);
                     }
                     cache.policy.on_insert_kv(li, h, slot, &stored_key, &stored_value);

@@ -448,6 +448,26 @@ impl Backend for Cuda {
         Ok(self.gpu.scale(x.get_mut()?, s)?)
     }
 
+    fn observe_queries(
+        &self,
+        _layer: usize,
+        _q: &DeviceRows,
+        _n_heads: usize,
+        _head_dim: usize,
+        _positions: &[u32],
+        _inv_freq: &CudaSlice<f32>,
+        _style: RopeStyle,
+        _mscale: f32,
+        _scale: f32,
+        caches: &mut [&mut GpuKvCache],
+    ) -> Result<(), ModelError> {
+        // new_cache refuses such a policy; this only guards a cache made some other way.
+        match caches.iter().any(|c| c.policy.wants_query_moments()) {
+            true => Err(expected_on_cpu_only()),
+            false => Ok(()),
+        }
+    }
+
     fn rope(
         &self,
         x: &mut DeviceRows,
@@ -631,6 +651,9 @@ impl Backend for Cuda {
         policy: keyformer_kv::SequencePolicy,
         context: usize,
     ) -> Result<GpuKvCache, ModelError> {
+        if policy.kind() == keyformer_kv::PolicyKind::Expected {
+            return Err(expected_on_cpu_only());
+        }
         // Keys and values are always f16 on the GPU.
         GpuKvCache::new(&self.gpu, config.windows, config.n_kv_heads, config.head_dim, policy, context)
     }
@@ -871,4 +894,11 @@ impl Model<Cuda> {
         }
         counts.iter().map(|(t, n)| format!("{t} x {n}")).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// The expected-attention policy gathers the prompt's queries on the CPU only, for now.
+fn expected_on_cpu_only() -> ModelError {
+    ModelError::Input(
+        "the 'expected' KV policy runs on the CPU only for now: use --device cpu or another policy".into(),
+    )
 }
