@@ -23,6 +23,10 @@ pub struct QueryModel {
     scale: f32,
     /// Per query head: the log of the softmax's denominator over the held keys.
     log_norms: Vec<f32>,
+    /// The fit's temperature and the mean of its noise (Keyformer's regularisation on these
+    /// logits; 1 and 0 without it): a later token is scored at the noise's mean.
+    tau: f32,
+    noise_mean: f32,
 }
 
 impl QueryModel {
@@ -33,7 +37,7 @@ impl QueryModel {
         assert!(means.iter().all(|m| m.len() == head_dim), "means of head_dim values");
         assert!(covs.iter().all(|c| c.len() == head_dim * head_dim), "covariances of head_dim^2 values");
         let log_norms = vec![0.0; means.len()];
-        Self { head_dim, means, covs, scale, log_norms }
+        Self { head_dim, means, covs, scale, log_norms, tau: 1.0, noise_mean: 0.0 }
     }
 
     /// Query head `h`'s expected attention logit for `key`.
@@ -49,14 +53,30 @@ impl QueryModel {
     /// Fit the normalisers to `keys` (a head's held keys) and return each one's score: its
     /// softmax weight averaged over the query heads, times `value_norms[j]`.
     pub fn fit_and_score(&mut self, keys: &[&[f32]], value_norms: &[f32]) -> Vec<f32> {
+        self.fit_and_score_noisy(keys, value_norms, |_, _| 0.0, 0.0, 1.0)
+    }
+
+    /// [`fit_and_score`](Self::fit_and_score) with Keyformer's regularisation: the softmax of
+    /// `(logit + noise(h, j)) / tau` for query head `h` and key `j`; `noise_mean` is the noise's
+    /// expectation, at which [`score`](Self::score) puts a later token.
+    pub fn fit_and_score_noisy(
+        &mut self,
+        keys: &[&[f32]],
+        value_norms: &[f32],
+        noise: impl Fn(usize, usize) -> f32,
+        noise_mean: f32,
+        tau: f32,
+    ) -> Vec<f32> {
         assert_eq!(keys.len(), value_norms.len(), "one value norm per key");
+        (self.tau, self.noise_mean) = (tau, noise_mean);
         let mut scores = vec![0f32; keys.len()];
         if keys.is_empty() {
             return scores;
         }
         let heads = self.means.len();
         for h in 0..heads {
-            let logits: Vec<f32> = keys.iter().map(|k| self.logit(h, k)).collect();
+            let logits: Vec<f32> =
+                keys.iter().enumerate().map(|(j, k)| (self.logit(h, k) + noise(h, j)) / tau).collect();
             let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let total: f64 = logits.iter().map(|&z| ((z - top) as f64).exp()).sum();
             self.log_norms[h] = top + total.ln() as f32;
@@ -71,8 +91,10 @@ impl QueryModel {
     /// The score of a token that arrives after the fit, against the fitted normalisers.
     pub fn score(&self, key: &[f32], value_norm: f32) -> f32 {
         let heads = self.means.len();
-        let weight: f32 =
-            (0..heads).map(|h| (self.logit(h, key) - self.log_norms[h]).exp()).sum::<f32>() / heads as f32;
+        let weight: f32 = (0..heads)
+            .map(|h| ((self.logit(h, key) + self.noise_mean) / self.tau - self.log_norms[h]).exp())
+            .sum::<f32>()
+            / heads as f32;
         weight * value_norm
     }
 }
@@ -191,6 +213,21 @@ mod tests {
         // The weights of one head's softmax sum to one.
         let unit = model.fit_and_score(&keys, &[1.0; 3]);
         assert!((unit.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn noise_and_temperature_enter_the_softmax() {
+        let zero = vec![vec![0.0f32; 4]];
+        let mut model = QueryModel::new(2, vec![vec![1.0, 0.0]], zero, 1.0);
+        let keys: [&[f32]; 2] = [&[1.0, 0.0], &[0.0, 0.0]];
+        // Logits 1 and 0; noise 0 and 3, temperature 2: softmax of (0.5, 1.5).
+        let scores = model.fit_and_score_noisy(&keys, &[1.0, 1.0], |_, j| [0.0, 3.0][j], 0.5, 2.0);
+        let e = (1.0f32).exp();
+        assert!((scores[1] - e / (1.0 + e)).abs() < 1e-6, "{scores:?}");
+        // A later token with the first key gets its logit at the noise's mean: (1 + 0.5) / 2.
+        let later = model.score(keys[0], 1.0);
+        let want = (0.75f32).exp() / ((0.5f32).exp() + (1.5f32).exp());
+        assert!((later - want).abs() < 1e-6, "{later} vs {want}");
     }
 
     #[test]

@@ -254,6 +254,10 @@ pub struct PolicyConfig {
     /// SnapKV-style observation window), scaled to the same total mass (`observe=N`): the
     /// sums say what the whole prompt used, the window what its end still looks at.
     pub observe: Option<usize>,
+    /// Expected attention with Keyformer's regularisation (`expected:gumbel`): the softmax of
+    /// the expected logits plus the noise of `keyformer.noise` (Gumbel by default), over the
+    /// temperature `keyformer.tau_init`, seeded as Keyformer's.
+    pub expected_noise: bool,
     pub keyformer: KeyformerOptions,
     pub seed: u64,
 }
@@ -276,6 +280,7 @@ impl Default for PolicyConfig {
             snapkv_window: 32,
             prefill_chunk: None,
             observe: None,
+            expected_noise: false,
             keyformer: KeyformerOptions::default(),
             seed: 0,
         }
@@ -302,7 +307,8 @@ impl PolicyConfig {
     /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed), `keydiff`
     /// (scores times each key's distance from the mean key),
     /// `observe=N` (H2O's and Keyformer's sums plus the attention of the prompt's last N
-    /// queries), `noise=gumbel|gaussian|constant|none`,
+    /// queries), `gumbel` (expected attention's softmax with Keyformer's noise and temperature),
+    /// `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
     /// The kinds: full, window, sink, h2o, tova, snapkv, random, knorm, expected, keyformer.
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
@@ -335,6 +341,7 @@ impl PolicyConfig {
                 "adaptive" if value.is_empty() => config.adaptive = true,
                 "grow" if value.is_empty() => config.grow = true,
                 "keydiff" if value.is_empty() => config.key_diversity = true,
+                "gumbel" if value.is_empty() && kind == PolicyKind::Expected => config.expected_noise = true,
                 "window" => config.snapkv_window = count("window")?,
                 "chunk" => config.prefill_chunk = Some(count("chunk")?),
                 "observe" => config.observe = Some(count("observe")?),
@@ -348,7 +355,7 @@ impl PolicyConfig {
                 _ => {
                     return Err(bad(format!(
                         "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, observe=, \
-                     accumulate=, value, layers=, adaptive, grow, keydiff, noise=, tau=, frozen)"
+                     accumulate=, value, layers=, adaptive, grow, keydiff, gumbel (expected), noise=, tau=, frozen)"
                     )))
                 }
             }
@@ -814,19 +821,37 @@ impl SequencePolicy {
         self.config.kind == PolicyKind::Expected && !self.prompt_done
     }
 
-    /// The model of the queries to come for (layer, head), and the head's held tokens as
-    /// (slot, key, value norm): each gets its expected-attention score, and tokens inserted
-    /// later are scored against the same model.
-    pub fn set_query_model(&mut self, layer: usize, head: usize, mut model: QueryModel, held: &[(usize, &[f32], f32)]) {
+    /// The model of the queries to come for (layer, head), whose query heads are `first_query`
+    /// on, and the head's held tokens as (slot, position, key, value norm): each gets its
+    /// expected-attention score, and tokens inserted later are scored against the same model.
+    pub fn set_query_model(
+        &mut self,
+        layer: usize,
+        head: usize,
+        first_query: usize,
+        mut model: QueryModel,
+        held: &[(usize, u32, &[f32], f32)],
+    ) {
         let i = layer * self.n_kv_heads + head;
         if i >= self.query_models.len() {
             return;
         }
-        let keys: Vec<&[f32]> = held.iter().map(|&(_, k, _)| k).collect();
-        let norms: Vec<f32> = held.iter().map(|&(_, _, v)| v).collect();
-        let scores = model.fit_and_score(&keys, &norms);
+        let keys: Vec<&[f32]> = held.iter().map(|&(_, _, k, _)| k).collect();
+        let norms: Vec<f32> = held.iter().map(|&(_, _, _, v)| v).collect();
+        let scores = if self.config.expected_noise {
+            let (kind, seed, tau) = (self.config.keyformer.noise, self.config.seed, self.config.keyformer.tau_init);
+            let noise =
+                |h: usize, j: usize| noise::sample(kind, seed, layer as u32, (first_query + h) as u32, 0, held[j].1);
+            let mean = match kind {
+                NoiseKind::None => 0.0,
+                _ => noise::GUMBEL_MEAN,
+            };
+            model.fit_and_score_noisy(&keys, &norms, noise, mean, tau)
+        } else {
+            model.fit_and_score(&keys, &norms)
+        };
         let s = &mut self.scores[i];
-        for (&(slot, _, _), score) in held.iter().zip(scores) {
+        for (&(slot, _, _, _), score) in held.iter().zip(scores) {
             if s.len() <= slot {
                 s.resize(slot + 1, 0.0);
             }

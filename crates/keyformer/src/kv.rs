@@ -518,13 +518,18 @@ impl KvCache {
             let group = n_heads / n_kv.max(1);
             let Some(model) = moments.model(layer, h * group..(h + 1) * group, next) else { return };
             let head = &self.layers[layer][h];
-            let held: Vec<(usize, Vec<f32>, f32)> = head
+            // Pinned sinks stay whatever their score: left out of the softmax, as kvpress
+            // leaves its sinks out.
+            let pinned = self.policy.pinned();
+            let held: Vec<(usize, u32, Vec<f32>, f32)> = head
                 .table
                 .occupied()
-                .map(|(slot, _)| (slot, head.key(slot), head.value(slot).iter().map(|v| v * v).sum::<f32>().sqrt()))
+                .filter(|&(_, p)| p as u64 >= pinned)
+                .map(|(slot, p)| (slot, p, head.key(slot), head.value(slot).iter().map(|v| v * v).sum::<f32>().sqrt()))
                 .collect();
-            let held: Vec<(usize, &[f32], f32)> = held.iter().map(|(s, k, v)| (*s, k.as_slice(), *v)).collect();
-            self.policy.set_query_model(layer, h, model, &held);
+            let held: Vec<(usize, u32, &[f32], f32)> =
+                held.iter().map(|(s, p, k, v)| (*s, *p, k.as_slice(), *v)).collect();
+            self.policy.set_query_model(layer, h, h * group, model, &held);
         }
     }
 
@@ -650,6 +655,8 @@ impl KvCache {
                 self.policy.remap(layer, h, &mapping);
             }
         }
+        // The query models are made: their moments (up to tens of MB) go.
+        self.query_moments = None;
         let tables: Vec<&SlotTable> = self.layers.iter().flatten().map(|h| &h.table).collect();
         self.policy.finish_prompt(&tables);
         self.end_step();
