@@ -1267,6 +1267,39 @@ mod tests {
         slots.iter().map(|&s| t.position(s).unwrap()).collect()
     }
 
+    /// Expected attention evicts the key its model of the queries to come attends least (its
+    /// value norm counting), a later token is scored by the same model, and `gumbel` makes the
+    /// choice a seeded draw.
+    #[test]
+    fn expected_evicts_the_least_expected_key_and_gumbel_is_seeded() {
+        let d = PolicyConfig::default();
+        let resolve = |spec: &str| {
+            let c = PolicyConfig::parse_spec(spec, &d).unwrap();
+            PolicyConfig { budget: Some(Amount::Tokens(3)), min_budget: 1, ..c }.resolve(4, 4, 1, 1).unwrap()
+        };
+        let keys: [&[f32]; 4] = [&[1.0, 0.0], &[0.0, 1.0], &[-1.0, 0.0], &[0.5, 0.5]];
+        let model = || QueryModel::new(2, vec![vec![2.0, 0.0]], vec![vec![0.0; 4]], 1.0);
+        let held: Vec<(usize, u32, &[f32], f32)> = (0..4).map(|j| (j, j as u32, keys[j], 1.0)).collect();
+        let t = table(4);
+        let mut p = resolve("expected:recent=0");
+        assert!(p.wants_query_moments() && p.wants_values());
+        p.set_query_model(0, 0, 0, model(), &held);
+        // Logits 2, 0, -2, 1: position 2 goes.
+        assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![2]);
+        // A later token in slot 2 with the best key is scored above every other.
+        p.on_insert_kv(0, 0, 2, &[1.0, 0.0], &[3.0, 0.0]);
+        assert!(p.scores(0, 0)[2] > p.scores(0, 0)[0]);
+        let draw = |seed: u64| {
+            let mut p = resolve("expected:recent=0:gumbel:tau=5-5");
+            p.config.seed = seed;
+            p.set_query_model(0, 0, 0, model(), &held);
+            p.scores(0, 0).to_vec()
+        };
+        assert_eq!(draw(1), draw(1), "the same seed draws the same noise");
+        assert_ne!(draw(1), draw(2));
+        assert!(PolicyConfig::parse_spec("h2o:gumbel", &d).is_err(), "gumbel is expected attention's setting");
+    }
+
     /// A preset is its expansion; settings after it apply on top, and an unknown name lists it.
     #[test]
     fn presets_parse_as_their_expansion() {
