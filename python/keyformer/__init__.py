@@ -61,7 +61,7 @@ class KvPolicy:
     """A KV-cache policy and its settings, as ``--kv-policy`` / ``--kv-budget`` give them.
 
     ``policy`` is one of full, window, sink, h2o, tova, snapkv, random, knorm, keyformer,
-    keyformer-long (``keyformer:recent=70%``), or a
+    keyformer-long (``keyformer:recent=70%:keydiff``), or a
     whole spec with its options after colons (``"keyformer:noise=none:recent=10%"``). Other
     options as keywords: ``sinks=8``, ``window=16`` (SnapKV's), ``chunk=512`` (compress the
     prompt as it goes), ``accumulate="mean"``, ``layers="pyramid"``, ``min_budget=32``, and the

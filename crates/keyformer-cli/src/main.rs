@@ -452,8 +452,8 @@ struct KvArgs {
     /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, expected
     /// (kvpress's expected attention: the attention the queries to come are expected to pay,
     /// modelled from the prompt's queries; CPU only), keyformer, or
-    /// keyformer-long (= keyformer:recent=70%: Keyformer's best variant on long-context
-    /// retrieval tasks here, though TOVA beats it there, docs/results.md); settings may follow
+    /// keyformer-long (= keyformer:recent=70%:keydiff: Keyformer's best variant on long-context
+    /// retrieval tasks here, though TOVA beats it there, docs/results.md; CPU only); settings may follow
     /// after colons
     /// (keyformer:noise=none, sink:sinks=8, as in `eval`).
     /// Default: keyformer when --kv-budget is given, else full.
