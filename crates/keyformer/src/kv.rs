@@ -504,6 +504,12 @@ impl KvCache {
         Ok(())
     }
 
+    /// Whether the forward pass must add the prompt's queries to [`KvCache::query_moments`]:
+    /// the policy models the queries to come, or a shared prefill records them for one that does.
+    pub fn gathers_query_moments(&self) -> bool {
+        self.policy.wants_query_moments() || self.recorder.as_ref().is_some_and(|r| r.query_moments)
+    }
+
     /// Expected attention's scores when the policy wants them: each KV head of a global `layer`
     /// gets the model of its query heads' queries to come, and its held tokens their scores.
     fn model_queries(&mut self, layer: usize) {
@@ -511,16 +517,16 @@ impl KvCache {
             return;
         }
         let Some(moments) = &self.query_moments else { return };
+        let Some(n_heads) = moments.layers.get(layer).and_then(|l| l.as_ref()).map(|l| l.n_heads) else { return };
         let n_kv = self.layers[layer].len();
+        let group = n_heads / n_kv.max(1);
         let next = self.next_position() as usize;
+        // Pinned sinks stay whatever their score: left out of the softmax, as kvpress leaves
+        // its sinks out.
+        let pinned = self.policy.pinned();
         for h in 0..n_kv {
-            let Some(n_heads) = moments.layers.get(layer).and_then(|l| l.as_ref()).map(|l| l.n_heads) else { return };
-            let group = n_heads / n_kv.max(1);
             let Some(model) = moments.model(layer, h * group..(h + 1) * group, next) else { return };
             let head = &self.layers[layer][h];
-            // Pinned sinks stay whatever their score: left out of the softmax, as kvpress
-            // leaves its sinks out.
-            let pinned = self.policy.pinned();
             let held: Vec<(usize, u32, Vec<f32>, f32)> = head
                 .table
                 .occupied()

@@ -221,8 +221,7 @@ impl Backend for Cpu {
         let batch = caches.len() > 1;
         let q_dim = n_heads * head_dim;
         for (ci, cache) in caches.iter_mut().enumerate() {
-            let recording = cache.recorder.as_ref().is_some_and(|r| r.query_moments);
-            if !(cache.policy.wants_query_moments() || recording) {
+            if !cache.gathers_query_moments() {
                 continue;
             }
             let span = if batch { ci..ci + 1 } else { 0..positions.len() };
