@@ -303,6 +303,22 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// A decode step has gone through the model (the policy's schedule moves on).
     fn end_step(&self, cache: &mut Self::Cache);
+    /// Run a batch of decode steps (token i joins cache i) the backend's own way, e.g. replayed
+    /// as a recorded graph, and say whether it did: `Ok(false)` leaves the step to the model's
+    /// op-by-op forward pass. The result must equal that pass's.
+    fn replay_decode_step(
+        &self,
+        model: &crate::models::decoder::Model<Self>,
+        tokens: &[u32],
+        caches: &mut [&mut Self::Cache],
+        out: &mut crate::models::decoder::Out<'_>,
+    ) -> Result<bool, ModelError>
+    where
+        Self: Sized,
+    {
+        let _ = (model, tokens, caches, out);
+        Ok(false)
+    }
     /// Prompt tokens per forward pass (bounds a long prompt's activation memory).
     fn prefill_chunk(&self) -> usize;
     /// A sliding-window layer's cache (`CacheShape::windows`) holds only its window once the

@@ -122,9 +122,21 @@ impl<B: Backend> Layer<B> {
 }
 
 /// Where a forward pass's result goes: the logits, or each row's greedy token.
-pub(crate) enum Out<'a> {
+pub enum Out<'a> {
+    /// Vocabulary-sized rows of logits.
     Logits(&'a mut Vec<f32>),
+    /// Each row's argmax.
     Greedy(&'a mut Vec<u32>),
+}
+
+impl Out<'_> {
+    /// The same destination, borrowed again (to pass on while keeping this one).
+    pub fn reborrow(&mut self) -> Out<'_> {
+        match self {
+            Out::Logits(l) => Out::Logits(l),
+            Out::Greedy(t) => Out::Greedy(t),
+        }
+    }
 }
 
 /// Which rows of logits a forward pass returns.
@@ -547,7 +559,9 @@ impl<B: Backend> Model<B> {
     /// The step protocol, part 2: one decode step of one sequence (`token` joins the cache,
     /// which evicts to its budget), then the step's end (the policy's schedule moves on).
     pub fn decode_step_into(&self, token: u32, cache: &mut B::Cache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        self.forward_into(&[token], cache, Logits::Last, logits)?;
+        if !self.backend.replay_decode_step(self, &[token], &mut [&mut *cache], &mut Out::Logits(logits))? {
+            self.forward_into(&[token], cache, Logits::Last, logits)?;
+        }
         self.backend.end_step(cache);
         Ok(())
     }
@@ -560,7 +574,12 @@ impl<B: Backend> Model<B> {
         caches: &mut [&mut B::Cache],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.forward_batch(tokens, caches, logits)?;
+        if tokens.len() != caches.len() {
+            return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), caches.len())));
+        }
+        if !self.backend.replay_decode_step(self, tokens, caches, &mut Out::Logits(logits))? {
+            self.forward_batch(tokens, caches, logits)?;
+        }
         for cache in caches.iter_mut() {
             self.backend.end_step(cache);
         }
@@ -788,14 +807,7 @@ impl<B: Backend> Model<B> {
         match out {
             Out::Logits(logits) => {
                 be.logits(w, normed, m, batch, logits)?;
-                if let Some(bias) = &self.output_bias {
-                    logits
-                        .chunks_exact_mut(bias.len())
-                        .for_each(|row| row.iter_mut().zip(bias).for_each(|(l, b)| *l += b));
-                }
-                if let Some(cap) = c.final_softcap {
-                    logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
-                }
+                self.finish_logits(logits);
                 Ok(())
             }
             // A bias moves the argmax: taken over the host's logits.
@@ -815,6 +827,17 @@ impl<B: Backend> Model<B> {
             }
             // Soft-capping is monotonic: the argmax is the uncapped one.
             Out::Greedy(next) => be.greedy(w, normed, m, batch, next),
+        }
+    }
+
+    /// What the output projection's logits still need on the host: the output bias, then the
+    /// final soft-cap (Gemma 2).
+    pub(crate) fn finish_logits(&self, logits: &mut [f32]) {
+        if let Some(bias) = &self.output_bias {
+            logits.chunks_exact_mut(bias.len()).for_each(|row| row.iter_mut().zip(bias).for_each(|(l, b)| *l += b));
+        }
+        if let Some(cap) = self.config.final_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
         }
     }
 

@@ -260,6 +260,16 @@ impl Cuda {
         Ok(())
     }
 
+    /// The logits a replayed step left on the device (`len` values).
+    fn read_logits(&self, len: usize, out: &mut Vec<f32>) -> Result<(), ModelError> {
+        let sc = self.lock();
+        let logits = sc.logits.as_ref().ok_or_else(|| ModelError::Gpu("no logits on the device".into()))?;
+        out.resize(len, 0.0);
+        self.gpu.stream.memcpy_dtoh(&logits.slice(0..len), out.as_mut_slice()).map_err(GpuError::from)?;
+        self.gpu.synchronize()?;
+        Ok(())
+    }
+
     /// The greedy tokens a replayed step left on the device.
     fn read_next_tokens(&self, n: usize, out: &mut Vec<u32>) -> Result<(), ModelError> {
         let sc = self.lock();
@@ -380,6 +390,9 @@ impl Backend for Cuda {
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
         self.project_logits(&mut sc, w, x, n)?;
+        if sc.capturing {
+            return Ok(()); // read after the replay (Model::replay_step)
+        }
         let logits = sc.logits.as_ref().expect("sized");
         out.resize(n * w.rows, 0.0);
         self.gpu.stream.memcpy_dtoh(&logits.slice(0..n * w.rows), out.as_mut_slice()).map_err(GpuError::from)?;
@@ -662,6 +675,16 @@ impl Backend for Cuda {
         cache.finish_prompt(&self.gpu)
     }
 
+    fn replay_decode_step(
+        &self,
+        model: &Model<Self>,
+        tokens: &[u32],
+        caches: &mut [&mut GpuKvCache],
+        out: &mut Out<'_>,
+    ) -> Result<bool, ModelError> {
+        model.replay_step(tokens, caches, out)
+    }
+
     fn end_step(&self, cache: &mut GpuKvCache) {
         cache.policy.next_step();
     }
@@ -808,28 +831,46 @@ impl Model<Cuda> {
     }
 
     /// One greedy decode step of a batch (as [`Model::forward_batch_greedy`]), replayed as a
-    /// CUDA graph: a step is hundreds of small kernels whose launches cost more host time than
-    /// their work at small batches. The first step of a batch runs as usual (and sizes every
-    /// buffer); the next is captured; later ones only send their inputs (tokens, positions,
-    /// attention rows) and replay. A step whose buffers differ from the captured ones (another
-    /// batch size, a reallocated scratch) is captured again.
+    /// CUDA graph where it can be (see [`replay_step`](Self::replay_step)).
     pub fn decode_step_greedy(
         &self,
         tokens: &[u32],
         caches: &mut [&mut GpuKvCache],
         next: &mut Vec<u32>,
     ) -> Result<(), ModelError> {
+        if !self.replay_step(tokens, caches, &mut Out::Greedy(next))? {
+            self.forward_batch_greedy(tokens, caches, next)?;
+        }
+        Ok(())
+    }
+
+    /// One decode step of a batch (token i joins cache i) replayed as a CUDA graph: a step is
+    /// hundreds of small kernels whose launches cost more host time than their work at small
+    /// batches. The first step of a batch runs as usual (`false`: the caller runs it, and it
+    /// sizes every buffer); the next is captured; later ones only send their inputs (tokens,
+    /// positions, attention rows) and replay. A step whose buffers differ from the captured
+    /// ones (another batch size, a reallocated scratch) or that wants the other output (greedy
+    /// tokens or logits) is captured again. Logits come back from the device after the replay
+    /// and get the output bias and soft-cap on the host, as the op-by-op pass gives them.
+    pub fn replay_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut GpuKvCache],
+        out: &mut Out<'_>,
+    ) -> Result<bool, ModelError> {
         let be = &self.backend;
         let c = &self.config;
-        // A learned-position lookup would be captured with one step's positions, an output
-        // bias takes its argmax on the host: no graph.
+        let greedy = matches!(out, Out::Greedy(_));
+        // A learned-position lookup would be captured with one step's positions; an output
+        // bias moves the argmax, which is then taken on the host.
         if !be.use_graphs
             || self.pos_embd.is_some()
-            || self.output_bias.is_some()
+            || (greedy && self.output_bias.is_some())
+            || tokens.is_empty()
             || tokens.len() != caches.len()
             || caches.iter().any(|k| !k.policy.prompt_done())
         {
-            return self.forward_batch_greedy(tokens, caches, next);
+            return Ok(false);
         }
         for (index, k) in caches.iter().enumerate() {
             if k.len() + 1 > k.capacity() {
@@ -842,9 +883,10 @@ impl Model<Cuda> {
             return Err(ModelError::InBatch { index, error });
         }
         let shape = AttentionSpec::causal(c.n_heads, c.n_kv_heads, c.head_dim);
-        let Some(key) = be.prepare_decode(tokens, caches, shape)? else {
-            return self.forward_batch_greedy(tokens, caches, next); // buffers not sized yet
+        let Some(mut key) = be.prepare_decode(tokens, caches, shape)? else {
+            return Ok(false); // buffers not sized yet
         };
+        key.push(u64::from(greedy));
         let mut graph = be.step_graph.lock().unwrap_or_else(|e| e.into_inner());
         match graph.as_ref() {
             Some(g) if g.key == key => {
@@ -860,8 +902,8 @@ impl Model<Cuda> {
                 stream
                     .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(GpuError::from)?;
-                let result = be
-                    .with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, Out::Greedy(next), buffers));
+                let result =
+                    be.with_buffers(|buffers| self.forward_with(tokens, caches, Logits::All, out.reborrow(), buffers));
                 be.lock().capturing = false;
                 let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
                 result?;
@@ -871,7 +913,14 @@ impl Model<Cuda> {
                 *graph = Some(StepGraph { graph: g, key });
             }
         }
-        be.read_next_tokens(tokens.len(), next)
+        match out {
+            Out::Greedy(next) => be.read_next_tokens(tokens.len(), next)?,
+            Out::Logits(logits) => {
+                be.read_logits(tokens.len() * c.vocab_size, logits)?;
+                self.finish_logits(logits);
+            }
+        }
+        Ok(true)
     }
 
     /// Bytes of all the weight matrices on the device.

@@ -174,7 +174,9 @@ fn compare(
     ));
 
     // Batched decoding replayed as a CUDA graph equals the same steps launched one by one:
-    // three sequences with different prompts under Keyformer, 3 x `steps` steps.
+    // three sequences with different prompts under Keyformer, 3 x `steps` steps, greedy tokens
+    // found on the device, and logits brought back (the server's sampling path, replayed
+    // through `decode_batch_into` as the engine calls it).
     {
         let kv = PolicyConfig {
             kind: PolicyKind::Keyformer,
@@ -184,8 +186,15 @@ fn compare(
             ..Default::default()
         };
         let gen = 3 * steps;
+        #[derive(Clone, Copy, PartialEq)]
+        enum Step {
+            PlainGreedy,
+            GraphGreedy,
+            PlainLogits,
+            GraphLogits,
+        }
         let mut runs = Vec::new();
-        for graphs in [false, true] {
+        for mode in [Step::PlainGreedy, Step::GraphGreedy, Step::PlainLogits, Step::GraphLogits] {
             let mut caches = Vec::new();
             let mut next = Vec::new();
             for s in 0..3usize {
@@ -198,30 +207,48 @@ fn compare(
             }
             let mut refs: Vec<&mut super::kv::GpuKvCache> = caches.iter_mut().collect();
             let mut tokens = Vec::new();
+            let mut all_logits = Vec::new();
             let mut out = Vec::new();
+            let mut rows = Vec::new();
             for _ in 0..gen {
-                if graphs {
-                    gpu.decode_step_greedy(&next, &mut refs, &mut out)?;
-                } else {
-                    gpu.forward_batch_greedy(&next, &mut refs, &mut out)?;
+                match mode {
+                    Step::PlainGreedy => gpu.forward_batch_greedy(&next, &mut refs, &mut out)?,
+                    Step::GraphGreedy => gpu.decode_step_greedy(&next, &mut refs, &mut out)?,
+                    Step::PlainLogits => gpu.forward_batch(&next, &mut refs, &mut rows)?,
+                    Step::GraphLogits => gpu.decode_batch_into(&next, &mut refs, &mut rows)?,
                 }
-                for c in refs.iter_mut() {
-                    c.policy.next_step();
+                if matches!(mode, Step::PlainLogits | Step::GraphLogits) {
+                    out = rows.chunks_exact(vocab).map(argmax).collect();
+                    all_logits.extend_from_slice(&rows);
+                }
+                if mode != Step::GraphLogits {
+                    for c in refs.iter_mut() {
+                        c.policy.next_step(); // decode_batch_into ends its steps itself
+                    }
                 }
                 tokens.extend_from_slice(&out);
                 std::mem::swap(&mut next, &mut out);
             }
             let held: Vec<Vec<Vec<u32>>> =
                 caches.iter().map(|c| c.held_positions(g, n_layers - 1)).collect::<Result<_, _>>()?;
-            runs.push((tokens, held));
+            runs.push((tokens, held, all_logits));
         }
-        let differ =
-            runs[0].0.iter().zip(&runs[1].0).filter(|(a, b)| a != b).count() + usize::from(runs[0].1 != runs[1].1);
+        let differ = |a: usize, b: usize| {
+            runs[a].0.iter().zip(&runs[b].0).filter(|(x, y)| x != y).count() + usize::from(runs[a].1 != runs[b].1)
+        };
         checks.push(row(
             &format!("{name}: batched {} steps replayed as a CUDA graph equal plain launches", kv.label()),
-            differ as f64,
+            differ(0, 1) as f64,
             0.0,
             "greedy tokens that differ (+1 if the last layer keeps other tokens), 3 sequences",
+        ));
+        let logits_differ = runs[2].2.iter().zip(&runs[3].2).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+            + usize::from(runs[2].2.len() != runs[3].2.len());
+        checks.push(row(
+            &format!("{name}: batched {} steps with logits replayed as a CUDA graph equal plain launches", kv.label()),
+            (logits_differ + differ(2, 3)) as f64,
+            0.0,
+            "logits not bit-identical + tokens that differ (+1 if other tokens kept), 3 sequences",
         ));
     }
 
