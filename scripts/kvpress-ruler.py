@@ -85,6 +85,16 @@ def main():
         torch.set_num_threads(a.threads)
     # sdpa for speed; ObservedAttention needs the attention weights, so it runs eager.
     model, tok = load(a.model, "sdpa")
+    # KVzip loads the tokenizer again by the model's name (for its chat template), which a
+    # GGUF file loaded from a folder does not give: hand it the one loaded here.
+    import kvpress.presses.kvzip_press as kvzip_module
+
+    class SameTokenizer:
+        @staticmethod
+        def from_pretrained(*_args, **_kwargs):
+            return tok
+
+    kvzip_module.AutoTokenizer = SameTokenizer
     pipes = {"sdpa": pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")}
     if "observed_attention" in a.presses.split(","):
         eager, _ = load(a.model, "eager")

@@ -451,7 +451,9 @@ impl TextInput {
 struct KvArgs {
     /// Eviction policy: full, window, sink, h2o, tova, snapkv, random, knorm, expected
     /// (kvpress's expected attention: the attention the queries to come are expected to pay,
-    /// modelled from the prompt's queries; CPU only), keyformer, or
+    /// modelled from the prompt's queries; CPU only), kvzip (the model repeats the prompt at
+    /// its end and keeps what that repetition attends to most: query-agnostic, about twice the
+    /// prefill's cost; CPU only), keyformer, or
     /// keyformer-long (= keyformer:recent=70%:keydiff: Keyformer's best variant on long-context
     /// retrieval tasks here, though TOVA beats it there, docs/results.md; CPU only); settings may follow
     /// after colons

@@ -15,7 +15,9 @@ pub mod policy;
 
 pub use cursor::{CursorFull, EvictRange, SlotCursor, StepPlan};
 pub use noise::NoiseKind;
-pub use policy::{Accumulate, Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal};
+pub use policy::{
+    Accumulate, Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal, KVZIP_SINKS,
+};
 
 /// Errors from slot bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

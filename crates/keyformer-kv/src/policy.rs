@@ -20,7 +20,7 @@ use crate::SlotTable;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
     #[error(
-        "unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, expected, keyformer, keyformer-long)"
+        "unknown KV policy '{0}' (full, window, sink, h2o, tova, snapkv, random, knorm, expected, kvzip, keyformer, keyformer-long)"
     )]
     UnknownPolicy(String),
     #[error("invalid amount '{0}': give a token count (64) or a percentage (50%)")]
@@ -47,11 +47,16 @@ pub enum PolicyKind {
     /// kvpress's ExpectedAttention: the attention the queries to come are expected to pay
     /// ([`crate::expected`]), times the value's norm; CPU only for now.
     Expected,
+    /// KVzip (Kim et al., 2025): at the prompt's end the model is asked to repeat the prompt
+    /// and reads it again, teacher-forced; each prompt token's score is the most attention any
+    /// query of that repetition pays it ([`Signal::Reconstruction`]). Query-agnostic: it keeps
+    /// what the model needs to reproduce the context. CPU only for now.
+    Kvzip,
     Keyformer,
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 10] = [
+    pub const ALL: [PolicyKind; 11] = [
         PolicyKind::Full,
         PolicyKind::Window,
         PolicyKind::Sink,
@@ -61,6 +66,7 @@ impl PolicyKind {
         PolicyKind::Random,
         PolicyKind::KNorm,
         PolicyKind::Expected,
+        PolicyKind::Kvzip,
         PolicyKind::Keyformer,
     ];
     pub fn name(self) -> &'static str {
@@ -74,6 +80,7 @@ impl PolicyKind {
             PolicyKind::Random => "random",
             PolicyKind::KNorm => "knorm",
             PolicyKind::Expected => "expected",
+            PolicyKind::Kvzip => "kvzip",
             PolicyKind::Keyformer => "keyformer",
         }
     }
@@ -312,7 +319,7 @@ impl PolicyConfig {
     /// queries), `gumbel` (expected attention's softmax with Keyformer's noise and temperature),
     /// `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
-    /// The kinds: full, window, sink, h2o, tova, snapkv, random, knorm, expected, keyformer.
+    /// The kinds: full, window, sink, h2o, tova, snapkv, random, knorm, expected, kvzip, keyformer.
     pub fn parse_spec(spec: &str, defaults: &PolicyConfig) -> Result<PolicyConfig, PolicyError> {
         let (head, rest) = spec.trim().split_once(':').unwrap_or((spec.trim(), ""));
         if let Some((_, expansion)) = PRESETS.iter().find(|(name, _)| *name == head.trim()) {
@@ -431,6 +438,12 @@ impl PolicyConfig {
         if self.prefill_chunk == Some(0) {
             return Err(PolicyError::Invalid("a prefill chunk must be at least 1 token".into()));
         }
+        if self.kind == PolicyKind::Kvzip && self.prefill_chunk.is_some() {
+            return Err(PolicyError::Invalid(
+                "kvzip scores the whole prompt at its end (it repeats it): it cannot trim the prompt chunk by chunk"
+                    .into(),
+            ));
+        }
         match self.observe {
             Some(0) => return Err(PolicyError::Invalid("an observation window (observe=) must be at least 1 query".into())),
             Some(_) if !matches!(self.kind, PolicyKind::H2o | PolicyKind::Keyformer) => {
@@ -525,6 +538,7 @@ impl PolicyConfig {
             step: 0,
             prompt_done: false,
             chunk_end: self.prefill_chunk.map_or(prompt_len, |c| c.min(prompt_len)),
+            reconstruction: None,
         })
     }
 }
@@ -572,7 +586,25 @@ pub enum Signal {
     /// Keyformer: `softmax((x + g) / tau)`, g drawn per (seed, layer, query head, query
     /// position, key position).
     Noisy { from_position: u32, tau: f32, noise: NoiseKind, seed: u64 },
+    /// KVzip's reconstruction score: for the query rows at positions >= `from_position` (the
+    /// prompt's repetition), the softmax taken over the keys at positions < `sinks`, in
+    /// `first..end` (the part of the prompt being repeated) and >= `from_position` (the
+    /// repetition itself); each slot in `first..end` gets the largest probability any of
+    /// those rows and any query head of its KV head gives it. The rows are maxima, not sums:
+    /// a kernel merges into them with `max`.
+    Reconstruction { from_position: u32, first: u32, end: u32, sinks: u32 },
 }
+
+impl Signal {
+    /// Whether rows of this signal merge by maximum (else by sum).
+    pub fn merges_by_max(&self) -> bool {
+        matches!(self, Signal::Reconstruction { .. })
+    }
+}
+
+/// Attention sinks KVzip keeps whatever their score and counts in its softmax (kvpress's
+/// `n_sink`).
+pub const KVZIP_SINKS: usize = 4;
 
 /// Per-slot score rows of one layer's KV heads, which a kernel adds to in place.
 pub type ScoreRows<'a> = &'a mut [Vec<f32>];
@@ -610,6 +642,8 @@ pub struct SequencePolicy {
     /// Where the prompt chunk being processed ends (the prompt's length unless it is trimmed
     /// chunk by chunk): TOVA and SnapKV score with the queries just before it.
     chunk_end: usize,
+    /// KVzip: the repetition being read through a copy of the cache, if any.
+    reconstruction: Option<Signal>,
 }
 
 impl SequencePolicy {
@@ -800,6 +834,7 @@ impl SequencePolicy {
             PolicyKind::SnapKv if !self.prompt_done => {
                 Signal::Attention { from_position: self.chunk_end.saturating_sub(self.config.snapkv_window) as u32 }
             }
+            PolicyKind::Kvzip if !self.prompt_done => self.reconstruction.unwrap_or(Signal::None),
             PolicyKind::Keyformer if !(self.prompt_done && self.config.keyformer.frozen) => Signal::Noisy {
                 from_position: 0,
                 tau: self.tau(),
@@ -942,7 +977,8 @@ impl SequencePolicy {
     /// [`observation_signal`](Self::observation_signal)), per KV head.
     pub fn running_rows(&mut self, layer: usize) -> (Option<ScoreRows<'_>>, Option<ScoreRows<'_>>) {
         let heads = layer * self.n_kv_heads..(layer + 1) * self.n_kv_heads;
-        let sums = matches!(self.config.kind, PolicyKind::H2o | PolicyKind::Keyformer);
+        let sums = matches!(self.config.kind, PolicyKind::H2o | PolicyKind::Keyformer)
+            || (self.config.kind == PolicyKind::Kvzip && self.reconstruction.is_some() && !self.prompt_done);
         let observing = self.observation_signal() != Signal::None;
         (
             if sums { Some(&mut self.scores[heads.clone()]) } else { None },
@@ -1065,8 +1101,33 @@ impl SequencePolicy {
         match self.config.kind {
             PolicyKind::Sink => self.config.sinks as u64,
             PolicyKind::Full | PolicyKind::Window => 0,
+            // KVzip keeps its sinks (as many as fit beside the recent window).
+            PolicyKind::Kvzip => {
+                let room = self.budget.saturating_sub(self.recent);
+                self.config.pinned_sinks.max(KVZIP_SINKS.min(room)) as u64
+            }
             _ => self.config.pinned_sinks as u64,
         }
+    }
+
+    /// KVzip: the prompt's positions `first..end` are being repeated, the repetition reading
+    /// from position `from_position` on, through a copy of this sequence's cache: its attention
+    /// gives this policy's scores the reconstruction maxima ([`Signal::Reconstruction`]) until
+    /// [`end_reconstruction`](Self::end_reconstruction).
+    pub fn begin_reconstruction(&mut self, first: u32, end: u32, from_position: u32) {
+        self.reconstruction =
+            Some(Signal::Reconstruction { from_position, first, end, sinks: KVZIP_SINKS as u32 });
+    }
+
+    /// The repetition is over: the prompt's own forward passes score nothing again.
+    pub fn end_reconstruction(&mut self) {
+        self.reconstruction = None;
+    }
+
+    /// Whether this policy scores the prompt by its repetition (KVzip): the forward pass must
+    /// run the repetition before the prompt's end is processed.
+    pub fn wants_reconstruction(&self) -> bool {
+        self.config.kind == PolicyKind::Kvzip && !self.prompt_done && self.budget != usize::MAX
     }
 
     /// [`victims`](Self::victims) for one victim in a single pass over the slots, no
@@ -1456,6 +1517,29 @@ mod tests {
         }
         // Norms 1, 5, 2, 12.7; position 3 is in the recent window, so position 1 (norm 5) goes.
         assert_eq!(positions_of(&t, &p.victims(0, 0, &t, 3)), vec![1]);
+    }
+
+    /// KVzip scores nothing during its prompt; a repetition's copy gets the reconstruction
+    /// signal and maxima rows to merge into until it ends; its sinks are pinned (as many as
+    /// fit); it cannot trim its prompt chunk by chunk.
+    #[test]
+    fn kvzip_scores_only_through_a_repetition() {
+        let spec = |s: &str| PolicyConfig::parse_spec(s, &PolicyConfig::default());
+        let mut p = spec("kvzip:budget=10:recent=2").unwrap().resolve(40, 0, 1, 2).unwrap();
+        assert_eq!(p.signal(), Signal::None);
+        assert!(p.wants_reconstruction() && p.running_rows(0).0.is_none());
+        assert_eq!(p.pinned(), KVZIP_SINKS as u64);
+        p.begin_reconstruction(0, 40, 45);
+        assert_eq!(p.signal(), Signal::Reconstruction { from_position: 45, first: 0, end: 40, sinks: 4 });
+        assert!(p.signal().merges_by_max() && p.running_rows(0).0.is_some_and(|rows| rows.len() == 2));
+        p.end_reconstruction();
+        assert_eq!(p.signal(), Signal::None);
+        let tight = spec("kvzip:budget=5:recent=3").unwrap().resolve(40, 0, 1, 1).unwrap();
+        assert_eq!(tight.pinned(), 2, "the sinks that fit beside the recent window");
+        let full = spec("kvzip:budget=100%").unwrap().resolve(40, 0, 1, 1).unwrap();
+        assert!(full.wants_reconstruction(), "a covering budget still scores (nothing is evicted)");
+        let err = spec("kvzip:budget=10:chunk=16").map(|c| c.validate());
+        assert!(matches!(err, Ok(Err(PolicyError::Invalid(_))) | Err(PolicyError::Invalid(_))), "{err:?}");
     }
 
     #[test]

@@ -759,7 +759,7 @@ impl Engine<Cpu> {
         let _ = std::fs::remove_file(&path);
         let (file, model) = loaded?;
         let tokenizer = Tokenizer::byte_level(model.config.vocab_size)?;
-        Ok(Self { file: Some(file), name: format!("random-{}", shape.name), model, tokenizer })
+        Ok(Self { file: Some(file), name: format!("random-{}", shape.name), model, tokenizer }.with_repeat_request())
     }
 
     /// A GGUF file, or a Hugging Face model folder ([`crate::hf`]), its weights read into
@@ -803,7 +803,31 @@ impl Engine<Cpu> {
                 model.config.vocab_size
             )));
         }
-        Ok(Self { file: Some(file), name, model, tokenizer })
+        Ok(Self { file: Some(file), name, model, tokenizer }.with_repeat_request())
+    }
+
+    /// KVzip's repeat request in this model's tokens (its chat template's end of a user turn
+    /// where it has one, as kvpress finds it: a message rendered around a marker, cut there).
+    fn with_repeat_request(mut self) -> Self {
+        let encode = |text: &str| self.tokenizer.encode(text, false).ok();
+        let suffix = match self.chat_template() {
+            Some(_) => {
+                const MARKER: &str = "\n##kvzip-marker##";
+                self.chat_prompt(&format!("context{MARKER}"))
+                    .ok()
+                    .and_then(|p| p.split_once(MARKER).map(|(_, after)| after.to_string()))
+            }
+            None => None,
+        };
+        let request = (|| {
+            Some(crate::kvzip::RepeatRequest {
+                first: encode(crate::kvzip::FIRST_REQUEST)?,
+                later: encode(crate::kvzip::LATER_REQUEST)?,
+                suffix: encode(suffix.as_deref().unwrap_or("\n"))?,
+            })
+        })();
+        self.model.repeat_request = request;
+        self
     }
 
     /// Prefill `prompt` once with the full cache while recording the prompt scores that every
@@ -846,9 +870,10 @@ impl Engine<Cpu> {
     ) -> Result<(KvCache, Vec<f32>), ModelError> {
         let c = &self.model.config;
         let policy = kv.resolve(shared.prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        if policy.prompt_chunk().is_some() {
+        if policy.prompt_chunk().is_some() || policy.wants_reconstruction() {
             // Trimmed chunk by chunk, a policy's later chunks see only what it kept of the
-            // earlier ones: its cache cannot come from the full cache's prefill.
+            // earlier ones: its cache cannot come from the full cache's prefill. KVzip reads
+            // the prompt again through its own prefill.
             let mut cache = self.new_cache(kv, shared.prompt.len(), steps)?;
             let logits = self.prefill(&shared.prompt, &mut cache)?;
             return Ok((cache, logits));

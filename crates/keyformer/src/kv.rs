@@ -602,6 +602,21 @@ impl KvCache {
         }
     }
 
+    /// Room for `extra` more tokens in every head without trimming (a copy that reads more
+    /// tokens through the model, as KVzip's repetition does): storage grows where it must,
+    /// slots keep position order.
+    pub fn grow_for(&mut self, extra: usize) {
+        for layer in 0..self.layers.len() {
+            for h in 0..self.layers[layer].len() {
+                let needed = self.layers[layer][h].table.len().saturating_add(extra);
+                if self.layers[layer][h].table.capacity() < needed {
+                    let mapping = self.layers[layer][h].compact(needed);
+                    self.policy.remap(layer, h, &mapping);
+                }
+            }
+        }
+    }
+
     /// This cache, kept at a prompt position, starts another sequence's prompt of `prompt_len`
     /// tokens and `steps` steps under the same policy ([`SequencePolicy::resume_prompt`]);
     /// storage grows (in position order, as a full cache holds it) when that sequence needs

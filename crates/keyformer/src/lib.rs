@@ -17,6 +17,7 @@ pub mod engine;
 pub mod gguf;
 pub mod hf;
 pub mod kv;
+pub mod kvzip;
 pub mod models;
 pub mod prefix;
 pub mod quant;

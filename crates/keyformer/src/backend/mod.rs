@@ -303,6 +303,22 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// A decode step has gone through the model (the policy's schedule moves on).
     fn end_step(&self, cache: &mut Self::Cache);
+    /// The prompt `tokens` (the cache's last positions) has gone through the model and its end
+    /// comes next: a policy that scores the prompt by another read of it (KVzip's repetition)
+    /// does that here. Nothing by default (a backend without such policies refuses them when
+    /// their cache is made).
+    fn before_prompt_end(
+        &self,
+        model: &crate::models::decoder::Model<Self>,
+        tokens: &[u32],
+        cache: &mut Self::Cache,
+    ) -> Result<(), ModelError>
+    where
+        Self: Sized,
+    {
+        let _ = (model, tokens, cache);
+        Ok(())
+    }
     /// Run a batch of decode steps (token i joins cache i) the backend's own way, e.g. replayed
     /// as a recorded graph, and say whether it did: `Ok(false)` leaves the step to the model's
     /// op-by-op forward pass. The result must equal that pass's.

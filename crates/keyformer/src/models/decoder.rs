@@ -165,6 +165,9 @@ pub struct Model<B: Backend = Cpu> {
     pub ropes: Vec<Rope<B>>,
     /// How new caches store keys and values.
     pub kv_type: KvType,
+    /// What KVzip asks before it repeats a prompt, in this model's tokens (set by the Engine,
+    /// which has the tokenizer).
+    pub repeat_request: Option<crate::kvzip::RepeatRequest>,
 }
 
 /// Reads a GGUF file's tensors for [`Model::load`], checking each shape.
@@ -352,6 +355,7 @@ impl Model<Cpu> {
             pos_embd,
             ropes,
             kv_type: KvType::default(),
+            repeat_request: None,
         })
     }
 
@@ -553,6 +557,7 @@ impl<B: Backend> Model<B> {
                 on_break(pos, cache);
             }
         }
+        self.backend.before_prompt_end(self, tokens, cache)?;
         self.backend.finish_prompt(cache)
     }
 

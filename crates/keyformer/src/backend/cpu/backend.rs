@@ -368,6 +368,18 @@ impl Backend for Cpu {
         Ok(cache.finish_prompt()?)
     }
 
+    fn before_prompt_end(
+        &self,
+        model: &crate::models::decoder::Model<Self>,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<(), ModelError> {
+        if cache.policy.wants_reconstruction() {
+            model.score_by_repetition(tokens, cache)?;
+        }
+        Ok(())
+    }
+
     fn reopen_prompt(&self, cache: &mut KvCache, extra: usize, steps: usize) -> Result<(), ModelError> {
         cache.reopen_prompt(extra, steps);
         Ok(())

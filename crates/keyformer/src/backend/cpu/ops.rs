@@ -472,6 +472,7 @@ fn attention_one_query(
         .map(|signal| match *signal {
             Signal::None => None,
             Signal::Attention { from_position } => (pos >= from_position).then_some(0),
+            Signal::Reconstruction { .. } => unreachable!("attention_into sends these rows to attention_rows"),
             Signal::Noisy { from_position, tau, noise, seed } => (pos >= from_position).then(|| {
                 noisy.push((tau, noise, seed));
                 noisy.len()
@@ -685,7 +686,11 @@ pub fn attention_into(
 ) {
     assert_eq!(sums.len(), signals.len(), "one score destination per signal");
     if let [pos] = positions {
-        return attention_one_query(q, *pos, heads, spec, layer, signals, out, sums);
+        // (A repetition's rows are prompt rows: its one-row pieces are rare, and take the
+        // general path, which computes its restricted softmax.)
+        if !signals.iter().any(Signal::merges_by_max) {
+            return attention_one_query(q, *pos, heads, spec, layer, signals, out, sums);
+        }
     }
     attention_rows(q, positions, heads, spec, layer, signals, out, sums)
 }
@@ -778,7 +783,9 @@ fn attention_rows(
         .iter()
         .map(|signal| match *signal {
             Signal::None => None,
-            Signal::Attention { from_position } | Signal::Noisy { from_position, .. } => Some(from_position),
+            Signal::Attention { from_position }
+            | Signal::Noisy { from_position, .. }
+            | Signal::Reconstruction { from_position, .. } => Some(from_position),
         })
         .collect();
     let blocks = n.div_ceil(QUERIES_PER_TASK);
@@ -874,6 +881,23 @@ fn attention_rows(
                         let inv_nsum = 1.0 / noisy.iter().sum::<f32>();
                         acc.iter_mut().zip(&noisy).for_each(|(a, &e)| *a += e * inv_nsum);
                     }
+                    Signal::Reconstruction { from_position, first, end, sinks } => {
+                        // The softmax over the sinks, the part repeated and the repetition
+                        // (the exponentials' common factor cancels); the part's slots keep
+                        // their largest probability.
+                        let counted = |sp: &Option<u32>| {
+                            sp.is_some_and(|q| q < sinks || (first..end).contains(&q) || q >= from_position)
+                        };
+                        let denom: f32 = weights.iter().zip(slots).filter(|(_, sp)| counted(sp)).map(|(w, _)| w).sum();
+                        if denom > 0.0 {
+                            let inv = 1.0 / denom;
+                            for ((a, &w), sp) in acc.iter_mut().zip(&weights).zip(slots) {
+                                if sp.is_some_and(|q| (first..end).contains(&q)) {
+                                    *a = a.max(w * inv);
+                                }
+                            }
+                        }
+                    }
                     _ => acc.iter_mut().zip(&weights).for_each(|(a, &e)| *a += e * inv),
                 }
             }
@@ -888,9 +912,14 @@ fn attention_rows(
             continue;
         }
         grow_rows(rows, heads);
+        let by_max = signals[k].merges_by_max();
         for (h, task_sums) in &partial {
             if let Some(s) = &task_sums[k] {
-                rows[h / group].iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                let row = rows[h / group].iter_mut().zip(s);
+                match by_max {
+                    true => row.for_each(|(a, b)| *a = a.max(*b)),
+                    false => row.for_each(|(a, b)| *a += b),
+                }
             }
         }
     }
@@ -1295,6 +1324,60 @@ mod tests {
             .unwrap()[0]
             .iter()
             .all(|&v| v == 0.0));
+    }
+
+    /// KVzip's reconstruction signal against a direct computation: rows of two query heads
+    /// sharing a KV head, the softmax restricted to the sinks, the repeated part and the
+    /// repetition, each repeated slot's largest probability over rows and heads; rows before
+    /// the repetition, slots outside the part and a single row alone are checked too.
+    #[test]
+    fn reconstruction_scores_are_maxima_of_the_restricted_softmax() {
+        let (hd, n_heads, ctx, reps) = (4, 2, 12u32, 5u32);
+        let mut rng = Lcg(5);
+        let mut kv = HeadKv::new((ctx + reps) as usize, hd, crate::kv::KvType::F32);
+        let mut keys = Vec::new();
+        for p in 0..ctx + reps {
+            let k: Vec<f32> = (0..hd).map(|_| rng.f32()).collect();
+            kv.insert(p, &k, &[p as f32; 4]).unwrap();
+            keys.push(k);
+        }
+        let heads = [kv];
+        let positions: Vec<u32> = (ctx - 2..ctx + reps).collect(); // two prompt rows first
+        let q: Vec<f32> = (0..positions.len() * n_heads * hd).map(|_| rng.f32() * 2.0).collect();
+        let (first, end, sinks) = (3u32, 8u32, 2u32);
+        let signal = Signal::Reconstruction { from_position: ctx, first, end, sinks };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut want = vec![0f32; (ctx + reps) as usize];
+        for (i, &p) in positions.iter().enumerate().filter(|(_, &p)| p >= ctx) {
+            for h in 0..n_heads {
+                let qi = &q[(i * n_heads + h) * hd..(i * n_heads + h + 1) * hd];
+                let counted: Vec<u32> =
+                    (0..=p).filter(|&s| s < sinks || (first..end).contains(&s) || s >= ctx).collect();
+                let logit = |s: u32| scale * qi.iter().zip(&keys[s as usize]).map(|(a, b)| a * b).sum::<f32>();
+                let m = counted.iter().map(|&s| logit(s)).fold(f32::NEG_INFINITY, f32::max);
+                let denom: f32 = counted.iter().map(|&s| (logit(s) - m).exp()).sum();
+                for s in first..end {
+                    want[s as usize] = want[s as usize].max((logit(s) - m).exp() / denom);
+                }
+            }
+        }
+        let mut out = vec![0f32; q.len()];
+        let got = attention(&q, &positions, &heads, n_heads, hd, 0, &[signal], &mut out)[0].clone().unwrap();
+        for (s, w) in want.iter().enumerate() {
+            let g = got[0].get(s).copied().unwrap_or(0.0);
+            assert!((g - w).abs() < 1e-6, "slot {s}: {g} against {w}");
+            if !(first as usize..end as usize).contains(&s) {
+                assert_eq!(g, 0.0, "slot {s} lies outside the repeated part");
+            }
+        }
+        assert!(want[first as usize..end as usize].iter().all(|&w| w > 0.0));
+        // One row alone (the general path serves it too) gives that row's maxima.
+        let last = positions.len() - 1;
+        let one = attention(&q[last * n_heads * hd..], &positions[last..], &heads, n_heads, hd, 0, &[signal], &mut out)
+            [0]
+        .clone()
+        .unwrap();
+        assert!(one[0][first as usize..end as usize].iter().all(|&v| v > 0.0 && v <= 1.0));
     }
 
     /// The split single-query path against the general path (forced by asking for two signals)

@@ -667,6 +667,11 @@ impl Backend for Cuda {
         if policy.kind() == keyformer_kv::PolicyKind::Expected {
             return Err(expected_on_cpu_only());
         }
+        if policy.kind() == keyformer_kv::PolicyKind::Kvzip {
+            return Err(ModelError::Input(
+                "the 'kvzip' KV policy runs on the CPU only for now: use --device cpu or another policy".into(),
+            ));
+        }
         // Keys and values are always f16 on the GPU.
         GpuKvCache::new(&self.gpu, config.windows, config.n_kv_heads, config.head_dim, policy, context)
     }
@@ -747,6 +752,7 @@ impl Model<Cuda> {
             ropes,
             layers,
             kv_type: crate::kv::KvType::F16,
+            repeat_request: None,
             backend: cuda,
         })
     }
@@ -826,6 +832,7 @@ impl Model<Cuda> {
             layers,
             config,
             kv_type: crate::kv::KvType::F16,
+            repeat_request: None,
             backend: cuda,
         })
     }

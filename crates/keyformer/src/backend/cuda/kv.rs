@@ -153,6 +153,8 @@ impl GpuKvCache {
             Signal::None => None,
             Signal::Attention { .. } => Some(ScoreSignal::Attention),
             Signal::Noisy { tau, seed, .. } => Some(ScoreSignal::Keyformer { tau, seed }),
+            // Refused when the cache is made (Cuda::new_cache).
+            Signal::Reconstruction { .. } => None,
         }
     }
 

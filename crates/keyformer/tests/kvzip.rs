@@ -1,0 +1,91 @@
+//! KVzip on the real model (SmolLM2-135M): its trim keeps exactly the prompt tokens that the
+//! repetition attends to most, as a one-pass reference computes them (the prompt and its
+//! repetition read into one full cache, the maxima recorded on the way: no copy of the cache,
+//! no growing of its storage, no merging of parts), and the repetition never enters the
+//! sequence's own cache.
+
+mod common;
+
+use common::*;
+use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind, Signal, KVZIP_SINKS};
+use keyformer::kv::PromptScores;
+use keyformer::models::decoder::Logits;
+use keyformer::Engine;
+
+fn engine() -> Engine {
+    Engine::load(&q4_model()).unwrap()
+}
+
+fn prompt(engine: &Engine, n: usize) -> Vec<u32> {
+    let text = std::fs::read_to_string(golden("data/prose.txt")).unwrap();
+    engine.encode(&text).unwrap()[..n].to_vec()
+}
+
+#[test]
+fn the_repeat_request_ends_with_the_chat_templates_turn_to_the_assistant() {
+    let e = engine();
+    let request = e.model.repeat_request.as_ref().expect("set by the engine");
+    let suffix = e.tokenizer.decode(&request.suffix).unwrap();
+    assert!(suffix.contains("<|im_end|>") && suffix.trim_end().ends_with("assistant"), "{suffix:?}");
+    let first = e.tokenizer.decode(&request.first).unwrap();
+    assert_eq!(first, keyformer::kvzip::FIRST_REQUEST);
+    // A later part quotes the previous part's last 8 tokens after its request.
+    let (prev, part) = ([1u32, 2, 3, 4, 5, 6, 7, 8, 9, 10], [20u32, 21]);
+    let pass = request.pass(Some(&prev), &part);
+    let quoted = request.later.len()..request.later.len() + 8;
+    assert_eq!(&pass[quoted], &prev[2..]);
+    assert!(pass.ends_with(&[&request.suffix[..], &part[..]].concat()));
+}
+
+#[test]
+fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
+    let e = engine();
+    let p = prompt(&e, 120);
+    let n = p.len() as u32;
+    let kv = PolicyConfig {
+        kind: PolicyKind::Kvzip,
+        budget: Some(Amount::Percent(40.0)),
+        min_budget: 1,
+        ..Default::default()
+    };
+    let mut cache = e.new_cache(&kv, p.len(), 4).unwrap();
+    let logits = e.prefill(&p, &mut cache).unwrap();
+    assert_eq!(cache.next_position(), n, "the repetition left the sequence's own cache alone");
+
+    // The reference: prompt and repetition through one full cache, maxima recorded.
+    let request = e.model.repeat_request.as_ref().unwrap();
+    let repeat = request.pass(None, &p);
+    let c = &e.model.config;
+    let mut full = e.new_cache(&PolicyConfig::default(), p.len() + repeat.len(), 0).unwrap();
+    let signal = Signal::Reconstruction { from_position: n, first: 0, end: n, sinks: KVZIP_SINKS as u32 };
+    full.recorder = Some(PromptScores::new(vec![signal], c.n_layers, c.n_kv_heads));
+    let prompt_logits = e.model.forward(&p, &mut full, Logits::Last).unwrap();
+    assert!(prompt_logits == logits, "the prompt's logits do not depend on the policy");
+    e.model.forward(&repeat, &mut full, Logits::Last).unwrap();
+    let sums = &full.recorder.as_ref().unwrap().sums[0];
+
+    let policy = &cache.policy;
+    let (budget, recent, pinned) = (policy.budget, policy.recent, policy.pinned() as u32);
+    assert!(budget < p.len() && pinned == KVZIP_SINKS as u32 && recent > 0);
+    let mut differs = 0;
+    for layer in 0..c.n_layers {
+        for h in 0..c.n_kv_heads {
+            let scores = &sums[layer * c.n_kv_heads + h]; // slot = position in the full cache
+            let first_recent = n - recent as u32;
+            let mut keys: Vec<u32> = (pinned..first_recent).collect();
+            keys.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(b.cmp(&a)));
+            let mut want: Vec<u32> = (0..pinned).chain(first_recent..n).collect();
+            want.extend_from_slice(&keys[..budget - recent - pinned as usize]);
+            want.sort();
+            let mut got: Vec<u32> = cache.layers[layer][h].table.occupied().map(|(_, p)| p).collect();
+            got.sort();
+            assert_eq!(got, want, "layer {layer}, KV head {h}");
+            // The kept key tokens are the repetition's, not simply the newest before the window.
+            let k = budget - recent - pinned as usize;
+            let mut chosen = keys[..k].to_vec();
+            chosen.sort();
+            differs += usize::from(chosen != (first_recent - k as u32..first_recent).collect::<Vec<u32>>());
+        }
+    }
+    assert!(differs > 0, "every head kept the newest tokens: the check would not see a wrong score");
+}
