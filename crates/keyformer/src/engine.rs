@@ -322,6 +322,9 @@ pub struct SharedPrefill {
     logits: Vec<f32>,
     /// The prompt, for the policies that must prefill on their own (trimmed chunk by chunk).
     prompt: Vec<u32>,
+    /// KVzip's scores of the prompt, computed for the first `kvzip` policy that asks and
+    /// shared by the others (they depend on the tokens alone).
+    repetition: std::sync::OnceLock<crate::kvzip::RepetitionScores>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -858,7 +861,7 @@ impl Engine<Cpu> {
             logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
         }
         let scores = cache.recorder.take().expect("recorder set above");
-        Ok(SharedPrefill { cache, scores, logits, prompt: prompt.to_vec() })
+        Ok(SharedPrefill { cache, scores, logits, prompt: prompt.to_vec(), repetition: Default::default() })
     }
 
     /// A copy of a shared prefill compressed by `kv`, and the prompt's last logits.
@@ -870,10 +873,9 @@ impl Engine<Cpu> {
     ) -> Result<(KvCache, Vec<f32>), ModelError> {
         let c = &self.model.config;
         let policy = kv.resolve(shared.prompt.len(), steps, c.n_layers, c.n_kv_heads).map_err(ModelError::Policy)?;
-        if policy.prompt_chunk().is_some() || policy.wants_reconstruction() {
+        if policy.prompt_chunk().is_some() {
             // Trimmed chunk by chunk, a policy's later chunks see only what it kept of the
-            // earlier ones: its cache cannot come from the full cache's prefill. KVzip reads
-            // the prompt again through its own prefill.
+            // earlier ones: its cache cannot come from the full cache's prefill.
             let mut cache = self.new_cache(kv, shared.prompt.len(), steps)?;
             let logits = self.prefill(&shared.prompt, &mut cache)?;
             return Ok((cache, logits));
@@ -926,6 +928,16 @@ impl Engine<Cpu> {
                     cache.policy.observe(li, h, s);
                 }
             }
+        }
+        if cache.policy.wants_reconstruction() {
+            let scores = match shared.repetition.get() {
+                Some(s) => s,
+                None => {
+                    let s = self.model.repetition_scores(&shared.prompt, &shared.cache)?;
+                    shared.repetition.get_or_init(|| s)
+                }
+            };
+            scores.apply(&mut cache);
         }
         cache.finish_prompt()?;
         Ok((cache, shared.logits.clone()))

@@ -48,19 +48,61 @@ impl RepeatRequest {
     }
 }
 
+/// A prompt's repetition scores: for each (layer, KV head), the score of each prompt position
+/// from `start` on (`rows[layer * n_kv_heads + head][position - start]`); sliding layers'
+/// rows are empty.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepetitionScores {
+    pub start: u32,
+    pub rows: Vec<Vec<f32>>,
+}
+
+impl RepetitionScores {
+    /// Give them to `cache`'s policy (its held prompt tokens' scores).
+    pub fn apply(&self, cache: &mut KvCache) {
+        let n_kv = cache.layers[0].len();
+        for layer in 0..cache.layers.len() {
+            for h in 0..n_kv {
+                let row = &self.rows[layer * n_kv + h];
+                if row.is_empty() {
+                    continue;
+                }
+                let head = &cache.layers[layer][h];
+                let mut per_slot = vec![0f32; head.table.positions().len()];
+                for (slot, pos) in head.table.occupied() {
+                    if let Some(&score) = pos.checked_sub(self.start).and_then(|i| row.get(i as usize)) {
+                        per_slot[slot] = score;
+                    }
+                }
+                cache.policy.observe(layer, h, &per_slot);
+            }
+        }
+    }
+}
+
 impl Model<Cpu> {
     /// Score the prompt tokens just read into `cache` (`prompt`, the last `prompt.len()`
     /// positions) by their repetition, into the cache's policy (KVzip), before the prompt's
     /// end trims it.
     pub fn score_by_repetition(&self, prompt: &[u32], cache: &mut KvCache) -> Result<(), ModelError> {
+        self.repetition_scores(prompt, cache)?.apply(cache);
+        Ok(())
+    }
+
+    /// The repetition scores of the prompt tokens just read into `cache` (`prompt`, its last
+    /// `prompt.len()` positions; the cache holds them all), whatever its policy: they depend
+    /// on the tokens alone, so one computation serves every budget.
+    pub fn repetition_scores(&self, prompt: &[u32], cache: &KvCache) -> Result<RepetitionScores, ModelError> {
         let request = self.repeat_request.as_ref().ok_or_else(|| {
             ModelError::Input("kvzip needs the words of its repeat request: load the model through an Engine".into())
         })?;
         let end = cache.next_position();
         let start = end - prompt.len() as u32;
         let (n_layers, n_kv) = (cache.layers.len(), cache.layers[0].len());
-        // best[layer * n_kv + head][position - start]
-        let mut best = vec![vec![0f32; prompt.len()]; n_layers * n_kv];
+        let global = |layer: usize| cache.windows[layer].is_none();
+        let mut rows: Vec<Vec<f32>> = (0..n_layers * n_kv)
+            .map(|i| if global(i / n_kv) { vec![0f32; prompt.len()] } else { Vec::new() })
+            .collect();
         let mut logits = Vec::new();
         let mut previous: Option<&[u32]> = None;
         for (i, part) in prompt.chunks(PART_TOKENS).enumerate() {
@@ -68,18 +110,25 @@ impl Model<Cpu> {
             let tokens = request.pass(previous, part);
             let mut copy = cache.clone();
             copy.recorder = None;
+            copy.query_moments = None;
+            // The copy scores with a KVzip policy of its own, whatever the cache's (a budget
+            // that holds everything: nothing is trimmed while the prompt runs anyway).
+            let lifetime = end as usize + tokens.len();
+            let scorer = keyformer_kv::PolicyConfig {
+                kind: keyformer_kv::PolicyKind::Kvzip,
+                budget: Some(keyformer_kv::Amount::Tokens(lifetime)),
+                ..Default::default()
+            };
+            copy.policy = scorer.resolve(lifetime, 0, n_layers, n_kv).map_err(ModelError::Policy)?;
             copy.grow_for(tokens.len());
             copy.policy.begin_reconstruction(first, first + part.len() as u32, end);
             for piece in tokens.chunks(self.backend.prefill_chunk()) {
                 self.forward_into(piece, &mut copy, Logits::Last, &mut logits)?;
             }
-            for layer in 0..n_layers {
-                if copy.windows[layer].is_some() {
-                    continue; // a sliding layer keeps its window whatever the scores
-                }
+            for layer in (0..n_layers).filter(|&l| global(l)) {
                 for h in 0..n_kv {
                     let scores = copy.policy.scores(layer, h);
-                    let row = &mut best[layer * n_kv + h];
+                    let row = &mut rows[layer * n_kv + h];
                     for (slot, pos) in copy.layers[layer][h].table.occupied() {
                         if pos >= start && pos < end {
                             let b = &mut row[(pos - start) as usize];
@@ -90,21 +139,6 @@ impl Model<Cpu> {
             }
             previous = Some(part);
         }
-        for layer in 0..n_layers {
-            if cache.windows[layer].is_some() {
-                continue;
-            }
-            for h in 0..n_kv {
-                let head = &cache.layers[layer][h];
-                let mut per_slot = vec![0f32; head.table.positions().len()];
-                for (slot, pos) in head.table.occupied() {
-                    if pos >= start && pos < end {
-                        per_slot[slot] = best[layer * n_kv + h][(pos - start) as usize];
-                    }
-                }
-                cache.policy.observe(layer, h, &per_slot);
-            }
-        }
-        Ok(())
+        Ok(RepetitionScores { start, rows })
     }
 }

@@ -89,3 +89,31 @@ fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
     }
     assert!(differs > 0, "every head kept the newest tokens: the check would not see a wrong score");
 }
+
+/// A shared prefill (eval's: one prompt, every policy compressing a copy) gives KVzip the same
+/// cache as its own prefill, for each budget and setting, from one repetition.
+#[test]
+fn kvzip_from_a_shared_prefill_equals_its_own_prefill() {
+    let e = engine();
+    let p = prompt(&e, 90);
+    let configs: Vec<PolicyConfig> = ["kvzip:budget=30%", "kvzip:budget=60%:recent=0"]
+        .iter()
+        .map(|s| PolicyConfig { min_budget: 1, ..PolicyConfig::parse_spec(s, &PolicyConfig::default()).unwrap() })
+        .collect();
+    let shared = e.shared_prefill(&p, &configs, 4).unwrap();
+    for kv in &configs {
+        let (from_shared, shared_logits) = e.cache_from_shared(&shared, kv, 4).unwrap();
+        let mut own = e.new_cache(kv, p.len(), 4).unwrap();
+        let own_logits = e.prefill(&p, &mut own).unwrap();
+        assert!(shared_logits == own_logits);
+        for (a, b) in from_shared.layers.iter().flatten().zip(own.layers.iter().flatten()) {
+            let held = |h: &keyformer::kv::HeadKv| {
+                let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
+                p.sort();
+                p
+            };
+            assert_eq!(held(a), held(b), "{}", kv.label());
+            assert!(held(a).len() < p.len(), "the budget trims");
+        }
+    }
+}
