@@ -879,15 +879,10 @@ impl Model<Cuda> {
         {
             return Ok(false);
         }
-        for (index, k) in caches.iter().enumerate() {
-            if k.len() + 1 > k.capacity() {
-                let error = Box::new(ModelError::ContextFull { needed: k.len() + 1, capacity: k.capacity() });
-                return Err(ModelError::InBatch { index, error });
-            }
-        }
-        if let Some(index) = tokens.iter().position(|&t| t as usize >= c.vocab_size) {
-            let error = Box::new(ModelError::TokenOutOfRange { token: tokens[index], vocab: c.vocab_size });
-            return Err(ModelError::InBatch { index, error });
+        // A step that cannot run (a full cache, a token past the vocabulary) goes the plain
+        // way, which names the error as a single sequence's or a batch's.
+        if caches.iter().any(|k| k.len() + 1 > k.capacity()) || tokens.iter().any(|&t| t as usize >= c.vocab_size) {
+            return Ok(false);
         }
         let shape = AttentionSpec::causal(c.n_heads, c.n_kv_heads, c.head_dim);
         let Some(mut key) = be.prepare_decode(tokens, caches, shape)? else {
