@@ -1115,8 +1115,7 @@ impl SequencePolicy {
     /// gives this policy's scores the reconstruction maxima ([`Signal::Reconstruction`]) until
     /// [`end_reconstruction`](Self::end_reconstruction).
     pub fn begin_reconstruction(&mut self, first: u32, end: u32, from_position: u32) {
-        self.reconstruction =
-            Some(Signal::Reconstruction { from_position, first, end, sinks: KVZIP_SINKS as u32 });
+        self.reconstruction = Some(Signal::Reconstruction { from_position, first, end, sinks: KVZIP_SINKS as u32 });
     }
 
     /// The repetition is over: the prompt's own forward passes score nothing again.

@@ -260,22 +260,19 @@ impl Cuda {
         Ok(())
     }
 
-    /// The logits a replayed step left on the device (`len` values).
-    fn read_logits(&self, len: usize, out: &mut Vec<f32>) -> Result<(), ModelError> {
+    /// The first `len` values a replayed step left in a scratch buffer (`which` picks it;
+    /// `what` names it in the error when the step never made it).
+    fn read_back<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        which: for<'a> fn(&'a Scratch) -> Option<&'a CudaSlice<T>>,
+        what: &str,
+        len: usize,
+        out: &mut Vec<T>,
+    ) -> Result<(), ModelError> {
         let sc = self.lock();
-        let logits = sc.logits.as_ref().ok_or_else(|| ModelError::Gpu("no logits on the device".into()))?;
-        out.resize(len, 0.0);
-        self.gpu.stream.memcpy_dtoh(&logits.slice(0..len), out.as_mut_slice()).map_err(GpuError::from)?;
-        self.gpu.synchronize()?;
-        Ok(())
-    }
-
-    /// The greedy tokens a replayed step left on the device.
-    fn read_next_tokens(&self, n: usize, out: &mut Vec<u32>) -> Result<(), ModelError> {
-        let sc = self.lock();
-        let next = sc.next_tokens.as_ref().ok_or_else(|| ModelError::Gpu("no greedy tokens on the device".into()))?;
-        out.resize(n, 0);
-        self.gpu.stream.memcpy_dtoh(&next.slice(0..n), out.as_mut_slice()).map_err(GpuError::from)?;
+        let buffer = which(&sc).ok_or_else(|| ModelError::Gpu(format!("no {what} on the device")))?;
+        out.resize(len, T::default());
+        self.gpu.stream.memcpy_dtoh(&buffer.slice(0..len), out.as_mut_slice()).map_err(GpuError::from)?;
         self.gpu.synchronize()?;
         Ok(())
     }
@@ -916,9 +913,9 @@ impl Model<Cuda> {
             }
         }
         match out {
-            Out::Greedy(next) => be.read_next_tokens(tokens.len(), next)?,
+            Out::Greedy(next) => be.read_back(|sc| sc.next_tokens.as_ref(), "greedy tokens", tokens.len(), next)?,
             Out::Logits(logits) => {
-                be.read_logits(tokens.len() * c.vocab_size, logits)?;
+                be.read_back(|sc| sc.logits.as_ref(), "logits", tokens.len() * c.vocab_size, logits)?;
                 self.finish_logits(logits);
             }
         }

@@ -129,8 +129,7 @@ pub fn run_file(
 /// activations, the comparison of quantised models measured the CPU's rounding (1.7-5.2% of
 /// the largest logit on the tiny model, H200, 2026-12-05), not the GPU's. Decode steps compare
 /// the same 8-bit integer sums on both sides.
-const PROMPT_ACTIVATIONS_AS_GPU: crate::backend::cpu::PrefillActivations =
-    crate::backend::cpu::PrefillActivations::F32;
+const PROMPT_ACTIVATIONS_AS_GPU: crate::backend::cpu::PrefillActivations = crate::backend::cpu::PrefillActivations::F32;
 
 /// `cpu` and `gpu` (the same weights) against each other: logits through a prompt and greedy
 /// steps with the full cache, batched steps as a CUDA graph against plain launches, and the
