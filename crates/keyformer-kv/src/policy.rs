@@ -197,6 +197,12 @@ pub enum LayerBudgets {
     /// PyramidKV's schedule: from 1.5x the budget at the first layer down to 0.5x at the last,
     /// linearly (the same total), since lower layers spread their attention wider.
     Pyramid,
+    /// One budget for the whole model (KVzip's, kvpress's default for `KVzipPress`): at the
+    /// end of the prompt the budget x layers x KV heads key tokens go to the best-scored
+    /// tokens of every head of every layer together, each head keeping only its recent window
+    /// and pinned sinks for sure. Meant for scores comparable across layers (KVzip's
+    /// probabilities); the total memory is unchanged.
+    Global,
 }
 
 impl std::str::FromStr for LayerBudgets {
@@ -205,7 +211,8 @@ impl std::str::FromStr for LayerBudgets {
         match s {
             "uniform" => Ok(LayerBudgets::Uniform),
             "pyramid" => Ok(LayerBudgets::Pyramid),
-            _ => Err(format!("layers is uniform or pyramid, not '{s}'")),
+            "global" => Ok(LayerBudgets::Global),
+            _ => Err(format!("layers is uniform, pyramid or global, not '{s}'")),
         }
     }
 }
@@ -312,7 +319,7 @@ impl PolicyConfig {
     /// `min-budget=N`, `recent=AMOUNT`, `sinks=N` (StreamingLLM's; on any other policy, the
     /// first N tokens pinned), `window=N` (SnapKV's observation window), `accumulate=sum|mean`
     /// (H2O's and Keyformer's running sums, or their mean per observing query), `value` (scores
-    /// weighted by the value's norm), `layers=uniform|pyramid` (the budget per layer),
+    /// weighted by the value's norm), `layers=uniform|pyramid|global` (the budget per layer, or one for the model),
     /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed), `keydiff`
     /// (scores times each key's distance from the mean key),
     /// `observe=N` (H2O's and Keyformer's sums plus the attention of the prompt's last N
@@ -515,7 +522,7 @@ impl PolicyConfig {
         let head_budgets = match self.layer_budgets {
             _ if budget == usize::MAX => Vec::new(),
             LayerBudgets::Uniform if !self.adaptive => Vec::new(),
-            LayerBudgets::Uniform => vec![budget; n_layers * n_kv_heads],
+            LayerBudgets::Uniform | LayerBudgets::Global => vec![budget; n_layers * n_kv_heads],
             LayerBudgets::Pyramid => pyramid(budget, n_layers, recent + self.pinned_sinks + 1, prompt_len)
                 .into_iter()
                 .flat_map(|b| std::iter::repeat_n(b, n_kv_heads))
@@ -663,18 +670,42 @@ impl SequencePolicy {
     /// AdaKV's split of `layer`'s budget over its heads at the end of the prompt (`tables`: the
     /// layer's heads): each head keeps its recent window and pinned sinks, plus at least
     /// [`ADAPTIVE_FLOOR`] of its share of key tokens; the rest of the layer's key tokens go to
-    /// the best eviction keys of all heads together. No-op unless `adaptive`.
+    /// the best eviction keys of all heads together. No-op unless `adaptive` (and not
+    /// `layers=global`, which spreads over every layer at once: [`plan_global`](Self::plan_global)).
     pub fn plan_adaptive(&mut self, layer: usize, tables: &[&SlotTable]) {
-        if !self.config.adaptive || self.budget == usize::MAX || self.prompt_done {
+        if !self.config.adaptive || self.config.layer_budgets == LayerBudgets::Global {
+            return;
+        }
+        let heads: Vec<(usize, usize, &SlotTable)> = tables.iter().enumerate().map(|(h, t)| (layer, h, *t)).collect();
+        self.spread_budget(&heads, ADAPTIVE_FLOOR);
+    }
+
+    /// `layers=global`: the budgets of `heads` (every (layer, KV head, table) that keeps a
+    /// budget: not the sliding-window layers) go, at the end of the prompt, to the best
+    /// eviction keys of them all together, each head keeping its recent window and pinned
+    /// sinks (with `adaptive`, also AdaKV's floor). No-op otherwise.
+    pub fn plan_global(&mut self, heads: &[(usize, usize, &SlotTable)]) {
+        if self.config.layer_budgets != LayerBudgets::Global {
+            return;
+        }
+        let floor = if self.config.adaptive { ADAPTIVE_FLOOR } else { 0.0 };
+        self.spread_budget(heads, floor);
+    }
+
+    /// Spread the budgets of `heads` ((layer, KV head, table)) over them by eviction key: each
+    /// keeps its recent window, its pinned sinks and `floor_share` of its own share of key
+    /// tokens; the rest go to the best keys of all of them together (ties: the newer).
+    fn spread_budget(&mut self, heads: &[(usize, usize, &SlotTable)], floor_share: f64) {
+        if self.budget == usize::MAX || self.prompt_done {
             return;
         }
         let fixed = self.recent + self.pinned() as usize;
-        let mut floors = Vec::with_capacity(tables.len());
-        let mut pool: Vec<(f32, u32, usize)> = Vec::new(); // key, position, head
+        let mut floors = Vec::with_capacity(heads.len());
+        let mut pool: Vec<(f32, u32, usize)> = Vec::new(); // key, position, index in `heads`
         let (mut quota, mut shares, mut available) = (0usize, 0usize, 0usize);
-        for (h, table) in tables.iter().enumerate() {
+        for (i, &(layer, h, table)) in heads.iter().enumerate() {
             let share = self.head_budget(layer, h).saturating_sub(fixed);
-            let floor = (share as f64 * ADAPTIVE_FLOOR).ceil() as usize;
+            let floor = (share as f64 * floor_share).ceil() as usize;
             quota += share.saturating_sub(floor);
             shares += share;
             floors.push(floor);
@@ -683,7 +714,7 @@ impl SequencePolicy {
             let mut keys: Vec<(f32, u32, usize)> = table
                 .occupied()
                 .filter(|&(_, p)| (p as u64) < first_recent && p as u64 >= self.pinned())
-                .map(|(slot, p)| (self.eviction_key(layer, h, slot, p, last), p, h))
+                .map(|(slot, p)| (self.eviction_key(layer, h, slot, p, last), p, i))
                 .collect();
             // Best first; ties keep the newer.
             keys.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
@@ -695,14 +726,14 @@ impl SequencePolicy {
             // share for what decoding adds.
             return;
         }
-        // Here the pool holds at least `quota` tokens, so the heads' budgets sum to the layer's.
+        // Here the pool holds at least `quota` tokens, so the heads' budgets sum to theirs before.
         pool.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-        let mut extra = vec![0usize; tables.len()];
-        for &(_, _, h) in pool.iter().take(quota) {
-            extra[h] += 1;
+        let mut extra = vec![0usize; heads.len()];
+        for &(_, _, i) in pool.iter().take(quota) {
+            extra[i] += 1;
         }
-        for h in 0..tables.len() {
-            self.head_budgets[layer * self.n_kv_heads + h] = fixed + floors[h] + extra[h];
+        for (i, &(layer, h, _)) in heads.iter().enumerate() {
+            self.head_budgets[layer * self.n_kv_heads + h] = fixed + floors[i] + extra[i];
         }
     }
 
@@ -1784,6 +1815,36 @@ mod tests {
         assert_eq!(p.victims(0, 1, &t, p.head_budget(0, 1)).len(), 6);
     }
 
+    /// layers=global: the model's key tokens go to the best scores of every layer's heads
+    /// together, with no floor (KVzip's allocation); per-layer `plan_adaptive` leaves them.
+    #[test]
+    fn global_budgets_follow_the_scores_across_layers() {
+        let mut p = PolicyConfig {
+            kind: PolicyKind::H2o,
+            budget: Some(Amount::Tokens(4)),
+            recent: Some(Amount::Tokens(1)),
+            layer_budgets: LayerBudgets::Global,
+            ..Default::default()
+        }
+        .resolve(8, 0, 2, 1)
+        .unwrap();
+        let t = table(8);
+        // Layer 0's old tokens all beat layer 1's but its two best: 0.95 and 0.9 there.
+        p.observe(0, 0, &[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0]);
+        p.observe(1, 0, &[0.95, 0.05, 0.04, 0.91, 0.01, 0.01, 0.01, 0.0]);
+        p.plan_adaptive(0, &[&t]);
+        assert_eq!(p.head_budget(0, 0), 4, "plan_adaptive leaves a global budget alone");
+        p.plan_global(&[(0, 0, &t), (1, 0, &t)]);
+        // 2 x 3 key tokens: 0.95, 0.91, 0.9, 0.8, 0.7, 0.6 -> layer 0 four, layer 1 two.
+        assert_eq!((p.head_budget(0, 0), p.head_budget(1, 0)), (1 + 4, 1 + 2));
+        let kept = |layer: usize| -> Vec<usize> {
+            let victims = p.victims(layer, 0, &t, p.head_budget(layer, 0));
+            (0..8).filter(|s| !victims.contains(s)).collect()
+        };
+        assert_eq!(kept(0), vec![0, 1, 2, 3, 7]);
+        assert_eq!(kept(1), vec![0, 3, 7]);
+    }
+
     /// keydiff: the score times 1 - cos(key, mean key): of two tokens attended alike, the one
     /// whose key points where every key points goes first.
     #[test]
@@ -1858,6 +1919,46 @@ mod tests {
             }
             if budget >= prompt {
                 for h in 0..heads { prop_assert!(p.victims(0, h, &t, p.head_budget(0, h)).is_empty()); }
+            }
+        }
+
+        /// layers=global (with or without AdaKV's floor): the heads of all layers together
+        /// hold no more than the model's budget, each at least its window, sinks and floor,
+        /// and a budget covering the prompt evicts nothing.
+        #[test]
+        fn global_budgets_respect_floors_and_the_model_total(
+            budget in 2usize..16, layers in 1usize..4, heads in 1usize..4, prompt in 2usize..40,
+            pinned in 0usize..2, adaptive in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let recent = budget / 4;
+            let pinned = pinned.min(budget - recent);
+            let mut p = PolicyConfig {
+                kind: PolicyKind::Keyformer, budget: Some(Amount::Tokens(budget)),
+                recent: Some(Amount::Tokens(recent)), pinned_sinks: pinned, adaptive,
+                layer_budgets: LayerBudgets::Global, ..Default::default()
+            }.resolve(prompt, 0, layers, heads).unwrap();
+            let t = table(prompt);
+            let mut rng = seed | 1;
+            let mut all = Vec::new();
+            for l in 0..layers {
+                for h in 0..heads {
+                    let row = random_scores(&mut rng, prompt, 1000);
+                    p.observe(l, h, &row);
+                    all.push((l, h, &t));
+                }
+            }
+            p.plan_global(&all);
+            let total: usize = (0..layers).map(|l| p.layer_budget(l)).sum();
+            prop_assert!(total <= budget * heads * layers);
+            let share = budget - recent - pinned;
+            let floor = if adaptive { (share as f64 * ADAPTIVE_FLOOR).ceil() as usize } else { 0 };
+            for l in 0..layers {
+                for h in 0..heads {
+                    let kept = prompt - p.victims(l, h, &t, p.head_budget(l, h)).len();
+                    prop_assert!(kept <= p.head_budget(l, h));
+                    prop_assert!(kept >= (recent + pinned + floor).min(prompt));
+                    if budget >= prompt { prop_assert_eq!(kept, prompt); }
+                }
             }
         }
 

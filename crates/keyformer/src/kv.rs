@@ -645,6 +645,14 @@ impl KvCache {
             }
             self.weigh_keys(layer);
             self.model_queries(layer);
+        }
+        // A budget for the whole model is spread before any layer is trimmed.
+        let budgeted: Vec<(usize, usize, &SlotTable)> = (0..self.layers.len())
+            .filter(|&layer| self.windows[layer].is_none())
+            .flat_map(|layer| self.layers[layer].iter().enumerate().map(move |(h, head)| (layer, h, &head.table)))
+            .collect();
+        self.policy.plan_global(&budgeted);
+        for layer in 0..self.layers.len() {
             if self.windows[layer].is_none() {
                 let tables: Vec<&SlotTable> = self.layers[layer].iter().map(|h| &h.table).collect();
                 self.policy.plan_adaptive(layer, &tables);

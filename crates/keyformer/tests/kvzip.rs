@@ -37,6 +37,21 @@ fn the_repeat_request_ends_with_the_chat_templates_turn_to_the_assistant() {
     assert!(pass.ends_with(&[&request.suffix[..], &part[..]].concat()));
 }
 
+/// The reference scores: prompt and repetition through one full cache, the maxima recorded;
+/// per (layer, KV head), a row indexed by position; and the prompt's last logits.
+fn repetition_maxima(e: &Engine, p: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let n = p.len() as u32;
+    let request = e.model.repeat_request.as_ref().unwrap();
+    let repeat = request.pass(None, p);
+    let c = &e.model.config;
+    let mut full = e.new_cache(&PolicyConfig::default(), p.len() + repeat.len(), 0).unwrap();
+    let signal = Signal::Reconstruction { from_position: n, first: 0, end: n, sinks: KVZIP_SINKS as u32 };
+    full.recorder = Some(PromptScores::new(vec![signal], c.n_layers, c.n_kv_heads));
+    let prompt_logits = e.model.forward(p, &mut full, Logits::Last).unwrap();
+    e.model.forward(&repeat, &mut full, Logits::Last).unwrap();
+    (full.recorder.take().unwrap().sums.swap_remove(0), prompt_logits)
+}
+
 #[test]
 fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
     let e = engine();
@@ -52,17 +67,10 @@ fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
     let logits = e.prefill(&p, &mut cache).unwrap();
     assert_eq!(cache.next_position(), n, "the repetition left the sequence's own cache alone");
 
-    // The reference: prompt and repetition through one full cache, maxima recorded.
-    let request = e.model.repeat_request.as_ref().unwrap();
-    let repeat = request.pass(None, &p);
-    let c = &e.model.config;
-    let mut full = e.new_cache(&PolicyConfig::default(), p.len() + repeat.len(), 0).unwrap();
-    let signal = Signal::Reconstruction { from_position: n, first: 0, end: n, sinks: KVZIP_SINKS as u32 };
-    full.recorder = Some(PromptScores::new(vec![signal], c.n_layers, c.n_kv_heads));
-    let prompt_logits = e.model.forward(&p, &mut full, Logits::Last).unwrap();
+    let (sums, prompt_logits) = repetition_maxima(&e, &p);
     assert!(prompt_logits == logits, "the prompt's logits do not depend on the policy");
-    e.model.forward(&repeat, &mut full, Logits::Last).unwrap();
-    let sums = &full.recorder.as_ref().unwrap().sums[0];
+    let sums = &sums;
+    let c = &e.model.config;
 
     let policy = &cache.policy;
     let (budget, recent, pinned) = (policy.budget, policy.recent, policy.pinned() as u32);
@@ -96,7 +104,7 @@ fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
 fn kvzip_from_a_shared_prefill_equals_its_own_prefill() {
     let e = engine();
     let p = prompt(&e, 90);
-    let configs: Vec<PolicyConfig> = ["kvzip:budget=30%", "kvzip:budget=60%:recent=0"]
+    let configs: Vec<PolicyConfig> = ["kvzip:budget=30%", "kvzip:budget=60%:recent=0", "kvzip:budget=30%:layers=global"]
         .iter()
         .map(|s| PolicyConfig { min_budget: 1, ..PolicyConfig::parse_spec(s, &PolicyConfig::default()).unwrap() })
         .collect();
@@ -115,5 +123,52 @@ fn kvzip_from_a_shared_prefill_equals_its_own_prefill() {
             assert_eq!(held(a), held(b), "{}", kv.label());
             assert!(held(a).len() < p.len(), "the budget trims");
         }
+    }
+}
+
+/// `layers=global` (kvpress's KVzip): the key tokens of every layer and head compete for one
+/// budget, so the trim keeps each head's window and sinks plus the model-wide best scores of the
+/// reference; the heads together hold no more than budget x layers x KV heads, their counts
+/// differ, and each head's storage shrinks to its own count.
+#[test]
+fn kvzip_with_one_budget_for_the_model_keeps_its_best_tokens_anywhere() {
+    let e = engine();
+    let p = prompt(&e, 120);
+    let n = p.len() as u32;
+    let (sums, _) = repetition_maxima(&e, &p);
+    let c = &e.model.config;
+    for spec in ["kvzip:budget=30%:layers=global", "kvzip:budget=50%:recent=0:layers=global"] {
+        let kv = PolicyConfig { min_budget: 1, ..PolicyConfig::parse_spec(spec, &PolicyConfig::default()).unwrap() };
+        let mut cache = e.new_cache(&kv, p.len(), 4).unwrap();
+        e.prefill(&p, &mut cache).unwrap();
+        let policy = &cache.policy;
+        let (budget, recent, pinned) = (policy.budget, policy.recent, policy.pinned() as u32);
+        let first_recent = n - recent as u32;
+        let mut pool: Vec<(f32, u32, usize)> = Vec::new();
+        for (i, row) in sums.iter().enumerate() {
+            pool.extend((pinned..first_recent).map(|pos| (row[pos as usize], pos, i)));
+        }
+        pool.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+        let quota = sums.len() * (budget - recent - pinned as usize);
+        let mut want: Vec<Vec<u32>> = vec![(0..pinned).chain(first_recent..n).collect(); sums.len()];
+        for &(_, pos, i) in &pool[..quota] {
+            want[i].push(pos);
+        }
+        let mut held_total = 0;
+        let mut counts = std::collections::BTreeSet::new();
+        for layer in 0..c.n_layers {
+            for h in 0..c.n_kv_heads {
+                let head = &cache.layers[layer][h];
+                let mut got: Vec<u32> = head.table.occupied().map(|(_, p)| p).collect();
+                got.sort();
+                want[layer * c.n_kv_heads + h].sort();
+                assert_eq!(got, want[layer * c.n_kv_heads + h], "{spec}: layer {layer}, KV head {h}");
+                assert!(head.table.capacity() <= got.len() + policy.decode_room(), "{spec}: storage follows the count");
+                held_total += got.len();
+                counts.insert(got.len());
+            }
+        }
+        assert_eq!(held_total, c.n_layers * c.n_kv_heads * budget, "{spec}: the model's budget, no more");
+        assert!(counts.len() > 1, "{spec}: every head kept the same count: nothing was spread");
     }
 }
