@@ -109,6 +109,8 @@ struct Kernels {
 /// A quantised type's kernels (quant.cu `QUANT_KERNELS`).
 struct QuantKernels {
     gemv: CudaFunction,
+    /// The same for one activation row.
+    gemv1: CudaFunction,
     dequant_f16: CudaFunction,
     embed: CudaFunction,
 }
@@ -404,6 +406,7 @@ impl Gpu {
                     let name = t.name().to_lowercase();
                     Ok(QuantKernels {
                         gemv: f(&format!("gemv_{name}"))?,
+                        gemv1: f(&format!("gemv1_{name}"))?,
                         dequant_f16: f(&format!("dequant_f16_{name}"))?,
                         embed: f(&format!("embed_{name}"))?,
                     })
@@ -844,7 +847,8 @@ impl Gpu {
             )));
         }
         let (rows_i, cols_i, n_i) = (rows as i32, cols as i32, n as i32);
-        let mut b = self.stream.launch_builder(&self.quant_kernels(t)?.gemv);
+        let kernels = self.quant_kernels(t)?;
+        let mut b = self.stream.launch_builder(if n == 1 { &kernels.gemv1 } else { &kernels.gemv });
         b.arg(w).arg(xq).arg(&mut *y).arg(&rows_i).arg(&cols_i).arg(&n_i);
         // SAFETY: a warp per output row reads its weight row's blocks and the n activation rows'
         // blocks, and writes y[t][row] for t < n (all checked above).

@@ -21,38 +21,42 @@ extern "C" __global__ void quantize_q8(const float* x, Q8Act* out, int n_blocks)
 }
 
 #define GEMV_Q_MAX_N 8
+// Sub-blocks each lane loads before it uses any: a row of 4096 values is 128 sub-blocks, so a
+// warp issues the whole row at once (at two in flight it was 28-48% of the bandwidth, H200).
+#define GEMV_Q_IN_FLIGHT 4
 
-// y[t][r] = W[r] . x[t] for n <= 8 activation rows quantised to Q8 (xq [n][cols / 32]): a warp
-// per output row, each lane a sub-block at a time, two in flight; the weight is read once
-// for all n rows.
-template <int T>
+// y[t][r] = W[r] . x[t] for n <= N activation rows quantised to Q8 (xq [n][cols / 32]): a warp
+// per output row, each lane GEMV_Q_IN_FLIGHT sub-blocks at a time; the weight is read once
+// for all n rows. N = 1 (a single sequence's step) needs one accumulator, not 8: fewer
+// registers, more warps per SM.
+template <int T, int N>
 __device__ void gemv_q(const unsigned char* w, const Q8Act* xq, float* y, int rows, int cols, int n) {
     int r = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (r >= rows) return;
     const unsigned char* wr = w + (long)r * row_bytes<T>(cols);
     int nsub = cols >> 5;
-    float acc[GEMV_Q_MAX_N];
+    float acc[N];
 #pragma unroll
-    for (int t = 0; t < GEMV_Q_MAX_N; t++) acc[t] = 0.0f;
-    for (int j0 = lane; j0 < nsub; j0 += 64) {
-        Sub32 s[2];
-        s[0] = load_sub<T>(wr, j0);
-        bool second = j0 + 32 < nsub;
-        if (second) s[1] = load_sub<T>(wr, j0 + 32);
+    for (int t = 0; t < N; t++) acc[t] = 0.0f;
+    for (int j0 = lane; j0 < nsub; j0 += 32 * GEMV_Q_IN_FLIGHT) {
+        Sub32 s[GEMV_Q_IN_FLIGHT];
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            if (u == 1 && !second) break;
+        for (int u = 0; u < GEMV_Q_IN_FLIGHT; u++)
+            if (j0 + 32 * u < nsub) s[u] = load_sub<T>(wr, j0 + 32 * u);
+#pragma unroll
+        for (int u = 0; u < GEMV_Q_IN_FLIGHT; u++) {
             int j = j0 + 32 * u;
+            if (j >= nsub) break;
 #pragma unroll
-            for (int t = 0; t < GEMV_Q_MAX_N; t++) {
+            for (int t = 0; t < N; t++) {
                 if (t >= n) break;
                 acc[t] += sub_dot(s[u], xq[(long)t * nsub + j]);
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < GEMV_Q_MAX_N; t++) {
+    for (int t = 0; t < N; t++) {
         if (t >= n) break;
         float v = warp_sum(acc[t]);
         if (lane == 0) y[(long)t * rows + r] = v;
@@ -88,7 +92,11 @@ __device__ void embed_q(const unsigned char* w, const unsigned int* tokens, floa
 #define QUANT_KERNELS(T, NAME)                                                                              \
     extern "C" __global__ void gemv_##NAME(const unsigned char* w, const Q8Act* xq, float* y, int rows,     \
                                            int cols, int n) {                                               \
-        gemv_q<T>(w, xq, y, rows, cols, n);                                                                 \
+        gemv_q<T, GEMV_Q_MAX_N>(w, xq, y, rows, cols, n);                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void gemv1_##NAME(const unsigned char* w, const Q8Act* xq, float* y, int rows,    \
+                                            int cols, int n) {                                              \
+        gemv_q<T, 1>(w, xq, y, rows, cols, n);                                                              \
     }                                                                                                       \
     extern "C" __global__ void dequant_f16_##NAME(const unsigned char* w, unsigned short* out, int cols,    \
                                                   int row0, int n_rows) {                                   \
