@@ -11,7 +11,9 @@
 //! logits gathered. Norms, biases added after a reduce and the residual stream are replicated.
 //! TOVA is the one policy that scores across heads (the last query's attention summed over a
 //! layer's heads): its scores need one small all-reduce per layer and step, the sum of each
-//! shard's partial (`shard_sum_scores` shows it is the same sum).
+//! shard's partial (`shard_sum_scores` shows it is the same sum). Keyformer's Gumbel noise is
+//! keyed by the layer and the query head: a shard draws it with its heads' GLOBAL indices, so
+//! each shard's policy scores (and keeps) what the whole model's does (`reference_scores`).
 
 use std::ops::Range;
 
@@ -21,6 +23,8 @@ use crate::models::config::{FfnKind, ModelConfig, NormKind, PositionKind};
 use crate::models::decoder::{Model, Norm};
 use crate::quant::dequantize_row;
 use crate::ModelError;
+use keyformer_kv::noise::NoiseRow;
+use keyformer_kv::Signal;
 
 /// How a model's heads, feed-forward features and vocabulary split over `shards` devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,16 +187,65 @@ fn norm_rows(config: &ModelConfig, x: &[f32], norm: &Norm<Cpu>, out: &mut [f32])
 /// indices), learned positions, parallel residuals and Gemma's norms after attention and MLP
 /// (applied after the sum, never to a partial).
 pub fn reference_logits(model: &Model<Cpu>, plan: &ShardPlan, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-    sharded_logits(model, plan, tokens, None)
+    sharded_logits(model, plan, tokens, None, None)
+}
+
+/// The scores a prompt gives Keyformer's policy (`signal`, a [`Signal::Noisy`] from position
+/// 0), each shard computing its own KV heads' from its own query heads, the noise drawn with
+/// the heads' global indices: per (layer, KV head), a row indexed by position, as the whole
+/// model's prefill accumulates them.
+pub fn reference_scores(
+    model: &Model<Cpu>,
+    plan: &ShardPlan,
+    tokens: &[u32],
+    signal: Signal,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    shard_scores(model, plan, tokens, signal, NoiseHeads::Global)
+}
+
+/// Which head index a shard keys its noise by: the model's (right) or its own (the mistake
+/// the tests show is seen).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NoiseHeads {
+    Global,
+    Local,
+}
+
+/// Per-(layer, KV head) score rows being accumulated, the signal and how noise is keyed.
+struct ScoreSink {
+    rows: Vec<Vec<f32>>,
+    tau: f32,
+    noise: keyformer_kv::NoiseKind,
+    seed: u64,
+    heads: NoiseHeads,
+}
+
+fn shard_scores(
+    model: &Model<Cpu>,
+    plan: &ShardPlan,
+    tokens: &[u32],
+    signal: Signal,
+    heads: NoiseHeads,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let Signal::Noisy { from_position: 0, tau, noise, seed } = signal else {
+        return Err(ModelError::Input(format!("the sharded reference scores Keyformer's prompt, not {signal:?}")));
+    };
+    let c = &model.config;
+    let mut sink =
+        ScoreSink { rows: vec![vec![0f32; tokens.len()]; c.n_layers * c.n_kv_heads], tau, noise, seed, heads };
+    sharded_logits(model, plan, tokens, None, Some(&mut sink))?;
+    Ok(sink.rows)
 }
 
 /// [`reference_logits`], leaving out shard `left_out`'s partial products where they are
-/// summed (what a missing all-reduce contribution does), for the tests to see it fail.
+/// summed (what a missing all-reduce contribution does), for the tests to see it fail; with
+/// `scores`, each shard's Keyformer scores added to it.
 fn sharded_logits(
     model: &Model<Cpu>,
     plan: &ShardPlan,
     tokens: &[u32],
     left_out: Option<usize>,
+    mut scores: Option<&mut ScoreSink>,
 ) -> Result<Vec<f32>, ModelError> {
     let c = &model.config;
     if *plan != ShardPlan::new(c, plan.shards)? {
@@ -220,7 +273,7 @@ fn sharded_logits(
     }
     let group = c.n_heads / c.n_kv_heads;
     let mut normed = vec![0f32; n * d];
-    for (layer, la) in model.layers.iter().zip(&c.layers) {
+    for (layer_index, (layer, la)) in model.layers.iter().zip(&c.layers).enumerate() {
         let (wq, wk, wv, wo) = (
             Dense::of(model, &layer.wq),
             Dense::of(model, &layer.wk),
@@ -256,7 +309,8 @@ fn sharded_logits(
             // (ALiBi and learned positions have no frequencies: no rotation.)
             ops::rope(&mut q, plan.heads, hd, &positions, &rope.inv_freq, style, rope.mscale);
             ops::rope(&mut k, plan.kv_heads, hd, &positions, &rope.inv_freq, style, rope.mscale);
-            let heads = attend(c, la.window, plan, s, group, &q, &k, &v, n);
+            let shard = Shard { plan, s, group, layer: layer_index };
+            let heads = attend(c, la.window, &shard, &q, &k, &v, n, scores.as_deref_mut());
             let partial = wo.product(0..d, qr.clone(), &heads, n);
             if left_out != Some(s) {
                 attn_out.iter_mut().zip(&partial).for_each(|(a, p)| *a += p); // the all-reduce
@@ -339,20 +393,29 @@ fn sharded_logits(
     Ok(logits)
 }
 
-/// Causal attention of shard `s`'s query heads over its KV heads (rows `[n][heads * hd]`
-/// and `[n][kv_heads * hd]`), the output `[n][heads * hd]`.
+/// Shard `s` of `plan` at `layer` (`group`: query heads per KV head).
+struct Shard<'a> {
+    plan: &'a ShardPlan,
+    s: usize,
+    group: usize,
+    layer: usize,
+}
+
+/// Causal attention of the shard's query heads over its KV heads (rows `[n][heads * hd]`
+/// and `[n][kv_heads * hd]`), the output `[n][heads * hd]`; with `scores`, each row's
+/// `softmax((logits + g) / tau)` added to its KV head's score row (Keyformer's prompt scores).
 #[allow(clippy::too_many_arguments)]
 fn attend(
     c: &ModelConfig,
     window: Option<usize>,
-    plan: &ShardPlan,
-    s: usize,
-    group: usize,
+    shard: &Shard,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     n: usize,
+    mut scores: Option<&mut ScoreSink>,
 ) -> Vec<f32> {
+    let (plan, s, group) = (shard.plan, shard.s, shard.group);
     let hd = plan.head_dim;
     let (qw, kw) = (plan.heads * hd, plan.kv_heads * hd);
     let mut out = vec![0f32; n * qw];
@@ -379,6 +442,18 @@ fn attend(
                     x + slope * (j as f32 - t as f32)
                 })
                 .collect();
+            if let Some(sink) = scores.as_deref_mut() {
+                let head = if sink.heads == NoiseHeads::Global { global } else { local };
+                let row = NoiseRow::new(sink.noise, sink.seed, shard.layer as u32, head as u32, t as u32);
+                let noisy: Vec<f32> =
+                    logits.iter().zip(first..=t).map(|(x, j)| (x + row.sample(j as u32)) / sink.tau).collect();
+                let max = noisy.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let total: f32 = noisy.iter().map(|x| (x - max).exp()).sum();
+                let dest = &mut sink.rows[shard.layer * c.n_kv_heads + global / group];
+                for (x, j) in noisy.iter().zip(first..=t) {
+                    dest[j] += (x - max).exp() / total;
+                }
+            }
             let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             logits.iter_mut().for_each(|x| *x = (*x - max).exp());
             let total: f32 = logits.iter().sum();
@@ -502,11 +577,72 @@ mod tests {
         let model = tiny("tiny");
         let tokens: Vec<u32> = (0..8u32).collect();
         let plan = ShardPlan::new(&model.config, 2).unwrap();
-        let whole = sharded_logits(&model, &plan, &tokens, None).unwrap();
-        let missing = sharded_logits(&model, &plan, &tokens, Some(1)).unwrap();
+        let whole = sharded_logits(&model, &plan, &tokens, None, None).unwrap();
+        let missing = sharded_logits(&model, &plan, &tokens, Some(1), None).unwrap();
         let scale = whole.iter().fold(0f32, |m, x| m.max(x.abs()));
         let worst = whole.iter().zip(&missing).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
         assert!(worst > 1e-2, "a missing shard moved the logits by only {worst}");
+    }
+
+    /// Keyformer per shard: each shard's own policy (over its KV heads only, the same seed),
+    /// fed the scores its heads compute with the noise drawn by their global indices, keeps
+    /// exactly what the whole model's prefill keeps in every layer and KV head; noise drawn by
+    /// the shard's local indices changes the kept tokens (the check can fail).
+    #[test]
+    fn each_shards_keyformer_policy_keeps_what_the_whole_model_keeps() {
+        use keyformer_kv::{Amount, PolicyConfig, PolicyKind, SlotTable};
+        let mut model = tiny("tiny"); // 4 heads, 2 KV heads
+        model.kv_type = crate::kv::KvType::F32;
+        let c = model.config.clone();
+        let tokens: Vec<u32> = (0..48u32).map(|i| (i * 37 + 5) % c.vocab_size as u32).collect();
+        let n = tokens.len();
+        let kv = PolicyConfig {
+            kind: PolicyKind::Keyformer,
+            budget: Some(Amount::Tokens(16)),
+            recent: Some(Amount::Tokens(4)),
+            seed: 11,
+            ..Default::default()
+        };
+        let policy = kv.resolve(n, 0, c.n_layers, c.n_kv_heads).unwrap();
+        let signal = policy.signal();
+        let mut cache = model.new_cache_with(policy, n);
+        model.prefill(&tokens, &mut cache, crate::models::decoder::Logits::Last, &mut |_, _| {}).unwrap();
+        let whole: Vec<Vec<u32>> = cache
+            .layers
+            .iter()
+            .flatten()
+            .map(|h| {
+                let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
+                p.sort();
+                p
+            })
+            .collect();
+        let mut table = SlotTable::new(n);
+        for p in 0..n as u32 {
+            table.insert(p).unwrap();
+        }
+        let plan = ShardPlan::new(&c, 2).unwrap();
+        let kept_by_shards = |heads: NoiseHeads| -> Vec<Vec<u32>> {
+            let rows = shard_scores(&model, &plan, &tokens, signal, heads).unwrap();
+            let mut kept = vec![Vec::new(); c.n_layers * c.n_kv_heads];
+            for s in 0..plan.shards {
+                // The shard's own policy over its own KV heads.
+                let mut own = kv.resolve(n, 0, c.n_layers, plan.kv_heads).unwrap();
+                for layer in 0..c.n_layers {
+                    for (local, global) in plan.kv_heads_of(s).enumerate() {
+                        own.observe(layer, local, &rows[layer * c.n_kv_heads + global]);
+                        let victims = own.victims(layer, local, &table, own.head_budget(layer, local));
+                        kept[layer * c.n_kv_heads + global] =
+                            (0..n as u32).filter(|p| !victims.contains(&(*p as usize))).collect();
+                    }
+                }
+            }
+            kept
+        };
+        assert_eq!(kept_by_shards(NoiseHeads::Global), whole, "each shard keeps what the whole model keeps");
+        assert_ne!(kept_by_shards(NoiseHeads::Local), whole, "noise keyed by local heads went unseen");
+        // The kept tokens are the scores' choice, not just the newest.
+        assert!(whole.iter().any(|k| k.first() != Some(&((n - 16) as u32))));
     }
 
     /// TOVA's cross-head score, summed per shard then over the shards, is the sum over all
