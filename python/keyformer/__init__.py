@@ -60,11 +60,12 @@ def _amount(name: str, value: Amount) -> str:
 class KvPolicy:
     """A KV-cache policy and its settings, as ``--kv-policy`` / ``--kv-budget`` give them.
 
-    ``policy`` is one of full, window, sink, h2o, tova, snapkv, random, knorm, keyformer,
-    keyformer-long (``keyformer:recent=70%:keydiff``), or a
+    ``policy`` is one of full, window, sink, h2o, tova, snapkv, random, knorm, expected, kvzip,
+    keyformer, keyformer-long (``keyformer:recent=70%:keydiff``), kvzip-global
+    (``kvzip:layers=global``), or a
     whole spec with its options after colons (``"keyformer:noise=none:recent=10%"``). Other
     options as keywords: ``sinks=8``, ``window=16`` (SnapKV's), ``chunk=512`` (compress the
-    prompt as it goes), ``accumulate="mean"``, ``layers="pyramid"``, ``min_budget=32``, and the
+    prompt as it goes), ``accumulate="mean"``, ``layers="pyramid"`` or ``"global"``, ``min_budget=32``, and the
     flags ``value``, ``adaptive``, ``grow``, ``keydiff``, ``frozen`` (``=True``).
     ``seed`` drives Keyformer's noise and ``random`` (default: the generation's seed, or 0).
     The spec is checked by the engine's parser here: a bad one raises ``ValueError``.

@@ -37,7 +37,7 @@ def cli(*args):
     return done.stdout
 
 
-@pytest.mark.parametrize("policy", ["full", "keyformer", "h2o", "tova:recent=10%", "keyformer:noise=none:chunk=64", "keyformer-long", "expected:gumbel"])
+@pytest.mark.parametrize("policy", ["full", "keyformer", "h2o", "tova:recent=10%", "keyformer:noise=none:chunk=64", "keyformer-long", "expected:gumbel", "kvzip-global"])
 def test_generation_equals_the_cli(engine, policy):
     args = ["run", "-m", keyformer.DEFAULT_MODEL, "-p", PROMPT, "-n", "24", "--seed", "3", "--json",
             "--kv-policy", policy]

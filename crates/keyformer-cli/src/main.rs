@@ -455,7 +455,10 @@ struct KvArgs {
     /// its end and keeps what that repetition attends to most: query-agnostic, about twice the
     /// prefill's cost; CPU only), keyformer, or
     /// keyformer-long (= keyformer:recent=70%:keydiff: Keyformer's best variant on long-context
-    /// retrieval tasks here, though TOVA beats it there, docs/results.md; CPU only); settings may follow
+    /// retrieval tasks here, though TOVA beats it there, docs/results.md; CPU only), or
+    /// kvzip-global (= kvzip:layers=global: KVzip with one budget spread over all layers, the
+    /// best policy measured here, 100% of the full cache's RULER-style score at 50% kept on
+    /// both Qwen2.5-Coder models; CPU only); settings may follow
     /// after colons
     /// (keyformer:noise=none, sink:sinks=8, as in `eval`).
     /// Default: keyformer when --kv-budget is given, else full.

@@ -104,10 +104,11 @@ fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
 fn kvzip_from_a_shared_prefill_equals_its_own_prefill() {
     let e = engine();
     let p = prompt(&e, 90);
-    let configs: Vec<PolicyConfig> = ["kvzip:budget=30%", "kvzip:budget=60%:recent=0", "kvzip:budget=30%:layers=global"]
-        .iter()
-        .map(|s| PolicyConfig { min_budget: 1, ..PolicyConfig::parse_spec(s, &PolicyConfig::default()).unwrap() })
-        .collect();
+    let configs: Vec<PolicyConfig> =
+        ["kvzip:budget=30%", "kvzip:budget=60%:recent=0", "kvzip:budget=30%:layers=global"]
+            .iter()
+            .map(|s| PolicyConfig { min_budget: 1, ..PolicyConfig::parse_spec(s, &PolicyConfig::default()).unwrap() })
+            .collect();
     let shared = e.shared_prefill(&p, &configs, 4).unwrap();
     for kv in &configs {
         let (from_shared, shared_logits) = e.cache_from_shared(&shared, kv, 4).unwrap();
