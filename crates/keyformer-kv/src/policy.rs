@@ -328,9 +328,9 @@ impl PolicyConfig {
     /// `min-budget=N`, `recent=AMOUNT`, `sinks=N` (StreamingLLM's; on any other policy, the
     /// first N tokens pinned), `window=N` (SnapKV's observation window), `accumulate=sum|mean`
     /// (H2O's and Keyformer's running sums, or their mean per observing query), `value` (scores
-    /// weighted by the value's norm), `layers=uniform|pyramid|global` (the budget per layer, or one for the model),
-    /// `adaptive` (AdaKV's budgets per head), `grow` (only the prompt is compressed), `keydiff`
-    /// (scores times each key's distance from the mean key),
+    /// weighted by the value's norm), `layers=uniform|pyramid|global` (the budget per layer,
+    /// or one for the whole model), `adaptive` (AdaKV's budgets per head), `grow` (only the
+    /// prompt is compressed), `keydiff` (scores times each key's distance from the mean key),
     /// `observe=N` (H2O's and Keyformer's sums plus the attention of the prompt's last N
     /// queries), `gumbel` (expected attention's softmax with Keyformer's noise and temperature),
     /// `noise=gumbel|gaussian|constant|none`,
@@ -735,7 +735,7 @@ impl SequencePolicy {
             // share for what decoding adds.
             return;
         }
-        // Here the pool holds at least `quota` tokens, so the heads' budgets sum to theirs before.
+        // Here the pool holds at least `quota` tokens, so the heads' budgets keep their sum.
         pool.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
         let mut extra = vec![0usize; heads.len()];
         for &(_, _, i) in pool.iter().take(quota) {

@@ -208,6 +208,7 @@ pub fn reference_scores(
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NoiseHeads {
     Global,
+    #[cfg(test)]
     Local,
 }
 
@@ -443,7 +444,11 @@ fn attend(
                 })
                 .collect();
             if let Some(sink) = scores.as_deref_mut() {
-                let head = if sink.heads == NoiseHeads::Global { global } else { local };
+                let head = match sink.heads {
+                    NoiseHeads::Global => global,
+                    #[cfg(test)]
+                    NoiseHeads::Local => local,
+                };
                 let row = NoiseRow::new(sink.noise, sink.seed, shard.layer as u32, head as u32, t as u32);
                 let noisy: Vec<f32> =
                     logits.iter().zip(first..=t).map(|(x, j)| (x + row.sample(j as u32)) / sink.tau).collect();
