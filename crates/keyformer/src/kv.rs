@@ -670,13 +670,15 @@ impl KvCache {
             };
             for h in 0..self.layers[layer].len() {
                 let capacity = match capacity {
-                    // Each head's own budget + 1 (they differ with pyramid or adaptive budgets).
+                    // Each head's own budget + 1 (they differ with pyramid, adaptive or global
+                    // budgets). A head given more than the uniform share (up to its whole
+                    // prompt) grows past the storage the prompt was allotted, but never past
+                    // what the sequence will ever hold.
                     usize::MAX => {
                         let room = self.policy.decode_room();
-                        self.policy
-                            .head_budget(layer, h)
-                            .saturating_add(room)
-                            .min(self.layers[layer][h].table.capacity())
+                        let lifetime = self.policy.prompt_len.saturating_add(self.policy.steps);
+                        let allotted = self.layers[layer][h].table.capacity();
+                        self.policy.head_budget(layer, h).saturating_add(room).min(lifetime.max(allotted))
                     }
                     c => c,
                 };

@@ -173,3 +173,34 @@ fn kvzip_with_one_budget_for_the_model_keeps_its_best_tokens_anywhere() {
         assert!(counts.len() > 1, "{spec}: every head kept the same count: nothing was spread");
     }
 }
+
+/// Decoding after a trim that spreads budgets by score (over the model, or over a layer's heads
+/// as AdaKV): a head given more than the uniform share, up to its whole prompt, still has room
+/// for each step's token, and every head stays within its own budget.
+#[test]
+fn decoding_after_budgets_spread_by_score_keeps_every_head_within_its_own() {
+    let e = engine();
+    let p = prompt(&e, 120);
+    let steps = 6;
+    for spec in ["kvzip:budget=50%:layers=global", "kvzip:budget=50%:adaptive", "h2o:budget=50%:layers=global"] {
+        let kv = PolicyConfig { min_budget: 1, ..PolicyConfig::parse_spec(spec, &PolicyConfig::default()).unwrap() };
+        let mut cache = e.new_cache(&kv, p.len(), steps).unwrap();
+        let mut logits = e.prefill(&p, &mut cache).unwrap();
+        let most = (0..cache.layers.len())
+            .flat_map(|l| (0..cache.layers[l].len()).map(move |h| (l, h)))
+            .map(|(l, h)| cache.policy.head_budget(l, h))
+            .max()
+            .unwrap();
+        assert!(most > cache.policy.budget, "{spec}: no head was given more than the uniform share");
+        for step in 0..steps {
+            let token = keyformer::sampling::argmax(&logits);
+            e.decode_step_into(token, &mut cache, &mut logits)
+                .unwrap_or_else(|err| panic!("{spec}, step {step}: {err}"));
+            for (l, heads) in cache.layers.iter().enumerate() {
+                for (h, head) in heads.iter().enumerate() {
+                    assert!(head.table.len() <= cache.policy.head_budget(l, h), "{spec}: layer {l}, head {h}");
+                }
+            }
+        }
+    }
+}
