@@ -236,7 +236,7 @@ mod tests {
             let (start, first) = cursor.prompt_chunk(prompt).unwrap();
             prop_assert_eq!((start, first), (0, 0));
             cursor.prompt_done(prompt);
-            let kept: Vec<u32> = { let mut k: Vec<u32> = table.occupied().map(|(_, p)| p).collect(); k.sort_unstable(); k };
+            let kept = table.held_positions();
             let mut device = Device {
                 positions: kept.iter().map(|&p| Some(p)).collect(),
                 scores: kept.iter().map(|&p| score_of(p)).collect(),
@@ -266,8 +266,7 @@ mod tests {
                 }
                 policy.next_step();
 
-                let mut want: Vec<u32> = table.occupied().map(|(_, p)| p).collect();
-                want.sort_unstable();
+                let want = table.held_positions();
                 prop_assert_eq!(device.held(), want.clone(), "step {} of {:?}", t, kind);
                 prop_assert_eq!(cursor.len, want.len());
                 prop_assert!(cursor.width <= cursor.capacity.max(prompt));

@@ -124,6 +124,13 @@ impl SlotTable {
         self.positions.iter().enumerate().filter_map(|(s, p)| p.map(|p| (s, p)))
     }
 
+    /// The positions held, ascending.
+    pub fn held_positions(&self) -> Vec<u32> {
+        let mut held: Vec<u32> = self.positions.iter().flatten().copied().collect();
+        held.sort_unstable();
+        held
+    }
+
     /// Forget everything (a new sequence reuses the storage).
     pub fn clear(&mut self) {
         self.positions.clear();
@@ -191,9 +198,7 @@ mod tests {
                     let slot = t.occupied().find(|&(_, p)| p == victim).unwrap().0;
                     prop_assert_eq!(t.evict(slot), Ok(victim));
                 }
-                let mut held: Vec<u32> = t.occupied().map(|(_, p)| p).collect();
-                held.sort();
-                prop_assert_eq!(&held, &live);
+                prop_assert_eq!(&t.held_positions(), &live);
                 prop_assert_eq!(t.len(), live.len());
                 prop_assert!(t.high_water() <= cap);
             }

@@ -612,16 +612,7 @@ mod tests {
         let signal = policy.signal();
         let mut cache = model.new_cache_with(policy, n);
         model.prefill(&tokens, &mut cache, crate::models::decoder::Logits::Last, &mut |_, _| {}).unwrap();
-        let whole: Vec<Vec<u32>> = cache
-            .layers
-            .iter()
-            .flatten()
-            .map(|h| {
-                let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
-                p.sort();
-                p
-            })
-            .collect();
+        let whole: Vec<Vec<u32>> = cache.layers.iter().flatten().map(|h| h.table.held_positions()).collect();
         let mut table = SlotTable::new(n);
         for p in 0..n as u32 {
             table.insert(p).unwrap();

@@ -26,8 +26,7 @@ fn expected_attention_keeps_what_kvpress_keeps() {
     assert_eq!(layers.len(), cache.layers.len());
     for (l, want) in layers.iter().enumerate() {
         for (h, head) in cache.layers[l].iter().enumerate() {
-            let mut kept: Vec<u32> = head.table.occupied().map(|(_, p)| p).collect();
-            kept.sort();
+            let kept = head.table.held_positions();
             let want_kept: Vec<u32> =
                 want["kept"][h].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             assert_eq!(kept, want_kept, "layer {l}, KV head {h}");

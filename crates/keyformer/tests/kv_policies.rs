@@ -26,16 +26,7 @@ use common::decode_greedy as decode;
 
 /// Positions held by every (layer, KV head), sorted.
 fn held(cache: &KvCache) -> Vec<Vec<u32>> {
-    cache
-        .layers
-        .iter()
-        .flatten()
-        .map(|h| {
-            let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
-            p.sort();
-            p
-        })
-        .collect()
+    cache.layers.iter().flatten().map(|h| h.table.held_positions()).collect()
 }
 
 #[test]

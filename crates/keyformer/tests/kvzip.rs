@@ -85,8 +85,7 @@ fn kvzip_keeps_the_tokens_its_repetition_attends_to_most() {
             let mut want: Vec<u32> = (0..pinned).chain(first_recent..n).collect();
             want.extend_from_slice(&keys[..budget - recent - pinned as usize]);
             want.sort();
-            let mut got: Vec<u32> = cache.layers[layer][h].table.occupied().map(|(_, p)| p).collect();
-            got.sort();
+            let got = cache.layers[layer][h].table.held_positions();
             assert_eq!(got, want, "layer {layer}, KV head {h}");
             // The kept key tokens are the repetition's, not simply the newest before the window.
             let k = budget - recent - pinned as usize;
@@ -116,11 +115,7 @@ fn kvzip_from_a_shared_prefill_equals_its_own_prefill() {
         let own_logits = e.prefill(&p, &mut own).unwrap();
         assert!(shared_logits == own_logits);
         for (a, b) in from_shared.layers.iter().flatten().zip(own.layers.iter().flatten()) {
-            let held = |h: &keyformer::kv::HeadKv| {
-                let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
-                p.sort();
-                p
-            };
+            let held = |h: &keyformer::kv::HeadKv| h.table.held_positions();
             assert_eq!(held(a), held(b), "{}", kv.label());
             assert!(held(a).len() < p.len(), "the budget trims");
         }
@@ -160,8 +155,7 @@ fn kvzip_with_one_budget_for_the_model_keeps_its_best_tokens_anywhere() {
         for layer in 0..c.n_layers {
             for h in 0..c.n_kv_heads {
                 let head = &cache.layers[layer][h];
-                let mut got: Vec<u32> = head.table.occupied().map(|(_, p)| p).collect();
-                got.sort();
+                let got = head.table.held_positions();
                 want[layer * c.n_kv_heads + h].sort();
                 assert_eq!(got, want[layer * c.n_kv_heads + h], "{spec}: layer {layer}, KV head {h}");
                 assert!(head.table.capacity() <= got.len() + policy.decode_room(), "{spec}: storage follows the count");

@@ -23,20 +23,7 @@ fn logit_error(cpu: &[f32], gpu: &[f32]) -> f64 {
 
 /// Positions each (layer, KV head) of a CPU cache holds, sorted.
 fn cpu_held(cache: &KvCache) -> Vec<Vec<Vec<u32>>> {
-    cache
-        .layers
-        .iter()
-        .map(|layer| {
-            layer
-                .iter()
-                .map(|h| {
-                    let mut p: Vec<u32> = h.table.occupied().map(|(_, p)| p).collect();
-                    p.sort_unstable();
-                    p
-                })
-                .collect()
-        })
-        .collect()
+    cache.layers.iter().map(|layer| layer.iter().map(|h| h.table.held_positions()).collect()).collect()
 }
 
 /// Tokens held by one side and not the other, over all layers and KV heads.
