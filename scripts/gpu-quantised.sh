@@ -23,7 +23,7 @@ for t in f16 q4_k q8_0 q4_0; do
         --kv-policy full,keyformer:budget=50% | tee "$out/bench-batch1-$t.md" || status=1
 done
 for t in f16 q4_k; do
-    "$bin" bench --device cuda --random-weights llama2-7b --random-type "$t" -p 1024 -n 64 -b 4,8,16 \
+    "$bin" bench --device cuda --random-weights llama2-7b --random-type "$t" -p 1024 -n 64 -b 4,8,16,32 \
         --kv-policy full | tee "$out/bench-batched-$t.md" || status=1
 done
 exit $status

@@ -140,6 +140,21 @@ pub trait Backend: Send + Sync + 'static {
         eps: f32,
         out: &mut Self::Act,
     ) -> Result<(), ModelError>;
+    /// `x += y`, then `out` = the RMS norm of the first `rows` rows of `x` (a residual add and
+    /// the norm after it; a backend may do both in one pass over `x`).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Act,
+        y: &Self::Act,
+        rows: usize,
+        weight: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<(), ModelError> {
+        self.add(x, y)?;
+        self.rms_norm(x, 0, rows, weight, eps, out)
+    }
     /// `ys[i] = x * ws[i]^T` for the `n` rows of `x` (weights that share their input).
     fn matmul(
         &self,

@@ -718,9 +718,16 @@ impl<B: Backend> Model<B> {
             be.add(x, proj)?;
         }
 
+        // The last layer's residual, when it is added together with the next norm (`proj`).
+        let mut residual_pending = false;
         for (li, (layer, la)) in self.layers.iter().zip(&c.layers).enumerate() {
             // Attention block.
-            self.norm(x, 0, n, &layer.attn_norm, normed)?;
+            if residual_pending {
+                self.add_then_norm(x, proj, None, &layer.attn_norm, n, normed)?;
+                residual_pending = false;
+            } else {
+                self.norm(x, 0, n, &layer.attn_norm, normed)?;
+            }
             be.matmul(&[&layer.wq, &layer.wk, &layer.wv], normed, n, batch, &mut [q, k, v])?;
             for (act, bias) in [(&mut *q, &layer.q_bias), (&mut *k, &layer.k_bias), (&mut *v, &layer.v_bias)] {
                 if let Some(b) = bias {
@@ -768,9 +775,8 @@ impl<B: Backend> Model<B> {
                 }
                 be.add(x, proj)?;
             } else {
-                self.residual_add(x, proj, layer.post_attn_norm.as_ref(), n, normed)?;
                 let norm = layer.ffn_norm.as_ref().expect("loaded for every sequential block");
-                self.norm(x, 0, n, norm, normed)?;
+                self.add_then_norm(x, proj, layer.post_attn_norm.as_ref(), norm, n, normed)?;
             }
 
             // Feed-forward block (its input normed above).
@@ -800,7 +806,13 @@ impl<B: Backend> Model<B> {
             if let Some(b) = &layer.down_bias {
                 be.add_bias(proj, n, b)?;
             }
-            self.residual_add(x, proj, layer.post_ffn_norm.as_ref(), n, normed)?;
+            match layer.post_ffn_norm {
+                None => residual_pending = true,
+                Some(_) => self.residual_add(x, proj, layer.post_ffn_norm.as_ref(), n, normed)?,
+            }
+        }
+        if residual_pending {
+            be.add(x, proj)?;
         }
 
         let (first, m) = match which {
@@ -844,6 +856,29 @@ impl<B: Backend> Model<B> {
         if let Some(cap) = self.config.final_softcap {
             logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
         }
+    }
+
+    /// `x += y` (or `PostNorm(y)`), then `out` = `norm` of x's `n` rows: one pass where the
+    /// backend fuses a residual add with an RMS norm (a decode step is mostly such small ops).
+    fn add_then_norm(
+        &self,
+        x: &mut B::Act,
+        y: &B::Act,
+        post_norm: Option<&Norm<B>>,
+        norm: &Norm<B>,
+        n: usize,
+        out: &mut B::Act,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        if post_norm.is_none() && c.norm == NormKind::Rms {
+            self.backend.add_rms_norm(x, y, n, &norm.weight, c.norm_eps, out)?;
+            if let Some(b) = &norm.bias {
+                self.backend.add_bias(out, n, b)?;
+            }
+            return Ok(());
+        }
+        self.residual_add(x, y, post_norm, n, out)?;
+        self.norm(x, 0, n, norm, out)
     }
 
     /// `x += y`, or `x += PostNorm(y)` (Gemma's sandwich; `scratch` takes the normed rows).

@@ -262,6 +262,54 @@ impl Cuda {
 
     /// The first `len` values a replayed step left in a scratch buffer (`which` picks it;
     /// `what` names it in the error when the step never made it).
+    /// A single row through up to [`GEMV_WEIGHTS`](super::GEMV_WEIGHTS) weights of one kind
+    /// (all f16, or all of one quantised type) in one GEMV launch; false (nothing done) for
+    /// anything else, which `matmul` takes weight by weight.
+    fn gemv_in_one_launch(
+        &self,
+        ws: &[&GpuMatrix],
+        x: &DeviceRows,
+        n: usize,
+        ys: &mut [&mut DeviceRows],
+    ) -> Result<bool, ModelError> {
+        let cols = ws[0].cols;
+        if n != 1 || ws.len() < 2 || ws.len() > super::GEMV_WEIGHTS || ws.iter().any(|w| w.cols != cols) {
+            return Ok(false);
+        }
+        let mut outs: Vec<&mut CudaSlice<f32>> = ys.iter_mut().map(|y| y.get_mut()).collect::<Result<_, _>>()?;
+        match &ws[0].weights {
+            GpuWeights::F16(_) if super::uses_gemv(1, cols) => {
+                let f16: Option<Vec<(&CudaSlice<u16>, usize)>> = ws
+                    .iter()
+                    .map(|w| match &w.weights {
+                        GpuWeights::F16(data) => Some((data, w.rows)),
+                        GpuWeights::Quantised { .. } => None,
+                    })
+                    .collect();
+                let Some(f16) = f16 else { return Ok(false) };
+                self.gpu.gemv_f16_many(&f16, cols, x.get()?, &mut outs)?;
+                Ok(true)
+            }
+            GpuWeights::Quantised { ggml_type: t, .. } => {
+                let same: Option<Vec<(&CudaSlice<u8>, usize)>> = ws
+                    .iter()
+                    .map(|w| match &w.weights {
+                        GpuWeights::Quantised { ggml_type, blocks } if ggml_type == t => Some((blocks, w.rows)),
+                        _ => None,
+                    })
+                    .collect();
+                let Some(same) = same else { return Ok(false) };
+                let mut sc = self.lock();
+                grow(&self.gpu, &mut sc.quant.xq, cols / 32 * super::Q8_BLOCK_BYTES)?;
+                let xq = sc.quant.xq.as_mut().expect("grown");
+                self.gpu.quantize_q8(x.get()?, cols, xq)?;
+                self.gpu.gemv_quantised_many(*t, &same, cols, &*xq, 1, &mut outs)?;
+                Ok(true)
+            }
+            GpuWeights::F16(_) => Ok(false),
+        }
+    }
+
     fn read_back<T: cudarc::driver::DeviceRepr + Default + Clone>(
         &self,
         which: for<'a> fn(&'a Scratch) -> Option<&'a CudaSlice<T>>,
@@ -348,6 +396,9 @@ impl Backend for Cuda {
         ys: &mut [&mut DeviceRows],
     ) -> Result<(), ModelError> {
         let cols = ws[0].cols;
+        if self.gemv_in_one_launch(ws, x, n, ys)? {
+            return Ok(());
+        }
         let mut sc = self.lock();
         // The input is converted (to f16, or to Q8 blocks) once for all the weights that share it.
         let (mut have_x16, mut have_xq) = (false, false);
@@ -521,6 +572,22 @@ impl Backend for Cuda {
 
     fn gelu_erf(&self, x: &mut DeviceRows) -> Result<(), ModelError> {
         Ok(self.gpu.gelu_erf(x.get_mut()?)?)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut DeviceRows,
+        y: &DeviceRows,
+        rows: usize,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut DeviceRows,
+    ) -> Result<(), ModelError> {
+        let d = weight.len();
+        let (x, y) = (x.get_mut()?, y.get()?);
+        let mut x = x.slice_mut(0..rows * d);
+        let mut out = out.get_mut()?.slice_mut(0..rows * d);
+        Ok(self.gpu.add_rms_norm(&mut x, &y.slice(0..rows * d), weight, eps, &mut out)?)
     }
 
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) -> Result<(), ModelError> {

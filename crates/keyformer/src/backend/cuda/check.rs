@@ -2,6 +2,7 @@
 //! speed at those shapes (`keyformer gpu-check`). Each check states its tolerance, derived from
 //! the arithmetic both sides do, so that a wrong kernel fails it.
 
+use cudarc::driver::CudaSlice;
 use keyformer_kv::{noise::NoiseKind, Amount, PolicyConfig, PolicyKind, Signal};
 
 use super::{
@@ -184,8 +185,40 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             "relative to sum |w x| of each output",
         ));
     }
-    // Decode-time speed of that product (one row: the weight read once), ours and cuBLAS's.
+    // Three weights of different heights in one launch (Q, K and V): each output is
+    // bit-identical to its own launch's (the same warp sums per row).
     let x1 = gpu.upload(&rng.vec(wc, 1.0))?;
+    gpu.gemv_f16(&w_dev, wr, wc, &x1, &mut y_dev)?;
+    let alone = gpu.download(&y_dev)?;
+    let heights = [wr, 1000.min(wr), 64.min(wr)];
+    let parts: Vec<CudaSlice<u16>> = heights.iter().map(|&h| gpu.upload(&w16[..h * wc])).collect::<Result<_, _>>()?;
+    let mut outs: Vec<CudaSlice<f32>> = heights.iter().map(|&h| gpu.zeros::<f32>(h)).collect::<Result<_, _>>()?;
+    let ws: Vec<(&CudaSlice<u16>, usize)> = parts.iter().zip(heights).collect();
+    gpu.gemv_f16_many(&ws, wc, &x1, &mut outs.iter_mut().collect::<Vec<_>>())?;
+    let mut differ = 0usize;
+    for (out, h) in outs.iter().zip(heights) {
+        differ += gpu.download(out)?.iter().zip(&alone[..h]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    }
+    checks.push(row(
+        &format!("gemv f16, weights of {heights:?} rows in one launch"),
+        differ as f64,
+        0.0,
+        "outputs that differ from each weight's own launch",
+    ));
+
+    // An RMS norm after a residual add, in one pass: x + y normed, and x left holding the sum.
+    let (rows, xs, ys, w) = (4, rng.vec(4 * d, 2.0), rng.vec(4 * d, 2.0), rng.vec(d, 1.0));
+    let sum: Vec<f32> = xs.iter().zip(&ys).map(|(a, b)| a + b).collect();
+    let mut want = vec![0f32; rows * d];
+    cpu::rms_norm(&sum, &w, 1e-5, &mut want);
+    let (mut x_dev, y_dev_rows, mut out) = (gpu.upload(&xs)?, gpu.upload(&ys)?, gpu.zeros::<f32>(rows * d)?);
+    gpu.add_rms_norm(&mut x_dev.slice_mut(..), &y_dev_rows.slice(..), &gpu.upload(&w)?, 1e-5, &mut out.slice_mut(..))?;
+    let (got, got_sum) = (gpu.download(&out)?, gpu.download(&x_dev)?);
+    let scale = max_abs(&want);
+    checks.push(row("add_rms_norm", worst(&got, &want, |_| scale), 1e-5, "relative to the largest output"));
+    checks.push(row("add_rms_norm's residual", worst(&got_sum, &sum, |_| 1.0), 0.0, "absolute (x + y exactly)"));
+
+    // Decode-time speed of that product (one row: the weight read once), ours and cuBLAS's.
     let micros = time_us(gpu, 50, || gpu.matmul_f16(&w_dev, wr, wc, &x1, 1, &mut x16, &mut y_dev))?;
     timings.push(Timing {
         op: format!("matmul_f16 {wr}x{wc}, 1 row (GEMV)"),
@@ -422,7 +455,7 @@ fn device_kv(gpu: &Gpu, heads: &[HeadKv], capacity: usize, hd: usize) -> Result<
 /// Mean microseconds of `f` over `reps` calls (after two warm-ups), the GPU drained each side.
 /// Every type the GPU keeps quantised, as a `wr` x `wc` weight of random blocks (every bit
 /// pattern), against the CPU: the activations' Q8 blocks (bit for bit), the GEMV of 1 and 4
-/// rows against the CPU's integer row dots, 12 rows (f16 tiles through cuBLAS) and the
+/// rows against the CPU's integer row dots, 12 rows (groups of 8), 40 rows (f16 tiles through cuBLAS) and the
 /// dequantiser and embedding lookup against the CPU's dequantiser; and the GEMV's speed.
 fn quantised_checks(
     gpu: &Gpu,
@@ -436,7 +469,7 @@ fn quantised_checks(
     use crate::quant::dot::{dot_q8_scalar, quantize_q8_scalar, Q8Block};
 
     // The activations' Q8 blocks: exactly the CPU's (the same rounding, the same division).
-    let max_n = 12;
+    let max_n = 40;
     let xs = rng.vec(max_n * wc, 1.0);
     let x_dev = gpu.upload(&xs)?;
     let mut xq = gpu.zeros::<u8>(max_n * wc / 32 * super::Q8_BLOCK_BYTES)?;
@@ -488,7 +521,7 @@ fn quantised_checks(
         };
         let mut y_dev = gpu.zeros::<f32>(max_n * wr)?;
         let mut buffers = super::QuantBuffers::default();
-        for n in [1usize, 4, 12] {
+        for n in [1usize, 4, 12, 40] {
             gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, n, &mut buffers, false, &mut y_dev)?;
             let got = gpu.download(&y_dev)?;
             let mag = magnitude(n);
@@ -500,7 +533,7 @@ fn quantised_checks(
                     wrow.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32
                 })
                 .collect();
-            if n <= super::QUANT_GEMV_MAX_ROWS {
+            if n <= super::QUANT_GEMV_GROUPED_ROWS {
                 // The CPU's integer products: the same integer sums, combined in another order.
                 let want: Vec<f32> = (0..n * wr)
                     .map(|i| {
@@ -533,6 +566,27 @@ fn quantised_checks(
                 ));
             }
         }
+        // Three weights of one type in one launch: each output bit-identical to its own launch's.
+        let mut xq1 = gpu.zeros::<u8>(wc / 32 * super::Q8_BLOCK_BYTES)?;
+        gpu.quantize_q8(&x_dev, wc, &mut xq1)?;
+        gpu.gemv_quantised(t, &w_dev, wr, wc, &xq1, 1, &mut y_dev)?;
+        let alone = gpu.download(&y_dev)?;
+        let heights = [wr, 300.min(wr), 64.min(wr)];
+        let parts: Vec<CudaSlice<u8>> = heights.iter().map(|&h| gpu.upload(&bytes[..h * rb])).collect::<Result<_, _>>()?;
+        let mut outs: Vec<CudaSlice<f32>> = heights.iter().map(|&h| gpu.zeros::<f32>(h)).collect::<Result<_, _>>()?;
+        let ws: Vec<(&CudaSlice<u8>, usize)> = parts.iter().zip(heights).collect();
+        gpu.gemv_quantised_many(t, &ws, wc, &xq1, 1, &mut outs.iter_mut().collect::<Vec<_>>())?;
+        let mut differ = 0usize;
+        for (out, h) in outs.iter().zip(heights) {
+            differ += gpu.download(out)?.iter().zip(&alone[..h]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        }
+        checks.push(row(
+            &format!("gemv {name}, weights of {heights:?} rows in one launch"),
+            differ as f64,
+            0.0,
+            "outputs that differ from each weight's own launch",
+        ));
+
         // The dequantiser (rows 5..9) and the embedding lookup (4 rows) against the CPU's.
         let (row0, n_rows) = (5usize, 4usize);
         let mut tile = gpu.zeros::<u16>(n_rows * wc)?;

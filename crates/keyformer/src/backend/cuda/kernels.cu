@@ -58,15 +58,69 @@ __device__ float block_reduce(float v, bool is_max) {
     return r;
 }
 
+// The float4s of a row each thread of a norm's block keeps in registers between the sum of
+// squares and the scaling: rows of up to 8 * 4 * blockDim values (8192 at 256 threads) are
+// read once, their loads all in flight together (a loop of dependent strided loads made a
+// 4096-wide norm cost about as much as a 4096 x 4096 GEMV).
+#define NORM_VEC 8
+
+// One block's row: x (+= y first when ADD; x then holds the sum) normed into out =
+// x / sqrt(mean(x^2) + eps) * weight.
+template <bool ADD>
+__device__ __forceinline__ void rms_norm_row(float* x, const float* y, const float* weight, float* out, int dim,
+                                             float eps) {
+    int n4 = dim >> 2;
+    if ((dim & 3) == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
+        float4 v[NORM_VEC], w[NORM_VEC];
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i < n4) {
+                v[k] = ((const float4*)x)[i];
+                w[k] = ((const float4*)weight)[i];
+                if (ADD) {
+                    float4 a = ((const float4*)y)[i];
+                    v[k].x += a.x;
+                    v[k].y += a.y;
+                    v[k].z += a.z;
+                    v[k].w += a.w;
+                    ((float4*)x)[i] = v[k];
+                }
+                s += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+            }
+        }
+        float inv = rsqrtf(block_reduce(s, false) / dim + eps);
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i < n4)
+                ((float4*)out)[i] =
+                    make_float4(v[k].x * inv * w[k].x, v[k].y * inv * w[k].y, v[k].z * inv * w[k].z, v[k].w * inv * w[k].w);
+        }
+        return;
+    }
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        if (ADD) x[i] += y[i];
+        s += x[i] * x[i];
+    }
+    float inv = rsqrtf(block_reduce(s, false) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[i] = x[i] * inv * weight[i];
+}
+
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; one block per row.
 extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int dim, float eps) {
-    const float* row = x + (size_t)blockIdx.x * dim;
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += row[i] * row[i];
-    s = block_reduce(s, false);
-    float inv = rsqrtf(s / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-        out[(size_t)blockIdx.x * dim + i] = row[i] * inv * weight[i];
+    size_t at = (size_t)blockIdx.x * dim;
+    rms_norm_row<false>((float*)x + at, nullptr, weight, out + at, dim, eps);
+}
+
+// The residual add and the norm after it in one pass: x[r] += y[r], then out[r] = the RMS
+// norm of x[r]; one block per row.
+extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* weight, float* out, int dim,
+                                        float eps) {
+    size_t at = (size_t)blockIdx.x * dim;
+    rms_norm_row<true>(x + at, y + at, weight, out + at, dim, eps);
 }
 
 // RoPE on the first 2 * rope_pairs values of every head, by the row's position: pair i is
@@ -178,7 +232,26 @@ __device__ __forceinline__ float dot8(uint4 q, float4 a, float4 b) {
            h2f(q.z & 0xffff) * b.x + h2f(q.z >> 16) * b.y + h2f(q.w & 0xffff) * b.z + h2f(q.w >> 16) * b.w;
 }
 
-extern "C" __global__ void gemv_f16(const unsigned short* w, const float* x, float* y, int rows, int cols) {
+// Up to GEMV_WEIGHTS weights that share their input (Q, K and V; gate and up) go in one
+// launch, blockIdx.y picking the weight: one wave of blocks instead of three short ones.
+#define GEMV_WEIGHTS 3
+struct GemvWeights {
+    const void* w[GEMV_WEIGHTS];
+    float* y[GEMV_WEIGHTS];
+    int rows[GEMV_WEIGHTS];
+};
+
+// Entry j of a parameter array, selected rather than indexed (indexing copies the array to
+// the stack).
+template <typename T>
+__device__ __forceinline__ T pick(const T (&a)[GEMV_WEIGHTS], unsigned j) {
+    return j == 0 ? a[0] : (j == 1 ? a[1] : a[2]);
+}
+
+extern "C" __global__ void gemv_f16(GemvWeights ws, const float* x, int cols) {
+    const unsigned short* w = (const unsigned short*)pick(ws.w, blockIdx.y);
+    float* y = pick(ws.y, blockIdx.y);
+    int rows = pick(ws.rows, blockIdx.y);
     int pair = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     int r0 = 2 * pair;

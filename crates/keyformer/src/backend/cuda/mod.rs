@@ -95,6 +95,7 @@ struct Kernels {
     gather_slots: CudaFunction,
     embed_rows: CudaFunction,
     add_assign: CudaFunction,
+    add_rms_norm: CudaFunction,
     argmax_rows: CudaFunction,
     kv_append: CudaFunction,
     prefill_softmax: CudaFunction,
@@ -126,6 +127,29 @@ pub const Q8_BLOCK_BYTES: usize = std::mem::size_of::<crate::quant::dot::Q8Block
 /// `GEMV_Q_MAX_N`, each weight read once for all rows); more rows dequantise the weight tile
 /// by tile into f16 for cuBLAS.
 pub const QUANT_GEMV_MAX_ROWS: usize = 8;
+
+/// Activation rows up to which a quantised product still goes through the GEMV, in groups of
+/// [`QUANT_GEMV_MAX_ROWS`]: each group reads the weight once more, but the dequantised tiles
+/// cost about a whole model's f16 writes and reads per step (on an H100, Q4_K at the llama2-7b
+/// shape: a batch of 16 took 101 ms a step through tiles, one of 8 14 ms through the GEMV).
+pub const QUANT_GEMV_GROUPED_ROWS: usize = 32;
+
+/// Weights one GEMV launch takes (kernels.cu `GEMV_WEIGHTS`): Q, K and V share their input.
+pub const GEMV_WEIGHTS: usize = 3;
+
+/// The weights of one GEMV launch (kernels.cu `GemvWeights`): device addresses of each weight
+/// and its output, and its rows; `blockIdx.y` picks one.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvWeights {
+    w: [u64; GEMV_WEIGHTS],
+    y: [u64; GEMV_WEIGHTS],
+    rows: [i32; GEMV_WEIGHTS],
+}
+
+// SAFETY: plain old data with the kernel's layout (repr(C): 3 + 3 addresses, 3 ints, padded).
+unsafe impl cudarc::driver::DeviceRepr for GemvWeights {}
+const _: () = assert!(std::mem::size_of::<GemvWeights>() == 64);
 
 /// f16 values of one dequantised tile: 8 Mi (16 MiB), so that a tile written by the
 /// dequantiser is still in L2 (50 MiB on an H100) when cuBLAS reads it.
@@ -393,6 +417,7 @@ impl Gpu {
             gather_slots: f("gather_slots")?,
             embed_rows: f("embed_rows")?,
             add_assign: f("add_assign")?,
+            add_rms_norm: f("add_rms_norm")?,
             argmax_rows: f("argmax_rows")?,
             kv_append: f("kv_append")?,
             prefill_softmax: f("prefill_softmax")?,
@@ -493,6 +518,32 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
         b.arg(x).arg(weight).arg(out).arg(&dim_i).arg(&eps);
         // SAFETY: the kernel reads rows * dim values of x and dim of weight, writes rows * dim.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x += y`, then `out` = the RMS norm of x (as [`rms_norm`](Self::rms_norm)), in one pass
+    /// over rows of `weight.len()` values.
+    pub fn add_rms_norm(
+        &self,
+        x: &mut CudaViewMut<f32>,
+        y: &CudaView<f32>,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut CudaViewMut<f32>,
+    ) -> Result<(), GpuError> {
+        let dim = weight.len();
+        if dim == 0 || x.len() % dim != 0 || y.len() < x.len() || out.len() < x.len() {
+            let (n, m) = (x.len(), y.len());
+            return Err(GpuError::Shape(format!("add and rms_norm of {n} + {m} values by rows of {dim}")));
+        }
+        let rows = x.len() / dim;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let dim_i = dim as i32;
+        let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
+        b.arg(&mut *x).arg(y).arg(weight).arg(out).arg(&dim_i).arg(&eps);
+        // SAFETY: block r reads and writes row r of x, reads row r of y and the weight, writes
+        // row r of out; rows * dim values in each (checked above).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -681,20 +732,50 @@ impl Gpu {
         x: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        if !uses_gemv(1, cols) || w.len() != rows * cols || x.len() < cols || y.len() < rows {
+        self.gemv_f16_many(&[(w, rows)], cols, x, &mut [y])
+    }
+
+    /// [`gemv_f16`](Self::gemv_f16) of up to [`GEMV_WEIGHTS`] weights (`(weight, rows)`) that
+    /// share the input `x`, into `ys`, in one launch.
+    pub fn gemv_f16_many(
+        &self,
+        ws: &[(&CudaSlice<u16>, usize)],
+        cols: usize,
+        x: &CudaSlice<f32>,
+        ys: &mut [&mut CudaSlice<f32>],
+    ) -> Result<(), GpuError> {
+        let shapes_fit = ws.iter().zip(ys.iter()).all(|((w, rows), y)| w.len() == rows * cols && y.len() >= *rows);
+        if ws.is_empty() || ws.len() > GEMV_WEIGHTS || ws.len() != ys.len() || !uses_gemv(1, cols) || !shapes_fit
+            || x.len() < cols
+        {
+            let shapes: Vec<String> = ws.iter().map(|(w, rows)| format!("{rows} x {cols} ({} values)", w.len())).collect();
             return Err(GpuError::Shape(format!(
-                "GEMV of a {rows} x {cols} weight ({} values) with {} values into {}",
-                w.len(),
+                "GEMV of weights [{}] with {} values into {} outputs",
+                shapes.join(", "),
                 x.len(),
-                y.len()
+                ys.len()
             )));
         }
-        let (rows_i, cols_i) = (rows as i32, cols as i32);
+        let max_rows = ws.iter().map(|(_, rows)| *rows).max().unwrap_or(0);
+        let cols_i = cols as i32;
+        let mut params = GemvWeights::default();
+        let mut guards = Vec::with_capacity(2 * ws.len());
+        for (i, ((w, rows), y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            let (wp, gw) = w.device_ptr(&self.stream);
+            let (yp, gy) = y.device_ptr_mut(&self.stream);
+            (params.w[i], params.y[i], params.rows[i]) = (wp, yp, *rows as i32);
+            guards.extend([gw, gy]);
+        }
+        let mut cfg = grid(max_rows.div_ceil(2) * 32, 256);
+        cfg.grid_dim.1 = ws.len() as u32;
         let mut b = self.stream.launch_builder(&self.kernels.gemv_f16);
-        b.arg(w).arg(x).arg(&mut *y).arg(&rows_i).arg(&cols_i);
-        // SAFETY: a warp per pair of output rows (8 per block) reads its weight rows in 16-byte
-        // pieces (cols % 8 == 0 and the allocation is aligned) and one row of x; checked above.
-        unsafe { b.launch(grid(rows.div_ceil(2) * 32, 256)) }?;
+        b.arg(&params).arg(x).arg(&cols_i);
+        // SAFETY: block (i, j) is a warp per pair of rows of weight j (blocks past its rows
+        // return); each reads its weight rows in 16-byte pieces (cols % 8 == 0, aligned
+        // allocations) and x's cols values, and writes y_j's rows; all checked above. The
+        // guards keep the addresses' buffers borrowed until the launch is queued.
+        unsafe { b.launch(cfg) }?;
+        drop(guards);
         Ok(())
     }
 
@@ -838,21 +919,57 @@ impl Gpu {
         n: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        Self::check_quantised(t, w, rows, cols)?;
-        if n == 0 || n > QUANT_GEMV_MAX_ROWS || xq.len() < n * cols / 32 * Q8_BLOCK_BYTES || y.len() < n * rows {
+        self.gemv_quantised_many(t, &[(w, rows)], cols, xq, n, &mut [y])
+    }
+
+    /// [`gemv_quantised`](Self::gemv_quantised) of up to [`GEMV_WEIGHTS`] weights of one type
+    /// (`(blocks, rows)`) that share the activations `xq`, into `ys`, in one launch.
+    pub fn gemv_quantised_many<X: DevicePtr<u8>, Y: DevicePtrMut<f32>>(
+        &self,
+        t: GgmlType,
+        ws: &[(&CudaSlice<u8>, usize)],
+        cols: usize,
+        xq: &X,
+        n: usize,
+        ys: &mut [&mut Y],
+    ) -> Result<(), GpuError> {
+        for (w, rows) in ws {
+            Self::check_quantised(t, w, *rows, cols)?;
+        }
+        let outputs_fit = ws.iter().zip(ys.iter()).all(|((_, rows), y)| y.len() >= n * rows);
+        if ws.is_empty() || ws.len() > GEMV_WEIGHTS || ws.len() != ys.len() || !outputs_fit || n == 0
+            || n > QUANT_GEMV_MAX_ROWS
+            || xq.len() < n * cols / 32 * Q8_BLOCK_BYTES
+        {
             return Err(GpuError::Shape(format!(
-                "quantised GEMV of {n} rows ({} activation bytes) into {}",
+                "quantised GEMV of {} weights and {n} rows ({} activation bytes) into {} outputs",
+                ws.len(),
                 xq.len(),
-                y.len()
+                ys.len()
             )));
         }
-        let (rows_i, cols_i, n_i) = (rows as i32, cols as i32, n as i32);
+        let max_rows = ws.iter().map(|(_, rows)| *rows).max().unwrap_or(0);
+        let (cols_i, n_i) = (cols as i32, n as i32);
+        let mut params = GemvWeights::default();
+        let mut guards = Vec::with_capacity(2 * ws.len());
+        for (i, ((w, rows), y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            let (wp, gw) = w.device_ptr(&self.stream);
+            let (yp, gy) = y.device_ptr_mut(&self.stream);
+            (params.w[i], params.y[i], params.rows[i]) = (wp, yp, *rows as i32);
+            guards.extend([gw, gy]);
+        }
+        let (xp, gx) = xq.device_ptr(&self.stream);
+        guards.push(gx);
         let kernels = self.quant_kernels(t)?;
+        let mut cfg = grid(max_rows * 32, 256);
+        cfg.grid_dim.1 = ws.len() as u32;
         let mut b = self.stream.launch_builder(if n == 1 { &kernels.gemv1 } else { &kernels.gemv });
-        b.arg(w).arg(xq).arg(&mut *y).arg(&rows_i).arg(&cols_i).arg(&n_i);
-        // SAFETY: a warp per output row reads its weight row's blocks and the n activation rows'
-        // blocks, and writes y[t][row] for t < n (all checked above).
-        unsafe { b.launch(grid(rows * 32, 256)) }?;
+        b.arg(&params).arg(&xp).arg(&cols_i).arg(&n_i);
+        // SAFETY: block (i, j) is a warp per output row of weight j (blocks past its rows
+        // return), reading that row's blocks and the n activation rows' blocks and writing
+        // y_j[t][row] for t < n (all checked above); the guards hold the buffers until queued.
+        unsafe { b.launch(cfg) }?;
+        drop(guards);
         Ok(())
     }
 
@@ -922,13 +1039,23 @@ impl Gpu {
         x_quantised: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        if n <= QUANT_GEMV_MAX_ROWS {
+        if n <= QUANT_GEMV_GROUPED_ROWS {
             grow(self, &mut buffers.xq, n * cols / 32 * Q8_BLOCK_BYTES)?;
             let xq = buffers.xq.as_mut().expect("grown");
             if !x_quantised {
                 self.quantize_q8(x, n * cols, xq)?;
             }
-            return self.gemv_quantised(t, w, rows, cols, xq, n, y);
+            if n <= QUANT_GEMV_MAX_ROWS {
+                return self.gemv_quantised(t, w, rows, cols, xq, n, y);
+            }
+            let row_bytes = cols / 32 * Q8_BLOCK_BYTES;
+            for first in (0..n).step_by(QUANT_GEMV_MAX_ROWS) {
+                let group = QUANT_GEMV_MAX_ROWS.min(n - first);
+                let xs = xq.slice(first * row_bytes..(first + group) * row_bytes);
+                let mut ys = y.slice_mut(first * rows..(first + group) * rows);
+                self.gemv_quantised_many(t, &[(w, rows)], cols, &xs, group, &mut [&mut ys])?;
+            }
+            return Ok(());
         }
         let tile_rows = crate::quant::row_tiles(rows, cols, QUANT_TILE_VALUES).map(|r| r.len()).max().unwrap_or(1);
         grow(self, &mut buffers.tile, tile_rows * cols)?;
