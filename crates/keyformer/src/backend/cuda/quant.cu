@@ -103,7 +103,7 @@ __device__ void embed_q(const unsigned char* w, const unsigned int* tokens, floa
     extern "C" __global__ void gemv_##NAME(GemvWeights ws, const Q8Act* xq, int cols, int n) {              \
         gemv_q<T, GEMV_Q_MAX_N>(ws, xq, cols, n);                                                           \
     }                                                                                                       \
-    extern "C" __global__ void gemv1_##NAME(GemvWeights ws, const Q8Act* xq, int cols, int n) {             \
+    extern "C" __global__ void __launch_bounds__(256, 4) gemv1_##NAME(GemvWeights ws, const Q8Act* xq, int cols, int n) {             \
         gemv_q<T, 1>(ws, xq, cols, n);                                                                      \
     }                                                                                                       \
     extern "C" __global__ void dequant_f16_##NAME(const unsigned char* w, unsigned short* out, int cols,    \
