@@ -16,7 +16,8 @@ pub mod policy;
 pub use cursor::{CursorFull, EvictRange, SlotCursor, StepPlan};
 pub use noise::NoiseKind;
 pub use policy::{
-    Accumulate, Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, SequencePolicy, Signal, KVZIP_SINKS,
+    Accumulate, Amount, KeyformerOptions, PolicyConfig, PolicyError, PolicyKind, ScoreNoise, SequencePolicy, Signal,
+    KVZIP_SINKS,
 };
 
 /// Errors from slot bookkeeping.

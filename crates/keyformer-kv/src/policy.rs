@@ -279,10 +279,11 @@ pub struct PolicyConfig {
     /// SnapKV-style observation window), scaled to the same total mass (`observe=N`): the
     /// sums say what the whole prompt used, the window what its end still looks at.
     pub observe: Option<usize>,
-    /// Expected attention with Keyformer's regularisation (`expected:gumbel`): the softmax of
-    /// the expected logits plus the noise of `keyformer.noise` (Gumbel by default), over the
-    /// temperature `keyformer.tau_init`, seeded as Keyformer's.
-    pub expected_noise: bool,
+    /// Keyformer's regularisation on a prompt-end score (`expected:gumbel`, `kvzip:gumbel`):
+    /// the softmax of expected attention's logits, or of the repetition's, plus the noise of
+    /// `keyformer.noise` (Gumbel by default), over the temperature `keyformer.tau_init`,
+    /// seeded as Keyformer's.
+    pub noisy_scores: bool,
     pub keyformer: KeyformerOptions,
     pub seed: u64,
 }
@@ -305,7 +306,7 @@ impl Default for PolicyConfig {
             snapkv_window: 32,
             prefill_chunk: None,
             observe: None,
-            expected_noise: false,
+            noisy_scores: false,
             keyformer: KeyformerOptions::default(),
             seed: 0,
         }
@@ -332,7 +333,7 @@ impl PolicyConfig {
     /// or one for the whole model), `adaptive` (AdaKV's budgets per head), `grow` (only the
     /// prompt is compressed), `keydiff` (scores times each key's distance from the mean key),
     /// `observe=N` (H2O's and Keyformer's sums plus the attention of the prompt's last N
-    /// queries), `gumbel` (expected attention's softmax with Keyformer's noise and temperature),
+    /// queries), `gumbel` (expected attention's or KVzip's softmax with Keyformer's noise and temperature),
     /// `noise=gumbel|gaussian|constant|none`,
     /// `tau=INIT-END`, `frozen`. Unset options come from `defaults` (whose kind is replaced).
     /// The kinds: full, window, sink, h2o, tova, snapkv, random, knorm, expected, kvzip, keyformer.
@@ -366,7 +367,9 @@ impl PolicyConfig {
                 "adaptive" if value.is_empty() => config.adaptive = true,
                 "grow" if value.is_empty() => config.grow = true,
                 "keydiff" if value.is_empty() => config.key_diversity = true,
-                "gumbel" if value.is_empty() && kind == PolicyKind::Expected => config.expected_noise = true,
+                "gumbel" if value.is_empty() && matches!(kind, PolicyKind::Expected | PolicyKind::Kvzip) => {
+                    config.noisy_scores = true
+                }
                 "window" => config.snapkv_window = count("window")?,
                 "chunk" => config.prefill_chunk = Some(count("chunk")?),
                 "observe" => config.observe = Some(count("observe")?),
@@ -380,7 +383,7 @@ impl PolicyConfig {
                 _ => {
                     return Err(bad(format!(
                         "unknown option '{option}' (budget=, min-budget=, recent=, sinks=, window=, chunk=, observe=, \
-                     accumulate=, value, layers=, adaptive, grow, keydiff, gumbel (expected), noise=, tau=, frozen)"
+                     accumulate=, value, layers=, adaptive, grow, keydiff, gumbel (expected, kvzip), noise=, tau=, frozen)"
                     )))
                 }
             }
@@ -608,7 +611,18 @@ pub enum Signal {
     /// repetition itself); each slot in `first..end` gets the largest probability any of
     /// those rows and any query head of its KV head gives it. The rows are maxima, not sums:
     /// a kernel merges into them with `max`.
-    Reconstruction { from_position: u32, first: u32, end: u32, sinks: u32 },
+    /// With `noise`, each row's softmax is Keyformer's, `softmax((x + g) / tau)` over the same
+    /// keys (`kvzip:gumbel`).
+    Reconstruction { from_position: u32, first: u32, end: u32, sinks: u32, noise: Option<ScoreNoise> },
+}
+
+/// Keyformer's regularisation of a softmax: noise of `kind` drawn per (seed, layer, query head,
+/// query position, key position), then the temperature `tau`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreNoise {
+    pub kind: NoiseKind,
+    pub tau: f32,
+    pub seed: u64,
 }
 
 impl Signal {
@@ -915,7 +929,7 @@ impl SequencePolicy {
         }
         let keys: Vec<&[f32]> = held.iter().map(|&(_, _, k, _)| k).collect();
         let norms: Vec<f32> = held.iter().map(|&(_, _, _, v)| v).collect();
-        let scores = if self.config.expected_noise {
+        let scores = if self.config.noisy_scores {
             let (kind, seed, tau) = (self.config.keyformer.noise, self.config.seed, self.config.keyformer.tau_init);
             let noise =
                 |h: usize, j: usize| noise::sample(kind, seed, layer as u32, (first_query + h) as u32, 0, held[j].1);
@@ -1155,7 +1169,13 @@ impl SequencePolicy {
     /// gives this policy's scores the reconstruction maxima ([`Signal::Reconstruction`]) until
     /// [`end_reconstruction`](Self::end_reconstruction).
     pub fn begin_reconstruction(&mut self, first: u32, end: u32, from_position: u32) {
-        self.reconstruction = Some(Signal::Reconstruction { from_position, first, end, sinks: KVZIP_SINKS as u32 });
+        let noise = self.config.noisy_scores.then_some(ScoreNoise {
+            kind: self.config.keyformer.noise,
+            tau: self.config.keyformer.tau_init,
+            seed: self.config.seed,
+        });
+        self.reconstruction =
+            Some(Signal::Reconstruction { from_position, first, end, sinks: KVZIP_SINKS as u32, noise });
     }
 
     /// The repetition is over: the prompt's own forward passes score nothing again.
@@ -1574,7 +1594,7 @@ mod tests {
         assert!(p.wants_reconstruction() && p.running_rows(0).0.is_none());
         assert_eq!(p.pinned(), KVZIP_SINKS as u64);
         p.begin_reconstruction(0, 40, 45);
-        assert_eq!(p.signal(), Signal::Reconstruction { from_position: 45, first: 0, end: 40, sinks: 4 });
+        assert_eq!(p.signal(), Signal::Reconstruction { from_position: 45, first: 0, end: 40, sinks: 4, noise: None });
         assert!(p.signal().merges_by_max() && p.running_rows(0).0.is_some_and(|rows| rows.len() == 2));
         p.end_reconstruction();
         assert_eq!(p.signal(), Signal::None);
@@ -1584,6 +1604,13 @@ mod tests {
         assert!(full.wants_reconstruction(), "a covering budget still scores (nothing is evicted)");
         let err = spec("kvzip:budget=10:chunk=16").map(|c| c.validate());
         assert!(matches!(err, Ok(Err(PolicyError::Invalid(_))) | Err(PolicyError::Invalid(_))), "{err:?}");
+        // `gumbel`: the repetition's softmax takes Keyformer's noise and starting temperature.
+        let mut noisy = spec("kvzip:budget=10:gumbel:tau=1.5-3").unwrap().resolve(40, 0, 1, 2).unwrap();
+        noisy.begin_reconstruction(0, 40, 45);
+        let seed = noisy.config.seed;
+        let noise = Some(ScoreNoise { kind: NoiseKind::Gumbel, tau: 1.5, seed });
+        assert_eq!(noisy.signal(), Signal::Reconstruction { from_position: 45, first: 0, end: 40, sinks: 4, noise });
+        assert!(spec("h2o:gumbel").is_err(), "gumbel is a setting of expected and kvzip only");
     }
 
     #[test]

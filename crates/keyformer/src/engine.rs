@@ -2,7 +2,7 @@
 //! the server and the evaluation suite, are thin layers over [`Engine`].
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::backend::{Backend, Cpu, SequenceCache};
@@ -323,8 +323,18 @@ pub struct SharedPrefill {
     /// The prompt, for the policies that must prefill on their own (trimmed chunk by chunk).
     prompt: Vec<u32>,
     /// KVzip's scores of the prompt, computed for the first `kvzip` policy that asks and
-    /// shared by the others (they depend on the tokens alone).
-    repetition: std::sync::OnceLock<crate::kvzip::RepetitionScores>,
+    /// shared by the others with the same noise (they depend on the tokens and it alone).
+    repetition: Arc<Mutex<Vec<SharedRepetition>>>,
+}
+
+/// Repetition scores with the noise they were computed with.
+type SharedRepetition = (crate::kvzip::RepetitionNoise, Arc<crate::kvzip::RepetitionScores>);
+
+impl SharedPrefill {
+    /// The repetition scores computed so far (a poisoned lock still holds whole entries).
+    fn lock_repetition(&self) -> std::sync::MutexGuard<'_, Vec<SharedRepetition>> {
+        self.repetition.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -930,11 +940,14 @@ impl Engine<Cpu> {
             }
         }
         if cache.policy.wants_reconstruction() {
-            let scores = match shared.repetition.get() {
+            let noise = crate::kvzip::RepetitionNoise::of(&cache.policy.config);
+            let known = shared.lock_repetition().iter().find(|(n, _)| *n == noise).map(|(_, s)| s.clone());
+            let scores = match known {
                 Some(s) => s,
                 None => {
-                    let s = self.model.repetition_scores(&shared.prompt, &shared.cache)?;
-                    shared.repetition.get_or_init(|| s)
+                    let s = Arc::new(self.model.repetition_scores(&shared.prompt, &shared.cache, noise.clone())?);
+                    shared.lock_repetition().push((noise, s.clone()));
+                    s
                 }
             };
             scores.apply(&mut cache);

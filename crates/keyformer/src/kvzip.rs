@@ -48,6 +48,18 @@ impl RepeatRequest {
     }
 }
 
+/// Whether a policy's repetition scores take Keyformer's noise and temperature (`kvzip:gumbel`):
+/// its noise options and seed, or `None` for KVzip's plain softmax. Scores are shared between
+/// policies that agree on this.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepetitionNoise(pub Option<(keyformer_kv::KeyformerOptions, u64)>);
+
+impl RepetitionNoise {
+    pub fn of(config: &keyformer_kv::PolicyConfig) -> Self {
+        Self(config.noisy_scores.then(|| (config.keyformer.clone(), config.seed)))
+    }
+}
+
 /// A prompt's repetition scores: for each (layer, KV head), the score of each prompt position
 /// from `start` on (`rows[layer * n_kv_heads + head][position - start]`); sliding layers'
 /// rows are empty.
@@ -85,14 +97,21 @@ impl Model<Cpu> {
     /// positions) by their repetition, into the cache's policy (KVzip), before the prompt's
     /// end trims it.
     pub fn score_by_repetition(&self, prompt: &[u32], cache: &mut KvCache) -> Result<(), ModelError> {
-        self.repetition_scores(prompt, cache)?.apply(cache);
+        let noise = RepetitionNoise::of(&cache.policy.config);
+        self.repetition_scores(prompt, cache, noise)?.apply(cache);
         Ok(())
     }
 
     /// The repetition scores of the prompt tokens just read into `cache` (`prompt`, its last
-    /// `prompt.len()` positions; the cache holds them all), whatever its policy: they depend
-    /// on the tokens alone, so one computation serves every budget.
-    pub fn repetition_scores(&self, prompt: &[u32], cache: &KvCache) -> Result<RepetitionScores, ModelError> {
+    /// `prompt.len()` positions; the cache holds them all), whatever its policy, plain or with
+    /// Keyformer's `noise`: they depend on the tokens (and the noise) alone, so one computation
+    /// serves every budget.
+    pub fn repetition_scores(
+        &self,
+        prompt: &[u32],
+        cache: &KvCache,
+        noise: RepetitionNoise,
+    ) -> Result<RepetitionScores, ModelError> {
         let request = self.repeat_request.as_ref().ok_or_else(|| {
             ModelError::Input("kvzip needs the words of its repeat request: load the model through an Engine".into())
         })?;
@@ -114,11 +133,14 @@ impl Model<Cpu> {
             // The copy scores with a KVzip policy of its own, whatever the cache's (a budget
             // that holds everything: nothing is trimmed while the prompt runs anyway).
             let lifetime = end as usize + tokens.len();
-            let scorer = keyformer_kv::PolicyConfig {
+            let mut scorer = keyformer_kv::PolicyConfig {
                 kind: keyformer_kv::PolicyKind::Kvzip,
                 budget: Some(keyformer_kv::Amount::Tokens(lifetime)),
                 ..Default::default()
             };
+            if let Some((keyformer, seed)) = &noise.0 {
+                (scorer.noisy_scores, scorer.keyformer, scorer.seed) = (true, keyformer.clone(), *seed);
+            }
             copy.policy = scorer.resolve(lifetime, 0, n_layers, n_kv).map_err(ModelError::Policy)?;
             copy.grow_for(tokens.len());
             copy.policy.begin_reconstruction(first, first + part.len() as u32, end);

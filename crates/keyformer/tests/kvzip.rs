@@ -45,7 +45,7 @@ fn repetition_maxima(e: &Engine, p: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
     let repeat = request.pass(None, p);
     let c = &e.model.config;
     let mut full = e.new_cache(&PolicyConfig::default(), p.len() + repeat.len(), 0).unwrap();
-    let signal = Signal::Reconstruction { from_position: n, first: 0, end: n, sinks: KVZIP_SINKS as u32 };
+    let signal = Signal::Reconstruction { from_position: n, first: 0, end: n, sinks: KVZIP_SINKS as u32, noise: None };
     full.recorder = Some(PromptScores::new(vec![signal], c.n_layers, c.n_kv_heads));
     let prompt_logits = e.model.forward(p, &mut full, Logits::Last).unwrap();
     e.model.forward(&repeat, &mut full, Logits::Last).unwrap();

@@ -2,7 +2,7 @@
 //! SwiGLU and attention over the slot cache. Work is split across [`pool`], the process's one
 //! worker team (`--threads` sizes it).
 
-use keyformer_kv::{noise, NoiseKind, Signal};
+use keyformer_kv::{noise, NoiseKind, ScoreNoise, Signal};
 
 use super::vmath;
 use crate::backend::{pool, AttentionSpec, RopeStyle};
@@ -802,7 +802,8 @@ fn attention_rows(
         // Per task (one KV head): whether any signal needs the raw logits, and the slots'
         // positions as integers for the vectorised noise (free slots read as 0; their
         // logits are -inf, so their noise is never used).
-        let logits_noisy = signals.iter().any(|s| matches!(s, Signal::Noisy { .. }));
+        let logits_noisy =
+            signals.iter().any(|s| matches!(s, Signal::Noisy { .. } | Signal::Reconstruction { noise: Some(_), .. }));
         let raw_positions: Vec<u32> =
             if logits_noisy { slots.iter().map(|s| s.unwrap_or(0)).collect() } else { Vec::new() };
         let mut sums: Vec<Option<Vec<f32>>> = vec![None; signals.len()];
@@ -881,17 +882,42 @@ fn attention_rows(
                         let inv_nsum = 1.0 / noisy.iter().sum::<f32>();
                         acc.iter_mut().zip(&noisy).for_each(|(a, &e)| *a += e * inv_nsum);
                     }
-                    Signal::Reconstruction { from_position, first, end, sinks } => {
+                    Signal::Reconstruction { from_position, first, end, sinks, noise } => {
                         // The softmax over the sinks, the part repeated and the repetition
                         // (the exponentials' common factor cancels); the part's slots keep
                         // their largest probability.
                         let counted = |sp: &Option<u32>| {
                             sp.is_some_and(|q| q < sinks || (first..end).contains(&q) || q >= from_position)
                         };
+                        // Keyformer's variant: the same softmax of (logit + noise) / tau.
+                        let weights: &[f32] = match noise {
+                            None => &weights,
+                            Some(ScoreNoise { kind, tau, seed }) => {
+                                let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
+                                if kind == NoiseKind::Gumbel {
+                                    gumbel.resize(width, 0.0);
+                                    vmath::gumbel_row(row.key[0], &raw_positions[..width], &mut gumbel);
+                                } else {
+                                    gumbel.clear();
+                                    gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
+                                }
+                                noisy.clear();
+                                noisy.extend(raw_logits.iter().zip(slots).zip(&gumbel).map(|((&x, sp), &g)| {
+                                    match counted(sp) {
+                                        true => (x + g) / tau,
+                                        false => f32::NEG_INFINITY,
+                                    }
+                                }));
+                                let nmax = noisy.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                                noisy.iter_mut().for_each(|v| *v -= nmax);
+                                vmath::exp_in_place(&mut noisy);
+                                &noisy
+                            }
+                        };
                         let denom: f32 = weights.iter().zip(slots).filter(|(_, sp)| counted(sp)).map(|(w, _)| w).sum();
                         if denom > 0.0 {
                             let inv = 1.0 / denom;
-                            for ((a, &w), sp) in acc.iter_mut().zip(&weights).zip(slots) {
+                            for ((a, &w), sp) in acc.iter_mut().zip(weights).zip(slots) {
                                 if sp.is_some_and(|q| (first..end).contains(&q)) {
                                     *a = a.max(w * inv);
                                 }
@@ -1344,40 +1370,53 @@ mod tests {
         let heads = [kv];
         let positions: Vec<u32> = (ctx - 2..ctx + reps).collect(); // two prompt rows first
         let q: Vec<f32> = (0..positions.len() * n_heads * hd).map(|_| rng.f32() * 2.0).collect();
-        let (first, end, sinks) = (3u32, 8u32, 2u32);
-        let signal = Signal::Reconstruction { from_position: ctx, first, end, sinks };
+        let (first, end, sinks, layer) = (3u32, 8u32, 2u32, 3usize);
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut want = vec![0f32; (ctx + reps) as usize];
-        for (i, &p) in positions.iter().enumerate().filter(|(_, &p)| p >= ctx) {
-            for h in 0..n_heads {
-                let qi = &q[(i * n_heads + h) * hd..(i * n_heads + h + 1) * hd];
-                let counted: Vec<u32> =
-                    (0..=p).filter(|&s| s < sinks || (first..end).contains(&s) || s >= ctx).collect();
-                let logit = |s: u32| scale * qi.iter().zip(&keys[s as usize]).map(|(a, b)| a * b).sum::<f32>();
-                let m = counted.iter().map(|&s| logit(s)).fold(f32::NEG_INFINITY, f32::max);
-                let denom: f32 = counted.iter().map(|&s| (logit(s) - m).exp()).sum();
-                for s in first..end {
-                    want[s as usize] = want[s as usize].max((logit(s) - m).exp() / denom);
+        // KVzip's plain softmax, and Keyformer's variants (`kvzip:gumbel`): Gumbel noise over a
+        // temperature, and no noise at temperature 1 (which must equal the plain softmax).
+        let gumbel = ScoreNoise { kind: NoiseKind::Gumbel, tau: 1.5, seed: 7 };
+        let plain_at_one = ScoreNoise { kind: NoiseKind::None, tau: 1.0, seed: 7 };
+        let mut plain_scores = Vec::new();
+        for noise in [None, Some(gumbel), Some(plain_at_one)] {
+            let signal = Signal::Reconstruction { from_position: ctx, first, end, sinks, noise };
+            let mut want = vec![0f32; (ctx + reps) as usize];
+            for (i, &p) in positions.iter().enumerate().filter(|(_, &p)| p >= ctx) {
+                for h in 0..n_heads {
+                    let qi = &q[(i * n_heads + h) * hd..(i * n_heads + h + 1) * hd];
+                    let counted: Vec<u32> =
+                        (0..=p).filter(|&s| s < sinks || (first..end).contains(&s) || s >= ctx).collect();
+                    let logit = |s: u32| {
+                        let x = scale * qi.iter().zip(&keys[s as usize]).map(|(a, b)| a * b).sum::<f32>();
+                        match noise {
+                            None => x,
+                            Some(n) => (x + noise::sample(n.kind, n.seed, layer as u32, h as u32, p, s)) / n.tau,
+                        }
+                    };
+                    let m = counted.iter().map(|&s| logit(s)).fold(f32::NEG_INFINITY, f32::max);
+                    let denom: f32 = counted.iter().map(|&s| (logit(s) - m).exp()).sum();
+                    for s in first..end {
+                        want[s as usize] = want[s as usize].max((logit(s) - m).exp() / denom);
+                    }
                 }
             }
-        }
-        let mut out = vec![0f32; q.len()];
-        let got = attention(&q, &positions, &heads, n_heads, hd, 0, &[signal], &mut out)[0].clone().unwrap();
-        for (s, w) in want.iter().enumerate() {
-            let g = got[0].get(s).copied().unwrap_or(0.0);
-            assert!((g - w).abs() < 1e-6, "slot {s}: {g} against {w}");
-            if !(first as usize..end as usize).contains(&s) {
-                assert_eq!(g, 0.0, "slot {s} lies outside the repeated part");
+            let mut out = vec![0f32; q.len()];
+            let got = attention(&q, &positions, &heads, n_heads, hd, layer, &[signal], &mut out)[0].clone().unwrap();
+            for (s, w) in want.iter().enumerate() {
+                let g = got[0].get(s).copied().unwrap_or(0.0);
+                assert!((g - w).abs() < 1e-6, "{noise:?}, slot {s}: {g} against {w}");
+                if !(first as usize..end as usize).contains(&s) {
+                    assert_eq!(g, 0.0, "slot {s} lies outside the repeated part");
+                }
             }
+            assert!(want[first as usize..end as usize].iter().all(|&w| w > 0.0));
+            plain_scores.push(got[0].clone());
+            // One row alone (the general path serves it too) gives that row's maxima.
+            let last = positions.len() - 1;
+            let rows = (&q[last * n_heads * hd..], &positions[last..]);
+            let one = attention(rows.0, rows.1, &heads, n_heads, hd, layer, &[signal], &mut out)[0].clone().unwrap();
+            assert!(one[0][first as usize..end as usize].iter().all(|&v| v > 0.0 && v <= 1.0));
         }
-        assert!(want[first as usize..end as usize].iter().all(|&w| w > 0.0));
-        // One row alone (the general path serves it too) gives that row's maxima.
-        let last = positions.len() - 1;
-        let one = attention(&q[last * n_heads * hd..], &positions[last..], &heads, n_heads, hd, 0, &[signal], &mut out)
-            [0]
-        .clone()
-        .unwrap();
-        assert!(one[0][first as usize..end as usize].iter().all(|&v| v > 0.0 && v <= 1.0));
+        assert_ne!(plain_scores[0], plain_scores[1], "the noise moves the scores");
     }
 
     /// The split single-query path against the general path (forced by asking for two signals)

@@ -572,7 +572,8 @@ fn quantised_checks(
         gpu.gemv_quantised(t, &w_dev, wr, wc, &xq1, 1, &mut y_dev)?;
         let alone = gpu.download(&y_dev)?;
         let heights = [wr, 300.min(wr), 64.min(wr)];
-        let parts: Vec<CudaSlice<u8>> = heights.iter().map(|&h| gpu.upload(&bytes[..h * rb])).collect::<Result<_, _>>()?;
+        let parts: Vec<CudaSlice<u8>> =
+            heights.iter().map(|&h| gpu.upload(&bytes[..h * rb])).collect::<Result<_, _>>()?;
         let mut outs: Vec<CudaSlice<f32>> = heights.iter().map(|&h| gpu.zeros::<f32>(h)).collect::<Result<_, _>>()?;
         let ws: Vec<(&CudaSlice<u8>, usize)> = parts.iter().zip(heights).collect();
         gpu.gemv_quantised_many(t, &ws, wc, &xq1, 1, &mut outs.iter_mut().collect::<Vec<_>>())?;

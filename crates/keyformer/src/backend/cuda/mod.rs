@@ -745,10 +745,15 @@ impl Gpu {
         ys: &mut [&mut CudaSlice<f32>],
     ) -> Result<(), GpuError> {
         let shapes_fit = ws.iter().zip(ys.iter()).all(|((w, rows), y)| w.len() == rows * cols && y.len() >= *rows);
-        if ws.is_empty() || ws.len() > GEMV_WEIGHTS || ws.len() != ys.len() || !uses_gemv(1, cols) || !shapes_fit
+        if ws.is_empty()
+            || ws.len() > GEMV_WEIGHTS
+            || ws.len() != ys.len()
+            || !uses_gemv(1, cols)
+            || !shapes_fit
             || x.len() < cols
         {
-            let shapes: Vec<String> = ws.iter().map(|(w, rows)| format!("{rows} x {cols} ({} values)", w.len())).collect();
+            let shapes: Vec<String> =
+                ws.iter().map(|(w, rows)| format!("{rows} x {cols} ({} values)", w.len())).collect();
             return Err(GpuError::Shape(format!(
                 "GEMV of weights [{}] with {} values into {} outputs",
                 shapes.join(", "),
@@ -937,7 +942,11 @@ impl Gpu {
             Self::check_quantised(t, w, *rows, cols)?;
         }
         let outputs_fit = ws.iter().zip(ys.iter()).all(|((_, rows), y)| y.len() >= n * rows);
-        if ws.is_empty() || ws.len() > GEMV_WEIGHTS || ws.len() != ys.len() || !outputs_fit || n == 0
+        if ws.is_empty()
+            || ws.len() > GEMV_WEIGHTS
+            || ws.len() != ys.len()
+            || !outputs_fit
+            || n == 0
             || n > QUANT_GEMV_MAX_ROWS
             || xq.len() < n * cols / 32 * Q8_BLOCK_BYTES
         {
