@@ -224,6 +224,24 @@ pub trait Backend: Send + Sync + 'static {
         style: RopeStyle,
         mscale: f32,
     ) -> Result<(), ModelError>;
+    /// [`rope`](Self::rope) on the queries `q` (`n_heads` heads) and the keys `k`
+    /// (`n_kv_heads`) of the same rows (a backend may turn both in one pass).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &self,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &Self::Vector,
+        style: RopeStyle,
+        mscale: f32,
+    ) -> Result<(), ModelError> {
+        self.rope(q, n_heads, head_dim, positions, inv_freq, style, mscale)?;
+        self.rope(k, n_kv_heads, head_dim, positions, inv_freq, style, mscale)
+    }
     /// Before rotary: every cache whose policy scores by the queries to come (expected
     /// attention, [`SequencePolicy::wants_query_moments`]) adds these rows' query heads to
     /// `layer`'s moments; rows map to caches as in [`attend`](Self::attend). `inv_freq`, `style`

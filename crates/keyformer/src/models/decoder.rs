@@ -748,8 +748,7 @@ impl<B: Backend> Model<B> {
             let (rope, style) = (&self.ropes[la.rope], c.ropes[la.rope].style);
             let scale = c.attention_scale;
             be.observe_queries(li, q, c.n_heads, hd, positions, &rope.inv_freq, style, rope.mscale, scale, caches)?;
-            be.rope(q, c.n_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
-            be.rope(k, c.n_kv_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
+            be.rope_qk(q, k, c.n_heads, c.n_kv_heads, hd, positions, &rope.inv_freq, style, rope.mscale)?;
             let spec = AttentionSpec {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,

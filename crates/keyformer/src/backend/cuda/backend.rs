@@ -262,6 +262,20 @@ impl Cuda {
 
     /// The first `len` values a replayed step left in a scratch buffer (`which` picks it;
     /// `what` names it in the error when the step never made it).
+    /// The rows' positions on the device (Q and K of a pass, and every layer, share them: sent
+    /// once, as a copy makes the host wait).
+    fn send_positions(&self, sc: &mut Scratch, positions: &[u32]) -> Result<(), ModelError> {
+        if sc.positions.as_ref().is_none_or(|p| p.len() != positions.len()) {
+            sc.positions = Some(self.gpu.upload(positions)?);
+            sc.sent_positions = positions.to_vec();
+        } else if sc.sent_positions != positions {
+            self.gpu.upload_into(positions, sc.positions.as_mut().expect("sized"))?;
+            sc.sent_positions.clear();
+            sc.sent_positions.extend_from_slice(positions);
+        }
+        Ok(())
+    }
+
     /// A single row through up to [`GEMV_WEIGHTS`](super::GEMV_WEIGHTS) weights of one kind
     /// (all f16, or all of one quantised type) in one GEMV launch; false (nothing done) for
     /// anything else, which `matmul` takes weight by weight.
@@ -540,17 +554,29 @@ impl Backend for Cuda {
         mscale: f32,
     ) -> Result<(), ModelError> {
         let mut sc = self.lock();
-        // Q and K of a pass share their positions: sent once (a copy makes the host wait).
-        if sc.positions.as_ref().is_none_or(|p| p.len() != positions.len()) {
-            sc.positions = Some(self.gpu.upload(positions)?);
-            sc.sent_positions = positions.to_vec();
-        } else if sc.sent_positions != positions {
-            self.gpu.upload_into(positions, sc.positions.as_mut().expect("sized"))?;
-            sc.sent_positions.clear();
-            sc.sent_positions.extend_from_slice(positions);
-        }
-        let positions = sc.positions.as_ref().expect("sized");
+        self.send_positions(&mut sc, positions)?;
+        let positions = sc.positions.as_ref().expect("sent");
         self.gpu.rope(x.get_mut()?, n_heads, head_dim, positions, inv_freq, style, mscale)?;
+        Ok(())
+    }
+
+    fn rope_qk(
+        &self,
+        q: &mut DeviceRows,
+        k: &mut DeviceRows,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &CudaSlice<f32>,
+        style: RopeStyle,
+        mscale: f32,
+    ) -> Result<(), ModelError> {
+        let mut sc = self.lock();
+        self.send_positions(&mut sc, positions)?;
+        let positions = sc.positions.as_ref().expect("sent");
+        let (q, k) = (q.get_mut()?, k.get_mut()?);
+        self.gpu.rope_qk(q, k, n_heads, n_kv_heads, head_dim, positions, inv_freq, style, mscale)?;
         Ok(())
     }
 

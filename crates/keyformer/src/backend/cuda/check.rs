@@ -123,6 +123,23 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let got = gpu.download(&dev)?;
     // Angles up to 8191 rad in f32: both sides' sin/cos are within a few ulp of the f32 angle.
     checks.push(row("rope_adjacent_pairs", worst(&got, &want, |_| 1.0), 1e-5, "absolute (inputs in [-1, 1])"));
+    // Queries and keys in one launch: each bit-identical to its own launch.
+    let k = rng.vec(positions.len() * n_kv_heads * hd, 1.0);
+    let (pos_dev, freq_dev) = (gpu.upload(&positions)?, gpu.upload(&inv_freq)?);
+    let (mut q_alone, mut k_alone) = (gpu.upload(&q)?, gpu.upload(&k)?);
+    gpu.rope(&mut q_alone, n_heads, hd, &pos_dev, &freq_dev, style, 1.0)?;
+    gpu.rope(&mut k_alone, n_kv_heads, hd, &pos_dev, &freq_dev, style, 1.0)?;
+    let (mut q_both, mut k_both) = (gpu.upload(&q)?, gpu.upload(&k)?);
+    gpu.rope_qk(&mut q_both, &mut k_both, n_heads, n_kv_heads, hd, &pos_dev, &freq_dev, style, 1.0)?;
+    let differ = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    let n_differ = differ(gpu.download(&q_both)?, gpu.download(&q_alone)?)
+        + differ(gpu.download(&k_both)?, gpu.download(&k_alone)?);
+    checks.push(row(
+        "rope of queries and keys in one launch",
+        n_differ as f64,
+        0.0,
+        "values that differ from two launches",
+    ));
 
     // SwiGLU's product.
     let gate = rng.vec(rows * n_ff, 6.0);

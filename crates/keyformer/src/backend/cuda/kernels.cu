@@ -126,11 +126,19 @@ extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w
 // RoPE on the first 2 * rope_pairs values of every head, by the row's position: pair i is
 // (2i, 2i+1) (Llama files) or, with halves != 0, (i, i + rope_pairs) (NeoX); cos and sin are
 // multiplied by mscale (YaRN). One thread per pair. x: [rows][n_heads * head_dim].
+// A second tensor x2 of n_heads2 heads per row (the keys beside the queries) is turned in the
+// same launch, by the threads past the first's pairs; n_heads2 = 0 when there is none.
 extern "C" __global__ void rope(float* x, const unsigned* positions, const float* inv_freq, int rows, int n_heads,
-                                int head_dim, int rope_pairs, int halves, float mscale) {
+                                int head_dim, int rope_pairs, int halves, float mscale, float* x2, int n_heads2) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long per_row = (long)n_heads * rope_pairs;
-    if (i >= rows * per_row) return;
+    if (i >= rows * per_row) {
+        i -= rows * per_row;
+        per_row = (long)n_heads2 * rope_pairs;
+        if (i >= rows * per_row) return;
+        x = x2;
+        n_heads = n_heads2;
+    }
     int r = i / per_row, rest = i % per_row, h = rest / rope_pairs, p = rest % rope_pairs;
     float s, c;
     sincosf((float)positions[r] * inv_freq[p], &s, &c);

@@ -568,11 +568,48 @@ impl Gpu {
         }
         let n = rows * n_heads * pairs;
         let halves = (style == crate::backend::RopeStyle::Halves) as i32;
-        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32];
+        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32, 0];
         let mut b = self.stream.launch_builder(&self.kernels.rope);
-        b.arg(x).arg(positions).arg(inv_freq);
+        b.arg(&mut *x).arg(positions).arg(inv_freq);
         b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&halves).arg(&mscale);
-        // SAFETY: one thread per (row, head, pair), all within x (checked above).
+        let none = 0u64;
+        b.arg(&none).arg(&dims[4]);
+        // SAFETY: one thread per (row, head, pair), all within x (checked above); no second tensor.
+        unsafe { b.launch(grid(n, 256)) }?;
+        Ok(())
+    }
+
+    /// [`rope`](Self::rope) on `q` (`n_heads` heads a row) and `k` (`n_kv_heads`) in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qk(
+        &self,
+        q: &mut CudaSlice<f32>,
+        k: &mut CudaSlice<f32>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        positions: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        style: crate::backend::RopeStyle,
+        mscale: f32,
+    ) -> Result<(), GpuError> {
+        let rows = positions.len();
+        let pairs = inv_freq.len();
+        if q.len() != rows * n_heads * head_dim || k.len() != rows * n_kv_heads * head_dim || 2 * pairs > head_dim {
+            return Err(GpuError::Shape(format!(
+                "rope on {} + {} values, {rows} rows of {n_heads} + {n_kv_heads} x {head_dim}",
+                q.len(),
+                k.len()
+            )));
+        }
+        let n = rows * (n_heads + n_kv_heads) * pairs;
+        let halves = (style == crate::backend::RopeStyle::Halves) as i32;
+        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32, n_kv_heads as i32];
+        let mut b = self.stream.launch_builder(&self.kernels.rope);
+        b.arg(&mut *q).arg(positions).arg(inv_freq);
+        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&halves).arg(&mscale);
+        b.arg(&mut *k).arg(&dims[4]);
+        // SAFETY: one thread per (row, head, pair) of q, then of k, all within them (checked).
         unsafe { b.launch(grid(n, 256)) }?;
         Ok(())
     }
