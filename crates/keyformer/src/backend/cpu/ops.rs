@@ -864,13 +864,7 @@ fn attention_rows(
                         let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
                         noisy.clear();
                         noisy.extend_from_slice(&raw_logits);
-                        if kind == NoiseKind::Gumbel {
-                            gumbel.resize(width, 0.0);
-                            vmath::gumbel_row(row.key[0], &raw_positions[..width], &mut gumbel);
-                        } else {
-                            gumbel.clear();
-                            gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
-                        }
+                        row_noise(&row, &raw_positions[..width], slots, &mut gumbel);
                         let inv_tau = 1.0 / tau;
                         let mut nmax = f32::NEG_INFINITY;
                         for (v, &g) in noisy.iter_mut().zip(&gumbel) {
@@ -894,13 +888,7 @@ fn attention_rows(
                             None => &weights,
                             Some(ScoreNoise { kind, tau, seed }) => {
                                 let row = noise::NoiseRow::new(kind, seed, layer as u32, h as u32, p);
-                                if kind == NoiseKind::Gumbel {
-                                    gumbel.resize(width, 0.0);
-                                    vmath::gumbel_row(row.key[0], &raw_positions[..width], &mut gumbel);
-                                } else {
-                                    gumbel.clear();
-                                    gumbel.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
-                                }
+                                row_noise(&row, &raw_positions[..width], slots, &mut gumbel);
                                 noisy.clear();
                                 noisy.extend(raw_logits.iter().zip(slots).zip(&gumbel).map(|((&x, sp), &g)| {
                                     match counted(sp) {
@@ -948,6 +936,18 @@ fn attention_rows(
                 }
             }
         }
+    }
+}
+
+/// `row`'s noise for each slot (`positions`: the slots' positions as integers, free slots 0):
+/// Gumbel vectorised, the other kinds one by one (free slots get 0; their logits are -inf).
+fn row_noise(row: &noise::NoiseRow, positions: &[u32], slots: &[Option<u32>], out: &mut Vec<f32>) {
+    if row.kind == NoiseKind::Gumbel {
+        out.resize(positions.len(), 0.0);
+        vmath::gumbel_row(row.key[0], positions, out);
+    } else {
+        out.clear();
+        out.extend(slots.iter().map(|s| s.map_or(0.0, |pos| row.sample(pos))));
     }
 }
 

@@ -561,22 +561,7 @@ impl Gpu {
         style: crate::backend::RopeStyle,
         mscale: f32,
     ) -> Result<(), GpuError> {
-        let rows = positions.len();
-        let pairs = inv_freq.len();
-        if x.len() != rows * n_heads * head_dim || 2 * pairs > head_dim {
-            return Err(GpuError::Shape(format!("rope on {} values, {rows} rows of {n_heads} x {head_dim}", x.len())));
-        }
-        let n = rows * n_heads * pairs;
-        let halves = (style == crate::backend::RopeStyle::Halves) as i32;
-        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32, 0];
-        let mut b = self.stream.launch_builder(&self.kernels.rope);
-        b.arg(&mut *x).arg(positions).arg(inv_freq);
-        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&halves).arg(&mscale);
-        let none = 0u64;
-        b.arg(&none).arg(&dims[4]);
-        // SAFETY: one thread per (row, head, pair), all within x (checked above); no second tensor.
-        unsafe { b.launch(grid(n, 256)) }?;
-        Ok(())
+        self.rope_launch(x, n_heads, None, head_dim, positions, inv_freq, style, mscale)
     }
 
     /// [`rope`](Self::rope) on `q` (`n_heads` heads a row) and `k` (`n_kv_heads`) in one launch.
@@ -593,23 +578,45 @@ impl Gpu {
         style: crate::backend::RopeStyle,
         mscale: f32,
     ) -> Result<(), GpuError> {
-        let rows = positions.len();
-        let pairs = inv_freq.len();
-        if q.len() != rows * n_heads * head_dim || k.len() != rows * n_kv_heads * head_dim || 2 * pairs > head_dim {
+        self.rope_launch(q, n_heads, Some((k, n_kv_heads)), head_dim, positions, inv_freq, style, mscale)
+    }
+
+    /// One launch of the `rope` kernel over `x` and, when given, a second tensor of the same rows.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_launch(
+        &self,
+        x: &mut CudaSlice<f32>,
+        n_heads: usize,
+        second: Option<(&mut CudaSlice<f32>, usize)>,
+        head_dim: usize,
+        positions: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        style: crate::backend::RopeStyle,
+        mscale: f32,
+    ) -> Result<(), GpuError> {
+        let (rows, pairs) = (positions.len(), inv_freq.len());
+        let n_heads2 = second.as_ref().map_or(0, |(_, h)| *h);
+        let second_fits = second.as_ref().is_none_or(|(k, h)| k.len() == rows * h * head_dim);
+        if x.len() != rows * n_heads * head_dim || !second_fits || 2 * pairs > head_dim {
             return Err(GpuError::Shape(format!(
-                "rope on {} + {} values, {rows} rows of {n_heads} + {n_kv_heads} x {head_dim}",
-                q.len(),
-                k.len()
+                "rope on {} values ({n_heads} heads, and {n_heads2} more heads a row), {rows} rows of {head_dim}",
+                x.len()
             )));
         }
-        let n = rows * (n_heads + n_kv_heads) * pairs;
+        let n = rows * (n_heads + n_heads2) * pairs;
         let halves = (style == crate::backend::RopeStyle::Halves) as i32;
-        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32, n_kv_heads as i32];
+        let dims = [rows as i32, n_heads as i32, head_dim as i32, pairs as i32, n_heads2 as i32];
         let mut b = self.stream.launch_builder(&self.kernels.rope);
-        b.arg(&mut *q).arg(positions).arg(inv_freq);
+        b.arg(&mut *x).arg(positions).arg(inv_freq);
         b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&halves).arg(&mscale);
-        b.arg(&mut *k).arg(&dims[4]);
-        // SAFETY: one thread per (row, head, pair) of q, then of k, all within them (checked).
+        let none = 0u64;
+        match second {
+            Some((k, _)) => b.arg(k),
+            None => b.arg(&none),
+        };
+        b.arg(&dims[4]);
+        // SAFETY: one thread per (row, head, pair) of x, then of the second tensor (a null
+        // address with no heads when there is none), all within them (checked above).
         unsafe { b.launch(grid(n, 256)) }?;
         Ok(())
     }
