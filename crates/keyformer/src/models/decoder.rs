@@ -805,9 +805,9 @@ impl<B: Backend> Model<B> {
             if let Some(b) = &layer.down_bias {
                 be.add_bias(proj, n, b)?;
             }
-            match layer.post_ffn_norm {
-                None => residual_pending = true,
-                Some(_) => self.residual_add(x, proj, layer.post_ffn_norm.as_ref(), n, normed)?,
+            match &layer.post_ffn_norm {
+                None => residual_pending = true, // added with the next layer's norm
+                Some(post) => self.residual_add(x, proj, Some(post), n, normed)?,
             }
         }
         if residual_pending {
