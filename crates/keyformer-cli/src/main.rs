@@ -217,7 +217,8 @@ struct EvalArgs {
     tasks: Vec<Task>,
     /// Policies, comma-separated. A policy may carry its own settings after colons, which makes
     /// ablations one run: keyformer:noise=none, keyformer:recent=10%, keyformer:frozen,
-    /// keyformer:tau=1-1, sink:sinks=8, snapkv:window=16 (the rows are labelled as written).
+    /// keyformer:tau=1-1, sink:sinks=8, snapkv:window=16, kvzip-global:gumbel (the rows are
+    /// labelled as written; README's `eval` section lists every setting).
     #[arg(long, value_delimiter = ',', default_value = "window,sink,h2o,tova,snapkv,knorm,keyformer")]
     policies: Vec<String>,
     /// Budgets, comma-separated: tokens or percentages (of the prompt; of the window for ppl).
