@@ -212,10 +212,7 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let mut outs: Vec<CudaSlice<f32>> = heights.iter().map(|&h| gpu.zeros::<f32>(h)).collect::<Result<_, _>>()?;
     let ws: Vec<(&CudaSlice<u16>, usize)> = parts.iter().zip(heights).collect();
     gpu.gemv_f16_many(&ws, wc, &x1, &mut outs.iter_mut().collect::<Vec<_>>())?;
-    let mut differ = 0usize;
-    for (out, h) in outs.iter().zip(heights) {
-        differ += gpu.download(out)?.iter().zip(&alone[..h]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    }
+    let differ = differing_outputs(gpu, &outs, &alone)?;
     checks.push(row(
         &format!("gemv f16, weights of {heights:?} rows in one launch"),
         differ as f64,
@@ -594,10 +591,7 @@ fn quantised_checks(
         let mut outs: Vec<CudaSlice<f32>> = heights.iter().map(|&h| gpu.zeros::<f32>(h)).collect::<Result<_, _>>()?;
         let ws: Vec<(&CudaSlice<u8>, usize)> = parts.iter().zip(heights).collect();
         gpu.gemv_quantised_many(t, &ws, wc, &xq1, 1, &mut outs.iter_mut().collect::<Vec<_>>())?;
-        let mut differ = 0usize;
-        for (out, h) in outs.iter().zip(heights) {
-            differ += gpu.download(out)?.iter().zip(&alone[..h]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        }
+        let differ = differing_outputs(gpu, &outs, &alone)?;
         checks.push(row(
             &format!("gemv {name}, weights of {heights:?} rows in one launch"),
             differ as f64,
@@ -644,6 +638,16 @@ fn quantised_checks(
         });
     }
     Ok(())
+}
+
+/// Values of the outputs of a GEMV of several weights in one launch that are not bit-identical
+/// to the first rows of `alone` (the tallest weight's own launch; the others are its first rows).
+fn differing_outputs(gpu: &Gpu, outs: &[CudaSlice<f32>], alone: &[f32]) -> Result<usize, GpuError> {
+    let mut differ = 0;
+    for out in outs {
+        differ += gpu.download(out)?.iter().zip(alone).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    }
+    Ok(differ)
 }
 
 fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f64, GpuError> {

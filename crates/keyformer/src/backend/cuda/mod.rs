@@ -30,7 +30,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    PushKernelArg, SyncOnDrop,
 };
 use keyformer_kv::noise;
 
@@ -766,6 +766,24 @@ impl Gpu {
         self.gemm_f16(w, rows, cols, x16, n, y)
     }
 
+    /// The kernel parameter of one GEMV launch over the weights `ws` (`(weight, rows)`) into
+    /// `ys`, and the guards that keep those buffers borrowed until the launch is queued.
+    fn gemv_params<'a, T, W: DevicePtr<T>, Y: DevicePtrMut<f32>>(
+        &'a self,
+        ws: &'a [(&W, usize)],
+        ys: &'a mut [&mut Y],
+    ) -> (GemvWeights, Vec<SyncOnDrop<'a>>) {
+        let mut params = GemvWeights::default();
+        let mut guards = Vec::with_capacity(2 * ws.len() + 1);
+        for (i, ((w, rows), y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
+            let (wp, gw) = w.device_ptr(&self.stream);
+            let (yp, gy) = y.device_ptr_mut(&self.stream);
+            (params.w[i], params.y[i], params.rows[i]) = (wp, yp, *rows as i32);
+            guards.extend([gw, gy]);
+        }
+        (params, guards)
+    }
+
     /// [`matmul_f16`](Self::matmul_f16) of one row ([`uses_gemv`]): a warp per pair of output
     /// features (kernels.cu `gemv_f16`).
     pub fn gemv_f16(
@@ -807,14 +825,7 @@ impl Gpu {
         }
         let max_rows = ws.iter().map(|(_, rows)| *rows).max().unwrap_or(0);
         let cols_i = cols as i32;
-        let mut params = GemvWeights::default();
-        let mut guards = Vec::with_capacity(2 * ws.len());
-        for (i, ((w, rows), y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
-            let (wp, gw) = w.device_ptr(&self.stream);
-            let (yp, gy) = y.device_ptr_mut(&self.stream);
-            (params.w[i], params.y[i], params.rows[i]) = (wp, yp, *rows as i32);
-            guards.extend([gw, gy]);
-        }
+        let (params, guards) = self.gemv_params(ws, ys);
         let mut cfg = grid(max_rows.div_ceil(2) * 32, 256);
         cfg.grid_dim.1 = ws.len() as u32;
         let mut b = self.stream.launch_builder(&self.kernels.gemv_f16);
@@ -1003,14 +1014,7 @@ impl Gpu {
         }
         let max_rows = ws.iter().map(|(_, rows)| *rows).max().unwrap_or(0);
         let (cols_i, n_i) = (cols as i32, n as i32);
-        let mut params = GemvWeights::default();
-        let mut guards = Vec::with_capacity(2 * ws.len());
-        for (i, ((w, rows), y)) in ws.iter().zip(ys.iter_mut()).enumerate() {
-            let (wp, gw) = w.device_ptr(&self.stream);
-            let (yp, gy) = y.device_ptr_mut(&self.stream);
-            (params.w[i], params.y[i], params.rows[i]) = (wp, yp, *rows as i32);
-            guards.extend([gw, gy]);
-        }
+        let (params, mut guards) = self.gemv_params(ws, ys);
         let (xp, gx) = xq.device_ptr(&self.stream);
         guards.push(gx);
         let kernels = self.quant_kernels(t)?;
