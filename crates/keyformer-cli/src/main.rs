@@ -117,7 +117,8 @@ pub(crate) struct GpuCheckArgs {
     /// Whole-model checks against the CPU (random weights at these shapes: tiny, tiny-qwen2,
     /// tiny-gemma2, tiny-gemma3, tiny-gptj, tiny-mpt, tiny-gpt2, smollm2-135m, llama2-7b,
     /// llama3-8b; comma-separated; "none" skips them): logits through a prompt and greedy
-    /// steps, and the tokens Keyformer, H2O and window keep.
+    /// steps, and the tokens Keyformer, H2O and window keep (also with AdaKV's and model-wide
+    /// budgets spread by score, and pinned sinks).
     #[arg(long, value_delimiter = ',', default_value = "tiny,tiny-qwen2,tiny-gemma2,tiny-gemma3,smollm2-135m")]
     model_shape: Vec<String>,
     /// The whole-model checks' matrix types (comma-separated): f16, and quantised types kept in

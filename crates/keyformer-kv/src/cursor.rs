@@ -9,7 +9,7 @@
 //! `kept` tokens in slots `0..kept`, each step's token takes the next free slot until the cache
 //! holds budget + 1, then the slot its predecessor's victim freed.
 
-use crate::{PolicyKind, SequencePolicy};
+use crate::SequencePolicy;
 
 /// What one decode step does to a sequence's slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,8 +83,8 @@ impl SlotCursor {
 
     /// The next decode step under `policy` (whose prompt is done).
     pub fn plan_step(&self, policy: &SequencePolicy) -> Result<StepPlan, CursorFull> {
-        let sinks = if policy.kind() == PolicyKind::Sink { policy.config.sinks as u32 } else { 0 };
-        self.plan(policy.budget, policy.recent, sinks)
+        // StreamingLLM's sinks, or the first positions pinned for any policy.
+        self.plan(policy.budget, policy.recent, policy.pinned().min(u32::MAX as u64) as u32)
     }
 
     /// The next decode step of a sliding-window layer attending over `window` positions: the
@@ -132,7 +132,7 @@ impl SlotCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Amount, PolicyConfig, SlotTable};
+    use crate::{Amount, PolicyConfig, PolicyKind, SlotTable};
     use proptest::prelude::*;
 
     /// What the GPU does with a plan (the kernels' rule, written again): store the token, then
@@ -185,7 +185,8 @@ mod tests {
     proptest! {
         /// A prompt, its compression by the CPU policy, then decode steps: the cursor's plans
         /// applied by the device's rule hold exactly what the CPU policy's own eviction on a
-        /// slot table holds, step after step, and never more than budget + 1 slots.
+        /// slot table holds, step after step, and never more than budget + 1 slots (pinned
+        /// sinks included).
         #[test]
         fn plans_keep_what_the_cpu_policy_keeps(
             kind in 0u8..5,
@@ -193,6 +194,7 @@ mod tests {
             steps in 0usize..80,
             budget_pct in 10u32..100,
             recent_pct in 0u32..100,
+            pinned in 0usize..3,
             seed in any::<u64>(),
         ) {
             let kind = kind_of(kind);
@@ -201,6 +203,7 @@ mod tests {
                 budget: Some(Amount::Percent(budget_pct as f64)),
                 recent: Some(Amount::Percent(recent_pct as f64)),
                 sinks: 2,
+                pinned_sinks: pinned,
                 ..PolicyConfig::default()
             };
             let Ok(mut policy) = config.resolve(prompt, steps, 1, 1) else { return Ok(()) };

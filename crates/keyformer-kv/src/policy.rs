@@ -639,6 +639,13 @@ pub const KVZIP_SINKS: usize = 4;
 /// Per-slot score rows of one layer's KV heads, which a kernel adds to in place.
 pub type ScoreRows<'a> = &'a mut [Vec<f32>];
 
+/// The order in which spread budgets go to (eviction key, position, head index) entries: the
+/// best key first, ties to the newer position, then to the earlier head (a total order, so
+/// a selection picks the same set as a stable sort would).
+fn best_first(a: &(f32, u32, usize), b: &(f32, u32, usize)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2))
+}
+
 /// The policy state of one sequence: its resolved budget and a score per slot of every
 /// (layer, KV head).
 #[derive(Debug, Clone)]
@@ -739,10 +746,14 @@ impl SequencePolicy {
                 .filter(|&(_, p)| (p as u64) < first_recent && p as u64 >= self.pinned())
                 .map(|(slot, p)| (self.eviction_key(layer, h, slot, p, last), p, i))
                 .collect();
-            // Best first; ties keep the newer.
-            keys.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
             available += keys.len();
-            pool.extend_from_slice(&keys[floor.min(keys.len())..]);
+            // The head's `floor` best go first (a selection, not a sort: a 7B model's prompt is
+            // a thousand heads of thousands of keys).
+            let floor = floor.min(keys.len());
+            if floor < keys.len() {
+                keys.select_nth_unstable_by(floor, best_first);
+            }
+            pool.extend_from_slice(&keys[floor..]);
         }
         if available <= shares {
             // Every key token fits: nothing to trade between heads, and each head keeps its
@@ -750,7 +761,9 @@ impl SequencePolicy {
             return;
         }
         // Here the pool holds at least `quota` tokens, so the heads' budgets keep their sum.
-        pool.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+        if quota < pool.len() {
+            pool.select_nth_unstable_by(quota, best_first);
+        }
         let mut extra = vec![0usize; heads.len()];
         for &(_, _, i) in pool.iter().take(quota) {
             extra[i] += 1;
@@ -864,6 +877,11 @@ impl SequencePolicy {
 
     fn slot_scores(&mut self, layer: usize, head: usize) -> &mut Vec<f32> {
         &mut self.scores[layer * self.n_kv_heads + head]
+    }
+    /// Drop every per-slot score (a device that keeps its own after the prompt's selection
+    /// needs no host copy).
+    pub fn forget_scores(&mut self) {
+        self.scores.iter_mut().for_each(|s| *s = Vec::new());
     }
     /// The score of every slot of (layer, head), for inspection and tests.
     pub fn scores(&self, layer: usize, head: usize) -> &[f32] {
@@ -1961,6 +1979,61 @@ mod tests {
             if budget >= prompt {
                 for h in 0..heads { prop_assert!(p.victims(0, h, &t, p.head_budget(0, h)).is_empty()); }
             }
+        }
+
+        /// The budgets spread by selection equal those of a full sort of every head's keys and
+        /// of the pool (the algorithm written plainly here), scores of few levels making ties.
+        #[test]
+        fn spread_budgets_equal_a_full_sort(
+            budget in 2usize..16, layers in 1usize..4, heads in 1usize..4, prompt in 2usize..40,
+            pinned in 0usize..2, adaptive in any::<bool>(), levels in 2u64..6, seed in any::<u64>(),
+        ) {
+            let recent = budget / 4;
+            let pinned = pinned.min(budget - recent);
+            let mut p = PolicyConfig {
+                kind: PolicyKind::H2o, budget: Some(Amount::Tokens(budget)),
+                recent: Some(Amount::Tokens(recent)), pinned_sinks: pinned, adaptive,
+                layer_budgets: LayerBudgets::Global, ..Default::default()
+            }.resolve(prompt, 0, layers, heads).unwrap();
+            let t = table(prompt);
+            let mut rng = seed | 1;
+            let mut all = Vec::new();
+            for l in 0..layers {
+                for h in 0..heads {
+                    p.observe(l, h, &random_scores(&mut rng, prompt, levels));
+                    all.push((l, h, &t));
+                }
+            }
+            // The reference: sort each head's keys and the pool (stable), best first.
+            let fixed = p.recent + p.pinned() as usize;
+            let share = budget.saturating_sub(fixed);
+            let floor = if adaptive { (share as f64 * ADAPTIVE_FLOOR).ceil() as usize } else { 0 };
+            let last = (prompt - 1) as u32;
+            let first_recent = (prompt as u64).saturating_sub(p.recent as u64);
+            let mut pool = Vec::new();
+            let mut available = 0;
+            for (i, &(l, h, _)) in all.iter().enumerate() {
+                let mut keys: Vec<(f32, u32, usize)> = t
+                    .occupied()
+                    .filter(|&(_, pos)| (pos as u64) < first_recent && pos as u64 >= p.pinned())
+                    .map(|(slot, pos)| (p.eviction_key(l, h, slot, pos, last), pos, i))
+                    .collect();
+                keys.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+                available += keys.len();
+                pool.extend_from_slice(&keys[floor.min(keys.len())..]);
+            }
+            pool.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+            let quota = (share - floor) * all.len();
+            let mut want = vec![budget; all.len()];
+            if available > share * all.len() {
+                want = vec![fixed + floor; all.len()];
+                for &(_, _, i) in pool.iter().take(quota) {
+                    want[i] += 1;
+                }
+            }
+            p.plan_global(&all);
+            let got: Vec<usize> = all.iter().map(|&(l, h, _)| p.head_budget(l, h)).collect();
+            prop_assert_eq!(got, want);
         }
 
         /// layers=global (with or without AdaKV's floor): the heads of all layers together

@@ -421,6 +421,59 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         }
     }
 
+    // The same step over heads packed one after another with slots of their own (a cache
+    // compacted to per-head budgets): head g examines only its first widths[g] slots, which start
+    // at no multiple of anything (three unused slots between heads); against the CPU over the
+    // same heads with their other slots evicted.
+    {
+        let widths: Vec<usize> = (0..n_kv_heads).map(|g| slots - (37 * g) % (slots / 2).max(1)).collect();
+        for (head, &w) in heads.iter_mut().zip(&widths) {
+            let held: Vec<usize> = head.table.occupied().map(|(s, _)| s).filter(|&s| s >= w).collect();
+            for s in held {
+                head.table.evict(s).map_err(|e| GpuError::Shape(e.to_string()))?;
+            }
+        }
+        let mut want_out = vec![0f32; n_heads * hd];
+        let want = cpu::attention(&q, &[position], &heads, n_heads, hd, layer, &signals[..1], &mut want_out);
+        let want = want[0].as_ref().expect("scored signal");
+        let mut ranges = Vec::new();
+        let mut total = 0;
+        for &w in &widths {
+            ranges.push((total, w));
+            total += w + 3;
+        }
+        let packed = device_kv_in(gpu, &heads, &ranges, total, hd, 0)?;
+        let head_slots: Vec<i32> = ranges.iter().flat_map(|&(f, n)| [f as i32, n as i32]).collect();
+        let head_slots = gpu.upload(&head_slots)?;
+        let packed_scores = gpu.zeros::<f32>(total)?;
+        let packed_row = AttnRow {
+            keys: dev_addr(gpu, &packed.keys),
+            values: dev_addr(gpu, &packed.values),
+            slot_pos: dev_addr(gpu, &packed.positions),
+            heads: dev_addr(gpu, &head_slots),
+            ..base_row
+        }
+        .with_signal(Some(keyformer), dev_addr(gpu, &packed_scores), 0);
+        let packed_row = gpu.upload(&[packed_row])?;
+        attend(&packed_row, &mut scratch)?;
+        let (got_out, got) = (gpu.download(&out_dev)?, gpu.download(&packed_scores)?);
+        let scale = max_abs(&want_out);
+        let mut err = worst(&got_out, &want_out, |_| scale);
+        for (g, (w, &(first, n))) in want.iter().zip(&ranges).enumerate() {
+            let n = n.min(w.len());
+            err = err.max(worst(&got[first..first + n], &w[..n], |_| max_abs(w)));
+            // Nothing outside a head's slots is scored.
+            let end = ranges.get(g + 1).map_or(total, |r| r.0);
+            err = err.max(max_abs(&got[first + n..end]) as f64);
+        }
+        checks.push(row(
+            "attention over packed heads of their own widths (keyformer scores)",
+            err,
+            1e-4,
+            "output and scores against the CPU's, relative to the largest of each",
+        ));
+    }
+
     // Attention's speed without a score, with H2O's and with Keyformer's (the scoring cost).
     for (label, signal) in [
         ("attention (no score)", None),
@@ -443,19 +496,33 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
 
 /// The CPU heads' slots as the GPU stores them.
 fn device_kv(gpu: &Gpu, heads: &[HeadKv], capacity: usize, hd: usize) -> Result<DeviceKv, GpuError> {
-    let mut keys = vec![0u16; heads.len() * capacity * hd];
+    let ranges: Vec<(usize, usize)> = (0..heads.len()).map(|g| (g * capacity, capacity)).collect();
+    device_kv_in(gpu, heads, &ranges, heads.len() * capacity, hd, capacity)
+}
+
+/// The CPU heads' first slots in a storage of `total` slots: head g's first `ranges[g].1` slots
+/// from slot `ranges[g].0` on (`capacity`: what the result says each head has).
+fn device_kv_in(
+    gpu: &Gpu,
+    heads: &[HeadKv],
+    ranges: &[(usize, usize)],
+    total: usize,
+    hd: usize,
+    capacity: usize,
+) -> Result<DeviceKv, GpuError> {
+    let mut keys = vec![0u16; total * hd];
     let mut values = keys.clone();
-    let mut positions = vec![FREE_SLOT; heads.len() * capacity];
-    for (g, head) in heads.iter().enumerate() {
-        for (s, p) in head.table.positions().iter().enumerate() {
-            let at = (g * capacity + s) * hd;
+    let mut positions = vec![FREE_SLOT; total];
+    for (head, &(first, n)) in heads.iter().zip(ranges) {
+        for (s, p) in head.table.positions().iter().enumerate().take(n) {
+            let at = (first + s) * hd;
             for (dst, v) in keys[at..at + hd].iter_mut().zip(head.key(s)) {
                 *dst = half::f16::from_f32(v).to_bits();
             }
             for (dst, v) in values[at..at + hd].iter_mut().zip(head.value(s)) {
                 *dst = half::f16::from_f32(v).to_bits();
             }
-            positions[g * capacity + s] = p.unwrap_or(FREE_SLOT);
+            positions[first + s] = p.unwrap_or(FREE_SLOT);
         }
     }
     Ok(DeviceKv {

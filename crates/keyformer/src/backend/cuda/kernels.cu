@@ -380,23 +380,44 @@ struct AttnRow {
     unsigned sinks;           // and positions < sinks
     int evict;                // choose (and free) a victim slot after attention
     int pad;
+    const int* heads;         // null, or per KV head (first slot, slots): heads packed one after
+                              // another, each with its own budget (scores laid out the same way)
 };
+
+// Where KV head g's slots of a row lie in the layer's storage: its first slot, the slots
+// attention examines, the slots it has, and its first score. Without `heads` every head has
+// `capacity` slots (head g from g * capacity) of which the first `width` are examined.
+struct HeadSlots {
+    size_t first;
+    int width;
+    int capacity;
+    size_t first_score;
+};
+__device__ __forceinline__ HeadSlots head_slots(const AttnRow& r, int g) {
+    if (r.heads) {
+        size_t first = (size_t)r.heads[2 * g];
+        int n = r.heads[2 * g + 1];
+        return {first, n, n, first};
+    }
+    return {(size_t)g * r.capacity, r.width, r.capacity, (size_t)g * r.score_stride};
+}
 
 // Store each row's new key and value (block (row, KV head g)) at its slot, with its position
 // and a zero score.
 extern "C" __global__ void kv_store(const AttnRow* rows, int head_dim) {
     const AttnRow& r = rows[blockIdx.x];
     int g = blockIdx.y;
+    HeadSlots hs = head_slots(r, g);
     int slot = r.store_slot >= 0 ? r.store_slot : (int)r.victims[g];
-    if (slot < 0 || slot >= r.capacity) return;  // no victim was free (the host never asks for that)
-    size_t at = ((size_t)g * r.capacity + slot) * head_dim;
+    if (slot < 0 || slot >= hs.capacity) return;  // no victim was free (the host never asks for that)
+    size_t at = (hs.first + slot) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         r.keys[at + d] = f2h(r.k[(size_t)g * head_dim + d]);
         r.values[at + d] = f2h(r.v[(size_t)g * head_dim + d]);
     }
     if (threadIdx.x == 0) {
-        r.slot_pos[(size_t)g * r.capacity + slot] = r.query_pos;
-        if (r.scores) r.scores[(size_t)g * r.score_stride + slot] = 0.0f;
+        r.slot_pos[hs.first + slot] = r.query_pos;
+        if (r.scores) r.scores[hs.first_score + slot] = 0.0f;
     }
 }
 
@@ -431,7 +452,7 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
     __shared__ float sred[ATTN_WARPS * HD];
     __shared__ unsigned skey[GROUP];
     const AttnRow& row_desc = rows[blockIdx.x];
-    int width = row_desc.width, capacity = row_desc.capacity, score_mode = row_desc.score_mode;
+    int score_mode = row_desc.score_mode;
     unsigned query_pos = row_desc.query_pos;
     const unsigned short* keys = row_desc.keys;
     const unsigned short* values = row_desc.values;
@@ -440,6 +461,8 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
     // Rows vary fastest: the rows of a prompt chunk read the same slots one after another,
     // so those come from L2.
     int g = blockIdx.y, c = blockIdx.z, chunks = gridDim.z, z = blockIdx.x;
+    HeadSlots hs = head_slots(row_desc, g);
+    int width = hs.width;
     int lo = c * ATTN_CHUNK;
     if (lo >= width) return;  // past this row's slots (rows of a batch differ in width)
     int group = n_heads / n_kv_heads, h0 = g * group;
@@ -458,9 +481,9 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
     {
         int t = threadIdx.x >> 1, half = threadIdx.x & 1;
         int tt = min(t, m - 1);
-        unsigned p = slot_pos[(size_t)g * capacity + lo + tt];
+        unsigned p = slot_pos[hs.first + lo + tt];
         int span = head_dim / 2, d0 = half * span;
-        const uint4* k = (const uint4*)(keys + ((size_t)g * capacity + lo + tt) * head_dim + d0);
+        const uint4* k = (const uint4*)(keys + (hs.first + lo + tt) * head_dim + d0);
         float acc[GROUP];
 #pragma unroll
         for (int j = 0; j < GROUP; j++) acc[j] = 0.0f;
@@ -533,7 +556,7 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
         float2 vv[UNROLL][HD / 64];
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
-            lane_pairs<HD>(values + ((size_t)g * capacity + lo + min(t0 + u, m - 1)) * head_dim, lane, head_dim, vv[u]);
+            lane_pairs<HD>(values + (hs.first + lo + min(t0 + u, m - 1)) * head_dim, lane, head_dim, vv[u]);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
@@ -615,9 +638,10 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
     __shared__ float weight[ATTN_MAX_GROUP * ATTN_CHUNKS];   // e^(m_c - M) / L, output
     __shared__ float sweight[ATTN_MAX_GROUP * ATTN_CHUNKS];  // the same for the scored softmax
     const AttnRow& r = rows[blockIdx.z];
-    int width = r.width, score_mode = r.score_mode;
-    int chunks = (width + ATTN_CHUNK - 1) / ATTN_CHUNK;
     int g = blockIdx.x, group = n_heads / n_kv_heads, h0 = g * group;
+    HeadSlots hs = head_slots(r, g);
+    int width = hs.width, score_mode = r.score_mode;
+    int chunks = (width + ATTN_CHUNK - 1) / ATTN_CHUNK;
     bool writes_out = blockIdx.y == 0;
     if (!writes_out && (score_mode == SCORE_NONE || (int)blockIdx.y * COMBINE_SLOTS >= width)) return;
     size_t zh = (size_t)blockIdx.z * n_heads;
@@ -655,7 +679,7 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
     }
     if (score_mode != SCORE_NONE) {
         int end = min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS);
-        float* scores = r.scores + (size_t)g * r.score_stride;
+        float* scores = r.scores + hs.first_score;
         for (int s = blockIdx.y * COMBINE_SLOTS + threadIdx.x; s < end; s += blockDim.x) {
             int cc = s / ATTN_CHUNK;
             float acc = 0.0f;
@@ -691,9 +715,11 @@ extern "C" __global__ void choose_victims(const AttnRow* rows) {
     __shared__ unsigned long long best_all;
     const AttnRow& r = rows[blockIdx.y];
     if (!r.evict) return;
-    int g = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, width = r.width;
-    float* sc = r.scores + (size_t)g * r.score_stride;
-    unsigned* pos = r.slot_pos + (size_t)g * r.capacity;
+    int g = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    HeadSlots hs = head_slots(r, g);
+    int width = hs.width;
+    float* sc = r.scores + hs.first_score;
+    unsigned* pos = r.slot_pos + hs.first;
     unsigned long long best = ~0ull;
     for (int s = threadIdx.x; s < width; s += blockDim.x) {
         unsigned p = pos[s];
@@ -724,22 +750,20 @@ extern "C" __global__ void choose_victims(const AttnRow* rows) {
             }
 }
 
-// Compaction after the prompt: new slot i of KV head g takes old slot kept[g][i] (keys, values,
-// position, score); block (i, g).
-extern "C" __global__ void gather_slots(const unsigned* kept, int n_kept, int head_dim, const unsigned short* keys,
-                                        const unsigned short* values, const unsigned* slot_pos, const float* scores,
-                                        int old_capacity, unsigned short* new_keys, unsigned short* new_values,
-                                        unsigned* new_pos, float* new_scores, int new_capacity) {
-    int i = blockIdx.x, g = blockIdx.y;
-    unsigned old = kept[(size_t)g * n_kept + i];
-    size_t from = (size_t)g * old_capacity + old, to = (size_t)g * new_capacity + i;
+// Compaction after the prompt: slot to[i] of the new storage takes slot from[i] of the old
+// (keys, values, position, score; slots counted over the whole layer); block i.
+extern "C" __global__ void gather_slots(const unsigned* from, const unsigned* to, int head_dim,
+                                        const unsigned short* keys, const unsigned short* values,
+                                        const unsigned* slot_pos, const float* scores, unsigned short* new_keys,
+                                        unsigned short* new_values, unsigned* new_pos, float* new_scores) {
+    size_t src = from[blockIdx.x], dst = to[blockIdx.x];
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        new_keys[to * head_dim + d] = keys[from * head_dim + d];
-        new_values[to * head_dim + d] = values[from * head_dim + d];
+        new_keys[dst * head_dim + d] = keys[src * head_dim + d];
+        new_values[dst * head_dim + d] = values[src * head_dim + d];
     }
     if (threadIdx.x == 0) {
-        new_pos[to] = slot_pos[from];
-        if (scores) new_scores[to] = scores[from];
+        new_pos[dst] = slot_pos[src];
+        if (scores) new_scores[dst] = scores[src];
     }
 }
 

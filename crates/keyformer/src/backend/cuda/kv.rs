@@ -5,6 +5,10 @@
 //! While the prompt is processed slots fill in position order. At its end the host reads the
 //! scores once, lets the CPU policy choose what each KV head keeps (`SequencePolicy::victims`,
 //! the same code the CPU cache runs) and the kept slots are gathered into budget + 1 slots.
+//! Where heads keep budgets of their own (`adaptive`, `layers=global`: the budgets spread by
+//! score at the prompt's end, as on the CPU), each global layer's heads are packed one after
+//! another, head h in budget(h) + 1 slots, so the storage holds the total budget, not the
+//! largest head's budget times the heads.
 //! Each decode step the new token goes to the slot the previous step's victim freed, attention
 //! adds its scores, and the GPU picks the next victim (`choose_victims`), so no score or slot
 //! index crosses to the host while decoding.
@@ -29,8 +33,14 @@ pub struct LayerKv {
     pub positions: CudaSlice<u32>,
     /// `None` when the policy has no score (full, window, sink).
     pub scores: Option<CudaSlice<f32>>,
-    /// Per KV head, the slot the next token takes once the cache evicts.
+    /// Per KV head, the slot the next token takes once the cache evicts (counted from the
+    /// head's first slot).
     pub victims: CudaSlice<u32>,
+    /// Per KV head (first slot, slots) where the heads are packed with budgets of their own;
+    /// empty where every head has the same slots (head h from h * capacity).
+    pub head_slots: Vec<(u32, u32)>,
+    /// `head_slots` on the device (the kernels' `AttnRow::heads`).
+    head_slots_dev: Option<CudaSlice<i32>>,
 }
 
 impl LayerKv {
@@ -41,7 +51,45 @@ impl LayerKv {
             positions: gpu.upload(&vec![FREE_SLOT; n_kv_heads * capacity])?,
             scores: if scored { Some(gpu.zeros(n_kv_heads * capacity)?) } else { None },
             victims: gpu.upload(&vec![FREE_SLOT; n_kv_heads])?,
+            head_slots: Vec::new(),
+            head_slots_dev: None,
         })
+    }
+
+    /// Storage for heads packed one after another, head h in `slots[h]` slots; each head's
+    /// next token goes to its last slot (free until then).
+    fn packed(gpu: &Gpu, head_dim: usize, slots: &[usize], scored: bool) -> Result<Self, GpuError> {
+        let total: usize = slots.iter().sum();
+        let mut head_slots = Vec::with_capacity(slots.len());
+        let mut first = 0usize;
+        for &n in slots {
+            head_slots.push((first as u32, n as u32));
+            first += n;
+        }
+        let flat: Vec<i32> = head_slots.iter().flat_map(|&(f, n)| [f as i32, n as i32]).collect();
+        let last_slots: Vec<u32> = slots.iter().map(|&n| n.saturating_sub(1) as u32).collect();
+        Ok(Self {
+            keys: gpu.zeros(total * head_dim)?,
+            values: gpu.zeros(total * head_dim)?,
+            positions: gpu.upload(&vec![FREE_SLOT; total])?,
+            scores: if scored { Some(gpu.zeros(total)?) } else { None },
+            victims: gpu.upload(&last_slots)?,
+            head_slots_dev: Some(gpu.upload(&flat)?),
+            head_slots,
+        })
+    }
+
+    /// Slots of each KV head in the storage, as (first slot, slots).
+    fn head_ranges(&self, n_kv_heads: usize, capacity: usize) -> Vec<(usize, usize)> {
+        match self.head_slots.is_empty() {
+            true => (0..n_kv_heads).map(|h| (h * capacity, capacity)).collect(),
+            false => self.head_slots.iter().map(|&(f, n)| (f as usize, n as usize)).collect(),
+        }
+    }
+
+    /// The most slots any one KV head has (`capacity` unless packed).
+    fn widest_head(&self, capacity: usize) -> usize {
+        self.head_slots.iter().map(|&(_, n)| n as usize).max().unwrap_or(capacity)
     }
 }
 
@@ -86,18 +134,16 @@ impl GpuKvCache {
         let kind = policy.kind();
         let k = &policy.config.keyformer;
         let c = &policy.config;
-        let composed = c.pinned_sinks > 0
-            || c.accumulate != keyformer_kv::Accumulate::Sum
+        let composed = c.accumulate != keyformer_kv::Accumulate::Sum
             || c.value_weighted
-            || c.adaptive
             || c.grow
             || c.key_diversity
             || c.observe.is_some()
-            || c.layer_budgets != keyformer_kv::policy::LayerBudgets::Uniform;
+            || c.layer_budgets == keyformer_kv::policy::LayerBudgets::Pyramid;
         if composed {
             return Err(ModelError::Input(
-                "the settings sinks=, accumulate=mean, value, layers=pyramid, adaptive, grow, keydiff and observe= (on \
-                 policies other than sink) do not run on the CUDA backend yet: use the CPU"
+                "the settings accumulate=mean, value, layers=pyramid, grow, keydiff and observe= do not run on the \
+                 CUDA backend yet: use the CPU"
                     .into(),
             ));
         }
@@ -206,6 +252,18 @@ impl GpuKvCache {
             row.first_recent = e.first_recent;
             row.sinks = e.sinks;
         }
+        if let Some(heads) = &l.head_slots_dev {
+            // Packed heads, each at its own budget since the prompt's end: every step's token
+            // takes the slot its head's last victim freed (at first, the head's free last slot)
+            // and each head evicts one.
+            if plan.evict.is_none() {
+                return Err(ModelError::Gpu("packed KV heads below their budgets".into()));
+            }
+            row.heads = dev_addr(gpu, heads);
+            row.store_slot = -1;
+            row.width = l.widest_head(capacity) as i32;
+            row.capacity = row.width;
+        }
         Ok(row)
     }
 
@@ -238,7 +296,8 @@ impl GpuKvCache {
     /// Book-keeping of what the cache held, after its prompt's compression and each step (as
     /// the CPU cache counts it).
     fn record(&mut self) {
-        self.stats.tokens_held_max = self.stats.tokens_held_max.max(self.cursor.len);
+        let widest = self.layers.iter().flat_map(|l| l.head_slots.iter().map(|&(_, n)| n as usize - 1)).max();
+        self.stats.tokens_held_max = self.stats.tokens_held_max.max(widest.unwrap_or(self.cursor.len));
         self.stats.bytes_held_max = self.stats.bytes_held_max.max(self.bytes_held());
         self.stats.bytes_peak = self.stats.bytes_peak.max(self.stats.bytes_held_max);
         self.stats.bytes_full_equivalent = self.cursor.next_position as usize * self.bytes_per_token();
@@ -249,14 +308,21 @@ impl GpuKvCache {
         crate::kv::KvType::F16.token_bytes(self.layers.len(), self.n_kv_heads, self.head_dim)
     }
 
-    /// Tokens held summed over the layers.
-    fn layer_tokens(&self) -> usize {
-        (0..self.layers.len()).map(|l| self.layer_cursor(l).0.len).sum()
+    /// Tokens held summed over every (layer, KV head): a packed head holds its budget (its
+    /// last slot is free between steps), the others what their layer's cursor says.
+    fn head_tokens(&self) -> usize {
+        (0..self.layers.len())
+            .map(|l| match self.layers[l].head_slots.as_slice() {
+                [] => self.layer_cursor(l).0.len * self.n_kv_heads,
+                packed => packed.iter().map(|&(_, n)| n as usize - 1).sum(),
+            })
+            .sum()
     }
 
     /// The prompt has been processed: every KV head of a global layer keeps what the CPU policy
-    /// keeps from the GPU's scores (its storage shrinks to budget + 1 slots), every sliding
-    /// layer its last `window - 1` tokens (window slots), and decoding starts.
+    /// keeps from the GPU's scores (its storage shrinks to budget + 1 slots, per head when the
+    /// heads' budgets differ), every sliding layer its last `window - 1` tokens (window slots),
+    /// and decoding starts.
     pub fn finish_prompt(&mut self, gpu: &Gpu) -> Result<(), ModelError> {
         // The whole prompt is held until it is trimmed.
         self.stats.bytes_peak = self.stats.bytes_peak.max(self.bytes_held());
@@ -270,32 +336,52 @@ impl GpuKvCache {
         };
         if trim_global || trim_sliding {
             let global_kept = if trim_global { self.select_kept(gpu)? } else { Vec::new() };
+            let global_layers: Vec<usize> = (0..self.layers.len()).filter(|&l| self.windows[l].is_none()).collect();
+            // Heads whose budgets differ (spread by score) are packed, each in its own budget + 1.
+            let packed = trim_global
+                && global_layers.iter().any(|&l| (0..n_kv).any(|h| self.policy.head_budget(l, h) != budget));
+            let held_before = self.cursor.len;
             let mut global_kept = global_kept.into_iter();
+            let mut global_evicted = 0usize;
             // Every compact layer is allocated before any prompt-sized one is freed: freeing them
             // one by one let the next layer's smaller buffers be carved from the freed ones, and
             // the device pool fragmented until a batch of long prompts ran out of memory.
             let mut compact = Vec::with_capacity(self.layers.len());
             let old_cap = self.cursor.capacity;
             for (li, layer) in self.layers.iter().enumerate() {
-                let (kept, n_kept) = match (self.windows[li], window_keep) {
+                let kept: Vec<Vec<u32>> = match (self.windows[li], window_keep) {
                     (Some(_), Some(keep)) if trim_sliding => {
                         // The prompt filled the slots in position order: its last `keep` tokens.
                         let len = self.sliding.as_ref().map_or(0, |(_, c)| c.len) as u32;
-                        let last: Vec<u32> = (len - keep as u32..len).collect();
-                        (last.repeat(n_kv), keep)
+                        vec![(len - keep as u32..len).collect(); n_kv]
                     }
-                    (None, _) if trim_global => (
-                        global_kept.next().ok_or_else(|| ModelError::Gpu("a layer without its selection".into()))?,
-                        budget,
-                    ),
+                    (None, _) if trim_global => {
+                        let kept = global_kept
+                            .next()
+                            .ok_or_else(|| ModelError::Gpu("a layer without its selection".into()))?;
+                        global_evicted += kept.iter().map(|k| held_before - k.len()).sum::<usize>();
+                        kept
+                    }
                     _ => {
                         compact.push(None);
                         continue;
                     }
                 };
-                let new_cap = n_kept + 1;
-                let mut fresh = LayerKv::new(gpu, n_kv, hd, new_cap, layer.scores.is_some()).map_err(gpu_error)?;
-                gpu.gather_slots(layer, &mut fresh, &kept, n_kept, old_cap, new_cap, hd).map_err(gpu_error)?;
+                // One more slot per head: the next token's.
+                let slots: Vec<usize> = kept.iter().map(|k| k.len() + 1).collect();
+                let scored = layer.scores.is_some();
+                let fresh = match packed && self.windows[li].is_none() {
+                    true => LayerKv::packed(gpu, hd, &slots, scored),
+                    false => LayerKv::new(gpu, n_kv, hd, slots[0], scored),
+                };
+                let mut fresh = fresh.map_err(gpu_error)?;
+                let ranges = fresh.head_ranges(n_kv, slots[0]);
+                let (mut from, mut to) = (Vec::new(), Vec::new());
+                for (h, head_kept) in kept.iter().enumerate() {
+                    from.extend(head_kept.iter().map(|&slot| (h * old_cap) as u32 + slot));
+                    to.extend((0..head_kept.len()).map(|i| (ranges[h].0 + i) as u32));
+                }
+                gpu.gather_slots(layer, &mut fresh, &from, &to, hd).map_err(gpu_error)?;
                 compact.push(Some(fresh));
             }
             for (layer, fresh) in self.layers.iter_mut().zip(compact) {
@@ -306,7 +392,9 @@ impl GpuKvCache {
             gpu.release_free_memory().map_err(gpu_error)?;
             let n_sliding = self.windows.iter().filter(|w| w.is_some()).count();
             if trim_global {
-                self.stats.evictions += (self.cursor.len - budget) * (self.layers.len() - n_sliding) * n_kv;
+                self.stats.evictions += global_evicted;
+                // Packed heads are each at their own budget: the cursor plans as for a cache at
+                // the uniform share (every step evicts), the rows take each head's slots.
                 self.cursor.compacted(budget, budget + 1);
             }
             if let (true, Some((_, cursor)), Some(keep)) = (trim_sliding, &mut self.sliding, window_keep) {
@@ -319,41 +407,48 @@ impl GpuKvCache {
         Ok(())
     }
 
-    /// What each KV head of each global layer keeps of the prompt (slots, `budget` per head in
-    /// position order), chosen by the CPU policy's own code from the GPU's scores.
-    fn select_kept(&self, gpu: &Gpu) -> Result<Vec<Vec<u32>>, ModelError> {
-        let (budget, n_kv, old_cap, width) =
-            (self.policy.budget, self.n_kv_heads, self.cursor.capacity, self.cursor.width);
-        let mut host = Vec::with_capacity(self.layers.len());
+    /// What each KV head of each global layer keeps of the prompt (per layer, per head, its
+    /// slots in position order), chosen by the CPU policy's own code from the GPU's scores: the
+    /// budgets spread by score first (`layers=global`, `adaptive`), then each head's victims.
+    fn select_kept(&mut self, gpu: &Gpu) -> Result<Vec<Vec<Vec<u32>>>, ModelError> {
+        let (n_kv, old_cap, width) = (self.n_kv_heads, self.cursor.capacity, self.cursor.width);
+        let mut tables: Vec<(usize, usize, SlotTable)> = Vec::new();
         for (li, layer) in self.layers.iter().enumerate().filter(|(li, _)| self.windows[*li].is_none()) {
             let positions = gpu.download(&layer.positions).map_err(gpu_error)?;
             let scores = layer.scores.as_ref().map(|s| gpu.download(s)).transpose().map_err(gpu_error)?;
-            host.push((li, positions, scores));
+            for h in 0..n_kv {
+                let mut table = SlotTable::new(old_cap);
+                for &p in &positions[h * old_cap..h * old_cap + width] {
+                    table.insert(p)?;
+                }
+                if let Some(s) = &scores {
+                    self.policy.observe(li, h, &s[h * old_cap..h * old_cap + width]);
+                }
+                tables.push((li, h, table));
+            }
         }
-        // Layers in parallel (each thread with its own copy of the policy, whose score rows are
-        // empty: the scores live on the GPU), as a prompt's heads are thousands of selections.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(host.len().max(1));
-        let per_thread = host.len().div_ceil(threads).max(1);
+        // A budget for the whole model is spread before any head is trimmed, as on the CPU.
+        let heads: Vec<(usize, usize, &SlotTable)> = tables.iter().map(|(l, h, t)| (*l, *h, t)).collect();
+        self.policy.plan_global(&heads);
+        for layer in heads.chunks(n_kv) {
+            let layer_tables: Vec<&SlotTable> = layer.iter().map(|&(_, _, t)| t).collect();
+            self.policy.plan_adaptive(layer[0].0, &layer_tables);
+        }
+        // Layers in parallel, as a prompt's heads are thousands of selections.
+        let n_global = tables.len() / n_kv.max(1);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(n_global.max(1));
+        let per_thread = n_global.div_ceil(threads).max(1) * n_kv;
         let policy = &self.policy;
-        std::thread::scope(|scope| {
-            let tasks: Vec<_> = host
-                .chunks(per_thread)
-                .map(|layers| {
-                    let mut policy = policy.clone();
+        let kept = std::thread::scope(|scope| {
+            let tasks: Vec<_> = tables
+                .chunks(per_thread.max(1))
+                .map(|part| {
                     scope.spawn(move || -> Result<Vec<Vec<u32>>, ModelError> {
-                        let mut out = Vec::with_capacity(layers.len());
-                        for (li, positions, scores) in layers {
-                            let mut kept = Vec::with_capacity(n_kv * budget);
-                            for h in 0..n_kv {
-                                let mut table = SlotTable::new(old_cap);
-                                for &p in &positions[h * old_cap..h * old_cap + width] {
-                                    table.insert(p)?;
-                                }
-                                if let Some(s) = scores {
-                                    policy.observe(*li, h, &s[h * old_cap..h * old_cap + width]);
-                                }
+                        part.iter()
+                            .map(|(li, h, table)| {
+                                let budget = policy.head_budget(*li, *h);
                                 let mut evicted = vec![false; width];
-                                for slot in policy.victims(*li, h, &table, budget) {
+                                for slot in policy.victims(*li, *h, table, budget) {
                                     evicted[slot] = true;
                                 }
                                 let mut keep: Vec<(u32, u32)> = table
@@ -364,15 +459,13 @@ impl GpuKvCache {
                                 keep.sort_unstable();
                                 if keep.len() != budget {
                                     return Err(ModelError::Gpu(format!(
-                                        "KV head kept {} tokens, budget {budget}",
+                                        "KV head {h} of layer {li} kept {} tokens, budget {budget}",
                                         keep.len()
                                     )));
                                 }
-                                kept.extend(keep.iter().map(|&(_, s)| s));
-                            }
-                            out.push(kept);
-                        }
-                        Ok(out)
+                                Ok(keep.iter().map(|&(_, s)| s).collect())
+                            })
+                            .collect()
                     })
                 })
                 .collect();
@@ -380,15 +473,20 @@ impl GpuKvCache {
             for task in tasks {
                 all.extend(task.join().map_err(|_| ModelError::Gpu("selection thread panicked".into()))??);
             }
-            Ok(all)
-        })
+            Ok::<_, ModelError>(all)
+        })?;
+        // The scores live on the GPU from here on.
+        self.policy.forget_scores();
+        Ok(kept.chunks(n_kv).map(<[Vec<u32>]>::to_vec).collect())
     }
 
     /// The positions each KV head of `layer` holds, sorted (tests and tools).
     pub fn held_positions(&self, gpu: &Gpu, layer: usize) -> Result<Vec<Vec<u32>>, ModelError> {
         let all = gpu.download(&self.layers[layer].positions).map_err(gpu_error)?;
-        Ok(all
-            .chunks(self.layer_cursor(layer).0.capacity)
+        let ranges = self.layers[layer].head_ranges(self.n_kv_heads, self.layer_cursor(layer).0.capacity);
+        Ok(ranges
+            .into_iter()
+            .map(|(first, n)| &all[first..first + n])
             .map(|head| {
                 let mut p: Vec<u32> = head.iter().copied().filter(|&p| p != FREE_SLOT).collect();
                 p.sort_unstable();
@@ -397,9 +495,17 @@ impl GpuKvCache {
             .collect())
     }
 
-    /// Slots the storage has per KV head, the most over the layers.
+    /// Slots the storage has per KV head, the most over the layers and heads.
     pub fn capacity_now(&self) -> usize {
-        self.sliding.as_ref().map_or(self.cursor.capacity, |(_, c)| c.capacity.max(self.cursor.capacity))
+        let packed = self.layers.iter().map(|l| l.widest_head(0)).max().unwrap_or(0);
+        let cursors = self.sliding.as_ref().map_or(self.cursor.capacity, |(_, c)| c.capacity.max(self.cursor.capacity));
+        cursors.max(packed)
+    }
+
+    /// Slots allocated for `layer` over its KV heads (held tokens plus each head's free slot
+    /// once the prompt is compressed).
+    pub fn allocated_slots(&self, layer: usize) -> usize {
+        self.layers[layer].positions.len()
     }
 
     /// Slots the storage of `layer` has per KV head.
@@ -427,7 +533,7 @@ impl SequenceCache for GpuKvCache {
         &self.policy
     }
     fn bytes_held(&self) -> usize {
-        self.layer_tokens() * self.bytes_per_token() / self.layers.len().max(1)
+        self.head_tokens() * self.bytes_per_token() / (self.layers.len() * self.n_kv_heads).max(1)
     }
     fn stats(&self) -> KvStats {
         self.stats.clone()

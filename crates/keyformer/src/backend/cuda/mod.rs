@@ -303,13 +303,16 @@ pub struct AttnRow {
     pub sinks: u32,
     pub evict: i32,
     pub pad: i32,
+    /// 0, or the address of `[n_kv_heads][2]` i32 (first slot, slots): the layer's heads packed
+    /// one after another, each with its own budget (per-head budgets after the prompt).
+    pub heads: u64,
 }
 
 // SAFETY: plain old data with the kernels' layout (repr(C), no padding the kernel reads).
 unsafe impl cudarc::driver::DeviceRepr for AttnRow {}
 // SAFETY: all zeros is a valid row (null pointers, zero sizes).
 unsafe impl cudarc::driver::ValidAsZeroBits for AttnRow {}
-const _: () = assert!(std::mem::size_of::<AttnRow>() == 128);
+const _: () = assert!(std::mem::size_of::<AttnRow>() == 136);
 
 impl AttnRow {
     /// Score the row under `signal` (or not), into rows of `stride` floats.
@@ -1139,46 +1142,52 @@ impl Gpu {
         Ok(())
     }
 
-    /// Compaction: slot i of KV head g of `to` takes slot `kept[g * n_kept + i]` of `from`.
-    #[allow(clippy::too_many_arguments)]
+    /// Compaction: slot `to_slots[i]` of `to` takes slot `from_slots[i]` of `from` (slots counted
+    /// over the whole layer, heads one after another).
     pub fn gather_slots(
         &self,
         from: &kv::LayerKv,
         to: &mut kv::LayerKv,
-        kept: &[u32],
-        n_kept: usize,
-        old_capacity: usize,
-        new_capacity: usize,
+        from_slots: &[u32],
+        to_slots: &[u32],
         head_dim: usize,
     ) -> Result<(), GpuError> {
-        let n_kv = kept.len() / n_kept.max(1);
-        if n_kept == 0 || n_kept > new_capacity || kept.iter().any(|&s| s as usize >= old_capacity) {
-            return Err(GpuError::Shape(format!("gather of {n_kept} of {old_capacity} slots into {new_capacity}")));
+        let (old_slots, new_slots) = (from.positions.len(), to.positions.len());
+        let bad = from_slots.len() != to_slots.len()
+            || from_slots.is_empty()
+            || from_slots.iter().any(|&s| s as usize >= old_slots)
+            || to_slots.iter().any(|&s| s as usize >= new_slots);
+        if bad {
+            return Err(GpuError::Shape(format!(
+                "gather of {} slots of {old_slots} into {} of {new_slots}",
+                from_slots.len(),
+                to_slots.len()
+            )));
         }
-        let kept_dev = self.upload(kept)?;
-        let ints = [n_kept as i32, head_dim as i32, old_capacity as i32, new_capacity as i32];
+        let (from_dev, to_dev) = (self.upload(from_slots)?, self.upload(to_slots)?);
+        let hd = head_dim as i32;
         let null = 0u64;
         let cfg = LaunchConfig {
-            grid_dim: (n_kept as u32, n_kv as u32, 1),
+            grid_dim: (from_slots.len() as u32, 1, 1),
             block_dim: (head_dim.clamp(32, 256) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.kernels.gather_slots);
-        b.arg(&kept_dev).arg(&ints[0]).arg(&ints[1]).arg(&from.keys).arg(&from.values).arg(&from.positions);
+        b.arg(&from_dev).arg(&to_dev).arg(&hd).arg(&from.keys).arg(&from.values).arg(&from.positions);
         match &from.scores {
             Some(s) => b.arg(s),
             None => b.arg(&null),
         };
-        b.arg(&ints[2]).arg(&mut to.keys).arg(&mut to.values).arg(&mut to.positions);
+        b.arg(&mut to.keys).arg(&mut to.values).arg(&mut to.positions);
         match &mut to.scores {
             Some(s) => b.arg(s),
             None => b.arg(&null),
         };
-        b.arg(&ints[3]);
-        // SAFETY: block (i, g) copies old slot kept[g][i] (< old capacity, checked) to new slot i
-        // (< n_kept <= new capacity) of KV head g; score rows are null on both sides or neither.
+        // SAFETY: block i copies old slot from[i] (below the old storage's slots, checked) to
+        // new slot to[i] (below the new storage's, checked); score rows are null on both sides
+        // or neither (both layers are made for the same policy).
         unsafe { b.launch(cfg) }?;
-        self.synchronize()?; // `kept_dev` is freed on return
+        self.synchronize()?; // the index arrays are freed on return
         Ok(())
     }
 
