@@ -349,6 +349,30 @@ pub struct PerplexityReport {
 }
 
 impl<B: Backend> Engine<B> {
+    /// KVzip's repeat request in this model's tokens (its chat template's end of a user turn
+    /// where it has one, as kvpress finds it: a message rendered around a marker, cut there).
+    fn with_repeat_request(mut self) -> Self {
+        let encode = |text: &str| self.tokenizer.encode(text, false).ok();
+        let suffix = match self.chat_template() {
+            Some(_) => {
+                const MARKER: &str = "\n##kvzip-marker##";
+                self.chat_prompt(&format!("context{MARKER}"))
+                    .ok()
+                    .and_then(|p| p.split_once(MARKER).map(|(_, after)| after.to_string()))
+            }
+            None => None,
+        };
+        let request = (|| {
+            Some(crate::kvzip::RepeatRequest {
+                first: encode(crate::kvzip::FIRST_REQUEST)?,
+                later: encode(crate::kvzip::LATER_REQUEST)?,
+                suffix: encode(suffix.as_deref().unwrap_or("\n"))?,
+            })
+        })();
+        self.model.repeat_request = request;
+        self
+    }
+
     /// The one rule for a prompt's length (the CLI, the server and the benches ask here): at
     /// least one token, and fewer than the context, so that a token can be generated.
     pub fn check_prompt(&self, prompt_len: usize) -> Result<(), ModelError> {
@@ -819,30 +843,6 @@ impl Engine<Cpu> {
         Ok(Self { file: Some(file), name, model, tokenizer }.with_repeat_request())
     }
 
-    /// KVzip's repeat request in this model's tokens (its chat template's end of a user turn
-    /// where it has one, as kvpress finds it: a message rendered around a marker, cut there).
-    fn with_repeat_request(mut self) -> Self {
-        let encode = |text: &str| self.tokenizer.encode(text, false).ok();
-        let suffix = match self.chat_template() {
-            Some(_) => {
-                const MARKER: &str = "\n##kvzip-marker##";
-                self.chat_prompt(&format!("context{MARKER}"))
-                    .ok()
-                    .and_then(|p| p.split_once(MARKER).map(|(_, after)| after.to_string()))
-            }
-            None => None,
-        };
-        let request = (|| {
-            Some(crate::kvzip::RepeatRequest {
-                first: encode(crate::kvzip::FIRST_REQUEST)?,
-                later: encode(crate::kvzip::LATER_REQUEST)?,
-                suffix: encode(suffix.as_deref().unwrap_or("\n"))?,
-            })
-        })();
-        self.model.repeat_request = request;
-        self
-    }
-
     /// Prefill `prompt` once with the full cache while recording the prompt scores that every
     /// policy in `configs` needs; [`cache_from_shared`](Self::cache_from_shared) then gives each
     /// policy its own compressed copy, equal to what its own prefill would have made.
@@ -1178,6 +1178,6 @@ impl Engine<crate::backend::cuda::backend::Cuda> {
     ) -> Result<Self, ModelError> {
         let model = Model::<crate::backend::cuda::backend::Cuda>::random(cuda, shape, seed, weight_type)?;
         let tokenizer = crate::tokenizer::Tokenizer::byte_level(model.config.vocab_size)?;
-        Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer })
+        Ok(Engine { file: None, name: format!("random-{}", shape.name), model, tokenizer }.with_repeat_request())
     }
 }

@@ -112,9 +112,7 @@ impl Model<Cpu> {
         cache: &KvCache,
         noise: RepetitionNoise,
     ) -> Result<RepetitionScores, ModelError> {
-        let request = self.repeat_request.as_ref().ok_or_else(|| {
-            ModelError::Input("kvzip needs the words of its repeat request: load the model through an Engine".into())
-        })?;
+        let request = repeat_request(self)?;
         let end = cache.next_position();
         let start = end - prompt.len() as u32;
         let (n_layers, n_kv) = (cache.layers.len(), cache.layers[0].len());
@@ -123,27 +121,14 @@ impl Model<Cpu> {
             .map(|i| if global(i / n_kv) { vec![0f32; prompt.len()] } else { Vec::new() })
             .collect();
         let mut logits = Vec::new();
-        let mut previous: Option<&[u32]> = None;
-        for (i, part) in prompt.chunks(PART_TOKENS).enumerate() {
-            let first = start + (i * PART_TOKENS) as u32;
-            let tokens = request.pass(previous, part);
+        for (first, part_end, tokens) in passes(request, prompt, start) {
             let mut copy = cache.clone();
             copy.recorder = None;
             copy.query_moments = None;
-            // The copy scores with a KVzip policy of its own, whatever the cache's (a budget
-            // that holds everything: nothing is trimmed while the prompt runs anyway).
             let lifetime = end as usize + tokens.len();
-            let mut scorer = keyformer_kv::PolicyConfig {
-                kind: keyformer_kv::PolicyKind::Kvzip,
-                budget: Some(keyformer_kv::Amount::Tokens(lifetime)),
-                ..Default::default()
-            };
-            if let Some((keyformer, seed)) = &noise.0 {
-                (scorer.noisy_scores, scorer.keyformer, scorer.seed) = (true, keyformer.clone(), *seed);
-            }
-            copy.policy = scorer.resolve(lifetime, 0, n_layers, n_kv).map_err(ModelError::Policy)?;
+            copy.policy = scorer_policy(lifetime, &noise, n_layers, n_kv)?;
             copy.grow_for(tokens.len());
-            copy.policy.begin_reconstruction(first, first + part.len() as u32, end);
+            copy.policy.begin_reconstruction(first, part_end, end);
             for piece in tokens.chunks(self.backend.prefill_chunk()) {
                 self.forward_into(piece, &mut copy, Logits::Last, &mut logits)?;
             }
@@ -159,8 +144,49 @@ impl Model<Cpu> {
                     }
                 }
             }
-            previous = Some(part);
         }
         Ok(RepetitionScores { start, rows })
     }
+}
+
+/// The model's repeat request, or the error that says why there is none.
+pub(crate) fn repeat_request<B: Backend>(model: &Model<B>) -> Result<&RepeatRequest, ModelError> {
+    model.repeat_request.as_ref().ok_or_else(|| {
+        ModelError::Input("kvzip needs the words of its repeat request: load the model through an Engine".into())
+    })
+}
+
+/// The passes of `prompt`'s repetition (its first position `start`), one per part of
+/// [`PART_TOKENS`]: the part's positions `first..end` and the tokens read (the request, then the
+/// part).
+pub(crate) fn passes<'a>(
+    request: &'a RepeatRequest,
+    prompt: &'a [u32],
+    start: u32,
+) -> impl Iterator<Item = (u32, u32, Vec<u32>)> + 'a {
+    prompt.chunks(PART_TOKENS).enumerate().map(move |(i, part)| {
+        let previous = i.checked_sub(1).map(|j| &prompt[j * PART_TOKENS..(j + 1) * PART_TOKENS]);
+        let first = start + (i * PART_TOKENS) as u32;
+        (first, first + part.len() as u32, request.pass(previous, part))
+    })
+}
+
+/// The policy a repetition's copy of the cache scores with, whatever the cache's own: KVzip's
+/// (with Keyformer's noise when asked), under a budget that holds everything (`lifetime`
+/// tokens: nothing is trimmed while the prompt runs anyway).
+pub(crate) fn scorer_policy(
+    lifetime: usize,
+    noise: &RepetitionNoise,
+    n_layers: usize,
+    n_kv: usize,
+) -> Result<keyformer_kv::SequencePolicy, ModelError> {
+    let mut scorer = keyformer_kv::PolicyConfig {
+        kind: keyformer_kv::PolicyKind::Kvzip,
+        budget: Some(keyformer_kv::Amount::Tokens(lifetime)),
+        ..Default::default()
+    };
+    if let Some((keyformer, seed)) = &noise.0 {
+        (scorer.noisy_scores, scorer.keyformer, scorer.seed) = (true, keyformer.clone(), *seed);
+    }
+    scorer.resolve(lifetime, 0, n_layers, n_kv).map_err(ModelError::Policy)
 }

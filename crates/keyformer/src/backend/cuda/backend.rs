@@ -757,17 +757,19 @@ impl Backend for Cuda {
         if policy.kind() == keyformer_kv::PolicyKind::Expected {
             return Err(expected_on_cpu_only());
         }
-        if policy.kind() == keyformer_kv::PolicyKind::Kvzip {
-            return Err(ModelError::Input(
-                "the 'kvzip' KV policy runs on the CPU only for now: use --device cpu or another policy".into(),
-            ));
-        }
         // Keys and values are always f16 on the GPU.
         GpuKvCache::new(&self.gpu, config.windows, config.n_kv_heads, config.head_dim, policy, context)
     }
 
     fn finish_prompt(&self, cache: &mut GpuKvCache) -> Result<(), ModelError> {
         cache.finish_prompt(&self.gpu)
+    }
+
+    fn before_prompt_end(&self, model: &Model<Self>, tokens: &[u32], cache: &mut GpuKvCache) -> Result<(), ModelError> {
+        if cache.policy.wants_reconstruction() {
+            score_by_repetition(model, tokens, cache)?;
+        }
+        Ok(())
     }
 
     fn replay_decode_step(
@@ -842,7 +844,7 @@ impl Model<Cuda> {
             ropes,
             layers,
             kv_type: crate::kv::KvType::F16,
-            repeat_request: None,
+            repeat_request: cpu.repeat_request.clone(),
             backend: cuda,
         })
     }
@@ -1042,4 +1044,31 @@ fn expected_on_cpu_only() -> ModelError {
     ModelError::Input(
         "the 'expected' KV policy runs on the CPU only for now: use --device cpu or another policy".into(),
     )
+}
+
+/// KVzip's scores on the GPU (`crate::kvzip` has the method): the prompt `prompt` (the cache's
+/// last positions) is repeated, part by part, through a copy of `cache` whose prefill keeps
+/// each prompt slot's largest reconstruction probability; the maxima become `cache`'s scores
+/// before its end trims it.
+fn score_by_repetition(model: &Model<Cuda>, prompt: &[u32], cache: &mut GpuKvCache) -> Result<(), ModelError> {
+    use crate::backend::SequenceCache;
+    use crate::kvzip::{passes, repeat_request, scorer_policy, RepetitionNoise};
+    let request = repeat_request(model)?;
+    let gpu = &model.backend.gpu;
+    let noise = RepetitionNoise::of(&cache.policy.config);
+    let end = cache.next_position();
+    let start = end - prompt.len() as u32;
+    let (n_layers, n_kv) = (model.config.n_layers, model.config.n_kv_heads);
+    let mut rows = vec![vec![0f32; prompt.len()]; n_layers * n_kv];
+    let mut logits = Vec::new();
+    for (first, part_end, tokens) in passes(request, prompt, start) {
+        let lifetime = end as usize + tokens.len();
+        let mut copy = cache.repetition_copy(gpu, scorer_policy(lifetime, &noise, n_layers, n_kv)?, lifetime)?;
+        copy.policy.begin_reconstruction(first, part_end, end);
+        for piece in tokens.chunks(model.backend.prefill_chunk()) {
+            model.forward_into(piece, &mut copy, Logits::Last, &mut logits)?;
+        }
+        copy.max_scores_into(gpu, start, &mut rows)?;
+    }
+    cache.set_prompt_scores(gpu, start, &rows)
 }

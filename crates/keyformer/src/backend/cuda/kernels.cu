@@ -337,6 +337,7 @@ __device__ __forceinline__ unsigned position_hash(unsigned key, unsigned positio
 #define SCORE_NONE 0
 #define SCORE_ATTENTION 1
 #define SCORE_KEYFORMER 2
+#define SCORE_RECONSTRUCTION 3  // KVzip's, prefill only
 
 // Two f16 values (4 bytes) as floats.
 __device__ __forceinline__ float2 h2f2(const unsigned short* p) {
@@ -789,12 +790,16 @@ extern "C" __global__ void kv_append(const float* k, const float* v, unsigned sh
 // Prefill softmax: block (row r, query head h) over S[h][r][0..width) (scaled logits from
 // cuBLAS): masks slots after the row's position (and free ones), writes the probabilities as
 // f16 to P[h][r][..] for the value product, and, when a policy scores, overwrites S's row with
-// the scored probabilities (plain, or Keyformer's softmax((x + g) / tau) with the CPU's noise).
+// the scored probabilities (plain, or Keyformer's softmax((x + g) / tau) with the CPU's noise,
+// or KVzip's: the softmax over the sinks (positions < sinks), the part repeated
+// (first..end) and the repetition (from `from_pos` on), kept for the part's slots only, the
+// rest 0; rows before `from_pos` score nothing).
 extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const unsigned* slot_pos, int n_heads,
                                            int n_kv_heads, int rows, int width, int capacity, unsigned first_qpos,
                                            int score_mode, float inv_tau, unsigned long long seed, unsigned layer,
                                            const float* gumbel_table, int table_bits, float softcap,
-                                           unsigned window, float alibi_max) {
+                                           unsigned window, float alibi_max, unsigned sinks, unsigned first,
+                                           unsigned end, unsigned from_pos) {
     int r = blockIdx.x, h = blockIdx.y, g = h / (n_heads / n_kv_heads);
     unsigned qpos = first_qpos + r;
     float* row = S + ((size_t)h * rows + r) * width;
@@ -817,6 +822,24 @@ extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const un
     for (int s = threadIdx.x; s < width; s += blockDim.x) sum += row[s] == NEG_INF ? 0.0f : expf(row[s] - mx);
     sum = block_reduce(sum, false);
     float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (score_mode == SCORE_RECONSTRUCTION) {
+        // The exponentials' common factor e^-mx cancels in the restricted softmax.
+        float sc = 0.0f;
+        for (int s = threadIdx.x; s < width; s += blockDim.x) {
+            unsigned p = pos[s];
+            bool counted = p < sinks || (p >= first && p < end) || p >= from_pos;
+            if (counted && row[s] != NEG_INF) sc += expf(row[s] - mx);
+        }
+        sc = block_reduce(sc, false);
+        float invc = sc > 0.0f && qpos >= from_pos ? 1.0f / sc : 0.0f;
+        for (int s = threadIdx.x; s < width; s += blockDim.x) {
+            unsigned p = pos[s];
+            float e = row[s] == NEG_INF ? 0.0f : expf(row[s] - mx);
+            prow[s] = f2h(e * inv);
+            row[s] = p >= first && p < end ? e * invc : 0.0f;
+        }
+        return;
+    }
     if (score_mode != SCORE_KEYFORMER) {
         for (int s = threadIdx.x; s < width; s += blockDim.x) {
             float e = row[s] == NEG_INF ? 0.0f : expf(row[s] - mx) * inv;
@@ -843,16 +866,21 @@ extern "C" __global__ void prefill_softmax(float* S, unsigned short* P, const un
 }
 
 // Prefill scores: scores[g][s] += the scored probabilities of slot s summed over g's query
-// heads and the rows, in a fixed order (no atomics); thread (g, s).
+// heads and the rows, in a fixed order (no atomics); with `by_max` (KVzip's), the largest of
+// them and of scores[g][s] instead; thread (g, s).
 extern "C" __global__ void prefill_scores(const float* S, float* scores, int n_heads, int n_kv_heads, int rows,
-                                          int width, int capacity) {
+                                          int width, int capacity, int by_max) {
     int g = blockIdx.x, s = blockIdx.y * blockDim.x + threadIdx.x;
     if (s >= width) return;
     int group = n_heads / n_kv_heads;
     float acc = 0.0f;
     for (int j = 0; j < group; j++)
-        for (int r = 0; r < rows; r++) acc += S[((size_t)(g * group + j) * rows + r) * width + s];
-    scores[(size_t)g * capacity + s] += acc;
+        for (int r = 0; r < rows; r++) {
+            float x = S[((size_t)(g * group + j) * rows + r) * width + s];
+            acc = by_max ? fmaxf(acc, x) : acc + x;
+        }
+    float* at = scores + (size_t)g * capacity + s;
+    *at = by_max ? fmaxf(*at, acc) : *at + acc;
 }
 
 // The index of each row's largest value (the first of equal maxima); one block per row.

@@ -110,8 +110,8 @@ pub struct GpuKvCache {
 }
 
 /// Policies whose decode-time eviction the GPU runs.
-pub const GPU_POLICIES: [PolicyKind; 5] =
-    [PolicyKind::Full, PolicyKind::Window, PolicyKind::Sink, PolicyKind::H2o, PolicyKind::Keyformer];
+pub const GPU_POLICIES: [PolicyKind; 6] =
+    [PolicyKind::Full, PolicyKind::Window, PolicyKind::Sink, PolicyKind::H2o, PolicyKind::Keyformer, PolicyKind::Kvzip];
 
 impl GpuKvCache {
     /// An empty cache for `policy`; `context` bounds it when the policy keeps everything.
@@ -139,11 +139,12 @@ impl GpuKvCache {
             || c.grow
             || c.key_diversity
             || c.observe.is_some()
+            || c.noisy_scores
             || c.layer_budgets == keyformer_kv::policy::LayerBudgets::Pyramid;
         if composed {
             return Err(ModelError::Input(
-                "the settings accumulate=mean, value, layers=pyramid, grow, keydiff and observe= do not run on the \
-                 CUDA backend yet: use the CPU"
+                "the settings accumulate=mean, value, layers=pyramid, grow, keydiff, observe= and gumbel do not run on \
+                 the CUDA backend yet: use the CPU"
                     .into(),
             ));
         }
@@ -151,14 +152,14 @@ impl GpuKvCache {
             || (kind == PolicyKind::Keyformer && (k.frozen || k.noise != NoiseKind::Gumbel))
         {
             return Err(ModelError::Input(format!(
-                "KV policy '{}'{} does not run on the CUDA backend yet (it runs full, window, sink, h2o and \
+                "KV policy '{}'{} does not run on the CUDA backend yet (it runs full, window, sink, h2o, kvzip and \
                  keyformer with Gumbel noise)",
                 kind.name(),
                 if kind == PolicyKind::Keyformer { " with these keyformer options" } else { "" }
             )));
         }
         let capacity = policy.capacity(context);
-        let scored = matches!(kind, PolicyKind::H2o | PolicyKind::Keyformer);
+        let scored = matches!(kind, PolicyKind::H2o | PolicyKind::Keyformer | PolicyKind::Kvzip);
         let layers = windows
             .iter()
             .map(|w| LayerKv::new(gpu, n_kv_heads, head_dim, capacity, scored && w.is_none()))
@@ -199,8 +200,10 @@ impl GpuKvCache {
             Signal::None => None,
             Signal::Attention { .. } => Some(ScoreSignal::Attention),
             Signal::Noisy { tau, seed, .. } => Some(ScoreSignal::Keyformer { tau, seed }),
-            // Refused when the cache is made (Cuda::new_cache).
-            Signal::Reconstruction { .. } => None,
+            // With noise it is refused when the cache is made.
+            Signal::Reconstruction { from_position, first, end, sinks, .. } => {
+                Some(ScoreSignal::Reconstruction { from_position, first, end, sinks })
+            }
         }
     }
 
@@ -478,6 +481,82 @@ impl GpuKvCache {
         // The scores live on the GPU from here on.
         self.policy.forget_scores();
         Ok(kept.chunks(n_kv).map(<[Vec<u32>]>::to_vec).collect())
+    }
+
+    /// A copy of this cache while its prompt is processed, under `policy` (a repetition's
+    /// scorer), with room for `lifetime` tokens: the repetition is read through it, so this
+    /// cache never holds the repetition.
+    pub(crate) fn repetition_copy(
+        &self,
+        gpu: &Gpu,
+        policy: SequencePolicy,
+        lifetime: usize,
+    ) -> Result<Self, ModelError> {
+        let mut copy = Self::new(gpu, self.windows.clone(), self.n_kv_heads, self.head_dim, policy, lifetime)?;
+        let (old_cap, new_cap, width) = (self.cursor.capacity, copy.cursor.capacity, self.cursor.width);
+        if self.policy.prompt_done() || new_cap < width {
+            return Err(ModelError::Gpu(format!("a repetition copy of {width} slots into {new_cap}")));
+        }
+        // Every layer filled its slots in position order while the prompt was read.
+        let (mut from, mut to) = (Vec::new(), Vec::new());
+        for g in 0..self.n_kv_heads {
+            from.extend((0..width).map(|s| (g * old_cap + s) as u32));
+            to.extend((0..width).map(|s| (g * new_cap + s) as u32));
+        }
+        if !from.is_empty() {
+            for (src, dst) in self.layers.iter().zip(copy.layers.iter_mut()) {
+                gpu.gather_slots(src, dst, &from, &to, self.head_dim).map_err(gpu_error)?;
+            }
+        }
+        copy.cursor = SlotCursor { capacity: new_cap, ..self.cursor };
+        if let (Some((_, mine)), Some((_, theirs))) = (&self.sliding, &mut copy.sliding) {
+            *theirs = SlotCursor { capacity: new_cap, ..*mine };
+        }
+        Ok(copy)
+    }
+
+    /// Per (layer, KV head) of the global layers, the largest score of each position in
+    /// `start..start + row length` seen so far: `rows[layer * n_kv_heads + head]`.
+    pub(crate) fn max_scores_into(&self, gpu: &Gpu, start: u32, rows: &mut [Vec<f32>]) -> Result<(), ModelError> {
+        let n_kv = self.n_kv_heads;
+        for (li, layer) in self.layers.iter().enumerate().filter(|(li, _)| self.windows[*li].is_none()) {
+            let Some(scores) = &layer.scores else { continue };
+            let (positions, scores) = (gpu.download(&layer.positions), gpu.download(scores));
+            let (positions, scores) = (positions.map_err(gpu_error)?, scores.map_err(gpu_error)?);
+            let cap = positions.len() / n_kv;
+            for g in 0..n_kv {
+                let row = &mut rows[li * n_kv + g];
+                for s in 0..cap {
+                    let at = positions[g * cap + s].wrapping_sub(start) as usize;
+                    if let Some(b) = row.get_mut(at) {
+                        *b = b.max(scores[g * cap + s]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Set the scores of the prompt's positions `start..` in the global layers to `rows`
+    /// (as [`max_scores_into`](Self::max_scores_into) lays them out), before its end trims it.
+    pub(crate) fn set_prompt_scores(&mut self, gpu: &Gpu, start: u32, rows: &[Vec<f32>]) -> Result<(), ModelError> {
+        let n_kv = self.n_kv_heads;
+        for (li, layer) in self.layers.iter_mut().enumerate().filter(|(li, _)| self.windows[*li].is_none()) {
+            let Some(scores) = layer.scores.as_mut() else {
+                return Err(ModelError::Gpu("prompt scores for a cache that keeps none".into()));
+            };
+            let positions = gpu.download(&layer.positions).map_err(gpu_error)?;
+            let cap = positions.len() / n_kv;
+            let mut host = vec![0f32; positions.len()];
+            for g in 0..n_kv {
+                for s in 0..cap {
+                    let at = positions[g * cap + s].wrapping_sub(start) as usize;
+                    host[g * cap + s] = rows[li * n_kv + g].get(at).copied().unwrap_or(0.0);
+                }
+            }
+            gpu.upload_into(&host, scores).map_err(gpu_error)?;
+        }
+        Ok(())
     }
 
     /// The positions each KV head of `layer` holds, sorted (tests and tools).

@@ -271,6 +271,10 @@ pub enum ScoreSignal {
     Attention,
     /// Keyformer: Gumbel noise under `seed`, temperature `tau`.
     Keyformer { tau: f32, seed: u64 },
+    /// KVzip's reconstruction maxima (prompt rows only: a repetition is read as a prompt): each
+    /// slot of positions `first..end` keeps its largest probability under the softmax over the
+    /// sinks, that part and the positions from `from_position` on.
+    Reconstruction { from_position: u32, first: u32, end: u32, sinks: u32 },
 }
 
 /// One row of a batched attention (the kernels' `AttnRow`, field for field): a query token
@@ -317,8 +321,10 @@ const _: () = assert!(std::mem::size_of::<AttnRow>() == 136);
 impl AttnRow {
     /// Score the row under `signal` (or not), into rows of `stride` floats.
     pub fn with_signal(mut self, signal: Option<ScoreSignal>, scores: u64, stride: usize) -> Self {
+        // A repetition (KVzip's) is read as a prompt, never as decode rows.
+        let signal = signal.filter(|s| !matches!(s, ScoreSignal::Reconstruction { .. }));
         let (mode, inv_tau, seed) = match signal {
-            None => (0, 1.0, 0),
+            None | Some(ScoreSignal::Reconstruction { .. }) => (0, 1.0, 0),
             Some(ScoreSignal::Attention) => (1, 1.0, 0),
             Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
         };
@@ -1174,9 +1180,10 @@ impl Gpu {
         };
         let mut b = self.stream.launch_builder(&self.kernels.gather_slots);
         b.arg(&from_dev).arg(&to_dev).arg(&hd).arg(&from.keys).arg(&from.values).arg(&from.positions);
-        match &from.scores {
-            Some(s) => b.arg(s),
-            None => b.arg(&null),
+        // Scores are copied where both sides keep them.
+        match (&from.scores, &to.scores) {
+            (Some(s), Some(_)) => b.arg(s),
+            _ => b.arg(&null),
         };
         b.arg(&mut to.keys).arg(&mut to.values).arg(&mut to.positions);
         match &mut to.scores {
@@ -1184,8 +1191,8 @@ impl Gpu {
             None => b.arg(&null),
         };
         // SAFETY: block i copies old slot from[i] (below the old storage's slots, checked) to
-        // new slot to[i] (below the new storage's, checked); score rows are null on both sides
-        // or neither (both layers are made for the same policy).
+        // new slot to[i] (below the new storage's, checked); scores are read only where both
+        // sides keep them.
         unsafe { b.launch(cfg) }?;
         self.synchronize()?; // the index arrays are freed on return
         Ok(())
@@ -1430,7 +1437,15 @@ impl Gpu {
             None => (0i32, 1.0f32, 0u64),
             Some(ScoreSignal::Attention) => (1, 1.0, 0),
             Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
+            Some(ScoreSignal::Reconstruction { .. }) => (3, 1.0, 0),
         };
+        let [sinks, first, end, from_pos] = match signal {
+            Some(ScoreSignal::Reconstruction { from_position, first, end, sinks }) => {
+                [sinks, first, end, from_position]
+            }
+            _ => [0, 0, 0, u32::MAX],
+        };
+        let by_max = i32::from(mode == 3);
         let ints = [n_heads as i32, n_kv_heads as i32, rows as i32, width as i32, capacity as i32];
         let (layer_u, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
         let cfg =
@@ -1439,7 +1454,7 @@ impl Gpu {
         b.arg(&mut *s_buf).arg(&mut *p_buf).arg(&kv.positions);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
         b.arg(&mode).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
-        b.arg(&softcap).arg(&window).arg(&alibi_max);
+        b.arg(&softcap).arg(&window).arg(&alibi_max).arg(&sinks).arg(&first).arg(&end).arg(&from_pos);
         // SAFETY: block (r, h) reads and writes row r of head h of S and P (sizes checked above).
         unsafe { b.launch(cfg) }?;
         if let (Some(_), Some(scores)) = (signal, kv.scores.as_mut()) {
@@ -1450,6 +1465,7 @@ impl Gpu {
             };
             let mut b = self.stream.launch_builder(&self.kernels.prefill_scores);
             b.arg(&*s_buf).arg(scores).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]);
+            b.arg(&by_max);
             // SAFETY: thread (g, s < width) reads column s of g's heads' rows and writes scores[g][s].
             unsafe { b.launch(cfg) }?;
         }
