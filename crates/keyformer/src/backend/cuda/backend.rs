@@ -732,11 +732,8 @@ impl Backend for Cuda {
             }
             let view = rows.as_ref().expect("sized").slice(layer * m..(layer + 1) * m);
             gpu.store_rows(&view, m, n_kv_heads, head_dim)?;
+            // Rows that evict choose their victims in the attention's combination pass.
             gpu.attention_rows(&view, m, attn_shape, scratch)?;
-            // A graph replays later steps, whose rows may evict where this one does not.
-            if *capturing || host_rows[layer * m..(layer + 1) * m].iter().any(|r| r.evict != 0) {
-                gpu.choose_victims(&view, m, n_kv_heads)?;
-            }
         }
         // After the last layer the step is done for every sequence.
         if layer + 1 == caches[0].layers.len() {

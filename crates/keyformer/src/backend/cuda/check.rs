@@ -373,7 +373,7 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             // Every head holds the same positions here, so one window bound serves all.
             let bound = first_recent[0];
             // The kernel frees the victim's slot: choose on a copy of the positions.
-            let positions_copy = gpu.upload(&gpu.download(&kv.positions)?)?;
+            let mut positions_copy = gpu.upload(&gpu.download(&kv.positions)?)?;
             let victim_row = AttnRow {
                 evict: 1,
                 first_recent: bound,
@@ -381,19 +381,36 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
                 ..base_row.with_signal(Some(signal), score_addr, slots)
             };
             let victim_row = gpu.upload(&[victim_row])?;
-            gpu.choose_victims(&victim_row.slice(0..1), 1, n_kv_heads)?;
-            let gpu_victims = gpu.download(&victims_dev)?;
-            let differ = cpu_victims.iter().zip(&gpu_victims).filter(|(a, b)| a != b).count()
-                + first_recent.iter().filter(|&&f| f != bound).count();
-            checks.push(row(
-                "eviction picks the same victim",
-                differ as f64,
-                0.0,
-                "KV heads whose decode-step victim differs between the CPU policy and the GPU",
-            ));
-            let micros = time_us(gpu, 100, || gpu.choose_victims(&victim_row.slice(0..1), 1, n_kv_heads))?;
+            // The step again from zero scores, the victims chosen in the combination pass and
+            // in a kernel of their own, each on fresh positions.
+            for fold in [true, false] {
+                gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
+                gpu.upload_into(&gpu.download(&kv.positions)?, &mut positions_copy)?;
+                gpu.attention_rows_choosing(&victim_row.slice(0..1), 1, shape_a, &mut scratch, fold)?;
+                let gpu_victims = gpu.download(&victims_dev)?;
+                let freed = gpu.download(&positions_copy)?;
+                let differ = cpu_victims.iter().zip(&gpu_victims).filter(|(a, b)| a != b).count()
+                    + first_recent.iter().filter(|&&f| f != bound).count()
+                    + gpu_victims
+                        .iter()
+                        .enumerate()
+                        .filter(|&(g, &v)| v != FREE_SLOT && freed[g * slots + v as usize] != FREE_SLOT)
+                        .count();
+                checks.push(row(
+                    &format!(
+                        "eviction picks the same victim ({})",
+                        if fold { "in the combination pass" } else { "a kernel of its own" }
+                    ),
+                    differ as f64,
+                    0.0,
+                    "KV heads whose decode-step victim differs between the CPU policy and the GPU (+1 per victim \
+                     not freed)",
+                ));
+            }
+            // (Each call frees one more slot: 100 of the slots by the end.)
+            let micros = time_us(gpu, 100, || attend(&victim_row, &mut scratch))?;
             timings.push(Timing {
-                op: format!("choose victims, {slots} slots"),
+                op: format!("attention + keyformer score + victim, {slots} slots"),
                 microseconds: micros,
                 read_gb_s: None,
             });

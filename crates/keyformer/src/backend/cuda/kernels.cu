@@ -626,16 +626,104 @@ ATTN_PARTIAL_ENTRY(2, 256, attn_decode_partial_g2_hd256, __launch_bounds__(256))
 ATTN_PARTIAL_ENTRY(4, 256, attn_decode_partial_g4_hd256, __launch_bounds__(256))
 ATTN_PARTIAL_ENTRY(8, 256, attn_decode_partial_g8_hd256, __launch_bounds__(256))
 
+// The bits of x as an unsigned integer ordered as Rust's f32::total_cmp orders floats.
+__device__ __forceinline__ unsigned total_order_bits(float x) {
+    unsigned b = __float_as_uint(x);
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w < v ? w : v;
+    }
+    return v;
+}
+
+// A decode step's victim candidates among slots lo..hi of KV head g of a row (every thread of
+// the block calls this): the occupied slot outside the recent window (position >= first_recent)
+// and the sinks (position < sinks) with the lowest score, ties to the oldest position
+// (keyformer_kv's single-victim choice, packed the same way: score bits in total order above the
+// position). Returns its key (~0 where there is none) and, in *slot, its slot.
+__device__ unsigned long long block_victim(const AttnRow& r, const HeadSlots& hs, int lo, int hi, unsigned* slot) {
+    __shared__ unsigned long long partial[32];
+    __shared__ unsigned long long block_best;
+    __shared__ unsigned block_slot;
+    const float* sc = r.scores ? r.scores + hs.first_score : nullptr;
+    const unsigned* pos = r.slot_pos + hs.first;
+    unsigned long long best = ~0ull;
+    int best_slot = -1;
+    for (int s = lo + threadIdx.x; s < hi; s += blockDim.x) {
+        unsigned p = pos[s];
+        if (p != FREE_SLOT && p < r.first_recent && p >= r.sinks) {
+            unsigned long long key = ((unsigned long long)total_order_bits(sc ? sc[s] : 0.0f) << 32) | p;
+            if (key < best) {
+                best = key;
+                best_slot = s;
+            }
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned long long v = warp_min_u64(best);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? partial[lane] : ~0ull;
+        v = warp_min_u64(v);
+        if (lane == 0) {
+            block_best = v;
+            block_slot = FREE_SLOT;
+        }
+    }
+    __syncthreads();
+    // Positions are distinct within a head: one thread holds the best.
+    if (block_best != ~0ull && best == block_best) block_slot = (unsigned)best_slot;
+    __syncthreads();
+    *slot = block_slot;
+    return block_best;
+}
+
+// Free `slot` of KV head g of a row (FREE_SLOT: none was found) and make it the slot of the
+// row's next token.
+__device__ void free_victim(const AttnRow& r, const HeadSlots& hs, int g, unsigned slot) {
+    r.victims[g] = slot;
+    if (slot != FREE_SLOT) {
+        r.slot_pos[hs.first + slot] = FREE_SLOT;
+        if (r.scores) r.scores[hs.first_score + slot] = 0.0f;
+    }
+}
+
+// The victim choice as a kernel of its own, block (g, row z) for rows that evict: at large
+// batches this beats folding it into the combination pass (an H100 at 56 sequences: 31.2
+// against 32.5 ms a step), at batch 1 the fold wins (one launch fewer a layer; VICTIM_FOLD_ROWS
+// in mod.rs picks).
+extern "C" __global__ void choose_victims(const AttnRow* rows) {
+    const AttnRow& r = rows[blockIdx.y];
+    if (!r.evict) return;
+    int g = blockIdx.x;
+    HeadSlots hs = head_slots(r, g);
+    unsigned slot;
+    block_victim(r, hs, 0, hs.width, &slot);
+    if (threadIdx.x == 0) free_victim(r, hs, g, slot);
+}
+
 // Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots, row z) combines
 // the chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks
 // with y = 0 write it) and, when a policy scores, adds each slot of its range's probability
 // summed over the group to the row's scores[g][slot]. Every block
 // of a KV head recomputes the chunk weights (a few hundred exponentials) so that the slots
 // spread over many blocks; no atomics, so the sums are the same every run.
+// With `fold_victims`, a row that evicts has each KV head's victim chosen here too (at small
+// batches, where a kernel of its own costs a launch a layer; `block_victim` says which): each
+// block of the head's ranges writes its range's best to victim_keys / victim_slots
+// [rows][n_kv_heads][ranges]; the last of them to finish (counted in victim_count, which it
+// resets) takes the best of all, frees that slot and makes it the row's next token's slot.
 #define COMBINE_SLOTS 512
 extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float* part_out,
                                                const float* part_stats, const float* score_exps, int n_heads,
-                                               int n_kv_heads, int head_dim, int max_width, int max_chunks) {
+                                               int n_kv_heads, int head_dim, int max_width, int max_chunks,
+                                               int fold_victims, unsigned long long* victim_keys,
+                                               unsigned* victim_slots, unsigned* victim_count) {
     __shared__ float weight[ATTN_MAX_GROUP * ATTN_CHUNKS];   // e^(m_c - M) / L, output
     __shared__ float sweight[ATTN_MAX_GROUP * ATTN_CHUNKS];  // the same for the scored softmax
     const AttnRow& r = rows[blockIdx.z];
@@ -643,12 +731,14 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
     HeadSlots hs = head_slots(r, g);
     int width = hs.width, score_mode = r.score_mode;
     int chunks = (width + ATTN_CHUNK - 1) / ATTN_CHUNK;
-    bool writes_out = blockIdx.y == 0;
-    if (!writes_out && (score_mode == SCORE_NONE || (int)blockIdx.y * COMBINE_SLOTS >= width)) return;
+    bool writes_out = blockIdx.y == 0, victim = r.evict && fold_victims;
+    if (!writes_out && ((score_mode == SCORE_NONE && !victim) || (int)blockIdx.y * COMBINE_SLOTS >= width)) return;
     size_t zh = (size_t)blockIdx.z * n_heads;
     if (width == 0) {
-        if (writes_out)
+        if (writes_out) {
             for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) r.out[(size_t)h0 * head_dim + i] = 0.0f;
+            if (victim && threadIdx.x == 0) r.victims[g] = FREE_SLOT;
+        }
         return;
     }
     int n_soft = score_mode == SCORE_NONE ? 1 : 2;
@@ -689,66 +779,34 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
             scores[s] += acc;
         }
     }
-}
-
-// The bits of x as an unsigned integer ordered as Rust's f32::total_cmp orders floats.
-__device__ __forceinline__ unsigned total_order_bits(float x) {
-    unsigned b = __float_as_uint(x);
-    return (b >> 31) ? ~b : (b | 0x80000000u);
-}
-
-__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v) {
-    for (int o = 16; o > 0; o >>= 1) {
-        unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w < v ? w : v;
-    }
-    return v;
-}
-
-// A decode step's victim of each KV head (block (g, row z) for rows that evict): the occupied
-// slot, outside the recent window (position >= first_recent) and the sinks (position <
-// sinks), with the lowest score, ties to the oldest position; keyformer_kv's single-victim
-// choice, packed the same way (score bits in total order above the position). The slot is
-// freed and becomes the slot of the row's next token (victims[g]); FREE_SLOT where there is
-// none.
-extern "C" __global__ void choose_victims(const AttnRow* rows) {
-    __shared__ unsigned long long partial[32];
-    __shared__ unsigned long long best_all;
-    const AttnRow& r = rows[blockIdx.y];
-    if (!r.evict) return;
-    int g = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    HeadSlots hs = head_slots(r, g);
-    int width = hs.width;
-    float* sc = r.scores + hs.first_score;
-    unsigned* pos = r.slot_pos + hs.first;
-    unsigned long long best = ~0ull;
-    for (int s = threadIdx.x; s < width; s += blockDim.x) {
-        unsigned p = pos[s];
-        if (p != FREE_SLOT && p < r.first_recent && p >= r.sinks) {
-            unsigned long long key = ((unsigned long long)total_order_bits(r.scores ? sc[s] : 0.0f) << 32) | p;
-            best = key < best ? key : best;
-        }
-    }
-    best = warp_min_u64(best);
-    if (lane == 0) partial[warp] = best;
-    __syncthreads();
-    if (warp == 0) {
-        unsigned long long v = lane < (int)(blockDim.x >> 5) ? partial[lane] : ~0ull;
-        v = warp_min_u64(v);
-        if (lane == 0) {
-            best_all = v;
-            if (v == ~0ull) r.victims[g] = FREE_SLOT;
-        }
+    if (!victim) return;
+    // Each thread reads back only the scores it wrote above (the same slots).
+    __shared__ bool last;
+    unsigned block_slot;
+    unsigned long long block_best =
+        block_victim(r, hs, blockIdx.y * COMBINE_SLOTS, min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS), &block_slot);
+    int ranges = (width + COMBINE_SLOTS - 1) / COMBINE_SLOTS;
+    size_t head = (size_t)blockIdx.z * n_kv_heads + g;
+    if (threadIdx.x == 0) {
+        victim_keys[head * gridDim.y + blockIdx.y] = block_best;
+        victim_slots[head * gridDim.y + blockIdx.y] = block_slot;
+        __threadfence();
+        last = atomicAdd(&victim_count[head], 1u) == (unsigned)ranges - 1;
     }
     __syncthreads();
-    // Positions are distinct within a head: exactly one slot holds the winning position.
-    if (best_all != ~0ull)
-        for (int s = threadIdx.x; s < width; s += blockDim.x)
-            if (pos[s] == (unsigned)(best_all & 0xffffffffu)) {
-                r.victims[g] = s;
-                pos[s] = FREE_SLOT;
-                if (r.scores) sc[s] = 0.0f;
-            }
+    if (!last || threadIdx.x != 0) return;
+    __threadfence();
+    unsigned long long all = ~0ull;
+    unsigned slot = FREE_SLOT;
+    for (int y = 0; y < ranges; y++) {
+        unsigned long long k = ((volatile unsigned long long*)victim_keys)[head * gridDim.y + y];
+        if (k < all) {
+            all = k;
+            slot = ((volatile unsigned*)victim_slots)[head * gridDim.y + y];
+        }
+    }
+    victim_count[head] = 0;
+    free_victim(r, hs, g, slot);
 }
 
 // Compaction after the prompt: slot to[i] of the new storage takes slot from[i] of the old

@@ -10,8 +10,8 @@
 //! another, head h in budget(h) + 1 slots, so the storage holds the total budget, not the
 //! largest head's budget times the heads.
 //! Each decode step the new token goes to the slot the previous step's victim freed, attention
-//! adds its scores, and the GPU picks the next victim (`choose_victims`), so no score or slot
-//! index crosses to the host while decoding.
+//! adds its scores, and its combination pass picks the next victim on the GPU, so no score or
+//! slot index crosses to the host while decoding.
 //!
 //! Sliding-window layers (Gemma 2/3) hold only their window, whatever the policy, as on the
 //! CPU: they keep the whole prompt until its end (the prefill attention masks by the window),

@@ -90,8 +90,8 @@ struct Kernels {
     /// The same for heads of 129-256 values.
     attn_decode_partial_hd256: [CudaFunction; 4],
     attn_decode_combine: CudaFunction,
-    kv_store: CudaFunction,
     choose_victims: CudaFunction,
+    kv_store: CudaFunction,
     gather_slots: CudaFunction,
     embed_rows: CudaFunction,
     add_assign: CudaFunction,
@@ -163,7 +163,16 @@ pub struct Gpu {
     kernels: Kernels,
     gumbel_table: CudaSlice<f32>,
     sm_count: usize,
+    /// Decode attentions of at most this many rows choose their victims in the combination
+    /// pass; larger batches in a kernel of their own (`KEYFORMER_VICTIM_FOLD_ROWS` overrides).
+    pub victim_fold_rows: usize,
 }
+
+/// The largest batch whose victims are chosen in the attention's combination pass. Measured on
+/// an H100 (llama2-7b shape, 4096 + 128, budget 50%, docs/gpu.md): at batch 1 the fold saves a
+/// launch a layer (h2o 157.0 -> 160.3 t/s, keyformer 156.7 -> 160.0), at 8 the two are level
+/// (within 1%), at 56 the fold cost 4% of a step.
+const VICTIM_FOLD_ROWS: usize = 4;
 
 /// Whether a product of `n` rows of `cols` values goes through our GEMV (kernels.cu
 /// `gemv_f16`): one row only; with more, cuBLAS was faster (measured at 4 rows on an H100).
@@ -221,15 +230,29 @@ pub struct AttentionScratch {
     part_out: CudaSlice<f32>,
     part_stats: CudaSlice<f32>,
     score_exps: CudaSlice<f32>,
+    /// Per (row, KV head, range of COMBINE_SLOTS slots), the range's best victim candidate
+    /// (key and slot), and per (row, KV head) how many ranges have been looked at (zero
+    /// between launches: the last range resets it).
+    victim_keys: CudaSlice<u64>,
+    victim_slots: CudaSlice<u32>,
+    victim_count: CudaSlice<u32>,
     pub max_rows: usize,
     pub max_width: usize,
 }
 
 impl AttentionScratch {
     /// Where its buffers are (a captured graph holds these addresses).
-    pub fn addresses(&self) -> [u64; 3] {
+    pub fn addresses(&self) -> [u64; 6] {
         let at = |b: &CudaSlice<f32>| b.device_ptr(b.stream()).0;
-        [at(&self.part_out), at(&self.part_stats), at(&self.score_exps)]
+        let at_u32 = |b: &CudaSlice<u32>| b.device_ptr(b.stream()).0;
+        [
+            at(&self.part_out),
+            at(&self.part_stats),
+            at(&self.score_exps),
+            self.victim_keys.device_ptr(self.victim_keys.stream()).0,
+            at_u32(&self.victim_slots),
+            at_u32(&self.victim_count),
+        ]
     }
 
     pub fn new(
@@ -241,10 +264,15 @@ impl AttentionScratch {
     ) -> Result<Self, GpuError> {
         let chunks = max_width.div_ceil(ATTN_CHUNK).max(1);
         let rh = max_rows.max(1) * n_heads;
+        // KV heads number at most the query heads.
+        let ranges = max_width.div_ceil(COMBINE_SLOTS).max(1);
         Ok(Self {
             part_out: gpu.zeros(rh * chunks * head_dim)?,
             part_stats: gpu.zeros(rh * chunks * 4)?,
             score_exps: gpu.zeros(rh * max_width.max(1))?,
+            victim_keys: gpu.zeros(rh * ranges)?,
+            victim_slots: gpu.zeros(rh * ranges)?,
+            victim_count: gpu.zeros(rh)?,
             max_rows: max_rows.max(1),
             max_width,
         })
@@ -421,8 +449,8 @@ impl Gpu {
                 f("attn_decode_partial_g8_hd256")?,
             ],
             attn_decode_combine: f("attn_decode_combine")?,
-            kv_store: f("kv_store")?,
             choose_victims: f("choose_victims")?,
+            kv_store: f("kv_store")?,
             gather_slots: f("gather_slots")?,
             embed_rows: f("embed_rows")?,
             add_assign: f("add_assign")?,
@@ -457,7 +485,9 @@ impl Gpu {
         let gumbel_table = stream.clone_htod(noise::gumbel_table())?;
         let sm_count =
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        Ok(Self { info, stream, blas, kernels, gumbel_table, sm_count })
+        let victim_fold_rows =
+            std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
+        Ok(Self { info, stream, blas, kernels, gumbel_table, sm_count, victim_fold_rows })
     }
 
     pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
@@ -1202,12 +1232,27 @@ impl Gpu {
     /// (flash-decoding: chunks of slots in parallel, then their combination): each row's `out`
     /// gets `[n_heads][head_dim]`; a scored row adds each slot's
     /// probability under its signal, summed over the query heads of its KV head, to `scores`.
+    /// Rows that evict choose their victims too (in the combination pass for batches up to
+    /// `victim_fold_rows`, else in a kernel of their own).
     pub fn attention_rows(
         &self,
         rows: &CudaView<AttnRow>,
         n_rows: usize,
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
+    ) -> Result<(), GpuError> {
+        self.attention_rows_choosing(rows, n_rows, shape, scratch, n_rows <= self.victim_fold_rows)
+    }
+
+    /// [`attention_rows`](Self::attention_rows) with the victims chosen in the combination pass
+    /// (`fold_victims`) or in a kernel of their own (the same victims either way).
+    pub fn attention_rows_choosing(
+        &self,
+        rows: &CudaView<AttnRow>,
+        n_rows: usize,
+        shape: AttentionShape,
+        scratch: &mut AttentionScratch,
+        fold_victims: bool,
     ) -> Result<(), GpuError> {
         let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window, alibi_max } =
             shape;
@@ -1245,7 +1290,8 @@ impl Gpu {
             block_dim: (32 * ATTN_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let AttentionScratch { part_out, part_stats, score_exps, .. } = scratch;
+        let AttentionScratch { part_out, part_stats, score_exps, victim_keys, victim_slots, victim_count, .. } =
+            scratch;
         // The entry point whose accumulators fit the group (fewer registers, more blocks per SM).
         let entries =
             if hd > 128 { &self.kernels.attn_decode_partial_hd256 } else { &self.kernels.attn_decode_partial };
@@ -1267,9 +1313,25 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&self.kernels.attn_decode_combine);
         b.arg(rows).arg(&*part_out).arg(&*part_stats).arg(&*score_exps);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]);
+        let fold = i32::from(fold_victims);
+        b.arg(&fold).arg(&mut *victim_keys).arg(&mut *victim_slots).arg(&mut *victim_count);
         // SAFETY: block (g, 0, row) writes g's query heads' outputs of the row; block (g, y, row),
-        // when scoring, its range of KV head g's score row.
+        // when scoring, its range of KV head g's score row, and for a row that evicts its entry
+        // of the victim scratch ((row, g, y) < rows x KV heads x ranges, sized above); the last
+        // range of (row, g) frees one slot of g's (below its width).
         unsafe { b.launch(cfg) }?;
+        if fold == 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (n_kv_heads as u32, n_rows as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.kernels.choose_victims);
+            b.arg(rows);
+            // SAFETY: block (g, row) of a row that evicts reads KV head g's first `width` slots
+            // and frees one of them.
+            unsafe { b.launch(cfg) }?;
+        }
         Ok(())
     }
 
@@ -1295,29 +1357,6 @@ impl Gpu {
         b.arg(rows).arg(&hd);
         // SAFETY: block (row, g) writes slot store_slot (or victims[g]) of KV head g of its row's
         // storage, which the row says is below its capacity.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
-    /// A decode step's eviction on the GPU, for every row with `evict`: for each KV head the
-    /// occupied slot among the first `width` whose position is below `first_recent` (the
-    /// recent window is kept) and at least `sinks`, with the lowest score, ties to the oldest,
-    /// as keyformer_kv's `SequencePolicy::victims` picks one victim. The slot is freed and its
-    /// index written to the row's `victims[g]` (`FREE_SLOT` where none may go), where the next
-    /// token of the sequence goes.
-    pub fn choose_victims(&self, rows: &CudaView<AttnRow>, n_rows: usize, n_kv_heads: usize) -> Result<(), GpuError> {
-        if n_rows == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (n_kv_heads as u32, n_rows as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&self.kernels.choose_victims);
-        b.arg(rows);
-        // SAFETY: block (g, row) reads KV head g's first `width` slots of its row and writes
-        // victims[g] and the chosen slot's position and score.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
