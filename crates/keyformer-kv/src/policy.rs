@@ -1946,6 +1946,47 @@ mod tests {
             .collect()
     }
 
+    /// A `layers=global` policy (recent window a quarter of the budget, `pinned` sinks as fit)
+    /// over `layers` x `heads` heads of one prompt, each head's scores random of `levels` levels;
+    /// and the prompt's table.
+    #[allow(clippy::too_many_arguments)]
+    fn global_policy(
+        kind: PolicyKind,
+        budget: usize,
+        layers: usize,
+        heads: usize,
+        prompt: usize,
+        pinned: usize,
+        adaptive: bool,
+        seed: u64,
+        levels: u64,
+    ) -> (SequencePolicy, SlotTable) {
+        let recent = budget / 4;
+        let mut p = PolicyConfig {
+            kind,
+            budget: Some(Amount::Tokens(budget)),
+            recent: Some(Amount::Tokens(recent)),
+            pinned_sinks: pinned.min(budget - recent),
+            adaptive,
+            layer_budgets: LayerBudgets::Global,
+            ..Default::default()
+        }
+        .resolve(prompt, 0, layers, heads)
+        .unwrap();
+        let mut rng = seed | 1;
+        for l in 0..layers {
+            for h in 0..heads {
+                p.observe(l, h, &random_scores(&mut rng, prompt, levels));
+            }
+        }
+        (p, table(prompt))
+    }
+
+    /// Every (layer, head) over one table.
+    fn all_heads(layers: usize, heads: usize, t: &SlotTable) -> Vec<(usize, usize, &SlotTable)> {
+        (0..layers).flat_map(|l| (0..heads).map(move |h| (l, h, t))).collect()
+    }
+
     proptest! {
         /// Adaptive budgets: every head keeps at least its recent window, pinned sinks and
         /// floor, the layer never holds more than budget x heads, and a covering budget keeps
@@ -1988,22 +2029,8 @@ mod tests {
             budget in 2usize..16, layers in 1usize..4, heads in 1usize..4, prompt in 2usize..40,
             pinned in 0usize..2, adaptive in any::<bool>(), levels in 2u64..6, seed in any::<u64>(),
         ) {
-            let recent = budget / 4;
-            let pinned = pinned.min(budget - recent);
-            let mut p = PolicyConfig {
-                kind: PolicyKind::H2o, budget: Some(Amount::Tokens(budget)),
-                recent: Some(Amount::Tokens(recent)), pinned_sinks: pinned, adaptive,
-                layer_budgets: LayerBudgets::Global, ..Default::default()
-            }.resolve(prompt, 0, layers, heads).unwrap();
-            let t = table(prompt);
-            let mut rng = seed | 1;
-            let mut all = Vec::new();
-            for l in 0..layers {
-                for h in 0..heads {
-                    p.observe(l, h, &random_scores(&mut rng, prompt, levels));
-                    all.push((l, h, &t));
-                }
-            }
+            let (mut p, t) = global_policy(PolicyKind::H2o, budget, layers, heads, prompt, pinned, adaptive, seed, levels);
+            let all = all_heads(layers, heads, &t);
             // The reference: sort each head's keys and the pool (stable), best first.
             let fixed = p.recent + p.pinned() as usize;
             let share = budget.saturating_sub(fixed);
@@ -2044,23 +2071,10 @@ mod tests {
             budget in 2usize..16, layers in 1usize..4, heads in 1usize..4, prompt in 2usize..40,
             pinned in 0usize..2, adaptive in any::<bool>(), seed in any::<u64>(),
         ) {
-            let recent = budget / 4;
-            let pinned = pinned.min(budget - recent);
-            let mut p = PolicyConfig {
-                kind: PolicyKind::Keyformer, budget: Some(Amount::Tokens(budget)),
-                recent: Some(Amount::Tokens(recent)), pinned_sinks: pinned, adaptive,
-                layer_budgets: LayerBudgets::Global, ..Default::default()
-            }.resolve(prompt, 0, layers, heads).unwrap();
-            let t = table(prompt);
-            let mut rng = seed | 1;
-            let mut all = Vec::new();
-            for l in 0..layers {
-                for h in 0..heads {
-                    let row = random_scores(&mut rng, prompt, 1000);
-                    p.observe(l, h, &row);
-                    all.push((l, h, &t));
-                }
-            }
+            let (mut p, t) =
+                global_policy(PolicyKind::Keyformer, budget, layers, heads, prompt, pinned, adaptive, seed, 1000);
+            let (recent, pinned) = (p.recent, p.pinned() as usize);
+            let all = all_heads(layers, heads, &t);
             p.plan_global(&all);
             let total: usize = (0..layers).map(|l| p.layer_budget(l)).sum();
             prop_assert!(total <= budget * heads * layers);
