@@ -732,7 +732,7 @@ impl Backend for Cuda {
             }
             let view = rows.as_ref().expect("sized").slice(layer * m..(layer + 1) * m);
             gpu.store_rows(&view, m, n_kv_heads, head_dim)?;
-            // Rows that evict choose their victims in the attention's combination pass.
+            // Rows that evict choose their victims there too (Gpu::attention_rows).
             gpu.attention_rows(&view, m, attn_shape, scratch)?;
         }
         // After the last layer the step is done for every sequence.
