@@ -41,7 +41,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = os.path.join(ROOT, "crates/keyformer/src/backend/cuda")
     ap.add_argument("source", nargs="*",
-                    default=[os.path.join(cuda, f) for f in ("kernels.cu", "quant_blocks.cuh", "quant.cu")])
+                    default=[os.path.join(cuda, f) for f in ("kernels.cu", "quant_blocks.cuh", "quant.cu", "flash.cu")])
     ap.add_argument("--arch", default="sm_90", help="the GPU's architecture (H100/H200: sm_90)")
     a = ap.parse_args()
     lib = nvrtc_library()

@@ -95,6 +95,8 @@ struct Scratch {
     rows: Option<CudaSlice<AttnRow>>,
     prefill_s: Option<CudaSlice<f32>>,
     prefill_p: Option<CudaSlice<u16>>,
+    /// The flash prefill's per-row statistics (4 floats per query head and row).
+    prefill_stats: Option<CudaSlice<f32>>,
     host_rows: Vec<AttnRow>,
     /// What `positions` holds.
     sent_positions: Vec<u32>,
@@ -660,40 +662,68 @@ impl Backend for Cuda {
         };
         let n_layers = caches[0].layers.len();
         if prompt {
-            // A prompt chunk: its keys and values join the cache, then attention in blocks of
-            // PREFILL_ROWS query rows through cuBLAS, scores added block by block.
+            // A prompt chunk: its keys and values join the cache, then attention by flash.cu
+            // (all rows at once), or, for head sizes it lacks, in blocks of PREFILL_ROWS query
+            // rows through cuBLAS, scores added block by block.
             let cache = &mut *caches[0];
             let (start, first_pos) = cache.prompt_slots(n)?;
             let signal = cache.layer_signal(layer);
             let cap = cache.layer_capacity(layer);
-            let block = n.min(PREFILL_ROWS);
-            let width_max = start + n;
             grow(gpu, &mut sc.x16, n * q_dim)?;
-            grow(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
-            grow(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
-            let Scratch { x16, prefill_s, prefill_p, .. } = &mut *sc;
-            let (q16, s_buf, p_buf) =
-                (x16.as_mut().expect("sized"), prefill_s.as_mut().expect("sized"), prefill_p.as_mut().expect("sized"));
-            let kv_layer = &mut cache.layers[layer];
-            let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
-            gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
-            gpu.to_f16(q.get()?, n * q_dim, q16)?;
-            let out = out.get_mut()?;
-            for r0 in (0..n).step_by(block) {
-                let rows = block.min(n - r0);
-                gpu.prefill_attention(
-                    &q16.slice(r0 * q_dim..(r0 + rows) * q_dim),
+            if gpu.flash_handles(head_dim) {
+                grow(gpu, &mut sc.prefill_stats, if signal.is_some() { 4 * n_heads * n } else { 1 })?;
+                let Scratch { x16, prefill_stats, .. } = &mut *sc;
+                let (q16, stats) = (x16.as_mut().expect("sized"), prefill_stats.as_mut().expect("sized"));
+                let kv_layer = &mut cache.layers[layer];
+                let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
+                gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
+                gpu.to_f16(q.get()?, n * q_dim, q16)?;
+                let out = &mut out.get_mut()?.slice_mut(0..n * q_dim);
+                let q16 = q16.slice(0..n * q_dim);
+                gpu.flash_prefill_attention(
+                    &q16,
                     kv_layer,
-                    &mut out.slice_mut(r0 * q_dim..(r0 + rows) * q_dim),
+                    out,
                     attn_shape,
-                    rows,
-                    start + r0 + rows,
+                    n,
+                    start + n,
                     cap,
-                    first_pos + r0 as u32,
+                    first_pos,
                     signal,
-                    s_buf,
-                    p_buf,
+                    stats,
                 )?;
+            } else {
+                let block = n.min(PREFILL_ROWS);
+                let width_max = start + n;
+                grow(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
+                grow(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
+                let Scratch { x16, prefill_s, prefill_p, .. } = &mut *sc;
+                let (q16, s_buf, p_buf) = (
+                    x16.as_mut().expect("sized"),
+                    prefill_s.as_mut().expect("sized"),
+                    prefill_p.as_mut().expect("sized"),
+                );
+                let kv_layer = &mut cache.layers[layer];
+                let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
+                gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
+                gpu.to_f16(q.get()?, n * q_dim, q16)?;
+                let out = out.get_mut()?;
+                for r0 in (0..n).step_by(block) {
+                    let rows = block.min(n - r0);
+                    gpu.prefill_attention(
+                        &q16.slice(r0 * q_dim..(r0 + rows) * q_dim),
+                        kv_layer,
+                        &mut out.slice_mut(r0 * q_dim..(r0 + rows) * q_dim),
+                        attn_shape,
+                        rows,
+                        start + r0 + rows,
+                        cap,
+                        first_pos + r0 as u32,
+                        signal,
+                        s_buf,
+                        p_buf,
+                    )?;
+                }
             }
         } else {
             // Decode steps (one token per sequence): every layer's rows are built and sent at

@@ -507,6 +507,8 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         });
     }
 
+    prefill_checks(gpu, shape, slots, &mut rng, &mut checks, &mut timings)?;
+
     let read_bandwidth_gb_s = gpu.read_bandwidth_gb_s(1 << 30)?;
     Ok(CheckReport { gpu: gpu.info.clone(), shape, slots, checks, timings, read_bandwidth_gb_s })
 }
@@ -744,4 +746,219 @@ fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<(), GpuError>) 
     }
     gpu.synchronize()?;
     Ok(t.elapsed().as_secs_f64() * 1e6 / reps as f64)
+}
+
+/// The prompt's attention (a chunk of rows over the slots before and of it) by flash.cu and by
+/// the cuBLAS blocks, against the CPU's `attention_into`: the output and each score signal's
+/// per-slot sums (KVzip's maxima), under plain causal masking, a soft-cap with a sliding
+/// window, and ALiBi; slots with holes (evicted tokens). Then both timed on a long chunk.
+fn prefill_checks(
+    gpu: &Gpu,
+    shape: CheckShape,
+    slots: usize,
+    rng: &mut Lcg,
+    checks: &mut Vec<CheckRow>,
+    timings: &mut Vec<Timing>,
+) -> Result<(), GpuError> {
+    use crate::backend::AttentionSpec;
+    let CheckShape { n_heads, n_kv_heads, head_dim: hd, .. } = shape;
+    let flash = gpu.flash_handles(hd);
+    // 200 rows (not a multiple of the flash tiles) after `prior` earlier prompt positions.
+    let n = 200.min(slots / 2);
+    let prior = slots.min(1200) - n;
+    let width = prior + n;
+    let mut heads: Vec<HeadKv> = (0..n_kv_heads).map(|_| HeadKv::new(width, hd, KvType::F16)).collect();
+    for head in heads.iter_mut() {
+        for p in 0..width as u32 {
+            head.insert(p, &rng.vec(hd, 1.0), &rng.vec(hd, 1.0)).map_err(|e| GpuError::Shape(e.to_string()))?;
+        }
+        for s in (5..prior).step_by(37) {
+            head.table.evict(s).map_err(|e| GpuError::Shape(e.to_string()))?;
+        }
+    }
+    let positions: Vec<u32> = (prior as u32..width as u32).collect();
+    let q = rng.vec(n * n_heads * hd, 3.0);
+    let q16: Vec<u16> = q.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+    let q16_dev = gpu.upload(&q16)?;
+    let (tau, seed, layer) = (1.3f32, 7u64, 3usize);
+    let (first, end, from_position, sinks) = (10u32, prior as u32 / 2 + 3, prior as u32 + 50, 4u32);
+    let signals: [(&str, Signal, Option<ScoreSignal>); 4] = [
+        ("no score", Signal::None, None),
+        ("h2o", Signal::Attention { from_position: 0 }, Some(ScoreSignal::Attention)),
+        (
+            "keyformer",
+            Signal::Noisy { from_position: 0, tau, noise: NoiseKind::Gumbel, seed },
+            Some(ScoreSignal::Keyformer { tau, seed }),
+        ),
+        (
+            "kvzip",
+            Signal::Reconstruction { from_position, first, end, sinks, noise: None },
+            Some(ScoreSignal::Reconstruction { from_position, first, end, sinks }),
+        ),
+    ];
+    let causal = AttentionSpec::causal(n_heads, n_kv_heads, hd);
+    let specs = [
+        ("causal", causal),
+        ("soft-cap 20, window 300", AttentionSpec { softcap: Some(20.0), window: Some(300), ..causal }),
+        ("alibi 8", AttentionSpec { alibi: Some(8.0), ..causal }),
+    ];
+    let kv = device_kv(gpu, &heads, width, hd)?;
+    for (spec_name, spec) in specs {
+        let cpu_signals: Vec<Signal> = signals.iter().map(|s| s.1).collect();
+        let mut want_out = vec![0f32; n * n_heads * hd];
+        let mut rows: Vec<Vec<Vec<f32>>> = signals.iter().map(|_| vec![Vec::new(); n_kv_heads]).collect();
+        let mut dest: Vec<&mut [Vec<f32>]> = rows.iter_mut().map(|r| r.as_mut_slice()).collect();
+        cpu::attention_into(&q, &positions, &heads, &spec, layer, &cpu_signals, &mut want_out, &mut dest);
+        let attn_shape = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: hd,
+            max_width: width,
+            layer,
+            scale: spec.scale,
+            softcap: spec.softcap.unwrap_or(0.0),
+            window: spec.window.unwrap_or(0),
+            alibi_max: spec.alibi.unwrap_or(0.0),
+        };
+        let paths: &[&str] = if flash { &["flash", "cuBLAS blocks"] } else { &["cuBLAS blocks"] };
+        for &path in paths {
+            for (i, (signal_name, _, signal)) in signals.iter().enumerate() {
+                let mut layer_kv = super::kv::LayerKv::new(gpu, n_kv_heads, hd, width, signal.is_some())?;
+                layer_kv.keys = gpu.upload(&gpu.download(&kv.keys)?)?;
+                layer_kv.values = gpu.upload(&gpu.download(&kv.values)?)?;
+                layer_kv.positions = gpu.upload(&gpu.download(&kv.positions)?)?;
+                let mut out = gpu.zeros::<f32>(n * n_heads * hd)?;
+                if path == "flash" {
+                    let mut stats = gpu.zeros::<f32>(4 * n_heads * n)?;
+                    gpu.flash_prefill_attention(
+                        &q16_dev.slice(..),
+                        &mut layer_kv,
+                        &mut out.slice_mut(..),
+                        attn_shape,
+                        n,
+                        width,
+                        width,
+                        prior as u32,
+                        *signal,
+                        &mut stats,
+                    )?;
+                } else {
+                    let (mut s_buf, mut p_buf) =
+                        (gpu.zeros::<f32>(n_heads * n * width)?, gpu.zeros::<u16>(n_heads * n * width)?);
+                    gpu.prefill_attention(
+                        &q16_dev.slice(..),
+                        &mut layer_kv,
+                        &mut out.slice_mut(..),
+                        attn_shape,
+                        n,
+                        width,
+                        width,
+                        prior as u32,
+                        *signal,
+                        &mut s_buf,
+                        &mut p_buf,
+                    )?;
+                }
+                // The queries and the probabilities go to f16 (2^-11 each) on both GPU paths:
+                // the outputs move by about 1e-3 of the values' scale (1).
+                let got = gpu.download(&out)?;
+                checks.push(row(
+                    &format!("prefill attention ({path}), {spec_name}, {signal_name}: output"),
+                    worst(&got, &want_out, |_| 1.0),
+                    5e-3,
+                    "absolute (values in [-1, 1]), against the CPU's f32 attention",
+                ));
+                if let Some(scores) = layer_kv.scores.as_ref() {
+                    let got = gpu.download(scores)?;
+                    let mut want = vec![0f32; n_kv_heads * width];
+                    for (g, r) in rows[i].iter().enumerate() {
+                        want[g * width..g * width + r.len()].copy_from_slice(r);
+                    }
+                    // Each probability within ~1e-3 of itself (the f16 queries move the logits by
+                    // about 1e-3): relative to the largest score.
+                    let scale = max_abs(&want);
+                    checks.push(row(
+                        &format!("prefill attention ({path}), {spec_name}, {signal_name}: scores"),
+                        worst(&got, &want, |_| scale),
+                        5e-3,
+                        "against the CPU's sums (kvzip: maxima), relative to the largest",
+                    ));
+                }
+            }
+        }
+    }
+
+    // A 1024-row chunk over `slots` (the last quarter of a 4096-token prompt at 4096 slots):
+    // the flash kernels against the cuBLAS blocks of 256 rows the backend used before.
+    let (rows_t, width_t) = (1024.min(slots), slots);
+    let q_t = gpu.upload(&vec![half::f16::from_f32(0.1).to_bits(); rows_t * n_heads * hd])?;
+    let mut layer_kv = super::kv::LayerKv::new(gpu, n_kv_heads, hd, width_t, true)?;
+    let pos: Vec<u32> = (0..n_kv_heads).flat_map(|_| 0..width_t as u32).collect();
+    layer_kv.positions = gpu.upload(&pos)?;
+    let mut out = gpu.zeros::<f32>(rows_t * n_heads * hd)?;
+    let shape_t = AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+        max_width: width_t,
+        layer: 0,
+        scale: 1.0 / (hd as f32).sqrt(),
+        softcap: 0.0,
+        window: 0,
+        alibi_max: 0.0,
+    };
+    let first_t = (width_t - rows_t) as u32;
+    let block = 256.min(rows_t);
+    let (mut s_buf, mut p_buf) =
+        (gpu.zeros::<f32>(n_heads * block * width_t)?, gpu.zeros::<u16>(n_heads * block * width_t)?);
+    let mut stats = gpu.zeros::<f32>(4 * n_heads * rows_t)?;
+    for (label, signal) in [("no score", None), ("keyformer score", Some(ScoreSignal::Keyformer { tau: 1.0, seed: 1 }))]
+    {
+        if flash {
+            let micros = time_us(gpu, 10, || {
+                gpu.flash_prefill_attention(
+                    &q_t.slice(..),
+                    &mut layer_kv,
+                    &mut out.slice_mut(..),
+                    shape_t,
+                    rows_t,
+                    width_t,
+                    width_t,
+                    first_t,
+                    signal,
+                    &mut stats,
+                )
+            })?;
+            timings.push(Timing {
+                op: format!("prefill attention (flash), {label}, {rows_t} rows over {width_t} slots"),
+                microseconds: micros,
+                read_gb_s: None,
+            });
+        }
+        let micros = time_us(gpu, 10, || {
+            for r0 in (0..rows_t).step_by(block) {
+                let (q_dim, rows) = (n_heads * hd, block.min(rows_t - r0));
+                gpu.prefill_attention(
+                    &q_t.slice(r0 * q_dim..(r0 + rows) * q_dim),
+                    &mut layer_kv,
+                    &mut out.slice_mut(r0 * q_dim..(r0 + rows) * q_dim),
+                    shape_t,
+                    rows,
+                    first_t as usize + r0 + rows,
+                    width_t,
+                    first_t + r0 as u32,
+                    signal,
+                    &mut s_buf,
+                    &mut p_buf,
+                )?;
+            }
+            Ok(())
+        })?;
+        timings.push(Timing {
+            op: format!("prefill attention (cuBLAS blocks of {block}), {label}, {rows_t} rows over {width_t} slots"),
+            microseconds: micros,
+            read_gb_s: None,
+        });
+    }
+    Ok(())
 }

@@ -44,7 +44,13 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
-    fn new(gpu: &Gpu, n_kv_heads: usize, head_dim: usize, capacity: usize, scored: bool) -> Result<Self, GpuError> {
+    pub(crate) fn new(
+        gpu: &Gpu,
+        n_kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        scored: bool,
+    ) -> Result<Self, GpuError> {
         Ok(Self {
             keys: gpu.zeros(n_kv_heads * capacity * head_dim)?,
             values: gpu.zeros(n_kv_heads * capacity * head_dim)?,

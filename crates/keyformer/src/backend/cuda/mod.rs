@@ -37,10 +37,11 @@ use keyformer_kv::noise;
 use crate::quant::GgmlType;
 
 /// The kernels' sources, compiled as one program in this order (NVRTC is given no headers).
-pub const KERNEL_SOURCES: [(&str, &str); 3] = [
+pub const KERNEL_SOURCES: [(&str, &str); 4] = [
     ("kernels.cu", include_str!("kernels.cu")),
     ("quant_blocks.cuh", include_str!("quant_blocks.cuh")),
     ("quant.cu", include_str!("quant.cu")),
+    ("flash.cu", include_str!("flash.cu")),
 ];
 
 /// Why the GPU cannot be used.
@@ -100,6 +101,9 @@ struct Kernels {
     kv_append: CudaFunction,
     prefill_softmax: CudaFunction,
     prefill_scores: CudaFunction,
+    /// flash.cu's prompt attention and its score pass, one per head size in [`FLASH_HEAD_DIMS`].
+    flash_prefill: Vec<CudaFunction>,
+    flash_scores: Vec<CudaFunction>,
     fill_random_f16: CudaFunction,
     read_sum: CudaFunction,
     quantize_q8: CudaFunction,
@@ -166,7 +170,17 @@ pub struct Gpu {
     /// Decode attentions of at most this many rows choose their victims in the combination
     /// pass; larger batches in a kernel of their own (`KEYFORMER_VICTIM_FOLD_ROWS` overrides).
     pub victim_fold_rows: usize,
+    /// Prompts go through flash.cu where the head size allows (tensor-core mma needs sm_80;
+    /// `KEYFORMER_FLASH_PREFILL=0` keeps the cuBLAS path, for comparisons).
+    pub flash_prefill: bool,
 }
+
+/// Head sizes flash.cu is instantiated for (multiples of 16 up to 128); prompts of other
+/// head sizes (Gemma's 256) go through cuBLAS ([`Gpu::prefill_attention`]).
+pub const FLASH_HEAD_DIMS: [usize; 6] = [16, 32, 64, 80, 96, 128];
+
+/// Query rows per block of the flash prefill (flash.cu `FLASH_ROWS`).
+const FLASH_ROWS: usize = 64;
 
 /// The largest batch whose victims are chosen in the attention's combination pass. Measured on
 /// an H100 (llama2-7b shape, 4096 + 128, budget 50%, docs/gpu.md): at batch 1 the fold saves a
@@ -303,6 +317,35 @@ pub enum ScoreSignal {
     /// slot of positions `first..end` keeps its largest probability under the softmax over the
     /// sinks, that part and the positions from `from_position` on.
     Reconstruction { from_position: u32, first: u32, end: u32, sinks: u32 },
+}
+
+/// A prompt's score signal as the prefill kernels take it (kernels.cu `SCORE_*` modes).
+struct PrefillScoring {
+    mode: i32,
+    inv_tau: f32,
+    seed: u64,
+    /// Merge rows by maximum (KVzip's), else by sum.
+    by_max: i32,
+    /// KVzip's restricted softmax: [sinks, first, end, from_position] (else no restriction).
+    restriction: [u32; 4],
+}
+
+impl PrefillScoring {
+    fn of(signal: Option<ScoreSignal>) -> Self {
+        let (mode, inv_tau, seed) = match signal {
+            None => (0, 1.0, 0),
+            Some(ScoreSignal::Attention) => (1, 1.0, 0),
+            Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
+            Some(ScoreSignal::Reconstruction { .. }) => (3, 1.0, 0),
+        };
+        let restriction = match signal {
+            Some(ScoreSignal::Reconstruction { from_position, first, end, sinks }) => {
+                [sinks, first, end, from_position]
+            }
+            _ => [0, 0, 0, u32::MAX],
+        };
+        Self { mode, inv_tau, seed, by_max: i32::from(mode == 3), restriction }
+    }
 }
 
 /// One row of a batched attention (the kernels' `AttnRow`, field for field): a query token
@@ -459,6 +502,14 @@ impl Gpu {
             kv_append: f("kv_append")?,
             prefill_softmax: f("prefill_softmax")?,
             prefill_scores: f("prefill_scores")?,
+            flash_prefill: FLASH_HEAD_DIMS
+                .iter()
+                .map(|hd| f(&format!("flash_prefill_hd{hd}")))
+                .collect::<Result<_, _>>()?,
+            flash_scores: FLASH_HEAD_DIMS
+                .iter()
+                .map(|hd| f(&format!("flash_scores_hd{hd}")))
+                .collect::<Result<_, _>>()?,
             fill_random_f16: f("fill_random_f16")?,
             read_sum: f("read_sum")?,
             quantize_q8: f("quantize_q8")?,
@@ -487,7 +538,8 @@ impl Gpu {
             ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let victim_fold_rows =
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
-        Ok(Self { info, stream, blas, kernels, gumbel_table, sm_count, victim_fold_rows })
+        let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
+        Ok(Self { info, stream, blas, kernels, gumbel_table, sm_count, victim_fold_rows, flash_prefill })
     }
 
     pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
@@ -1393,6 +1445,84 @@ impl Gpu {
         Ok(())
     }
 
+    /// Whether prompts of this head size go through [`Gpu::flash_prefill_attention`].
+    pub fn flash_handles(&self, head_dim: usize) -> bool {
+        self.flash_prefill && FLASH_HEAD_DIMS.contains(&head_dim)
+    }
+
+    /// [`Gpu::prefill_attention`]'s result by flash.cu: the softmax online over tiles of 64
+    /// slots with tensor cores, nothing of size rows x width stored. With a signal, each row's
+    /// statistics go to `stats` (4 floats per query head and row) and a second kernel adds
+    /// each slot's scored probability to the layer's scores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_prefill_attention(
+        &self,
+        q16: &CudaView<u16>,
+        kv: &mut kv::LayerKv,
+        out: &mut CudaViewMut<f32>,
+        shape: AttentionShape,
+        rows: usize,
+        width: usize,
+        capacity: usize,
+        first_qpos: u32,
+        signal: Option<ScoreSignal>,
+        stats: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, scale, softcap, window, alibi_max, .. } = shape;
+        let which = FLASH_HEAD_DIMS.iter().position(|&d| d == hd);
+        let q_dim = n_heads * hd;
+        let Some(which) = which.filter(|_| self.flash_prefill) else {
+            return Err(GpuError::Shape(format!("no flash prefill for head size {hd}")));
+        };
+        if n_kv_heads == 0
+            || n_heads % n_kv_heads != 0
+            || width > capacity
+            || rows == 0
+            || q16.len() < rows * q_dim
+            || out.len() < rows * q_dim
+            || kv.keys.len() < n_kv_heads * capacity * hd
+            || kv.positions.len() < n_kv_heads * capacity
+            || (signal.is_some() && stats.len() < 4 * n_heads * rows)
+            || !kv.head_slots.is_empty()
+        {
+            return Err(GpuError::Shape(format!("flash prefill of {rows} rows over {width} of {capacity} slots")));
+        }
+        let PrefillScoring { mode, inv_tau, seed, by_max, restriction: [sinks, first, end, from_pos] } =
+            PrefillScoring::of(signal);
+        let ints = [n_heads as i32, n_kv_heads as i32, rows as i32, width as i32, capacity as i32];
+        let (layer_u, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(FLASH_ROWS) as u32, n_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.kernels.flash_prefill[which]);
+        b.arg(q16).arg(&kv.keys).arg(&kv.values).arg(&kv.positions).arg(&mut *out).arg(&mut *stats);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
+        b.arg(&mode).arg(&scale).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
+        b.arg(&softcap).arg(&window).arg(&alibi_max).arg(&sinks).arg(&first).arg(&end).arg(&from_pos);
+        // SAFETY: block (t, h) reads query rows 64t.. (< rows) of head h, slots < width of its KV
+        // head, and writes those rows' outputs and statistics (sizes checked above).
+        unsafe { b.launch(cfg) }?;
+        if let (Some(_), Some(scores)) = (signal, kv.scores.as_mut()) {
+            let cfg = LaunchConfig {
+                grid_dim: (width.div_ceil(64) as u32, n_kv_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.kernels.flash_scores[which]);
+            b.arg(q16).arg(&kv.keys).arg(&kv.positions).arg(&*stats).arg(scores);
+            b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
+            b.arg(&mode).arg(&scale).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
+            b.arg(&softcap).arg(&window).arg(&alibi_max).arg(&sinks).arg(&first).arg(&end).arg(&from_pos);
+            b.arg(&by_max);
+            // SAFETY: block (t, g) reads the rows' queries and statistics and slots 64t.. (<
+            // width) of KV head g, and writes only those slots' scores.
+            unsafe { b.launch(cfg) }?;
+        }
+        Ok(())
+    }
+
     /// Attention of `rows` consecutive prompt rows (positions `first_qpos..`) over slots
     /// `0..width` of `kv` (which already holds them), through cuBLAS: S = Q K^T per query head,
     /// a masked softmax per row (probabilities to f16), O = P V; with a signal, each slot's
@@ -1472,19 +1602,8 @@ impl Gpu {
                 }
             }
         }
-        let (mode, inv_tau, seed) = match signal {
-            None => (0i32, 1.0f32, 0u64),
-            Some(ScoreSignal::Attention) => (1, 1.0, 0),
-            Some(ScoreSignal::Keyformer { tau, seed }) => (2, 1.0 / tau, seed),
-            Some(ScoreSignal::Reconstruction { .. }) => (3, 1.0, 0),
-        };
-        let [sinks, first, end, from_pos] = match signal {
-            Some(ScoreSignal::Reconstruction { from_position, first, end, sinks }) => {
-                [sinks, first, end, from_position]
-            }
-            _ => [0, 0, 0, u32::MAX],
-        };
-        let by_max = i32::from(mode == 3);
+        let PrefillScoring { mode, inv_tau, seed, by_max, restriction: [sinks, first, end, from_pos] } =
+            PrefillScoring::of(signal);
         let ints = [n_heads as i32, n_kv_heads as i32, rows as i32, width as i32, capacity as i32];
         let (layer_u, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
         let cfg =

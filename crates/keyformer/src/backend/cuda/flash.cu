@@ -1,0 +1,444 @@
+// The prompt's attention without an n x n matrix (flash attention, tensor cores): one block of
+// 4 warps per 64 query rows of one query head walks the KV head's slots 64 at a time, S = Q K^T
+// and O += P V with mma.sync (f16 in, f32 out), the softmax kept online per row. A policy that
+// scores needs each slot's probability under the row's *final* normaliser, which only exists
+// after the last key tile: the first kernel writes each row's statistics (max and 1/sum, and
+// Keyformer's noisy ones or KVzip's restricted sum), and `flash_scores` then walks each key
+// tile over the rows again (S recomputed, never stored) and adds the column sums to the
+// layer's scores in a fixed order, no atomics.
+//
+// The logits are those of prefill_softmax (kernels.cu): scaled, soft-capped, ALiBi, masked by
+// position (after the query, outside its window, free slots). Needs sm_80 or later; head_dim a
+// multiple of 16, at most 128 (the host picks the cuBLAS path otherwise).
+
+#define FLASH_ROWS 64
+#define FLASH_SLOTS 64
+#define FLASH_THREADS 128
+
+// (Older GPUs compile a trap: the host never launches these kernels there.)
+__device__ __forceinline__ void mma_16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8 x 8 f16 matrices from shared memory, transposed (lane i gives row i % 8 of matrix i / 8).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned short* p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
+    return (unsigned)f2h(lo) | ((unsigned)f2h(hi) << 16);
+}
+
+// What both kernels need to turn a raw q.k into the softmax's logit and the policy's.
+struct FlashLogits {
+    float scale, softcap, slope, inv_tau;
+    unsigned window;
+    int mode;
+    const float* gumbel_table;
+    int table_bits;
+    unsigned sinks, first, end, from_pos;
+};
+
+// The logit of q.k = `dot` for a query at qpos and a slot holding position p (NEG_INF when
+// the query does not see it).
+__device__ __forceinline__ float flash_logit(const FlashLogits& f, float dot, unsigned qpos, unsigned p) {
+    bool visible = p != FREE_SLOT && p <= qpos && (f.window == 0 || qpos - p < f.window);
+    float x = dot * f.scale;
+    if (f.softcap > 0.0f) x = f.softcap * tanhf(x / f.softcap);
+    x += f.slope * ((float)p - (float)qpos);
+    return visible ? x : NEG_INF;
+}
+
+__device__ __forceinline__ float flash_noisy(const FlashLogits& f, float x, unsigned key, unsigned p) {
+    return x == NEG_INF ? NEG_INF : (x + f.gumbel_table[position_hash(key, p) >> (32 - f.table_bits)]) * f.inv_tau;
+}
+
+__device__ __forceinline__ bool flash_counted(const FlashLogits& f, unsigned p) {
+    return p < f.sinks || (p >= f.first && p < f.end) || p >= f.from_pos;
+}
+
+// A 64-slot tile of a KV head's keys or values into shared memory (rows of HD + 8 halves, so
+// the 8 rows an mma fragment or ldmatrix reads fall in different banks); slots past `width`
+// are zeros.
+template <int HD>
+__device__ __forceinline__ void flash_load_tile(unsigned short (*dst)[HD + 8], const unsigned short* src, int t0,
+                                                int width) {
+    constexpr int VECS = HD / 8;
+    for (int i = threadIdx.x; i < FLASH_SLOTS * VECS; i += FLASH_THREADS) {
+        int s = i / VECS, c = (i % VECS) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (t0 + s < width) v = *(const uint4*)(src + (size_t)(t0 + s) * HD + c);
+        *(uint4*)&dst[s][c] = v;
+    }
+}
+
+// S (16 rows x 64 slots, per warp) = the warp's query fragments times the tile's keys.
+template <int HD>
+__device__ __forceinline__ void flash_qk(float (*s)[4], const unsigned (*qf)[4], const unsigned short (*ks)[HD + 8]) {
+    int gi = (threadIdx.x & 31) >> 2, ti = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            unsigned b0 = *(const unsigned*)&ks[8 * j + gi][16 * kk + 2 * ti];
+            unsigned b1 = *(const unsigned*)&ks[8 * j + gi][16 * kk + 8 + 2 * ti];
+            mma_16816(s[j], qf[kk], b0, b1);
+        }
+    }
+}
+
+// Block (64 query rows, query head h): out[r][h * HD..] = softmax(logits) V, and with a score
+// mode, stats[h][r] = (max, 1 / sum, noisy max, 1 / noisy sum) (Keyformer) or (max, 1 / sum,
+// 0, 1 / restricted sum) (KVzip's reconstruction; 0 for rows before from_pos).
+template <int HD>
+__device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, const unsigned short* keys,
+                                                   const unsigned short* values, const unsigned* slot_pos,
+                                                   float* out, float4* stats, int n_heads, int n_kv_heads,
+                                                   int rows, int width, int capacity, unsigned first_qpos,
+                                                   FlashLogits f, unsigned long long seed, unsigned layer) {
+    __shared__ __align__(16) unsigned short ks[FLASH_SLOTS][HD + 8];
+    __shared__ __align__(16) unsigned short vs[FLASH_SLOTS][HD + 8];
+    __shared__ unsigned pos_s[FLASH_SLOTS];
+    int h = blockIdx.y, g = h / (n_heads / n_kv_heads);
+    int r0 = blockIdx.x * FLASH_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gi = lane >> 2, ti = lane & 3;
+    int q_dim = n_heads * HD;
+    const unsigned short* kh = keys + (size_t)g * capacity * HD;
+    const unsigned short* vh = values + (size_t)g * capacity * HD;
+    const unsigned* ph = slot_pos + (size_t)g * capacity;
+
+    // The block's queries (rows past `rows` zero) through shared memory into A fragments.
+    for (int i = threadIdx.x; i < FLASH_ROWS * (HD / 8); i += FLASH_THREADS) {
+        int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < rows) v = *(const uint4*)(q16 + (size_t)(r0 + r) * q_dim + h * HD + c);
+        *(uint4*)&ks[r][c] = v;
+    }
+    __syncthreads();
+    unsigned qf[HD / 16][4];
+    int wr = warp * 16 + gi;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        qf[kk][0] = *(const unsigned*)&ks[wr][16 * kk + 2 * ti];
+        qf[kk][1] = *(const unsigned*)&ks[wr + 8][16 * kk + 2 * ti];
+        qf[kk][2] = *(const unsigned*)&ks[wr][16 * kk + 8 + 2 * ti];
+        qf[kk][3] = *(const unsigned*)&ks[wr + 8][16 * kk + 8 + 2 * ti];
+    }
+    __syncthreads();
+
+    // This thread's two rows: a (gi) and b (gi + 8) of the warp's 16.
+    int ra = r0 + wr, rb = ra + 8;
+    unsigned qa = first_qpos + ra, qb = first_qpos + rb;
+    bool keyformer = f.mode == SCORE_KEYFORMER, restricted = f.mode == SCORE_RECONSTRUCTION;
+    unsigned key_a = keyformer ? noise_row_key(seed, layer, h, qa) : 0u;
+    unsigned key_b = keyformer ? noise_row_key(seed, layer, h, qb) : 0u;
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.0f, l_b = 0.0f;
+    float mn_a = NEG_INF, mn_b = NEG_INF, ln_a = 0.0f, ln_b = 0.0f, sc_a = 0.0f, sc_b = 0.0f;
+    int last_row = min(r0 + FLASH_ROWS, rows) - 1;
+    unsigned q_lo = first_qpos + r0, q_hi = first_qpos + last_row;
+
+    for (int t0 = 0; t0 < width; t0 += FLASH_SLOTS) {
+        bool seen = false;
+        if (threadIdx.x < FLASH_SLOTS) {
+            unsigned p = t0 + threadIdx.x < width ? ph[t0 + threadIdx.x] : FREE_SLOT;
+            pos_s[threadIdx.x] = p;
+            seen = p != FREE_SLOT && p <= q_hi && (f.window == 0 || p + f.window > q_lo);
+        }
+        // A tile no row of the block sees (the causal future, behind every window) is skipped.
+        if (!__syncthreads_or(seen)) continue;
+        flash_load_tile<HD>(ks, kh, t0, width);
+        flash_load_tile<HD>(vs, vh, t0, width);
+        __syncthreads();
+
+        float s[8][4];
+        flash_qk<HD>(s, qf, ks);
+        float tmax_a = NEG_INF, tmax_b = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            unsigned p0 = pos_s[8 * j + 2 * ti], p1 = pos_s[8 * j + 2 * ti + 1];
+            s[j][0] = flash_logit(f, s[j][0], qa, p0);
+            s[j][1] = flash_logit(f, s[j][1], qa, p1);
+            s[j][2] = flash_logit(f, s[j][2], qb, p0);
+            s[j][3] = flash_logit(f, s[j][3], qb, p1);
+            tmax_a = fmaxf(tmax_a, fmaxf(s[j][0], s[j][1]));
+            tmax_b = fmaxf(tmax_b, fmaxf(s[j][2], s[j][3]));
+        }
+        tmax_a = fmaxf(tmax_a, __shfl_xor_sync(0xffffffffu, tmax_a, 1));
+        tmax_a = fmaxf(tmax_a, __shfl_xor_sync(0xffffffffu, tmax_a, 2));
+        tmax_b = fmaxf(tmax_b, __shfl_xor_sync(0xffffffffu, tmax_b, 1));
+        tmax_b = fmaxf(tmax_b, __shfl_xor_sync(0xffffffffu, tmax_b, 2));
+        float nm_a = fmaxf(m_a, tmax_a), nm_b = fmaxf(m_b, tmax_b);
+        // Rows that have seen nothing yet keep (max -inf, sums 0); exp(-inf) is 0 below.
+        float alpha_a = nm_a == NEG_INF ? 1.0f : expf(m_a - nm_a);
+        float alpha_b = nm_b == NEG_INF ? 1.0f : expf(m_b - nm_b);
+        m_a = nm_a;
+        m_b = nm_b;
+        float sum_a = 0.0f, sum_b = 0.0f, cnt_a = 0.0f, cnt_b = 0.0f;
+        unsigned pf[4][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            unsigned p0 = pos_s[8 * j + 2 * ti], p1 = pos_s[8 * j + 2 * ti + 1];
+            float e0 = s[j][0] == NEG_INF ? 0.0f : expf(s[j][0] - m_a);
+            float e1 = s[j][1] == NEG_INF ? 0.0f : expf(s[j][1] - m_a);
+            float e2 = s[j][2] == NEG_INF ? 0.0f : expf(s[j][2] - m_b);
+            float e3 = s[j][3] == NEG_INF ? 0.0f : expf(s[j][3] - m_b);
+            sum_a += e0 + e1;
+            sum_b += e2 + e3;
+            if (restricted) {
+                bool c0 = flash_counted(f, p0), c1 = flash_counted(f, p1);
+                cnt_a += (c0 ? e0 : 0.0f) + (c1 ? e1 : 0.0f);
+                cnt_b += (c0 ? e2 : 0.0f) + (c1 ? e3 : 0.0f);
+            }
+            if (keyformer) {
+                // Noisy logits kept back in s (the P fragments below are already built from e).
+                s[j][0] = flash_noisy(f, s[j][0], key_a, p0);
+                s[j][1] = flash_noisy(f, s[j][1], key_a, p1);
+                s[j][2] = flash_noisy(f, s[j][2], key_b, p0);
+                s[j][3] = flash_noisy(f, s[j][3], key_b, p1);
+            }
+            // The A fragment of P for slots 16 * (j / 2)..: registers 0, 1 from the even tile,
+            // 2, 3 from the odd one.
+            pf[j >> 1][(j & 1) * 2] = pack_f16x2(e0, e1);
+            pf[j >> 1][(j & 1) * 2 + 1] = pack_f16x2(e2, e3);
+        }
+        l_a = l_a * alpha_a + sum_a;
+        l_b = l_b * alpha_b + sum_b;
+        sc_a = sc_a * alpha_a + cnt_a;
+        sc_b = sc_b * alpha_b + cnt_b;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            o[n][0] *= alpha_a;
+            o[n][1] *= alpha_a;
+            o[n][2] *= alpha_b;
+            o[n][3] *= alpha_b;
+        }
+        if (keyformer) {
+            float nmax_a = NEG_INF, nmax_b = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                nmax_a = fmaxf(nmax_a, fmaxf(s[j][0], s[j][1]));
+                nmax_b = fmaxf(nmax_b, fmaxf(s[j][2], s[j][3]));
+            }
+            nmax_a = fmaxf(nmax_a, __shfl_xor_sync(0xffffffffu, nmax_a, 1));
+            nmax_a = fmaxf(nmax_a, __shfl_xor_sync(0xffffffffu, nmax_a, 2));
+            nmax_b = fmaxf(nmax_b, __shfl_xor_sync(0xffffffffu, nmax_b, 1));
+            nmax_b = fmaxf(nmax_b, __shfl_xor_sync(0xffffffffu, nmax_b, 2));
+            float nn_a = fmaxf(mn_a, nmax_a), nn_b = fmaxf(mn_b, nmax_b);
+            float beta_a = nn_a == NEG_INF ? 1.0f : expf(mn_a - nn_a);
+            float beta_b = nn_b == NEG_INF ? 1.0f : expf(mn_b - nn_b);
+            mn_a = nn_a;
+            mn_b = nn_b;
+            float ns_a = 0.0f, ns_b = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                ns_a += (s[j][0] == NEG_INF ? 0.0f : expf(s[j][0] - mn_a)) + (s[j][1] == NEG_INF ? 0.0f : expf(s[j][1] - mn_a));
+                ns_b += (s[j][2] == NEG_INF ? 0.0f : expf(s[j][2] - mn_b)) + (s[j][3] == NEG_INF ? 0.0f : expf(s[j][3] - mn_b));
+            }
+            ln_a = ln_a * beta_a + ns_a;
+            ln_b = ln_b * beta_b + ns_b;
+        }
+        // O += P V: V's fragments by transposed ldmatrix, two 8-wide column tiles at a time.
+#pragma unroll
+        for (int kk = 0; kk < FLASH_SLOTS / 16; kk++) {
+#pragma unroll
+            for (int n2 = 0; n2 < HD / 16; n2++) {
+                unsigned b[4];
+                int slot = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8, col = 16 * n2 + (lane >> 4) * 8;
+                ldmatrix_x4_trans(b, &vs[slot][col]);
+                mma_16816(o[2 * n2], pf[kk], b[0], b[1]);
+                mma_16816(o[2 * n2 + 1], pf[kk], b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+    // Each row's sums are spread over the 4 lanes of its quad.
+    for (int x = 1; x <= 2; x <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffffu, l_a, x);
+        l_b += __shfl_xor_sync(0xffffffffu, l_b, x);
+        ln_a += __shfl_xor_sync(0xffffffffu, ln_a, x);
+        ln_b += __shfl_xor_sync(0xffffffffu, ln_b, x);
+        sc_a += __shfl_xor_sync(0xffffffffu, sc_a, x);
+        sc_b += __shfl_xor_sync(0xffffffffu, sc_b, x);
+    }
+    float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        int c = h * HD + 8 * n + 2 * ti;
+        if (ra < rows) *(float2*)&out[(size_t)ra * q_dim + c] = make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
+        if (rb < rows) *(float2*)&out[(size_t)rb * q_dim + c] = make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
+    }
+    if (f.mode == SCORE_NONE || ti != 0) return;
+    float third_a = keyformer ? mn_a : 0.0f, third_b = keyformer ? mn_b : 0.0f;
+    float fourth_a = keyformer ? (ln_a > 0.0f ? 1.0f / ln_a : 0.0f) : (sc_a > 0.0f && qa >= f.from_pos ? 1.0f / sc_a : 0.0f);
+    float fourth_b = keyformer ? (ln_b > 0.0f ? 1.0f / ln_b : 0.0f) : (sc_b > 0.0f && qb >= f.from_pos ? 1.0f / sc_b : 0.0f);
+    if (ra < rows) stats[(size_t)h * rows + ra] = make_float4(m_a, inv_a, third_a, fourth_a);
+    if (rb < rows) stats[(size_t)h * rows + rb] = make_float4(m_b, inv_b, third_b, fourth_b);
+}
+
+// Block (64 slots of KV head g): each slot's scored probability summed (or, `by_max`, the
+// largest) over g's query heads and the rows, added to (merged into) scores[g][slot].
+template <int HD>
+__device__ __forceinline__ void flash_scores_body(const unsigned short* q16, const unsigned short* keys,
+                                                  const unsigned* slot_pos, const float4* stats, float* scores,
+                                                  int n_heads, int n_kv_heads, int rows, int width, int capacity,
+                                                  unsigned first_qpos, FlashLogits f, unsigned long long seed,
+                                                  unsigned layer, float alibi_max, int by_max) {
+    __shared__ __align__(16) unsigned short ks[FLASH_SLOTS][HD + 8];
+    __shared__ unsigned pos_s[FLASH_SLOTS];
+    __shared__ float part[4][FLASH_SLOTS];
+    int g = blockIdx.y, group = n_heads / n_kv_heads, t0 = blockIdx.x * FLASH_SLOTS;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+    int q_dim = n_heads * HD;
+    const unsigned* ph = slot_pos + (size_t)g * capacity;
+    bool keyformer = f.mode == SCORE_KEYFORMER, restricted = f.mode == SCORE_RECONSTRUCTION;
+
+    // The tile's lowest and highest held positions decide which row tiles can see it.
+    unsigned lo = FREE_SLOT, hi = 0;
+    bool any = false;
+    if (threadIdx.x < FLASH_SLOTS) {
+        unsigned p = t0 + threadIdx.x < width ? ph[t0 + threadIdx.x] : FREE_SLOT;
+        pos_s[threadIdx.x] = p;
+        bool held = p != FREE_SLOT && (!restricted || (p >= f.first && p < f.end));
+        any = held;
+        if (held) lo = hi = p;
+    }
+    for (int x = 16; x > 0; x >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, x));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, x));
+    }
+    __shared__ unsigned lo_s[4], hi_s[4];
+    if (lane == 0) {
+        lo_s[warp] = lo;
+        hi_s[warp] = hi;
+    }
+    if (!__syncthreads_or(any)) return;  // nothing held that could score
+    lo = min(min(lo_s[0], lo_s[1]), min(lo_s[2], lo_s[3]));
+    hi = max(max(hi_s[0], hi_s[1]), max(hi_s[2], hi_s[3]));
+    flash_load_tile<HD>(ks, keys + (size_t)g * capacity * HD, t0, width);
+    __syncthreads();
+
+    float acc[8][2];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = 0.0f;
+    for (int jh = 0; jh < group; jh++) {
+        int h = g * group + jh;
+        FlashLogits fh = f;
+        fh.slope = alibi_slope(h, n_heads, alibi_max);
+        for (int r0 = 0; r0 < rows; r0 += FLASH_ROWS) {
+            unsigned q_lo = first_qpos + r0, q_hi = first_qpos + min(r0 + FLASH_ROWS, rows) - 1;
+            // Rows that see none of the tile, or (KVzip) score nothing, are skipped.
+            if (q_hi < lo || (f.window != 0 && q_lo >= hi + f.window) || (restricted && q_hi < f.from_pos)) continue;
+            int ra = r0 + warp * 16 + gi, rb = ra + 8;
+            unsigned qf[HD / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const unsigned short* qa_row = q16 + (size_t)ra * q_dim + h * HD + 16 * kk + 2 * ti;
+                const unsigned short* qb_row = q16 + (size_t)rb * q_dim + h * HD + 16 * kk + 2 * ti;
+                qf[kk][0] = ra < rows ? *(const unsigned*)qa_row : 0u;
+                qf[kk][1] = rb < rows ? *(const unsigned*)qb_row : 0u;
+                qf[kk][2] = ra < rows ? *(const unsigned*)(qa_row + 8) : 0u;
+                qf[kk][3] = rb < rows ? *(const unsigned*)(qb_row + 8) : 0u;
+            }
+            float s[8][4];
+            flash_qk<HD>(s, qf, ks);
+            unsigned qa = first_qpos + ra, qb = first_qpos + rb;
+            float4 sa = ra < rows ? stats[(size_t)h * rows + ra] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float4 sb = rb < rows ? stats[(size_t)h * rows + rb] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            unsigned key_a = keyformer ? noise_row_key(seed, layer, h, qa) : 0u;
+            unsigned key_b = keyformer ? noise_row_key(seed, layer, h, qb) : 0u;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    unsigned p = pos_s[8 * j + 2 * ti + c];
+                    float xa = flash_logit(fh, s[j][c], qa, p), xb = flash_logit(fh, s[j][2 + c], qb, p);
+                    float ea, eb;
+                    if (keyformer) {
+                        float ya = flash_noisy(fh, xa, key_a, p), yb = flash_noisy(fh, xb, key_b, p);
+                        ea = ya == NEG_INF ? 0.0f : expf(ya - sa.z) * sa.w;
+                        eb = yb == NEG_INF ? 0.0f : expf(yb - sb.z) * sb.w;
+                    } else if (restricted) {
+                        bool part_slot = p >= f.first && p < f.end;
+                        ea = part_slot && xa != NEG_INF ? expf(xa - sa.x) * sa.w : 0.0f;
+                        eb = part_slot && xb != NEG_INF ? expf(xb - sb.x) * sb.w : 0.0f;
+                    } else {
+                        ea = xa == NEG_INF ? 0.0f : expf(xa - sa.x) * sa.y;
+                        eb = xb == NEG_INF ? 0.0f : expf(xb - sb.x) * sb.y;
+                    }
+                    ea = ra < rows ? ea : 0.0f;
+                    eb = rb < rows ? eb : 0.0f;
+                    acc[j][c] = by_max ? fmaxf(acc[j][c], fmaxf(ea, eb)) : acc[j][c] + ea + eb;
+                }
+            }
+        }
+    }
+    // Over the 8 row groups of each warp, then the 4 warps, in a fixed order.
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)
+            for (int x = 4; x <= 16; x <<= 1) {
+                float other = __shfl_xor_sync(0xffffffffu, acc[j][c], x);
+                acc[j][c] = by_max ? fmaxf(acc[j][c], other) : acc[j][c] + other;
+            }
+    if (gi == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            part[warp][8 * j + 2 * ti] = acc[j][0];
+            part[warp][8 * j + 2 * ti + 1] = acc[j][1];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < FLASH_SLOTS && t0 + threadIdx.x < width) {
+        int i = threadIdx.x;
+        float* at = scores + (size_t)g * capacity + t0 + i;
+        if (by_max) *at = fmaxf(*at, fmaxf(fmaxf(part[0][i], part[1][i]), fmaxf(part[2][i], part[3][i])));
+        else *at += ((part[0][i] + part[1][i]) + part[2][i]) + part[3][i];
+    }
+}
+
+#define FLASH_KERNELS(HD)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_prefill_hd##HD(                            \
+        const unsigned short* q16, const unsigned short* keys, const unsigned short* values,                     \
+        const unsigned* slot_pos, float* out, float4* stats, int n_heads, int n_kv_heads, int rows, int width,    \
+        int capacity, unsigned first_qpos, int mode, float scale, float inv_tau, unsigned long long seed,         \
+        unsigned layer, const float* gumbel_table, int table_bits, float softcap, unsigned window,                \
+        float alibi_max, unsigned sinks, unsigned first, unsigned end, unsigned from_pos) {                      \
+        FlashLogits f = {scale, softcap, alibi_slope(blockIdx.y, n_heads, alibi_max), inv_tau, window, mode,     \
+                         gumbel_table, table_bits, sinks, first, end, from_pos};                                 \
+        flash_prefill_body<HD>(q16, keys, values, slot_pos, out, stats, n_heads, n_kv_heads, rows, width,        \
+                               capacity, first_qpos, f, seed, layer);                                            \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_scores_hd##HD(                             \
+        const unsigned short* q16, const unsigned short* keys, const unsigned* slot_pos, const float4* stats,    \
+        float* scores, int n_heads, int n_kv_heads, int rows, int width, int capacity, unsigned first_qpos,      \
+        int mode, float scale, float inv_tau, unsigned long long seed, unsigned layer,                           \
+        const float* gumbel_table, int table_bits, float softcap, unsigned window, float alibi_max,               \
+        unsigned sinks, unsigned first, unsigned end, unsigned from_pos, int by_max) {                           \
+        FlashLogits f = {scale, softcap, 0.0f, inv_tau, window, mode, gumbel_table, table_bits,                  \
+                         sinks, first, end, from_pos};                                                           \
+        flash_scores_body<HD>(q16, keys, slot_pos, stats, scores, n_heads, n_kv_heads, rows, width, capacity,    \
+                              first_qpos, f, seed, layer, alibi_max, by_max);                                    \
+    }
+
+FLASH_KERNELS(16)
+FLASH_KERNELS(32)
+FLASH_KERNELS(64)
+FLASH_KERNELS(80)
+FLASH_KERNELS(96)
+FLASH_KERNELS(128)
