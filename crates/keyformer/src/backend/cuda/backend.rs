@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::kv::GpuKvCache;
-use super::{grid, grow, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, QuantBuffers, QUANTISED_ON_GPU};
+use super::{
+    grid, grow, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, QuantBuffers, ScoreSignal, QUANTISED_ON_GPU,
+};
 use crate::backend::cpu::GgufWeight;
 use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, RopeStyle, SequenceCache};
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
@@ -132,7 +134,13 @@ pub struct Cuda {
     pub use_graphs: bool,
     /// How [`Model::from_cpu`] uploads quantised matrices.
     pub weight_format: WeightFormat,
+    /// Prompt rows per forward pass ([`PREFILL_CHUNK`]; `KEYFORMER_PREFILL_CHUNK` overrides).
+    pub prefill_rows: usize,
 }
+
+/// Prompt rows per forward pass on the GPU (1024 rows of llama2-7b's gate and up activations
+/// are 90 MB in f32).
+const PREFILL_CHUNK: usize = 1024;
 
 impl From<GpuError> for ModelError {
     fn from(e: GpuError) -> Self {
@@ -143,6 +151,11 @@ impl From<GpuError> for ModelError {
 impl Cuda {
     pub fn new(gpu: Gpu) -> Self {
         let use_graphs = std::env::var("KEYFORMER_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let prefill_rows = std::env::var("KEYFORMER_PREFILL_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(PREFILL_CHUNK);
         Self {
             gpu,
             scratch: Mutex::default(),
@@ -150,6 +163,7 @@ impl Cuda {
             step_graph: Mutex::default(),
             use_graphs,
             weight_format: WeightFormat::default(),
+            prefill_rows,
         }
     }
 
@@ -670,7 +684,12 @@ impl Backend for Cuda {
             let signal = cache.layer_signal(layer);
             let cap = cache.layer_capacity(layer);
             grow(gpu, &mut sc.x16, n * q_dim)?;
-            if gpu.flash_handles(head_dim) {
+            // Keyformer's noisy scores keep the cuBLAS blocks: there each noise value is drawn
+            // once, where flash.cu draws it twice (for the rows' noisy sums, then for the
+            // scores), and the draws (random reads of a 256 KiB table) cost more than the
+            // blocks' matrix (an H100, 4096 tokens of llama2-7b: 0.33 s against 0.38 s).
+            let keyformer = matches!(signal, Some(ScoreSignal::Keyformer { .. }));
+            if gpu.flash_handles(head_dim) && !keyformer {
                 grow(gpu, &mut sc.prefill_stats, if signal.is_some() { 4 * n_heads * n } else { 1 })?;
                 let Scratch { x16, prefill_stats, .. } = &mut *sc;
                 let (q16, stats) = (x16.as_mut().expect("sized"), prefill_stats.as_mut().expect("sized"));
@@ -818,7 +837,7 @@ impl Backend for Cuda {
     }
 
     fn prefill_chunk(&self) -> usize {
-        1024
+        self.prefill_rows
     }
 
     fn with_buffers<R>(&self, f: impl FnOnce(&mut ForwardBuffers<DeviceRows>) -> R) -> R {

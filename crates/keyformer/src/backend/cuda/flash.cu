@@ -28,7 +28,14 @@ __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, unsigned 
 #endif
 }
 
-// Four 8 x 8 f16 matrices from shared memory, transposed (lane i gives row i % 8 of matrix i / 8).
+// Four 8 x 8 f16 matrices from shared memory (lane i gives row i % 8 of matrix i / 8); the
+// transposed form hands each lane a column pair instead of a row pair.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned short* p) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned short* p) {
     unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -36,11 +43,30 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned sh
                  : "r"(a));
 }
 
+// 16 bytes global -> shared without passing through registers (zeros when !valid).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Wait until at most one committed group is still in flight.
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;"); }
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
     return (unsigned)f2h(lo) | ((unsigned)f2h(hi) << 16);
 }
 
-// What both kernels need to turn a raw q.k into the softmax's logit and the policy's.
+#define FLASH_LOG2E 1.4426950408889634f
+
+// What both kernels need to turn a raw q.k into the softmax's logit and the policy's. The
+// softmaxes run in base 2: logits are kept multiplied by log2(e).
 struct FlashLogits {
     float scale, softcap, slope, inv_tau;
     unsigned window;
@@ -50,26 +76,35 @@ struct FlashLogits {
     unsigned sinks, first, end, from_pos;
 };
 
-// The logit of q.k = `dot` for a query at qpos and a slot holding position p (NEG_INF when
-// the query does not see it).
-__device__ __forceinline__ float flash_logit(const FlashLogits& f, float dot, unsigned qpos, unsigned p) {
-    bool visible = p != FREE_SLOT && p <= qpos && (f.window == 0 || qpos - p < f.window);
+// Whether the query at qpos sees a slot holding position p.
+__device__ __forceinline__ bool flash_sees(const FlashLogits& f, unsigned qpos, unsigned p) {
+    return p != FREE_SLOT && p <= qpos && (f.window == 0 || qpos - p < f.window);
+}
+
+// The base-2 logit of q.k = `dot` for a query at qpos and a slot holding p, visible or not
+// (the same arithmetic in both kernels, so their probabilities agree).
+__device__ __forceinline__ float flash_logit2(const FlashLogits& f, float dot, unsigned qpos, unsigned p) {
+    if (f.softcap == 0.0f && f.slope == 0.0f) return dot * (f.scale * FLASH_LOG2E);
     float x = dot * f.scale;
     if (f.softcap > 0.0f) x = f.softcap * tanhf(x / f.softcap);
     x += f.slope * ((float)p - (float)qpos);
-    return visible ? x : NEG_INF;
+    return x * FLASH_LOG2E;
 }
 
-__device__ __forceinline__ float flash_noisy(const FlashLogits& f, float x, unsigned key, unsigned p) {
-    return x == NEG_INF ? NEG_INF : (x + f.gumbel_table[position_hash(key, p) >> (32 - f.table_bits)]) * f.inv_tau;
+// Keyformer's (x + g) / tau in base 2, from the base-2 logit x2.
+__device__ __forceinline__ float flash_noisy2(const FlashLogits& f, float x2, unsigned key, unsigned p) {
+    return x2 == NEG_INF
+               ? NEG_INF
+               : fmaf(f.gumbel_table[position_hash(key, p) >> (32 - f.table_bits)], f.inv_tau * FLASH_LOG2E,
+                      x2 * f.inv_tau);
 }
 
 __device__ __forceinline__ bool flash_counted(const FlashLogits& f, unsigned p) {
     return p < f.sinks || (p >= f.first && p < f.end) || p >= f.from_pos;
 }
 
-// A 64-slot tile of a KV head's keys or values into shared memory (rows of HD + 8 halves, so
-// the 8 rows an mma fragment or ldmatrix reads fall in different banks); slots past `width`
+// A 64-slot tile of a KV head's keys or values into shared memory, asynchronously (rows of
+// HD + 8 halves, so the 8 rows an ldmatrix reads fall in different banks); slots past `width`
 // are zeros.
 template <int HD>
 __device__ __forceinline__ void flash_load_tile(unsigned short (*dst)[HD + 8], const unsigned short* src, int t0,
@@ -77,31 +112,51 @@ __device__ __forceinline__ void flash_load_tile(unsigned short (*dst)[HD + 8], c
     constexpr int VECS = HD / 8;
     for (int i = threadIdx.x; i < FLASH_SLOTS * VECS; i += FLASH_THREADS) {
         int s = i / VECS, c = (i % VECS) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (t0 + s < width) v = *(const uint4*)(src + (size_t)(t0 + s) * HD + c);
-        *(uint4*)&dst[s][c] = v;
+        bool valid = t0 + s < width;
+        cp_async16(&dst[s][c], valid ? src + (size_t)(t0 + s) * HD + c : src, valid);
     }
 }
 
-// S (16 rows x 64 slots, per warp) = the warp's query fragments times the tile's keys.
+// S (16 rows x 64 slots, per warp) = the warp's query fragments times the tile's keys (two
+// 8-slot column tiles' B fragments per ldmatrix).
 template <int HD>
 __device__ __forceinline__ void flash_qk(float (*s)[4], const unsigned (*qf)[4], const unsigned short (*ks)[HD + 8]) {
-    int gi = (threadIdx.x & 31) >> 2, ti = threadIdx.x & 3;
+    int lane = threadIdx.x & 31, mi = lane >> 3;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
-            unsigned b0 = *(const unsigned*)&ks[8 * j + gi][16 * kk + 2 * ti];
-            unsigned b1 = *(const unsigned*)&ks[8 * j + gi][16 * kk + 8 + 2 * ti];
-            mma_16816(s[j], qf[kk], b0, b1);
+            unsigned b[4];
+            ldmatrix_x4(b, &ks[8 * (j + (mi >> 1)) + (lane & 7)][16 * kk + (mi & 1) * 8]);
+            mma_16816(s[j], qf[kk], b[0], b[1]);
+            mma_16816(s[j + 1], qf[kk], b[2], b[3]);
         }
     }
 }
 
+// Tile t0's slot positions into `pos` (threads < 64); whether any row in qpos lo..hi sees any
+// of its slots (the result, block-uniform) and whether every row sees every slot (*every).
+__device__ __forceinline__ bool flash_tile_seen(const FlashLogits& f, const unsigned* ph, int t0, int width,
+                                                unsigned q_lo, unsigned q_hi, unsigned* pos, bool* every) {
+    bool seen = false, all = true;
+    if (threadIdx.x < FLASH_SLOTS) {
+        unsigned p = t0 + threadIdx.x < width ? ph[t0 + threadIdx.x] : FREE_SLOT;
+        pos[threadIdx.x] = p;
+        seen = p != FREE_SLOT && p <= q_hi && (f.window == 0 || p + f.window > q_lo);
+        all = p != FREE_SLOT && p <= q_lo && (f.window == 0 || p + f.window > q_hi);
+    }
+    seen = __syncthreads_or(seen);
+    *every = __syncthreads_and(all);
+    return seen;
+}
+
 // Block (64 query rows, query head h): out[r][h * HD..] = softmax(logits) V, and with a score
 // mode, stats[h][r] = (max, 1 / sum, noisy max, 1 / noisy sum) (Keyformer) or (max, 1 / sum,
-// 0, 1 / restricted sum) (KVzip's reconstruction; 0 for rows before from_pos).
+// 0, 1 / restricted sum) (KVzip's reconstruction; 0 for rows before from_pos), maxima of
+// base-2 logits. Tiles no row sees are skipped; K of the next tile and V of this one load
+// while the tensor cores work.
 template <int HD>
 __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, const unsigned short* keys,
                                                    const unsigned short* values, const unsigned* slot_pos,
@@ -110,7 +165,7 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
                                                    FlashLogits f, unsigned long long seed, unsigned layer) {
     __shared__ __align__(16) unsigned short ks[FLASH_SLOTS][HD + 8];
     __shared__ __align__(16) unsigned short vs[FLASH_SLOTS][HD + 8];
-    __shared__ unsigned pos_s[FLASH_SLOTS];
+    __shared__ unsigned pos_s[2][FLASH_SLOTS];
     int h = blockIdx.y, g = h / (n_heads / n_kv_heads);
     int r0 = blockIdx.x * FLASH_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gi = lane >> 2, ti = lane & 3;
@@ -142,6 +197,7 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
     int ra = r0 + wr, rb = ra + 8;
     unsigned qa = first_qpos + ra, qb = first_qpos + rb;
     bool keyformer = f.mode == SCORE_KEYFORMER, restricted = f.mode == SCORE_RECONSTRUCTION;
+    bool plain = f.softcap == 0.0f && f.slope == 0.0f;
     unsigned key_a = keyformer ? noise_row_key(seed, layer, h, qa) : 0u;
     unsigned key_b = keyformer ? noise_row_key(seed, layer, h, qb) : 0u;
     float o[HD / 8][4];
@@ -151,30 +207,48 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
     float mn_a = NEG_INF, mn_b = NEG_INF, ln_a = 0.0f, ln_b = 0.0f, sc_a = 0.0f, sc_b = 0.0f;
     int last_row = min(r0 + FLASH_ROWS, rows) - 1;
     unsigned q_lo = first_qpos + r0, q_hi = first_qpos + last_row;
+    float scale2 = f.scale * FLASH_LOG2E;
 
-    for (int t0 = 0; t0 < width; t0 += FLASH_SLOTS) {
-        bool seen = false;
-        if (threadIdx.x < FLASH_SLOTS) {
-            unsigned p = t0 + threadIdx.x < width ? ph[t0 + threadIdx.x] : FREE_SLOT;
-            pos_s[threadIdx.x] = p;
-            seen = p != FREE_SLOT && p <= q_hi && (f.window == 0 || p + f.window > q_lo);
-        }
-        // A tile no row of the block sees (the causal future, behind every window) is skipped.
-        if (!__syncthreads_or(seen)) continue;
-        flash_load_tile<HD>(ks, kh, t0, width);
+    int buf = 0, t0 = 0;
+    bool every;
+    while (t0 < width && !flash_tile_seen(f, ph, t0, width, q_lo, q_hi, pos_s[buf], &every)) t0 += FLASH_SLOTS;
+    if (t0 < width) flash_load_tile<HD>(ks, kh, t0, width);
+    cp_async_commit();
+    while (t0 < width) {
+        const unsigned* pos = pos_s[buf];
         flash_load_tile<HD>(vs, vh, t0, width);
+        cp_async_commit();
+        cp_async_wait_one();  // this tile's keys
         __syncthreads();
-
         float s[8][4];
         flash_qk<HD>(s, qf, ks);
+        __syncthreads();  // every warp is done with the keys: the next tile's may come in
+        int t_next = t0 + FLASH_SLOTS;
+        bool every_next = false;
+        while (t_next < width && !flash_tile_seen(f, ph, t_next, width, q_lo, q_hi, pos_s[buf ^ 1], &every_next))
+            t_next += FLASH_SLOTS;
+        if (t_next < width) flash_load_tile<HD>(ks, kh, t_next, width);
+        cp_async_commit();
+
+        if (every && plain) {
+            // Every row sees every slot: no mask, no position.
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) s[j][c] *= scale2;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                unsigned p0 = pos[8 * j + 2 * ti], p1 = pos[8 * j + 2 * ti + 1];
+                s[j][0] = flash_sees(f, qa, p0) ? flash_logit2(f, s[j][0], qa, p0) : NEG_INF;
+                s[j][1] = flash_sees(f, qa, p1) ? flash_logit2(f, s[j][1], qa, p1) : NEG_INF;
+                s[j][2] = flash_sees(f, qb, p0) ? flash_logit2(f, s[j][2], qb, p0) : NEG_INF;
+                s[j][3] = flash_sees(f, qb, p1) ? flash_logit2(f, s[j][3], qb, p1) : NEG_INF;
+            }
+        }
         float tmax_a = NEG_INF, tmax_b = NEG_INF;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            unsigned p0 = pos_s[8 * j + 2 * ti], p1 = pos_s[8 * j + 2 * ti + 1];
-            s[j][0] = flash_logit(f, s[j][0], qa, p0);
-            s[j][1] = flash_logit(f, s[j][1], qa, p1);
-            s[j][2] = flash_logit(f, s[j][2], qb, p0);
-            s[j][3] = flash_logit(f, s[j][3], qb, p1);
             tmax_a = fmaxf(tmax_a, fmaxf(s[j][0], s[j][1]));
             tmax_b = fmaxf(tmax_b, fmaxf(s[j][2], s[j][3]));
         }
@@ -183,33 +257,34 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
         tmax_b = fmaxf(tmax_b, __shfl_xor_sync(0xffffffffu, tmax_b, 1));
         tmax_b = fmaxf(tmax_b, __shfl_xor_sync(0xffffffffu, tmax_b, 2));
         float nm_a = fmaxf(m_a, tmax_a), nm_b = fmaxf(m_b, tmax_b);
-        // Rows that have seen nothing yet keep (max -inf, sums 0); exp(-inf) is 0 below.
-        float alpha_a = nm_a == NEG_INF ? 1.0f : expf(m_a - nm_a);
-        float alpha_b = nm_b == NEG_INF ? 1.0f : expf(m_b - nm_b);
+        // Rows that have seen nothing yet keep (max -inf, sums 0): their exponentials are taken
+        // against 0, and exp2(-inf) is 0.
+        float alpha_a = nm_a == NEG_INF ? 1.0f : exp2_approx(m_a - nm_a);
+        float alpha_b = nm_b == NEG_INF ? 1.0f : exp2_approx(m_b - nm_b);
         m_a = nm_a;
         m_b = nm_b;
+        float base_a = m_a == NEG_INF ? 0.0f : m_a, base_b = m_b == NEG_INF ? 0.0f : m_b;
         float sum_a = 0.0f, sum_b = 0.0f, cnt_a = 0.0f, cnt_b = 0.0f;
         unsigned pf[4][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            unsigned p0 = pos_s[8 * j + 2 * ti], p1 = pos_s[8 * j + 2 * ti + 1];
-            float e0 = s[j][0] == NEG_INF ? 0.0f : expf(s[j][0] - m_a);
-            float e1 = s[j][1] == NEG_INF ? 0.0f : expf(s[j][1] - m_a);
-            float e2 = s[j][2] == NEG_INF ? 0.0f : expf(s[j][2] - m_b);
-            float e3 = s[j][3] == NEG_INF ? 0.0f : expf(s[j][3] - m_b);
+            float e0 = exp2_approx(s[j][0] - base_a), e1 = exp2_approx(s[j][1] - base_a);
+            float e2 = exp2_approx(s[j][2] - base_b), e3 = exp2_approx(s[j][3] - base_b);
             sum_a += e0 + e1;
             sum_b += e2 + e3;
             if (restricted) {
+                unsigned p0 = pos[8 * j + 2 * ti], p1 = pos[8 * j + 2 * ti + 1];
                 bool c0 = flash_counted(f, p0), c1 = flash_counted(f, p1);
                 cnt_a += (c0 ? e0 : 0.0f) + (c1 ? e1 : 0.0f);
                 cnt_b += (c0 ? e2 : 0.0f) + (c1 ? e3 : 0.0f);
             }
             if (keyformer) {
                 // Noisy logits kept back in s (the P fragments below are already built from e).
-                s[j][0] = flash_noisy(f, s[j][0], key_a, p0);
-                s[j][1] = flash_noisy(f, s[j][1], key_a, p1);
-                s[j][2] = flash_noisy(f, s[j][2], key_b, p0);
-                s[j][3] = flash_noisy(f, s[j][3], key_b, p1);
+                unsigned p0 = pos[8 * j + 2 * ti], p1 = pos[8 * j + 2 * ti + 1];
+                s[j][0] = flash_noisy2(f, s[j][0], key_a, p0);
+                s[j][1] = flash_noisy2(f, s[j][1], key_a, p1);
+                s[j][2] = flash_noisy2(f, s[j][2], key_b, p0);
+                s[j][3] = flash_noisy2(f, s[j][3], key_b, p1);
             }
             // The A fragment of P for slots 16 * (j / 2)..: registers 0, 1 from the even tile,
             // 2, 3 from the odd one.
@@ -239,19 +314,22 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
             nmax_b = fmaxf(nmax_b, __shfl_xor_sync(0xffffffffu, nmax_b, 1));
             nmax_b = fmaxf(nmax_b, __shfl_xor_sync(0xffffffffu, nmax_b, 2));
             float nn_a = fmaxf(mn_a, nmax_a), nn_b = fmaxf(mn_b, nmax_b);
-            float beta_a = nn_a == NEG_INF ? 1.0f : expf(mn_a - nn_a);
-            float beta_b = nn_b == NEG_INF ? 1.0f : expf(mn_b - nn_b);
+            float beta_a = nn_a == NEG_INF ? 1.0f : exp2_approx(mn_a - nn_a);
+            float beta_b = nn_b == NEG_INF ? 1.0f : exp2_approx(mn_b - nn_b);
             mn_a = nn_a;
             mn_b = nn_b;
+            float nb_a = mn_a == NEG_INF ? 0.0f : mn_a, nb_b = mn_b == NEG_INF ? 0.0f : mn_b;
             float ns_a = 0.0f, ns_b = 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                ns_a += (s[j][0] == NEG_INF ? 0.0f : expf(s[j][0] - mn_a)) + (s[j][1] == NEG_INF ? 0.0f : expf(s[j][1] - mn_a));
-                ns_b += (s[j][2] == NEG_INF ? 0.0f : expf(s[j][2] - mn_b)) + (s[j][3] == NEG_INF ? 0.0f : expf(s[j][3] - mn_b));
+                ns_a += exp2_approx(s[j][0] - nb_a) + exp2_approx(s[j][1] - nb_a);
+                ns_b += exp2_approx(s[j][2] - nb_b) + exp2_approx(s[j][3] - nb_b);
             }
             ln_a = ln_a * beta_a + ns_a;
             ln_b = ln_b * beta_b + ns_b;
         }
+        cp_async_wait_one();  // this tile's values (the next tile's keys may still be coming)
+        __syncthreads();
         // O += P V: V's fragments by transposed ldmatrix, two 8-wide column tiles at a time.
 #pragma unroll
         for (int kk = 0; kk < FLASH_SLOTS / 16; kk++) {
@@ -264,7 +342,10 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
                 mma_16816(o[2 * n2 + 1], pf[kk], b[2], b[3]);
             }
         }
-        __syncthreads();
+        __syncthreads();  // the values' buffer is free for the next tile
+        t0 = t_next;
+        every = every_next;
+        buf ^= 1;
     }
     // Each row's sums are spread over the 4 lanes of its quad.
     for (int x = 1; x <= 2; x <<= 1) {
@@ -301,6 +382,7 @@ __device__ __forceinline__ void flash_scores_body(const unsigned short* q16, con
     __shared__ __align__(16) unsigned short ks[FLASH_SLOTS][HD + 8];
     __shared__ unsigned pos_s[FLASH_SLOTS];
     __shared__ float part[4][FLASH_SLOTS];
+    __shared__ unsigned lo_s[4], hi_s[4];
     int g = blockIdx.y, group = n_heads / n_kv_heads, t0 = blockIdx.x * FLASH_SLOTS;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
     int q_dim = n_heads * HD;
@@ -309,27 +391,30 @@ __device__ __forceinline__ void flash_scores_body(const unsigned short* q16, con
 
     // The tile's lowest and highest held positions decide which row tiles can see it.
     unsigned lo = FREE_SLOT, hi = 0;
-    bool any = false;
+    bool any = false, full = true;
     if (threadIdx.x < FLASH_SLOTS) {
         unsigned p = t0 + threadIdx.x < width ? ph[t0 + threadIdx.x] : FREE_SLOT;
         pos_s[threadIdx.x] = p;
         bool held = p != FREE_SLOT && (!restricted || (p >= f.first && p < f.end));
         any = held;
-        if (held) lo = hi = p;
+        full = p != FREE_SLOT;
+        if (p != FREE_SLOT) lo = hi = p;
     }
     for (int x = 16; x > 0; x >>= 1) {
         lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, x));
         hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, x));
     }
-    __shared__ unsigned lo_s[4], hi_s[4];
     if (lane == 0) {
         lo_s[warp] = lo;
         hi_s[warp] = hi;
     }
+    full = __syncthreads_and(full);
     if (!__syncthreads_or(any)) return;  // nothing held that could score
     lo = min(min(lo_s[0], lo_s[1]), min(lo_s[2], lo_s[3]));
     hi = max(max(hi_s[0], hi_s[1]), max(hi_s[2], hi_s[3]));
     flash_load_tile<HD>(ks, keys + (size_t)g * capacity * HD, t0, width);
+    cp_async_commit();
+    asm volatile("cp.async.wait_group 0;");
     __syncthreads();
 
     float acc[8][2];
@@ -343,6 +428,8 @@ __device__ __forceinline__ void flash_scores_body(const unsigned short* q16, con
             unsigned q_lo = first_qpos + r0, q_hi = first_qpos + min(r0 + FLASH_ROWS, rows) - 1;
             // Rows that see none of the tile, or (KVzip) score nothing, are skipped.
             if (q_hi < lo || (f.window != 0 && q_lo >= hi + f.window) || (restricted && q_hi < f.from_pos)) continue;
+            // Every row sees every slot: no mask.
+            bool every = full && hi <= q_lo && (f.window == 0 || lo + f.window > q_hi);
             int ra = r0 + warp * 16 + gi, rb = ra + 8;
             unsigned qf[HD / 16][4];
 #pragma unroll
@@ -366,20 +453,24 @@ __device__ __forceinline__ void flash_scores_body(const unsigned short* q16, con
 #pragma unroll
                 for (int c = 0; c < 2; c++) {
                     unsigned p = pos_s[8 * j + 2 * ti + c];
-                    float xa = flash_logit(fh, s[j][c], qa, p), xb = flash_logit(fh, s[j][2 + c], qb, p);
+                    float xa = flash_logit2(fh, s[j][c], qa, p), xb = flash_logit2(fh, s[j][2 + c], qb, p);
+                    if (!every) {
+                        xa = flash_sees(fh, qa, p) ? xa : NEG_INF;
+                        xb = flash_sees(fh, qb, p) ? xb : NEG_INF;
+                    }
                     float ea, eb;
                     if (keyformer) {
-                        float ya = flash_noisy(fh, xa, key_a, p), yb = flash_noisy(fh, xb, key_b, p);
-                        ea = ya == NEG_INF ? 0.0f : expf(ya - sa.z) * sa.w;
-                        eb = yb == NEG_INF ? 0.0f : expf(yb - sb.z) * sb.w;
+                        ea = exp2_approx(flash_noisy2(fh, xa, key_a, p) - sa.z) * sa.w;
+                        eb = exp2_approx(flash_noisy2(fh, xb, key_b, p) - sb.z) * sb.w;
                     } else if (restricted) {
                         bool part_slot = p >= f.first && p < f.end;
-                        ea = part_slot && xa != NEG_INF ? expf(xa - sa.x) * sa.w : 0.0f;
-                        eb = part_slot && xb != NEG_INF ? expf(xb - sb.x) * sb.w : 0.0f;
+                        ea = part_slot ? exp2_approx(xa - sa.x) * sa.w : 0.0f;
+                        eb = part_slot ? exp2_approx(xb - sb.x) * sb.w : 0.0f;
                     } else {
-                        ea = xa == NEG_INF ? 0.0f : expf(xa - sa.x) * sa.y;
-                        eb = xb == NEG_INF ? 0.0f : expf(xb - sb.x) * sb.y;
+                        ea = exp2_approx(xa - sa.x) * sa.y;
+                        eb = exp2_approx(xb - sb.x) * sb.y;
                     }
+                    // (exp2 of a row past `rows` may overflow: inf * 0 would be NaN.)
                     ea = ra < rows ? ea : 0.0f;
                     eb = rb < rows ? eb : 0.0f;
                     acc[j][c] = by_max ? fmaxf(acc[j][c], fmaxf(ea, eb)) : acc[j][c] + ea + eb;

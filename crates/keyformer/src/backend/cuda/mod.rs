@@ -1109,12 +1109,14 @@ impl Gpu {
         let (xp, gx) = xq.device_ptr(&self.stream);
         guards.push(gx);
         let kernels = self.quant_kernels(t)?;
-        let mut cfg = grid(max_rows * 32, 256);
+        // quant.cu's one-row Q4_K / Q5_K GEMV takes two output rows a warp.
+        let rows_per_warp = if n == 1 && matches!(t, GgmlType::Q4K | GgmlType::Q5K) { 2 } else { 1 };
+        let mut cfg = grid(max_rows.div_ceil(rows_per_warp) * 32, 256);
         cfg.grid_dim.1 = ws.len() as u32;
         let mut b = self.stream.launch_builder(if n == 1 { &kernels.gemv1 } else { &kernels.gemv });
         b.arg(&params).arg(&xp).arg(&cols_i).arg(&n_i);
-        // SAFETY: block (i, j) is a warp per output row of weight j (blocks past its rows
-        // return), reading that row's blocks and the n activation rows' blocks and writing
+        // SAFETY: block (i, j) is a warp per output row (or two) of weight j (blocks past its
+        // rows return), reading that row's blocks and the n activation rows' blocks and writing
         // y_j[t][row] for t < n (all checked above); the guards hold the buffers until queued.
         unsafe { b.launch(cfg) }?;
         drop(guards);

@@ -66,6 +66,82 @@ __device__ void gemv_q(const GemvWeights& ws, const Q8Act* xq, int cols, int n) 
     }
 }
 
+// Sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K super-block (pair p = 4 * super-block + c): they
+// share their 32 bytes of nibbles (low, then high) and their super-block's scales.
+template <int T>
+__device__ __forceinline__ void load_pair(const unsigned char* row, int p, Sub32& lo, Sub32& hi) {
+    const int size = T == 12 ? 144 : 176, qs_at = T == 12 ? 16 : 48;
+    const unsigned char* b = row + size * (p >> 2);
+    int k = 2 * (p & 3), sc0, mn0, sc1, mn1;
+    scale_min_k4(b + 4, k, &sc0, &mn0);
+    scale_min_k4(b + 4, k + 1, &sc1, &mn1);
+    float d = ld_f16(b), dmin = ld_f16(b + 2);
+    lo.d0 = lo.d1 = d * (float)sc0;
+    hi.d0 = hi.d1 = d * (float)sc1;
+    lo.m = -dmin * (float)mn0;
+    hi.m = -dmin * (float)mn1;
+    const uint4* qs = (const uint4*)(b + qs_at + 16 * k);
+    uint4 a = qs[0], c = qs[1];
+    unsigned int u[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        unsigned int l = u[w] & 0x0F0F0F0Fu, h = (u[w] >> 4) & 0x0F0F0F0Fu;
+        if (T == 13) {
+            unsigned int qh = ld_u32(b + 16 + 4 * w);
+            l |= ((qh >> k) & 0x01010101u) << 4;
+            h |= ((qh >> (k + 1)) & 0x01010101u) << 4;
+        }
+        lo.q[w] = (int)l;
+        hi.q[w] = (int)h;
+    }
+}
+
+// Q4_K and Q5_K times one activation row: a warp per two output rows, each lane a pair of
+// sub-blocks of both rows, the pair's activations read once for the two. (A lane per sub-block
+// read each nibble byte twice and the activations once per row: L1's bytes, not DRAM's, set
+// the pace there.) The integer sums are load_sub's; only the float order differs.
+#define GEMV_PAIRS_IN_FLIGHT 1
+template <int T>
+__device__ void gemv_pairs(const GemvWeights& ws, const Q8Act* xq, int cols) {
+    const unsigned char* w = (const unsigned char*)pick(ws.w, blockIdx.y);
+    float* y = pick(ws.y, blockIdx.y);
+    int rows = pick(ws.rows, blockIdx.y);
+    int r0 = 2 * (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (r0 >= rows) return;
+    long rb = row_bytes<T>(cols);
+    const unsigned char* w0 = w + (long)r0 * rb;
+    const unsigned char* w1 = w + (long)min(r0 + 1, rows - 1) * rb;
+    int npairs = cols >> 6;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    for (int p0 = lane; p0 < npairs; p0 += 32 * GEMV_PAIRS_IN_FLIGHT) {
+        Sub32 a_lo[GEMV_PAIRS_IN_FLIGHT], a_hi[GEMV_PAIRS_IN_FLIGHT], b_lo[GEMV_PAIRS_IN_FLIGHT],
+            b_hi[GEMV_PAIRS_IN_FLIGHT];
+#pragma unroll
+        for (int u = 0; u < GEMV_PAIRS_IN_FLIGHT; u++) {
+            if (p0 + 32 * u < npairs) {
+                load_pair<T>(w0, p0 + 32 * u, a_lo[u], a_hi[u]);
+                load_pair<T>(w1, p0 + 32 * u, b_lo[u], b_hi[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_PAIRS_IN_FLIGHT; u++) {
+            int p = p0 + 32 * u;
+            if (p >= npairs) break;
+            const Q8Act& x0 = xq[2 * p];
+            const Q8Act& x1 = xq[2 * p + 1];
+            acc0 += sub_dot(a_lo[u], x0) + sub_dot(a_hi[u], x1);
+            acc1 += sub_dot(b_lo[u], x0) + sub_dot(b_hi[u], x1);
+        }
+    }
+    acc0 = warp_sum(acc0);
+    acc1 = warp_sum(acc1);
+    if (lane == 0) {
+        y[r0] = acc0;
+        if (r0 + 1 < rows) y[r0 + 1] = acc1;
+    }
+}
+
 // Rows row0 .. row0 + n_rows of W as f16 into out [n_rows][cols] (a tile for cuBLAS), a thread
 // per sub-block.
 template <int T>
@@ -104,7 +180,10 @@ __device__ void embed_q(const unsigned char* w, const unsigned int* tokens, floa
         gemv_q<T, GEMV_Q_MAX_N>(ws, xq, cols, n);                                                           \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 4) gemv1_##NAME(GemvWeights ws, const Q8Act* xq, int cols, int n) {             \
-        gemv_q<T, 1>(ws, xq, cols, n);                                                                      \
+        if (T == 12 || T == 13)                                                                             \
+            gemv_pairs<T>(ws, xq, cols);                                                                    \
+        else                                                                                                \
+            gemv_q<T, 1>(ws, xq, cols, n);                                                                  \
     }                                                                                                       \
     extern "C" __global__ void dequant_f16_##NAME(const unsigned char* w, unsigned short* out, int cols,    \
                                                   int row0, int n_rows) {                                   \
