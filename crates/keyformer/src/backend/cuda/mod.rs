@@ -13,7 +13,9 @@
 //! the plain probabilities (H2O) or Keyformer's `softmax((x + g) / tau)`, with `g` drawn
 //! exactly as the CPU draws it (the row key of [`noise::NoiseRow`] computed on the GPU, the
 //! per-position hash and the same quantile table), so both backends select the same tokens.
-//! A prompt goes through cuBLAS ([`Gpu::prefill_attention`]).
+//! A prompt's attention is flash.cu's ([`Gpu::flash_prefill_attention`]: tensor cores, the
+//! softmax online, scores from each row's statistics in a second pass), or for Keyformer's
+//! scores and head sizes flash.cu lacks, cuBLAS blocks ([`Gpu::prefill_attention`]).
 //!
 //! Modules: [`backend`] (the `Backend` implementation and `Model<Cuda>`), [`kv`] (a sequence's
 //! cache on the GPU), [`bench`] (the paper's throughput protocol), [`check`] and
