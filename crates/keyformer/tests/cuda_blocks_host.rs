@@ -2,7 +2,8 @@
 //! GEMV, dequantiser and embedding kernels run) compiled for the host with the system's C++
 //! compiler (`$CXX`, else `c++`) and checked against the CPU: every value of every type equal
 //! to `quant::dequantize_row`'s, and each row's dot with Q8 activations equal to
-//! `quant::dot::dot_q8_scalar`'s up to the order of the float sums. No GPU needed, so CI runs it.
+//! `quant::dot::dot_q8_scalar`'s up to the order of the float sums, and the one-row GEMV's
+//! Q4_K / Q5_K pair reader equal to two sub-block reads. No GPU needed, so CI runs it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -75,6 +76,7 @@ fn gpu_block_decoding_equals_the_cpu_dequantiser_and_integer_dots() {
             .arg(&outp)
             .status()
             .unwrap();
+        // Exit code 5: load_pair (Q4_K / Q5_K) disagrees with load_sub.
         assert!(status.success(), "{t}: harness exited with {status}");
         let out: Vec<f32> = std::fs::read(&outp)
             .unwrap()

@@ -7,10 +7,12 @@
 //
 // IN: the weight's blocks, then COLS / 32 activation blocks (quant::dot::Q8Block, 40 bytes).
 // OUT: ROWS x COLS f32 values (sub_value), then ROWS f32 dots with the activations (sub_dot,
-// summed over the row's sub-blocks in order).
+// summed over the row's sub-blocks in order). Exit 5: a Q4_K / Q5_K pair read by load_pair
+// differs from its two sub-blocks read by load_sub.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #define __device__
@@ -35,6 +37,13 @@ static int dp4a(int a, int b, int c) {
 
 #include "quant_blocks.cuh"
 
+// Two decoded sub-blocks with the same bits (quants, scales, offset).
+static bool same_sub(const Sub32& a, const Sub32& b) {
+    for (int w = 0; w < 8; w++)
+        if (a.q[w] != b.q[w]) return false;
+    return std::memcmp(&a.d0, &b.d0, 4) == 0 && std::memcmp(&a.d1, &b.d1, 4) == 0 && std::memcmp(&a.m, &b.m, 4) == 0;
+}
+
 template <int T>
 static int run(int rows, int cols, const std::vector<unsigned char>& in, FILE* out) {
     long rb = row_bytes<T>(cols), nsub = cols / 32;
@@ -52,6 +61,16 @@ static int run(int rows, int cols, const std::vector<unsigned char>& in, FILE* o
     }
     fwrite(values.data(), 4, values.size(), out);
     fwrite(dots.data(), 4, dots.size(), out);
+    // Q4_K / Q5_K: the one-row GEMV's pair reader gives each pair's two sub-blocks exactly.
+    if (T == 12 || T == 13)
+        for (int r = 0; r < rows; r++)
+            for (int p = 0; p < cols / 64; p++) {
+                Sub32 lo, hi;
+                load_pair<T>(in.data() + r * rb, p, lo, hi);
+                if (!same_sub(lo, load_sub<T>(in.data() + r * rb, 2 * p)) ||
+                    !same_sub(hi, load_sub<T>(in.data() + r * rb, 2 * p + 1)))
+                    return 5;
+            }
     return 0;
 }
 

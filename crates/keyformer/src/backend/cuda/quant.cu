@@ -66,36 +66,6 @@ __device__ void gemv_q(const GemvWeights& ws, const Q8Act* xq, int cols, int n) 
     }
 }
 
-// Sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K super-block (pair p = 4 * super-block + c): they
-// share their 32 bytes of nibbles (low, then high) and their super-block's scales.
-template <int T>
-__device__ __forceinline__ void load_pair(const unsigned char* row, int p, Sub32& lo, Sub32& hi) {
-    const int size = T == 12 ? 144 : 176, qs_at = T == 12 ? 16 : 48;
-    const unsigned char* b = row + size * (p >> 2);
-    int k = 2 * (p & 3), sc0, mn0, sc1, mn1;
-    scale_min_k4(b + 4, k, &sc0, &mn0);
-    scale_min_k4(b + 4, k + 1, &sc1, &mn1);
-    float d = ld_f16(b), dmin = ld_f16(b + 2);
-    lo.d0 = lo.d1 = d * (float)sc0;
-    hi.d0 = hi.d1 = d * (float)sc1;
-    lo.m = -dmin * (float)mn0;
-    hi.m = -dmin * (float)mn1;
-    const uint4* qs = (const uint4*)(b + qs_at + 16 * k);
-    uint4 a = qs[0], c = qs[1];
-    unsigned int u[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-#pragma unroll
-    for (int w = 0; w < 8; w++) {
-        unsigned int l = u[w] & 0x0F0F0F0Fu, h = (u[w] >> 4) & 0x0F0F0F0Fu;
-        if (T == 13) {
-            unsigned int qh = ld_u32(b + 16 + 4 * w);
-            l |= ((qh >> k) & 0x01010101u) << 4;
-            h |= ((qh >> (k + 1)) & 0x01010101u) << 4;
-        }
-        lo.q[w] = (int)l;
-        hi.q[w] = (int)h;
-    }
-}
-
 // Q4_K and Q5_K times one activation row: a warp per two output rows, each lane a pair of
 // sub-blocks of both rows, the pair's activations read once for the two. (A lane per sub-block
 // read each nibble byte twice and the activations once per row: L1's bytes, not DRAM's, set

@@ -132,6 +132,37 @@ __device__ __forceinline__ Sub32 load_sub(const unsigned char* row, int j) {
     return s;
 }
 
+// Sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K super-block (pair p = 4 * super-block + c): they
+// share their 32 bytes of nibbles (low, then high) and their super-block's scales; the same
+// values as load_sub(2p) and load_sub(2p + 1), read once (quant.cu's one-row GEMV).
+template <int T>
+__device__ __forceinline__ void load_pair(const unsigned char* row, int p, Sub32& lo, Sub32& hi) {
+    const int size = T == 12 ? 144 : 176, qs_at = T == 12 ? 16 : 48;
+    const unsigned char* b = row + size * (p >> 2);
+    int k = 2 * (p & 3), sc0, mn0, sc1, mn1;
+    scale_min_k4(b + 4, k, &sc0, &mn0);
+    scale_min_k4(b + 4, k + 1, &sc1, &mn1);
+    float d = ld_f16(b), dmin = ld_f16(b + 2);
+    lo.d0 = lo.d1 = d * (float)sc0;
+    hi.d0 = hi.d1 = d * (float)sc1;
+    lo.m = -dmin * (float)mn0;
+    hi.m = -dmin * (float)mn1;
+    const uint4* qs = (const uint4*)(b + qs_at + 16 * k);
+    uint4 a = qs[0], c = qs[1];
+    unsigned int u[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        unsigned int l = u[w] & 0x0F0F0F0Fu, h = (u[w] >> 4) & 0x0F0F0F0Fu;
+        if (T == 13) {
+            unsigned int qh = ld_u32(b + 16 + 4 * w);
+            l |= ((qh >> k) & 0x01010101u) << 4;
+            h |= ((qh >> (k + 1)) & 0x01010101u) << 4;
+        }
+        lo.q[w] = (int)l;
+        hi.q[w] = (int)h;
+    }
+}
+
 // Bytes of a row of `cols` values.
 template <int T>
 __device__ __forceinline__ long row_bytes(int cols) {
