@@ -828,37 +828,16 @@ fn prefill_checks(
                 layer_kv.values = gpu.upload(&gpu.download(&kv.values)?)?;
                 layer_kv.positions = gpu.upload(&gpu.download(&kv.positions)?)?;
                 let mut out = gpu.zeros::<f32>(n * n_heads * hd)?;
-                if path == "flash" {
-                    let mut stats = gpu.zeros::<f32>(4 * n_heads * n)?;
-                    gpu.flash_prefill_attention(
-                        &q16_dev.slice(..),
-                        &mut layer_kv,
-                        &mut out.slice_mut(..),
-                        attn_shape,
-                        n,
-                        width,
-                        width,
-                        prior as u32,
-                        *signal,
-                        &mut stats,
-                    )?;
-                } else {
-                    let (mut s_buf, mut p_buf) =
-                        (gpu.zeros::<f32>(n_heads * n * width)?, gpu.zeros::<u16>(n_heads * n * width)?);
-                    gpu.prefill_attention(
-                        &q16_dev.slice(..),
-                        &mut layer_kv,
-                        &mut out.slice_mut(..),
-                        attn_shape,
-                        n,
-                        width,
-                        width,
-                        prior as u32,
-                        *signal,
-                        &mut s_buf,
-                        &mut p_buf,
-                    )?;
-                }
+                let q16 = q16_dev.slice(..);
+                let chunk = PromptChunk {
+                    q16: &q16,
+                    shape: attn_shape,
+                    rows: n,
+                    width,
+                    first_qpos: prior as u32,
+                    signal: *signal,
+                };
+                chunk.attend(gpu, path == "flash", &mut layer_kv, &mut out)?;
                 // The queries and the probabilities go to f16 (2^-11 each) on both GPU paths:
                 // the outputs move by about 1e-3 of the values' scale (1).
                 let got = gpu.download(&out)?;
@@ -961,4 +940,37 @@ fn prefill_checks(
         });
     }
     Ok(())
+}
+
+/// A prompt chunk for the checks: `rows` queries from position `first_qpos` over slots
+/// 0..width of a storage of `width` slots.
+struct PromptChunk<'a> {
+    q16: &'a cudarc::driver::CudaView<'a, u16>,
+    shape: AttentionShape,
+    rows: usize,
+    width: usize,
+    first_qpos: u32,
+    signal: Option<ScoreSignal>,
+}
+
+impl PromptChunk<'_> {
+    /// Its attention by flash.cu or by the cuBLAS blocks, each with scratch of its own.
+    fn attend(
+        &self,
+        gpu: &Gpu,
+        flash: bool,
+        kv: &mut super::kv::LayerKv,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let Self { q16, shape, rows, width, first_qpos, signal } = *self;
+        let out = &mut out.slice_mut(..);
+        if flash {
+            let mut stats = gpu.zeros::<f32>(4 * shape.n_heads * rows)?;
+            return gpu
+                .flash_prefill_attention(q16, kv, out, shape, rows, width, width, first_qpos, signal, &mut stats);
+        }
+        let cells = shape.n_heads * rows * width;
+        let (mut s_buf, mut p_buf) = (gpu.zeros::<f32>(cells)?, gpu.zeros::<u16>(cells)?);
+        gpu.prefill_attention(q16, kv, out, shape, rows, width, width, first_qpos, signal, &mut s_buf, &mut p_buf)
+    }
 }
