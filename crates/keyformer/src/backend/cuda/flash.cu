@@ -136,6 +136,29 @@ __device__ __forceinline__ void flash_qk(float (*s)[4], const unsigned (*qf)[4],
     }
 }
 
+// One tile's step of the online softmax for a thread's two rows (a: s[j][0..1], b: s[j][2..3],
+// each row spread over the 4 lanes of its quad): the tile's maxima join the running ones m_a
+// and m_b, and alpha_a, alpha_b are what the earlier sums scale by (1 while a row has seen
+// nothing).
+__device__ __forceinline__ void flash_online_max(const float (*s)[4], float& m_a, float& m_b, float& alpha_a,
+                                                 float& alpha_b) {
+    float t_a = NEG_INF, t_b = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        t_a = fmaxf(t_a, fmaxf(s[j][0], s[j][1]));
+        t_b = fmaxf(t_b, fmaxf(s[j][2], s[j][3]));
+    }
+    t_a = fmaxf(t_a, __shfl_xor_sync(0xffffffffu, t_a, 1));
+    t_a = fmaxf(t_a, __shfl_xor_sync(0xffffffffu, t_a, 2));
+    t_b = fmaxf(t_b, __shfl_xor_sync(0xffffffffu, t_b, 1));
+    t_b = fmaxf(t_b, __shfl_xor_sync(0xffffffffu, t_b, 2));
+    float n_a = fmaxf(m_a, t_a), n_b = fmaxf(m_b, t_b);
+    alpha_a = n_a == NEG_INF ? 1.0f : exp2_approx(m_a - n_a);
+    alpha_b = n_b == NEG_INF ? 1.0f : exp2_approx(m_b - n_b);
+    m_a = n_a;
+    m_b = n_b;
+}
+
 // Tile t0's slot positions into `pos` (threads < 64); whether any row in qpos lo..hi sees any
 // of its slots (the result, block-uniform) and whether every row sees every slot (*every).
 __device__ __forceinline__ bool flash_tile_seen(const FlashLogits& f, const unsigned* ph, int t0, int width,
@@ -246,23 +269,10 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
                 s[j][3] = flash_sees(f, qb, p1) ? flash_logit2(f, s[j][3], qb, p1) : NEG_INF;
             }
         }
-        float tmax_a = NEG_INF, tmax_b = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            tmax_a = fmaxf(tmax_a, fmaxf(s[j][0], s[j][1]));
-            tmax_b = fmaxf(tmax_b, fmaxf(s[j][2], s[j][3]));
-        }
-        tmax_a = fmaxf(tmax_a, __shfl_xor_sync(0xffffffffu, tmax_a, 1));
-        tmax_a = fmaxf(tmax_a, __shfl_xor_sync(0xffffffffu, tmax_a, 2));
-        tmax_b = fmaxf(tmax_b, __shfl_xor_sync(0xffffffffu, tmax_b, 1));
-        tmax_b = fmaxf(tmax_b, __shfl_xor_sync(0xffffffffu, tmax_b, 2));
-        float nm_a = fmaxf(m_a, tmax_a), nm_b = fmaxf(m_b, tmax_b);
+        float alpha_a, alpha_b;
+        flash_online_max(s, m_a, m_b, alpha_a, alpha_b);
         // Rows that have seen nothing yet keep (max -inf, sums 0): their exponentials are taken
         // against 0, and exp2(-inf) is 0.
-        float alpha_a = nm_a == NEG_INF ? 1.0f : exp2_approx(m_a - nm_a);
-        float alpha_b = nm_b == NEG_INF ? 1.0f : exp2_approx(m_b - nm_b);
-        m_a = nm_a;
-        m_b = nm_b;
         float base_a = m_a == NEG_INF ? 0.0f : m_a, base_b = m_b == NEG_INF ? 0.0f : m_b;
         float sum_a = 0.0f, sum_b = 0.0f, cnt_a = 0.0f, cnt_b = 0.0f;
         unsigned pf[4][4];
@@ -303,21 +313,8 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
             o[n][3] *= alpha_b;
         }
         if (keyformer) {
-            float nmax_a = NEG_INF, nmax_b = NEG_INF;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                nmax_a = fmaxf(nmax_a, fmaxf(s[j][0], s[j][1]));
-                nmax_b = fmaxf(nmax_b, fmaxf(s[j][2], s[j][3]));
-            }
-            nmax_a = fmaxf(nmax_a, __shfl_xor_sync(0xffffffffu, nmax_a, 1));
-            nmax_a = fmaxf(nmax_a, __shfl_xor_sync(0xffffffffu, nmax_a, 2));
-            nmax_b = fmaxf(nmax_b, __shfl_xor_sync(0xffffffffu, nmax_b, 1));
-            nmax_b = fmaxf(nmax_b, __shfl_xor_sync(0xffffffffu, nmax_b, 2));
-            float nn_a = fmaxf(mn_a, nmax_a), nn_b = fmaxf(mn_b, nmax_b);
-            float beta_a = nn_a == NEG_INF ? 1.0f : exp2_approx(mn_a - nn_a);
-            float beta_b = nn_b == NEG_INF ? 1.0f : exp2_approx(mn_b - nn_b);
-            mn_a = nn_a;
-            mn_b = nn_b;
+            float beta_a, beta_b;
+            flash_online_max(s, mn_a, mn_b, beta_a, beta_b);
             float nb_a = mn_a == NEG_INF ? 0.0f : mn_a, nb_b = mn_b == NEG_INF ? 0.0f : mn_b;
             float ns_a = 0.0f, ns_b = 0.0f;
 #pragma unroll
