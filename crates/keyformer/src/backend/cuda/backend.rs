@@ -677,13 +677,18 @@ impl Backend for Cuda {
         let n_layers = caches[0].layers.len();
         if prompt {
             // A prompt chunk: its keys and values join the cache, then attention by flash.cu
-            // (all rows at once), or, for head sizes it lacks, in blocks of PREFILL_ROWS query
-            // rows through cuBLAS, scores added block by block.
+            // (all rows at once), or, for Keyformer's scores and head sizes flash.cu lacks, in
+            // blocks of PREFILL_ROWS query rows through cuBLAS, scores added block by block.
             let cache = &mut *caches[0];
             let (start, first_pos) = cache.prompt_slots(n)?;
             let signal = cache.layer_signal(layer);
             let cap = cache.layer_capacity(layer);
+            let kv_layer = &mut cache.layers[layer];
+            let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
+            gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
             grow(gpu, &mut sc.x16, n * q_dim)?;
+            gpu.to_f16(q.get()?, n * q_dim, sc.x16.as_mut().expect("sized"))?;
+            let out = out.get_mut()?;
             // Keyformer's noisy scores keep the cuBLAS blocks: there each noise value is drawn
             // once, where flash.cu draws it twice (for the rows' noisy sums, then for the
             // scores), and the draws (random reads of a 256 KiB table) cost more than the
@@ -692,24 +697,12 @@ impl Backend for Cuda {
             if gpu.flash_handles(head_dim) && !keyformer {
                 grow(gpu, &mut sc.prefill_stats, if signal.is_some() { 4 * n_heads * n } else { 1 })?;
                 let Scratch { x16, prefill_stats, .. } = &mut *sc;
-                let (q16, stats) = (x16.as_mut().expect("sized"), prefill_stats.as_mut().expect("sized"));
-                let kv_layer = &mut cache.layers[layer];
-                let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
-                gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
-                gpu.to_f16(q.get()?, n * q_dim, q16)?;
-                let out = &mut out.get_mut()?.slice_mut(0..n * q_dim);
-                let q16 = q16.slice(0..n * q_dim);
+                let q16 = x16.as_ref().expect("sized").slice(0..n * q_dim);
+                let stats = prefill_stats.as_mut().expect("sized");
+                let out = &mut out.slice_mut(0..n * q_dim);
+                let (width, rows) = (start + n, n);
                 gpu.flash_prefill_attention(
-                    &q16,
-                    kv_layer,
-                    out,
-                    attn_shape,
-                    n,
-                    start + n,
-                    cap,
-                    first_pos,
-                    signal,
-                    stats,
+                    &q16, kv_layer, out, attn_shape, rows, width, cap, first_pos, signal, stats,
                 )?;
             } else {
                 let block = n.min(PREFILL_ROWS);
@@ -717,16 +710,8 @@ impl Backend for Cuda {
                 grow(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
                 grow(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
                 let Scratch { x16, prefill_s, prefill_p, .. } = &mut *sc;
-                let (q16, s_buf, p_buf) = (
-                    x16.as_mut().expect("sized"),
-                    prefill_s.as_mut().expect("sized"),
-                    prefill_p.as_mut().expect("sized"),
-                );
-                let kv_layer = &mut cache.layers[layer];
-                let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
-                gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
-                gpu.to_f16(q.get()?, n * q_dim, q16)?;
-                let out = out.get_mut()?;
+                let q16 = x16.as_ref().expect("sized");
+                let (s_buf, p_buf) = (prefill_s.as_mut().expect("sized"), prefill_p.as_mut().expect("sized"));
                 for r0 in (0..n).step_by(block) {
                     let rows = block.min(n - r0);
                     gpu.prefill_attention(
