@@ -11,28 +11,36 @@ sum with the bench's ms/step):
     python3 scripts/ncu-step.py step.csv
 
 A step runs from one embedding lookup to the next; the last complete one is tabulated.
+With --all, every launch but the random weights' fills is (a prefill: `-n 1` and
+KEYFORMER_PREFILL_CHUNK=4096 make it one pass; scripts/hf_prefill_profile.py is transformers'
+side).
 """
 import collections
 import csv
 import sys
 
 
-def main(path):
+def main(path, whole_run=False):
     lines = [line for line in open(path) if line.startswith('"')]
     rows = list(csv.reader(lines))
     header, rows = rows[0], rows[1:]
     name, grid, value = (header.index(k) for k in ("Kernel Name", "Grid Size", "Metric Value"))
     launches = [(r[name], r[grid], float(r[value].replace(",", ""))) for r in rows]
-    starts = [i for i, launch in enumerate(launches) if launch[0].startswith("embed")]
-    if len(starts) < 2:
-        sys.exit(f"{path}: fewer than two embedding lookups, so no complete decode step")
-    step = launches[starts[-2]:starts[-1]]
+    if whole_run:
+        step = [launch for launch in launches if not launch[0].startswith("fill_random")]
+        what = "the run"
+    else:
+        starts = [i for i, launch in enumerate(launches) if launch[0].startswith("embed")]
+        if len(starts) < 2:
+            sys.exit(f"{path}: fewer than two embedding lookups, so no complete decode step")
+        step = launches[starts[-2]:starts[-1]]
+        what = "one decode step"
     total = sum(ns for _, _, ns in step)
     by_kernel = collections.defaultdict(lambda: [0, 0.0])
     for kernel, g, ns in step:
         by_kernel[(kernel, g)][0] += 1
         by_kernel[(kernel, g)][1] += ns
-    print(f"one decode step: {len(step)} launches, {total / 1e3:.0f} us (kernels alone, caches flushed)\n")
+    print(f"{what}: {len(step)} launches, {total / 1e3:.0f} us (kernels alone, caches flushed)\n")
     print("| kernel | grid | launches | us | us each | share |")
     print("|---|---|---:|---:|---:|---:|")
     for (kernel, g), (n, ns) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1]):
@@ -40,6 +48,7 @@ def main(path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = [a for a in sys.argv[1:] if a != "--all"]
+    if len(args) != 1:
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(args[0], whole_run="--all" in sys.argv[1:])

@@ -6,7 +6,8 @@ use cudarc::driver::CudaSlice;
 use keyformer_kv::{noise::NoiseKind, Amount, PolicyConfig, PolicyKind, Signal};
 
 use super::{
-    dev_addr, AttentionScratch, AttentionShape, AttnRow, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal, FREE_SLOT,
+    dev_addr, AttentionScratch, AttentionShape, AttnRow, CombinePlan, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal,
+    FREE_SLOT,
 };
 use crate::backend::cpu::ops::{self as cpu, WeightView};
 use crate::kv::{HeadKv, KvType};
@@ -342,6 +343,19 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             err = err.max(worst(&got[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
         }
         checks.push(row(name, err, 1e-4, "relative to the largest score of the KV head"));
+        // Large batches combine each head in one block: the same sums, in the same order.
+        gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
+        let whole = CombinePlan { whole_heads: true, fold_victims: false };
+        gpu.attention_rows_planned(&scored_row.slice(0..1), 1, shape_a, &mut scratch, whole)?;
+        let (whole_scores, whole_out) = (gpu.download(&score_dev)?, gpu.download(&out_dev)?);
+        let differ = whole_scores.iter().zip(&got).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+            + whole_out.iter().zip(&got_out).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        checks.push(row(
+            &format!("{name} and output, whole heads per block"),
+            differ as f64,
+            0.0,
+            "scores and outputs not bit-equal to the ranges' (the same sums in the same order)",
+        ));
         if name == "keyformer scores" {
             // A decode step's eviction: the GPU's victims from its scores against the CPU
             // policy's (`SequencePolicy::victims`) from the CPU's.
@@ -381,12 +395,18 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
                 ..base_row.with_signal(Some(signal), score_addr, slots)
             };
             let victim_row = gpu.upload(&[victim_row])?;
-            // The step again from zero scores, the victims chosen in the combination pass and
-            // in a kernel of their own, each on fresh positions.
-            for fold in [true, false] {
+            // The step again from zero scores, the victims chosen in the combination pass (over
+            // ranges of a head's slots, or whole heads) and in a kernel of their own, each on
+            // fresh positions.
+            let plans = [
+                (CombinePlan { whole_heads: false, fold_victims: true }, "in the combination pass"),
+                (CombinePlan { whole_heads: true, fold_victims: true }, "in the combination pass, whole heads"),
+                (CombinePlan { whole_heads: false, fold_victims: false }, "a kernel of its own"),
+            ];
+            for (plan, where_chosen) in plans {
                 gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
                 gpu.upload_into(&gpu.download(&kv.positions)?, &mut positions_copy)?;
-                gpu.attention_rows_choosing(&victim_row.slice(0..1), 1, shape_a, &mut scratch, fold)?;
+                gpu.attention_rows_planned(&victim_row.slice(0..1), 1, shape_a, &mut scratch, plan)?;
                 let gpu_victims = gpu.download(&victims_dev)?;
                 let freed = gpu.download(&positions_copy)?;
                 let differ = cpu_victims.iter().zip(&gpu_victims).filter(|(a, b)| a != b).count()
@@ -397,10 +417,7 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
                         .filter(|&(g, &v)| v != FREE_SLOT && freed[g * slots + v as usize] != FREE_SLOT)
                         .count();
                 checks.push(row(
-                    &format!(
-                        "eviction picks the same victim ({})",
-                        if fold { "in the combination pass" } else { "a kernel of its own" }
-                    ),
+                    &format!("eviction picks the same victim ({where_chosen})"),
                     differ as f64,
                     0.0,
                     "KV heads whose decode-step victim differs between the CPU policy and the GPU (+1 per victim \

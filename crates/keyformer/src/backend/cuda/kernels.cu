@@ -640,29 +640,21 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
     return v;
 }
 
-// A decode step's victim candidates among slots lo..hi of KV head g of a row (every thread of
-// the block calls this): the occupied slot outside the recent window (position >= first_recent)
-// and the sinks (position < sinks) with the lowest score, ties to the oldest position
-// (keyformer_kv's single-victim choice, packed the same way: score bits in total order above the
-// position). Returns its key (~0 where there is none) and, in *slot, its slot.
-__device__ unsigned long long block_victim(const AttnRow& r, const HeadSlots& hs, int lo, int hi, unsigned* slot) {
+// A slot's key as a victim candidate: its score's bits in total order above its position
+// (keyformer_kv's single-victim choice: the lowest score, ties to the oldest), ~0 for a slot
+// that may not go: free, in the recent window (position >= first_recent) or a sink (position
+// < sinks).
+__device__ __forceinline__ unsigned long long victim_key(const AttnRow& r, unsigned p, float score) {
+    bool may_go = p != FREE_SLOT && p < r.first_recent && p >= r.sinks;
+    return may_go ? ((unsigned long long)total_order_bits(score) << 32) | p : ~0ull;
+}
+
+// The least of the block's candidates (each thread's `best`, at `best_slot`; every thread of
+// the block calls this): returns its key (~0 where there is none) and, in *slot, its slot.
+__device__ unsigned long long block_least_victim(unsigned long long best, int best_slot, unsigned* slot) {
     __shared__ unsigned long long partial[32];
     __shared__ unsigned long long block_best;
     __shared__ unsigned block_slot;
-    const float* sc = r.scores ? r.scores + hs.first_score : nullptr;
-    const unsigned* pos = r.slot_pos + hs.first;
-    unsigned long long best = ~0ull;
-    int best_slot = -1;
-    for (int s = lo + threadIdx.x; s < hi; s += blockDim.x) {
-        unsigned p = pos[s];
-        if (p != FREE_SLOT && p < r.first_recent && p >= r.sinks) {
-            unsigned long long key = ((unsigned long long)total_order_bits(sc ? sc[s] : 0.0f) << 32) | p;
-            if (key < best) {
-                best = key;
-                best_slot = s;
-            }
-        }
-    }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned long long v = warp_min_u64(best);
     if (lane == 0) partial[warp] = v;
@@ -693,36 +685,48 @@ __device__ void free_victim(const AttnRow& r, const HeadSlots& hs, int g, unsign
     }
 }
 
-// The victim choice as a kernel of its own, block (g, row z) for rows that evict: at large
-// batches this beats folding it into the combination pass (an H100 at 56 sequences: 31.2
-// against 32.5 ms a step), at batch 1 the fold wins (one launch fewer a layer; VICTIM_FOLD_ROWS
-// in mod.rs picks).
+// The victim choice as a kernel of its own, block (g, row z) for rows that evict (the
+// combination pass chooses them when its blocks split a head's slots into ranges and the batch
+// is large: `CombinePlan` in mod.rs).
 extern "C" __global__ void choose_victims(const AttnRow* rows) {
     const AttnRow& r = rows[blockIdx.y];
     if (!r.evict) return;
     int g = blockIdx.x;
     HeadSlots hs = head_slots(r, g);
+    const float* sc = r.scores ? r.scores + hs.first_score : nullptr;
+    const unsigned* pos = r.slot_pos + hs.first;
+    unsigned long long best = ~0ull;
+    int best_slot = -1;
+    for (int s = threadIdx.x; s < hs.width; s += blockDim.x) {
+        unsigned long long key = victim_key(r, pos[s], sc ? sc[s] : 0.0f);
+        if (key < best) {
+            best = key;
+            best_slot = s;
+        }
+    }
     unsigned slot;
-    block_victim(r, hs, 0, hs.width, &slot);
+    block_least_victim(best, best_slot, &slot);
     if (threadIdx.x == 0) free_victim(r, hs, g, slot);
 }
 
-// Decode attention, pass 2: block (KV head g, range y of COMBINE_SLOTS slots, row z) combines
+// Decode attention, pass 2: block (KV head g, range y of `range_slots` slots, row z) combines
 // the chunks of g's query heads (out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c; blocks
 // with y = 0 write it) and, when a policy scores, adds each slot of its range's probability
-// summed over the group to the row's scores[g][slot]. Every block
-// of a KV head recomputes the chunk weights (a few hundred exponentials) so that the slots
-// spread over many blocks; no atomics, so the sums are the same every run.
-// With `fold_victims`, a row that evicts has each KV head's victim chosen here too (at small
-// batches, where a kernel of its own costs a launch a layer; `block_victim` says which): each
-// block of the head's ranges writes its range's best to victim_keys / victim_slots
-// [rows][n_kv_heads][ranges]; the last of them to finish (counted in victim_count, which it
-// resets) takes the best of all, frees that slot and makes it the row's next token's slot.
-#define COMBINE_SLOTS 512
+// summed over the group to the row's scores[g][slot]. A warp per (query head, softmax) finds
+// the chunk weights, its lanes over the chunks; every block of a KV head recomputes them so
+// that the slots can spread over many blocks; no atomics, so the sums are the same every run.
+// Small batches split a head's slots into ranges (more blocks); large ones give a block the
+// whole head (range_slots >= width), which then also chooses the victim from the scores it
+// has in registers.
+// With `fold_victims`, a row that evicts has each KV head's victim chosen here: with one range
+// the block frees it; with several each block writes its range's best to victim_keys /
+// victim_slots [rows][n_kv_heads][ranges] and the last of them to finish (counted in
+// victim_count, which it resets) takes the best of all, frees that slot and makes it the
+// row's next token's slot.
 extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float* part_out,
                                                const float* part_stats, const float* score_exps, int n_heads,
                                                int n_kv_heads, int head_dim, int max_width, int max_chunks,
-                                               int fold_victims, unsigned long long* victim_keys,
+                                               int range_slots, int fold_victims, unsigned long long* victim_keys,
                                                unsigned* victim_slots, unsigned* victim_count) {
     __shared__ float weight[ATTN_MAX_GROUP * ATTN_CHUNKS];   // e^(m_c - M) / L, output
     __shared__ float sweight[ATTN_MAX_GROUP * ATTN_CHUNKS];  // the same for the scored softmax
@@ -731,8 +735,9 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
     HeadSlots hs = head_slots(r, g);
     int width = hs.width, score_mode = r.score_mode;
     int chunks = (width + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    int lo = blockIdx.y * range_slots, hi = min(width, lo + range_slots);
     bool writes_out = blockIdx.y == 0, victim = r.evict && fold_victims;
-    if (!writes_out && ((score_mode == SCORE_NONE && !victim) || (int)blockIdx.y * COMBINE_SLOTS >= width)) return;
+    if (!writes_out && ((score_mode == SCORE_NONE && !victim) || lo >= width)) return;
     size_t zh = (size_t)blockIdx.z * n_heads;
     if (width == 0) {
         if (writes_out) {
@@ -742,21 +747,24 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
         return;
     }
     int n_soft = score_mode == SCORE_NONE ? 1 : 2;
-    for (int task = threadIdx.x; task < group * n_soft; task += blockDim.x) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int task = warp; task < group * n_soft; task += blockDim.x >> 5) {
         int j = task % group, which = task / group;
         if (which == 0 && !writes_out) continue;
-        const float* st = part_stats + (zh + h0 + j) * max_chunks * 4;
+        const float* st = part_stats + (zh + h0 + j) * max_chunks * 4 + 2 * which;
         float* w = (which == 0 ? weight : sweight) + j * ATTN_CHUNKS;
         float M = NEG_INF;
-        for (int cc = 0; cc < chunks; cc++) M = fmaxf(M, st[cc * 4 + 2 * which]);
+        for (int cc = lane; cc < chunks; cc += 32) M = fmaxf(M, st[cc * 4]);
+        M = warp_max(M);
         float L = 0.0f;
-        for (int cc = 0; cc < chunks; cc++) {
-            float e = M == NEG_INF ? 0.0f : expf(st[cc * 4 + 2 * which] - M);
+        for (int cc = lane; cc < chunks; cc += 32) {
+            float e = M == NEG_INF ? 0.0f : expf(st[cc * 4] - M);
             w[cc] = e;
-            L += e * st[cc * 4 + 2 * which + 1];
+            L += e * st[cc * 4 + 1];
         }
+        L = warp_sum(L);
         float inv = L > 0.0f ? 1.0f / L : 0.0f;
-        for (int cc = 0; cc < chunks; cc++) w[cc] *= inv;
+        for (int cc = lane; cc < chunks; cc += 32) w[cc] *= inv;  // the entries this lane wrote
     }
     __syncthreads();
     if (writes_out) {
@@ -768,24 +776,38 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
             r.out[(size_t)(h0 + j) * head_dim + d] = acc;
         }
     }
-    if (score_mode != SCORE_NONE) {
-        int end = min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS);
-        float* scores = r.scores + hs.first_score;
-        for (int s = blockIdx.y * COMBINE_SLOTS + threadIdx.x; s < end; s += blockDim.x) {
+    if (score_mode == SCORE_NONE && !victim) return;
+    float* scores = r.scores ? r.scores + hs.first_score : nullptr;
+    const unsigned* pos = r.slot_pos + hs.first;
+    unsigned long long best = ~0ull;
+    int best_slot = -1;
+    for (int s = lo + threadIdx.x; s < hi; s += blockDim.x) {
+        float score = scores ? scores[s] : 0.0f;
+        if (score_mode != SCORE_NONE) {
             int cc = s / ATTN_CHUNK;
             float acc = 0.0f;
             for (int j = 0; j < group; j++)
                 acc += score_exps[(zh + h0 + j) * max_width + s] * sweight[j * ATTN_CHUNKS + cc];
-            scores[s] += acc;
+            score += acc;
+            scores[s] = score;
+        }
+        if (victim) {
+            unsigned long long key = victim_key(r, pos[s], score);
+            if (key < best) {
+                best = key;
+                best_slot = s;
+            }
         }
     }
     if (!victim) return;
-    // Each thread reads back only the scores it wrote above (the same slots).
     __shared__ bool last;
     unsigned block_slot;
-    unsigned long long block_best =
-        block_victim(r, hs, blockIdx.y * COMBINE_SLOTS, min(width, (int)(blockIdx.y + 1) * COMBINE_SLOTS), &block_slot);
-    int ranges = (width + COMBINE_SLOTS - 1) / COMBINE_SLOTS;
+    unsigned long long block_best = block_least_victim(best, best_slot, &block_slot);
+    int ranges = (width + range_slots - 1) / range_slots;
+    if (ranges == 1) {
+        if (threadIdx.x == 0) free_victim(r, hs, g, block_slot);
+        return;
+    }
     size_t head = (size_t)blockIdx.z * n_kv_heads + g;
     if (threadIdx.x == 0) {
         victim_keys[head * gridDim.y + blockIdx.y] = block_best;

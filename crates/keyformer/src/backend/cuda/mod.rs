@@ -172,6 +172,9 @@ pub struct Gpu {
     /// Decode attentions of at most this many rows choose their victims in the combination
     /// pass; larger batches in a kernel of their own (`KEYFORMER_VICTIM_FOLD_ROWS` overrides).
     pub victim_fold_rows: usize,
+    /// Decode attentions of at least this many (row, KV head) pairs combine whole heads
+    /// ([`CombinePlan`]; `KEYFORMER_COMBINE_WHOLE_BLOCKS` overrides, 0 for always).
+    pub combine_whole_blocks: usize,
     /// Prompts go through flash.cu where the head size allows (tensor-core mma needs sm_80;
     /// `KEYFORMER_FLASH_PREFILL=0` keeps the cuBLAS path, for comparisons).
     pub flash_prefill: bool,
@@ -189,6 +192,32 @@ const FLASH_ROWS: usize = 64;
 /// launch a layer (h2o 157.0 -> 160.3 t/s, keyformer 156.7 -> 160.0), at 8 the two are level
 /// (within 1%), at 56 the fold cost 4% of a step.
 const VICTIM_FOLD_ROWS: usize = 4;
+
+/// Decode attentions with at least this many (row, KV head) pairs per SM combine each head in
+/// one block (`CombinePlan::whole_heads`).
+const COMBINE_WHOLE_BLOCKS_PER_SM: usize = 4;
+
+/// How the decode attention's combination pass is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CombinePlan {
+    /// One block per (row, KV head) over all its slots, which also chooses the victim from the
+    /// scores it has just summed; else blocks of `COMBINE_SLOTS` slots each (more blocks, for
+    /// small batches).
+    pub whole_heads: bool,
+    /// With ranges: the victims chosen in the combination pass (the last range of a head to
+    /// finish takes the best of all) rather than in a kernel of their own.
+    pub fold_victims: bool,
+}
+
+impl CombinePlan {
+    /// The plan for `heads` (row, KV head) pairs: whole heads from `whole_blocks` pairs on (the
+    /// SMs have enough blocks; a separate victim kernel then costs a launch and a second read of
+    /// the scores), else ranges, the victims folded in for small batches (`fold_small`).
+    pub fn for_batch(heads: usize, whole_blocks: usize, fold_small: bool) -> Self {
+        let whole_heads = heads >= whole_blocks;
+        Self { whole_heads, fold_victims: whole_heads || fold_small }
+    }
+}
 
 /// Whether a product of `n` rows of `cols` values goes through our GEMV (kernels.cu
 /// `gemv_f16`): one row only; with more, cuBLAS was faster (measured at 4 rows on an H100).
@@ -541,7 +570,21 @@ impl Gpu {
         let victim_fold_rows =
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
         let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
-        Ok(Self { info, stream, blas, kernels, gumbel_table, sm_count, victim_fold_rows, flash_prefill })
+        let combine_whole_blocks = std::env::var("KEYFORMER_COMBINE_WHOLE_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(COMBINE_WHOLE_BLOCKS_PER_SM * sm_count);
+        Ok(Self {
+            info,
+            stream,
+            blas,
+            kernels,
+            gumbel_table,
+            sm_count,
+            victim_fold_rows,
+            combine_whole_blocks,
+            flash_prefill,
+        })
     }
 
     pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, GpuError> {
@@ -1288,8 +1331,7 @@ impl Gpu {
     /// (flash-decoding: chunks of slots in parallel, then their combination): each row's `out`
     /// gets `[n_heads][head_dim]`; a scored row adds each slot's
     /// probability under its signal, summed over the query heads of its KV head, to `scores`.
-    /// Rows that evict choose their victims too (in the combination pass for batches up to
-    /// `victim_fold_rows`, else in a kernel of their own).
+    /// Rows that evict choose their victims too ([`CombinePlan::for_batch`] says where).
     pub fn attention_rows(
         &self,
         rows: &CudaView<AttnRow>,
@@ -1297,18 +1339,23 @@ impl Gpu {
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
-        self.attention_rows_choosing(rows, n_rows, shape, scratch, n_rows <= self.victim_fold_rows)
+        let plan = CombinePlan::for_batch(
+            n_rows * shape.n_kv_heads,
+            self.combine_whole_blocks,
+            n_rows <= self.victim_fold_rows,
+        );
+        self.attention_rows_planned(rows, n_rows, shape, scratch, plan)
     }
 
-    /// [`attention_rows`](Self::attention_rows) with the victims chosen in the combination pass
-    /// (`fold_victims`) or in a kernel of their own (the same victims either way).
-    pub fn attention_rows_choosing(
+    /// [`attention_rows`](Self::attention_rows) with the combination pass laid out as `plan`
+    /// says (the same outputs, scores and victims for every plan).
+    pub fn attention_rows_planned(
         &self,
         rows: &CudaView<AttnRow>,
         n_rows: usize,
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
-        fold_victims: bool,
+        plan: CombinePlan,
     ) -> Result<(), GpuError> {
         let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window, alibi_max } =
             shape;
@@ -1360,7 +1407,8 @@ impl Gpu {
         // SAFETY: block (row, KV head, chunk) reads its row's slots (< width <= capacity, as the
         // rows promise) and writes its own entries of the scratch (sized above).
         unsafe { b.launch(cfg) }?;
-        let ranges = max_width.div_ceil(COMBINE_SLOTS).max(1) as u32;
+        let range_slots = if plan.whole_heads { max_width.max(1) } else { COMBINE_SLOTS };
+        let ranges = max_width.div_ceil(range_slots).max(1) as u32;
         let cfg = LaunchConfig {
             grid_dim: (n_kv_heads as u32, ranges, n_rows as u32),
             block_dim: (256, 1, 1),
@@ -1369,12 +1417,15 @@ impl Gpu {
         let mut b = self.stream.launch_builder(&self.kernels.attn_decode_combine);
         b.arg(rows).arg(&*part_out).arg(&*part_stats).arg(&*score_exps);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]);
-        let fold = i32::from(fold_victims);
+        let range_slots = range_slots as i32;
+        let fold = i32::from(plan.fold_victims || plan.whole_heads);
+        b.arg(&range_slots);
         b.arg(&fold).arg(&mut *victim_keys).arg(&mut *victim_slots).arg(&mut *victim_count);
         // SAFETY: block (g, 0, row) writes g's query heads' outputs of the row; block (g, y, row),
         // when scoring, its range of KV head g's score row, and for a row that evicts its entry
-        // of the victim scratch ((row, g, y) < rows x KV heads x ranges, sized above); the last
-        // range of (row, g) frees one slot of g's (below its width).
+        // of the victim scratch ((row, g, y) < rows x KV heads x ranges, at most the scratch's
+        // ranges of COMBINE_SLOTS); the last range of (row, g) frees one slot of g's (below its
+        // width).
         unsafe { b.launch(cfg) }?;
         if fold == 0 {
             let cfg = LaunchConfig {
