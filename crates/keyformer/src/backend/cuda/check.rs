@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 use keyformer_kv::{noise::NoiseKind, Amount, PolicyConfig, PolicyKind, Signal};
 
 use super::{
-    dev_addr, AttentionScratch, AttentionShape, AttnRow, CombinePlan, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal,
+    dev_addr, AttentionScratch, AttentionShape, AttnRow, DecodePass, DeviceKv, Gpu, GpuError, GpuInfo, ScoreSignal,
     FREE_SLOT,
 };
 use crate::backend::cpu::ops::{self as cpu, WeightView};
@@ -343,19 +343,33 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             err = err.max(worst(&got[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
         }
         checks.push(row(name, err, 1e-4, "relative to the largest score of the KV head"));
-        // Large batches combine each head in one block: the same sums, in the same order.
+        // Large batches combine each head in one block (the same sums in the same order as
+        // the ranges), or attend in one pass (another order: against the CPU again).
         gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
-        let whole = CombinePlan { whole_heads: true, fold_victims: false };
-        gpu.attention_rows_planned(&scored_row.slice(0..1), 1, shape_a, &mut scratch, whole)?;
+        gpu.attention_rows_as(&scored_row.slice(0..1), 1, shape_a, &mut scratch, DecodePass::WholeHeads)?;
         let (whole_scores, whole_out) = (gpu.download(&score_dev)?, gpu.download(&out_dev)?);
         let differ = whole_scores.iter().zip(&got).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
             + whole_out.iter().zip(&got_out).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         checks.push(row(
-            &format!("{name} and output, whole heads per block"),
+            &format!("{name} and output, whole heads per combining block"),
             differ as f64,
             0.0,
             "scores and outputs not bit-equal to the ranges' (the same sums in the same order)",
         ));
+        gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
+        gpu.attention_rows_as(&scored_row.slice(0..1), 1, shape_a, &mut scratch, DecodePass::OnePass)?;
+        let (one_scores, one_out) = (gpu.download(&score_dev)?, gpu.download(&out_dev)?);
+        checks.push(row(
+            &format!("attention output (with {name}), one pass"),
+            worst(&one_out, &want_out, |_| scale),
+            1e-4,
+            "relative to the largest output",
+        ));
+        let mut err = 0f64;
+        for (g, w) in want.iter().enumerate() {
+            err = err.max(worst(&one_scores[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
+        }
+        checks.push(row(&format!("{name}, one pass"), err, 1e-4, "relative to the largest score of the KV head"));
         if name == "keyformer scores" {
             // A decode step's eviction: the GPU's victims from its scores against the CPU
             // policy's (`SequencePolicy::victims`) from the CPU's.
@@ -396,17 +410,18 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             };
             let victim_row = gpu.upload(&[victim_row])?;
             // The step again from zero scores, the victims chosen in the combination pass (over
-            // ranges of a head's slots, or whole heads) and in a kernel of their own, each on
-            // fresh positions.
-            let plans = [
-                (CombinePlan { whole_heads: false, fold_victims: true }, "in the combination pass"),
-                (CombinePlan { whole_heads: true, fold_victims: true }, "in the combination pass, whole heads"),
-                (CombinePlan { whole_heads: false, fold_victims: false }, "a kernel of its own"),
+            // ranges of a head's slots, or whole heads), in the one pass and in a kernel of
+            // their own, each on fresh positions.
+            let passes = [
+                (DecodePass::Ranges { fold_victims: true }, "in the combination pass"),
+                (DecodePass::WholeHeads, "in the combination pass, whole heads"),
+                (DecodePass::OnePass, "in one pass"),
+                (DecodePass::Ranges { fold_victims: false }, "a kernel of its own"),
             ];
-            for (plan, where_chosen) in plans {
+            for (pass, where_chosen) in passes {
                 gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
                 gpu.upload_into(&gpu.download(&kv.positions)?, &mut positions_copy)?;
-                gpu.attention_rows_planned(&victim_row.slice(0..1), 1, shape_a, &mut scratch, plan)?;
+                gpu.attention_rows_as(&victim_row.slice(0..1), 1, shape_a, &mut scratch, pass)?;
                 let gpu_victims = gpu.download(&victims_dev)?;
                 let freed = gpu.download(&positions_copy)?;
                 let differ = cpu_victims.iter().zip(&gpu_victims).filter(|(a, b)| a != b).count()

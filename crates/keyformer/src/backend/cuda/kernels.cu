@@ -441,6 +441,118 @@ __device__ __forceinline__ float alibi_slope(int h, int n_heads, float alibi_max
     return exp2f(-alibi_max * (float)i / (float)p);
 }
 
+// The logits of slots lo .. lo + m of KV head hs of a row for the group's query heads (sq:
+// [group][head_dim] in shared memory; skey: each query head's noise key) into sl[j * ATTN_CHUNK
+// + t], and for Keyformer the noisy ones ((logit + g) / tau) into sn; masked slots get NEG_INF.
+// Two threads per slot (blockDim = 2 * ATTN_CHUNK), each dotting half the key (16-byte loads)
+// with every query head of the group; one shuffle joins the halves. (A warp per slot needed a
+// 5-step shuffle per query head and slot, and drew the noise on one lane.)
+template <int GROUP>
+__device__ __forceinline__ void chunk_logits(const AttnRow& row_desc, const HeadSlots& hs, int lo, int m, int group,
+                                             int head_dim, int h0, int n_heads, const float* sq,
+                                             const unsigned* skey, float scale, float softcap, unsigned window,
+                                             float alibi_max, const float* gumbel_table, int table_bits, float* sl,
+                                             float* sn) {
+    int score_mode = row_desc.score_mode;
+    unsigned query_pos = row_desc.query_pos;
+    const unsigned short* keys = row_desc.keys;
+    const unsigned* slot_pos = row_desc.slot_pos;
+    float inv_tau = row_desc.inv_tau;
+    int t = threadIdx.x >> 1, half = threadIdx.x & 1;
+    int tt = min(t, m - 1);
+    unsigned p = slot_pos[hs.first + lo + tt];
+    int span = head_dim / 2, d0 = half * span;
+    const uint4* k = (const uint4*)(keys + (hs.first + lo + tt) * head_dim + d0);
+    float acc[GROUP];
+#pragma unroll
+    for (int j = 0; j < GROUP; j++) acc[j] = 0.0f;
+    for (int i = 0; i < span / 8; i++) {
+        uint4 w = k[i];
+        unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float a = h2f((unsigned short)(words[e] & 0xffffu)), b = h2f((unsigned short)(words[e] >> 16));
+            int d = d0 + 8 * i + 2 * e;
+#pragma unroll
+            for (int j = 0; j < GROUP; j++)
+                if (j < group) acc[j] += sq[j * head_dim + d] * a + sq[j * head_dim + d + 1] * b;
+        }
+    }
+    bool visible = t < m && p != FREE_SLOT && p <= query_pos && (window == 0 || query_pos - p < window);
+#pragma unroll
+    for (int j = 0; j < GROUP; j++) {
+        if (j >= group) break;
+        float dsum = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 1);
+        if (half == 0 && t < m) {
+            float x = dsum * scale;
+            if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+            x += alibi_slope(h0 + j, n_heads, alibi_max) * ((float)p - (float)query_pos);
+            x = visible ? x : NEG_INF;
+            sl[j * ATTN_CHUNK + t] = x;
+            if (score_mode == SCORE_KEYFORMER)
+                sn[j * ATTN_CHUNK + t] =
+                    visible ? (x + gumbel_table[position_hash(skey[j], p) >> (32 - table_bits)]) * inv_tau : NEG_INF;
+        }
+    }
+}
+
+// acc[j] += sum_t w[j * ATTN_CHUNK + t] v_t over the m slots from `values` (a KV head's f16
+// rows): a warp per slot (two values per lane per step, each value read once for the group),
+// UNROLL slots in flight; each warp sums its own slots, the caller adds the warps' sums.
+template <int GROUP, int HD>
+__device__ __forceinline__ void chunk_values(const unsigned short* values, int m, int group, int head_dim,
+                                             const float* w, float (&acc)[GROUP][HD / 64][2]) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
+        float2 vv[UNROLL][HD / 64];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            lane_pairs<HD>(values + (size_t)min(t0 + u, m - 1) * head_dim, lane, head_dim, vv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            if (t0 + u >= m) break;
+#pragma unroll
+            for (int j = 0; j < GROUP; j++) {
+                if (j >= group) break;
+                float wt = w[j * ATTN_CHUNK + t0 + u];
+#pragma unroll
+                for (int r = 0; r < HD / 64; r++) {
+                    acc[j][r][0] += wt * vv[u][r].x;
+                    acc[j][r][1] += wt * vv[u][r].y;
+                }
+            }
+        }
+    }
+}
+
+// out[j * stride + d] = (the block's warps' acc[j] summed) * (inv ? inv[j] : 1) for the
+// group's query heads (every thread of the block calls this; sred: ATTN_WARPS * HD floats).
+template <int GROUP, int HD>
+__device__ __forceinline__ void warps_output(const float (&acc)[GROUP][HD / 64][2], int group, int head_dim,
+                                             float* sred, float* out, size_t stride, const float* inv) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < GROUP; j++) {
+        if (j >= group) break;
+#pragma unroll
+        for (int r = 0; r < HD / 64; r++) {
+            int i = 2 * lane + 64 * r;
+            if (i < head_dim) {
+                sred[warp * HD + i] = acc[j][r][0];
+                sred[warp * HD + i + 1] = acc[j][r][1];
+            }
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int w = 0; w < ATTN_WARPS; w++) o += sred[w * HD + d];
+            out[j * stride + d] = inv ? o * inv[j] : o;
+        }
+        __syncthreads();
+    }
+}
+
 template <int GROUP, int HD>
 __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, int n_heads, int n_kv_heads,
                                                          int head_dim, int max_width, float scale, float softcap,
@@ -455,10 +567,7 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
     const AttnRow& row_desc = rows[blockIdx.x];
     int score_mode = row_desc.score_mode;
     unsigned query_pos = row_desc.query_pos;
-    const unsigned short* keys = row_desc.keys;
     const unsigned short* values = row_desc.values;
-    const unsigned* slot_pos = row_desc.slot_pos;
-    float inv_tau = row_desc.inv_tau;
     // Rows vary fastest: the rows of a prompt chunk read the same slots one after another,
     // so those come from L2.
     int g = blockIdx.y, c = blockIdx.z, chunks = gridDim.z, z = blockIdx.x;
@@ -476,47 +585,8 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
         skey[threadIdx.x] = noise_row_key(row_desc.seed, layer, h0 + threadIdx.x, query_pos);
     __syncthreads();
 
-    // Logits: two threads per slot (blockDim = 2 * ATTN_CHUNK), each dotting half the key
-    // (16-byte loads) with every query head of the group; one shuffle joins the halves. (A warp
-    // per slot needed a 5-step shuffle per query head and slot, and drew the noise on one lane.)
-    {
-        int t = threadIdx.x >> 1, half = threadIdx.x & 1;
-        int tt = min(t, m - 1);
-        unsigned p = slot_pos[hs.first + lo + tt];
-        int span = head_dim / 2, d0 = half * span;
-        const uint4* k = (const uint4*)(keys + (hs.first + lo + tt) * head_dim + d0);
-        float acc[GROUP];
-#pragma unroll
-        for (int j = 0; j < GROUP; j++) acc[j] = 0.0f;
-        for (int i = 0; i < span / 8; i++) {
-            uint4 w = k[i];
-            unsigned words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float a = h2f((unsigned short)(words[e] & 0xffffu)), b = h2f((unsigned short)(words[e] >> 16));
-                int d = d0 + 8 * i + 2 * e;
-#pragma unroll
-                for (int j = 0; j < GROUP; j++)
-                    if (j < group) acc[j] += sq[j * head_dim + d] * a + sq[j * head_dim + d + 1] * b;
-            }
-        }
-        bool visible = t < m && p != FREE_SLOT && p <= query_pos && (window == 0 || query_pos - p < window);
-#pragma unroll
-        for (int j = 0; j < GROUP; j++) {
-            if (j >= group) break;
-            float dsum = acc[j] + __shfl_xor_sync(0xffffffffu, acc[j], 1);
-            if (half == 0 && t < m) {
-                float x = dsum * scale;
-                if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-                x += alibi_slope(h0 + j, n_heads, alibi_max) * ((float)p - (float)query_pos);
-                x = visible ? x : NEG_INF;
-                sl[j * ATTN_CHUNK + t] = x;
-                if (score_mode == SCORE_KEYFORMER)
-                    sn[j * ATTN_CHUNK + t] =
-                        visible ? (x + gumbel_table[position_hash(skey[j], p) >> (32 - table_bits)]) * inv_tau : NEG_INF;
-            }
-        }
-    }
+    chunk_logits<GROUP>(row_desc, hs, lo, m, group, head_dim, h0, n_heads, sq, skey, scale, softcap, window, alibi_max,
+                        gumbel_table, table_bits, sl, sn);
     __syncthreads();
 
     // Each softmax over the chunk: a warp per (query head, softmax), no block-wide syncs.
@@ -546,53 +616,15 @@ __device__ __forceinline__ void attn_decode_partial_body(const AttnRow* rows, in
     }
     __syncthreads();
 
-    // The chunk's unnormalised outputs: a warp per slot (two values per lane per step, each
-    // value read once for the group), then the warps' sums added through shared memory.
+    // The chunk's unnormalised outputs, then the warps' sums added through shared memory.
     float acc[GROUP][HD / 64][2];
 #pragma unroll
     for (int j = 0; j < GROUP; j++)
 #pragma unroll
         for (int r = 0; r < HD / 64; r++) acc[j][r][0] = acc[j][r][1] = 0.0f;
-    for (int t0 = warp * UNROLL; t0 < m; t0 += ATTN_WARPS * UNROLL) {
-        float2 vv[UNROLL][HD / 64];
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            lane_pairs<HD>(values + (hs.first + lo + min(t0 + u, m - 1)) * head_dim, lane, head_dim, vv[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            if (t0 + u >= m) break;
-#pragma unroll
-            for (int j = 0; j < GROUP; j++) {
-                if (j >= group) break;
-                float w = sl[j * ATTN_CHUNK + t0 + u];
-#pragma unroll
-                for (int r = 0; r < HD / 64; r++) {
-                    acc[j][r][0] += w * vv[u][r].x;
-                    acc[j][r][1] += w * vv[u][r].y;
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < GROUP; j++) {
-        if (j >= group) break;
-#pragma unroll
-        for (int r = 0; r < HD / 64; r++) {
-            int i = 2 * lane + 64 * r;
-            if (i < head_dim) {
-                sred[warp * HD + i] = acc[j][r][0];
-                sred[warp * HD + i + 1] = acc[j][r][1];
-            }
-        }
-        __syncthreads();
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float o = 0.0f;
-            for (int w = 0; w < ATTN_WARPS; w++) o += sred[w * HD + d];
-            part_out[((zh + h0 + j) * chunks + c) * head_dim + d] = o;
-        }
-        __syncthreads();
-    }
+    chunk_values<GROUP, HD>(values + (hs.first + lo) * head_dim, m, group, head_dim, sl, acc);
+    warps_output<GROUP, HD>(acc, group, head_dim, sred, part_out + ((zh + h0) * chunks + c) * head_dim,
+                            (size_t)chunks * head_dim, nullptr);
     if (score_mode != SCORE_NONE) {
         const float* src = score_mode == SCORE_KEYFORMER ? sn : sl;
         for (int j = 0; j < group; j++)
@@ -830,6 +862,144 @@ extern "C" __global__ void attn_decode_combine(const AttnRow* rows, const float*
     victim_count[head] = 0;
     free_victim(r, hs, g, slot);
 }
+
+// Decode attention in one pass (large batches: `DecodePass::OnePass` in mod.rs): block (row z,
+// KV head g) walks all of the head's slots ATTN_CHUNK at a time with an online softmax (the
+// output rescaled as the maximum grows), keeping each slot's scored logit (plain for H2O, noisy
+// for Keyformer) in shared memory (dynamic: [group][max_width] floats); at the end, with the
+// final maxima and sums, it writes the output, adds each slot's probability summed over the
+// group to the scores and, for a row that evicts, chooses the victim. No scratch in global
+// memory, no second kernel: what the chunks and their combination compute, in another order of
+// float operations.
+template <int GROUP, int HD>
+__device__ __forceinline__ void attn_decode_one_pass_body(const AttnRow* rows, int n_heads, int n_kv_heads,
+                                                          int head_dim, int max_width, float scale, float softcap,
+                                                          unsigned window, float alibi_max, unsigned layer,
+                                                          const float* gumbel_table, int table_bits) {
+    extern __shared__ float kept_logits[];  // [group][max_width], when a policy scores
+    __shared__ float sq[GROUP * HD];
+    __shared__ float sl[GROUP * ATTN_CHUNK];
+    __shared__ float sn[GROUP * ATTN_CHUNK];
+    __shared__ float sred[ATTN_WARPS * HD];
+    __shared__ unsigned skey[GROUP];
+    // Per (softmax, query head): the running maximum and sum; per query head, the factor that
+    // takes the output summed so far to the new maximum, and 1 / the final plain sum.
+    __shared__ float run_max[2 * GROUP], run_sum[2 * GROUP], rescale[GROUP], inv_sum[GROUP];
+    const AttnRow& r = rows[blockIdx.x];
+    int g = blockIdx.y;
+    HeadSlots hs = head_slots(r, g);
+    int width = hs.width, score_mode = r.score_mode;
+    int group = n_heads / n_kv_heads, h0 = g * group;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int n_soft = score_mode == SCORE_KEYFORMER ? 2 : 1;
+    // The softmax whose probabilities are the scores: the noisy one for Keyformer, else the plain.
+    int kept = score_mode == SCORE_KEYFORMER ? 1 : 0;
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) sq[i] = r.q[(size_t)h0 * head_dim + i];
+    if (threadIdx.x < group) {
+        if (score_mode == SCORE_KEYFORMER) skey[threadIdx.x] = noise_row_key(r.seed, layer, h0 + threadIdx.x, r.query_pos);
+        run_max[threadIdx.x] = run_max[GROUP + threadIdx.x] = NEG_INF;
+        run_sum[threadIdx.x] = run_sum[GROUP + threadIdx.x] = 0.0f;
+    }
+    __syncthreads();
+    float acc[GROUP][HD / 64][2];
+#pragma unroll
+    for (int j = 0; j < GROUP; j++)
+#pragma unroll
+        for (int q = 0; q < HD / 64; q++) acc[j][q][0] = acc[j][q][1] = 0.0f;
+    for (int lo = 0; lo < width; lo += ATTN_CHUNK) {
+        int m = min(width - lo, ATTN_CHUNK);
+        chunk_logits<GROUP>(r, hs, lo, m, group, head_dim, h0, n_heads, sq, skey, scale, softcap, window, alibi_max,
+                            gumbel_table, table_bits, sl, sn);
+        __syncthreads();
+        // A warp per (query head, softmax): the chunk's maximum, the running maximum and sum
+        // moved to it; the plain softmax's exponentials (against the new maximum) replace its
+        // logits for the values.
+        for (int task = warp; task < group * n_soft; task += ATTN_WARPS) {
+            int j = task % group, which = task / group;
+            float* row = (which == 0 ? sl : sn) + j * ATTN_CHUNK;
+            float mx = NEG_INF;
+            for (int t = lane; t < m; t += 32) {
+                mx = fmaxf(mx, row[t]);
+                if (which == kept && score_mode != SCORE_NONE) kept_logits[j * max_width + lo + t] = row[t];
+            }
+            mx = warp_max(mx);
+            float before = run_max[which * GROUP + j], now = fmaxf(before, mx);
+            float sum = 0.0f;
+            for (int t = lane; t < m; t += 32) {
+                float e = now == NEG_INF ? 0.0f : expf(row[t] - now);
+                if (which == 0) row[t] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                float a = before == NEG_INF ? 0.0f : expf(before - now);
+                run_sum[which * GROUP + j] = run_sum[which * GROUP + j] * a + sum;
+                run_max[which * GROUP + j] = now;
+                if (which == 0) rescale[j] = a;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < GROUP; j++) {
+            if (j >= group) break;
+            float a = rescale[j];
+#pragma unroll
+            for (int q = 0; q < HD / 64; q++) {
+                acc[j][q][0] *= a;
+                acc[j][q][1] *= a;
+            }
+        }
+        chunk_values<GROUP, HD>(r.values + (hs.first + lo) * head_dim, m, group, head_dim, sl, acc);
+        __syncthreads();  // sl and sn are the next chunk's
+    }
+    if (threadIdx.x < group) {
+        float l = run_sum[threadIdx.x];
+        inv_sum[threadIdx.x] = l > 0.0f ? 1.0f / l : 0.0f;
+    }
+    __syncthreads();
+    warps_output<GROUP, HD>(acc, group, head_dim, sred, r.out + (size_t)h0 * head_dim, head_dim, inv_sum);
+    if (score_mode == SCORE_NONE && !r.evict) return;
+    float* scores = r.scores ? r.scores + hs.first_score : nullptr;
+    const unsigned* pos = r.slot_pos + hs.first;
+    unsigned long long best = ~0ull;
+    int best_slot = -1;
+    for (int s = threadIdx.x; s < width; s += blockDim.x) {
+        float score = scores ? scores[s] : 0.0f;
+        if (score_mode != SCORE_NONE) {
+            float add = 0.0f;
+            for (int j = 0; j < group; j++) {
+                float mx = run_max[kept * GROUP + j], l = run_sum[kept * GROUP + j];
+                if (mx != NEG_INF && l > 0.0f) add += expf(kept_logits[j * max_width + s] - mx) / l;
+            }
+            score += add;
+            scores[s] = score;
+        }
+        if (r.evict) {
+            unsigned long long key = victim_key(r, pos[s], score);
+            if (key < best) {
+                best = key;
+                best_slot = s;
+            }
+        }
+    }
+    if (!r.evict) return;
+    unsigned slot;
+    block_least_victim(best, best_slot, &slot);
+    if (threadIdx.x == 0) free_victim(r, hs, g, slot);
+}
+
+#define ATTN_ONE_PASS_ENTRY(G, NAME, BOUNDS)                                                                  \
+    extern "C" __global__ void BOUNDS NAME(const AttnRow* rows, int n_heads, int n_kv_heads, int head_dim,    \
+                                           int max_width, float scale, float softcap, unsigned window,        \
+                                           float alibi_max, unsigned layer, const float* gumbel_table,        \
+                                           int table_bits) {                                                  \
+        attn_decode_one_pass_body<G, 128>(rows, n_heads, n_kv_heads, head_dim, max_width, scale, softcap,     \
+                                          window, alibi_max, layer, gumbel_table, table_bits);               \
+    }
+ATTN_ONE_PASS_ENTRY(1, attn_decode_one_pass_g1, __launch_bounds__(256, 4))
+ATTN_ONE_PASS_ENTRY(2, attn_decode_one_pass_g2, __launch_bounds__(256))
+ATTN_ONE_PASS_ENTRY(4, attn_decode_one_pass_g4, __launch_bounds__(256))
+ATTN_ONE_PASS_ENTRY(8, attn_decode_one_pass_g8, __launch_bounds__(256))
 
 // Compaction after the prompt: slot to[i] of the new storage takes slot from[i] of the old
 // (keys, values, position, score; slots counted over the whole layer); block i.

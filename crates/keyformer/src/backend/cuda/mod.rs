@@ -92,6 +92,7 @@ struct Kernels {
     attn_decode_partial: [CudaFunction; 4],
     /// The same for heads of 129-256 values.
     attn_decode_partial_hd256: [CudaFunction; 4],
+    attn_decode_one_pass: [CudaFunction; 4],
     attn_decode_combine: CudaFunction,
     choose_victims: CudaFunction,
     kv_store: CudaFunction,
@@ -172,9 +173,12 @@ pub struct Gpu {
     /// Decode attentions of at most this many rows choose their victims in the combination
     /// pass; larger batches in a kernel of their own (`KEYFORMER_VICTIM_FOLD_ROWS` overrides).
     pub victim_fold_rows: usize,
-    /// Decode attentions of at least this many (row, KV head) pairs combine whole heads
-    /// ([`CombinePlan`]; `KEYFORMER_COMBINE_WHOLE_BLOCKS` overrides, 0 for always).
-    pub combine_whole_blocks: usize,
+    /// Decode attentions of at least this many (row, KV head) pairs run in one pass
+    /// ([`DecodePass`]).
+    pub one_pass_heads: usize,
+    /// Every decode attention laid out so (`KEYFORMER_DECODE_PASS=ranges|ranges-own-kernel|
+    /// whole-heads|one-pass`, for comparisons and checks).
+    pub forced_pass: Option<DecodePass>,
     /// Prompts go through flash.cu where the head size allows (tensor-core mma needs sm_80;
     /// `KEYFORMER_FLASH_PREFILL=0` keeps the cuBLAS path, for comparisons).
     pub flash_prefill: bool,
@@ -193,29 +197,42 @@ const FLASH_ROWS: usize = 64;
 /// (within 1%), at 56 the fold cost 4% of a step.
 const VICTIM_FOLD_ROWS: usize = 4;
 
-/// Decode attentions with at least this many (row, KV head) pairs per SM combine each head in
-/// one block (`CombinePlan::whole_heads`).
-const COMBINE_WHOLE_BLOCKS_PER_SM: usize = 4;
+/// Decode attentions with at least this many (row, KV head) pairs per SM give each pair a
+/// block of its own (`DecodePass::OnePass`).
+const ONE_PASS_BLOCKS_PER_SM: usize = 4;
 
-/// How the decode attention's combination pass is laid out.
+/// Shared memory the one-pass attention may take for a KV head's logits (each query head of the
+/// group keeps one float per slot), within the 48 KiB a block gets without opting in.
+const ONE_PASS_MAX_LOGIT_BYTES: usize = 32 << 10;
+
+/// How a batch of decode attentions is laid out on the GPU (the same outputs, scores and
+/// victims from each, up to the order of float operations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CombinePlan {
-    /// One block per (row, KV head) over all its slots, which also chooses the victim from the
-    /// scores it has just summed; else blocks of `COMBINE_SLOTS` slots each (more blocks, for
-    /// small batches).
-    pub whole_heads: bool,
-    /// With ranges: the victims chosen in the combination pass (the last range of a head to
-    /// finish takes the best of all) rather than in a kernel of their own.
-    pub fold_victims: bool,
+pub enum DecodePass {
+    /// Chunks of ATTN_CHUNK slots in parallel, then their combination in blocks of
+    /// COMBINE_SLOTS slots (small batches: many blocks); the victims chosen in the combination
+    /// (the last range of a head to finish takes the best) or in a kernel of their own.
+    Ranges { fold_victims: bool },
+    /// Chunks, then one combining block per (row, KV head), which also chooses the victim from
+    /// the scores it has just summed.
+    WholeHeads,
+    /// One block per (row, KV head) over all its slots with an online softmax, the logits kept
+    /// in shared memory for the scores and the victim (large batches: no scratch in global
+    /// memory, one launch). Head sizes up to 128 whose logits fit ONE_PASS_MAX_LOGIT_BYTES;
+    /// others take `WholeHeads`.
+    OnePass,
 }
 
-impl CombinePlan {
-    /// The plan for `heads` (row, KV head) pairs: whole heads from `whole_blocks` pairs on (the
-    /// SMs have enough blocks; a separate victim kernel then costs a launch and a second read of
-    /// the scores), else ranges, the victims folded in for small batches (`fold_small`).
-    pub fn for_batch(heads: usize, whole_blocks: usize, fold_small: bool) -> Self {
-        let whole_heads = heads >= whole_blocks;
-        Self { whole_heads, fold_victims: whole_heads || fold_small }
+impl DecodePass {
+    /// The pass for `heads` (row, KV head) pairs: one pass from `one_pass_heads` pairs on (the
+    /// SMs have enough blocks without splitting a head's slots), else ranges, the victims
+    /// folded in for small batches (`fold_small`).
+    pub fn for_batch(heads: usize, one_pass_heads: usize, fold_small: bool) -> Self {
+        if heads >= one_pass_heads {
+            Self::OnePass
+        } else {
+            Self::Ranges { fold_victims: fold_small }
+        }
     }
 }
 
@@ -522,6 +539,12 @@ impl Gpu {
                 f("attn_decode_partial_g4_hd256")?,
                 f("attn_decode_partial_g8_hd256")?,
             ],
+            attn_decode_one_pass: [
+                f("attn_decode_one_pass_g1")?,
+                f("attn_decode_one_pass_g2")?,
+                f("attn_decode_one_pass_g4")?,
+                f("attn_decode_one_pass_g8")?,
+            ],
             attn_decode_combine: f("attn_decode_combine")?,
             choose_victims: f("choose_victims")?,
             kv_store: f("kv_store")?,
@@ -570,10 +593,14 @@ impl Gpu {
         let victim_fold_rows =
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
         let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
-        let combine_whole_blocks = std::env::var("KEYFORMER_COMBINE_WHOLE_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(COMBINE_WHOLE_BLOCKS_PER_SM * sm_count);
+        let one_pass_heads = ONE_PASS_BLOCKS_PER_SM * sm_count;
+        let forced_pass = match std::env::var("KEYFORMER_DECODE_PASS").as_deref() {
+            Ok("ranges") => Some(DecodePass::Ranges { fold_victims: true }),
+            Ok("ranges-own-kernel") => Some(DecodePass::Ranges { fold_victims: false }),
+            Ok("whole-heads") => Some(DecodePass::WholeHeads),
+            Ok("one-pass") => Some(DecodePass::OnePass),
+            _ => None,
+        };
         Ok(Self {
             info,
             stream,
@@ -582,7 +609,8 @@ impl Gpu {
             gumbel_table,
             sm_count,
             victim_fold_rows,
-            combine_whole_blocks,
+            one_pass_heads,
+            forced_pass,
             flash_prefill,
         })
     }
@@ -1331,7 +1359,7 @@ impl Gpu {
     /// (flash-decoding: chunks of slots in parallel, then their combination): each row's `out`
     /// gets `[n_heads][head_dim]`; a scored row adds each slot's
     /// probability under its signal, summed over the query heads of its KV head, to `scores`.
-    /// Rows that evict choose their victims too ([`CombinePlan::for_batch`] says where).
+    /// Rows that evict choose their victims too ([`DecodePass::for_batch`] says how).
     pub fn attention_rows(
         &self,
         rows: &CudaView<AttnRow>,
@@ -1339,23 +1367,20 @@ impl Gpu {
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
-        let plan = CombinePlan::for_batch(
-            n_rows * shape.n_kv_heads,
-            self.combine_whole_blocks,
-            n_rows <= self.victim_fold_rows,
-        );
-        self.attention_rows_planned(rows, n_rows, shape, scratch, plan)
+        let pass = self.forced_pass.unwrap_or_else(|| {
+            DecodePass::for_batch(n_rows * shape.n_kv_heads, self.one_pass_heads, n_rows <= self.victim_fold_rows)
+        });
+        self.attention_rows_as(rows, n_rows, shape, scratch, pass)
     }
 
-    /// [`attention_rows`](Self::attention_rows) with the combination pass laid out as `plan`
-    /// says (the same outputs, scores and victims for every plan).
-    pub fn attention_rows_planned(
+    /// [`attention_rows`](Self::attention_rows) laid out as `pass` says.
+    pub fn attention_rows_as(
         &self,
         rows: &CudaView<AttnRow>,
         n_rows: usize,
         shape: AttentionShape,
         scratch: &mut AttentionScratch,
-        plan: CombinePlan,
+        pass: DecodePass,
     ) -> Result<(), GpuError> {
         let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window, alibi_max } =
             shape;
@@ -1388,6 +1413,28 @@ impl Gpu {
         }
         let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, max_width as i32, chunks as i32];
         let (layer, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        // The entry points whose accumulators fit the group (fewer registers, more blocks per SM).
+        let group_entry = group.next_power_of_two().trailing_zeros() as usize;
+        let logit_bytes = group * max_width * std::mem::size_of::<f32>();
+        let pass = match pass {
+            DecodePass::OnePass if hd > 128 || logit_bytes > ONE_PASS_MAX_LOGIT_BYTES => DecodePass::WholeHeads,
+            pass => pass,
+        };
+        if pass == DecodePass::OnePass {
+            let cfg = LaunchConfig {
+                grid_dim: (n_rows as u32, n_kv_heads as u32, 1),
+                block_dim: (32 * ATTN_WARPS, 1, 1),
+                shared_mem_bytes: logit_bytes as u32,
+            };
+            let mut b = self.stream.launch_builder(&self.kernels.attn_decode_one_pass[group_entry]);
+            b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale).arg(&softcap);
+            b.arg(&window).arg(&alibi_max).arg(&layer).arg(&self.gumbel_table).arg(&bits);
+            // SAFETY: block (row, KV head g) reads its row's slots of g (< width <= max_width <=
+            // capacity, as the rows promise; its logits fit the shared memory asked for), writes
+            // g's query heads' outputs and g's scores, and frees at most one slot of g's.
+            unsafe { b.launch(cfg) }?;
+            return Ok(());
+        }
         let cfg = LaunchConfig {
             grid_dim: (n_rows as u32, n_kv_heads as u32, chunks as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -1395,10 +1442,9 @@ impl Gpu {
         };
         let AttentionScratch { part_out, part_stats, score_exps, victim_keys, victim_slots, victim_count, .. } =
             scratch;
-        // The entry point whose accumulators fit the group (fewer registers, more blocks per SM).
         let entries =
             if hd > 128 { &self.kernels.attn_decode_partial_hd256 } else { &self.kernels.attn_decode_partial };
-        let partial = &entries[group.next_power_of_two().trailing_zeros() as usize];
+        let partial = &entries[group_entry];
         let mut b = self.stream.launch_builder(partial);
         b.arg(rows).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&scale).arg(&softcap).arg(&window);
         b.arg(&alibi_max);
@@ -1407,7 +1453,7 @@ impl Gpu {
         // SAFETY: block (row, KV head, chunk) reads its row's slots (< width <= capacity, as the
         // rows promise) and writes its own entries of the scratch (sized above).
         unsafe { b.launch(cfg) }?;
-        let range_slots = if plan.whole_heads { max_width.max(1) } else { COMBINE_SLOTS };
+        let range_slots = if pass == DecodePass::WholeHeads { max_width.max(1) } else { COMBINE_SLOTS };
         let ranges = max_width.div_ceil(range_slots).max(1) as u32;
         let cfg = LaunchConfig {
             grid_dim: (n_kv_heads as u32, ranges, n_rows as u32),
@@ -1418,7 +1464,7 @@ impl Gpu {
         b.arg(rows).arg(&*part_out).arg(&*part_stats).arg(&*score_exps);
         b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]);
         let range_slots = range_slots as i32;
-        let fold = i32::from(plan.fold_victims || plan.whole_heads);
+        let fold = i32::from(!matches!(pass, DecodePass::Ranges { fold_victims: false }));
         b.arg(&range_slots);
         b.arg(&fold).arg(&mut *victim_keys).arg(&mut *victim_slots).arg(&mut *victim_count);
         // SAFETY: block (g, 0, row) writes g's query heads' outputs of the row; block (g, y, row),
