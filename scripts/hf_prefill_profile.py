@@ -56,13 +56,13 @@ def main():
             model(ids, use_cache=True)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.device_time for e in kernels)  # microseconds
+    total = sum(e.device_time_total for e in kernels)  # microseconds
     by_kind = collections.defaultdict(float)
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
-        by_kind[kind_of(e.name)] += e.device_time
+        by_kind[kind_of(e.name)] += e.device_time_total
         by_name[e.name][0] += 1
-        by_name[e.name][1] += e.device_time
+        by_name[e.name][1] += e.device_time_total
     print(f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name()}: {a.shape}, {a.prompt}-token prefill, {wall * 1e3:.1f} ms wall "
           f"(unprofiled), {total / 1e3:.1f} ms of kernels, {len(kernels)} launches\n")
