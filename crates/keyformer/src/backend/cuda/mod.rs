@@ -198,8 +198,13 @@ const FLASH_ROWS: usize = 64;
 const VICTIM_FOLD_ROWS: usize = 4;
 
 /// Decode attentions with at least this many (row, KV head) pairs per SM give each pair a
-/// block of its own (`DecodePass::OnePass`).
+/// block of its own (`DecodePass::OnePass`), when [`ONE_PASS_BY_DEFAULT`].
 const ONE_PASS_BLOCKS_PER_SM: usize = 4;
+
+/// Whether large batches take the one pass without being asked: not until `gpu-check` has
+/// passed it on a GPU and the batch-56 A/B has measured it (written in a session no device was
+/// lent to; `KEYFORMER_DECODE_PASS=one-pass` runs it).
+const ONE_PASS_BY_DEFAULT: bool = false;
 
 /// Shared memory the one-pass attention may take for a KV head's logits (each query head of the
 /// group keeps one float per slot), within the 48 KiB a block gets without opting in.
@@ -593,7 +598,7 @@ impl Gpu {
         let victim_fold_rows =
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
         let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
-        let one_pass_heads = ONE_PASS_BLOCKS_PER_SM * sm_count;
+        let one_pass_heads = if ONE_PASS_BY_DEFAULT { ONE_PASS_BLOCKS_PER_SM * sm_count } else { usize::MAX };
         let forced_pass = match std::env::var("KEYFORMER_DECODE_PASS").as_deref() {
             Ok("ranges") => Some(DecodePass::Ranges { fold_victims: true }),
             Ok("ranges-own-kernel") => Some(DecodePass::Ranges { fold_victims: false }),
