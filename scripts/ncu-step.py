@@ -11,9 +11,9 @@ sum with the bench's ms/step):
     python3 scripts/ncu-step.py step.csv
 
 A step runs from one embedding lookup to the next; the last complete one is tabulated.
-With --all, every launch but the random weights' fills is (a prefill: `-n 1` and
-KEYFORMER_PREFILL_CHUNK=4096 make it one pass; scripts/hf_prefill_profile.py is transformers'
-side).
+With --all, every launch but the random weights' fills is tabulated: for the prefill, time
+`bench ... -p 4096 -n 2` with KEYFORMER_PREFILL_CHUNK=4096 (the prompt in one pass; the two
+decode steps add little); scripts/hf_prefill_profile.py is transformers' side.
 """
 import collections
 import csv
