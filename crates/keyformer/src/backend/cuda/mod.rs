@@ -179,6 +179,8 @@ pub struct Gpu {
     /// Every decode attention laid out so (`KEYFORMER_DECODE_PASS=ranges|ranges-own-kernel|
     /// whole-heads|one-pass`, for comparisons and checks).
     pub forced_pass: Option<DecodePass>,
+    /// Bytes of logits each one-pass entry point (by group) has room for in shared memory.
+    one_pass_logit_room: [usize; 4],
     /// Prompts go through flash.cu where the head size allows (tensor-core mma needs sm_80;
     /// `KEYFORMER_FLASH_PREFILL=0` keeps the cuBLAS path, for comparisons).
     pub flash_prefill: bool,
@@ -206,9 +208,9 @@ const ONE_PASS_BLOCKS_PER_SM: usize = 4;
 /// lent to; `KEYFORMER_DECODE_PASS=one-pass` runs it).
 const ONE_PASS_BY_DEFAULT: bool = false;
 
-/// Shared memory the one-pass attention may take for a KV head's logits (each query head of the
-/// group keeps one float per slot), within the 48 KiB a block gets without opting in.
-const ONE_PASS_MAX_LOGIT_BYTES: usize = 32 << 10;
+/// Shared memory a block gets without opting in to more: the one-pass attention's static
+/// arrays and its logits (one float per slot and query head of the group) share it.
+const BLOCK_SHARED_BYTES: usize = 48 << 10;
 
 /// How a batch of decode attentions is laid out on the GPU (the same outputs, scores and
 /// victims from each, up to the order of float operations).
@@ -223,8 +225,8 @@ pub enum DecodePass {
     WholeHeads,
     /// One block per (row, KV head) over all its slots with an online softmax, the logits kept
     /// in shared memory for the scores and the victim (large batches: no scratch in global
-    /// memory, one launch). Head sizes up to 128 whose logits fit ONE_PASS_MAX_LOGIT_BYTES;
-    /// others take `WholeHeads`.
+    /// memory, one launch). Head sizes up to 128 whose logits fit beside the kernel's own
+    /// shared arrays in BLOCK_SHARED_BYTES; others take `WholeHeads`.
     OnePass,
 }
 
@@ -599,6 +601,10 @@ impl Gpu {
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
         let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
         let one_pass_heads = if ONE_PASS_BY_DEFAULT { ONE_PASS_BLOCKS_PER_SM * sm_count } else { usize::MAX };
+        let mut one_pass_logit_room = [0usize; 4];
+        for (room, f) in one_pass_logit_room.iter_mut().zip(&kernels.attn_decode_one_pass) {
+            *room = BLOCK_SHARED_BYTES.saturating_sub(f.shared_size_bytes()?.max(0) as usize);
+        }
         let forced_pass = match std::env::var("KEYFORMER_DECODE_PASS").as_deref() {
             Ok("ranges") => Some(DecodePass::Ranges { fold_victims: true }),
             Ok("ranges-own-kernel") => Some(DecodePass::Ranges { fold_victims: false }),
@@ -616,6 +622,7 @@ impl Gpu {
             victim_fold_rows,
             one_pass_heads,
             forced_pass,
+            one_pass_logit_room,
             flash_prefill,
         })
     }
@@ -1378,6 +1385,15 @@ impl Gpu {
         self.attention_rows_as(rows, n_rows, shape, scratch, pass)
     }
 
+    /// Whether a decode attention of this shape can run in one pass (else `OnePass` runs as
+    /// `WholeHeads`): head sizes up to 128, the group's logits within the entry point's room.
+    pub fn one_pass_fits(&self, n_heads: usize, n_kv_heads: usize, head_dim: usize, max_width: usize) -> bool {
+        let group = n_heads / n_kv_heads.max(1);
+        let entry = group.next_power_of_two().trailing_zeros() as usize;
+        let logit_bytes = group * max_width * std::mem::size_of::<f32>();
+        head_dim <= 128 && entry < 4 && logit_bytes <= self.one_pass_logit_room[entry]
+    }
+
     /// [`attention_rows`](Self::attention_rows) laid out as `pass` says.
     pub fn attention_rows_as(
         &self,
@@ -1422,7 +1438,7 @@ impl Gpu {
         let group_entry = group.next_power_of_two().trailing_zeros() as usize;
         let logit_bytes = group * max_width * std::mem::size_of::<f32>();
         let pass = match pass {
-            DecodePass::OnePass if hd > 128 || logit_bytes > ONE_PASS_MAX_LOGIT_BYTES => DecodePass::WholeHeads,
+            DecodePass::OnePass if !self.one_pass_fits(n_heads, n_kv_heads, hd, max_width) => DecodePass::WholeHeads,
             pass => pass,
         };
         if pass == DecodePass::OnePass {
