@@ -330,19 +330,23 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             "slots whose score a second step did not exactly double",
         ));
         let got_out = gpu.download(&out_dev)?;
-        let scale = max_abs(&want_out);
-        checks.push(row(
-            &format!("attention output (with {name})"),
-            worst(&got_out, &want_out, |_| scale),
-            1e-4,
-            "relative to the largest output",
-        ));
-        let mut err = 0f64;
-        for (g, w) in want.iter().enumerate() {
-            // Probabilities summed over a group: against the head's largest.
-            err = err.max(worst(&got[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
-        }
-        checks.push(row(name, err, 1e-4, "relative to the largest score of the KV head"));
+        // A layout's output and scores against the CPU's, as two rows named after `layout`.
+        let against_cpu = |checks: &mut Vec<CheckRow>, layout: &str, out: &[f32], scores: &[f32]| {
+            let scale = max_abs(&want_out);
+            checks.push(row(
+                &format!("attention output (with {name}){layout}"),
+                worst(out, &want_out, |_| scale),
+                1e-4,
+                "relative to the largest output",
+            ));
+            let mut err = 0f64;
+            for (g, w) in want.iter().enumerate() {
+                // Probabilities summed over a group: against the head's largest.
+                err = err.max(worst(&scores[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
+            }
+            checks.push(row(&format!("{name}{layout}"), err, 1e-4, "relative to the largest score of the KV head"));
+        };
+        against_cpu(&mut checks, "", &got_out, &got);
         // Large batches combine each head in one block (the same sums in the same order as
         // the ranges), or attend in one pass (another order: against the CPU again).
         gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
@@ -361,21 +365,11 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         let (one_scores, one_out) = (gpu.download(&score_dev)?, gpu.download(&out_dev)?);
         // (Where the group's logits do not fit its shared memory, the one pass is whole heads.)
         let one_pass = if gpu.one_pass_fits(n_heads, n_kv_heads, hd, slots) {
-            "one pass"
+            ", one pass"
         } else {
-            "one pass asked, whole heads run"
+            ", one pass asked, whole heads run"
         };
-        checks.push(row(
-            &format!("attention output (with {name}), {one_pass}"),
-            worst(&one_out, &want_out, |_| scale),
-            1e-4,
-            "relative to the largest output",
-        ));
-        let mut err = 0f64;
-        for (g, w) in want.iter().enumerate() {
-            err = err.max(worst(&one_scores[g * slots..g * slots + w.len()], w, |_| max_abs(w)));
-        }
-        checks.push(row(&format!("{name}, {one_pass}"), err, 1e-4, "relative to the largest score of the KV head"));
+        against_cpu(&mut checks, one_pass, &one_out, &one_scores);
         if name == "keyformer scores" {
             // A decode step's eviction: the GPU's victims from its scores against the CPU
             // policy's (`SequencePolicy::victims`) from the CPU's.
