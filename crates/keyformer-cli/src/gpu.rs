@@ -41,6 +41,7 @@ mod with_cuda {
     use keyformer::backend::cuda::backend::{Cuda, WeightFormat};
     use keyformer::backend::cuda::bench::{self as gpu_bench, GpuBenchRow};
     use keyformer::backend::cuda::check::{self, CheckRow};
+    use keyformer::backend::cuda::tensor_parallel::{ShardSource, ShardedModel, Transport};
     use keyformer::backend::cuda::{model_check, Gpu};
     use keyformer::models::random::RandomShape;
     use keyformer::quant::GgmlType;
@@ -107,6 +108,13 @@ mod with_cuda {
             model_rows.extend(
                 model_check::run_file(path, weight_format(), a.model_prompt, a.model_steps)
                     .with_context(|| format!("whole-model check of {}", path.display()))?,
+            );
+        }
+        for name in a.tp_shape.iter().filter(|s| s.as_str() != "none") {
+            let shape = RandomShape::by_name(name)?;
+            model_rows.extend(
+                keyformer::backend::cuda::tensor_parallel::check(&shape, a.model_prompt, a.model_steps)
+                    .with_context(|| format!("tensor-parallel check at the {name} shape"))?,
             );
         }
         let passed = reports.iter().all(|r| r.passed()) && model_rows.iter().all(|r| r.passed);
@@ -195,6 +203,47 @@ mod with_cuda {
         crate::serve_on(engine, a, kv_memory)
     }
 
+    /// What `bench --device cuda` measures: the model on one GPU, or split over several.
+    #[allow(clippy::large_enum_variant)] // one a run
+    enum BenchModel {
+        One(Engine<Cuda>),
+        Sharded(ShardedModel),
+    }
+
+    impl BenchModel {
+        fn load(a: &BenchArgs) -> Result<Self> {
+            let sharded = a.tensor_parallel > 1 || std::env::var("KEYFORMER_TP_SHARDED").is_ok_and(|v| v == "1");
+            if !sharded {
+                return Ok(BenchModel::One(load_engine(&a.model.model, a.random_weights.as_deref())?));
+            }
+            // KEYFORMER_TP_TRANSPORT=host: every shard on GPU 0, sums through the host (checks).
+            let transport = match std::env::var("KEYFORMER_TP_TRANSPORT").as_deref() {
+                Ok("host") => Transport::HostOnOneGpu,
+                _ => Transport::Nccl,
+            };
+            let source = match a.random_weights.as_deref() {
+                Some(name) => {
+                    let shape = RandomShape::by_name(name)?;
+                    let weight_type = crate::RANDOM_TYPE.get().copied().unwrap_or(GgmlType::F16);
+                    eprintln!("drawing {name} random {weight_type} weights, split over {} GPUs", a.tensor_parallel);
+                    ShardSource::Random { shape, seed: crate::RANDOM_WEIGHTS_SEED, weight_type }
+                }
+                None => {
+                    let cpu = crate::load_held(&a.model.model, keyformer::gguf::LoadMode::Mmap)?;
+                    eprintln!("loading {} onto {} GPUs", cpu.model.backend.file.path.display(), a.tensor_parallel);
+                    ShardSource::File(std::sync::Arc::new(cpu.model))
+                }
+            };
+            let model = ShardedModel::open(source, a.tensor_parallel, transport, weight_format())?;
+            eprintln!(
+                "weights on the GPUs: {:.2} GiB in all ({} each)",
+                model.shards.iter().map(|s| s.matrix_bytes).sum::<usize>() as f64 / GIB,
+                model.shards[0].matrix_types
+            );
+            Ok(BenchModel::Sharded(model))
+        }
+    }
+
     pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         let policies = bench_policies(&a)?;
         if a.n_prompt.len() != a.n_gen.len() {
@@ -204,32 +253,57 @@ mod with_cuda {
         if pairs.iter().any(|&(p, n)| p == 0 || n == 0) {
             bail!("with --device cuda every test needs a prompt and a generation (-p and -n at least 1)");
         }
-        let engine = load_engine(&a.model.model, a.random_weights.as_deref())?;
-        let model = &engine.model;
-        let model_name = match (&a.random_weights, &engine.file) {
-            (Some(name), _) => format!("{name} (random weights)"),
-            (None, Some(f)) => f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            (None, None) => engine.name.clone(),
+        // The read bandwidth of GPU 0 (every GPU of a split is taken to read as fast).
+        let read_gb_s = Gpu::open(0)?.read_bandwidth_gb_s(1 << 30)?;
+        let mut bench_model = BenchModel::load(&a)?;
+        let (gpu_name, shards, free_at_start, config, weights, matrix_bytes, matrix_types) = match &bench_model {
+            BenchModel::One(engine) => {
+                let model = &engine.model;
+                let (used, total) = model.backend.memory_used()?;
+                let types = model.matrix_types();
+                // Bytes a decode step must read besides the KV: every matrix but the embedding table.
+                let weights = model.matrix_bytes() - model.token_embd.bytes();
+                (
+                    model.backend.gpu.info.name.clone(),
+                    1,
+                    total - used,
+                    model.config.clone(),
+                    weights,
+                    model.matrix_bytes(),
+                    types,
+                )
+            }
+            BenchModel::Sharded(m) => {
+                let all = m.shards.iter().map(|s| s.matrix_bytes).sum();
+                let name = format!("{} x {}", m.shards.len(), m.shards[0].device);
+                (
+                    name,
+                    m.shards.len(),
+                    0,
+                    m.config.clone(),
+                    m.step_weight_bytes(),
+                    all,
+                    m.shards[0].matrix_types.clone(),
+                )
+            }
         };
-        let gpu_name = model.backend.gpu.info.name.clone();
-        let read_gb_s = model.backend.gpu.read_bandwidth_gb_s(1 << 30)?;
-        let (used, total) = model.backend.memory_used()?;
-        let free_at_start = total - used;
-        let c = &model.config;
+        let model_name = match &a.random_weights {
+            Some(name) => format!("{name} (random weights)"),
+            None => a.model.model.clone(),
+        };
+        let c = &config;
         for &(p, n) in &pairs {
             if p + n > c.context_length {
                 bail!("{p} + {n} tokens exceed the model's context of {} tokens", c.context_length);
             }
         }
-        // Bytes a decode step must read besides the KV: every matrix but the embedding table.
-        let weights = model.matrix_bytes() - model.token_embd.bytes();
-        let per_token = gpu_bench::bytes_per_token(model);
+        let per_token = KvType::F16.token_bytes(c.n_layers, c.n_kv_heads, c.head_dim);
         let mut rows: Vec<(GpuBenchRow, BatchSize)> = Vec::new();
         if !a.json {
+            let split = if shards > 1 { format!(", split over {shards} GPUs") } else { String::new() };
             println!(
-                "GPU: {gpu_name}; model {model_name}; weights {:.2} GiB ({}); read bandwidth {read_gb_s:.0} GB/s\n",
-                model.matrix_bytes() as f64 / GIB,
-                model.matrix_types()
+                "GPU: {gpu_name}; model {model_name}{split}; weights {:.2} GiB ({matrix_types}); read bandwidth {read_gb_s:.0} GB/s\n",
+                matrix_bytes as f64 / GIB,
             );
             println!("| prompt+gen | kv | batch | t/s (decode) | t/s (total) | ms/step | first | last | prefill s | KV GiB/seq | peak GiB | of floor | vs full (decode) | vs full (total) |");
             println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -237,14 +311,20 @@ mod with_cuda {
         for &(p, n) in &pairs {
             for (label, kv) in &policies {
                 for &b in &a.batch {
-                    let batch = match b {
-                        BatchSize::Fixed(k) => k,
-                        BatchSize::Max => gpu_bench::max_batch(model, p, n, kv, free_at_start)?,
+                    let batch = match (b, &bench_model) {
+                        (BatchSize::Fixed(k), _) => k,
+                        (BatchSize::Max, BenchModel::One(e)) => {
+                            gpu_bench::max_batch(&e.model, p, n, kv, free_at_start)?
+                        }
+                        (BatchSize::Max, BenchModel::Sharded(m)) => m.max_batch(kv, p, n)?,
                     };
                     eprintln!("{p}+{n} {label} batch {batch}");
                     let progress = |m: &str| eprintln!("  {m}");
-                    let mut r = gpu_bench::run(model, p, n, kv, batch, &progress)
-                        .with_context(|| format!("{p}+{n}, {label}, batch {batch}"))?;
+                    let r = match &mut bench_model {
+                        BenchModel::One(e) => gpu_bench::run(&e.model, p, n, kv, batch, &progress),
+                        BenchModel::Sharded(m) => gpu_bench::run_sharded(m, p, n, kv, batch, &progress),
+                    };
+                    let mut r = r.with_context(|| format!("{p}+{n}, {label}, batch {batch}"))?;
                     r.kv = label.clone();
                     // The floor: weights once per step plus each sequence's KV held on average.
                     let held = if r.kv_bytes_per_sequence < r.kv_bytes_full && kv.budget.is_some() {
@@ -252,7 +332,8 @@ mod with_cuda {
                     } else {
                         ((p + n.div_ceil(2)) * per_token) as f64
                     };
-                    let floor_ms = (weights as f64 + batch as f64 * held) / (read_gb_s * 1e9) * 1e3;
+                    // Split over GPUs, each reads its part of the weights and the caches.
+                    let floor_ms = (weights as f64 + batch as f64 * held) / (shards as f64 * read_gb_s * 1e9) * 1e3;
                     let of_floor = floor_ms / r.ms_per_step;
                     // Against the full cache at the same batch setting (a fixed size, or each its largest).
                     let full = rows.iter().find(|(f, fb)| f.prompt == p && f.gen == n && f.kv == "full" && *fb == b);
@@ -264,7 +345,8 @@ mod with_cuda {
                         v["fraction_of_floor"] = json!(of_floor);
                         v["gpu"] = json!(gpu_name);
                         v["model"] = json!(model_name);
-                        v["weights"] = json!(model.matrix_types());
+                        v["weights"] = json!(matrix_types);
+                        v["tensor_parallel"] = json!(shards);
                         v["read_gb_s"] = json!(read_gb_s);
                         v["batch_setting"] =
                             json!(if b == BatchSize::Max { "max".to_string() } else { batch.to_string() });

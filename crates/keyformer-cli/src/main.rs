@@ -137,6 +137,11 @@ pub(crate) struct GpuCheckArgs {
     /// Decode steps of the whole-model checks.
     #[arg(long, default_value_t = 16)]
     model_steps: usize,
+    /// Tensor parallelism's checks at these random shapes (comma-separated; "none" skips
+    /// them): the model split over 2 shards on this GPU (sums through the host), over 1 and,
+    /// with 2 GPUs, 2 shards through NCCL, against the whole model: logits and kept tokens.
+    #[arg(long, value_delimiter = ',', default_value = "tiny")]
+    tp_shape: Vec<String>,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -322,7 +327,7 @@ pub(crate) struct BenchArgs {
     /// of the prompt (set per policy with `budget=`, e.g. h2o:budget=90%, or by --kv-budget).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Random weights at a known shape instead of a model file (llama2-7b, llama3-8b,
+    /// Random weights at a known shape instead of a model file (llama2-7b, llama2-70b (with -tp), llama3-8b,
     /// mistral-7b, qwen2.5-7b, phi3-mini, gemma2-9b, gemma3-12b, smollm2-135m, tiny, tiny-qwen2,
     /// tiny-gemma2, tiny-gemma3): drawn on the GPU with --device cuda; on the CPU only the small shapes.
     #[arg(long, conflicts_with = "model")]
@@ -336,6 +341,12 @@ pub(crate) struct BenchArgs {
     /// and give each generation row its fraction of it (bytes read per token x tokens/s).
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// With --device cuda: split the model over N GPUs (tensor parallelism, as vLLM's -tp):
+    /// each GPU holds 1/N of the heads, KV heads and feed-forward features, its KV heads'
+    /// caches and policy, and the GPUs sum the attention output and down projections through
+    /// NCCL (libnccl.so on the library path). The heads and KV heads must divide by N.
+    #[arg(long = "tensor-parallel", visible_alias = "tensor-parallel-size", value_name = "N", default_value_t = 1)]
+    tensor_parallel: usize,
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
@@ -401,9 +412,24 @@ pub(crate) struct EngineArgs {
     /// layers are not split between the CPU and the GPU), 0 on the CPU.
     #[arg(long = "n-gpu-layers", alias = "gpu-layers", value_name = "N")]
     n_gpu_layers: Option<usize>,
+    /// Split the model over N GPUs (-tp N). `bench --device cuda` runs it; run and serve
+    /// take only 1 so far.
+    #[arg(long = "tensor-parallel", visible_alias = "tensor-parallel-size", value_name = "N", default_value_t = 1)]
+    tensor_parallel: usize,
 }
 
 impl EngineArgs {
+    /// -tp N on a command that runs on one device (run, chat, serve), refused clearly.
+    fn one_device(&self) -> Result<()> {
+        match self.tensor_parallel {
+            0 => bail!("--tensor-parallel must be at least 1"),
+            1 => Ok(()),
+            n => bail!(
+                "--tensor-parallel {n}: a model split over GPUs runs in `keyformer bench --device cuda -tp {n}` (and \
+                 gpu-check) so far; run, chat and serve use one device (-tp 1)"
+            ),
+        }
+    }
     /// Where to run: --device, or -ngl N when given.
     fn resolve_device(&mut self) {
         if let Some(n) = self.n_gpu_layers {
@@ -711,11 +737,14 @@ fn parse_escapes(s: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// llama.cpp's multi-letter short options, which no argument parser reads as one: `-ngl N`.
+/// llama.cpp's and vLLM's multi-letter short options, which no argument parser reads as one:
+/// `-ngl N`, `-tp N`.
 fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     args.map(|a| match a.to_str() {
         Some("-ngl") => "--n-gpu-layers".into(),
         Some(s) if s.starts_with("-ngl=") => format!("--n-gpu-layers={}", &s[5..]).into(),
+        Some("-tp") => "--tensor-parallel".into(),
+        Some(s) if s.starts_with("-tp=") => format!("--tensor-parallel={}", &s[4..]).into(),
         _ => a,
     })
     .collect()
@@ -763,10 +792,12 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(mut a) => {
             a.engine.resolve_device();
+            a.engine.one_device()?;
             run(a)
         }
         Command::Chat(mut a) => {
             a.engine.resolve_device();
+            a.engine.one_device()?;
             chat(a)
         }
         Command::Perplexity(a) => perplexity(a),
@@ -776,6 +807,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Serve(mut a) => {
             a.engine.resolve_device();
+            a.engine.one_device()?;
             serve(a)
         }
         Command::GpuCheck(a) => gpu::check(a),
@@ -1269,8 +1301,14 @@ fn bench(mut a: BenchArgs) -> Result<()> {
     if a.batch.contains(&BatchSize::Fixed(0)) {
         bail!("--batch must be at least 1");
     }
+    if a.tensor_parallel == 0 {
+        bail!("--tensor-parallel must be at least 1");
+    }
     if a.device == Device::Cuda {
         return gpu::bench(a);
+    }
+    if a.tensor_parallel > 1 {
+        bail!("--tensor-parallel {} splits a model over GPUs: add --device cuda", a.tensor_parallel);
     }
     let policies = bench_policies(&a)?;
     let engine = load_model_or_random(&a.model.model, a.random_weights.as_deref())?;

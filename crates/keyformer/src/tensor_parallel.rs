@@ -16,6 +16,7 @@
 //! each shard's policy scores (and keeps) what the whole model's does (`reference_scores`).
 
 use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::cpu::{ops, GgufWeight};
 use crate::backend::{AttentionSpec, Cpu};
@@ -98,6 +99,167 @@ impl ShardPlan {
         let (base, extra) = (self.vocab / self.shards, self.vocab % self.shards);
         let start = s * base + s.min(extra);
         start..start + base + usize::from(s < extra)
+    }
+}
+
+/// What part of a whole-model tensor a shard holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// These rows (output features) of a matrix, or these values of a vector.
+    Rows(Range<usize>),
+    /// These columns (input features) of every row of a matrix.
+    Cols(Range<usize>),
+}
+
+impl Part {
+    /// Values of a vector of `len` this part keeps.
+    pub fn of_len(&self, len: usize) -> Range<usize> {
+        match self {
+            Part::Rows(r) => r.clone(),
+            Part::Whole | Part::Cols(_) => 0..len,
+        }
+    }
+}
+
+/// The part of each of a layer's tensors one shard holds (`None` in a map: the whole tensor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerParts {
+    /// Q's rows and bias; K's and V's; the attention output's columns.
+    pub q: Part,
+    pub kv: Part,
+    pub attn_output: Part,
+    /// Gate's and up's rows and up's bias; the down projection's columns.
+    pub ff: Part,
+    pub down: Part,
+}
+
+impl LayerParts {
+    /// Every tensor whole: the model on one device.
+    pub fn whole() -> Self {
+        Self { q: Part::Whole, kv: Part::Whole, attn_output: Part::Whole, ff: Part::Whole, down: Part::Whole }
+    }
+}
+
+impl ShardPlan {
+    /// The parts of a layer shard `s` holds. Norms, the biases added after a reduce (attention
+    /// output, down) and per-head norms are whole on every shard.
+    pub fn layer_parts(&self, s: usize) -> LayerParts {
+        LayerParts {
+            q: Part::Rows(self.q_rows(s)),
+            kv: Part::Rows(self.kv_rows(s)),
+            attn_output: Part::Cols(self.q_rows(s)),
+            ff: Part::Rows(self.ff_rows(s)),
+            down: Part::Cols(self.ff_rows(s)),
+        }
+    }
+
+    /// The part of the GGUF tensor `name` shard `s` holds (the output projection: its
+    /// vocabulary rows; embeddings and norms whole).
+    pub fn tensor_part(&self, name: &str, s: usize) -> Part {
+        let Some((_, tensor)) = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')) else {
+            return match name {
+                "output.weight" | "output.bias" => Part::Rows(self.vocab_rows(s)),
+                _ => Part::Whole,
+            };
+        };
+        let parts = self.layer_parts(s);
+        match tensor {
+            "attn_q.weight" | "attn_q.bias" => parts.q,
+            "attn_k.weight" | "attn_k.bias" | "attn_v.weight" | "attn_v.bias" => parts.kv,
+            "attn_output.weight" => parts.attn_output,
+            "ffn_gate.weight" | "ffn_up.weight" | "ffn_up.bias" => parts.ff,
+            "ffn_down.weight" => parts.down,
+            _ => Part::Whole,
+        }
+    }
+
+    /// The configuration a shard's forward pass runs with: its heads, KV heads and features.
+    /// The vocabulary stays whole (the embedding is on every shard); the final soft-cap is
+    /// applied once the logits are gathered.
+    pub fn shard_config(&self, config: &ModelConfig) -> ModelConfig {
+        let mut c = config.clone();
+        c.n_heads = self.heads;
+        c.n_kv_heads = self.kv_heads;
+        c.n_ff = self.ff;
+        c.final_softcap = None;
+        c
+    }
+}
+
+/// Sums over a group of shards through the host (tensor parallelism's all-reduce where NCCL
+/// cannot run, as several shards on one GPU): each round, every shard's partial in, their sum
+/// out to every shard. A shard that fails aborts the group, so none waits forever.
+pub struct HostGroup {
+    shards: usize,
+    state: Mutex<HostRound>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct HostRound {
+    parts: Vec<Option<Vec<f32>>>,
+    arrived: usize,
+    round: u64,
+    sum: Arc<Vec<f32>>,
+    aborted: bool,
+}
+
+/// Why a [`HostGroup`] sum gave nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    #[error("another shard failed")]
+    Aborted,
+    #[error("shards summed buffers of different sizes ({0} and {1} values)")]
+    Sizes(usize, usize),
+}
+
+impl HostGroup {
+    pub fn new(shards: usize) -> Arc<Self> {
+        let state = HostRound { parts: vec![None; shards], ..Default::default() };
+        Arc::new(Self { shards, state: Mutex::new(state), done: Condvar::new() })
+    }
+
+    /// Shard `rank`'s partial in; once every shard's is in, their sum, added in shard order so
+    /// that every shard gets the same values.
+    pub fn sum(&self, rank: usize, part: Vec<f32>) -> Result<Vec<f32>, GroupError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.aborted {
+            return Err(GroupError::Aborted);
+        }
+        st.parts[rank] = Some(part);
+        st.arrived += 1;
+        let round = st.round;
+        if st.arrived == self.shards {
+            let parts: Vec<Vec<f32>> = st.parts.iter_mut().map(|p| p.take().expect("every shard arrived")).collect();
+            let mut total = parts[0].clone();
+            for p in &parts[1..] {
+                if p.len() != total.len() {
+                    st.aborted = true;
+                    self.done.notify_all();
+                    return Err(GroupError::Sizes(total.len(), p.len()));
+                }
+                total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+            }
+            st.sum = Arc::new(total);
+            st.arrived = 0;
+            st.round += 1;
+            self.done.notify_all();
+        } else {
+            while st.round == round && !st.aborted {
+                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.aborted {
+                return Err(GroupError::Aborted);
+            }
+        }
+        Ok(st.sum.as_ref().clone())
+    }
+
+    /// Every shard waiting now or later gets [`GroupError::Aborted`].
+    pub fn abort(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).aborted = true;
+        self.done.notify_all();
     }
 }
 
@@ -476,6 +638,89 @@ fn attend(
 mod tests {
     use super::*;
     use crate::models::random::{write_gguf, RandomShape};
+
+    #[test]
+    fn shards_hold_the_parts_of_each_tensor() {
+        let config = RandomShape::by_name("tiny").unwrap().config(); // 4 heads, 2 KV heads of 64, ff 512
+        let plan = ShardPlan::new(&config, 2).unwrap();
+        assert_eq!(plan.tensor_part("blk.0.attn_q.weight", 1), Part::Rows(128..256));
+        assert_eq!(plan.tensor_part("blk.1.attn_q.bias", 0), Part::Rows(0..128));
+        assert_eq!(plan.tensor_part("blk.0.attn_k.weight", 1), Part::Rows(64..128));
+        assert_eq!(plan.tensor_part("blk.0.attn_v.bias", 1), Part::Rows(64..128));
+        assert_eq!(plan.tensor_part("blk.0.attn_output.weight", 1), Part::Cols(128..256));
+        assert_eq!(plan.tensor_part("blk.0.ffn_gate.weight", 1), Part::Rows(256..512));
+        assert_eq!(plan.tensor_part("blk.0.ffn_up.weight", 0), Part::Rows(0..256));
+        assert_eq!(plan.tensor_part("blk.0.ffn_down.weight", 1), Part::Cols(256..512));
+        assert_eq!(plan.tensor_part("output.weight", 1), Part::Rows(500..1000));
+        for whole in ["token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.attn_q_norm.weight"] {
+            assert_eq!(plan.tensor_part(whole, 1), Part::Whole, "{whole}");
+        }
+        // The parts of a tensor over the shards cover it once.
+        for name in ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight", "output.weight"] {
+            let mut covered = Vec::new();
+            for s in 0..plan.shards {
+                match plan.tensor_part(name, s) {
+                    Part::Rows(r) | Part::Cols(r) => covered.extend(r),
+                    Part::Whole => panic!("{name} is split"),
+                }
+            }
+            let n = covered.len();
+            covered.dedup();
+            assert_eq!(
+                (covered.len(), covered.first(), covered.last().map(|l| l + 1)),
+                (n, Some(&0), Some(n)),
+                "{name}"
+            );
+        }
+        let shard = plan.shard_config(&config);
+        assert_eq!((shard.n_heads, shard.n_kv_heads, shard.n_ff, shard.vocab_size), (2, 1, 256, 1000));
+        assert_eq!(Part::Rows(3..5).of_len(9), 3..5);
+        assert_eq!(Part::Cols(3..5).of_len(9), 0..9);
+    }
+
+    #[test]
+    fn a_host_group_sums_in_shard_order_every_round() {
+        let group = HostGroup::new(3);
+        let threads: Vec<_> = (0..3)
+            .map(|rank| {
+                let group = group.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|round| group.sum(rank, vec![(rank * 100 + round) as f32, 1.0]).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let sums: Vec<Vec<Vec<f32>>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for round in 0..50 {
+            let want = vec![(300 + 3 * round) as f32, 3.0];
+            for rank in 0..3 {
+                assert_eq!(sums[rank][round], want, "rank {rank}, round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_shard_releases_the_others() {
+        let group = HostGroup::new(2);
+        let waiting = {
+            let group = group.clone();
+            std::thread::spawn(move || group.sum(0, vec![1.0]))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        group.abort();
+        assert_eq!(waiting.join().unwrap(), Err(GroupError::Aborted));
+        assert_eq!(group.sum(1, vec![1.0]), Err(GroupError::Aborted));
+        // Buffers of different sizes are an error for every shard, not a wrong sum.
+        let group = HostGroup::new(2);
+        let other = {
+            let group = group.clone();
+            std::thread::spawn(move || group.sum(0, vec![1.0, 2.0]))
+        };
+        let mine = group.sum(1, vec![1.0]);
+        let theirs = other.join().unwrap();
+        assert!(mine.is_err() && theirs.is_err(), "{mine:?} {theirs:?}");
+    }
 
     fn tiny(name: &str) -> Model<Cpu> {
         let shape = RandomShape::by_name(name).unwrap();

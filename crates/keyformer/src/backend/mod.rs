@@ -273,6 +273,12 @@ pub trait Backend: Send + Sync + 'static {
     fn clamp(&self, x: &mut Self::Act, limit: f32) -> Result<(), ModelError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<(), ModelError>;
+    /// Sum `x` over the devices of a tensor-parallel group, every device left with the sum
+    /// (the partial products of the attention output and down projections of a shard). A
+    /// backend alone on its model has nothing to add.
+    fn all_reduce(&self, _x: &mut Self::Act) -> Result<(), ModelError> {
+        Ok(())
+    }
     /// One layer's attention with its KV cache: the rows' keys and values join their caches
     /// (one cache: every row is its next token; several: row i joins cache i), attention runs
     /// over what each cache holds, each policy gets its scores and evicts as it must. `out`

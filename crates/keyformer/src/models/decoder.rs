@@ -23,6 +23,7 @@ use keyformer_kv::{PolicyConfig, SequencePolicy};
 use super::config::{FfnKind, ModelConfig, NormKind, PositionKind};
 use crate::kv::{KvCache, KvType};
 use crate::quant::dequantize_row;
+use crate::tensor_parallel::{LayerParts, Part};
 use crate::ModelError;
 
 /// A sequence's KV settings, resolved once ([`Model::plan_kv`]): its policy, and the bytes of
@@ -88,27 +89,39 @@ impl<B: Backend> Layer<B> {
         m: &impl Fn(&B::Matrix) -> Result<C::Matrix, E>,
         v: &impl Fn(&B::Vector) -> Result<C::Vector, E>,
     ) -> Result<Layer<C>, E> {
-        let ov = |x: &Option<B::Vector>| x.as_ref().map(v).transpose();
-        let on = |x: &Option<Norm<B>>| x.as_ref().map(|n| n.try_map(v)).transpose();
+        self.try_map_parts(&LayerParts::whole(), &|w, _| m(w), &|x, _| v(x))
+    }
+
+    /// The part of this layer `parts` names (a tensor-parallel shard's) on another backend,
+    /// each matrix and vector converted by `m` and `v` given the part to take.
+    pub fn try_map_parts<C: Backend, E>(
+        &self,
+        parts: &LayerParts,
+        m: &impl Fn(&B::Matrix, &Part) -> Result<C::Matrix, E>,
+        v: &impl Fn(&B::Vector, &Part) -> Result<C::Vector, E>,
+    ) -> Result<Layer<C>, E> {
+        let whole = |x: &B::Vector| v(x, &Part::Whole);
+        let ov = |x: &Option<B::Vector>, part: &Part| x.as_ref().map(|x| v(x, part)).transpose();
+        let on = |x: &Option<Norm<B>>| x.as_ref().map(|n| n.try_map(&whole)).transpose();
         Ok(Layer {
-            attn_norm: self.attn_norm.try_map(v)?,
-            wq: m(&self.wq)?,
-            wk: m(&self.wk)?,
-            wv: m(&self.wv)?,
-            q_bias: ov(&self.q_bias)?,
-            k_bias: ov(&self.k_bias)?,
-            v_bias: ov(&self.v_bias)?,
-            q_norm: ov(&self.q_norm)?,
-            k_norm: ov(&self.k_norm)?,
-            wo: m(&self.wo)?,
-            o_bias: ov(&self.o_bias)?,
+            attn_norm: self.attn_norm.try_map(&whole)?,
+            wq: m(&self.wq, &parts.q)?,
+            wk: m(&self.wk, &parts.kv)?,
+            wv: m(&self.wv, &parts.kv)?,
+            q_bias: ov(&self.q_bias, &parts.q)?,
+            k_bias: ov(&self.k_bias, &parts.kv)?,
+            v_bias: ov(&self.v_bias, &parts.kv)?,
+            q_norm: ov(&self.q_norm, &Part::Whole)?,
+            k_norm: ov(&self.k_norm, &Part::Whole)?,
+            wo: m(&self.wo, &parts.attn_output)?,
+            o_bias: ov(&self.o_bias, &Part::Whole)?,
             post_attn_norm: on(&self.post_attn_norm)?,
             ffn_norm: on(&self.ffn_norm)?,
-            w_gate: self.w_gate.as_ref().map(m).transpose()?,
-            w_up: m(&self.w_up)?,
-            up_bias: ov(&self.up_bias)?,
-            w_down: m(&self.w_down)?,
-            down_bias: ov(&self.down_bias)?,
+            w_gate: self.w_gate.as_ref().map(|w| m(w, &parts.ff)).transpose()?,
+            w_up: m(&self.w_up, &parts.ff)?,
+            up_bias: ov(&self.up_bias, &parts.ff)?,
+            w_down: m(&self.w_down, &parts.down)?,
+            down_bias: ov(&self.down_bias, &Part::Whole)?,
             post_ffn_norm: on(&self.post_ffn_norm)?,
         })
     }
@@ -763,6 +776,8 @@ impl<B: Backend> Model<B> {
             };
             be.attend(li, spec, q, k, v, positions, caches, attn)?;
             be.matmul(&[&layer.wo], attn, n, batch, &mut [proj])?;
+            // A shard's heads give part of the projection; the bias is added once, to the sum.
+            be.all_reduce(proj)?;
             if let Some(b) = &layer.o_bias {
                 be.add_bias(proj, n, b)?;
             }
@@ -802,6 +817,7 @@ impl<B: Backend> Model<B> {
                 }
             }
             be.matmul(&[&layer.w_down], gate, n, batch, &mut [proj])?;
+            be.all_reduce(proj)?;
             if let Some(b) = &layer.down_bias {
                 be.add_bias(proj, n, b)?;
             }

@@ -90,8 +90,10 @@ const fn llama_shape(
 /// The family shapes carry their family's pieces (Qwen2's Q/K/V biases, Gemma 2's sandwich
 /// norms, soft-caps and sliding layers, Phi-3's head size of 96, GPT-J's partial rotary and
 /// single norm, MPT's ALiBi, Cerebras-GPT's learned positions, LayerNorm and GELU MLPs).
-pub const SHAPES: [RandomShape; 18] = [
+pub const SHAPES: [RandomShape; 19] = [
     llama_shape("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 10_000.0),
+    // 140 GB in f16: split over GPUs (`bench --device cuda -tp 2`).
+    llama_shape("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 10_000.0),
     llama_shape("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 500_000.0),
     llama_shape("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 100_000.0),
     // Mistral 7B v0.1 (its files are written as `llama`; llama.cpp ignores its window).

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::kv::GpuKvCache;
+use super::tensor_parallel::Collective;
 use super::{
     grid, grow, AttentionScratch, AttentionShape, AttnRow, Gpu, GpuError, QuantBuffers, ScoreSignal, QUANTISED_ON_GPU,
 };
@@ -16,6 +17,7 @@ use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, Ro
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
 use crate::models::random::{self, RandomShape};
 use crate::quant::{dequantize_row, GgmlType};
+use crate::tensor_parallel::{LayerParts, Part, ShardPlan};
 use crate::ModelError;
 
 /// Prompt rows per block of the prefill attention (its S is rows x width per head).
@@ -136,6 +138,10 @@ pub struct Cuda {
     pub weight_format: WeightFormat,
     /// Prompt rows per forward pass ([`PREFILL_CHUNK`]; `KEYFORMER_PREFILL_CHUNK` overrides).
     pub prefill_rows: usize,
+    /// A tensor-parallel shard's: the sum over the shards after the row-split products, and
+    /// the first query head's global index (the noise is keyed by it). `None` and 0 alone.
+    pub collective: Option<Collective>,
+    pub first_head: usize,
 }
 
 /// Prompt rows per forward pass on the GPU (1024 rows of llama2-7b's gate and up activations
@@ -164,6 +170,8 @@ impl Cuda {
             use_graphs,
             weight_format: WeightFormat::default(),
             prefill_rows,
+            collective: None,
+            first_head: 0,
         }
     }
 
@@ -642,6 +650,16 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    fn all_reduce(&self, x: &mut DeviceRows) -> Result<(), ModelError> {
+        match &self.collective {
+            None => Ok(()),
+            Some(c) => {
+                let capturing = self.lock().capturing;
+                Ok(c.all_reduce(&self.gpu, x.get_mut()?, capturing)?)
+            }
+        }
+    }
+
     fn attend(
         &self,
         layer: usize,
@@ -673,6 +691,7 @@ impl Backend for Cuda {
             softcap: spec.softcap.unwrap_or(0.0),
             window: spec.window.unwrap_or(0),
             alibi_max: spec.alibi.unwrap_or(0.0),
+            first_head: self.first_head,
         };
         let n_layers = caches[0].layers.len();
         if prompt {
@@ -837,41 +856,86 @@ impl Model<Cuda> {
     /// The model of a GGUF file (already loaded for the CPU) on the GPU: quantised matrices
     /// as `cuda.weight_format` says, everything else dequantised to f16.
     pub fn from_cpu(cuda: Cuda, cpu: &Model<Cpu>) -> Result<Self, ModelError> {
+        Self::from_cpu_shard(cuda, cpu, None)
+    }
+
+    /// As [`from_cpu`](Self::from_cpu), or with `shard` (a plan and a shard's index) only the
+    /// part of every tensor that shard holds: its heads, KV heads and features, its rows of
+    /// the output projection (the tied embedding's where there is none), the embedding whole.
+    /// A quantised matrix split by columns stays in its blocks where the part is whole blocks,
+    /// else becomes f16. The shard's logits get the output bias and the final soft-cap once
+    /// they are gathered ([`ShardedModel`](super::tensor_parallel::ShardedModel)).
+    pub fn from_cpu_shard(
+        cuda: Cuda,
+        cpu: &Model<Cpu>,
+        shard: Option<(&ShardPlan, usize)>,
+    ) -> Result<Self, ModelError> {
         let gpu = &cuda.gpu;
         let native = cuda.weight_format == WeightFormat::Native;
-        let matrix = |w: &GgufWeight| -> Result<GpuMatrix, ModelError> {
+        let matrix = |w: &GgufWeight, part: &Part| -> Result<GpuMatrix, ModelError> {
             let view = cpu.backend.view(w);
             let t = view.ggml_type;
-            if native && QUANTISED_ON_GPU.contains(&t) && w.cols % t.block_size() == 0 {
-                let blocks = gpu.upload(view.bytes)?;
+            let (rows, cols) = match part {
+                Part::Whole => (0..w.rows, 0..w.cols),
+                Part::Rows(r) => (r.clone(), 0..w.cols),
+                Part::Cols(c) => (0..w.rows, c.clone()),
+            };
+            let (bs, bb) = (t.block_size(), t.block_bytes());
+            let whole_blocks = w.cols % bs == 0 && cols.start % bs == 0 && cols.end % bs == 0;
+            if native && QUANTISED_ON_GPU.contains(&t) && whole_blocks {
+                let (first, last) = (cols.start / bs * bb, cols.end / bs * bb);
+                let bytes: Vec<u8> = rows.clone().flat_map(|r| &view.row(r)[first..last]).copied().collect();
+                let blocks = gpu.upload(&bytes)?;
                 return Ok(GpuMatrix {
                     weights: GpuWeights::Quantised { ggml_type: t, blocks },
-                    rows: w.rows,
-                    cols: w.cols,
+                    rows: rows.len(),
+                    cols: cols.len(),
                 });
             }
             let mut row = vec![0f32; w.cols];
-            let mut data = Vec::with_capacity(w.rows * w.cols);
-            for r in 0..w.rows {
+            let mut data = Vec::with_capacity(rows.len() * cols.len());
+            for r in rows.clone() {
                 dequantize_row(view.ggml_type, view.row(r), &mut row);
-                data.extend(row.iter().map(|v| half::f16::from_f32(*v).to_bits()));
+                data.extend(row[cols.clone()].iter().map(|v| half::f16::from_f32(*v).to_bits()));
             }
-            Ok(GpuMatrix { weights: GpuWeights::F16(gpu.upload(&data)?), rows: w.rows, cols: w.cols })
+            Ok(GpuMatrix { weights: GpuWeights::F16(gpu.upload(&data)?), rows: rows.len(), cols: cols.len() })
         };
-        let vector = |v: &Vec<f32>| -> Result<CudaSlice<f32>, ModelError> { Ok(gpu.upload(v)?) };
-        let layers = cpu.layers.iter().map(|l| l.try_map(&matrix, &vector)).collect::<Result<Vec<_>, _>>()?;
+        let vector = |v: &Vec<f32>, part: &Part| -> Result<CudaSlice<f32>, ModelError> {
+            Ok(gpu.upload(&v[part.of_len(v.len())])?)
+        };
+        let whole = |v: &Vec<f32>| vector(v, &Part::Whole);
+        let layers = cpu
+            .layers
+            .iter()
+            .map(|l| {
+                let parts = shard.map_or_else(LayerParts::whole, |(plan, s)| plan.layer_parts(s));
+                l.try_map_parts(&parts, &matrix, &vector)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let ropes = cpu
             .ropes
             .iter()
-            .map(|r| Ok(Rope { inv_freq: vector(&r.inv_freq)?, mscale: r.mscale }))
+            .map(|r| Ok(Rope { inv_freq: whole(&r.inv_freq)?, mscale: r.mscale }))
             .collect::<Result<Vec<_>, ModelError>>()?;
+        let (config, output, output_bias) = match shard {
+            None => (
+                cpu.config.clone(),
+                cpu.output.as_ref().map(|w| matrix(w, &Part::Whole)).transpose()?,
+                cpu.output_bias.clone(),
+            ),
+            Some((plan, s)) => {
+                let vocab = Part::Rows(plan.vocab_rows(s));
+                let output = matrix(cpu.output.as_ref().unwrap_or(&cpu.token_embd), &vocab)?;
+                (plan.shard_config(&cpu.config), Some(output), None)
+            }
+        };
         Ok(Model {
-            config: cpu.config.clone(),
-            token_embd: matrix(&cpu.token_embd)?,
-            output: cpu.output.as_ref().map(matrix).transpose()?,
-            output_bias: cpu.output_bias.clone(),
-            output_norm: cpu.output_norm.try_map(&vector)?,
-            pos_embd: cpu.pos_embd.as_ref().map(matrix).transpose()?,
+            config,
+            token_embd: matrix(&cpu.token_embd, &Part::Whole)?,
+            output,
+            output_bias,
+            output_norm: cpu.output_norm.try_map(&whole)?,
+            pos_embd: cpu.pos_embd.as_ref().map(|w| matrix(w, &Part::Whole)).transpose()?,
             ropes,
             layers,
             kv_type: crate::kv::KvType::F16,
@@ -884,20 +948,67 @@ impl Model<Cuda> {
     /// quantised type drawn on the host ([`random::quantised_blocks`]; a matrix whose rows are
     /// not whole blocks stays f16), the same weights as [`random::write_gguf_typed`] writes.
     pub fn random(cuda: Cuda, shape: &RandomShape, seed: u64, weight_type: GgmlType) -> Result<Self, ModelError> {
+        Self::random_shard(cuda, shape, seed, weight_type, None)
+    }
+
+    /// As [`random`](Self::random), or with `shard` only that shard's part of each tensor (as
+    /// [`from_cpu_shard`](Self::from_cpu_shard) takes it): every tensor is drawn whole and cut,
+    /// so the shards together hold the one-device model's weights bit for bit (a quantised
+    /// matrix whose part is not whole blocks is drawn in f16 instead).
+    pub fn random_shard(
+        cuda: Cuda,
+        shape: &RandomShape,
+        seed: u64,
+        weight_type: GgmlType,
+        shard: Option<(&ShardPlan, usize)>,
+    ) -> Result<Self, ModelError> {
         let gpu = &cuda.gpu;
         random::check_weight_type(weight_type)?;
+        let part_of = |name: &str| shard.map_or(Part::Whole, |(plan, s)| plan.tensor_part(name, s));
         let mut matrices = std::collections::HashMap::new();
         for (name, rows, cols, t) in shape.matrices() {
             let scale = random::scale(&name, cols);
-            let weights = if weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols) {
-                let blocks = gpu.upload(&random::quantised_blocks(weight_type, rows, cols, seed, t, scale))?;
-                GpuWeights::Quantised { ggml_type: weight_type, blocks }
+            let part = part_of(&name);
+            let (bs, bb) = (weight_type.block_size(), weight_type.block_bytes());
+            let part_blocks = match &part {
+                Part::Cols(c) => c.start % bs == 0 && c.end % bs == 0,
+                _ => true,
+            };
+            let matrix = if weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols) && part_blocks {
+                let all = random::quantised_blocks(weight_type, rows, cols, seed, t, scale);
+                let row_bytes = cols / bs * bb;
+                let (bytes, rows, cols) = match &part {
+                    Part::Whole => (all, rows, cols),
+                    Part::Rows(r) => (all[r.start * row_bytes..r.end * row_bytes].to_vec(), r.len(), cols),
+                    Part::Cols(c) => {
+                        let (first, last) = (c.start / bs * bb, c.end / bs * bb);
+                        (
+                            all.chunks_exact(row_bytes).flat_map(|row| &row[first..last]).copied().collect(),
+                            rows,
+                            c.len(),
+                        )
+                    }
+                };
+                GpuMatrix {
+                    weights: GpuWeights::Quantised { ggml_type: weight_type, blocks: gpu.upload(&bytes)? },
+                    rows,
+                    cols,
+                }
             } else {
                 let mut data = gpu.zeros::<u16>(rows * cols)?;
                 gpu.fill_random_f16(&mut data, seed, t, scale)?;
-                GpuWeights::F16(data)
+                let (data, rows, cols) = match &part {
+                    Part::Whole => (data, rows, cols),
+                    Part::Rows(r) => {
+                        let cut =
+                            gpu.stream.clone_dtod(&data.slice(r.start * cols..r.end * cols)).map_err(GpuError::from)?;
+                        (cut, r.len(), cols)
+                    }
+                    Part::Cols(c) => (gpu.copy_columns_f16(&data, rows, cols, c.clone())?, rows, c.len()),
+                };
+                GpuMatrix { weights: GpuWeights::F16(data), rows, cols }
             };
-            matrices.insert(name, GpuMatrix { weights, rows, cols });
+            matrices.insert(name, matrix);
         }
         // Every matrix drawn is taken once; a family without one (a gate, positions) drew none.
         let mut maybe = |name: String| matrices.remove(&name);
@@ -907,7 +1018,8 @@ impl Model<Cuda> {
         // The family's biases and extra norms, as the CPU's file holds them.
         let mut extra = std::collections::HashMap::new();
         for (name, len, value) in shape.extra_vectors() {
-            extra.insert(name, gpu.upload(&vec![value; len])?);
+            let values = part_of(&name).of_len(len).len();
+            extra.insert(name, gpu.upload(&vec![value; values])?);
         }
         let layers = (0..shape.n_layers)
             .map(|l| {
@@ -938,6 +1050,7 @@ impl Model<Cuda> {
             .collect::<Result<Vec<_>, GpuError>>()?;
         let config = shape.config();
         config.validate()?;
+        let config = shard.map_or(config.clone(), |(plan, _)| plan.shard_config(&config));
         Ok(Model {
             token_embd: maybe("token_embd.weight".into()).expect("drawn"),
             output: Some(maybe("output.weight".into()).expect("drawn")),
@@ -1041,7 +1154,9 @@ impl Model<Cuda> {
         match out {
             Out::Greedy(next) => be.read_back(|sc| sc.next_tokens.as_ref(), "greedy tokens", tokens.len(), next)?,
             Out::Logits(logits) => {
-                be.read_back(|sc| sc.logits.as_ref(), "logits", tokens.len() * c.vocab_size, logits)?;
+                // The output matrix's rows: the vocabulary, or a tensor-parallel shard's part of it.
+                let vocab_rows = self.output.as_ref().unwrap_or(&self.token_embd).rows;
+                be.read_back(|sc| sc.logits.as_ref(), "logits", tokens.len() * vocab_rows, logits)?;
                 self.finish_logits(logits);
             }
         }

@@ -10,6 +10,7 @@ use keyformer_kv::PolicyConfig;
 
 use super::backend::Cuda;
 use super::kv::GpuKvCache;
+use super::tensor_parallel::ShardedModel;
 use crate::backend::{Backend, SequenceCache};
 use crate::models::decoder::{Logits, Model};
 use crate::models::random;
@@ -143,6 +144,78 @@ pub fn run(
         ms_per_step_first: mean(&step_ms[..k]),
         ms_per_step_last: mean(&step_ms[gen - k..]),
         kv_bytes_per_sequence: refs[0].bytes_held(),
+        kv_bytes_full: (prompt + gen) * per_token,
+        peak_gpu_bytes: peak,
+    })
+}
+
+/// [`run`] on a model split over GPUs: the same protocol, each step's logits gathered from the
+/// shards and the greedy tokens taken on the host.
+pub fn run_sharded(
+    model: &mut ShardedModel,
+    prompt: usize,
+    gen: usize,
+    kv: &PolicyConfig,
+    batch: usize,
+    progress: &dyn Fn(&str),
+) -> Result<GpuBenchRow, ModelError> {
+    let c = model.config.clone();
+    if prompt == 0 || gen == 0 || batch == 0 {
+        return Err(ModelError::Input("prompt, generation and batch must be at least 1".into()));
+    }
+    if prompt + gen > c.context_length {
+        return Err(ModelError::PromptTooLong { prompt: prompt + gen, context: c.context_length });
+    }
+    let tokens: Vec<u32> =
+        (0..prompt as u64).map(|i| (random::mix64(i ^ 0x5EED) % c.vocab_size as u64) as u32).collect();
+    model.release_free_memory()?;
+    let mut ids = Vec::with_capacity(batch);
+    let mut next = Vec::with_capacity(batch);
+    let t0 = Instant::now();
+    for i in 0..batch {
+        let id = model.new_sequence(kv, prompt, gen)?;
+        next.push(argmax(&model.prefill(id, &tokens)?));
+        ids.push(id);
+        if (i + 1) % 8 == 0 {
+            progress(&format!("prefilled {}/{batch}", i + 1));
+        }
+    }
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut peak = model.memory_used()?.0;
+    let mut step_ms = Vec::with_capacity(gen);
+    let t1 = Instant::now();
+    for step in 0..gen {
+        let ts = Instant::now();
+        let logits = model.decode(&ids, &next)?;
+        next.clear();
+        next.extend(logits.chunks_exact(c.vocab_size).map(argmax));
+        step_ms.push(ts.elapsed().as_secs_f64() * 1e3);
+        if (step + 1) % 512 == 0 {
+            progress(&format!("decoded {}/{gen} steps", step + 1));
+        }
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    peak = peak.max(model.memory_used()?.0);
+    let held = model.bytes_held(ids[0])?;
+    for id in ids {
+        model.drop_sequence(id)?;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let k = 16.min(gen);
+    let per_token = crate::kv::KvType::F16.token_bytes(c.n_layers, c.n_kv_heads, c.head_dim);
+    Ok(GpuBenchRow {
+        prompt,
+        gen,
+        kv: kv.label(),
+        batch,
+        prefill_s,
+        decode_s,
+        decode_tok_s: (batch * gen) as f64 / decode_s,
+        total_tok_s: (batch * gen) as f64 / (prefill_s + decode_s),
+        ms_per_step: decode_s * 1e3 / gen as f64,
+        ms_per_step_first: mean(&step_ms[..k]),
+        ms_per_step_last: mean(&step_ms[gen - k..]),
+        kv_bytes_per_sequence: held,
         kv_bytes_full: (prompt + gen) * per_token,
         peak_gpu_bytes: peak,
     })

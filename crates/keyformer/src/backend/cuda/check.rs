@@ -285,6 +285,7 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
         softcap: 0.0,
         window: 0,
         alibi_max: 0.0,
+        first_head: 0,
     };
     let q_dev = gpu.upload(&q)?;
     let out_dev = gpu.zeros::<f32>(n_heads * hd)?;
@@ -851,6 +852,7 @@ fn prefill_checks(
             softcap: spec.softcap.unwrap_or(0.0),
             window: spec.window.unwrap_or(0),
             alibi_max: spec.alibi.unwrap_or(0.0),
+            first_head: 0,
         };
         let paths: &[&str] = if flash { &["flash", "cuBLAS blocks"] } else { &["cuBLAS blocks"] };
         for &path in paths {
@@ -917,6 +919,7 @@ fn prefill_checks(
         softcap: 0.0,
         window: 0,
         alibi_max: 0.0,
+        first_head: 0,
     };
     let first_t = (width_t - rows_t) as u32;
     let block = 256.min(rows_t);

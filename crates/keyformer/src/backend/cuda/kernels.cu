@@ -298,6 +298,17 @@ extern "C" __global__ void gemv_f16(GemvWeights ws, const float* x, int cols) {
     }
 }
 
+// Columns first..first + width of every row of a rows x cols f16 matrix into a rows x width
+// one (a tensor-parallel shard's part of a matrix split by its input features).
+extern "C" __global__ void copy_columns_f16(const unsigned short* src, long rows, long cols, long first, long width,
+                                            unsigned short* dst) {
+    long n = rows * width;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / width;
+        dst[i] = src[r * cols + first + (i - r * width)];
+    }
+}
+
 extern "C" __global__ void f32_to_f16(const float* x, unsigned short* y, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = f2h(x[i]);
@@ -311,7 +322,12 @@ __device__ unsigned long long mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
-__device__ unsigned noise_row_key(unsigned long long seed, unsigned layer, unsigned head, unsigned step) {
+// The scoring kernels' `layer` argument carries a tensor-parallel shard's first query head in
+// its top 16 bits (`noise_layer_arg` on the host): a shard draws its heads' noise by their
+// GLOBAL indices, as the whole model on one device does.
+__device__ unsigned noise_row_key(unsigned long long seed, unsigned layer_arg, unsigned head, unsigned step) {
+    unsigned layer = layer_arg & 0xffffu;
+    head += layer_arg >> 16;
     unsigned long long a = mix64(seed ^ 0x9E3779B97F4A7C15ull);
     unsigned long long b = mix64(a ^ (((unsigned long long)layer << 32) | head));
     return (unsigned)mix64(b ^ (((unsigned long long)step << 32) | 0xffffffffull));

@@ -26,6 +26,7 @@ pub mod bench;
 pub mod check;
 pub mod kv;
 pub mod model_check;
+pub mod tensor_parallel;
 
 use std::sync::Arc;
 
@@ -65,6 +66,9 @@ pub enum GpuError {
     Blas(#[from] cudarc::cublas::result::CublasError),
     #[error("{0}")]
     Shape(String),
+    /// Tensor parallelism's sums over the shards.
+    #[error("tensor parallel: {0}")]
+    Collective(String),
 }
 
 /// What was found.
@@ -87,6 +91,7 @@ struct Kernels {
     clamp_values: CudaFunction,
     silu_mul: CudaFunction,
     f32_to_f16: CudaFunction,
+    copy_columns_f16: CudaFunction,
     gemv_f16: CudaFunction,
     /// One per bound on the query heads per KV head: 1, 2, 4, 8 (kernels.cu).
     attn_decode_partial: [CudaFunction; 4],
@@ -486,6 +491,18 @@ pub struct AttentionShape {
     /// The widest row's slots.
     pub max_width: usize,
     pub layer: usize,
+    /// The first query head's index in the whole model (a tensor-parallel shard's heads are
+    /// a slice of the model's; Keyformer's noise is keyed by the global index). 0 on one device.
+    pub first_head: usize,
+}
+
+impl AttentionShape {
+    /// The scoring kernels' `layer` argument: the layer, and the first head in the top 16 bits
+    /// (`noise_row_key` in kernels.cu takes them apart).
+    fn noise_layer_arg(&self) -> u32 {
+        debug_assert!(self.layer < 1 << 16 && self.first_head < 1 << 16);
+        self.layer as u32 | (self.first_head as u32) << 16
+    }
 }
 
 fn grid(n: usize, block: u32) -> LaunchConfig {
@@ -533,6 +550,7 @@ impl Gpu {
             clamp_values: f("clamp_values")?,
             silu_mul: f("silu_mul")?,
             f32_to_f16: f("f32_to_f16")?,
+            copy_columns_f16: f("copy_columns_f16")?,
             gemv_f16: f("gemv_f16")?,
             attn_decode_partial: [
                 f("attn_decode_partial_g1")?,
@@ -1317,6 +1335,28 @@ impl Gpu {
         Ok(())
     }
 
+    /// Columns `columns` of every row of a `rows` x `cols` f16 matrix, as a new matrix.
+    pub fn copy_columns_f16(
+        &self,
+        src: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        columns: std::ops::Range<usize>,
+    ) -> Result<CudaSlice<u16>, GpuError> {
+        if src.len() != rows * cols || columns.end > cols || columns.is_empty() {
+            return Err(GpuError::Shape(format!("columns {columns:?} of a {rows} x {cols} matrix")));
+        }
+        let width = columns.len();
+        let mut dst = self.zeros::<u16>(rows * width)?;
+        let ints = [rows as i64, cols as i64, columns.start as i64, width as i64];
+        let mut b = self.stream.launch_builder(&self.kernels.copy_columns_f16);
+        b.arg(src).arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&mut dst);
+        let cfg = LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: a grid-stride loop over dst's rows x width values, each read inside src.
+        unsafe { b.launch(cfg) }?;
+        Ok(dst)
+    }
+
     /// Compaction: slot `to_slots[i]` of `to` takes slot `from_slots[i]` of `from` (slots counted
     /// over the whole layer, heads one after another).
     pub fn gather_slots(
@@ -1403,7 +1443,7 @@ impl Gpu {
         scratch: &mut AttentionScratch,
         pass: DecodePass,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, layer, scale, softcap, window, alibi_max } =
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, max_width, scale, softcap, window, alibi_max, .. } =
             shape;
         // Fixed chunks: halving them down to 32 slots where few KV heads leave SMs idle was
         // tried and was slower (llama3-8b shape, 4096 slots: 63.9 against 32.3 us), the
@@ -1433,7 +1473,7 @@ impl Gpu {
             return Ok(());
         }
         let ints = [n_heads as i32, n_kv_heads as i32, hd as i32, max_width as i32, chunks as i32];
-        let (layer, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        let (layer, bits) = (shape.noise_layer_arg(), noise::GUMBEL_TABLE_BITS as i32);
         // The entry points whose accumulators fit the group (fewer registers, more blocks per SM).
         let group_entry = group.next_power_of_two().trailing_zeros() as usize;
         let logit_bytes = group * max_width * std::mem::size_of::<f32>();
@@ -1590,7 +1630,7 @@ impl Gpu {
         signal: Option<ScoreSignal>,
         stats: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, scale, softcap, window, alibi_max, .. } = shape;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, scale, softcap, window, alibi_max, .. } = shape;
         let which = FLASH_HEAD_DIMS.iter().position(|&d| d == hd);
         let q_dim = n_heads * hd;
         let Some(which) = which.filter(|_| self.flash_prefill) else {
@@ -1612,7 +1652,7 @@ impl Gpu {
         let PrefillScoring { mode, inv_tau, seed, by_max, restriction: [sinks, first, end, from_pos] } =
             PrefillScoring::of(signal);
         let ints = [n_heads as i32, n_kv_heads as i32, rows as i32, width as i32, capacity as i32];
-        let (layer_u, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        let (layer_u, bits) = (shape.noise_layer_arg(), noise::GUMBEL_TABLE_BITS as i32);
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(FLASH_ROWS) as u32, n_heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -1665,7 +1705,7 @@ impl Gpu {
         s_buf: &mut CudaSlice<f32>,
         p_buf: &mut CudaSlice<u16>,
     ) -> Result<(), GpuError> {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, layer, scale, softcap, window, alibi_max, .. } = shape;
+        let AttentionShape { n_heads, n_kv_heads, head_dim: hd, scale, softcap, window, alibi_max, .. } = shape;
         let group = n_heads / n_kv_heads.max(1);
         let q_dim = n_heads * hd;
         if n_kv_heads == 0
@@ -1727,7 +1767,7 @@ impl Gpu {
         let PrefillScoring { mode, inv_tau, seed, by_max, restriction: [sinks, first, end, from_pos] } =
             PrefillScoring::of(signal);
         let ints = [n_heads as i32, n_kv_heads as i32, rows as i32, width as i32, capacity as i32];
-        let (layer_u, bits) = (layer as u32, noise::GUMBEL_TABLE_BITS as i32);
+        let (layer_u, bits) = (shape.noise_layer_arg(), noise::GUMBEL_TABLE_BITS as i32);
         let cfg =
             LaunchConfig { grid_dim: (rows as u32, n_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(&self.kernels.prefill_softmax);

@@ -38,7 +38,7 @@ fn cpu_held(cache: &KvCache) -> Vec<Vec<Vec<u32>>> {
 }
 
 /// Tokens held by one side and not the other, over all layers and KV heads.
-fn held_difference(a: &[Vec<Vec<u32>>], b: &[Vec<Vec<u32>>]) -> usize {
+pub(crate) fn held_difference(a: &[Vec<Vec<u32>>], b: &[Vec<Vec<u32>>]) -> usize {
     a.iter()
         .flatten()
         .zip(b.iter().flatten())
