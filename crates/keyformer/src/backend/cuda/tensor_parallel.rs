@@ -191,6 +191,7 @@ impl ShardedModel {
             Transport::HostOnOneGpu => None,
         };
         let host = HostGroup::new(shards);
+        let gate = HostGroup::new(shards);
         let mut workers = Vec::with_capacity(shards);
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<ShardInfo, ModelError>)>();
         for s in 0..shards {
@@ -198,6 +199,7 @@ impl ShardedModel {
             let (replies_tx, replies_rx) = mpsc::channel();
             let source = source.clone();
             let host = host.clone();
+            let gate = gate.clone();
             let ready = ready_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("keyformer-shard-{s}"))
@@ -207,7 +209,12 @@ impl ShardedModel {
                         Some(_) => None, // made once the GPU is open, below
                         None => Some(Collective::Host { group: host.clone(), rank: s }),
                     };
-                    let loaded = load_shard(&source, &plan, s, ordinal, nccl_id, collective, weight_format);
+                    // A panic while loading is an error like any other (the host waits for
+                    // every shard's word).
+                    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        load_shard(&source, &plan, s, ordinal, nccl_id, collective, &gate, weight_format)
+                    }))
+                    .unwrap_or_else(|_| Err(ModelError::Gpu("loading panicked".into())));
                     let model = match loaded {
                         Ok(m) => {
                             let info = ShardInfo {
@@ -217,10 +224,12 @@ impl ShardedModel {
                                 matrix_types: m.matrix_types(),
                             };
                             ready.send((s, Ok(info))).ok();
+                            drop(ready);
                             m
                         }
                         Err(e) => {
                             host.abort();
+                            gate.abort();
                             ready.send((s, Err(e))).ok();
                             return;
                         }
@@ -236,11 +245,16 @@ impl ShardedModel {
         drop(ready_tx);
         let mut infos = vec![None; shards];
         let mut first_error = None;
-        for (s, r) in ready_rx.iter() {
-            match r {
-                Ok(info) => infos[s] = Some(info),
-                Err(e) => {
+        // One message from each shard (a shard's thread lives on after its own).
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok((s, Ok(info))) => infos[s] = Some(info),
+                Ok((s, Err(e))) => {
                     first_error.get_or_insert(ModelError::Gpu(format!("shard {s}: {e}")));
+                }
+                Err(_) => {
+                    first_error.get_or_insert(ModelError::Gpu("a shard's thread ended while loading".into()));
+                    break;
                 }
             }
         }
@@ -403,7 +417,9 @@ impl Drop for ShardedModel {
 }
 
 /// Shard `s` of `source` on GPU `ordinal`, with its collective (NCCL's made here, after the
-/// GPU's context is current on this thread).
+/// GPU's context is current on this thread); `gate` holds the shards together until every
+/// GPU is open.
+#[allow(clippy::too_many_arguments)]
 fn load_shard(
     source: &ShardSource,
     plan: &ShardPlan,
@@ -411,9 +427,17 @@ fn load_shard(
     ordinal: usize,
     nccl_id: Option<cudarc::nccl::safe::Id>,
     collective: Option<Collective>,
+    gate: &HostGroup,
     weight_format: WeightFormat,
 ) -> Result<Model<Cuda>, ModelError> {
-    let gpu = Gpu::open(ordinal)?;
+    // Every shard's GPU opens before any joins NCCL (whose set-up waits for all of them): a
+    // shard that cannot open its GPU releases the others instead of leaving them waiting.
+    let opened = Gpu::open(ordinal);
+    if opened.is_err() {
+        gate.abort();
+    }
+    let gpu = opened?;
+    gate.sum(s, Vec::new()).map_err(|e| GpuError::Collective(format!("shard {s} waited for the others: {e}")))?;
     let collective = match nccl_id {
         Some(id) => {
             let stream = gpu.stream.clone();
