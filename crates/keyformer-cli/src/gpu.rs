@@ -64,7 +64,7 @@ mod with_cuda {
 
     pub(crate) fn check(a: GpuCheckArgs) -> Result<()> {
         let mut shapes = Vec::new();
-        for name in &a.shape {
+        for name in a.shape.iter().filter(|s| s.as_str() != "none") {
             let shape = check::SHAPES.iter().find(|s| s.name == name.as_str()).with_context(|| {
                 let known: Vec<&str> = check::SHAPES.iter().map(|s| s.name).collect();
                 format!("unknown shape '{name}' (known: {})", known.join(", "))

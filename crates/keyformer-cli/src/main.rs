@@ -108,7 +108,7 @@ enum Command {
 #[derive(Args)]
 pub(crate) struct GpuCheckArgs {
     /// Shapes to check the ops at: llama2-7b, llama3-8b, gemma2-9b (heads of 256) or
-    /// smollm2-135m (comma-separated).
+    /// smollm2-135m (comma-separated; "none" skips them).
     #[arg(long, value_delimiter = ',', default_value = "llama2-7b,llama3-8b,gemma2-9b,smollm2-135m")]
     shape: Vec<String>,
     /// KV slots per head in the attention check and timing.

@@ -208,9 +208,10 @@ const VICTIM_FOLD_ROWS: usize = 4;
 /// block of its own (`DecodePass::OnePass`), when [`ONE_PASS_BY_DEFAULT`].
 const ONE_PASS_BLOCKS_PER_SM: usize = 4;
 
-/// Whether large batches take the one pass without being asked: not until `gpu-check` has
-/// passed it on a GPU and the batch-56 A/B has measured it (written in a session no device was
-/// lent to; `KEYFORMER_DECODE_PASS=one-pass` runs it).
+/// Whether large batches take the one pass without being asked: no. On an H200 at batch 56
+/// (llama2-7b shape, 4096 + 64, budget 50%) it made the scores cheapest (Keyformer +2.1% over
+/// window in the same layout) but every step slower (window 27.91 against 24.88 ms with whole
+/// heads: one block per head walks 2049 slots alone); `KEYFORMER_DECODE_PASS=one-pass` runs it.
 const ONE_PASS_BY_DEFAULT: bool = false;
 
 /// Shared memory a block gets without opting in to more: the one-pass attention's static
@@ -237,11 +238,14 @@ pub enum DecodePass {
 
 impl DecodePass {
     /// The pass for `heads` (row, KV head) pairs: one pass from `one_pass_heads` pairs on (the
-    /// SMs have enough blocks without splitting a head's slots), else ranges, the victims
-    /// folded in for small batches (`fold_small`).
-    pub fn for_batch(heads: usize, one_pass_heads: usize, fold_small: bool) -> Self {
+    /// SMs have enough blocks without splitting a head's slots); small batches (`fold_small`)
+    /// ranges with the victims folded in; larger ones whole heads where there is a combining
+    /// block for every SM (`sms`), else ranges with the victims in a kernel of their own.
+    pub fn for_batch(heads: usize, sms: usize, one_pass_heads: usize, fold_small: bool) -> Self {
         if heads >= one_pass_heads {
             Self::OnePass
+        } else if !fold_small && heads >= sms {
+            Self::WholeHeads
         } else {
             Self::Ranges { fold_victims: fold_small }
         }
@@ -1420,7 +1424,8 @@ impl Gpu {
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
         let pass = self.forced_pass.unwrap_or_else(|| {
-            DecodePass::for_batch(n_rows * shape.n_kv_heads, self.one_pass_heads, n_rows <= self.victim_fold_rows)
+            let heads = n_rows * shape.n_kv_heads;
+            DecodePass::for_batch(heads, self.sm_count, self.one_pass_heads, n_rows <= self.victim_fold_rows)
         });
         self.attention_rows_as(rows, n_rows, shape, scratch, pass)
     }

@@ -51,6 +51,9 @@ impl Collective {
         match self {
             Collective::Nccl(comm) => {
                 let comm = comm.0.lock().unwrap_or_else(|e| e.into_inner());
+                if comm.world_size() == 1 {
+                    return Ok(()); // nothing to add (and a launch a sum less)
+                }
                 comm.all_reduce_in_place(x, &cudarc::nccl::safe::ReduceOp::Sum)
                     .map_err(|e| GpuError::Collective(format!("NCCL all-reduce: {e:?}")))?;
                 Ok(())
