@@ -214,11 +214,13 @@ impl Cuda {
         key.push(addr(&buffers.up)?);
         drop(buffers);
         let mut sc = self.lock();
+        // Only a greedy step sizes the device's token output: a run that only ever asks for
+        // logits (sampling; a tensor-parallel shard) would otherwise never be replayed.
+        grow(gpu, &mut sc.next_tokens, m)?;
         let n_layers = caches[0].layers.len();
         let max_width = caches.iter().map(|c| c.capacity_now()).max().unwrap_or(0);
         let ready = sc.attention.as_ref().is_some_and(|a| a.max_rows >= m && a.max_width >= max_width)
             && sc.tokens.as_ref().is_some_and(|t| t.len() >= m)
-            && sc.next_tokens.as_ref().is_some_and(|t| t.len() >= m)
             && sc.rows.as_ref().is_some_and(|r| r.len() >= n_layers * m)
             && sc.positions.as_ref().is_some_and(|p| p.len() == m);
         if !ready {

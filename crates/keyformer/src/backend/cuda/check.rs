@@ -308,8 +308,10 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     };
     let score_addr = dev_addr(gpu, &score_dev);
     let row_for = |signal: Option<ScoreSignal>| gpu.upload(&[base_row.with_signal(signal, score_addr, slots)]);
+    // The ranges layout whatever KEYFORMER_DECODE_PASS forces: the other layouts below are
+    // checked against it.
     let attend = |row: &cudarc::driver::CudaSlice<AttnRow>, scratch: &mut AttentionScratch| {
-        gpu.attention_rows(&row.slice(0..1), 1, shape_a, scratch)
+        gpu.attention_rows_as(&row.slice(0..1), 1, shape_a, scratch, DecodePass::Ranges { fold_victims: true })
     };
     for (name, signal, want) in
         [("keyformer scores", keyformer, &want_scores[0]), ("h2o scores", ScoreSignal::Attention, &want_scores[1])]
