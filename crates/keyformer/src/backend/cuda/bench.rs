@@ -128,25 +128,42 @@ pub fn run(
     }
     let decode_s = t1.elapsed().as_secs_f64();
     peak = peak.max(model.backend.memory_used()?.0);
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let k = 16.min(gen);
-    let per_token = bytes_per_token(model);
-    Ok(GpuBenchRow {
-        prompt,
-        gen,
-        kv: kv.label(),
-        batch,
-        prefill_s,
-        decode_s,
-        decode_tok_s: (batch * gen) as f64 / decode_s,
-        total_tok_s: (batch * gen) as f64 / (prefill_s + decode_s),
-        ms_per_step: decode_s * 1e3 / gen as f64,
-        ms_per_step_first: mean(&step_ms[..k]),
-        ms_per_step_last: mean(&step_ms[gen - k..]),
-        kv_bytes_per_sequence: refs[0].bytes_held(),
-        kv_bytes_full: (prompt + gen) * per_token,
-        peak_gpu_bytes: peak,
-    })
+    let held = refs[0].bytes_held();
+    Ok(Timed { prompt, gen, batch, prefill_s, decode_s, step_ms }.row(kv, held, bytes_per_token(model), peak))
+}
+
+/// A run's times, before they become a [`GpuBenchRow`].
+struct Timed {
+    prompt: usize,
+    gen: usize,
+    batch: usize,
+    prefill_s: f64,
+    decode_s: f64,
+    step_ms: Vec<f64>,
+}
+
+impl Timed {
+    fn row(self, kv: &PolicyConfig, held: usize, per_token: usize, peak: usize) -> GpuBenchRow {
+        let Timed { prompt, gen, batch, prefill_s, decode_s, step_ms } = self;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let k = 16.min(gen);
+        GpuBenchRow {
+            prompt,
+            gen,
+            kv: kv.label(),
+            batch,
+            prefill_s,
+            decode_s,
+            decode_tok_s: (batch * gen) as f64 / decode_s,
+            total_tok_s: (batch * gen) as f64 / (prefill_s + decode_s),
+            ms_per_step: decode_s * 1e3 / gen as f64,
+            ms_per_step_first: mean(&step_ms[..k]),
+            ms_per_step_last: mean(&step_ms[gen - k..]),
+            kv_bytes_per_sequence: held,
+            kv_bytes_full: (prompt + gen) * per_token,
+            peak_gpu_bytes: peak,
+        }
+    }
 }
 
 /// [`run`] on a model split over GPUs: the same protocol, each step's logits gathered from the
@@ -200,23 +217,6 @@ pub fn run_sharded(
     for id in ids {
         model.drop_sequence(id)?;
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let k = 16.min(gen);
     let per_token = crate::kv::KvType::F16.token_bytes(c.n_layers, c.n_kv_heads, c.head_dim);
-    Ok(GpuBenchRow {
-        prompt,
-        gen,
-        kv: kv.label(),
-        batch,
-        prefill_s,
-        decode_s,
-        decode_tok_s: (batch * gen) as f64 / decode_s,
-        total_tok_s: (batch * gen) as f64 / (prefill_s + decode_s),
-        ms_per_step: decode_s * 1e3 / gen as f64,
-        ms_per_step_first: mean(&step_ms[..k]),
-        ms_per_step_last: mean(&step_ms[gen - k..]),
-        kv_bytes_per_sequence: held,
-        kv_bytes_full: (prompt + gen) * per_token,
-        peak_gpu_bytes: peak,
-    })
+    Ok(Timed { prompt, gen, batch, prefill_s, decode_s, step_ms }.row(kv, held, per_token, peak))
 }
