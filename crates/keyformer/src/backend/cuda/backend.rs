@@ -885,9 +885,13 @@ impl Model<Cuda> {
             let (bs, bb) = (t.block_size(), t.block_bytes());
             let whole_blocks = w.cols % bs == 0 && cols.start % bs == 0 && cols.end % bs == 0;
             if native && QUANTISED_ON_GPU.contains(&t) && whole_blocks {
-                let (first, last) = (cols.start / bs * bb, cols.end / bs * bb);
-                let bytes: Vec<u8> = rows.clone().flat_map(|r| &view.row(r)[first..last]).copied().collect();
-                let blocks = gpu.upload(&bytes)?;
+                let blocks = if *part == Part::Whole {
+                    gpu.upload(view.bytes)?
+                } else {
+                    let (first, last) = (cols.start / bs * bb, cols.end / bs * bb);
+                    let bytes: Vec<u8> = rows.clone().flat_map(|r| &view.row(r)[first..last]).copied().collect();
+                    gpu.upload(&bytes)?
+                };
                 return Ok(GpuMatrix {
                     weights: GpuWeights::Quantised { ggml_type: t, blocks },
                     rows: rows.len(),
