@@ -363,6 +363,37 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
             0.0,
             "scores and outputs not bit-equal to the ranges' (the same sums in the same order)",
         ));
+        // A batch of rows (here over one shared cache, each with its own query, output and
+        // scores) in whole heads against ranges: the layout large batches take by default.
+        {
+            let n_rows = 6;
+            let (q_len, s_len) = (n_heads * hd, n_kv_heads * slots);
+            let qs = gpu.upload(&rng.vec(n_rows * q_len, 4.0))?;
+            let mut batch_scratch = AttentionScratch::new(gpu, n_rows, n_heads, hd, slots)?;
+            let mut results = Vec::new();
+            for pass in [DecodePass::Ranges { fold_victims: false }, DecodePass::WholeHeads] {
+                let (outs, scores) = (gpu.zeros::<f32>(n_rows * q_len)?, gpu.zeros::<f32>(n_rows * s_len)?);
+                let rows: Vec<AttnRow> = (0..n_rows)
+                    .map(|i| AttnRow {
+                        q: dev_addr(gpu, &qs) + (i * q_len * 4) as u64,
+                        out: dev_addr(gpu, &outs) + (i * q_len * 4) as u64,
+                        ..base_row.with_signal(Some(signal), dev_addr(gpu, &scores) + (i * s_len * 4) as u64, slots)
+                    })
+                    .collect();
+                let rows_dev = gpu.upload(&rows)?;
+                gpu.attention_rows_as(&rows_dev.slice(0..n_rows), n_rows, shape_a, &mut batch_scratch, pass)?;
+                results.push((gpu.download(&outs)?, gpu.download(&scores)?));
+            }
+            let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            let differ = bits(&results[0].0, &results[1].0) + bits(&results[0].1, &results[1].1);
+            let unscored = results[0].1.iter().all(|&v| v == 0.0);
+            checks.push(row(
+                &format!("{name} and output, {n_rows} rows, whole heads against ranges"),
+                (differ + usize::from(unscored)) as f64,
+                0.0,
+                "values of the rows' outputs and scores not bit-equal (+1 if nothing was scored)",
+            ));
+        }
         gpu.upload_into(&vec![0.0f32; n_kv_heads * slots], &mut score_dev)?;
         gpu.attention_rows_as(&scored_row.slice(0..1), 1, shape_a, &mut scratch, DecodePass::OnePass)?;
         let (one_scores, one_out) = (gpu.download(&score_dev)?, gpu.download(&out_dev)?);
