@@ -12,6 +12,7 @@ use super::backend::Cuda;
 use super::kv::GpuKvCache;
 use super::tensor_parallel::ShardedModel;
 use crate::backend::{Backend, SequenceCache};
+use crate::models::config::ModelConfig;
 use crate::models::decoder::{Logits, Model};
 use crate::models::random;
 use crate::sampling::argmax;
@@ -71,6 +72,17 @@ pub fn max_batch(
     Ok((free / plan.bytes_steady.max(1)).max(1))
 }
 
+/// The protocol's prompt (the same tokens for every sequence), once the sizes are checked.
+fn protocol_prompt(c: &ModelConfig, prompt: usize, gen: usize, batch: usize) -> Result<Vec<u32>, ModelError> {
+    if prompt == 0 || gen == 0 || batch == 0 {
+        return Err(ModelError::Input("prompt, generation and batch must be at least 1".into()));
+    }
+    if prompt + gen > c.context_length {
+        return Err(ModelError::PromptTooLong { prompt: prompt + gen, context: c.context_length });
+    }
+    Ok((0..prompt as u64).map(|i| (random::mix64(i ^ 0x5EED) % c.vocab_size as u64) as u32).collect())
+}
+
 /// Run one configuration.
 pub fn run(
     model: &Model<Cuda>,
@@ -81,14 +93,7 @@ pub fn run(
     progress: &dyn Fn(&str),
 ) -> Result<GpuBenchRow, ModelError> {
     let c = &model.config;
-    if prompt == 0 || gen == 0 || batch == 0 {
-        return Err(ModelError::Input("prompt, generation and batch must be at least 1".into()));
-    }
-    if prompt + gen > c.context_length {
-        return Err(ModelError::PromptTooLong { prompt: prompt + gen, context: c.context_length });
-    }
-    let tokens: Vec<u32> =
-        (0..prompt as u64).map(|i| (random::mix64(i ^ 0x5EED) % c.vocab_size as u64) as u32).collect();
+    let tokens = protocol_prompt(c, prompt, gen, batch)?;
     let gpu = &model.backend.gpu;
     // The peak is this run's: what earlier runs freed goes back to the device first.
     gpu.release_free_memory()?;
@@ -177,14 +182,7 @@ pub fn run_sharded(
     progress: &dyn Fn(&str),
 ) -> Result<GpuBenchRow, ModelError> {
     let c = model.config.clone();
-    if prompt == 0 || gen == 0 || batch == 0 {
-        return Err(ModelError::Input("prompt, generation and batch must be at least 1".into()));
-    }
-    if prompt + gen > c.context_length {
-        return Err(ModelError::PromptTooLong { prompt: prompt + gen, context: c.context_length });
-    }
-    let tokens: Vec<u32> =
-        (0..prompt as u64).map(|i| (random::mix64(i ^ 0x5EED) % c.vocab_size as u64) as u32).collect();
+    let tokens = protocol_prompt(&c, prompt, gen, batch)?;
     model.release_free_memory()?;
     let mut ids = Vec::with_capacity(batch);
     let mut next = Vec::with_capacity(batch);

@@ -208,14 +208,14 @@ impl ShardedModel {
                 .name(format!("keyformer-shard-{s}"))
                 .spawn(move || {
                     let ordinal = if transport == Transport::Nccl { s } else { 0 };
-                    let collective = match nccl_id {
-                        Some(_) => None, // made once the GPU is open, below
-                        None => Some(Collective::Host { group: host.clone(), rank: s }),
+                    let sums = match nccl_id {
+                        Some(id) => Sums::Nccl(id),
+                        None => Sums::Host(host.clone()),
                     };
                     // A panic while loading is an error like any other (the host waits for
                     // every shard's word).
                     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        load_shard(&source, &plan, s, ordinal, nccl_id, collective, &gate, weight_format)
+                        load_shard(&source, &plan, s, ordinal, sums, &gate, weight_format)
                     }))
                     .unwrap_or_else(|_| Err(ModelError::Gpu("loading panicked".into())));
                     let model = match loaded {
@@ -419,17 +419,21 @@ impl Drop for ShardedModel {
     }
 }
 
-/// Shard `s` of `source` on GPU `ordinal`, with its collective (NCCL's made here, after the
-/// GPU's context is current on this thread); `gate` holds the shards together until every
-/// GPU is open.
-#[allow(clippy::too_many_arguments)]
+/// How a shard will sum: NCCL's group to join, or the host's.
+enum Sums {
+    Nccl(cudarc::nccl::safe::Id),
+    Host(Arc<HostGroup>),
+}
+
+/// Shard `s` of `source` on GPU `ordinal`, with its collective (NCCL's communicator made here,
+/// once the GPU's context is current on this thread); `gate` holds the shards together until
+/// every GPU is open.
 fn load_shard(
     source: &ShardSource,
     plan: &ShardPlan,
     s: usize,
     ordinal: usize,
-    nccl_id: Option<cudarc::nccl::safe::Id>,
-    collective: Option<Collective>,
+    sums: Sums,
     gate: &HostGroup,
     weight_format: WeightFormat,
 ) -> Result<Model<Cuda>, ModelError> {
@@ -441,24 +445,24 @@ fn load_shard(
     }
     let gpu = opened?;
     gate.sum(s, Vec::new()).map_err(|e| GpuError::Collective(format!("shard {s} waited for the others: {e}")))?;
-    let collective = match nccl_id {
-        Some(id) => {
+    let collective = match sums {
+        Sums::Nccl(id) => {
             let stream = gpu.stream.clone();
             stream.context().bind_to_thread().map_err(GpuError::from)?;
             let comm = cudarc::nccl::safe::Comm::from_rank(stream, s, plan.shards, id)
                 .map_err(|e| GpuError::Collective(format!("NCCL communicator of shard {s}: {e:?}")))?;
-            Some(Collective::Nccl(NcclComm(Mutex::new(comm))))
+            Collective::Nccl(NcclComm(Mutex::new(comm)))
         }
-        None => collective,
+        Sums::Host(group) => Collective::Host { group, rank: s },
     };
     let mut cuda = Cuda::new(gpu);
     cuda.weight_format = weight_format;
     cuda.first_head = plan.query_heads(s).start;
     // A sum through the host waits for the device: it cannot be part of a captured graph.
-    if matches!(collective, Some(Collective::Host { .. })) {
+    if matches!(collective, Collective::Host { .. }) {
         cuda.use_graphs = false;
     }
-    cuda.collective = collective;
+    cuda.collective = Some(collective);
     let shard = Some((plan, s));
     match source {
         ShardSource::File(cpu) => Model::<Cuda>::from_cpu_shard(cuda, cpu, shard),
