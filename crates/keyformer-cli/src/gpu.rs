@@ -112,10 +112,12 @@ mod with_cuda {
         }
         for name in a.tp_shape.iter().filter(|s| s.as_str() != "none") {
             let shape = RandomShape::by_name(name)?;
-            model_rows.extend(
-                keyformer::backend::cuda::tensor_parallel::check(&shape, a.model_prompt, a.model_steps)
-                    .with_context(|| format!("tensor-parallel check at the {name} shape"))?,
-            );
+            for &t in &model_types {
+                model_rows.extend(
+                    keyformer::backend::cuda::tensor_parallel::check(&shape, t, a.model_prompt, a.model_steps)
+                        .with_context(|| format!("tensor-parallel check at the {name} shape in {t}"))?,
+                );
+            }
         }
         let passed = reports.iter().all(|r| r.passed()) && model_rows.iter().all(|r| r.passed);
         if a.json {

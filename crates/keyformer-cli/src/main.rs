@@ -137,9 +137,10 @@ pub(crate) struct GpuCheckArgs {
     /// Decode steps of the whole-model checks.
     #[arg(long, default_value_t = 16)]
     model_steps: usize,
-    /// Tensor parallelism's checks at these random shapes (comma-separated; "none" skips
-    /// them): the model split over 2 shards on this GPU (sums through the host), over 1 and,
-    /// with 2 GPUs, 2 shards through NCCL, against the whole model: logits and kept tokens.
+    /// Tensor parallelism's checks at these random shapes, in each --model-type
+    /// (comma-separated; "none" skips them): the model split over 2 shards on this GPU (sums
+    /// through the host), over 1 and, with 2 GPUs, 2 shards through NCCL, against the whole
+    /// model: logits and kept tokens.
     #[arg(long, value_delimiter = ',', default_value = "tiny")]
     tp_shape: Vec<String>,
     /// GPU ordinal.

@@ -22,7 +22,7 @@ use crate::backend::cpu::{ops, GgufWeight};
 use crate::backend::{AttentionSpec, Cpu};
 use crate::models::config::{FfnKind, ModelConfig, NormKind, PositionKind};
 use crate::models::decoder::{Model, Norm};
-use crate::quant::dequantize_row;
+use crate::quant::{dequantize_row, GgmlType};
 use crate::ModelError;
 use keyformer_kv::noise::NoiseRow;
 use keyformer_kv::Signal;
@@ -185,6 +185,30 @@ impl ShardPlan {
         c.final_softcap = None;
         c
     }
+}
+
+/// The bytes of `part` of a `rows` x `cols` matrix stored in ggml blocks of type `t`, row
+/// after row as the file holds them (`row(r)` gives row r's bytes), still in blocks; `None`
+/// where a column part does not start and end on whole blocks (the shard then takes it
+/// dequantised).
+pub fn part_blocks<'a>(
+    t: GgmlType,
+    rows: usize,
+    cols: usize,
+    part: &Part,
+    row: impl Fn(usize) -> &'a [u8],
+) -> Option<Vec<u8>> {
+    let (bs, bb) = (t.block_size(), t.block_bytes());
+    let (rows, cols) = match part {
+        Part::Whole => (0..rows, 0..cols),
+        Part::Rows(r) => (r.clone(), 0..cols),
+        Part::Cols(c) => (0..rows, c.clone()),
+    };
+    if cols.start % bs != 0 || cols.end % bs != 0 {
+        return None;
+    }
+    let (first, last) = (cols.start / bs * bb, cols.end / bs * bb);
+    Some(rows.flat_map(|r| &row(r)[first..last]).copied().collect())
 }
 
 /// Sums over a group of shards through the host (tensor parallelism's all-reduce where NCCL
@@ -676,6 +700,40 @@ mod tests {
         assert_eq!((shard.n_heads, shard.n_kv_heads, shard.n_ff, shard.vocab_size), (2, 1, 256, 1000));
         assert_eq!(Part::Rows(3..5).of_len(9), 3..5);
         assert_eq!(Part::Cols(3..5).of_len(9), 0..9);
+    }
+
+    #[test]
+    fn a_part_of_quantised_blocks_is_the_part_of_the_values() {
+        use crate::models::random::{quantised_blocks, QUANTISED_TYPES};
+        let (rows, cols) = (6, 1024);
+        for &t in QUANTISED_TYPES.iter() {
+            let bytes = quantised_blocks(t, rows, cols, 3, 7, 0.5);
+            let row_bytes = t.row_bytes(cols);
+            let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
+            let values = |b: &[u8], width: usize| {
+                let mut out = vec![0f32; width];
+                dequantize_row(t, b, &mut out);
+                out
+            };
+            let bs = t.block_size();
+            let parts = [Part::Whole, Part::Rows(2..5), Part::Cols(bs..3 * bs), Part::Cols(0..cols / 2)];
+            for part in parts {
+                let got = part_blocks(t, rows, cols, &part, row).unwrap();
+                let (rs, cs) = match &part {
+                    Part::Whole => (0..rows, 0..cols),
+                    Part::Rows(r) => (r.clone(), 0..cols),
+                    Part::Cols(c) => (0..rows, c.clone()),
+                };
+                assert_eq!(got.len(), rs.len() * t.row_bytes(cs.len()), "{t} {part:?}");
+                for (i, r) in rs.enumerate() {
+                    let want = values(row(r), cols)[cs.clone()].to_vec();
+                    let mine = &got[i * t.row_bytes(cs.len())..(i + 1) * t.row_bytes(cs.len())];
+                    assert_eq!(values(mine, cs.len()), want, "{t} {part:?} row {r}");
+                }
+            }
+            // A column part that cuts a block is not taken in blocks.
+            assert_eq!(part_blocks(t, rows, cols, &Part::Cols(1..bs + 1), row), None, "{t}");
+        }
     }
 
     #[test]

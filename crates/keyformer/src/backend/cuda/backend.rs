@@ -17,7 +17,7 @@ use crate::backend::{AttentionSpec, Backend, CacheShape, Cpu, ForwardBuffers, Ro
 use crate::models::decoder::{Layer, Logits, Model, Norm, Out, Rope};
 use crate::models::random::{self, RandomShape};
 use crate::quant::{dequantize_row, GgmlType};
-use crate::tensor_parallel::{LayerParts, Part, ShardPlan};
+use crate::tensor_parallel::{part_blocks, LayerParts, Part, ShardPlan};
 use crate::ModelError;
 
 /// Prompt rows per block of the prefill attention (its S is rows x width per head).
@@ -882,21 +882,15 @@ impl Model<Cuda> {
                 Part::Rows(r) => (r.clone(), 0..w.cols),
                 Part::Cols(c) => (0..w.rows, c.clone()),
             };
-            let (bs, bb) = (t.block_size(), t.block_bytes());
-            let whole_blocks = w.cols % bs == 0 && cols.start % bs == 0 && cols.end % bs == 0;
-            if native && QUANTISED_ON_GPU.contains(&t) && whole_blocks {
-                let blocks = if *part == Part::Whole {
-                    gpu.upload(view.bytes)?
-                } else {
-                    let (first, last) = (cols.start / bs * bb, cols.end / bs * bb);
-                    let bytes: Vec<u8> = rows.clone().flat_map(|r| &view.row(r)[first..last]).copied().collect();
-                    gpu.upload(&bytes)?
+            if native && QUANTISED_ON_GPU.contains(&t) && w.cols % t.block_size() == 0 {
+                let blocks = match part {
+                    Part::Whole => Some(gpu.upload(view.bytes)?),
+                    _ => part_blocks(t, w.rows, w.cols, part, |r| view.row(r)).map(|b| gpu.upload(&b)).transpose()?,
                 };
-                return Ok(GpuMatrix {
-                    weights: GpuWeights::Quantised { ggml_type: t, blocks },
-                    rows: rows.len(),
-                    cols: cols.len(),
-                });
+                if let Some(blocks) = blocks {
+                    let weights = GpuWeights::Quantised { ggml_type: t, blocks };
+                    return Ok(GpuMatrix { weights, rows: rows.len(), cols: cols.len() });
+                }
             }
             let mut row = vec![0f32; w.cols];
             let mut data = Vec::with_capacity(rows.len() * cols.len());
@@ -975,30 +969,26 @@ impl Model<Cuda> {
         for (name, rows, cols, t) in shape.matrices() {
             let scale = random::scale(&name, cols);
             let part = part_of(&name);
-            let (bs, bb) = (weight_type.block_size(), weight_type.block_bytes());
-            let part_blocks = match &part {
-                Part::Cols(c) => c.start % bs == 0 && c.end % bs == 0,
-                _ => true,
+            let (part_rows, part_cols) = match &part {
+                Part::Whole => (rows, cols),
+                Part::Rows(r) => (r.len(), cols),
+                Part::Cols(c) => (rows, c.len()),
             };
-            let matrix = if weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols) && part_blocks {
-                let all = random::quantised_blocks(weight_type, rows, cols, seed, t, scale);
-                let row_bytes = cols / bs * bb;
-                let (bytes, rows, cols) = match &part {
-                    Part::Whole => (all, rows, cols),
-                    Part::Rows(r) => (all[r.start * row_bytes..r.end * row_bytes].to_vec(), r.len(), cols),
-                    Part::Cols(c) => {
-                        let (first, last) = (c.start / bs * bb, c.end / bs * bb);
-                        (
-                            all.chunks_exact(row_bytes).flat_map(|row| &row[first..last]).copied().collect(),
-                            rows,
-                            c.len(),
-                        )
+            let blocks = (weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols))
+                .then(|| {
+                    let all = random::quantised_blocks(weight_type, rows, cols, seed, t, scale);
+                    let row_bytes = weight_type.row_bytes(cols);
+                    match part {
+                        Part::Whole => Some(all),
+                        _ => part_blocks(weight_type, rows, cols, &part, |r| &all[r * row_bytes..(r + 1) * row_bytes]),
                     }
-                };
+                })
+                .flatten();
+            let matrix = if let Some(bytes) = blocks {
                 GpuMatrix {
                     weights: GpuWeights::Quantised { ggml_type: weight_type, blocks: gpu.upload(&bytes)? },
-                    rows,
-                    cols,
+                    rows: part_rows,
+                    cols: part_cols,
                 }
             } else {
                 let mut data = gpu.zeros::<u16>(rows * cols)?;

@@ -611,14 +611,24 @@ pub fn greedy_run_whole(
     Ok((logits, held))
 }
 
-/// gpu-check's rows for tensor parallelism at `shape` (f16 random weights): the model split
+/// gpu-check's rows for tensor parallelism at `shape` (random weights of `weight_type`, a
+/// quantised type kept in its blocks where a shard's part is whole blocks): the model split
 /// over 2 shards on this one GPU (sums through the host), over 1 shard through NCCL and, where
 /// the machine has 2 GPUs, over 2 through NCCL, each against the whole model on GPU 0: logits
 /// within f16 reduction-order error and the same tokens kept by Keyformer (same seed).
-pub fn check(shape: &RandomShape, prompt_len: usize, steps: usize) -> Result<Vec<CheckRow>, ModelError> {
+pub fn check(
+    shape: &RandomShape,
+    weight_type: GgmlType,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<Vec<CheckRow>, ModelError> {
     let seed = 23;
-    let source = ShardSource::Random { shape: *shape, seed, weight_type: GgmlType::F16 };
-    let whole = Model::<Cuda>::random(Cuda::new(Gpu::open(0)?), shape, seed, GgmlType::F16)?;
+    let source = ShardSource::Random { shape: *shape, seed, weight_type };
+    let whole = Model::<Cuda>::random(Cuda::new(Gpu::open(0)?), shape, seed, weight_type)?;
+    let shape_name = match weight_type {
+        GgmlType::F16 => shape.name.to_string(),
+        t => format!("{} {t}", shape.name),
+    };
     let vocab = shape.vocab_size as u64;
     let prompt: Vec<u32> =
         (0..prompt_len as u64).map(|i| (crate::models::random::mix64(i ^ 0x7A11) % vocab) as u32).collect();
@@ -641,7 +651,7 @@ pub fn check(shape: &RandomShape, prompt_len: usize, steps: usize) -> Result<Vec
             }
         }
         Err(e) => rows.push(CheckRow {
-            op: format!("{}: tensor parallel through NCCL", shape.name),
+            op: format!("{shape_name}: tensor parallel through NCCL"),
             max_error: 1.0,
             tolerance: 0.0,
             passed: false,
@@ -672,7 +682,7 @@ pub fn check(shape: &RandomShape, prompt_len: usize, steps: usize) -> Result<Vec
             // another order, ~1e-3 of the logits' range; a wrong head or part moves them by
             // their own size.
             rows.push(row(
-                &format!("{}: {how}, {}: logits, {prompt_len}-token prompt + {steps} steps", shape.name, kv.label()),
+                &format!("{shape_name}: {how}, {}: logits, {prompt_len}-token prompt + {steps} steps", kv.label()),
                 worst as f64,
                 if n == 1 { 0.0 } else { 1e-2 },
                 "largest |sharded - whole| over the largest |whole logit|, worst step",
@@ -680,7 +690,7 @@ pub fn check(shape: &RandomShape, prompt_len: usize, steps: usize) -> Result<Vec
             if kv.kind != keyformer_kv::PolicyKind::Full {
                 let held: usize = want_held.iter().flatten().map(Vec::len).sum();
                 rows.push(row(
-                    &format!("{}: {how}, {}: the same tokens kept", shape.name, kv.label()),
+                    &format!("{shape_name}: {how}, {}: the same tokens kept", kv.label()),
                     super::model_check::held_difference(want_held, &got_held) as f64,
                     (held / 100) as f64,
                     &format!("tokens kept by one and not the other, of {held} (near-ties may flip)"),
