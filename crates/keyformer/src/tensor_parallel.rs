@@ -122,7 +122,7 @@ impl Part {
     }
 }
 
-/// The part of each of a layer's tensors one shard holds (`None` in a map: the whole tensor).
+/// The part of each of a layer's split tensors one shard holds (`Part::Whole` on one device).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerParts {
     /// Q's rows and bias; K's and V's; the attention output's columns.
