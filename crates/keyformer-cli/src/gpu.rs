@@ -255,9 +255,13 @@ mod with_cuda {
         if pairs.iter().any(|&(p, n)| p == 0 || n == 0) {
             bail!("with --device cuda every test needs a prompt and a generation (-p and -n at least 1)");
         }
-        // The read bandwidth of GPU 0 (every GPU of a split is taken to read as fast).
-        let read_gb_s = Gpu::open(0)?.read_bandwidth_gb_s(1 << 30)?;
         let mut bench_model = BenchModel::load(&a)?;
+        // The read bandwidth of the model's GPU, or of GPU 0 for a split (each GPU taken to
+        // read as fast; the shards' GPUs live on threads of their own).
+        let read_gb_s = match &bench_model {
+            BenchModel::One(engine) => engine.model.backend.gpu.read_bandwidth_gb_s(1 << 30)?,
+            BenchModel::Sharded(_) => Gpu::open(0)?.read_bandwidth_gb_s(1 << 30)?,
+        };
         let (gpu_name, shards, free_at_start, config, weights, matrix_bytes, matrix_types) = match &bench_model {
             BenchModel::One(engine) => {
                 let model = &engine.model;

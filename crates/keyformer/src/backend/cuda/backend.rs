@@ -656,7 +656,9 @@ impl Backend for Cuda {
         match &self.collective {
             None => Ok(()),
             Some(c) => {
-                let capturing = self.lock().capturing;
+                // Only a sum through the host must know (it cannot be captured); NCCL's sums
+                // are on the hot path and need no lock.
+                let capturing = matches!(c, Collective::Host { .. }) && self.lock().capturing;
                 Ok(c.all_reduce(&self.gpu, x.get_mut()?, capturing)?)
             }
         }
