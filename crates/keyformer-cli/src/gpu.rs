@@ -43,6 +43,7 @@ mod with_cuda {
     use keyformer::backend::cuda::check::{self, CheckRow};
     use keyformer::backend::cuda::tensor_parallel::{ShardSource, ShardedModel, Transport};
     use keyformer::backend::cuda::{model_check, Gpu};
+    use keyformer::models::decoder::Model;
     use keyformer::models::random::RandomShape;
     use keyformer::quant::GgmlType;
     use serde_json::json;
@@ -166,7 +167,7 @@ mod with_cuda {
     }
 
     /// The engine of `--model` or `--random-weights` on GPU 0.
-    fn load_engine(model: &str, random_weights: Option<&str>) -> Result<Engine<Cuda>> {
+    fn load_engine(model: &str, random_weights: Option<&str>) -> Result<Engine<Model<Cuda>>> {
         if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
             bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
         }
@@ -177,13 +178,13 @@ mod with_cuda {
                 let shape = RandomShape::by_name(name)?;
                 let t = crate::RANDOM_TYPE.get().copied().unwrap_or(GgmlType::F16);
                 eprintln!("drawing {name} random {t} weights for the GPU");
-                Engine::<Cuda>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED, t)?
+                Engine::<Model<Cuda>>::random(cuda, &shape, crate::RANDOM_WEIGHTS_SEED, t)?
             }
             None => {
                 // Mapped: the weights go to the GPU, a resident copy would only hold memory.
                 let cpu = crate::load_held(model, keyformer::gguf::LoadMode::Mmap)?;
                 eprintln!("loading {} onto the GPU", cpu.model.backend.file.path.display());
-                Engine::<Cuda>::from_cpu(cuda, cpu)?
+                Engine::<Model<Cuda>>::from_cpu(cuda, cpu)?
             }
         };
         let m = &engine.model;
@@ -191,14 +192,64 @@ mod with_cuda {
         Ok(engine)
     }
 
+    /// The engine of `--model` or `--random-weights` split over `shards` GPUs (-tp N): the
+    /// tokenizer on the host, each shard's weights on its GPU. `KEYFORMER_TP_TRANSPORT=host`
+    /// puts every shard on GPU 0 and sums through the host (checks on one GPU).
+    fn load_sharded(model: &str, random_weights: Option<&str>, shards: usize) -> Result<Engine<ShardedModel>> {
+        if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
+            bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
+        }
+        let transport = match std::env::var("KEYFORMER_TP_TRANSPORT").as_deref() {
+            Ok("host") => Transport::HostOnOneGpu,
+            _ => Transport::Nccl,
+        };
+        let (source, file, name, tokenizer) = match random_weights {
+            Some(name) => {
+                let shape = RandomShape::by_name(name)?;
+                let weight_type = crate::RANDOM_TYPE.get().copied().unwrap_or(GgmlType::F16);
+                eprintln!("drawing {name} random {weight_type} weights, split over {shards} GPUs");
+                let tokenizer = keyformer::tokenizer::Tokenizer::byte_level(shape.vocab_size)?;
+                let source = ShardSource::Random { shape, seed: crate::RANDOM_WEIGHTS_SEED, weight_type };
+                (source, None, format!("random-{name}"), tokenizer)
+            }
+            None => {
+                let cpu = crate::load_held(model, keyformer::gguf::LoadMode::Mmap)?;
+                eprintln!("loading {} onto {shards} GPUs", cpu.model.backend.file.path.display());
+                (ShardSource::File(std::sync::Arc::new(cpu.model)), cpu.file, cpu.name, cpu.tokenizer)
+            }
+        };
+        let model = ShardedModel::open(source, shards, transport, weight_format())?;
+        eprintln!(
+            "weights on the GPUs: {:.2} GiB in all ({} each)",
+            model.shards.iter().map(|s| s.matrix_bytes).sum::<usize>() as f64 / GIB,
+            model.shards[0].matrix_types
+        );
+        Ok(Engine { file, name, model, tokenizer })
+    }
+
     pub(crate) fn run(a: RunArgs) -> Result<()> {
-        let mut engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
+        let (model, random) = (&a.engine.model.model, a.engine.random_weights.as_deref());
+        if a.engine.tensor_parallel > 1 {
+            let mut engine = load_sharded(model, random, a.engine.tensor_parallel)?;
+            a.engine.limit_context(&mut engine)?;
+            return crate::run_on(&engine, &a);
+        }
+        let mut engine = load_engine(model, random)?;
         a.engine.limit_context(&mut engine)?;
         crate::run_on(&engine, &a)
     }
 
+    /// `serve --device cuda`: the KV memory by default all the GPUs have free after the weights.
     pub(crate) fn serve(a: ServeArgs) -> Result<()> {
-        let mut engine = load_engine(&a.engine.model.model, a.engine.random_weights.as_deref())?;
+        let (model, random) = (&a.engine.model.model, a.engine.random_weights.as_deref());
+        if a.engine.tensor_parallel > 1 {
+            let mut engine = load_sharded(model, random, a.engine.tensor_parallel)?;
+            a.engine.limit_context(&mut engine)?;
+            let (used, total) = engine.model.memory_used()?;
+            let kv_memory = crate::parse_memory("--kv-memory", &a.kv_memory, Some(total - used))?;
+            return crate::serve_on(engine, a, kv_memory);
+        }
+        let mut engine = load_engine(model, random)?;
         a.engine.limit_context(&mut engine)?;
         let (used, total) = engine.model.backend.memory_used()?;
         let kv_memory = crate::parse_memory("--kv-memory", &a.kv_memory, Some(total - used))?;
@@ -208,7 +259,7 @@ mod with_cuda {
     /// What `bench --device cuda` measures: the model on one GPU, or split over several.
     #[allow(clippy::large_enum_variant)] // one a run
     enum BenchModel {
-        One(Engine<Cuda>),
+        One(Engine<Model<Cuda>>),
         Sharded(ShardedModel),
     }
 
@@ -218,30 +269,7 @@ mod with_cuda {
             if !sharded {
                 return Ok(BenchModel::One(load_engine(&a.model.model, a.random_weights.as_deref())?));
             }
-            // KEYFORMER_TP_TRANSPORT=host: every shard on GPU 0, sums through the host (checks).
-            let transport = match std::env::var("KEYFORMER_TP_TRANSPORT").as_deref() {
-                Ok("host") => Transport::HostOnOneGpu,
-                _ => Transport::Nccl,
-            };
-            let source = match a.random_weights.as_deref() {
-                Some(name) => {
-                    let shape = RandomShape::by_name(name)?;
-                    let weight_type = crate::RANDOM_TYPE.get().copied().unwrap_or(GgmlType::F16);
-                    eprintln!("drawing {name} random {weight_type} weights, split over {} GPUs", a.tensor_parallel);
-                    ShardSource::Random { shape, seed: crate::RANDOM_WEIGHTS_SEED, weight_type }
-                }
-                None => {
-                    let cpu = crate::load_held(&a.model.model, keyformer::gguf::LoadMode::Mmap)?;
-                    eprintln!("loading {} onto {} GPUs", cpu.model.backend.file.path.display(), a.tensor_parallel);
-                    ShardSource::File(std::sync::Arc::new(cpu.model))
-                }
-            };
-            let model = ShardedModel::open(source, a.tensor_parallel, transport, weight_format())?;
-            eprintln!(
-                "weights on the GPUs: {:.2} GiB in all ({} each)",
-                model.shards.iter().map(|s| s.matrix_bytes).sum::<usize>() as f64 / GIB,
-                model.shards[0].matrix_types
-            );
+            let model = load_sharded(&a.model.model, a.random_weights.as_deref(), a.tensor_parallel)?.model;
             Ok(BenchModel::Sharded(model))
         }
     }

@@ -15,6 +15,7 @@ use keyformer::keyformer_kv::{Amount, KeyformerOptions, NoiseKind, PolicyConfig,
 use keyformer::kv::KvType;
 use keyformer::registry::{self, FetchEvent, DEFAULT_MODEL};
 use keyformer::sampling::SamplingParams;
+use keyformer::step_model::StepModel;
 use keyformer::Engine;
 use keyformer_eval::eval::suite::{EvalPlan, PolicyVariant, Task};
 use serde_json::json;
@@ -413,22 +414,28 @@ pub(crate) struct EngineArgs {
     /// layers are not split between the CPU and the GPU), 0 on the CPU.
     #[arg(long = "n-gpu-layers", alias = "gpu-layers", value_name = "N")]
     n_gpu_layers: Option<usize>,
-    /// Split the model over N GPUs (-tp N). `bench --device cuda` runs it; run and serve
-    /// take only 1 so far.
+    /// Split the model over N GPUs (-tp N, with --device cuda): each GPU holds 1/N of every
+    /// layer's heads and features and scores and evicts its own KV heads; NCCL sums the
+    /// layers' outputs. The heads must divide by N.
     #[arg(long = "tensor-parallel", visible_alias = "tensor-parallel-size", value_name = "N", default_value_t = 1)]
     tensor_parallel: usize,
 }
 
 impl EngineArgs {
-    /// -tp N on a command that runs on one device (run, chat, serve), refused clearly.
-    fn one_device(&self) -> Result<()> {
+    /// -tp N: at least 1; above 1 only where a command splits a model (`splits`: run and
+    /// serve) and on GPUs.
+    fn check_split(&self, splits: bool) -> Result<()> {
         match self.tensor_parallel {
             0 => bail!("--tensor-parallel must be at least 1"),
             1 => Ok(()),
-            n => bail!(
-                "--tensor-parallel {n}: a model split over GPUs runs in `keyformer bench --device cuda -tp {n}` (and \
-                 gpu-check) so far; run, chat and serve use one device (-tp 1)"
+            n if !splits => bail!(
+                "--tensor-parallel {n}: chat runs on one device (-tp 1); run, serve and bench --device cuda split a \
+                 model over GPUs"
             ),
+            n if self.device != Device::Cuda => {
+                bail!("--tensor-parallel {n} splits a model over GPUs: add --device cuda")
+            }
+            _ => Ok(()),
         }
     }
     /// Where to run: --device, or -ngl N when given.
@@ -438,14 +445,14 @@ impl EngineArgs {
         }
     }
     /// Apply -c/--ctx-size to a loaded engine.
-    pub(crate) fn limit_context<B: keyformer::backend::Backend>(&self, engine: &mut Engine<B>) -> Result<()> {
-        let model = engine.model.config.context_length;
+    pub(crate) fn limit_context<M: StepModel>(&self, engine: &mut Engine<M>) -> Result<()> {
+        let model = engine.model.config().context_length;
         match self.ctx_size {
             0 => {}
             n if n > model => {
                 eprintln!("warning: --ctx-size {n} is past the model's context of {model} tokens; using {model}")
             }
-            n => engine.model.config.context_length = n,
+            n => engine.model.set_context_length(n),
         }
         Ok(())
     }
@@ -793,12 +800,12 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(mut a) => {
             a.engine.resolve_device();
-            a.engine.one_device()?;
+            a.engine.check_split(true)?;
             run(a)
         }
         Command::Chat(mut a) => {
             a.engine.resolve_device();
-            a.engine.one_device()?;
+            a.engine.check_split(false)?;
             chat(a)
         }
         Command::Perplexity(a) => perplexity(a),
@@ -808,7 +815,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Serve(mut a) => {
             a.engine.resolve_device();
-            a.engine.one_device()?;
+            a.engine.check_split(true)?;
             serve(a)
         }
         Command::GpuCheck(a) => gpu::check(a),
@@ -864,11 +871,7 @@ fn serve(a: ServeArgs) -> Result<()> {
 }
 
 /// `keyformer serve` with a loaded engine, on any backend.
-pub(crate) fn serve_on<B: keyformer::backend::Backend>(
-    engine: Engine<B>,
-    a: ServeArgs,
-    kv_memory: usize,
-) -> Result<()> {
+pub(crate) fn serve_on<M: StepModel>(engine: Engine<M>, a: ServeArgs, kv_memory: usize) -> Result<()> {
     let kv = a.kv.config(0)?;
     let prefix_memory = match a.prefix_cache_memory.trim() {
         "0" => 0,
@@ -989,7 +992,7 @@ fn load_model_or_random(model: &str, random_weights: Option<&str>) -> Result<Eng
         Some(name) => {
             let shape = keyformer::models::random::RandomShape::by_name(name)?;
             let weight_type = RANDOM_TYPE.get().copied().unwrap_or(keyformer::quant::GgmlType::F16);
-            let mut engine = Engine::<keyformer::backend::Cpu>::random_typed(&shape, RANDOM_WEIGHTS_SEED, weight_type)?;
+            let mut engine = Engine::random_typed(&shape, RANDOM_WEIGHTS_SEED, weight_type)?;
             apply_cpu_settings(&mut engine);
             Ok(engine)
         }
@@ -1026,7 +1029,7 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 /// `keyformer run` with a loaded engine, on any backend.
-pub(crate) fn run_on<B: keyformer::backend::Backend>(engine: &Engine<B>, a: &RunArgs) -> Result<()> {
+pub(crate) fn run_on<M: StepModel>(engine: &Engine<M>, a: &RunArgs) -> Result<()> {
     let mut prompt = a.input.read()?;
     if a.chat {
         prompt = engine.chat_prompt(&prompt)?;
@@ -1080,7 +1083,8 @@ fn chat(a: ChatArgs) -> Result<()> {
         bail!("{} has no chat template: use `run` for plain text", engine.name);
     }
     let (req, _) = a.sampling.request(a.max_tokens, &a.kv)?;
-    let mut session: ChatSession<keyformer::backend::Cpu> = ChatSession::new(a.system.clone(), req.kv.clone());
+    let mut session: ChatSession<keyformer::models::decoder::Model> =
+        ChatSession::new(a.system.clone(), req.kv.clone());
     let terminal = std::io::stdin().is_terminal();
     if terminal {
         eprintln!("chatting with {} (KV {}); /help lists the commands, Ctrl-D ends", engine.name, req.kv.label());

@@ -788,7 +788,9 @@ fn llama_cpp_habits_work_and_short_prompts_are_not_starved() {
     let long = "word ".repeat(100);
     assert_clean_error(&keyformer(&["run", "-p", &long, "-c", "32"]), "context is 32 tokens");
     // -tp N (vLLM's spelling) is read; above 1 it needs GPUs and a command that splits a model.
-    assert_clean_error(&keyformer(&["run", "-p", "Once", "-tp", "2"]), "run, chat and serve use one device");
+    assert_clean_error(&keyformer(&["run", "-p", "Once", "-tp", "2"]), "add --device cuda");
+    assert_clean_error(&keyformer(&["serve", "-tp", "2"]), "add --device cuda");
+    assert_clean_error(&keyformer(&["chat", "-tp", "2", "--device", "cuda"]), "chat runs on one device");
     assert_clean_error(&keyformer(&["bench", "-p", "8", "-n", "0", "-tp=2"]), "add --device cuda");
     assert_clean_error(&keyformer(&["bench", "-p", "8", "-n", "0", "--tensor-parallel", "0"]), "at least 1");
     // bench -o json is --json.

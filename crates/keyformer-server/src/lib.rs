@@ -26,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::stream::{self, Stream, StreamExt};
-use keyformer::backend::Backend;
 use keyformer::chat::ChatMessage;
+use keyformer::step_model::StepModel;
 use keyformer::Engine;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -59,8 +59,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-struct App<B: Backend> {
-    engine: Arc<Engine<B>>,
+struct App<M: StepModel> {
+    engine: Arc<Engine<M>>,
     /// Bytes of text one token stands for at most (the bound checked before tokenising).
     max_token_bytes: usize,
     scheduler: Scheduler,
@@ -72,8 +72,8 @@ struct App<B: Backend> {
 
 /// Serve until `shutdown` resolves; then stop accepting, finish the requests already accepted,
 /// and return. `on_ready` gets the bound address (port 0 picks a free one).
-pub async fn serve<B: Backend>(
-    engine: Arc<Engine<B>>,
+pub async fn serve<M: StepModel>(
+    engine: Arc<Engine<M>>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
@@ -93,11 +93,11 @@ pub async fn serve<B: Backend>(
         next_id: Default::default(),
     });
     let router = Router::new()
-        .route("/v1/completions", post(completions::<B>).fallback(method_not_allowed))
-        .route("/v1/chat/completions", post(chat_completions::<B>).fallback(method_not_allowed))
-        .route("/v1/models", get(models::<B>).fallback(method_not_allowed))
+        .route("/v1/completions", post(completions::<M>).fallback(method_not_allowed))
+        .route("/v1/chat/completions", post(chat_completions::<M>).fallback(method_not_allowed))
+        .route("/v1/models", get(models::<M>).fallback(method_not_allowed))
         .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }).fallback(method_not_allowed))
-        .route("/metrics", get(metrics_text::<B>).fallback(method_not_allowed))
+        .route("/metrics", get(metrics_text::<M>).fallback(method_not_allowed))
         .fallback(|| async { error_response(&ApiError::with_status(404, "no such endpoint", None)) })
         .with_state(app);
     on_ready(listener.local_addr()?);
@@ -123,7 +123,7 @@ fn error_response(e: &ApiError) -> Response {
     (status, axum::Json(e.body())).into_response()
 }
 
-async fn models<B: Backend>(State(app): State<Arc<App<B>>>, headers: HeaderMap) -> Response {
+async fn models<M: StepModel>(State(app): State<Arc<App<M>>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&app, &headers) {
         return error_response(&e);
     }
@@ -134,11 +134,11 @@ async fn models<B: Backend>(State(app): State<Arc<App<B>>>, headers: HeaderMap) 
     .into_response()
 }
 
-async fn metrics_text<B: Backend>(State(app): State<Arc<App<B>>>) -> Response {
+async fn metrics_text<M: StepModel>(State(app): State<Arc<App<M>>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }
 
-fn authorize<B: Backend>(app: &App<B>, headers: &HeaderMap) -> Result<(), ApiError> {
+fn authorize<M: StepModel>(app: &App<M>, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &app.config.api_key else { return Ok(()) };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -159,15 +159,15 @@ enum Endpoint {
     Chat,
 }
 
-async fn completions<B: Backend>(State(app): State<Arc<App<B>>>, request: Request) -> Response {
+async fn completions<M: StepModel>(State(app): State<Arc<App<M>>>, request: Request) -> Response {
     handle(app, request, Endpoint::Completions).await.unwrap_or_else(|e| error_response(&e))
 }
 
-async fn chat_completions<B: Backend>(State(app): State<Arc<App<B>>>, request: Request) -> Response {
+async fn chat_completions<M: StepModel>(State(app): State<Arc<App<M>>>, request: Request) -> Response {
     handle(app, request, Endpoint::Chat).await.unwrap_or_else(|e| error_response(&e))
 }
 
-async fn handle<B: Backend>(app: Arc<App<B>>, request: Request, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn handle<M: StepModel>(app: Arc<App<M>>, request: Request, endpoint: Endpoint) -> Result<Response, ApiError> {
     app.metrics.request();
     let in_flight = metrics::InFlight::new(app.metrics.clone());
     let reject = |e: ApiError| {
@@ -254,8 +254,8 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
 /// Bound the prompt (by bytes before tokenising, then by tokens), tokenise it, fit max_tokens
 /// to the context (and, when the request gave none, to the KV memory), and price the KV
 /// reservation.
-fn make_job<B: Backend>(
-    app: &App<B>,
+fn make_job<M: StepModel>(
+    app: &App<M>,
     id: String,
     parsed: api::Parsed,
 ) -> Result<(Job, mpsc::UnboundedReceiver<Event>), ApiError> {
@@ -283,7 +283,7 @@ fn make_job<B: Backend>(
     let tokens = match parsed.prompt {
         Prompt::Text(t) => encode(&t)?,
         Prompt::Tokens(ids) => {
-            let vocab = engine.model.config.vocab_size;
+            let vocab = engine.model.config().vocab_size;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
                 return Err(ApiError::bad(
                     format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
@@ -387,8 +387,8 @@ impl ResponseMeta {
 }
 
 /// Collect the whole answer.
-async fn whole_response<B: Backend>(
-    app: &App<B>,
+async fn whole_response<M: StepModel>(
+    app: &App<M>,
     meta: ResponseMeta,
     mut rx: mpsc::UnboundedReceiver<Event>,
     logprobs: bool,

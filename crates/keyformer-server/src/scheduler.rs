@@ -13,8 +13,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use keyformer::backend::{Backend, SequenceCache};
+use keyformer::backend::SequenceCache;
 use keyformer::engine::{GenerateRequest, Generation};
+use keyformer::step_model::StepModel;
 use keyformer::{Engine, GenerationOutput};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -99,8 +100,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Start the scheduling thread.
-    pub fn start<B: Backend>(
-        engine: Arc<Engine<B>>,
+    pub fn start<M: StepModel>(
+        engine: Arc<Engine<M>>,
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> (Self, std::thread::JoinHandle<()>) {
@@ -146,10 +147,10 @@ impl Scheduler {
 }
 
 /// A sequence on the way.
-struct Running<B: Backend> {
+struct Running<M: StepModel> {
     id: String,
     policy: String,
-    generation: Generation<B>,
+    generation: Generation<M>,
     events: UnboundedSender<Event>,
     reserve_bytes: usize,
     deadline: Instant,
@@ -159,8 +160,8 @@ struct Running<B: Backend> {
     next: Option<u32>,
 }
 
-fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics: &Metrics) {
-    let mut running: Vec<Running<B>> = Vec::new();
+fn run<M: StepModel>(engine: &Engine<M>, shared: &Shared, limits: &Limits, metrics: &Metrics) {
+    let mut running: Vec<Running<M>> = Vec::new();
     let mut reserved = 0usize;
     // Kept prompt prefixes hold at most their own part of the KV memory.
     let mut prefixes = keyformer::prefix::PrefixCache::new(limits.prefix_memory);
@@ -298,7 +299,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
         // changes) ends alone and the step runs again for the others.
         while !running.is_empty() {
             let next: Vec<u32> = running.iter().map(|r| r.next.expect("kept only when it continues")).collect();
-            let mut generations: Vec<&mut Generation<B>> = running.iter_mut().map(|r| &mut r.generation).collect();
+            let mut generations: Vec<&mut Generation<M>> = running.iter_mut().map(|r| &mut r.generation).collect();
             match engine.step_generations(&mut generations, &next) {
                 Ok(()) => break,
                 Err(keyformer::ModelError::InBatch { index, error }) => {
@@ -322,7 +323,7 @@ fn run<B: Backend>(engine: &Engine<B>, shared: &Shared, limits: &Limits, metrics
     }
 }
 
-impl<B: Backend> Running<B> {
+impl<M: StepModel> Running<M> {
     /// This sequence fails alone: its client hears why and the sweep drops it.
     fn fail(&self, metrics: &Metrics, status: u16, message: &str) {
         metrics.failed();

@@ -5,9 +5,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::backend::{Backend, Cpu, SequenceCache};
+use crate::backend::{Cpu, SequenceCache};
 use crate::chat::{self, ChatMessage};
 use crate::gguf::GgufFile;
+use crate::step_model::StepModel;
 use keyformer_kv::{Amount, PolicyConfig, Signal};
 
 use crate::kv::{KvCache, PromptScores};
@@ -17,12 +18,12 @@ use crate::tokenizer::Tokenizer;
 use crate::{models, ModelError};
 
 /// A loaded model with its tokenizer, on backend `B` (the CPU unless said otherwise).
-pub struct Engine<B: Backend = Cpu> {
+pub struct Engine<M: StepModel = Model<Cpu>> {
     /// The model file; `None` when the weights were drawn on the GPU.
     pub file: Option<Arc<GgufFile>>,
     /// What the model is called: the file's stem, or `random-SHAPE`.
     pub name: String,
-    pub model: Model<B>,
+    pub model: M,
     pub tokenizer: Tokenizer,
 }
 
@@ -168,8 +169,8 @@ impl GenerationOutput {
 /// One sequence being generated, a token at a time: [`Engine::generate`] runs it to the end
 /// alone; a scheduler advances many together ([`Engine::step_generations`]). Either way the
 /// same sampling and stopping rules apply, so a sequence's text does not depend on its batch.
-pub struct Generation<B: Backend = Cpu> {
-    pub cache: B::Cache,
+pub struct Generation<M: StepModel = Model<Cpu>> {
+    pub cache: M::Cache,
     logits: Vec<f32>,
     sampler: Sampler,
     history: Vec<u32>,
@@ -185,8 +186,8 @@ pub struct Generation<B: Backend = Cpu> {
     pub decode_seconds: f64,
 }
 
-impl<B: Backend> Generation<B> {
-    fn new(prompt: &[u32], cache: B::Cache, logits: Vec<f32>, req: &GenerateRequest) -> Self {
+impl<M: StepModel> Generation<M> {
+    fn new(prompt: &[u32], cache: M::Cache, logits: Vec<f32>, req: &GenerateRequest) -> Self {
         Self {
             cache,
             logits,
@@ -223,7 +224,7 @@ impl<B: Backend> Generation<B> {
     /// Pick the next token from the current logits and stream the text that became final.
     /// Returns the token the model must now run (`Some`), or `None` when the sequence ended
     /// (end of generation, a stop string, `max_tokens`, or a full context).
-    pub fn advance(&mut self, engine: &Engine<B>, on_text: &mut dyn FnMut(&str)) -> Result<Option<u32>, ModelError> {
+    pub fn advance(&mut self, engine: &Engine<M>, on_text: &mut dyn FnMut(&str)) -> Result<Option<u32>, ModelError> {
         if self.stop_reason.is_some() {
             return Ok(None);
         }
@@ -259,16 +260,16 @@ impl<B: Backend> Generation<B> {
     }
 
     /// Send what is left of the text and report.
-    pub fn finish(self, engine: &Engine<B>, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
+    pub fn finish(self, engine: &Engine<M>, on_text: &mut dyn FnMut(&str)) -> Result<GenerationOutput, ModelError> {
         Ok(self.finish_keeping_cache(engine, on_text)?.0)
     }
 
     /// [`finish`](Self::finish), giving back the cache too (a chat goes on from it).
     pub fn finish_keeping_cache(
         mut self,
-        engine: &Engine<B>,
+        engine: &Engine<M>,
         on_text: &mut dyn FnMut(&str),
-    ) -> Result<(GenerationOutput, B::Cache), ModelError> {
+    ) -> Result<(GenerationOutput, M::Cache), ModelError> {
         let text = self.stream.finish(&engine.tokenizer.decode(&self.generated)?, on_text);
         let output = GenerationOutput {
             text,
@@ -348,7 +349,7 @@ pub struct PerplexityReport {
     pub kv_cache: KvReport,
 }
 
-impl<B: Backend> Engine<B> {
+impl<M: StepModel> Engine<M> {
     /// KVzip's repeat request in this model's tokens (its chat template's end of a user turn
     /// where it has one, as kvpress finds it: a message rendered around a marker, cut there).
     fn with_repeat_request(mut self) -> Self {
@@ -369,7 +370,7 @@ impl<B: Backend> Engine<B> {
                 suffix: encode(suffix.as_deref().unwrap_or("\n"))?,
             })
         })();
-        self.model.repeat_request = request;
+        self.model.set_repeat_request(request);
         self
     }
 
@@ -387,7 +388,7 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn context_length(&self) -> usize {
-        self.model.config.context_length
+        self.model.config().context_length
     }
 
     pub fn chat_template(&self) -> Option<&str> {
@@ -415,15 +416,15 @@ impl<B: Backend> Engine<B> {
 
     /// A cache for a prompt of `prompt_len` tokens followed by `steps` decode steps.
     /// The full cache is sized for exactly that many tokens (a backend may allocate it all).
-    pub fn new_cache(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<B::Cache, ModelError> {
-        self.model.new_sequence_cache(kv, prompt_len, steps)
+    pub fn new_cache(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<M::Cache, ModelError> {
+        self.model.new_planned_cache(self.model.plan_kv(kv, prompt_len, steps)?)
     }
 
     /// [`Model::prefill`]: the prompt in chunks, then its end (the cache compressed).
     pub fn prefill_with(
         &self,
         tokens: &[u32],
-        cache: &mut B::Cache,
+        cache: &mut M::Cache,
         which: Logits,
         on_rows: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<(), ModelError> {
@@ -431,7 +432,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Prefill `tokens` and return the last token's logits.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut B::Cache) -> Result<Vec<f32>, ModelError> {
+    pub fn prefill(&self, tokens: &[u32], cache: &mut M::Cache) -> Result<Vec<f32>, ModelError> {
         let mut last = Vec::new();
         self.prefill_with(tokens, cache, Logits::Last, &mut |_, l| last = l.to_vec())?;
         Ok(last)
@@ -441,7 +442,7 @@ impl<B: Backend> Engine<B> {
     /// answer so far): `tokens` go through as a prompt (scored, and trimmed at their end to the
     /// cache's budget; chunk by chunk when it trims so), room is made for `steps` decode steps,
     /// and the last token's logits come back. Only the new tokens are computed.
-    pub fn extend_prompt(&self, tokens: &[u32], cache: &mut B::Cache, steps: usize) -> Result<Vec<f32>, ModelError> {
+    pub fn extend_prompt(&self, tokens: &[u32], cache: &mut M::Cache, steps: usize) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Input("no new prompt tokens".into()));
         }
@@ -450,19 +451,19 @@ impl<B: Backend> Engine<B> {
         if end >= context {
             return Err(ModelError::PromptTooLong { prompt: end, context });
         }
-        self.model.backend.reopen_prompt(cache, tokens.len(), steps.min(context - end))?;
+        self.model.reopen_prompt(cache, tokens.len(), steps.min(context - end))?;
         self.prefill(tokens, cache)
     }
 
     /// One decode step: `token` joins the cache (which then evicts down to its budget).
-    pub fn decode_step(&self, token: u32, cache: &mut B::Cache) -> Result<Vec<f32>, ModelError> {
+    pub fn decode_step(&self, token: u32, cache: &mut M::Cache) -> Result<Vec<f32>, ModelError> {
         let mut logits = Vec::new();
         self.decode_step_into(token, cache, &mut logits)?;
         Ok(logits)
     }
 
     /// [`decode_step`](Self::decode_step) into a logits vector the caller reuses.
-    pub fn decode_step_into(&self, token: u32, cache: &mut B::Cache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    pub fn decode_step_into(&self, token: u32, cache: &mut M::Cache, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         self.model.decode_step_into(token, cache, logits)
     }
 
@@ -472,7 +473,7 @@ impl<B: Backend> Engine<B> {
     pub fn decode_batch_into(
         &self,
         tokens: &[u32],
-        caches: &mut [&mut B::Cache],
+        caches: &mut [&mut M::Cache],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         self.model.decode_batch_into(tokens, caches, logits)
@@ -507,7 +508,7 @@ impl<B: Backend> Engine<B> {
 
     /// Check the request, prefill `prompt` under `req.kv`, and return the sequence ready for
     /// its first token.
-    pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation<B>, ModelError> {
+    pub fn start_generation(&self, prompt: &[u32], req: &GenerateRequest) -> Result<Generation<M>, ModelError> {
         self.check_prompt(prompt.len())?;
         let plan = self.model.plan_kv(&req.kv, prompt.len(), req.max_tokens)?;
         self.start_planned_generation(prompt, req, plan)
@@ -520,7 +521,7 @@ impl<B: Backend> Engine<B> {
         prompt: &[u32],
         req: &GenerateRequest,
         plan: KvPlan,
-    ) -> Result<Generation<B>, ModelError> {
+    ) -> Result<Generation<M>, ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
         self.check_prompt(prompt.len())?;
         let mut cache = self.model.new_planned_cache(plan)?;
@@ -542,20 +543,18 @@ impl<B: Backend> Engine<B> {
         prompt: &[u32],
         req: &GenerateRequest,
         plan: KvPlan,
-        prefixes: &mut crate::prefix::PrefixCache<B::Cache>,
-    ) -> Result<Generation<B>, ModelError> {
-        let reusable = plan.policy.reuse_key().filter(|_| {
-            prefixes.limit() > 0 && !self.model.config.has_sliding_layers() && self.model.backend.snapshot_supported()
-        });
+        prefixes: &mut crate::prefix::PrefixCache<M::Cache>,
+    ) -> Result<Generation<M>, ModelError> {
+        let reusable = plan.policy.reuse_key().filter(|_| prefixes.limit() > 0 && self.model.snapshot_supported());
         let Some((key, step)) = reusable else {
             return self.start_planned_generation(prompt, req, plan);
         };
         req.sampling.validate().map_err(ModelError::Input)?;
         self.check_prompt(prompt.len())?;
         let t0 = Instant::now();
-        let (mut cache, from) = match prefixes.lookup(&key, prompt, |c| self.model.backend.snapshot(c)) {
+        let (mut cache, from) = match prefixes.lookup(&key, prompt, |c| self.model.snapshot(c)) {
             Some((at, mut cache)) => {
-                self.model.backend.resume_snapshot(&mut cache, prompt.len(), plan.steps, self.context_length());
+                self.model.resume_snapshot(&mut cache, prompt.len(), plan.steps);
                 (cache, at)
             }
             None => (self.model.new_planned_cache(plan)?, 0),
@@ -569,7 +568,7 @@ impl<B: Backend> Engine<B> {
             Logits::Last,
             &mut |_, l| logits = l.to_vec(),
             &breaks,
-            &mut |at, c| copies.extend(self.model.backend.snapshot(c).map(|copy| (at, copy))),
+            &mut |at, c| copies.extend(self.model.snapshot(c).map(|copy| (at, copy))),
         )?;
         for (at, copy) in copies {
             prefixes.insert(&key, &prompt[..at], copy);
@@ -586,7 +585,7 @@ impl<B: Backend> Engine<B> {
     pub fn generate_from(
         &self,
         prompt: &[u32],
-        (cache, logits): (B::Cache, Vec<f32>),
+        (cache, logits): (M::Cache, Vec<f32>),
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
@@ -598,10 +597,10 @@ impl<B: Backend> Engine<B> {
     pub fn generate_from_keeping_cache(
         &self,
         prompt: &[u32],
-        (cache, logits): (B::Cache, Vec<f32>),
+        (cache, logits): (M::Cache, Vec<f32>),
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),
-    ) -> Result<(GenerationOutput, B::Cache), ModelError> {
+    ) -> Result<(GenerationOutput, M::Cache), ModelError> {
         req.sampling.validate().map_err(ModelError::Input)?;
         let mut generation = Generation::new(prompt, cache, logits, req);
         self.run_generation(&mut generation, on_text, &mut || true)?;
@@ -611,7 +610,7 @@ impl<B: Backend> Engine<B> {
     /// Run a started generation to its end, one sequence alone.
     pub fn complete(
         &self,
-        mut g: Generation<B>,
+        mut g: Generation<M>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, ModelError> {
         self.run_generation(&mut g, on_text, &mut || true)?;
@@ -620,7 +619,7 @@ impl<B: Backend> Engine<B> {
 
     fn run_generation(
         &self,
-        g: &mut Generation<B>,
+        g: &mut Generation<M>,
         on_text: &mut dyn FnMut(&str),
         keep_going: &mut dyn FnMut() -> bool,
     ) -> Result<(), ModelError> {
@@ -638,12 +637,12 @@ impl<B: Backend> Engine<B> {
 
     /// One decode step of several generations together (continuous batching): `next[i]` is
     /// what `generations[i].advance` returned. Each one's logits are those it would get alone.
-    pub fn step_generations(&self, generations: &mut [&mut Generation<B>], next: &[u32]) -> Result<(), ModelError> {
+    pub fn step_generations(&self, generations: &mut [&mut Generation<M>], next: &[u32]) -> Result<(), ModelError> {
         let t = Instant::now();
         let mut rows = Vec::new();
-        let mut caches: Vec<&mut B::Cache> = generations.iter_mut().map(|g| &mut g.cache).collect();
+        let mut caches: Vec<&mut M::Cache> = generations.iter_mut().map(|g| &mut g.cache).collect();
         self.decode_batch_into(next, &mut caches, &mut rows)?;
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         let seconds = t.elapsed().as_secs_f64();
         for (g, row) in generations.iter_mut().zip(rows.chunks_exact(vocab)) {
             g.logits.clear();
@@ -677,7 +676,7 @@ impl<B: Backend> Engine<B> {
                 self.context_length()
             )));
         }
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         let mut cache = self.new_cache(kv, split, tokens.len() - split)?;
         self.prefill_with(&tokens[..split], &mut cache, Logits::All, &mut |first, logits| {
             for (j, row) in logits.chunks_exact(vocab).enumerate() {
@@ -761,7 +760,7 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-impl Engine<Cpu> {
+impl Engine<Model<Cpu>> {
     /// Random weights at `shape` ([`models::random`]) with a byte-level tokenizer
     /// ([`Tokenizer::byte_level`]): for measuring speed and serving at a model's size without
     /// its weights. The weights go through a temporary GGUF file (meant for small shapes).
@@ -867,7 +866,7 @@ impl Engine<Cpu> {
         recorder.query_moments = configs.iter().any(|kv| kv.kind == keyformer_kv::PolicyKind::Expected);
         cache.recorder = Some(recorder);
         let mut logits = Vec::new();
-        for chunk in prompt.chunks(self.model.backend.prefill_chunk()) {
+        for chunk in prompt.chunks(crate::backend::Backend::prefill_chunk(&self.model.backend)) {
             logits = self.model.forward(chunk, &mut cache, Logits::Last)?;
         }
         let scores = cache.recorder.take().expect("recorder set above");
@@ -1159,10 +1158,10 @@ mod tests {
 }
 
 #[cfg(feature = "cuda")]
-impl Engine<crate::backend::cuda::backend::Cuda> {
+impl Engine<Model<crate::backend::cuda::backend::Cuda>> {
     /// A model file's engine (loaded for the CPU) moved onto the GPU: the weights dequantised
     /// to f16, the tokenizer and metadata kept.
-    pub fn from_cpu(cuda: crate::backend::cuda::backend::Cuda, cpu: Engine<Cpu>) -> Result<Self, ModelError> {
+    pub fn from_cpu(cuda: crate::backend::cuda::backend::Cuda, cpu: Engine<Model<Cpu>>) -> Result<Self, ModelError> {
         let model = Model::<crate::backend::cuda::backend::Cuda>::from_cpu(cuda, &cpu.model)?;
         Ok(Engine { file: cpu.file, name: cpu.name, model, tokenizer: cpu.tokenizer })
     }

@@ -24,6 +24,7 @@ pub mod quant;
 pub mod registry;
 pub mod sampling;
 pub mod session;
+pub mod step_model;
 pub mod tensor_parallel;
 pub mod tokenizer;
 

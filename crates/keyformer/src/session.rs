@@ -11,24 +11,25 @@
 
 use keyformer_kv::PolicyConfig;
 
-use crate::backend::{Backend, SequenceCache};
+use crate::backend::SequenceCache;
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, GenerateRequest, GenerationOutput, StopReason};
+use crate::step_model::StepModel;
 use crate::ModelError;
 
 /// A conversation and the cache that holds it.
-pub struct ChatSession<B: Backend> {
+pub struct ChatSession<M: StepModel> {
     system: Option<String>,
     kv: PolicyConfig,
     messages: Vec<ChatMessage>,
     /// The cache after the last turn, and what it has seen: the text, and the answer's last
     /// token when no step has run it yet.
-    state: Option<SessionCache<B>>,
+    state: Option<SessionCache<M>>,
     stats: ChatStats,
 }
 
-struct SessionCache<B: Backend> {
-    cache: B::Cache,
+struct SessionCache<M: StepModel> {
+    cache: M::Cache,
     /// The rendered conversation up to the end of the last answer's text.
     text: String,
     /// Generated tokens not yet run through the model (the last one, when a token limit ended
@@ -48,7 +49,7 @@ pub struct ChatStats {
     pub restarts: usize,
 }
 
-impl<B: Backend> ChatSession<B> {
+impl<M: StepModel> ChatSession<M> {
     pub fn new(system: Option<String>, kv: PolicyConfig) -> Self {
         Self { system, kv, messages: Vec::new(), state: None, stats: ChatStats::default() }
     }
@@ -65,7 +66,7 @@ impl<B: Backend> ChatSession<B> {
     }
 
     /// The cache holding the conversation, between turns.
-    pub fn cache(&self) -> Option<&B::Cache> {
+    pub fn cache(&self) -> Option<&M::Cache> {
         self.state.as_ref().map(|s| &s.cache)
     }
 
@@ -78,7 +79,7 @@ impl<B: Backend> ChatSession<B> {
     /// which case the next turn prefills the conversation again).
     pub fn turn(
         &mut self,
-        engine: &Engine<B>,
+        engine: &Engine<M>,
         user: &str,
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str),

@@ -31,10 +31,12 @@ use keyformer_kv::Signal;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardPlan {
     pub shards: usize,
-    /// Query heads, KV heads and feed-forward features per shard.
+    /// Query heads and KV heads per shard.
     pub heads: usize,
     pub kv_heads: usize,
-    pub ff: usize,
+    /// The model's feed-forward features, and the unit their split is a multiple of.
+    pub n_ff: usize,
+    pub ff_unit: usize,
     pub head_dim: usize,
     pub vocab: usize,
 }
@@ -46,21 +48,29 @@ impl ShardPlan {
         if shards == 0 {
             return refuse("at least one device is needed".into());
         }
-        let parts = [
-            ("attention heads", config.n_heads),
-            ("KV heads", config.n_kv_heads),
-            ("feed-forward features", config.n_ff),
-        ];
+        let parts = [("attention heads", config.n_heads), ("KV heads", config.n_kv_heads)];
         for (what, count) in parts {
             if count % shards != 0 {
                 return refuse(format!("the model's {count} {what} do not divide into {shards} equal parts"));
             }
         }
+        // The features split on whole quantisation blocks where they can (256 values: the
+        // K-quants' super-block; 32: the others'), so that a quantised down projection's parts
+        // keep their blocks and its activations quantise as on one device; shards may then
+        // differ by a block.
+        let ff_unit =
+            [256, 32, 1].into_iter().find(|&u| config.n_ff % u == 0 && config.n_ff / u >= shards).ok_or_else(|| {
+                ModelError::Input(format!(
+                    "tensor parallel over {shards} devices: the model's {} feed-forward features are fewer",
+                    config.n_ff
+                ))
+            })?;
         Ok(Self {
             shards,
             heads: config.n_heads / shards,
             kv_heads: config.n_kv_heads / shards,
-            ff: config.n_ff / shards,
+            n_ff: config.n_ff,
+            ff_unit,
             head_dim: config.head_dim,
             vocab: config.vocab_size,
         })
@@ -88,9 +98,12 @@ impl ShardPlan {
         h.start * self.head_dim..h.end * self.head_dim
     }
 
-    /// Rows of gate and up that shard `s` computes; columns of the down projection.
+    /// Rows of gate and up that shard `s` computes; columns of the down projection: whole
+    /// units of `ff_unit` features, as even as those allow (equal parts where they divide).
     pub fn ff_rows(&self, s: usize) -> Range<usize> {
-        s * self.ff..(s + 1) * self.ff
+        let units = self.n_ff / self.ff_unit;
+        let start = |s: usize| s * units / self.shards * self.ff_unit;
+        start(s)..start(s + 1)
     }
 
     /// Rows of the output projection (vocabulary entries) shard `s` computes: equal parts, the
@@ -174,14 +187,14 @@ impl ShardPlan {
         }
     }
 
-    /// The configuration a shard's forward pass runs with: its heads, KV heads and features.
-    /// The vocabulary stays whole (the embedding is on every shard); the final soft-cap is
-    /// applied once the logits are gathered.
-    pub fn shard_config(&self, config: &ModelConfig) -> ModelConfig {
+    /// The configuration shard `s`'s forward pass runs with: its heads, KV heads and
+    /// features. The vocabulary stays whole (the embedding is on every shard); the final
+    /// soft-cap is applied once the logits are gathered.
+    pub fn shard_config(&self, config: &ModelConfig, s: usize) -> ModelConfig {
         let mut c = config.clone();
         c.n_heads = self.heads;
         c.n_kv_heads = self.kv_heads;
-        c.n_ff = self.ff;
+        c.n_ff = self.ff_rows(s).len();
         c.final_softcap = None;
         c
     }
@@ -696,7 +709,7 @@ mod tests {
                 "{name}"
             );
         }
-        let shard = plan.shard_config(&config);
+        let shard = plan.shard_config(&config, 1);
         assert_eq!((shard.n_heads, shard.n_kv_heads, shard.n_ff, shard.vocab_size), (2, 1, 256, 1000));
         assert_eq!(Part::Rows(3..5).of_len(9), 3..5);
         assert_eq!(Part::Cols(3..5).of_len(9), 0..9);
@@ -798,8 +811,18 @@ mod tests {
     fn plans_split_evenly_and_refuse_what_does_not_divide() {
         let model = tiny("tiny"); // 4 heads, 2 KV heads, 512 features, 1000 tokens
         let p = ShardPlan::new(&model.config, 2).unwrap();
-        assert_eq!((p.heads, p.kv_heads, p.ff), (2, 1, 256));
+        assert_eq!((p.heads, p.kv_heads, p.ff_unit), (2, 1, 256));
         assert_eq!((p.q_rows(1), p.kv_rows(1), p.ff_rows(1)), (128..256, 64..128, 256..512));
+        // Features split on whole K-quant blocks where they can: Llama 2 7B's 11008 (43 blocks
+        // of 256) as 21 and 22 blocks; 96 (three blocks of 32) over 2 as 32 and 64.
+        let halves = |n_ff: usize, shards: usize| {
+            let config = ModelConfig { n_ff, n_heads: 4, n_kv_heads: 4, ..model.config.clone() };
+            let p = ShardPlan::new(&config, shards).unwrap();
+            (0..shards).map(|s| p.ff_rows(s)).collect::<Vec<_>>()
+        };
+        assert_eq!(halves(11008, 2), vec![0..5376, 5376..11008]);
+        assert_eq!(halves(96, 2), vec![0..32, 32..96]);
+        assert_eq!(halves(6, 4), vec![0..1, 1..3, 3..4, 4..6]);
         let p3 = ShardPlan { shards: 3, vocab: 1000, ..p };
         assert_eq!((p3.vocab_rows(0), p3.vocab_rows(1), p3.vocab_rows(2)), (0..334, 334..667, 667..1000));
         for (n, want) in [(0, "at least one"), (4, "2 KV heads"), (3, "4 attention heads")] {

@@ -35,6 +35,9 @@ pub struct KvPlan {
     pub steps: usize,
     pub bytes_steady: usize,
     pub bytes_prefill: usize,
+    /// The settings it was resolved from (a model split over GPUs resolves them again on each
+    /// GPU for its own KV heads).
+    pub kv: PolicyConfig,
 }
 
 /// A norm's weight and optional bias.
@@ -434,7 +437,7 @@ impl<B: Backend> Model<B> {
             steady += held;
             prefill += held.max(during_prompt);
         }
-        Ok(KvPlan { policy, prompt_len, steps, bytes_steady: steady, bytes_prefill: prefill })
+        Ok(KvPlan { policy, prompt_len, steps, bytes_steady: steady, bytes_prefill: prefill, kv: kv.clone() })
     }
 
     /// An empty cache for the sequence `plan` describes; the full cache is sized for exactly

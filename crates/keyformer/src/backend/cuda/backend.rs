@@ -928,7 +928,7 @@ impl Model<Cuda> {
             Some((plan, s)) => {
                 let vocab = Part::Rows(plan.vocab_rows(s));
                 let output = matrix(cpu.output.as_ref().unwrap_or(&cpu.token_embd), &vocab)?;
-                (plan.shard_config(&cpu.config), Some(output), None)
+                (plan.shard_config(&cpu.config, s), Some(output), None)
             }
         };
         Ok(Model {
@@ -956,7 +956,7 @@ impl Model<Cuda> {
     /// As [`random`](Self::random), or with `shard` only that shard's part of each tensor (as
     /// [`from_cpu_shard`](Self::from_cpu_shard) takes it): every tensor is drawn whole and cut,
     /// so the shards together hold the one-device model's weights bit for bit (a quantised
-    /// matrix whose part is not whole blocks is drawn in f16 instead).
+    /// matrix whose part is not whole blocks is dequantised to f16: the same values).
     pub fn random_shard(
         cuda: Cuda,
         shape: &RandomShape,
@@ -976,22 +976,34 @@ impl Model<Cuda> {
                 Part::Rows(r) => (r.len(), cols),
                 Part::Cols(c) => (rows, c.len()),
             };
-            let blocks = (weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols))
-                .then(|| {
-                    let all = random::quantised_blocks(weight_type, rows, cols, seed, t, scale);
-                    let row_bytes = weight_type.row_bytes(cols);
-                    match part {
-                        Part::Whole => Some(all),
-                        _ => part_blocks(weight_type, rows, cols, &part, |r| &all[r * row_bytes..(r + 1) * row_bytes]),
-                    }
-                })
-                .flatten();
+            let quantised = (weight_type != GgmlType::F16 && random::fits_blocks(weight_type, cols))
+                .then(|| random::quantised_blocks(weight_type, rows, cols, seed, t, scale));
+            let row_bytes = weight_type.row_bytes(cols);
+            let blocks = quantised.as_deref().and_then(|all| match &part {
+                Part::Whole => Some(std::borrow::Cow::Borrowed(all)),
+                _ => part_blocks(weight_type, rows, cols, &part, |r| &all[r * row_bytes..(r + 1) * row_bytes])
+                    .map(std::borrow::Cow::Owned),
+            });
             let matrix = if let Some(bytes) = blocks {
                 GpuMatrix {
                     weights: GpuWeights::Quantised { ggml_type: weight_type, blocks: gpu.upload(&bytes)? },
                     rows: part_rows,
                     cols: part_cols,
                 }
+            } else if let Some(all) = &quantised {
+                // A part that is not whole blocks: the same values, dequantised (as from_cpu_shard).
+                let (row_range, col_range) = match &part {
+                    Part::Whole => (0..rows, 0..cols),
+                    Part::Rows(r) => (r.clone(), 0..cols),
+                    Part::Cols(c) => (0..rows, c.clone()),
+                };
+                let mut row = vec![0f32; cols];
+                let mut data = Vec::with_capacity(part_rows * part_cols);
+                for r in row_range {
+                    crate::quant::dequantize_row(weight_type, &all[r * row_bytes..(r + 1) * row_bytes], &mut row);
+                    data.extend(row[col_range.clone()].iter().map(|v| half::f16::from_f32(*v).to_bits()));
+                }
+                GpuMatrix { weights: GpuWeights::F16(gpu.upload(&data)?), rows: part_rows, cols: part_cols }
             } else {
                 let mut data = gpu.zeros::<u16>(rows * cols)?;
                 gpu.fill_random_f16(&mut data, seed, t, scale)?;
@@ -1048,7 +1060,7 @@ impl Model<Cuda> {
             .collect::<Result<Vec<_>, GpuError>>()?;
         let config = shape.config();
         config.validate()?;
-        let config = shard.map_or(config.clone(), |(plan, _)| plan.shard_config(&config));
+        let config = shard.map_or(config.clone(), |(plan, s)| plan.shard_config(&config, s));
         Ok(Model {
             token_embd: maybe("token_embd.weight".into()).expect("drawn"),
             output: Some(maybe("output.weight".into()).expect("drawn")),
@@ -1171,6 +1183,11 @@ impl Model<Cuda> {
 
     /// The weight matrices' types and how many of each (`Q4_K x 224, F16 x 1`), for reports.
     pub fn matrix_types(&self) -> String {
+        self.matrix_type_counts().iter().map(|(t, n)| format!("{t} x {n}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// How many weight matrices each storage type holds, in the order first met.
+    pub fn matrix_type_counts(&self) -> Vec<(GgmlType, usize)> {
         let mut counts: Vec<(GgmlType, usize)> = Vec::new();
         let all = self.layers.iter().flat_map(|l| l.matrices()).chain([&self.token_embd]).chain(self.output.as_ref());
         for m in all {
@@ -1179,7 +1196,7 @@ impl Model<Cuda> {
                 None => counts.push((m.ggml_type(), 1)),
             }
         }
-        counts.iter().map(|(t, n)| format!("{t} x {n}")).collect::<Vec<_>>().join(", ")
+        counts
     }
 }
 

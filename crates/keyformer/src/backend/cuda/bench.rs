@@ -184,13 +184,13 @@ pub fn run_sharded(
     let c = model.config.clone();
     let tokens = protocol_prompt(&c, prompt, gen, batch)?;
     model.release_free_memory()?;
-    let mut ids = Vec::with_capacity(batch);
+    let mut caches = Vec::with_capacity(batch);
     let mut next = Vec::with_capacity(batch);
     let t0 = Instant::now();
     for i in 0..batch {
-        let id = model.new_sequence(kv, prompt, gen)?;
-        next.push(argmax(&model.prefill(id, &tokens)?));
-        ids.push(id);
+        let mut cache = model.new_sequence(kv, prompt, gen)?;
+        next.push(argmax(&model.prefill_rows(&mut cache, &tokens, crate::models::decoder::Logits::Last)?));
+        caches.push(cache);
         if (i + 1) % 8 == 0 {
             progress(&format!("prefilled {}/{batch}", i + 1));
         }
@@ -201,7 +201,7 @@ pub fn run_sharded(
     let t1 = Instant::now();
     for step in 0..gen {
         let ts = Instant::now();
-        let logits = model.decode(&ids, &next)?;
+        let logits = model.decode(&mut caches.iter_mut().collect::<Vec<_>>(), &next)?;
         next.clear();
         next.extend(logits.chunks_exact(c.vocab_size).map(argmax));
         step_ms.push(ts.elapsed().as_secs_f64() * 1e3);
@@ -211,10 +211,8 @@ pub fn run_sharded(
     }
     let decode_s = t1.elapsed().as_secs_f64();
     peak = peak.max(model.memory_used()?.0);
-    let held = model.bytes_held(ids[0])?;
-    for id in ids {
-        model.drop_sequence(id)?;
-    }
+    let held = crate::backend::SequenceCache::bytes_held(&caches[0]);
+    drop(caches);
     let per_token = crate::kv::KvType::F16.token_bytes(c.n_layers, c.n_kv_heads, c.head_dim);
     Ok(Timed { prompt, gen, batch, prefill_s, decode_s, step_ms }.row(kv, held, per_token, peak))
 }

@@ -184,6 +184,7 @@ fn compare(
     // The GPU rounds every matrix product's input to f16 (2^-11 relative), the CPU keeps f32:
     // over the layers that is ~1e-3 of the logits' range; 2e-2 leaves room without hiding a bug
     // (a wrong head, position or mask moves logits by their own size).
+    let full_cache_error = worst;
     checks.push(row(
         &format!("{name}: logits, full cache, {prompt_len}-token prompt + {steps} steps"),
         worst,
@@ -312,20 +313,28 @@ fn compare(
         let kept = cpu_held(&cpu_cache);
         let total: usize = kept.iter().flatten().map(Vec::len).sum();
         let after_prompt = held_difference(&kept, &gpu_held(&gpu_cache)?);
-        let mut worst = 0f64;
-        // The most kept tokens that differed before any step: a step's logits attend to them.
-        let mut differing = after_prompt;
+        // A step's logits are compared where both sides hold the same tokens before it; once a
+        // near-tie of scores has kept another token on one side (the kept-token rows bound how
+        // many), the two attend to different tokens and the logits part by that token's weight,
+        // not by the arithmetic under check.
+        let (mut worst_alike, mut alike) = (0f64, 0usize);
+        let mut worst_apart = 0f64;
         for step in 0..steps {
-            if step > 0 {
-                differing = differing.max(held_difference(&cpu_held(&cpu_cache), &gpu_held(&gpu_cache)?));
-            }
+            let now =
+                if step == 0 { after_prompt } else { held_difference(&cpu_held(&cpu_cache), &gpu_held(&gpu_cache)?) };
             let t = argmax(&want);
             want = cpu.forward(&[t], &mut cpu_cache, Logits::Last)?;
             let got = gpu.forward(&[t], &mut gpu_cache, Logits::Last)?;
             cpu_cache.policy.next_step();
             cpu_cache.end_step();
             gpu_cache.policy.next_step();
-            worst = worst.max(logit_error(&want, &got));
+            let error = logit_error(&want, &got);
+            if now == 0 {
+                worst_alike = worst_alike.max(error);
+                alike += 1;
+            } else {
+                worst_apart = worst_apart.max(error);
+            }
         }
         let after_steps = held_difference(&cpu_held(&cpu_cache), &gpu_held(&gpu_cache)?);
         // Memory: what the GPU says it holds is what the CPU holds, and each global layer's
@@ -361,16 +370,18 @@ fn compare(
                 "|GPU - CPU| tokens held ({gpu_tokens} on the GPU) + slots allocated beyond them and one per head"
             ),
         ));
-        // A kept token that differs (a near tie of f16 scores: two sides may evict the same
-        // tokens in another order) is attended on one side only: each moved the logits by about
-        // 4e-3 in these checks, so each is allowed 5e-3 more.
+        // The same arithmetic as the full cache's over fewer tokens: its own error (which for
+        // quantised weights is the 8-bit activations', ~2e-2 of the logits here) with half again,
+        // as the largest logit moves with the tokens held; 2e-2 at least.
+        let tolerance = (1.5 * full_cache_error).max(2e-2);
         checks.push(row(
             &format!("{name}: {label} logits while evicting"),
-            worst,
-            2e-2 + 5e-3 * differing as f64,
+            worst_alike,
+            tolerance,
             &format!(
-                "largest |GPU - CPU| over the largest |CPU logit|, worst step (+5e-3 per kept token that differs \
-                 before a step, at most {differing})"
+                "largest |GPU - CPU| over the largest |CPU logit|, worst step, over the {alike} of {steps} steps \
+                 holding the same tokens (the others attend to a near-tie kept on one side: {worst_apart:.1e}, not \
+                 compared)"
             ),
         ));
     }
