@@ -166,11 +166,16 @@ mod with_cuda {
         }
     }
 
-    /// The engine of `--model` or `--random-weights` on GPU 0.
-    fn load_engine(model: &str, random_weights: Option<&str>) -> Result<Engine<Model<Cuda>>> {
+    fn check_kv_type() -> Result<()> {
         if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
             bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
         }
+        Ok(())
+    }
+
+    /// The engine of `--model` or `--random-weights` on GPU 0.
+    fn load_engine(model: &str, random_weights: Option<&str>) -> Result<Engine<Model<Cuda>>> {
+        check_kv_type()?;
         let mut cuda = Cuda::new(Gpu::open(0)?);
         cuda.weight_format = weight_format();
         let engine = match random_weights {
@@ -196,9 +201,7 @@ mod with_cuda {
     /// tokenizer on the host, each shard's weights on its GPU. `KEYFORMER_TP_TRANSPORT=host`
     /// puts every shard on GPU 0 and sums through the host (checks on one GPU).
     fn load_sharded(model: &str, random_weights: Option<&str>, shards: usize) -> Result<Engine<ShardedModel>> {
-        if crate::KV_TYPE.get().is_some_and(|t| *t != KvType::F16) {
-            bail!("--device cuda keeps keys and values in f16: leave --kv-type at f16");
-        }
+        check_kv_type()?;
         let transport = match std::env::var("KEYFORMER_TP_TRANSPORT").as_deref() {
             Ok("host") => Transport::HostOnOneGpu,
             _ => Transport::Nccl,

@@ -759,6 +759,11 @@ fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<st
 }
 
 fn main() {
+    // NVLink multicast (NVLS) stays off for NCCL (-tp N), as on the machines we measure on,
+    // unless the caller chose; set before any thread starts.
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        std::env::set_var("NCCL_NVLS_ENABLE", "0");
+    }
     let cli = Cli::parse_from(llama_cpp_spellings(std::env::args_os()));
     if let Err(e) = real_main(cli) {
         // One clear line; the cause chain is joined rather than dumped as a backtrace.

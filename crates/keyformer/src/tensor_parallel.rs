@@ -58,8 +58,10 @@ impl ShardPlan {
         // K-quants' super-block; 32: the others'), so that a quantised down projection's parts
         // keep their blocks and its activations quantise as on one device; shards may then
         // differ by a block.
-        let ff_unit =
-            [256, 32, 1].into_iter().find(|&u| config.n_ff % u == 0 && config.n_ff / u >= shards).ok_or_else(|| {
+        let ff_unit = [256, 32, 1]
+            .into_iter()
+            .find(|&u| config.n_ff.is_multiple_of(u) && config.n_ff / u >= shards)
+            .ok_or_else(|| {
                 ModelError::Input(format!(
                     "tensor parallel over {shards} devices: the model's {} feed-forward features are fewer",
                     config.n_ff

@@ -167,7 +167,7 @@ enum Job {
 
 enum Reply {
     Done,
-    Plan(KvPlan),
+    Plan(Box<KvPlan>),
     /// The shard's vocabulary part of each row's logits, and each sequence's cache after the step.
     Logits(Vec<f32>, Vec<ShardCacheState>),
     Held(Vec<Vec<Vec<u32>>>),
@@ -595,7 +595,7 @@ impl StepModel for ShardedModel {
     fn plan_kv(&self, kv: &PolicyConfig, prompt_len: usize, steps: usize) -> Result<KvPlan, ModelError> {
         Self::check_policy(kv)?;
         let replies = self.each(|| Job::Plan { kv: kv.clone(), prompt: prompt_len, gen: steps })?;
-        let mut plans = replies.into_iter().filter_map(|r| if let Reply::Plan(p) = r { Some(p) } else { None });
+        let mut plans = replies.into_iter().filter_map(|r| if let Reply::Plan(p) = r { Some(*p) } else { None });
         let mut plan = plans.next().ok_or_else(|| ModelError::Gpu("no shard planned the sequence".into()))?;
         for p in plans {
             plan.bytes_steady += p.bytes_steady;
@@ -741,7 +741,7 @@ fn run_job(
 ) -> Result<Reply, ModelError> {
     let unknown = |id: SequenceId| ModelError::Input(format!("no sequence {id} on this shard"));
     match job {
-        Job::Plan { kv, prompt, gen } => Ok(Reply::Plan(model.plan_kv(&kv, prompt, gen)?)),
+        Job::Plan { kv, prompt, gen } => Ok(Reply::Plan(Box::new(model.plan_kv(&kv, prompt, gen)?))),
         Job::NewSequence { id, kv, prompt, gen } => {
             let cache = model.new_sequence_cache(&kv, prompt, gen)?;
             let state = ShardCacheState::of(&cache);
