@@ -796,7 +796,11 @@ mod tests {
     }
 
     fn tiny(name: &str) -> Model<Cpu> {
-        let shape = RandomShape::by_name(name).unwrap();
+        random_model(RandomShape::by_name(name).unwrap())
+    }
+
+    fn random_model(shape: RandomShape) -> Model<Cpu> {
+        let name = shape.name;
         // A folder per call: the tests run in parallel threads of one process.
         static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let nth = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -810,7 +814,7 @@ mod tests {
     }
 
     #[test]
-    fn plans_split_evenly_and_refuse_what_does_not_divide() {
+    fn plans_split_heads_evenly_features_on_blocks_and_refuse_what_does_not_divide() {
         let model = tiny("tiny"); // 4 heads, 2 KV heads, 512 features, 1000 tokens
         let p = ShardPlan::new(&model.config, 2).unwrap();
         assert_eq!((p.heads, p.kv_heads, p.ff_unit), (2, 1, 256));
@@ -901,6 +905,17 @@ mod tests {
             let (_, model) = crate::models::load(&path, crate::gguf::LoadMode::Mmap).unwrap();
             check_against_forward(&path.display().to_string(), model);
         }
+    }
+
+    /// Features that split on whole blocks but not evenly (768 = 3 x 256: 256 and 512 on
+    /// two shards) give the whole model's logits too.
+    #[test]
+    fn an_uneven_feature_split_equals_the_forward_pass() {
+        let shape = RandomShape { n_ff: 768, ..RandomShape::by_name("tiny").unwrap() };
+        let model = random_model(shape);
+        let plan = ShardPlan::new(&model.config, 2).unwrap();
+        assert_eq!((plan.ff_rows(0), plan.ff_rows(1)), (0..256, 256..768));
+        assert!(check_against_forward("tiny, 768 features", model).contains(&2));
     }
 
     /// The comparison above can fail: leaving out one shard's partial products (a missing
