@@ -17,7 +17,8 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::{models, ModelError};
 
-/// A loaded model with its tokenizer, on backend `B` (the CPU unless said otherwise).
+/// A loaded model with its tokenizer: `Model<B>` on one device (the CPU unless said otherwise),
+/// or any other [`StepModel`] (a model split over GPUs).
 pub struct Engine<M: StepModel = Model<Cpu>> {
     /// The model file; `None` when the weights were drawn on the GPU.
     pub file: Option<Arc<GgufFile>>,
