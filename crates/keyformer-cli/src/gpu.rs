@@ -286,7 +286,7 @@ mod with_cuda {
         if pairs.iter().any(|&(p, n)| p == 0 || n == 0) {
             bail!("with --device cuda every test needs a prompt and a generation (-p and -n at least 1)");
         }
-        let mut bench_model = BenchModel::load(&a)?;
+        let bench_model = BenchModel::load(&a)?;
         // The read bandwidth of the model's GPU, or of GPU 0 for a split (each GPU taken to
         // read as fast; the shards' GPUs live on threads of their own).
         let read_gb_s = match &bench_model {
@@ -357,7 +357,7 @@ mod with_cuda {
                     };
                     eprintln!("{p}+{n} {label} batch {batch}");
                     let progress = |m: &str| eprintln!("  {m}");
-                    let r = match &mut bench_model {
+                    let r = match &bench_model {
                         BenchModel::One(e) => gpu_bench::run(&e.model, p, n, kv, batch, &progress),
                         BenchModel::Sharded(m) => gpu_bench::run_sharded(m, p, n, kv, batch, &progress),
                     };

@@ -174,15 +174,15 @@ impl Timed {
 /// [`run`] on a model split over GPUs: the same protocol, each step's logits gathered from the
 /// shards and the greedy tokens taken on the host.
 pub fn run_sharded(
-    model: &mut ShardedModel,
+    model: &ShardedModel,
     prompt: usize,
     gen: usize,
     kv: &PolicyConfig,
     batch: usize,
     progress: &dyn Fn(&str),
 ) -> Result<GpuBenchRow, ModelError> {
-    let c = model.config.clone();
-    let tokens = protocol_prompt(&c, prompt, gen, batch)?;
+    let c = &model.config;
+    let tokens = protocol_prompt(c, prompt, gen, batch)?;
     model.release_free_memory()?;
     let mut caches = Vec::with_capacity(batch);
     let mut next = Vec::with_capacity(batch);

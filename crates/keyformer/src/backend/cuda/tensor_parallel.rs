@@ -168,6 +168,8 @@ enum Job {
 enum Reply {
     Done,
     Plan(Box<KvPlan>),
+    /// A new sequence's cache on this shard.
+    Cache(ShardCacheState),
     /// The shard's vocabulary part of each row's logits, and each sequence's cache after the step.
     Logits(Vec<f32>, Vec<ShardCacheState>),
     Held(Vec<Vec<Vec<u32>>>),
@@ -612,7 +614,7 @@ impl StepModel for ShardedModel {
         let mut cache =
             ShardedCache { id, links: self.links.clone(), policy: plan.policy, state: ShardCacheState::default() };
         let states: Vec<ShardCacheState> =
-            made?.into_iter().filter_map(|r| if let Reply::Logits(_, mut s) = r { s.pop() } else { None }).collect();
+            made?.into_iter().filter_map(|r| if let Reply::Cache(s) = r { Some(s) } else { None }).collect();
         cache.state = ShardCacheState::merge(&states);
         Ok(cache)
     }
@@ -746,7 +748,7 @@ fn run_job(
             let cache = model.new_sequence_cache(&kv, prompt, gen)?;
             let state = ShardCacheState::of(&cache);
             caches.insert(id, cache);
-            Ok(Reply::Logits(Vec::new(), vec![state]))
+            Ok(Reply::Cache(state))
         }
         Job::Prefill { id, tokens, which } => {
             let cache = caches.get_mut(&id).ok_or_else(|| unknown(id))?;
