@@ -342,8 +342,8 @@ mod with_cuda {
                 "GPU: {gpu_name}; model {model_name}{split}; weights {:.2} GiB ({matrix_types}); read bandwidth {read_gb_s:.0} GB/s\n",
                 matrix_bytes as f64 / GIB,
             );
-            println!("| prompt+gen | kv | batch | t/s (decode) | t/s (total) | ms/step | first | last | prefill s | KV GiB/seq | peak GiB | of floor | vs full (decode) | vs full (total) |");
-            println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| prompt+gen | kv | batch | t/s (decode) | t/s (total) | ms/step | first | last | prefill s | warm prefill s | KV GiB/seq | peak GiB | of floor | vs full (decode) | vs full (total) |");
+            println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
         for &(p, n) in &pairs {
             for (label, kv) in &policies {
@@ -390,7 +390,7 @@ mod with_cuda {
                         println!("{v}");
                     } else {
                         println!(
-                            "| {p}+{n} | {} | {batch}{} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.1} | {:.0}% | {} | {} |",
+                            "| {p}+{n} | {} | {batch}{} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.3} | {:.2} | {:.1} | {:.0}% | {} | {} |",
                             r.kv,
                             if b == BatchSize::Max { " (max)" } else { "" },
                             r.decode_tok_s,
@@ -399,6 +399,7 @@ mod with_cuda {
                             r.ms_per_step_first,
                             r.ms_per_step_last,
                             r.prefill_s,
+                            r.prefill_warm_s,
                             r.kv_bytes_per_sequence as f64 / GIB,
                             r.peak_gpu_bytes as f64 / GIB,
                             100.0 * of_floor,

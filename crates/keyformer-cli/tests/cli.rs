@@ -793,6 +793,9 @@ fn llama_cpp_habits_work_and_short_prompts_are_not_starved() {
     assert_clean_error(&keyformer(&["chat", "-tp", "2", "--device", "cuda"]), "chat runs on one device");
     assert_clean_error(&keyformer(&["bench", "-p", "8", "-n", "0", "-tp=2"]), "add --device cuda");
     assert_clean_error(&keyformer(&["bench", "-p", "8", "-n", "0", "--tensor-parallel", "0"]), "at least 1");
+    // -ub N (llama.cpp's physical batch) is read, and 0 refused.
+    assert_clean_error(&keyformer(&["run", "-p", "Once", "-ub", "0"]), "--ubatch-size must be at least 1");
+    assert_clean_error(&keyformer(&["run", "-p", "Once", "-ub=0"]), "--ubatch-size must be at least 1");
     // bench -o json is --json.
     let v = keyformer_json(&["bench", "-o", "json", "-p", "8", "-n", "0", "-r", "1", "--bandwidth-mib", "0"]);
     assert!(v["results"].as_array().is_some_and(|r| r.len() == 1), "{v}");

@@ -18,12 +18,15 @@ use crate::quant::{dequantize_row, GgmlType};
 /// 8 bits as a decode step's are, multiplied in integers (llama.cpp's prefill does the same):
 /// faster, and a prompt token's numbers are then what a decode step would give it. Float
 /// weights and Q2_K/Q3_K always take the f32 path, and so does every type on a CPU without
-/// AVX-512 VNNI.
+/// AVX-512 VNNI. `Exact`: as F32, and a single token too (whose decode products otherwise
+/// quantise its activations to 8 bits): not a speed setting but a reference, by which
+/// gpu-check measures what the 8-bit activations alone do to a quantised model's logits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillActivations {
     F32,
     #[default]
     Q8,
+    Exact,
 }
 
 impl std::str::FromStr for PrefillActivations {
@@ -78,7 +81,7 @@ pub fn matmul(w: &WeightView, x: &[f32], n: usize, y: &mut [f32]) {
 /// `ys[i] = x * ws[i]^T` for weights that share their input (Q, K and V; gate and up): one
 /// parallel loop over all their rows, and the activations are quantised once for all of them.
 pub fn matmul_many(ws: &[WeightView], x: &[f32], n: usize, acts: PrefillActivations, ys: &mut [&mut [f32]]) {
-    if n >= GEMM_MIN_TOKENS {
+    if n >= GEMM_MIN_TOKENS || (acts == PrefillActivations::Exact && n > 0) {
         check_matmul_shapes(ws, x, n, ys);
         let integer = |w: &WeightView| {
             acts == PrefillActivations::Q8 && gemm_q8::available() && gemm_q8::group_len(w.ggml_type).is_some()
@@ -1260,7 +1263,7 @@ mod tests {
             dequantize_row(t, &bytes, &mut wf);
             for n in [1usize, 3, 9, 21] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
-                for acts in [PrefillActivations::F32, PrefillActivations::Q8] {
+                for acts in [PrefillActivations::F32, PrefillActivations::Q8, PrefillActivations::Exact] {
                     let mut y = vec![0f32; n * rows];
                     matmul_many(&[w], &x, n, acts, &mut [&mut y]);
                     // One token at a time through the decode kernels.
@@ -1282,6 +1285,12 @@ mod tests {
                             let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
                             let got = y[i * rows + r];
                             assert!((got - want).abs() <= 0.01 * mag + 1e-5, "{t} {acts:?} n={n} r={r}");
+                            // Exact: f32 activations whatever the tokens, one at a time included
+                            // (the same sums as the reference, in another order).
+                            if acts == PrefillActivations::Exact {
+                                let step = decode[i * rows + r];
+                                assert!((step - want).abs() <= 1e-5 * mag + 1e-6, "{t} exact, one token, r={r}");
+                            }
                             // With 8-bit activations a prompt token gets the numbers a decode step
                             // gives it (the same integer sums; only the float order differs).
                             if acts == PrefillActivations::Q8 && t.uses_q8_activations() && gemm_q8::available() {

@@ -77,14 +77,61 @@ pub enum WeightFormat {
 #[derive(Default)]
 pub struct DeviceRows {
     buf: Option<CudaSlice<f32>>,
+    /// An f16 copy of the first `half_len` values, written beside them by the op that wrote
+    /// them (a norm, SwiGLU, RoPE, the prompt's attention) when a product through cuBLAS or
+    /// flash.cu will read them as f16: the product then skips its conversion kernel (10 ms of
+    /// a 4096-token llama2-7b prompt on an H100). Any other write clears it.
+    half: Option<CudaSlice<u16>>,
+    half_len: usize,
+}
+
+/// Rows from which an op writes the f16 copy of its output ([`DeviceRows::half`]): prompt
+/// chunks; decode steps (CUDA graphs, GEMVs that read f32) never do.
+const HALF_COPY_MIN_ROWS: usize = 64;
+
+/// [`Cuda::half_rows`] for a caller that holds the scratch lock. `KEYFORMER_HALF_COPIES=0`
+/// turns the copies off (each product then converts its input), for comparisons.
+fn half_copy_rows(capturing: bool, rows: usize) -> usize {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("KEYFORMER_HALF_COPIES").map_or(true, |v| v != "0"));
+    if on && !capturing {
+        rows
+    } else {
+        0
+    }
 }
 
 impl DeviceRows {
     fn get(&self) -> Result<&CudaSlice<f32>, ModelError> {
         self.buf.as_ref().ok_or_else(|| ModelError::Gpu("activation buffer used before it was sized".into()))
     }
+    /// The values, to be written: the f16 copy no longer matches them.
     fn get_mut(&mut self) -> Result<&mut CudaSlice<f32>, ModelError> {
+        self.half_len = 0;
         self.buf.as_mut().ok_or_else(|| ModelError::Gpu("activation buffer used before it was sized".into()))
+    }
+    /// The values and, for an op writing `rows` rows of which the first `len` values will be
+    /// written, an f16 buffer for their copy (grown as needed; `None` for few rows). The copy
+    /// counts as written: the op must write it.
+    fn get_mut_with_half(
+        &mut self,
+        gpu: &Gpu,
+        rows: usize,
+        len: usize,
+    ) -> Result<(&mut CudaSlice<f32>, Option<&mut CudaSlice<u16>>), ModelError> {
+        self.half_len = 0;
+        if rows < HALF_COPY_MIN_ROWS {
+            return Ok((self.get_mut()?, None));
+        }
+        grow(gpu, &mut self.half, len)?;
+        self.half_len = len;
+        let buf =
+            self.buf.as_mut().ok_or_else(|| ModelError::Gpu("activation buffer used before it was sized".into()))?;
+        Ok((buf, self.half.as_mut()))
+    }
+    /// The f16 copy of the first `len` values, where one was written with them.
+    fn half(&self, len: usize) -> Option<&CudaSlice<u16>> {
+        self.half.as_ref().filter(|_| len > 0 && self.half_len >= len)
     }
 }
 
@@ -148,6 +195,10 @@ pub struct Cuda {
 /// are 90 MB in f32).
 const PREFILL_CHUNK: usize = 1024;
 
+/// Prompt rows per forward pass of the backends made from now on, when chosen
+/// ([`Cuda::set_default_prefill_rows`]; 0: not chosen).
+static CHOSEN_PREFILL_ROWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl From<GpuError> for ModelError {
     fn from(e: GpuError) -> Self {
         ModelError::Gpu(e.to_string())
@@ -155,13 +206,20 @@ impl From<GpuError> for ModelError {
 }
 
 impl Cuda {
+    /// Prompt rows per forward pass of every backend made from now on (`-ub N`; a tensor-
+    /// parallel model's shards included): above `KEYFORMER_PREFILL_CHUNK` and the default.
+    pub fn set_default_prefill_rows(rows: usize) {
+        CHOSEN_PREFILL_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn new(gpu: Gpu) -> Self {
         let use_graphs = std::env::var("KEYFORMER_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let chosen = CHOSEN_PREFILL_ROWS.load(std::sync::atomic::Ordering::Relaxed);
         let prefill_rows = std::env::var("KEYFORMER_PREFILL_CHUNK")
             .ok()
             .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .unwrap_or(PREFILL_CHUNK);
+            .filter(|&n: &usize| n > 0 && chosen == 0)
+            .unwrap_or(if chosen > 0 { chosen } else { PREFILL_CHUNK });
         Self {
             gpu,
             scratch: Mutex::default(),
@@ -187,6 +245,12 @@ impl Cuda {
 }
 
 impl Cuda {
+    /// The rows for which an op writes its output's f16 copy ([`DeviceRows::half`]): none while
+    /// a step is captured into a graph (a graph may not allocate).
+    fn half_rows(&self, rows: usize) -> usize {
+        half_copy_rows(self.lock().capturing, rows)
+    }
+
     /// Send a decode step's inputs (tokens, positions, every layer's attention rows) and return
     /// the addresses of the buffers a captured step uses; `None` while the forward buffers are
     /// not sized for this batch (the step then runs without a graph and sizes them).
@@ -280,7 +344,18 @@ impl Cuda {
             }
             GpuWeights::Quantised { ggml_type, blocks } => {
                 let quant = &mut sc.quant;
-                self.gpu.matmul_quantised(*ggml_type, blocks, w.rows, w.cols, x.get()?, n, quant, false, logits)?;
+                self.gpu.matmul_quantised(
+                    *ggml_type,
+                    blocks,
+                    w.rows,
+                    w.cols,
+                    x.get()?,
+                    n,
+                    quant,
+                    false,
+                    None,
+                    logits,
+                )?;
             }
         }
         Ok(())
@@ -374,7 +449,7 @@ impl Backend for Cuda {
 
     fn resize(&self, a: &mut DeviceRows, len: usize) -> Result<(), ModelError> {
         if a.buf.as_ref().is_none_or(|b| b.len() != len) {
-            a.buf = None;
+            (a.buf, a.half, a.half_len) = (None, None, 0);
             a.buf = Some(self.gpu.zeros(len.max(1))?);
         }
         Ok(())
@@ -417,12 +492,20 @@ impl Backend for Cuda {
     ) -> Result<(), ModelError> {
         let d = weight.len();
         let x = x.get()?.slice(first_row * d..(first_row + rows) * d);
-        let mut out = out.get_mut()?.slice_mut(0..rows * d);
+        let (out, out16) = out.get_mut_with_half(&self.gpu, self.half_rows(rows), rows * d)?;
+        let mut out = out.slice_mut(0..rows * d);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let dim = d as i32;
+        let null = 0u64;
         let mut b = self.gpu.stream.launch_builder(&self.gpu.kernels.rms_norm);
-        b.arg(&x).arg(weight).arg(&mut out).arg(&dim).arg(&eps);
-        // SAFETY: one block per row of d values, within both views.
+        b.arg(&x).arg(weight).arg(&mut out);
+        match out16 {
+            Some(h) => b.arg(h),
+            None => b.arg(&null),
+        };
+        b.arg(&dim).arg(&eps);
+        // SAFETY: one block per row of d values, within both views and the f16 copy (grown to
+        // rows * d) or a null address.
         unsafe { b.launch(cfg) }.map_err(GpuError::from)?;
         Ok(())
     }
@@ -449,6 +532,10 @@ impl Backend for Cuda {
                     self.gpu.gemv_f16(data, w.rows, w.cols, x.get()?, y.get_mut()?)?
                 }
                 GpuWeights::F16(data) => {
+                    if let Some(x16) = x.half(n * cols) {
+                        self.gpu.gemm_f16(data, w.rows, w.cols, x16, n, y.get_mut()?)?;
+                        continue;
+                    }
                     grow(&self.gpu, &mut sc.x16, n * cols)?;
                     let x16 = sc.x16.as_mut().expect("sized");
                     if !have_x16 {
@@ -460,7 +547,19 @@ impl Backend for Cuda {
                 GpuWeights::Quantised { ggml_type, blocks } => {
                     let quant = &mut sc.quant;
                     let (t, rows) = (*ggml_type, w.rows);
-                    self.gpu.matmul_quantised(t, blocks, rows, cols, x.get()?, n, quant, have_xq, y.get_mut()?)?;
+                    let x_f16 = x.half(n * cols);
+                    self.gpu.matmul_quantised(
+                        t,
+                        blocks,
+                        rows,
+                        cols,
+                        x.get()?,
+                        n,
+                        quant,
+                        have_xq,
+                        x_f16,
+                        y.get_mut()?,
+                    )?;
                     have_xq = true;
                 }
             }
@@ -601,13 +700,23 @@ impl Backend for Cuda {
         let mut sc = self.lock();
         self.send_positions(&mut sc, positions)?;
         let positions = sc.positions.as_ref().expect("sent");
-        let (q, k) = (q.get_mut()?, k.get_mut()?);
-        self.gpu.rope_qk(q, k, n_heads, n_kv_heads, head_dim, positions, inv_freq, style, mscale)?;
+        // The queries' f16 copy (flash.cu's input) only where every value of a head turns.
+        let rows = half_copy_rows(sc.capturing, if 2 * inv_freq.len() == head_dim { positions.len() } else { 0 });
+        let (q, q16) = q.get_mut_with_half(&self.gpu, rows, positions.len() * n_heads * head_dim)?;
+        let k = k.get_mut()?;
+        self.gpu.rope_qk(q, k, n_heads, n_kv_heads, head_dim, positions, inv_freq, style, mscale, q16)?;
         Ok(())
     }
 
     fn silu_mul(&self, gate: &mut DeviceRows, up: &DeviceRows) -> Result<(), ModelError> {
-        Ok(self.gpu.silu_mul(gate.get_mut()?, up.get()?)?)
+        let len = up.get()?.len();
+        // The rows of the forward pass under way (those whose positions RoPE was sent).
+        let rows = {
+            let sc = self.lock();
+            half_copy_rows(sc.capturing, sc.sent_positions.len())
+        };
+        let (gate, gate16) = gate.get_mut_with_half(&self.gpu, rows, len)?;
+        Ok(self.gpu.silu_mul(gate, up.get()?, gate16)?)
     }
 
     fn gelu_mul(&self, gate: &mut DeviceRows, up: &DeviceRows) -> Result<(), ModelError> {
@@ -638,8 +747,10 @@ impl Backend for Cuda {
         let d = weight.len();
         let (x, y) = (x.get_mut()?, y.get()?);
         let mut x = x.slice_mut(0..rows * d);
-        let mut out = out.get_mut()?.slice_mut(0..rows * d);
-        Ok(self.gpu.add_rms_norm(&mut x, &y.slice(0..rows * d), weight, eps, &mut out)?)
+        let (out, out16) = out.get_mut_with_half(&self.gpu, self.half_rows(rows), rows * d)?;
+        let mut out = out.slice_mut(0..rows * d);
+        let mut out16 = out16.map(|h| h.slice_mut(0..rows * d));
+        Ok(self.gpu.add_rms_norm(&mut x, &y.slice(0..rows * d), weight, eps, &mut out, out16.as_mut())?)
     }
 
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) -> Result<(), ModelError> {
@@ -709,9 +820,12 @@ impl Backend for Cuda {
             let kv_layer = &mut cache.layers[layer];
             let (k, v) = (k.get()?.slice(0..n * kv_dim), v.get()?.slice(0..n * kv_dim));
             gpu.kv_append(&k, &v, kv_layer, n, n_kv_heads, head_dim, cap, start, first_pos)?;
-            grow(gpu, &mut sc.x16, n * q_dim)?;
-            gpu.to_f16(q.get()?, n * q_dim, sc.x16.as_mut().expect("sized"))?;
-            let out = out.get_mut()?;
+            // The queries as f16: RoPE's copy, or converted here.
+            let q16_copy = q.half(n * q_dim);
+            if q16_copy.is_none() {
+                grow(gpu, &mut sc.x16, n * q_dim)?;
+                gpu.to_f16(q.get()?, n * q_dim, sc.x16.as_mut().expect("sized"))?;
+            }
             // Keyformer's noisy scores keep the cuBLAS blocks: there each noise value is drawn
             // once, where flash.cu draws it twice (for the rows' noisy sums, then for the
             // scores), and the draws (random reads of a 256 KiB table) cost more than the
@@ -720,20 +834,34 @@ impl Backend for Cuda {
             if gpu.flash_handles(head_dim) && !keyformer {
                 grow(gpu, &mut sc.prefill_stats, if signal.is_some() { 4 * n_heads * n } else { 1 })?;
                 let Scratch { x16, prefill_stats, .. } = &mut *sc;
-                let q16 = x16.as_ref().expect("sized").slice(0..n * q_dim);
+                let q16 = q16_copy.unwrap_or_else(|| x16.as_ref().expect("sized")).slice(0..n * q_dim);
                 let stats = prefill_stats.as_mut().expect("sized");
+                // The output's f16 copy is the output projection's input.
+                let (out, out16) = out.get_mut_with_half(gpu, half_copy_rows(false, n), n * q_dim)?;
                 let out = &mut out.slice_mut(0..n * q_dim);
+                let mut out16 = out16.map(|o| o.slice_mut(0..n * q_dim));
                 let (width, rows) = (start + n, n);
                 gpu.flash_prefill_attention(
-                    &q16, kv_layer, out, attn_shape, rows, width, cap, first_pos, signal, stats,
+                    &q16,
+                    kv_layer,
+                    out,
+                    out16.as_mut(),
+                    attn_shape,
+                    rows,
+                    width,
+                    cap,
+                    first_pos,
+                    signal,
+                    stats,
                 )?;
             } else {
+                let out = out.get_mut()?;
                 let block = n.min(PREFILL_ROWS);
                 let width_max = start + n;
                 grow(gpu, &mut sc.prefill_s, n_heads * block * width_max)?;
                 grow(gpu, &mut sc.prefill_p, n_heads * block * width_max)?;
                 let Scratch { x16, prefill_s, prefill_p, .. } = &mut *sc;
-                let q16 = x16.as_ref().expect("sized");
+                let q16 = q16_copy.unwrap_or_else(|| x16.as_ref().expect("sized"));
                 let (s_buf, p_buf) = (prefill_s.as_mut().expect("sized"), prefill_p.as_mut().expect("sized"));
                 for r0 in (0..n).step_by(block) {
                     let rows = block.min(n - r0);
@@ -787,6 +915,8 @@ impl Backend for Cuda {
             if host_rows.len() != n_layers * m {
                 return Err(ModelError::Gpu("decode rows were not built at the first layer".into()));
             }
+            // The kernels write `out` through the rows' addresses: its f16 copy is stale.
+            out.get_mut()?;
             let view = rows.as_ref().expect("sized").slice(layer * m..(layer + 1) * m);
             gpu.store_rows(&view, m, n_kv_heads, head_dim)?;
             // Rows that evict choose their victims there too (Gpu::attention_rows).

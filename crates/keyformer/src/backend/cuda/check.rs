@@ -107,10 +107,12 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let mut want = vec![0f32; rows * d];
     cpu::rms_norm(&x, &w, 1e-5, &mut want);
     let mut out = gpu.zeros::<f32>(rows * d)?;
-    gpu.rms_norm(&gpu.upload(&x)?, &gpu.upload(&w)?, 1e-5, &mut out)?;
+    let mut out16 = gpu.zeros::<u16>(rows * d)?;
+    gpu.rms_norm(&gpu.upload(&x)?, &gpu.upload(&w)?, 1e-5, &mut out, Some(&mut out16))?;
     let got = gpu.download(&out)?;
     let scale = max_abs(&want);
     checks.push(row("rms_norm", worst(&got, &want, |_| scale), 1e-5, "relative to the largest output"));
+    checks.push(f16_copy_row(gpu, "rms_norm", &got, &out16)?);
 
     // RoPE at positions near and far.
     let positions = [0u32, 17, 1000, 8191];
@@ -131,7 +133,9 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     gpu.rope(&mut q_alone, n_heads, hd, &pos_dev, &freq_dev, style, 1.0)?;
     gpu.rope(&mut k_alone, n_kv_heads, hd, &pos_dev, &freq_dev, style, 1.0)?;
     let (mut q_both, mut k_both) = (gpu.upload(&q)?, gpu.upload(&k)?);
-    gpu.rope_qk(&mut q_both, &mut k_both, n_heads, n_kv_heads, hd, &pos_dev, &freq_dev, style, 1.0)?;
+    let mut q16 = gpu.zeros::<u16>(q.len())?;
+    gpu.rope_qk(&mut q_both, &mut k_both, n_heads, n_kv_heads, hd, &pos_dev, &freq_dev, style, 1.0, Some(&mut q16))?;
+    checks.push(f16_copy_row(gpu, "rope's queries", &gpu.download(&q_both)?, &q16)?);
     let differ = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
     let n_differ = differ(gpu.download(&q_both)?, gpu.download(&q_alone)?)
         + differ(gpu.download(&k_both)?, gpu.download(&k_alone)?);
@@ -148,10 +152,23 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let mut want = gate.clone();
     cpu::silu_mul(&mut want, &up);
     let mut dev = gpu.upload(&gate)?;
-    gpu.silu_mul(&mut dev, &gpu.upload(&up)?)?;
+    let mut gate16 = gpu.zeros::<u16>(gate.len())?;
+    gpu.silu_mul(&mut dev, &gpu.upload(&up)?, Some(&mut gate16))?;
     let got = gpu.download(&dev)?;
     let scale = max_abs(&want);
     checks.push(row("silu_mul", worst(&got, &want, |_| scale), 1e-6, "relative to the largest output"));
+    checks.push(f16_copy_row(gpu, "silu_mul", &got, &gate16)?);
+    // A length that is not a multiple of 4 takes the kernel's one-value-a-thread path.
+    let odd = gate.len() - 1;
+    let mut dev = gpu.upload(&gate[..odd])?;
+    gpu.silu_mul(&mut dev, &gpu.upload(&up[..odd])?, None)?;
+    let got = gpu.download(&dev)?;
+    checks.push(row(
+        &format!("silu_mul of {odd} values"),
+        worst(&got, &want[..odd], |_| scale),
+        1e-6,
+        "relative to the largest output",
+    ));
 
     // The exact GELU (GPT-NeoX, MPT): CUDA's erff against the CPU's erf.
     let mut want = gate.clone();
@@ -227,10 +244,20 @@ pub fn run(gpu: &Gpu, shape: CheckShape, slots: usize) -> Result<CheckReport, Gp
     let mut want = vec![0f32; rows * d];
     cpu::rms_norm(&sum, &w, 1e-5, &mut want);
     let (mut x_dev, y_dev_rows, mut out) = (gpu.upload(&xs)?, gpu.upload(&ys)?, gpu.zeros::<f32>(rows * d)?);
-    gpu.add_rms_norm(&mut x_dev.slice_mut(..), &y_dev_rows.slice(..), &gpu.upload(&w)?, 1e-5, &mut out.slice_mut(..))?;
+    let mut out16 = gpu.zeros::<u16>(rows * d)?;
+    let norm_w = gpu.upload(&w)?;
+    gpu.add_rms_norm(
+        &mut x_dev.slice_mut(..),
+        &y_dev_rows.slice(..),
+        &norm_w,
+        1e-5,
+        &mut out.slice_mut(..),
+        Some(&mut out16.slice_mut(..)),
+    )?;
     let (got, got_sum) = (gpu.download(&out)?, gpu.download(&x_dev)?);
     let scale = max_abs(&want);
     checks.push(row("add_rms_norm", worst(&got, &want, |_| scale), 1e-5, "relative to the largest output"));
+    checks.push(f16_copy_row(gpu, "add_rms_norm", &got, &out16)?);
     checks.push(row("add_rms_norm's residual", worst(&got_sum, &sum, |_| 1.0), 0.0, "absolute (x + y exactly)"));
 
     // Decode-time speed of that product (one row: the weight read once), ours and cuBLAS's.
@@ -688,7 +715,7 @@ fn quantised_checks(
         let mut y_dev = gpu.zeros::<f32>(max_n * wr)?;
         let mut buffers = super::QuantBuffers::default();
         for n in [1usize, 4, 12, 40] {
-            gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, n, &mut buffers, false, &mut y_dev)?;
+            gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, n, &mut buffers, false, None, &mut y_dev)?;
             let got = gpu.download(&y_dev)?;
             let mag = magnitude(n);
             // f32 activations and dequantised weights, in f64: the exact product.
@@ -729,6 +756,18 @@ fn quantised_checks(
                     worst(&got[..n * wr], &exact, |i| mag[i]),
                     2.0 / 1024.0,
                     "against dequantised weights x f32 activations, relative to sum |w x|",
+                ));
+                // Given the activations' f16 copy (as a norm writes it), the same product.
+                let copy: Vec<u16> = xs[..n * wc].iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+                let copy = gpu.upload(&copy)?;
+                let mut fresh = super::QuantBuffers::default();
+                gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, n, &mut fresh, false, Some(&copy), &mut y_dev)?;
+                let differ = differing_outputs(gpu, std::slice::from_ref(&y_dev), &got[..n * wr])?;
+                checks.push(row(
+                    &format!("matmul {name} {wr}x{wc}, {n} rows, reading an f16 copy of the activations"),
+                    differ as f64,
+                    0.0,
+                    "outputs that differ from converting the activations itself",
                 ));
             }
         }
@@ -781,8 +820,9 @@ fn quantised_checks(
         let bytes = crate::models::random::quantised_blocks(t, wr, wc, 7, k as u32, 0.05);
         let w_dev = gpu.upload(&bytes)?;
         let mut y_dev = gpu.zeros::<f32>(wr)?;
-        let micros =
-            time_us(gpu, 50, || gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, 1, &mut buffers, false, &mut y_dev))?;
+        let micros = time_us(gpu, 50, || {
+            gpu.matmul_quantised(t, &w_dev, wr, wc, &x_dev, 1, &mut buffers, false, None, &mut y_dev)
+        })?;
         timings.push(Timing {
             op: format!("gemv {name} {wr}x{wc}, 1 row ({:.2} bytes/value)", bytes.len() as f64 / (wr * wc) as f64),
             microseconds: micros,
@@ -794,6 +834,14 @@ fn quantised_checks(
 
 /// Values of the outputs of a GEMV of several weights in one launch that are not bit-identical
 /// to the first rows of `alone` (the tallest weight's own launch; the others are its first rows).
+/// The row for an op's f16 copy of its output `got`: every value must be `got` rounded to
+/// nearest f16 (what the products through cuBLAS then read in place of a conversion).
+fn f16_copy_row(gpu: &Gpu, op: &str, got: &[f32], copy: &CudaSlice<u16>) -> Result<CheckRow, GpuError> {
+    let copy = gpu.download(copy)?;
+    let differ = got.iter().zip(&copy).filter(|(v, c)| half::f16::from_f32(**v).to_bits() != **c).count();
+    Ok(row(&format!("{op}: its f16 copy"), differ as f64, 0.0, "values that differ from the output rounded to f16"))
+}
+
 fn differing_outputs(gpu: &Gpu, outs: &[CudaSlice<f32>], alone: &[f32]) -> Result<usize, GpuError> {
     let mut differ = 0;
     for out in outs {
@@ -887,8 +935,20 @@ fn prefill_checks(
             alibi_max: spec.alibi.unwrap_or(0.0),
             first_head: 0,
         };
-        let paths: &[&str] = if flash { &["flash", "cuBLAS blocks"] } else { &["cuBLAS blocks"] };
-        for &path in paths {
+        use super::FlashKernel::{General, Lean, Wide};
+        let paths: &[(&str, Option<super::FlashKernel>)] = if flash {
+            // (The lean compilations run only where the signal allows: Keyformer's and KVzip's
+            // rows take the general one whatever is asked.)
+            &[
+                ("flash", Some(General)),
+                ("flash, lean", Some(Lean)),
+                ("flash, 128 rows", Some(Wide)),
+                ("cuBLAS blocks", None),
+            ]
+        } else {
+            &[("cuBLAS blocks", None)]
+        };
+        for &(path, flash_kernel) in paths {
             for (i, (signal_name, _, signal)) in signals.iter().enumerate() {
                 let mut layer_kv = super::kv::LayerKv::new(gpu, n_kv_heads, hd, width, signal.is_some())?;
                 layer_kv.keys = gpu.upload(&gpu.download(&kv.keys)?)?;
@@ -904,10 +964,14 @@ fn prefill_checks(
                     first_qpos: prior as u32,
                     signal: *signal,
                 };
-                chunk.attend(gpu, path == "flash", &mut layer_kv, &mut out)?;
+                let out16 = chunk.attend(gpu, flash_kernel, &mut layer_kv, &mut out)?;
                 // The queries and the probabilities go to f16 (2^-11 each) on both GPU paths:
                 // the outputs move by about 1e-3 of the values' scale (1).
                 let got = gpu.download(&out)?;
+                if let Some(copy) = out16 {
+                    let op = format!("prefill attention ({path}), {spec_name}, {signal_name}");
+                    checks.push(f16_copy_row(gpu, &op, &got, &copy)?);
+                }
                 checks.push(row(
                     &format!("prefill attention ({path}), {spec_name}, {signal_name}: output"),
                     worst(&got, &want_out, |_| 1.0),
@@ -967,6 +1031,7 @@ fn prefill_checks(
                     &q_t.slice(..),
                     &mut layer_kv,
                     &mut out.slice_mut(..),
+                    None,
                     shape_t,
                     rows_t,
                     width_t,
@@ -1022,23 +1087,41 @@ struct PromptChunk<'a> {
 }
 
 impl PromptChunk<'_> {
-    /// Its attention by flash.cu or by the cuBLAS blocks, each with scratch of its own.
+    /// Its attention by flash.cu (the `flash` compilation; the output's f16 copy returned) or,
+    /// without one, by the cuBLAS blocks, each with scratch of its own.
     fn attend(
         &self,
         gpu: &Gpu,
-        flash: bool,
+        flash: Option<super::FlashKernel>,
         kv: &mut super::kv::LayerKv,
         out: &mut CudaSlice<f32>,
-    ) -> Result<(), GpuError> {
+    ) -> Result<Option<CudaSlice<u16>>, GpuError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let Self { q16, shape, rows, width, first_qpos, signal } = *self;
         let out = &mut out.slice_mut(..);
-        if flash {
+        if let Some(kernel) = flash {
             let mut stats = gpu.zeros::<f32>(4 * shape.n_heads * rows)?;
-            return gpu
-                .flash_prefill_attention(q16, kv, out, shape, rows, width, width, first_qpos, signal, &mut stats);
+            let mut out16 = gpu.zeros::<u16>(out.len())?;
+            let chosen = gpu.flash_kernel.swap(kernel as usize, Relaxed);
+            let done = gpu.flash_prefill_attention(
+                q16,
+                kv,
+                out,
+                Some(&mut out16.slice_mut(..)),
+                shape,
+                rows,
+                width,
+                width,
+                first_qpos,
+                signal,
+                &mut stats,
+            );
+            gpu.flash_kernel.store(chosen, Relaxed);
+            return done.map(|()| Some(out16));
         }
         let cells = shape.n_heads * rows * width;
         let (mut s_buf, mut p_buf) = (gpu.zeros::<f32>(cells)?, gpu.zeros::<u16>(cells)?);
-        gpu.prefill_attention(q16, kv, out, shape, rows, width, width, first_qpos, signal, &mut s_buf, &mut p_buf)
+        gpu.prefill_attention(q16, kv, out, shape, rows, width, width, first_qpos, signal, &mut s_buf, &mut p_buf)?;
+        Ok(None)
     }
 }

@@ -118,20 +118,23 @@ __device__ __forceinline__ void flash_load_tile(unsigned short (*dst)[HD + 8], c
 }
 
 // S (16 rows x 64 slots, per warp) = the warp's query fragments times the tile's keys (two
-// 8-slot column tiles' B fragments per ldmatrix).
+// 8-slot column tiles' B fragments per ldmatrix). The head's 16-wide slices are the outer
+// loop: each slice's 8 products go to 8 different accumulators, none waiting on another
+// (slots outermost made chains of HD / 16 dependent products).
 template <int HD>
 __device__ __forceinline__ void flash_qk(float (*s)[4], const unsigned (*qf)[4], const unsigned short (*ks)[HD + 8]) {
     int lane = threadIdx.x & 31, mi = lane >> 3;
 #pragma unroll
     for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 8; j += 2) {
+    for (int kk = 0; kk < HD / 16; kk++) {
+        unsigned b[4][4];
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            unsigned b[4];
-            ldmatrix_x4(b, &ks[8 * (j + (mi >> 1)) + (lane & 7)][16 * kk + (mi & 1) * 8]);
-            mma_16816(s[j], qf[kk], b[0], b[1]);
-            mma_16816(s[j + 1], qf[kk], b[2], b[3]);
+        for (int j = 0; j < 8; j += 2) ldmatrix_x4(b[j >> 1], &ks[8 * (j + (mi >> 1)) + (lane & 7)][16 * kk + (mi & 1) * 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            mma_16816(s[j], qf[kk], b[j >> 1][0], b[j >> 1][1]);
+            mma_16816(s[j + 1], qf[kk], b[j >> 1][2], b[j >> 1][3]);
         }
     }
 }
@@ -175,22 +178,27 @@ __device__ __forceinline__ bool flash_tile_seen(const FlashLogits& f, const unsi
     return seen;
 }
 
-// Block (64 query rows, query head h): out[r][h * HD..] = softmax(logits) V, and with a score
+// Block (64 query rows, query head h): out[r][h * HD..] = softmax(logits) V (and its f16 copy
+// into out16 when not null), and with a score
 // mode, stats[h][r] = (max, 1 / sum, noisy max, 1 / noisy sum) (Keyformer) or (max, 1 / sum,
 // 0, 1 / restricted sum) (KVzip's reconstruction; 0 for rows before from_pos), maxima of
 // base-2 logits. Tiles no row sees are skipped; K of the next tile and V of this one load
-// while the tensor cores work.
-template <int HD>
+// while the tensor cores work. Row tiles run last first: under the causal mask the last rows
+// see the most slots, and the short ones then fill the GPU's tail. Without EXTRA (the host's
+// choice for no score or H2O's) Keyformer's noisy sums and KVzip's restricted ones are compiled
+// out: fewer registers.
+template <int HD, bool EXTRA>
 __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, const unsigned short* keys,
                                                    const unsigned short* values, const unsigned* slot_pos,
-                                                   float* out, float4* stats, int n_heads, int n_kv_heads,
-                                                   int rows, int width, int capacity, unsigned first_qpos,
-                                                   FlashLogits f, unsigned long long seed, unsigned layer) {
+                                                   float* out, unsigned short* out16, float4* stats, int n_heads,
+                                                   int n_kv_heads, int rows, int width, int capacity,
+                                                   unsigned first_qpos, FlashLogits f, unsigned long long seed,
+                                                   unsigned layer) {
     __shared__ __align__(16) unsigned short ks[FLASH_SLOTS][HD + 8];
     __shared__ __align__(16) unsigned short vs[FLASH_SLOTS][HD + 8];
     __shared__ unsigned pos_s[2][FLASH_SLOTS];
     int h = blockIdx.y, g = h / (n_heads / n_kv_heads);
-    int r0 = blockIdx.x * FLASH_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gi = lane >> 2, ti = lane & 3;
     int q_dim = n_heads * HD;
     const unsigned short* kh = keys + (size_t)g * capacity * HD;
@@ -219,7 +227,7 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
     // This thread's two rows: a (gi) and b (gi + 8) of the warp's 16.
     int ra = r0 + wr, rb = ra + 8;
     unsigned qa = first_qpos + ra, qb = first_qpos + rb;
-    bool keyformer = f.mode == SCORE_KEYFORMER, restricted = f.mode == SCORE_RECONSTRUCTION;
+    bool keyformer = EXTRA && f.mode == SCORE_KEYFORMER, restricted = EXTRA && f.mode == SCORE_RECONSTRUCTION;
     bool plain = f.softcap == 0.0f && f.slope == 0.0f;
     unsigned key_a = keyformer ? noise_row_key(seed, layer, h, qa) : 0u;
     unsigned key_b = keyformer ? noise_row_key(seed, layer, h, qb) : 0u;
@@ -357,8 +365,11 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) {
         int c = h * HD + 8 * n + 2 * ti;
-        if (ra < rows) *(float2*)&out[(size_t)ra * q_dim + c] = make_float2(o[n][0] * inv_a, o[n][1] * inv_a);
-        if (rb < rows) *(float2*)&out[(size_t)rb * q_dim + c] = make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
+        float2 va = make_float2(o[n][0] * inv_a, o[n][1] * inv_a), vb = make_float2(o[n][2] * inv_b, o[n][3] * inv_b);
+        if (ra < rows) *(float2*)&out[(size_t)ra * q_dim + c] = va;
+        if (rb < rows) *(float2*)&out[(size_t)rb * q_dim + c] = vb;
+        if (out16 && ra < rows) *(unsigned*)&out16[(size_t)ra * q_dim + c] = pack_f16x2(va.x, va.y);
+        if (out16 && rb < rows) *(unsigned*)&out16[(size_t)rb * q_dim + c] = pack_f16x2(vb.x, vb.y);
     }
     if (f.mode == SCORE_NONE || ti != 0) return;
     float third_a = keyformer ? mn_a : 0.0f, third_b = keyformer ? mn_b : 0.0f;
@@ -366,6 +377,201 @@ __device__ __forceinline__ void flash_prefill_body(const unsigned short* q16, co
     float fourth_b = keyformer ? (ln_b > 0.0f ? 1.0f / ln_b : 0.0f) : (sc_b > 0.0f && qb >= f.from_pos ? 1.0f / sc_b : 0.0f);
     if (ra < rows) stats[(size_t)h * rows + ra] = make_float4(m_a, inv_a, third_a, fourth_a);
     if (rb < rows) stats[(size_t)h * rows + rb] = make_float4(m_b, inv_b, third_b, fourth_b);
+}
+
+// The lean prompt kernel at twice the rows (no score or H2O's): a block of 4 warps per 128 query
+// rows, each warp two 16-row tiles, so every key and value fragment read from shared memory
+// feeds two products (one in the 64-row kernels) and each warp has twice the independent work
+// between its barriers. The queries stay in shared memory (dynamic: 2 x 64 + 128 rows of
+// HD + 8 halves), read again by ldmatrix for every key tile, which leaves the registers to the
+// two tiles' outputs.
+#define FLASH_WIDE_ROWS 128
+
+// S of both 16-row tiles of a warp (rows row0.., row0 + 16..) against the tile's keys.
+template <int HD>
+__device__ __forceinline__ void flash_qk_wide(float (*s)[8][4], const unsigned short (*qs)[HD + 8],
+                                              const unsigned short (*ks)[HD + 8], int row0) {
+    int lane = threadIdx.x & 31, mi = lane >> 3;
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) s[t][j][0] = s[t][j][1] = s[t][j][2] = s[t][j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        // A fragments: lane l gives row l % 16 of the tile, columns from 8 * (l / 16).
+        unsigned a[2][4];
+#pragma unroll
+        for (int t = 0; t < 2; t++) ldmatrix_x4(a[t], &qs[row0 + 16 * t + (lane & 15)][16 * kk + (lane >> 4) * 8]);
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            unsigned b[4];
+            ldmatrix_x4(b, &ks[8 * (j + (mi >> 1)) + (lane & 7)][16 * kk + (mi & 1) * 8]);
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                mma_16816(s[t][j], a[t], b[0], b[1]);
+                mma_16816(s[t][j + 1], a[t], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Block (128 query rows, query head h): as flash_prefill_body without EXTRA.
+template <int HD>
+__device__ __forceinline__ void flash_prefill_wide_body(const unsigned short* q16, const unsigned short* keys,
+                                                        const unsigned short* values, const unsigned* slot_pos,
+                                                        float* out, unsigned short* out16, float4* stats,
+                                                        int n_heads, int n_kv_heads, int rows, int width,
+                                                        int capacity, unsigned first_qpos, FlashLogits f) {
+    extern __shared__ __align__(16) unsigned short flash_wide_smem[];
+    unsigned short(*qs)[HD + 8] = (unsigned short(*)[HD + 8])flash_wide_smem;
+    unsigned short(*ks)[HD + 8] = qs + FLASH_WIDE_ROWS;
+    unsigned short(*vs)[HD + 8] = ks + FLASH_SLOTS;
+    __shared__ unsigned pos_s[2][FLASH_SLOTS];
+    int h = blockIdx.y, g = h / (n_heads / n_kv_heads);
+    int r0 = (gridDim.x - 1 - blockIdx.x) * FLASH_WIDE_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gi = lane >> 2, ti = lane & 3;
+    int q_dim = n_heads * HD;
+    const unsigned short* kh = keys + (size_t)g * capacity * HD;
+    const unsigned short* vh = values + (size_t)g * capacity * HD;
+    const unsigned* ph = slot_pos + (size_t)g * capacity;
+
+    // The block's queries (rows past `rows` zero); the first tile's barrier publishes them.
+    for (int i = threadIdx.x; i < FLASH_WIDE_ROWS * (HD / 8); i += FLASH_THREADS) {
+        int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < rows) v = *(const uint4*)(q16 + (size_t)(r0 + r) * q_dim + h * HD + c);
+        *(uint4*)&qs[r][c] = v;
+    }
+
+    // This thread's rows: in tile t, a (gi) and b (gi + 8) of the tile's 16.
+    int ra[2], rb[2];
+    unsigned qa[2], qb[2];
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        ra[t] = r0 + warp * 32 + 16 * t + gi;
+        rb[t] = ra[t] + 8;
+        qa[t] = first_qpos + ra[t];
+        qb[t] = first_qpos + rb[t];
+    }
+    bool plain = f.softcap == 0.0f && f.slope == 0.0f;
+    float o[2][HD / 8][4];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) o[t][n][0] = o[t][n][1] = o[t][n][2] = o[t][n][3] = 0.0f;
+    float m_a[2] = {NEG_INF, NEG_INF}, m_b[2] = {NEG_INF, NEG_INF}, l_a[2] = {0.0f, 0.0f}, l_b[2] = {0.0f, 0.0f};
+    int last_row = min(r0 + FLASH_WIDE_ROWS, rows) - 1;
+    unsigned q_lo = first_qpos + r0, q_hi = first_qpos + last_row;
+    float scale2 = f.scale * FLASH_LOG2E;
+
+    int buf = 0, t0 = 0;
+    bool every;
+    while (t0 < width && !flash_tile_seen(f, ph, t0, width, q_lo, q_hi, pos_s[buf], &every)) t0 += FLASH_SLOTS;
+    if (t0 < width) flash_load_tile<HD>(ks, kh, t0, width);
+    cp_async_commit();
+    while (t0 < width) {
+        const unsigned* pos = pos_s[buf];
+        flash_load_tile<HD>(vs, vh, t0, width);
+        cp_async_commit();
+        cp_async_wait_one();  // this tile's keys
+        __syncthreads();
+        float s[2][8][4];
+        flash_qk_wide<HD>(s, qs, ks, warp * 32);
+        __syncthreads();  // every warp is done with the keys: the next tile's may come in
+        int t_next = t0 + FLASH_SLOTS;
+        bool every_next = false;
+        while (t_next < width && !flash_tile_seen(f, ph, t_next, width, q_lo, q_hi, pos_s[buf ^ 1], &every_next))
+            t_next += FLASH_SLOTS;
+        if (t_next < width) flash_load_tile<HD>(ks, kh, t_next, width);
+        cp_async_commit();
+
+        unsigned pf[2][4][4];
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            if (every && plain) {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) s[t][j][c] *= scale2;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    unsigned p0 = pos[8 * j + 2 * ti], p1 = pos[8 * j + 2 * ti + 1];
+                    s[t][j][0] = flash_sees(f, qa[t], p0) ? flash_logit2(f, s[t][j][0], qa[t], p0) : NEG_INF;
+                    s[t][j][1] = flash_sees(f, qa[t], p1) ? flash_logit2(f, s[t][j][1], qa[t], p1) : NEG_INF;
+                    s[t][j][2] = flash_sees(f, qb[t], p0) ? flash_logit2(f, s[t][j][2], qb[t], p0) : NEG_INF;
+                    s[t][j][3] = flash_sees(f, qb[t], p1) ? flash_logit2(f, s[t][j][3], qb[t], p1) : NEG_INF;
+                }
+            }
+            float alpha_a, alpha_b;
+            flash_online_max(s[t], m_a[t], m_b[t], alpha_a, alpha_b);
+            float base_a = m_a[t] == NEG_INF ? 0.0f : m_a[t], base_b = m_b[t] == NEG_INF ? 0.0f : m_b[t];
+            float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float e0 = exp2_approx(s[t][j][0] - base_a), e1 = exp2_approx(s[t][j][1] - base_a);
+                float e2 = exp2_approx(s[t][j][2] - base_b), e3 = exp2_approx(s[t][j][3] - base_b);
+                sum_a += e0 + e1;
+                sum_b += e2 + e3;
+                pf[t][j >> 1][(j & 1) * 2] = pack_f16x2(e0, e1);
+                pf[t][j >> 1][(j & 1) * 2 + 1] = pack_f16x2(e2, e3);
+            }
+            l_a[t] = l_a[t] * alpha_a + sum_a;
+            l_b[t] = l_b[t] * alpha_b + sum_b;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                o[t][n][0] *= alpha_a;
+                o[t][n][1] *= alpha_a;
+                o[t][n][2] *= alpha_b;
+                o[t][n][3] *= alpha_b;
+            }
+        }
+        cp_async_wait_one();  // this tile's values (the next tile's keys may still be coming)
+        __syncthreads();
+        // O += P V for both tiles: each V fragment serves four products.
+#pragma unroll
+        for (int kk = 0; kk < FLASH_SLOTS / 16; kk++) {
+#pragma unroll
+            for (int n2 = 0; n2 < HD / 16; n2++) {
+                unsigned b[4];
+                int slot = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8, col = 16 * n2 + (lane >> 4) * 8;
+                ldmatrix_x4_trans(b, &vs[slot][col]);
+#pragma unroll
+                for (int t = 0; t < 2; t++) {
+                    mma_16816(o[t][2 * n2], pf[t][kk], b[0], b[1]);
+                    mma_16816(o[t][2 * n2 + 1], pf[t][kk], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // the values' buffer is free for the next tile
+        t0 = t_next;
+        every = every_next;
+        buf ^= 1;
+    }
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        float la = l_a[t], lb = l_b[t];
+        for (int x = 1; x <= 2; x <<= 1) {
+            la += __shfl_xor_sync(0xffffffffu, la, x);
+            lb += __shfl_xor_sync(0xffffffffu, lb, x);
+        }
+        float inv_a = la > 0.0f ? 1.0f / la : 0.0f, inv_b = lb > 0.0f ? 1.0f / lb : 0.0f;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            int c = h * HD + 8 * n + 2 * ti;
+            float2 va = make_float2(o[t][n][0] * inv_a, o[t][n][1] * inv_a);
+            float2 vb = make_float2(o[t][n][2] * inv_b, o[t][n][3] * inv_b);
+            if (ra[t] < rows) *(float2*)&out[(size_t)ra[t] * q_dim + c] = va;
+            if (rb[t] < rows) *(float2*)&out[(size_t)rb[t] * q_dim + c] = vb;
+            if (out16 && ra[t] < rows) *(unsigned*)&out16[(size_t)ra[t] * q_dim + c] = pack_f16x2(va.x, va.y);
+            if (out16 && rb[t] < rows) *(unsigned*)&out16[(size_t)rb[t] * q_dim + c] = pack_f16x2(vb.x, vb.y);
+        }
+        // H2O's statistics (the 64-row kernels' layout, nothing in the last two).
+        if (f.mode != SCORE_NONE && ti == 0) {
+            if (ra[t] < rows) stats[(size_t)h * rows + ra[t]] = make_float4(m_a[t], inv_a, 0.0f, 0.0f);
+            if (rb[t] < rows) stats[(size_t)h * rows + rb[t]] = make_float4(m_b[t], inv_b, 0.0f, 0.0f);
+        }
+    }
 }
 
 // Block (64 slots of KV head g): each slot's scored probability summed (or, `by_max`, the
@@ -500,17 +706,31 @@ __device__ __forceinline__ void flash_scores_body(const unsigned short* q16, con
     }
 }
 
-#define FLASH_KERNELS(HD)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_prefill_hd##HD(                            \
+#define FLASH_PREFILL_KERNEL(NAME, HD, EXTRA, MIN_BLOCKS)                                                        \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, MIN_BLOCKS) NAME(                                 \
         const unsigned short* q16, const unsigned short* keys, const unsigned short* values,                     \
-        const unsigned* slot_pos, float* out, float4* stats, int n_heads, int n_kv_heads, int rows, int width,    \
-        int capacity, unsigned first_qpos, int mode, float scale, float inv_tau, unsigned long long seed,         \
-        unsigned layer, const float* gumbel_table, int table_bits, float softcap, unsigned window,                \
-        float alibi_max, unsigned sinks, unsigned first, unsigned end, unsigned from_pos) {                      \
+        const unsigned* slot_pos, float* out, unsigned short* out16, float4* stats, int n_heads, int n_kv_heads, \
+        int rows, int width, int capacity, unsigned first_qpos, int mode, float scale, float inv_tau,             \
+        unsigned long long seed, unsigned layer, const float* gumbel_table, int table_bits, float softcap,        \
+        unsigned window, float alibi_max, unsigned sinks, unsigned first, unsigned end, unsigned from_pos) {      \
         FlashLogits f = {scale, softcap, alibi_slope(blockIdx.y, n_heads, alibi_max), inv_tau, window, mode,     \
                          gumbel_table, table_bits, sinks, first, end, from_pos};                                 \
-        flash_prefill_body<HD>(q16, keys, values, slot_pos, out, stats, n_heads, n_kv_heads, rows, width,        \
-                               capacity, first_qpos, f, seed, layer);                                            \
+        flash_prefill_body<HD, EXTRA>(q16, keys, values, slot_pos, out, out16, stats, n_heads, n_kv_heads, rows, \
+                                      width, capacity, first_qpos, f, seed, layer);                              \
+    }
+
+#define FLASH_KERNELS(HD)                                                                                          \
+    FLASH_PREFILL_KERNEL(flash_prefill_hd##HD, HD, true, 1)                                                      \
+    FLASH_PREFILL_KERNEL(flash_prefill_lean_hd##HD, HD, false, 1)                                                \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_prefill_wide_hd##HD(                       \
+        const unsigned short* q16, const unsigned short* keys, const unsigned short* values,                     \
+        const unsigned* slot_pos, float* out, unsigned short* out16, float4* stats, int n_heads, int n_kv_heads, \
+        int rows, int width, int capacity, unsigned first_qpos, int mode, float scale, float softcap,             \
+        unsigned window, float alibi_max) {                                                                       \
+        FlashLogits f = {scale, softcap, alibi_slope(blockIdx.y, n_heads, alibi_max), 1.0f, window, mode,        \
+                         nullptr, 0, 0, 0, 0, 0};                                                                \
+        flash_prefill_wide_body<HD>(q16, keys, values, slot_pos, out, out16, stats, n_heads, n_kv_heads, rows,    \
+                                    width, capacity, first_qpos, f);                                             \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_scores_hd##HD(                             \
         const unsigned short* q16, const unsigned short* keys, const unsigned* slot_pos, const float4* stats,    \

@@ -21,6 +21,11 @@ __device__ __forceinline__ unsigned short f2h(float f) {
     return h;
 }
 
+// Four values as f16 at p (8-byte aligned).
+__device__ __forceinline__ void store_f16x4(unsigned short* p, float4 v) {
+    *(uint2*)p = make_uint2((unsigned)f2h(v.x) | ((unsigned)f2h(v.y) << 16), (unsigned)f2h(v.z) | ((unsigned)f2h(v.w) << 16));
+}
+
 // Four signed byte products added to c (quant_blocks.cuh's integer sums).
 __device__ __forceinline__ int dp4a(int a, int b, int c) {
     int r;
@@ -67,8 +72,8 @@ __device__ float block_reduce(float v, bool is_max) {
 // One block's row: x (+= y first when ADD; x then holds the sum) normed into out =
 // x / sqrt(mean(x^2) + eps) * weight.
 template <bool ADD>
-__device__ __forceinline__ void rms_norm_row(float* x, const float* y, const float* weight, float* out, int dim,
-                                             float eps) {
+__device__ __forceinline__ void rms_norm_row(float* x, const float* y, const float* weight, float* out,
+                                             unsigned short* out16, int dim, float eps) {
     int n4 = dim >> 2;
     if ((dim & 3) == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
         float4 v[NORM_VEC], w[NORM_VEC];
@@ -94,9 +99,12 @@ __device__ __forceinline__ void rms_norm_row(float* x, const float* y, const flo
 #pragma unroll
         for (int k = 0; k < NORM_VEC; k++) {
             int i = threadIdx.x + k * blockDim.x;
-            if (i < n4)
-                ((float4*)out)[i] =
-                    make_float4(v[k].x * inv * w[k].x, v[k].y * inv * w[k].y, v[k].z * inv * w[k].z, v[k].w * inv * w[k].w);
+            if (i < n4) {
+                float4 o = make_float4(v[k].x * inv * w[k].x, v[k].y * inv * w[k].y, v[k].z * inv * w[k].z,
+                                       v[k].w * inv * w[k].w);
+                ((float4*)out)[i] = o;
+                if (out16) store_f16x4(out16 + 4 * i, o);
+            }
         }
         return;
     }
@@ -106,21 +114,26 @@ __device__ __forceinline__ void rms_norm_row(float* x, const float* y, const flo
         s += x[i] * x[i];
     }
     float inv = rsqrtf(block_reduce(s, false) / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[i] = x[i] * inv * weight[i];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        out[i] = x[i] * inv * weight[i];
+        if (out16) out16[i] = f2h(out[i]);
+    }
 }
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; one block per row.
-extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, int dim, float eps) {
+// out16, when not null, receives an f16 copy of out (the input of a product through cuBLAS).
+extern "C" __global__ void rms_norm(const float* x, const float* weight, float* out, unsigned short* out16, int dim,
+                                    float eps) {
     size_t at = (size_t)blockIdx.x * dim;
-    rms_norm_row<false>((float*)x + at, nullptr, weight, out + at, dim, eps);
+    rms_norm_row<false>((float*)x + at, nullptr, weight, out + at, out16 ? out16 + at : nullptr, dim, eps);
 }
 
 // The residual add and the norm after it in one pass: x[r] += y[r], then out[r] = the RMS
 // norm of x[r]; one block per row.
-extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* weight, float* out, int dim,
-                                        float eps) {
+extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* weight, float* out,
+                                        unsigned short* out16, int dim, float eps) {
     size_t at = (size_t)blockIdx.x * dim;
-    rms_norm_row<true>(x + at, y + at, weight, out + at, dim, eps);
+    rms_norm_row<true>(x + at, y + at, weight, out + at, out16 ? out16 + at : nullptr, dim, eps);
 }
 
 // RoPE on the first 2 * rope_pairs values of every head, by the row's position: pair i is
@@ -128,8 +141,11 @@ extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w
 // multiplied by mscale (YaRN). One thread per pair. x: [rows][n_heads * head_dim].
 // A second tensor x2 of n_heads2 heads per row (the keys beside the queries) is turned in the
 // same launch, by the threads past the first's pairs; n_heads2 = 0 when there is none.
+// x16, when not null, receives an f16 copy of x's turned values (the host passes it only when
+// every value of a head is turned).
 extern "C" __global__ void rope(float* x, const unsigned* positions, const float* inv_freq, int rows, int n_heads,
-                                int head_dim, int rope_pairs, int halves, float mscale, float* x2, int n_heads2) {
+                                int head_dim, int rope_pairs, int halves, float mscale, float* x2, int n_heads2,
+                                unsigned short* x16) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long per_row = (long)n_heads * rope_pairs;
     if (i >= rows * per_row) {
@@ -138,6 +154,7 @@ extern "C" __global__ void rope(float* x, const unsigned* positions, const float
         if (i >= rows * per_row) return;
         x = x2;
         n_heads = n_heads2;
+        x16 = nullptr;
     }
     int r = i / per_row, rest = i % per_row, h = rest / rope_pairs, p = rest % rope_pairs;
     float s, c;
@@ -147,8 +164,14 @@ extern "C" __global__ void rope(float* x, const unsigned* positions, const float
     float* head = x + (size_t)r * n_heads * head_dim + h * head_dim;
     int ia = halves ? p : 2 * p, ib = halves ? p + rope_pairs : 2 * p + 1;
     float a = head[ia], b = head[ib];
-    head[ia] = a * c - b * s;
-    head[ib] = a * s + b * c;
+    float ra = a * c - b * s, rb = a * s + b * c;
+    head[ia] = ra;
+    head[ib] = rb;
+    if (x16) {
+        unsigned short* head16 = x16 + (size_t)r * n_heads * head_dim + h * head_dim;
+        head16[ia] = f2h(ra);
+        head16[ib] = f2h(rb);
+    }
 }
 
 // out[r] = (x[r] - mean) / sqrt(var + eps) * weight (+ bias when has_bias); one block per row.
@@ -209,11 +232,22 @@ extern "C" __global__ void clamp_values(float* x, long n, float limit) {
 }
 
 // gate = silu(gate) * up.
-extern "C" __global__ void silu_mul(float* gate, const float* up, long n) {
+// gate16, when not null, receives an f16 copy of the result. Four values a thread where n
+// allows (the prompt's 4096 x 11008 is bandwidth-bound).
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+extern "C" __global__ void silu_mul(float* gate, const float* up, long n, unsigned short* gate16) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if ((n & 3) == 0) {
+        if (4 * i >= n) return;
+        float4 g = ((const float4*)gate)[i], u = ((const float4*)up)[i];
+        float4 o = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z), silu_times(g.w, u.w));
+        ((float4*)gate)[i] = o;
+        if (gate16) store_f16x4(gate16 + 4 * i, o);
+        return;
+    }
     if (i < n) {
-        float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
+        gate[i] = silu_times(gate[i], up[i]);
+        if (gate16) gate16[i] = f2h(gate[i]);
     }
 }
 

@@ -109,8 +109,12 @@ struct Kernels {
     kv_append: CudaFunction,
     prefill_softmax: CudaFunction,
     prefill_scores: CudaFunction,
-    /// flash.cu's prompt attention and its score pass, one per head size in [`FLASH_HEAD_DIMS`].
+    /// flash.cu's prompt attention, its compilation without Keyformer's and KVzip's sums, the
+    /// lean kernel at 128 rows a block, and the score pass, one per head size in
+    /// [`FLASH_HEAD_DIMS`].
     flash_prefill: Vec<CudaFunction>,
+    flash_prefill_lean: Vec<CudaFunction>,
+    flash_prefill_wide: Vec<CudaFunction>,
     flash_scores: Vec<CudaFunction>,
     fill_random_f16: CudaFunction,
     read_sum: CudaFunction,
@@ -189,6 +193,10 @@ pub struct Gpu {
     /// Prompts go through flash.cu where the head size allows (tensor-core mma needs sm_80;
     /// `KEYFORMER_FLASH_PREFILL=0` keeps the cuBLAS path, for comparisons).
     pub flash_prefill: bool,
+    /// Which compilation of the flash prefill runs a prompt that needs no Keyformer or KVzip
+    /// sums ([`FlashKernel`] as its index; `KEYFORMER_FLASH_KERNEL=general|lean|lean3`; gpu-check
+    /// runs each).
+    pub flash_kernel: std::sync::atomic::AtomicUsize,
 }
 
 /// Head sizes flash.cu is instantiated for (multiples of 16 up to 128); prompts of other
@@ -197,6 +205,31 @@ pub const FLASH_HEAD_DIMS: [usize; 6] = [16, 32, 64, 80, 96, 128];
 
 /// Query rows per block of the flash prefill (flash.cu `FLASH_ROWS`).
 const FLASH_ROWS: usize = 64;
+
+/// The compilations of flash.cu's prompt kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// Every score mode.
+    General = 0,
+    /// No score or H2O's: Keyformer's noisy sums and KVzip's restricted ones compiled out.
+    Lean = 1,
+    /// Lean, 128 query rows a block (two 16-row tiles a warp, the queries in shared memory).
+    Wide = 2,
+}
+
+/// Query rows per block of [`FlashKernel::Wide`] (flash.cu `FLASH_WIDE_ROWS`).
+const FLASH_WIDE_ROWS: usize = 128;
+
+/// Dynamic shared memory of [`FlashKernel::Wide`] at head size `hd`: 128 query rows and a
+/// 64-slot tile of keys and one of values, rows of hd + 8 halves.
+fn flash_wide_shared_bytes(hd: usize) -> usize {
+    (FLASH_WIDE_ROWS + 2 * 64) * (hd + 8) * 2
+}
+
+/// The compilation a prompt without Keyformer's or KVzip's sums runs by default (an H100,
+/// llama2-7b's 4096-token prompt: 789 us a layer against the lean 64-row kernel's 897 and the
+/// general one's 1050).
+const FLASH_KERNEL: FlashKernel = FlashKernel::Wide;
 
 /// The largest batch whose victims are chosen in the attention's combination pass. Measured on
 /// an H100 (llama2-7b shape, 4096 + 128, budget 50%, docs/gpu.md): at batch 1 the fold saves a
@@ -589,6 +622,14 @@ impl Gpu {
                 .iter()
                 .map(|hd| f(&format!("flash_prefill_hd{hd}")))
                 .collect::<Result<_, _>>()?,
+            flash_prefill_lean: FLASH_HEAD_DIMS
+                .iter()
+                .map(|hd| f(&format!("flash_prefill_lean_hd{hd}")))
+                .collect::<Result<_, _>>()?,
+            flash_prefill_wide: FLASH_HEAD_DIMS
+                .iter()
+                .map(|hd| f(&format!("flash_prefill_wide_hd{hd}")))
+                .collect::<Result<_, _>>()?,
             flash_scores: FLASH_HEAD_DIMS
                 .iter()
                 .map(|hd| f(&format!("flash_scores_hd{hd}")))
@@ -622,7 +663,21 @@ impl Gpu {
         let victim_fold_rows =
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
         let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
+        let flash_kernel = match std::env::var("KEYFORMER_FLASH_KERNEL").as_deref() {
+            Ok("general") => FlashKernel::General,
+            Ok("lean") => FlashKernel::Lean,
+            Ok("wide") => FlashKernel::Wide,
+            _ => FLASH_KERNEL,
+        };
         let one_pass_heads = if ONE_PASS_BY_DEFAULT { ONE_PASS_BLOCKS_PER_SM * sm_count } else { usize::MAX };
+        // The 128-row flash kernels' shared memory is dynamic, past the 48 KiB a block gets
+        // unasked at the larger head sizes.
+        if major >= 8 {
+            for (f, hd) in kernels.flash_prefill_wide.iter().zip(FLASH_HEAD_DIMS) {
+                let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(attr, flash_wide_shared_bytes(hd) as i32)?;
+            }
+        }
         let mut one_pass_logit_room = [0usize; 4];
         for (room, f) in one_pass_logit_room.iter_mut().zip(&kernels.attn_decode_one_pass) {
             *room = BLOCK_SHARED_BYTES.saturating_sub(f.shared_size_bytes()?.max(0) as usize);
@@ -646,6 +701,7 @@ impl Gpu {
             forced_pass,
             one_pass_logit_room,
             flash_prefill,
+            flash_kernel: (flash_kernel as usize).into(),
         })
     }
 
@@ -698,30 +754,39 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
-    /// `out[r] = x[r] / rms(x[r]) * weight` for every row of `weight.len()` values.
+    /// `out[r] = x[r] / rms(x[r]) * weight` for every row of `weight.len()` values (and an f16
+    /// copy into `out16` when given).
     pub fn rms_norm(
         &self,
         x: &CudaSlice<f32>,
         weight: &CudaSlice<f32>,
         eps: f32,
         out: &mut CudaSlice<f32>,
+        out16: Option<&mut CudaSlice<u16>>,
     ) -> Result<(), GpuError> {
         let dim = weight.len();
-        if dim == 0 || x.len() % dim != 0 || out.len() < x.len() {
+        if dim == 0 || x.len() % dim != 0 || out.len() < x.len() || out16.as_ref().is_some_and(|o| o.len() < x.len()) {
             return Err(GpuError::Shape(format!("rms_norm of {} values by rows of {dim}", x.len())));
         }
         let rows = x.len() / dim;
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let dim_i = dim as i32;
+        let null = 0u64;
         let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
-        b.arg(x).arg(weight).arg(out).arg(&dim_i).arg(&eps);
-        // SAFETY: the kernel reads rows * dim values of x and dim of weight, writes rows * dim.
+        b.arg(x).arg(weight).arg(out);
+        match out16 {
+            Some(o) => b.arg(o),
+            None => b.arg(&null),
+        };
+        b.arg(&dim_i).arg(&eps);
+        // SAFETY: the kernel reads rows * dim values of x and dim of weight, writes rows * dim
+        // (and as many f16 values, or none through a null address).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
     /// `x += y`, then `out` = the RMS norm of x (as [`rms_norm`](Self::rms_norm)), in one pass
-    /// over rows of `weight.len()` values.
+    /// over rows of `weight.len()` values (and an f16 copy of `out` into `out16` when given).
     pub fn add_rms_norm(
         &self,
         x: &mut CudaViewMut<f32>,
@@ -729,19 +794,28 @@ impl Gpu {
         weight: &CudaSlice<f32>,
         eps: f32,
         out: &mut CudaViewMut<f32>,
+        out16: Option<&mut CudaViewMut<u16>>,
     ) -> Result<(), GpuError> {
         let dim = weight.len();
-        if dim == 0 || x.len() % dim != 0 || y.len() < x.len() || out.len() < x.len() {
+        let short16 = out16.as_ref().is_some_and(|o| o.len() < x.len());
+        if dim == 0 || x.len() % dim != 0 || y.len() < x.len() || out.len() < x.len() || short16 {
             let (n, m) = (x.len(), y.len());
             return Err(GpuError::Shape(format!("add and rms_norm of {n} + {m} values by rows of {dim}")));
         }
         let rows = x.len() / dim;
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let dim_i = dim as i32;
+        let null = 0u64;
         let mut b = self.stream.launch_builder(&self.kernels.add_rms_norm);
-        b.arg(&mut *x).arg(y).arg(weight).arg(out).arg(&dim_i).arg(&eps);
+        b.arg(&mut *x).arg(y).arg(weight).arg(out);
+        match out16 {
+            Some(o) => b.arg(o),
+            None => b.arg(&null),
+        };
+        b.arg(&dim_i).arg(&eps);
         // SAFETY: block r reads and writes row r of x, reads row r of y and the weight, writes
-        // row r of out; rows * dim values in each (checked above).
+        // row r of out (and of out16, or nothing through a null address); rows * dim values in
+        // each (checked above).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -759,7 +833,7 @@ impl Gpu {
         style: crate::backend::RopeStyle,
         mscale: f32,
     ) -> Result<(), GpuError> {
-        self.rope_launch(x, n_heads, None, head_dim, positions, inv_freq, style, mscale)
+        self.rope_launch(x, n_heads, None, head_dim, positions, inv_freq, style, mscale, None)
     }
 
     /// [`rope`](Self::rope) on `q` (`n_heads` heads a row) and `k` (`n_kv_heads`) in one launch.
@@ -775,11 +849,13 @@ impl Gpu {
         inv_freq: &CudaSlice<f32>,
         style: crate::backend::RopeStyle,
         mscale: f32,
+        q16: Option<&mut CudaSlice<u16>>,
     ) -> Result<(), GpuError> {
-        self.rope_launch(q, n_heads, Some((k, n_kv_heads)), head_dim, positions, inv_freq, style, mscale)
+        self.rope_launch(q, n_heads, Some((k, n_kv_heads)), head_dim, positions, inv_freq, style, mscale, q16)
     }
 
-    /// One launch of the `rope` kernel over `x` and, when given, a second tensor of the same rows.
+    /// One launch of the `rope` kernel over `x` and, when given, a second tensor of the same
+    /// rows; `x16` receives an f16 copy of x (only where every value turns: 2 * pairs = head_dim).
     #[allow(clippy::too_many_arguments)]
     fn rope_launch(
         &self,
@@ -791,11 +867,13 @@ impl Gpu {
         inv_freq: &CudaSlice<f32>,
         style: crate::backend::RopeStyle,
         mscale: f32,
+        x16: Option<&mut CudaSlice<u16>>,
     ) -> Result<(), GpuError> {
         let (rows, pairs) = (positions.len(), inv_freq.len());
         let n_heads2 = second.as_ref().map_or(0, |(_, h)| *h);
         let second_fits = second.as_ref().is_none_or(|(k, h)| k.len() == rows * h * head_dim);
-        if x.len() != rows * n_heads * head_dim || !second_fits || 2 * pairs > head_dim {
+        let copy_fits = x16.as_ref().is_none_or(|c| c.len() >= x.len() && 2 * pairs == head_dim);
+        if x.len() != rows * n_heads * head_dim || !second_fits || 2 * pairs > head_dim || !copy_fits {
             return Err(GpuError::Shape(format!(
                 "rope on {} values ({n_heads} heads, and {n_heads2} more heads a row), {rows} rows of {head_dim}",
                 x.len()
@@ -813,8 +891,13 @@ impl Gpu {
             None => b.arg(&none),
         };
         b.arg(&dims[4]);
+        match x16 {
+            Some(c) => b.arg(c),
+            None => b.arg(&none),
+        };
         // SAFETY: one thread per (row, head, pair) of x, then of the second tensor (a null
-        // address with no heads when there is none), all within them (checked above).
+        // address with no heads when there is none), all within them, and x's f16 copy as long
+        // as x or a null address (checked above).
         unsafe { b.launch(grid(n, 256)) }?;
         Ok(())
     }
@@ -929,17 +1012,30 @@ impl Gpu {
         Ok(())
     }
 
-    /// `gate = silu(gate) * up`.
-    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<(), GpuError> {
-        if gate.len() != up.len() {
+    /// `gate = silu(gate) * up` (and its f16 copy into `gate16` when given).
+    pub fn silu_mul(
+        &self,
+        gate: &mut CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        gate16: Option<&mut CudaSlice<u16>>,
+    ) -> Result<(), GpuError> {
+        if gate.len() != up.len() || gate16.as_ref().is_some_and(|g| g.len() < gate.len()) {
             return Err(GpuError::Shape(format!("silu_mul of {} and {} values", gate.len(), up.len())));
         }
         let n = gate.len();
         let n_i = n as i64;
+        let null = 0u64;
         let mut b = self.stream.launch_builder(&self.kernels.silu_mul);
         b.arg(gate).arg(up).arg(&n_i);
-        // SAFETY: one thread per element of both (equal lengths).
-        unsafe { b.launch(grid(n, 256)) }?;
+        match gate16 {
+            Some(g) => b.arg(g),
+            None => b.arg(&null),
+        };
+        // The kernel takes four values a thread when n allows.
+        let threads = if n % 4 == 0 { n / 4 } else { n };
+        // SAFETY: one thread per element (or per four) of both (equal lengths) and of the copy
+        // (as long, or a null address).
+        unsafe { b.launch(grid(threads, 256)) }?;
         Ok(())
     }
 
@@ -1282,7 +1378,8 @@ impl Gpu {
     /// `y[t] = W x[t]` for `n` rows of f32 activations and a quantised weight: up to
     /// [`QUANT_GEMV_MAX_ROWS`] rows through [`gemv_quantised`](Self::gemv_quantised) (`x`
     /// quantised into `xq`, unless `x_quantised` says it already is), more through cuBLAS on
-    /// f16 tiles of [`QUANT_TILE_VALUES`] (`x16` and `tile` are grown as needed).
+    /// f16 tiles of [`QUANT_TILE_VALUES`] (`x16` and `tile` are grown as needed; `x_f16`, an
+    /// f16 copy of x written by the op that wrote it, is read in place of converting x).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_quantised(
         &self,
@@ -1294,6 +1391,7 @@ impl Gpu {
         n: usize,
         buffers: &mut QuantBuffers,
         x_quantised: bool,
+        x_f16: Option<&CudaSlice<u16>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
         if n <= QUANT_GEMV_GROUPED_ROWS {
@@ -1316,11 +1414,18 @@ impl Gpu {
         }
         let tile_rows = crate::quant::row_tiles(rows, cols, QUANT_TILE_VALUES).map(|r| r.len()).max().unwrap_or(1);
         grow(self, &mut buffers.tile, tile_rows * cols)?;
-        grow(self, &mut buffers.x16, n * cols)?;
-        let (tile, x16) = (buffers.tile.as_mut().expect("grown"), buffers.x16.as_mut().expect("grown"));
-        if !x_quantised {
-            self.to_f16(x, n * cols, x16)?;
-        }
+        let tile = buffers.tile.as_mut().expect("grown");
+        let x16 = match x_f16.filter(|c| c.len() >= n * cols) {
+            Some(copy) => copy,
+            None => {
+                grow(self, &mut buffers.x16, n * cols)?;
+                let x16 = buffers.x16.as_mut().expect("grown");
+                if !x_quantised {
+                    self.to_f16(x, n * cols, x16)?;
+                }
+                x16
+            }
+        };
         for r in crate::quant::row_tiles(rows, cols, QUANT_TILE_VALUES) {
             self.dequantise_f16(t, w, rows, cols, r.start, r.len(), tile)?;
             self.gemm_f16_rows(tile, r.len(), cols, x16, n, y, r.start, rows)?;
@@ -1627,6 +1732,7 @@ impl Gpu {
         q16: &CudaView<u16>,
         kv: &mut kv::LayerKv,
         out: &mut CudaViewMut<f32>,
+        out16: Option<&mut CudaViewMut<u16>>,
         shape: AttentionShape,
         rows: usize,
         width: usize,
@@ -1647,6 +1753,7 @@ impl Gpu {
             || rows == 0
             || q16.len() < rows * q_dim
             || out.len() < rows * q_dim
+            || out16.as_ref().is_some_and(|o| o.len() < rows * q_dim)
             || kv.keys.len() < n_kv_heads * capacity * hd
             || kv.positions.len() < n_kv_heads * capacity
             || (signal.is_some() && stats.len() < 4 * n_heads * rows)
@@ -1663,14 +1770,48 @@ impl Gpu {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.kernels.flash_prefill[which]);
-        b.arg(q16).arg(&kv.keys).arg(&kv.values).arg(&kv.positions).arg(&mut *out).arg(&mut *stats);
-        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
-        b.arg(&mode).arg(&scale).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
-        b.arg(&softcap).arg(&window).arg(&alibi_max).arg(&sinks).arg(&first).arg(&end).arg(&from_pos);
-        // SAFETY: block (t, h) reads query rows 64t.. (< rows) of head h, slots < width of its KV
-        // head, and writes those rows' outputs and statistics (sizes checked above).
-        unsafe { b.launch(cfg) }?;
+        // Keyformer's and KVzip's sums need the general compilation.
+        let chosen = self.flash_kernel.load(std::sync::atomic::Ordering::Relaxed);
+        if chosen == FlashKernel::Wide as usize && mode <= 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(FLASH_WIDE_ROWS) as u32, n_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_wide_shared_bytes(hd) as u32,
+            };
+            let null = 0u64;
+            let mut b = self.stream.launch_builder(&self.kernels.flash_prefill_wide[which]);
+            b.arg(q16).arg(&kv.keys).arg(&kv.values).arg(&kv.positions).arg(&mut *out);
+            match out16 {
+                Some(o) => b.arg(o),
+                None => b.arg(&null),
+            };
+            b.arg(&mut *stats);
+            b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
+            b.arg(&mode).arg(&scale).arg(&softcap).arg(&window).arg(&alibi_max);
+            // SAFETY: as the 64-row kernels below, by blocks of 128 rows; the dynamic shared
+            // memory was allowed at load (Gpu::new).
+            unsafe { b.launch(cfg) }?;
+        } else {
+            let kernel = match chosen {
+                1 if mode <= 1 => &self.kernels.flash_prefill_lean[which],
+                _ => &self.kernels.flash_prefill[which],
+            };
+            let null = 0u64;
+            let mut b = self.stream.launch_builder(kernel);
+            b.arg(q16).arg(&kv.keys).arg(&kv.values).arg(&kv.positions).arg(&mut *out);
+            match out16 {
+                Some(o) => b.arg(o),
+                None => b.arg(&null),
+            };
+            b.arg(&mut *stats);
+            b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&first_qpos);
+            b.arg(&mode).arg(&scale).arg(&inv_tau).arg(&seed).arg(&layer_u).arg(&self.gumbel_table).arg(&bits);
+            b.arg(&softcap).arg(&window).arg(&alibi_max).arg(&sinks).arg(&first).arg(&end).arg(&from_pos);
+            // SAFETY: block (t, h) reads query rows 64t.. (< rows) of head h, slots < width of
+            // its KV head, and writes those rows' outputs (and f16 copies, or a null address)
+            // and statistics (sizes checked above).
+            unsafe { b.launch(cfg) }?;
+        }
         if let (Some(_), Some(scores)) = (signal, kv.scores.as_mut()) {
             let cfg = LaunchConfig {
                 grid_dim: (width.div_ceil(64) as u32, n_kv_heads as u32, 1),
