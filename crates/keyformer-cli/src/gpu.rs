@@ -159,7 +159,7 @@ mod with_cuda {
 
     /// `--gpu-weights`.
     fn weight_format() -> WeightFormat {
-        if crate::NATIVE_GPU_WEIGHTS.get().copied().unwrap_or(false) {
+        if crate::NATIVE_GPU_WEIGHTS.get().copied().unwrap_or(true) {
             WeightFormat::Native
         } else {
             WeightFormat::F16
