@@ -936,19 +936,17 @@ fn prefill_checks(
             first_head: 0,
         };
         use super::FlashKernel::{General, Lean, Wide};
-        let paths: &[(&str, Option<super::FlashKernel>)] = if flash {
-            // (The lean compilations run only where the signal allows: Keyformer's and KVzip's
-            // rows take the general one whatever is asked.)
-            &[
-                ("flash", Some(General)),
-                ("flash, lean", Some(Lean)),
-                ("flash, 128 rows", Some(Wide)),
-                ("cuBLAS blocks", None),
-            ]
-        } else {
-            &[("cuBLAS blocks", None)]
-        };
-        for &(path, flash_kernel) in paths {
+        // (The lean compilations run only where the signal allows: Keyformer's and KVzip's rows
+        // take the general one whatever is asked.)
+        let mut paths: Vec<(&str, Option<super::FlashKernel>)> = Vec::new();
+        if flash {
+            paths.extend([("flash", Some(General)), ("flash, lean", Some(Lean))]);
+            if gpu.flash_wide {
+                paths.push(("flash, 128 rows", Some(Wide)));
+            }
+        }
+        paths.push(("cuBLAS blocks", None));
+        for &(path, flash_kernel) in &paths {
             for (i, (signal_name, _, signal)) in signals.iter().enumerate() {
                 let mut layer_kv = super::kv::LayerKv::new(gpu, n_kv_heads, hd, width, signal.is_some())?;
                 layer_kv.keys = gpu.upload(&gpu.download(&kv.keys)?)?;

@@ -194,9 +194,12 @@ pub struct Gpu {
     /// `KEYFORMER_FLASH_PREFILL=0` keeps the cuBLAS path, for comparisons).
     pub flash_prefill: bool,
     /// Which compilation of the flash prefill runs a prompt that needs no Keyformer or KVzip
-    /// sums ([`FlashKernel`] as its index; `KEYFORMER_FLASH_KERNEL=general|lean|lean3`; gpu-check
+    /// sums ([`FlashKernel`] as its index; `KEYFORMER_FLASH_KERNEL=general|lean|wide`; gpu-check
     /// runs each).
     pub flash_kernel: std::sync::atomic::AtomicUsize,
+    /// Whether the GPU gave the 128-row flash kernels their shared memory (else prompts take
+    /// the 64-row ones whatever `flash_kernel` says).
+    pub flash_wide: bool,
 }
 
 /// Head sizes flash.cu is instantiated for (multiples of 16 up to 128); prompts of other
@@ -663,7 +666,7 @@ impl Gpu {
         let victim_fold_rows =
             std::env::var("KEYFORMER_VICTIM_FOLD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(VICTIM_FOLD_ROWS);
         let flash_prefill = major >= 8 && std::env::var("KEYFORMER_FLASH_PREFILL").map_or(true, |v| v != "0");
-        let flash_kernel = match std::env::var("KEYFORMER_FLASH_KERNEL").as_deref() {
+        let mut flash_kernel = match std::env::var("KEYFORMER_FLASH_KERNEL").as_deref() {
             Ok("general") => FlashKernel::General,
             Ok("lean") => FlashKernel::Lean,
             Ok("wide") => FlashKernel::Wide,
@@ -671,12 +674,16 @@ impl Gpu {
         };
         let one_pass_heads = if ONE_PASS_BY_DEFAULT { ONE_PASS_BLOCKS_PER_SM * sm_count } else { usize::MAX };
         // The 128-row flash kernels' shared memory is dynamic, past the 48 KiB a block gets
-        // unasked at the larger head sizes.
-        if major >= 8 {
-            for (f, hd) in kernels.flash_prefill_wide.iter().zip(FLASH_HEAD_DIMS) {
-                let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                f.set_attribute(attr, flash_wide_shared_bytes(hd) as i32)?;
-            }
+        // unasked at the larger head sizes; a GPU that refuses it runs the 64-row kernel.
+        let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let wide_allowed = major >= 8
+            && kernels
+                .flash_prefill_wide
+                .iter()
+                .zip(FLASH_HEAD_DIMS)
+                .all(|(f, hd)| f.set_attribute(attr, flash_wide_shared_bytes(hd) as i32).is_ok());
+        if !wide_allowed && flash_kernel == FlashKernel::Wide {
+            flash_kernel = FlashKernel::Lean;
         }
         let mut one_pass_logit_room = [0usize; 4];
         for (room, f) in one_pass_logit_room.iter_mut().zip(&kernels.attn_decode_one_pass) {
@@ -702,6 +709,7 @@ impl Gpu {
             one_pass_logit_room,
             flash_prefill,
             flash_kernel: (flash_kernel as usize).into(),
+            flash_wide: wide_allowed,
         })
     }
 
@@ -1772,7 +1780,7 @@ impl Gpu {
         };
         // Keyformer's and KVzip's sums need the general compilation.
         let chosen = self.flash_kernel.load(std::sync::atomic::Ordering::Relaxed);
-        if chosen == FlashKernel::Wide as usize && mode <= 1 {
+        if chosen == FlashKernel::Wide as usize && mode <= 1 && self.flash_wide {
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(FLASH_WIDE_ROWS) as u32, n_heads as u32, 1),
                 block_dim: (128, 1, 1),
@@ -1793,7 +1801,7 @@ impl Gpu {
             unsafe { b.launch(cfg) }?;
         } else {
             let kernel = match chosen {
-                1 if mode <= 1 => &self.kernels.flash_prefill_lean[which],
+                1 | 2 if mode <= 1 => &self.kernels.flash_prefill_lean[which],
                 _ => &self.kernels.flash_prefill[which],
             };
             let null = 0u64;
