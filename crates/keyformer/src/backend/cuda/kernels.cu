@@ -231,10 +231,10 @@ extern "C" __global__ void clamp_values(float* x, long n, float limit) {
     if (i < n) x[i] = fminf(fmaxf(x[i], -limit), limit);
 }
 
-// gate = silu(gate) * up.
-// gate16, when not null, receives an f16 copy of the result. Four values a thread where n
-// allows (the prompt's 4096 x 11008 is bandwidth-bound).
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// gate = silu(gate) * up; gate16, when not null, receives an f16 copy of the result. Four
+// values a thread where n allows (the prompt's 4096 x 11008 is bandwidth-bound).
 extern "C" __global__ void silu_mul(float* gate, const float* up, long n, unsigned short* gate16) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if ((n & 3) == 0) {
